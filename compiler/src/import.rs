@@ -1,0 +1,266 @@
+//! Builds the graph IR of a Pangu Pro MoE model from its configuration.
+//!
+//! Only primitive ops are emitted: RMSNorm as mean/rsqrt/mul, SiLU as
+//! x*sigmoid(x), attention as matmul/softmax/matmul, routing as
+//! softmax/group-max/gather/scale, and the routed experts as a dense
+//! combine over all experts (one-hot routing weights). Every fused op in a
+//! later stage is introduced by a named rewrite rule.
+//!
+//! The decoder layer is one function, `@decoder_layer`, called once per
+//! layer with that layer's weights bound by the prefix `model.layers.N.`,
+//! so passes optimise it once. The entry function follows the contract in
+//! `panguc_ir::session`.
+
+use anyhow::{anyhow, Result};
+use panguc_ir::op::{BinaryOp, ReduceOp, RopeKind, UnaryOp};
+use panguc_ir::{DType, Dim, Function, Module, Op, PanguConfig, TensorType, ValueId};
+
+/// Name of the decoder-layer function.
+pub const LAYER_FN: &str = "decoder_layer";
+/// Name of the entry function.
+pub const ENTRY_FN: &str = "main";
+
+/// Activation dtype of the graph IR: every activation is f32; weights keep
+/// their checkpoint dtype and are read directly by matmuls.
+pub const ACT: DType = DType::F32;
+
+/// Build the module. `weight_dtype(name)` gives the stored dtype of each
+/// checkpoint tensor (the checkpoint's, or the config's torch_dtype when
+/// compiling from the config alone).
+pub fn build_module(cfg: &PanguConfig, weight_dtype: &dyn Fn(&str) -> DType) -> Result<Module> {
+    let mut module = Module::new("pangu_pro_moe", ENTRY_FN);
+    let layer = build_layer(cfg, &|rel| weight_dtype(&format!("model.layers.0.{rel}")))
+        .map_err(|e| anyhow!("building @{LAYER_FN}: {e}"))?;
+    module.add_function(layer);
+    let entry = build_entry(cfg, weight_dtype, &module).map_err(|e| anyhow!("building @{ENTRY_FN}: {e}"))?;
+    module.add_function(entry);
+    panguc_ir::verify::verify_module(&module).map_err(|e| anyhow!("imported module fails verification: {e}"))?;
+    Ok(module)
+}
+
+type R<T> = std::result::Result<T, String>;
+
+/// Small helper that names values after what they are.
+struct B<'a> {
+    f: Function,
+    module: Option<&'a Module>,
+}
+
+impl B<'_> {
+    fn op(&mut self, op: Op, args: &[ValueId], name: &str) -> R<ValueId> {
+        Ok(self.f.push_node(self.module, op, args, &[name])?[0])
+    }
+    fn bin(&mut self, op: BinaryOp, a: ValueId, b: ValueId, name: &str) -> R<ValueId> {
+        self.op(Op::Binary(op), &[a, b], name)
+    }
+    fn un(&mut self, op: UnaryOp, a: ValueId, name: &str) -> R<ValueId> {
+        self.op(Op::Unary(op), &[a], name)
+    }
+    fn scalar(&mut self, value: f64, name: &str) -> R<ValueId> {
+        self.op(Op::Scalar { value, dtype: ACT }, &[], name)
+    }
+    fn to_act(&mut self, w: ValueId, name: &str) -> R<ValueId> {
+        self.op(Op::Cast { dtype: ACT }, &[w], name)
+    }
+    fn reshape(&mut self, x: ValueId, shape: Vec<Dim>, name: &str) -> R<ValueId> {
+        self.op(Op::Reshape { shape }, &[x], name)
+    }
+    fn weight(&mut self, tensor: &str, shape: &[usize], dtype: DType) -> ValueId {
+        let ty = TensorType::new(dtype, shape.iter().map(|&d| Dim::c(d)).collect());
+        self.f.add_weight(tensor, tensor, ty)
+    }
+    /// `x @ w^T`, the nn.Linear convention (weights stored [out, in]).
+    fn linear(&mut self, x: ValueId, w: ValueId, name: &str) -> R<ValueId> {
+        self.op(Op::MatMul { transpose_b: true }, &[x, w], name)
+    }
+    /// `x @ w^T + b` with the bias cast to the activation dtype.
+    fn linear_bias(&mut self, x: ValueId, w: ValueId, b: ValueId, name: &str) -> R<ValueId> {
+        let y = self.linear(x, w, &format!("{name}_mm"))?;
+        let bf = self.to_act(b, &format!("{name}_bias"))?;
+        self.bin(BinaryOp::Add, y, bf, name)
+    }
+    /// RMSNorm as primitives: `x * rsqrt(mean(x*x) + eps) * w`.
+    fn rms_norm(&mut self, x: ValueId, w: ValueId, eps: f64, name: &str) -> R<ValueId> {
+        let sq = self.bin(BinaryOp::Mul, x, x, &format!("{name}_sq"))?;
+        let last = self.f.ty(x).rank() - 1;
+        let ms = self.op(Op::Reduce { op: ReduceOp::Mean, axis: last, keepdim: true }, &[sq], &format!("{name}_ms"))?;
+        let e = self.scalar(eps, &format!("{name}_eps"))?;
+        let mse = self.bin(BinaryOp::Add, ms, e, &format!("{name}_ms_eps"))?;
+        let inv = self.un(UnaryOp::Rsqrt, mse, &format!("{name}_inv_rms"))?;
+        let xn = self.bin(BinaryOp::Mul, x, inv, &format!("{name}_xn"))?;
+        let wf = self.to_act(w, &format!("{name}_w"))?;
+        self.bin(BinaryOp::Mul, xn, wf, name)
+    }
+    /// SiLU as primitives: `x * sigmoid(x)`.
+    fn silu(&mut self, x: ValueId, name: &str) -> R<ValueId> {
+        let s = self.un(UnaryOp::Sigmoid, x, &format!("{name}_sig"))?;
+        self.bin(BinaryOp::Mul, x, s, name)
+    }
+    /// NeoX rotate-half RoPE on `x[T, heads, D]` with tables `[T, 1, D]`.
+    fn rope(&mut self, x: ValueId, cos: ValueId, sin: ValueId, d: usize, name: &str) -> R<ValueId> {
+        let lo = self.op(Op::Slice { axis: 2, start: 0, end: d / 2 }, &[x], &format!("{name}_lo"))?;
+        let hi = self.op(Op::Slice { axis: 2, start: d / 2, end: d }, &[x], &format!("{name}_hi"))?;
+        let neg = self.un(UnaryOp::Neg, hi, &format!("{name}_hi_neg"))?;
+        let rot = self.op(Op::Concat { axis: 2 }, &[neg, lo], &format!("{name}_rot"))?;
+        let xc = self.bin(BinaryOp::Mul, x, cos, &format!("{name}_cos"))?;
+        let rs = self.bin(BinaryOp::Mul, rot, sin, &format!("{name}_sin"))?;
+        self.bin(BinaryOp::Add, xc, rs, name)
+    }
+}
+
+fn build_layer(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType) -> R<Function> {
+    let (h, nh, kvh, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+    let (e, g, epg) = (cfg.num_experts, cfg.num_groups(), cfg.experts_per_group());
+    let (im, is) = (cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size);
+    let eps = cfg.rms_norm_eps;
+    let t = Dim::tokens();
+    let mut b = B { f: Function::new(LAYER_FN), module: None };
+
+    let x = b.f.add_input("h", TensorType::new(ACT, vec![t.clone(), Dim::c(h)]));
+    let pos = b.f.add_input("positions", TensorType::new(DType::I64, vec![t.clone()]));
+    let cos = b.f.add_input("rope_cos", TensorType::new(ACT, vec![t.clone(), Dim::c(d)]));
+    let sin = b.f.add_input("rope_sin", TensorType::new(ACT, vec![t.clone(), Dim::c(d)]));
+    let cache_ty = TensorType::new(ACT, vec![Dim::past(), Dim::c(kvh), Dim::c(d)]);
+    let k_cache = b.f.add_input("k_cache", cache_ty.clone());
+    let v_cache = b.f.add_input("v_cache", cache_ty);
+
+    // Weight parameters in the checkpoint's canonical tensor order.
+    let w = |b: &mut B, name: &str, shape: &[usize]| b.weight(name, shape, dtype(name));
+    let ln1 = w(&mut b, "input_layernorm.weight", &[h]);
+    let wq = w(&mut b, "self_attn.q_proj.weight", &[nh * d, h]);
+    let wk = w(&mut b, "self_attn.k_proj.weight", &[kvh * d, h]);
+    let wv = w(&mut b, "self_attn.v_proj.weight", &[kvh * d, h]);
+    let wo = w(&mut b, "self_attn.o_proj.weight", &[h, nh * d]);
+    let bq = w(&mut b, "self_attn.q_proj.bias", &[nh * d]);
+    let bk = w(&mut b, "self_attn.k_proj.bias", &[kvh * d]);
+    let bv = w(&mut b, "self_attn.v_proj.bias", &[kvh * d]);
+    let bo = w(&mut b, "self_attn.o_proj.bias", &[h]);
+    let ln2 = w(&mut b, "post_attention_layernorm.weight", &[h]);
+    let wg = w(&mut b, "mlp.gate.weight", &[e, h]);
+    let rscale = w(&mut b, "mlp.router_scale", &[1, e]);
+    let experts: Vec<[ValueId; 3]> = (0..e)
+        .map(|x| {
+            [
+                w(&mut b, &format!("mlp.experts.{x}.gate_proj.weight"), &[im, h]),
+                w(&mut b, &format!("mlp.experts.{x}.up_proj.weight"), &[im, h]),
+                w(&mut b, &format!("mlp.experts.{x}.down_proj.weight"), &[h, im]),
+            ]
+        })
+        .collect();
+    let sg = w(&mut b, "mlp.shared_expert.gate_proj.weight", &[is, h]);
+    let su = w(&mut b, "mlp.shared_expert.up_proj.weight", &[is, h]);
+    let sd = w(&mut b, "mlp.shared_expert.down_proj.weight", &[h, is]);
+
+    // ---- attention ----
+    let a = b.rms_norm(x, ln1, eps, "attn_norm")?;
+    let q = b.linear_bias(a, wq, bq, "q")?;
+    let k = b.linear_bias(a, wk, bk, "k")?;
+    let v = b.linear_bias(a, wv, bv, "v")?;
+    let q3 = b.reshape(q, vec![t.clone(), Dim::c(nh), Dim::c(d)], "q_heads")?;
+    let k3 = b.reshape(k, vec![t.clone(), Dim::c(kvh), Dim::c(d)], "k_heads")?;
+    let v3 = b.reshape(v, vec![t.clone(), Dim::c(kvh), Dim::c(d)], "v_heads")?;
+    let cos3 = b.reshape(cos, vec![t.clone(), Dim::c(1), Dim::c(d)], "rope_cos_b")?;
+    let sin3 = b.reshape(sin, vec![t.clone(), Dim::c(1), Dim::c(d)], "rope_sin_b")?;
+    let qr = b.rope(q3, cos3, sin3, d, "q_rope")?;
+    let kr = b.rope(k3, cos3, sin3, d, "k_rope")?;
+    let k_all = b.op(Op::Concat { axis: 0 }, &[k_cache, kr], "k_all")?;
+    let v_all = b.op(Op::Concat { axis: 0 }, &[v_cache, v3], "v_all")?;
+    let qt = b.op(Op::Transpose { perm: vec![1, 0, 2] }, &[qr], "q_t")?;
+    let k_rep = b.op(Op::RepeatInterleave { axis: 1, repeats: nh / kvh }, &[k_all], "k_rep")?;
+    let v_rep = b.op(Op::RepeatInterleave { axis: 1, repeats: nh / kvh }, &[v_all], "v_rep")?;
+    let kt = b.op(Op::Transpose { perm: vec![1, 0, 2] }, &[k_rep], "k_t")?;
+    let vt = b.op(Op::Transpose { perm: vec![1, 0, 2] }, &[v_rep], "v_t")?;
+    let scores = b.op(Op::MatMul { transpose_b: true }, &[qt, kt], "scores")?;
+    let scale = b.scalar(1.0 / (d as f64).sqrt(), "attn_scale")?;
+    let scaled = b.bin(BinaryOp::Mul, scores, scale, "scores_scaled")?;
+    let mask = b.op(Op::CausalMask, &[pos, k_all], "causal_mask")?;
+    let masked = b.bin(BinaryOp::Add, scaled, mask, "scores_masked")?;
+    let probs = b.op(Op::Softmax { axis: 2 }, &[masked], "attn_probs")?;
+    let ctx = b.op(Op::MatMul { transpose_b: false }, &[probs, vt], "attn_ctx")?;
+    let ctx_t = b.op(Op::Transpose { perm: vec![1, 0, 2] }, &[ctx], "attn_ctx_t")?;
+    let ctx2 = b.reshape(ctx_t, vec![t.clone(), Dim::c(nh * d)], "attn_out")?;
+    let o = b.linear_bias(ctx2, wo, bo, "o")?;
+    let h1 = b.bin(BinaryOp::Add, x, o, "h_attn")?;
+
+    // ---- MoE: routing ----
+    let m = b.rms_norm(h1, ln2, eps, "moe_norm")?;
+    let logits = b.linear(m, wg, "router_logits")?;
+    let p = b.op(Op::Softmax { axis: 1 }, &[logits], "router_probs")?;
+    let pg = b.reshape(p, vec![t.clone(), Dim::c(g), Dim::c(epg)], "router_groups")?;
+    let gmax = b.op(Op::Reduce { op: ReduceOp::Max, axis: 2, keepdim: false }, &[pg], "group_max")?;
+    let garg = b.op(Op::ArgMax { axis: 2, keepdim: false }, &[pg], "group_argmax")?;
+    let goff = b.op(Op::Iota { len: g, step: epg as i64 }, &[], "group_offset")?;
+    let eidx = b.bin(BinaryOp::Add, garg, goff, "expert_ids")?;
+    let rs1 = b.reshape(rscale, vec![Dim::c(e)], "router_scale_flat")?;
+    let rsf = b.to_act(rs1, "router_scale_f32")?;
+    let sel = b.op(Op::Gather, &[rsf, eidx], "expert_scale")?;
+    let ew = b.bin(BinaryOp::Mul, gmax, sel, "expert_weights")?;
+    // ---- MoE: dense combine over all experts ----
+    let oh = b.op(Op::OneHot { depth: e }, &[eidx], "expert_onehot")?;
+    let ew3 = b.reshape(ew, vec![t.clone(), Dim::c(g), Dim::c(1)], "expert_weights_b")?;
+    let dense = b.bin(BinaryOp::Mul, oh, ew3, "combine_slots")?;
+    let combine = b.op(Op::Reduce { op: ReduceOp::Sum, axis: 1, keepdim: false }, &[dense], "combine")?;
+    let stack = |b: &mut B, j: usize, name: &str| -> R<ValueId> {
+        let parts: Vec<ValueId> = experts.iter().map(|ex| ex[j]).collect();
+        b.op(Op::Stack { axis: 0 }, &parts, name)
+    };
+    let wg_all = stack(&mut b, 0, "experts_gate_w")?;
+    let wu_all = stack(&mut b, 1, "experts_up_w")?;
+    let wd_all = stack(&mut b, 2, "experts_down_w")?;
+    let eg = b.linear(m, wg_all, "experts_gate")?;
+    let eu = b.linear(m, wu_all, "experts_up")?;
+    let es = b.silu(eg, "experts_silu")?;
+    let ea = b.bin(BinaryOp::Mul, es, eu, "experts_act")?;
+    let ey = b.linear(ea, wd_all, "experts_out")?;
+    let cw = b.op(Op::Transpose { perm: vec![1, 0] }, &[combine], "combine_t")?;
+    let cw3 = b.reshape(cw, vec![Dim::c(e), t.clone(), Dim::c(1)], "combine_b")?;
+    let ewy = b.bin(BinaryOp::Mul, ey, cw3, "experts_weighted")?;
+    let routed = b.op(Op::Reduce { op: ReduceOp::Sum, axis: 0, keepdim: false }, &[ewy], "routed")?;
+    // ---- MoE: shared expert (ungated) ----
+    let shg = b.linear(m, sg, "shared_gate")?;
+    let shu = b.linear(m, su, "shared_up")?;
+    let shs = b.silu(shg, "shared_silu")?;
+    let sha = b.bin(BinaryOp::Mul, shs, shu, "shared_act")?;
+    let shy = b.linear(sha, sd, "shared_out")?;
+    let y = b.bin(BinaryOp::Add, routed, shy, "moe_out")?;
+    let h2 = b.bin(BinaryOp::Add, h1, y, "h_out")?;
+    b.f.outputs = vec![h2, k_all, v_all];
+    Ok(b.f)
+}
+
+fn build_entry(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, module: &Module) -> R<Function> {
+    let (v, h, d, kvh) = (cfg.vocab_size, cfg.hidden_size, cfg.head_dim(), cfg.num_key_value_heads);
+    let t = Dim::tokens();
+    let mut b = B { f: Function::new(ENTRY_FN), module: Some(module) };
+    let ids = b.f.add_input("ids", TensorType::new(DType::I64, vec![t.clone()]));
+    let pos = b.f.add_input("positions", TensorType::new(DType::I64, vec![t.clone()]));
+    let cache_ty = TensorType::new(ACT, vec![Dim::past(), Dim::c(kvh), Dim::c(d)]);
+    let mut caches = vec![];
+    for l in 0..cfg.num_hidden_layers {
+        let k = b.f.add_input(&format!("k_cache.{l}"), cache_ty.clone());
+        let vv = b.f.add_input(&format!("v_cache.{l}"), cache_ty.clone());
+        caches.push((k, vv));
+    }
+    let embed = b.weight("model.embed_tokens.weight", &[v, h], dtype("model.embed_tokens.weight"));
+    let norm = b.weight("model.norm.weight", &[h], dtype("model.norm.weight"));
+    let head_name = if cfg.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+    let head = if cfg.tie_word_embeddings { embed } else { b.weight(head_name, &[v, h], dtype(head_name)) };
+
+    let e = b.op(Op::Gather, &[embed, ids], "embed")?;
+    let mut x = b.to_act(e, "h.0")?;
+    let cos = b.op(Op::RopeTable { kind: RopeKind::Cos, theta: cfg.rope_theta, head_dim: d }, &[pos], "rope_cos")?;
+    let sin = b.op(Op::RopeTable { kind: RopeKind::Sin, theta: cfg.rope_theta, head_dim: d }, &[pos], "rope_sin")?;
+    let mut new_caches = vec![];
+    for (l, (kc, vc)) in caches.into_iter().enumerate() {
+        let names = [format!("h.{}", l + 1), format!("k.{l}"), format!("v.{l}")];
+        let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let op = Op::Call { func: LAYER_FN.into(), weight_prefix: format!("model.layers.{l}.") };
+        let outs = b.f.push_node(Some(module), op, &[x, pos, cos, sin, kc, vc], &name_refs)?;
+        x = outs[0];
+        new_caches.extend([outs[1], outs[2]]);
+    }
+    let hn = b.rms_norm(x, norm, cfg.rms_norm_eps, "final_norm")?;
+    let logits = b.linear(hn, head, "logits")?;
+    b.f.outputs = std::iter::once(logits).chain(new_caches).collect();
+    Ok(b.f)
+}

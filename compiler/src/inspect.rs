@@ -1,0 +1,270 @@
+//! The `inspect` command: what a checkpoint is, how big, and whether its
+//! files hold anything the config does not explain.
+//!
+//! One [`Summary`] feeds both outputs so the JSON and the text never
+//! disagree.
+
+use crate::frontend::{Checkpoint, UnexpectedTensor};
+use panguc_ir::{DType, PanguConfig};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// Everything `inspect` reports. Config keys appear flattened under their
+/// config.json names.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub path: String,
+    pub has_weights: bool,
+    #[serde(flatten)]
+    pub config: PanguConfig,
+    pub head_dim: usize,
+    pub num_groups: usize,
+    pub experts_per_group: usize,
+    pub kv_dim: usize,
+    pub queries_per_kv: usize,
+    pub total_params: u64,
+    pub active_params: u64,
+    pub num_tensors: usize,
+    pub tensors_per_layer: usize,
+    pub num_shards: usize,
+    /// dtype name → bytes of tensor data.
+    pub bytes_by_dtype: BTreeMap<String, u64>,
+    pub total_bytes: u64,
+    /// True when `bytes_by_dtype` is computed from the config (config-only
+    /// checkpoint) rather than measured from the files.
+    pub bytes_estimated: bool,
+    pub unexpected_tensors: Vec<UnexpectedTensor>,
+}
+
+/// The dtype weights would be stored in according to `torch_dtype`
+/// (bf16 when absent or unrecognised: the released model is bf16).
+fn declared_dtype(config: &PanguConfig) -> DType {
+    match config.torch_dtype.as_deref() {
+        Some("float32") => DType::F32,
+        Some("float16") => DType::F16,
+        _ => DType::BF16,
+    }
+}
+
+pub fn summary(ckpt: &Checkpoint) -> Summary {
+    let c = ckpt.config();
+    let (bytes_by_dtype, bytes_estimated) = if ckpt.has_weights() {
+        (ckpt.bytes_by_dtype(), false)
+    } else {
+        let d = declared_dtype(c);
+        (BTreeMap::from([(d.name().to_string(), c.total_params() * d.size_bytes() as u64)]), true)
+    };
+    Summary {
+        path: ckpt.dir().display().to_string(),
+        has_weights: ckpt.has_weights(),
+        config: c.clone(),
+        head_dim: c.head_dim(),
+        num_groups: c.num_groups(),
+        experts_per_group: c.experts_per_group(),
+        kv_dim: c.kv_dim(),
+        queries_per_kv: c.queries_per_kv(),
+        total_params: c.total_params(),
+        active_params: c.active_params(),
+        num_tensors: c.num_tensors(),
+        tensors_per_layer: c.tensors_per_layer(),
+        num_shards: ckpt.shard_paths().len(),
+        total_bytes: bytes_by_dtype.values().sum(),
+        bytes_by_dtype,
+        bytes_estimated,
+        unexpected_tensors: ckpt.unexpected_tensors().to_vec(),
+    }
+}
+
+/// Machine-readable summary (`panguc inspect --json`).
+pub fn inspect_json(ckpt: &Checkpoint) -> Value {
+    // Serializing plain data cannot fail; Null is a harmless fallback.
+    serde_json::to_value(summary(ckpt)).unwrap_or(Value::Null)
+}
+
+/// Human-readable summary.
+pub fn inspect_text(ckpt: &Checkpoint) -> String {
+    render_text(&summary(ckpt))
+}
+
+pub fn render_text(s: &Summary) -> String {
+    let c = &s.config;
+    let mut o = String::new();
+    let weights =
+        if s.has_weights { format!("{} weight file(s)", s.num_shards) } else { "config only, no weights".to_string() };
+    // Writing to a String cannot fail.
+    let _ = writeln!(o, "checkpoint     {} ({weights})", s.path);
+    let _ = writeln!(o, "architecture   {} (model_type {})", c.architectures.join(", "), c.model_type);
+    let _ = writeln!(
+        o,
+        "layers         {} decoder layers, hidden {}, vocab {}",
+        c.num_hidden_layers,
+        thousands(c.hidden_size as u64),
+        thousands(c.vocab_size as u64)
+    );
+    let _ = writeln!(
+        o,
+        "attention      {} query heads, {} KV heads ({} queries per KV head), head_dim {}",
+        c.num_attention_heads, c.num_key_value_heads, s.queries_per_kv, s.head_dim
+    );
+    let _ = writeln!(
+        o,
+        "experts        {} routed in {} groups of {} (one per group, {} active), intermediate {}",
+        c.num_experts,
+        s.num_groups,
+        s.experts_per_group,
+        c.num_experts_per_tok,
+        thousands(c.moe_intermediate_size as u64)
+    );
+    let _ = writeln!(o, "shared expert  intermediate {}", thousands(c.shared_expert_intermediate_size as u64));
+    let _ = writeln!(
+        o,
+        "rope / norm    rope_theta {}, rms_norm_eps {:e}, max positions {}, tied embeddings {}",
+        c.rope_theta,
+        c.rms_norm_eps,
+        thousands(c.max_position_embeddings as u64),
+        c.tie_word_embeddings
+    );
+    let _ = writeln!(o, "parameters     {} total ({})", thousands(s.total_params), billions(s.total_params));
+    let _ =
+        writeln!(o, "               {} active per token ({})", thousands(s.active_params), billions(s.active_params));
+    let _ = writeln!(o, "tensors        {} ({} per layer)", thousands(s.num_tensors as u64), s.tensors_per_layer);
+    let estimated = if s.bytes_estimated { " (estimated from torch_dtype)" } else { "" };
+    let by_dtype: Vec<String> = s.bytes_by_dtype.iter().map(|(d, b)| format!("{d} {} bytes", thousands(*b))).collect();
+    let _ = writeln!(
+        o,
+        "weights        {} bytes = {:.2} GB{estimated}: {}",
+        thousands(s.total_bytes),
+        s.total_bytes as f64 / 1e9,
+        by_dtype.join(", ")
+    );
+    if s.unexpected_tensors.is_empty() {
+        let _ = writeln!(o, "unexpected     none");
+    } else {
+        let _ = writeln!(o, "unexpected     {} tensor(s) not used by the model:", s.unexpected_tensors.len());
+        for u in &s.unexpected_tensors {
+            let file = u.file.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            let _ = writeln!(o, "               {} {} {:?} in {file}", u.name, u.dtype, u.shape);
+        }
+    }
+    o
+}
+
+/// 71988781056 → "71,988,781,056".
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// Parameter count in the unit that reads best: "71.99 B", "934.72 K".
+pub fn billions(n: u64) -> String {
+    let x = n as f64;
+    if x >= 1e9 {
+        format!("{:.2} B", x / 1e9)
+    } else if x >= 1e6 {
+        format!("{:.2} M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.2} K", x / 1e3)
+    } else {
+        format!("{n}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontend::OpenOptions;
+    use crate::synth::{synth, Preset};
+    use std::path::Path;
+
+    const REAL_DIR: &str = "/work/shared/models/pangu-pro-moe-72b";
+
+    #[test]
+    fn number_formatting() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(71_988_781_056), "71,988,781,056");
+        assert_eq!(billions(71_988_781_056), "71.99 B");
+        assert_eq!(billions(16_498_139_136), "16.50 B");
+        assert_eq!(billions(934_720), "934.72 K");
+        assert_eq!(billions(12), "12");
+    }
+
+    /// The real 72B config as a config-only checkpoint: the shared model
+    /// directory itself when present (it holds only config.json), else a
+    /// rebuilt copy of its values.
+    fn real_config_only() -> (tempfile::TempDir, Checkpoint) {
+        let tmp = tempfile::tempdir().unwrap();
+        if Path::new(REAL_DIR).join("config.json").is_file() {
+            return (tmp, Checkpoint::open(Path::new(REAL_DIR)).unwrap());
+        }
+        let mut c = Preset::Small.config();
+        (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads) = (153376, 5120, 48, 40);
+        (c.num_key_value_heads, c.moe_intermediate_size, c.shared_expert_intermediate_size) = (8, 1344, 5376);
+        std::fs::write(tmp.path().join("config.json"), c.to_json_pretty()).unwrap();
+        let ck = Checkpoint::open(tmp.path()).unwrap();
+        (tmp, ck)
+    }
+
+    #[test]
+    fn json_for_real_config_only() {
+        let (_t, ck) = real_config_only();
+        let v = inspect_json(&ck);
+        assert_eq!(v["total_params"], 71_988_781_056u64);
+        assert_eq!(v["active_params"], 16_498_139_136u64);
+        assert_eq!(v["has_weights"], false);
+        assert_eq!(v["bytes_estimated"], true);
+        assert_eq!(v["bytes_by_dtype"]["bf16"], 143_977_562_112u64);
+        assert_eq!(v["total_bytes"], 143_977_562_112u64);
+        assert_eq!(v["num_tensors"], 9939);
+        assert_eq!(v["tensors_per_layer"], 207);
+        assert_eq!(v["hidden_size"], 5120);
+        assert_eq!(v["num_experts"], 64);
+        assert_eq!(v["num_experts_per_tok"], 8);
+        assert_eq!(v["rope_theta"], 1.6e7);
+        assert_eq!(v["head_dim"], 128);
+        assert_eq!(v["num_groups"], 8);
+        assert_eq!(v["experts_per_group"], 8);
+        assert_eq!(v["unexpected_tensors"], serde_json::json!([]));
+        let text = inspect_text(&ck);
+        assert!(text.contains("71,988,781,056 total (71.99 B)"), "{text}");
+        assert!(text.contains("16,498,139,136 active per token (16.50 B)"), "{text}");
+        assert!(text.contains("143,977,562,112 bytes"), "{text}");
+        assert!(text.contains("estimated"), "{text}");
+        assert!(text.contains("9,939 (207 per layer)"), "{text}");
+    }
+
+    #[test]
+    fn json_for_tiny_with_weights() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("t");
+        synth(&dir, Preset::Tiny, 3, DType::F32).unwrap();
+        let ck = Checkpoint::open(&dir).unwrap();
+        let v = inspect_json(&ck);
+        assert_eq!(v["has_weights"], true);
+        assert_eq!(v["bytes_estimated"], false);
+        assert_eq!(v["bytes_by_dtype"], serde_json::json!({"f32": 934_720u64 * 4}));
+        assert_eq!(v["total_params"], 934_720);
+        assert_eq!(v["num_shards"], 4);
+        assert_eq!(v["vocab_size"], 512);
+        let text = inspect_text(&ck);
+        assert!(text.contains("934,720 total (934.72 K)"), "{text}");
+        assert!(text.contains("4 weight file(s)"), "{text}");
+        assert!(!text.contains("estimated"), "{text}");
+
+        let forced = Checkpoint::open_with(&dir, &OpenOptions { config_only: true, progress: false }).unwrap();
+        let v = inspect_json(&forced);
+        // torch_dtype float32 in the synthesized config → estimate in f32.
+        assert_eq!(v["bytes_by_dtype"], serde_json::json!({"f32": 934_720u64 * 4}));
+        assert_eq!(v["bytes_estimated"], true);
+    }
+}

@@ -1,0 +1,60 @@
+//! The `panguc` command line.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use panguc::commands as cli;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "panguc",
+    version,
+    about = "Compiler for Pangu Pro MoE: Ascend NPU kernels (AscendC) and CPU code (LLVM)"
+)]
+struct Cli {
+    /// Log level filter (error, warn, info, debug, trace); also RUST_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a random checkpoint in the real Hugging Face layout.
+    Synth(cli::SynthArgs),
+    /// Summarise a checkpoint: architecture, parameter counts, bytes by dtype.
+    Inspect(cli::InspectArgs),
+    /// Print the canonical IR of a model at a pipeline stage.
+    DumpIr(cli::DumpIrArgs),
+    /// Generate tokens from a model directory or a compiled package.
+    Run(cli::RunArgs),
+    /// Compile a model into a package for the given targets.
+    Compile(cli::CompileArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let result: Result<()> = match cli.command {
+        Command::Synth(a) => cli::synth(a),
+        Command::Inspect(a) => cli::inspect(a),
+        Command::DumpIr(a) => cli::dump_ir(a),
+        Command::Run(a) => cli::run(a),
+        Command::Compile(a) => cli::compile(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}

@@ -1,0 +1,95 @@
+//! The `panguc` binary end to end: the happy path and bad input.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn panguc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_panguc")).args(args).output().expect("panguc runs")
+}
+
+fn example(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name).display().to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failure: non-zero exit, one `error:` line naming what was wrong, no panic.
+fn assert_clean_failure(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks `{n}`: {err}");
+    }
+}
+
+#[test]
+fn inspect_72b_prints_published_parameter_counts() {
+    let o = panguc(&["inspect", &example("pangu-pro-moe-72b"), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["total_params"], 71_988_781_056u64);
+    assert_eq!(v["active_params"], 16_498_139_136u64);
+    assert_eq!(v["hidden_size"], 5120);
+}
+
+#[test]
+fn run_tiny_writes_logits_and_greedy_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("l.json");
+    let o = panguc(&["run", &example("tiny-pangu"), "--tokens", "1,2,3,4", "--max-new-tokens", "8", "--logits-out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["tokens"], serde_json::json!([1, 2, 3, 4]));
+    let logits = v["logits"].as_array().unwrap();
+    assert_eq!(logits.len(), 4);
+    assert!(logits.iter().all(|r| r.as_array().unwrap().len() == 512));
+    let generated: Vec<i64> = v["generated"].as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect();
+    assert_eq!(generated.len(), 8);
+    // The first generated token is the argmax of the last prompt position.
+    let last: Vec<f64> = logits[3].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let argmax = (0..last.len()).fold(0, |b, i| if last[i] > last[b] { i } else { b });
+    assert_eq!(generated[0], argmax as i64);
+    let printed = String::from_utf8_lossy(&o.stdout);
+    let want = generated.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+    assert!(printed.contains(&want), "stdout {printed} lacks {want}");
+}
+
+#[test]
+fn run_rejects_out_of_vocab_and_empty_prompts() {
+    let o = panguc(&["run", &example("tiny-pangu"), "--tokens", "1,512"]);
+    assert_clean_failure(&o, &["token 512", "vocab_size 512"]);
+    let o = panguc(&["run", &example("tiny-pangu"), "--tokens", ""]);
+    assert!(!o.status.success());
+    assert!(!stderr(&o).contains("panicked"));
+}
+
+#[test]
+fn run_rejects_config_only_checkpoint_and_missing_dir() {
+    let o = panguc(&["run", &example("pangu-pro-moe-72b"), "--tokens", "1"]);
+    assert_clean_failure(&o, &["no weight files"]);
+    let o = panguc(&["run", "/nonexistent/model", "--tokens", "1"]);
+    assert_clean_failure(&o, &["/nonexistent/model"]);
+}
+
+#[test]
+fn compile_rejects_unknown_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pkg");
+    let o = panguc(&["compile", &example("tiny-pangu"), "--target", "gpu", "-o", out.to_str().unwrap()]);
+    assert_clean_failure(&o, &["unknown target `gpu`"]);
+    assert!(!out.exists(), "no partial output");
+}
+
+#[test]
+fn dump_ir_prints_parseable_import() {
+    let o = panguc(&["dump-ir", &example("tiny-pangu")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(panguc_ir::text::parse_module(&text).is_ok());
+    let o = panguc(&["dump-ir", &example("tiny-pangu"), "--stage", "bogus"]);
+    assert_clean_failure(&o, &["unknown --stage `bogus`"]);
+}

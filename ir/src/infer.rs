@@ -1,0 +1,426 @@
+//! Result-type inference for every op. The builder uses it to type new
+//! nodes; the verifier re-runs it to check recorded types.
+
+use crate::graph::Module;
+use crate::op::{CollectiveKind, Op, ReduceOp};
+use crate::shape::{Dim, TensorType};
+use crate::DType;
+
+type R<T> = Result<T, String>;
+
+fn expect_arity(op: &Op, args: &[&TensorType], n: usize) -> R<()> {
+    if args.len() != n {
+        return Err(format!("`{}` takes {n} operands, found {}", op.mnemonic(), args.len()));
+    }
+    Ok(())
+}
+
+fn expect_float(t: &TensorType, what: &str) -> R<()> {
+    if !t.dtype.is_float() {
+        return Err(format!("{what} must be a float tensor, found {t}"));
+    }
+    Ok(())
+}
+
+fn expect_int(t: &TensorType, what: &str) -> R<()> {
+    if !t.dtype.is_int() {
+        return Err(format!("{what} must be an integer tensor, found {t}"));
+    }
+    Ok(())
+}
+
+fn expect_rank(t: &TensorType, rank: usize, what: &str) -> R<()> {
+    if t.rank() != rank {
+        return Err(format!("{what} must have rank {rank}, found {t}"));
+    }
+    Ok(())
+}
+
+fn expect_dim_eq(a: &Dim, b: &Dim, what: &str) -> R<()> {
+    if a != b {
+        return Err(format!("{what}: {a} != {b}"));
+    }
+    Ok(())
+}
+
+fn check_axis(axis: usize, rank: usize) -> R<()> {
+    if axis >= rank {
+        return Err(format!("axis {axis} out of range for rank {rank}"));
+    }
+    Ok(())
+}
+
+/// Numpy-style broadcast of two shapes.
+pub fn broadcast_shapes(a: &[Dim], b: &[Dim]) -> R<Vec<Dim>> {
+    let rank = a.len().max(b.len());
+    let one = Dim::c(1);
+    (0..rank)
+        .map(|i| {
+            let da = if i + a.len() >= rank { &a[i + a.len() - rank] } else { &one };
+            let db = if i + b.len() >= rank { &b[i + b.len() - rank] } else { &one };
+            if da == db || *db == one {
+                Ok(da.clone())
+            } else if *da == one {
+                Ok(db.clone())
+            } else {
+                Err(format!("cannot broadcast dimension {da} with {db}"))
+            }
+        })
+        .collect()
+}
+
+fn matmul_type(a: &TensorType, b: &TensorType, transpose_b: bool) -> R<TensorType> {
+    expect_float(a, "matmul lhs")?;
+    expect_float(b, "matmul rhs")?;
+    if a.rank() < 2 || b.rank() < 2 {
+        return Err(format!("matmul operands must have rank >= 2, found {a} and {b}"));
+    }
+    let (m, k) = (&a.shape[a.rank() - 2], &a.shape[a.rank() - 1]);
+    let (kb, n) = if transpose_b {
+        (&b.shape[b.rank() - 1], &b.shape[b.rank() - 2])
+    } else {
+        (&b.shape[b.rank() - 2], &b.shape[b.rank() - 1])
+    };
+    expect_dim_eq(k, kb, "matmul contraction dims differ")?;
+    let mut shape = broadcast_shapes(&a.shape[..a.rank() - 2], &b.shape[..b.rank() - 2])?;
+    shape.push(m.clone());
+    shape.push(n.clone());
+    Ok(TensorType::new(a.dtype, shape))
+}
+
+fn same_numel(a: &[Dim], b: &[Dim]) -> R<()> {
+    let numel = |s: &[Dim]| s.iter().try_fold(Dim::c(1), |acc, d| acc.mul(d));
+    match (numel(a), numel(b)) {
+        (Some(x), Some(y)) if x == y => Ok(()),
+        (Some(x), Some(y)) => Err(format!("reshape changes the element count: {x} vs {y}")),
+        _ => Err("reshape of a shape with a non-linear element count".into()),
+    }
+}
+
+/// Infer result types of `op` applied to operands of types `args`.
+pub fn infer_types(op: &Op, args: &[&TensorType], module: Option<&Module>) -> R<Vec<TensorType>> {
+    let one = |t: TensorType| Ok(vec![t]);
+    match op {
+        Op::Gather => {
+            expect_arity(op, args, 2)?;
+            let (table, idx) = (args[0], args[1]);
+            expect_int(idx, "gather indices")?;
+            if table.rank() < 1 {
+                return Err("gather table must have rank >= 1".into());
+            }
+            let mut shape = idx.shape.clone();
+            shape.extend_from_slice(&table.shape[1..]);
+            one(TensorType::new(table.dtype, shape))
+        }
+        Op::MatMul { transpose_b } => {
+            expect_arity(op, args, 2)?;
+            one(matmul_type(args[0], args[1], *transpose_b)?)
+        }
+        Op::MatMulBias { transpose_b } => {
+            expect_arity(op, args, 3)?;
+            let out = matmul_type(args[0], args[1], *transpose_b)?;
+            expect_float(args[2], "bias")?;
+            expect_rank(args[2], 1, "bias")?;
+            expect_dim_eq(
+                &args[2].shape[0],
+                out.shape.last().expect("rank>=2"),
+                "bias length differs from matmul columns",
+            )?;
+            one(out)
+        }
+        Op::Unary(_) => {
+            expect_arity(op, args, 1)?;
+            expect_float(args[0], "operand")?;
+            one(args[0].clone())
+        }
+        Op::Binary(_) => {
+            expect_arity(op, args, 2)?;
+            if args[0].dtype != args[1].dtype {
+                return Err(format!("operand dtypes differ: {} vs {}", args[0], args[1]));
+            }
+            one(TensorType::new(args[0].dtype, broadcast_shapes(&args[0].shape, &args[1].shape)?))
+        }
+        Op::Scalar { dtype, .. } => {
+            expect_arity(op, args, 0)?;
+            one(TensorType::new(*dtype, vec![]))
+        }
+        Op::Reduce { op: r, axis, keepdim } => {
+            expect_arity(op, args, 1)?;
+            if *r != ReduceOp::Max {
+                expect_float(args[0], "reduce operand")?;
+            }
+            one(TensorType::new(args[0].dtype, reduced_shape(args[0], *axis, *keepdim)?))
+        }
+        Op::ArgMax { axis, keepdim } => {
+            expect_arity(op, args, 1)?;
+            one(TensorType::new(DType::I64, reduced_shape(args[0], *axis, *keepdim)?))
+        }
+        Op::Softmax { axis } => {
+            expect_arity(op, args, 1)?;
+            expect_float(args[0], "softmax operand")?;
+            check_axis(*axis, args[0].rank())?;
+            one(args[0].clone())
+        }
+        Op::Reshape { shape } => {
+            expect_arity(op, args, 1)?;
+            same_numel(&args[0].shape, shape)?;
+            one(TensorType::new(args[0].dtype, shape.clone()))
+        }
+        Op::Transpose { perm } => {
+            expect_arity(op, args, 1)?;
+            let x = args[0];
+            let mut sorted = perm.clone();
+            sorted.sort_unstable();
+            if sorted != (0..x.rank()).collect::<Vec<_>>() {
+                return Err(format!("perm {perm:?} is not a permutation of rank {}", x.rank()));
+            }
+            one(TensorType::new(x.dtype, perm.iter().map(|&p| x.shape[p].clone()).collect()))
+        }
+        Op::Slice { axis, start, end } => {
+            expect_arity(op, args, 1)?;
+            let x = args[0];
+            check_axis(*axis, x.rank())?;
+            let len = x.shape[*axis]
+                .as_const()
+                .ok_or_else(|| format!("slice along symbolic dimension {}", x.shape[*axis]))?;
+            if start > end || *end > len {
+                return Err(format!("slice {start}..{end} out of range for dimension {len}"));
+            }
+            let mut shape = x.shape.clone();
+            shape[*axis] = Dim::c(end - start);
+            one(TensorType::new(x.dtype, shape))
+        }
+        Op::Concat { axis } => {
+            let first = args.first().ok_or("concat needs at least one operand")?;
+            check_axis(*axis, first.rank())?;
+            let mut total = Dim::c(0);
+            for a in args {
+                if a.dtype != first.dtype || a.rank() != first.rank() {
+                    return Err(format!("concat operands differ: {first} vs {a}"));
+                }
+                for (i, (x, y)) in a.shape.iter().zip(&first.shape).enumerate() {
+                    if i != *axis {
+                        expect_dim_eq(x, y, "concat operands differ off the axis")?;
+                    }
+                }
+                total = total.add(&a.shape[*axis]);
+            }
+            let mut shape = first.shape.clone();
+            shape[*axis] = total;
+            one(TensorType::new(first.dtype, shape))
+        }
+        Op::Stack { axis } => {
+            let first = args.first().ok_or("stack needs at least one operand")?;
+            if *axis > first.rank() {
+                return Err(format!("stack axis {axis} out of range"));
+            }
+            if let Some(a) = args.iter().find(|a| *a != first) {
+                return Err(format!("stack operands differ: {first} vs {a}"));
+            }
+            let mut shape = first.shape.clone();
+            shape.insert(*axis, Dim::c(args.len()));
+            one(TensorType::new(first.dtype, shape))
+        }
+        Op::RepeatInterleave { axis, repeats } => {
+            expect_arity(op, args, 1)?;
+            check_axis(*axis, args[0].rank())?;
+            let mut t = args[0].clone();
+            t.shape[*axis] = t.shape[*axis].scale(*repeats as i64);
+            one(t)
+        }
+        Op::Cast { dtype } => {
+            expect_arity(op, args, 1)?;
+            one(TensorType::new(*dtype, args[0].shape.clone()))
+        }
+        Op::RopeTable { head_dim, .. } => {
+            expect_arity(op, args, 1)?;
+            expect_int(args[0], "positions")?;
+            expect_rank(args[0], 1, "positions")?;
+            if head_dim % 2 != 0 {
+                return Err(format!("rope head_dim {head_dim} must be even"));
+            }
+            one(TensorType::new(DType::F32, vec![args[0].shape[0].clone(), Dim::c(*head_dim)]))
+        }
+        Op::CausalMask => {
+            expect_arity(op, args, 2)?;
+            expect_int(args[0], "positions")?;
+            expect_rank(args[0], 1, "positions")?;
+            if args[1].rank() < 1 {
+                return Err("causal_mask keys must have rank >= 1".into());
+            }
+            one(TensorType::new(DType::F32, vec![args[0].shape[0].clone(), args[1].shape[0].clone()]))
+        }
+        Op::Iota { len, .. } => {
+            expect_arity(op, args, 0)?;
+            one(TensorType::new(DType::I64, vec![Dim::c(*len)]))
+        }
+        Op::OneHot { depth } => {
+            expect_arity(op, args, 1)?;
+            expect_int(args[0], "one_hot indices")?;
+            let mut shape = args[0].shape.clone();
+            shape.push(Dim::c(*depth));
+            one(TensorType::new(DType::F32, shape))
+        }
+        Op::Call { func, .. } => {
+            let module = module.ok_or("call outside a module")?;
+            let (ins, outs) = module.signature(func).ok_or_else(|| format!("call of unknown function @{func}"))?;
+            if ins.len() != args.len() {
+                return Err(format!("@{func} takes {} inputs, {} given", ins.len(), args.len()));
+            }
+            for (i, (want, got)) in ins.iter().zip(args).enumerate() {
+                if want != *got {
+                    return Err(format!("argument {i} of @{func}: expected {want}, found {got}"));
+                }
+            }
+            Ok(outs)
+        }
+        Op::RmsNorm { .. } => {
+            expect_arity(op, args, 2)?;
+            norm_check(args[0], args[2 - 1])?;
+            one(args[0].clone())
+        }
+        Op::AddRmsNorm { .. } => {
+            expect_arity(op, args, 3)?;
+            if args[0] != args[1] {
+                return Err(format!("add_rms_norm operands differ: {} vs {}", args[0], args[1]));
+            }
+            norm_check(args[0], args[2])?;
+            Ok(vec![args[0].clone(), args[0].clone()])
+        }
+        Op::Split { axis, sizes } => {
+            expect_arity(op, args, 1)?;
+            let x = args[0];
+            check_axis(*axis, x.rank())?;
+            let total: usize = sizes.iter().sum();
+            expect_dim_eq(&x.shape[*axis], &Dim::c(total), "split sizes do not cover the axis")?;
+            Ok(sizes
+                .iter()
+                .map(|s| {
+                    let mut t = x.clone();
+                    t.shape[*axis] = Dim::c(*s);
+                    t
+                })
+                .collect())
+        }
+        Op::Rope => {
+            expect_arity(op, args, 3)?;
+            let (x, cos, sin) = (args[0], args[1], args[2]);
+            expect_float(x, "rope operand")?;
+            expect_rank(x, 3, "rope operand")?;
+            for t in [cos, sin] {
+                expect_rank(t, 2, "rope table")?;
+                expect_dim_eq(&t.shape[0], &x.shape[0], "rope table rows")?;
+                expect_dim_eq(&t.shape[1], &x.shape[2], "rope table width")?;
+            }
+            one(x.clone())
+        }
+        Op::SwiGlu => {
+            expect_arity(op, args, 2)?;
+            if args[0] != args[1] {
+                return Err(format!("swiglu operands differ: {} vs {}", args[0], args[1]));
+            }
+            expect_float(args[0], "swiglu operand")?;
+            one(args[0].clone())
+        }
+        Op::GateUpSwiGlu => {
+            expect_arity(op, args, 2)?;
+            let (x, w) = (args[0], args[1]);
+            expect_rank(w, 2, "gate_up weight")?;
+            let out = matmul_type(x, w, true)?;
+            let two_i = out.shape.last().expect("rank>=2").clone();
+            let i = two_i.div_exact(2).ok_or_else(|| format!("gate_up rows {two_i} not even"))?;
+            let mut shape = out.shape.clone();
+            *shape.last_mut().expect("rank>=2") = i;
+            one(TensorType::new(out.dtype, shape))
+        }
+        Op::FlashAttention { .. } => {
+            expect_arity(op, args, 4)?;
+            let (q, k, v, pos) = (args[0], args[1], args[2], args[3]);
+            for (t, n) in [(q, "q"), (k, "k"), (v, "v")] {
+                expect_float(t, n)?;
+                expect_rank(t, 3, n)?;
+            }
+            if k != v {
+                return Err(format!("attention k and v differ: {k} vs {v}"));
+            }
+            expect_dim_eq(&q.shape[2], &k.shape[2], "attention head dims")?;
+            let (hq, hkv) = (q.shape[1].as_const(), k.shape[1].as_const());
+            match (hq, hkv) {
+                (Some(a), Some(b)) if b > 0 && a % b == 0 => {}
+                _ => return Err(format!("query heads {} not a multiple of KV heads {}", q.shape[1], k.shape[1])),
+            }
+            expect_int(pos, "positions")?;
+            expect_rank(pos, 1, "positions")?;
+            expect_dim_eq(&pos.shape[0], &q.shape[0], "positions length")?;
+            one(q.clone())
+        }
+        Op::MoeGatingGroupTopK { groups } => {
+            expect_arity(op, args, 2)?;
+            let (logits, scale) = (args[0], args[1]);
+            expect_float(logits, "router logits")?;
+            expect_rank(logits, 2, "router logits")?;
+            expect_rank(scale, 1, "router scale")?;
+            expect_dim_eq(&scale.shape[0], &logits.shape[1], "router scale length")?;
+            let e = logits.shape[1].as_const().ok_or("symbolic expert count")?;
+            if *groups == 0 || e % groups != 0 {
+                return Err(format!("{e} experts are not divisible into {groups} groups"));
+            }
+            let t = logits.shape[0].clone();
+            Ok(vec![
+                TensorType::new(DType::F32, vec![t.clone(), Dim::c(*groups)]),
+                TensorType::new(DType::I64, vec![t, Dim::c(*groups)]),
+            ])
+        }
+        Op::GroupedMatmulMoe => {
+            expect_arity(op, args, 5)?;
+            let (x, w, e, gu, down) = (args[0], args[1], args[2], args[3], args[4]);
+            expect_rank(x, 2, "moe input")?;
+            expect_rank(w, 2, "moe weights")?;
+            expect_int(e, "moe experts")?;
+            if w.shape != e.shape {
+                return Err(format!("moe weights {w} and experts {e} differ in shape"));
+            }
+            expect_rank(gu, 3, "gate_up weights")?;
+            expect_rank(down, 3, "down weights")?;
+            expect_dim_eq(&gu.shape[2], &x.shape[1], "gate_up input width")?;
+            expect_dim_eq(&down.shape[1], &x.shape[1], "down output width")?;
+            expect_dim_eq(&gu.shape[1], &down.shape[2].scale(2), "gate_up rows vs down width")?;
+            expect_dim_eq(&gu.shape[0], &down.shape[0], "expert counts")?;
+            one(x.clone())
+        }
+        Op::Collective { kind, group, axis } => {
+            expect_arity(op, args, 1)?;
+            let x = args[0];
+            check_axis(*axis, x.rank())?;
+            let n = group.len();
+            let mut t = x.clone();
+            match kind {
+                CollectiveKind::AllReduce | CollectiveKind::AllToAll => {}
+                CollectiveKind::AllGather => t.shape[*axis] = t.shape[*axis].scale(n as i64),
+                CollectiveKind::ReduceScatter => {
+                    t.shape[*axis] = t.shape[*axis]
+                        .div_exact(n)
+                        .ok_or_else(|| format!("reduce_scatter: {} not divisible by {n}", x.shape[*axis]))?
+                }
+            }
+            one(t)
+        }
+    }
+}
+
+fn norm_check(x: &TensorType, w: &TensorType) -> R<()> {
+    expect_float(x, "norm operand")?;
+    expect_rank(w, 1, "norm weight")?;
+    expect_dim_eq(&w.shape[0], x.shape.last().ok_or("norm of a scalar")?, "norm weight length")
+}
+
+fn reduced_shape(x: &TensorType, axis: usize, keepdim: bool) -> R<Vec<Dim>> {
+    check_axis(axis, x.rank())?;
+    let mut shape = x.shape.clone();
+    if keepdim {
+        shape[axis] = Dim::c(1);
+    } else {
+        shape.remove(axis);
+    }
+    Ok(shape)
+}
