@@ -204,5 +204,17 @@ pub fn import(ckpt: &Checkpoint) -> Result<Module> {
         _ => DType::BF16,
     };
     let dtype_of = |name: &str| ckpt.tensor_info(name).map(|(d, _, _)| d).unwrap_or(default);
-    build_module(ckpt.config(), &dtype_of)
+    // The layer function is typed from layer 0, so every layer must store
+    // each tensor in the same dtype as layer 0 does.
+    let cfg = ckpt.config();
+    for l in 1..cfg.num_hidden_layers {
+        for spec in cfg.layer_tensors(l) {
+            let rel = spec.name.splitn(4, '.').nth(3).unwrap_or_default();
+            let (this, first) = (dtype_of(&spec.name), dtype_of(&format!("model.layers.0.{rel}")));
+            if this != first {
+                bail!("{}: tensor `{}` is {this} but layer 0 stores it as {first}; mixed per-layer dtypes are not supported", ckpt.dir().display(), spec.name);
+            }
+        }
+    }
+    build_module(cfg, &dtype_of)
 }

@@ -59,7 +59,7 @@ impl B<'_> {
     fn scalar(&mut self, value: f64, name: &str) -> R<ValueId> {
         self.op(Op::Scalar { value, dtype: ACT }, &[], name)
     }
-    fn to_act(&mut self, w: ValueId, name: &str) -> R<ValueId> {
+    fn cast_to_act(&mut self, w: ValueId, name: &str) -> R<ValueId> {
         self.op(Op::Cast { dtype: ACT }, &[w], name)
     }
     fn reshape(&mut self, x: ValueId, shape: Vec<Dim>, name: &str) -> R<ValueId> {
@@ -76,7 +76,7 @@ impl B<'_> {
     /// `x @ w^T + b` with the bias cast to the activation dtype.
     fn linear_bias(&mut self, x: ValueId, w: ValueId, b: ValueId, name: &str) -> R<ValueId> {
         let y = self.linear(x, w, &format!("{name}_mm"))?;
-        let bf = self.to_act(b, &format!("{name}_bias"))?;
+        let bf = self.cast_to_act(b, &format!("{name}_bias"))?;
         self.bin(BinaryOp::Add, y, bf, name)
     }
     /// RMSNorm as primitives: `x * rsqrt(mean(x*x) + eps) * w`.
@@ -88,7 +88,7 @@ impl B<'_> {
         let mse = self.bin(BinaryOp::Add, ms, e, &format!("{name}_ms_eps"))?;
         let inv = self.un(UnaryOp::Rsqrt, mse, &format!("{name}_inv_rms"))?;
         let xn = self.bin(BinaryOp::Mul, x, inv, &format!("{name}_xn"))?;
-        let wf = self.to_act(w, &format!("{name}_w"))?;
+        let wf = self.cast_to_act(w, &format!("{name}_w"))?;
         self.bin(BinaryOp::Mul, xn, wf, name)
     }
     /// SiLU as primitives: `x * sigmoid(x)`.
@@ -192,7 +192,7 @@ fn build_layer(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType) -> R<Function> 
     let goff = b.op(Op::Iota { len: g, step: epg as i64 }, &[], "group_offset")?;
     let eidx = b.bin(BinaryOp::Add, garg, goff, "expert_ids")?;
     let rs1 = b.reshape(rscale, vec![Dim::c(e)], "router_scale_flat")?;
-    let rsf = b.to_act(rs1, "router_scale_f32")?;
+    let rsf = b.cast_to_act(rs1, "router_scale_f32")?;
     let sel = b.op(Op::Gather, &[rsf, eidx], "expert_scale")?;
     let ew = b.bin(BinaryOp::Mul, gmax, sel, "expert_weights")?;
     // ---- MoE: dense combine over all experts ----
@@ -247,7 +247,7 @@ fn build_entry(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, module: &Module
     let head = if cfg.tie_word_embeddings { embed } else { b.weight(head_name, &[v, h], dtype(head_name)) };
 
     let e = b.op(Op::Gather, &[embed, ids], "embed")?;
-    let mut x = b.to_act(e, "h.0")?;
+    let mut x = b.cast_to_act(e, "h.0")?;
     let cos = b.op(Op::RopeTable { kind: RopeKind::Cos, theta: cfg.rope_theta, head_dim: d }, &[pos], "rope_cos")?;
     let sin = b.op(Op::RopeTable { kind: RopeKind::Sin, theta: cfg.rope_theta, head_dim: d }, &[pos], "rope_sin")?;
     let mut new_caches = vec![];

@@ -522,6 +522,18 @@ mod tests {
     }
 
     #[test]
+    fn every_tensor_has_a_deliberate_init() {
+        // A new tensor kind must not silently fall into the projection case.
+        let default =
+            |s: &TensorSpec| init_for(s) == init_for(&TensorSpec { name: "x.q_proj.weight".into(), ..s.clone() });
+        for s in Preset::Tiny.config().expected_tensors() {
+            if default(&s) {
+                assert!(s.name.ends_with("_proj.weight"), "{} uses the projection init", s.name);
+            }
+        }
+    }
+
+    #[test]
     fn router_softmax_is_neither_uniform_nor_one_hot() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("t");

@@ -40,7 +40,16 @@ fn inspect_72b_prints_published_parameter_counts() {
 fn run_tiny_writes_logits_and_greedy_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("l.json");
-    let o = panguc(&["run", &example("tiny-pangu"), "--tokens", "1,2,3,4", "--max-new-tokens", "8", "--logits-out", out.to_str().unwrap()]);
+    let o = panguc(&[
+        "run",
+        &example("tiny-pangu"),
+        "--tokens",
+        "1,2,3,4",
+        "--max-new-tokens",
+        "8",
+        "--logits-out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(v["tokens"], serde_json::json!([1, 2, 3, 4]));

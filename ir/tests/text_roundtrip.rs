@@ -46,8 +46,9 @@ fn build(steps: &[Step]) -> Module {
         let name = format!("v{n}");
         x = match s {
             Step::Unary(u) => {
-                let u = [UnaryOp::Neg, UnaryOp::Exp, UnaryOp::Sqrt, UnaryOp::Rsqrt, UnaryOp::Reciprocal, UnaryOp::Sigmoid]
-                    [*u as usize];
+                let u =
+                    [UnaryOp::Neg, UnaryOp::Exp, UnaryOp::Sqrt, UnaryOp::Rsqrt, UnaryOp::Reciprocal, UnaryOp::Sigmoid]
+                        [*u as usize];
                 f.op(Op::Unary(u), &[x], &name).unwrap()
             }
             Step::BinarySelf(b) => f.op(Op::Binary(binop(*b)), &[x, x], &name).unwrap(),
@@ -62,7 +63,11 @@ fn build(steps: &[Step]) -> Module {
             }
             Step::Softmax => f.op(Op::Softmax { axis: 1 }, &[x], &name).unwrap(),
             Step::MatMulWeight(d, tb) => {
-                let w = f.add_weight(&format!("{name}.weight"), &format!("layer.{name}.weight"), TensorType::new(*d, vec![Dim::c(8), Dim::c(8)]));
+                let w = f.add_weight(
+                    &format!("{name}.weight"),
+                    &format!("layer.{name}.weight"),
+                    TensorType::new(*d, vec![Dim::c(8), Dim::c(8)]),
+                );
                 f.op(Op::MatMul { transpose_b: *tb }, &[x, w], &name).unwrap()
             }
             Step::SliceConcat(k) => {
@@ -71,12 +76,20 @@ fn build(steps: &[Step]) -> Module {
                 f.op(Op::Concat { axis: 1 }, &[b, a], &name).unwrap()
             }
             Step::ReshapeRoundTrip => {
-                let r = f.op(Op::Reshape { shape: vec![t.clone(), Dim::c(2), Dim::c(4)] }, &[x], &format!("{name}_r")).unwrap();
+                let r = f
+                    .op(Op::Reshape { shape: vec![t.clone(), Dim::c(2), Dim::c(4)] }, &[x], &format!("{name}_r"))
+                    .unwrap();
                 let tr = f.op(Op::Transpose { perm: vec![0, 2, 1] }, &[r], &format!("{name}_t")).unwrap();
                 f.op(Op::Reshape { shape: vec![t.clone(), Dim::c(8)] }, &[tr], &name).unwrap()
             }
             Step::Rope => {
-                let cos = f.op(Op::RopeTable { kind: panguc_ir::op::RopeKind::Cos, theta: 1.6e7, head_dim: 8 }, &[pos], &format!("{name}_cos")).unwrap();
+                let cos = f
+                    .op(
+                        Op::RopeTable { kind: panguc_ir::op::RopeKind::Cos, theta: 1.6e7, head_dim: 8 },
+                        &[pos],
+                        &format!("{name}_cos"),
+                    )
+                    .unwrap();
                 f.op(Op::Binary(BinaryOp::Mul), &[x, cos], &name).unwrap()
             }
         };

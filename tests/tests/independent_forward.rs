@@ -50,16 +50,20 @@ fn rope(x: &mut [f32], pos: usize, theta: f64) {
 /// Logits for every position of `ids`, computed token by token.
 fn naive_forward(cfg: &PanguConfig, w: &W, ids: &[i64]) -> Vec<Vec<f32>> {
     let (h, nh, kvh, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
-    let (e, im, is, g) = (cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size, cfg.num_groups());
+    let (e, im, is, g) =
+        (cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size, cfg.num_groups());
     let eps = cfg.rms_norm_eps as f32;
     let embed = w.get("model.embed_tokens.weight", &[cfg.vocab_size, h]);
     let mut hs: Vec<Vec<f32>> = ids.iter().map(|&t| embed[t as usize * h..(t as usize + 1) * h].to_vec()).collect();
     for l in 0..cfg.num_hidden_layers {
         let p = |n: &str| format!("model.layers.{l}.{n}");
         let ln1 = w.get(&p("input_layernorm.weight"), &[h]);
-        let (wq, bq) = (w.get(&p("self_attn.q_proj.weight"), &[nh * d, h]), w.get(&p("self_attn.q_proj.bias"), &[nh * d]));
-        let (wk, bk) = (w.get(&p("self_attn.k_proj.weight"), &[kvh * d, h]), w.get(&p("self_attn.k_proj.bias"), &[kvh * d]));
-        let (wv, bv) = (w.get(&p("self_attn.v_proj.weight"), &[kvh * d, h]), w.get(&p("self_attn.v_proj.bias"), &[kvh * d]));
+        let (wq, bq) =
+            (w.get(&p("self_attn.q_proj.weight"), &[nh * d, h]), w.get(&p("self_attn.q_proj.bias"), &[nh * d]));
+        let (wk, bk) =
+            (w.get(&p("self_attn.k_proj.weight"), &[kvh * d, h]), w.get(&p("self_attn.k_proj.bias"), &[kvh * d]));
+        let (wv, bv) =
+            (w.get(&p("self_attn.v_proj.weight"), &[kvh * d, h]), w.get(&p("self_attn.v_proj.bias"), &[kvh * d]));
         let (wo, bo) = (w.get(&p("self_attn.o_proj.weight"), &[h, nh * d]), w.get(&p("self_attn.o_proj.bias"), &[h]));
         let ln2 = w.get(&p("post_attention_layernorm.weight"), &[h]);
         let gate = w.get(&p("mlp.gate.weight"), &[e, h]);
@@ -91,7 +95,9 @@ fn naive_forward(cfg: &PanguConfig, w: &W, ids: &[i64]) -> Vec<Vec<f32>> {
                 let kv = head / (nh / kvh);
                 let q = &qs[pos][head * d..(head + 1) * d];
                 let scores: Vec<f32> = (0..=pos)
-                    .map(|j| q.iter().zip(&ks[j][kv * d..(kv + 1) * d]).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt())
+                    .map(|j| {
+                        q.iter().zip(&ks[j][kv * d..(kv + 1) * d]).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt()
+                    })
                     .collect();
                 let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let exps: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
@@ -123,7 +129,8 @@ fn naive_forward(cfg: &PanguConfig, w: &W, ids: &[i64]) -> Vec<Vec<f32>> {
                 let gw = w.get(&q("gate_proj.weight"), &[im, h]);
                 let uw = w.get(&q("up_proj.weight"), &[im, h]);
                 let dw = w.get(&q("down_proj.weight"), &[h, im]);
-                let act: Vec<f32> = linear(&m, &gw, im).iter().zip(linear(&m, &uw, im)).map(|(a, b)| silu(*a) * b).collect();
+                let act: Vec<f32> =
+                    linear(&m, &gw, im).iter().zip(linear(&m, &uw, im)).map(|(a, b)| silu(*a) * b).collect();
                 for (yy, v) in y.iter_mut().zip(linear(&act, &dw, h)) {
                     *yy += weight * v;
                 }
@@ -131,7 +138,8 @@ fn naive_forward(cfg: &PanguConfig, w: &W, ids: &[i64]) -> Vec<Vec<f32>> {
             let sg = w.get(&p("mlp.shared_expert.gate_proj.weight"), &[is, h]);
             let su = w.get(&p("mlp.shared_expert.up_proj.weight"), &[is, h]);
             let sd = w.get(&p("mlp.shared_expert.down_proj.weight"), &[h, is]);
-            let act: Vec<f32> = linear(&m, &sg, is).iter().zip(linear(&m, &su, is)).map(|(a, b)| silu(*a) * b).collect();
+            let act: Vec<f32> =
+                linear(&m, &sg, is).iter().zip(linear(&m, &su, is)).map(|(a, b)| silu(*a) * b).collect();
             let shared = linear(&act, &sd, h);
             next.push(h1.iter().zip(&y).zip(&shared).map(|((a, b), c)| a + b + c).collect());
         }
@@ -154,7 +162,11 @@ fn interpreter_matches_independent_forward_pass() {
     let module = import(&ckpt).unwrap();
     let ids = [1i64, 2, 3, 4, 100, 511];
     let expected = naive_forward(&cfg, &W(&ckpt), &ids);
-    let mut session = InterpSession::new(Interpreter::new(&module, &ckpt), cfg.num_hidden_layers, [cfg.num_key_value_heads, cfg.head_dim()]);
+    let mut session = InterpSession::new(
+        Interpreter::new(&module, &ckpt),
+        cfg.num_hidden_layers,
+        [cfg.num_key_value_heads, cfg.head_dim()],
+    );
     let logits = session.forward(&ids).unwrap();
     assert_eq!(logits.shape, vec![ids.len(), cfg.vocab_size]);
     for (pos, row) in logits.as_f32().chunks(cfg.vocab_size).enumerate() {
@@ -162,7 +174,8 @@ fn interpreter_matches_independent_forward_pass() {
         assert!(err < 1e-5, "position {pos}: relative error {err}");
     }
     // The logits are not degenerate: different positions differ, values spread.
-    let spread = expected[5].iter().copied().fold(f32::NEG_INFINITY, f32::max) - expected[5].iter().copied().fold(f32::INFINITY, f32::min);
+    let spread = expected[5].iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        - expected[5].iter().copied().fold(f32::INFINITY, f32::min);
     assert!(spread > 0.1, "logit spread {spread}");
 }
 
