@@ -253,10 +253,7 @@ impl SimKernel {
     /// explicit timeout; also returns the simulation's warnings.
     pub fn run_detailed(&self, args: &[(&str, SimArg)], timeout: Duration) -> Result<SimRun, SimError> {
         let exe = self.compile()?;
-        let dir = tempfile::Builder::new()
-            .prefix("panguc-sim-run")
-            .tempdir()
-            .map_err(io_err(&std::env::temp_dir()))?;
+        let dir = tempfile::Builder::new().prefix("panguc-sim-run").tempdir().map_err(io_err(&std::env::temp_dir()))?;
         let args_path = dir.path().join("args.bin");
         let out_path = dir.path().join("out.bin");
         std::fs::write(&args_path, encode_args(args)).map_err(io_err(&args_path))?;
@@ -297,11 +294,8 @@ impl SimKernel {
         };
         let stdout = t_out.join().unwrap_or_default();
         let stderr = t_err.join().unwrap_or_default();
-        let warnings: Vec<String> = stderr
-            .lines()
-            .filter_map(|l| l.strip_prefix("panguc-sim: warning: "))
-            .map(str::to_string)
-            .collect();
+        let warnings: Vec<String> =
+            stderr.lines().filter_map(|l| l.strip_prefix("panguc-sim: warning: ")).map(str::to_string).collect();
         match status.code() {
             Some(0) => {
                 let bytes = std::fs::read(&out_path).map_err(io_err(&out_path))?;
@@ -399,10 +393,7 @@ impl SimKernel {
 /// for `soc` (fast feedback, no executable).
 pub fn syntax_check(source: &str, soc: Soc) -> Result<(), SimError> {
     let include = materialized_include_dir()?;
-    let dir = tempfile::Builder::new()
-        .prefix("panguc-sim-check")
-        .tempdir()
-        .map_err(io_err(&std::env::temp_dir()))?;
+    let dir = tempfile::Builder::new().prefix("panguc-sim-check").tempdir().map_err(io_err(&std::env::temp_dir()))?;
     let path = dir.path().join("kernel.cpp");
     std::fs::write(&path, source).map_err(io_err(&path))?;
     let cxx = cxx();
@@ -516,7 +507,9 @@ fn driver_source(source: &str, entry: &str) -> String {
         s.push('\n');
     }
     s.push_str("#line 1 \"panguc_sim_driver.cpp\"\n#include \"sim_launch.h\"\n");
-    s.push_str(&format!("int main(int argc, char** argv) {{ return panguc_sim::DriverMain(argc, argv, &{entry}); }}\n"));
+    s.push_str(&format!(
+        "int main(int argc, char** argv) {{ return panguc_sim::DriverMain(argc, argv, &{entry}); }}\n"
+    ));
     s
 }
 

@@ -379,8 +379,8 @@ inline void ResetCtx() { ctx() = Ctx(); }
 }
 
 inline void Warn(const SrcLoc& loc, const std::string& msg) {
-    const Ctx& c = ctx();
-    ctx().warnings.push_back(Str("[block ", c.blockIdx, "] ", loc.file, ":", loc.line, ": ", msg));
+    Ctx& c = ctx();
+    c.warnings.push_back(Str("[block ", c.blockIdx, "] ", loc.file, ":", loc.line, ": ", msg));
 }
 
 // Memory of one core, (re)initialised lazily: poison 0xFF (NaN for every

@@ -107,12 +107,7 @@ inline void CheckLocalBytes(const LocalTensor<T>& t, uint64_t off, uint64_t byte
 
 template <typename T>
 inline void CheckGmBytes(const GlobalTensor<T>& g, uint64_t off, uint64_t bytes, const SrcLoc& loc, const char* op) {
-    if (!g.sim_buf_) Fail(loc, Str(op, ": GlobalTensor used before SetGlobalBuffer"));
-    if (off + bytes > g.sim_size_ * sizeof(T)) {
-        Fail(loc, Str(op, ": access to bytes [", off, ", ", off + bytes, ") is outside global buffer of ",
-                      g.sim_size_ * sizeof(T), " bytes (", g.sim_size_, " x ", TypeName<T>(), ") set by SetGlobalBuffer on ",
-                      GmDesc(g.sim_buf_)));
-    }
+    g.SimCheckBytes(off, bytes, loc, op);
 }
 
 template <typename T> inline void GmLoad(const GlobalTensor<T>& g, uint64_t off, uint8_t* dst, uint64_t bytes,

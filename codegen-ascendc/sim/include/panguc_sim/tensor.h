@@ -5,6 +5,8 @@
 
 #include "panguc_sim/base.h"
 
+#include <exception>
+
 // Pipe and event ids are compiler built-ins in the global namespace on CANN.
 enum pipe_t { PIPE_S = 0, PIPE_V, PIPE_M, PIPE_MTE1, PIPE_MTE2, PIPE_MTE3, PIPE_ALL, PIPE_FIX, PIPE_V2, PIPE_MTE4, PIPE_MTE5 };
 enum event_t { EVENT_ID0 = 0, EVENT_ID1, EVENT_ID2, EVENT_ID3, EVENT_ID4, EVENT_ID5, EVENT_ID6, EVENT_ID7 };
@@ -214,6 +216,8 @@ public:
         sim_ptr_ = buffer;
         sim_size_ = bufferSize;
         sim_buf_ = b;
+        sim_view_off_ = 0;
+        sim_full_ = bufferSize;
     }
     // Without a length the view extends to the end of the argument buffer.
     void SetGlobalBuffer(__gm__ T* buffer, SrcLoc loc = SrcLoc::Here()) {
@@ -239,6 +243,7 @@ public:
         GlobalTensor g = *this;
         g.sim_ptr_ += offset;
         g.sim_size_ = offset <= sim_size_ ? sim_size_ - offset : 0;
+        g.sim_view_off_ += offset;
         return g;
     }
     uint64_t GetSize() const { return sim_size_; }
@@ -247,15 +252,21 @@ public:
 
     // ---- simulation internals ----
     T* sim_ptr_ = nullptr;
-    uint64_t sim_size_ = 0;
+    uint64_t sim_size_ = 0;      // elements visible through this view
     panguc_sim::GmBuffer* sim_buf_ = nullptr;
+    uint64_t sim_view_off_ = 0;  // element offset of this view inside the SetGlobalBuffer range
+    uint64_t sim_full_ = 0;      // elements given to SetGlobalBuffer
 
     void SimCheckRange(uint64_t first, uint64_t count, const SrcLoc& loc, const char* op) const {
+        SimCheckBytes(first * sizeof(T), count * sizeof(T), loc, op);
+    }
+    void SimCheckBytes(uint64_t off, uint64_t bytes, const SrcLoc& loc, const char* op) const {
         if (!sim_buf_) panguc_sim::Fail(loc, panguc_sim::Str(op, ": GlobalTensor used before SetGlobalBuffer"));
-        if (first + count > sim_size_) {
-            panguc_sim::Fail(loc, panguc_sim::Str(op, ": access to elements [", first, ", ", first + count,
-                                                  ") is outside global buffer of ", sim_size_, " elements (",
-                                                  panguc_sim::TypeName<T>(), ") set by SetGlobalBuffer on ",
+        if (off + bytes > sim_size_ * sizeof(T)) {
+            const uint64_t e0 = sim_view_off_ + off / sizeof(T);
+            const uint64_t e1 = sim_view_off_ + (off + bytes + sizeof(T) - 1) / sizeof(T);
+            panguc_sim::Fail(loc, panguc_sim::Str(op, ": access to elements [", e0, ", ", e1, ") is outside global buffer of ",
+                                                  sim_full_, " x ", panguc_sim::TypeName<T>(), " set by SetGlobalBuffer on ",
                                                   panguc_sim::GmDesc(sim_buf_)));
         }
     }
@@ -269,7 +280,8 @@ public:
     TQueBind(const TQueBind&) = delete;
     TQueBind& operator=(const TQueBind&) = delete;
     ~TQueBind() {
-        if (sim_inited_ && !sim_fifo_.empty() && panguc_sim::ctx().inLaunch) {
+        // Not while unwinding from a failed check: that error is the story.
+        if (sim_inited_ && !sim_fifo_.empty() && panguc_sim::ctx().inLaunch && std::uncaught_exceptions() == 0) {
             panguc_sim::Warn(sim_loc_, panguc_sim::Str("queue (TPosition::", PosName(Pos()), ") destroyed with ",
                                                        sim_fifo_.size(), " tensor(s) still enqueued (data never consumed)"));
         }
@@ -519,6 +531,13 @@ inline int64_t GetTaskRation() { return 1; }
 inline GM_ADDR GetUserWorkspace(GM_ADDR workspace) { return workspace; }
 
 template <typename T, typename U> struct IsSameType : std::is_same<T, U> {};
+
+// Kernel-side printf; output goes to the simulation's stdout (logged by the
+// Rust harness at debug level), prefixed with the block index.
+template <typename... Args> inline void PRINTF(const char* fmt, Args... args) {
+    std::printf("[block %lld] ", static_cast<long long>(panguc_sim::ctx().blockIdx));
+    std::printf(fmt, args...);
+}
 
 constexpr int32_t ONE_BLK_SIZE = 32;
 constexpr int32_t ONE_REPEAT_BYTE_SIZE = 256;

@@ -159,9 +159,12 @@ template <typename T> inline void CheckRepeat(const MaskSpec& m, uint64_t repeat
     }
     if (!m.bitwise) {
         if (m.cont < 1 || m.cont > per) Fail(loc, Str(op, ": mask ", m.cont, " is outside [1, ", per, "] for ", TypeName<T>()));
-    } else if (per < 128) {
-        const bool extra = (per <= 64) ? (m.bits[1] != 0 || (per < 64 && (m.bits[0] >> per) != 0)) : false;
-        if (extra) Fail(loc, Str(op, ": bitwise mask sets bits beyond the ", per, " elements of a repeat for ", TypeName<T>()));
+    } else {
+        const bool extraHigh = per <= 64 && m.bits[1] != 0;
+        const bool extraLow = per < 64 && (m.bits[0] >> (per % 64)) != 0;
+        if (extraHigh || extraLow) {
+            Fail(loc, Str(op, ": bitwise mask sets bits beyond the ", per, " elements of a repeat for ", TypeName<T>()));
+        }
     }
 }
 inline bool LaneOn(const MaskSpec& m, uint32_t lane) {
