@@ -1,9 +1,9 @@
 //! panguc-codegen-ascendc: AscendC code generation for Huawei Ascend NPUs.
 //!
-//! This crate turns panguc kernel programs into AscendC kernel sources, host
-//! tiling code and CANN build projects (operator packages or kernel-launch
-//! projects) for the 910B and 310P SoCs. The emitter itself is being written
-//! separately and will land here later.
+//! [`emit`] turns the kernels of a panguc kernel program into AscendC device
+//! kernels (vector kernels for norms, gather, elementwise, RoPE, attention
+//! and gating; cube GEMMs with vector epilogues) with host-evaluated tiling
+//! formulas; [`target`] holds the per-SoC rules (capacities, dtypes).
 //!
 //! The crate also owns the CPU simulation of the AscendC API subset that the
 //! emitter may use ([`sim`]): C++ headers under `sim/include/` that implement
@@ -14,6 +14,14 @@
 //! reference interpreter, because the CANN toolkit cannot be installed here.
 //! `sim/README.md` lists the supported API subset and its checks.
 
+pub mod data;
+pub mod emit;
+pub mod host;
+pub mod program;
+pub mod project;
 pub mod sim;
+pub mod target;
 
+pub use emit::{emit_kernel, DeviceKernel, DeviceKernels, EmitOptions, Env, TExpr};
 pub use sim::{sim_headers, sim_include_dir, syntax_check, SimArg, SimError, SimKernel, SimRun, Soc};
+pub use target::{DevType, Target};

@@ -65,7 +65,8 @@ pub fn inspect(a: InspectArgs) -> Result<()> {
 #[derive(Args, Debug, Clone)]
 pub struct DumpIrArgs {
     pub model_dir: PathBuf,
-    /// Pipeline stage to print.
+    /// Pipeline stage to print: import, fused (after e-graph fusion), or
+    /// kernels (the scheduled kernel program).
     #[arg(long, default_value = "import")]
     pub stage: String,
     #[arg(long)]
@@ -77,7 +78,16 @@ pub fn dump_ir(a: DumpIrArgs) -> Result<()> {
     let module = import(&ckpt)?;
     match a.stage.as_str() {
         "import" => print!("{}", panguc_ir::text::print_module(&module)),
-        other => bail!("unknown --stage `{other}` (available: import)"),
+        "fused" => {
+            let out = crate::pipeline::run_pipeline(&ckpt, &module, 0.0, &Default::default())?;
+            print!("{}", panguc_ir::text::print_module(&out.module))
+        }
+        "kernels" => {
+            let out = crate::pipeline::run_pipeline(&ckpt, &module, 0.0, &Default::default())?;
+            let program = panguc_lowering::schedule::schedule(&out.module, &Default::default())?;
+            print!("{}", program.to_text())
+        }
+        other => bail!("unknown --stage `{other}` (available: import, fused, kernels)"),
     }
     Ok(())
 }
@@ -167,28 +177,145 @@ pub struct CompileArgs {
     /// Comma-separated targets: ir, cpu, ascend910b, ascend310p.
     #[arg(long, value_delimiter = ',', required = true)]
     pub target: Vec<String>,
-    /// Output package directory.
+    /// Output package directory (written atomically: staged, then renamed).
     #[arg(short = 'o', long = "out")]
     pub out: PathBuf,
     /// Compile from config.json alone even if weights are present.
     #[arg(long)]
     pub config_only: bool,
+    /// Replace an existing non-empty output directory.
+    #[arg(long)]
+    pub force: bool,
+    /// Write the canonical IR after every pass into DIR, numbered.
+    #[arg(long, value_name = "DIR")]
+    pub dump_ir: Option<PathBuf>,
+    /// Translation validation: run the unfused and fused modules under the
+    /// reference interpreter and fail if they differ beyond tolerance.
+    #[arg(long)]
+    pub validate: bool,
+    /// Saturation iteration limit per function.
+    #[arg(long)]
+    pub iter_limit: Option<usize>,
+    /// E-graph node limit per function.
+    #[arg(long)]
+    pub node_limit: Option<usize>,
+    /// Saturation time limit per function, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub time_limit_ms: Option<u64>,
+    /// Hardware profile overrides (TOML or JSON).
+    #[arg(long, value_name = "FILE")]
+    pub profiles: Option<PathBuf>,
+    /// Hardware profile that extraction minimises time on.
+    #[arg(long)]
+    pub cost_profile: Option<String>,
+}
+
+/// Targets `panguc compile` knows.
+pub const KNOWN_TARGETS: [&str; 4] = ["ir", "cpu", "ascend910b", "ascend310p"];
+
+/// Validate and de-duplicate the target list (order kept).
+pub fn parse_targets(raw: &[String]) -> Result<Vec<String>> {
+    let mut out: Vec<String> = vec![];
+    for t in raw.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
+        if !KNOWN_TARGETS.contains(&t) {
+            bail!("unknown target `{t}` (known targets: {})", KNOWN_TARGETS.join(", "));
+        }
+        if !out.iter().any(|o| o == t) {
+            out.push(t.to_string());
+        }
+    }
+    if out.is_empty() {
+        bail!("--target is empty (known targets: {})", KNOWN_TARGETS.join(", "));
+    }
+    Ok(out)
 }
 
 pub fn compile(a: CompileArgs) -> Result<()> {
-    let known = ["ir", "cpu", "ascend910b", "ascend310p"];
-    for t in &a.target {
-        if !known.contains(&t.as_str()) {
-            bail!("unknown target `{t}` (known targets: {})", known.join(", "));
-        }
-    }
+    let targets = parse_targets(&a.target)?;
+    check_output_dir(&a.out, a.force)?;
     let ckpt = open_checkpoint(&a.model_dir, a.config_only)?;
-    let _module = import(&ckpt)?;
-    bail!(
-        "target(s) {} are not implemented yet in this build: nothing was written to {}",
-        a.target.join(","),
-        a.out.display()
-    )
+    let started = std::time::Instant::now();
+    let module = import(&ckpt)?;
+    let import_seconds = started.elapsed().as_secs_f64();
+
+    let mut opts = crate::pipeline::PipelineOptions { dump_ir: a.dump_ir.clone(), validate: a.validate, profile_file: a.profiles.clone(), ..Default::default() };
+    if let Some(n) = a.iter_limit {
+        opts.iter_limit = n;
+    }
+    if let Some(n) = a.node_limit {
+        opts.node_limit = n;
+    }
+    if let Some(ms) = a.time_limit_ms {
+        opts.time_limit = std::time::Duration::from_millis(ms);
+    }
+    if let Some(p) = &a.cost_profile {
+        opts.cost_profile = p.clone();
+    }
+    let piped = crate::pipeline::run_pipeline(&ckpt, &module, import_seconds, &opts)?;
+
+    // Everything is written into a staging directory next to OUT and renamed
+    // at the end, so a failure never leaves a partial package behind.
+    let parent = match a.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".panguc-staging-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
+    let mut report = piped.report;
+    write_ir_files(staging.path(), &piped.module)?;
+    // Scheduling is timed on its own; the code generators re-run it (it is
+    // deterministic and cheap) so each backend stays self-contained.
+    let t = std::time::Instant::now();
+    panguc_lowering::schedule::schedule(&piped.module, &Default::default()).context("scheduling the kernel program")?;
+    let scheduling_seconds = t.elapsed().as_secs_f64();
+    let codegen_started = std::time::Instant::now();
+    if targets.iter().any(|t| t == "cpu") {
+        crate::package_build::write_cpu_package(staging.path(), &ckpt, &piped.module, &targets, &serde_json::Value::Null)?;
+    }
+    crate::package_build::finalize_manifest(staging.path(), ckpt.config(), &targets)?;
+    // The report holds wall-clock timings, so it is written after the
+    // manifest: it is a diagnostic, not part of the hashed package contents.
+    if let Some(phases) = report.get_mut("phases") {
+        phases["scheduling"] = serde_json::json!(scheduling_seconds);
+        phases["codegen"] = serde_json::json!(codegen_started.elapsed().as_secs_f64());
+    }
+    let report_path = staging.path().join("report.json");
+    std::fs::write(&report_path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", report_path.display()))?;
+
+    if a.out.exists() {
+        std::fs::remove_dir_all(&a.out).with_context(|| format!("removing the old {}", a.out.display()))?;
+    }
+    let staged = staging.keep();
+    std::fs::rename(&staged, &a.out).with_context(|| format!("moving the package into place at {}", a.out.display()))?;
+    print!("{}", piped.summary);
+    println!("wrote package {} (targets: {})", a.out.display(), targets.join(", "));
+    Ok(())
+}
+
+/// The optimised IR, in canonical text, under `ir/`.
+fn write_ir_files(staging: &Path, fused: &Module) -> Result<()> {
+    let dir = staging.join("ir");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("fused.txt");
+    std::fs::write(&path, panguc_ir::text::print_module(fused)).with_context(|| format!("writing {}", path.display()))
+}
+
+/// OUT must not exist, be an empty directory, or be replaced with --force.
+fn check_output_dir(out: &Path, force: bool) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        bail!("{} exists and is not a directory", out.display());
+    }
+    let empty = std::fs::read_dir(out).with_context(|| format!("reading {}", out.display()))?.next().is_none();
+    if !empty && !force {
+        bail!("{} already exists and is not empty (use --force to replace it)", out.display());
+    }
+    Ok(())
 }
 
 pub fn open_checkpoint(dir: &Path, config_only: bool) -> Result<Checkpoint> {

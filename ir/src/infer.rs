@@ -388,6 +388,73 @@ pub fn infer_types(op: &Op, args: &[&TensorType], module: Option<&Module>) -> R<
             expect_dim_eq(&gu.shape[0], &down.shape[0], "expert counts")?;
             one(x.clone())
         }
+        Op::QkvRope { q_heads, kv_heads } => {
+            expect_arity(op, args, 7)?;
+            let (x, w, bias, cos, sin, kc, vc) = (args[0], args[1], args[2], args[3], args[4], args[5], args[6]);
+            expect_rank(x, 2, "qkv input")?;
+            expect_rank(w, 2, "qkv weight")?;
+            let y = matmul_type(x, w, true)?;
+            expect_float(bias, "qkv bias")?;
+            expect_rank(bias, 1, "qkv bias")?;
+            expect_dim_eq(&bias.shape[0], &y.shape[1], "qkv bias length differs from the projection width")?;
+            for t in [cos, sin] {
+                expect_rank(t, 2, "rope table")?;
+                expect_dim_eq(&t.shape[0], &x.shape[0], "rope table rows")?;
+            }
+            expect_dim_eq(&cos.shape[1], &sin.shape[1], "rope table widths")?;
+            let d = cos.shape[1].as_const().ok_or("symbolic rope table width")?;
+            if d % 2 != 0 {
+                return Err(format!("rope head_dim {d} must be even"));
+            }
+            expect_dim_eq(&y.shape[1], &Dim::c((q_heads + 2 * kv_heads) * d), "qkv weight rows vs heads")?;
+            if kc != vc {
+                return Err(format!("k and v caches differ: {kc} vs {vc}"));
+            }
+            expect_rank(kc, 3, "kv cache")?;
+            expect_dim_eq(&kc.shape[1], &Dim::c(*kv_heads), "kv cache heads")?;
+            expect_dim_eq(&kc.shape[2], &Dim::c(d), "kv cache head_dim")?;
+            if kc.dtype != x.dtype {
+                return Err(format!("kv cache dtype {} differs from the activations' {}", kc.dtype, x.dtype));
+            }
+            let t = x.shape[0].clone();
+            let q = TensorType::new(x.dtype, vec![t.clone(), Dim::c(*q_heads), Dim::c(d)]);
+            let mut all = kc.clone();
+            all.shape[0] = kc.shape[0].add(&t);
+            Ok(vec![q, all.clone(), all])
+        }
+        Op::MoeRouterTopK { groups } => {
+            expect_arity(op, args, 3)?;
+            expect_rank(args[0], 2, "router input")?;
+            expect_rank(args[1], 2, "router weight")?;
+            let logits = matmul_type(args[0], args[1], true)?;
+            infer_types(&Op::MoeGatingGroupTopK { groups: *groups }, &[&logits, args[2]], module)
+        }
+        Op::MoeFfn => {
+            expect_arity(op, args, 8)?;
+            let out = infer_types(&Op::GroupedMatmulMoe, &args[..5], module)?;
+            let act = infer_types(&Op::GateUpSwiGlu, &[args[0], args[5]], module)?;
+            let shared = matmul_type(&act[0], args[6], true)?;
+            if shared != out[0] {
+                return Err(format!("shared expert output {shared} differs from the routed output {}", out[0]));
+            }
+            if *args[7] != out[0] {
+                return Err(format!("residual {} differs from the moe output {}", args[7], out[0]));
+            }
+            Ok(out)
+        }
+        Op::FusedElementwise { expr } => {
+            crate::op::parse_elementwise(expr, args.len())?;
+            let first = args.first().ok_or("fused_elementwise needs at least one operand")?;
+            let mut shape = first.shape.clone();
+            for a in args {
+                expect_float(a, "elementwise operand")?;
+                if a.dtype != first.dtype {
+                    return Err(format!("operand dtypes differ: {first} vs {a}"));
+                }
+                shape = broadcast_shapes(&shape, &a.shape)?;
+            }
+            one(TensorType::new(first.dtype, shape))
+        }
         Op::Collective { kind, group, axis } => {
             expect_arity(op, args, 1)?;
             let x = args[0];

@@ -233,6 +233,16 @@ pub fn eval_pure(op: &Op, a: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         Op::FlashAttention { scale } => one(attention(a[0], a[1], a[2], a[3], *scale as f32)),
         Op::MoeGatingGroupTopK { groups } => moe_gating(a[0], a[1], *groups),
         Op::GroupedMatmulMoe => one(grouped_moe(a[0], a[1], a[2], a[3], a[4])?),
+        Op::QkvRope { q_heads, kv_heads } => qkv_rope(a, *q_heads, *kv_heads),
+        Op::MoeRouterTopK { groups } => moe_gating(&k::matmul(a[0], a[1], true)?, a[2], *groups),
+        Op::MoeFfn => {
+            let routed = grouped_moe(a[0], a[1], a[2], a[3], a[4])?;
+            let act = eval_pure(&Op::GateUpSwiGlu, &[a[0], a[5]])?.remove(0);
+            let shared = k::matmul(&act, a[6], true)?;
+            let moe = k::binary(&routed, &shared, |x, y| x + y)?;
+            one(k::binary(a[7], &moe, |x, y| x + y)?)
+        }
+        Op::FusedElementwise { expr } => one(fused_elementwise(expr, a)?),
         Op::Collective { kind, .. } => match kind {
             // A single-process view: with one participant every collective is
             // the identity. Multi-rank execution lives in the runtime.
@@ -241,6 +251,44 @@ pub fn eval_pure(op: &Op, a: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         },
         Op::Call { .. } | Op::Scalar { .. } | Op::Reshape { .. } => Err("needs module context".into()),
     }
+}
+
+/// Merged QKV projection + bias, RoPE on q and k, KV-cache append.
+fn qkv_rope(a: &[&Tensor], q_heads: usize, kv_heads: usize) -> Result<Vec<Tensor>, String> {
+    let y = k::binary(&k::matmul(a[0], a[1], true)?, a[2], |x, y| x + y)?;
+    let (t, d) = (y.shape[0], a[3].shape[1]);
+    let heads = |start: usize, h: usize| {
+        let mut s = k::slice(&y, 1, start, start + h * d);
+        s.shape = vec![t, h, d];
+        s
+    };
+    let q = rope(&heads(0, q_heads), a[3], a[4]);
+    let key = rope(&heads(q_heads * d, kv_heads), a[3], a[4]);
+    let v = heads((q_heads + kv_heads) * d, kv_heads);
+    Ok(vec![q, k::concat(&[a[5], &key], 0), k::concat(&[a[6], &v], 0)])
+}
+
+/// Evaluate a `FusedElementwise` expression with the primitive ops' own
+/// semantics (each token is evaluated through `eval_pure`).
+fn fused_elementwise(expr: &str, a: &[&Tensor]) -> Result<Tensor, String> {
+    use crate::op::EwToken;
+    let mut stack: Vec<Tensor> = Vec::new();
+    for tok in crate::op::parse_elementwise(expr, a.len())? {
+        let v = match tok {
+            EwToken::Operand(i) => a[i].clone(),
+            EwToken::Unary(u) => {
+                let x = stack.pop().expect("checked by parse_elementwise");
+                eval_pure(&Op::Unary(u), &[&x])?.remove(0)
+            }
+            EwToken::Binary(b) => {
+                let y = stack.pop().expect("checked by parse_elementwise");
+                let x = stack.pop().expect("checked by parse_elementwise");
+                eval_pure(&Op::Binary(b), &[&x, &y])?.remove(0)
+            }
+        };
+        stack.push(v);
+    }
+    Ok(stack.pop().expect("checked by parse_elementwise"))
 }
 
 fn gather(table: &Tensor, idx: &Tensor) -> Result<Tensor, String> {
@@ -451,4 +499,97 @@ pub fn bind_symbols(f: &Function, inputs: &[Tensor]) -> Result<Bindings> {
         }
     }
     Ok(b)
+}
+
+#[cfg(test)]
+mod fused_op_tests {
+    //! The fused ops added for the lowering fusion plan, each checked
+    //! against its decomposition into primitive ops.
+    use super::*;
+
+    /// Deterministic pseudo-random values in [-1, 1) (no rand dependency).
+    fn data(seed: u64, shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let v = (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((x >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect();
+        Tensor::f32(shape.to_vec(), v)
+    }
+
+    fn prim(op: Op, a: &[&Tensor]) -> Tensor {
+        eval_pure(&op, a).unwrap().remove(0)
+    }
+
+    fn close(a: &Tensor, b: &Tensor) {
+        assert_eq!(a.shape, b.shape);
+        let d = a.max_rel_diff(b, 1e-3);
+        assert!(d < 1e-5, "differ by {d}: {a:?} vs {b:?}");
+    }
+
+    #[test]
+    fn qkv_rope_matches_primitives() {
+        let (t, h, hq, hkv, d, past) = (3, 8, 4, 2, 4, 2);
+        let n = (hq + 2 * hkv) * d;
+        let (x, w, b) = (data(1, &[t, h]), data(2, &[n, h]), data(3, &[n]));
+        let pos = Tensor::i64(vec![t], vec![2, 3, 4]);
+        let cos = rope_table(&pos, RopeKind::Cos, 10000.0, d);
+        let sin = rope_table(&pos, RopeKind::Sin, 10000.0, d);
+        let (kc, vc) = (data(4, &[past, hkv, d]), data(5, &[past, hkv, d]));
+        let got = eval_pure(&Op::QkvRope { q_heads: hq, kv_heads: hkv }, &[&x, &w, &b, &cos, &sin, &kc, &vc]).unwrap();
+        let y = prim(Op::MatMulBias { transpose_b: true }, &[&x, &w, &b]);
+        let mut parts = eval_pure(&Op::Split { axis: 1, sizes: vec![hq * d, hkv * d, hkv * d] }, &[&y]).unwrap();
+        parts[0].shape = vec![t, hq, d];
+        parts[1].shape = vec![t, hkv, d];
+        parts[2].shape = vec![t, hkv, d];
+        let q = prim(Op::Rope, &[&parts[0], &cos, &sin]);
+        let k = prim(Op::Rope, &[&parts[1], &cos, &sin]);
+        close(&got[0], &q);
+        close(&got[1], &prim(Op::Concat { axis: 0 }, &[&kc, &k]));
+        close(&got[2], &prim(Op::Concat { axis: 0 }, &[&vc, &parts[2]]));
+        assert_eq!(got[1].shape, vec![past + t, hkv, d]);
+    }
+
+    #[test]
+    fn moe_router_topk_matches_primitives() {
+        let (x, w, s) = (data(7, &[3, 8]), data(8, &[8, 8]), data(9, &[8]));
+        let got = eval_pure(&Op::MoeRouterTopK { groups: 4 }, &[&x, &w, &s]).unwrap();
+        let logits = prim(Op::MatMul { transpose_b: true }, &[&x, &w]);
+        let want = eval_pure(&Op::MoeGatingGroupTopK { groups: 4 }, &[&logits, &s]).unwrap();
+        close(&got[0], &want[0]);
+        assert_eq!(got[1], want[1]);
+    }
+
+    #[test]
+    fn moe_ffn_matches_primitives() {
+        let (t, h, e, i, is, g) = (3, 8, 4, 2, 6, 2);
+        let x = data(11, &[t, h]);
+        let wts = data(12, &[t, g]);
+        let ids = Tensor::i64(vec![t, g], vec![0, 3, 1, 2, 0, 2]);
+        let (gu, dn) = (data(13, &[e, 2 * i, h]), data(14, &[e, h, i]));
+        let (sgu, sdn, r) = (data(15, &[2 * is, h]), data(16, &[h, is]), data(17, &[t, h]));
+        let got = prim(Op::MoeFfn, &[&x, &wts, &ids, &gu, &dn, &sgu, &sdn, &r]);
+        let routed = prim(Op::GroupedMatmulMoe, &[&x, &wts, &ids, &gu, &dn]);
+        let act = prim(Op::GateUpSwiGlu, &[&x, &sgu]);
+        let shared = prim(Op::MatMul { transpose_b: true }, &[&act, &sdn]);
+        let moe = prim(Op::Binary(BinaryOp::Add), &[&routed, &shared]);
+        close(&got, &prim(Op::Binary(BinaryOp::Add), &[&r, &moe]));
+    }
+
+    #[test]
+    fn fused_elementwise_matches_primitives() {
+        let (a, b) = (data(21, &[2, 3]), data(22, &[3]));
+        let got = prim(Op::FusedElementwise { expr: "$0 $1 mul $0 sigmoid add neg".into() }, &[&a, &b]);
+        let m = prim(Op::Binary(BinaryOp::Mul), &[&a, &b]);
+        let s = prim(Op::Unary(UnaryOp::Sigmoid), &[&a]);
+        let want = prim(Op::Unary(UnaryOp::Neg), &[&prim(Op::Binary(BinaryOp::Add), &[&m, &s])]);
+        close(&got, &want);
+        assert!(crate::op::parse_elementwise("$0 add", 1).is_err());
+        assert!(crate::op::parse_elementwise("$0 $1", 2).is_err());
+        assert!(crate::op::parse_elementwise("$0 neg", 2).is_err(), "unused operand");
+        assert!(crate::op::parse_elementwise("$0 frob", 1).is_err());
+    }
 }

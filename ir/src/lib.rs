@@ -10,6 +10,7 @@ pub mod dtype;
 pub mod graph;
 pub mod infer;
 pub mod interp;
+pub mod kernel;
 pub mod kernels;
 pub mod op;
 pub mod session;

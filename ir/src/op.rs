@@ -184,6 +184,35 @@ pub enum Op {
         group: Vec<usize>,
         axis: usize,
     },
+
+    // ---- fused ops of the lowering fusion plan (rules in panguc-lowering) ----
+    /// `(x[T, H], w[(Hq+2*Hkv)*D, H], bias[(Hq+2*Hkv)*D], cos[T, D], sin[T, D],
+    ///   k_cache[P, Hkv, D], v_cache[P, Hkv, D]) -> (q[T, Hq, D], k_all[P+T, Hkv, D], v_all[P+T, Hkv, D])`:
+    /// the merged QKV projection `y = x w^T + bias` split into q, k, v heads,
+    /// RoPE applied to q and k, and k, v appended to the caches. A kernel
+    /// writes the new rows into the cache buffer in place (it reads no cache).
+    QkvRope {
+        q_heads: usize,
+        kv_heads: usize,
+    },
+    /// `(x[T, H], w_router[E, H], router_scale[E]) -> (weights f32[T, G], experts i64[T, G])`:
+    /// the router projection `x w_router^T` feeding `MoeGatingGroupTopK`.
+    MoeRouterTopK {
+        groups: usize,
+    },
+    /// `(x[T, H], weights[T, G], experts[T, G], w_gate_up[E, 2I, H], w_down[E, H, I],
+    ///   shared_gate_up[2Is, H], shared_down[H, Is], residual[T, H]) -> [T, H]`:
+    /// `residual + (grouped_matmul_moe(x, ...) + shared_down(gate_up_swiglu(x, shared_gate_up)))`,
+    /// the whole MoE block (routed experts, shared expert, residual) in one kernel.
+    MoeFfn,
+    /// `(x0, x1, ...) -> [broadcast of all operands]`: an elementwise
+    /// expression over its operands in postfix form, e.g. `"$0 $1 mul neg"`.
+    /// Tokens: `$i` (operand i), unary `neg exp sqrt rsqrt reciprocal sigmoid`,
+    /// binary `add sub mul div max` (numpy broadcasting). Operands share one
+    /// float dtype.
+    FusedElementwise {
+        expr: String,
+    },
 }
 
 impl Op {
@@ -243,6 +272,10 @@ impl Op {
                 CollectiveKind::ReduceScatter => "reduce_scatter",
                 CollectiveKind::AllToAll => "all_to_all",
             },
+            Op::QkvRope { .. } => "qkv_rope",
+            Op::MoeRouterTopK { .. } => "moe_router_topk",
+            Op::MoeFfn => "moe_ffn",
+            Op::FusedElementwise { .. } => "fused_elementwise",
         }
     }
 
@@ -260,6 +293,10 @@ impl Op {
                 | Op::FlashAttention { .. }
                 | Op::MoeGatingGroupTopK { .. }
                 | Op::GroupedMatmulMoe
+                | Op::QkvRope { .. }
+                | Op::MoeRouterTopK { .. }
+                | Op::MoeFfn
+                | Op::FusedElementwise { .. }
         )
     }
 
@@ -309,6 +346,12 @@ impl Op {
             Op::Collective { group, axis, .. } => {
                 vec![("group", Ints(group.iter().map(|&g| g as i64).collect())), ("axis", Int(*axis as i64))]
             }
+            Op::QkvRope { q_heads, kv_heads } => {
+                vec![("q_heads", Int(*q_heads as i64)), ("kv_heads", Int(*kv_heads as i64))]
+            }
+            Op::MoeRouterTopK { groups } => vec![("groups", Int(*groups as i64))],
+            Op::FusedElementwise { expr } => vec![("expr", Str(expr.clone()))],
+            Op::MoeFfn => vec![],
             Op::Gather
             | Op::Unary(_)
             | Op::Binary(_)
@@ -392,6 +435,10 @@ impl Op {
                 group: attrs.usizes("group")?,
                 axis: attrs.usize("axis")?,
             },
+            "qkv_rope" => Op::QkvRope { q_heads: attrs.usize("q_heads")?, kv_heads: attrs.usize("kv_heads")? },
+            "moe_router_topk" => Op::MoeRouterTopK { groups: attrs.usize("groups")? },
+            "moe_ffn" => Op::MoeFfn,
+            "fused_elementwise" => Op::FusedElementwise { expr: attrs.str("expr")?.to_string() },
             other => return Err(format!("unknown op `{other}`")),
         };
         let expected: Vec<&str> = op.attrs().iter().map(|(k, _)| *k).collect();
@@ -483,4 +530,55 @@ impl AttrMap {
             other => Err(format!("attribute `{key}` must be a shape, found {other:?}")),
         }
     }
+}
+
+/// One token of a `FusedElementwise` expression (postfix order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EwToken {
+    /// Push operand `i`.
+    Operand(usize),
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+}
+
+/// Parse and check a `FusedElementwise` expression over `operands` operands:
+/// every token known, every operand index in range and used, and the stack
+/// ending with exactly one value.
+pub fn parse_elementwise(expr: &str, operands: usize) -> Result<Vec<EwToken>, String> {
+    let mut out = Vec::new();
+    let mut depth = 0usize;
+    let mut used = vec![false; operands];
+    for tok in expr.split_whitespace() {
+        let t = if let Some(i) = tok.strip_prefix('$') {
+            let i: usize = i.parse().map_err(|_| format!("bad operand `{tok}` in elementwise expression"))?;
+            if i >= operands {
+                return Err(format!("operand `{tok}` out of range: the op has {operands} operands"));
+            }
+            used[i] = true;
+            EwToken::Operand(i)
+        } else {
+            match Op::from_parts(tok, &AttrMap::default()) {
+                Ok(Op::Unary(u)) => EwToken::Unary(u),
+                Ok(Op::Binary(b)) => EwToken::Binary(b),
+                _ => return Err(format!("`{tok}` is not an elementwise op")),
+            }
+        };
+        let (pops, pushes) = match t {
+            EwToken::Operand(_) => (0, 1),
+            EwToken::Unary(_) => (1, 1),
+            EwToken::Binary(_) => (2, 1),
+        };
+        if depth < pops {
+            return Err(format!("elementwise expression `{expr}` pops an empty stack at `{tok}`"));
+        }
+        depth = depth - pops + pushes;
+        out.push(t);
+    }
+    if depth != 1 {
+        return Err(format!("elementwise expression `{expr}` leaves {depth} values, expected 1"));
+    }
+    if let Some(i) = used.iter().position(|u| !u) {
+        return Err(format!("elementwise expression `{expr}` never uses operand ${i}"));
+    }
+    Ok(out)
 }

@@ -4,6 +4,15 @@
 //! reference interpreter, compiled CPU kernels, the AscendC simulation),
 //! the package format and loader, buffers and the KV cache.
 
+pub mod batch;
+pub mod bench;
+pub mod engine;
 pub mod generate;
+pub mod loader;
+pub mod package;
 
+pub use batch::generate_batch;
+pub use engine::{thread_pool, CpuEngine, EngineOptions};
 pub use generate::{generate, Engine, Generation, Sampler, Sampling};
+pub use loader::{open_package, Package};
+pub use package::{is_package, Manifest, PACKAGE_FORMAT_VERSION};

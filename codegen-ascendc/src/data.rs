@@ -1,0 +1,52 @@
+//! Host <-> device element encodings (little-endian) and launching one
+//! device kernel under the simulation.
+
+use crate::emit::{DeviceKernel, Env};
+use crate::sim::{SimArg, SimKernel};
+use crate::target::{DevType, Target};
+use anyhow::{Context, Result};
+
+/// Encode f32 values as `t` (RNE rounding for f16/bf16).
+pub fn encode(t: DevType, v: &[f32]) -> Vec<u8> {
+    match t {
+        DevType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DevType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+        DevType::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+        DevType::I64 => v.iter().flat_map(|x| (*x as i64).to_le_bytes()).collect(),
+    }
+}
+
+pub fn encode_i64(v: &[i64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Decode device bytes of type `t` to f32.
+pub fn decode(t: DevType, b: &[u8]) -> Vec<f32> {
+    match t {
+        DevType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect(),
+        DevType::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DevType::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DevType::I64 => decode_i64(b).into_iter().map(|x| x as f32).collect(),
+    }
+}
+
+pub fn decode_i64(b: &[u8]) -> Vec<i64> {
+    b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+}
+
+/// Round f32 values through `t` (what a device buffer of that type holds).
+pub fn round_through(t: DevType, v: &[f32]) -> Vec<f32> {
+    decode(t, &encode(t, v))
+}
+
+/// Launch `dk` under the simulation for the sizes in `env`, with one
+/// argument per kernel parameter (workspace and tiling are appended).
+/// Returns the Output/InOut buffers in parameter order.
+pub fn run_sim(dk: &DeviceKernel, target: Target, env: &Env, mut args: Vec<SimArg>) -> Result<Vec<Vec<u8>>> {
+    let tiling = dk.tiling_bytes(env)?;
+    let block_dim = u32::try_from(dk.block_dim.eval(env)?)?;
+    args.push(SimArg::Workspace(0));
+    args.push(SimArg::Tiling(tiling));
+    let k = SimKernel::new(dk.sim_source(), dk.entry.clone(), target.soc(), block_dim);
+    k.run(&args).with_context(|| format!("simulating `{}` on {target} (tokens {}, past {})", dk.entry, env.tokens, env.past))
+}

@@ -1,0 +1,518 @@
+//! Cube-core GEMM `C[M, N] = A[M, K] · W[N, K]^T` (HF Linear layout) and
+//! its vector epilogues (cast, `+ bias`, SwiGLU).
+//!
+//! Why the low-level `Mmad` path and not the high-level `Matmul` API: the
+//! projections here are all `x · W^T` with a static N, K and a run-time M,
+//! so a fixed base tile is enough, and the low-level path is what the
+//! simulation implements (the high-level API's tiling object
+//! `TCubeTiling` needs CANN's `matmul_tiling` host library). Data path:
+//! GM -(Nd2Nz)-> L1 -(LoadData)-> L0A/L0B -(Mmad, f32 accumulate)-> L0C,
+//! then `Fixpipe` to GM on 910B or L0C -> UB -> GM on 310P.
+//!
+//! Split mode (910B): a matmul whose result needs an epilogue is a cube
+//! kernel writing f32 to an intermediate GM buffer plus a vector kernel;
+//! on hardware these would be one mix kernel (`Iterate` + `GetTensorC`),
+//! which the simulation does not support. 310P: the same two kernels (a
+//! coupled-core fused version is future work).
+
+use super::vector::PRELUDE;
+use super::{
+    fill, head, r32, ArgRef, CoreType, Ctx, DeviceKernel, DeviceKernels, MemUse, Param, Role, TExpr, TempBuf,
+    TilingField,
+};
+use crate::target::{DevType, Target};
+use anyhow::{bail, Result};
+use panguc_ir::kernel::Epilogue;
+
+/// Base tile of one Mmad step (multiples of 16; K per step in elements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BaseTile {
+    pub m: u64,
+    pub n: u64,
+    pub k: u64,
+}
+
+impl BaseTile {
+    /// 128x128 output tiles, K steps of 128 (f16/bf16) or 64 (f32): L0A/L0B
+    /// hold 32 KiB each, L0C 64 KiB, L1 double-buffered 128 KiB.
+    pub fn for_type(t: DevType) -> BaseTile {
+        BaseTile { m: 128, n: 128, k: if t == DevType::F32 { 64 } else { 128 } }
+    }
+
+    pub fn mem(&self, t: DevType, target: Target) -> MemUse {
+        let a = r32(self.m * self.k * t.size());
+        let b = r32(self.n * self.k * t.size());
+        let c = self.m * self.n * 4;
+        MemUse {
+            ub: if target == Target::Ascend310P { c } else { 0 },
+            l1: 2 * (a + b),
+            l0a: a,
+            l0b: b,
+            l0c: c,
+        }
+    }
+}
+
+const MATMUL: &str = r#"
+using T = {{T}};
+using O = {{O}};
+constexpr uint32_t C0 = 32 / sizeof(T);     // fractal width: 16 (f16/bf16), 8 (f32)
+constexpr uint32_t FRAC = 512 / sizeof(T);  // elements per 512-byte fractal
+
+__aicore__ inline uint32_t CeilCube(uint32_t x) { return (x + 15) / 16 * 16; }
+__aicore__ inline uint32_t MinU(uint32_t a, uint32_t b) { return a < b ? a : b; }
+
+// C[M, N] = A[M, K] * W[N, K]^T; one baseM x baseN output tile at a time,
+// K accumulated in L0C in baseK steps. W rows copied with Nd2Nz are already
+// in L0B's ZN order, so B needs no transpose.
+class {{CLASS}} {
+public:
+    __aicore__ inline {{CLASS}}() {}
+    __aicore__ inline void Init(GM_ADDR a, GM_ADDR w, GM_ADDR c, const {{TILING}}& t)
+    {
+        tl = t;
+        const uint32_t nTiles = (t.n + t.baseN - 1) / t.baseN;
+        start = static_cast<uint32_t>(GetBlockIdx()) * t.tilesPerCore;
+        end = MinU(start + t.tilesPerCore, t.tiles);
+        nTilesPerRow = nTiles;
+        aGm.SetGlobalBuffer((__gm__ T*)a, t.m * t.k);
+        wGm.SetGlobalBuffer((__gm__ T*)w, t.n * t.k);
+        cGm.SetGlobalBuffer((__gm__ O*)c, t.m * t.n);
+        pipe.InitBuffer(qA1, 2, t.baseM * t.baseK * sizeof(T));
+        pipe.InitBuffer(qB1, 2, t.baseN * t.baseK * sizeof(T));
+        pipe.InitBuffer(qA2, 1, t.baseM * t.baseK * sizeof(T));
+        pipe.InitBuffer(qB2, 1, t.baseN * t.baseK * sizeof(T));
+        pipe.InitBuffer(qCO1, 1, t.baseM * t.baseN * sizeof(float));
+#if __CCE_AICORE__ != 220
+        pipe.InitBuffer(qCO2, 1, t.baseM * t.baseN * sizeof(float));
+#endif
+    }
+    __aicore__ inline void Process()
+    {
+        for (uint32_t tile = start; tile < end; tile++) {
+            m0 = (tile / nTilesPerRow) * tl.baseM;
+            n0 = (tile % nTilesPerRow) * tl.baseN;
+            mLen = MinU(tl.baseM, tl.m - m0);
+            nLen = MinU(tl.baseN, tl.n - n0);
+            LocalTensor<float> c1 = qCO1.AllocTensor<float>();
+            for (uint32_t k0 = 0; k0 < tl.k; k0 += tl.baseK) {
+                const uint32_t kLen = MinU(tl.baseK, tl.k - k0);
+                CopyIn(k0, kLen);
+                Split(kLen);
+                Compute(c1, kLen, k0 == 0);
+            }
+            qCO1.EnQue(c1);
+            CopyOut();
+        }
+    }
+
+private:
+    __aicore__ inline void CopyIn(uint32_t k0, uint32_t kLen)
+    {
+        LocalTensor<T> a1 = qA1.AllocTensor<T>();
+        LocalTensor<T> b1 = qB1.AllocTensor<T>();
+        Nd2NzParams p;
+        p.ndNum = 1;
+        p.nValue = mLen;
+        p.dValue = kLen;
+        p.srcNdMatrixStride = 0;
+        p.srcDValue = tl.k;
+        p.dstNzC0Stride = CeilCube(mLen);
+        p.dstNzNStride = 1;
+        p.dstNzMatrixStride = 0;
+        DataCopy(a1, aGm[m0 * tl.k + k0], p);
+        p.nValue = nLen;
+        p.dstNzC0Stride = CeilCube(nLen);
+        DataCopy(b1, wGm[n0 * tl.k + k0], p);
+        qA1.EnQue(a1);
+        qB1.EnQue(b1);
+    }
+    __aicore__ inline void Split(uint32_t kLen)
+    {
+        LocalTensor<T> a1 = qA1.DeQue<T>();
+        LocalTensor<T> b1 = qB1.DeQue<T>();
+        LocalTensor<T> a2 = qA2.AllocTensor<T>();
+        LocalTensor<T> b2 = qB2.AllocTensor<T>();
+        const uint32_t mBlocks = CeilCube(mLen) / 16, nBlocks = CeilCube(nLen) / 16;
+        const uint32_t kBlocks = (kLen + C0 - 1) / C0;
+        for (uint32_t mb = 0; mb < mBlocks; mb++) {
+            LoadData2DParams p;
+            p.startIndex = mb;
+            p.repeatTimes = kBlocks;
+            p.srcStride = mBlocks;
+            p.ifTranspose = false;
+            LoadData(a2[mb * kBlocks * FRAC], a1, p);
+        }
+        LoadData2DParams q;
+        q.startIndex = 0;
+        q.repeatTimes = kBlocks * nBlocks;
+        q.srcStride = 1;
+        q.ifTranspose = false;
+        LoadData(b2, b1, q);
+        qA1.FreeTensor(a1);
+        qB1.FreeTensor(b1);
+        qA2.EnQue(a2);
+        qB2.EnQue(b2);
+    }
+    __aicore__ inline void Compute(LocalTensor<float>& c1, uint32_t kLen, bool first)
+    {
+        LocalTensor<T> a2 = qA2.DeQue<T>();
+        LocalTensor<T> b2 = qB2.DeQue<T>();
+        MmadParams p;
+        p.m = mLen;
+        p.n = nLen;
+        p.k = kLen;
+        p.cmatrixInitVal = first;
+        Mmad(c1, a2, b2, p);
+        qA2.FreeTensor(a2);
+        qB2.FreeTensor(b2);
+    }
+    __aicore__ inline void CopyOut()
+    {
+        LocalTensor<float> c1 = qCO1.DeQue<float>();
+#if __CCE_AICORE__ == 220
+        FixpipeParamsV220 f;
+        f.nSize = nLen;
+        f.mSize = mLen;
+        f.srcStride = CeilCube(mLen);
+        f.dstStride = tl.n;
+        f.ndNum = 1;
+        f.srcNdStride = 0;
+        f.dstNdStride = 0;
+        f.quantPre = {{QUANT}};
+        Fixpipe(cGm[m0 * tl.n + n0], c1, f);
+        qCO1.FreeTensor(c1);
+#else
+        // L0C -> UB (16x16 fractals), then one strided copy per 16-column block.
+        const uint32_t mBlocks = CeilCube(mLen) / 16, nBlocks = CeilCube(nLen) / 16;
+        LocalTensor<float> c2 = qCO2.AllocTensor<float>();
+        DataCopyParams p;
+        p.blockCount = 1;
+        p.blockLen = mBlocks * nBlocks;
+        DataCopyEnhancedParams e;
+        e.blockMode = BlockMode::BLOCK_MODE_MATRIX;
+        DataCopy(c2, c1, p, e);
+        qCO1.FreeTensor(c1);
+        qCO2.EnQue(c2);
+        c2 = qCO2.DeQue<float>();
+        for (uint32_t nb = 0; nb < nBlocks; nb++) {
+            DataCopyParams q;
+            q.blockCount = mLen;
+            q.blockLen = 16 * sizeof(float) / 32;
+            q.srcStride = 0;
+            q.dstStride = (tl.n - 16) * sizeof(float) / 32;
+            DataCopy(cGm[m0 * tl.n + n0 + nb * 16], c2[nb * mBlocks * 256], q);
+        }
+        qCO2.FreeTensor(c2);
+#endif
+    }
+
+    TPipe pipe;
+    TQue<TPosition::A1, 2> qA1;
+    TQue<TPosition::B1, 2> qB1;
+    TQue<TPosition::A2, 1> qA2;
+    TQue<TPosition::B2, 1> qB2;
+    TQue<TPosition::CO1, 1> qCO1;
+#if __CCE_AICORE__ != 220
+    TQue<TPosition::CO2, 1> qCO2;
+#endif
+    GlobalTensor<T> aGm, wGm;
+    GlobalTensor<O> cGm;
+    {{TILING}} tl;
+    uint32_t start = 0, end = 0, nTilesPerRow = 1, m0 = 0, n0 = 0, mLen = 0, nLen = 0;
+};
+
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR a, GM_ADDR w, GM_ADDR c, GM_ADDR workspace, GM_ADDR tiling)
+{
+    REGISTER_TILING_DEFAULT({{TILING}});
+    GET_TILING_DATA(t, tiling);
+    {{CLASS}} op;
+    op.Init(a, w, c, t);
+    op.Process();
+}
+"#;
+
+const EPILOGUE: &str = r#"
+using T = {{T}};
+using B = {{B}};
+
+// Epilogue of a split-mode matmul: {{WHAT}}. Reads the f32 product rows
+// written by the cube kernel; one (row, column chunk) per tile.
+class {{CLASS}} {
+public:
+    __aicore__ inline {{CLASS}}() {}
+    __aicore__ inline void Init(GM_ADDR c, {{BIAS_PARAM}}GM_ADDR y, const {{TILING}}& t)
+    {
+        n = t.n;
+        nTile = t.nTile;
+        chunks = (n + nTile - 1) / nTile;
+{{RANGE}}
+        const uint32_t rows = t.tiles / chunks;
+        cGm.SetGlobalBuffer((__gm__ float*)c, rows * t.cols);
+        yGm.SetGlobalBuffer((__gm__ T*)y, rows * n);
+        cols = t.cols;
+{{BIAS_INIT}}        pipe.InitBuffer(inC, 2, {{IN_FACTOR}} * nTile * sizeof(float));
+        pipe.InitBuffer(outY, 2, nTile * sizeof(T));
+        pipe.InitBuffer(tmpBuf, nTile * sizeof(float));
+    }
+    __aicore__ inline void Process()
+    {
+        for (uint32_t tile = start; tile < end; tile++) {
+            const uint32_t r = tile / chunks;
+            const uint32_t c0 = (tile % chunks) * nTile;
+            const uint32_t len = MinU(nTile, n - c0);
+            LocalTensor<float> x = inC.AllocTensor<float>();
+{{LOAD}}            inC.EnQue(x);
+            x = inC.DeQue<float>();
+            LocalTensor<float> tmp = tmpBuf.Get<float>();
+{{COMPUTE}}            LocalTensor<T> y = outY.AllocTensor<T>();
+            FromFloat(y, x, len);
+            inC.FreeTensor(x);
+            outY.EnQue(y);
+            y = outY.DeQue<T>();
+            DataCopy(yGm[r * n + c0], y, len);
+            outY.FreeTensor(y);
+        }
+    }
+
+private:
+    TPipe pipe;
+    TQue<TPosition::VECIN, 2> inC;
+    TQue<TPosition::VECOUT, 2> outY;
+    TBuf<TPosition::VECCALC> tmpBuf;
+{{BIAS_MEMBERS}}    GlobalTensor<float> cGm;
+    GlobalTensor<T> yGm;
+    uint32_t n = 0, nTile = 0, chunks = 1, cols = 0, start = 0, end = 0;
+};
+
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR c, {{BIAS_PARAM}}GM_ADDR y, GM_ADDR workspace, GM_ADDR tiling)
+{
+    REGISTER_TILING_DEFAULT({{TILING}});
+    GET_TILING_DATA(t, tiling);
+    {{CLASS}} op;
+    op.Init(c, {{BIAS_ARG}}y, t);
+    op.Process();
+}
+"#;
+
+/// Everything the cube kernel of one GEMM needs.
+pub(crate) struct CubeSpec<'a> {
+    pub entry: String,
+    pub what: &'a str,
+    pub t: DevType,
+    pub out: DevType,
+    pub m: TExpr,
+    pub n: u64,
+    pub k: u64,
+    pub params: Vec<Param>,
+}
+
+/// The cube kernel (`a`, `w`, `c` parameters).
+pub(crate) fn cube_kernel(ctx: &Ctx, s: CubeSpec) -> Result<DeviceKernel> {
+    let target = ctx.target();
+    if s.n % 16 != 0 || s.k % 16 != 0 {
+        bail!("{}: cannot be tiled: matmul N = {} and K = {} must be multiples of 16 (cube fractals)", ctx.k.name, s.n, s.k);
+    }
+    let quant = match (s.t, s.out) {
+        (_, DevType::F32) => "QuantMode_t::NoQuant",
+        (DevType::F16, DevType::F16) => "QuantMode_t::F322F16",
+        (DevType::BF16, DevType::BF16) => "QuantMode_t::F322BF16",
+        (a, o) => bail!("{}: matmul of {a} into {o} is not supported", ctx.k.name),
+    };
+    if target == Target::Ascend310P && s.out != DevType::F32 {
+        bail!("{}: on 310P the cube kernel writes f32 (a vector epilogue casts)", ctx.k.name);
+    }
+    let base = BaseTile::for_type(s.t);
+    let up = super::upper_camel(&s.entry);
+    let src = head(&s.entry, &format!("Cube GEMM ({}): C = A * W^T, f32 accumulation.", s.what))
+        + &fill(
+            MATMUL,
+            &[
+                ("T", s.t.cpp().into()),
+                ("O", s.out.cpp().into()),
+                ("QUANT", quant.into()),
+                ("CLASS", format!("Kernel{up}")),
+                ("TILING", format!("{up}Tiling")),
+                ("ENTRY", s.entry.clone()),
+            ],
+        );
+    let tiles = s.m.clone().ceil_div(TExpr::c(base.m)).mul(TExpr::c(s.n.div_ceil(base.n)));
+    let fields = vec![
+        TilingField::u32("tiles", tiles.clone()),
+        TilingField::u32("tilesPerCore", TExpr::per_core(&tiles)),
+        TilingField::u32("m", s.m.clone()),
+        TilingField::u32("n", TExpr::c(s.n)),
+        TilingField::u32("k", TExpr::c(s.k)),
+        TilingField::u32("baseM", TExpr::c(base.m)),
+        TilingField::u32("baseN", TExpr::c(base.n)),
+        TilingField::u32("baseK", TExpr::c(base.k)),
+    ];
+    Ok(DeviceKernel {
+        op_type: up.clone(),
+        tiling_struct: format!("{up}Tiling"),
+        entry: s.entry,
+        core: CoreType::Cube,
+        source: src,
+        fields,
+        block_dim: TExpr::block_dim(&tiles),
+        params: s.params,
+        mem: base.mem(s.t, target),
+    })
+}
+
+/// Column chunk of the epilogue (elements).
+const EPI_TILE: u64 = 4096;
+
+/// The vector epilogue: `y = cast(c)`, `cast(c + bias)` or
+/// `cast(silu(gate) * up)` with gate/up the two halves of each `c` row.
+pub(crate) fn epilogue_kernel(
+    ctx: &Ctx,
+    entry: String,
+    ep: Epilogue,
+    t: DevType,
+    bias_t: Option<DevType>,
+    rows: TExpr,
+    n: u64,
+    params: Vec<Param>,
+) -> Result<DeviceKernel> {
+    let n_tile = EPI_TILE.min(n);
+    if n % 16 != 0 {
+        bail!("{}: cannot be tiled: epilogue width {n} must be a multiple of 16", ctx.k.name);
+    }
+    let swiglu = ep == Epilogue::SwiGlu;
+    let cols = if swiglu { 2 * n } else { n };
+    let b = bias_t.unwrap_or(t);
+    let (bias_param, bias_arg) = if ep == Epilogue::Bias { ("GM_ADDR bias, ", "bias, ") } else { ("", "") };
+    let bias_init = "        biasGm.SetGlobalBuffer((__gm__ B*)bias, n);\n        pipe.InitBuffer(inB, 2, nTile * sizeof(B));\n";
+    let bias_members = "    TQue<TPosition::VECIN, 2> inB;\n    GlobalTensor<B> biasGm;\n";
+    let load = if swiglu {
+        "            DataCopy(x, cGm[r * cols + c0], len);\n            DataCopy(x[nTile], cGm[r * cols + n + c0], len);\n"
+    } else {
+        "            DataCopy(x, cGm[r * cols + c0], len);\n"
+    };
+    let compute = match ep {
+        Epilogue::None => String::new(),
+        Epilogue::Bias => "            LocalTensor<B> bl = inB.AllocTensor<B>();\n            DataCopy(bl, biasGm[c0], len);\n            inB.EnQue(bl);\n            bl = inB.DeQue<B>();\n            ToFloat(tmp, bl, len);\n            inB.FreeTensor(bl);\n            PipeBarrier<PIPE_V>();\n            Add(x, x, tmp, len);\n            PipeBarrier<PIPE_V>();\n".into(),
+        // silu(g) * u = (g * sigmoid(g)) * u, as the reference computes it.
+        Epilogue::SwiGlu => "            Sigmoid(tmp, x, len);\n            PipeBarrier<PIPE_V>();\n            Mul(x, x, tmp, len);\n            PipeBarrier<PIPE_V>();\n            Mul(x, x, x[nTile], len);\n            PipeBarrier<PIPE_V>();\n".into(),
+    };
+    let what = match ep {
+        Epilogue::None => "y = cast(c)",
+        Epilogue::Bias => "y = cast(c + bias)",
+        Epilogue::SwiGlu => "y = cast(silu(c[:, :n]) * c[:, n:])",
+    };
+    let on = |c: bool, s: &str| if c { s.to_string() } else { String::new() };
+    let up = super::upper_camel(&entry);
+    let in_factor = if swiglu { 2 } else { 1 };
+    let src = head(&entry, &format!("Matmul epilogue: {what}."))
+        + PRELUDE
+        + &fill(
+            EPILOGUE,
+            &[
+                ("T", t.cpp().into()),
+                ("B", b.cpp().into()),
+                ("WHAT", what.into()),
+                ("BIAS_PARAM", bias_param.into()),
+                ("BIAS_ARG", bias_arg.into()),
+                ("BIAS_INIT", on(ep == Epilogue::Bias, bias_init)),
+                ("BIAS_MEMBERS", on(ep == Epilogue::Bias, bias_members)),
+                ("IN_FACTOR", in_factor.to_string()),
+                ("LOAD", load.into()),
+                ("COMPUTE", compute),
+                ("RANGE", "        start = static_cast<uint32_t>(GetBlockIdx()) * t.tilesPerCore;\n        end = MinU(start + t.tilesPerCore, t.tiles);".into()),
+                ("CLASS", format!("Kernel{up}")),
+                ("TILING", format!("{up}Tiling")),
+                ("ENTRY", entry.clone()),
+            ],
+        );
+    let tiles = rows.mul(TExpr::c(n.div_ceil(n_tile)));
+    let fields = vec![
+        TilingField::u32("tiles", tiles.clone()),
+        TilingField::u32("tilesPerCore", TExpr::per_core(&tiles)),
+        TilingField::u32("n", TExpr::c(n)),
+        TilingField::u32("cols", TExpr::c(cols)),
+        TilingField::u32("nTile", TExpr::c(n_tile)),
+    ];
+    let mut ub = 2 * in_factor * r32(n_tile * 4) + 2 * r32(n_tile * t.size()) + r32(n_tile * 4);
+    if ep == Epilogue::Bias {
+        ub += 2 * r32(n_tile * b.size());
+    }
+    Ok(DeviceKernel {
+        op_type: up.clone(),
+        tiling_struct: format!("{up}Tiling"),
+        entry,
+        core: CoreType::Vector,
+        source: src,
+        fields,
+        block_dim: TExpr::block_dim(&tiles),
+        params,
+        mem: MemUse { ub, ..Default::default() },
+    })
+}
+
+/// `Gemm (a[M, K], w, [bias[N]], out[M, N])`, w stored `[N, K]` on the
+/// device (`[2I, K]`, gate rows first, for the SwiGLU epilogue).
+pub(crate) fn gemm(ctx: &Ctx, ep: Epilogue) -> Result<DeviceKernels> {
+    let nargs = ctx.k.args.len();
+    let out = nargs - 1;
+    if ctx.rank(0) != 2 || ctx.rank(out) != 2 {
+        bail!("{}: only 2-D matmuls have an AscendC kernel (batched GEMM is not emitted)", ctx.k.name);
+    }
+    let k = ctx.cdim(0, 1, "K")?;
+    let n_out = ctx.cdim(out, 1, "N")?;
+    let n_mm = if ep == Epilogue::SwiGlu { 2 * n_out } else { n_out };
+    let (t, o) = (ctx.dt[0], ctx.dt[out]);
+    if ctx.dt[1] != t {
+        bail!("{}: weight dtype {} differs from the activation dtype {t}", ctx.k.name, ctx.dt[1]);
+    }
+    let m = ctx.dim(0, 0)?;
+    let direct = ep == Epilogue::None && (o == DevType::F32 || ctx.target() == Target::Ascend910B);
+    let a = ctx.param("a", 0, Role::Input);
+    let w = ctx.param("w", 1, Role::Input);
+    if direct {
+        let cube = cube_kernel(
+            ctx,
+            CubeSpec {
+                entry: ctx.entry(""),
+                what: "direct",
+                t,
+                out: o,
+                m,
+                n: n_mm,
+                k,
+                params: vec![a, w, ctx.param("c", out, Role::Output)],
+            },
+        )?;
+        return Ok(DeviceKernels { kernels: vec![cube], temps: vec![] });
+    }
+    let temp = TempBuf {
+        name: format!("{}.c", ctx.k.name),
+        dtype: DevType::F32,
+        shape: vec![m.clone(), TExpr::c(n_mm)],
+        elems: m.clone().mul(TExpr::c(n_mm)),
+    };
+    let c_param = |role| Param { name: "c".into(), dtype: DevType::F32, role, arg: ArgRef::Temp(0) };
+    let cube = cube_kernel(
+        ctx,
+        CubeSpec {
+            entry: ctx.entry("_cube"),
+            what: "product to f32 workspace",
+            t,
+            out: DevType::F32,
+            m: m.clone(),
+            n: n_mm,
+            k,
+            params: vec![a, w, c_param(Role::Output)],
+        },
+    )?;
+    let mut params = vec![c_param(Role::Input)];
+    let bias_t = if ep == Epilogue::Bias {
+        params.push(ctx.param("bias", 2, Role::Input));
+        Some(ctx.dt[2])
+    } else {
+        None
+    };
+    params.push(ctx.param("y", out, Role::Output));
+    let epi = epilogue_kernel(ctx, ctx.entry("_epilogue"), ep, o, bias_t, m, n_out, params)?;
+    Ok(DeviceKernels { kernels: vec![cube, epi], temps: vec![temp] })
+}

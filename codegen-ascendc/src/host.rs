@@ -1,0 +1,474 @@
+//! The ACL host program of a package (`host/panguc_host.cpp`) and the
+//! declaration-only ACL headers (`host/stub/`) used to compile-check it here
+//! with g++ (real ACL/aclnn signatures; no CANN on this machine).
+//!
+//! The program is a fixed C++ runtime plus generated tables: every buffer
+//! (dtype, shape as `c + a*tokens + b*past` per dim, where its memory
+//! comes from), the launches in program order (one step per device kernel),
+//! and one `switch` case per op calling its generated two-stage aclnn API.
+
+use crate::emit::{ArgRef, Env, TExpr};
+use crate::program::AscendProgram;
+use crate::project::buffer_kind_code;
+use anyhow::{bail, Result};
+use panguc_ir::kernel::{BufferKind, KernelProgram};
+use panguc_ir::Dim;
+use std::fmt::Write;
+use std::path::Path;
+
+/// `c + t*tokens + p*past` of a linear formula.
+fn lin(e: &TExpr) -> Result<(u64, u64, u64)> {
+    let at = |t, p| e.eval(&Env { tokens: t, past: p, core_num: 1 });
+    let c = at(0, 0)?;
+    let (t, p) = (at(1, 0)? - c, at(0, 1)? - c);
+    if at(3, 5)? != c + 3 * t + 5 * p {
+        bail!("shape formula {} is not linear in tokens and past", e.to_cpp());
+    }
+    Ok((c, t, p))
+}
+
+fn lin_dim(d: &Dim) -> Result<String> {
+    let (c, t, p) = lin(&TExpr::from_dim(d)?)?;
+    Ok(format!("{{{c}, {t}, {p}}}"))
+}
+
+const RUNTIME: &str = r#"
+#define CHECK_ACL(x)                                                                       \
+    do {                                                                                   \
+        const auto panguc_rc = (x);                                                        \
+        if (panguc_rc != 0) {                                                              \
+            std::fprintf(stderr, "%s:%d: %s failed with %d\n", __FILE__, __LINE__, #x,     \
+                         static_cast<int>(panguc_rc));                                     \
+            std::exit(1);                                                                  \
+        }                                                                                  \
+    } while (0)
+
+namespace {
+
+// A dimension or element offset: c + t * tokens + p * past.
+struct Lin {
+    int64_t c, t, p;
+    int64_t At(int64_t tokens, int64_t past) const { return c + t * tokens + p * past; }
+};
+enum Kind { kInput = 0, kWeight = 1, kKvCache = 2, kSlot = 3, kView = 4, kTemp = 5 };
+struct Buf {
+    const char* name;
+    aclDataType dtype;
+    uint32_t esize;
+    int rank;
+    Lin dims[4];
+    Kind kind;
+    int ref;     // input index, weight index, cache index, slot, view base buffer
+    Lin offset;  // views: element offset in the base buffer
+};
+struct Step {
+    int op;
+    int nargs;
+    int args[8];
+};
+
+float HalfToFloat(uint16_t h)
+{
+    const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal: renormalise
+            int e = -1;
+            uint32_t m = man;
+            do { e++; m <<= 1; } while ((m & 0x400u) == 0);
+            bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (m & 0x3ffu) << 13;
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | man << 13;
+    } else {
+        bits = sign | (exp + 112) << 23 | man << 13;
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+float Bf16ToFloat(uint16_t h)
+{
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+class Model {
+public:
+    Model(int64_t maxTokens, int64_t maxCtx) : maxTokens_(maxTokens), maxCtx_(maxCtx) {}
+
+    void Init(const std::string& weightDir)
+    {
+        CHECK_ACL(aclInit(nullptr));
+        CHECK_ACL(aclrtSetDevice(0));
+        CHECK_ACL(aclrtCreateStream(&stream_));
+        ptrs_.assign(kNumBufs, nullptr);
+        std::vector<size_t> slotBytes(kNumSlots, 0);
+        for (int b = 0; b < kNumBufs; b++) {
+            if (kBufs[b].kind == kSlot) slotBytes[kBufs[b].ref] = std::max(slotBytes[kBufs[b].ref], MaxBytes(b));
+        }
+        slots_.assign(kNumSlots, nullptr);
+        for (int s = 0; s < kNumSlots; s++) slots_[s] = Alloc(slotBytes[s]);
+        for (int b = 0; b < kNumBufs; b++) {
+            const Buf& d = kBufs[b];
+            switch (d.kind) {
+                case kSlot: ptrs_[b] = slots_[d.ref]; break;
+                case kView: ptrs_[b] = nullptr; break;  // resolved per call (offsets may depend on sizes)
+                case kWeight: ptrs_[b] = LoadWeight(weightDir, b); break;
+                default: ptrs_[b] = Alloc(MaxBytes(b)); break;
+            }
+        }
+    }
+
+    ~Model()
+    {
+        for (void* p : owned_) aclrtFree(p);
+        if (workspace_ != nullptr) aclrtFree(workspace_);
+        if (stream_ != nullptr) aclrtDestroyStream(stream_);
+        aclrtResetDevice(0);
+        aclFinalize();
+    }
+
+    // Runs `ids` at positions past_..past_+n; returns the next greedy token.
+    int64_t Forward(const std::vector<int64_t>& ids)
+    {
+        const int64_t n = static_cast<int64_t>(ids.size());
+        if (n > maxTokens_ || past_ + n > maxCtx_) {
+            std::fprintf(stderr, "error: %lld tokens at position %lld exceed the limits (%lld tokens, %lld context)\n",
+                         static_cast<long long>(n), static_cast<long long>(past_), static_cast<long long>(maxTokens_),
+                         static_cast<long long>(maxCtx_));
+            std::exit(1);
+        }
+        std::vector<int64_t> pos(ids.size());
+        for (int64_t i = 0; i < n; i++) pos[i] = past_ + i;
+        CHECK_ACL(aclrtMemcpy(Ptr(kInputIds, n), ids.size() * 8, ids.data(), ids.size() * 8, ACL_MEMCPY_HOST_TO_DEVICE));
+        CHECK_ACL(aclrtMemcpy(Ptr(kInputPositions, n), pos.size() * 8, pos.data(), pos.size() * 8, ACL_MEMCPY_HOST_TO_DEVICE));
+        for (const Step& s : kSteps) Launch(s, n);
+        CHECK_ACL(aclrtSynchronizeStream(stream_));
+        const Buf& lg = kBufs[kLogits];
+        const size_t bytes = Bytes(kLogits, n, past_);
+        std::vector<uint8_t> host(bytes);
+        CHECK_ACL(aclrtMemcpy(host.data(), bytes, Ptr(kLogits, n), bytes, ACL_MEMCPY_DEVICE_TO_HOST));
+        past_ += n;
+        const int64_t vocab = lg.dims[lg.rank - 1].At(n, 0);
+        const size_t row = static_cast<size_t>(n - 1) * vocab;
+        int64_t best = 0;
+        float bestV = 0.0f;
+        for (int64_t v = 0; v < vocab; v++) {
+            float x;
+            if (lg.esize == 4) {
+                std::memcpy(&x, host.data() + (row + v) * 4, 4);
+            } else {
+                uint16_t h;
+                std::memcpy(&h, host.data() + (row + v) * 2, 2);
+                x = lg.dtype == ACL_BF16 ? Bf16ToFloat(h) : HalfToFloat(h);
+            }
+            if (v == 0 || x > bestV) { best = v; bestV = x; }  // lowest index wins ties
+        }
+        return best;
+    }
+
+private:
+    size_t Bytes(int b, int64_t tokens, int64_t past) const
+    {
+        size_t n = kBufs[b].esize;
+        for (int i = 0; i < kBufs[b].rank; i++) n *= static_cast<size_t>(kBufs[b].dims[i].At(tokens, past));
+        return n;
+    }
+    size_t MaxBytes(int b) const { return Bytes(b, maxTokens_, maxCtx_ - maxTokens_); }
+    void* Alloc(size_t bytes)
+    {
+        void* p = nullptr;
+        CHECK_ACL(aclrtMalloc(&p, std::max<size_t>(bytes, 32), ACL_MEM_MALLOC_HUGE_FIRST));
+        owned_.push_back(p);
+        return p;
+    }
+    void* LoadWeight(const std::string& dir, int b)
+    {
+        const std::string path = dir + "/" + kWeightNames[kBufs[b].ref] + ".bin";
+        std::ifstream f(path, std::ios::binary | std::ios::ate);
+        if (!f) { std::fprintf(stderr, "error: cannot open weight file %s\n", path.c_str()); std::exit(1); }
+        const size_t bytes = static_cast<size_t>(f.tellg());
+        if (bytes != MaxBytes(b)) {
+            std::fprintf(stderr, "error: %s has %zu bytes, expected %zu\n", path.c_str(), bytes, MaxBytes(b));
+            std::exit(1);
+        }
+        std::vector<char> host(bytes);
+        f.seekg(0);
+        f.read(host.data(), static_cast<std::streamsize>(bytes));
+        void* p = Alloc(bytes);
+        CHECK_ACL(aclrtMemcpy(p, bytes, host.data(), bytes, ACL_MEMCPY_HOST_TO_DEVICE));
+        return p;
+    }
+    void* Ptr(int b, int64_t n)
+    {
+        const Buf& d = kBufs[b];
+        if (d.kind != kView) return ptrs_[b];
+        const Buf& base = kBufs[d.ref];
+        return static_cast<uint8_t*>(Ptr(d.ref, n)) + d.offset.At(n, past_) * base.esize;
+    }
+    aclTensor* Tensor(int b, int64_t n)
+    {
+        const Buf& d = kBufs[b];
+        int64_t dims[4], strides[4];
+        int64_t s = 1;
+        for (int i = d.rank - 1; i >= 0; i--) {
+            dims[i] = d.dims[i].At(n, past_);
+            strides[i] = s;
+            s *= dims[i];
+        }
+        return aclCreateTensor(dims, d.rank, d.dtype, strides, 0, ACL_FORMAT_ND, dims, d.rank, Ptr(b, n));
+    }
+    void* Workspace(uint64_t bytes)
+    {
+        if (bytes > workspaceBytes_) {
+            if (workspace_ != nullptr) CHECK_ACL(aclrtFree(workspace_));
+            CHECK_ACL(aclrtMalloc(&workspace_, bytes, ACL_MEM_MALLOC_HUGE_FIRST));
+            workspaceBytes_ = bytes;
+        }
+        return workspace_;
+    }
+    void Launch(const Step& s, int64_t n);
+
+    int64_t maxTokens_, maxCtx_, past_ = 0;
+    aclrtStream stream_ = nullptr;
+    std::vector<void*> ptrs_, slots_, owned_;
+    void* workspace_ = nullptr;
+    uint64_t workspaceBytes_ = 0;
+};
+"#;
+
+const MAIN: &str = r#"
+int main(int argc, char** argv)
+{
+    if (argc < 3) {
+        std::fprintf(stderr, "usage: %s WEIGHT_DIR PROMPT_IDS(comma separated) [NEW_TOKENS] [MAX_CONTEXT]\n", argv[0]);
+        return 2;
+    }
+    std::vector<int64_t> prompt;
+    for (const char* p = argv[2]; *p != '\0';) {
+        char* end = nullptr;
+        prompt.push_back(std::strtoll(p, &end, 10));
+        if (end == p) { std::fprintf(stderr, "error: bad prompt `%s`\n", argv[2]); return 2; }
+        p = (*end == ',') ? end + 1 : end;
+    }
+    const int newTokens = argc > 3 ? std::atoi(argv[3]) : 16;
+    const int64_t maxCtx = argc > 4 ? std::atoll(argv[4]) : 4096;
+    Model m(std::max<int64_t>(static_cast<int64_t>(prompt.size()), 1), maxCtx);
+    m.Init(argv[1]);
+    int64_t next = m.Forward(prompt);  // prefill
+    std::printf("%lld", static_cast<long long>(next));
+    for (int i = 1; i < newTokens; i++) {
+        next = m.Forward({next});  // decode over the KV cache
+        std::printf(",%lld", static_cast<long long>(next));
+    }
+    std::printf("\n");
+    return 0;
+}
+"#;
+
+/// `host/panguc_host.cpp` and the stub headers.
+pub fn host_files(p: &KernelProgram, ap: &AscendProgram) -> Result<Vec<(String, String)>> {
+    let mut out = vec![];
+    let mut s = String::from(
+        "// Generated by panguc: ACL host program. Loads the weights, runs prefill and\n\
+         // greedy decode by launching the package's operators in program order through\n\
+         // their aclnn APIs, and keeps the KV cache on the device.\n\
+         #include <algorithm>\n#include <cstdint>\n#include <cstdio>\n#include <cstdlib>\n#include <cstring>\n\
+         #include <fstream>\n#include <string>\n#include <vector>\n\n#include \"acl/acl.h\"\n#include \"aclnn/acl_meta.h\"\n",
+    );
+    let mut ops: Vec<(String, usize)> = vec![];
+    for dks in &ap.kernels {
+        for dk in &dks.kernels {
+            let _ = writeln!(s, "#include \"aclnn_{}.h\"", dk.entry);
+            ops.push((dk.op_type.clone(), dk.params.len()));
+        }
+    }
+    // Buffers: program buffers, then one per (kernel, temp).
+    let mut bufs = String::new();
+    let slots = p.slots.max(1);
+    for b in &p.buffers {
+        let idx = bufs.lines().count();
+        let dt = ap.buffer_dtypes[idx];
+        let dims: Vec<String> = b.shape.iter().map(lin_dim).collect::<Result<_>>()?;
+        let (kind, r) = buffer_kind_code(&b.kind);
+        let offset = match &b.kind {
+            BufferKind::View { offset, .. } => lin_dim(offset)?,
+            _ => "{0, 0, 0}".into(),
+        };
+        if b.shape.len() > 4 {
+            bail!("buffer `{}` has rank {} (the host program supports up to 4)", b.name, b.shape.len());
+        }
+        let kinds = ["kInput", "kWeight", "kKvCache", "kSlot", "kView"];
+        let _ = writeln!(
+            bufs,
+            "    {{\"{}\", {}, {}, {}, {{{}}}, {}, {r}, {offset}}},",
+            b.name,
+            dt.acl(),
+            dt.size(),
+            b.shape.len(),
+            dims.join(", "),
+            kinds[kind as usize]
+        );
+    }
+    let mut temp_index = vec![];
+    for dks in &ap.kernels {
+        let mut ids = vec![];
+        for t in &dks.temps {
+            ids.push(bufs.lines().count());
+            let dims: Vec<String> =
+                t.shape.iter().map(|e| lin(e).map(|(c, a, b)| format!("{{{c}, {a}, {b}}}"))).collect::<Result<_>>()?;
+            let _ = writeln!(
+                bufs,
+                "    {{\"{}\", {}, {}, {}, {{{}}}, kTemp, 0, {{0, 0, 0}}}},",
+                t.name,
+                t.dtype.acl(),
+                t.dtype.size(),
+                t.shape.len(),
+                dims.join(", ")
+            );
+        }
+        temp_index.push(ids);
+    }
+    let mut steps = String::new();
+    let mut op_ids = vec![];
+    let mut next = 0;
+    for dks in &ap.kernels {
+        op_ids.push((next..next + dks.kernels.len()).collect::<Vec<_>>());
+        next += dks.kernels.len();
+    }
+    for l in &p.launches {
+        for (di, dk) in ap.kernels[l.kernel].kernels.iter().enumerate() {
+            let args: Vec<String> = dk
+                .params
+                .iter()
+                .map(|pa| match pa.arg {
+                    ArgRef::Orig(i) => l.args[i].0.to_string(),
+                    ArgRef::Temp(j) => temp_index[l.kernel][j].to_string(),
+                })
+                .collect();
+            if args.len() > 8 {
+                bail!("{}: more than 8 parameters", dk.entry);
+            }
+            let _ = writeln!(steps, "    {{{}, {}, {{{}}}}},", op_ids[l.kernel][di], args.len(), args.join(", "));
+        }
+    }
+    let weight_names: Vec<String> = p.weights.iter().map(|w| format!("    \"{}\",", w.name)).collect();
+    let input = |i: usize| p.inputs.get(i).map(|b| b.0).unwrap_or(0);
+    let _ = write!(
+        s,
+        "\nnamespace {{\nconst Buf kBufs[] = {{\n{bufs}}};\nconstexpr int kNumBufs = {};\nconstexpr int kNumSlots = {slots};\n\
+         const Step kSteps[] = {{\n{steps}}};\nconst char* const kWeightNames[] = {{\n{}\n    \"\"}};\n\
+         constexpr int kInputIds = {};\nconstexpr int kInputPositions = {};\nconstexpr int kLogits = {};\n}}  // namespace\n",
+        bufs.lines().count(),
+        weight_names.join("\n"),
+        input(0),
+        input(1),
+        p.outputs.first().map(|b| b.0).unwrap_or(0),
+    );
+    s += RUNTIME;
+    s += "\nvoid Model::Launch(const Step& s, int64_t n)\n{\n    aclTensor* t[8] = {};\n    for (int i = 0; i < s.nargs; i++) t[i] = Tensor(s.args[i], n);\n    uint64_t ws = 0;\n    aclOpExecutor* ex = nullptr;\n    switch (s.op) {\n";
+    for (i, (op, n)) in ops.iter().enumerate() {
+        let ts: Vec<String> = (0..*n).map(|j| format!("t[{j}]")).collect();
+        let _ = writeln!(
+            s,
+            "        case {i}:\n            CHECK_ACL(aclnn{op}GetWorkspaceSize({}, &ws, &ex));\n            CHECK_ACL(aclnn{op}(Workspace(ws), ws, ex, stream_));\n            break;",
+            ts.join(", ")
+        );
+    }
+    s += "        default:\n            std::fprintf(stderr, \"error: unknown op %d\\n\", s.op);\n            std::exit(1);\n    }\n    for (int i = 0; i < s.nargs; i++) aclDestroyTensor(t[i]);\n}\n}  // namespace\n";
+    // `Model` and its helpers live in the anonymous namespace RUNTIME opens.
+    s += MAIN;
+    out.push(("host/panguc_host.cpp".into(), s));
+    out.push(("host/stub/acl/acl.h".into(), ACL_STUB.into()));
+    out.push(("host/stub/aclnn/acl_meta.h".into(), ACLNN_META_STUB.into()));
+    for dks in &ap.kernels {
+        for dk in &dks.kernels {
+            let params: Vec<String> = dk.params.iter().map(|pa| format!("const aclTensor* {}", pa.name)).collect();
+            let op = &dk.op_type;
+            out.push((
+                format!("host/stub/aclnn_{}.h", dk.entry),
+                format!(
+                    "// Stub of the header CANN's opbuild generates for `{op}` (declarations only).\n#pragma once\n#include \"aclnn/acl_meta.h\"\n\
+                     extern \"C\" {{\naclnnStatus aclnn{op}GetWorkspaceSize({}, uint64_t* workspaceSize, aclOpExecutor** executor);\n\
+                     aclnnStatus aclnn{op}(void* workspace, uint64_t workspaceSize, aclOpExecutor* executor, aclrtStream stream);\n}}\n",
+                    params.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Declarations of the ACL runtime functions the host program calls, with
+/// the signatures and enum values of CANN's `acl/acl.h` (acl_base.h,
+/// acl_rt.h).
+const ACL_STUB: &str = r#"// Declaration-only stub of CANN's acl/acl.h for compile checks without CANN.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+extern "C" {
+typedef int aclError;
+typedef void* aclrtStream;
+typedef enum {
+    ACL_DT_UNDEFINED = -1, ACL_FLOAT = 0, ACL_FLOAT16 = 1, ACL_INT8 = 2, ACL_INT32 = 3, ACL_UINT8 = 4,
+    ACL_INT16 = 6, ACL_UINT16 = 7, ACL_UINT32 = 8, ACL_INT64 = 9, ACL_UINT64 = 10, ACL_DOUBLE = 11,
+    ACL_BOOL = 12, ACL_STRING = 13, ACL_COMPLEX64 = 16, ACL_COMPLEX128 = 17, ACL_BF16 = 27
+} aclDataType;
+typedef enum { ACL_FORMAT_UNDEFINED = -1, ACL_FORMAT_NCHW = 0, ACL_FORMAT_NHWC = 1, ACL_FORMAT_ND = 2 } aclFormat;
+typedef enum {
+    ACL_MEM_MALLOC_HUGE_FIRST = 0, ACL_MEM_MALLOC_HUGE_ONLY = 1, ACL_MEM_MALLOC_NORMAL_ONLY = 2
+} aclrtMemMallocPolicy;
+typedef enum {
+    ACL_MEMCPY_HOST_TO_HOST = 0, ACL_MEMCPY_HOST_TO_DEVICE = 1, ACL_MEMCPY_DEVICE_TO_HOST = 2,
+    ACL_MEMCPY_DEVICE_TO_DEVICE = 3
+} aclrtMemcpyKind;
+
+aclError aclInit(const char* configPath);
+aclError aclFinalize();
+aclError aclrtSetDevice(int32_t deviceId);
+aclError aclrtResetDevice(int32_t deviceId);
+aclError aclrtCreateStream(aclrtStream* stream);
+aclError aclrtDestroyStream(aclrtStream stream);
+aclError aclrtSynchronizeStream(aclrtStream stream);
+aclError aclrtMalloc(void** devPtr, size_t size, aclrtMemMallocPolicy policy);
+aclError aclrtFree(void* devPtr);
+aclError aclrtMemcpy(void* dst, size_t destMax, const void* src, size_t count, aclrtMemcpyKind kind);
+}
+"#;
+
+const ACLNN_META_STUB: &str = r#"// Declaration-only stub of CANN's aclnn/acl_meta.h for compile checks without CANN.
+#pragma once
+#include "acl/acl.h"
+
+extern "C" {
+typedef int32_t aclnnStatus;
+typedef struct aclTensor aclTensor;
+typedef struct aclOpExecutor aclOpExecutor;
+aclTensor* aclCreateTensor(const int64_t* viewDims, uint64_t viewDimsNum, aclDataType dataType, const int64_t* stride,
+                           int64_t offset, aclFormat format, const int64_t* storageDims, uint64_t storageDimsNum,
+                           void* tensorData);
+aclnnStatus aclDestroyTensor(const aclTensor* tensor);
+}
+"#;
+
+/// Compile-check the host program of an emitted project directory with
+/// `g++ -fsyntax-only` against the stubs.
+pub fn check_host_compiles(project_dir: &Path) -> Result<()> {
+    let cxx = std::env::var("PANGUC_SIM_CXX").unwrap_or_else(|_| "g++".into());
+    let out = std::process::Command::new(&cxx)
+        .args(["-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-I"])
+        .arg(project_dir.join("host/stub"))
+        .arg(project_dir.join("host/panguc_host.cpp"))
+        .output()?;
+    if !out.status.success() {
+        bail!("host program does not compile:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! A whole kernel program for one Ascend target: device dtypes of every
+//! buffer, the device kernels of every program kernel, and the memory report.
+
+use crate::emit::{emit_kernel, DeviceKernels, EmitOptions};
+use crate::target::{DevType, Target};
+use anyhow::{bail, Context, Result};
+use panguc_ir::kernel::{BufferKind, KernelKind, KernelProgram};
+use panguc_ir::DType;
+
+/// Device dtype of every buffer: integers are i64; the router's logits,
+/// scales and routing weights stay f32 (the reference's softmax_f32);
+/// every other float buffer (activations, weights, KV caches) is `act`.
+pub fn device_dtypes(p: &KernelProgram, act: DevType) -> Vec<DevType> {
+    let mut dt: Vec<DevType> =
+        p.buffers.iter().map(|b| if b.dtype.is_float() { act } else { DevType::I64 }).collect();
+    let force_f32 = |p: &KernelProgram, dt: &mut Vec<DevType>, id: panguc_ir::kernel::BufferId| {
+        // A view shares its root's memory, so the root gets the dtype too.
+        let (root, _) = p.root_of(id);
+        dt[id.index()] = DevType::F32;
+        dt[root.index()] = DevType::F32;
+    };
+    for l in &p.launches {
+        let f32_args: &[usize] = match p.kernels[l.kernel].kind {
+            KernelKind::MoeGating { .. } => &[0, 1, 2],
+            KernelKind::MoeRoute => &[0, 4],
+            KernelKind::MoeDown => &[2],
+            _ => &[],
+        };
+        for &i in f32_args {
+            force_f32(p, &mut dt, l.args[i]);
+        }
+    }
+    for (i, b) in p.buffers.iter().enumerate() {
+        if b.dtype == DType::I64 || !b.dtype.is_float() {
+            dt[i] = DevType::I64;
+        }
+    }
+    dt
+}
+
+/// The emitted program for one target.
+#[derive(Debug, Clone)]
+pub struct AscendProgram {
+    pub target: Target,
+    pub act: DevType,
+    /// Device dtype of each program buffer.
+    pub buffer_dtypes: Vec<DevType>,
+    /// Device kernels of each program kernel (same index).
+    pub kernels: Vec<DeviceKernels>,
+}
+
+/// Emit every kernel of `p`. Fails on the first kernel that cannot be
+/// emitted or tiled, naming it.
+pub fn emit_program(p: &KernelProgram, target: Target, act: DevType) -> Result<AscendProgram> {
+    let opts = EmitOptions::new(target, act)?;
+    let bdt = device_dtypes(p, act);
+    let mut kernels = Vec::with_capacity(p.kernels.len());
+    for (ki, k) in p.kernels.iter().enumerate() {
+        let mut launches = p.launches.iter().filter(|l| l.kernel == ki);
+        let first = match launches.next() {
+            Some(l) => l,
+            None => bail!("kernel `{}` is never launched", k.name),
+        };
+        let dts: Vec<DevType> = first.args.iter().map(|a| bdt[a.index()]).collect();
+        for l in launches {
+            let other: Vec<DevType> = l.args.iter().map(|a| bdt[a.index()]).collect();
+            if other != dts {
+                bail!("kernel `{}` is launched with different device dtypes ({dts:?} vs {other:?})", k.name);
+            }
+        }
+        let dk = emit_kernel(k, &dts, &opts).with_context(|| format!("emitting AscendC for {target}"))?;
+        kernels.push(dk);
+    }
+    Ok(AscendProgram { target, act, buffer_dtypes: bdt, kernels })
+}
+
+/// Per device kernel: UB/L1/L0 use against capacity (for report.json).
+pub fn memory_report(ap: &AscendProgram) -> serde_json::Value {
+    let cap = ap.target.capacity();
+    let kernels: Vec<serde_json::Value> = ap
+        .kernels
+        .iter()
+        .flat_map(|dks| dks.kernels.iter())
+        .map(|k| {
+            serde_json::json!({
+                "kernel": k.entry,
+                "op_type": k.op_type,
+                "core": k.core,
+                "ub": [k.mem.ub, cap.ub],
+                "l1": [k.mem.l1, cap.l1],
+                "l0a": [k.mem.l0a, cap.l0a],
+                "l0b": [k.mem.l0b, cap.l0b],
+                "l0c": [k.mem.l0c, cap.l0c],
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "target": ap.target.name(),
+        "activation_dtype": ap.act.to_string(),
+        "units": "bytes [used, capacity]",
+        "kernels": kernels,
+    })
+}
+
+/// Buffers that are weights, with their device dtype (for the host program
+/// and weight export).
+pub fn weight_buffers(p: &KernelProgram, ap: &AscendProgram) -> Vec<(usize, usize)> {
+    p.buffers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| match b.kind {
+            BufferKind::Weight { index } => Some((i, index)),
+            _ => None,
+        })
+        .filter(|(i, _)| ap.buffer_dtypes.len() > *i)
+        .collect()
+}

@@ -1,0 +1,256 @@
+//! Snapshots of one emitted kernel per kind and of a project tree, the host
+//! program compile check, the 72B shapes against the simulation
+//! (`-fsyntax-only`) with their memory proofs, and bad-input errors.
+
+use panguc_codegen_ascendc::emit::{emit_kernel, EmitOptions};
+use panguc_codegen_ascendc::program::{emit_program, memory_report};
+use panguc_codegen_ascendc::project::project_files;
+use panguc_codegen_ascendc::sim::syntax_check;
+use panguc_codegen_ascendc::target::{DevType, Target};
+use panguc_ir::kernel::{
+    tile_extent, ArgSpec, Buffer, BufferId, BufferKind, ElemOp, Epilogue, Extent, Kernel, KernelKind, KernelProgram,
+    Launch, Layout, PreparedWeight, WeightExpr, KERNEL_PROGRAM_VERSION,
+};
+use panguc_ir::{DType, Dim};
+
+fn c(n: usize) -> Dim {
+    Dim::c(n)
+}
+
+fn kernel(name: &str, kind: KernelKind, args: Vec<Vec<Dim>>) -> Kernel {
+    let args: Vec<ArgSpec> =
+        args.into_iter().map(|shape| ArgSpec { dtype: DType::F32, shape, layout: Layout::RowMajor }).collect();
+    let tiles = tile_extent(&kind, &args).unwrap_or(Extent::constant(1));
+    Kernel { name: name.into(), kind, args, tiles, thread_scratch: Extent::constant(0) }
+}
+
+/// One kernel of every emitted kind, with the model's shapes
+/// (hidden, q heads, kv heads, head_dim, experts, groups, vocab).
+fn kinds(h: usize, hq: usize, hkv: usize, d: usize, e: usize, vocab: usize, inter: usize) -> Vec<(Kernel, Vec<DevType>)> {
+    let t = Dim::tokens;
+    let a = DevType::BF16;
+    let f = DevType::F32;
+    let i = DevType::I64;
+    vec![
+        (kernel("panguc_k000_gather", KernelKind::Gather, vec![vec![c(vocab), c(h)], vec![t()], vec![t(), c(h)]]), vec![a, i, a]),
+        (kernel("panguc_k001_rms_norm", KernelKind::RmsNorm { eps: 1e-5 }, vec![vec![t(), c(h)], vec![c(h)], vec![t(), c(h)]]), vec![a; 3]),
+        (
+            kernel(
+                "panguc_k002_add_rms_norm",
+                KernelKind::AddRmsNorm { eps: 1e-5 },
+                vec![vec![t(), c(h)], vec![t(), c(h)], vec![c(h)], vec![t(), c(h)], vec![t(), c(h)]],
+            ),
+            vec![a; 5],
+        ),
+        (
+            kernel("panguc_k003_gemm", KernelKind::Gemm { epilogue: Epilogue::Bias }, vec![vec![t(), c(h)], vec![c(h), c(h)], vec![c(h)], vec![t(), c(h)]]),
+            vec![a; 4],
+        ),
+        (
+            kernel("panguc_k004_rope", KernelKind::Rope, vec![vec![t(), c(hq), c(d)], vec![t(), c(d)], vec![t(), c(d)], vec![t(), c(hq), c(d)]]),
+            vec![a; 4],
+        ),
+        (
+            kernel(
+                "panguc_k005_elementwise",
+                KernelKind::Elementwise { op: ElemOp::SwiGlu },
+                vec![vec![t(), c(inter)], vec![t(), c(inter)], vec![t(), c(inter)]],
+            ),
+            vec![a; 3],
+        ),
+        (
+            kernel(
+                "panguc_k006_attention",
+                KernelKind::Attention { scale: 1.0 / (d as f64).sqrt() },
+                vec![vec![t(), c(hq), c(d)], vec![Dim::kv_len(), c(hkv), c(d)], vec![Dim::kv_len(), c(hkv), c(d)], vec![t()], vec![t(), c(hq), c(d)]],
+            ),
+            vec![a, a, a, i, a],
+        ),
+        (
+            kernel(
+                "panguc_k007_moe_gating",
+                KernelKind::MoeGating { groups: 8 },
+                vec![vec![t(), c(e)], vec![c(e)], vec![t(), c(8)], vec![t(), c(8)]],
+            ),
+            vec![f, f, f, i],
+        ),
+        (
+            kernel("panguc_k008_gemm", KernelKind::Gemm { epilogue: Epilogue::SwiGlu }, vec![vec![t(), c(h)], vec![c(2 * inter), c(h)], vec![t(), c(inter)]]),
+            vec![a; 3],
+        ),
+        (kernel("panguc_k009_gemm", KernelKind::Gemm { epilogue: Epilogue::None }, vec![vec![t(), c(h)], vec![c(vocab), c(h)], vec![t(), c(vocab)]]), vec![a; 3]),
+    ]
+}
+
+fn for_target(dts: &[DevType], target: Target) -> Vec<DevType> {
+    dts.iter().map(|d| if *d == DevType::BF16 { target.default_act() } else { *d }).collect()
+}
+
+#[test]
+fn snapshot_one_kernel_of_each_kind() {
+    for target in Target::ALL {
+        for (k, dts) in kinds(64, 4, 2, 16, 64, 512, 32) {
+            let dts = for_target(&dts, target);
+            let dk = emit_kernel(&k, &dts, &EmitOptions::new(target, target.default_act()).unwrap()).unwrap();
+            let mut text = String::new();
+            for d in &dk.kernels {
+                text += &format!("==== {}_tiling.h\n{}==== {}.cpp\n{}", d.entry, d.tiling_header(), d.entry, d.source);
+            }
+            insta::assert_snapshot!(format!("{}_{}", target.name(), k.name), text);
+        }
+    }
+}
+
+/// The 72B model's shapes: every kernel compiles against the simulation and
+/// its memory use, proved at emit time, is within capacity.
+#[test]
+fn real_72b_shapes_compile_and_fit() {
+    let mut sources = vec![];
+    for target in Target::ALL {
+        let opts = EmitOptions::new(target, target.default_act()).unwrap();
+        let cap = target.capacity();
+        for (k, dts) in kinds(5120, 40, 8, 128, 64, 153376, 1344) {
+            let dk = emit_kernel(&k, &for_target(&dts, target), &opts).unwrap();
+            for d in dk.kernels {
+                assert!(d.mem.ub <= cap.ub && d.mem.l1 <= cap.l1 && d.mem.l0c <= cap.l0c, "{}: {:?}", d.entry, d.mem);
+                sources.push((target, d.entry.clone(), d.sim_source()));
+            }
+        }
+    }
+    // Two compiler processes at a time (2 cores).
+    let chunks: Vec<Vec<(Target, String, String)>> = sources.chunks(sources.len().div_ceil(2)).map(|c| c.to_vec()).collect();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = chunks
+            .iter()
+            .map(|chunk| {
+                s.spawn(move || {
+                    for (t, entry, src) in chunk {
+                        syntax_check(src, t.soc()).unwrap_or_else(|e| panic!("{entry} ({t}): {e}"));
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+    });
+}
+
+#[test]
+fn bad_inputs_are_refused_clearly() {
+    let t = Dim::tokens;
+    // bf16 on 310P.
+    let e = EmitOptions::new(Target::Ascend310P, DevType::BF16).unwrap_err().to_string();
+    assert!(e.contains("bf16 is not supported on ascend310p"), "{e}");
+    // Unknown target.
+    let e = Target::parse("ascend910c").unwrap_err().to_string();
+    assert!(e.contains("unknown Ascend target `ascend910c`"), "{e}");
+    // A row that is not whole 32-byte blocks.
+    let k = kernel("panguc_k001_rms_norm", KernelKind::RmsNorm { eps: 1e-5 }, vec![vec![t(), c(60)], vec![c(60)], vec![t(), c(60)]]);
+    let opts = EmitOptions::new(Target::Ascend910B, DevType::BF16).unwrap();
+    let e = emit_kernel(&k, &[DevType::BF16; 3], &opts).unwrap_err().to_string();
+    assert!(e.contains("cannot be tiled") && e.contains("120 bytes"), "{e}");
+    // A row too large for the UB (f32, double-buffered).
+    let h = 16384;
+    let k = kernel("panguc_k002_add_rms_norm", KernelKind::AddRmsNorm { eps: 1e-5 }, vec![vec![t(), c(h)], vec![t(), c(h)], vec![c(h)], vec![t(), c(h)], vec![t(), c(h)]]);
+    let e = emit_kernel(&k, &[DevType::F32; 5], &opts).unwrap_err().to_string();
+    assert!(e.contains("cannot be tiled for ascend910b: needs") && e.contains("bytes of UB"), "{e}");
+    // A matmul N that is not a whole number of cube fractals.
+    let k = kernel("panguc_k003_gemm", KernelKind::Gemm { epilogue: Epilogue::None }, vec![vec![t(), c(64)], vec![c(40), c(64)], vec![t(), c(40)]]);
+    let e = emit_kernel(&k, &[DevType::BF16; 3], &opts).unwrap_err().to_string();
+    assert!(e.contains("multiples of 16"), "{e}");
+    // A kind without an AscendC kernel names itself.
+    let k = kernel("panguc_k004_moe_route", KernelKind::MoeRoute, vec![vec![t(), c(8)], vec![t(), c(8)], vec![c(65)], vec![t()], vec![t()], vec![t()]]);
+    let e = emit_kernel(&k, &[DevType::F32, DevType::I64, DevType::I64, DevType::I64, DevType::F32, DevType::I64], &opts).unwrap_err().to_string();
+    assert!(e.contains("moe_route") && e.contains("not implemented"), "{e}");
+}
+
+/// A small hand-built program (embedding -> norm -> lm_head): project tree
+/// snapshot, determinism, memory report, and the host program compiles
+/// with g++ against the ACL stubs.
+#[test]
+fn project_tree_and_host_program() {
+    let (v, h) = (512usize, 64usize);
+    let t = Dim::tokens;
+    let buf = |name: &str, dtype: DType, shape: Vec<Dim>, kind: BufferKind| Buffer { name: name.into(), dtype, shape, kind };
+    let weight = |name: &str, shape: Vec<usize>| PreparedWeight {
+        name: name.into(),
+        expr: WeightExpr::Tensor { name: name.into() },
+        dtype: DType::BF16,
+        shape,
+        layout: Layout::RowMajor,
+        group: "model".into(),
+    };
+    let spec = |dtype: DType, shape: Vec<Dim>| ArgSpec { dtype, shape, layout: Layout::RowMajor };
+    let kernels = vec![
+        Kernel {
+            name: "panguc_k000_gather".into(),
+            kind: KernelKind::Gather,
+            args: vec![spec(DType::BF16, vec![c(v), c(h)]), spec(DType::I64, vec![t()]), spec(DType::BF16, vec![t(), c(h)])],
+            tiles: Extent::of(1, &[t()]),
+            thread_scratch: Extent::constant(0),
+        },
+        Kernel {
+            name: "panguc_k001_rms_norm".into(),
+            kind: KernelKind::RmsNorm { eps: 1e-5 },
+            args: vec![spec(DType::BF16, vec![t(), c(h)]), spec(DType::BF16, vec![c(h)]), spec(DType::F32, vec![t(), c(h)])],
+            tiles: Extent::of(1, &[t()]),
+            thread_scratch: Extent::constant(0),
+        },
+        Kernel {
+            name: "panguc_k002_gemm".into(),
+            kind: KernelKind::Gemm { epilogue: Epilogue::None },
+            args: vec![spec(DType::F32, vec![t(), c(h)]), spec(DType::BF16, vec![c(v), c(h)]), spec(DType::F32, vec![t(), c(v)])],
+            tiles: Extent::constant(1),
+            thread_scratch: Extent::constant(0),
+        },
+    ];
+    let p = KernelProgram {
+        version: KERNEL_PROGRAM_VERSION,
+        name: "main".into(),
+        symbols: vec!["tokens".into(), "past".into()],
+        buffers: vec![
+            buf("ids", DType::I64, vec![t()], BufferKind::Input { index: 0 }),
+            buf("positions", DType::I64, vec![t()], BufferKind::Input { index: 1 }),
+            buf("model.embed_tokens.weight", DType::BF16, vec![c(v), c(h)], BufferKind::Weight { index: 0 }),
+            buf("model.norm.weight", DType::BF16, vec![c(h)], BufferKind::Weight { index: 1 }),
+            buf("lm_head.weight", DType::BF16, vec![c(v), c(h)], BufferKind::Weight { index: 2 }),
+            buf("h", DType::BF16, vec![t(), c(h)], BufferKind::Activation { slot: 0 }),
+            buf("normed", DType::F32, vec![t(), c(h)], BufferKind::Activation { slot: 1 }),
+            buf("logits", DType::F32, vec![t(), c(v)], BufferKind::Activation { slot: 0 }),
+        ],
+        weights: vec![weight("model.embed_tokens.weight", vec![v, h]), weight("model.norm.weight", vec![h]), weight("lm_head.weight", vec![v, h])],
+        kernels,
+        launches: vec![
+            Launch { kernel: 0, args: vec![BufferId(2), BufferId(0), BufferId(5)] },
+            Launch { kernel: 1, args: vec![BufferId(5), BufferId(3), BufferId(6)] },
+            Launch { kernel: 2, args: vec![BufferId(6), BufferId(4), BufferId(7)] },
+        ],
+        inputs: vec![BufferId(0), BufferId(1)],
+        outputs: vec![BufferId(7)],
+        caches: vec![],
+        slots: 2,
+    };
+    p.validate().unwrap();
+    for target in Target::ALL {
+        let ap = emit_program(&p, target, target.default_act()).unwrap();
+        let files = project_files(&p, &ap).unwrap();
+        assert_eq!(files, project_files(&p, &emit_program(&p, target, target.default_act()).unwrap()).unwrap(), "deterministic");
+        let listing: Vec<&str> = files.keys().map(String::as_str).collect();
+        insta::assert_snapshot!(format!("project_tree_{}", target.name()), listing.join("\n"));
+        let presets = &files["CMakePresets.json"];
+        assert!(presets.contains(&format!("\"ASCEND_COMPUTE_UNIT\": {{ \"type\": \"STRING\", \"value\": \"{}\" }}", target.name())));
+        let op_host = &files["op_host/panguc_k001_rms_norm.cpp"];
+        assert!(op_host.contains("class PangucK001RmsNorm : public OpDef") && op_host.contains("OP_ADD(PangucK001RmsNorm);"));
+        assert!(op_host.contains("const uint64_t tokens = context->GetInputShape(0)->GetStorageShape().GetDim(0);"), "{op_host}");
+        let report = memory_report(&ap);
+        assert_eq!(report["kernels"].as_array().unwrap().len(), 3);
+        let dir = tempfile::tempdir().unwrap();
+        for (rel, text) in &files {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        panguc_codegen_ascendc::host::check_host_compiles(dir.path()).unwrap();
+    }
+}

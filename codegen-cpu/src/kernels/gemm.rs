@@ -1,0 +1,420 @@
+//! Matmul kernels.
+//!
+//! Packed GEMM (`Gemm`, `MoeGateUp`, `MoeDown`): the weight is stored in
+//! column panels of `nr` (16) columns, K-major inside a panel
+//! ([`Layout::Panels`]). One tile is one panel; a register-blocked
+//! micro-kernel computes `MR x nr` outputs (6 rows x 16 lanes = 12 AVX2
+//! accumulators) with one broadcast of `a[i][k]` and one `nr`-wide load of
+//! the panel row per k, in f32. Narrow weights (bf16/f16) are widened in
+//! registers; when a panel is reused by more than one row block (prefill)
+//! it is first widened once into the thread's scratch. Panels are
+//! contiguous, so a thread's range of panels streams the weight
+//! sequentially (decode is a pure weight stream).
+//!
+//! Generic `MatMul` (activation x activation, e.g. attention in unfused
+//! graphs) accumulates in the reference's order and matches it exactly.
+
+use crate::cg::{Cg, Ok_};
+use anyhow::{anyhow, bail, Result};
+use inkwell::values::{FunctionValue, IntValue, PointerValue, VectorValue};
+use inkwell::AddressSpace;
+use panguc_ir::kernel::{ArgSpec, Epilogue, Kernel, Layout};
+use panguc_ir::{DType, Dim};
+
+/// Rows per register block.
+const MR: usize = 6;
+
+fn st(d: &Dim, what: &str) -> Result<usize> {
+    d.as_const().ok_or_else(|| anyhow!("{what} must be static, found {d}"))
+}
+
+/// `mk(rows: i8**, panel: i8*, tile: f32*)` for `mr = 1..=MR`: `tile[i] =
+/// sum_k a_i[k] * panel[k][0..nr]`. Each lane accumulates its output
+/// column over k in order with a separate multiply and add, which is the
+/// reference's order, so results match the interpreter bit for bit. (On
+/// this target's Zen-style cores FADD has its own pipes, so a multiply and
+/// an add sustain the same rate as an FMA.)
+fn microkernels<'c>(
+    cg: &mut Cg<'c>,
+    prefix: &str,
+    k: usize,
+    a_dtype: DType,
+    b_dtype: DType,
+    nr: u32,
+) -> Vec<FunctionValue<'c>> {
+    let mut out = vec![];
+    for mr in 1..=MR {
+        let name = format!("{prefix}.mk{mr}.{b_dtype}");
+        let f = cg.begin_helper(
+            &name,
+            &[cg.i8p().ptr_type(AddressSpace::default()).into(), cg.i8p().into(), cg.f32t().ptr_type(AddressSpace::default()).into()],
+        );
+        let p = f.get_params();
+        let rows = p[0].into_pointer_value();
+        let panel = cg.cast_ptr(p[1].into_pointer_value(), b_dtype);
+        let tile = p[2].into_pointer_value();
+        let a: Vec<PointerValue> = (0..mr)
+            .map(|i| {
+                let raw = cg.b.build_load(cg.gep(rows, cg.i64c(i as i64)), "").ok_().into_pointer_value();
+                cg.cast_ptr(raw, a_dtype)
+            })
+            .collect();
+        let acc: Vec<PointerValue> = (0..mr).map(|_| cg.alloca(cg.vec_f32(nr), "acc")).collect();
+        for x in &acc {
+            cg.store_v(*x, cg.zeros(nr));
+        }
+        cg.for_range(cg.i64c(0), cg.i64c(k as i64), 1, |cg, kk| {
+            let bv = cg.load_vec(panel, cg.mul(kk, cg.i64c(nr as i64)), b_dtype, nr);
+            for (ai, acc) in a.iter().zip(&acc) {
+                let av = cg.splat(cg.load_f(*ai, kk, a_dtype), nr);
+                let s = cg.fadd(cg.load_v(*acc), cg.fmul(av.into(), bv.into()));
+                cg.store_v(*acc, s);
+            }
+            Ok(())
+        })
+        .expect("no fallible steps");
+        for (i, x) in acc.iter().enumerate() {
+            cg.store_vec(tile, cg.i64c((i * nr as usize) as i64), DType::F32, cg.load_v(*x).into_vector_value());
+        }
+        cg.b.build_return(None).ok_();
+        out.push(f);
+    }
+    out
+}
+
+/// Micro-kernels for one packed-weight kernel: native-dtype panels, and
+/// (for narrow weights) f32 panels widened into scratch.
+struct Micro<'c> {
+    native: Vec<FunctionValue<'c>>,
+    widened: Option<Vec<FunctionValue<'c>>>,
+    k: usize,
+    nr: u32,
+    b_dtype: DType,
+}
+
+impl<'c> Micro<'c> {
+    fn new(cg: &mut Cg<'c>, prefix: &str, k: usize, a_dtype: DType, b_dtype: DType, nr: u32) -> Self {
+        let native = microkernels(cg, prefix, k, a_dtype, b_dtype, nr);
+        let widened = (b_dtype != DType::F32).then(|| microkernels(cg, prefix, k, a_dtype, DType::F32, nr));
+        Micro { native, widened, k, nr, b_dtype }
+    }
+}
+
+/// Per-row output callback: `(cg, row, tile vector)`.
+type RowStore<'a, 'c> = &'a dyn Fn(&mut Cg<'c>, IntValue<'c>, VectorValue<'c>) -> Result<()>;
+/// Row pointer callback (pointer to the row's first element, any type).
+type RowPtr<'a, 'c> = &'a dyn Fn(&Cg<'c>, IntValue<'c>) -> PointerValue<'c>;
+
+/// `m` rows against one panel: row blocks of MR through the micro-kernels,
+/// each block's tile handed to `store` row by row.
+fn panel_rows<'c>(
+    cg: &mut Cg<'c>,
+    mk: &Micro<'c>,
+    m: IntValue<'c>,
+    panel: PointerValue<'c>,
+    a_row: RowPtr<'_, 'c>,
+    store: RowStore<'_, 'c>,
+) -> Result<()> {
+    let rows = cg.alloca(cg.i8p().array_type(MR as u32), "rows");
+    let rows = cg.b.build_pointer_cast(rows, cg.i8p().ptr_type(AddressSpace::default()), "").ok_();
+    let tile = cg.alloca(cg.f32t().array_type(MR as u32 * mk.nr), "tile");
+    let tile = cg.b.build_pointer_cast(tile, cg.f32t().ptr_type(AddressSpace::default()), "").ok_();
+    let blocks = |cg: &mut Cg<'c>, fns: &[FunctionValue<'c>], panel: PointerValue<'c>| -> Result<()> {
+        let panel8 = cg.b.build_pointer_cast(panel, cg.i8p(), "").ok_();
+        cg.for_range(cg.i64c(0), m, MR as i64, |cg, m0| {
+            let mr = cg.min(cg.i64c(MR as i64), cg.sub(m, m0));
+            for i in 0..MR {
+                // Rows past the end repeat the last valid row (never stored).
+                let r = cg.min(cg.add(m0, cg.i64c(i as i64)), cg.sub(m, cg.i64c(1)));
+                let p = cg.b.build_pointer_cast(a_row(cg, r), cg.i8p(), "").ok_();
+                cg.store_v(cg.gep(rows, cg.i64c(i as i64)), p);
+            }
+            for (c, f) in fns.iter().enumerate() {
+                let is = cg.eq(mr, cg.i64c(c as i64 + 1));
+                cg.if_then(is, |cg| {
+                    cg.b.build_call(*f, &[rows.into(), panel8.into(), tile.into()], "").ok_();
+                    Ok(())
+                })?;
+            }
+            cg.for_range(cg.i64c(0), mr, 1, |cg, i| {
+                let v = cg.load_vec(tile, cg.mul(i, cg.i64c(mk.nr as i64)), DType::F32, mk.nr);
+                store(cg, cg.add(m0, i), v)
+            })
+        })
+    };
+    match &mk.widened {
+        None => blocks(cg, &mk.native, panel),
+        Some(wide) => {
+            let reused = cg.lt(cg.i64c(MR as i64), m);
+            cg.if_else(
+                reused,
+                |cg| {
+                    let scratch = cg.cast_ptr(cg.scratch.expect("kernel"), DType::F32);
+                    let nr = cg.i64c(mk.nr as i64);
+                    cg.for_range(cg.i64c(0), cg.i64c(mk.k as i64), 1, |cg, kk| {
+                        let at = cg.mul(kk, nr);
+                        let v = cg.load_vec(panel, at, mk.b_dtype, mk.nr);
+                        cg.store_vec(scratch, at, DType::F32, v);
+                        Ok(())
+                    })?;
+                    blocks(cg, wide, scratch)
+                },
+                |cg| blocks(cg, &mk.native, panel),
+            )
+        }
+    }
+}
+
+/// Store lanes `0..width` of `v` at `out[at..]`, only those below `valid`
+/// (the last panel may be partial).
+fn store_lanes<'c>(
+    cg: &mut Cg<'c>,
+    out: (PointerValue<'c>, DType),
+    at: IntValue<'c>,
+    v: VectorValue<'c>,
+    width: u32,
+    valid: IntValue<'c>,
+) -> Result<()> {
+    let full = cg.le(cg.i64c(width as i64), valid);
+    cg.if_else(
+        full,
+        |cg| {
+            if out.1 == DType::F32 {
+                cg.store_vec(out.0, at, out.1, v);
+            } else {
+                for l in 0..width {
+                    cg.store_f(out.0, cg.add(at, cg.i64c(l as i64)), out.1, cg.lane(v, l));
+                }
+            }
+            Ok(())
+        },
+        |cg| {
+            for l in 0..width {
+                let ok = cg.lt(cg.i64c(l as i64), valid);
+                cg.if_then(ok, |cg| {
+                    cg.store_f(out.0, cg.add(at, cg.i64c(l as i64)), out.1, cg.lane(v, l));
+                    Ok(())
+                })?;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// `silu(gate) * up` of an interleaved gate/up tile row.
+fn swiglu<'c>(cg: &Cg<'c>, v: VectorValue<'c>, nr: u32) -> VectorValue<'c> {
+    let half = nr / 2;
+    let (g, u) = (cg.lanes(v, 0, half), cg.lanes(v, half, half));
+    let silu = cg.fmul(g.into(), cg.sigmoid(g.into()));
+    cg.fmul(silu, u.into()).into_vector_value()
+}
+
+/// Matrix index of an operand with batch dims `shape` broadcast against the
+/// output batch multi-index `idx`.
+fn batch_index<'c>(cg: &Cg<'c>, shape: &[Dim], idx: &[IntValue<'c>]) -> Result<IntValue<'c>> {
+    let r = idx.len();
+    let ri = shape.len();
+    let dims = cg.dims(shape)?;
+    let strides = cg.strides(&dims);
+    let mut acc = cg.i64c(0);
+    for d in 0..ri {
+        if shape[d] != Dim::c(1) {
+            acc = cg.add(acc, cg.mul(idx[d + r - ri], strides[d]));
+        }
+    }
+    Ok(acc)
+}
+
+fn panel_geometry(w: &ArgSpec) -> Result<(u32, u32)> {
+    match w.layout {
+        Layout::Panels { nr, .. } => Ok((nr, nr)),
+        Layout::GateUpPanels { nr } => Ok((nr, nr / 2)),
+        Layout::RowMajor => bail!("packed GEMM needs a packed weight"),
+    }
+}
+
+pub(crate) fn gemm<'c>(cg: &mut Cg<'c>, k: &Kernel, epilogue: Epilogue) -> Result<()> {
+    let (a, w) = (&k.args[0], &k.args[1]);
+    let out = k.args.last().expect("out");
+    let bias = (epilogue == Epilogue::Bias).then(|| &k.args[2]);
+    let (nr, width) = panel_geometry(w)?;
+    let ra = a.shape.len();
+    let r = out.shape.len();
+    let kdim = st(&a.shape[ra - 1], "gemm K")?;
+    let n = st(&out.shape[r - 1], "gemm N")?;
+    let panels = n.div_ceil(width as usize);
+    let w_batch = &w.shape[..w.shape.len() - 2];
+    let mk = Micro::new(cg, &k.name, kdim, a.dtype, w.dtype, nr);
+    cg.begin_kernel(&k.name);
+    let od = cg.dims(&out.shape)?;
+    let m = od[r - 2];
+    let (ap, wp, op) = (cg.arg(0, a.dtype), cg.arg(1, w.dtype), cg.arg(k.args.len() - 1, out.dtype));
+    let bp = bias.map(|b| cg.arg(2, b.dtype));
+    let (pc, kc, nc) = (cg.i64c(panels as i64), cg.i64c(kdim as i64), cg.i64c(n as i64));
+    cg.for_tiles(|cg, t| {
+        let (bi, p) = (cg.div(t, pc), cg.rem(t, pc));
+        let idx = cg.unravel(bi, &od[..r - 2]);
+        let a_mat = batch_index(cg, &a.shape[..ra - 2], &idx)?;
+        let w_mat = batch_index(cg, w_batch, &idx)?;
+        let a_base = cg.mul(cg.mul(a_mat, m), kc);
+        let o_base = cg.mul(cg.mul(bi, m), nc);
+        let panel_at = cg.mul(cg.add(cg.mul(w_mat, pc), p), cg.i64c((kdim * nr as usize) as i64));
+        let panel = cg.gep(wp, panel_at);
+        let col = cg.mul(p, cg.i64c(width as i64));
+        let valid = cg.sub(nc, col);
+        let a_row = |cg: &Cg<'c>, row: IntValue<'c>| cg.gep(ap, cg.add(a_base, cg.mul(row, kc)));
+        let a_row: RowPtr = &a_row;
+        let store = |cg: &mut Cg<'c>, row: IntValue<'c>, v: VectorValue<'c>| -> Result<()> {
+            let v = match epilogue {
+                Epilogue::None => v,
+                Epilogue::SwiGlu => swiglu(cg, v, nr),
+                Epilogue::Bias => {
+                    let (bp, bd) = (bp.expect("bias"), bias.expect("bias").dtype);
+                    // Bias lanes past N would read outside the buffer: load
+                    // the valid ones only.
+                    let mut bv = cg.zeros(nr);
+                    for l in 0..nr {
+                        let at = cg.add(col, cg.i64c(l as i64));
+                        let safe = cg.min(at, cg.sub(nc, cg.i64c(1)));
+                        let x = cg.load_f(bp, safe, bd);
+                        bv = cg.b.build_insert_element(bv, x, cg.i32t().const_int(l as u64, false), "").ok_();
+                    }
+                    cg.fadd(v.into(), bv.into()).into_vector_value()
+                }
+            };
+            let at = cg.add(cg.add(o_base, cg.mul(row, nc)), col);
+            store_lanes(cg, (op, out.dtype), at, v, width, valid)
+        };
+        panel_rows(cg, &mk, m, panel, a_row, &store)
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}
+
+/// Shared shape of the two grouped (per-expert) GEMMs.
+struct Grouped {
+    kdim: usize,
+    n: usize,
+    nr: u32,
+    width: u32,
+}
+
+fn grouped_geometry(k: &Kernel) -> Result<Grouped> {
+    let w = &k.args[3];
+    let (nr, width) = panel_geometry(w)?;
+    let kdim = st(&w.shape[2], "expert K")?;
+    let n = match w.layout {
+        Layout::GateUpPanels { .. } => st(&w.shape[1], "gate_up rows")? / 2,
+        _ => st(&w.shape[1], "down rows")?,
+    };
+    Ok(Grouped { kdim, n, nr, width })
+}
+
+/// `MoeGateUp` (`down = false`) and `MoeDown`: one tile per (expert, panel)
+/// over the expert's sorted rows.
+pub(crate) fn grouped<'c>(cg: &mut Cg<'c>, k: &Kernel, down: bool) -> Result<()> {
+    let g = grouped_geometry(k)?;
+    let (a, w, out) = (&k.args[0], &k.args[3], &k.args[4]);
+    let panels = g.n.div_ceil(g.width as usize);
+    let mk = Micro::new(cg, &k.name, g.kdim, a.dtype, w.dtype, g.nr);
+    cg.begin_kernel(&k.name);
+    let (ap, offp, wp, op) = (cg.arg(0, a.dtype), cg.arg(1, DType::I64), cg.arg(3, w.dtype), cg.arg(4, out.dtype));
+    // MoeGateUp reads x rows through `rows`; MoeDown scales by row weight.
+    let aux = if down { cg.arg(2, DType::F32) } else { cg.arg(2, DType::I64) };
+    let (pc, kc, nc) = (cg.i64c(panels as i64), cg.i64c(g.kdim as i64), cg.i64c(g.n as i64));
+    cg.for_tiles(|cg, t| {
+        let (e, p) = (cg.div(t, pc), cg.rem(t, pc));
+        let r0 = cg.load_i(offp, e);
+        let count = cg.sub(cg.load_i(offp, cg.add(e, cg.i64c(1))), r0);
+        cg.if_then(cg.lt(cg.i64c(0), count), |cg| {
+            let panel_at = cg.mul(cg.add(cg.mul(e, pc), p), cg.i64c((g.kdim * g.nr as usize) as i64));
+            let panel = cg.gep(wp, panel_at);
+            let col = cg.mul(p, cg.i64c(g.width as i64));
+            let valid = cg.sub(nc, col);
+            let a_row = |cg: &Cg<'c>, m: IntValue<'c>| {
+                let src = if down { cg.add(r0, m) } else { cg.load_i(aux, cg.add(r0, m)) };
+                cg.gep(ap, cg.mul(src, kc))
+            };
+            let store = |cg: &mut Cg<'c>, m: IntValue<'c>, v: VectorValue<'c>| -> Result<()> {
+                let row = cg.add(r0, m);
+                let v = if down {
+                    let s = cg.splat(cg.load_f(aux, row, DType::F32), g.nr);
+                    cg.fmul(v.into(), s.into()).into_vector_value()
+                } else {
+                    swiglu(cg, v, g.nr)
+                };
+                let at = cg.add(cg.mul(row, nc), col);
+                store_lanes(cg, (op, out.dtype), at, v, g.width, valid)
+            };
+            panel_rows(cg, &mk, count, panel, &a_row, &store)
+        })
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}
+
+/// Generic batched matmul in the reference's accumulation order.
+pub(crate) fn matmul(cg: &mut Cg, k: &Kernel, transpose_b: bool, has_bias: bool) -> Result<()> {
+    let (a, b) = (&k.args[0], &k.args[1]);
+    let out = k.args.last().expect("out");
+    let (ra, rb, r) = (a.shape.len(), b.shape.len(), out.shape.len());
+    cg.begin_kernel(&k.name);
+    let od = cg.dims(&out.shape)?;
+    let (m, n) = (od[r - 2], od[r - 1]);
+    let kdim = cg.dim(&a.shape[ra - 1])?;
+    let (ap, bp, op) = (cg.arg(0, a.dtype), cg.arg(1, b.dtype), cg.arg(k.args.len() - 1, out.dtype));
+    let biasp = has_bias.then(|| cg.arg(2, k.args[2].dtype));
+    cg.for_tiles(|cg, t| {
+        let (bi, mi) = (cg.div(t, m), cg.rem(t, m));
+        let idx = cg.unravel(bi, &od[..r - 2]);
+        let a_mat = batch_index(cg, &a.shape[..ra - 2], &idx)?;
+        let b_mat = batch_index(cg, &b.shape[..rb - 2], &idx)?;
+        let arow = cg.mul(cg.add(cg.mul(a_mat, m), mi), kdim);
+        let bbase = cg.mul(cg.mul(b_mat, kdim), n);
+        let orow = cg.mul(t, n);
+        if transpose_b {
+            cg.for_range(cg.i64c(0), n, 1, |cg, j| {
+                let acc = cg.alloca(cg.f32t(), "acc");
+                cg.store_v(acc, cg.f32c(0.0));
+                let brow = cg.add(bbase, cg.mul(j, kdim));
+                cg.for_range(cg.i64c(0), kdim, 1, |cg, kk| {
+                    let x = cg.load_f(ap, cg.add(arow, kk), a.dtype);
+                    let y = cg.load_f(bp, cg.add(brow, kk), b.dtype);
+                    let s = cg.fadd(cg.load_v(acc), cg.fmul(x.into(), y.into()));
+                    cg.store_v(acc, s);
+                    Ok(())
+                })?;
+                cg.store_f(op, cg.add(orow, j), DType::F32, cg.load_v(acc).into_float_value());
+                Ok(())
+            })?;
+        } else {
+            cg.for_range(cg.i64c(0), n, 1, |cg, j| {
+                cg.store_f(op, cg.add(orow, j), DType::F32, cg.f32c(0.0));
+                Ok(())
+            })?;
+            cg.for_range(cg.i64c(0), kdim, 1, |cg, kk| {
+                let x = cg.load_f(ap, cg.add(arow, kk), a.dtype);
+                let brow = cg.add(bbase, cg.mul(kk, n));
+                cg.for_range(cg.i64c(0), n, 1, |cg, j| {
+                    let at = cg.add(orow, j);
+                    let y = cg.load_f(bp, cg.add(brow, j), b.dtype);
+                    let s = cg.fadd(cg.load_f(op, at, DType::F32).into(), cg.fmul(x.into(), y.into()));
+                    cg.store_f(op, at, DType::F32, s.into_float_value());
+                    Ok(())
+                })
+            })?;
+        }
+        if let Some(bp) = biasp {
+            let bd = k.args[2].dtype;
+            cg.for_range(cg.i64c(0), n, 1, |cg, j| {
+                let at = cg.add(orow, j);
+                let s = cg.fadd(cg.load_f(op, at, DType::F32).into(), cg.load_f(bp, j, bd).into());
+                cg.store_f(op, at, DType::F32, s.into_float_value());
+                Ok(())
+            })?;
+        }
+        Ok(())
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! One emitter per kernel kind; each writes an exported function with the
+//! common kernel ABI (see `cg`), specialised to the kernel's dtypes and
+//! shapes (static dims are constants, symbolic dims read `syms`).
+
+mod attention;
+mod elementwise;
+mod gemm;
+mod movement;
+mod norm;
+mod reduce;
+
+use crate::cg::Cg;
+use anyhow::{Context, Result};
+use panguc_ir::kernel::{Kernel, KernelKind};
+
+pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
+    let r = match &k.kind {
+        KernelKind::Elementwise { op } => elementwise::emit(cg, k, op),
+        KernelKind::Gather => movement::gather(cg, k),
+        KernelKind::MatMul { transpose_b, bias } => gemm::matmul(cg, k, *transpose_b, *bias),
+        KernelKind::Gemm { epilogue } => gemm::gemm(cg, k, *epilogue),
+        KernelKind::Reduce { op, axis } => reduce::reduce(cg, k, *op, *axis),
+        KernelKind::ArgMax { axis } => reduce::argmax(cg, k, *axis),
+        KernelKind::Softmax { axis } => reduce::softmax(cg, k, *axis),
+        KernelKind::Transpose { perm } => movement::transpose(cg, k, perm),
+        KernelKind::Slice { axis, start } => movement::slice(cg, k, *axis, *start),
+        KernelKind::CopyInto { axis, offset } => movement::copy_into(cg, k, *axis, offset),
+        KernelKind::RepeatInterleave { axis, repeats } => movement::repeat_interleave(cg, k, *axis, *repeats),
+        KernelKind::RopeTable { kind, theta, head_dim } => movement::rope_table(cg, k, *kind, *theta, *head_dim),
+        KernelKind::CausalMask => movement::causal_mask(cg, k),
+        KernelKind::OneHot { depth } => movement::one_hot(cg, k, *depth),
+        KernelKind::RmsNorm { eps } => norm::rms_norm(cg, k, *eps),
+        KernelKind::AddRmsNorm { eps } => norm::add_rms_norm(cg, k, *eps),
+        KernelKind::Rope => norm::rope(cg, k),
+        KernelKind::QkvRopeAppend { q_heads, kv_heads } => norm::qkv_rope_append(cg, k, *q_heads, *kv_heads),
+        KernelKind::Attention { scale } => attention::attention(cg, k, *scale),
+        KernelKind::MoeGating { groups } => reduce::moe_gating(cg, k, *groups),
+        KernelKind::MoeRoute => reduce::moe_route(cg, k),
+        KernelKind::MoeGateUp => gemm::grouped(cg, k, false),
+        KernelKind::MoeDown => gemm::grouped(cg, k, true),
+        KernelKind::MoeCombine { shared_residual } => reduce::moe_combine(cg, k, *shared_residual),
+    };
+    r.with_context(|| format!("generating kernel {} ({})", k.name, k.kind.mnemonic()))
+}

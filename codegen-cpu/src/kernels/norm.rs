@@ -1,0 +1,159 @@
+//! Row kernels: RMSNorm (with the residual add fused), RoPE, and the QKV
+//! split + RoPE + KV-cache append. All follow the reference's operation
+//! order exactly.
+
+use crate::cg::{Cg, Ok_};
+use anyhow::Result;
+use inkwell::values::{IntValue, PointerValue};
+use panguc_ir::kernel::Kernel;
+use panguc_ir::DType;
+
+/// `out[i] = x[i] * (1 / sqrt(mean(x^2) + eps)) * w[i]` over one row of `h`.
+fn rms_row<'c>(
+    cg: &mut Cg<'c>,
+    x: (PointerValue<'c>, DType),
+    w: (PointerValue<'c>, DType),
+    out: (PointerValue<'c>, DType),
+    base: IntValue<'c>,
+    h: IntValue<'c>,
+    eps: f64,
+) -> Result<()> {
+    let acc = cg.alloca(cg.f32t(), "ss");
+    cg.store_v(acc, cg.f32c(0.0));
+    cg.for_range(cg.i64c(0), h, 1, |cg, i| {
+        let v = cg.load_f(x.0, cg.add(base, i), x.1);
+        let s = cg.fadd(cg.load_v(acc), cg.fmul(v.into(), v.into()));
+        cg.store_v(acc, s);
+        Ok(())
+    })?;
+    let hf = cg.b.build_signed_int_to_float(h, cg.f32t(), "").ok_();
+    let ms = cg.fdiv(cg.load_v(acc), hf.into());
+    let denom = cg.sqrt(cg.fadd(ms, cg.f32c(eps as f32).into()));
+    let r = cg.fdiv(cg.f32c(1.0).into(), denom);
+    cg.for_range(cg.i64c(0), h, 1, |cg, i| {
+        let v = cg.load_f(x.0, cg.add(base, i), x.1);
+        let g = cg.load_f(w.0, i, w.1);
+        let y = cg.fmul(cg.fmul(v.into(), r), g.into());
+        cg.store_f(out.0, cg.add(base, i), out.1, y.into_float_value());
+        Ok(())
+    })
+}
+
+pub(crate) fn rms_norm(cg: &mut Cg, k: &Kernel, eps: f64) -> Result<()> {
+    let (x, w, out) = (&k.args[0], &k.args[1], &k.args[2]);
+    cg.begin_kernel(&k.name);
+    let h = cg.dim(x.shape.last().expect("rank >= 1"))?;
+    let (xp, wp, op) = (cg.arg(0, x.dtype), cg.arg(1, w.dtype), cg.arg(2, out.dtype));
+    cg.for_tiles(|cg, t| {
+        let base = cg.mul(t, h);
+        rms_row(cg, (xp, x.dtype), (wp, w.dtype), (op, out.dtype), base, h, eps)
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}
+
+pub(crate) fn add_rms_norm(cg: &mut Cg, k: &Kernel, eps: f64) -> Result<()> {
+    let (x, res, w, sum, out) = (&k.args[0], &k.args[1], &k.args[2], &k.args[3], &k.args[4]);
+    cg.begin_kernel(&k.name);
+    let h = cg.dim(x.shape.last().expect("rank >= 1"))?;
+    let (xp, rp, wp) = (cg.arg(0, x.dtype), cg.arg(1, res.dtype), cg.arg(2, w.dtype));
+    let (sp, op) = (cg.arg(3, sum.dtype), cg.arg(4, out.dtype));
+    cg.for_tiles(|cg, t| {
+        let base = cg.mul(t, h);
+        cg.for_range(cg.i64c(0), h, 1, |cg, i| {
+            let at = cg.add(base, i);
+            let v = cg.fadd(cg.load_f(xp, at, x.dtype).into(), cg.load_f(rp, at, res.dtype).into());
+            cg.store_f(sp, at, sum.dtype, v.into_float_value());
+            Ok(())
+        })?;
+        rms_row(cg, (sp, sum.dtype), (wp, w.dtype), (op, out.dtype), base, h, eps)
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}
+
+/// NeoX RoPE of one head: `x*cos + rotate_half(x)*sin`.
+#[allow(clippy::too_many_arguments)]
+fn rope_head<'c>(
+    cg: &mut Cg<'c>,
+    x: (PointerValue<'c>, IntValue<'c>, DType),
+    cos: (PointerValue<'c>, DType),
+    sin: (PointerValue<'c>, DType),
+    trow: IntValue<'c>,
+    out: (PointerValue<'c>, IntValue<'c>, DType),
+    d: usize,
+) -> Result<()> {
+    let half = cg.i64c(d as i64 / 2);
+    let ld = |cg: &Cg<'c>, i| cg.load_f(x.0, cg.add(x.1, i), x.2);
+    let body = |cg: &mut Cg<'c>, i: IntValue<'c>, rot: inkwell::values::FloatValue<'c>| {
+        let c = cg.load_f(cos.0, cg.add(trow, i), cos.1);
+        let s = cg.load_f(sin.0, cg.add(trow, i), sin.1);
+        let y = cg.fadd(cg.fmul(ld(cg, i).into(), c.into()), cg.fmul(rot.into(), s.into()));
+        cg.store_f(out.0, cg.add(out.1, i), out.2, y.into_float_value());
+    };
+    cg.for_range(cg.i64c(0), half, 1, |cg, i| {
+        let rot = cg.fneg(ld(cg, cg.add(i, half)).into()).into_float_value();
+        body(cg, i, rot);
+        Ok(())
+    })?;
+    cg.for_range(half, cg.i64c(d as i64), 1, |cg, i| {
+        let rot = ld(cg, cg.sub(i, half));
+        body(cg, i, rot);
+        Ok(())
+    })
+}
+
+fn static_dim(d: &panguc_ir::Dim, what: &str) -> Result<usize> {
+    d.as_const().ok_or_else(|| anyhow::anyhow!("{what} must be static, found {d}"))
+}
+
+pub(crate) fn rope(cg: &mut Cg, k: &Kernel) -> Result<()> {
+    let (x, cos, sin, out) = (&k.args[0], &k.args[1], &k.args[2], &k.args[3]);
+    let heads = static_dim(&x.shape[1], "rope heads")?;
+    let d = static_dim(&x.shape[2], "rope head_dim")?;
+    cg.begin_kernel(&k.name);
+    let (xp, cp, sp, op) = (cg.arg(0, x.dtype), cg.arg(1, cos.dtype), cg.arg(2, sin.dtype), cg.arg(3, out.dtype));
+    let dc = cg.i64c(d as i64);
+    cg.for_tiles(|cg, t| {
+        let ti = cg.div(t, cg.i64c(heads as i64));
+        let base = cg.mul(t, dc);
+        rope_head(cg, (xp, base, x.dtype), (cp, cos.dtype), (sp, sin.dtype), cg.mul(ti, dc), (op, base, out.dtype), d)
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}
+
+/// One token per tile: q heads roped into `q_out`, k heads roped and v
+/// heads copied into the caches at row `past + t`.
+pub(crate) fn qkv_rope_append(cg: &mut Cg, k: &Kernel, q_heads: usize, kv_heads: usize) -> Result<()> {
+    let (y, cos, sin, q) = (&k.args[0], &k.args[1], &k.args[2], &k.args[3]);
+    let d = static_dim(&cos.shape[1], "rope head_dim")?;
+    let width = static_dim(&y.shape[1], "qkv width")?;
+    cg.begin_kernel(&k.name);
+    let tokens = cg.dim(&y.shape[0])?;
+    let kv_len = cg.dim(&k.args[4].shape[0])?;
+    let past = cg.sub(kv_len, tokens);
+    let (yp, cp, sp) = (cg.arg(0, y.dtype), cg.arg(1, cos.dtype), cg.arg(2, sin.dtype));
+    let (qp, kp, vp) = (cg.arg(3, q.dtype), cg.arg(4, DType::F32), cg.arg(5, DType::F32));
+    let dc = cg.i64c(d as i64);
+    cg.for_tiles(|cg, t| {
+        let yrow = cg.mul(t, cg.i64c(width as i64));
+        let trow = cg.mul(t, dc);
+        let cache_row = cg.mul(cg.add(past, t), cg.i64c((kv_heads * d) as i64));
+        for h in 0..q_heads {
+            let src = cg.add(yrow, cg.i64c((h * d) as i64));
+            let dst = cg.mul(cg.add(cg.mul(t, cg.i64c(q_heads as i64)), cg.i64c(h as i64)), dc);
+            rope_head(cg, (yp, src, y.dtype), (cp, cos.dtype), (sp, sin.dtype), trow, (qp, dst, q.dtype), d)?;
+        }
+        for h in 0..kv_heads {
+            let src = cg.add(yrow, cg.i64c(((q_heads + h) * d) as i64));
+            let dst = cg.add(cache_row, cg.i64c((h * d) as i64));
+            rope_head(cg, (yp, src, y.dtype), (cp, cos.dtype), (sp, sin.dtype), trow, (kp, dst, DType::F32), d)?;
+            let vsrc = cg.add(yrow, cg.i64c(((q_heads + kv_heads + h) * d) as i64));
+            super::movement::copy(cg, (yp, vsrc, y.dtype), (vp, dst, DType::F32), dc)?;
+        }
+        Ok(())
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}

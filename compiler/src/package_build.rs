@@ -1,0 +1,217 @@
+//! Writing CPU packages (format: `panguc_runtime::package`).
+//!
+//! [`write_cpu_package`] schedules the fused module into a kernel program,
+//! generates and links the kernel library, evaluates and repacks the
+//! prepared weights into `weights/`, writes the report and IR dumps, and
+//! finishes with [`finalize_manifest`], which hashes every file under the
+//! staging directory. Other targets may add files and call
+//! [`finalize_manifest`] again. Nothing here depends on time or on hash-map
+//! order, so compiling twice gives byte-identical packages.
+
+use crate::frontend::Checkpoint;
+use anyhow::{anyhow, bail, Context, Result};
+use panguc_ir::kernel::{BufferKind, KernelProgram, PreparedWeight, WeightExpr};
+use panguc_ir::{DType, Module, PanguConfig, Tensor, WeightSource};
+use panguc_runtime::package::{
+    hash_tree, BufferEntry, CpuSection, KernelEntry, Manifest, WeightEntry, CPU_LIBRARY, MANIFEST_FILE,
+    PACKAGE_FORMAT_VERSION, PROGRAM_FILE, WEIGHT_ALIGN,
+};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+/// Write the CPU part of a package into `staging` (which must exist) and
+/// its manifest. `report` is merged into `report.json` and must not hold
+/// anything run-dependent (timings) if packages are to be reproducible.
+pub fn write_cpu_package(
+    staging: &Path,
+    ckpt: &Checkpoint,
+    fused: &Module,
+    targets: &[String],
+    report: &serde_json::Value,
+) -> Result<()> {
+    let program = panguc_lowering::schedule::schedule(fused, &Default::default()).context("scheduling the kernel program")?;
+    let target = panguc_codegen_cpu::HostTarget::detect()?;
+    let compiled = panguc_codegen_cpu::compile(&program, &target).context("generating CPU code")?;
+    let cpu_dir = staging.join("cpu");
+    std::fs::create_dir_all(&cpu_dir).with_context(|| format!("creating {}", cpu_dir.display()))?;
+    panguc_codegen_cpu::link_shared_library(&compiled.object, &staging.join(CPU_LIBRARY))?;
+    write(&cpu_dir.join("kernels.s"), compiled.assembly.as_bytes())?;
+    write(&cpu_dir.join("kernels.ll"), compiled.llvm_ir.as_bytes())?;
+    write(&staging.join(PROGRAM_FILE), serde_json::to_string(&program)?.as_bytes())?;
+    let ir_dir = staging.join("ir");
+    std::fs::create_dir_all(&ir_dir)?;
+    write(&ir_dir.join("fused.txt"), panguc_ir::text::print_module(fused).as_bytes())?;
+    write(&ir_dir.join("kernel_program.txt"), program.to_text().as_bytes())?;
+
+    let weights = if ckpt.has_weights() { Some(write_weights(staging, ckpt, &program)?) } else { None };
+
+    let mut rep = match report {
+        serde_json::Value::Object(m) => m.clone(),
+        serde_json::Value::Null => serde_json::Map::new(),
+        other => serde_json::Map::from_iter([("report".to_string(), other.clone())]),
+    };
+    rep.insert(
+        "cpu".into(),
+        serde_json::json!({
+            "schedule": panguc_lowering::schedule::stats(&program),
+            "target": { "triple": target.triple, "cpu": target.cpu, "vector_lanes": target.vector_lanes() },
+            "library_bytes": std::fs::metadata(staging.join(CPU_LIBRARY))?.len(),
+        }),
+    );
+    write(&staging.join("report.json"), serde_json::to_string_pretty(&serde_json::Value::Object(rep))?.as_bytes())?;
+
+    let manifest = Manifest {
+        format_version: PACKAGE_FORMAT_VERSION,
+        panguc_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: ckpt.config().clone(),
+        targets: targets.to_vec(),
+        cpu: Some(CpuSection {
+            library: CPU_LIBRARY.to_string(),
+            program: PROGRAM_FILE.to_string(),
+            triple: target.triple.clone(),
+            cpu: target.cpu.clone(),
+            features: target.features.clone(),
+            abi: panguc_codegen_cpu::KERNEL_ABI_VERSION,
+        }),
+        kernels: program
+            .kernels
+            .iter()
+            .map(|k| KernelEntry { name: k.name.clone(), kind: k.kind.mnemonic().to_string() })
+            .collect(),
+        buffers: buffer_plan(&program),
+        weights,
+        files: BTreeMap::new(),
+    };
+    write_manifest(staging, &manifest)?;
+    finalize_manifest(staging, ckpt.config(), targets)
+}
+
+/// (Re)write `staging/manifest.json` with the size and sha256 of every
+/// other file under `staging`. Creates a target-less manifest for `cfg` if
+/// there is none yet (packages without a CPU part).
+pub fn finalize_manifest(staging: &Path, cfg: &PanguConfig, targets: &[String]) -> Result<()> {
+    let path = staging.join(MANIFEST_FILE);
+    let mut manifest = if path.is_file() {
+        panguc_runtime::package::read_manifest(staging)?
+    } else {
+        Manifest {
+            format_version: PACKAGE_FORMAT_VERSION,
+            panguc_version: env!("CARGO_PKG_VERSION").to_string(),
+            model: cfg.clone(),
+            targets: vec![],
+            cpu: None,
+            kernels: vec![],
+            buffers: vec![],
+            weights: None,
+            files: BTreeMap::new(),
+        }
+    };
+    manifest.targets = targets.to_vec();
+    manifest.files = hash_tree(staging)?;
+    write_manifest(staging, &manifest)
+}
+
+fn write_manifest(staging: &Path, m: &Manifest) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(m)?;
+    text.push('\n');
+    write(&staging.join(MANIFEST_FILE), text.as_bytes())
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn buffer_plan(p: &KernelProgram) -> Vec<BufferEntry> {
+    p.buffers
+        .iter()
+        .map(|b| BufferEntry {
+            name: b.name.clone(),
+            dtype: b.dtype,
+            shape: b.shape.iter().map(|d| d.to_string()).collect(),
+            kind: match &b.kind {
+                BufferKind::Input { index } => format!("input {index}"),
+                BufferKind::Weight { index } => format!("weight {}", p.weights[*index].name),
+                BufferKind::KvCache { cache } => format!("kv_cache {cache}"),
+                BufferKind::Activation { slot } => format!("slot {slot}"),
+                BufferKind::View { base, .. } => format!("view {}", p.buffers[base.index()].name),
+            },
+        })
+        .collect()
+}
+
+/// Evaluate every prepared weight and append it, in kernel layout, to
+/// `weights/<group>.bin` at a 64-byte aligned offset.
+fn write_weights(staging: &Path, ckpt: &Checkpoint, p: &KernelProgram) -> Result<Vec<WeightEntry>> {
+    let dir = staging.join("weights");
+    std::fs::create_dir_all(&dir)?;
+    let mut files: BTreeMap<String, (std::io::BufWriter<std::fs::File>, u64)> = BTreeMap::new();
+    let mut entries = vec![];
+    for w in &p.weights {
+        let rel = format!("weights/{}.bin", w.group);
+        if !files.contains_key(&rel) {
+            let f = std::fs::File::create(staging.join(&rel)).with_context(|| format!("creating {rel}"))?;
+            files.insert(rel.clone(), (std::io::BufWriter::new(f), 0));
+        }
+        let bytes = prepared_bytes(ckpt, w).with_context(|| format!("preparing weight `{}`", w.name))?;
+        let (out, pos) = files.get_mut(&rel).expect("inserted");
+        let pad = pos.next_multiple_of(WEIGHT_ALIGN) - *pos;
+        out.write_all(&vec![0u8; pad as usize])?;
+        let offset = *pos + pad;
+        out.write_all(&bytes)?;
+        *pos = offset + bytes.len() as u64;
+        entries.push(WeightEntry { name: w.name.clone(), file: rel, offset, bytes: bytes.len() as u64 });
+    }
+    for (rel, (mut out, _)) in files {
+        out.flush().with_context(|| format!("writing {rel}"))?;
+    }
+    Ok(entries)
+}
+
+/// A prepared weight's bytes in its storage dtype and layout.
+pub fn prepared_bytes(ckpt: &Checkpoint, w: &PreparedWeight) -> Result<Vec<u8>> {
+    let row_major = match &w.expr {
+        WeightExpr::Tensor { name } => {
+            let (dtype, shape, _) =
+                ckpt.tensor_info(name).ok_or_else(|| anyhow!("tensor `{name}` is not in the checkpoint"))?;
+            if shape != w.shape {
+                bail!("tensor `{name}` has shape {shape:?}, the kernel program expects {:?}", w.shape);
+            }
+            if dtype == w.dtype {
+                ckpt.tensor_bytes(name)?.to_vec()
+            } else {
+                encode(&ckpt.load_f32(name, &shape)?, w.dtype)?
+            }
+        }
+        WeightExpr::Graph { function } => {
+            let mut m = Module::new("prepare", function.name.clone());
+            m.add_function(function.clone());
+            let interp = panguc_ir::interp::Interpreter::new(&m, ckpt);
+            let mut out = interp.run_entry(&[])?;
+            let t = out.pop().ok_or_else(|| anyhow!("weight expression has no output"))?;
+            if t.shape != w.shape {
+                bail!("weight expression gives shape {:?}, expected {:?}", t.shape, w.shape);
+            }
+            encode(&t, w.dtype)?
+        }
+    };
+    Ok(w.layout.pack(&row_major, &w.shape, w.dtype.size_bytes()))
+}
+
+/// Row-major little-endian bytes of `t` in `dtype` (exact: the scheduler
+/// only keeps a narrow dtype for values that are representable in it).
+fn encode(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(t.numel() * dtype.size_bytes());
+    match (&t.data, dtype) {
+        (panguc_ir::TensorData::F32(v), DType::F32) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+        (panguc_ir::TensorData::F32(v), DType::BF16) => {
+            v.iter().for_each(|x| out.extend(half::bf16::from_f32(*x).to_le_bytes()))
+        }
+        (panguc_ir::TensorData::F32(v), DType::F16) => {
+            v.iter().for_each(|x| out.extend(half::f16::from_f32(*x).to_le_bytes()))
+        }
+        (panguc_ir::TensorData::I64(v), DType::I64) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+        (_, d) => bail!("cannot store a weight as {d}"),
+    }
+    Ok(out)
+}

@@ -1,0 +1,708 @@
+//! Kernel programs: the scheduled form of a model that code generators consume.
+//!
+//! `panguc-lowering`'s scheduler turns the (fused) graph IR into a
+//! [`KernelProgram`]: an ordered list of kernel [`Launch`]es over named
+//! [`Buffer`]s (inputs, prepared weights, KV caches, activations, views),
+//! with symbolic sizes over the shape symbols `tokens` and `past`. Each
+//! distinct specialised [`Kernel`] appears once; launches refer to it by
+//! index, so the 48 decoder layers of the real model share their kernels.
+//!
+//! Prepared weights are evaluated at package time from checkpoint tensors
+//! ([`WeightSource`]) and stored in the layout their consumer wants
+//! ([`Layout`]): matmul weights packed in column panels, gate/up projections
+//! interleaved, expert weights stacked. Activations live in arena *slots*:
+//! buffers whose lifetimes do not overlap share a slot, and the runtime sizes
+//! each slot at call time as the largest of its buffers under the actual
+//! `tokens`/`past`.
+//!
+//! Every kernel processes a range of independent *tiles* (`Kernel::tiles`);
+//! the runtime splits `0..tiles` across its threads, so each output element
+//! is computed by exactly one tile and results do not depend on the thread
+//! count. What a tile is for each kind is documented on [`KernelKind`] and
+//! computed by [`tile_extent`], which code generators must follow.
+
+use crate::graph::Function;
+use crate::op::{BinaryOp, ReduceOp, RopeKind, UnaryOp};
+use crate::shape::{Bindings, Dim};
+use crate::DType;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write;
+
+/// Bumped whenever the serialized form changes meaning.
+pub const KERNEL_PROGRAM_VERSION: u32 = 1;
+
+/// Index of a buffer in [`KernelProgram::buffers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BufferId(pub u32);
+
+impl BufferId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// A product `factor * dims[0] * dims[1] * ...`, evaluated at call time.
+/// (Products of symbolic dims are not linear, so they cannot be a [`Dim`].)
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Extent {
+    pub factor: u64,
+    pub dims: Vec<Dim>,
+}
+
+impl Extent {
+    pub fn constant(n: u64) -> Extent {
+        Extent { factor: n, dims: vec![] }
+    }
+
+    pub fn of(factor: u64, dims: &[Dim]) -> Extent {
+        // Fold constant dims into the factor so the common case stays readable.
+        let mut e = Extent { factor, dims: vec![] };
+        for d in dims {
+            match d.as_const() {
+                Some(c) => e.factor *= c as u64,
+                None => e.dims.push(d.clone()),
+            }
+        }
+        e
+    }
+
+    pub fn eval(&self, b: &Bindings) -> Result<u64, String> {
+        self.dims.iter().try_fold(self.factor, |acc, d| Ok(acc * d.eval(b)? as u64))
+    }
+}
+
+impl std::fmt::Display for Extent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.factor)?;
+        for d in &self.dims {
+            write!(f, "*({d})")?;
+        }
+        Ok(())
+    }
+}
+
+/// How a buffer's elements are arranged in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Layout {
+    /// Dense row-major over the logical shape.
+    RowMajor,
+    /// A matmul right-hand side `[batch.., N, K]` (or `[batch.., K, N]` when
+    /// `kn`) stored as `[batch..][ceil(N/nr)][K][nr]`: column panels of `nr`
+    /// output columns, K-major inside a panel, zero-padded to a whole panel.
+    /// A GEMM micro-kernel then reads one contiguous `nr`-wide row per k.
+    Panels { nr: u32, kn: bool },
+    /// A merged gate/up weight `[batch.., 2I, K]` (gate rows `0..I`, up rows
+    /// `I..2I`) stored as panels of `nr` columns where panel `p` holds gate
+    /// rows `p*nr/2 ..` followed by the matching up rows, so a SwiGLU epilogue
+    /// finds `gate` and `up` of the same output column in one register tile.
+    GateUpPanels { nr: u32 },
+}
+
+impl Layout {
+    /// Number of stored elements for a logical shape in this layout.
+    pub fn stored_len(&self, shape: &[usize]) -> usize {
+        let r = shape.len();
+        match *self {
+            Layout::RowMajor => shape.iter().product(),
+            Layout::Panels { nr, kn } => {
+                let (n, k) = if kn { (shape[r - 1], shape[r - 2]) } else { (shape[r - 2], shape[r - 1]) };
+                let batch: usize = shape[..r - 2].iter().product();
+                batch * n.div_ceil(nr as usize) * nr as usize * k
+            }
+            Layout::GateUpPanels { nr } => {
+                let (two_i, k) = (shape[r - 2], shape[r - 1]);
+                let half = nr as usize / 2;
+                let batch: usize = shape[..r - 2].iter().product();
+                batch * (two_i / 2).div_ceil(half) * nr as usize * k
+            }
+        }
+    }
+
+    /// Rearrange row-major elements of `elem` bytes into this layout;
+    /// padding elements are zero.
+    pub fn pack(&self, src: &[u8], shape: &[usize], elem: usize) -> Vec<u8> {
+        let r = shape.len();
+        match *self {
+            Layout::RowMajor => src.to_vec(),
+            Layout::Panels { nr, kn } => {
+                let nr = nr as usize;
+                let (n, k) = if kn { (shape[r - 1], shape[r - 2]) } else { (shape[r - 2], shape[r - 1]) };
+                let batch: usize = shape[..r - 2].iter().product();
+                let panels = n.div_ceil(nr);
+                let mut out = vec![0u8; batch * panels * k * nr * elem];
+                for b in 0..batch {
+                    for col in 0..n {
+                        let (p, j) = (col / nr, col % nr);
+                        for kk in 0..k {
+                            let s = b * n * k + if kn { kk * n + col } else { col * k + kk };
+                            let d = ((b * panels + p) * k + kk) * nr + j;
+                            out[d * elem..(d + 1) * elem].copy_from_slice(&src[s * elem..(s + 1) * elem]);
+                        }
+                    }
+                }
+                out
+            }
+            Layout::GateUpPanels { nr } => {
+                let (nr, half) = (nr as usize, nr as usize / 2);
+                let (two_i, k) = (shape[r - 2], shape[r - 1]);
+                let i = two_i / 2;
+                let batch: usize = shape[..r - 2].iter().product();
+                let panels = i.div_ceil(half);
+                let mut out = vec![0u8; batch * panels * k * nr * elem];
+                for b in 0..batch {
+                    for row in 0..two_i {
+                        // Gate row c goes to lane c % half, up row c to half + c % half.
+                        let (c, up) = if row < i { (row, 0) } else { (row - i, half) };
+                        let (p, j) = (c / half, up + c % half);
+                        for kk in 0..k {
+                            let s = (b * two_i + row) * k + kk;
+                            let d = ((b * panels + p) * k + kk) * nr + j;
+                            out[d * elem..(d + 1) * elem].copy_from_slice(&src[s * elem..(s + 1) * elem]);
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    pub fn suffix(&self) -> String {
+        match self {
+            Layout::RowMajor => String::new(),
+            Layout::Panels { nr, kn: false } => format!("@panels{nr}"),
+            Layout::Panels { nr, kn: true } => format!("@panels{nr}kn"),
+            Layout::GateUpPanels { nr } => format!("@gateup{nr}"),
+        }
+    }
+}
+
+/// Where a buffer's memory comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BufferKind {
+    /// Filled by the runtime before each call: entry input `index`
+    /// (`ids`, `positions`).
+    Input { index: usize },
+    /// Prepared weight `index` of [`KernelProgram::weights`], mapped from
+    /// the package.
+    Weight { index: usize },
+    /// KV cache `cache` (entry cache input `cache`: `k_cache.(cache/2)` for
+    /// even, `v_cache.(cache/2)` for odd). The runtime allocates it for the
+    /// maximum context; kernels see the logical shape `[past+tokens, ..]`
+    /// and the new rows are appended in place.
+    KvCache { cache: usize },
+    /// Activation or scratch memory in arena slot `slot`.
+    Activation { slot: usize },
+    /// The memory of `base` from element `offset` on, with this buffer's
+    /// own shape (reshape, widening cast, the old part of a KV cache).
+    View { base: BufferId, offset: Dim },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Buffer {
+    pub name: String,
+    /// Storage element type (i64 for every integer tensor).
+    pub dtype: DType,
+    pub shape: Vec<Dim>,
+    pub kind: BufferKind,
+}
+
+impl Buffer {
+    /// Bytes of the buffer's logical (row-major) extent.
+    pub fn bytes(&self) -> Extent {
+        Extent::of(self.dtype.size_bytes() as u64, &self.shape)
+    }
+}
+
+/// How the package builder produces a prepared weight.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WeightExpr {
+    /// A checkpoint tensor as stored.
+    Tensor { name: String },
+    /// A weight-only subgraph (casts, stacks, concats, reshapes of
+    /// checkpoint tensors, constants): a function with only weight
+    /// parameters (full tensor names) and one output, run by the reference
+    /// interpreter at package time.
+    Graph { function: Function },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreparedWeight {
+    /// Unique name; also the name under which the package stores it.
+    pub name: String,
+    pub expr: WeightExpr,
+    /// Storage dtype. Values are exactly representable in it (a widening
+    /// cast keeps the narrower dtype; kernels widen in registers).
+    pub dtype: DType,
+    /// Logical shape (always static).
+    pub shape: Vec<usize>,
+    pub layout: Layout,
+    /// Weight file group: `layers.NNN` for a decoder layer's tensors,
+    /// `model` for the rest.
+    pub group: String,
+}
+
+impl PreparedWeight {
+    pub fn stored_bytes(&self) -> usize {
+        self.layout.stored_len(&self.shape) * self.dtype.size_bytes()
+    }
+}
+
+/// One step of a postfix elementwise expression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ExprToken {
+    /// Push operand `i`.
+    Arg(usize),
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+}
+
+/// Elementwise operation of an [`KernelKind::Elementwise`] kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ElemOp {
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+    /// Copy converting between storage dtypes (narrowing or int/float casts).
+    Convert,
+    /// `silu(a) * b`.
+    SwiGlu,
+    /// A postfix expression over the operands, evaluated in f32 op by op
+    /// exactly like the unfused ops.
+    Expr { tokens: Vec<ExprToken> },
+}
+
+impl ElemOp {
+    /// The operation as a postfix expression (None for `Convert`).
+    pub fn tokens(&self) -> Option<Vec<ExprToken>> {
+        use ExprToken::*;
+        Some(match self {
+            ElemOp::Unary(u) => vec![Arg(0), Unary(*u)],
+            ElemOp::Binary(b) => vec![Arg(0), Arg(1), Binary(*b)],
+            // silu(g) * u = (g * sigmoid(g)) * u, as the reference computes it.
+            ElemOp::SwiGlu => vec![
+                Arg(0),
+                Arg(0),
+                Unary(UnaryOp::Sigmoid),
+                Binary(BinaryOp::Mul),
+                Arg(1),
+                Binary(BinaryOp::Mul),
+            ],
+            ElemOp::Expr { tokens } => tokens.clone(),
+            ElemOp::Convert => return None,
+        })
+    }
+}
+
+impl From<crate::op::EwToken> for ExprToken {
+    fn from(t: crate::op::EwToken) -> Self {
+        match t {
+            crate::op::EwToken::Operand(i) => ExprToken::Arg(i),
+            crate::op::EwToken::Unary(u) => ExprToken::Unary(u),
+            crate::op::EwToken::Binary(b) => ExprToken::Binary(b),
+        }
+    }
+}
+
+/// Epilogue applied to a GEMM register tile before it is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Epilogue {
+    None,
+    /// `+ bias[n]`.
+    Bias,
+    /// Columns come from [`Layout::GateUpPanels`]: `silu(gate) * up`.
+    SwiGlu,
+}
+
+/// What a kernel computes. Arguments are buffers in the documented order
+/// (outputs last); "tile" says how the work is split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum KernelKind {
+    /// `(in.., out)`, inputs numpy-broadcast to `out`. Tile: one row of
+    /// `out` (all dims but the last).
+    Elementwise { op: ElemOp },
+    /// `(table[R, W..], idx[..] i64, out[idx.., W..])`. Tile: one index.
+    Gather,
+    /// Generic batched matmul with broadcasting, any operands:
+    /// `(a[.., M, K], b[.., K, N] | b[.., N, K], [bias[N]], out[.., M, N])`.
+    /// Tile: one output row.
+    MatMul { transpose_b: bool, bias: bool },
+    /// Matmul against a packed weight (`b` in [`Layout::Panels`] or
+    /// [`Layout::GateUpPanels`]): `(a[.., M, K], b, [bias[N]], out[.., M, N])`.
+    /// Tile: one column panel of one batch entry (`batch * panels`).
+    Gemm { epilogue: Epilogue },
+    /// `(in, out)`: fold along `axis` (out has the reduced shape). Tile:
+    /// one index of the dims before `axis`.
+    Reduce { op: ReduceOp, axis: usize },
+    /// `(in, out i64)`, lowest index wins ties. Tile as `Reduce`.
+    ArgMax { axis: usize },
+    /// `(in, out)`, f32, as the reference. Tile as `Reduce`.
+    Softmax { axis: usize },
+    /// `(in, out)`, out dim `i` = in dim `perm[i]`. Tile: one row of `out`.
+    Transpose { perm: Vec<usize> },
+    /// `(in, out)`: `out = in[.., start:start+len, ..]` along `axis`.
+    /// Tile: one index of the dims up to and including `axis` of `out`.
+    Slice { axis: usize, start: usize },
+    /// `(in, out)`: writes `in` into `out[.., offset:offset+len, ..]` along
+    /// `axis` (one part of a concat or stack). Tile: one index of the dims up
+    /// to and including `axis` of `in`.
+    CopyInto { axis: usize, offset: Dim },
+    /// `(in, out)`. Tile: one index of the dims up to and including `axis`
+    /// of `out`.
+    RepeatInterleave { axis: usize, repeats: usize },
+    /// `(positions[T] i64, out[T, head_dim])`. Tile: one position.
+    RopeTable { kind: RopeKind, theta: f64, head_dim: usize },
+    /// `(positions[T] i64, out[T, K])`. Tile: one position.
+    CausalMask,
+    /// `(idx[..] i64, out[.., depth])`. Tile: one index.
+    OneHot { depth: usize },
+    /// `(x[.., H], w[H], out)`. Tile: one row.
+    RmsNorm { eps: f64 },
+    /// `(x, residual, w, sum_out, norm_out)`. Tile: one row.
+    AddRmsNorm { eps: f64 },
+    /// `(x[T, heads, D], cos[T, D], sin[T, D], out)`. Tile: one (token, head).
+    Rope,
+    /// `(q[T, Hq, D], k[K, Hkv, D], v[K, Hkv, D], positions[T] i64, out[T, Hq, D])`:
+    /// causal GQA attention, prefill and decode over the KV cache.
+    /// Tile: one (token, query head). Per-thread scratch: K scores.
+    Attention { scale: f64 },
+    /// `(logits[T, E], scale[E], weights_out[T, G], ids_out[T, G] i64)`.
+    /// Tile: one token.
+    MoeGating { groups: usize },
+    /// Dispatch for grouped matmul: `(weights[T, G], ids[T, G] i64,
+    /// offsets_out[E+1] i64, rows_out[T*G] i64, row_weight_out[T*G],
+    /// slot_row_out[T*G] i64)`: a stable counting sort of the (token, group)
+    /// slots by expert. Sorted row `r` belongs to token `rows[r]`; expert
+    /// `e` owns rows `offsets[e]..offsets[e+1]`; slot `t*G+g` went to row
+    /// `slot_row[t*G+g]`. Tile: the whole dispatch (1 tile).
+    MoeRoute,
+    /// `(x[T, H], offsets[E+1], rows[T*G], w_gate_up[E, 2I, H] (GateUpPanels),
+    /// act_out[T*G, I])`: `act[r] = swiglu(x[rows[r]] @ w_gate_up[e]^T)`.
+    /// Tile: one (expert, column panel).
+    MoeGateUp,
+    /// `(act[T*G, I], offsets[E+1], row_weight[T*G], w_down[E, H, I] (Panels),
+    /// ys_out[T*G, H])`: `ys[r] = row_weight[r] * (act[r] @ w_down[e]^T)`.
+    /// Tile: one (expert, column panel).
+    MoeDown,
+    /// `(ys[T*G, H], slot_row[T*G] i64, [shared[T, H], residual[T, H]], out[T, H])`:
+    /// `routed[t] = sum_g ys[slot_row[t*G+g]]` in group order; `out = routed`,
+    /// or `residual + (routed + shared)` with `shared_residual`. Tile: one token.
+    MoeCombine { shared_residual: bool },
+    /// `(y[T, (Hq+2*Hkv)*D], cos[T, D], sin[T, D], q_out[T, Hq, D],
+    /// k_cache[P+T, Hkv, D], v_cache[P+T, Hkv, D])`: split a merged QKV
+    /// projection into heads, RoPE q and k, and append k and v to the caches
+    /// at rows `past..past+T` (the old rows are not touched). Tile: one token.
+    QkvRopeAppend { q_heads: usize, kv_heads: usize },
+}
+
+impl KernelKind {
+    /// Short name used in kernel symbols and dumps.
+    pub fn mnemonic(&self) -> &'static str {
+        match self {
+            KernelKind::Elementwise { .. } => "elementwise",
+            KernelKind::Gather => "gather",
+            KernelKind::MatMul { .. } => "matmul",
+            KernelKind::Gemm { .. } => "gemm",
+            KernelKind::Reduce { .. } => "reduce",
+            KernelKind::ArgMax { .. } => "argmax",
+            KernelKind::Softmax { .. } => "softmax",
+            KernelKind::Transpose { .. } => "transpose",
+            KernelKind::Slice { .. } => "slice",
+            KernelKind::CopyInto { .. } => "copy_into",
+            KernelKind::RepeatInterleave { .. } => "repeat_interleave",
+            KernelKind::RopeTable { .. } => "rope_table",
+            KernelKind::CausalMask => "causal_mask",
+            KernelKind::OneHot { .. } => "one_hot",
+            KernelKind::RmsNorm { .. } => "rms_norm",
+            KernelKind::AddRmsNorm { .. } => "add_rms_norm",
+            KernelKind::Rope => "rope",
+            KernelKind::Attention { .. } => "attention",
+            KernelKind::MoeGating { .. } => "moe_gating",
+            KernelKind::MoeRoute => "moe_route",
+            KernelKind::MoeGateUp => "moe_gate_up",
+            KernelKind::MoeDown => "moe_down",
+            KernelKind::MoeCombine { .. } => "moe_combine",
+            KernelKind::QkvRopeAppend { .. } => "qkv_rope_append",
+        }
+    }
+
+    /// Number of trailing arguments that the kernel writes.
+    pub fn num_outputs(&self) -> usize {
+        match self {
+            KernelKind::AddRmsNorm { .. } | KernelKind::MoeGating { .. } => 2,
+            KernelKind::MoeRoute => 4,
+            KernelKind::QkvRopeAppend { .. } => 3,
+            _ => 1,
+        }
+    }
+
+    /// Kinds whose tiles are heavy enough to be worth spreading over threads
+    /// even when there are few of them.
+    pub fn is_heavy(&self) -> bool {
+        matches!(
+            self,
+            KernelKind::Gemm { .. }
+                | KernelKind::MatMul { .. }
+                | KernelKind::Attention { .. }
+                | KernelKind::MoeGateUp
+                | KernelKind::MoeDown
+        )
+    }
+}
+
+/// Dtype, logical shape and layout of one kernel argument.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ArgSpec {
+    pub dtype: DType,
+    pub shape: Vec<Dim>,
+    pub layout: Layout,
+}
+
+/// One specialised kernel: kind plus argument dtypes and shapes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Kernel {
+    /// Symbol name of the entry point (unique in the program).
+    pub name: String,
+    pub kind: KernelKind,
+    pub args: Vec<ArgSpec>,
+    /// Number of independent tiles of one launch.
+    pub tiles: Extent,
+    /// Bytes of scratch each thread needs while running a tile range.
+    pub thread_scratch: Extent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launch {
+    pub kernel: usize,
+    pub args: Vec<BufferId>,
+}
+
+/// The scheduled model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelProgram {
+    pub version: u32,
+    pub name: String,
+    /// Order of the shape symbols in the `syms` array passed to kernels.
+    pub symbols: Vec<String>,
+    pub buffers: Vec<Buffer>,
+    pub weights: Vec<PreparedWeight>,
+    pub kernels: Vec<Kernel>,
+    pub launches: Vec<Launch>,
+    /// Entry inputs the runtime fills (`ids`, `positions`), in order.
+    pub inputs: Vec<BufferId>,
+    /// Entry outputs besides the caches (`logits`).
+    pub outputs: Vec<BufferId>,
+    /// KV cache buffers in entry-input order (k0, v0, k1, v1, ..).
+    pub caches: Vec<BufferId>,
+    /// Number of activation arena slots.
+    pub slots: usize,
+}
+
+impl KernelProgram {
+    pub fn buffer(&self, id: BufferId) -> &Buffer {
+        &self.buffers[id.index()]
+    }
+
+    /// Follow views to the buffer that owns the memory; returns it and the
+    /// element offset (in the root's dtype) of `id` inside it.
+    pub fn root_of(&self, id: BufferId) -> (BufferId, Vec<Dim>) {
+        let mut offsets = vec![];
+        let mut cur = id;
+        while let BufferKind::View { base, offset } = &self.buffer(cur).kind {
+            offsets.push(offset.clone());
+            cur = *base;
+        }
+        (cur, offsets)
+    }
+
+    /// Consistency checks between launches, kernels and buffers. A failure
+    /// is a scheduler bug; the message names the launch.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.version != KERNEL_PROGRAM_VERSION {
+            return Err(format!("kernel program version {} (expected {KERNEL_PROGRAM_VERSION})", self.version));
+        }
+        for (i, l) in self.launches.iter().enumerate() {
+            let k = self.kernels.get(l.kernel).ok_or_else(|| format!("launch {i}: no kernel {}", l.kernel))?;
+            if k.args.len() != l.args.len() {
+                return Err(format!("launch {i} ({}): {} args, kernel takes {}", k.name, l.args.len(), k.args.len()));
+            }
+            for (j, (a, spec)) in l.args.iter().zip(&k.args).enumerate() {
+                let b = self.buffers.get(a.index()).ok_or_else(|| format!("launch {i}: no buffer {}", a.0))?;
+                if b.dtype != spec.dtype || b.shape != spec.shape {
+                    return Err(format!(
+                        "launch {i} ({}) arg {j}: buffer `{}` is {}{:?}, kernel wants {}{:?}",
+                        k.name, b.name, b.dtype, b.shape, spec.dtype, spec.shape
+                    ));
+                }
+                if let BufferKind::Weight { index } = b.kind {
+                    if self.weights[index].layout != spec.layout {
+                        return Err(format!("launch {i} ({}) arg {j}: weight `{}` has the wrong layout", k.name, b.name));
+                    }
+                }
+            }
+        }
+        for (i, b) in self.buffers.iter().enumerate() {
+            if let BufferKind::View { base, .. } = b.kind {
+                if base.index() >= i {
+                    return Err(format!("view `{}` refers to a later buffer", b.name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Human-readable listing (the kernel-program IR dump).
+    pub fn to_text(&self) -> String {
+        let mut out = format!("kernel_program @{} version {}\n\n", self.name, self.version);
+        let _ = writeln!(out, "// {} buffers, {} arena slots", self.buffers.len(), self.slots);
+        for (i, b) in self.buffers.iter().enumerate() {
+            let shape: Vec<String> = b.shape.iter().map(Dim::to_string).collect();
+            let kind = match &b.kind {
+                BufferKind::Input { index } => format!("input {index}"),
+                BufferKind::Weight { index } => {
+                    let w = &self.weights[*index];
+                    format!("weight {:?}", w.layout)
+                }
+                BufferKind::KvCache { cache } => format!("kv_cache {cache}"),
+                BufferKind::Activation { slot } => format!("slot {slot}"),
+                BufferKind::View { base, offset } => format!("view of b{} + {offset}", base.0),
+            };
+            let _ = writeln!(out, "b{i} %{}: {}[{}] = {kind}", b.name, b.dtype, shape.join(","));
+        }
+        let _ = writeln!(out, "\n// {} kernels", self.kernels.len());
+        for k in &self.kernels {
+            let args: Vec<String> = k
+                .args
+                .iter()
+                .map(|a| {
+                    let shape: Vec<String> = a.shape.iter().map(Dim::to_string).collect();
+                    format!("{}[{}]{}", a.dtype, shape.join(","), a.layout.suffix())
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "kernel @{} = {:?} ({}) tiles {} scratch {}",
+                k.name,
+                k.kind,
+                args.join(", "),
+                k.tiles,
+                k.thread_scratch
+            );
+        }
+        let _ = writeln!(out, "\n// {} launches", self.launches.len());
+        for l in &self.launches {
+            let args: Vec<String> = l.args.iter().map(|a| format!("%{}", self.buffer(*a).name)).collect();
+            let _ = writeln!(out, "launch @{}({})", self.kernels[l.kernel].name, args.join(", "));
+        }
+        out
+    }
+}
+
+/// Outer extent of `shape` before `axis` (exclusive) as an [`Extent`].
+fn prefix(shape: &[Dim], end: usize) -> Extent {
+    Extent::of(1, &shape[..end])
+}
+
+/// The tile count of a kernel (see [`KernelKind`] for what a tile is).
+/// Code generators must split work exactly this way.
+pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String> {
+    let last = |i: usize| -> &ArgSpec { &args[args.len() - 1 - i] };
+    let rows = |shape: &[Dim]| prefix(shape, shape.len().saturating_sub(1));
+    let cst = |d: &Dim, what: &str| d.as_const().ok_or_else(|| format!("{what} must be static, found {d}"));
+    Ok(match kind {
+        KernelKind::Elementwise { .. } | KernelKind::Transpose { .. } | KernelKind::MatMul { .. } => {
+            rows(&last(0).shape)
+        }
+        KernelKind::Gather | KernelKind::OneHot { .. } => Extent::of(1, &args[args.len() - 2].shape),
+        KernelKind::Gemm { .. } => {
+            let out = &last(0).shape;
+            let r = out.len();
+            let n = cst(&out[r - 1], "gemm N")?;
+            let per_panel = match args[1].layout {
+                Layout::Panels { nr, .. } => nr as usize,
+                Layout::GateUpPanels { nr } => nr as usize / 2,
+                Layout::RowMajor => return Err("gemm weight must be packed".into()),
+            };
+            let mut e = prefix(out, r - 2);
+            e.factor *= n.div_ceil(per_panel) as u64;
+            e
+        }
+        KernelKind::Reduce { axis, .. } | KernelKind::ArgMax { axis } | KernelKind::Softmax { axis } => {
+            prefix(&args[0].shape, *axis)
+        }
+        KernelKind::Slice { axis, .. } | KernelKind::RepeatInterleave { axis, .. } => {
+            prefix(&last(0).shape, axis + 1)
+        }
+        KernelKind::CopyInto { axis, .. } => prefix(&args[0].shape, axis + 1),
+        KernelKind::RopeTable { .. } | KernelKind::CausalMask => Extent::of(1, &args[0].shape[..1]),
+        KernelKind::RmsNorm { .. } | KernelKind::AddRmsNorm { .. } => rows(&args[0].shape),
+        KernelKind::Rope | KernelKind::Attention { .. } => prefix(&args[0].shape, 2),
+        KernelKind::MoeGating { .. } | KernelKind::MoeCombine { .. } => Extent::of(1, &last(0).shape[..1]),
+        KernelKind::QkvRopeAppend { .. } => Extent::of(1, &args[0].shape[..1]),
+        KernelKind::MoeRoute => Extent::constant(1),
+        KernelKind::MoeGateUp | KernelKind::MoeDown => {
+            let w = &args[3];
+            let e = cst(&w.shape[0], "expert count")?;
+            let (cols, per_panel) = match w.layout {
+                Layout::GateUpPanels { nr } => (cst(&w.shape[1], "gate_up rows")? / 2, nr as usize / 2),
+                Layout::Panels { nr, .. } => (cst(&w.shape[1], "down rows")?, nr as usize),
+                Layout::RowMajor => return Err("expert weights must be packed".into()),
+            };
+            Extent::constant((e * cols.div_ceil(per_panel)) as u64)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extent_folds_constants_and_evaluates() {
+        let e = Extent::of(4, &[Dim::c(3), Dim::tokens(), Dim::kv_len()]);
+        assert_eq!(e.factor, 12);
+        assert_eq!(e.dims.len(), 2);
+        assert_eq!(e.eval(&crate::shape::bindings(2, 5)).unwrap(), 12 * 2 * 7);
+    }
+
+    #[test]
+    fn packed_layout_sizes_pad_to_whole_panels() {
+        assert_eq!(Layout::RowMajor.stored_len(&[3, 5]), 15);
+        // 20 columns -> 2 panels of 16, K = 7.
+        assert_eq!(Layout::Panels { nr: 16, kn: false }.stored_len(&[20, 7]), 2 * 16 * 7);
+        assert_eq!(Layout::Panels { nr: 16, kn: true }.stored_len(&[2, 7, 20]), 2 * 2 * 16 * 7);
+        // I = 12 -> 2 panels of 8 gate + 8 up columns.
+        assert_eq!(Layout::GateUpPanels { nr: 16 }.stored_len(&[24, 5]), 2 * 16 * 5);
+    }
+
+    #[test]
+    fn panels_pad_and_transpose() {
+        // [N=3, K=2] with nr = 2: panel 0 = cols 0,1; panel 1 = col 2 + zero.
+        let src: Vec<u8> = (1..=6).collect();
+        let out = Layout::Panels { nr: 2, kn: false }.pack(&src, &[3, 2], 1);
+        assert_eq!(out, vec![1, 3, 2, 4, 5, 0, 6, 0]);
+        assert_eq!(out.len(), Layout::Panels { nr: 2, kn: false }.stored_len(&[3, 2]));
+        // The same matrix stored [K=2, N=3].
+        let kn = vec![1, 3, 5, 2, 4, 6];
+        assert_eq!(Layout::Panels { nr: 2, kn: true }.pack(&kn, &[2, 3], 1), out);
+    }
+
+    #[test]
+    fn gate_up_panels_interleave_halves() {
+        // [2I=4, K=1], nr = 2: gate rows 10, 11; up rows 20, 21.
+        let src = vec![10u8, 11, 20, 21];
+        assert_eq!(Layout::GateUpPanels { nr: 2 }.pack(&src, &[4, 1], 1), vec![10, 20, 11, 21]);
+    }
+
+    #[test]
+    fn gemm_tiles_are_column_panels_per_batch() {
+        let a = ArgSpec { dtype: DType::F32, shape: vec![Dim::tokens(), Dim::c(8)], layout: Layout::RowMajor };
+        let b = ArgSpec {
+            dtype: DType::BF16,
+            shape: vec![Dim::c(4), Dim::c(40), Dim::c(8)],
+            layout: Layout::Panels { nr: 16, kn: false },
+        };
+        let out =
+            ArgSpec { dtype: DType::F32, shape: vec![Dim::c(4), Dim::tokens(), Dim::c(40)], layout: Layout::RowMajor };
+        let e = tile_extent(&KernelKind::Gemm { epilogue: Epilogue::None }, &[a, b, out]).unwrap();
+        assert_eq!(e, Extent::constant(4 * 3));
+    }
+}

@@ -1,0 +1,339 @@
+//! The cost model: work, bytes and on-chip working set of one op, and the
+//! time of one kernel on a hardware profile:
+//!
+//! `time = max(compute time, memory time) + launch overhead`
+//!
+//! where compute splits into matmul (cube) and vector work at their peaks,
+//! and memory counts every byte read and written once. Views (`reshape`)
+//! and weight-only values (prepared at package time) are not kernels; the
+//! callers decide that from the graph, this module only prices one op.
+//!
+//! Shapes are evaluated at a [`Workload`]: `tokens` new tokens per
+//! sequence, `past` cached tokens, `seqs` sequences batched into one step.
+//! Work and activation bytes are per sequence; weights that every sequence
+//! shares are read once per step.
+
+use crate::profile::HardwareProfile;
+use panguc_ir::shape::{bindings, Bindings, SYM_PAST};
+use panguc_ir::{Op, TensorType};
+
+/// Shape bindings at which a graph is priced.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Workload {
+    pub tokens: usize,
+    pub past: usize,
+    pub seqs: usize,
+}
+
+impl Workload {
+    pub fn decode(context: usize, seqs: usize) -> Workload {
+        Workload { tokens: 1, past: context, seqs }
+    }
+
+    pub fn prefill(tokens: usize) -> Workload {
+        Workload { tokens, past: 0, seqs: 1 }
+    }
+
+    pub fn bindings(&self) -> Bindings {
+        bindings(self.tokens, self.past)
+    }
+}
+
+/// One operand as the cost model sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Operand<'a> {
+    pub ty: &'a TensorType,
+    /// Computed at package time: read from memory in its stored dtype.
+    pub weight_only: bool,
+}
+
+/// The work of one op.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OpWork {
+    /// Per sequence.
+    pub matmul_flops: f64,
+    /// Per sequence.
+    pub vector_flops: f64,
+    /// Weight bytes read once per step, shared by all sequences.
+    pub shared_weight_bytes: f64,
+    /// Weight bytes each sequence reads on its own (embedding rows).
+    pub seq_weight_bytes: f64,
+    /// KV-cache bytes read (operands with a `past` dimension), per sequence.
+    pub kv_bytes: f64,
+    /// Other bytes read, and all bytes written, per sequence.
+    pub act_bytes: f64,
+    /// Smallest on-chip working set of one tile: (vector buffer, matrix buffer) bytes.
+    pub working_set: (f64, f64),
+}
+
+impl OpWork {
+    /// Seconds this op takes as one kernel.
+    pub fn seconds(&self, w: &Workload, p: &HardwareProfile) -> f64 {
+        let seqs = w.seqs as f64;
+        let compute =
+            seqs * (self.matmul_flops / (p.matmul_tflops * 1e12) + self.vector_flops / (p.vector_tflops * 1e12));
+        let memory = self.bytes(w) / (p.mem_bandwidth_gbs * 1e9);
+        compute.max(memory) + p.launch_overhead_us * 1e-6
+    }
+
+    /// All bytes moved in one step.
+    pub fn bytes(&self, w: &Workload) -> f64 {
+        self.shared_weight_bytes + w.seqs as f64 * (self.seq_weight_bytes + self.kv_bytes + self.act_bytes)
+    }
+
+    /// Weight bytes read in one step.
+    pub fn weight_bytes(&self, w: &Workload) -> f64 {
+        self.shared_weight_bytes + w.seqs as f64 * self.seq_weight_bytes
+    }
+
+    /// Whether one tile's working set fits the profile's on-chip buffers.
+    pub fn fits(&self, p: &HardwareProfile) -> bool {
+        self.working_set.0 <= p.ub_kib * 1024.0 && self.working_set.1 <= p.l1_kib * 1024.0
+    }
+}
+
+fn numel(t: &TensorType, b: &Bindings) -> f64 {
+    t.concrete_shape(b).map(|s| s.iter().product::<usize>() as f64).unwrap_or(0.0)
+}
+
+fn dim(t: &TensorType, i: usize, b: &Bindings) -> f64 {
+    t.shape.get(i).and_then(|d| d.eval(b).ok()).unwrap_or(0) as f64
+}
+
+fn has_past(t: &TensorType) -> bool {
+    t.shape.iter().any(|d| d.symbols().any(|s| s == SYM_PAST))
+}
+
+/// Bytes per element of a value in memory on this profile.
+fn elem_bytes(o: &Operand, p: &HardwareProfile) -> f64 {
+    if o.weight_only || !o.ty.dtype.is_float() {
+        o.ty.dtype.size_bytes() as f64
+    } else {
+        p.activation_bytes
+    }
+}
+
+/// Expected number of distinct experts selected by `tokens` tokens when
+/// each picks one of `per_group` experts in each of `groups` groups
+/// uniformly (expert groups are balanced by construction).
+pub fn expected_unique_experts(tokens: f64, groups: f64, per_group: f64) -> f64 {
+    if per_group <= 1.0 {
+        return groups * per_group.max(0.0);
+    }
+    groups * per_group * (1.0 - (1.0 - 1.0 / per_group).powf(tokens))
+}
+
+/// Price `op` with operands `args` producing `results` at workload `w`.
+pub fn op_work(op: &Op, args: &[Operand], results: &[TensorType], w: &Workload, p: &HardwareProfile) -> OpWork {
+    let b = w.bindings();
+    let mut work = OpWork::default();
+    let read = |work: &mut OpWork, o: &Operand, fraction: f64, shared: bool| {
+        let bytes = numel(o.ty, &b) * elem_bytes(o, p) * fraction;
+        if o.weight_only {
+            if shared {
+                work.shared_weight_bytes += bytes;
+            } else {
+                work.seq_weight_bytes += bytes;
+            }
+        } else if has_past(o.ty) {
+            work.kv_bytes += bytes;
+        } else {
+            work.act_bytes += bytes;
+        }
+    };
+    let out_numel: f64 = results.iter().map(|r| numel(r, &b)).sum();
+    let write_all = |work: &mut OpWork| {
+        for r in results {
+            let o = Operand { ty: r, weight_only: false };
+            work.act_bytes += numel(r, &b) * elem_bytes(&o, p);
+        }
+    };
+    let f32b = 4.0;
+    match op {
+        Op::Gather => {
+            // Only the gathered rows of the table are read.
+            let rows = numel(args[1].ty, &b);
+            let row: f64 = (1..args[0].ty.rank()).map(|i| dim(args[0].ty, i, &b)).product();
+            let table = Operand { ty: args[0].ty, weight_only: args[0].weight_only };
+            let bytes = rows * row * elem_bytes(&table, p);
+            if table.weight_only {
+                work.seq_weight_bytes += bytes;
+            } else {
+                work.act_bytes += bytes;
+            }
+            read(&mut work, &args[1], 1.0, true);
+            write_all(&mut work);
+        }
+        Op::CausalMask => {
+            // The keys operand only supplies a length.
+            read(&mut work, &args[0], 1.0, true);
+            work.vector_flops = out_numel;
+            write_all(&mut work);
+        }
+        Op::QkvRope { kv_heads, .. } => {
+            for a in &args[..5] {
+                read(&mut work, a, 1.0, true);
+            }
+            let (t, n, h) = (dim(args[0].ty, 0, &b), dim(args[1].ty, 0, &b), dim(args[0].ty, 1, &b));
+            let d = dim(args[3].ty, 1, &b);
+            work.matmul_flops = 2.0 * t * n * h;
+            work.vector_flops = 4.0 * t * n;
+            // q in full, and only the new rows of k and v: the kernel appends
+            // to the cache in place instead of copying it.
+            let q = Operand { ty: &results[0], weight_only: false };
+            work.act_bytes += numel(&results[0], &b) * elem_bytes(&q, p);
+            work.act_bytes += 2.0 * t * *kv_heads as f64 * d * p.activation_bytes;
+            work.working_set = (16.0 * d * f32b * 6.0, 2.0 * (16.0 * 16.0 + 16.0 * d) * 2.0);
+        }
+        Op::GroupedMatmulMoe | Op::MoeFfn => {
+            let (t, g) = (dim(args[1].ty, 0, &b), dim(args[1].ty, 1, &b));
+            let (e, h, i) = (dim(args[4].ty, 0, &b), dim(args[4].ty, 1, &b), dim(args[4].ty, 2, &b));
+            let unique = expected_unique_experts(t * w.seqs as f64, g, e / g.max(1.0)).min(e);
+            for (k, a) in args.iter().enumerate() {
+                let fraction = if k == 3 || k == 4 { unique / e.max(1.0) } else { 1.0 };
+                read(&mut work, a, fraction, true);
+            }
+            work.matmul_flops = 6.0 * t * g * i * h;
+            work.vector_flops = 6.0 * t * g * i + t * h * g;
+            if matches!(op, Op::MoeFfn) {
+                let is = dim(args[6].ty, 1, &b);
+                work.matmul_flops += 6.0 * t * is * h;
+                work.vector_flops += 6.0 * t * is + 2.0 * t * h;
+            }
+            write_all(&mut work);
+            work.working_set = (2.0 * 4.0 * 16.0 * 16.0 * f32b, 2.0 * 3.0 * 16.0 * 16.0 * 2.0);
+        }
+        _ => {
+            for a in args {
+                read(&mut work, a, 1.0, true);
+            }
+            write_all(&mut work);
+            let (mm, vec, ws) = compute(op, args, results, &b);
+            work.matmul_flops = mm;
+            work.vector_flops = vec;
+            work.working_set = ws;
+        }
+    }
+    work
+}
+
+/// (matmul flops, vector flops, working set) of the ops without special
+/// memory behaviour.
+fn compute(op: &Op, args: &[Operand], results: &[TensorType], b: &Bindings) -> (f64, f64, (f64, f64)) {
+    let out = results.first().map(|r| numel(r, b)).unwrap_or(0.0);
+    let last = |t: &TensorType| t.shape.last().and_then(|d| d.eval(b).ok()).unwrap_or(0) as f64;
+    let f32b = 4.0;
+    let tile = 16.0 * 16.0;
+    match op {
+        Op::MatMul { .. } | Op::MatMulBias { .. } => {
+            let k = last(args[0].ty);
+            let ws = if matches!(op, Op::MatMulBias { .. }) { (2.0 * tile * f32b + 16.0 * f32b, 2.0 * 2.0 * tile * 2.0) } else { (0.0, 0.0) };
+            (2.0 * out * k, 0.0, ws)
+        }
+        Op::GateUpSwiGlu => {
+            let k = last(args[0].ty);
+            (4.0 * out * k, 6.0 * out, (3.0 * 2.0 * tile * f32b, 2.0 * 3.0 * tile * 2.0))
+        }
+        Op::MoeRouterTopK { .. } => {
+            let (t, e, h) = (numel(args[0].ty, b) / last(args[0].ty).max(1.0), dim(args[1].ty, 0, b), last(args[0].ty));
+            (2.0 * t * e * h, 8.0 * t * e, (3.0 * e * f32b, 2.0 * 2.0 * tile * 2.0))
+        }
+        Op::MoeGatingGroupTopK { .. } => {
+            let e = last(args[0].ty);
+            (0.0, 8.0 * numel(args[0].ty, b), (3.0 * e * f32b, 0.0))
+        }
+        Op::FlashAttention { .. } => {
+            let (t, hq, d) = (dim(args[0].ty, 0, b), dim(args[0].ty, 1, b), dim(args[0].ty, 2, b));
+            let kv = dim(args[1].ty, 0, b);
+            // Causal: query i (at position past+i) sees past+i+1 keys.
+            let past = (kv - t).max(0.0);
+            let visible = t * past + t * (t + 1.0) / 2.0;
+            let ub = (2.0 * 16.0 * d + 2.0 * tile + 32.0) * f32b;
+            (4.0 * hq * d * visible, 6.0 * hq * visible, (ub, 2.0 * 2.0 * 16.0 * d * 2.0))
+        }
+        Op::RmsNorm { .. } => (0.0, 4.0 * out, (5.0 * last(args[0].ty) * f32b, 0.0)),
+        Op::AddRmsNorm { .. } => (0.0, 5.0 * out, (9.0 * last(args[0].ty) * f32b, 0.0)),
+        Op::Rope => (0.0, 4.0 * out, (6.0 * last(args[0].ty) * f32b, 0.0)),
+        Op::SwiGlu => (0.0, 6.0 * out, (6.0 * 256.0 * f32b, 0.0)),
+        Op::FusedElementwise { expr } => {
+            let ops = expr.split_whitespace().filter(|t| !t.starts_with('$')).count() as f64;
+            (0.0, ops * out, (2.0 * (args.len() as f64 + 1.0) * 256.0 * f32b, 0.0))
+        }
+        Op::Softmax { .. } => (0.0, 5.0 * out, (0.0, 0.0)),
+        Op::Unary(u) => {
+            let per = if matches!(u, panguc_ir::op::UnaryOp::Neg) { 1.0 } else { 4.0 };
+            (0.0, per * out, (0.0, 0.0))
+        }
+        Op::Binary(_) => (0.0, out, (0.0, 0.0)),
+        Op::Reduce { .. } | Op::ArgMax { .. } => (0.0, numel(args[0].ty, b), (0.0, 0.0)),
+        Op::RopeTable { .. } => (0.0, 10.0 * out, (0.0, 0.0)),
+        Op::OneHot { .. } | Op::Iota { .. } | Op::Scalar { .. } => (0.0, out, (0.0, 0.0)),
+        _ => (0.0, 0.0, (0.0, 0.0)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::builtin_profile;
+    use panguc_ir::{DType, Dim};
+
+    fn ty(dtype: DType, dims: &[Dim]) -> TensorType {
+        TensorType::new(dtype, dims.to_vec())
+    }
+
+    #[test]
+    fn decode_matmul_is_memory_bound_and_reads_the_weight_once() {
+        let p = builtin_profile("ascend910b1").unwrap();
+        let x = ty(DType::F32, &[Dim::tokens(), Dim::c(5120)]);
+        let wt = ty(DType::BF16, &[Dim::c(5120), Dim::c(5120)]);
+        let out = ty(DType::F32, &[Dim::tokens(), Dim::c(5120)]);
+        let args = [Operand { ty: &x, weight_only: false }, Operand { ty: &wt, weight_only: true }];
+        let w = Workload::decode(2048, 1);
+        let work = op_work(&Op::MatMul { transpose_b: true }, &args, &[out.clone()], &w, &p);
+        assert_eq!(work.shared_weight_bytes, 5120.0 * 5120.0 * 2.0);
+        let t = work.seconds(&w, &p);
+        let mem = work.bytes(&w) / 1.42e12;
+        assert!((t - mem - 5e-6).abs() < 1e-9, "memory-bound: {t} vs {mem}");
+        // 64 sequences share the weight read.
+        let w64 = Workload::decode(2048, 64);
+        let work64 = op_work(&Op::MatMul { transpose_b: true }, &args, &[out], &w64, &p);
+        assert_eq!(work64.weight_bytes(&w64), work.weight_bytes(&w));
+    }
+
+    #[test]
+    fn prefill_matmul_is_compute_bound() {
+        let p = builtin_profile("ascend910b1").unwrap();
+        let x = ty(DType::F32, &[Dim::tokens(), Dim::c(5120)]);
+        let wt = ty(DType::BF16, &[Dim::c(5120), Dim::c(5120)]);
+        let out = ty(DType::F32, &[Dim::tokens(), Dim::c(5120)]);
+        let args = [Operand { ty: &x, weight_only: false }, Operand { ty: &wt, weight_only: true }];
+        let w = Workload::prefill(2048);
+        let work = op_work(&Op::MatMul { transpose_b: true }, &args, &[out], &w, &p);
+        assert_eq!(work.matmul_flops, 2.0 * 2048.0 * 5120.0 * 5120.0);
+        let compute = work.matmul_flops / 364e12;
+        assert!((work.seconds(&w, &p) - compute - 5e-6).abs() < 1e-9);
+    }
+
+    #[test]
+    fn unique_experts_interpolate_between_k_and_all() {
+        assert!((expected_unique_experts(1.0, 8.0, 8.0) - 8.0).abs() < 1e-12);
+        let many = expected_unique_experts(2048.0, 8.0, 8.0);
+        assert!((many - 64.0).abs() < 1e-6);
+        let b64 = expected_unique_experts(64.0, 8.0, 8.0);
+        assert!(b64 > 63.0 && b64 < 64.0, "{b64}");
+    }
+
+    #[test]
+    fn rmsnorm_working_set_must_fit_the_unified_buffer() {
+        let mut p = builtin_profile("ascend910b1").unwrap();
+        let x = ty(DType::F32, &[Dim::tokens(), Dim::c(5120)]);
+        let wt = ty(DType::F32, &[Dim::c(5120)]);
+        let args = [Operand { ty: &x, weight_only: false }, Operand { ty: &wt, weight_only: true }];
+        let w = Workload::decode(16, 1);
+        let work = op_work(&Op::RmsNorm { eps: 1e-5 }, &args, &[x.clone()], &w, &p);
+        assert!(work.fits(&p));
+        p.ub_kib = 64.0;
+        assert!(!work.fits(&p), "5 rows of 20 KiB do not fit 64 KiB");
+    }
+}

@@ -1,0 +1,277 @@
+//! Whole-program estimates: time per decode step and per prefill, bytes of
+//! weights and KV cache read, against the ideal of reading every active
+//! weight exactly once.
+
+use crate::cost::{expected_unique_experts, op_work, Operand, Workload};
+use crate::profile::HardwareProfile;
+use crate::{kernel_nodes, weight_only_values};
+use anyhow::{anyhow, Result};
+use panguc_ir::{Module, Op, PanguConfig};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// Cost of running a function once (calls included).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct StepCost {
+    pub seconds: f64,
+    pub kernels: usize,
+    pub weight_bytes: f64,
+    pub kv_bytes: f64,
+    pub bytes: f64,
+    pub flops: f64,
+    /// Kernels whose working set does not fit the profile's buffers.
+    pub over_capacity: usize,
+}
+
+impl StepCost {
+    fn add(&mut self, o: &StepCost) {
+        self.seconds += o.seconds;
+        self.kernels += o.kernels;
+        self.weight_bytes += o.weight_bytes;
+        self.kv_bytes += o.kv_bytes;
+        self.bytes += o.bytes;
+        self.flops += o.flops;
+        self.over_capacity += o.over_capacity;
+    }
+}
+
+/// Cost of one call of function `name` of `module` at workload `w`.
+pub fn function_cost(module: &Module, name: &str, w: &Workload, p: &HardwareProfile) -> Result<StepCost> {
+    let mut memo = HashMap::new();
+    cost_rec(module, name, w, p, &mut memo)
+}
+
+fn cost_rec(
+    module: &Module,
+    name: &str,
+    w: &Workload,
+    p: &HardwareProfile,
+    memo: &mut HashMap<String, StepCost>,
+) -> Result<StepCost> {
+    if let Some(c) = memo.get(name) {
+        return Ok(c.clone());
+    }
+    let f = module.function(name).ok_or_else(|| anyhow!("no function @{name}"))?;
+    let wo = weight_only_values(f);
+    let mut total = StepCost::default();
+    for (n, is_kernel) in f.nodes.iter().zip(kernel_nodes(f)) {
+        if let Op::Call { func, .. } = &n.op {
+            let c = cost_rec(module, func, w, p, memo)?;
+            total.add(&c);
+            continue;
+        }
+        if !is_kernel {
+            continue;
+        }
+        let operands: Vec<Operand> =
+            n.args.iter().map(|a| Operand { ty: f.ty(*a), weight_only: wo[a.index()] }).collect();
+        let results: Vec<_> = n.results.iter().map(|r| f.ty(*r).clone()).collect();
+        let work = op_work(&n.op, &operands, &results, w, p);
+        let seqs = w.seqs as f64;
+        total.add(&StepCost {
+            seconds: work.seconds(w, p),
+            kernels: 1,
+            weight_bytes: work.weight_bytes(w),
+            kv_bytes: seqs * work.kv_bytes,
+            bytes: work.bytes(w),
+            flops: seqs * (work.matmul_flops + work.vector_flops),
+            over_capacity: usize::from(!work.fits(p)),
+        });
+    }
+    memo.insert(name.to_string(), total.clone());
+    Ok(total)
+}
+
+/// Bytes of the weights one step must read if every active weight is read
+/// exactly once: attention, norms, router, shared expert and the distinct
+/// selected experts of every layer, the embedding rows of the step's
+/// tokens, the final norm and the whole lm_head.
+pub fn ideal_weight_bytes(cfg: &PanguConfig, weight_bytes: f64, tokens: f64) -> f64 {
+    let (h, q, kv) = (cfg.hidden_size as f64, cfg.q_dim() as f64, cfg.kv_dim() as f64);
+    let (e, g) = (cfg.num_experts as f64, cfg.num_groups() as f64);
+    let (i, is) = (cfg.moe_intermediate_size as f64, cfg.shared_expert_intermediate_size as f64);
+    let (v, layers) = (cfg.vocab_size as f64, cfg.num_hidden_layers as f64);
+    let attention = q * h + 2.0 * kv * h + h * q + (q + 2.0 * kv + h);
+    let dense = attention + 2.0 * h + e * h + e + 3.0 * is * h;
+    let experts = expected_unique_experts(tokens, g, e / g) * 3.0 * i * h;
+    let global = tokens.min(v) * h + h + v * h;
+    weight_bytes * (layers * (dense + experts) + global)
+}
+
+/// Bytes of K and V one step must read: every cached and new position of
+/// every layer, once.
+pub fn ideal_kv_bytes(cfg: &PanguConfig, w: &Workload, act_bytes: f64) -> f64 {
+    let per_pos = (cfg.num_key_value_heads * cfg.head_dim()) as f64 * act_bytes;
+    2.0 * cfg.num_hidden_layers as f64 * w.seqs as f64 * (w.past + w.tokens) as f64 * per_pos
+}
+
+/// Size of the stored weights: the dtype of the entry function's first
+/// weight parameter (the embedding).
+fn weight_dtype_bytes(m: &Module) -> f64 {
+    m.entry_fn().weight_params().next().map(|(p, _)| m.entry_fn().ty(p.value).dtype.size_bytes() as f64).unwrap_or(2.0)
+}
+
+/// True for the published Pangu Pro MoE 72B configuration.
+pub fn is_pangu_pro_moe_72b(cfg: &PanguConfig) -> bool {
+    (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_experts, cfg.vocab_size, cfg.moe_intermediate_size)
+        == (5120, 48, 64, 153376, 1344)
+}
+
+/// What the estimate report covers.
+pub struct EstimateSpec {
+    /// Tokens in the KV cache for decode estimates.
+    pub context: usize,
+    /// Batch sizes (sequences per step) for decode estimates.
+    pub decode_batches: Vec<usize>,
+    /// Prompt length for the prefill estimate.
+    pub prefill_tokens: usize,
+}
+
+impl Default for EstimateSpec {
+    fn default() -> Self {
+        EstimateSpec { context: 2048, decode_batches: vec![1, 64], prefill_tokens: 2048 }
+    }
+}
+
+fn ms(s: f64) -> f64 {
+    (s * 1e3 * 1e4).round() / 1e4
+}
+
+/// The `estimates` object of the report.
+pub fn estimates(
+    cfg: &PanguConfig,
+    fused: &Module,
+    unfused: &Module,
+    profiles: &[HardwareProfile],
+    spec: &EstimateSpec,
+) -> Result<Value> {
+    let wbytes = weight_dtype_bytes(fused);
+    let mut per_profile = serde_json::Map::new();
+    for p in profiles {
+        let mut obj = serde_json::Map::new();
+        let mut unfused_obj = serde_json::Map::new();
+        for &b in &spec.decode_batches {
+            let w = Workload::decode(spec.context, b);
+            let c = function_cost(fused, &fused.entry, &w, p)?;
+            let u = function_cost(unfused, &unfused.entry, &w, p)?;
+            let ideal_w = ideal_weight_bytes(cfg, wbytes, b as f64);
+            let ideal_kv = ideal_kv_bytes(cfg, &w, p.activation_bytes);
+            obj.insert(
+                format!("decode_batch_{b}"),
+                json!({
+                    "ms_per_step": ms(c.seconds),
+                    "ms_per_token": ms(c.seconds),
+                    "tokens_per_s": (b as f64 / c.seconds).round(),
+                    "kernels": c.kernels,
+                    "weight_bytes": c.weight_bytes.round(),
+                    "ideal_weight_bytes": ideal_w.round(),
+                    "weight_read_ratio": round4(c.weight_bytes / ideal_w),
+                    "kv_bytes": c.kv_bytes.round(),
+                    "ideal_kv_bytes": ideal_kv.round(),
+                    "kv_read_ratio": round4(c.kv_bytes / ideal_kv),
+                    "over_capacity_kernels": c.over_capacity,
+                }),
+            );
+            unfused_obj.insert(format!("decode_batch_{b}_ms"), json!(ms(u.seconds)));
+            unfused_obj.insert(format!("decode_batch_{b}_weight_read_ratio"), json!(round4(u.weight_bytes / ideal_w)));
+            unfused_obj.insert(format!("decode_batch_{b}_kernels"), json!(u.kernels));
+        }
+        let w = Workload::prefill(spec.prefill_tokens);
+        let c = function_cost(fused, &fused.entry, &w, p)?;
+        let u = function_cost(unfused, &unfused.entry, &w, p)?;
+        obj.insert(
+            format!("prefill_{}", spec.prefill_tokens),
+            json!({
+                "ms": ms(c.seconds),
+                "tokens_per_s": (spec.prefill_tokens as f64 / c.seconds).round(),
+                "kernels": c.kernels,
+                "tflop": round4(c.flops / 1e12),
+                "weight_bytes": c.weight_bytes.round(),
+            }),
+        );
+        unfused_obj.insert(format!("prefill_{}_ms", spec.prefill_tokens), json!(ms(u.seconds)));
+        obj.insert("unfused".into(), Value::Object(unfused_obj));
+        per_profile.insert(p.name.clone(), Value::Object(obj));
+    }
+    let mut out = json!({
+        "context": spec.context,
+        "weight_dtype_bytes": wbytes,
+        "assumptions": [
+            "one device: no tensor/expert parallelism and no communication",
+            "kernel time = max(compute at peak, bytes at peak bandwidth) + launch overhead; kernels do not overlap",
+            "weights are read in their stored dtype; activations and the KV cache at the profile's activation_bytes",
+            "values that depend only on weights (concatenated, stacked or cast weights) are prepared at package time",
+            "routing is uniform within each expert group: a step of N tokens reads the expected number of distinct experts",
+            "decode batch B = B sequences of one new token each, every sequence with `context` cached tokens",
+        ],
+        "profiles": Value::Object(per_profile),
+    });
+    if is_pangu_pro_moe_72b(cfg) {
+        if let Some(p) = profiles.iter().find(|p| p.name == "ascend910b1").or_else(|| profiles.first()) {
+            out["published"] = published(fused, p, spec)?;
+        }
+    }
+    Ok(out)
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 1e4).round() / 1e4
+}
+
+/// The published 800I A2 figures next to this estimate, with the scaling
+/// made explicit: W8A8 halves weight bytes and doubles the cube peak, and
+/// four cards split the work (ideal tensor parallelism, communication
+/// ignored); launch overheads do not shrink. The scaled figure is
+/// therefore a lower bound on what the published setup could reach.
+fn published(fused: &Module, p: &HardwareProfile, spec: &EstimateSpec) -> Result<Value> {
+    let launch = p.launch_overhead_us * 1e-6;
+    let decode = function_cost(fused, &fused.entry, &Workload::decode(spec.context, 1), p)?;
+    let prefill2 = function_cost(fused, &fused.entry, &Workload { tokens: 2048, past: 0, seqs: 2 }, p)?;
+    let scale = |c: &StepCost, cards: f64| {
+        let overhead = c.kernels as f64 * launch;
+        (c.seconds - overhead) / (2.0 * cards) + overhead
+    };
+    Ok(json!({
+        "source": "Pangu Pro MoE technical report (arXiv 2505.21411): Ascend 800I A2, W8A8 quantisation",
+        "decode_batch_1_tpot_ms_4_cards": 18.44,
+        "decode_batch_456_tpot_ms_4_cards": 99.31,
+        "prefill_seq_2048_batch_2_ttft_ms": 424.0,
+        "profile": p.name,
+        "estimate_decode_batch_1_ms_bf16_1_device": ms(decode.seconds),
+        "estimate_decode_batch_1_ms_scaled_w8a8_4_devices": ms(scale(&decode, 4.0)),
+        "estimate_prefill_2048_batch_2_ms_bf16_1_device": ms(prefill2.seconds),
+        "estimate_prefill_2048_batch_2_ms_scaled_w8a8_1_device": ms(scale(&prefill2, 1.0)),
+        "note": "the estimates are bf16 on one device without communication; the scaled figures halve memory and compute time for W8A8 and divide by the card count, keeping launch overheads, so they are lower bounds (the published decode includes communication and framework overheads)",
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn real_config() -> PanguConfig {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/pangu-pro-moe-72b/config.json");
+        PanguConfig::from_json_str(&std::fs::read_to_string(path).unwrap(), path).unwrap()
+    }
+
+    #[test]
+    fn ideal_decode_reads_the_published_active_parameters() {
+        let cfg = real_config();
+        assert!(is_pangu_pro_moe_72b(&cfg));
+        // One token reads every active parameter once, except that of the
+        // embedding table it reads a single row.
+        let (v, h) = (cfg.vocab_size as f64, cfg.hidden_size as f64);
+        let want = 2.0 * (cfg.active_params() as f64 - v * h + h);
+        assert_eq!(ideal_weight_bytes(&cfg, 2.0, 1.0), want);
+        assert_eq!(cfg.active_params(), 16_498_139_136);
+    }
+
+    #[test]
+    fn ideal_kv_counts_every_position_of_every_layer() {
+        let cfg = real_config();
+        let w = Workload::decode(2048, 2);
+        // 2 (k, v) x 48 layers x 2 sequences x 2049 positions x 8 heads x 128 x 2 bytes.
+        assert_eq!(ideal_kv_bytes(&cfg, &w, 2.0), 2.0 * 48.0 * 2.0 * 2049.0 * 1024.0 * 2.0);
+    }
+}

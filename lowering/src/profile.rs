@@ -1,0 +1,267 @@
+//! Hardware profiles for the cost model.
+//!
+//! Built-in numbers come from docs/ascendc.md (Ascend 910B1..B4, 310P3) and
+//! a generic host CPU. Every number is an estimate and can be overridden
+//! from a TOML or JSON file whose top-level keys are profile names:
+//!
+//! ```toml
+//! [ascend910b1]
+//! mem_bandwidth_gbs = 1600.0   # nominal instead of platform-file arithmetic
+//!
+//! [cpu]
+//! matmul_tflops = 1.2          # peak FMA throughput of this host
+//! mem_bandwidth_gbs = 80.0
+//! ```
+//!
+//! A section naming a built-in profile overrides only the fields it gives;
+//! a section with a new name defines a new profile and must give every
+//! field. Unknown fields, missing fields of a new profile and invalid
+//! values are errors naming the field, the profile and the file.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use std::path::Path;
+
+/// What the cost model needs to know about one device.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HardwareProfile {
+    pub name: String,
+    /// `npu` or `cpu`.
+    pub kind: String,
+    /// Dense matmul peak (cube units at fp16/bf16; CPU: FMA peak), TFLOP/s.
+    pub matmul_tflops: f64,
+    /// Elementwise/vector peak at f32, TFLOP/s.
+    pub vector_tflops: f64,
+    /// Main-memory bandwidth, GB/s (10^9 bytes).
+    pub mem_bandwidth_gbs: f64,
+    /// Fixed cost of launching one kernel, microseconds.
+    pub launch_overhead_us: f64,
+    /// On-chip vector buffer a fused kernel's working set must tile into
+    /// (Ascend UB; CPU: L2 per core), KiB.
+    pub ub_kib: f64,
+    /// On-chip matrix buffer (Ascend L1; CPU: L1d), KiB.
+    pub l1_kib: f64,
+    /// Device memory, GiB (reported, not used to reject programs).
+    pub memory_gib: f64,
+    /// Bytes per activation / KV-cache element on this device (the IR
+    /// computes in f32; NPUs run activations in 16-bit).
+    pub activation_bytes: f64,
+}
+
+/// Vector peak of an Ascend SoC: vector cores x 64 f32 lanes x FMA x clock.
+fn ascend_vector_tflops(vector_cores: f64, mhz: f64) -> f64 {
+    vector_cores * 64.0 * 2.0 * mhz * 1e6 / 1e12
+}
+
+#[allow(clippy::too_many_arguments)]
+fn npu(name: &str, cube: f64, vec_cores: f64, mhz: f64, bw: f64, ub: f64, l1: f64, mem: f64) -> HardwareProfile {
+    HardwareProfile {
+        name: name.into(),
+        kind: "npu".into(),
+        matmul_tflops: cube,
+        vector_tflops: ascend_vector_tflops(vec_cores, mhz),
+        mem_bandwidth_gbs: bw,
+        // Host-side launch of a pre-built kernel through ACL, without graph
+        // capture; a few microseconds per kernel is the usual figure.
+        launch_overhead_us: 5.0,
+        ub_kib: ub,
+        l1_kib: l1,
+        memory_gib: mem,
+        activation_bytes: 2.0,
+    }
+}
+
+/// The built-in profiles: ascend910b1..b4, ascend310p3 and `cpu`.
+pub fn builtin_profiles() -> Vec<HardwareProfile> {
+    vec![
+        // UB 192 KiB minus the 256 B the runtime reserves; bandwidth from
+        // the platform-file arithmetic in ascendc.md (nominal is ~1.6 TB/s).
+        npu("ascend910b1", 364.0, 48.0, 1850.0, 1420.0, 191.75, 512.0, 64.0),
+        npu("ascend910b2", 354.0, 48.0, 1800.0, 1380.0, 191.75, 512.0, 64.0),
+        npu("ascend910b3", 295.0, 40.0, 1800.0, 1150.0, 191.75, 512.0, 64.0),
+        npu("ascend910b4", 246.0, 40.0, 1500.0, 960.0, 191.75, 512.0, 32.0),
+        // 8 AI cores + 7 vector cores, LPDDR4X ~204 GB/s, 24 GB.
+        npu("ascend310p3", 69.5, 15.0, 1060.0, 204.0, 256.0, 1024.0, 22.35),
+        HardwareProfile {
+            name: "cpu".into(),
+            kind: "cpu".into(),
+            // A generic 8-core AVX2 host at 3 GHz: 2 FMA x 8 f32 lanes x 2
+            // flops x 8 cores x 3e9. Fixed (not probed) so reports are
+            // reproducible; override it for the real host.
+            matmul_tflops: 0.768,
+            vector_tflops: 0.384,
+            mem_bandwidth_gbs: 50.0,
+            launch_overhead_us: 2.0,
+            ub_kib: 1024.0,
+            l1_kib: 48.0,
+            memory_gib: 64.0,
+            activation_bytes: 4.0,
+        },
+    ]
+}
+
+/// The built-in profile called `name`.
+pub fn builtin_profile(name: &str) -> Option<HardwareProfile> {
+    builtin_profiles().into_iter().find(|p| p.name == name)
+}
+
+/// Numeric fields, in declaration order, with their minimum legal value.
+const NUMERIC_FIELDS: &[(&str, f64)] = &[
+    ("matmul_tflops", f64::MIN_POSITIVE),
+    ("vector_tflops", f64::MIN_POSITIVE),
+    ("mem_bandwidth_gbs", f64::MIN_POSITIVE),
+    ("launch_overhead_us", 0.0),
+    ("ub_kib", f64::MIN_POSITIVE),
+    ("l1_kib", f64::MIN_POSITIVE),
+    ("memory_gib", f64::MIN_POSITIVE),
+    ("activation_bytes", f64::MIN_POSITIVE),
+];
+
+impl HardwareProfile {
+    fn field_mut(&mut self, key: &str) -> Option<&mut f64> {
+        Some(match key {
+            "matmul_tflops" => &mut self.matmul_tflops,
+            "vector_tflops" => &mut self.vector_tflops,
+            "mem_bandwidth_gbs" => &mut self.mem_bandwidth_gbs,
+            "launch_overhead_us" => &mut self.launch_overhead_us,
+            "ub_kib" => &mut self.ub_kib,
+            "l1_kib" => &mut self.l1_kib,
+            "memory_gib" => &mut self.memory_gib,
+            "activation_bytes" => &mut self.activation_bytes,
+            _ => return None,
+        })
+    }
+
+    /// The built-in profiles with the overrides of `path` applied (TOML, or
+    /// JSON when the file name ends in `.json`).
+    pub fn load_overrides(path: &Path) -> Result<Vec<HardwareProfile>> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading hardware profiles {}", path.display()))?;
+        let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        let doc: serde_json::Value = if is_json {
+            serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?
+        } else {
+            let v: toml::Value = toml::from_str(&text).map_err(|e| anyhow!("{}: invalid TOML: {e}", path.display()))?;
+            serde_json::to_value(v).map_err(|e| anyhow!("{}: {e}", path.display()))?
+        };
+        apply_overrides(builtin_profiles(), &doc, &path.display().to_string())
+    }
+}
+
+/// Apply an override document (`{profile: {field: value}}`) to `profiles`;
+/// `origin` names the file in errors.
+pub fn apply_overrides(
+    mut profiles: Vec<HardwareProfile>,
+    doc: &serde_json::Value,
+    origin: &str,
+) -> Result<Vec<HardwareProfile>> {
+    let top = doc.as_object().ok_or_else(|| anyhow!("{origin}: expected a table of profiles at the top level"))?;
+    for (name, section) in top {
+        let fields = section
+            .as_object()
+            .ok_or_else(|| anyhow!("{origin}: `{name}` must be a table of fields, found {section}"))?;
+        let existing = profiles.iter().position(|p| &p.name == name);
+        let mut p = match existing {
+            Some(i) => profiles[i].clone(),
+            None => {
+                // A new profile: every field must be given.
+                if let Some((missing, _)) = NUMERIC_FIELDS.iter().find(|(k, _)| !fields.contains_key(*k)) {
+                    bail!("{origin}: new profile `{name}` is missing field `{missing}`");
+                }
+                if !fields.contains_key("kind") {
+                    bail!("{origin}: new profile `{name}` is missing field `kind`");
+                }
+                HardwareProfile { name: name.clone(), ..builtin_profile("cpu").expect("built-in cpu profile") }
+            }
+        };
+        for (key, value) in fields {
+            if key == "kind" {
+                match value.as_str() {
+                    Some(k @ ("npu" | "cpu")) => p.kind = k.to_string(),
+                    _ => bail!("{origin}: profile `{name}`: field `kind` must be \"npu\" or \"cpu\", found {value}"),
+                }
+                continue;
+            }
+            let min = NUMERIC_FIELDS.iter().find(|(k, _)| k == key).map(|(_, m)| *m);
+            let (Some(min), Some(slot)) = (min, p.field_mut(key)) else {
+                let known: Vec<&str> = NUMERIC_FIELDS.iter().map(|(k, _)| *k).chain(["kind"]).collect();
+                bail!("{origin}: profile `{name}`: unknown field `{key}` (known fields: {})", known.join(", "));
+            };
+            let v = value
+                .as_f64()
+                .ok_or_else(|| anyhow!("{origin}: profile `{name}`: field `{key}` must be a number, found {value}"))?;
+            if !v.is_finite() || v < min {
+                let rule = if min > 0.0 { "a positive number" } else { "a non-negative number" };
+                bail!("{origin}: profile `{name}`: field `{key}` must be {rule}, found {v}");
+            }
+            *slot = v;
+        }
+        match existing {
+            Some(i) => profiles[i] = p,
+            None => profiles.push(p),
+        }
+    }
+    Ok(profiles)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("panguc-profile-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn builtin_numbers_follow_the_docs() {
+        let b1 = builtin_profile("ascend910b1").unwrap();
+        assert_eq!(b1.matmul_tflops, 364.0);
+        // 48 vector cores x 64 lanes x 2 x 1.85 GHz = 11.4 TFLOP/s.
+        assert!((b1.vector_tflops - 11.3664).abs() < 1e-9);
+        let names: Vec<String> = builtin_profiles().into_iter().map(|p| p.name).collect();
+        assert_eq!(names, ["ascend910b1", "ascend910b2", "ascend910b3", "ascend910b4", "ascend310p3", "cpu"]);
+    }
+
+    #[test]
+    fn toml_and_json_overrides_apply() {
+        let p = write("ok.toml", "[ascend910b1]\nmem_bandwidth_gbs = 1600\n[cpu]\nmatmul_tflops = 1.5\n");
+        let ps = HardwareProfile::load_overrides(&p).unwrap();
+        assert_eq!(ps.iter().find(|x| x.name == "ascend910b1").unwrap().mem_bandwidth_gbs, 1600.0);
+        assert_eq!(ps.iter().find(|x| x.name == "cpu").unwrap().matmul_tflops, 1.5);
+        let p = write("ok.json", r#"{"ascend310p3": {"launch_overhead_us": 9}}"#);
+        let ps = HardwareProfile::load_overrides(&p).unwrap();
+        assert_eq!(ps.iter().find(|x| x.name == "ascend310p3").unwrap().launch_overhead_us, 9.0);
+    }
+
+    #[test]
+    fn bad_fields_are_errors_naming_field_and_file() {
+        let cases = [
+            ("unknown.toml", "[cpu]\nbandwidth = 3\n", "unknown field `bandwidth`"),
+            ("type.toml", "[cpu]\nub_kib = \"big\"\n", "field `ub_kib` must be a number"),
+            ("neg.json", r#"{"cpu": {"mem_bandwidth_gbs": -1}}"#, "field `mem_bandwidth_gbs` must be a positive"),
+            ("new.toml", "[myboard]\nkind = \"npu\"\nmatmul_tflops = 10\n", "missing field `vector_tflops`"),
+            ("kind.toml", "[cpu]\nkind = \"gpu\"\n", "field `kind`"),
+        ];
+        for (file, text, want) in cases {
+            let p = write(file, text);
+            let err = HardwareProfile::load_overrides(&p).unwrap_err().to_string();
+            assert!(err.contains(want), "{file}: {err}");
+            assert!(err.contains(file), "{file}: error does not name the file: {err}");
+        }
+    }
+
+    #[test]
+    fn a_complete_new_profile_is_added() {
+        let p = write(
+            "board.toml",
+            "[board]\nkind = \"npu\"\nmatmul_tflops = 10\nvector_tflops = 1\nmem_bandwidth_gbs = 100\n\
+             launch_overhead_us = 3\nub_kib = 128\nl1_kib = 256\nmemory_gib = 8\nactivation_bytes = 2\n",
+        );
+        let ps = HardwareProfile::load_overrides(&p).unwrap();
+        let b = ps.iter().find(|x| x.name == "board").unwrap();
+        assert_eq!((b.kind.as_str(), b.ub_kib), ("npu", 128.0));
+    }
+}

@@ -1,0 +1,227 @@
+//! Mixture of grouped experts: `moe-gating`, `moe-router`,
+//! `grouped-matmul` and `moe-shared-residual`.
+
+use super::{check, Cx, Rule};
+use egg::Id;
+use panguc_ir::op::ReduceOp;
+use panguc_ir::{Dim, Op};
+
+pub fn rules() -> Vec<Rule> {
+    vec![
+        Rule::multi(
+            "moe-gating",
+            "softmax over all experts -> per-group max/argmax -> gather router_scale -> multiply  ->  moe_gating_group_topk",
+            "?ids = (add (argmax ?am (reshape ?rg (softmax ?sm ?logits))) (iota ?io)), \
+             ?w = (mul (reduce_max ?rm (reshape ?rg (softmax ?sm ?logits))) (gather ?scale ?ids))",
+            moe_gating,
+        ),
+        Rule::patterns(
+            "moe-router",
+            "moe_gating_group_topk(x w_router^T, scale)  ->  moe_router_topk(x, w_router, scale)",
+            &["(moe_gating_group_topk ?g (matmul ?t ?x ?wr) ?scale)"],
+            moe_router,
+        ),
+        Rule::patterns(
+            "grouped-matmul",
+            "all experts computed densely, combined through one-hot routing weights  ->  grouped_matmul_moe over the selected experts",
+            &["(reduce_sum ?r0 (mul (matmul ?t (swiglu (matmul ?t ?x ?wg) (matmul ?t ?x ?wu)) ?wd) \
+               (reshape ?rc (transpose ?tp (reduce_sum ?r1 (mul (one_hot ?oh ?ids) (reshape ?rw ?w)))))))"],
+            grouped_matmul,
+        ),
+        Rule::patterns(
+            "moe-shared-residual",
+            "r + (grouped_matmul_moe(x, ..) + shared_down(gate_up_swiglu(x, ..)))  ->  moe_ffn",
+            &[
+                "(add ?r (add (grouped_matmul_moe ?x ?w ?ids ?gu ?dn) (matmul ?t (gate_up_swiglu ?x ?sgu) ?sdn)))",
+            ],
+            moe_shared_residual,
+        ),
+    ]
+}
+
+fn moe_gating(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    let logits = cx.var("?logits");
+    let lt = cx.ty(logits)?;
+    check(lt.rank() == 2 && lt.dtype.is_float())?;
+    let e = lt.shape[1].as_const()?;
+    check(cx.attr(cx.var("?sm"))? == Op::Softmax { axis: 1 })?;
+    let Op::Iota { len: groups, step } = cx.attr(cx.var("?io"))? else { return None };
+    check(groups > 0 && e % groups == 0 && step as usize == e / groups)?;
+    let grouped = vec![lt.shape[0].clone(), Dim::c(groups), Dim::c(e / groups)];
+    check(cx.attr(cx.var("?rg"))? == Op::Reshape { shape: grouped })?;
+    check(cx.attr(cx.var("?am"))? == Op::ArgMax { axis: 2, keepdim: false })?;
+    check(cx.attr(cx.var("?rm"))? == Op::Reduce { op: ReduceOp::Max, axis: 2, keepdim: false })?;
+    let t = cx.add(Op::MoeGatingGroupTopK { groups }, &[logits, cx.var("?scale")])?;
+    let (w, ids) = (cx.proj(t, 0), cx.proj(t, 1));
+    Some(vec![(cx.var("?w"), w), (cx.var("?ids"), ids)])
+}
+
+fn moe_router(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    let Op::MoeGatingGroupTopK { groups } = cx.attr(cx.var("?g"))? else { return None };
+    check(cx.attr(cx.var("?t"))? == Op::MatMul { transpose_b: true })?;
+    let wr = cx.var("?wr");
+    check(cx.weight_only(wr))?;
+    let n = cx.add(Op::MoeRouterTopK { groups }, &[cx.var("?x"), wr, cx.var("?scale")])?;
+    Some(vec![(cx.root, n)])
+}
+
+/// The dense form computes every expert on every token and weights the
+/// results by `combine[t, e]`, which is zero except at the selected
+/// experts; the grouped matmul computes only the selected (token, expert)
+/// pairs and adds them in group order. Skipped terms are exact zeros, so
+/// the two agree up to f32 summation order.
+fn grouped_matmul(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    check(cx.attr(cx.var("?t"))? == Op::MatMul { transpose_b: true })?;
+    check(cx.attr(cx.var("?r0"))? == Op::Reduce { op: ReduceOp::Sum, axis: 0, keepdim: false })?;
+    check(cx.attr(cx.var("?r1"))? == Op::Reduce { op: ReduceOp::Sum, axis: 1, keepdim: false })?;
+    check(cx.attr(cx.var("?tp"))? == Op::Transpose { perm: vec![1, 0] })?;
+    let (x, wg, wu, wd, w, ids) = (cx.var("?x"), cx.var("?wg"), cx.var("?wu"), cx.var("?wd"), cx.var("?w"), cx.var("?ids"));
+    check([wg, wu, wd].iter().all(|c| cx.weight_only(*c)) && !cx.weight_only(x))?;
+    let (wgt, wdt, routing) = (cx.ty(wg)?, cx.ty(wd)?, cx.ty(w)?);
+    check(wgt.rank() == 3 && cx.ty(wu)? == wgt && routing.rank() == 2)?;
+    let e = wgt.shape[0].as_const()?;
+    let t = routing.shape[0].clone();
+    check(cx.attr(cx.var("?oh"))? == Op::OneHot { depth: e })?;
+    check(cx.attr(cx.var("?rw"))? == Op::Reshape { shape: vec![t.clone(), routing.shape[1].clone(), Dim::c(1)] })?;
+    check(cx.attr(cx.var("?rc"))? == Op::Reshape { shape: vec![Dim::c(e), t, Dim::c(1)] })?;
+    check(wdt.rank() == 3 && wdt.shape[0] == wgt.shape[0])?;
+    // Gate rows first, then up rows: the layout GroupedMatmulMoe expects.
+    let gate_up = cx.add_named(Op::Concat { axis: 1 }, &[wg, wu], Some("experts_gate_up_weight"))?;
+    let n = cx.add(Op::GroupedMatmulMoe, &[x, w, ids, gate_up, wd])?;
+    Some(vec![(cx.root, n)])
+}
+
+fn moe_shared_residual(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    check(cx.attr(cx.var("?t"))? == Op::MatMul { transpose_b: true })?;
+    let (sgu, sdn) = (cx.var("?sgu"), cx.var("?sdn"));
+    check(cx.weight_only(sgu) && cx.weight_only(sdn))?;
+    let args = ["?x", "?w", "?ids", "?gu", "?dn"].map(|v| cx.var(v));
+    let mut all = args.to_vec();
+    all.extend([sgu, sdn, cx.var("?r")]);
+    let n = cx.add(Op::MoeFfn, &all)?;
+    Some(vec![(cx.root, n)])
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::rules::testing::*;
+    use panguc_ir::op::{BinaryOp, ReduceOp, UnaryOp};
+    use panguc_ir::{DType, Op};
+
+    const E: usize = 8;
+    const G_: usize = 4;
+
+    /// The importer's routing: softmax over all experts, per-group
+    /// max/argmax, router_scale gathered and multiplied. Returns
+    /// (weights [T, G], expert ids [T, G]).
+    fn routing(g: &mut G, logits: usize) -> (usize, usize) {
+        let scale = g.weight("router_scale", DType::BF16, &[1, E]);
+        let p = g.op(Op::Softmax { axis: 1 }, &[logits]);
+        let pg = g.op(Op::Reshape { shape: vec![tok(), c(G_), c(E / G_)] }, &[p]);
+        let gmax = g.op(Op::Reduce { op: ReduceOp::Max, axis: 2, keepdim: false }, &[pg]);
+        let garg = g.op(Op::ArgMax { axis: 2, keepdim: false }, &[pg]);
+        let off = g.op(Op::Iota { len: G_, step: (E / G_) as i64 }, &[]);
+        let ids = g.op(Op::Binary(BinaryOp::Add), &[garg, off]);
+        let s1 = g.op(Op::Reshape { shape: vec![c(E)] }, &[scale]);
+        let sf = g.op(Op::Cast { dtype: DType::F32 }, &[s1]);
+        let sel = g.op(Op::Gather, &[sf, ids]);
+        let w = g.op(Op::Binary(BinaryOp::Mul), &[gmax, sel]);
+        (w, ids)
+    }
+
+    fn router(g: &mut G, x: usize) -> usize {
+        let wr = g.weight("gate.weight", DType::BF16, &[E, 16]);
+        g.op(Op::MatMul { transpose_b: true }, &[x, wr])
+    }
+
+    #[test]
+    fn moe_gating_fires_and_preserves_numbers() {
+        let mut g = G::new();
+        let x = g.input("x", &[tok(), c(16)]);
+        let logits = router(&mut g, x);
+        let (w, ids) = routing(&mut g, logits);
+        g.output(w);
+        g.output(ids);
+        let r = check_rule(g, &["moe-gating"], 5);
+        r.assert_fired("moe-gating");
+        assert_eq!((r.count_op("moe_gating_group_topk"), r.count_op("softmax"), r.count_op("argmax")), (1, 0, 0));
+    }
+
+    #[test]
+    fn moe_router_fuses_the_router_matmul_into_gating() {
+        let mut g = G::new();
+        let x = g.input("x", &[tok(), c(16)]);
+        let logits = router(&mut g, x);
+        let (w, ids) = routing(&mut g, logits);
+        g.output(w);
+        g.output(ids);
+        let r = check_rule(g, &["moe-gating", "moe-router"], 5);
+        r.assert_fired("moe-router");
+        assert_eq!(r.count_op("moe_router_topk"), 1);
+        assert_eq!(r.kernels_after, 1, "{}", r.text);
+    }
+
+    /// The importer's dense routed experts plus the shared expert and the
+    /// residual add.
+    fn moe_block(g: &mut G) -> usize {
+        let (h, i, is) = (16, 6, 10);
+        let x = g.input("x", &[tok(), c(h)]);
+        let r = g.input("residual", &[tok(), c(h)]);
+        let logits = router(g, x);
+        let (w, ids) = routing(g, logits);
+        let oh = g.op(Op::OneHot { depth: E }, &[ids]);
+        let w3 = g.op(Op::Reshape { shape: vec![tok(), c(G_), c(1)] }, &[w]);
+        let slots = g.op(Op::Binary(BinaryOp::Mul), &[oh, w3]);
+        let combine = g.op(Op::Reduce { op: ReduceOp::Sum, axis: 1, keepdim: false }, &[slots]);
+        let stack = |g: &mut G, kind: &str, shape: &[usize]| {
+            let ws: Vec<usize> =
+                (0..E).map(|e| g.weight(&format!("experts.{e}.{kind}_proj.weight"), DType::BF16, shape)).collect();
+            g.op(Op::Stack { axis: 0 }, &ws)
+        };
+        let wg = stack(g, "gate", &[i, h]);
+        let wu = stack(g, "up", &[i, h]);
+        let wd = stack(g, "down", &[h, i]);
+        let mlp = |g: &mut G, x: usize, wg: usize, wu: usize, wd: usize| {
+            let gate = g.op(Op::MatMul { transpose_b: true }, &[x, wg]);
+            let up = g.op(Op::MatMul { transpose_b: true }, &[x, wu]);
+            let s = g.op(Op::Unary(UnaryOp::Sigmoid), &[gate]);
+            let silu = g.op(Op::Binary(BinaryOp::Mul), &[gate, s]);
+            let act = g.op(Op::Binary(BinaryOp::Mul), &[silu, up]);
+            g.op(Op::MatMul { transpose_b: true }, &[act, wd])
+        };
+        let ey = mlp(g, x, wg, wu, wd);
+        let ct = g.op(Op::Transpose { perm: vec![1, 0] }, &[combine]);
+        let cb = g.op(Op::Reshape { shape: vec![c(E), tok(), c(1)] }, &[ct]);
+        let weighted = g.op(Op::Binary(BinaryOp::Mul), &[ey, cb]);
+        let routed = g.op(Op::Reduce { op: ReduceOp::Sum, axis: 0, keepdim: false }, &[weighted]);
+        let sg = g.weight("shared.gate_proj.weight", DType::BF16, &[is, h]);
+        let su = g.weight("shared.up_proj.weight", DType::BF16, &[is, h]);
+        let sd = g.weight("shared.down_proj.weight", DType::BF16, &[h, is]);
+        let shared = mlp(g, x, sg, su, sd);
+        let moe = g.op(Op::Binary(BinaryOp::Add), &[routed, shared]);
+        g.op(Op::Binary(BinaryOp::Add), &[r, moe])
+    }
+
+    #[test]
+    fn grouped_matmul_fires_and_matches_the_dense_experts() {
+        let mut g = G::new();
+        let y = moe_block(&mut g);
+        g.output(y);
+        let r = check_rule(g, &["swiglu", "moe-gating", "grouped-matmul"], 6);
+        r.assert_fired("grouped-matmul");
+        assert_eq!(r.count_op("grouped_matmul_moe"), 1, "{}", r.text);
+        assert_eq!(r.count_op("one_hot"), 0, "the dense combine is gone:\n{}", r.text);
+    }
+
+    #[test]
+    fn moe_shared_residual_makes_the_block_one_kernel_after_routing() {
+        let mut g = G::new();
+        let y = moe_block(&mut g);
+        g.output(y);
+        let rules = ["swiglu", "merge-gate-up", "moe-gating", "moe-router", "grouped-matmul", "moe-shared-residual"];
+        let r = check_rule(g, &rules, 6);
+        r.assert_fired("moe-shared-residual");
+        assert_eq!(r.count_op("moe_ffn"), 1, "{}", r.text);
+        assert_eq!(r.kernels_after, 2, "router+gating and the moe_ffn:\n{}", r.text);
+    }
+}

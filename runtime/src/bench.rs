@@ -1,0 +1,110 @@
+//! Machine measurements for the benchmark: the memory roofline (streaming
+//! read bandwidth), the fp32 FMA peak, and the process's peak resident
+//! memory. Each is measured in the same run as the model timings it is
+//! compared with.
+
+use std::time::Instant;
+
+/// Bytes per second of a streaming read of a `bytes`-long buffer by
+/// `threads` threads (best of `reps`), far larger than the caches.
+pub fn stream_read_bandwidth(bytes: usize, threads: usize, reps: usize) -> f64 {
+    let threads = threads.max(1);
+    let words = bytes / 8;
+    // Non-zero contents so the pages are really backed.
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let chunk = words.div_ceil(threads);
+    let mut best = f64::MAX;
+    let mut sink = 0u64;
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        let sums: Vec<u64> = std::thread::scope(|s| {
+            let handles: Vec<_> = buf.chunks(chunk).map(|part| s.spawn(move || sum_words(part))).collect();
+            handles.into_iter().map(|h| h.join().expect("reader thread")).collect()
+        });
+        best = best.min(t0.elapsed().as_secs_f64());
+        sink = sink.wrapping_add(sums.iter().fold(0, |a, b| a.wrapping_add(*b)));
+    }
+    std::hint::black_box(sink);
+    (words * 8) as f64 / best
+}
+
+/// Four independent lanes so the adds keep up with memory.
+fn sum_words(xs: &[u64]) -> u64 {
+    let mut acc = [0u64; 4];
+    let mut it = xs.chunks_exact(4);
+    for c in &mut it {
+        for i in 0..4 {
+            acc[i] = acc[i].wrapping_add(c[i]);
+        }
+    }
+    let tail: u64 = it.remainder().iter().fold(0, |a, b| a.wrapping_add(*b));
+    acc.iter().fold(tail, |a, b| a.wrapping_add(*b))
+}
+
+/// Peak fp32 FLOP/s of `threads` threads doing independent FMAs (2 flops
+/// each) on the widest vectors the host supports.
+pub fn fma_peak_flops(threads: usize) -> f64 {
+    let threads = threads.max(1);
+    const ITERS: u64 = 20_000_000;
+    let t0 = Instant::now();
+    let flops: u64 = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads).map(|_| s.spawn(|| fma_loop(ITERS))).collect();
+        hs.into_iter().map(|h| h.join().expect("fma thread")).sum()
+    });
+    flops as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// Returns the flops performed.
+fn fma_loop(iters: u64) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            return unsafe { fma_avx2(iters) };
+        }
+    }
+    let mut acc = [1.0f32; 8];
+    for _ in 0..iters {
+        for a in &mut acc {
+            *a = a.mul_add(0.999_999, 1e-7);
+        }
+    }
+    std::hint::black_box(acc);
+    iters * 8 * 2
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_avx2(iters: u64) -> u64 {
+    use std::arch::x86_64::*;
+    // 10 independent accumulators cover the FMA latency x 2 pipes.
+    let (m, c) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+    let mut a = [_mm256_set1_ps(1.0); 10];
+    for _ in 0..iters {
+        for x in &mut a {
+            *x = _mm256_fmadd_ps(*x, m, c);
+        }
+    }
+    std::hint::black_box(a);
+    iters * 10 * 8 * 2
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measurements_are_positive() {
+        assert!(stream_read_bandwidth(1 << 20, 2, 1) > 0.0);
+        assert!(peak_rss_bytes().unwrap_or(1) > 0);
+        assert_eq!(sum_words(&[1, 2, 3, 4, 5]), 15);
+    }
+}

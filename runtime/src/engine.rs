@@ -1,0 +1,341 @@
+//! The compiled CPU engine: runs a package's kernel program for one
+//! sequence, keeping that sequence's KV cache.
+//!
+//! Memory: weights are the package's mappings (shared, never copied); each
+//! engine owns its KV cache, allocated for `max_context` tokens (zeroed
+//! pages are only touched as the context grows), an activation arena sized
+//! per call from the buffer plan (slots sized for the actual
+//! `tokens`/`past`), and per-thread scratch.
+//!
+//! Threads: every launch's tiles are split into one contiguous range per
+//! thread of a rayon pool (shared between engines). Each output element is
+//! computed by exactly one tile with the same code whatever the range, so
+//! the thread count never changes results. Launches with few light tiles
+//! run on the calling thread.
+//!
+//! Batches: the IR function handles one sequence (its own `past`), so a
+//! batch is one engine per sequence stepped in turn (see `batch`), each
+//! launch using all threads.
+
+use crate::generate::Engine;
+use crate::loader::{KernelFn, Package};
+use anyhow::{bail, ensure, Context, Result};
+use panguc_ir::kernel::BufferKind;
+use panguc_ir::shape::Bindings;
+use panguc_ir::Tensor;
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::sync::Arc;
+
+/// Context length the KV cache is allocated for when not configured
+/// (capped by the model's `max_position_embeddings`).
+pub const DEFAULT_MAX_CONTEXT: usize = 4096;
+const ALIGN: usize = 64;
+/// Launches with at least this many tiles are spread over threads even
+/// when each tile is light.
+const PARALLEL_TILES: u64 = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Worker threads (>= 1).
+    pub threads: usize,
+    /// KV-cache capacity in tokens.
+    pub max_context: Option<usize>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { threads: default_threads(), max_context: None }
+    }
+}
+
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// A thread pool for engines; share one between the engines of a batch.
+pub fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+    if threads == 0 {
+        bail!("--threads must be at least 1, got 0");
+    }
+    if threads > 4096 {
+        bail!("--threads {threads} is not a sensible thread count (at most 4096)");
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("panguc-worker-{i}"))
+        .build()
+        .context("cannot start the worker threads")?;
+    Ok(Arc::new(pool))
+}
+
+/// Zeroed, 64-byte aligned heap memory.
+struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain memory; the engine hands disjoint tiles to threads.
+unsafe impl Send for AlignedBuf {}
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    fn zeroed(len: usize) -> Result<AlignedBuf> {
+        if len == 0 {
+            return Ok(AlignedBuf { ptr: std::ptr::null_mut(), len: 0 });
+        }
+        let layout = Layout::from_size_align(len, ALIGN)?;
+        // SAFETY: non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            bail!("out of memory allocating {len} bytes");
+        }
+        Ok(AlignedBuf { ptr, len })
+    }
+
+    /// Make room for `len` bytes (contents are not preserved).
+    fn ensure(&mut self, len: usize) -> Result<()> {
+        if len > self.len {
+            *self = AlignedBuf::zeroed(len.next_multiple_of(ALIGN))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: allocated in `zeroed` with this layout.
+            unsafe { dealloc(self.ptr, Layout::from_size_align(self.len, ALIGN).expect("valid layout")) }
+        }
+    }
+}
+
+/// One kernel launch as the worker threads see it.
+struct Call {
+    f: KernelFn,
+    args: *const *mut u8,
+    syms: *const i64,
+    tiles: i64,
+    scratch: Vec<*mut u8>,
+}
+
+// SAFETY: the pointers stay valid for the duration of the blocking
+// broadcast, and tiles write disjoint outputs.
+unsafe impl Sync for Call {}
+
+/// Runs a package's kernel program for one sequence.
+pub struct CpuEngine {
+    pkg: Arc<Package>,
+    pool: Arc<rayon::ThreadPool>,
+    max_context: usize,
+    past: usize,
+    vocab: usize,
+    kv: Vec<AlignedBuf>,
+    arena: AlignedBuf,
+    scratch: Vec<AlignedBuf>,
+    inputs: [Vec<i64>; 2],
+    ptrs: Vec<*mut u8>,
+    /// Wall time per kernel kind, when profiling.
+    profile: Option<std::collections::BTreeMap<&'static str, std::time::Duration>>,
+}
+
+// SAFETY: the raw pointers point into memory the engine owns or the shared,
+// immutable package mappings.
+unsafe impl Send for CpuEngine {}
+
+impl CpuEngine {
+    /// An engine with its own thread pool.
+    pub fn new(pkg: Arc<Package>, opts: &EngineOptions) -> Result<CpuEngine> {
+        let pool = thread_pool(opts.threads)?;
+        CpuEngine::with_pool(pkg, pool, opts.max_context)
+    }
+
+    /// An engine using a shared pool (one engine per sequence of a batch).
+    pub fn with_pool(pkg: Arc<Package>, pool: Arc<rayon::ThreadPool>, max_context: Option<usize>) -> Result<CpuEngine> {
+        let cfg = pkg.config();
+        let limit = cfg.max_position_embeddings.max(1);
+        let max_context = match max_context {
+            Some(0) => bail!("the maximum context must be at least 1 token"),
+            Some(n) if n > limit => {
+                bail!("a maximum context of {n} tokens exceeds the model's max_position_embeddings ({limit})")
+            }
+            Some(n) => n,
+            None => DEFAULT_MAX_CONTEXT.min(limit),
+        };
+        let program = pkg.program();
+        let mut kv = Vec::with_capacity(program.caches.len());
+        for c in &program.caches {
+            let b = program.buffer(*c);
+            let row: usize = b.shape[1..]
+                .iter()
+                .map(|d| d.as_const().context("KV cache rows must have a static size"))
+                .product::<Result<usize>>()?;
+            kv.push(AlignedBuf::zeroed(max_context * row * b.dtype.size_bytes())?);
+        }
+        let threads = pool.current_num_threads();
+        let scratch = (0..threads).map(|_| AlignedBuf::zeroed(0)).collect::<Result<_>>()?;
+        let vocab = cfg.vocab_size;
+        Ok(CpuEngine {
+            pkg,
+            pool,
+            max_context,
+            past: 0,
+            vocab,
+            kv,
+            arena: AlignedBuf::zeroed(0)?,
+            scratch,
+            inputs: [vec![], vec![]],
+            ptrs: vec![],
+            profile: None,
+        })
+    }
+
+    /// Tokens already in this sequence's KV cache.
+    pub fn past(&self) -> usize {
+        self.past
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Start (or restart) timing every launch by kernel kind.
+    pub fn enable_profiling(&mut self) {
+        self.profile = Some(Default::default());
+    }
+
+    /// Time spent per kernel kind since profiling was enabled.
+    pub fn profile(&self) -> Option<&std::collections::BTreeMap<&'static str, std::time::Duration>> {
+        self.profile.as_ref()
+    }
+
+    /// Forget the sequence (the cache is overwritten from position 0).
+    pub fn reset(&mut self) {
+        self.past = 0;
+    }
+
+    /// Resolve every buffer's address for this call and size the arena.
+    fn bind(&mut self, b: &Bindings) -> Result<()> {
+        let program = self.pkg.program();
+        let mut slot_bytes = vec![0usize; program.slots];
+        for buf in &program.buffers {
+            if let BufferKind::Activation { slot } = buf.kind {
+                let n = buf.bytes().eval(b).map_err(anyhow::Error::msg)? as usize;
+                slot_bytes[slot] = slot_bytes[slot].max(n.next_multiple_of(ALIGN));
+            }
+        }
+        let mut offsets = Vec::with_capacity(slot_bytes.len());
+        let mut total = 0usize;
+        for s in &slot_bytes {
+            offsets.push(total);
+            total += s;
+        }
+        self.arena.ensure(total)?;
+        self.ptrs.clear();
+        for buf in &program.buffers {
+            let p = match &buf.kind {
+                BufferKind::Input { index } => self.inputs[*index].as_mut_ptr() as *mut u8,
+                BufferKind::Weight { index } => self.pkg.weight_ptr(*index),
+                BufferKind::KvCache { cache } => self.kv[*cache].ptr,
+                // SAFETY: within the arena sized above.
+                BufferKind::Activation { slot } => unsafe { self.arena.ptr.add(offsets[*slot]) },
+                BufferKind::View { base, offset } => {
+                    let base_ty = program.buffer(*base).dtype;
+                    let off = offset.eval(b).map_err(anyhow::Error::msg)? * base_ty.size_bytes();
+                    // SAFETY: views lie inside their base buffer.
+                    unsafe { self.ptrs[base.index()].add(off) }
+                }
+            };
+            self.ptrs.push(p);
+        }
+        let mut need = 0usize;
+        for k in &program.kernels {
+            need = need.max(k.thread_scratch.eval(b).map_err(anyhow::Error::msg)? as usize);
+        }
+        for s in &mut self.scratch {
+            s.ensure(need)?;
+        }
+        Ok(())
+    }
+
+    fn launch(&self, f: KernelFn, args: &[*mut u8], syms: &[i64], tiles: u64, parallel: bool) {
+        let call = Call {
+            f,
+            args: args.as_ptr(),
+            syms: syms.as_ptr(),
+            tiles: tiles as i64,
+            scratch: self.scratch.iter().map(|s| s.ptr).collect(),
+        };
+        if !parallel || self.scratch.len() == 1 {
+            // SAFETY: arguments match the kernel's signature and buffers.
+            unsafe { (call.f)(call.args, call.syms, 0, call.tiles, call.scratch[0]) };
+            return;
+        }
+        let call = &call;
+        self.pool.broadcast(|ctx| {
+            let (i, n) = (ctx.index() as i64, ctx.num_threads() as i64);
+            let chunk = (call.tiles + n - 1) / n;
+            let (lo, hi) = ((i * chunk).min(call.tiles), ((i + 1) * chunk).min(call.tiles));
+            if lo < hi {
+                // SAFETY: as above; tile ranges are disjoint.
+                unsafe { (call.f)(call.args, call.syms, lo, hi, call.scratch[ctx.index()]) };
+            }
+        });
+    }
+}
+
+impl Engine for CpuEngine {
+    fn forward(&mut self, tokens: &[i64]) -> Result<Tensor> {
+        ensure!(!tokens.is_empty(), "no tokens to process");
+        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| **t < 0 || **t as u64 >= self.vocab as u64) {
+            bail!("token {t} at position {i} is outside the vocabulary (0..{})", self.vocab);
+        }
+        let n = tokens.len();
+        if self.past + n > self.max_context {
+            bail!(
+                "the sequence would reach {} tokens, beyond the engine's maximum context of {}",
+                self.past + n,
+                self.max_context
+            );
+        }
+        let pkg = self.pkg.clone();
+        let program = pkg.program();
+        self.inputs = [tokens.to_vec(), (self.past..self.past + n).map(|p| p as i64).collect()];
+        let b = panguc_ir::shape::bindings(n, self.past);
+        self.bind(&b)?;
+        let syms: Vec<i64> = program
+            .symbols
+            .iter()
+            .map(|s| b.get(s).map(|v| *v as i64).with_context(|| format!("no value for shape symbol `{s}`")))
+            .collect::<Result<_>>()?;
+        let mut args: Vec<*mut u8> = vec![];
+        for l in &program.launches {
+            let k = &program.kernels[l.kernel];
+            let tiles = k.tiles.eval(&b).map_err(anyhow::Error::msg)?;
+            if tiles == 0 {
+                continue;
+            }
+            args.clear();
+            args.extend(l.args.iter().map(|a| self.ptrs[a.index()]));
+            let parallel = tiles > 1 && (k.kind.is_heavy() || tiles >= PARALLEL_TILES);
+            let t0 = self.profile.is_some().then(std::time::Instant::now);
+            self.launch(pkg.kernel(l.kernel), &args, &syms, tiles, parallel);
+            if let (Some(t0), Some(p)) = (t0, self.profile.as_mut()) {
+                *p.entry(k.kind.mnemonic()).or_default() += t0.elapsed();
+            }
+        }
+        let out = program.outputs[0];
+        let ob = program.buffer(out);
+        ensure!(ob.dtype == panguc_ir::DType::F32, "logits buffer must be f32, found {}", ob.dtype);
+        let shape = ob.shape.iter().map(|d| d.eval(&b)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+        let len: usize = shape.iter().product();
+        // SAFETY: the logits buffer holds `len` f32 values after the run.
+        let logits = unsafe { std::slice::from_raw_parts(self.ptrs[out.index()] as *const f32, len) }.to_vec();
+        self.past += n;
+        Ok(Tensor::f32(shape, logits))
+    }
+}

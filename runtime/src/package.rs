@@ -1,0 +1,233 @@
+//! The package format and its verification.
+//!
+//! ```text
+//! OUT/manifest.json          format version, panguc version, model config,
+//!                            targets, kernel list, buffer plan, weight
+//!                            table, and the sha256 + size of every file
+//! OUT/kernel_program.json    the scheduled kernel program (panguc_ir::kernel)
+//! OUT/cpu/libpanguc_kernels.so   one exported entry point per kernel
+//! OUT/cpu/kernels.s, kernels.ll  the same code as assembly / optimised IR
+//! OUT/weights/<group>.bin    prepared weights in kernel layout, 64-byte
+//!                            aligned, memory-mapped at load (omitted for
+//!                            config-only compiles)
+//! OUT/report.json, OUT/ir/   compile report and IR dumps
+//! ```
+//!
+//! [`open_package`] refuses a package whose format version is newer than
+//! this runtime, and any file that is missing, truncated or modified (size
+//! and sha256 checked against the manifest) before anything runs.
+
+use anyhow::{bail, Context, Result};
+use panguc_ir::kernel::KernelProgram;
+use panguc_ir::{DType, PanguConfig};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Version of the on-disk layout described above.
+pub const PACKAGE_FORMAT_VERSION: u32 = 1;
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const PROGRAM_FILE: &str = "kernel_program.json";
+pub const CPU_LIBRARY: &str = "cpu/libpanguc_kernels.so";
+/// Weight data is aligned to this many bytes inside its file.
+pub const WEIGHT_ALIGN: u64 = 64;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub panguc_version: String,
+    pub model: PanguConfig,
+    pub targets: Vec<String>,
+    /// Present when the package has a CPU library.
+    pub cpu: Option<CpuSection>,
+    pub kernels: Vec<KernelEntry>,
+    pub buffers: Vec<BufferEntry>,
+    /// Absent for config-only compiles (nothing to run).
+    pub weights: Option<Vec<WeightEntry>>,
+    /// Every file of the package except the manifest: relative path ->
+    /// size and sha256.
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuSection {
+    pub library: String,
+    pub program: String,
+    pub triple: String,
+    pub cpu: String,
+    /// LLVM features the code was generated for.
+    pub features: String,
+    pub abi: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KernelEntry {
+    pub name: String,
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BufferEntry {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<String>,
+    /// `input`, `weight`, `kv_cache`, `slot N`, `view`.
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightEntry {
+    pub name: String,
+    pub file: String,
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// True when `dir` looks like a package (has a manifest) rather than a
+/// checkpoint directory.
+pub fn is_package(dir: &Path) -> bool {
+    dir.join(MANIFEST_FILE).is_file()
+}
+
+/// sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Size and hash of every file under `dir` except the manifest, keyed by
+/// '/'-separated relative path (sorted, so manifests are deterministic).
+pub fn hash_tree(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, FileEntry>) -> Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .collect::<std::io::Result<_>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            if path.is_dir() {
+                walk(root, &path, out)?;
+                continue;
+            }
+            let rel: Vec<String> = path
+                .strip_prefix(root)
+                .expect("under root")
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            let rel = rel.join("/");
+            if rel == MANIFEST_FILE {
+                continue;
+            }
+            let bytes = std::fs::metadata(&path)?.len();
+            out.insert(rel, FileEntry { bytes, sha256: sha256_file(&path)? });
+        }
+        Ok(())
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out)?;
+    Ok(out)
+}
+
+/// Read and check the manifest's format version before anything else, so a
+/// newer package fails with a clear message rather than a parse error.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read package manifest {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let version = value
+        .get("format_version")
+        .and_then(serde_json::Value::as_u64)
+        .with_context(|| format!("{} has no numeric `format_version`", path.display()))?;
+    if version > PACKAGE_FORMAT_VERSION as u64 {
+        bail!(
+            "package {} has format version {version}, but this runtime reads format version {PACKAGE_FORMAT_VERSION}: \
+             it was written by a newer panguc; upgrade panguc or recompile the model",
+            dir.display()
+        );
+    }
+    if version < PACKAGE_FORMAT_VERSION as u64 {
+        bail!(
+            "package {} has old format version {version} (this runtime reads {PACKAGE_FORMAT_VERSION}): recompile the model",
+            dir.display()
+        );
+    }
+    serde_json::from_value(value).with_context(|| format!("{} does not match package format {version}", path.display()))
+}
+
+/// Check every file the manifest lists: present, of the recorded size, and
+/// with the recorded sha256.
+pub fn verify_files(dir: &Path, manifest: &Manifest) -> Result<()> {
+    for (rel, entry) in &manifest.files {
+        if rel.split('/').any(|c| c == ".." || c.is_empty()) {
+            bail!("package manifest lists an invalid path `{rel}`");
+        }
+        let path = dir.join(rel);
+        let meta = std::fs::metadata(&path)
+            .with_context(|| format!("package {} is incomplete: {rel} is missing", dir.display()))?;
+        if meta.len() != entry.bytes {
+            bail!(
+                "package {} is corrupt: {rel} has {} bytes, the manifest says {} (truncated or modified)",
+                dir.display(),
+                meta.len(),
+                entry.bytes
+            );
+        }
+        let sha = sha256_file(&path)?;
+        if sha != entry.sha256 {
+            bail!("package {} is corrupt: {rel} does not match its sha256 in the manifest (the file was modified)", dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// A verified package on disk (not yet loaded for execution).
+#[derive(Debug, Clone)]
+pub struct PackageFiles {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub program: Option<KernelProgram>,
+}
+
+/// Verify a package: format version, then every file's size and hash, then
+/// parse the kernel program.
+pub fn verify_package(dir: &Path) -> Result<PackageFiles> {
+    if !dir.is_dir() {
+        bail!("package directory {} does not exist", dir.display());
+    }
+    let manifest = read_manifest(dir)?;
+    verify_files(dir, &manifest)?;
+    let program = match &manifest.cpu {
+        Some(cpu) => {
+            let path = dir.join(&cpu.program);
+            if !manifest.files.contains_key(&cpu.program) {
+                bail!("package manifest does not cover its kernel program {}", cpu.program);
+            }
+            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let p: KernelProgram =
+                serde_json::from_str(&text).with_context(|| format!("{} is not a kernel program", path.display()))?;
+            p.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            Some(p)
+        }
+        None => None,
+    };
+    Ok(PackageFiles { dir: dir.to_path_buf(), manifest, program })
+}

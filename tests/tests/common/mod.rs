@@ -1,0 +1,99 @@
+//! Shared fixtures of the CPU backend's end-to-end tests: the bundled tiny
+//! checkpoint compiled once per test binary into packages for the imported
+//! (primitive) module and the hand-fused variants.
+
+#![allow(dead_code)]
+
+pub mod fused;
+
+use panguc::frontend::Checkpoint;
+use panguc_ir::session::InterpSession;
+use panguc_ir::{DType, Module, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+/// Which module a package was compiled from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Graph {
+    /// The importer's primitive ops (attention as matmul/softmax, dense MoE).
+    Imported,
+    Classic,
+    Plan,
+}
+
+pub const GRAPHS: [Graph; 3] = [Graph::Imported, Graph::Classic, Graph::Plan];
+
+pub fn tiny_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-pangu")
+}
+
+pub fn checkpoint() -> Checkpoint {
+    panguc::commands::open_checkpoint(&tiny_dir(), false).expect("tiny checkpoint")
+}
+
+pub fn module(ckpt: &Checkpoint, g: Graph) -> Module {
+    let dtype_of = |name: &str| ckpt.tensor_info(name).map(|(d, _, _)| d).unwrap_or(DType::BF16);
+    match g {
+        Graph::Imported => panguc::commands::import(ckpt).expect("import"),
+        Graph::Classic => fused::build(ckpt.config(), fused::Variant::Classic, &dtype_of),
+        Graph::Plan => fused::build(ckpt.config(), fused::Variant::Plan, &dtype_of),
+    }
+}
+
+/// Compile `m` for the CPU into a new directory `out`.
+pub fn compile(ckpt: &Checkpoint, m: &Module, out: &Path) {
+    std::fs::create_dir_all(out).unwrap();
+    panguc::package_build::write_cpu_package(out, ckpt, m, &["cpu".to_string()], &serde_json::json!({}))
+        .unwrap_or_else(|e| panic!("compiling {}: {e:#}", out.display()));
+}
+
+pub struct Fixture {
+    _dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub packages: BTreeMap<Graph, PathBuf>,
+    loaded: BTreeMap<Graph, Arc<panguc_runtime::Package>>,
+}
+
+/// The three packages, compiled on first use.
+pub fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let ckpt = checkpoint();
+        let mut packages = BTreeMap::new();
+        let mut loaded = BTreeMap::new();
+        for g in GRAPHS {
+            let out = dir.path().join(format!("{g:?}").to_lowercase());
+            compile(&ckpt, &module(&ckpt, g), &out);
+            loaded.insert(g, Arc::new(panguc_runtime::open_package(&out).expect("open package")));
+            packages.insert(g, out);
+        }
+        Fixture { root: dir.path().to_path_buf(), _dir: dir, packages, loaded }
+    })
+}
+
+impl Fixture {
+    pub fn package(&self, g: Graph) -> Arc<panguc_runtime::Package> {
+        self.loaded[&g].clone()
+    }
+
+    pub fn engine(&self, g: Graph, threads: usize) -> panguc_runtime::CpuEngine {
+        let opts = panguc_runtime::EngineOptions { threads, max_context: Some(256) };
+        panguc_runtime::CpuEngine::new(self.package(g), &opts).expect("engine")
+    }
+}
+
+pub fn session<'a>(m: &'a Module, ckpt: &'a Checkpoint) -> InterpSession<'a> {
+    let cfg = ckpt.config();
+    let interp = panguc_ir::interp::Interpreter::new(m, ckpt);
+    InterpSession::new(interp, cfg.num_hidden_layers, [cfg.num_key_value_heads, cfg.head_dim()])
+}
+
+/// Assert `got` is within `tol` of `want`, elementwise relative to
+/// `max(|got|, |want|, floor)`.
+pub fn assert_close(got: &Tensor, want: &Tensor, tol: f32, floor: f32, what: &str) {
+    assert_eq!(got.shape, want.shape, "{what}: shapes differ");
+    let d = got.max_rel_diff(want, floor);
+    assert!(d <= tol, "{what}: max relative difference {d} exceeds {tol}");
+}
