@@ -48,5 +48,6 @@ pub fn run_sim(dk: &DeviceKernel, target: Target, env: &Env, mut args: Vec<SimAr
     args.push(SimArg::Workspace(0));
     args.push(SimArg::Tiling(tiling));
     let k = SimKernel::new(dk.sim_source(), dk.entry.clone(), target.soc(), block_dim);
-    k.run(&args).with_context(|| format!("simulating `{}` on {target} (tokens {}, past {})", dk.entry, env.tokens, env.past))
+    k.run(&args)
+        .with_context(|| format!("simulating `{}` on {target} (tokens {}, past {})", dk.entry, env.tokens, env.past))
 }

@@ -358,20 +358,24 @@ pub fn host_files(p: &KernelProgram, ap: &AscendProgram) -> Result<Vec<(String, 
             let _ = writeln!(steps, "    {{{}, {}, {{{}}}}},", op_ids[l.kernel][di], args.len(), args.join(", "));
         }
     }
+    // The runtime's types first, then the tables, then the model class.
+    let (types, model) = RUNTIME.split_once("class Model {").expect("RUNTIME defines Model");
+    s += types;
     let weight_names: Vec<String> = p.weights.iter().map(|w| format!("    \"{}\",", w.name)).collect();
     let input = |i: usize| p.inputs.get(i).map(|b| b.0).unwrap_or(0);
     let _ = write!(
         s,
-        "\nnamespace {{\nconst Buf kBufs[] = {{\n{bufs}}};\nconstexpr int kNumBufs = {};\nconstexpr int kNumSlots = {slots};\n\
+        "\n// Generated tables.\nconst Buf kBufs[] = {{\n{bufs}}};\nconstexpr int kNumBufs = {};\nconstexpr int kNumSlots = {slots};\n\
          const Step kSteps[] = {{\n{steps}}};\nconst char* const kWeightNames[] = {{\n{}\n    \"\"}};\n\
-         constexpr int kInputIds = {};\nconstexpr int kInputPositions = {};\nconstexpr int kLogits = {};\n}}  // namespace\n",
+         constexpr int kInputIds = {};\nconstexpr int kInputPositions = {};\nconstexpr int kLogits = {};\n\n",
         bufs.lines().count(),
         weight_names.join("\n"),
         input(0),
         input(1),
         p.outputs.first().map(|b| b.0).unwrap_or(0),
     );
-    s += RUNTIME;
+    s += "class Model {";
+    s += model;
     s += "\nvoid Model::Launch(const Step& s, int64_t n)\n{\n    aclTensor* t[8] = {};\n    for (int i = 0; i < s.nargs; i++) t[i] = Tensor(s.args[i], n);\n    uint64_t ws = 0;\n    aclOpExecutor* ex = nullptr;\n    switch (s.op) {\n";
     for (i, (op, n)) in ops.iter().enumerate() {
         let ts: Vec<String> = (0..*n).map(|j| format!("t[{j}]")).collect();

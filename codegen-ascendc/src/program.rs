@@ -11,8 +11,7 @@ use panguc_ir::DType;
 /// scales and routing weights stay f32 (the reference's softmax_f32);
 /// every other float buffer (activations, weights, KV caches) is `act`.
 pub fn device_dtypes(p: &KernelProgram, act: DevType) -> Vec<DevType> {
-    let mut dt: Vec<DevType> =
-        p.buffers.iter().map(|b| if b.dtype.is_float() { act } else { DevType::I64 }).collect();
+    let mut dt: Vec<DevType> = p.buffers.iter().map(|b| if b.dtype.is_float() { act } else { DevType::I64 }).collect();
     let force_f32 = |p: &KernelProgram, dt: &mut Vec<DevType>, id: panguc_ir::kernel::BufferId| {
         // A view shares its root's memory, so the root gets the dtype too.
         let (root, _) = p.root_of(id);

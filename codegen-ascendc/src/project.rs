@@ -145,7 +145,9 @@ fn op_host(dk: &DeviceKernel, shapes: &[Vec<TExpr>], target: Target) -> Result<S
                 Some(SizeDim::Kv) => bail!("{}: output dim {di} depends on the KV length", dk.entry),
                 None => match d {
                     TExpr::C(c) => c.to_string(),
-                    other => bail!("{}: output dim {di} = {} is not supported in shape inference", dk.entry, other.to_cpp()),
+                    other => {
+                        bail!("{}: output dim {di} = {} is not supported in shape inference", dk.entry, other.to_cpp())
+                    }
                 },
             };
             let _ = writeln!(s, "    out{out_i}->SetDim({di}, {v});");
@@ -153,7 +155,8 @@ fn op_host(dk: &DeviceKernel, shapes: &[Vec<TExpr>], target: Target) -> Result<S
         out_i += 1;
     }
     s += "    return GRAPH_SUCCESS;\n}\n}  // namespace ge\n\nnamespace ops {\n";
-    let _ = writeln!(s, "class {op} : public OpDef {{\npublic:\n    explicit {op}(const char* name) : OpDef(name)\n    {{");
+    let _ =
+        writeln!(s, "class {op} : public OpDef {{\npublic:\n    explicit {op}(const char* name) : OpDef(name)\n    {{");
     for p in &dk.params {
         let dir = if p.role == Role::Input { "Input" } else { "Output" };
         let _ = writeln!(

@@ -70,12 +70,22 @@ fn rms_norm_and_add_rms_norm() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let h = 64;
     for (target, act) in targets() {
-        let norm = kernel("panguc_k001_rms_norm", KernelKind::RmsNorm { eps: 1e-5 }, vec![vec![Dim::tokens(), c(h)], vec![c(h)], vec![Dim::tokens(), c(h)]]);
+        let norm = kernel(
+            "panguc_k001_rms_norm",
+            KernelKind::RmsNorm { eps: 1e-5 },
+            vec![vec![Dim::tokens(), c(h)], vec![c(h)], vec![Dim::tokens(), c(h)]],
+        );
         let dk = emit(&norm, &[act; 3], target, act);
         let add = kernel(
             "panguc_k002_add_rms_norm",
             KernelKind::AddRmsNorm { eps: 1e-5 },
-            vec![vec![Dim::tokens(), c(h)], vec![Dim::tokens(), c(h)], vec![c(h)], vec![Dim::tokens(), c(h)], vec![Dim::tokens(), c(h)]],
+            vec![
+                vec![Dim::tokens(), c(h)],
+                vec![Dim::tokens(), c(h)],
+                vec![c(h)],
+                vec![Dim::tokens(), c(h)],
+                vec![Dim::tokens(), c(h)],
+            ],
         );
         let dka = emit(&add, &[act; 5], target, act);
         for t in TOKENS {
@@ -83,8 +93,19 @@ fn rms_norm_and_add_rms_norm() {
             let x = round_through(act, &rand_vec(&mut rng, n));
             let r = round_through(act, &rand_vec(&mut rng, n));
             let w = round_through(act, &rand_vec(&mut rng, h));
-            let out = run_sim(&dk.kernels[0], target, &env(t, 0), vec![SimArg::Input(encode(act, &x)), SimArg::Input(encode(act, &w)), SimArg::Output(n * act.size() as usize)]).unwrap();
-            let want = interp::rms_norm(&Tensor::f32(vec![t as usize, h], x.clone()), &Tensor::f32(vec![h], w.clone()), 1e-5);
+            let out = run_sim(
+                &dk.kernels[0],
+                target,
+                &env(t, 0),
+                vec![
+                    SimArg::Input(encode(act, &x)),
+                    SimArg::Input(encode(act, &w)),
+                    SimArg::Output(n * act.size() as usize),
+                ],
+            )
+            .unwrap();
+            let want =
+                interp::rms_norm(&Tensor::f32(vec![t as usize, h], x.clone()), &Tensor::f32(vec![h], w.clone()), 1e-5);
             assert_close(&decode(act, &out[0]), want.as_f32(), tol(act), 0.1, &format!("rms_norm {target} T={t}"));
 
             let out = run_sim(
@@ -101,9 +122,19 @@ fn rms_norm_and_add_rms_norm() {
             )
             .unwrap();
             let sum: Vec<f32> = x.iter().zip(&r).map(|(a, b)| a + b).collect();
-            let want = interp::rms_norm(&Tensor::f32(vec![t as usize, h], sum.clone()), &Tensor::f32(vec![h], w.clone()), 1e-5);
+            let want = interp::rms_norm(
+                &Tensor::f32(vec![t as usize, h], sum.clone()),
+                &Tensor::f32(vec![h], w.clone()),
+                1e-5,
+            );
             assert_close(&decode(act, &out[0]), &sum, tol(act), 0.1, &format!("add_rms_norm sum {target} T={t}"));
-            assert_close(&decode(act, &out[1]), want.as_f32(), tol(act), 0.1, &format!("add_rms_norm norm {target} T={t}"));
+            assert_close(
+                &decode(act, &out[1]),
+                want.as_f32(),
+                tol(act),
+                0.1,
+                &format!("add_rms_norm norm {target} T={t}"),
+            );
         }
     }
 }
@@ -113,13 +144,28 @@ fn embedding_gather() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let (v, h) = (512, 64);
     for (target, act) in targets() {
-        let k = kernel("panguc_k000_gather", KernelKind::Gather, vec![vec![c(v), c(h)], vec![Dim::tokens()], vec![Dim::tokens(), c(h)]]);
+        let k = kernel(
+            "panguc_k000_gather",
+            KernelKind::Gather,
+            vec![vec![c(v), c(h)], vec![Dim::tokens()], vec![Dim::tokens(), c(h)]],
+        );
         let dk = emit(&k, &[act, DevType::I64, act], target, act);
         let table = round_through(act, &rand_vec(&mut rng, v * h));
         for t in TOKENS {
             let ids: Vec<i64> = (0..t).map(|_| rng.random_range(0..v as i64)).collect();
-            let out = run_sim(&dk.kernels[0], target, &env(t, 0), vec![SimArg::Input(encode(act, &table)), SimArg::Input(encode_i64(&ids)), SimArg::Output(t as usize * h * act.size() as usize)]).unwrap();
-            let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * h..(i as usize + 1) * h].to_vec()).collect();
+            let out = run_sim(
+                &dk.kernels[0],
+                target,
+                &env(t, 0),
+                vec![
+                    SimArg::Input(encode(act, &table)),
+                    SimArg::Input(encode_i64(&ids)),
+                    SimArg::Output(t as usize * h * act.size() as usize),
+                ],
+            )
+            .unwrap();
+            let want: Vec<f32> =
+                ids.iter().flat_map(|&i| table[i as usize * h..(i as usize + 1) * h].to_vec()).collect();
             assert_eq!(decode(act, &out[0]), want, "gather {target} T={t}");
         }
     }
@@ -134,18 +180,34 @@ fn elementwise_swiglu_and_add_with_tails() {
     for (target, act) in targets() {
         for (i, op) in [ElemOp::SwiGlu, ElemOp::Binary(panguc_ir::op::BinaryOp::Add)].into_iter().enumerate() {
             let shape = vec![Dim::tokens(), c(w)];
-            let k = kernel(&format!("panguc_k01{i}_elementwise"), KernelKind::Elementwise { op: op.clone() }, vec![shape.clone(), shape.clone(), shape]);
+            let k = kernel(
+                &format!("panguc_k01{i}_elementwise"),
+                KernelKind::Elementwise { op: op.clone() },
+                vec![shape.clone(), shape.clone(), shape],
+            );
             let dk = emit(&k, &[act; 3], target, act);
             for t in TOKENS {
                 let n = t as usize * w;
                 let a = round_through(act, &rand_vec(&mut rng, n));
                 let b = round_through(act, &rand_vec(&mut rng, n));
-                let out = run_sim(&dk.kernels[0], target, &env(t, 0), vec![SimArg::Input(encode(act, &a)), SimArg::Input(encode(act, &b)), SimArg::Output(n * act.size() as usize)]).unwrap();
+                let out = run_sim(
+                    &dk.kernels[0],
+                    target,
+                    &env(t, 0),
+                    vec![
+                        SimArg::Input(encode(act, &a)),
+                        SimArg::Input(encode(act, &b)),
+                        SimArg::Output(n * act.size() as usize),
+                    ],
+                )
+                .unwrap();
                 let ta = Tensor::f32(vec![n], a.clone());
                 let tb = Tensor::f32(vec![n], b.clone());
                 let want = match &op {
                     ElemOp::SwiGlu => interp::eval_pure(&panguc_ir::Op::SwiGlu, &[&ta, &tb]).unwrap().remove(0),
-                    _ => interp::eval_pure(&panguc_ir::Op::Binary(panguc_ir::op::BinaryOp::Add), &[&ta, &tb]).unwrap().remove(0),
+                    _ => interp::eval_pure(&panguc_ir::Op::Binary(panguc_ir::op::BinaryOp::Add), &[&ta, &tb])
+                        .unwrap()
+                        .remove(0),
                 };
                 assert_close(&decode(act, &out[0]), want.as_f32(), tol(act), 0.1, &format!("{op:?} {target} T={t}"));
             }
@@ -161,7 +223,12 @@ fn rope_neox() {
         let k = kernel(
             "panguc_k020_rope",
             KernelKind::Rope,
-            vec![vec![Dim::tokens(), c(heads), c(d)], vec![Dim::tokens(), c(d)], vec![Dim::tokens(), c(d)], vec![Dim::tokens(), c(heads), c(d)]],
+            vec![
+                vec![Dim::tokens(), c(heads), c(d)],
+                vec![Dim::tokens(), c(d)],
+                vec![Dim::tokens(), c(d)],
+                vec![Dim::tokens(), c(heads), c(d)],
+            ],
         );
         let dk = emit(&k, &[act; 4], target, act);
         for t in TOKENS {
@@ -174,10 +241,19 @@ fn rope_neox() {
                 &dk.kernels[0],
                 target,
                 &env(t, 0),
-                vec![SimArg::Input(encode(act, &x)), SimArg::Input(encode(act, &cos)), SimArg::Input(encode(act, &sin)), SimArg::Output(x.len() * act.size() as usize)],
+                vec![
+                    SimArg::Input(encode(act, &x)),
+                    SimArg::Input(encode(act, &cos)),
+                    SimArg::Input(encode(act, &sin)),
+                    SimArg::Output(x.len() * act.size() as usize),
+                ],
             )
             .unwrap();
-            let want = interp::rope(&Tensor::f32(vec![tu, heads, d], x), &Tensor::f32(vec![tu, d], cos), &Tensor::f32(vec![tu, d], sin));
+            let want = interp::rope(
+                &Tensor::f32(vec![tu, heads, d], x),
+                &Tensor::f32(vec![tu, d], cos),
+                &Tensor::f32(vec![tu, d], sin),
+            );
             assert_close(&decode(act, &out[0]), want.as_f32(), tol(act), 0.1, &format!("rope {target} T={t}"));
         }
     }
@@ -229,7 +305,13 @@ fn flash_attention_prefill_and_decode() {
                 &Tensor::i64(vec![tu], pos),
                 scale as f32,
             );
-            assert_close(&decode(act, &out[0]), want.as_f32(), tol(act), 0.1, &format!("attention {target} T={t} past={past}"));
+            assert_close(
+                &decode(act, &out[0]),
+                want.as_f32(),
+                tol(act),
+                0.1,
+                &format!("attention {target} T={t} past={past}"),
+            );
         }
     }
 }
@@ -254,10 +336,16 @@ fn moe_gating_group_topk() {
                 &dk.kernels[0],
                 target,
                 &env(t, 0),
-                vec![SimArg::Input(encode(f, &logits)), SimArg::Input(encode(f, &scale)), SimArg::Output(tu * g * 4), SimArg::Output(tu * g * 8)],
+                vec![
+                    SimArg::Input(encode(f, &logits)),
+                    SimArg::Input(encode(f, &scale)),
+                    SimArg::Output(tu * g * 4),
+                    SimArg::Output(tu * g * 8),
+                ],
             )
             .unwrap();
-            let want = interp::moe_gating(&Tensor::f32(vec![tu, e], logits), &Tensor::f32(vec![e], scale.clone()), g).unwrap();
+            let want =
+                interp::moe_gating(&Tensor::f32(vec![tu, e], logits), &Tensor::f32(vec![e], scale.clone()), g).unwrap();
             assert_eq!(decode_i64(&out[1]), want[1].as_i64(), "gating ids {target} T={t}");
             assert_close(&decode(f, &out[0]), want[0].as_f32(), 1e-5, 1e-3, &format!("gating weights {target} T={t}"));
         }
@@ -298,7 +386,9 @@ fn gemm_with_bias_swiglu_and_plain_epilogues() {
                             (ArgRef::Orig(1), _) => SimArg::Input(encode(act, &w)),
                             (ArgRef::Orig(2), Role::Input) => SimArg::Input(encode(act, &bias)),
                             (ArgRef::Orig(_), _) => SimArg::Output(tu * n_out * p.dtype.size() as usize),
-                            (ArgRef::Temp(j), Role::Output) => SimArg::Output(dk.temps[*j].elems.eval(&e).unwrap() as usize * 4),
+                            (ArgRef::Temp(j), Role::Output) => {
+                                SimArg::Output(dk.temps[*j].elems.eval(&e).unwrap() as usize * 4)
+                            }
                             (ArgRef::Temp(j), _) => SimArg::Input(temps[*j].clone()),
                         };
                         args.push(arg);
@@ -310,7 +400,12 @@ fn gemm_with_bias_swiglu_and_plain_epilogues() {
                         result = decode(d.params.last().unwrap().dtype, &out[0]);
                     }
                 }
-                let prod = panguc_ir::kernels::matmul(&Tensor::f32(vec![tu, kk], a), &Tensor::f32(vec![n, kk], w.clone()), true).unwrap();
+                let prod = panguc_ir::kernels::matmul(
+                    &Tensor::f32(vec![tu, kk], a),
+                    &Tensor::f32(vec![n, kk], w.clone()),
+                    true,
+                )
+                .unwrap();
                 let p = prod.as_f32();
                 let want: Vec<f32> = match ep {
                     Epilogue::Bias => p.iter().enumerate().map(|(i, v)| v + bias[i % n]).collect(),

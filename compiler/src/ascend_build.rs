@@ -88,15 +88,30 @@ mod tests {
     }
 
     #[test]
-    fn print_tiny_kinds() {
-        let (_cfg, p) = tiny_program();
-        for k in &p.kernels {
-            println!("{} {:?}", k.name, k.kind);
-        }
-        for t in [Target::Ascend910B, Target::Ascend310P] {
-            match emit_program(&p, t, t.default_act()) {
-                Ok(_) => println!("{t}: ok"),
-                Err(e) => println!("{t}: {e:#}"),
+    fn unknown_target_is_an_error_and_cpu_is_skipped() {
+        let e = ascend_targets(&["cpu".into(), "ascend920".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown Ascend target `ascend920`"), "{e}");
+        let ts =
+            ascend_targets(&["cpu".into(), "ascend310p".into(), "ascend910b".into(), "ascend310p".into()]).unwrap();
+        assert_eq!(ts, vec![Target::Ascend310P, Target::Ascend910B]);
+    }
+
+    /// Until every kind of the tiny program has an AscendC kernel, the build
+    /// must fail naming the kernel and write nothing.
+    #[test]
+    fn tiny_program_fails_cleanly_without_partial_output() {
+        let (cfg, p) = tiny_program();
+        let dir = tempfile::tempdir().unwrap();
+        match write_ascend_targets(dir.path(), &p, &cfg, &["ascend910b".into(), "ascend310p".into()]) {
+            Ok(report) => {
+                // Every kind emitted: both projects and a report per target.
+                assert!(report["ascend910b"]["kernels"].as_array().is_some_and(|k| !k.is_empty()));
+                assert!(dir.path().join("ascend/ascend310p/CMakePresets.json").is_file());
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                assert!(msg.contains("panguc_k0") && msg.contains("AscendC"), "{msg}");
+                assert!(!dir.path().join("ascend").exists(), "partial package written");
             }
         }
     }

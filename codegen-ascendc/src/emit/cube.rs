@@ -43,13 +43,7 @@ impl BaseTile {
         let a = r32(self.m * self.k * t.size());
         let b = r32(self.n * self.k * t.size());
         let c = self.m * self.n * 4;
-        MemUse {
-            ub: if target == Target::Ascend310P { c } else { 0 },
-            l1: 2 * (a + b),
-            l0a: a,
-            l0b: b,
-            l0c: c,
-        }
+        MemUse { ub: if target == Target::Ascend310P { c } else { 0 }, l1: 2 * (a + b), l0a: a, l0b: b, l0c: c }
     }
 }
 
@@ -310,8 +304,13 @@ pub(crate) struct CubeSpec<'a> {
 /// The cube kernel (`a`, `w`, `c` parameters).
 pub(crate) fn cube_kernel(ctx: &Ctx, s: CubeSpec) -> Result<DeviceKernel> {
     let target = ctx.target();
-    if s.n % 16 != 0 || s.k % 16 != 0 {
-        bail!("{}: cannot be tiled: matmul N = {} and K = {} must be multiples of 16 (cube fractals)", ctx.k.name, s.n, s.k);
+    if !s.n.is_multiple_of(16) || !s.k.is_multiple_of(16) {
+        bail!(
+            "{}: cannot be tiled: matmul N = {} and K = {} must be multiples of 16 (cube fractals)",
+            ctx.k.name,
+            s.n,
+            s.k
+        );
     }
     let quant = match (s.t, s.out) {
         (_, DevType::F32) => "QuantMode_t::NoQuant",
@@ -336,7 +335,7 @@ pub(crate) fn cube_kernel(ctx: &Ctx, s: CubeSpec) -> Result<DeviceKernel> {
                 ("ENTRY", s.entry.clone()),
             ],
         );
-    let tiles = s.m.clone().ceil_div(TExpr::c(base.m)).mul(TExpr::c(s.n.div_ceil(base.n)));
+    let tiles = s.m.clone().ceil_div(TExpr::c(base.m)).times(TExpr::c(s.n.div_ceil(base.n)));
     let fields = vec![
         TilingField::u32("tiles", tiles.clone()),
         TilingField::u32("tilesPerCore", TExpr::per_core(&tiles)),
@@ -365,25 +364,30 @@ const EPI_TILE: u64 = 4096;
 
 /// The vector epilogue: `y = cast(c)`, `cast(c + bias)` or
 /// `cast(silu(gate) * up)` with gate/up the two halves of each `c` row.
-pub(crate) fn epilogue_kernel(
-    ctx: &Ctx,
-    entry: String,
-    ep: Epilogue,
-    t: DevType,
-    bias_t: Option<DevType>,
-    rows: TExpr,
-    n: u64,
-    params: Vec<Param>,
-) -> Result<DeviceKernel> {
+pub(crate) struct EpilogueSpec {
+    pub entry: String,
+    pub ep: Epilogue,
+    /// Output dtype.
+    pub t: DevType,
+    pub bias_t: Option<DevType>,
+    pub rows: TExpr,
+    /// Output columns.
+    pub n: u64,
+    pub params: Vec<Param>,
+}
+
+pub(crate) fn epilogue_kernel(ctx: &Ctx, s: EpilogueSpec) -> Result<DeviceKernel> {
+    let EpilogueSpec { entry, ep, t, bias_t, rows, n, params } = s;
     let n_tile = EPI_TILE.min(n);
-    if n % 16 != 0 {
+    if !n.is_multiple_of(16) {
         bail!("{}: cannot be tiled: epilogue width {n} must be a multiple of 16", ctx.k.name);
     }
     let swiglu = ep == Epilogue::SwiGlu;
     let cols = if swiglu { 2 * n } else { n };
     let b = bias_t.unwrap_or(t);
     let (bias_param, bias_arg) = if ep == Epilogue::Bias { ("GM_ADDR bias, ", "bias, ") } else { ("", "") };
-    let bias_init = "        biasGm.SetGlobalBuffer((__gm__ B*)bias, n);\n        pipe.InitBuffer(inB, 2, nTile * sizeof(B));\n";
+    let bias_init =
+        "        biasGm.SetGlobalBuffer((__gm__ B*)bias, n);\n        pipe.InitBuffer(inB, 2, nTile * sizeof(B));\n";
     let bias_members = "    TQue<TPosition::VECIN, 2> inB;\n    GlobalTensor<B> biasGm;\n";
     let load = if swiglu {
         "            DataCopy(x, cGm[r * cols + c0], len);\n            DataCopy(x[nTile], cGm[r * cols + n + c0], len);\n"
@@ -425,7 +429,7 @@ pub(crate) fn epilogue_kernel(
                 ("ENTRY", entry.clone()),
             ],
         );
-    let tiles = rows.mul(TExpr::c(n.div_ceil(n_tile)));
+    let tiles = rows.times(TExpr::c(n.div_ceil(n_tile)));
     let fields = vec![
         TilingField::u32("tiles", tiles.clone()),
         TilingField::u32("tilesPerCore", TExpr::per_core(&tiles)),
@@ -489,7 +493,7 @@ pub(crate) fn gemm(ctx: &Ctx, ep: Epilogue) -> Result<DeviceKernels> {
         name: format!("{}.c", ctx.k.name),
         dtype: DevType::F32,
         shape: vec![m.clone(), TExpr::c(n_mm)],
-        elems: m.clone().mul(TExpr::c(n_mm)),
+        elems: m.clone().times(TExpr::c(n_mm)),
     };
     let c_param = |role| Param { name: "c".into(), dtype: DevType::F32, role, arg: ArgRef::Temp(0) };
     let cube = cube_kernel(
@@ -513,6 +517,9 @@ pub(crate) fn gemm(ctx: &Ctx, ep: Epilogue) -> Result<DeviceKernels> {
         None
     };
     params.push(ctx.param("y", out, Role::Output));
-    let epi = epilogue_kernel(ctx, ctx.entry("_epilogue"), ep, o, bias_t, m, n_out, params)?;
+    let epi = epilogue_kernel(
+        ctx,
+        EpilogueSpec { entry: ctx.entry("_epilogue"), ep, t: o, bias_t, rows: m, n: n_out, params },
+    )?;
     Ok(DeviceKernels { kernels: vec![cube, epi], temps: vec![temp] })
 }

@@ -34,9 +34,9 @@ impl TExpr {
         TExpr::C(v)
     }
     pub fn kv() -> TExpr {
-        TExpr::Past.add(TExpr::Tokens)
+        TExpr::Past.plus(TExpr::Tokens)
     }
-    pub fn add(self, o: TExpr) -> TExpr {
+    pub fn plus(self, o: TExpr) -> TExpr {
         match (&self, &o) {
             (TExpr::C(a), TExpr::C(b)) => TExpr::C(a + b),
             (TExpr::C(0), _) => o,
@@ -44,7 +44,7 @@ impl TExpr {
             _ => TExpr::Add(Box::new(self), Box::new(o)),
         }
     }
-    pub fn mul(self, o: TExpr) -> TExpr {
+    pub fn times(self, o: TExpr) -> TExpr {
         match (&self, &o) {
             (TExpr::C(a), TExpr::C(b)) => TExpr::C(a * b),
             (TExpr::C(1), _) => o,
@@ -96,10 +96,10 @@ impl TExpr {
         }
         let mut e = TExpr::c(base as u64);
         if ct > 0 {
-            e = e.add(TExpr::c(ct as u64).mul(TExpr::Tokens));
+            e = e.plus(TExpr::c(ct as u64).times(TExpr::Tokens));
         }
         if cp > 0 {
-            e = e.add(TExpr::c(cp as u64).mul(TExpr::Past));
+            e = e.plus(TExpr::c(cp as u64).times(TExpr::Past));
         }
         Ok(e)
     }
@@ -155,9 +155,12 @@ mod tests {
         let kv = TExpr::from_dim(&Dim::kv_len()).unwrap();
         let env = Env { tokens: 7, past: 5, core_num: 4 };
         assert_eq!(kv.eval(&env).unwrap(), 12);
-        let tiles = TExpr::Tokens.mul(TExpr::c(3));
+        let tiles = TExpr::Tokens.times(TExpr::c(3));
         assert_eq!(TExpr::block_dim(&tiles).eval(&env).unwrap(), 4);
         assert_eq!(TExpr::per_core(&tiles).eval(&env).unwrap(), 6);
-        assert_eq!(TExpr::per_core(&tiles).to_cpp(), "CeilDiv((tokens * 3ULL), std::max<uint64_t>(std::min<uint64_t>((tokens * 3ULL), coreNum), 1ULL))");
+        assert_eq!(
+            TExpr::per_core(&tiles).to_cpp(),
+            "CeilDiv((tokens * 3ULL), std::max<uint64_t>(std::min<uint64_t>((tokens * 3ULL), coreNum), 1ULL))"
+        );
     }
 }

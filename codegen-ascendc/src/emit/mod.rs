@@ -201,7 +201,8 @@ impl DeviceKernel {
             match &f.value {
                 FieldValue::U32(e) => {
                     let x = e.eval(env)?;
-                    let x = u32::try_from(x).map_err(|_| anyhow::anyhow!("{}: tiling field {} = {x} overflows u32", self.entry, f.name))?;
+                    let x = u32::try_from(x)
+                        .map_err(|_| anyhow::anyhow!("{}: tiling field {} = {x} overflows u32", self.entry, f.name))?;
                     v.extend_from_slice(&x.to_le_bytes());
                 }
                 FieldValue::F32(x) => v.extend_from_slice(&(*x as f32).to_le_bytes()),
@@ -273,7 +274,7 @@ impl Ctx<'_> {
     pub fn dims(&self, arg: usize, from: usize, to: usize) -> Result<TExpr> {
         let mut e = TExpr::c(1);
         for i in from..to {
-            e = e.mul(self.dim(arg, i)?);
+            e = e.times(self.dim(arg, i)?);
         }
         Ok(e)
     }

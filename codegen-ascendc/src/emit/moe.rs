@@ -7,11 +7,7 @@ use super::{Ctx, DeviceKernels};
 use anyhow::{bail, Result};
 
 fn missing(ctx: &Ctx) -> Result<DeviceKernels> {
-    bail!(
-        "{}: the AscendC grouped-matmul MoE kernel `{}` is not implemented yet",
-        ctx.k.name,
-        ctx.k.kind.mnemonic()
-    )
+    bail!("{}: the AscendC grouped-matmul MoE kernel `{}` is not implemented yet", ctx.k.name, ctx.k.kind.mnemonic())
 }
 
 pub(crate) fn route(ctx: &Ctx) -> Result<DeviceKernels> {

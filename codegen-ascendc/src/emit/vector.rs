@@ -43,7 +43,7 @@ __aicore__ inline void FromFloat<float>(const LocalTensor<float>& d, const Local
 /// The row of `n` elements of `t` must be whole 32-byte blocks (DataCopy
 /// moves whole blocks; these kernels do not pad rows).
 fn need_aligned(ctx: &Ctx, what: &str, n: u64, t: DevType) -> Result<()> {
-    if (n * t.size()) % 32 != 0 {
+    if !(n * t.size()).is_multiple_of(32) {
         bail!(
             "{}: cannot be tiled: {what} of {n} {t} elements ({} bytes) is not a multiple of 32 bytes",
             ctx.k.name,
@@ -57,7 +57,14 @@ fn tiles_fields(tiles: &TExpr) -> Vec<TilingField> {
     vec![TilingField::u32("tiles", tiles.clone()), TilingField::u32("tilesPerCore", TExpr::per_core(tiles))]
 }
 
-fn vector_kernel(ctx: &Ctx, suffix: &str, source: String, fields: Vec<TilingField>, tiles: &TExpr, ub: u64) -> DeviceKernel {
+fn vector_kernel(
+    ctx: &Ctx,
+    suffix: &str,
+    source: String,
+    fields: Vec<TilingField>,
+    tiles: &TExpr,
+    ub: u64,
+) -> DeviceKernel {
     let entry = ctx.entry(suffix);
     DeviceKernel {
         op_type: super::upper_camel(&entry),
@@ -207,11 +214,8 @@ pub(crate) fn rms_norm(ctx: &Ctx, eps: f64, add: bool) -> Result<DeviceKernels> 
     let class = format!("Kernel{}", super::upper_camel(&ctx.k.name));
     let entry = ctx.entry("");
     let tiling = format!("{}Tiling", super::upper_camel(&entry));
-    let (res_param, sum_param, res_arg, sum_arg) = if add {
-        ("GM_ADDR res, ", "GM_ADDR sumOut, ", "res, ", "sumOut, ")
-    } else {
-        ("", "", "", "")
-    };
+    let (res_param, sum_param, res_arg, sum_arg) =
+        if add { ("GM_ADDR res, ", "GM_ADDR sumOut, ", "res, ", "sumOut, ") } else { ("", "", "", "") };
     let s = |on: bool, v: &str| if on { v.to_string() } else { String::new() };
     let res_init = "        rGm.SetGlobalBuffer((__gm__ T*)res, t.tiles * cols);\n        sGm.SetGlobalBuffer((__gm__ T*)sumOut, t.tiles * cols);\n        pipe.InitBuffer(inR, 2, cols * sizeof(T));\n        pipe.InitBuffer(outS, 2, cols * sizeof(T));\n        pipe.InitBuffer(rBuf, cols * sizeof(float));\n";
     let res_copyin = "        LocalTensor<T> rl = inR.AllocTensor<T>();\n        DataCopy(rl, rGm[r * cols], cols);\n        inR.EnQue(rl);\n";
@@ -349,7 +353,8 @@ pub(crate) fn gather(ctx: &Ctx) -> Result<DeviceKernels> {
     fields.push(TilingField::u32("rows", TExpr::c(rows)));
     fields.push(TilingField::u32("cols", TExpr::c(cols)));
     let mut dk = vector_kernel(ctx, "", src, fields, &tiles, 2 * r32(cols * t.size()));
-    dk.params = vec![ctx.param("table", 0, Role::Input), ctx.param("idx", 1, Role::Input), ctx.param("out", 2, Role::Output)];
+    dk.params =
+        vec![ctx.param("table", 0, Role::Input), ctx.param("idx", 1, Role::Input), ctx.param("out", 2, Role::Output)];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
 }
 
@@ -543,7 +548,8 @@ pub(crate) fn elementwise(ctx: &Ctx, op: &ElemOp) -> Result<DeviceKernels> {
     };
     let params: String = (0..n_in).map(|i| format!("GM_ADDR in{i}, ")).collect();
     let args: String = (0..n_in).map(|i| format!("in{i}, ")).collect();
-    let set_gm: String = (0..n_in).map(|i| format!("        inGm{i}.SetGlobalBuffer((__gm__ T*)in{i}, total);\n")).collect();
+    let set_gm: String =
+        (0..n_in).map(|i| format!("        inGm{i}.SetGlobalBuffer((__gm__ T*)in{i}, total);\n")).collect();
     let init_in: String = (0..n_in)
         .map(|i| format!("        pipe.InitBuffer(inQ{i}, 2, tileLen * sizeof(T));\n        pipe.InitBuffer(inF{i}, tileLen * sizeof(float));\n"))
         .collect();
@@ -901,17 +907,19 @@ pub(crate) fn attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
     let fixed = |kv: u64| -> (u64, u64, u64) {
         let sc = r32((kv + 1) * 4).max(64);
         let work = reduce_work_bytes(kv.max(d));
-        let ub = r32(d * t.size()) + 4 * r32(kv * d * t.size()) + 2 * r32(d * t.size()) + 2 * r32(kv * d * 4)
+        let ub = r32(d * t.size())
+            + 4 * r32(kv * d * t.size())
+            + 2 * r32(d * t.size())
+            + 2 * r32(kv * d * 4)
             + r32(d * 4)
             + sc
             + work
             + 32;
         (ub, sc, work)
     };
-    let kv_tile = [128u64, 64, 32, 16, 8]
-        .into_iter()
-        .find(|kv| fixed(*kv).0 <= cap)
-        .ok_or_else(|| anyhow::anyhow!("{}: cannot be tiled for {}: head_dim {d} is too large for the UB", ctx.k.name, ctx.target()))?;
+    let kv_tile = [128u64, 64, 32, 16, 8].into_iter().find(|kv| fixed(*kv).0 <= cap).ok_or_else(|| {
+        anyhow::anyhow!("{}: cannot be tiled for {}: head_dim {d} is too large for the UB", ctx.k.name, ctx.target())
+    })?;
     let (ub, sc, work) = fixed(kv_tile);
     let tiles = ctx.dims(0, 0, 2)?;
     let entry = ctx.entry("");
