@@ -51,3 +51,40 @@ pub fn run_sim(dk: &DeviceKernel, target: Target, env: &Env, mut args: Vec<SimAr
     k.run(&args)
         .with_context(|| format!("simulating `{}` on {target} (tokens {}, past {})", dk.entry, env.tokens, env.past))
 }
+
+/// Run the device kernels of one program kernel in launch order under the
+/// simulation. `args[i]` holds program-kernel argument `i` in device bytes
+/// (outputs pre-sized to their extent); Output and InOut arguments are
+/// replaced by what the kernels wrote. Intermediate GM buffers
+/// ([`crate::emit::DeviceKernels::temps`]) are allocated here.
+pub fn run_kernels(dks: &crate::emit::DeviceKernels, target: Target, env: &Env, args: &mut [Vec<u8>]) -> Result<()> {
+    use crate::emit::{ArgRef, Role};
+    let mut temps: Vec<Vec<u8>> = dks
+        .temps
+        .iter()
+        .map(|t| Ok(vec![0u8; usize::try_from(t.elems.eval(env)? * t.dtype.size())?]))
+        .collect::<Result<_>>()?;
+    for dk in &dks.kernels {
+        let mut sim_args = Vec::with_capacity(dk.params.len());
+        for p in &dk.params {
+            let buf = match p.arg {
+                ArgRef::Orig(i) => args.get(i).ok_or_else(|| anyhow::anyhow!("{}: no argument {i}", dk.entry))?,
+                ArgRef::Temp(j) => &temps[j],
+            };
+            sim_args.push(match p.role {
+                Role::Input => SimArg::Input(buf.clone()),
+                Role::Output => SimArg::Output(buf.len()),
+                Role::InOut => SimArg::InOut(buf.clone()),
+            });
+        }
+        let mut outs = run_sim(dk, target, env, sim_args)?.into_iter();
+        for p in dk.params.iter().filter(|p| p.role != Role::Input) {
+            let o = outs.next().ok_or_else(|| anyhow::anyhow!("{}: missing output {}", dk.entry, p.name))?;
+            match p.arg {
+                ArgRef::Orig(i) => args[i] = o,
+                ArgRef::Temp(j) => temps[j] = o,
+            }
+        }
+    }
+    Ok(())
+}

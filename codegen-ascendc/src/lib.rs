@@ -16,12 +16,15 @@
 
 pub mod data;
 pub mod emit;
+pub mod engine;
 pub mod host;
 pub mod program;
 pub mod project;
 pub mod sim;
 pub mod target;
+pub mod weights;
 
+pub use engine::AscendSimEngine;
 pub use emit::{emit_kernel, DeviceKernel, DeviceKernels, EmitOptions, Env, TExpr};
 pub use sim::{sim_headers, sim_include_dir, syntax_check, SimArg, SimError, SimKernel, SimRun, Soc};
 pub use target::{DevType, Target};

@@ -22,13 +22,20 @@ enum SizeDim {
     Kv,
 }
 
-fn classify(e: &TExpr) -> Option<SizeDim> {
+/// `a * tokens` or `a * (past + tokens)` with its coefficient `a > 0`.
+fn classify(e: &TExpr) -> Option<(SizeDim, u64)> {
     let at = |t, p| e.eval(&crate::emit::Env { tokens: t, past: p, core_num: 1 }).ok();
-    match (at(0, 0), at(1, 0), at(0, 1)) {
-        (Some(0), Some(1), Some(0)) => Some(SizeDim::Tokens),
-        (Some(0), Some(1), Some(1)) => Some(SizeDim::Kv),
+    match (at(0, 0), at(1, 0), at(0, 1), at(3, 5)) {
+        (Some(0), Some(a), Some(0), Some(x)) if a > 0 && x == 3 * a => Some((SizeDim::Tokens, a)),
+        (Some(0), Some(a), Some(b), Some(x)) if a > 0 && a == b && x == 8 * a => Some((SizeDim::Kv, a)),
         _ => None,
     }
+}
+
+/// Whether the op definition declares the parameter as an input (in-place
+/// read-write buffers, the KV caches, are inputs the kernel writes).
+fn is_input(r: Role) -> bool {
+    r != Role::Output
 }
 
 /// Shapes of a device kernel's parameters as formulas.
@@ -46,26 +53,34 @@ fn param_shapes(k: &Kernel, ap_kernel: &crate::emit::DeviceKernels, dk: &DeviceK
 fn size_prologue(dk: &DeviceKernel, shapes: &[Vec<TExpr>]) -> Result<String> {
     let find = |want: SizeDim| {
         shapes.iter().enumerate().find_map(|(pi, s)| {
-            let inputs_before = dk.params[..pi].iter().filter(|p| p.role == Role::Input).count();
+            let inputs_before = dk.params[..pi].iter().filter(|p| is_input(p.role)).count();
             let outputs_before = pi - inputs_before;
-            let (getter, idx) = if dk.params[pi].role == Role::Input {
+            let (getter, idx) = if is_input(dk.params[pi].role) {
                 ("GetInputShape", inputs_before)
             } else {
                 ("GetOutputShape", outputs_before)
             };
-            s.iter().position(|d| classify(d) == Some(want)).map(|di| (getter, idx, di))
+            s.iter().enumerate().find_map(|(di, d)| match classify(d) {
+                Some((k, a)) if k == want => Some((getter, idx, di, a)),
+                _ => None,
+            })
         })
     };
+    let per = |a: u64| if a == 1 { String::new() } else { format!(" / {a}") };
     let mut s = String::new();
     match find(SizeDim::Tokens) {
-        Some((g, i, d)) => {
-            let _ = writeln!(s, "    const uint64_t tokens = context->{g}({i})->GetStorageShape().GetDim({d});");
+        Some((g, i, d, a)) => {
+            let _ = writeln!(s, "    const uint64_t tokens = context->{g}({i})->GetStorageShape().GetDim({d}){};", per(a));
         }
         None => s.push_str("    const uint64_t tokens = 0;\n"),
     }
     match find(SizeDim::Kv) {
-        Some((g, i, d)) => {
-            let _ = writeln!(s, "    const uint64_t past = context->{g}({i})->GetStorageShape().GetDim({d}) - tokens;");
+        Some((g, i, d, a)) => {
+            let _ = writeln!(
+                s,
+                "    const uint64_t past = context->{g}({i})->GetStorageShape().GetDim({d}){} - tokens;",
+                per(a)
+            );
         }
         None => s.push_str("    const uint64_t past = 0;\n"),
     }
@@ -106,6 +121,11 @@ fn op_host(dk: &DeviceKernel, shapes: &[Vec<TExpr>], target: Target) -> Result<S
             FieldValue::F32(v) => {
                 let _ = writeln!(s, "    t.{} = {:?}f;", f.name, *v as f32);
             }
+            FieldValue::F32Array(v) => {
+                for (i, x) in v.iter().enumerate() {
+                    let _ = writeln!(s, "    t.{}[{i}] = {:?}f;", f.name, *x as f32);
+                }
+            }
         }
     }
     let _ = writeln!(s, "    context->SetBlockDim(static_cast<uint32_t>({}));", dk.block_dim.to_cpp());
@@ -119,30 +139,35 @@ fn op_host(dk: &DeviceKernel, shapes: &[Vec<TExpr>], target: Target) -> Result<S
     let mut tk = String::new();
     let mut out_i = 0;
     let tokens_src = dk.params.iter().zip(shapes).enumerate().find_map(|(pi, (p, sh))| {
-        if p.role != Role::Input {
+        if !is_input(p.role) {
             return None;
         }
-        let idx = dk.params[..pi].iter().filter(|q| q.role == Role::Input).count();
-        sh.iter().position(|d| classify(d) == Some(SizeDim::Tokens)).map(|d| (idx, d))
+        let idx = dk.params[..pi].iter().filter(|q| is_input(q.role)).count();
+        sh.iter().enumerate().find_map(|(di, d)| match classify(d) {
+            Some((SizeDim::Tokens, a)) => Some((idx, di, a)),
+            _ => None,
+        })
     });
-    if let Some((i, d)) = tokens_src {
-        let _ = writeln!(tk, "    const int64_t tokens = context->GetInputShape({i})->GetDim({d});");
+    if let Some((i, d, a)) = tokens_src {
+        let div = if a == 1 { String::new() } else { format!(" / {a}") };
+        let _ = writeln!(tk, "    const int64_t tokens = context->GetInputShape({i})->GetDim({d}){div};");
     } else {
         tk.push_str("    const int64_t tokens = 0;\n");
     }
     s += &tk;
     s += "    (void)tokens;\n";
     for (p, sh) in dk.params.iter().zip(shapes) {
-        if p.role == Role::Input {
+        if is_input(p.role) {
             continue;
         }
         let _ = writeln!(s, "    gert::Shape* out{out_i} = context->GetOutputShape({out_i});");
         let _ = writeln!(s, "    out{out_i}->SetDimNum({});", sh.len());
         for (di, d) in sh.iter().enumerate() {
             let v = match classify(d) {
-                Some(SizeDim::Tokens) => "tokens".to_string(),
-                // In-place KV outputs keep their input's length; none are emitted yet.
-                Some(SizeDim::Kv) => bail!("{}: output dim {di} depends on the KV length", dk.entry),
+                Some((SizeDim::Tokens, 1)) => "tokens".to_string(),
+                Some((SizeDim::Tokens, a)) => format!("{a} * tokens"),
+                // In-place KV caches are inputs; no output depends on the KV length.
+                Some((SizeDim::Kv, _)) => bail!("{}: output dim {di} depends on the KV length", dk.entry),
                 None => match d {
                     TExpr::C(c) => c.to_string(),
                     other => {
@@ -158,7 +183,7 @@ fn op_host(dk: &DeviceKernel, shapes: &[Vec<TExpr>], target: Target) -> Result<S
     let _ =
         writeln!(s, "class {op} : public OpDef {{\npublic:\n    explicit {op}(const char* name) : OpDef(name)\n    {{");
     for p in &dk.params {
-        let dir = if p.role == Role::Input { "Input" } else { "Output" };
+        let dir = if is_input(p.role) { "Input" } else { "Output" };
         let _ = writeln!(
             s,
             "        this->{dir}(\"{}\").ParamType(REQUIRED).DataType({{{}}}).Format({{ge::FORMAT_ND}});",

@@ -1,17 +1,24 @@
 //! `panguc compile --target ascend910b,ascend310p`: the AscendC operator
-//! projects under `OUT/ascend/<target>/` (see `panguc_codegen_ascendc`).
+//! projects under `OUT/ascend/<target>/` (see `panguc_codegen_ascendc`),
+//! with the weights in the device layout the host program loads
+//! (`OUT/ascend/<target>/weights/<weight name>.bin`) when the checkpoint has
+//! weights; and `panguc run OUT --engine ascend-sim` ([`run_ascend_sim`]).
 //!
 //! Every target is emitted in memory first; files are written only when all
 //! of them succeeded, so a shape that cannot be tiled, an unsupported dtype
 //! or an unknown target name leaves no partial package.
 
 use anyhow::{bail, Context, Result};
+use panguc_codegen_ascendc::engine::{AscendSimEngine, WeightProvider};
 use panguc_codegen_ascendc::program::{emit_program, memory_report, AscendProgram};
 use panguc_codegen_ascendc::project::project_files;
+use panguc_codegen_ascendc::target::DevType;
+use panguc_codegen_ascendc::weights::device_weight_bytes;
 use panguc_codegen_ascendc::Target;
-use panguc_ir::kernel::KernelProgram;
+use panguc_ir::kernel::{BufferKind, KernelProgram};
 use panguc_ir::PanguConfig;
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::Path;
 
 /// Targets in `targets` that are Ascend targets (others, like `cpu`, are
@@ -19,7 +26,7 @@ use std::path::Path;
 pub fn ascend_targets(targets: &[String]) -> Result<Vec<Target>> {
     let mut out = vec![];
     for t in targets {
-        if t == "cpu" {
+        if t == "cpu" || t == "ir" {
             continue;
         }
         let t = Target::parse(t)?;
@@ -30,13 +37,23 @@ pub fn ascend_targets(targets: &[String]) -> Result<Vec<Target>> {
     Ok(out)
 }
 
+/// A weight provider over a checkpoint: the prepared weight's bytes in its
+/// storage dtype and layout, evaluated like the CPU package does.
+pub fn checkpoint_weights(ckpt: &crate::frontend::Checkpoint) -> impl Fn(&panguc_ir::kernel::PreparedWeight) -> Result<Vec<u8>> + '_ {
+    move |w| crate::package_build::prepared_bytes(ckpt, w)
+}
+
 /// Emit every Ascend target's project into `staging/ascend/<target>/` and
 /// return the per-kernel UB/L1/L0 use against capacity, keyed by target.
+/// With `weights` (a checkpoint that has weights, e.g. [`checkpoint_weights`]),
+/// every prepared weight is also written in the device layout to
+/// `staging/ascend/<target>/weights/<name>.bin`.
 pub fn write_ascend_targets(
     staging: &Path,
     program: &KernelProgram,
     cfg: &PanguConfig,
     targets: &[String],
+    weights: Option<&WeightProvider>,
 ) -> Result<serde_json::Value> {
     let _ = cfg; // activation dtypes are per target (bf16 on 910B, f16 on 310P)
     let mut emitted: Vec<(AscendProgram, BTreeMap<String, String>)> = vec![];
@@ -58,7 +75,74 @@ pub fn write_ascend_targets(
         set_executable(&dir.join("build.sh"))?;
         report.insert(ap.target.name().to_string(), memory_report(ap));
     }
+    if let Some(provider) = weights {
+        write_device_weights(staging, program, &emitted, provider)?;
+    }
     Ok(serde_json::Value::Object(report))
+}
+
+/// Each prepared weight is evaluated once and written for every target.
+fn write_device_weights(
+    staging: &Path,
+    program: &KernelProgram,
+    emitted: &[(AscendProgram, BTreeMap<String, String>)],
+    provider: &WeightProvider,
+) -> Result<()> {
+    let mut buffer_of = vec![None; program.weights.len()];
+    for (i, b) in program.buffers.iter().enumerate() {
+        if let BufferKind::Weight { index } = b.kind {
+            buffer_of[index].get_or_insert(i);
+        }
+    }
+    for (ap, _) in emitted {
+        std::fs::create_dir_all(staging.join("ascend").join(ap.target.name()).join("weights"))?;
+    }
+    for (wi, w) in program.weights.iter().enumerate() {
+        let Some(b) = buffer_of[wi] else { continue };
+        let prepared = provider(w).with_context(|| format!("preparing weight `{}`", w.name))?;
+        for (ap, _) in emitted {
+            let bytes = device_weight_bytes(w, &prepared, ap.buffer_dtypes[b])
+                .with_context(|| format!("converting weight `{}` for {}", w.name, ap.target))?;
+            let path = staging.join("ascend").join(ap.target.name()).join("weights").join(format!("{}.bin", w.name));
+            let mut f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            f.write_all(&bytes).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Target and activation dtype of an `--engine ascend-sim*` name:
+/// `ascend-sim` runs the 910B kernels with f32 activations (exact greedy
+/// tokens), `ascend-sim-bf16` the 910B bf16 build, `ascend-sim-f16` the
+/// 310P f16 build (the packaged dtypes; logits within their tolerance).
+pub fn sim_engine_config(engine: &str) -> Result<(Target, DevType)> {
+    Ok(match engine {
+        "ascend-sim" => (Target::Ascend910B, DevType::F32),
+        "ascend-sim-bf16" => (Target::Ascend910B, DevType::BF16),
+        "ascend-sim-f16" => (Target::Ascend310P, DevType::F16),
+        other => bail!("unknown AscendC simulation engine `{other}` (ascend-sim, ascend-sim-bf16, ascend-sim-f16)"),
+    })
+}
+
+/// `panguc run OUT --engine ascend-sim[-bf16|-f16]` on a package compiled
+/// with `--target cpu` among its targets (its kernel program and prepared
+/// weights are used).
+pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
+    let (target, act) = sim_engine_config(a.engine.as_deref().unwrap_or("ascend-sim"))?;
+    let files = panguc_runtime::package::verify_package(&a.model)?;
+    let cfg = files.manifest.model.clone();
+    crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
+    let context = (a.tokens.len() + a.max_new_tokens).max(1);
+    let mut engine = AscendSimEngine::from_package(&a.model, target, act, context)?;
+    let sampling =
+        panguc_runtime::Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let eos = if a.stop_at_eos { cfg.eos_token_id } else { None };
+    let generation = panguc_runtime::generate(&mut engine, &a.tokens, a.max_new_tokens, &sampling, eos)?;
+    if let Some(path) = &a.logits_out {
+        crate::commands::write_logits_json(path, &a.tokens, &generation)?;
+    }
+    println!("{}", generation.generated.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
+    Ok(())
 }
 
 fn set_executable(p: &Path) -> Result<()> {
@@ -78,13 +162,28 @@ fn set_executable(p: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use panguc_runtime::Engine;
+    use std::path::PathBuf;
 
-    fn tiny_program() -> (PanguConfig, KernelProgram) {
-        let cfg = crate::synth::Preset::Tiny.config();
-        let m = crate::import::build_module(&cfg, &|_| panguc_ir::DType::BF16).unwrap();
-        let fused = panguc_lowering::fuse_module(&m, &Default::default(), |_, _| Ok(())).unwrap().0;
-        let p = panguc_lowering::schedule::schedule(&fused, &Default::default()).unwrap();
-        (cfg, p)
+    fn program_of(module: &panguc_ir::Module) -> KernelProgram {
+        let fused = panguc_lowering::fuse_module(module, &Default::default(), |_, _| Ok(())).unwrap().0;
+        panguc_lowering::schedule::schedule(&fused, &Default::default()).unwrap()
+    }
+
+    fn tiny_checkpoint() -> crate::frontend::Checkpoint {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-pangu");
+        crate::commands::open_checkpoint(&dir, false).unwrap()
+    }
+
+    fn check_fits(report: &serde_json::Value, t: Target) {
+        let ks = report[t.name()]["kernels"].as_array().expect("kernels");
+        assert!(!ks.is_empty());
+        for k in ks {
+            for m in ["ub", "l1", "l0a", "l0b", "l0c"] {
+                let (used, cap) = (k[m][0].as_u64().unwrap(), k[m][1].as_u64().unwrap());
+                assert!(used <= cap, "{}: {m} {used} > {cap}", k["kernel"]);
+            }
+        }
     }
 
     #[test]
@@ -94,25 +193,93 @@ mod tests {
         let ts =
             ascend_targets(&["cpu".into(), "ascend310p".into(), "ascend910b".into(), "ascend310p".into()]).unwrap();
         assert_eq!(ts, vec![Target::Ascend310P, Target::Ascend910B]);
+        assert!(sim_engine_config("ascend-sim-x").is_err());
     }
 
-    /// Until every kind of the tiny program has an AscendC kernel, the build
-    /// must fail naming the kernel and write nothing.
+    /// The tiny checkpoint: both projects, the memory report, the host
+    /// program compiles, and the device-layout weights have the sizes the
+    /// host program checks and the checkpoint's values.
     #[test]
-    fn tiny_program_fails_cleanly_without_partial_output() {
-        let (cfg, p) = tiny_program();
+    fn tiny_checkpoint_projects_and_device_weights() {
+        let ckpt = tiny_checkpoint();
+        let p = program_of(&crate::commands::import(&ckpt).unwrap());
         let dir = tempfile::tempdir().unwrap();
-        match write_ascend_targets(dir.path(), &p, &cfg, &["ascend910b".into(), "ascend310p".into()]) {
-            Ok(report) => {
-                // Every kind emitted: both projects and a report per target.
-                assert!(report["ascend910b"]["kernels"].as_array().is_some_and(|k| !k.is_empty()));
-                assert!(dir.path().join("ascend/ascend310p/CMakePresets.json").is_file());
+        let provider = checkpoint_weights(&ckpt);
+        let targets = ["ascend910b".into(), "ascend310p".into(), "cpu".into()];
+        let report = write_ascend_targets(dir.path(), &p, ckpt.config(), &targets, Some(&provider)).unwrap();
+        for t in Target::ALL {
+            check_fits(&report, t);
+            let tdir = dir.path().join("ascend").join(t.name());
+            for f in ["CMakePresets.json", "build.sh", "README.md", "host/panguc_host.cpp"] {
+                assert!(tdir.join(f).is_file(), "{t}: {f}");
             }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                assert!(msg.contains("panguc_k0") && msg.contains("AscendC"), "{msg}");
-                assert!(!dir.path().join("ascend").exists(), "partial package written");
+            panguc_codegen_ascendc::host::check_host_compiles(&tdir).unwrap();
+            let ap = emit_program(&p, t, t.default_act()).unwrap();
+            for (i, b) in p.buffers.iter().enumerate() {
+                if let BufferKind::Weight { index } = b.kind {
+                    let w = &p.weights[index];
+                    let len = std::fs::metadata(tdir.join("weights").join(format!("{}.bin", w.name))).unwrap().len();
+                    let elems: usize = w.shape.iter().product();
+                    assert_eq!(len, elems as u64 * ap.buffer_dtypes[i].size(), "{t}: {}", w.name);
+                }
             }
+        }
+        // bf16 on 910B: the lm_head is the checkpoint's [V, H] tensor, byte for byte.
+        let lm = std::fs::read(dir.path().join("ascend/ascend910b/weights/lm_head.weight@panels16.bin")).unwrap();
+        assert_eq!(lm, ckpt.tensor_bytes("lm_head.weight").unwrap());
+    }
+
+    /// The real 72B configuration (config only): every kernel is emitted for
+    /// both targets and fits the on-chip memories; no weights are written.
+    #[test]
+    fn real_72b_config_emits_and_fits() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/pangu-pro-moe-72b");
+        if !dir.join("config.json").is_file() {
+            eprintln!("skipping: {} not found", dir.display());
+            return;
+        }
+        let ckpt = crate::commands::open_checkpoint(&dir, true).unwrap();
+        let p = program_of(&crate::commands::import(&ckpt).unwrap());
+        let out = tempfile::tempdir().unwrap();
+        let targets = ["ascend910b".into(), "ascend310p".into()];
+        let report = write_ascend_targets(out.path(), &p, ckpt.config(), &targets, None).unwrap();
+        for t in Target::ALL {
+            check_fits(&report, t);
+            assert!(!out.path().join("ascend").join(t.name()).join("weights").exists());
+        }
+    }
+
+    /// `ascend-sim` (910B kernels, f32 activations) generates the
+    /// interpreter's greedy tokens; the packaged bf16 (910B) and f16 (310P)
+    /// builds give prefill logits within their tolerance.
+    #[test]
+    fn ascend_sim_engine_matches_the_interpreter() {
+        let ckpt = tiny_checkpoint();
+        let cfg = ckpt.config().clone();
+        let module = crate::commands::import(&ckpt).unwrap();
+        let p = program_of(&module);
+        let prompt = [1i64, 2, 3, 4];
+        let greedy = panguc_runtime::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
+        let interp = panguc_ir::interp::Interpreter::new(&module, &ckpt);
+        let mut session =
+            panguc_ir::session::InterpSession::new(interp, cfg.num_hidden_layers, [cfg.num_key_value_heads, cfg.head_dim()]);
+        let want = panguc_runtime::generate(&mut session, &prompt, 8, &greedy, None).unwrap();
+        let provider = checkpoint_weights(&ckpt);
+        let mut sim = AscendSimEngine::new(p.clone(), Target::Ascend910B, DevType::F32, &provider, 16).unwrap();
+        let got = panguc_runtime::generate(&mut sim, &prompt, 8, &greedy, None).unwrap();
+        assert_eq!(got.generated, want.generated, "greedy tokens");
+        let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let want_logits: Vec<f32> = want.prompt_logits.concat();
+        let scale = want_logits.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        let d32 = diff(&got.prompt_logits.concat(), &want_logits);
+        eprintln!("ascend910b f32: max |logit diff| {d32} (max |logit| {scale})");
+        assert!(d32 <= 1e-3 * scale.max(1.0), "f32 logits: {d32}");
+        for (t, act, tol) in [(Target::Ascend910B, DevType::BF16, 0.08f32), (Target::Ascend310P, DevType::F16, 0.02)] {
+            let mut e = AscendSimEngine::new(p.clone(), t, act, &provider, 8).unwrap();
+            let logits = e.forward(&prompt).unwrap();
+            let d = diff(logits.as_f32(), &want_logits);
+            eprintln!("{t} {act}: max |logit diff| {d} (max |logit| {scale})");
+            assert!(d <= tol * scale.max(1.0), "{t} {act}: max |logit diff| {d} vs max |logit| {scale}");
         }
     }
 }

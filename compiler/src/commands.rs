@@ -55,9 +55,9 @@ pub struct InspectArgs {
 pub fn inspect(a: InspectArgs) -> Result<()> {
     let ckpt = open_checkpoint(&a.model_dir, a.config_only)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&crate::inspect::inspect_json(&ckpt))?);
+        emit(&format!("{}\n", serde_json::to_string_pretty(&crate::inspect::inspect_json(&ckpt))?));
     } else {
-        print!("{}", crate::inspect::inspect_text(&ckpt));
+        emit(&crate::inspect::inspect_text(&ckpt));
     }
     Ok(())
 }
@@ -77,15 +77,15 @@ pub fn dump_ir(a: DumpIrArgs) -> Result<()> {
     let ckpt = open_checkpoint(&a.model_dir, a.config_only)?;
     let module = import(&ckpt)?;
     match a.stage.as_str() {
-        "import" => print!("{}", panguc_ir::text::print_module(&module)),
+        "import" => emit(&panguc_ir::text::print_module(&module)),
         "fused" => {
             let out = crate::pipeline::run_pipeline(&ckpt, &module, 0.0, &Default::default())?;
-            print!("{}", panguc_ir::text::print_module(&out.module))
+            emit(&panguc_ir::text::print_module(&out.module))
         }
         "kernels" => {
             let out = crate::pipeline::run_pipeline(&ckpt, &module, 0.0, &Default::default())?;
             let program = panguc_lowering::schedule::schedule(&out.module, &Default::default())?;
-            print!("{}", program.to_text())
+            emit(&program.to_text())
         }
         other => bail!("unknown --stage `{other}` (available: import, fused, kernels)"),
     }
@@ -104,9 +104,13 @@ pub struct RunArgs {
     /// Write {"tokens", "logits" (per prompt position), "generated"} here.
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
-    /// Execution engine: interp (reference interpreter).
-    #[arg(long, default_value = "interp")]
-    pub engine: String,
+    /// Execution engine: interp (reference interpreter; the default for a
+    /// checkpoint directory) or compiled (the default for a package).
+    #[arg(long)]
+    pub engine: Option<String>,
+    /// Worker threads of the compiled engine (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -122,6 +126,9 @@ pub struct RunArgs {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
+    if panguc_runtime::is_package(&a.model) {
+        return crate::package_build::run_package(&a);
+    }
     let ckpt = open_checkpoint(&a.model, false)?;
     let cfg = ckpt.config().clone();
     validate_prompt(&a.tokens, cfg.vocab_size)?;
@@ -132,7 +139,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let sampling =
         panguc_runtime::Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     let eos = if a.stop_at_eos { cfg.eos_token_id } else { None };
-    let generation = match a.engine.as_str() {
+    let generation = match a.engine.as_deref().unwrap_or("interp") {
         "interp" => {
             let interp = panguc_ir::interp::Interpreter::new(&module, &ckpt);
             let mut session = panguc_ir::session::InterpSession::new(
@@ -142,6 +149,10 @@ pub fn run(a: RunArgs) -> Result<()> {
             );
             panguc_runtime::generate(&mut session, &a.tokens, a.max_new_tokens, &sampling, eos)?
         }
+        "compiled" => bail!(
+            "--engine compiled runs a compiled package: compile {} with `panguc compile --target cpu -o OUT` and run OUT",
+            a.model.display()
+        ),
         other => bail!("unknown --engine `{other}` for a checkpoint directory (available: interp)"),
     };
     if let Some(path) = &a.logits_out {
@@ -208,6 +219,17 @@ pub struct CompileArgs {
     /// Hardware profile that extraction minimises time on.
     #[arg(long)]
     pub cost_profile: Option<String>,
+    /// Number of devices to partition the model across (1, 2, 4, 8, ...).
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
+    /// Parallel plan: ep (expert groups split, rest replicated), h2p (the
+    /// published 8-device deployment), or auto (the cost model picks).
+    /// Default: h2p for 8 devices, ep otherwise.
+    #[arg(long)]
+    pub plan: Option<String>,
+    /// Context length used for the per-device KV-cache and time estimates.
+    #[arg(long, default_value_t = 2048)]
+    pub context: usize,
 }
 
 /// Targets `panguc compile` knows.
@@ -251,7 +273,26 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     if let Some(p) = &a.cost_profile {
         opts.cost_profile = p.clone();
     }
+    let (plan, plan_by_cost) = crate::partition_build::parse_plan(a.devices, a.plan.as_deref())?;
+    if a.devices == 1 && a.plan.is_some() {
+        bail!("--plan needs --devices N with N > 1");
+    }
     let piped = crate::pipeline::run_pipeline(&ckpt, &module, import_seconds, &opts)?;
+    let partitioned = if a.devices > 1 {
+        if targets.iter().any(|t| t == "cpu") {
+            bail!("--devices {} with --target cpu: the compiled CPU engine cannot run partitioned programs yet (collective kernels are missing); use --target ir or an ascend target", a.devices);
+        }
+        let profile_name = if targets.iter().any(|t| t == "ascend310p") { "ascend310p3" } else { opts.cost_profile.as_str() };
+        let profile = panguc_lowering::builtin_profiles()
+            .into_iter()
+            .find(|p| p.name == profile_name)
+            .ok_or_else(|| anyhow::anyhow!("no hardware profile `{profile_name}`"))?;
+        let popts = crate::partition_build::PartitionOptions { devices: a.devices, plan, plan_by_cost, profile, link: None, context: a.context };
+        let fuse = panguc_lowering::fuse::FuseOptions::default();
+        Some(crate::partition_build::partition(ckpt.config(), &piped.module, crate::import::LAYER_FN, &popts, &fuse)?)
+    } else {
+        None
+    };
 
     // Everything is written into a staging directory next to OUT and renamed
     // at the end, so a failure never leaves a partial package behind.
@@ -275,6 +316,12 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     if targets.iter().any(|t| t == "cpu") {
         crate::package_build::write_cpu_package(staging.path(), &ckpt, &piped.module, &targets, &serde_json::Value::Null)?;
     }
+    if let Some(p) = &partitioned {
+        let ascend = targets.iter().any(|t| t.starts_with("ascend"));
+        let weight_dtype = module.functions[crate::import::LAYER_FN].weight_params().next().map(|(p, _)| module.functions[crate::import::LAYER_FN].ty(p.value).dtype).unwrap_or(DType::BF16);
+        crate::partition_build::write_rank_programs(staging.path(), p, weight_dtype, ascend)?;
+        report["partition"] = p.report.clone();
+    }
     crate::package_build::finalize_manifest(staging.path(), ckpt.config(), &targets)?;
     // The report holds wall-clock timings, so it is written after the
     // manifest: it is a diagnostic, not part of the hashed package contents.
@@ -290,8 +337,11 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     }
     let staged = staging.keep();
     std::fs::rename(&staged, &a.out).with_context(|| format!("moving the package into place at {}", a.out.display()))?;
-    print!("{}", piped.summary);
-    println!("wrote package {} (targets: {})", a.out.display(), targets.join(", "));
+    emit(&piped.summary);
+    if let Some(p) = &partitioned {
+        emit(&p.summary);
+    }
+    emit(&format!("wrote package {} (targets: {})\n", a.out.display(), targets.join(", ")));
     Ok(())
 }
 
@@ -344,4 +394,12 @@ pub fn import(ckpt: &Checkpoint) -> Result<Module> {
         }
     }
     build_module(cfg, &dtype_of)
+}
+
+/// Write to stdout; a closed pipe (`panguc dump-ir ... | head`) is not an
+/// error worth a panic, so write failures are ignored.
+pub fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
 }

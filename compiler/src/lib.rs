@@ -8,5 +8,6 @@ pub mod frontend;
 pub mod import;
 pub mod inspect;
 pub mod package_build;
+pub mod partition_build;
 pub mod pipeline;
 pub mod synth;

@@ -1,12 +1,14 @@
-//! Writing CPU packages (format: `panguc_runtime::package`).
+//! Writing and running CPU packages (format: `panguc_runtime::package`).
 //!
 //! [`write_cpu_package`] schedules the fused module into a kernel program,
 //! generates and links the kernel library, evaluates and repacks the
-//! prepared weights into `weights/`, writes the report and IR dumps, and
-//! finishes with [`finalize_manifest`], which hashes every file under the
-//! staging directory. Other targets may add files and call
-//! [`finalize_manifest`] again. Nothing here depends on time or on hash-map
-//! order, so compiling twice gives byte-identical packages.
+//! prepared weights into `weights/`, writes the CPU report and IR dumps,
+//! and finishes with [`finalize_manifest`], which hashes every file under
+//! the staging directory (except `report.json`, which holds timings).
+//! Other targets may add files and call [`finalize_manifest`] again.
+//! Nothing here depends on time or on hash-map order, so compiling twice
+//! gives byte-identical packages. [`run_package`] is `panguc run` on a
+//! package.
 
 use crate::frontend::Checkpoint;
 use anyhow::{anyhow, bail, Context, Result};
@@ -21,8 +23,8 @@ use std::io::Write;
 use std::path::Path;
 
 /// Write the CPU part of a package into `staging` (which must exist) and
-/// its manifest. `report` is merged into `report.json` and must not hold
-/// anything run-dependent (timings) if packages are to be reproducible.
+/// its manifest. Deterministic CPU statistics go to `cpu/report.json`;
+/// a non-null `report` is written to `report.json` (not hashed).
 pub fn write_cpu_package(
     staging: &Path,
     ckpt: &Checkpoint,
@@ -46,20 +48,15 @@ pub fn write_cpu_package(
 
     let weights = if ckpt.has_weights() { Some(write_weights(staging, ckpt, &program)?) } else { None };
 
-    let mut rep = match report {
-        serde_json::Value::Object(m) => m.clone(),
-        serde_json::Value::Null => serde_json::Map::new(),
-        other => serde_json::Map::from_iter([("report".to_string(), other.clone())]),
-    };
-    rep.insert(
-        "cpu".into(),
-        serde_json::json!({
-            "schedule": panguc_lowering::schedule::stats(&program),
-            "target": { "triple": target.triple, "cpu": target.cpu, "vector_lanes": target.vector_lanes() },
-            "library_bytes": std::fs::metadata(staging.join(CPU_LIBRARY))?.len(),
-        }),
-    );
-    write(&staging.join("report.json"), serde_json::to_string_pretty(&serde_json::Value::Object(rep))?.as_bytes())?;
+    let cpu_report = serde_json::json!({
+        "schedule": panguc_lowering::schedule::stats(&program),
+        "target": { "triple": target.triple, "cpu": target.cpu, "vector_lanes": target.vector_lanes() },
+        "library_bytes": std::fs::metadata(staging.join(CPU_LIBRARY))?.len(),
+    });
+    write(&cpu_dir.join("report.json"), serde_json::to_string_pretty(&cpu_report)?.as_bytes())?;
+    if !report.is_null() {
+        write(&staging.join(panguc_runtime::package::REPORT_FILE), serde_json::to_string_pretty(report)?.as_bytes())?;
+    }
 
     let manifest = Manifest {
         format_version: PACKAGE_FORMAT_VERSION,
@@ -214,4 +211,34 @@ fn encode(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
         (_, d) => bail!("cannot store a weight as {d}"),
     }
     Ok(out)
+}
+
+/// `panguc run` on a package: the compiled engine (`--engine compiled`,
+/// the default) with `--threads` workers (default: all cores).
+pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
+    match a.engine.as_deref().unwrap_or("compiled") {
+        "compiled" => {}
+        "interp" => bail!(
+            "{} is a compiled package: it holds prepared weights only, so the interpreter cannot run it; \
+             run the checkpoint directory with --engine interp, or the package with --engine compiled",
+            a.model.display()
+        ),
+        other => bail!("unknown --engine `{other}` for a package (available: compiled)"),
+    }
+    let threads = a.threads.unwrap_or_else(panguc_runtime::engine::default_threads);
+    let pool = panguc_runtime::thread_pool(threads)?;
+    let pkg = std::sync::Arc::new(panguc_runtime::open_package(&a.model)?);
+    let cfg = pkg.config().clone();
+    crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
+    let context = a.tokens.len() + a.max_new_tokens;
+    let mut engine = panguc_runtime::CpuEngine::with_pool(pkg, pool, Some(context.max(1)))?;
+    let sampling =
+        panguc_runtime::Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let eos = if a.stop_at_eos { cfg.eos_token_id } else { None };
+    let generation = panguc_runtime::generate(&mut engine, &a.tokens, a.max_new_tokens, &sampling, eos)?;
+    if let Some(path) = &a.logits_out {
+        crate::commands::write_logits_json(path, &a.tokens, &generation)?;
+    }
+    println!("{}", generation.generated.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
+    Ok(())
 }

@@ -181,10 +181,8 @@ mod tests {
         assert!(est["decode_batch_1"]["weight_read_ratio"].as_f64().unwrap() <= 1.05);
         assert!(est["decode_batch_64"]["ms_per_step"].as_f64().unwrap() > 0.0);
         assert!(est["prefill_2048"]["ms"].as_f64().unwrap() > 0.0);
-        let files: Vec<String> = std::fs::read_dir(&dump)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let files: Vec<String> =
+            std::fs::read_dir(&dump).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         for f in ["00-import.ir", "01-fuse-decoder_layer.ir", "02-fuse-main.ir"] {
             assert!(files.contains(&f.to_string()), "{f} in {files:?}");
         }
@@ -234,7 +232,8 @@ mod tests {
         let b1 = &est["profiles"]["ascend910b1"]["decode_batch_1"];
         let ratio = b1["weight_read_ratio"].as_f64().unwrap();
         assert!((1.0..=1.05).contains(&ratio), "fused weight reads / ideal = {ratio}");
-        let unfused_ratio = est["profiles"]["ascend910b1"]["unfused"]["decode_batch_1_weight_read_ratio"].as_f64().unwrap();
+        let unfused_ratio =
+            est["profiles"]["ascend910b1"]["unfused"]["decode_batch_1_weight_read_ratio"].as_f64().unwrap();
         assert!(unfused_ratio > 3.0, "the dense experts read every expert: {unfused_ratio}");
         assert_eq!(est["published"]["decode_batch_1_tpot_ms_4_cards"], 18.44);
         // Validation of a config-only 72B model would need 72B random weights.

@@ -12,6 +12,7 @@ pub mod infer;
 pub mod interp;
 pub mod kernel;
 pub mod kernels;
+pub mod multirank;
 pub mod op;
 pub mod session;
 pub mod shape;

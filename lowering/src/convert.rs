@@ -87,7 +87,8 @@ pub fn rebuild_function(
         env.insert(eg.find(value_class[p.value.index()]), id);
     }
     let reserved: HashSet<String> = original.values.iter().map(|v| v.name.clone()).collect();
-    let mut e = Emitter { eg, choice, f, env, tuples: HashMap::new(), class_name, hints, reserved, used: HashSet::new() };
+    let mut e =
+        Emitter { eg, choice, f, env, tuples: HashMap::new(), class_name, hints, reserved, used: HashSet::new() };
     let TLang::Outputs(outs) = choice.get(&eg.find(root)).ok_or("the root has no chosen node")? else {
         return Err("the root class is not the outputs node".into());
     };

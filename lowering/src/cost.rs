@@ -227,7 +227,11 @@ fn compute(op: &Op, args: &[Operand], results: &[TensorType], b: &Bindings) -> (
     match op {
         Op::MatMul { .. } | Op::MatMulBias { .. } => {
             let k = last(args[0].ty);
-            let ws = if matches!(op, Op::MatMulBias { .. }) { (2.0 * tile * f32b + 16.0 * f32b, 2.0 * 2.0 * tile * 2.0) } else { (0.0, 0.0) };
+            let ws = if matches!(op, Op::MatMulBias { .. }) {
+                (2.0 * tile * f32b + 16.0 * f32b, 2.0 * 2.0 * tile * 2.0)
+            } else {
+                (0.0, 0.0)
+            };
             (2.0 * out * k, 0.0, ws)
         }
         Op::GateUpSwiGlu => {
@@ -290,7 +294,7 @@ mod tests {
         let out = ty(DType::F32, &[Dim::tokens(), Dim::c(5120)]);
         let args = [Operand { ty: &x, weight_only: false }, Operand { ty: &wt, weight_only: true }];
         let w = Workload::decode(2048, 1);
-        let work = op_work(&Op::MatMul { transpose_b: true }, &args, &[out.clone()], &w, &p);
+        let work = op_work(&Op::MatMul { transpose_b: true }, &args, std::slice::from_ref(&out), &w, &p);
         assert_eq!(work.shared_weight_bytes, 5120.0 * 5120.0 * 2.0);
         let t = work.seconds(&w, &p);
         let mem = work.bytes(&w) / 1.42e12;
@@ -331,7 +335,7 @@ mod tests {
         let wt = ty(DType::F32, &[Dim::c(5120)]);
         let args = [Operand { ty: &x, weight_only: false }, Operand { ty: &wt, weight_only: true }];
         let w = Workload::decode(16, 1);
-        let work = op_work(&Op::RmsNorm { eps: 1e-5 }, &args, &[x.clone()], &w, &p);
+        let work = op_work(&Op::RmsNorm { eps: 1e-5 }, &args, std::slice::from_ref(&x), &w, &p);
         assert!(work.fits(&p));
         p.ub_kib = 64.0;
         assert!(!work.fits(&p), "5 rows of 20 KiB do not fit 64 KiB");

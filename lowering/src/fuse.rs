@@ -19,9 +19,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 /// Saturation budgets. The defaults are far above what the decoder layer
-/// of the real model needs (it saturates in about ten iterations and a few
-/// thousand e-nodes) and low enough that a runaway rule set stops within
-/// seconds.
+/// of the real model needs (it saturates after 4 iterations with about 450
+/// e-nodes) and low enough that a runaway rule set stops within seconds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub iter_limit: usize,
@@ -212,19 +211,21 @@ fn chosen_rules(eg: &EG, choice: &HashMap<Id, TLang>) -> BTreeMap<String, usize>
 
 fn describe_stop(stop: &StopReason, f: &str, limits: &Limits, iterations: usize) -> (String, Option<String>) {
     let less = "the result is correct but may be less fused";
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
     match stop {
         StopReason::Saturated => ("saturated".into(), None),
         StopReason::IterationLimit(n) => (
             "iteration limit".into(),
             Some(format!(
-                "saturation of @{f} stopped at the iteration limit ({n} iterations): {less}; raise --iter-limit"
+                "saturation of @{f} stopped at the iteration limit ({n} iteration{}): {less}; raise --iter-limit",
+                plural(*n)
             )),
         ),
         StopReason::NodeLimit(n) => {
             let when = if iterations <= 1 {
                 format!("before any rewrite could run (the e-graph of @{f} already has {n} e-nodes)")
             } else {
-                format!("after {iterations} iterations ({n} e-nodes)")
+                format!("after {iterations} iteration{} ({n} e-nodes)", plural(iterations))
             };
             (
                 "node limit".into(),
@@ -237,10 +238,69 @@ fn describe_stop(stop: &StopReason, f: &str, limits: &Limits, iterations: usize)
         StopReason::TimeLimit(s) => (
             "time limit".into(),
             Some(format!(
-                "saturation of @{f} stopped at the time limit ({:.3} s, after {s:.3} s and {iterations} iterations): {less}; raise --time-limit",
-                limits.time_limit.as_secs_f64()
+                "saturation of @{f} stopped at the time limit ({:.3} s, after {s:.3} s and {iterations} iteration{}): {less}; raise --time-limit-ms",
+                limits.time_limit.as_secs_f64(),
+                plural(iterations)
             )),
         ),
         StopReason::Other(s) => (s.clone(), Some(format!("saturation of @{f} stopped: {s}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::testing::*;
+    use panguc_ir::op::{BinaryOp, ReduceOp, UnaryOp};
+    use panguc_ir::DType;
+
+    fn rmsnorm_graph() -> Module {
+        let mut g = G::new();
+        let x = g.input("x", &[tok(), c(64)]);
+        let w = g.weight("w", DType::F32, &[64]);
+        let sq = g.op(Op::Binary(BinaryOp::Mul), &[x, x]);
+        let ms = g.op(Op::Reduce { op: ReduceOp::Mean, axis: 1, keepdim: true }, &[sq]);
+        let eps = g.op(Op::Scalar { value: 1e-5, dtype: DType::F32 }, &[]);
+        let mse = g.op(Op::Binary(BinaryOp::Add), &[ms, eps]);
+        let inv = g.op(Op::Unary(UnaryOp::Rsqrt), &[mse]);
+        let xn = g.op(Op::Binary(BinaryOp::Mul), &[x, inv]);
+        let y = g.op(Op::Binary(BinaryOp::Mul), &[xn, w]);
+        g.output(y);
+        g.module()
+    }
+
+    #[test]
+    fn a_zero_time_limit_stops_before_any_rewrite_and_says_so() {
+        let m = rmsnorm_graph();
+        let opts = FuseOptions {
+            limits: Limits { time_limit: Duration::ZERO, ..Limits::default() },
+            ..FuseOptions::default()
+        };
+        let (f, stats) = fuse_function(&m, "main", &opts).unwrap();
+        assert_eq!(stats.stop_reason, "time limit");
+        assert!(stats.limit_note.as_deref().unwrap().contains("--time-limit-ms"), "{:?}", stats.limit_note);
+        assert!(stats.rules_fired.is_empty());
+        assert_eq!(kernel_count(&f), kernel_count(m.entry_fn()));
+    }
+
+    #[test]
+    fn a_fusion_whose_working_set_does_not_fit_is_not_chosen() {
+        let m = rmsnorm_graph();
+        let (_, fits) = fuse_function(&m, "main", &FuseOptions::default()).unwrap();
+        assert_eq!(fits.rules_chosen.get("rmsnorm"), Some(&1));
+        // A 64-wide f32 row needs 5 x 256 B of unified buffer; give it 1 KiB.
+        let mut profile = builtin_profile("ascend910b1").unwrap();
+        profile.ub_kib = 1.0;
+        let (f, stats) = fuse_function(&m, "main", &FuseOptions { profile, ..FuseOptions::default() }).unwrap();
+        assert_eq!(stats.rules_fired.get("rmsnorm"), Some(&1), "the rule fires...");
+        assert!(!stats.rules_chosen.contains_key("rmsnorm"), "...but extraction rejects it");
+        assert!(f.nodes.iter().all(|n| n.op.mnemonic() != "rms_norm"));
+    }
+
+    #[test]
+    fn an_unknown_rule_name_is_an_error() {
+        let opts = FuseOptions { rules: Some(vec!["fuse-everything".into()]), ..FuseOptions::default() };
+        let err = fuse_function(&rmsnorm_graph(), "main", &opts).unwrap_err().to_string();
+        assert!(err.contains("unknown rule `fuse-everything`") && err.contains("rmsnorm"), "{err}");
     }
 }

@@ -135,7 +135,8 @@ impl HardwareProfile {
     /// The built-in profiles with the overrides of `path` applied (TOML, or
     /// JSON when the file name ends in `.json`).
     pub fn load_overrides(path: &Path) -> Result<Vec<HardwareProfile>> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading hardware profiles {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading hardware profiles {}", path.display()))?;
         let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
         let doc: serde_json::Value = if is_json {
             serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid JSON: {e}", path.display()))?

@@ -92,12 +92,17 @@ pub fn build_report(input: &ReportInput) -> (Value, String) {
     (report.clone(), summary(input, &report, &fired, &chosen))
 }
 
-fn summary(input: &ReportInput, report: &Value, fired: &BTreeMap<String, usize>, chosen: &BTreeMap<String, usize>) -> String {
+fn summary(
+    input: &ReportInput,
+    report: &Value,
+    fired: &BTreeMap<String, usize>,
+    chosen: &BTreeMap<String, usize>,
+) -> String {
     let mut s = String::new();
     for st in input.stats {
         let _ = writeln!(
             s,
-            "fusion @{}: {} -> {} kernels ({}, {} iterations, {} e-nodes, {} classes, {:.3} s + {:.3} s extraction)",
+            "fusion @{}: {} -> {} kernels ({}, iterations {}, {} e-nodes, {} classes, {:.3} s + {:.3} s extraction)",
             st.function,
             st.kernels_before,
             st.kernels_after,
@@ -131,18 +136,18 @@ fn summary(input: &ReportInput, report: &Value, fired: &BTreeMap<String, usize>,
         let _ = writeln!(
             s,
             "  {:<12} {:>12} {:>13} {:>14} {:>16} {:>8}",
-            "profile", "decode b1 ms", "decode b64 ms", "prefill 2k ms", "weights/step GB", "/ideal"
+            "profile", "decode b1 ms", "decode b64 ms", "prefill 2k ms", "weights/step MB", "/ideal"
         );
         for (name, p) in profiles {
             let d1 = &p["decode_batch_1"];
             let _ = writeln!(
                 s,
-                "  {:<12} {:>12.3} {:>13.3} {:>14.1} {:>16.3} {:>8.4}",
+                "  {:<12} {:>12.3} {:>13.3} {:>14.1} {:>16.1} {:>8.4}",
                 name,
                 d1["ms_per_token"].as_f64().unwrap_or(f64::NAN),
                 p["decode_batch_64"]["ms_per_step"].as_f64().unwrap_or(f64::NAN),
                 p["prefill_2048"]["ms"].as_f64().unwrap_or(f64::NAN),
-                d1["weight_bytes"].as_f64().unwrap_or(f64::NAN) / 1e9,
+                d1["weight_bytes"].as_f64().unwrap_or(f64::NAN) / 1e6,
                 d1["weight_read_ratio"].as_f64().unwrap_or(f64::NAN),
             );
         }

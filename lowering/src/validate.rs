@@ -113,7 +113,12 @@ pub fn compare_once(
 /// naming the first one beyond its dtype's tolerance.
 pub fn compare_outputs(m: &Module, want: &[Tensor], got: &[Tensor], phase: &str) -> Result<Vec<Check>> {
     let f = m.entry_fn();
-    ensure!(want.len() == got.len(), "{phase}: the fused module returns {} outputs, the unfused {}", got.len(), want.len());
+    ensure!(
+        want.len() == got.len(),
+        "{phase}: the fused module returns {} outputs, the unfused {}",
+        got.len(),
+        want.len()
+    );
     let mut checks = vec![];
     for (i, (a, b)) in want.iter().zip(got).enumerate() {
         let name = f.name_of(f.outputs[i]).to_string();

@@ -9,7 +9,7 @@
 
 use panguc_ir::text::{parse_module, print_module};
 use panguc_ir::Module;
-use panguc_lowering::fuse::{fuse_module, FuseOptions, FunctionStats};
+use panguc_lowering::fuse::{fuse_module, FunctionStats, FuseOptions};
 use panguc_lowering::kernel_count;
 use panguc_lowering::validate::{random_weights, validate_session};
 

@@ -7,11 +7,11 @@
 //! per call from the buffer plan (slots sized for the actual
 //! `tokens`/`past`), and per-thread scratch.
 //!
-//! Threads: every launch's tiles are split into one contiguous range per
-//! thread of a rayon pool (shared between engines). Each output element is
-//! computed by exactly one tile with the same code whatever the range, so
-//! the thread count never changes results. Launches with few light tiles
-//! run on the calling thread.
+//! Threads: every launch's tiles are shared out in chunks by a
+//! [`WorkerPool`] (the caller works too; a pool may be shared between
+//! engines). Each output element is computed by exactly one tile with the
+//! same code whichever thread runs it, so the thread count never changes
+//! results. Launches with few light tiles run on the calling thread.
 //!
 //! Batches: the IR function handles one sequence (its own `past`), so a
 //! batch is one engine per sequence stepped in turn (see `batch`), each
@@ -19,6 +19,7 @@
 
 use crate::generate::Engine;
 use crate::loader::{KernelFn, Package};
+use crate::pool::WorkerPool;
 use anyhow::{bail, ensure, Context, Result};
 use panguc_ir::kernel::BufferKind;
 use panguc_ir::shape::Bindings;
@@ -53,19 +54,14 @@ pub fn default_threads() -> usize {
 }
 
 /// A thread pool for engines; share one between the engines of a batch.
-pub fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+pub fn thread_pool(threads: usize) -> Result<Arc<WorkerPool>> {
     if threads == 0 {
         bail!("--threads must be at least 1, got 0");
     }
     if threads > 4096 {
         bail!("--threads {threads} is not a sensible thread count (at most 4096)");
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("panguc-worker-{i}"))
-        .build()
-        .context("cannot start the worker threads")?;
-    Ok(Arc::new(pool))
+    Ok(Arc::new(WorkerPool::new(threads).context("cannot start the worker threads")?))
 }
 
 /// Zeroed, 64-byte aligned heap memory.
@@ -110,23 +106,10 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// One kernel launch as the worker threads see it.
-struct Call {
-    f: KernelFn,
-    args: *const *mut u8,
-    syms: *const i64,
-    tiles: i64,
-    scratch: Vec<*mut u8>,
-}
-
-// SAFETY: the pointers stay valid for the duration of the blocking
-// broadcast, and tiles write disjoint outputs.
-unsafe impl Sync for Call {}
-
 /// Runs a package's kernel program for one sequence.
 pub struct CpuEngine {
     pkg: Arc<Package>,
-    pool: Arc<rayon::ThreadPool>,
+    pool: Arc<WorkerPool>,
     max_context: usize,
     past: usize,
     vocab: usize,
@@ -151,7 +134,7 @@ impl CpuEngine {
     }
 
     /// An engine using a shared pool (one engine per sequence of a batch).
-    pub fn with_pool(pkg: Arc<Package>, pool: Arc<rayon::ThreadPool>, max_context: Option<usize>) -> Result<CpuEngine> {
+    pub fn with_pool(pkg: Arc<Package>, pool: Arc<WorkerPool>, max_context: Option<usize>) -> Result<CpuEngine> {
         let cfg = pkg.config();
         let limit = cfg.max_position_embeddings.max(1);
         let max_context = match max_context {
@@ -172,7 +155,7 @@ impl CpuEngine {
                 .product::<Result<usize>>()?;
             kv.push(AlignedBuf::zeroed(max_context * row * b.dtype.size_bytes())?);
         }
-        let threads = pool.current_num_threads();
+        let threads = pool.threads();
         let scratch = (0..threads).map(|_| AlignedBuf::zeroed(0)).collect::<Result<_>>()?;
         let vocab = cfg.vocab_size;
         Ok(CpuEngine {
@@ -200,7 +183,7 @@ impl CpuEngine {
     }
 
     pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
+        self.pool.threads()
     }
 
     /// Start (or restart) timing every launch by kernel kind.
@@ -263,30 +246,38 @@ impl CpuEngine {
     }
 
     fn launch(&self, f: KernelFn, args: &[*mut u8], syms: &[i64], tiles: u64, parallel: bool) {
-        let call = Call {
-            f,
-            args: args.as_ptr(),
-            syms: syms.as_ptr(),
-            tiles: tiles as i64,
-            scratch: self.scratch.iter().map(|s| s.ptr).collect(),
+        let (args, syms) = (SendPtr(args.as_ptr()), SendPtr(syms.as_ptr()));
+        let scratch: Vec<SendPtr<u8>> = self.scratch.iter().map(|s| SendPtr(s.ptr as *const u8)).collect();
+        let run = |w: usize, lo: i64, hi: i64| {
+            // SAFETY: the arguments match the kernel's signature and
+            // buffers, and tile ranges handed to threads are disjoint.
+            unsafe { f(args.get(), syms.get(), lo, hi, scratch[w].mutable()) }
         };
-        if !parallel || self.scratch.len() == 1 {
-            // SAFETY: arguments match the kernel's signature and buffers.
-            unsafe { (call.f)(call.args, call.syms, 0, call.tiles, call.scratch[0]) };
-            return;
+        if parallel {
+            self.pool.run(tiles as i64, &run);
+        } else {
+            run(0, 0, tiles as i64);
         }
-        let call = &call;
-        self.pool.broadcast(|ctx| {
-            let (i, n) = (ctx.index() as i64, ctx.num_threads() as i64);
-            let chunk = (call.tiles + n - 1) / n;
-            let (lo, hi) = ((i * chunk).min(call.tiles), ((i + 1) * chunk).min(call.tiles));
-            if lo < hi {
-                // SAFETY: as above; tile ranges are disjoint.
-                unsafe { (call.f)(call.args, call.syms, lo, hi, call.scratch[ctx.index()]) };
-            }
-        });
     }
 }
+
+/// A raw pointer the worker threads may use while a launch runs.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*const T);
+
+impl<T> SendPtr<T> {
+    // Methods (not field access) so closures capture the Sync wrapper.
+    fn get(self) -> *const T {
+        self.0
+    }
+    fn mutable(self) -> *mut T {
+        self.0 as *mut T
+    }
+}
+
+// SAFETY: only dereferenced by kernels during the launch that created it.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
 
 impl Engine for CpuEngine {
     fn forward(&mut self, tokens: &[i64]) -> Result<Tensor> {

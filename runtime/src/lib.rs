@@ -6,13 +6,16 @@
 
 pub mod batch;
 pub mod bench;
+pub mod collective;
 pub mod engine;
 pub mod generate;
 pub mod loader;
 pub mod package;
+pub mod pool;
 
 pub use batch::generate_batch;
 pub use engine::{thread_pool, CpuEngine, EngineOptions};
 pub use generate::{generate, Engine, Generation, Sampler, Sampling};
 pub use loader::{open_package, Package};
 pub use package::{is_package, Manifest, PACKAGE_FORMAT_VERSION};
+pub use pool::WorkerPool;

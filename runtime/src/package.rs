@@ -10,7 +10,8 @@
 //! OUT/weights/<group>.bin    prepared weights in kernel layout, 64-byte
 //!                            aligned, memory-mapped at load (omitted for
 //!                            config-only compiles)
-//! OUT/report.json, OUT/ir/   compile report and IR dumps
+//! OUT/ir/                    IR dumps
+//! OUT/report.json            compile report (timings: not hashed)
 //! ```
 //!
 //! [`open_package`] refuses a package whose format version is newer than
@@ -31,6 +32,9 @@ pub const PACKAGE_FORMAT_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const PROGRAM_FILE: &str = "kernel_program.json";
 pub const CPU_LIBRARY: &str = "cpu/libpanguc_kernels.so";
+/// The compile report holds wall-clock timings, so it is a diagnostic
+/// outside the hashed contents (packages must be reproducible).
+pub const REPORT_FILE: &str = "report.json";
 /// Weight data is aligned to this many bytes inside its file.
 pub const WEIGHT_ALIGN: u64 = 64;
 
@@ -112,8 +116,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// Size and hash of every file under `dir` except the manifest, keyed by
-/// '/'-separated relative path (sorted, so manifests are deterministic).
+/// Size and hash of every file under `dir` except the manifest and the
+/// report, keyed by '/'-separated relative path (sorted, so manifests are
+/// deterministic).
 pub fn hash_tree(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, FileEntry>) -> Result<()> {
         let mut entries: Vec<_> = std::fs::read_dir(dir)
@@ -133,7 +138,7 @@ pub fn hash_tree(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
                 .map(|c| c.as_os_str().to_string_lossy().into_owned())
                 .collect();
             let rel = rel.join("/");
-            if rel == MANIFEST_FILE {
+            if rel == MANIFEST_FILE || rel == REPORT_FILE {
                 continue;
             }
             let bytes = std::fs::metadata(&path)?.len();

@@ -367,6 +367,9 @@ const EPI_TILE: u64 = 4096;
 pub(crate) struct EpilogueSpec {
     pub entry: String,
     pub ep: Epilogue,
+    /// Scale row `r` by the f32 `rowW[r]` (MoeDown's routing weight); the
+    /// extra parameter comes right before `y`.
+    pub row_scale: bool,
     /// Output dtype.
     pub t: DevType,
     pub bias_t: Option<DevType>,
@@ -377,7 +380,7 @@ pub(crate) struct EpilogueSpec {
 }
 
 pub(crate) fn epilogue_kernel(ctx: &Ctx, s: EpilogueSpec) -> Result<DeviceKernel> {
-    let EpilogueSpec { entry, ep, t, bias_t, rows, n, params } = s;
+    let EpilogueSpec { entry, ep, row_scale, t, bias_t, rows, n, params } = s;
     let n_tile = EPI_TILE.min(n);
     if !n.is_multiple_of(16) {
         bail!("{}: cannot be tiled: epilogue width {n} must be a multiple of 16", ctx.k.name);
@@ -385,27 +388,42 @@ pub(crate) fn epilogue_kernel(ctx: &Ctx, s: EpilogueSpec) -> Result<DeviceKernel
     let swiglu = ep == Epilogue::SwiGlu;
     let cols = if swiglu { 2 * n } else { n };
     let b = bias_t.unwrap_or(t);
-    let (bias_param, bias_arg) = if ep == Epilogue::Bias { ("GM_ADDR bias, ", "bias, ") } else { ("", "") };
-    let bias_init =
-        "        biasGm.SetGlobalBuffer((__gm__ B*)bias, n);\n        pipe.InitBuffer(inB, 2, nTile * sizeof(B));\n";
-    let bias_members = "    TQue<TPosition::VECIN, 2> inB;\n    GlobalTensor<B> biasGm;\n";
+    let (mut bias_param, mut bias_arg) =
+        if ep == Epilogue::Bias { ("GM_ADDR bias, ".to_string(), "bias, ".to_string()) } else { Default::default() };
+    let mut bias_init = if ep == Epilogue::Bias {
+        "        biasGm.SetGlobalBuffer((__gm__ B*)bias, n);\n        pipe.InitBuffer(inB, 2, nTile * sizeof(B));\n".to_string()
+    } else {
+        String::new()
+    };
+    let mut bias_members =
+        if ep == Epilogue::Bias { "    TQue<TPosition::VECIN, 2> inB;\n    GlobalTensor<B> biasGm;\n".to_string() } else { String::new() };
     let load = if swiglu {
         "            DataCopy(x, cGm[r * cols + c0], len);\n            DataCopy(x[nTile], cGm[r * cols + n + c0], len);\n"
     } else {
         "            DataCopy(x, cGm[r * cols + c0], len);\n"
     };
-    let compute = match ep {
+    let mut compute = match ep {
         Epilogue::None => String::new(),
         Epilogue::Bias => "            LocalTensor<B> bl = inB.AllocTensor<B>();\n            DataCopy(bl, biasGm[c0], len);\n            inB.EnQue(bl);\n            bl = inB.DeQue<B>();\n            ToFloat(tmp, bl, len);\n            inB.FreeTensor(bl);\n            PipeBarrier<PIPE_V>();\n            Add(x, x, tmp, len);\n            PipeBarrier<PIPE_V>();\n".into(),
         // silu(g) * u = (g * sigmoid(g)) * u, as the reference computes it.
         Epilogue::SwiGlu => "            Sigmoid(tmp, x, len);\n            PipeBarrier<PIPE_V>();\n            Mul(x, x, tmp, len);\n            PipeBarrier<PIPE_V>();\n            Mul(x, x, x[nTile], len);\n            PipeBarrier<PIPE_V>();\n".into(),
     };
-    let what = match ep {
+    let mut what = match ep {
         Epilogue::None => "y = cast(c)",
         Epilogue::Bias => "y = cast(c + bias)",
         Epilogue::SwiGlu => "y = cast(silu(c[:, :n]) * c[:, n:])",
     };
-    let on = |c: bool, s: &str| if c { s.to_string() } else { String::new() };
+    if row_scale {
+        if ep == Epilogue::SwiGlu {
+            bail!("{}: a row-scaled SwiGLU epilogue is not supported", ctx.k.name);
+        }
+        what = if ep == Epilogue::Bias { "y = cast((c + bias) * rowW[r])" } else { "y = cast(c * rowW[r])" };
+        bias_param += "GM_ADDR rowW, ";
+        bias_arg += "rowW, ";
+        bias_init += "        rwGm.SetGlobalBuffer((__gm__ float*)rowW, rows);\n";
+        bias_members += "    GlobalTensor<float> rwGm;\n";
+        compute += "            Muls(x, x, rwGm.GetValue(r), len);\n            PipeBarrier<PIPE_V>();\n";
+    }
     let up = super::upper_camel(&entry);
     let in_factor = if swiglu { 2 } else { 1 };
     let src = head(&entry, &format!("Matmul epilogue: {what}."))
@@ -416,10 +434,10 @@ pub(crate) fn epilogue_kernel(ctx: &Ctx, s: EpilogueSpec) -> Result<DeviceKernel
                 ("T", t.cpp().into()),
                 ("B", b.cpp().into()),
                 ("WHAT", what.into()),
-                ("BIAS_PARAM", bias_param.into()),
-                ("BIAS_ARG", bias_arg.into()),
-                ("BIAS_INIT", on(ep == Epilogue::Bias, bias_init)),
-                ("BIAS_MEMBERS", on(ep == Epilogue::Bias, bias_members)),
+                ("BIAS_PARAM", bias_param),
+                ("BIAS_ARG", bias_arg),
+                ("BIAS_INIT", bias_init),
+                ("BIAS_MEMBERS", bias_members),
                 ("IN_FACTOR", in_factor.to_string()),
                 ("LOAD", load.into()),
                 ("COMPUTE", compute),
@@ -519,7 +537,7 @@ pub(crate) fn gemm(ctx: &Ctx, ep: Epilogue) -> Result<DeviceKernels> {
     params.push(ctx.param("y", out, Role::Output));
     let epi = epilogue_kernel(
         ctx,
-        EpilogueSpec { entry: ctx.entry("_epilogue"), ep, t: o, bias_t, rows: m, n: n_out, params },
+        EpilogueSpec { entry: ctx.entry("_epilogue"), ep, row_scale: false, t: o, bias_t, rows: m, n: n_out, params },
     )?;
     Ok(DeviceKernels { kernels: vec![cube, epi], temps: vec![temp] })
 }

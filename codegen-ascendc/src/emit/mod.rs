@@ -14,6 +14,7 @@
 mod cube;
 mod expr;
 mod moe;
+mod rope;
 mod vector;
 
 pub use expr::{Env, TExpr};
@@ -38,6 +39,8 @@ pub enum CoreType {
 pub enum FieldValue {
     U32(TExpr),
     F32(f64),
+    /// `float name[len]` of constants (e.g. RoPE inverse frequencies).
+    F32Array(Vec<f64>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +55,9 @@ impl TilingField {
     }
     pub fn f32(name: &str, v: f64) -> Self {
         TilingField { name: name.to_string(), value: FieldValue::F32(v) }
+    }
+    pub fn f32_array(name: &str, v: Vec<f64>) -> Self {
+        TilingField { name: name.to_string(), value: FieldValue::F32Array(v) }
     }
 }
 
@@ -177,11 +183,17 @@ impl DeviceKernel {
         s.push_str("#include <cstdint>\n\n");
         let _ = writeln!(s, "struct {} {{", self.tiling_struct);
         for f in &self.fields {
-            let ty = match f.value {
-                FieldValue::U32(_) => "uint32_t",
-                FieldValue::F32(_) => "float",
-            };
-            let _ = writeln!(s, "    {ty} {};", f.name);
+            match &f.value {
+                FieldValue::U32(_) => {
+                    let _ = writeln!(s, "    uint32_t {};", f.name);
+                }
+                FieldValue::F32(_) => {
+                    let _ = writeln!(s, "    float {};", f.name);
+                }
+                FieldValue::F32Array(v) => {
+                    let _ = writeln!(s, "    float {}[{}];", f.name, v.len());
+                }
+            }
         }
         let _ = writeln!(s, "}};\n\n#endif  // {guard}");
         s
@@ -206,6 +218,7 @@ impl DeviceKernel {
                     v.extend_from_slice(&x.to_le_bytes());
                 }
                 FieldValue::F32(x) => v.extend_from_slice(&(*x as f32).to_le_bytes()),
+                FieldValue::F32Array(xs) => xs.iter().for_each(|x| v.extend_from_slice(&(*x as f32).to_le_bytes())),
             }
         }
         Ok(v)
@@ -231,14 +244,16 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
         KernelKind::MatMul { transpose_b: true, bias } => {
             cube::gemm(&ctx, if *bias { panguc_ir::kernel::Epilogue::Bias } else { panguc_ir::kernel::Epilogue::None })?
         }
+        KernelKind::RopeTable { kind, theta, head_dim } => rope::rope_table(&ctx, *kind, *theta, *head_dim)?,
+        KernelKind::QkvRopeAppend { q_heads, kv_heads } => rope::qkv_rope_append(&ctx, *q_heads, *kv_heads)?,
         KernelKind::MoeRoute => moe::route(&ctx)?,
         KernelKind::MoeGateUp => moe::gate_up(&ctx)?,
         KernelKind::MoeDown => moe::down(&ctx)?,
         KernelKind::MoeCombine { shared_residual } => moe::combine(&ctx, *shared_residual)?,
         other => bail!(
             "{}: kernel kind `{}` has no AscendC implementation yet (supported: rms_norm, add_rms_norm, gather, \
-             elementwise, rope, attention, moe_gating, gemm, matmul(transposed b), moe_route, moe_gate_up, moe_down, \
-             moe_combine)",
+             elementwise, rope, rope_table, qkv_rope_append, attention, moe_gating, gemm, matmul(transposed b), \
+             moe_route, moe_gate_up, moe_down, moe_combine)",
             k.name,
             other.mnemonic()
         ),

@@ -1,24 +1,603 @@
-//! Grouped-matmul MoE kernels (dispatch, per-expert GEMMs, combine).
+//! Grouped-matmul MoE kernels: dispatch (`MoeRoute`), per-expert GEMMs
+//! (`MoeGateUp`, `MoeDown`) and the combine (`MoeCombine`).
 //!
-//! Not emitted yet: the kinds are recognised so that the error names what
-//! is missing instead of reporting an unknown kind.
+//! - `MoeRoute` is a stable counting sort of the (token, group) slots by
+//!   expert; it is sequential by nature, so it runs on one vector core with
+//!   the per-expert counters in UB and scalar GM accesses.
+//! - `MoeGateUp`/`MoeDown` are a grouped cube GEMM (one block tile = one
+//!   (expert, 128-column) pair; the expert's rows come from `offsets` in GM
+//!   at run time) writing f32 to a GM workspace, then a vector epilogue
+//!   (SwiGLU for gate/up, `* row_weight[r]` for down). `MoeGateUp` gathers
+//!   its A rows through `rows[]` while copying them into L1 (one ND->NZ copy
+//!   per row), so no gathered copy of the activations is materialised.
+//! - `MoeCombine` sums each token's G expert outputs in group order, then
+//!   `residual + (routed + shared)`.
 
-use super::{Ctx, DeviceKernels};
+use super::cube::{epilogue_kernel, BaseTile, EpilogueSpec};
+use super::vector::{need_aligned, tiles_fields, vector_kernel, PRELUDE, RANGE};
+use super::{
+    fill, head, r32, ArgRef, CoreType, Ctx, DeviceKernel, DeviceKernels, Env, Param, Role, TExpr, TempBuf,
+    TilingField,
+};
+use crate::target::DevType;
 use anyhow::{bail, Result};
+use panguc_ir::kernel::Epilogue;
 
-fn missing(ctx: &Ctx) -> Result<DeviceKernels> {
-    bail!("{}: the AscendC grouped-matmul MoE kernel `{}` is not implemented yet", ctx.k.name, ctx.k.kind.mnemonic())
+/// Coefficient `G` of a `G * tokens` dimension.
+fn per_token(ctx: &Ctx, arg: usize, dim: usize) -> Result<u64> {
+    let e = ctx.dim(arg, dim)?;
+    let at = |t| e.eval(&Env { tokens: t, past: 0, core_num: 1 });
+    let (a0, a1) = (at(0)?, at(1)?);
+    if a0 != 0 || a1 == 0 || at(5)? != 5 * a1 {
+        bail!("{}: argument {arg} dim {dim} must be a multiple of tokens", ctx.k.name);
+    }
+    Ok(a1)
 }
 
+const ROUTE: &str = r#"
+// Stable counting sort of the slots s = token * groups + g by expert:
+// offsets[e]..offsets[e+1] are expert e's sorted rows; row r holds token
+// rows[r] with weight rowWeight[r]; slotRow[s] is the row slot s went to.
+// Sequential by nature: one block, counters in UB, scalar GM accesses.
+class {{CLASS}} {
+public:
+    __aicore__ inline {{CLASS}}() {}
+    __aicore__ inline void Init(GM_ADDR w, GM_ADDR ids, GM_ADDR offsets, GM_ADDR rows, GM_ADDR rowWeight, GM_ADDR slotRow, const {{TILING}}& t)
+    {
+        slots = t.slots;
+        groups = t.groups;
+        experts = t.experts;
+        wGm.SetGlobalBuffer((__gm__ float*)w, slots);
+        idGm.SetGlobalBuffer((__gm__ int64_t*)ids, slots);
+        offGm.SetGlobalBuffer((__gm__ int64_t*)offsets, experts + 1);
+        rowsGm.SetGlobalBuffer((__gm__ int64_t*)rows, slots);
+        rwGm.SetGlobalBuffer((__gm__ float*)rowWeight, slots);
+        srGm.SetGlobalBuffer((__gm__ int64_t*)slotRow, slots);
+        pipe.InitBuffer(cntBuf, (experts + 1) * sizeof(int64_t));
+    }
+    __aicore__ inline void Process()
+    {
+        if (GetBlockIdx() != 0) return;
+        LocalTensor<int64_t> cnt = cntBuf.Get<int64_t>();
+        for (uint32_t e = 0; e <= experts; e++) cnt.SetValue(e, 0);
+        for (uint32_t s = 0; s < slots; s++) {
+            const uint32_t e = Expert(s) + 1;
+            cnt.SetValue(e, cnt.GetValue(e) + 1);
+        }
+        for (uint32_t e = 0; e < experts; e++) cnt.SetValue(e + 1, cnt.GetValue(e + 1) + cnt.GetValue(e));
+        for (uint32_t e = 0; e <= experts; e++) offGm.SetValue(e, cnt.GetValue(e));
+        // cnt[e] is now expert e's next free row.
+        for (uint32_t s = 0; s < slots; s++) {
+            const uint32_t e = Expert(s);
+            const int64_t r = cnt.GetValue(e);
+            cnt.SetValue(e, r + 1);
+            rowsGm.SetValue(static_cast<uint64_t>(r), static_cast<int64_t>(s / groups));
+            rwGm.SetValue(static_cast<uint64_t>(r), wGm.GetValue(s));
+            srGm.SetValue(s, r);
+        }
+    }
+
+private:
+    // Gating always yields valid ids; clamping keeps memory safe anyway.
+    __aicore__ inline uint32_t Expert(uint32_t s)
+    {
+        int64_t e = idGm.GetValue(s);
+        if (e < 0) e = 0;
+        if (e >= static_cast<int64_t>(experts)) e = experts - 1;
+        return static_cast<uint32_t>(e);
+    }
+
+    TPipe pipe;
+    TBuf<TPosition::VECCALC> cntBuf;
+    GlobalTensor<float> wGm, rwGm;
+    GlobalTensor<int64_t> idGm, offGm, rowsGm, srGm;
+    uint32_t slots = 0, groups = 0, experts = 0;
+};
+
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR w, GM_ADDR ids, GM_ADDR offsets, GM_ADDR rows, GM_ADDR rowWeight, GM_ADDR slotRow, GM_ADDR workspace, GM_ADDR tiling)
+{
+    REGISTER_TILING_DEFAULT({{TILING}});
+    GET_TILING_DATA(t, tiling);
+    {{CLASS}} op;
+    op.Init(w, ids, offsets, rows, rowWeight, slotRow, t);
+    op.Process();
+}
+"#;
+
+/// `MoeRoute (weights[T, G] f32, ids[T, G] i64, offsets_out[E+1] i64,
+/// rows_out[T*G] i64, row_weight_out[T*G] f32, slot_row_out[T*G] i64)`.
 pub(crate) fn route(ctx: &Ctx) -> Result<DeviceKernels> {
-    missing(ctx)
+    let g = ctx.cdim(0, 1, "groups")?;
+    let e = ctx.cdim(2, 0, "experts + 1")?.saturating_sub(1);
+    if e == 0 {
+        bail!("{}: no experts", ctx.k.name);
+    }
+    let want = [DevType::F32, DevType::I64, DevType::I64, DevType::I64, DevType::F32, DevType::I64];
+    for (i, w) in want.iter().enumerate() {
+        if ctx.dt[i] != *w {
+            bail!("{}: routing argument {i} must be {w} on the device, found {}", ctx.k.name, ctx.dt[i]);
+        }
+    }
+    let slots = ctx.dim(3, 0)?;
+    let entry = ctx.entry("");
+    let up = super::upper_camel(&entry);
+    let src = head(&entry, "MoE dispatch: stable counting sort of the slots by expert.")
+        + &fill(
+            ROUTE,
+            &[("CLASS", format!("Kernel{up}")), ("TILING", format!("{up}Tiling")), ("ENTRY", entry.clone())],
+        );
+    let fields = vec![
+        TilingField::u32("slots", slots),
+        TilingField::u32("groups", TExpr::c(g)),
+        TilingField::u32("experts", TExpr::c(e)),
+    ];
+    let one = TExpr::c(1);
+    let mut dk = vector_kernel(ctx, "", src, fields, &one, r32((e + 1) * 8));
+    dk.params = vec![
+        ctx.param("weights", 0, Role::Input),
+        ctx.param("ids", 1, Role::Input),
+        ctx.param("offsets", 2, Role::Output),
+        ctx.param("rows", 3, Role::Output),
+        ctx.param("row_weight", 4, Role::Output),
+        ctx.param("slot_row", 5, Role::Output),
+    ];
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
 }
+
+const GROUPED: &str = r#"
+using T = {{T}};
+constexpr uint32_t C0 = 32 / sizeof(T);     // fractal width: 16 (f16/bf16), 8 (f32)
+constexpr uint32_t FRAC = 512 / sizeof(T);  // elements per 512-byte fractal
+
+__aicore__ inline uint32_t CeilCube(uint32_t x) { return (x + 15) / 16 * 16; }
+__aicore__ inline uint32_t MinU(uint32_t a, uint32_t b) { return a < b ? a : b; }
+
+// Grouped GEMM: for each expert e, C[r, :] = A[{{AROW}}, :] * W[e]^T for the
+// sorted rows r in offsets[e]..offsets[e+1] (known only on the device). One
+// (expert, baseN column block) per tile; the expert's rows in baseM steps,
+// K accumulated in L0C in baseK steps; f32 out.
+class {{CLASS}} {
+public:
+    __aicore__ inline {{CLASS}}() {}
+    __aicore__ inline void Init(GM_ADDR a, GM_ADDR offsets, {{ROWS_PARAM}}GM_ADDR w, GM_ADDR c, const {{TILING}}& t)
+    {
+        tl = t;
+        nTiles = (t.n + t.baseN - 1) / t.baseN;
+        start = static_cast<uint32_t>(GetBlockIdx()) * t.tilesPerCore;
+        end = MinU(start + t.tilesPerCore, t.tiles);
+        aGm.SetGlobalBuffer((__gm__ T*)a, t.aRows * t.k);
+        offGm.SetGlobalBuffer((__gm__ int64_t*)offsets, t.experts + 1);
+{{ROWS_INIT}}        wGm.SetGlobalBuffer((__gm__ T*)w, t.experts * t.n * t.k);
+        cGm.SetGlobalBuffer((__gm__ float*)c, t.slots * t.n);
+        pipe.InitBuffer(qA1, 2, t.baseM * t.baseK * sizeof(T));
+        pipe.InitBuffer(qB1, 2, t.baseN * t.baseK * sizeof(T));
+        pipe.InitBuffer(qA2, 1, t.baseM * t.baseK * sizeof(T));
+        pipe.InitBuffer(qB2, 1, t.baseN * t.baseK * sizeof(T));
+        pipe.InitBuffer(qCO1, 1, t.baseM * t.baseN * sizeof(float));
+#if __CCE_AICORE__ != 220
+        pipe.InitBuffer(qCO2, 1, t.baseM * t.baseN * sizeof(float));
+#endif
+    }
+    __aicore__ inline void Process()
+    {
+        for (uint32_t tile = start; tile < end; tile++) {
+            const uint32_t e = tile / nTiles;
+            n0 = (tile % nTiles) * tl.baseN;
+            nLen = MinU(tl.baseN, tl.n - n0);
+            wBase = e * tl.n * tl.k;
+            const uint32_t rowEnd = static_cast<uint32_t>(offGm.GetValue(e + 1));
+            for (m0 = static_cast<uint32_t>(offGm.GetValue(e)); m0 < rowEnd; m0 += tl.baseM) {
+                mLen = MinU(tl.baseM, rowEnd - m0);
+                LocalTensor<float> c1 = qCO1.AllocTensor<float>();
+                for (uint32_t k0 = 0; k0 < tl.k; k0 += tl.baseK) {
+                    const uint32_t kLen = MinU(tl.baseK, tl.k - k0);
+                    CopyIn(k0, kLen);
+                    Split(kLen);
+                    Compute(c1, kLen, k0 == 0);
+                }
+                qCO1.EnQue(c1);
+                CopyOut();
+            }
+        }
+    }
+
+private:
+    __aicore__ inline void CopyIn(uint32_t k0, uint32_t kLen)
+    {
+        LocalTensor<T> a1 = qA1.AllocTensor<T>();
+        LocalTensor<T> b1 = qB1.AllocTensor<T>();
+        Nd2NzParams p;
+        p.ndNum = 1;
+        p.dValue = kLen;
+        p.srcNdMatrixStride = 0;
+        p.srcDValue = tl.k;
+        p.dstNzC0Stride = CeilCube(mLen);
+        p.dstNzNStride = 1;
+        p.dstNzMatrixStride = 0;
+{{COPY_A}}        p.nValue = nLen;
+        p.dstNzC0Stride = CeilCube(nLen);
+        DataCopy(b1, wGm[wBase + n0 * tl.k + k0], p);
+        qA1.EnQue(a1);
+        qB1.EnQue(b1);
+    }
+    __aicore__ inline void Split(uint32_t kLen)
+    {
+        LocalTensor<T> a1 = qA1.DeQue<T>();
+        LocalTensor<T> b1 = qB1.DeQue<T>();
+        LocalTensor<T> a2 = qA2.AllocTensor<T>();
+        LocalTensor<T> b2 = qB2.AllocTensor<T>();
+        const uint32_t mBlocks = CeilCube(mLen) / 16, nBlocks = CeilCube(nLen) / 16;
+        const uint32_t kBlocks = (kLen + C0 - 1) / C0;
+        for (uint32_t mb = 0; mb < mBlocks; mb++) {
+            LoadData2DParams p;
+            p.startIndex = mb;
+            p.repeatTimes = kBlocks;
+            p.srcStride = mBlocks;
+            p.ifTranspose = false;
+            LoadData(a2[mb * kBlocks * FRAC], a1, p);
+        }
+        LoadData2DParams q;
+        q.startIndex = 0;
+        q.repeatTimes = kBlocks * nBlocks;
+        q.srcStride = 1;
+        q.ifTranspose = false;
+        LoadData(b2, b1, q);
+        qA1.FreeTensor(a1);
+        qB1.FreeTensor(b1);
+        qA2.EnQue(a2);
+        qB2.EnQue(b2);
+    }
+    __aicore__ inline void Compute(LocalTensor<float>& c1, uint32_t kLen, bool first)
+    {
+        LocalTensor<T> a2 = qA2.DeQue<T>();
+        LocalTensor<T> b2 = qB2.DeQue<T>();
+        MmadParams p;
+        p.m = mLen;
+        p.n = nLen;
+        p.k = kLen;
+        p.cmatrixInitVal = first;
+        Mmad(c1, a2, b2, p);
+        qA2.FreeTensor(a2);
+        qB2.FreeTensor(b2);
+    }
+    __aicore__ inline void CopyOut()
+    {
+        LocalTensor<float> c1 = qCO1.DeQue<float>();
+#if __CCE_AICORE__ == 220
+        FixpipeParamsV220 f;
+        f.nSize = nLen;
+        f.mSize = mLen;
+        f.srcStride = CeilCube(mLen);
+        f.dstStride = tl.n;
+        f.ndNum = 1;
+        f.srcNdStride = 0;
+        f.dstNdStride = 0;
+        f.quantPre = QuantMode_t::NoQuant;
+        Fixpipe(cGm[m0 * tl.n + n0], c1, f);
+        qCO1.FreeTensor(c1);
+#else
+        // L0C -> UB (16x16 fractals), then one strided copy per 16-column block.
+        const uint32_t mBlocks = CeilCube(mLen) / 16, nBlocks = CeilCube(nLen) / 16;
+        LocalTensor<float> c2 = qCO2.AllocTensor<float>();
+        DataCopyParams p;
+        p.blockCount = 1;
+        p.blockLen = mBlocks * nBlocks;
+        DataCopyEnhancedParams e;
+        e.blockMode = BlockMode::BLOCK_MODE_MATRIX;
+        DataCopy(c2, c1, p, e);
+        qCO1.FreeTensor(c1);
+        qCO2.EnQue(c2);
+        c2 = qCO2.DeQue<float>();
+        for (uint32_t nb = 0; nb < nBlocks; nb++) {
+            DataCopyParams q;
+            q.blockCount = mLen;
+            q.blockLen = 16 * sizeof(float) / 32;
+            q.srcStride = 0;
+            q.dstStride = (tl.n - 16) * sizeof(float) / 32;
+            DataCopy(cGm[m0 * tl.n + n0 + nb * 16], c2[nb * mBlocks * 256], q);
+        }
+        qCO2.FreeTensor(c2);
+#endif
+    }
+
+    TPipe pipe;
+    TQue<TPosition::A1, 2> qA1;
+    TQue<TPosition::B1, 2> qB1;
+    TQue<TPosition::A2, 1> qA2;
+    TQue<TPosition::B2, 1> qB2;
+    TQue<TPosition::CO1, 1> qCO1;
+#if __CCE_AICORE__ != 220
+    TQue<TPosition::CO2, 1> qCO2;
+#endif
+    GlobalTensor<T> aGm, wGm;
+    GlobalTensor<int64_t> offGm{{ROWS_MEMBER}};
+    GlobalTensor<float> cGm;
+    {{TILING}} tl;
+    uint32_t start = 0, end = 0, nTiles = 1, wBase = 0, m0 = 0, n0 = 0, mLen = 0, nLen = 0;
+};
+
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR a, GM_ADDR offsets, {{ROWS_PARAM}}GM_ADDR w, GM_ADDR c, GM_ADDR workspace, GM_ADDR tiling)
+{
+    REGISTER_TILING_DEFAULT({{TILING}});
+    GET_TILING_DATA(t, tiling);
+    {{CLASS}} op;
+    op.Init(a, offsets, {{ROWS_ARG}}w, c, t);
+    op.Process();
+}
+"#;
+
+/// A's rows gathered through `rows[]`: one ND->NZ copy per row, each into
+/// its row of the NZ fractal column (element (i, c) of the tile lands at
+/// `(c / C0) * ceil16(mLen) * C0 + i * C0 + c % C0`).
+const COPY_A_GATHER: &str = "        p.nValue = 1;
+        for (uint32_t i = 0; i < mLen; i++) {
+            const uint64_t row = static_cast<uint64_t>(rowsGm.GetValue(m0 + i));
+            DataCopy(a1[i * C0], aGm[row * tl.k + k0], p);
+        }
+";
+const COPY_A_DENSE: &str = "        p.nValue = mLen;
+        DataCopy(a1, aGm[m0 * tl.k + k0], p);
+";
+
+/// Grouped cube kernel + its vector epilogue. `gather`: MoeGateUp (A rows
+/// through `rows`, SwiGLU); else MoeDown (A rows in sorted order, row weight).
+fn grouped(ctx: &Ctx, gather: bool) -> Result<DeviceKernels> {
+    let what = if gather { "gate/up" } else { "down" };
+    let (e, n_w, k) = (ctx.cdim(3, 0, "experts")?, ctx.cdim(3, 1, "weight rows")?, ctx.cdim(3, 2, "K")?);
+    let n_out = ctx.cdim(4, 1, "output width")?;
+    if gather && n_w != 2 * n_out || !gather && n_w != n_out {
+        bail!("{}: {what} weight rows {n_w} do not match the output width {n_out}", ctx.k.name);
+    }
+    if ctx.cdim(1, 0, "experts + 1")? != e + 1 {
+        bail!("{}: offsets must have experts + 1 entries", ctx.k.name);
+    }
+    let t = ctx.dt[0];
+    if ctx.dt[3] != t {
+        bail!("{}: expert weight dtype {} differs from the activation dtype {t}", ctx.k.name, ctx.dt[3]);
+    }
+    if ctx.dt[1] != DevType::I64 || (gather && ctx.dt[2] != DevType::I64) {
+        bail!("{}: offsets and rows must be i64", ctx.k.name);
+    }
+    if !gather && ctx.dt[2] != DevType::F32 {
+        bail!("{}: row weights must be f32 on the device", ctx.k.name);
+    }
+    if !n_w.is_multiple_of(16) || !k.is_multiple_of(16) {
+        bail!("{}: cannot be tiled: expert matmul N = {n_w} and K = {k} must be multiples of 16 (cube fractals)", ctx.k.name);
+    }
+    let target = ctx.target();
+    let base = BaseTile::for_type(t);
+    let slots = ctx.dim(4, 0)?;
+    let a_rows = ctx.dim(0, 0)?;
+    let entry = ctx.entry("_cube");
+    let up = super::upper_camel(&entry);
+    let on = |c: bool, s: &str| if c { s.to_string() } else { String::new() };
+    let src = head(&entry, &format!("Grouped cube GEMM (MoE {what}): C = A * W[e]^T per expert, f32 out."))
+        + &fill(
+            GROUPED,
+            &[
+                ("T", t.cpp().into()),
+                ("AROW", if gather { "rows[r]" } else { "r" }.into()),
+                ("ROWS_PARAM", on(gather, "GM_ADDR rows, ")),
+                ("ROWS_ARG", on(gather, "rows, ")),
+                ("ROWS_INIT", on(gather, "        rowsGm.SetGlobalBuffer((__gm__ int64_t*)rows, t.slots);\n")),
+                ("ROWS_MEMBER", on(gather, ", rowsGm")),
+                ("COPY_A", if gather { COPY_A_GATHER } else { COPY_A_DENSE }.into()),
+                ("CLASS", format!("Kernel{up}")),
+                ("TILING", format!("{up}Tiling")),
+                ("ENTRY", entry.clone()),
+            ],
+        );
+    let tiles = TExpr::c(e * n_w.div_ceil(base.n));
+    let fields = vec![
+        TilingField::u32("tiles", tiles.clone()),
+        TilingField::u32("tilesPerCore", TExpr::per_core(&tiles)),
+        TilingField::u32("experts", TExpr::c(e)),
+        TilingField::u32("slots", slots.clone()),
+        TilingField::u32("aRows", a_rows),
+        TilingField::u32("n", TExpr::c(n_w)),
+        TilingField::u32("k", TExpr::c(k)),
+        TilingField::u32("baseM", TExpr::c(base.m)),
+        TilingField::u32("baseN", TExpr::c(base.n)),
+        TilingField::u32("baseK", TExpr::c(base.k)),
+    ];
+    let c_param = |role| Param { name: "c".into(), dtype: DevType::F32, role, arg: ArgRef::Temp(0) };
+    let mut params = vec![ctx.param(if gather { "x" } else { "act" }, 0, Role::Input), ctx.param("offsets", 1, Role::Input)];
+    if gather {
+        params.push(ctx.param("rows", 2, Role::Input));
+    }
+    params.push(ctx.param("w", 3, Role::Input));
+    params.push(c_param(Role::Output));
+    let cube = DeviceKernel {
+        op_type: up.clone(),
+        tiling_struct: format!("{up}Tiling"),
+        entry,
+        core: CoreType::Cube,
+        source: src,
+        fields,
+        block_dim: TExpr::block_dim(&tiles),
+        params,
+        mem: base.mem(t, target),
+    };
+    let temp = TempBuf {
+        name: format!("{}.c", ctx.k.name),
+        dtype: DevType::F32,
+        shape: vec![slots.clone(), TExpr::c(n_w)],
+        elems: slots.clone().times(TExpr::c(n_w)),
+    };
+    let mut eparams = vec![c_param(Role::Input)];
+    if !gather {
+        eparams.push(ctx.param("row_weight", 2, Role::Input));
+    }
+    eparams.push(ctx.param("y", 4, Role::Output));
+    let epi = epilogue_kernel(
+        ctx,
+        EpilogueSpec {
+            entry: ctx.entry("_epilogue"),
+            ep: if gather { Epilogue::SwiGlu } else { Epilogue::None },
+            row_scale: !gather,
+            t: ctx.dt[4],
+            bias_t: None,
+            rows: slots,
+            n: n_out,
+            params: eparams,
+        },
+    )?;
+    Ok(DeviceKernels { kernels: vec![cube, epi], temps: vec![temp] })
+}
+
+/// `MoeGateUp (x[T, H], offsets[E+1], rows[T*G], w_gate_up[E, 2I, H], act_out[T*G, I])`;
+/// on the device the weight is row-major `[E, 2I, H]`, gate rows first.
 pub(crate) fn gate_up(ctx: &Ctx) -> Result<DeviceKernels> {
-    missing(ctx)
+    grouped(ctx, true)
 }
+
+/// `MoeDown (act[T*G, I], offsets[E+1], row_weight[T*G], w_down[E, H, I], ys_out[T*G, H])`;
+/// on the device the weight is row-major `[E, H, I]`.
 pub(crate) fn down(ctx: &Ctx) -> Result<DeviceKernels> {
-    missing(ctx)
+    grouped(ctx, false)
 }
-pub(crate) fn combine(ctx: &Ctx, _shared_residual: bool) -> Result<DeviceKernels> {
-    missing(ctx)
+
+const COMBINE: &str = r#"
+using T = {{T}};
+
+// One token per tile: routed = sum over g (in group order) of ys[slotRow[t*G+g]],
+// then {{WHAT}}; f32 accumulation.
+class {{CLASS}} {
+public:
+    __aicore__ inline {{CLASS}}() {}
+    __aicore__ inline void Init(GM_ADDR ys, GM_ADDR slotRow, {{EXTRA_PARAM}}GM_ADDR out, const {{TILING}}& t)
+    {
+        h = t.hidden;
+        groups = t.groups;
+{{RANGE}}
+        ysGm.SetGlobalBuffer((__gm__ T*)ys, t.tiles * groups * h);
+        srGm.SetGlobalBuffer((__gm__ int64_t*)slotRow, t.tiles * groups);
+        outGm.SetGlobalBuffer((__gm__ T*)out, t.tiles * h);
+{{EXTRA_INIT}}        pipe.InitBuffer(inQ, 2, h * sizeof(T));
+        pipe.InitBuffer(outQ, 2, h * sizeof(T));
+        pipe.InitBuffer(accBuf, h * sizeof(float));
+        pipe.InitBuffer(tmpBuf, h * sizeof(float));
+    }
+    __aicore__ inline void Process()
+    {
+        LocalTensor<float> acc = accBuf.Get<float>();
+        LocalTensor<float> tmp = tmpBuf.Get<float>();
+        for (uint32_t tok = start; tok < end; tok++) {
+            for (uint32_t g = 0; g < groups; g++) {
+                const uint64_t r = static_cast<uint64_t>(srGm.GetValue(tok * groups + g));
+                Load(ysGm, r * h);
+                LocalTensor<T> x = inQ.DeQue<T>();
+                if (g == 0) {
+                    ToFloat(acc, x, h);
+                } else {
+                    ToFloat(tmp, x, h);
+                    PipeBarrier<PIPE_V>();
+                    Add(acc, acc, tmp, h);
+                }
+                inQ.FreeTensor(x);
+                PipeBarrier<PIPE_V>();
+            }
+{{EXTRA_COMPUTE}}            LocalTensor<T> y = outQ.AllocTensor<T>();
+            FromFloat(y, acc, h);
+            outQ.EnQue(y);
+            y = outQ.DeQue<T>();
+            DataCopy(outGm[tok * h], y, h);
+            outQ.FreeTensor(y);
+        }
+    }
+
+private:
+    __aicore__ inline void Load(const GlobalTensor<T>& g, uint64_t off)
+    {
+        LocalTensor<T> x = inQ.AllocTensor<T>();
+        DataCopy(x, g[off], h);
+        inQ.EnQue(x);
+    }
+    // acc = lhs ? tmp + acc : acc + tmp, with tmp = row `tok` of g in f32.
+    __aicore__ inline void AddRow(const GlobalTensor<T>& g, uint32_t tok, bool lhs)
+    {
+        LocalTensor<float> acc = accBuf.Get<float>();
+        LocalTensor<float> tmp = tmpBuf.Get<float>();
+        Load(g, static_cast<uint64_t>(tok) * h);
+        LocalTensor<T> x = inQ.DeQue<T>();
+        ToFloat(tmp, x, h);
+        inQ.FreeTensor(x);
+        PipeBarrier<PIPE_V>();
+        if (lhs) {
+            Add(acc, tmp, acc, h);
+        } else {
+            Add(acc, acc, tmp, h);
+        }
+        PipeBarrier<PIPE_V>();
+    }
+
+    TPipe pipe;
+    TQue<TPosition::VECIN, 2> inQ;
+    TQue<TPosition::VECOUT, 2> outQ;
+    TBuf<TPosition::VECCALC> accBuf, tmpBuf;
+    GlobalTensor<T> ysGm, outGm{{EXTRA_MEMBERS}};
+    GlobalTensor<int64_t> srGm;
+    uint32_t h = 0, groups = 0, start = 0, end = 0;
+};
+
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR ys, GM_ADDR slotRow, {{EXTRA_PARAM}}GM_ADDR out, GM_ADDR workspace, GM_ADDR tiling)
+{
+    REGISTER_TILING_DEFAULT({{TILING}});
+    GET_TILING_DATA(t, tiling);
+    {{CLASS}} op;
+    op.Init(ys, slotRow, {{EXTRA_ARG}}out, t);
+    op.Process();
+}
+"#;
+
+/// `MoeCombine (ys[T*G, H], slot_row[T*G] i64, [shared[T, H], residual[T, H]], out[T, H])`.
+pub(crate) fn combine(ctx: &Ctx, shared_residual: bool) -> Result<DeviceKernels> {
+    let out = ctx.k.args.len() - 1;
+    if out != if shared_residual { 4 } else { 2 } {
+        bail!("{}: MoeCombine takes {} arguments", ctx.k.name, if shared_residual { 5 } else { 3 });
+    }
+    let h = ctx.cdim(out, 1, "hidden size")?;
+    let g = per_token(ctx, 0, 0)?;
+    let t = ctx.dt[out];
+    if ctx.dt[0] != t || ctx.dt[1] != DevType::I64 || (shared_residual && (ctx.dt[2] != t || ctx.dt[3] != t)) {
+        bail!("{}: ys, shared, residual and out must share one dtype; slot_row is i64", ctx.k.name);
+    }
+    need_aligned(ctx, "a hidden row", h, t)?;
+    let tiles = ctx.dim(out, 0)?;
+    let entry = ctx.entry("");
+    let up = super::upper_camel(&entry);
+    let on = |s: &str| if shared_residual { s.to_string() } else { String::new() };
+    let src = head(&entry, "MoE combine: per-token sum of the expert rows in group order.")
+        + PRELUDE
+        + &fill(
+            COMBINE,
+            &[
+                ("T", t.cpp().into()),
+                ("WHAT", if shared_residual { "out = residual + (routed + shared)" } else { "out = routed" }.into()),
+                ("EXTRA_PARAM", on("GM_ADDR shared, GM_ADDR residual, ")),
+                ("EXTRA_ARG", on("shared, residual, ")),
+                (
+                    "EXTRA_INIT",
+                    on("        shGm.SetGlobalBuffer((__gm__ T*)shared, t.tiles * h);\n        resGm.SetGlobalBuffer((__gm__ T*)residual, t.tiles * h);\n"),
+                ),
+                ("EXTRA_COMPUTE", on("            AddRow(shGm, tok, false);\n            AddRow(resGm, tok, true);\n")),
+                ("EXTRA_MEMBERS", on(", shGm, resGm")),
+                ("RANGE", RANGE.into()),
+                ("CLASS", format!("Kernel{up}")),
+                ("TILING", format!("{up}Tiling")),
+                ("ENTRY", entry.clone()),
+            ],
+        );
+    let mut fields = tiles_fields(&tiles);
+    fields.push(TilingField::u32("hidden", TExpr::c(h)));
+    fields.push(TilingField::u32("groups", TExpr::c(g)));
+    let ub = 4 * r32(h * t.size()) + 2 * r32(h * 4);
+    let mut dk = vector_kernel(ctx, "", src, fields, &tiles, ub);
+    dk.params = vec![ctx.param("ys", 0, Role::Input), ctx.param("slot_row", 1, Role::Input)];
+    if shared_residual {
+        dk.params.push(ctx.param("shared", 2, Role::Input));
+        dk.params.push(ctx.param("residual", 3, Role::Input));
+    }
+    dk.params.push(ctx.param("out", out, Role::Output));
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
 }

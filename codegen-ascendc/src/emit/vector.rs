@@ -42,7 +42,7 @@ __aicore__ inline void FromFloat<float>(const LocalTensor<float>& d, const Local
 
 /// The row of `n` elements of `t` must be whole 32-byte blocks (DataCopy
 /// moves whole blocks; these kernels do not pad rows).
-fn need_aligned(ctx: &Ctx, what: &str, n: u64, t: DevType) -> Result<()> {
+pub(crate) fn need_aligned(ctx: &Ctx, what: &str, n: u64, t: DevType) -> Result<()> {
     if !(n * t.size()).is_multiple_of(32) {
         bail!(
             "{}: cannot be tiled: {what} of {n} {t} elements ({} bytes) is not a multiple of 32 bytes",
@@ -53,11 +53,11 @@ fn need_aligned(ctx: &Ctx, what: &str, n: u64, t: DevType) -> Result<()> {
     Ok(())
 }
 
-fn tiles_fields(tiles: &TExpr) -> Vec<TilingField> {
+pub(crate) fn tiles_fields(tiles: &TExpr) -> Vec<TilingField> {
     vec![TilingField::u32("tiles", tiles.clone()), TilingField::u32("tilesPerCore", TExpr::per_core(tiles))]
 }
 
-fn vector_kernel(
+pub(crate) fn vector_kernel(
     ctx: &Ctx,
     suffix: &str,
     source: String,
@@ -80,7 +80,7 @@ fn vector_kernel(
 }
 
 /// Work range of this block (after `t` is read).
-const RANGE: &str = "        start = static_cast<uint32_t>(GetBlockIdx()) * t.tilesPerCore;
+pub(crate) const RANGE: &str = "        start = static_cast<uint32_t>(GetBlockIdx()) * t.tilesPerCore;
         end = MinU(start + t.tilesPerCore, t.tiles);";
 
 const RMS_NORM: &str = r#"

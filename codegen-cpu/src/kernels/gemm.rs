@@ -5,11 +5,12 @@
 //! ([`Layout::Panels`]). One tile is one panel; a register-blocked
 //! micro-kernel computes `MR x nr` outputs (6 rows x 16 lanes = 12 AVX2
 //! accumulators) with one broadcast of `a[i][k]` and one `nr`-wide load of
-//! the panel row per k, in f32. Narrow weights (bf16/f16) are widened in
-//! registers; when a panel is reused by more than one row block (prefill)
-//! it is first widened once into the thread's scratch. Panels are
-//! contiguous, so a thread's range of panels streams the weight
-//! sequentially (decode is a pure weight stream).
+//! the panel row per k, in f32. A thread's tile range is walked as runs of
+//! consecutive panels: for one register block of rows (decode) each panel
+//! streams once, widened from bf16/f16 in registers, so the weight is read
+//! sequentially at memory speed; for more rows (prefill) blocks of rows
+//! that fit in L2 sweep the run's panels, each panel widened once per
+//! block into the thread's scratch.
 //!
 //! Generic `MatMul` (activation x activation, e.g. attention in unfused
 //! graphs) accumulates in the reference's order and matches it exactly.
@@ -100,18 +101,36 @@ impl<'c> Micro<'c> {
     }
 }
 
-/// Per-row output callback: `(cg, row, tile vector)`.
-type RowStore<'a, 'c> = &'a dyn Fn(&mut Cg<'c>, IntValue<'c>, VectorValue<'c>) -> Result<()>;
+/// Per-row output callback: `(cg, panel, row, tile vector)`.
+type RowStore<'a, 'c> = &'a dyn Fn(&mut Cg<'c>, IntValue<'c>, IntValue<'c>, VectorValue<'c>) -> Result<()>;
 /// Row pointer callback (pointer to the row's first element, any type).
 type RowPtr<'a, 'c> = &'a dyn Fn(&Cg<'c>, IntValue<'c>) -> PointerValue<'c>;
+/// Panel pointer callback (first element of panel `p`, weight dtype).
+type PanelPtr<'a, 'c> = &'a dyn Fn(&Cg<'c>, IntValue<'c>) -> PointerValue<'c>;
 
-/// `m` rows against one panel: row blocks of MR through the micro-kernels,
-/// each block's tile handed to `store` row by row.
-fn panel_rows<'c>(
+/// Bytes of A rows kept in L2 while a row block sweeps several panels.
+const A_BLOCK_BYTES: usize = 256 * 1024;
+
+/// Rows per M block: as many whole register blocks as fit `A_BLOCK_BYTES`.
+fn rows_per_block(k: usize, a_dtype: DType) -> usize {
+    let rows = A_BLOCK_BYTES / (k * a_dtype.size_bytes()).max(1);
+    if let Ok(v) = std::env::var("PANGUC_TMP_MC") { return v.parse().unwrap(); }
+    (rows / MR).clamp(1, 32) * MR
+}
+
+/// `rows` rows of A against panels `p_lo..p_hi`, each output tile handed
+/// to `store`. With a single register block (decode) each panel streams
+/// once in its stored dtype. With more rows, M blocks that fit in L2 sweep
+/// the panels, so A is reused from L2 and each panel from L1/L2; narrow
+/// panels are widened once per (M block, panel) into scratch.
+#[allow(clippy::too_many_arguments)]
+fn panel_run<'c>(
     cg: &mut Cg<'c>,
     mk: &Micro<'c>,
+    a_dtype: DType,
     m: IntValue<'c>,
-    panel: PointerValue<'c>,
+    (p_lo, p_hi): (IntValue<'c>, IntValue<'c>),
+    panel: PanelPtr<'_, 'c>,
     a_row: RowPtr<'_, 'c>,
     store: RowStore<'_, 'c>,
 ) -> Result<()> {
@@ -119,50 +138,84 @@ fn panel_rows<'c>(
     let rows = cg.b.build_pointer_cast(rows, cg.i8p().ptr_type(AddressSpace::default()), "").ok_();
     let tile = cg.alloca(cg.f32t().array_type(MR as u32 * mk.nr), "tile");
     let tile = cg.b.build_pointer_cast(tile, cg.f32t().ptr_type(AddressSpace::default()), "").ok_();
-    let blocks = |cg: &mut Cg<'c>, fns: &[FunctionValue<'c>], panel: PointerValue<'c>| -> Result<()> {
-        let panel8 = cg.b.build_pointer_cast(panel, cg.i8p(), "").ok_();
-        cg.for_range(cg.i64c(0), m, MR as i64, |cg, m0| {
-            let mr = cg.min(cg.i64c(MR as i64), cg.sub(m, m0));
+    // Row blocks m0..m1 of one panel through the micro-kernels.
+    let blocks = |cg: &mut Cg<'c>, fns: &[FunctionValue<'c>], p: IntValue<'c>, src: PointerValue<'c>, m0: IntValue<'c>, m1: IntValue<'c>| -> Result<()> {
+        let src8 = cg.b.build_pointer_cast(src, cg.i8p(), "").ok_();
+        cg.for_range(m0, m1, MR as i64, |cg, r0| {
+            let mr = cg.min(cg.i64c(MR as i64), cg.sub(m1, r0));
             for i in 0..MR {
                 // Rows past the end repeat the last valid row (never stored).
-                let r = cg.min(cg.add(m0, cg.i64c(i as i64)), cg.sub(m, cg.i64c(1)));
-                let p = cg.b.build_pointer_cast(a_row(cg, r), cg.i8p(), "").ok_();
-                cg.store_v(cg.gep(rows, cg.i64c(i as i64)), p);
+                let r = cg.min(cg.add(r0, cg.i64c(i as i64)), cg.sub(m1, cg.i64c(1)));
+                let ptr = cg.b.build_pointer_cast(a_row(cg, r), cg.i8p(), "").ok_();
+                cg.store_v(cg.gep(rows, cg.i64c(i as i64)), ptr);
             }
             for (c, f) in fns.iter().enumerate() {
                 let is = cg.eq(mr, cg.i64c(c as i64 + 1));
                 cg.if_then(is, |cg| {
-                    cg.b.build_call(*f, &[rows.into(), panel8.into(), tile.into()], "").ok_();
+                    cg.b.build_call(*f, &[rows.into(), src8.into(), tile.into()], "").ok_();
                     Ok(())
                 })?;
             }
             cg.for_range(cg.i64c(0), mr, 1, |cg, i| {
                 let v = cg.load_vec(tile, cg.mul(i, cg.i64c(mk.nr as i64)), DType::F32, mk.nr);
-                store(cg, cg.add(m0, i), v)
+                store(cg, p, cg.add(r0, i), v)
             })
         })
     };
-    match &mk.widened {
-        None => blocks(cg, &mk.native, panel),
-        Some(wide) => {
-            let reused = cg.lt(cg.i64c(MR as i64), m);
-            cg.if_else(
-                reused,
-                |cg| {
-                    let scratch = cg.cast_ptr(cg.scratch.expect("kernel"), DType::F32);
-                    let nr = cg.i64c(mk.nr as i64);
-                    cg.for_range(cg.i64c(0), cg.i64c(mk.k as i64), 1, |cg, kk| {
-                        let at = cg.mul(kk, nr);
-                        let v = cg.load_vec(panel, at, mk.b_dtype, mk.nr);
-                        cg.store_vec(scratch, at, DType::F32, v);
-                        Ok(())
-                    })?;
-                    blocks(cg, wide, scratch)
-                },
-                |cg| blocks(cg, &mk.native, panel),
-            )
-        }
-    }
+    let single = cg.le(m, cg.i64c(MR as i64));
+    cg.if_else(
+        single,
+        |cg| {
+            cg.for_range(p_lo, p_hi, 1, |cg, p| {
+                let src = panel(cg, p);
+                blocks(cg, &mk.native, p, src, cg.i64c(0), m)
+            })
+        },
+        |cg| {
+            let mc = cg.i64c(rows_per_block(mk.k, a_dtype) as i64);
+            cg.for_range(cg.i64c(0), m, rows_per_block(mk.k, a_dtype) as i64, |cg, m0| {
+                let m1 = cg.min(m, cg.add(m0, mc));
+                cg.for_range(p_lo, p_hi, 1, |cg, p| {
+                    let src = panel(cg, p);
+                    match &mk.widened {
+                        None => blocks(cg, &mk.native, p, src, m0, m1),
+                        Some(wide) => {
+                            let scratch = cg.cast_ptr(cg.scratch.expect("kernel"), DType::F32);
+                            let nr = cg.i64c(mk.nr as i64);
+                            cg.for_range(cg.i64c(0), cg.i64c(mk.k as i64), 1, |cg, kk| {
+                                let at = cg.mul(kk, nr);
+                                let v = cg.load_vec(src, at, mk.b_dtype, mk.nr);
+                                cg.store_vec(scratch, at, DType::F32, v);
+                                Ok(())
+                            })?;
+                            blocks(cg, wide, p, scratch, m0, m1)
+                        }
+                    }
+                })
+            })
+        },
+    )
+}
+
+/// Split the tile range `begin..end` of a kernel with `panels` panels per
+/// batch entry into runs of consecutive panels of one batch entry:
+/// `body(batch, p_lo, p_hi)`.
+fn panel_runs<'c>(
+    cg: &mut Cg<'c>,
+    panels: usize,
+    body: impl Fn(&mut Cg<'c>, IntValue<'c>, IntValue<'c>, IntValue<'c>) -> Result<()>,
+) -> Result<()> {
+    let (begin, end) = (cg.begin.expect("kernel"), cg.end.expect("kernel"));
+    let pc = cg.i64c(panels as i64);
+    // Runs start at `begin` and at every batch boundary after it.
+    let first = cg.div(begin, pc);
+    let last = cg.div(cg.sub(end, cg.i64c(1)), pc);
+    cg.for_range(first, cg.add(last, cg.i64c(1)), 1, |cg, bi| {
+        let base = cg.mul(bi, pc);
+        let lo = cg.sub(cg.max(begin, base), base);
+        let hi = cg.sub(cg.min(end, cg.add(base, pc)), base);
+        body(cg, bi, lo, hi)
+    })
 }
 
 /// Store lanes `0..width` of `v` at `out[at..]`, only those below `valid`
@@ -251,20 +304,18 @@ pub(crate) fn gemm<'c>(cg: &mut Cg<'c>, k: &Kernel, epilogue: Epilogue) -> Resul
     let (ap, wp, op) = (cg.arg(0, a.dtype), cg.arg(1, w.dtype), cg.arg(k.args.len() - 1, out.dtype));
     let bp = bias.map(|b| cg.arg(2, b.dtype));
     let (pc, kc, nc) = (cg.i64c(panels as i64), cg.i64c(kdim as i64), cg.i64c(n as i64));
-    cg.for_tiles(|cg, t| {
-        let (bi, p) = (cg.div(t, pc), cg.rem(t, pc));
+    panel_runs(cg, panels, |cg, bi, p_lo, p_hi| {
         let idx = cg.unravel(bi, &od[..r - 2]);
         let a_mat = batch_index(cg, &a.shape[..ra - 2], &idx)?;
         let w_mat = batch_index(cg, w_batch, &idx)?;
         let a_base = cg.mul(cg.mul(a_mat, m), kc);
         let o_base = cg.mul(cg.mul(bi, m), nc);
-        let panel_at = cg.mul(cg.add(cg.mul(w_mat, pc), p), cg.i64c((kdim * nr as usize) as i64));
-        let panel = cg.gep(wp, panel_at);
-        let col = cg.mul(p, cg.i64c(width as i64));
-        let valid = cg.sub(nc, col);
+        let panel = |cg: &Cg<'c>, p: IntValue<'c>| {
+            cg.gep(wp, cg.mul(cg.add(cg.mul(w_mat, pc), p), cg.i64c((kdim * nr as usize) as i64)))
+        };
         let a_row = |cg: &Cg<'c>, row: IntValue<'c>| cg.gep(ap, cg.add(a_base, cg.mul(row, kc)));
-        let a_row: RowPtr = &a_row;
-        let store = |cg: &mut Cg<'c>, row: IntValue<'c>, v: VectorValue<'c>| -> Result<()> {
+        let store = |cg: &mut Cg<'c>, p: IntValue<'c>, row: IntValue<'c>, v: VectorValue<'c>| -> Result<()> {
+            let col = cg.mul(p, cg.i64c(width as i64));
             let v = match epilogue {
                 Epilogue::None => v,
                 Epilogue::SwiGlu => swiglu(cg, v, nr),
@@ -283,9 +334,9 @@ pub(crate) fn gemm<'c>(cg: &mut Cg<'c>, k: &Kernel, epilogue: Epilogue) -> Resul
                 }
             };
             let at = cg.add(cg.add(o_base, cg.mul(row, nc)), col);
-            store_lanes(cg, (op, out.dtype), at, v, width, valid)
+            store_lanes(cg, (op, out.dtype), at, v, width, cg.sub(nc, col))
         };
-        panel_rows(cg, &mk, m, panel, a_row, &store)
+        panel_run(cg, &mk, a.dtype, m, (p_lo, p_hi), &panel, &a_row, &store)
     })?;
     cg.finish_kernel();
     Ok(())
@@ -322,20 +373,19 @@ pub(crate) fn grouped<'c>(cg: &mut Cg<'c>, k: &Kernel, down: bool) -> Result<()>
     // MoeGateUp reads x rows through `rows`; MoeDown scales by row weight.
     let aux = if down { cg.arg(2, DType::F32) } else { cg.arg(2, DType::I64) };
     let (pc, kc, nc) = (cg.i64c(panels as i64), cg.i64c(g.kdim as i64), cg.i64c(g.n as i64));
-    cg.for_tiles(|cg, t| {
-        let (e, p) = (cg.div(t, pc), cg.rem(t, pc));
+    panel_runs(cg, panels, |cg, e, p_lo, p_hi| {
         let r0 = cg.load_i(offp, e);
         let count = cg.sub(cg.load_i(offp, cg.add(e, cg.i64c(1))), r0);
         cg.if_then(cg.lt(cg.i64c(0), count), |cg| {
-            let panel_at = cg.mul(cg.add(cg.mul(e, pc), p), cg.i64c((g.kdim * g.nr as usize) as i64));
-            let panel = cg.gep(wp, panel_at);
-            let col = cg.mul(p, cg.i64c(g.width as i64));
-            let valid = cg.sub(nc, col);
+            let panel = |cg: &Cg<'c>, p: IntValue<'c>| {
+                cg.gep(wp, cg.mul(cg.add(cg.mul(e, pc), p), cg.i64c((g.kdim * g.nr as usize) as i64)))
+            };
             let a_row = |cg: &Cg<'c>, m: IntValue<'c>| {
                 let src = if down { cg.add(r0, m) } else { cg.load_i(aux, cg.add(r0, m)) };
                 cg.gep(ap, cg.mul(src, kc))
             };
-            let store = |cg: &mut Cg<'c>, m: IntValue<'c>, v: VectorValue<'c>| -> Result<()> {
+            let store = |cg: &mut Cg<'c>, p: IntValue<'c>, m: IntValue<'c>, v: VectorValue<'c>| -> Result<()> {
+                let col = cg.mul(p, cg.i64c(g.width as i64));
                 let row = cg.add(r0, m);
                 let v = if down {
                     let s = cg.splat(cg.load_f(aux, row, DType::F32), g.nr);
@@ -344,9 +394,9 @@ pub(crate) fn grouped<'c>(cg: &mut Cg<'c>, k: &Kernel, down: bool) -> Result<()>
                     swiglu(cg, v, g.nr)
                 };
                 let at = cg.add(cg.mul(row, nc), col);
-                store_lanes(cg, (op, out.dtype), at, v, g.width, valid)
+                store_lanes(cg, (op, out.dtype), at, v, g.width, cg.sub(nc, col))
             };
-            panel_rows(cg, &mk, count, panel, &a_row, &store)
+            panel_run(cg, &mk, a.dtype, count, (p_lo, p_hi), &panel, &a_row, &store)
         })
     })?;
     cg.finish_kernel();

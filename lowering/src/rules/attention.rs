@@ -223,7 +223,8 @@ mod tests {
         g.output(o);
         g.output(kall);
         g.output(vall);
-        let r = check_rule_at(g, &["matmul-bias", "merge-qkv", "rope", "qkv-rope", "flash-attention"], &[(3, 0), (1, 4)]);
+        let r =
+            check_rule_at(g, &["matmul-bias", "merge-qkv", "rope", "qkv-rope", "flash-attention"], &[(3, 0), (1, 4)]);
         assert_eq!(r.count_op("qkv_rope"), 1, "{}", r.text);
         assert_eq!(r.count_op("flash_attention"), 1, "{}", r.text);
         // qkv_rope + flash_attention + the two rope tables.

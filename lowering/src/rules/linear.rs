@@ -18,12 +18,7 @@ pub fn rules() -> Vec<Rule> {
             "?q = (matmul_bias ?t ?x ?wq ?bq), ?k = (matmul_bias ?t ?x ?wk ?bk), ?v = (matmul_bias ?t ?x ?wv ?bv)",
             merge_qkv,
         ),
-        Rule::patterns(
-            "swiglu",
-            "(g * sigmoid(g)) * u  ->  swiglu(g, u)",
-            &["(mul (mul ?g (sigmoid ?g)) ?u)"],
-            swiglu,
-        ),
+        Rule::patterns("swiglu", "(g * sigmoid(g)) * u  ->  swiglu(g, u)", &["(mul (mul ?g (sigmoid ?g)) ?u)"], swiglu),
         Rule::patterns(
             "merge-gate-up",
             "swiglu(x w_g^T, x w_u^T)  ->  gate_up_swiglu(x, concat(w_g, w_u))",
@@ -147,7 +142,9 @@ mod tests {
         // guards removed merges every permutation and then merges merged
         // projections again, until the node limit stops it.
         let guarded = saturate_only(qkv_graph(), super::rules().into_iter().filter(|r| r.name != "swiglu").collect());
-        let unguarded = saturate_only(qkv_graph(), vec![
+        let unguarded = saturate_only(
+            qkv_graph(),
+            vec![
             super::rules().remove(0),
             crate::rules::Rule::multi(
                 "merge-qkv-unguarded",
@@ -155,7 +152,8 @@ mod tests {
                 "?q = (matmul_bias ?t ?x ?wq ?bq), ?k = (matmul_bias ?t ?x ?wk ?bk), ?v = (matmul_bias ?t ?x ?wv ?bv)",
                 unguarded_merge,
             ),
-        ]);
+        ],
+        );
         assert_eq!(guarded.1, "saturated");
         assert_ne!(unguarded.1, "saturated", "the unguarded rule never saturates");
         assert!(unguarded.0 > 10 * guarded.0, "unguarded {} e-nodes vs guarded {}", unguarded.0, guarded.0);

@@ -14,8 +14,8 @@ mod linear;
 mod moe;
 mod norm;
 
-use crate::analysis::{infer_node, EG};
 use crate::analysis::TensorAnalysis;
+use crate::analysis::{infer_node, EG};
 use crate::lang::{has_attr_leaf, op_node, OpAttr, TLang};
 use egg::{Applier, Id, MultiPattern, Pattern, PatternAst, Rewrite, Searcher, Subst, Symbol, Var};
 use panguc_ir::{Op, TensorType};
@@ -66,7 +66,8 @@ impl Rule {
         searcher: impl Searcher<TLang, TensorAnalysis> + Send + Sync + 'static,
         apply: ApplyFn,
     ) -> Rule {
-        let rw = Rewrite::new(name, searcher, Fuse { rule: name, apply }).unwrap_or_else(|e| panic!("rule {name}: {e}"));
+        let rw =
+            Rewrite::new(name, searcher, Fuse { rule: name, apply }).unwrap_or_else(|e| panic!("rule {name}: {e}"));
         Rule { name, summary, rewrites: vec![rw] }
     }
 }
@@ -88,6 +89,11 @@ pub fn all_rules() -> Vec<Rule> {
     rules.extend(moe::rules());
     rules.extend(elementwise::rules());
     rules
+}
+
+/// (name, one-line summary) of every rule, for documentation and `--help`.
+pub fn rule_summaries() -> Vec<(&'static str, &'static str)> {
+    all_rules().iter().map(|r| (r.name, r.summary)).collect()
 }
 
 /// The rules named in `names` (all when `None`); an unknown name is an
@@ -123,7 +129,11 @@ impl Applier<TLang, TensorAnalysis> for Fuse {
         for (a, b) in pairs {
             // Safety net: a rule may only equate values of identical type.
             if eg[a].data.tys != eg[b].data.tys {
-                debug_assert!(false, "rule {} tried to merge {:?} with {:?}", self.rule, eg[a].data.tys, eg[b].data.tys);
+                debug_assert!(
+                    false,
+                    "rule {} tried to merge {:?} with {:?}",
+                    self.rule, eg[a].data.tys, eg[b].data.tys
+                );
                 continue;
             }
             if eg.union(a, b) {

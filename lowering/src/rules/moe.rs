@@ -75,7 +75,8 @@ fn grouped_matmul(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
     check(cx.attr(cx.var("?r0"))? == Op::Reduce { op: ReduceOp::Sum, axis: 0, keepdim: false })?;
     check(cx.attr(cx.var("?r1"))? == Op::Reduce { op: ReduceOp::Sum, axis: 1, keepdim: false })?;
     check(cx.attr(cx.var("?tp"))? == Op::Transpose { perm: vec![1, 0] })?;
-    let (x, wg, wu, wd, w, ids) = (cx.var("?x"), cx.var("?wg"), cx.var("?wu"), cx.var("?wd"), cx.var("?w"), cx.var("?ids"));
+    let (x, wg, wu, wd, w, ids) =
+        (cx.var("?x"), cx.var("?wg"), cx.var("?wu"), cx.var("?wd"), cx.var("?w"), cx.var("?ids"));
     check([wg, wu, wd].iter().all(|c| cx.weight_only(*c)) && !cx.weight_only(x))?;
     let (wgt, wdt, routing) = (cx.ty(wg)?, cx.ty(wd)?, cx.ty(w)?);
     check(wgt.rank() == 3 && cx.ty(wu)? == wgt && routing.rank() == 2)?;

@@ -24,7 +24,8 @@ pub fn rules() -> Vec<Rule> {
 fn rmsnorm(cx: &mut Cx) -> Option<Vec<(egg::Id, egg::Id)>> {
     let x = cx.var("?x");
     let last = cx.ty(x)?.rank().checked_sub(1)?;
-    let mean_ok = matches!(cx.attr(cx.var("?m"))?, Op::Reduce { op: ReduceOp::Mean, axis, keepdim: true } if axis == last);
+    let mean_ok =
+        matches!(cx.attr(cx.var("?m"))?, Op::Reduce { op: ReduceOp::Mean, axis, keepdim: true } if axis == last);
     check(mean_ok)?;
     let Op::Scalar { value: eps, dtype } = cx.attr(cx.var("?e"))? else { return None };
     check(dtype.is_float() && eps >= 0.0)?;

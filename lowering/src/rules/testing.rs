@@ -3,7 +3,7 @@
 //! reference interpreter.
 
 use crate::convert::load_function;
-use crate::fuse::{fuse_function, FuseOptions, FunctionStats};
+use crate::fuse::{fuse_function, FunctionStats, FuseOptions};
 use crate::rules::Rule;
 use crate::validate::{compare_once, random_inputs, random_weights, Rng};
 use egg::{Runner, SimpleScheduler};

@@ -20,9 +20,11 @@ pub enum Graph {
     Imported,
     Classic,
     Plan,
+    /// The fusion pipeline of `panguc compile`.
+    Pipeline,
 }
 
-pub const GRAPHS: [Graph; 3] = [Graph::Imported, Graph::Classic, Graph::Plan];
+pub const GRAPHS: [Graph; 4] = [Graph::Imported, Graph::Classic, Graph::Plan, Graph::Pipeline];
 
 pub fn tiny_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-pangu")
@@ -38,14 +40,46 @@ pub fn module(ckpt: &Checkpoint, g: Graph) -> Module {
         Graph::Imported => panguc::commands::import(ckpt).expect("import"),
         Graph::Classic => fused::build(ckpt.config(), fused::Variant::Classic, &dtype_of),
         Graph::Plan => fused::build(ckpt.config(), fused::Variant::Plan, &dtype_of),
+        Graph::Pipeline => {
+            let imported = panguc::commands::import(ckpt).expect("import");
+            let opts = panguc::pipeline::PipelineOptions::default();
+            panguc::pipeline::run_pipeline(ckpt, &imported, 0.0, &opts).expect("fusion pipeline").module
+        }
     }
 }
 
 /// Compile `m` for the CPU into a new directory `out`.
 pub fn compile(ckpt: &Checkpoint, m: &Module, out: &Path) {
     std::fs::create_dir_all(out).unwrap();
-    panguc::package_build::write_cpu_package(out, ckpt, m, &["cpu".to_string()], &serde_json::json!({}))
+    panguc::package_build::write_cpu_package(out, ckpt, m, &["cpu".to_string()], &serde_json::Value::Null)
         .unwrap_or_else(|e| panic!("compiling {}: {e:#}", out.display()));
+}
+
+/// Every file under `dir` (relative path -> bytes).
+pub fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Copy a directory tree.
+pub fn copy_tree(from: &Path, to: &Path) {
+    for (rel, bytes) in read_tree(from) {
+        let p = to.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
 }
 
 pub struct Fixture {

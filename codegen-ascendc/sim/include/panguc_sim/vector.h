@@ -624,4 +624,27 @@ inline void Sigmoid(const LocalTensor<T>& dstTensor, const LocalTensor<T>& srcTe
     sim::Unary("Sigmoid", dstTensor, srcTensor, calCount, loc, [](float x) { return 1.0f / (1.0f + std::exp(-x)); });
 }
 
+// Sin / Cos (advanced math API, lib/math/sin.h and cos.h): half/float, computed
+// here in float with the C library (the hardware uses a range reduction and a
+// polynomial; its error for large arguments should be confirmed on a device).
+#define PANGUC_SIM_TRIG(NAME, FN)                                                                                  \
+    template <typename T, bool isReuseSource = false>                                                               \
+    inline void NAME(const LocalTensor<T>& dstTensor, const LocalTensor<T>& srcTensor,                              \
+                     const LocalTensor<uint8_t>& sharedTmpBuffer, const uint32_t calCount,                          \
+                     SrcLoc loc = SrcLoc::Here()) {                                                                 \
+        static_assert(std::is_same<T, half>::value || std::is_same<T, float>::value, #NAME " supports half/float"); \
+        sim::VecOperand(sharedTmpBuffer, 0, loc, #NAME, "sharedTmpBuffer", false);                                  \
+        if (sharedTmpBuffer.GetSize() == 0) panguc_sim::Fail(loc, #NAME ": sharedTmpBuffer is empty");              \
+        sim::Unary(#NAME, dstTensor, srcTensor, calCount, loc, [](float x) { return FN(x); });                      \
+    }                                                                                                               \
+    template <typename T, bool isReuseSource = false>                                                               \
+    inline void NAME(const LocalTensor<T>& dstTensor, const LocalTensor<T>& srcTensor, const uint32_t calCount,     \
+                     SrcLoc loc = SrcLoc::Here()) {                                                                 \
+        static_assert(std::is_same<T, half>::value || std::is_same<T, float>::value, #NAME " supports half/float"); \
+        sim::Unary(#NAME, dstTensor, srcTensor, calCount, loc, [](float x) { return FN(x); });                      \
+    }
+PANGUC_SIM_TRIG(Sin, std::sin)
+PANGUC_SIM_TRIG(Cos, std::cos)
+#undef PANGUC_SIM_TRIG
+
 }  // namespace AscendC

@@ -1,0 +1,281 @@
+//! RoPE tables and the fused QKV split + RoPE + KV-cache append.
+//!
+//! `RopeTable` computes `cos`/`sin` of `pos * inv_freq` on the vector unit
+//! (AscendC's `Cos`/`Sin` math API). Why on the device and not on the host:
+//! the positions live in device memory and the tables are ordinary kernel
+//! outputs of the program, so the host program stays a plain launcher; the
+//! inverse frequencies are constants of the model and travel in the tiling
+//! struct (computed in f64 and rounded to f32 here, like HF's f32 tables).
+
+use super::vector::{need_aligned, tiles_fields, vector_kernel, PRELUDE, RANGE};
+use super::{fill, head, r32, Ctx, DeviceKernels, Role, TExpr, TilingField};
+use crate::target::DevType;
+use anyhow::{bail, Result};
+use panguc_ir::op::RopeKind;
+
+const ROPE_TABLE: &str = r#"
+using T = {{T}};
+
+// out[i, :] = {{FN}}(pos[i] * invFreq[j % half]) for j in 0..headDim; one
+// position per tile. invFreq (f32) comes from the tiling struct.
+class {{CLASS}} {
+public:
+    __aicore__ inline {{CLASS}}() {}
+    __aicore__ inline void Init(GM_ADDR pos, GM_ADDR out, const {{TILING}}& t)
+    {
+        d = t.headDim;
+{{RANGE}}
+        posGm.SetGlobalBuffer((__gm__ int64_t*)pos, t.tiles);
+        outGm.SetGlobalBuffer((__gm__ T*)out, t.tiles * d);
+        pipe.InitBuffer(outQ, 2, d * sizeof(T));
+        pipe.InitBuffer(freqBuf, d * sizeof(float));
+        pipe.InitBuffer(angBuf, d * sizeof(float));
+        pipe.InitBuffer(resBuf, d * sizeof(float));
+        LocalTensor<float> freq = freqBuf.Get<float>();
+        const uint32_t half = d / 2;
+        for (uint32_t i = 0; i < half; i++) {
+            freq.SetValue(i, t.invFreq[i]);
+            freq.SetValue(i + half, t.invFreq[i]);
+        }
+    }
+    __aicore__ inline void Process()
+    {
+        if (start >= end) return;
+        event_t e = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::S_V));
+        SetFlag<HardEvent::S_V>(e);
+        WaitFlag<HardEvent::S_V>(e);
+        LocalTensor<float> freq = freqBuf.Get<float>();
+        LocalTensor<float> ang = angBuf.Get<float>();
+        LocalTensor<float> res = resBuf.Get<float>();
+        for (uint32_t i = start; i < end; i++) {
+            const float p = static_cast<float>(posGm.GetValue(i));
+            Muls(ang, freq, p, d);
+            PipeBarrier<PIPE_V>();
+            {{FN}}(res, ang, d);
+            PipeBarrier<PIPE_V>();
+            LocalTensor<T> y = outQ.AllocTensor<T>();
+            FromFloat(y, res, d);
+            outQ.EnQue(y);
+            y = outQ.DeQue<T>();
+            DataCopy(outGm[i * d], y, d);
+            outQ.FreeTensor(y);
+        }
+    }
+
+private:
+    TPipe pipe;
+    TQue<TPosition::VECOUT, 2> outQ;
+    TBuf<TPosition::VECCALC> freqBuf, angBuf, resBuf;
+    GlobalTensor<int64_t> posGm;
+    GlobalTensor<T> outGm;
+    uint32_t d = 0, start = 0, end = 0;
+};
+
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR pos, GM_ADDR out, GM_ADDR workspace, GM_ADDR tiling)
+{
+    REGISTER_TILING_DEFAULT({{TILING}});
+    GET_TILING_DATA(t, tiling);
+    {{CLASS}} op;
+    op.Init(pos, out, t);
+    op.Process();
+}
+"#;
+
+/// `RopeTable (positions[T] i64, out[T, head_dim])`.
+pub(crate) fn rope_table(ctx: &Ctx, kind: RopeKind, theta: f64, head_dim: usize) -> Result<DeviceKernels> {
+    let d = ctx.cdim(1, 1, "head_dim")?;
+    if d != head_dim as u64 || d % 2 != 0 {
+        bail!("{}: table width {d} must be the even head_dim {head_dim}", ctx.k.name);
+    }
+    let t = ctx.dt[1];
+    need_aligned(ctx, "a table row", d, t)?;
+    need_aligned(ctx, "a table row in f32", d, DevType::F32)?;
+    let inv_freq: Vec<f64> = (0..d / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64)).collect();
+    let f = match kind {
+        RopeKind::Cos => "Cos",
+        RopeKind::Sin => "Sin",
+    };
+    let tiles = ctx.dim(0, 0)?;
+    let entry = ctx.entry("");
+    let up = super::upper_camel(&entry);
+    let src = head(&entry, &format!("RoPE {f} table."))
+        + PRELUDE
+        + &fill(
+            ROPE_TABLE,
+            &[
+                ("T", t.cpp().into()),
+                ("FN", f.into()),
+                ("RANGE", RANGE.into()),
+                ("CLASS", format!("Kernel{up}")),
+                ("TILING", format!("{up}Tiling")),
+                ("ENTRY", entry.clone()),
+            ],
+        );
+    let mut fields = tiles_fields(&tiles);
+    fields.push(TilingField::u32("headDim", TExpr::c(d)));
+    fields.push(TilingField::f32_array("invFreq", inv_freq));
+    let ub = 2 * r32(d * t.size()) + 3 * r32(d * 4);
+    let mut dk = vector_kernel(ctx, "", src, fields, &tiles, ub);
+    dk.params = vec![ctx.param("positions", 0, Role::Input), ctx.param("out", 1, Role::Output)];
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
+}
+
+const QKV_ROPE_APPEND: &str = r#"
+using T = {{T}};
+using C = {{C}};
+
+// One token per tile: split the merged QKV row into heads, RoPE (NeoX
+// rotate-half) the q and k heads, write q to qOut[token] and k, v to the
+// caches at row past + token. Cache rows 0..past are never touched.
+class {{CLASS}} {
+public:
+    __aicore__ inline {{CLASS}}() {}
+    __aicore__ inline void Init(GM_ADDR y, GM_ADDR cosT, GM_ADDR sinT, GM_ADDR kCache, GM_ADDR vCache, GM_ADDR qOut, const {{TILING}}& t)
+    {
+        d = t.headDim;
+        qHeads = t.qHeads;
+        kvHeads = t.kvHeads;
+        past = t.past;
+        width = (qHeads + 2 * kvHeads) * d;
+{{RANGE}}
+        yGm.SetGlobalBuffer((__gm__ T*)y, t.tiles * width);
+        cosGm.SetGlobalBuffer((__gm__ C*)cosT, t.tiles * d);
+        sinGm.SetGlobalBuffer((__gm__ C*)sinT, t.tiles * d);
+        kGm.SetGlobalBuffer((__gm__ T*)kCache, (past + t.tiles) * kvHeads * d);
+        vGm.SetGlobalBuffer((__gm__ T*)vCache, (past + t.tiles) * kvHeads * d);
+        qGm.SetGlobalBuffer((__gm__ T*)qOut, t.tiles * qHeads * d);
+        pipe.InitBuffer(inX, 2, d * sizeof(T));
+        pipe.InitBuffer(inCS, 1, 2 * d * sizeof(C));
+        pipe.InitBuffer(outY, 2, d * sizeof(T));
+        pipe.InitBuffer(vQue, 2, d * sizeof(T));
+        pipe.InitBuffer(xBuf, d * sizeof(float));
+        pipe.InitBuffer(rotBuf, d * sizeof(float));
+        pipe.InitBuffer(csBuf, 2 * d * sizeof(float));
+    }
+    __aicore__ inline void Process()
+    {
+        for (uint32_t tok = start; tok < end; tok++) {
+            LocalTensor<C> cs = inCS.AllocTensor<C>();
+            DataCopy(cs, cosGm[tok * d], d);
+            DataCopy(cs[d], sinGm[tok * d], d);
+            inCS.EnQue(cs);
+            cs = inCS.DeQue<C>();
+            LocalTensor<float> csf = csBuf.Get<float>();
+            ToFloat(csf, cs, 2 * d);
+            inCS.FreeTensor(cs);
+            const uint32_t row = tok * width;
+            for (uint32_t h = 0; h < qHeads; h++) RopeHead(row + h * d, qGm, (tok * qHeads + h) * d, csf);
+            const uint32_t cacheRow = (past + tok) * kvHeads * d;
+            for (uint32_t h = 0; h < kvHeads; h++) {
+                RopeHead(row + (qHeads + h) * d, kGm, cacheRow + h * d, csf);
+                LocalTensor<T> v = vQue.AllocTensor<T>();
+                DataCopy(v, yGm[row + (qHeads + kvHeads + h) * d], d);
+                vQue.EnQue(v);
+                v = vQue.DeQue<T>();
+                DataCopy(vGm[cacheRow + h * d], v, d);
+                vQue.FreeTensor(v);
+            }
+        }
+    }
+
+private:
+    __aicore__ inline void RopeHead(uint32_t src, const GlobalTensor<T>& dst, uint32_t dstOff, const LocalTensor<float>& csf)
+    {
+        const uint32_t half = d / 2;
+        LocalTensor<T> x = inX.AllocTensor<T>();
+        DataCopy(x, yGm[src], d);
+        inX.EnQue(x);
+        x = inX.DeQue<T>();
+        LocalTensor<float> xf = xBuf.Get<float>();
+        LocalTensor<float> rot = rotBuf.Get<float>();
+        ToFloat(xf, x, d);
+        inX.FreeTensor(x);
+        PipeBarrier<PIPE_V>();
+        Muls(rot, xf[half], -1.0f, half);
+        DataCopy(rot[half], xf, half);
+        PipeBarrier<PIPE_V>();
+        Mul(xf, xf, csf, d);
+        Mul(rot, rot, csf[d], d);
+        PipeBarrier<PIPE_V>();
+        Add(xf, xf, rot, d);
+        PipeBarrier<PIPE_V>();
+        LocalTensor<T> y = outY.AllocTensor<T>();
+        FromFloat(y, xf, d);
+        outY.EnQue(y);
+        y = outY.DeQue<T>();
+        DataCopy(dst[dstOff], y, d);
+        outY.FreeTensor(y);
+    }
+
+    TPipe pipe;
+    TQue<TPosition::VECIN, 2> inX;
+    TQue<TPosition::VECIN, 1> inCS;
+    TQue<TPosition::VECOUT, 2> outY;
+    TQueBind<TPosition::VECIN, TPosition::VECOUT, 2> vQue;
+    TBuf<TPosition::VECCALC> xBuf, rotBuf, csBuf;
+    GlobalTensor<T> yGm, kGm, vGm, qGm;
+    GlobalTensor<C> cosGm, sinGm;
+    uint32_t d = 0, qHeads = 0, kvHeads = 0, past = 0, width = 0, start = 0, end = 0;
+};
+
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR y, GM_ADDR cosT, GM_ADDR sinT, GM_ADDR kCache, GM_ADDR vCache, GM_ADDR qOut, GM_ADDR workspace, GM_ADDR tiling)
+{
+    REGISTER_TILING_DEFAULT({{TILING}});
+    GET_TILING_DATA(t, tiling);
+    {{CLASS}} op;
+    op.Init(y, cosT, sinT, kCache, vCache, qOut, t);
+    op.Process();
+}
+"#;
+
+/// `QkvRopeAppend (y[T, (Hq+2Hkv)*D], cos[T, D], sin[T, D], q_out[T, Hq, D],
+/// k_cache[P+T, Hkv, D], v_cache[P+T, Hkv, D])`. The device kernel takes the
+/// caches (read-write, in place) before `q_out`: CANN orders a kernel's
+/// parameters inputs first, and an in-place cache is declared as an input.
+pub(crate) fn qkv_rope_append(ctx: &Ctx, q_heads: usize, kv_heads: usize) -> Result<DeviceKernels> {
+    let d = ctx.cdim(1, 1, "head_dim")?;
+    let width = ctx.cdim(0, 1, "qkv width")?;
+    let (hq, hkv) = (q_heads as u64, kv_heads as u64);
+    if width != (hq + 2 * hkv) * d || d % 2 != 0 {
+        bail!("{}: qkv width {width} is not ({hq} + 2*{hkv}) * {d} with an even head_dim", ctx.k.name);
+    }
+    let (t, c) = (ctx.dt[0], ctx.dt[1]);
+    if ctx.dt[3] != t || ctx.dt[4] != t || ctx.dt[5] != t || ctx.dt[2] != c {
+        bail!("{}: y, q and the caches must share one dtype, cos and sin another", ctx.k.name);
+    }
+    need_aligned(ctx, "half a head", d / 2, DevType::F32)?;
+    need_aligned(ctx, "a head", d, t)?;
+    need_aligned(ctx, "a cos/sin row", d, c)?;
+    let tiles = ctx.dim(0, 0)?;
+    let entry = ctx.entry("");
+    let up = super::upper_camel(&entry);
+    let src = head(&entry, "QKV split + RoPE (NeoX) + KV-cache append, in f32.")
+        + PRELUDE
+        + &fill(
+            QKV_ROPE_APPEND,
+            &[
+                ("T", t.cpp().into()),
+                ("C", c.cpp().into()),
+                ("RANGE", RANGE.into()),
+                ("CLASS", format!("Kernel{up}")),
+                ("TILING", format!("{up}Tiling")),
+                ("ENTRY", entry.clone()),
+            ],
+        );
+    let mut fields = tiles_fields(&tiles);
+    fields.push(TilingField::u32("qHeads", TExpr::c(hq)));
+    fields.push(TilingField::u32("kvHeads", TExpr::c(hkv)));
+    fields.push(TilingField::u32("headDim", TExpr::c(d)));
+    fields.push(TilingField::u32("past", TExpr::Past));
+    let ub = 6 * r32(d * t.size()) + r32(2 * d * c.size()) + 4 * r32(d * 4);
+    let mut dk = vector_kernel(ctx, "", src, fields, &tiles, ub);
+    dk.params = vec![
+        ctx.param("y", 0, Role::Input),
+        ctx.param("cos", 1, Role::Input),
+        ctx.param("sin", 2, Role::Input),
+        ctx.param("k_cache", 4, Role::InOut),
+        ctx.param("v_cache", 5, Role::InOut),
+        ctx.param("q", 3, Role::Output),
+    ];
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
+}

@@ -1,0 +1,217 @@
+//! `ascend-sim`: the whole kernel program run through the emitted AscendC
+//! kernels under the CPU simulation, as a [`panguc_runtime::Engine`].
+//!
+//! Every program launch runs its device kernels in order (each distinct
+//! kernel is compiled once by g++ and cached by content hash; every launch
+//! runs all its blocks), with the tiling evaluated from the actual token
+//! count and KV length exactly as the generated host tiling functions do.
+//! Buffers live in host memory in their device encoding: one allocation per
+//! root buffer (views are byte ranges of their root), the KV caches sized
+//! for the maximum context and kept across calls. Weights are converted to
+//! the device layout by [`crate::weights::device_weight_bytes`].
+
+use crate::data::{decode, encode_i64, run_kernels};
+use crate::emit::Env;
+use crate::program::{emit_program, AscendProgram};
+use crate::sim::SimKernel;
+use crate::target::{DevType, Target};
+use crate::weights::device_weight_bytes;
+use anyhow::{anyhow, bail, Context, Result};
+use panguc_ir::kernel::{BufferKind, KernelProgram, PreparedWeight};
+use panguc_ir::shape::bindings;
+use panguc_ir::Tensor;
+use std::path::Path;
+
+/// Supplies a prepared weight's bytes in its storage dtype and layout.
+pub type WeightProvider<'a> = dyn Fn(&PreparedWeight) -> Result<Vec<u8>> + 'a;
+
+pub struct AscendSimEngine {
+    program: KernelProgram,
+    ap: AscendProgram,
+    /// Device bytes of every root buffer (empty for views).
+    store: Vec<Vec<u8>>,
+    past: u64,
+    max_context: u64,
+}
+
+impl std::fmt::Debug for AscendSimEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AscendSimEngine").field("target", &self.ap.target).field("act", &self.ap.act).finish()
+    }
+}
+
+impl AscendSimEngine {
+    /// Emit `program` for `target` with activation dtype `act`, load the
+    /// weights through `weights` and compile every device kernel.
+    pub fn new(
+        program: KernelProgram,
+        target: Target,
+        act: DevType,
+        weights: &WeightProvider,
+        max_context: usize,
+    ) -> Result<Self> {
+        let ap = emit_program(&program, target, act)?;
+        let mut store = vec![vec![]; program.buffers.len()];
+        for (i, b) in program.buffers.iter().enumerate() {
+            match b.kind {
+                BufferKind::Weight { index } => {
+                    let w = &program.weights[index];
+                    let prepared = weights(w).with_context(|| format!("loading weight `{}`", w.name))?;
+                    store[i] = device_weight_bytes(w, &prepared, ap.buffer_dtypes[i])
+                        .with_context(|| format!("converting weight `{}` to the device layout", w.name))?;
+                }
+                BufferKind::KvCache { .. } => {
+                    // Logical shape [past + tokens, ..]: all of it at the maximum context.
+                    store[i] = vec![0u8; Self::extent(&program, &ap, i, max_context as u64, 0)?];
+                }
+                _ => {}
+            }
+        }
+        let engine = AscendSimEngine { program, ap, store, past: 0, max_context: max_context as u64 };
+        engine.compile_all()?;
+        Ok(engine)
+    }
+
+    /// Open a compiled package (with a CPU target, whose prepared weights
+    /// are read and converted) and run its kernel program for `target`.
+    pub fn from_package(dir: &Path, target: Target, act: DevType, max_context: usize) -> Result<Self> {
+        let files = panguc_runtime::package::verify_package(dir)?;
+        let program = files.program.clone().ok_or_else(|| {
+            anyhow!("package {} has no kernel program (compile it with --target cpu as well)", dir.display())
+        })?;
+        let entries = files.manifest.weights.clone().ok_or_else(|| {
+            anyhow!("package {} was compiled from config.json alone: it has no weights to run", dir.display())
+        })?;
+        let provider = |w: &PreparedWeight| -> Result<Vec<u8>> {
+            let e = entries
+                .iter()
+                .find(|e| e.name == w.name)
+                .ok_or_else(|| anyhow!("the package has no weight `{}`", w.name))?;
+            let path = dir.join(&e.file);
+            let mut f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            use std::io::{Read, Seek};
+            f.seek(std::io::SeekFrom::Start(e.offset))?;
+            let mut buf = vec![0u8; usize::try_from(e.bytes)?];
+            f.read_exact(&mut buf).with_context(|| format!("reading `{}` from {}", w.name, path.display()))?;
+            Ok(buf)
+        };
+        Self::new(program, target, act, &provider, max_context)
+    }
+
+    pub fn target(&self) -> Target {
+        self.ap.target
+    }
+
+    pub fn activation_dtype(&self) -> DevType {
+        self.ap.act
+    }
+
+    /// Compile every device kernel once (two compilers at a time).
+    fn compile_all(&self) -> Result<()> {
+        let soc = self.ap.target.soc();
+        let kernels: Vec<SimKernel> = self
+            .ap
+            .kernels
+            .iter()
+            .flat_map(|d| d.kernels.iter())
+            .map(|dk| SimKernel::new(dk.sim_source(), dk.entry.clone(), soc, 1))
+            .collect();
+        let half = kernels.len().div_ceil(2).max(1);
+        std::thread::scope(|s| -> Result<()> {
+            let hs: Vec<_> = kernels
+                .chunks(half)
+                .map(|chunk| {
+                    s.spawn(move || -> Result<()> {
+                        for k in chunk {
+                            k.compile()?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().map_err(|_| anyhow!("kernel compilation thread panicked"))??;
+            }
+            Ok(())
+        })
+    }
+
+    /// Bytes of buffer `i`'s logical extent in its device dtype.
+    fn extent(p: &KernelProgram, ap: &AscendProgram, i: usize, tokens: u64, past: u64) -> Result<usize> {
+        let b = bindings(tokens as usize, past as usize);
+        let mut n = ap.buffer_dtypes[i].size() as usize;
+        for d in &p.buffers[i].shape {
+            n *= d.eval(&b).map_err(|e| anyhow!("buffer `{}`: {e}", p.buffers[i].name))? as usize;
+        }
+        Ok(n)
+    }
+
+    /// Root buffer and byte offset of buffer `id`.
+    fn locate(&self, id: panguc_ir::kernel::BufferId, tokens: u64) -> Result<(usize, usize)> {
+        let (root, offsets) = self.program.root_of(id);
+        let b = bindings(tokens as usize, self.past as usize);
+        let mut off = 0usize;
+        for o in offsets {
+            off += o.eval(&b).map_err(|e| anyhow!("view offset of `{}`: {e}", self.program.buffer(id).name))? as usize;
+        }
+        Ok((root.index(), off * self.ap.buffer_dtypes[root.index()].size() as usize))
+    }
+}
+
+impl panguc_runtime::Engine for AscendSimEngine {
+    fn forward(&mut self, tokens: &[i64]) -> Result<Tensor> {
+        let n = tokens.len() as u64;
+        if n == 0 {
+            bail!("forward needs at least one token");
+        }
+        if self.past + n > self.max_context {
+            bail!("{} tokens at position {} exceed the context of {}", n, self.past, self.max_context);
+        }
+        let p = &self.program;
+        // Fresh activation and input buffers at this call's sizes.
+        for (i, b) in p.buffers.iter().enumerate() {
+            if matches!(b.kind, BufferKind::Input { .. } | BufferKind::Activation { .. }) {
+                self.store[i] = vec![0u8; Self::extent(p, &self.ap, i, n, self.past)?];
+            }
+        }
+        let positions: Vec<i64> = (0..n).map(|i| (self.past + i) as i64).collect();
+        for (k, inp) in p.inputs.iter().enumerate() {
+            let data = match k {
+                0 => encode_i64(tokens),
+                1 => encode_i64(&positions),
+                _ => bail!("entry input {k} is not known to the ascend-sim engine"),
+            };
+            self.store[inp.index()] = data;
+        }
+        let env = Env { tokens: n, past: self.past, core_num: self.ap.target.min_cores(true) };
+        for (li, l) in p.launches.iter().enumerate() {
+            let kernel = &p.kernels[l.kernel];
+            let mut spans = Vec::with_capacity(l.args.len());
+            let mut args = Vec::with_capacity(l.args.len());
+            for a in &l.args {
+                let (root, off) = self.locate(*a, n)?;
+                let len = Self::extent(p, &self.ap, a.index(), n, self.past)?;
+                let src = &self.store[root];
+                if off + len > src.len() {
+                    bail!("launch {li}: buffer `{}` ({len} bytes at {off}) lies outside its storage", p.buffer(*a).name);
+                }
+                args.push(src[off..off + len].to_vec());
+                spans.push((root, off, len));
+            }
+            run_kernels(&self.ap.kernels[l.kernel], self.ap.target, &env, &mut args)
+                .with_context(|| format!("launch {li} (`{}`)", kernel.name))?;
+            let first_out = l.args.len() - kernel.kind.num_outputs();
+            for (j, data) in args.into_iter().enumerate().skip(first_out) {
+                let (root, off, len) = spans[j];
+                self.store[root][off..off + len].copy_from_slice(&data);
+            }
+        }
+        let out = *p.outputs.first().ok_or_else(|| anyhow!("the program has no logits output"))?;
+        let (root, off) = self.locate(out, n)?;
+        let len = Self::extent(p, &self.ap, out.index(), n, self.past)?;
+        let logits = decode(self.ap.buffer_dtypes[out.index()], &self.store[root][off..off + len]);
+        let vocab = logits.len() / n as usize;
+        self.past += n;
+        Ok(Tensor::f32(vec![n as usize, vocab], logits))
+    }
+}

@@ -1,0 +1,300 @@
+//! The RoPE-table, QKV-append and grouped-MoE kernels for both targets,
+//! run under the AscendC simulation at the tiny model's shapes and awkward
+//! token counts, against reference semantics (the interpreter's kernels and
+//! the kernel-program docs). Tolerances as in `emit_sim.rs`.
+
+use panguc_codegen_ascendc::data::{decode, decode_i64, encode, encode_i64, round_through, run_kernels};
+use panguc_codegen_ascendc::emit::{emit_kernel, DeviceKernels, EmitOptions, Env};
+use panguc_codegen_ascendc::target::{DevType, Target};
+use panguc_ir::interp;
+use panguc_ir::kernel::{tile_extent, ArgSpec, Extent, Kernel, KernelKind, Layout};
+use panguc_ir::op::RopeKind;
+use panguc_ir::{DType, Dim, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const TOKENS: [u64; 4] = [1, 7, 33, 257];
+const CORES: u64 = 8;
+const F: DevType = DevType::F32;
+const I: DevType = DevType::I64;
+
+fn targets() -> [(Target, DevType); 2] {
+    [(Target::Ascend910B, DevType::BF16), (Target::Ascend310P, DevType::F16)]
+}
+
+fn tol(t: DevType) -> f32 {
+    match t {
+        DevType::BF16 => 1.0 / 128.0,
+        DevType::F16 => 1.0 / 512.0,
+        _ => 1e-5,
+    }
+}
+
+fn kernel(name: &str, kind: KernelKind, args: Vec<Vec<Dim>>) -> Kernel {
+    let args: Vec<ArgSpec> =
+        args.into_iter().map(|shape| ArgSpec { dtype: DType::F32, shape, layout: Layout::RowMajor }).collect();
+    let tiles = tile_extent(&kind, &args).unwrap_or(Extent::constant(1));
+    Kernel { name: name.into(), kind, args, tiles, thread_scratch: Extent::constant(0) }
+}
+
+fn c(n: usize) -> Dim {
+    Dim::c(n)
+}
+
+fn slots() -> Dim {
+    Dim::tokens().scale(8)
+}
+
+fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+fn env(tokens: u64, past: u64) -> Env {
+    Env { tokens, past, core_num: CORES }
+}
+
+fn assert_close(got: &[f32], want: &[f32], rel: f32, floor: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let lim = rel * w.abs().max(floor);
+        assert!((g - w).abs() <= lim, "{what}: element {i}: got {g}, want {w} (limit {lim})");
+    }
+}
+
+fn emit(k: &Kernel, dts: &[DevType], target: Target, act: DevType) -> DeviceKernels {
+    emit_kernel(k, dts, &EmitOptions::new(target, act).unwrap()).unwrap()
+}
+
+#[test]
+fn rope_tables_cos_and_sin() {
+    let d = 16;
+    for (target, act) in targets() {
+        for kind in [RopeKind::Cos, RopeKind::Sin] {
+            let k = kernel(
+                "panguc_k001_rope_table",
+                KernelKind::RopeTable { kind, theta: 10000.0, head_dim: d },
+                vec![vec![Dim::tokens()], vec![Dim::tokens(), c(d)]],
+            );
+            let dk = emit(&k, &[I, act], target, act);
+            for (t, past) in TOKENS.iter().map(|t| (*t, 0)).chain([(1, 300), (7, 1000)]) {
+                let pos: Vec<i64> = (0..t).map(|i| (past + i) as i64).collect();
+                let mut args = vec![encode_i64(&pos), vec![0; t as usize * d * act.size() as usize]];
+                run_kernels(&dk, target, &env(t, past), &mut args).unwrap();
+                let want = interp::rope_table(&Tensor::i64(vec![t as usize], pos), kind, 10000.0, d);
+                // f32 angles (as HF computes them) against the reference's f64:
+                // |error| <= pos * 2^-24, plus the output rounding.
+                let floor = 0.1f32.max((past + t) as f32 * 6e-8 / tol(act));
+                assert_close(&decode(act, &args[1]), want.as_f32(), tol(act), floor, &format!("{kind:?} {target} T={t}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn qkv_rope_append_prefill_and_decode() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let (hq, hkv, d) = (4usize, 2usize, 16usize);
+    let w = (hq + 2 * hkv) * d;
+    for (target, act) in targets() {
+        let k = kernel(
+            "panguc_k005_qkv_rope_append",
+            KernelKind::QkvRopeAppend { q_heads: hq, kv_heads: hkv },
+            vec![
+                vec![Dim::tokens(), c(w)],
+                vec![Dim::tokens(), c(d)],
+                vec![Dim::tokens(), c(d)],
+                vec![Dim::tokens(), c(hq), c(d)],
+                vec![Dim::kv_len(), c(hkv), c(d)],
+                vec![Dim::kv_len(), c(hkv), c(d)],
+            ],
+        );
+        let dk = emit(&k, &[act; 6], target, act);
+        for (t, past) in TOKENS.iter().map(|t| (*t, 0)).chain([(1, 40), (7, 9)]) {
+            let (tu, kv) = (t as usize, (t + past) as usize);
+            let y = round_through(act, &rand_vec(&mut rng, tu * w));
+            let pos = Tensor::i64(vec![tu], (0..t).map(|i| (past + i) as i64).collect());
+            let cos = round_through(act, interp::rope_table(&pos, RopeKind::Cos, 10000.0, d).as_f32());
+            let sin = round_through(act, interp::rope_table(&pos, RopeKind::Sin, 10000.0, d).as_f32());
+            let kc = round_through(act, &rand_vec(&mut rng, kv * hkv * d));
+            let vc = round_through(act, &rand_vec(&mut rng, kv * hkv * d));
+            let sz = act.size() as usize;
+            let mut args =
+                vec![encode(act, &y), encode(act, &cos), encode(act, &sin), vec![0; tu * hq * d * sz], encode(act, &kc), encode(act, &vc)];
+            run_kernels(&dk, target, &env(t, past), &mut args).unwrap();
+            // Reference: split heads, interp::rope on q and k, append k and v.
+            let heads = |h0: usize, n: usize| -> Vec<f32> {
+                (0..tu).flat_map(|r| y[r * w + h0 * d..r * w + (h0 + n) * d].to_vec()).collect()
+            };
+            let cs = |v: &Vec<f32>| Tensor::f32(vec![tu, d], v.clone());
+            let q = interp::rope(&Tensor::f32(vec![tu, hq, d], heads(0, hq)), &cs(&cos), &cs(&sin));
+            let kn = interp::rope(&Tensor::f32(vec![tu, hkv, d], heads(hq, hkv)), &cs(&cos), &cs(&sin));
+            let what = format!("{target} T={t} past={past}");
+            assert_close(&decode(act, &args[3]), q.as_f32(), tol(act), 0.1, &format!("q {what}"));
+            let row = hkv * d;
+            let (kg, vg) = (decode(act, &args[4]), decode(act, &args[5]));
+            assert_eq!(&kg[..past as usize * row], &kc[..past as usize * row], "old k rows {what}");
+            assert_eq!(&vg[..past as usize * row], &vc[..past as usize * row], "old v rows {what}");
+            assert_close(&kg[past as usize * row..], kn.as_f32(), tol(act), 0.1, &format!("k {what}"));
+            assert_eq!(&vg[past as usize * row..], &heads(hq + hkv, hkv)[..], "v {what}");
+        }
+    }
+}
+
+/// Stable counting sort by expert (the `MoeRoute` contract).
+fn route_ref(ids: &[i64], weights: &[f32], experts: usize, groups: usize) -> (Vec<i64>, Vec<i64>, Vec<f32>, Vec<i64>) {
+    let mut offsets = vec![0i64; experts + 1];
+    for &e in ids {
+        offsets[e as usize + 1] += 1;
+    }
+    for e in 0..experts {
+        offsets[e + 1] += offsets[e];
+    }
+    let mut cursor = offsets.clone();
+    let (mut rows, mut rw, mut sr) = (vec![0i64; ids.len()], vec![0f32; ids.len()], vec![0i64; ids.len()]);
+    for (s, &e) in ids.iter().enumerate() {
+        let r = cursor[e as usize] as usize;
+        cursor[e as usize] += 1;
+        rows[r] = (s / groups) as i64;
+        rw[r] = weights[s];
+        sr[s] = r as i64;
+    }
+    (offsets, rows, rw, sr)
+}
+
+/// Ids as the gating produces them (one expert per group of 8), skewed so
+/// that some experts get many rows and others none.
+fn gating_ids(rng: &mut ChaCha8Rng, tokens: usize, experts: usize, groups: usize) -> Vec<i64> {
+    let per = experts / groups;
+    (0..tokens * groups).map(|s| ((s % groups) * per + rng.random_range(0..per).min(rng.random_range(0..per))) as i64).collect()
+}
+
+#[test]
+fn moe_route_counting_sort() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let (e, g) = (64usize, 8usize);
+    for (target, act) in targets() {
+        let k = kernel(
+            "panguc_k011_moe_route",
+            KernelKind::MoeRoute,
+            vec![vec![Dim::tokens(), c(g)], vec![Dim::tokens(), c(g)], vec![c(e + 1)], vec![slots()], vec![slots()], vec![slots()]],
+        );
+        let dk = emit(&k, &[F, I, I, I, F, I], target, act);
+        for t in TOKENS {
+            let n = t as usize * g;
+            let ids = gating_ids(&mut rng, t as usize, e, g);
+            let w: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..1.0)).collect();
+            let mut args = vec![encode(F, &w), encode_i64(&ids), vec![0; (e + 1) * 8], vec![0; n * 8], vec![0; n * 4], vec![0; n * 8]];
+            run_kernels(&dk, target, &env(t, 0), &mut args).unwrap();
+            let (off, rows, rw, sr) = route_ref(&ids, &w, e, g);
+            assert_eq!(decode_i64(&args[2]), off, "offsets {target} T={t}");
+            assert_eq!(decode_i64(&args[3]), rows, "rows {target} T={t}");
+            assert_eq!(decode(F, &args[4]), rw, "row weights {target} T={t}");
+            assert_eq!(decode_i64(&args[5]), sr, "slot rows {target} T={t}");
+        }
+    }
+}
+
+fn expert_of_rows(off: &[i64]) -> Vec<usize> {
+    (0..off.len() - 1).flat_map(|e| std::iter::repeat_n(e, (off[e + 1] - off[e]) as usize)).collect()
+}
+
+#[test]
+fn moe_gate_up_and_down_grouped_gemm() {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let (e, g, h, inter) = (64usize, 8usize, 64usize, 32usize);
+    for (target, act) in targets() {
+        let gu = kernel(
+            "panguc_k012_moe_gate_up",
+            KernelKind::MoeGateUp,
+            vec![vec![Dim::tokens(), c(h)], vec![c(e + 1)], vec![slots()], vec![c(e), c(2 * inter), c(h)], vec![slots(), c(inter)]],
+        );
+        let dn = kernel(
+            "panguc_k013_moe_down",
+            KernelKind::MoeDown,
+            vec![vec![slots(), c(inter)], vec![c(e + 1)], vec![slots()], vec![c(e), c(h), c(inter)], vec![slots(), c(h)]],
+        );
+        let dgu = emit(&gu, &[act, I, I, act, act], target, act);
+        let ddn = emit(&dn, &[act, I, F, act, act], target, act);
+        let wgu = round_through(act, &rand_vec(&mut rng, e * 2 * inter * h));
+        let wdn = round_through(act, &rand_vec(&mut rng, e * h * inter));
+        for t in TOKENS {
+            let (tu, n) = (t as usize, t as usize * g);
+            let ids = gating_ids(&mut rng, tu, e, g);
+            let rwin: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..1.0)).collect();
+            let (off, rows, rw, _) = route_ref(&ids, &rwin, e, g);
+            let experts = expert_of_rows(&off);
+            let x = round_through(act, &rand_vec(&mut rng, tu * h));
+            let sz = act.size() as usize;
+            let mut args = vec![encode(act, &x), encode_i64(&off), encode_i64(&rows), encode(act, &wgu), vec![0; n * inter * sz]];
+            run_kernels(&dgu, target, &env(t, 0), &mut args).unwrap();
+            let got = decode(act, &args[4]);
+            let mut want = vec![];
+            for r in 0..n {
+                let xr = Tensor::f32(vec![1, h], x[rows[r] as usize * h..(rows[r] as usize + 1) * h].to_vec());
+                let we = Tensor::f32(vec![2 * inter, h], wgu[experts[r] * 2 * inter * h..(experts[r] + 1) * 2 * inter * h].to_vec());
+                let p = panguc_ir::kernels::matmul(&xr, &we, true).unwrap();
+                let p = p.as_f32();
+                want.extend((0..inter).map(|j| p[j] * panguc_ir::kernels::sigmoid(p[j]) * p[inter + j]));
+            }
+            assert_close(&got, &want, tol(act), 2.0, &format!("moe_gate_up {target} T={t}"));
+
+            let a = round_through(act, &rand_vec(&mut rng, n * inter));
+            let mut args = vec![encode(act, &a), encode_i64(&off), encode(F, &rw), encode(act, &wdn), vec![0; n * h * sz]];
+            run_kernels(&ddn, target, &env(t, 0), &mut args).unwrap();
+            let got = decode(act, &args[4]);
+            let mut want = vec![];
+            for r in 0..n {
+                let ar = Tensor::f32(vec![1, inter], a[r * inter..(r + 1) * inter].to_vec());
+                let we = Tensor::f32(vec![h, inter], wdn[experts[r] * h * inter..(experts[r] + 1) * h * inter].to_vec());
+                let p = panguc_ir::kernels::matmul(&ar, &we, true).unwrap();
+                want.extend(p.as_f32().iter().map(|v| rw[r] * v));
+            }
+            assert_close(&got, &want, tol(act), 2.0, &format!("moe_down {target} T={t}"));
+        }
+    }
+}
+
+#[test]
+fn moe_combine_with_and_without_shared_residual() {
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    let (g, h) = (8usize, 64usize);
+    for (target, act) in targets() {
+        for shared in [true, false] {
+            let mut shapes = vec![vec![slots(), c(h)], vec![slots()]];
+            if shared {
+                shapes.push(vec![Dim::tokens(), c(h)]);
+                shapes.push(vec![Dim::tokens(), c(h)]);
+            }
+            shapes.push(vec![Dim::tokens(), c(h)]);
+            let mut dts = vec![act, I];
+            dts.extend(std::iter::repeat_n(act, shapes.len() - 2));
+            let k = kernel("panguc_k016_moe_combine", KernelKind::MoeCombine { shared_residual: shared }, shapes);
+            let dk = emit(&k, &dts, target, act);
+            for t in TOKENS {
+                let (tu, n) = (t as usize, t as usize * g);
+                let ys = round_through(act, &rand_vec(&mut rng, n * h));
+                let mut perm: Vec<i64> = (0..n as i64).collect();
+                for i in (1..n).rev() {
+                    perm.swap(i, rng.random_range(0..=i));
+                }
+                let sh = round_through(act, &rand_vec(&mut rng, tu * h));
+                let res = round_through(act, &rand_vec(&mut rng, tu * h));
+                let mut args = vec![encode(act, &ys), encode_i64(&perm)];
+                if shared {
+                    args.push(encode(act, &sh));
+                    args.push(encode(act, &res));
+                }
+                args.push(vec![0; tu * h * act.size() as usize]);
+                run_kernels(&dk, target, &env(t, 0), &mut args).unwrap();
+                let want: Vec<f32> = (0..tu * h)
+                    .map(|i| {
+                        let (tok, j) = (i / h, i % h);
+                        let routed: f32 = (0..g).map(|gg| ys[perm[tok * g + gg] as usize * h + j]).sum();
+                        if shared { res[i] + (routed + sh[i]) } else { routed }
+                    })
+                    .collect();
+                assert_close(&decode(act, args.last().unwrap()), &want, tol(act), 1.0, &format!("combine {shared} {target} T={t}"));
+            }
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! Per-device figures of a partitioned program: weight, KV-cache and peak
+//! activation bytes, communication per decode step and per prefill, and
+//! the estimated time per decode step (kernels from the fusion cost model,
+//! collectives from an interconnect model), next to the published figures.
+
+use super::{Partitioned, PlanChoice, PlanKind};
+use crate::cost::Workload;
+use crate::estimate::function_cost;
+use crate::profile::HardwareProfile;
+use crate::weight_only_values;
+use anyhow::{bail, Result};
+use panguc_ir::graph::{Function, Module, ParamKind};
+use panguc_ir::op::CollectiveKind;
+use panguc_ir::shape::bindings;
+use panguc_ir::Op;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+/// The links between devices.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Interconnect {
+    pub name: String,
+    /// Per-device bandwidth a collective can use, GB/s (10^9 bytes).
+    pub bandwidth_gbs: f64,
+    /// Fixed cost of one communication step, microseconds.
+    pub latency_us: f64,
+    /// Full mesh (one step per phase) or ring (n-1 steps per phase).
+    pub full_mesh: bool,
+}
+
+impl Interconnect {
+    /// Atlas 800I A2: eight 910B in an HCCS full mesh (7 links x 56 GB/s
+    /// per direction; about 196 GB/s usable per device by one collective).
+    pub fn hccs() -> Interconnect {
+        Interconnect { name: "hccs-800i-a2".into(), bandwidth_gbs: 196.0, latency_us: 10.0, full_mesh: true }
+    }
+
+    /// Atlas 300I Duo cards over PCIe 4.0 x16 (~25 GB/s effective), ring.
+    pub fn pcie() -> Interconnect {
+        Interconnect { name: "pcie-300i-duo".into(), bandwidth_gbs: 25.0, latency_us: 25.0, full_mesh: false }
+    }
+
+    /// The usual links of a hardware profile's machines.
+    pub fn for_profile(p: &HardwareProfile) -> Interconnect {
+        if p.name.starts_with("ascend310p") {
+            Interconnect::pcie()
+        } else {
+            Interconnect::hccs()
+        }
+    }
+
+    /// Bytes one device sends and seconds taken for a collective whose
+    /// operand on each device has `bytes` bytes, over `n` devices.
+    pub fn collective(&self, kind: CollectiveKind, n: usize, bytes: f64) -> (f64, f64) {
+        if n <= 1 {
+            return (0.0, 0.0);
+        }
+        let nf = n as f64;
+        let (sent, phases) = match kind {
+            CollectiveKind::AllReduce => (2.0 * (nf - 1.0) / nf * bytes, 2.0),
+            CollectiveKind::ReduceScatter | CollectiveKind::AllToAll => ((nf - 1.0) / nf * bytes, 1.0),
+            CollectiveKind::AllGather => ((nf - 1.0) * bytes, 1.0),
+        };
+        let steps = if self.full_mesh { phases } else { phases * (nf - 1.0) };
+        (sent, steps * self.latency_us * 1e-6 + sent / (self.bandwidth_gbs * 1e9))
+    }
+}
+
+/// Published 800I A2 decode figure the report compares against.
+pub const PUBLISHED_TPOT_MS_4_CARDS_BATCH_1: f64 = 18.44;
+
+/// Per-device figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceReport {
+    pub rank: usize,
+    pub weight_bytes: f64,
+    pub kv_cache_bytes: f64,
+    pub activation_peak_bytes: f64,
+    pub comm_bytes_decode_step: f64,
+    pub comm_bytes_prefill: f64,
+    pub collectives_per_step: usize,
+    pub kernel_ms_decode_step: f64,
+    pub comm_ms_decode_step: f64,
+    pub ms_per_decode_step: f64,
+    pub fits_memory: bool,
+}
+
+/// What to estimate at.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    pub context: usize,
+    pub prefill_tokens: usize,
+    pub profile: HardwareProfile,
+    pub link: Interconnect,
+}
+
+/// Weight bytes `f` holds: a weight read only through slices counts only
+/// the sliced range (its shard).
+pub fn function_weight_bytes(f: &Function) -> f64 {
+    held_weights(f).values().map(|(b, _)| *b).sum()
+}
+
+/// Tensor name -> (bytes held, range held: None = all, else (axis, start, end)).
+fn held_weights(f: &Function) -> BTreeMap<String, (f64, Option<(usize, usize, usize)>)> {
+    let mut out = BTreeMap::new();
+    for (p, tensor) in f.weight_params() {
+        let ty = f.ty(p.value);
+        let shape: Vec<usize> = ty.shape.iter().map(|d| d.as_const().unwrap_or(0)).collect();
+        let full = shape.iter().product::<usize>() as f64 * ty.dtype.size_bytes() as f64;
+        let uses: Vec<&Op> = f.nodes.iter().filter(|n| n.args.contains(&p.value)).map(|n| &n.op).collect();
+        let mut range: Option<(usize, usize, usize)> = None;
+        let mut all_slices = !uses.is_empty();
+        for u in &uses {
+            match u {
+                Op::Slice { axis, start, end } => {
+                    range = Some(match range {
+                        None => (*axis, *start, *end),
+                        Some((a, s, e)) if a == *axis => (a, s.min(*start), e.max(*end)),
+                        Some(_) => {
+                            all_slices = false;
+                            break;
+                        }
+                    })
+                }
+                _ => {
+                    all_slices = false;
+                    break;
+                }
+            }
+        }
+        let held = match (all_slices, range) {
+            (true, Some((a, s, e))) => (full * (e - s) as f64 / shape[a].max(1) as f64, Some((a, s, e))),
+            _ => (full, None),
+        };
+        out.insert(tensor.to_string(), held);
+    }
+    out
+}
+
+/// (function, calls per step) for every function the entry runs.
+fn call_counts(m: &Module) -> Vec<(&Function, f64)> {
+    let entry = m.entry_fn();
+    let mut out = vec![(entry, 1.0)];
+    let mut counts: BTreeMap<&str, f64> = BTreeMap::new();
+    for n in &entry.nodes {
+        if let Op::Call { func, .. } = &n.op {
+            *counts.entry(func.as_str()).or_default() += 1.0;
+        }
+    }
+    for (name, c) in counts {
+        if let Some(f) = m.function(name) {
+            out.push((f, c));
+        }
+    }
+    out
+}
+
+/// Weight bytes of a whole module (each function times its calls).
+pub fn module_weight_bytes(m: &Module) -> f64 {
+    call_counts(m).iter().map(|(f, c)| c * function_weight_bytes(f)).sum()
+}
+
+/// Weight bytes held by at least one rank: the union of the ranks' shards
+/// (equals the single-device bytes when nothing is lost).
+pub fn union_weight_bytes(ranks: &[&Module]) -> f64 {
+    let mut total = 0.0;
+    let Some(first) = ranks.first() else { return 0.0 };
+    for (f, calls) in call_counts(first) {
+        // tensor -> (full bytes, covered fraction intervals)
+        let mut per: BTreeMap<String, (f64, Vec<(usize, usize)>, usize, bool)> = BTreeMap::new();
+        for m in ranks {
+            let Some(g) = m.function(&f.name) else { continue };
+            for (p, tensor) in g.weight_params() {
+                let ty = g.ty(p.value);
+                let shape: Vec<usize> = ty.shape.iter().map(|d| d.as_const().unwrap_or(0)).collect();
+                let full = shape.iter().product::<usize>() as f64 * ty.dtype.size_bytes() as f64;
+                let held = held_weights(g)[tensor];
+                let e = per.entry(tensor.to_string()).or_insert((full, vec![], 1, false));
+                match held.1 {
+                    None => e.3 = true,
+                    Some((a, s, en)) => {
+                        e.1.push((s, en));
+                        e.2 = shape[a];
+                    }
+                }
+            }
+        }
+        for (_, (full, mut ranges, len, whole)) in per {
+            if whole {
+                total += calls * full;
+                continue;
+            }
+            ranges.sort();
+            let (mut covered, mut end) = (0usize, 0usize);
+            for (s, e) in ranges {
+                let s = s.max(end);
+                if e > s {
+                    covered += e - s;
+                    end = e;
+                }
+            }
+            total += calls * full * covered as f64 / len.max(1) as f64;
+        }
+    }
+    total
+}
+
+/// Communication of one call of the entry at `w`: (bytes sent, seconds, collectives).
+fn comm(m: &Module, w: &Workload, p: &HardwareProfile, link: &Interconnect) -> (f64, f64, usize) {
+    let b = bindings(w.tokens, w.past);
+    let (mut bytes, mut secs, mut count) = (0.0, 0.0, 0);
+    for (f, calls) in call_counts(m) {
+        for n in &f.nodes {
+            if let Op::Collective { kind, group, .. } = &n.op {
+                let ty = f.ty(n.args[0]);
+                let numel = ty.concrete_shape(&b).map(|s| s.iter().product::<usize>()).unwrap_or(0) as f64;
+                let elem = if ty.dtype.is_float() { p.activation_bytes } else { ty.dtype.size_bytes() as f64 };
+                let (sent, t) = link.collective(*kind, group.len(), numel * elem * w.seqs as f64);
+                bytes += calls * sent;
+                secs += calls * t;
+                count += calls as usize;
+            }
+        }
+    }
+    (bytes, secs, count)
+}
+
+/// Largest sum of live activation bytes over the nodes of the decoder
+/// layer (or entry) at `w` (weights and weight-only values excluded).
+fn activation_peak(m: &Module, w: &Workload, p: &HardwareProfile) -> f64 {
+    let b = bindings(w.tokens, w.past);
+    let mut peak: f64 = 0.0;
+    for (f, _) in call_counts(m) {
+        let wo = weight_only_values(f);
+        let bytes = |v: panguc_ir::ValueId| -> f64 {
+            if wo[v.index()] {
+                return 0.0;
+            }
+            let ty = f.ty(v);
+            let n = ty.concrete_shape(&b).map(|s| s.iter().product::<usize>()).unwrap_or(0) as f64;
+            n * if ty.dtype.is_float() { p.activation_bytes } else { ty.dtype.size_bytes() as f64 }
+        };
+        let mut remaining = f.use_counts();
+        let mut live: f64 = f.params.iter().filter(|q| q.kind == ParamKind::Input).map(|q| bytes(q.value)).sum();
+        for n in &f.nodes {
+            if matches!(n.op, Op::Call { .. }) {
+                continue;
+            }
+            live += n.results.iter().map(|r| bytes(*r)).sum::<f64>();
+            peak = peak.max(live);
+            for a in &n.args {
+                remaining[a.index()] -= 1;
+                if remaining[a.index()] == 0 {
+                    live -= bytes(*a);
+                }
+            }
+        }
+    }
+    peak
+}
+
+/// The report of one rank's module.
+pub fn device_report(rank: usize, m: &Module, spec: &DeviceSpec) -> Result<DeviceReport> {
+    let p = &spec.profile;
+    let decode = Workload::decode(spec.context, 1);
+    let prefill = Workload::prefill(spec.prefill_tokens);
+    let weight_bytes = module_weight_bytes(m);
+    let entry = m.entry_fn();
+    let kv_per_pos: f64 = entry
+        .input_params()
+        .skip(2)
+        .map(|q| entry.ty(q.value).shape[1..].iter().map(|d| d.as_const().unwrap_or(0)).product::<usize>() as f64)
+        .sum::<f64>()
+        * p.activation_bytes;
+    let kv_cache_bytes = kv_per_pos * spec.context as f64;
+    let (comm_decode, comm_secs, collectives) = comm(m, &decode, p, &spec.link);
+    let (comm_prefill, _, _) = comm(m, &prefill, p, &spec.link);
+    let kernels = function_cost(m, &m.entry, &decode, p)?;
+    // The cost model prices a collective as a launch; the link model replaces it.
+    let kernel_secs = kernels.seconds - collectives as f64 * p.launch_overhead_us * 1e-6;
+    let activation_peak_bytes = activation_peak(m, &prefill, p);
+    let total = weight_bytes + kv_cache_bytes + activation_peak_bytes;
+    Ok(DeviceReport {
+        rank,
+        weight_bytes,
+        kv_cache_bytes,
+        activation_peak_bytes,
+        comm_bytes_decode_step: comm_decode,
+        comm_bytes_prefill: comm_prefill,
+        collectives_per_step: collectives,
+        kernel_ms_decode_step: kernel_secs * 1e3,
+        comm_ms_decode_step: comm_secs * 1e3,
+        ms_per_decode_step: (kernel_secs + comm_secs) * 1e3,
+        fits_memory: total <= p.memory_gib * (1u64 << 30) as f64,
+    })
+}
+
+/// The `partition` section of the report.
+pub fn partition_report(single: &Module, parts: &Partitioned, spec: &DeviceSpec) -> Result<Value> {
+    let devices = parts
+        .ranks
+        .iter()
+        .map(|r| device_report(r.rank, &r.module, spec))
+        .collect::<Result<Vec<_>>>()?;
+    let modules: Vec<&Module> = parts.ranks.iter().map(|r| &r.module).collect();
+    let single_bytes = module_weight_bytes(single);
+    let union = union_weight_bytes(&modules);
+    let sum: f64 = devices.iter().map(|d| d.weight_bytes).sum();
+    let worst = devices.iter().map(|d| d.ms_per_decode_step).fold(0.0, f64::max);
+    let mut rules: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &parts.ranks {
+        for (k, v) in &r.rules_fired {
+            *rules.entry(k.clone()).or_default() += v;
+        }
+    }
+    let l = &parts.layout;
+    Ok(json!({
+        "plan": l.plan,
+        "devices": l.devices,
+        "layout": {
+            "attention": format!("DP{} x TP{}", l.devices / l.attn_tp, l.attn_tp),
+            "routed_experts": format!("TP{} x EP{} ({} groups per EP rank)", l.expert_tp, l.expert_ep(), l.groups_per_rank()),
+            "shared_expert": if l.shared_tp == 1 { "replicated".to_string() } else { format!("TP{}", l.shared_tp) },
+        },
+        "profile": spec.profile.name,
+        "interconnect": spec.link,
+        "context": spec.context,
+        "prefill_tokens": spec.prefill_tokens,
+        "per_device": devices,
+        "weight_bytes": {
+            "single_device": single_bytes,
+            "union_of_devices": union,
+            "sum_over_devices": sum,
+            "max_per_device": devices.iter().map(|d| d.weight_bytes).fold(0.0, f64::max),
+        },
+        "ms_per_decode_step": worst,
+        "rules_fired": rules,
+        "published": {
+            "hardware": "Ascend 800I A2, W8A8",
+            "decode_batch_1_tpot_ms_4_cards": PUBLISHED_TPOT_MS_4_CARDS_BATCH_1,
+            "note": "published figures use W8A8 weights, the estimate the checkpoint dtype",
+        },
+    }))
+}
+
+/// Resolve `--plan auto`: partition under every valid plan and keep the
+/// fastest decode step among those whose devices fit their memory (the
+/// smallest per-device footprint when none fits).
+pub fn choose_plan(
+    fused: &Module,
+    layer_fn: &str,
+    dims: super::Dims,
+    devices: usize,
+    opts: &crate::fuse::FuseOptions,
+    spec: &DeviceSpec,
+) -> Result<(Partitioned, Value)> {
+    let mut candidates = vec![];
+    let mut why = vec![];
+    for choice in [PlanChoice::Ep, PlanChoice::H2p] {
+        match super::Layout::new(dims, devices, choice) {
+            Ok(l) => {
+                if candidates.iter().any(|(p, _, _): &(Partitioned, f64, bool)| p.layout == l) {
+                    continue;
+                }
+                let parts = super::partition_module(fused, layer_fn, &l, opts)?;
+                let reps = parts.ranks.iter().map(|r| device_report(r.rank, &r.module, spec)).collect::<Result<Vec<_>>>()?;
+                let t = reps.iter().map(|d| d.ms_per_decode_step).fold(0.0, f64::max);
+                let fits = reps.iter().all(|d| d.fits_memory);
+                why.push(json!({"plan": l.plan, "ms_per_decode_step": t, "fits_memory": fits}));
+                candidates.push((parts, t, fits));
+            }
+            Err(e) => why.push(json!({"plan": choice, "invalid": e.to_string()})),
+        }
+    }
+    if candidates.is_empty() {
+        bail!("--plan auto: no plan is valid for --devices {devices}: {}", serde_json::to_string(&why)?);
+    }
+    let any_fits = candidates.iter().any(|c| c.2);
+    let best = candidates
+        .into_iter()
+        .filter(|c| c.2 || !any_fits)
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("non-empty");
+    let _ = PlanKind::Single;
+    Ok((best.0, json!({ "candidates": why })))
+}

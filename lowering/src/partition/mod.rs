@@ -1,0 +1,417 @@
+//! Multi-device partitioning: one program per device (rank) and the
+//! collectives between them, derived from the fused single-device module by
+//! rewrites in the same e-graph machinery as fusion.
+//!
+//! For each rank, the fused decoder layer is loaded into an e-graph and the
+//! rank's partitioning rules ([`rules`]) add, next to each value that needs
+//! weights the rank does not hold, an equal expression over the rank's own
+//! weight shards plus collectives:
+//!
+//! * `moe-expert-parallel`: the MoE over all expert groups equals the sum
+//!   over ranks of the MoE over each rank's groups (routing columns of its
+//!   groups, expert ids rebased to its shard of the stacked experts),
+//!   plus, with expert TP, the intermediate dimension split in halves, and
+//!   with shared-expert TP, the shared MLP split by columns/rows; the sum
+//!   is an `all_reduce` (ep) or `reduce_scatter` + `all_gather` (h2p);
+//! * `attention-tensor-parallel`: the merged QKV projection split by heads
+//!   (column split), the KV cache sharded by KV head, attention on the
+//!   rank's heads, and the output projection split by rows, its partial
+//!   sums combined by `reduce_scatter` + `all_gather`;
+//! * `slice-pushdown`: slices of weight-only values are pushed through
+//!   `concat`, `stack`, `cast` and `slice` down to the checkpoint tensors,
+//!   so that every weight the rank reads is a shard it holds.
+//!
+//! The fusion rules run in the same saturation, inside each rank's part.
+//! Extraction uses the fusion cost model plus *residency*: an e-node that
+//! reads a checkpoint tensor (or a KV-cache input) the rank does not hold,
+//! or a shard other than its own, costs infinity. So the extracted program
+//! only reads what the rank holds. A post-pass ([`signature`]) then gives
+//! the rank's functions their local signatures (sharded KV caches) and
+//! drops weights the rank does not use.
+
+pub mod estimate;
+pub mod rules;
+pub mod signature;
+
+use crate::analysis::EG;
+use crate::convert::{load_function, rebuild_function};
+use crate::extract::extract_dag;
+use crate::fuse::{enode_cost, FuseOptions};
+use crate::lang::TLang;
+use anyhow::{anyhow, bail, Context, Result};
+use egg::{Id, Runner, SimpleScheduler};
+use panguc_ir::graph::ParamKind;
+use panguc_ir::verify::verify_module;
+use panguc_ir::{Module, Op, PanguConfig};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// `--plan`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlanChoice {
+    Ep,
+    H2p,
+    Auto,
+}
+
+impl std::str::FromStr for PlanChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ep" => Ok(PlanChoice::Ep),
+            "h2p" => Ok(PlanChoice::H2p),
+            "auto" => Ok(PlanChoice::Auto),
+            other => Err(format!("unknown --plan `{other}` (known plans: ep, h2p, auto)")),
+        }
+    }
+}
+
+/// A concrete plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlanKind {
+    /// One device, nothing partitioned.
+    Single,
+    /// Expert parallel: attention and shared expert replicated, whole
+    /// expert groups per device, MoE output all-reduced.
+    Ep,
+    /// The report's hybrid: attention DP x TP, routed experts TP2 x EP,
+    /// shared expert TP over all devices.
+    H2p,
+}
+
+impl fmt::Display for PlanKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PlanKind::Single => "single",
+            PlanKind::Ep => "ep",
+            PlanKind::H2p => "h2p",
+        })
+    }
+}
+
+/// The model dimensions partitioning needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Dims {
+    pub hidden: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub experts: usize,
+    pub groups: usize,
+    pub moe_intermediate: usize,
+    pub shared_intermediate: usize,
+}
+
+impl Dims {
+    pub fn from_config(c: &PanguConfig) -> Dims {
+        Dims {
+            hidden: c.hidden_size,
+            q_heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim(),
+            experts: c.num_experts,
+            groups: c.num_groups(),
+            moe_intermediate: c.moe_intermediate_size,
+            shared_intermediate: c.shared_expert_intermediate_size,
+        }
+    }
+}
+
+/// How N devices split the model. Rank `r`:
+/// * attention: TP group `[r / attn_tp * attn_tp, +attn_tp)`, index `r % attn_tp`
+///   (the `devices / attn_tp` groups are data-parallel replicas);
+/// * routed experts: EP rank `r / expert_tp` holds expert groups
+///   `[ep * groups_per_ep, +groups_per_ep)`, TP index `r % expert_tp` holds
+///   that slice of each expert's intermediate dimension;
+/// * shared expert: TP index `r % shared_tp` over all devices (1 = replicated).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Layout {
+    pub plan: PlanKind,
+    pub devices: usize,
+    pub attn_tp: usize,
+    pub expert_tp: usize,
+    pub shared_tp: usize,
+    pub dims: Dims,
+}
+
+impl Layout {
+    /// Validate `devices` for `plan` (`Auto` is resolved by
+    /// [`estimate::choose_plan`]; here it means the default: h2p for 8
+    /// devices, ep otherwise).
+    pub fn new(dims: Dims, devices: usize, plan: PlanChoice) -> Result<Layout> {
+        if devices == 0 {
+            bail!("--devices must be at least 1");
+        }
+        if devices == 1 {
+            return Ok(Layout { plan: PlanKind::Single, devices, attn_tp: 1, expert_tp: 1, shared_tp: 1, dims });
+        }
+        let plan = match plan {
+            PlanChoice::Ep => PlanKind::Ep,
+            PlanChoice::H2p => PlanKind::H2p,
+            PlanChoice::Auto => {
+                if devices == 8 {
+                    PlanKind::H2p
+                } else {
+                    PlanKind::Ep
+                }
+            }
+        };
+        let g = dims.groups;
+        let layout = match plan {
+            PlanKind::Ep => {
+                if devices > g {
+                    bail!(
+                        "--devices {devices} exceeds the model's {g} expert groups: plan `ep` gives every device whole \
+                         expert groups; use --plan h2p (which splits experts by tensor parallelism too) or at most {g} devices"
+                    );
+                }
+                if g % devices != 0 {
+                    bail!("--devices {devices} does not divide the model's {g} expert groups (plan `ep` needs equal whole groups per device)");
+                }
+                Layout { plan, devices, attn_tp: 1, expert_tp: 1, shared_tp: 1, dims }
+            }
+            PlanKind::H2p => {
+                if devices % 2 != 0 {
+                    bail!("plan `h2p` splits routed experts TP2 x EP{{devices/2}}: --devices {devices} must be even");
+                }
+                let ep = devices / 2;
+                if ep > g || g % ep != 0 {
+                    bail!("plan `h2p`: the {ep} expert-parallel ranks (--devices {devices} / TP2) must divide the model's {g} expert groups");
+                }
+                if dims.moe_intermediate % 2 != 0 {
+                    bail!("plan `h2p`: moe_intermediate_size {} does not split in two", dims.moe_intermediate);
+                }
+                if dims.shared_intermediate % devices != 0 || dims.hidden % devices != 0 {
+                    bail!(
+                        "plan `h2p`: shared_expert_intermediate_size {} and hidden_size {} must divide by --devices {devices}",
+                        dims.shared_intermediate,
+                        dims.hidden
+                    );
+                }
+                // Attention TP4 as in the report, scaled down to what the
+                // KV heads and the device count allow (tiny models).
+                let attn_tp = (1..=4.min(devices))
+                    .rev()
+                    .find(|t| devices % t == 0 && dims.kv_heads % t == 0 && dims.q_heads % t == 0 && dims.hidden % t == 0)
+                    .unwrap_or(1);
+                Layout { plan, devices, attn_tp, expert_tp: 2, shared_tp: devices, dims }
+            }
+            PlanKind::Single => unreachable!(),
+        };
+        Ok(layout)
+    }
+
+    pub fn all(&self) -> Vec<usize> {
+        (0..self.devices).collect()
+    }
+
+    pub fn attn_group(&self, r: usize) -> Vec<usize> {
+        let start = r / self.attn_tp * self.attn_tp;
+        (start..start + self.attn_tp).collect()
+    }
+
+    pub fn expert_ep(&self) -> usize {
+        self.devices / self.expert_tp
+    }
+
+    pub fn groups_per_rank(&self) -> usize {
+        self.dims.groups / self.expert_ep()
+    }
+
+    /// Expert groups `[g0, g1)` of rank `r`.
+    pub fn local_groups(&self, r: usize) -> (usize, usize) {
+        let gp = self.groups_per_rank();
+        let ep = r / self.expert_tp;
+        (ep * gp, (ep + 1) * gp)
+    }
+
+    /// Experts `[e0, e1)` of rank `r`.
+    pub fn local_experts(&self, r: usize) -> (usize, usize) {
+        let per = self.dims.experts / self.dims.groups;
+        let (g0, g1) = self.local_groups(r);
+        (g0 * per, g1 * per)
+    }
+
+    /// Slice `[i0, i1)` of each routed expert's intermediate dimension.
+    pub fn expert_cols(&self, r: usize) -> (usize, usize) {
+        let w = self.dims.moe_intermediate / self.expert_tp;
+        let t = r % self.expert_tp;
+        (t * w, (t + 1) * w)
+    }
+
+    /// Slice of the shared expert's intermediate dimension.
+    pub fn shared_cols(&self, r: usize) -> (usize, usize) {
+        let w = self.dims.shared_intermediate / self.shared_tp;
+        let t = r % self.shared_tp;
+        (t * w, (t + 1) * w)
+    }
+
+    /// Query heads `[h0, h1)` and KV heads `[k0, k1)` of rank `r`.
+    pub fn heads(&self, r: usize) -> ((usize, usize), (usize, usize)) {
+        let t = r % self.attn_tp;
+        let (q, kv) = (self.dims.q_heads / self.attn_tp, self.dims.kv_heads / self.attn_tp);
+        ((t * q, (t + 1) * q), (t * kv, (t + 1) * kv))
+    }
+
+    /// What the checkpoint tensor / cache input `name` (a parameter name of
+    /// the decoder layer) is on rank `r`.
+    pub fn residency(&self, r: usize, name: &str) -> Residency {
+        let d = &self.dims;
+        let hd = d.head_dim;
+        let ((q0, q1), (k0, k1)) = self.heads(r);
+        if let Some(rest) = name.strip_prefix("mlp.experts.") {
+            let (idx, tensor) = rest.split_once('.').unwrap_or((rest, ""));
+            let Ok(e) = idx.parse::<usize>() else { return Residency::Full };
+            let (e0, e1) = self.local_experts(r);
+            if !(e0..e1).contains(&e) {
+                return Residency::None;
+            }
+            let (i0, i1) = self.expert_cols(r);
+            if self.expert_tp == 1 {
+                return Residency::Full;
+            }
+            return if tensor.starts_with("down_proj") { Residency::slice(1, i0, i1) } else { Residency::slice(0, i0, i1) };
+        }
+        if let Some(tensor) = name.strip_prefix("mlp.shared_expert.") {
+            if self.shared_tp == 1 {
+                return Residency::Full;
+            }
+            let (j0, j1) = self.shared_cols(r);
+            return if tensor.starts_with("down_proj") { Residency::slice(1, j0, j1) } else { Residency::slice(0, j0, j1) };
+        }
+        if self.attn_tp > 1 {
+            match name {
+                "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => return Residency::slice(0, q0 * hd, q1 * hd),
+                "self_attn.k_proj.weight" | "self_attn.k_proj.bias" | "self_attn.v_proj.weight" | "self_attn.v_proj.bias" => {
+                    return Residency::slice(0, k0 * hd, k1 * hd)
+                }
+                "self_attn.o_proj.weight" => return Residency::slice(1, q0 * hd, q1 * hd),
+                "k_cache" | "v_cache" => return Residency::slice(1, k0, k1),
+                _ => {}
+            }
+        }
+        Residency::Full
+    }
+}
+
+/// Which part of a parameter a rank holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Residency {
+    Full,
+    /// Only `x[.., start:end, ..]` along `axis`: the rank may only read it
+    /// through a slice inside that range.
+    Slice { axis: usize, start: usize, end: usize },
+    None,
+}
+
+impl Residency {
+    fn slice(axis: usize, start: usize, end: usize) -> Residency {
+        Residency::Slice { axis, start, end }
+    }
+}
+
+/// One rank's program.
+#[derive(Debug, Clone)]
+pub struct RankModule {
+    pub rank: usize,
+    pub module: Module,
+    /// Partitioning rule -> applications in this rank's e-graph.
+    pub rules_fired: BTreeMap<String, usize>,
+    pub egraph_nodes: usize,
+    pub seconds: f64,
+}
+
+/// The partitioned program.
+#[derive(Debug, Clone)]
+pub struct Partitioned {
+    pub layout: Layout,
+    pub ranks: Vec<RankModule>,
+}
+
+/// Partition the fused module for `layout`: one module per rank. With one
+/// device the module is returned unchanged.
+pub fn partition_module(fused: &Module, layer_fn: &str, layout: &Layout, opts: &FuseOptions) -> Result<Partitioned> {
+    let mut ranks = vec![];
+    for r in 0..layout.devices {
+        if layout.plan == PlanKind::Single {
+            ranks.push(RankModule { rank: 0, module: fused.clone(), rules_fired: BTreeMap::new(), egraph_nodes: 0, seconds: 0.0 });
+            continue;
+        }
+        ranks.push(partition_rank(fused, layer_fn, layout, r, opts).with_context(|| format!("partitioning rank {r}"))?);
+    }
+    Ok(Partitioned { layout: layout.clone(), ranks })
+}
+
+fn partition_rank(fused: &Module, layer_fn: &str, layout: &Layout, rank: usize, opts: &FuseOptions) -> Result<RankModule> {
+    let start = Instant::now();
+    let f = fused.function(layer_fn).ok_or_else(|| anyhow!("no function @{layer_fn} to partition"))?;
+    let loaded = load_function(fused, f);
+    let cx = Arc::new(rules::RankCx { layout: layout.clone(), rank });
+    let part_rules = rules::partition_rules(cx.clone());
+    let fusion = crate::rules::select_rules(opts.rules.as_deref()).map_err(|e| anyhow!(e))?;
+    let rewrites: Vec<_> = part_rules.iter().chain(fusion.iter().flat_map(|r| r.rewrites.iter())).collect();
+    let runner = Runner::default()
+        .with_egraph(loaded.egraph)
+        .with_iter_limit(opts.limits.iter_limit)
+        .with_node_limit(opts.limits.node_limit)
+        .with_time_limit(opts.limits.time_limit)
+        .with_scheduler(SimpleScheduler)
+        .run(rewrites);
+    let eg = runner.egraph;
+    let resident = residency_of_classes(&eg, f, &loaded.value_class, layout, rank);
+    let (profile, points) = (&opts.profile, &opts.points);
+    let extraction = extract_dag(&eg, loaded.root, |eg, class, node| {
+        if !reads_only_resident(eg, node, &resident) {
+            return f64::INFINITY;
+        }
+        enode_cost(eg, class, node, points, profile)
+    })
+    .map_err(|e| anyhow!("extracting rank {rank}'s @{layer_fn}: {e}"))?;
+    if !extraction.cost.is_finite() {
+        bail!(
+            "rank {rank}: no program of @{layer_fn} reads only the weights the rank holds (a partitioning rule did not apply)"
+        );
+    }
+    let rebuilt = rebuild_function(&eg, loaded.root, &extraction.choice, f, &loaded.value_class)
+        .map_err(|e| anyhow!("rebuilding rank {rank}'s @{layer_fn}: {e}"))?;
+    let module = signature::localize(fused, layer_fn, rebuilt).context("giving the rank its local signature")?;
+    verify_module(&module).map_err(|e| anyhow!("rank {rank}'s module fails verification: {e}"))?;
+    let rules_fired = eg.analysis.fired.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    Ok(RankModule { rank, module, rules_fired, egraph_nodes: eg.total_number_of_nodes(), seconds: start.elapsed().as_secs_f64() })
+}
+
+/// Residency of every parameter class of the loaded function.
+fn residency_of_classes(eg: &EG, f: &panguc_ir::Function, value_class: &[Id], layout: &Layout, rank: usize) -> HashMap<Id, Residency> {
+    let mut out = HashMap::new();
+    for p in &f.params {
+        let name = f.name_of(p.value);
+        let res = match &p.kind {
+            ParamKind::Weight { tensor } => layout.residency(rank, tensor),
+            ParamKind::Input => layout.residency(rank, name),
+        };
+        out.insert(eg.find(value_class[p.value.index()]), res);
+    }
+    out
+}
+
+/// False when `node` reads a parameter the rank does not hold, or a part
+/// of one outside its shard.
+fn reads_only_resident(eg: &EG, node: &TLang, resident: &HashMap<Id, Residency>) -> bool {
+    use egg::Language;
+    let slice = match crate::analysis::node_op(eg, node) {
+        Some((Op::Slice { axis, start, end }, _)) => Some((axis, start, end)),
+        _ => None,
+    };
+    node.children().iter().all(|c| match resident.get(&eg.find(*c)) {
+        None | Some(Residency::Full) => true,
+        Some(Residency::None) => false,
+        Some(Residency::Slice { axis, start, end }) => {
+            matches!(slice, Some((a, s, e)) if a == *axis && s >= *start && e <= *end)
+        }
+    })
+}

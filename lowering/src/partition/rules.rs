@@ -1,0 +1,267 @@
+//! The partitioning rewrites (see the module docs of [`super`]). Each is an
+//! egg pattern plus an applier that knows the rank it partitions for; new
+//! nodes go through [`Cx::add`], so they type-check and are recorded with
+//! the rule that introduced them, like the fusion rules' nodes.
+
+use super::{Layout, PlanKind};
+use crate::analysis::{TensorAnalysis, EG};
+use crate::lang::TLang;
+use crate::rules::Cx;
+use egg::{Applier, Id, Pattern, PatternAst, Rewrite, Subst, Symbol};
+use panguc_ir::op::{BinaryOp, CollectiveKind};
+use panguc_ir::{DType, Op};
+use std::sync::Arc;
+
+/// The rank a rule set partitions for.
+#[derive(Debug)]
+pub struct RankCx {
+    pub layout: Layout,
+    pub rank: usize,
+}
+
+type RankFn = fn(&mut Cx, &RankCx) -> Option<Vec<(Id, Id)>>;
+
+struct RankApplier {
+    rule: &'static str,
+    cx: Arc<RankCx>,
+    apply: RankFn,
+}
+
+impl Applier<TLang, TensorAnalysis> for RankApplier {
+    fn apply_one(&self, eg: &mut EG, eclass: Id, subst: &Subst, _: Option<&PatternAst<TLang>>, _: Symbol) -> Vec<Id> {
+        let mut cx = Cx { eg, subst, root: eclass, rule: self.rule };
+        let Some(pairs) = (self.apply)(&mut cx, &self.cx) else { return vec![] };
+        let mut changed = vec![];
+        for (a, b) in pairs {
+            if eg[a].data.tys != eg[b].data.tys {
+                debug_assert!(false, "rule {} tried to merge {:?} with {:?}", self.rule, eg[a].data.tys, eg[b].data.tys);
+                continue;
+            }
+            if eg.union(a, b) {
+                changed.push(a);
+            }
+        }
+        if !changed.is_empty() {
+            *eg.analysis.fired.entry(self.rule).or_default() += 1;
+        }
+        changed
+    }
+}
+
+fn rewrite(name: &'static str, pattern: &str, cx: &Arc<RankCx>, apply: RankFn) -> Rewrite<TLang, TensorAnalysis> {
+    let pat: Pattern<TLang> = pattern.parse().unwrap_or_else(|e| panic!("rule {name}: bad pattern {pattern}: {e}"));
+    Rewrite::new(name, pat, RankApplier { rule: name, cx: cx.clone(), apply }).unwrap_or_else(|e| panic!("rule {name}: {e}"))
+}
+
+/// Rule names with their one-line summaries, for reports.
+pub const RULES: &[(&str, &str)] = &[
+    ("slice-pushdown", "slice(concat|stack|cast|slice(..)) of weights -> the same over slices of the parts"),
+    (
+        "moe-expert-parallel",
+        "moe_ffn over all groups -> residual + collective-sum(grouped_matmul_moe over the rank's groups [+ shared-expert TP shard])",
+    ),
+    (
+        "attention-tensor-parallel",
+        "qkv_rope/flash_attention/o-proj -> the rank's heads (column split, sharded KV cache) + row-split o-proj with reduce_scatter + all_gather",
+    ),
+];
+
+/// The rewrites partitioning for `cx.rank`.
+pub fn partition_rules(cx: Arc<RankCx>) -> Vec<Rewrite<TLang, TensorAnalysis>> {
+    let mut out = vec![
+        rewrite("slice-pushdown", "(slice ?a ?x)", &cx, slice_pushdown),
+        rewrite("moe-expert-parallel", "(moe_ffn ?x ?w ?ids ?gu ?dn ?sgu ?sdn ?r)", &cx, moe_expert_parallel),
+    ];
+    if cx.layout.attn_tp > 1 {
+        out.push(rewrite(
+            "attention-tensor-parallel",
+            "(matmul_bias ?ma (reshape ?ra (flash_attention ?fa (proj 0 ?t) (proj 1 ?t) (proj 2 ?t) ?pos)) ?wo ?bo)",
+            &cx,
+            attention_tensor_parallel,
+        ));
+    }
+    out
+}
+
+fn dim(cx: &Cx, id: Id, axis: usize) -> Option<usize> {
+    cx.ty(id)?.shape.get(axis)?.as_const()
+}
+
+/// `x[.., s:e, ..]` along `axis` (the value itself for the full range).
+fn slice(cx: &mut Cx, x: Id, axis: usize, s: usize, e: usize) -> Option<Id> {
+    if s == 0 && dim(cx, x, axis)? == e {
+        return Some(x);
+    }
+    cx.add(Op::Slice { axis, start: s, end: e }, &[x])
+}
+
+fn coll(cx: &mut Cx, kind: CollectiveKind, group: Vec<usize>, axis: usize, x: Id) -> Option<Id> {
+    cx.add(Op::Collective { kind, group, axis }, &[x])
+}
+
+/// `slice(concat|stack|cast|slice(...))` of a weight-only value becomes the
+/// same op over slices of its operands, so slices reach the checkpoint
+/// tensors and a rank reads only its shard.
+fn slice_pushdown(cx: &mut Cx, _: &RankCx) -> Option<Vec<(Id, Id)>> {
+    let Op::Slice { axis, start, end } = cx.attr(cx.var("?a"))? else { return None };
+    let x = cx.var("?x");
+    if !cx.weight_only(x) {
+        return None;
+    }
+    let nodes = cx.eg[cx.find(x)].nodes.clone();
+    let mut pairs = vec![];
+    for node in nodes {
+        let Some((op, args)) = crate::analysis::node_op(cx.eg, &node) else { continue };
+        let args = args.to_vec();
+        let alt = match op {
+            Op::Concat { axis: b } if b == axis => {
+                let mut off = 0;
+                let mut parts = vec![];
+                for a in &args {
+                    let len = dim(cx, *a, axis)?;
+                    let (s, e) = (start.max(off), end.min(off + len));
+                    if s < e {
+                        parts.push(slice(cx, *a, axis, s - off, e - off)?);
+                    }
+                    off += len;
+                }
+                if parts.len() == 1 {
+                    parts[0]
+                } else {
+                    cx.add(Op::Concat { axis }, &parts)?
+                }
+            }
+            Op::Concat { axis: b } => {
+                let parts = args.iter().map(|a| slice(cx, *a, axis, start, end)).collect::<Option<Vec<_>>>()?;
+                cx.add(Op::Concat { axis: b }, &parts)?
+            }
+            Op::Stack { axis: b } if b == axis => cx.add(Op::Stack { axis: b }, &args[start..end])?,
+            Op::Stack { axis: b } => {
+                let inner = if axis > b { axis - 1 } else { axis };
+                let parts = args.iter().map(|a| slice(cx, *a, inner, start, end)).collect::<Option<Vec<_>>>()?;
+                cx.add(Op::Stack { axis: b }, &parts)?
+            }
+            Op::Cast { dtype } => {
+                let s = slice(cx, args[0], axis, start, end)?;
+                cx.add(Op::Cast { dtype }, &[s])?
+            }
+            Op::Slice { axis: b, start: s0, .. } if b == axis => slice(cx, args[0], axis, s0 + start, s0 + end)?,
+            _ => continue,
+        };
+        pairs.push((cx.root, alt));
+    }
+    (!pairs.is_empty()).then_some(pairs)
+}
+
+/// `moe_ffn(x, w, ids, gu, dn, sgu, sdn, r)` = `r + sum over ranks of the
+/// rank's part`: routed experts of its groups (and, with expert TP, its
+/// half of each expert's intermediate dimension) plus, with shared-expert
+/// TP, its shard of the shared MLP.
+fn moe_expert_parallel(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
+    let l = &rc.layout;
+    let (x, w, ids, gu, dn) = (cx.var("?x"), cx.var("?w"), cx.var("?ids"), cx.var("?gu"), cx.var("?dn"));
+    let (sgu, sdn, res) = (cx.var("?sgu"), cx.var("?sdn"), cx.var("?r"));
+    let (groups, experts) = (dim(cx, w, 1)?, dim(cx, gu, 0)?);
+    let inter = dim(cx, gu, 1)? / 2;
+    if groups != l.dims.groups || experts != l.dims.experts || inter != l.dims.moe_intermediate {
+        return None;
+    }
+    let r = rc.rank;
+    let (g0, g1) = l.local_groups(r);
+    let (e0, e1) = l.local_experts(r);
+    let w_l = slice(cx, w, 1, g0, g1)?;
+    let ids_s = slice(cx, ids, 1, g0, g1)?;
+    let ids_l = if e0 == 0 {
+        ids_s
+    } else {
+        let off = cx.add(Op::Scalar { value: e0 as f64, dtype: DType::I64 }, &[])?;
+        cx.add(Op::Binary(BinaryOp::Sub), &[ids_s, off])?
+    };
+    let gu_e = slice(cx, gu, 0, e0, e1)?;
+    let dn_e = slice(cx, dn, 0, e0, e1)?;
+    let (gu_l, dn_l) = if l.expert_tp > 1 {
+        let (i0, i1) = l.expert_cols(r);
+        let gate = slice(cx, gu_e, 1, i0, i1)?;
+        let up = slice(cx, gu_e, 1, inter + i0, inter + i1)?;
+        (cx.add(Op::Concat { axis: 1 }, &[gate, up])?, slice(cx, dn_e, 2, i0, i1)?)
+    } else {
+        (gu_e, dn_e)
+    };
+    let routed = cx.add(Op::GroupedMatmulMoe, &[x, w_l, ids_l, gu_l, dn_l])?;
+    let moe = if l.shared_tp == 1 {
+        let act = cx.add(Op::GateUpSwiGlu, &[x, sgu])?;
+        let shared = cx.add(Op::MatMul { transpose_b: true }, &[act, sdn])?;
+        let summed = coll(cx, CollectiveKind::AllReduce, l.all(), 0, routed)?;
+        cx.add(Op::Binary(BinaryOp::Add), &[summed, shared])?
+    } else {
+        let is = dim(cx, sgu, 0)? / 2;
+        let (j0, j1) = l.shared_cols(r);
+        let gate = slice(cx, sgu, 0, j0, j1)?;
+        let up = slice(cx, sgu, 0, is + j0, is + j1)?;
+        let sgu_l = cx.add(Op::Concat { axis: 0 }, &[gate, up])?;
+        let sdn_l = slice(cx, sdn, 1, j0, j1)?;
+        let act = cx.add(Op::GateUpSwiGlu, &[x, sgu_l])?;
+        let shared = cx.add(Op::MatMul { transpose_b: true }, &[act, sdn_l])?;
+        let partial = cx.add(Op::Binary(BinaryOp::Add), &[routed, shared])?;
+        all_reduce_rs_ag(cx, l.all(), partial)?
+    };
+    let out = cx.add(Op::Binary(BinaryOp::Add), &[res, moe])?;
+    Some(vec![(cx.root, out)])
+}
+
+/// An all-reduce over the hidden (last) axis as reduce-scatter + all-gather.
+fn all_reduce_rs_ag(cx: &mut Cx, group: Vec<usize>, x: Id) -> Option<Id> {
+    let axis = cx.ty(x)?.rank().checked_sub(1)?;
+    let rs = coll(cx, CollectiveKind::ReduceScatter, group.clone(), axis, x)?;
+    coll(cx, CollectiveKind::AllGather, group, axis, rs)
+}
+
+/// Attention on the rank's heads: the merged QKV projection split by
+/// output rows (column-parallel), the KV cache sharded by KV head, the
+/// output projection split by input columns (row-parallel) with its
+/// partial sums combined over the attention TP group.
+fn attention_tensor_parallel(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
+    let l = &rc.layout;
+    let t = cx.find(cx.var("?t"));
+    let Op::FlashAttention { scale } = cx.attr(cx.var("?fa"))? else { return None };
+    let Op::Reshape { shape } = cx.attr(cx.var("?ra"))? else { return None };
+    let Op::MatMulBias { transpose_b: true } = cx.attr(cx.var("?ma"))? else { return None };
+    let (pos, wo, bo) = (cx.var("?pos"), cx.var("?wo"), cx.var("?bo"));
+    let qkv = cx.eg[t].nodes.iter().find(|n| matches!(n, TLang::QkvRope(_))).cloned()?;
+    let TLang::QkvRope(ch) = qkv else { return None };
+    let Op::QkvRope { q_heads, kv_heads } = cx.attr(ch[0])? else { return None };
+    let [_, x, w, b, cos, sin, kc, vc] = ch;
+    let (hd, tp) = (l.dims.head_dim, l.attn_tp);
+    if q_heads != l.dims.q_heads || kv_heads != l.dims.kv_heads || q_heads % tp != 0 || kv_heads % tp != 0 {
+        return None;
+    }
+    let ((q0, q1), (k0, k1)) = l.heads(rc.rank);
+    let (qd, kvd) = (q_heads * hd, kv_heads * hd);
+    let rows = |cx: &mut Cx, m: Id| -> Option<Id> {
+        let q = slice(cx, m, 0, q0 * hd, q1 * hd)?;
+        let k = slice(cx, m, 0, qd + k0 * hd, qd + k1 * hd)?;
+        let v = slice(cx, m, 0, qd + kvd + k0 * hd, qd + kvd + k1 * hd)?;
+        cx.add(Op::Concat { axis: 0 }, &[q, k, v])
+    };
+    let w_l = rows(cx, w)?;
+    let b_l = rows(cx, b)?;
+    let kc_l = slice(cx, kc, 1, k0, k1)?;
+    let vc_l = slice(cx, vc, 1, k0, k1)?;
+    let op = Op::QkvRope { q_heads: q_heads / tp, kv_heads: kv_heads / tp };
+    let t_l = cx.add(op, &[x, w_l, b_l, cos, sin, kc_l, vc_l])?;
+    let (q_l, k_l, v_l) = (cx.proj(t_l, 0), cx.proj(t_l, 1), cx.proj(t_l, 2));
+    let ctx = cx.add(Op::FlashAttention { scale }, &[q_l, k_l, v_l, pos])?;
+    let mut local_shape = shape.clone();
+    *local_shape.last_mut()? = panguc_ir::Dim::c((q1 - q0) * hd);
+    let ctx2 = cx.add(Op::Reshape { shape: local_shape }, &[ctx])?;
+    let wo_l = slice(cx, wo, 1, q0 * hd, q1 * hd)?;
+    let partial = cx.add(Op::MatMul { transpose_b: true }, &[ctx2, wo_l])?;
+    let group = l.attn_group(rc.rank);
+    let summed = all_reduce_rs_ag(cx, group.clone(), partial)?;
+    let o = cx.add(Op::Binary(BinaryOp::Add), &[summed, bo])?;
+    let k_all = coll(cx, CollectiveKind::AllGather, group.clone(), 1, k_l)?;
+    let v_all = coll(cx, CollectiveKind::AllGather, group, 1, v_l)?;
+    let (k_full, v_full) = (cx.proj(t, 1), cx.proj(t, 2));
+    let _ = PlanKind::H2p;
+    Some(vec![(cx.root, o), (k_full, k_all), (v_full, v_all)])
+}

@@ -1,0 +1,218 @@
+//! End-to-end tests of the CPU backend: tiny checkpoint -> kernel program ->
+//! LLVM kernel library + prepared weights -> package -> runtime, compared
+//! with the reference interpreter running the same module.
+
+mod common;
+
+use clap::Parser;
+use common::*;
+use panguc_runtime::{generate, generate_batch, CpuEngine, Engine, Sampling};
+use std::path::Path;
+
+/// The bound: logits within 1e-4 relative (elementwise, relative to
+/// max(|a|, |b|, 1e-3)). The kernels follow the reference's accumulation
+/// order, so on x86-64 they are in fact bit-identical.
+const TOL: f32 = 1e-4;
+const FLOOR: f32 = 1e-3;
+
+/// A prompt longer than one tile of every kind: more rows than a GEMM
+/// register block (6) and more keys than an attention step (8).
+fn long_prompt() -> Vec<i64> {
+    (0..20).map(|i| (i * 37 + 5) % 512).collect()
+}
+
+#[test]
+fn compiled_matches_interpreter_at_prefill_and_every_decode_step() {
+    let f = fixture();
+    let ckpt = checkpoint();
+    for g in GRAPHS {
+        let m = module(&ckpt, g);
+        let mut interp = session(&m, &ckpt);
+        let mut engine = f.engine(g, 2);
+        let prompt = long_prompt();
+        let want = interp.forward(&prompt).unwrap();
+        let got = engine.forward(&prompt).unwrap();
+        assert_close(&got, &want, TOL, FLOOR, &format!("{g:?} prefill"));
+        for (step, t) in [7i64, 100, 3, 511, 0, 42].into_iter().enumerate() {
+            let want = interp.forward(&[t]).unwrap();
+            let got = engine.forward(&[t]).unwrap();
+            assert_close(&got, &want, TOL, FLOOR, &format!("{g:?} decode step {step}"));
+        }
+    }
+}
+
+#[test]
+fn batch_of_two_sequences_with_different_lengths_matches_interpreter() {
+    let f = fixture();
+    let ckpt = checkpoint();
+    let m = module(&ckpt, Graph::Pipeline);
+    let prompts = vec![vec![1, 2, 3], long_prompt()[..11].to_vec()];
+    let pool = panguc_runtime::thread_pool(2).unwrap();
+    let mut a = CpuEngine::with_pool(f.package(Graph::Pipeline), pool.clone(), Some(64)).unwrap();
+    let mut b = CpuEngine::with_pool(f.package(Graph::Pipeline), pool, Some(64)).unwrap();
+    let mut engines: Vec<&mut dyn Engine> = vec![&mut a, &mut b];
+    let greedy = Sampling::default();
+    let batch = generate_batch(&mut engines, &prompts, 5, &greedy, None).unwrap();
+    for (i, (p, got)) in prompts.iter().zip(&batch).enumerate() {
+        let want = generate(&mut session(&m, &ckpt), p, 5, &greedy, None).unwrap();
+        assert_eq!(got.generated, want.generated, "sequence {i}: tokens");
+        assert_eq!(got.prompt_logits.len(), p.len());
+        for (r, (x, y)) in got.prompt_logits.iter().zip(&want.prompt_logits).enumerate() {
+            let (x, y) = (panguc_ir::Tensor::f32(vec![x.len()], x.clone()), panguc_ir::Tensor::f32(vec![y.len()], y.clone()));
+            assert_close(&x, &y, TOL, FLOOR, &format!("sequence {i} prompt row {r}"));
+        }
+    }
+    assert_eq!(a.past(), 3 + 4, "prefill plus four decode steps");
+    assert_eq!(b.past(), 11 + 4);
+}
+
+#[test]
+fn kv_cache_decode_matches_full_recompute() {
+    let f = fixture();
+    for g in [Graph::Imported, Graph::Pipeline] {
+        let tokens = long_prompt();
+        let (prompt, rest) = tokens.split_at(9);
+        let mut inc = f.engine(g, 2);
+        inc.forward(prompt).unwrap();
+        let steps: Vec<_> = rest.iter().map(|t| inc.forward(&[*t]).unwrap()).collect();
+        let full = f.engine(g, 2).forward(&tokens).unwrap();
+        let vocab = full.shape[1];
+        for (i, step) in steps.iter().enumerate() {
+            let row = 9 + i;
+            let want = panguc_ir::Tensor::f32(vec![1, vocab], full.as_f32()[row * vocab..(row + 1) * vocab].to_vec());
+            assert_close(step, &want, TOL, FLOOR, &format!("{g:?}: decode at position {row} vs full recompute"));
+        }
+    }
+}
+
+#[test]
+fn thread_counts_one_and_two_give_identical_results() {
+    let f = fixture();
+    let sampled = Sampling { temperature: 0.9, top_k: 20, top_p: 0.95, seed: 11 };
+    for sampling in [Sampling::default(), sampled] {
+        let runs: Vec<_> = [1, 2]
+            .into_iter()
+            .map(|threads| generate(&mut f.engine(Graph::Pipeline, threads), &long_prompt(), 8, &sampling, None).unwrap())
+            .collect();
+        assert_eq!(runs[0].generated, runs[1].generated, "tokens differ between 1 and 2 threads");
+        assert_eq!(runs[0].prompt_logits, runs[1].prompt_logits, "logits differ between 1 and 2 threads");
+    }
+}
+
+fn open_err(dir: &Path) -> String {
+    format!("{:#}", panguc_runtime::open_package(dir).expect_err("the package must be refused"))
+}
+
+#[test]
+fn tampered_truncated_or_incomplete_packages_are_refused() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("pkg");
+    copy_tree(&f.packages[&Graph::Pipeline], &pkg);
+    assert!(panguc_runtime::open_package(&pkg).is_ok(), "an intact copy loads");
+
+    let weights = pkg.join("weights/layers.001.bin");
+    let original = std::fs::read(&weights).unwrap();
+    let mut flipped = original.clone();
+    flipped[original.len() / 2] ^= 0x40;
+    std::fs::write(&weights, &flipped).unwrap();
+    let e = open_err(&pkg);
+    assert!(e.contains("layers.001.bin") && e.contains("sha256"), "{e}");
+    std::fs::write(&weights, &original).unwrap();
+
+    let lib = pkg.join("cpu/libpanguc_kernels.so");
+    let bytes = std::fs::read(&lib).unwrap();
+    std::fs::write(&lib, &bytes[..bytes.len() - 100]).unwrap();
+    let e = open_err(&pkg);
+    assert!(e.contains("libpanguc_kernels.so") && e.contains("truncated"), "{e}");
+    std::fs::remove_file(&lib).unwrap();
+    let e = open_err(&pkg);
+    assert!(e.contains("missing"), "{e}");
+}
+
+#[test]
+fn compiling_twice_gives_byte_identical_packages() {
+    let f = fixture();
+    let ckpt = checkpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let again = dir.path().join("again");
+    compile(&ckpt, &module(&ckpt, Graph::Imported), &again);
+    let (a, b) = (read_tree(&f.packages[&Graph::Imported]), read_tree(&again));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "same files");
+    for (rel, bytes) in &a {
+        assert!(bytes == &b[rel], "{rel} differs between two compiles");
+    }
+    assert!(a.contains_key("cpu/libpanguc_kernels.so") && a.keys().any(|k| k.starts_with("weights/")));
+}
+
+#[test]
+fn newer_format_version_is_refused_with_a_clear_message() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("pkg");
+    copy_tree(&f.packages[&Graph::Imported], &pkg);
+    let path = pkg.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    m["format_version"] = serde_json::json!(panguc_runtime::PACKAGE_FORMAT_VERSION + 1);
+    std::fs::write(&path, serde_json::to_string(&m).unwrap()).unwrap();
+    let e = open_err(&pkg);
+    assert!(e.contains("format version") && e.contains("newer panguc"), "{e}");
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    Run(panguc::commands::RunArgs),
+    Compile(panguc::commands::CompileArgs),
+}
+
+fn cli(args: &[&str]) -> anyhow::Result<()> {
+    match Cli::try_parse_from(std::iter::once("panguc").chain(args.iter().copied()))?.cmd {
+        Cmd::Run(a) => panguc::commands::run(a),
+        Cmd::Compile(a) => panguc::commands::compile(a),
+    }
+}
+
+#[test]
+fn panguc_compile_then_run_prints_the_interpreter_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("OUT");
+    let tiny = tiny_dir();
+    let (tiny, out_s) = (tiny.to_str().unwrap(), out.to_str().unwrap());
+    cli(&["compile", tiny, "--target", "cpu", "-o", out_s]).unwrap();
+    assert!(panguc_runtime::is_package(&out));
+    let (interp_json, compiled_json) = (dir.path().join("interp.json"), dir.path().join("compiled.json"));
+    let args = ["--tokens", "1,2,3,4", "--max-new-tokens", "8", "--logits-out"];
+    let mut a: Vec<&str> = vec!["run", tiny];
+    a.extend(args);
+    a.push(interp_json.to_str().unwrap());
+    a.extend(["--engine", "interp"]);
+    cli(&a).unwrap();
+    let mut b: Vec<&str> = vec!["run", out_s];
+    b.extend(args);
+    b.push(compiled_json.to_str().unwrap());
+    cli(&b).unwrap();
+    let read = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let (i, c) = (read(&interp_json), read(&compiled_json));
+    assert_eq!(i["generated"], c["generated"], "compiled tokens differ from the interpreter's");
+    assert_eq!(c["generated"].as_array().unwrap().len(), 8);
+    assert_eq!(i["tokens"], c["tokens"]);
+
+    // Bad options fail with messages naming them.
+    let run = |extra: &[&str]| -> String {
+        let mut v = vec!["run", out_s, "--tokens", "1,2"];
+        v.extend(extra);
+        format!("{:#}", cli(&v).expect_err("must fail"))
+    };
+    assert!(run(&["--threads", "0"]).contains("--threads must be at least 1"));
+    assert!(run(&["--threads", "many"]).contains("--threads"));
+    assert!(run(&["--engine", "gpu"]).contains("unknown --engine `gpu`"));
+    assert!(run(&["--engine", "interp"]).contains("compiled package"));
+    let e = format!("{:#}", cli(&["run", tiny, "--tokens", "1", "--engine", "warp"]).unwrap_err());
+    assert!(e.contains("unknown --engine `warp`"), "{e}");
+}
