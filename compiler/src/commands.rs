@@ -127,6 +127,9 @@ pub struct RunArgs {
 
 pub fn run(a: RunArgs) -> Result<()> {
     if panguc_runtime::is_package(&a.model) {
+        if a.engine.as_deref().is_some_and(|e| e.starts_with("ascend-sim")) {
+            return crate::ascend_build::run_ascend_sim(&a);
+        }
         return crate::package_build::run_package(&a);
     }
     let ckpt = open_checkpoint(&a.model, false)?;
@@ -310,11 +313,18 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     // Scheduling is timed on its own; the code generators re-run it (it is
     // deterministic and cheap) so each backend stays self-contained.
     let t = std::time::Instant::now();
-    panguc_lowering::schedule::schedule(&piped.module, &Default::default()).context("scheduling the kernel program")?;
+    let program =
+        panguc_lowering::schedule::schedule(&piped.module, &Default::default()).context("scheduling the kernel program")?;
     let scheduling_seconds = t.elapsed().as_secs_f64();
     let codegen_started = std::time::Instant::now();
     if targets.iter().any(|t| t == "cpu") {
         crate::package_build::write_cpu_package(staging.path(), &ckpt, &piped.module, &targets, &serde_json::Value::Null)?;
+    }
+    if targets.iter().any(|t| t.starts_with("ascend")) {
+        let provider = crate::ascend_build::checkpoint_weights(&ckpt);
+        let weights: Option<&panguc_codegen_ascendc::engine::WeightProvider> = if ckpt.has_weights() { Some(&provider) } else { None };
+        report["ascend"] =
+            crate::ascend_build::write_ascend_targets(staging.path(), &program, ckpt.config(), &targets, weights)?;
     }
     if let Some(p) = &partitioned {
         let ascend = targets.iter().any(|t| t.starts_with("ascend"));
