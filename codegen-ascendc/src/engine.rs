@@ -193,7 +193,10 @@ impl panguc_runtime::Engine for AscendSimEngine {
                 let len = Self::extent(p, &self.ap, a.index(), n, self.past)?;
                 let src = &self.store[root];
                 if off + len > src.len() {
-                    bail!("launch {li}: buffer `{}` ({len} bytes at {off}) lies outside its storage", p.buffer(*a).name);
+                    bail!(
+                        "launch {li}: buffer `{}` ({len} bytes at {off}) lies outside its storage",
+                        p.buffer(*a).name
+                    );
                 }
                 args.push(src[off..off + len].to_vec());
                 spans.push((root, off, len));

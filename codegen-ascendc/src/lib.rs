@@ -24,7 +24,7 @@ pub mod sim;
 pub mod target;
 pub mod weights;
 
-pub use engine::AscendSimEngine;
 pub use emit::{emit_kernel, DeviceKernel, DeviceKernels, EmitOptions, Env, TExpr};
+pub use engine::AscendSimEngine;
 pub use sim::{sim_headers, sim_include_dir, syntax_check, SimArg, SimError, SimKernel, SimRun, Soc};
 pub use target::{DevType, Target};

@@ -70,7 +70,8 @@ fn size_prologue(dk: &DeviceKernel, shapes: &[Vec<TExpr>]) -> Result<String> {
     let mut s = String::new();
     match find(SizeDim::Tokens) {
         Some((g, i, d, a)) => {
-            let _ = writeln!(s, "    const uint64_t tokens = context->{g}({i})->GetStorageShape().GetDim({d}){};", per(a));
+            let _ =
+                writeln!(s, "    const uint64_t tokens = context->{g}({i})->GetStorageShape().GetDim({d}){};", per(a));
         }
         None => s.push_str("    const uint64_t tokens = 0;\n"),
     }

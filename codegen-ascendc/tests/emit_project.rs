@@ -36,6 +36,7 @@ fn kinds(
     inter: usize,
 ) -> Vec<(Kernel, Vec<DevType>)> {
     let t = Dim::tokens;
+    let s = || Dim::tokens().scale(8);
     let a = DevType::BF16;
     let f = DevType::F32;
     let i = DevType::I64;
@@ -121,6 +122,61 @@ fn kinds(
                 vec![vec![t(), c(h)], vec![c(vocab), c(h)], vec![t(), c(vocab)]],
             ),
             vec![a; 3],
+        ),
+        (
+            kernel(
+                "panguc_k010_rope_table",
+                KernelKind::RopeTable { kind: panguc_ir::op::RopeKind::Sin, theta: 1.6e7, head_dim: d },
+                vec![vec![t()], vec![t(), c(d)]],
+            ),
+            vec![i, a],
+        ),
+        (
+            kernel(
+                "panguc_k011_qkv_rope_append",
+                KernelKind::QkvRopeAppend { q_heads: hq, kv_heads: hkv },
+                vec![
+                    vec![t(), c((hq + 2 * hkv) * d)],
+                    vec![t(), c(d)],
+                    vec![t(), c(d)],
+                    vec![t(), c(hq), c(d)],
+                    vec![Dim::kv_len(), c(hkv), c(d)],
+                    vec![Dim::kv_len(), c(hkv), c(d)],
+                ],
+            ),
+            vec![a; 6],
+        ),
+        (
+            kernel(
+                "panguc_k012_moe_route",
+                KernelKind::MoeRoute,
+                vec![vec![t(), c(8)], vec![t(), c(8)], vec![c(e + 1)], vec![s()], vec![s()], vec![s()]],
+            ),
+            vec![f, i, i, i, f, i],
+        ),
+        (
+            kernel(
+                "panguc_k013_moe_gate_up",
+                KernelKind::MoeGateUp,
+                vec![vec![t(), c(h)], vec![c(e + 1)], vec![s()], vec![c(e), c(2 * inter), c(h)], vec![s(), c(inter)]],
+            ),
+            vec![a, i, i, a, a],
+        ),
+        (
+            kernel(
+                "panguc_k014_moe_down",
+                KernelKind::MoeDown,
+                vec![vec![s(), c(inter)], vec![c(e + 1)], vec![s()], vec![c(e), c(h), c(inter)], vec![s(), c(h)]],
+            ),
+            vec![a, i, f, a, a],
+        ),
+        (
+            kernel(
+                "panguc_k015_moe_combine",
+                KernelKind::MoeCombine { shared_residual: true },
+                vec![vec![s(), c(h)], vec![s()], vec![t(), c(h)], vec![t(), c(h)], vec![t(), c(h)]],
+            ),
+            vec![a, i, a, a, a],
         ),
     ]
 }
@@ -216,16 +272,9 @@ fn bad_inputs_are_refused_clearly() {
     let e = emit_kernel(&k, &[DevType::BF16; 3], &opts).unwrap_err().to_string();
     assert!(e.contains("multiples of 16"), "{e}");
     // A kind without an AscendC kernel names itself.
-    let k = kernel(
-        "panguc_k004_moe_route",
-        KernelKind::MoeRoute,
-        vec![vec![t(), c(8)], vec![t(), c(8)], vec![c(65)], vec![t()], vec![t()], vec![t()]],
-    );
-    let e =
-        emit_kernel(&k, &[DevType::F32, DevType::I64, DevType::I64, DevType::I64, DevType::F32, DevType::I64], &opts)
-            .unwrap_err()
-            .to_string();
-    assert!(e.contains("moe_route") && e.contains("not implemented"), "{e}");
+    let k = kernel("panguc_k004_causal_mask", KernelKind::CausalMask, vec![vec![t()], vec![t(), Dim::kv_len()]]);
+    let e = emit_kernel(&k, &[DevType::I64, DevType::BF16], &opts).unwrap_err().to_string();
+    assert!(e.contains("causal_mask") && e.contains("no AscendC implementation"), "{e}");
 }
 
 /// A small hand-built program (embedding -> norm -> lm_head): project tree

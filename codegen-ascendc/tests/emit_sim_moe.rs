@@ -84,7 +84,13 @@ fn rope_tables_cos_and_sin() {
                 // f32 angles (as HF computes them) against the reference's f64:
                 // |error| <= pos * 2^-24, plus the output rounding.
                 let floor = 0.1f32.max((past + t) as f32 * 6e-8 / tol(act));
-                assert_close(&decode(act, &args[1]), want.as_f32(), tol(act), floor, &format!("{kind:?} {target} T={t}"));
+                assert_close(
+                    &decode(act, &args[1]),
+                    want.as_f32(),
+                    tol(act),
+                    floor,
+                    &format!("{kind:?} {target} T={t}"),
+                );
             }
         }
     }
@@ -118,8 +124,14 @@ fn qkv_rope_append_prefill_and_decode() {
             let kc = round_through(act, &rand_vec(&mut rng, kv * hkv * d));
             let vc = round_through(act, &rand_vec(&mut rng, kv * hkv * d));
             let sz = act.size() as usize;
-            let mut args =
-                vec![encode(act, &y), encode(act, &cos), encode(act, &sin), vec![0; tu * hq * d * sz], encode(act, &kc), encode(act, &vc)];
+            let mut args = vec![
+                encode(act, &y),
+                encode(act, &cos),
+                encode(act, &sin),
+                vec![0; tu * hq * d * sz],
+                encode(act, &kc),
+                encode(act, &vc),
+            ];
             run_kernels(&dk, target, &env(t, past), &mut args).unwrap();
             // Reference: split heads, interp::rope on q and k, append k and v.
             let heads = |h0: usize, n: usize| -> Vec<f32> {
@@ -165,7 +177,9 @@ fn route_ref(ids: &[i64], weights: &[f32], experts: usize, groups: usize) -> (Ve
 /// that some experts get many rows and others none.
 fn gating_ids(rng: &mut ChaCha8Rng, tokens: usize, experts: usize, groups: usize) -> Vec<i64> {
     let per = experts / groups;
-    (0..tokens * groups).map(|s| ((s % groups) * per + rng.random_range(0..per).min(rng.random_range(0..per))) as i64).collect()
+    (0..tokens * groups)
+        .map(|s| ((s % groups) * per + rng.random_range(0..per).min(rng.random_range(0..per))) as i64)
+        .collect()
 }
 
 #[test]
@@ -176,14 +190,28 @@ fn moe_route_counting_sort() {
         let k = kernel(
             "panguc_k011_moe_route",
             KernelKind::MoeRoute,
-            vec![vec![Dim::tokens(), c(g)], vec![Dim::tokens(), c(g)], vec![c(e + 1)], vec![slots()], vec![slots()], vec![slots()]],
+            vec![
+                vec![Dim::tokens(), c(g)],
+                vec![Dim::tokens(), c(g)],
+                vec![c(e + 1)],
+                vec![slots()],
+                vec![slots()],
+                vec![slots()],
+            ],
         );
         let dk = emit(&k, &[F, I, I, I, F, I], target, act);
         for t in TOKENS {
             let n = t as usize * g;
             let ids = gating_ids(&mut rng, t as usize, e, g);
             let w: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..1.0)).collect();
-            let mut args = vec![encode(F, &w), encode_i64(&ids), vec![0; (e + 1) * 8], vec![0; n * 8], vec![0; n * 4], vec![0; n * 8]];
+            let mut args = vec![
+                encode(F, &w),
+                encode_i64(&ids),
+                vec![0; (e + 1) * 8],
+                vec![0; n * 8],
+                vec![0; n * 4],
+                vec![0; n * 8],
+            ];
             run_kernels(&dk, target, &env(t, 0), &mut args).unwrap();
             let (off, rows, rw, sr) = route_ref(&ids, &w, e, g);
             assert_eq!(decode_i64(&args[2]), off, "offsets {target} T={t}");
@@ -206,12 +234,24 @@ fn moe_gate_up_and_down_grouped_gemm() {
         let gu = kernel(
             "panguc_k012_moe_gate_up",
             KernelKind::MoeGateUp,
-            vec![vec![Dim::tokens(), c(h)], vec![c(e + 1)], vec![slots()], vec![c(e), c(2 * inter), c(h)], vec![slots(), c(inter)]],
+            vec![
+                vec![Dim::tokens(), c(h)],
+                vec![c(e + 1)],
+                vec![slots()],
+                vec![c(e), c(2 * inter), c(h)],
+                vec![slots(), c(inter)],
+            ],
         );
         let dn = kernel(
             "panguc_k013_moe_down",
             KernelKind::MoeDown,
-            vec![vec![slots(), c(inter)], vec![c(e + 1)], vec![slots()], vec![c(e), c(h), c(inter)], vec![slots(), c(h)]],
+            vec![
+                vec![slots(), c(inter)],
+                vec![c(e + 1)],
+                vec![slots()],
+                vec![c(e), c(h), c(inter)],
+                vec![slots(), c(h)],
+            ],
         );
         let dgu = emit(&gu, &[act, I, I, act, act], target, act);
         let ddn = emit(&dn, &[act, I, F, act, act], target, act);
@@ -225,13 +265,17 @@ fn moe_gate_up_and_down_grouped_gemm() {
             let experts = expert_of_rows(&off);
             let x = round_through(act, &rand_vec(&mut rng, tu * h));
             let sz = act.size() as usize;
-            let mut args = vec![encode(act, &x), encode_i64(&off), encode_i64(&rows), encode(act, &wgu), vec![0; n * inter * sz]];
+            let mut args =
+                vec![encode(act, &x), encode_i64(&off), encode_i64(&rows), encode(act, &wgu), vec![0; n * inter * sz]];
             run_kernels(&dgu, target, &env(t, 0), &mut args).unwrap();
             let got = decode(act, &args[4]);
             let mut want = vec![];
             for r in 0..n {
                 let xr = Tensor::f32(vec![1, h], x[rows[r] as usize * h..(rows[r] as usize + 1) * h].to_vec());
-                let we = Tensor::f32(vec![2 * inter, h], wgu[experts[r] * 2 * inter * h..(experts[r] + 1) * 2 * inter * h].to_vec());
+                let we = Tensor::f32(
+                    vec![2 * inter, h],
+                    wgu[experts[r] * 2 * inter * h..(experts[r] + 1) * 2 * inter * h].to_vec(),
+                );
                 let p = panguc_ir::kernels::matmul(&xr, &we, true).unwrap();
                 let p = p.as_f32();
                 want.extend((0..inter).map(|j| p[j] * panguc_ir::kernels::sigmoid(p[j]) * p[inter + j]));
@@ -239,13 +283,15 @@ fn moe_gate_up_and_down_grouped_gemm() {
             assert_close(&got, &want, tol(act), 2.0, &format!("moe_gate_up {target} T={t}"));
 
             let a = round_through(act, &rand_vec(&mut rng, n * inter));
-            let mut args = vec![encode(act, &a), encode_i64(&off), encode(F, &rw), encode(act, &wdn), vec![0; n * h * sz]];
+            let mut args =
+                vec![encode(act, &a), encode_i64(&off), encode(F, &rw), encode(act, &wdn), vec![0; n * h * sz]];
             run_kernels(&ddn, target, &env(t, 0), &mut args).unwrap();
             let got = decode(act, &args[4]);
             let mut want = vec![];
             for r in 0..n {
                 let ar = Tensor::f32(vec![1, inter], a[r * inter..(r + 1) * inter].to_vec());
-                let we = Tensor::f32(vec![h, inter], wdn[experts[r] * h * inter..(experts[r] + 1) * h * inter].to_vec());
+                let we =
+                    Tensor::f32(vec![h, inter], wdn[experts[r] * h * inter..(experts[r] + 1) * h * inter].to_vec());
                 let p = panguc_ir::kernels::matmul(&ar, &we, true).unwrap();
                 want.extend(p.as_f32().iter().map(|v| rw[r] * v));
             }
@@ -290,10 +336,20 @@ fn moe_combine_with_and_without_shared_residual() {
                     .map(|i| {
                         let (tok, j) = (i / h, i % h);
                         let routed: f32 = (0..g).map(|gg| ys[perm[tok * g + gg] as usize * h + j]).sum();
-                        if shared { res[i] + (routed + sh[i]) } else { routed }
+                        if shared {
+                            res[i] + (routed + sh[i])
+                        } else {
+                            routed
+                        }
                     })
                     .collect();
-                assert_close(&decode(act, args.last().unwrap()), &want, tol(act), 1.0, &format!("combine {shared} {target} T={t}"));
+                assert_close(
+                    &decode(act, args.last().unwrap()),
+                    &want,
+                    tol(act),
+                    1.0,
+                    &format!("combine {shared} {target} T={t}"),
+                );
             }
         }
     }

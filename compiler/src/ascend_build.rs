@@ -39,7 +39,9 @@ pub fn ascend_targets(targets: &[String]) -> Result<Vec<Target>> {
 
 /// A weight provider over a checkpoint: the prepared weight's bytes in its
 /// storage dtype and layout, evaluated like the CPU package does.
-pub fn checkpoint_weights(ckpt: &crate::frontend::Checkpoint) -> impl Fn(&panguc_ir::kernel::PreparedWeight) -> Result<Vec<u8>> + '_ {
+pub fn checkpoint_weights(
+    ckpt: &crate::frontend::Checkpoint,
+) -> impl Fn(&panguc_ir::kernel::PreparedWeight) -> Result<Vec<u8>> + '_ {
     move |w| crate::package_build::prepared_bytes(ckpt, w)
 }
 
@@ -261,8 +263,11 @@ mod tests {
         let prompt = [1i64, 2, 3, 4];
         let greedy = panguc_runtime::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
         let interp = panguc_ir::interp::Interpreter::new(&module, &ckpt);
-        let mut session =
-            panguc_ir::session::InterpSession::new(interp, cfg.num_hidden_layers, [cfg.num_key_value_heads, cfg.head_dim()]);
+        let mut session = panguc_ir::session::InterpSession::new(
+            interp,
+            cfg.num_hidden_layers,
+            [cfg.num_key_value_heads, cfg.head_dim()],
+        );
         let want = panguc_runtime::generate(&mut session, &prompt, 8, &greedy, None).unwrap();
         let provider = checkpoint_weights(&ckpt);
         let mut sim = AscendSimEngine::new(p.clone(), Target::Ascend910B, DevType::F32, &provider, 16).unwrap();
@@ -281,5 +286,18 @@ mod tests {
             eprintln!("{t} {act}: max |logit diff| {d} (max |logit| {scale})");
             assert!(d <= tol * scale.max(1.0), "{t} {act}: max |logit diff| {d} vs max |logit| {scale}");
         }
+    }
+
+    /// `AscendSimEngine::from_package` on a package made by
+    /// `panguc compile examples/tiny-pangu --target cpu,... -o $PANGUC_ASCEND_SIM_PACKAGE`
+    /// (manual: needs the package on disk).
+    #[test]
+    #[ignore]
+    fn ascend_sim_engine_from_a_package() {
+        let dir = PathBuf::from(std::env::var("PANGUC_ASCEND_SIM_PACKAGE").expect("PANGUC_ASCEND_SIM_PACKAGE"));
+        let mut e = AscendSimEngine::from_package(&dir, Target::Ascend910B, DevType::F32, 16).unwrap();
+        let greedy = panguc_runtime::Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
+        let g = panguc_runtime::generate(&mut e, &[1, 2, 3, 4], 8, &greedy, None).unwrap();
+        println!("ascend-sim tokens: {:?}", g.generated);
     }
 }

@@ -391,12 +391,16 @@ pub(crate) fn epilogue_kernel(ctx: &Ctx, s: EpilogueSpec) -> Result<DeviceKernel
     let (mut bias_param, mut bias_arg) =
         if ep == Epilogue::Bias { ("GM_ADDR bias, ".to_string(), "bias, ".to_string()) } else { Default::default() };
     let mut bias_init = if ep == Epilogue::Bias {
-        "        biasGm.SetGlobalBuffer((__gm__ B*)bias, n);\n        pipe.InitBuffer(inB, 2, nTile * sizeof(B));\n".to_string()
+        "        biasGm.SetGlobalBuffer((__gm__ B*)bias, n);\n        pipe.InitBuffer(inB, 2, nTile * sizeof(B));\n"
+            .to_string()
     } else {
         String::new()
     };
-    let mut bias_members =
-        if ep == Epilogue::Bias { "    TQue<TPosition::VECIN, 2> inB;\n    GlobalTensor<B> biasGm;\n".to_string() } else { String::new() };
+    let mut bias_members = if ep == Epilogue::Bias {
+        "    TQue<TPosition::VECIN, 2> inB;\n    GlobalTensor<B> biasGm;\n".to_string()
+    } else {
+        String::new()
+    };
     let load = if swiglu {
         "            DataCopy(x, cGm[r * cols + c0], len);\n            DataCopy(x[nTile], cGm[r * cols + n + c0], len);\n"
     } else {

@@ -16,8 +16,7 @@
 use super::cube::{epilogue_kernel, BaseTile, EpilogueSpec};
 use super::vector::{need_aligned, tiles_fields, vector_kernel, PRELUDE, RANGE};
 use super::{
-    fill, head, r32, ArgRef, CoreType, Ctx, DeviceKernel, DeviceKernels, Env, Param, Role, TExpr, TempBuf,
-    TilingField,
+    fill, head, r32, ArgRef, CoreType, Ctx, DeviceKernel, DeviceKernels, Env, Param, Role, TExpr, TempBuf, TilingField,
 };
 use crate::target::DevType;
 use anyhow::{bail, Result};
@@ -362,7 +361,10 @@ fn grouped(ctx: &Ctx, gather: bool) -> Result<DeviceKernels> {
         bail!("{}: row weights must be f32 on the device", ctx.k.name);
     }
     if !n_w.is_multiple_of(16) || !k.is_multiple_of(16) {
-        bail!("{}: cannot be tiled: expert matmul N = {n_w} and K = {k} must be multiples of 16 (cube fractals)", ctx.k.name);
+        bail!(
+            "{}: cannot be tiled: expert matmul N = {n_w} and K = {k} must be multiples of 16 (cube fractals)",
+            ctx.k.name
+        );
     }
     let target = ctx.target();
     let base = BaseTile::for_type(t);
@@ -401,7 +403,8 @@ fn grouped(ctx: &Ctx, gather: bool) -> Result<DeviceKernels> {
         TilingField::u32("baseK", TExpr::c(base.k)),
     ];
     let c_param = |role| Param { name: "c".into(), dtype: DevType::F32, role, arg: ArgRef::Temp(0) };
-    let mut params = vec![ctx.param(if gather { "x" } else { "act" }, 0, Role::Input), ctx.param("offsets", 1, Role::Input)];
+    let mut params =
+        vec![ctx.param(if gather { "x" } else { "act" }, 0, Role::Input), ctx.param("offsets", 1, Role::Input)];
     if gather {
         params.push(ctx.param("rows", 2, Role::Input));
     }
