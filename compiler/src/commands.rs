@@ -263,7 +263,12 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     let module = import(&ckpt)?;
     let import_seconds = started.elapsed().as_secs_f64();
 
-    let mut opts = crate::pipeline::PipelineOptions { dump_ir: a.dump_ir.clone(), validate: a.validate, profile_file: a.profiles.clone(), ..Default::default() };
+    let mut opts = crate::pipeline::PipelineOptions {
+        dump_ir: a.dump_ir.clone(),
+        validate: a.validate,
+        profile_file: a.profiles.clone(),
+        ..Default::default()
+    };
     if let Some(n) = a.iter_limit {
         opts.iter_limit = n;
     }
@@ -285,12 +290,20 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         if targets.iter().any(|t| t == "cpu") {
             bail!("--devices {} with --target cpu: the compiled CPU engine cannot run partitioned programs yet (collective kernels are missing); use --target ir or an ascend target", a.devices);
         }
-        let profile_name = if targets.iter().any(|t| t == "ascend310p") { "ascend310p3" } else { opts.cost_profile.as_str() };
+        let profile_name =
+            if targets.iter().any(|t| t == "ascend310p") { "ascend310p3" } else { opts.cost_profile.as_str() };
         let profile = panguc_lowering::builtin_profiles()
             .into_iter()
             .find(|p| p.name == profile_name)
             .ok_or_else(|| anyhow::anyhow!("no hardware profile `{profile_name}`"))?;
-        let popts = crate::partition_build::PartitionOptions { devices: a.devices, plan, plan_by_cost, profile, link: None, context: a.context };
+        let popts = crate::partition_build::PartitionOptions {
+            devices: a.devices,
+            plan,
+            plan_by_cost,
+            profile,
+            link: None,
+            context: a.context,
+        };
         let fuse = panguc_lowering::fuse::FuseOptions::default();
         Some(crate::partition_build::partition(ckpt.config(), &piped.module, crate::import::LAYER_FN, &popts, &fuse)?)
     } else {
@@ -313,22 +326,33 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     // Scheduling is timed on its own; the code generators re-run it (it is
     // deterministic and cheap) so each backend stays self-contained.
     let t = std::time::Instant::now();
-    let program =
-        panguc_lowering::schedule::schedule(&piped.module, &Default::default()).context("scheduling the kernel program")?;
+    let program = panguc_lowering::schedule::schedule(&piped.module, &Default::default())
+        .context("scheduling the kernel program")?;
     let scheduling_seconds = t.elapsed().as_secs_f64();
     let codegen_started = std::time::Instant::now();
     if targets.iter().any(|t| t == "cpu") {
-        crate::package_build::write_cpu_package(staging.path(), &ckpt, &piped.module, &targets, &serde_json::Value::Null)?;
+        crate::package_build::write_cpu_package(
+            staging.path(),
+            &ckpt,
+            &piped.module,
+            &targets,
+            &serde_json::Value::Null,
+        )?;
     }
     if targets.iter().any(|t| t.starts_with("ascend")) {
         let provider = crate::ascend_build::checkpoint_weights(&ckpt);
-        let weights: Option<&panguc_codegen_ascendc::engine::WeightProvider> = if ckpt.has_weights() { Some(&provider) } else { None };
+        let weights: Option<&panguc_codegen_ascendc::engine::WeightProvider> =
+            if ckpt.has_weights() { Some(&provider) } else { None };
         report["ascend"] =
             crate::ascend_build::write_ascend_targets(staging.path(), &program, ckpt.config(), &targets, weights)?;
     }
     if let Some(p) = &partitioned {
         let ascend = targets.iter().any(|t| t.starts_with("ascend"));
-        let weight_dtype = module.functions[crate::import::LAYER_FN].weight_params().next().map(|(p, _)| module.functions[crate::import::LAYER_FN].ty(p.value).dtype).unwrap_or(DType::BF16);
+        let weight_dtype = module.functions[crate::import::LAYER_FN]
+            .weight_params()
+            .next()
+            .map(|(p, _)| module.functions[crate::import::LAYER_FN].ty(p.value).dtype)
+            .unwrap_or(DType::BF16);
         crate::partition_build::write_rank_programs(staging.path(), p, weight_dtype, ascend)?;
         report["partition"] = p.report.clone();
     }
@@ -340,13 +364,15 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         phases["codegen"] = serde_json::json!(codegen_started.elapsed().as_secs_f64());
     }
     let report_path = staging.path().join("report.json");
-    std::fs::write(&report_path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", report_path.display()))?;
+    std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", report_path.display()))?;
 
     if a.out.exists() {
         std::fs::remove_dir_all(&a.out).with_context(|| format!("removing the old {}", a.out.display()))?;
     }
     let staged = staging.keep();
-    std::fs::rename(&staged, &a.out).with_context(|| format!("moving the package into place at {}", a.out.display()))?;
+    std::fs::rename(&staged, &a.out)
+        .with_context(|| format!("moving the package into place at {}", a.out.display()))?;
     emit(&piped.summary);
     if let Some(p) = &partitioned {
         emit(&p.summary);

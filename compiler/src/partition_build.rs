@@ -56,7 +56,13 @@ pub struct PartitionOutput {
 }
 
 /// Partition `fused` (the output of the fusion pipeline) for `opts`.
-pub fn partition(cfg: &PanguConfig, fused: &Module, layer_fn: &str, opts: &PartitionOptions, fuse: &FuseOptions) -> Result<PartitionOutput> {
+pub fn partition(
+    cfg: &PanguConfig,
+    fused: &Module,
+    layer_fn: &str,
+    opts: &PartitionOptions,
+    fuse: &FuseOptions,
+) -> Result<PartitionOutput> {
     let dims = Dims::from_config(cfg);
     let link = opts.link.clone().unwrap_or_else(|| Interconnect::for_profile(&opts.profile));
     let spec = DeviceSpec { context: opts.context, prefill_tokens: 2048, profile: opts.profile.clone(), link };
@@ -76,8 +82,11 @@ pub fn partition(cfg: &PanguConfig, fused: &Module, layer_fn: &str, opts: &Parti
     let _ = writeln!(
         summary,
         "partition: plan {} on {} devices (attention {}, routed experts {}, shared expert {})",
-        l.plan, l.devices, report["layout"]["attention"].as_str().unwrap_or("?"),
-        report["layout"]["routed_experts"].as_str().unwrap_or("?"), report["layout"]["shared_expert"].as_str().unwrap_or("?")
+        l.plan,
+        l.devices,
+        report["layout"]["attention"].as_str().unwrap_or("?"),
+        report["layout"]["routed_experts"].as_str().unwrap_or("?"),
+        report["layout"]["shared_expert"].as_str().unwrap_or("?")
     );
     for d in report["per_device"].as_array().into_iter().flatten() {
         let gb = |k: &str| d[k].as_f64().unwrap_or(0.0) / 1e9;
@@ -92,7 +101,9 @@ pub fn partition(cfg: &PanguConfig, fused: &Module, layer_fn: &str, opts: &Parti
     let _ = writeln!(
         summary,
         "  published (800I A2, W8A8, 4 cards, batch 1): {} ms TPOT; estimate {:.2} ms on {}",
-        report["published"]["decode_batch_1_tpot_ms_4_cards"], report["ms_per_decode_step"].as_f64().unwrap_or(0.0), opts.profile.name
+        report["published"]["decode_batch_1_tpot_ms_4_cards"],
+        report["ms_per_decode_step"].as_f64().unwrap_or(0.0),
+        opts.profile.name
     );
     Ok(PartitionOutput { parts, report, summary })
 }
@@ -105,7 +116,8 @@ pub fn write_rank_programs(staging: &Path, out: &PartitionOutput, weight_dtype: 
         let dir = staging.join(format!("ranks/rank{}", r.rank));
         std::fs::create_dir_all(dir.join("ir")).with_context(|| format!("creating {}", dir.display()))?;
         let ir = format!("ranks/rank{}/ir/partitioned.txt", r.rank);
-        std::fs::write(staging.join(&ir), panguc_ir::text::print_module(&r.module)).with_context(|| format!("writing {ir}"))?;
+        std::fs::write(staging.join(&ir), panguc_ir::text::print_module(&r.module))
+            .with_context(|| format!("writing {ir}"))?;
         let colls = collectives(&r.module, weight_dtype);
         if ascend {
             let path = dir.join("hccl_collectives.cpp");
@@ -129,7 +141,8 @@ pub fn write_rank_programs(staging: &Path, out: &PartitionOutput, weight_dtype: 
         "ranks": ranks,
     });
     let path = staging.join("partition.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n").with_context(|| format!("writing {}", path.display()))
+    std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Each checkpoint tensor the rank reads, with the shard it holds.
@@ -156,7 +169,8 @@ fn rank_weights(m: &Module) -> Vec<Value> {
                     _ => None,
                 })
                 .collect();
-            let all_sliced = f.nodes.iter().filter(|n| n.args.contains(&p.value)).all(|n| matches!(n.op, Op::Slice { .. }));
+            let all_sliced =
+                f.nodes.iter().filter(|n| n.args.contains(&p.value)).all(|n| matches!(n.op, Op::Slice { .. }));
             for prefix in &pfx {
                 out.push(json!({
                     "tensor": format!("{prefix}{tensor}"),
@@ -187,7 +201,12 @@ fn collectives(m: &Module, weight_dtype: DType) -> Vec<Value> {
         for n in &f.nodes {
             let Op::Collective { kind, group, axis } = &n.op else { continue };
             let ty = f.ty(n.args[0]);
-            let count = ty.shape.iter().try_fold(Dim::c(1), |acc, d| acc.mul(d)).map(|d| d.to_string()).unwrap_or_else(|| "?".into());
+            let count = ty
+                .shape
+                .iter()
+                .try_fold(Dim::c(1), |acc, d| acc.mul(d))
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "?".into());
             let (call, reduce) = match kind {
                 CollectiveKind::AllReduce => ("HcclAllReduce", true),
                 CollectiveKind::AllGather => ("HcclAllGather", false),
@@ -238,7 +257,8 @@ fn activation_dtype(w: DType) -> &'static str {
 pub fn hccl_source(rank: usize, devices: usize, colls: &[Value]) -> String {
     let mut groups: Vec<Vec<u64>> = vec![];
     for c in colls {
-        let g: Vec<u64> = c["group"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default();
+        let g: Vec<u64> =
+            c["group"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default();
         if !groups.contains(&g) {
             groups.push(g);
         }
@@ -247,9 +267,16 @@ pub fn hccl_source(rank: usize, devices: usize, colls: &[Value]) -> String {
     let _ = writeln!(s, "// Generated by panguc: HCCL collectives of rank {rank} of {devices}. Do not edit.");
     let _ = writeln!(s, "// Call panguc_hccl_init once, then the collective functions in the order listed");
     let _ = writeln!(s, "// (each decoder layer issues its collectives in this order), on the compute stream.");
-    let _ = writeln!(s, "#include <cstdint>\n#include \"acl/acl.h\"\n#include \"hccl/hccl.h\"\n#include \"hccl/hccl_types.h\"\n");
+    let _ = writeln!(
+        s,
+        "#include <cstdint>\n#include \"acl/acl.h\"\n#include \"hccl/hccl.h\"\n#include \"hccl/hccl_types.h\"\n"
+    );
     let _ = writeln!(s, "namespace panguc_rank{rank} {{\n");
-    let _ = writeln!(s, "constexpr uint32_t kRank = {rank};\nconstexpr uint32_t kNumComms = {};\nstatic HcclComm g_comm[kNumComms];\n", groups.len());
+    let _ = writeln!(
+        s,
+        "constexpr uint32_t kRank = {rank};\nconstexpr uint32_t kNumComms = {};\nstatic HcclComm g_comm[kNumComms];\n",
+        groups.len()
+    );
     for (i, g) in groups.iter().enumerate() {
         let _ = writeln!(s, "// communicator {i}: ranks {g:?}");
     }
@@ -261,18 +288,31 @@ pub fn hccl_source(rank: usize, devices: usize, colls: &[Value]) -> String {
     }
     let _ = writeln!(s, "  return HCCL_SUCCESS;\n}}\n");
     for (k, c) in colls.iter().enumerate() {
-        let g: Vec<u64> = c["group"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default();
+        let g: Vec<u64> =
+            c["group"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).collect()).unwrap_or_default();
         let ci = groups.iter().position(|x| *x == g).unwrap_or(0);
         let n = g.len();
         let count = c["send_count"].as_str().unwrap_or("0");
         let dt = c["dtype"].as_str().unwrap_or("HCCL_DATA_TYPE_BFP16");
-        let _ = writeln!(s, "// #{k} @{}: %{} = {} of {} over {:?}", c["function"].as_str().unwrap_or(""), c["value"].as_str().unwrap_or(""), c["op"].as_str().unwrap_or(""), c["send_type"].as_str().unwrap_or(""), g);
+        let _ = writeln!(
+            s,
+            "// #{k} @{}: %{} = {} of {} over {:?}",
+            c["function"].as_str().unwrap_or(""),
+            c["value"].as_str().unwrap_or(""),
+            c["op"].as_str().unwrap_or(""),
+            c["send_type"].as_str().unwrap_or(""),
+            g
+        );
         let _ = writeln!(s, "extern \"C\" HcclResult panguc_collective_{k}(void* send, void* recv, uint64_t tokens, uint64_t past, aclrtStream stream) {{");
         let _ = writeln!(s, "  (void)tokens; (void)past;\n  const uint64_t send_count = {count};");
         let body = match c["hccl"].as_str().unwrap_or("") {
-            "HcclAllReduce" => format!("HcclAllReduce(send, recv, send_count, {dt}, HCCL_REDUCE_SUM, g_comm[{ci}], stream)"),
+            "HcclAllReduce" => {
+                format!("HcclAllReduce(send, recv, send_count, {dt}, HCCL_REDUCE_SUM, g_comm[{ci}], stream)")
+            }
             "HcclAllGather" => format!("HcclAllGather(send, recv, send_count, {dt}, g_comm[{ci}], stream)"),
-            "HcclReduceScatter" => format!("HcclReduceScatter(send, recv, send_count / {n}, {dt}, HCCL_REDUCE_SUM, g_comm[{ci}], stream)"),
+            "HcclReduceScatter" => {
+                format!("HcclReduceScatter(send, recv, send_count / {n}, {dt}, HCCL_REDUCE_SUM, g_comm[{ci}], stream)")
+            }
             _ => {
                 let _ = writeln!(s, "  uint64_t counts[{n}], displs[{n}];\n  for (uint64_t i = 0; i < {n}; ++i) {{ counts[i] = send_count / {n}; displs[i] = i * (send_count / {n}); }}");
                 format!("HcclAlltoAllV(send, counts, displs, {dt}, recv, counts, displs, {dt}, g_comm[{ci}], stream)")
@@ -280,7 +320,8 @@ pub fn hccl_source(rank: usize, devices: usize, colls: &[Value]) -> String {
         };
         let _ = writeln!(s, "  return {body};\n}}\n");
     }
-    let _ = writeln!(s, "extern \"C\" void panguc_hccl_finalize() {{\n  for (auto& c : g_comm) HcclCommDestroy(c);\n}}\n");
+    let _ =
+        writeln!(s, "extern \"C\" void panguc_hccl_finalize() {{\n  for (auto& c : g_comm) HcclCommDestroy(c);\n}}\n");
     let _ = writeln!(s, "}}  // namespace panguc_rank{rank}");
     s
 }

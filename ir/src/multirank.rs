@@ -61,7 +61,10 @@ pub fn collective(
     };
     let chunk = |t: &Tensor, j: usize| -> Result<Tensor> {
         let len = t.shape[axis];
-        ensure!(len % n == 0, "collective over {group:?}: axis {axis} of length {len} does not split {n} ways");
+        ensure!(
+            len.is_multiple_of(n),
+            "collective over {group:?}: axis {axis} of length {len} does not split {n} ways"
+        );
         Ok(k::slice(t, axis, j * len / n, (j + 1) * len / n))
     };
     Ok(match kind {
@@ -82,10 +85,14 @@ pub struct InProcessComm {
     timeout: Duration,
 }
 
+/// One collective in flight: the ranks' contributions (by position in the
+/// group) and how many ranks have yet to read the result.
+type Slot = (Vec<Option<Tensor>>, usize);
+
 #[derive(Default)]
 struct CommState {
-    /// (group, sequence number) -> contributions and readers still to come.
-    slots: HashMap<(Vec<usize>, u64), (Vec<Option<Tensor>>, usize)>,
+    /// (group, sequence number) -> the collective in flight.
+    slots: HashMap<(Vec<usize>, u64), Slot>,
     /// (rank, group) -> collectives this rank has issued over this group.
     issued: HashMap<(usize, Vec<usize>), u64>,
     aborted: Option<String>,
@@ -105,7 +112,8 @@ impl Default for InProcessComm {
 
 impl Communicator for InProcessComm {
     fn exchange(&self, rank: usize, group: &[usize], x: &Tensor) -> Result<Vec<Tensor>> {
-        let pos = group.iter().position(|g| *g == rank).ok_or_else(|| anyhow!("rank {rank} is not in group {group:?}"))?;
+        let pos =
+            group.iter().position(|g| *g == rank).ok_or_else(|| anyhow!("rank {rank} is not in group {group:?}"))?;
         let n = group.len();
         let mut st = self.state.lock().map_err(|_| anyhow!("communicator poisoned"))?;
         let seq = {
@@ -124,7 +132,8 @@ impl Communicator for InProcessComm {
             if slot.0.iter().all(Option::is_some) {
                 break;
             }
-            let (next, timeout) = self.cv.wait_timeout(st, self.timeout).map_err(|_| anyhow!("communicator poisoned"))?;
+            let (next, timeout) =
+                self.cv.wait_timeout(st, self.timeout).map_err(|_| anyhow!("communicator poisoned"))?;
             st = next;
             if timeout.timed_out() {
                 let slot = &st.slots[&key];
@@ -161,7 +170,12 @@ pub struct RankInterpreter<'a> {
 }
 
 impl<'a> RankInterpreter<'a> {
-    pub fn new(rank: usize, module: &'a Module, weights: &'a (dyn WeightSource + Sync), comm: &'a dyn Communicator) -> Self {
+    pub fn new(
+        rank: usize,
+        module: &'a Module,
+        weights: &'a (dyn WeightSource + Sync),
+        comm: &'a dyn Communicator,
+    ) -> Self {
         RankInterpreter { rank, module, weights, comm, cache: Mutex::new(HashMap::new()) }
     }
 
@@ -193,9 +207,11 @@ impl<'a> RankInterpreter<'a> {
         }
         let mut remaining = f.use_counts();
         for node in &f.nodes {
-            let args: Vec<Arc<Tensor>> = node.args.iter().map(|a| env[a.index()].clone().expect("verified SSA")).collect();
+            let args: Vec<Arc<Tensor>> =
+                node.args.iter().map(|a| env[a.index()].clone().expect("verified SSA")).collect();
             let refs: Vec<&Tensor> = args.iter().map(|t| t.as_ref()).collect();
-            let label = format!("rank {}: @{name}: %{} = {}", self.rank, f.name_of(node.results[0]), node.op.mnemonic());
+            let label =
+                format!("rank {}: @{name}: %{} = {}", self.rank, f.name_of(node.results[0]), node.op.mnemonic());
             let outs = self.eval(node, &refs, f, &b).with_context(|| label.clone())?;
             for (r, t) in node.results.iter().zip(outs) {
                 let want = f.ty(*r).concrete_shape(&b).map_err(|e| anyhow!(e))?;
@@ -237,7 +253,9 @@ impl<'a> RankInterpreter<'a> {
                 t.shape = f.ty(node.results[0]).concrete_shape(b).map_err(|e| anyhow!(e))?;
                 Ok(vec![t])
             }
-            Op::Collective { kind, group, axis } => Ok(vec![collective(self.comm, self.rank, *kind, group, *axis, a[0])?]),
+            Op::Collective { kind, group, axis } => {
+                Ok(vec![collective(self.comm, self.rank, *kind, group, *axis, a[0])?])
+            }
             op => eval_pure(op, a).map_err(|e| anyhow!(e)),
         }
     }
@@ -312,13 +330,23 @@ impl<'a> MultiRankSession<'a> {
                 let ty = f.ty(p.value);
                 let mut shape = vec![0];
                 for d in &ty.shape[1..] {
-                    shape.push(d.as_const().ok_or_else(|| anyhow!("cache input %{} is not [past, const...]", f.name_of(p.value)))?);
+                    shape.push(
+                        d.as_const()
+                            .ok_or_else(|| anyhow!("cache input %{} is not [past, const...]", f.name_of(p.value)))?,
+                    );
                 }
                 cs.push(Tensor::zeros(shape));
             }
             caches.push(cs);
         }
-        Ok(MultiRankSession { modules, weights, comm: Arc::new(InProcessComm::new()), caches, past: 0, rank_disagreement: 0.0 })
+        Ok(MultiRankSession {
+            modules,
+            weights,
+            comm: Arc::new(InProcessComm::new()),
+            caches,
+            past: 0,
+            rank_disagreement: 0.0,
+        })
     }
 
     pub fn ranks(&self) -> usize {

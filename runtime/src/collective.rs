@@ -46,7 +46,10 @@ impl InProcess {
 
     fn gather(&self, rank: usize, group: &[usize], send: &[f32]) -> Result<Vec<Vec<f32>>> {
         let parts = self.inner.exchange(rank, group, &Tensor::f32(vec![send.len()], send.to_vec()))?;
-        ensure!(parts.iter().all(|p| p.numel() == send.len()), "collective over {group:?}: members sent different counts");
+        ensure!(
+            parts.iter().all(|p| p.numel() == send.len()),
+            "collective over {group:?}: members sent different counts"
+        );
         Ok(parts.into_iter().map(Tensor::into_f32).collect())
     }
 }
@@ -69,7 +72,12 @@ impl Collective for InProcess {
     }
 
     fn all_gather(&self, rank: usize, group: &[usize], send: &[f32], recv: &mut [f32]) -> Result<()> {
-        ensure!(recv.len() == group.len() * send.len(), "all_gather: recv must hold {} x {} elements", group.len(), send.len());
+        ensure!(
+            recv.len() == group.len() * send.len(),
+            "all_gather: recv must hold {} x {} elements",
+            group.len(),
+            send.len()
+        );
         for (i, p) in self.gather(rank, group, send)?.iter().enumerate() {
             recv[i * send.len()..(i + 1) * send.len()].copy_from_slice(p);
         }
@@ -77,7 +85,12 @@ impl Collective for InProcess {
     }
 
     fn reduce_scatter(&self, rank: usize, group: &[usize], send: &[f32], recv: &mut [f32]) -> Result<()> {
-        ensure!(send.len() == group.len() * recv.len(), "reduce_scatter: send must hold {} x {} elements", group.len(), recv.len());
+        ensure!(
+            send.len() == group.len() * recv.len(),
+            "reduce_scatter: send must hold {} x {} elements",
+            group.len(),
+            recv.len()
+        );
         let pos = position(rank, group)?;
         let c = recv.len();
         let parts = self.gather(rank, group, send)?;
@@ -91,7 +104,10 @@ impl Collective for InProcess {
     }
 
     fn all_to_all(&self, rank: usize, group: &[usize], send: &[f32], recv: &mut [f32]) -> Result<()> {
-        ensure!(send.len() == recv.len() && send.len() % group.len() == 0, "all_to_all: equal counts divisible by the group");
+        ensure!(
+            send.len() == recv.len() && send.len().is_multiple_of(group.len()),
+            "all_to_all: equal counts divisible by the group"
+        );
         let pos = position(rank, group)?;
         let c = send.len() / group.len();
         for (i, p) in self.gather(rank, group, send)?.iter().enumerate() {

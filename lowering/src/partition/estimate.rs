@@ -101,15 +101,18 @@ pub fn function_weight_bytes(f: &Function) -> f64 {
     held_weights(f).values().map(|(b, _)| *b).sum()
 }
 
-/// Tensor name -> (bytes held, range held: None = all, else (axis, start, end)).
-fn held_weights(f: &Function) -> BTreeMap<String, (f64, Option<(usize, usize, usize)>)> {
+/// The slice of a weight a rank holds: `(axis, start, end)`.
+type HeldRange = (usize, usize, usize);
+
+/// Tensor name -> (bytes held, range held: None = all).
+fn held_weights(f: &Function) -> BTreeMap<String, (f64, Option<HeldRange>)> {
     let mut out = BTreeMap::new();
     for (p, tensor) in f.weight_params() {
         let ty = f.ty(p.value);
         let shape: Vec<usize> = ty.shape.iter().map(|d| d.as_const().unwrap_or(0)).collect();
         let full = shape.iter().product::<usize>() as f64 * ty.dtype.size_bytes() as f64;
         let uses: Vec<&Op> = f.nodes.iter().filter(|n| n.args.contains(&p.value)).map(|n| &n.op).collect();
-        let mut range: Option<(usize, usize, usize)> = None;
+        let mut range: Option<HeldRange> = None;
         let mut all_slices = !uses.is_empty();
         for u in &uses {
             match u {
@@ -161,14 +164,17 @@ pub fn module_weight_bytes(m: &Module) -> f64 {
     call_counts(m).iter().map(|(f, c)| c * function_weight_bytes(f)).sum()
 }
 
+/// Per tensor: (full bytes, covered `[start, end)` intervals along the split
+/// axis, that axis' length, whether some rank holds it whole).
+type Coverage = (f64, Vec<(usize, usize)>, usize, bool);
+
 /// Weight bytes held by at least one rank: the union of the ranks' shards
 /// (equals the single-device bytes when nothing is lost).
 pub fn union_weight_bytes(ranks: &[&Module]) -> f64 {
     let mut total = 0.0;
     let Some(first) = ranks.first() else { return 0.0 };
     for (f, calls) in call_counts(first) {
-        // tensor -> (full bytes, covered fraction intervals)
-        let mut per: BTreeMap<String, (f64, Vec<(usize, usize)>, usize, bool)> = BTreeMap::new();
+        let mut per: BTreeMap<String, Coverage> = BTreeMap::new();
         for m in ranks {
             let Some(g) = m.function(&f.name) else { continue };
             for (p, tensor) in g.weight_params() {
@@ -298,11 +304,7 @@ pub fn device_report(rank: usize, m: &Module, spec: &DeviceSpec) -> Result<Devic
 
 /// The `partition` section of the report.
 pub fn partition_report(single: &Module, parts: &Partitioned, spec: &DeviceSpec) -> Result<Value> {
-    let devices = parts
-        .ranks
-        .iter()
-        .map(|r| device_report(r.rank, &r.module, spec))
-        .collect::<Result<Vec<_>>>()?;
+    let devices = parts.ranks.iter().map(|r| device_report(r.rank, &r.module, spec)).collect::<Result<Vec<_>>>()?;
     let modules: Vec<&Module> = parts.ranks.iter().map(|r| &r.module).collect();
     let single_bytes = module_weight_bytes(single);
     let union = union_weight_bytes(&modules);
@@ -364,7 +366,8 @@ pub fn choose_plan(
                     continue;
                 }
                 let parts = super::partition_module(fused, layer_fn, &l, opts)?;
-                let reps = parts.ranks.iter().map(|r| device_report(r.rank, &r.module, spec)).collect::<Result<Vec<_>>>()?;
+                let reps =
+                    parts.ranks.iter().map(|r| device_report(r.rank, &r.module, spec)).collect::<Result<Vec<_>>>()?;
                 let t = reps.iter().map(|d| d.ms_per_decode_step).fold(0.0, f64::max);
                 let fits = reps.iter().all(|d| d.fits_memory);
                 why.push(json!({"plan": l.plan, "ms_per_decode_step": t, "fits_memory": fits}));
@@ -377,11 +380,8 @@ pub fn choose_plan(
         bail!("--plan auto: no plan is valid for --devices {devices}: {}", serde_json::to_string(&why)?);
     }
     let any_fits = candidates.iter().any(|c| c.2);
-    let best = candidates
-        .into_iter()
-        .filter(|c| c.2 || !any_fits)
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .expect("non-empty");
+    let best =
+        candidates.into_iter().filter(|c| c.2 || !any_fits).min_by(|a, b| a.1.total_cmp(&b.1)).expect("non-empty");
     let _ = PlanKind::Single;
     Ok((best.0, json!({ "candidates": why })))
 }

@@ -170,23 +170,23 @@ impl Layout {
                          expert groups; use --plan h2p (which splits experts by tensor parallelism too) or at most {g} devices"
                     );
                 }
-                if g % devices != 0 {
+                if !g.is_multiple_of(devices) {
                     bail!("--devices {devices} does not divide the model's {g} expert groups (plan `ep` needs equal whole groups per device)");
                 }
                 Layout { plan, devices, attn_tp: 1, expert_tp: 1, shared_tp: 1, dims }
             }
             PlanKind::H2p => {
-                if devices % 2 != 0 {
+                if !devices.is_multiple_of(2) {
                     bail!("plan `h2p` splits routed experts TP2 x EP{{devices/2}}: --devices {devices} must be even");
                 }
                 let ep = devices / 2;
-                if ep > g || g % ep != 0 {
+                if ep > g || !g.is_multiple_of(ep) {
                     bail!("plan `h2p`: the {ep} expert-parallel ranks (--devices {devices} / TP2) must divide the model's {g} expert groups");
                 }
-                if dims.moe_intermediate % 2 != 0 {
+                if !dims.moe_intermediate.is_multiple_of(2) {
                     bail!("plan `h2p`: moe_intermediate_size {} does not split in two", dims.moe_intermediate);
                 }
-                if dims.shared_intermediate % devices != 0 || dims.hidden % devices != 0 {
+                if !dims.shared_intermediate.is_multiple_of(devices) || !dims.hidden.is_multiple_of(devices) {
                     bail!(
                         "plan `h2p`: shared_expert_intermediate_size {} and hidden_size {} must divide by --devices {devices}",
                         dims.shared_intermediate,
@@ -197,7 +197,12 @@ impl Layout {
                 // KV heads and the device count allow (tiny models).
                 let attn_tp = (1..=4.min(devices))
                     .rev()
-                    .find(|t| devices % t == 0 && dims.kv_heads % t == 0 && dims.q_heads % t == 0 && dims.hidden % t == 0)
+                    .find(|t| {
+                        devices.is_multiple_of(*t)
+                            && dims.kv_heads.is_multiple_of(*t)
+                            && dims.q_heads.is_multiple_of(*t)
+                            && dims.hidden.is_multiple_of(*t)
+                    })
                     .unwrap_or(1);
                 Layout { plan, devices, attn_tp, expert_tp: 2, shared_tp: devices, dims }
             }
@@ -275,21 +280,30 @@ impl Layout {
             if self.expert_tp == 1 {
                 return Residency::Full;
             }
-            return if tensor.starts_with("down_proj") { Residency::slice(1, i0, i1) } else { Residency::slice(0, i0, i1) };
+            return if tensor.starts_with("down_proj") {
+                Residency::slice(1, i0, i1)
+            } else {
+                Residency::slice(0, i0, i1)
+            };
         }
         if let Some(tensor) = name.strip_prefix("mlp.shared_expert.") {
             if self.shared_tp == 1 {
                 return Residency::Full;
             }
             let (j0, j1) = self.shared_cols(r);
-            return if tensor.starts_with("down_proj") { Residency::slice(1, j0, j1) } else { Residency::slice(0, j0, j1) };
+            return if tensor.starts_with("down_proj") {
+                Residency::slice(1, j0, j1)
+            } else {
+                Residency::slice(0, j0, j1)
+            };
         }
         if self.attn_tp > 1 {
             match name {
                 "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => return Residency::slice(0, q0 * hd, q1 * hd),
-                "self_attn.k_proj.weight" | "self_attn.k_proj.bias" | "self_attn.v_proj.weight" | "self_attn.v_proj.bias" => {
-                    return Residency::slice(0, k0 * hd, k1 * hd)
-                }
+                "self_attn.k_proj.weight"
+                | "self_attn.k_proj.bias"
+                | "self_attn.v_proj.weight"
+                | "self_attn.v_proj.bias" => return Residency::slice(0, k0 * hd, k1 * hd),
                 "self_attn.o_proj.weight" => return Residency::slice(1, q0 * hd, q1 * hd),
                 "k_cache" | "v_cache" => return Residency::slice(1, k0, k1),
                 _ => {}
@@ -305,7 +319,11 @@ pub enum Residency {
     Full,
     /// Only `x[.., start:end, ..]` along `axis`: the rank may only read it
     /// through a slice inside that range.
-    Slice { axis: usize, start: usize, end: usize },
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
     None,
 }
 
@@ -339,7 +357,13 @@ pub fn partition_module(fused: &Module, layer_fn: &str, layout: &Layout, opts: &
     let mut ranks = vec![];
     for r in 0..layout.devices {
         if layout.plan == PlanKind::Single {
-            ranks.push(RankModule { rank: 0, module: fused.clone(), rules_fired: BTreeMap::new(), egraph_nodes: 0, seconds: 0.0 });
+            ranks.push(RankModule {
+                rank: 0,
+                module: fused.clone(),
+                rules_fired: BTreeMap::new(),
+                egraph_nodes: 0,
+                seconds: 0.0,
+            });
             continue;
         }
         ranks.push(partition_rank(fused, layer_fn, layout, r, opts).with_context(|| format!("partitioning rank {r}"))?);
@@ -347,7 +371,13 @@ pub fn partition_module(fused: &Module, layer_fn: &str, layout: &Layout, opts: &
     Ok(Partitioned { layout: layout.clone(), ranks })
 }
 
-fn partition_rank(fused: &Module, layer_fn: &str, layout: &Layout, rank: usize, opts: &FuseOptions) -> Result<RankModule> {
+fn partition_rank(
+    fused: &Module,
+    layer_fn: &str,
+    layout: &Layout,
+    rank: usize,
+    opts: &FuseOptions,
+) -> Result<RankModule> {
     let start = Instant::now();
     let f = fused.function(layer_fn).ok_or_else(|| anyhow!("no function @{layer_fn} to partition"))?;
     let loaded = load_function(fused, f);
@@ -382,11 +412,23 @@ fn partition_rank(fused: &Module, layer_fn: &str, layout: &Layout, rank: usize, 
     let module = signature::localize(fused, layer_fn, rebuilt).context("giving the rank its local signature")?;
     verify_module(&module).map_err(|e| anyhow!("rank {rank}'s module fails verification: {e}"))?;
     let rules_fired = eg.analysis.fired.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-    Ok(RankModule { rank, module, rules_fired, egraph_nodes: eg.total_number_of_nodes(), seconds: start.elapsed().as_secs_f64() })
+    Ok(RankModule {
+        rank,
+        module,
+        rules_fired,
+        egraph_nodes: eg.total_number_of_nodes(),
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 /// Residency of every parameter class of the loaded function.
-fn residency_of_classes(eg: &EG, f: &panguc_ir::Function, value_class: &[Id], layout: &Layout, rank: usize) -> HashMap<Id, Residency> {
+fn residency_of_classes(
+    eg: &EG,
+    f: &panguc_ir::Function,
+    value_class: &[Id],
+    layout: &Layout,
+    rank: usize,
+) -> HashMap<Id, Residency> {
     let mut out = HashMap::new();
     for p in &f.params {
         let name = f.name_of(p.value);

@@ -34,7 +34,11 @@ impl Applier<TLang, TensorAnalysis> for RankApplier {
         let mut changed = vec![];
         for (a, b) in pairs {
             if eg[a].data.tys != eg[b].data.tys {
-                debug_assert!(false, "rule {} tried to merge {:?} with {:?}", self.rule, eg[a].data.tys, eg[b].data.tys);
+                debug_assert!(
+                    false,
+                    "rule {} tried to merge {:?} with {:?}",
+                    self.rule, eg[a].data.tys, eg[b].data.tys
+                );
                 continue;
             }
             if eg.union(a, b) {
@@ -50,7 +54,8 @@ impl Applier<TLang, TensorAnalysis> for RankApplier {
 
 fn rewrite(name: &'static str, pattern: &str, cx: &Arc<RankCx>, apply: RankFn) -> Rewrite<TLang, TensorAnalysis> {
     let pat: Pattern<TLang> = pattern.parse().unwrap_or_else(|e| panic!("rule {name}: bad pattern {pattern}: {e}"));
-    Rewrite::new(name, pat, RankApplier { rule: name, cx: cx.clone(), apply }).unwrap_or_else(|e| panic!("rule {name}: {e}"))
+    Rewrite::new(name, pat, RankApplier { rule: name, cx: cx.clone(), apply })
+        .unwrap_or_else(|e| panic!("rule {name}: {e}"))
 }
 
 /// Rule names with their one-line summaries, for reports.
