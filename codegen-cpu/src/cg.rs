@@ -17,8 +17,7 @@ use inkwell::intrinsics::Intrinsic;
 use inkwell::module::{Linkage, Module};
 use inkwell::types::{BasicType, BasicTypeEnum, FloatType, IntType, PointerType, VectorType};
 use inkwell::values::{
-    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue, IntValue, PointerValue,
-    VectorValue,
+    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue, IntValue, PointerValue, VectorValue,
 };
 use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
 use panguc_ir::shape::Bindings;
@@ -395,7 +394,7 @@ impl<'ctx> Cg<'ctx> {
     }
 
     pub fn store_f(&self, p: PointerValue<'ctx>, i: IntValue<'ctx>, dtype: DType, v: FloatValue<'ctx>) {
-        let raw = self.from_f32(v.into(), dtype);
+        let raw = self.narrow_f32(v.into(), dtype);
         self.b.build_store(self.gep(p, i), raw).ok_();
     }
 
@@ -419,7 +418,7 @@ impl<'ctx> Cg<'ctx> {
     }
 
     pub fn store_vec(&self, p: PointerValue<'ctx>, i: IntValue<'ctx>, dtype: DType, v: VectorValue<'ctx>) {
-        let raw = self.from_f32(v.into(), dtype);
+        let raw = self.narrow_f32(v.into(), dtype);
         let vp = self.b.build_pointer_cast(self.gep(p, i), raw.get_type().ptr_type(AddressSpace::default()), "").ok_();
         let st = self.b.build_store(vp, raw).ok_();
         st.set_alignment(dtype.size_bytes() as u32).ok_();
@@ -444,11 +443,9 @@ impl<'ctx> Cg<'ctx> {
                     None => (self.i32t().into(), self.i32t().const_int(16, false).into()),
                 };
                 let wide = match raw {
-                    BasicValueEnum::VectorValue(v) => self
-                        .b
-                        .build_int_z_extend(v, i32t.into_vector_type(), "")
-                        .ok_()
-                        .as_basic_value_enum(),
+                    BasicValueEnum::VectorValue(v) => {
+                        self.b.build_int_z_extend(v, i32t.into_vector_type(), "").ok_().as_basic_value_enum()
+                    }
                     _ => self
                         .b
                         .build_int_z_extend(raw.into_int_value(), i32t.into_int_type(), "")
@@ -456,11 +453,9 @@ impl<'ctx> Cg<'ctx> {
                         .as_basic_value_enum(),
                 };
                 let shifted = match wide {
-                    BasicValueEnum::VectorValue(v) => self
-                        .b
-                        .build_left_shift(v, sixteen.into_vector_value(), "")
-                        .ok_()
-                        .as_basic_value_enum(),
+                    BasicValueEnum::VectorValue(v) => {
+                        self.b.build_left_shift(v, sixteen.into_vector_value(), "").ok_().as_basic_value_enum()
+                    }
                     _ => self
                         .b
                         .build_left_shift(wide.into_int_value(), sixteen.into_int_value(), "")
@@ -481,7 +476,7 @@ impl<'ctx> Cg<'ctx> {
 
     /// Narrow f32 values (scalar or vector) to storage `dtype`, rounding to
     /// nearest even like the `half` crate.
-    pub fn from_f32(&self, v: BasicValueEnum<'ctx>, dtype: DType) -> BasicValueEnum<'ctx> {
+    pub fn narrow_f32(&self, v: BasicValueEnum<'ctx>, dtype: DType) -> BasicValueEnum<'ctx> {
         match dtype {
             DType::F32 => v,
             DType::F16 => match v {
@@ -506,6 +501,17 @@ impl<'ctx> Cg<'ctx> {
             }
             other => panic!("from_f32 to a {other} buffer"),
         }
+    }
+
+    /// Prefetch the cache line at `p` for reading (a hint: never faults).
+    pub fn prefetch(&self, p: PointerValue<'ctx>) {
+        let i8p = self.b.build_pointer_cast(p, self.i8p(), "").ok_();
+        let f = Intrinsic::find("llvm.prefetch")
+            .and_then(|i| i.get_declaration(&self.module, &[self.i8p().into()]))
+            .expect("llvm.prefetch");
+        let (rw, locality, data) =
+            (self.i32t().const_zero(), self.i32t().const_zero(), self.i32t().const_int(1, false));
+        self.b.build_call(f, &[i8p.into(), rw.into(), locality.into(), data.into()], "").ok_();
     }
 
     // ---- vectors ----

@@ -94,7 +94,11 @@ pub struct CompiledKernels {
 }
 
 /// Build the optimised LLVM module of `program` inside `ctx`.
-fn build_module<'c>(ctx: &'c Context, program: &KernelProgram, target: &HostTarget) -> Result<inkwell::module::Module<'c>> {
+fn build_module<'c>(
+    ctx: &'c Context,
+    program: &KernelProgram,
+    target: &HostTarget,
+) -> Result<inkwell::module::Module<'c>> {
     Target::initialize_native(&InitializationConfig::default()).map_err(|e| anyhow!("LLVM native target: {e}"))?;
     let mut cg = cg::Cg::new(ctx, "panguc_kernels", program.symbols.clone(), &target.cpu, &target.features);
     for k in &program.kernels {
@@ -127,7 +131,8 @@ pub fn compile(program: &KernelProgram, target: &HostTarget) -> Result<CompiledK
     let module = build_module(&ctx, program, target)?;
     let machine = target.machine()?;
     let emit = |ft: FileType| -> Result<Vec<u8>> {
-        let buf = machine.write_to_memory_buffer(&module, ft).map_err(|e| anyhow!("LLVM emission: {}", e.to_string()))?;
+        let buf =
+            machine.write_to_memory_buffer(&module, ft).map_err(|e| anyhow!("LLVM emission: {}", e.to_string()))?;
         Ok(buf.as_slice().to_vec())
     };
     let object = emit(FileType::Object)?;
@@ -156,7 +161,8 @@ pub fn link_shared_library(object: &[u8], out: &Path) -> Result<()> {
         .args(["-Wl,--build-id=none", "-Wl,-z,noexecstack", "-lm"])
         .output();
     let _ = std::fs::remove_file(&obj);
-    let output = result.with_context(|| format!("running `{cc}` to link the kernel library (is a C compiler installed?)"))?;
+    let output =
+        result.with_context(|| format!("running `{cc}` to link the kernel library (is a C compiler installed?)"))?;
     if !output.status.success() {
         bail!("linking {} failed: {}", out.display(), String::from_utf8_lossy(&output.stderr).trim());
     }

@@ -125,7 +125,11 @@ fn gate_up_swiglu_matches_the_reference_exactly() {
     let m = 9;
     let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     with_jit(&p, &HostTarget::detect().unwrap(), |get| {
-        let mut bufs = vec![a.iter().flat_map(|x| x.to_le_bytes()).collect(), layout.pack(&w16, &[2 * i, k], 2), vec![0u8; m * i * 4]];
+        let mut bufs = vec![
+            a.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            layout.pack(&w16, &[2 * i, k], 2),
+            vec![0u8; m * i * 4],
+        ];
         run(get("gate_up").unwrap(), &mut bufs, m, tiles, k * 16 * 4);
         let got = f32s(&bufs[2]);
         let dot = |r: usize, row: usize| -> f32 {

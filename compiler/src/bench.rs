@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use panguc_ir::kernel::{BufferKind, KernelKind, KernelProgram};
 use panguc_ir::shape::bindings;
 use panguc_ir::{DType, Module};
-use panguc_runtime::bench::{fma_peak_flops, peak_rss_bytes, stream_read_bandwidth};
+use panguc_runtime::bench::{fma_peak_flops, load_average, peak_rss_bytes, reset_peak_rss, stream_read_bandwidth};
 use panguc_runtime::{CpuEngine, Engine, EngineOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +48,12 @@ impl BenchOptions {
 /// pipeline, or the identity).
 pub type Fuse<'a> = &'a dyn Fn(&Checkpoint, &Module) -> Result<Module>;
 
+/// The fusion pipeline of `panguc compile` with default options: what
+/// `panguc bench` compiles.
+pub fn pipeline_fuse(ckpt: &Checkpoint, imported: &Module) -> Result<Module> {
+    Ok(crate::pipeline::run_pipeline(ckpt, imported, 0.0, &crate::pipeline::PipelineOptions::default())?.module)
+}
+
 const GB: f64 = 1e9;
 const MB: f64 = 1e6;
 
@@ -55,18 +61,31 @@ const MB: f64 = 1e6;
 pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     if !opts.checkpoint.join("config.json").is_file() {
         println!("synthesizing the small checkpoint in {} ...", opts.checkpoint.display());
-        synth_with(&opts.checkpoint, &SynthOptions { preset: Preset::Small, seed: 0, dtype: DType::BF16, force: true })?;
+        synth_with(
+            &opts.checkpoint,
+            &SynthOptions { preset: Preset::Small, seed: 0, dtype: DType::BF16, force: true },
+        )?;
     }
-    let ckpt = crate::commands::open_checkpoint(&opts.checkpoint, false)?;
-    let imported = crate::commands::import(&ckpt)?;
-    let module = fuse(&ckpt, &imported)?;
-    if opts.work_dir.exists() {
-        std::fs::remove_dir_all(&opts.work_dir).with_context(|| format!("removing {}", opts.work_dir.display()))?;
-    }
-    std::fs::create_dir_all(&opts.work_dir)?;
-    let t0 = Instant::now();
-    crate::package_build::write_cpu_package(&opts.work_dir, &ckpt, &module, &["cpu".into()], &serde_json::json!({}))?;
-    let compile_s = t0.elapsed().as_secs_f64();
+    // The checkpoint is closed again before the compiled runs, so their
+    // resident memory is the package's alone.
+    let (module, compile_s) = {
+        let ckpt = crate::commands::open_checkpoint(&opts.checkpoint, false)?;
+        let imported = crate::commands::import(&ckpt)?;
+        let module = fuse(&ckpt, &imported)?;
+        if opts.work_dir.exists() {
+            std::fs::remove_dir_all(&opts.work_dir).with_context(|| format!("removing {}", opts.work_dir.display()))?;
+        }
+        std::fs::create_dir_all(&opts.work_dir)?;
+        let t0 = Instant::now();
+        crate::package_build::write_cpu_package(
+            &opts.work_dir,
+            &ckpt,
+            &module,
+            &["cpu".into()],
+            &serde_json::Value::Null,
+        )?;
+        (module, t0.elapsed().as_secs_f64())
+    };
     let t0 = Instant::now();
     let pkg = Arc::new(panguc_runtime::open_package(&opts.work_dir)?);
     let load_s = t0.elapsed().as_secs_f64();
@@ -79,7 +98,10 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     let bw = stream_read_bandwidth(stream_bytes, threads, 3);
     let peak1 = fma_peak_flops(1);
     let peak = fma_peak_flops(threads);
-    println!("== panguc CPU benchmark: small preset (bf16), {} ==", pkg.manifest().cpu.as_ref().map_or("?", |c| c.cpu.as_str()));
+    println!(
+        "== panguc CPU benchmark: small preset (bf16), {} ==",
+        pkg.manifest().cpu.as_ref().map_or("?", |c| c.cpu.as_str())
+    );
     println!(
         "package: compiled in {compile_s:.1} s, verified and loaded in {load_s:.1} s; {} kernels, {} launches per step, {:.0} MB of weights mapped",
         program.kernels.len(),
@@ -87,22 +109,17 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         pkg.mapped_bytes() as f64 / MB
     );
     println!("memory: streaming read {:.1} GB/s on 1 thread, {:.1} GB/s on {threads} threads", bw1 / GB, bw / GB);
-    println!("compute: fp32 FMA peak {:.1} GFLOP/s on 1 thread, {:.1} GFLOP/s on {threads} threads", peak1 / GB, peak / GB);
+    println!(
+        "compute: fp32 FMA peak {:.1} GFLOP/s on 1 thread, {:.1} GFLOP/s on {threads} threads",
+        peak1 / GB,
+        peak / GB
+    );
 
-    // Decode at batch 1.
+    let load_before = load_average();
+    let rss_reset = reset_peak_rss();
+
+    // Compiled decode at batch 1.
     let prompt: Vec<i64> = (0..8).map(|i| 100 + 37 * i).collect();
-    let interp_tps = {
-        let cfg = ckpt.config();
-        let interp = panguc_ir::interp::Interpreter::new(&module, &ckpt);
-        let mut s =
-            panguc_ir::session::InterpSession::new(interp, cfg.num_hidden_layers, [cfg.num_key_value_heads, cfg.head_dim()]);
-        s.forward(&prompt)?;
-        let t0 = Instant::now();
-        for i in 0..opts.interp_decode_tokens {
-            s.forward(&[(i as i64 * 13) % 1000 + 3])?;
-        }
-        opts.interp_decode_tokens as f64 / t0.elapsed().as_secs_f64()
-    };
     let decode = |n_threads: usize| -> Result<(f64, usize)> {
         let mut e = CpuEngine::new(pkg.clone(), &EngineOptions { threads: n_threads, max_context: Some(1024) })?;
         e.forward(&prompt)?;
@@ -116,6 +133,43 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     };
     let (step1, _) = decode(1)?;
     let (step, past_end) = decode(threads)?;
+
+    // Prefill of a long prompt (best of two).
+    let long: Vec<i64> = (0..opts.prompt_tokens as i64).map(|i| (i * 7919) % 31000 + 1).collect();
+    let mut best: Option<(f64, f64)> = None;
+    for _ in 0..2 {
+        let mut e = CpuEngine::new(pkg.clone(), &EngineOptions { threads, max_context: Some(opts.prompt_tokens) })?;
+        e.enable_profiling();
+        let t0 = Instant::now();
+        e.forward(&long)?;
+        let total = t0.elapsed().as_secs_f64();
+        let p = e.profile().expect("profiling enabled");
+        let gemm: f64 =
+            ["gemm", "moe_gate_up", "moe_down"].iter().filter_map(|k| p.get(k)).map(|d| d.as_secs_f64()).sum();
+        if best.is_none_or(|(t, _)| total < t) {
+            best = Some((total, gemm));
+        }
+    }
+    let compiled_rss = peak_rss_bytes();
+
+    // The interpreter last: its f32 weight copies would dominate the peak.
+    let interp_tps = {
+        let ckpt = crate::commands::open_checkpoint(&opts.checkpoint, false)?;
+        let cfg = ckpt.config();
+        let interp = panguc_ir::interp::Interpreter::new(&module, &ckpt);
+        let mut s = panguc_ir::session::InterpSession::new(
+            interp,
+            cfg.num_hidden_layers,
+            [cfg.num_key_value_heads, cfg.head_dim()],
+        );
+        s.forward(&prompt)?;
+        let t0 = Instant::now();
+        for i in 0..opts.interp_decode_tokens {
+            s.forward(&[(i as i64 * 13) % 1000 + 3])?;
+        }
+        opts.interp_decode_tokens as f64 / t0.elapsed().as_secs_f64()
+    };
+
     let mid_past = past_end - opts.decode_tokens / 2;
     let active = decode_bytes(program, mid_past);
     let roof = active as f64 / bw;
@@ -131,22 +185,6 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         step / roof,
         100.0 * roof / step
     );
-
-    // Prefill of a long prompt.
-    let long: Vec<i64> = (0..opts.prompt_tokens as i64).map(|i| (i * 7919) % 31000 + 1).collect();
-    let mut best: Option<(f64, f64)> = None;
-    for _ in 0..2 {
-        let mut e = CpuEngine::new(pkg.clone(), &EngineOptions { threads, max_context: Some(opts.prompt_tokens) })?;
-        e.enable_profiling();
-        let t0 = Instant::now();
-        e.forward(&long)?;
-        let total = t0.elapsed().as_secs_f64();
-        let p = e.profile().expect("profiling enabled");
-        let gemm: f64 = ["gemm", "moe_gate_up", "moe_down"].iter().filter_map(|k| p.get(k)).map(|d| d.as_secs_f64()).sum();
-        if best.is_none_or(|(t, _)| total < t) {
-            best = Some((total, gemm));
-        }
-    }
     let (total, gemm_s) = best.expect("two runs");
     let flops = gemm_flops(program, opts.prompt_tokens);
     println!("prefill ({} tokens, {threads} threads):", opts.prompt_tokens);
@@ -158,11 +196,22 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         flops / gemm_s / GB,
         100.0 * flops / gemm_s / peak
     );
-    if let Some(rss) = peak_rss_bytes() {
-        println!(
-            "peak resident memory: {:.0} MB (weights mapped once: {:.0} MB; the interpreter's f32 weight copies are included)",
+    match (compiled_rss, rss_reset) {
+        (Some(rss), true) => println!(
+            "peak resident memory of the compiled runs: {:.0} MB (weights mapped once: {:.0} MB, shared by every engine)",
             rss as f64 / MB,
             pkg.mapped_bytes() as f64 / MB
+        ),
+        (Some(rss), false) => println!("peak resident memory: {:.0} MB (includes the 1 GB bandwidth buffer)", rss as f64 / MB),
+        (None, _) => {}
+    }
+    if let Some(rss) = peak_rss_bytes() {
+        println!("peak resident memory including the interpreter: {:.0} MB", rss as f64 / MB);
+    }
+    if let (Some(a), Some(b)) = (load_before, load_average()) {
+        println!(
+            "machine load average during the run: {a:.1} .. {b:.1} on {} cores (shared machines make timings noisy)",
+            panguc_runtime::engine::default_threads()
         );
     }
     Ok(())
@@ -214,9 +263,7 @@ pub fn gemm_flops(p: &KernelProgram, tokens: usize) -> f64 {
     let mut flops = 0.0;
     for l in &p.launches {
         let k = &p.kernels[l.kernel];
-        let dims = |i: usize| -> Vec<usize> {
-            k.args[i].shape.iter().map(|d| d.eval(&b).unwrap_or(0)).collect()
-        };
+        let dims = |i: usize| -> Vec<usize> { k.args[i].shape.iter().map(|d| d.eval(&b).unwrap_or(0)).collect() };
         flops += match &k.kind {
             KernelKind::Gemm { epilogue } => {
                 let (a, out) = (dims(0), dims(k.args.len() - 1));

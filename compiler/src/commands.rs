@@ -432,6 +432,39 @@ pub fn import(ckpt: &Checkpoint) -> Result<Module> {
     build_module(cfg, &dtype_of)
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Working directory: the `small` checkpoint is synthesized there on
+    /// first use (about 1 GB) and the package is rebuilt there each run.
+    #[arg(long, default_value = "out/bench")]
+    pub dir: PathBuf,
+    /// Threads for the "all cores" runs (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Prompt length of the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Decode steps measured for the compiled engine.
+    #[arg(long, default_value_t = 32)]
+    pub decode_tokens: usize,
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    let mut opts = crate::bench::BenchOptions::in_dir(a.dir);
+    if let Some(t) = a.threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        opts.threads = t;
+    }
+    if a.prompt_tokens == 0 || a.decode_tokens == 0 {
+        bail!("--prompt-tokens and --decode-tokens must be at least 1");
+    }
+    opts.prompt_tokens = a.prompt_tokens;
+    opts.decode_tokens = a.decode_tokens;
+    crate::bench::run_bench(&opts, &crate::bench::pipeline_fuse)
+}
+
 /// Write to stdout; a closed pipe (`panguc dump-ir ... | head`) is not an
 /// error worth a panic, so write failures are ignored.
 pub fn emit(text: &str) {

@@ -31,6 +31,9 @@ enum Command {
     Run(cli::RunArgs),
     /// Compile a model into a package for the given targets.
     Compile(cli::CompileArgs),
+    /// CPU benchmark on the `small` preset: decode and prefill speed against
+    /// the memory and FMA rooflines measured in the same run.
+    Bench(cli::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Command::DumpIr(a) => cli::dump_ir(a),
         Command::Run(a) => cli::run(a),
         Command::Compile(a) => cli::compile(a),
+        Command::Bench(a) => cli::bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,7 +32,8 @@ pub fn write_cpu_package(
     targets: &[String],
     report: &serde_json::Value,
 ) -> Result<()> {
-    let program = panguc_lowering::schedule::schedule(fused, &Default::default()).context("scheduling the kernel program")?;
+    let program =
+        panguc_lowering::schedule::schedule(fused, &Default::default()).context("scheduling the kernel program")?;
     let target = panguc_codegen_cpu::HostTarget::detect()?;
     let compiled = panguc_codegen_cpu::compile(&program, &target).context("generating CPU code")?;
     let cpu_dir = staging.join("cpu");

@@ -267,7 +267,9 @@ pub enum ElemOp {
     SwiGlu,
     /// A postfix expression over the operands, evaluated in f32 op by op
     /// exactly like the unfused ops.
-    Expr { tokens: Vec<ExprToken> },
+    Expr {
+        tokens: Vec<ExprToken>,
+    },
 }
 
 impl ElemOp {
@@ -278,14 +280,9 @@ impl ElemOp {
             ElemOp::Unary(u) => vec![Arg(0), Unary(*u)],
             ElemOp::Binary(b) => vec![Arg(0), Arg(1), Binary(*b)],
             // silu(g) * u = (g * sigmoid(g)) * u, as the reference computes it.
-            ElemOp::SwiGlu => vec![
-                Arg(0),
-                Arg(0),
-                Unary(UnaryOp::Sigmoid),
-                Binary(BinaryOp::Mul),
-                Arg(1),
-                Binary(BinaryOp::Mul),
-            ],
+            ElemOp::SwiGlu => {
+                vec![Arg(0), Arg(0), Unary(UnaryOp::Sigmoid), Binary(BinaryOp::Mul), Arg(1), Binary(BinaryOp::Mul)]
+            }
             ElemOp::Expr { tokens } => tokens.clone(),
             ElemOp::Convert => return None,
         })
@@ -362,7 +359,8 @@ pub enum KernelKind {
     Rope,
     /// `(q[T, Hq, D], k[K, Hkv, D], v[K, Hkv, D], positions[T] i64, out[T, Hq, D])`:
     /// causal GQA attention, prefill and decode over the KV cache.
-    /// Tile: one (token, query head). Per-thread scratch: K scores.
+    /// Tile: one (token, KV head) with all its query heads. Per-thread
+    /// scratch: `Hq/Hkv` rows of K scores.
     Attention { scale: f64 },
     /// `(logits[T, E], scale[E], weights_out[T, G], ids_out[T, G] i64)`.
     /// Tile: one token.
@@ -432,19 +430,6 @@ impl KernelKind {
             KernelKind::QkvRopeAppend { .. } => 3,
             _ => 1,
         }
-    }
-
-    /// Kinds whose tiles are heavy enough to be worth spreading over threads
-    /// even when there are few of them.
-    pub fn is_heavy(&self) -> bool {
-        matches!(
-            self,
-            KernelKind::Gemm { .. }
-                | KernelKind::MatMul { .. }
-                | KernelKind::Attention { .. }
-                | KernelKind::MoeGateUp
-                | KernelKind::MoeDown
-        )
     }
 }
 
@@ -534,7 +519,10 @@ impl KernelProgram {
                 }
                 if let BufferKind::Weight { index } = b.kind {
                     if self.weights[index].layout != spec.layout {
-                        return Err(format!("launch {i} ({}) arg {j}: weight `{}` has the wrong layout", k.name, b.name));
+                        return Err(format!(
+                            "launch {i} ({}) arg {j}: weight `{}` has the wrong layout",
+                            k.name, b.name
+                        ));
                     }
                 }
             }
@@ -628,13 +616,12 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
         KernelKind::Reduce { axis, .. } | KernelKind::ArgMax { axis } | KernelKind::Softmax { axis } => {
             prefix(&args[0].shape, *axis)
         }
-        KernelKind::Slice { axis, .. } | KernelKind::RepeatInterleave { axis, .. } => {
-            prefix(&last(0).shape, axis + 1)
-        }
+        KernelKind::Slice { axis, .. } | KernelKind::RepeatInterleave { axis, .. } => prefix(&last(0).shape, axis + 1),
         KernelKind::CopyInto { axis, .. } => prefix(&args[0].shape, axis + 1),
         KernelKind::RopeTable { .. } | KernelKind::CausalMask => Extent::of(1, &args[0].shape[..1]),
         KernelKind::RmsNorm { .. } | KernelKind::AddRmsNorm { .. } => rows(&args[0].shape),
-        KernelKind::Rope | KernelKind::Attention { .. } => prefix(&args[0].shape, 2),
+        KernelKind::Rope => prefix(&args[0].shape, 2),
+        KernelKind::Attention { .. } => Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[1].clone()]),
         KernelKind::MoeGating { .. } | KernelKind::MoeCombine { .. } => Extent::of(1, &last(0).shape[..1]),
         KernelKind::QkvRopeAppend { .. } => Extent::of(1, &args[0].shape[..1]),
         KernelKind::MoeRoute => Extent::constant(1),
@@ -649,6 +636,47 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
             Extent::constant((e * cols.div_ceil(per_panel)) as u64)
         }
     })
+}
+
+/// Rough work of one tile (bytes moved or flops, whichever dominates):
+/// enough for a runtime to decide whether a launch is worth spreading over
+/// threads. Not used for correctness.
+pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
+    let last = |a: &ArgSpec| a.shape.last().cloned().unwrap_or(Dim::c(1));
+    let esize = |a: &ArgSpec| a.dtype.size_bytes() as u64;
+    let panel = |w: &ArgSpec, k: &Dim, rows: &Dim| -> Extent {
+        let nr = match w.layout {
+            Layout::Panels { nr, .. } | Layout::GateUpPanels { nr } => nr as u64,
+            Layout::RowMajor => 1,
+        };
+        // Streaming the panel, or 2 flops per weight and row.
+        Extent::of(nr * esize(w).max(2), &[k.clone(), rows.clone()])
+    };
+    match kind {
+        KernelKind::Gemm { .. } => {
+            let a = &args[0];
+            panel(&args[1], &last(a), &a.shape[a.shape.len() - 2])
+        }
+        KernelKind::MoeGateUp | KernelKind::MoeDown => panel(&args[3], &args[0].shape[1], &Dim::c(1)),
+        KernelKind::MatMul { .. } => {
+            let a = &args[0];
+            let out = args.last().expect("out");
+            Extent::of(2, &[last(a), last(out)])
+        }
+        KernelKind::Attention { .. } => {
+            let (q, k) = (&args[0], &args[1]);
+            let group = match (q.shape[1].as_const(), k.shape[1].as_const()) {
+                (Some(hq), Some(hkv)) if hkv > 0 => (hq / hkv) as u64,
+                _ => 1,
+            };
+            Extent::of(4 * group, &[k.shape[0].clone(), last(q)])
+        }
+        _ => {
+            // Row kernels: the bytes of one row of every argument.
+            let bytes: u64 = args.iter().map(|a| esize(a) * last(a).as_const().unwrap_or(1) as u64).sum();
+            Extent::constant(bytes.max(1))
+        }
+    }
 }
 
 #[cfg(test)]

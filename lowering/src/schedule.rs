@@ -41,7 +41,7 @@ impl Default for ScheduleOptions {
 /// Schedule the entry function of `module` (the session contract of
 /// `panguc_ir::session`) into a kernel program.
 pub fn schedule(module: &Module, opts: &ScheduleOptions) -> Result<KernelProgram> {
-    if opts.panel_width < 2 || opts.panel_width % 2 != 0 {
+    if opts.panel_width < 2 || !opts.panel_width.is_multiple_of(2) {
         bail!("panel width must be even and >= 2, got {}", opts.panel_width);
     }
     let flat = flatten(module)?;
@@ -110,10 +110,7 @@ fn assign_slots(p: &mut KernelProgram) {
             let free = |s: &(usize, String)| last[s.0] < li;
             // Prefer a free slot last used by a buffer of the same size, so
             // slots stay tight; otherwise the lowest free slot.
-            let pick = holder
-                .iter()
-                .position(|s| free(s) && s.1 == sig)
-                .or_else(|| holder.iter().position(free));
+            let pick = holder.iter().position(|s| free(s) && s.1 == sig).or_else(|| holder.iter().position(free));
             let slot = match pick {
                 Some(s) => {
                     holder[s] = (b, sig);

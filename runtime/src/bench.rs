@@ -89,6 +89,18 @@ unsafe fn fma_avx2(iters: u64) -> u64 {
     iters * 10 * 8 * 2
 }
 
+/// Reset the peak-resident-set counter (Linux `clear_refs` 5), so a later
+/// [`peak_rss_bytes`] covers only what runs after this. False if the
+/// kernel does not allow it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The 1-minute load average (other processes compete for the cores).
+pub fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
 /// Peak resident set size of this process (VmHWM), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

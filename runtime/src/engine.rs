@@ -31,9 +31,11 @@ use std::sync::Arc;
 /// (capped by the model's `max_position_embeddings`).
 pub const DEFAULT_MAX_CONTEXT: usize = 4096;
 const ALIGN: usize = 64;
-/// Launches with at least this many tiles are spread over threads even
-/// when each tile is light.
-const PARALLEL_TILES: u64 = 64;
+/// A launch is spread over threads when its tiles add up to at least this
+/// much work (`tile_cost` units, about bytes or flops): below it, handing
+/// tiles to another thread costs more than it saves (and on a loaded
+/// machine a preempted worker would hold the step up).
+const PARALLEL_WORK: u64 = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineOptions {
@@ -118,6 +120,8 @@ pub struct CpuEngine {
     scratch: Vec<AlignedBuf>,
     inputs: [Vec<i64>; 2],
     ptrs: Vec<*mut u8>,
+    /// Per kernel: work of one tile (see `panguc_ir::kernel::tile_cost`).
+    tile_cost: Vec<panguc_ir::kernel::Extent>,
     /// Wall time per kernel kind, when profiling.
     profile: Option<std::collections::BTreeMap<&'static str, std::time::Duration>>,
 }
@@ -158,6 +162,7 @@ impl CpuEngine {
         let threads = pool.threads();
         let scratch = (0..threads).map(|_| AlignedBuf::zeroed(0)).collect::<Result<_>>()?;
         let vocab = cfg.vocab_size;
+        let tile_cost = program.kernels.iter().map(|k| panguc_ir::kernel::tile_cost(&k.kind, &k.args)).collect();
         Ok(CpuEngine {
             pkg,
             pool,
@@ -169,6 +174,7 @@ impl CpuEngine {
             scratch,
             inputs: [vec![], vec![]],
             ptrs: vec![],
+            tile_cost,
             profile: None,
         })
     }
@@ -312,7 +318,8 @@ impl Engine for CpuEngine {
             }
             args.clear();
             args.extend(l.args.iter().map(|a| self.ptrs[a.index()]));
-            let parallel = tiles > 1 && (k.kind.is_heavy() || tiles >= PARALLEL_TILES);
+            let work = tiles.saturating_mul(self.tile_cost[l.kernel].eval(&b).map_err(anyhow::Error::msg)?);
+            let parallel = tiles > 1 && work >= PARALLEL_WORK;
             let t0 = self.profile.is_some().then(std::time::Instant::now);
             self.launch(pkg.kernel(l.kernel), &args, &syms, tiles, parallel);
             if let (Some(t0), Some(p)) = (t0, self.profile.as_mut()) {

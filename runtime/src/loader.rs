@@ -40,12 +40,24 @@ impl std::fmt::Debug for Package {
 pub fn open_package(dir: &Path) -> Result<Package> {
     let files = verify_package(dir)?;
     let Some(cpu) = files.manifest.cpu.clone() else {
-        bail!("package {} has no CPU target (targets: {}); compile it with --target cpu", dir.display(), files.manifest.targets.join(","));
+        bail!(
+            "package {} has no CPU target (targets: {}); compile it with --target cpu",
+            dir.display(),
+            files.manifest.targets.join(",")
+        );
     };
     let program = files.program.clone().expect("a cpu section has a program");
     check_host_features(&cpu.cpu, &cpu.features)?;
     if cpu.abi != KERNEL_ABI {
-        bail!("package {} uses kernel ABI {}, this runtime implements ABI {KERNEL_ABI}: recompile the model", dir.display(), cpu.abi);
+        bail!(
+            "package {} uses kernel ABI {}, this runtime implements ABI {KERNEL_ABI}: recompile the model",
+            dir.display(),
+            cpu.abi
+        );
+    }
+    // Only files the hash check covered are loaded or mapped.
+    if !files.manifest.files.contains_key(&cpu.library) {
+        bail!("package manifest does not list the hash of its kernel library {}", cpu.library);
     }
     let lib_path = dir.join(&cpu.library);
     // SAFETY: the library was verified against the manifest's hash; its
@@ -75,7 +87,11 @@ pub fn open_package(dir: &Path) -> Result<Package> {
 
 /// Map every weight file once; each prepared weight becomes an address
 /// inside its file's mapping.
-fn map_weights(dir: &Path, manifest: &Manifest, program: &KernelProgram) -> Result<(BTreeMap<String, Mmap>, Vec<usize>)> {
+fn map_weights(
+    dir: &Path,
+    manifest: &Manifest,
+    program: &KernelProgram,
+) -> Result<(BTreeMap<String, Mmap>, Vec<usize>)> {
     let Some(entries) = &manifest.weights else {
         bail!(
             "package {} was compiled from the config alone and holds no weights, so it cannot be run; \
@@ -86,6 +102,9 @@ fn map_weights(dir: &Path, manifest: &Manifest, program: &KernelProgram) -> Resu
     let by_name: BTreeMap<&str, &crate::package::WeightEntry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
     let mut maps = BTreeMap::new();
     for e in entries {
+        if !manifest.files.contains_key(&e.file) {
+            bail!("package manifest does not list the hash of weight file {}", e.file);
+        }
         if !maps.contains_key(&e.file) {
             let path = dir.join(&e.file);
             let f = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -113,11 +132,8 @@ fn map_weights(dir: &Path, manifest: &Manifest, program: &KernelProgram) -> Resu
 /// Refuse code generated for CPU features this machine lacks (it would die
 /// with SIGILL instead of a message).
 fn check_host_features(cpu: &str, features: &str) -> Result<()> {
-    let missing: Vec<&str> = features
-        .split(',')
-        .filter_map(|f| f.strip_prefix('+'))
-        .filter(|f| host_lacks(f))
-        .collect();
+    let missing: Vec<&str> =
+        features.split(',').filter_map(|f| f.strip_prefix('+')).filter(|f| host_lacks(f)).collect();
     if !missing.is_empty() {
         bail!(
             "this package was compiled for {cpu} and needs CPU features this machine lacks ({}); recompile it on this machine",

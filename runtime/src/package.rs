@@ -155,7 +155,8 @@ pub fn hash_tree(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
 /// newer package fails with a clear message rather than a parse error.
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read package manifest {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("cannot read package manifest {}", path.display()))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     let version = value
@@ -198,7 +199,10 @@ pub fn verify_files(dir: &Path, manifest: &Manifest) -> Result<()> {
         }
         let sha = sha256_file(&path)?;
         if sha != entry.sha256 {
-            bail!("package {} is corrupt: {rel} does not match its sha256 in the manifest (the file was modified)", dir.display());
+            bail!(
+                "package {} is corrupt: {rel} does not match its sha256 in the manifest (the file was modified)",
+                dir.display()
+            );
         }
     }
     Ok(())

@@ -15,10 +15,12 @@ use std::thread::JoinHandle;
 /// `f(worker, begin, end)` over a tile range; worker 0 is the caller.
 type TileFn<'a> = dyn Fn(usize, i64, i64) + Sync + 'a;
 
-/// Spin iterations before a worker parks (roughly 50-100 us): long enough
-/// to catch the next launch of a step, short enough not to burn a core
-/// between steps.
-const SPIN: u32 = 20_000;
+/// Busy-wait iterations before a waiting thread starts yielding its core:
+/// a few microseconds, enough for the next launch of a step.
+const SPIN: u32 = 2_000;
+/// Yields before an idle worker parks (on a loaded machine a yield gives
+/// the core to another runnable thread, e.g. a preempted worker).
+const YIELDS: u32 = 200;
 
 /// One `run`: its tile function and counters. A worker that arrives after
 /// every chunk was claimed finds `next` exhausted and never calls `f`, so
@@ -125,8 +127,16 @@ impl WorkerPool {
             s.wake.notify_all();
         }
         job.work(0);
+        let mut spins = 0u32;
         while job.done.load(Ordering::Acquire) != tiles {
-            std::hint::spin_loop();
+            // A worker still holds a chunk; if it was preempted, give it
+            // the core rather than spinning on it.
+            if spins < SPIN {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
     }
 }
@@ -144,9 +154,13 @@ fn worker(s: &Shared, w: usize) {
                 seen = e;
                 break;
             }
-            if spins < SPIN {
+            if spins < SPIN + YIELDS {
                 spins += 1;
-                std::hint::spin_loop();
+                if spins < SPIN {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
                 continue;
             }
             // Park until the next job (or shutdown).

@@ -18,19 +18,20 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/panguc-bench"));
     let graph = std::env::var("PANGUC_BENCH_GRAPH").unwrap_or_else(|_| "pipeline".into());
     let label = graph.clone();
-    let fuse = move |ckpt: &panguc::frontend::Checkpoint, imported: &panguc_ir::Module| -> anyhow::Result<panguc_ir::Module> {
-        let dtype_of = |name: &str| ckpt.tensor_info(name).map(|(d, _, _)| d).unwrap_or(DType::BF16);
-        Ok(match graph.as_str() {
-            "pipeline" => {
-                let opts = panguc::pipeline::PipelineOptions::default();
-                panguc::pipeline::run_pipeline(ckpt, imported, 0.0, &opts)?.module
-            }
-            "imported" => imported.clone(),
-            "classic" => fused::build(ckpt.config(), fused::Variant::Classic, &dtype_of),
-            "plan" => fused::build(ckpt.config(), fused::Variant::Plan, &dtype_of),
-            other => anyhow::bail!("PANGUC_BENCH_GRAPH must be pipeline, plan, classic or imported, got `{other}`"),
-        })
-    };
+    let fuse =
+        move |ckpt: &panguc::frontend::Checkpoint, imported: &panguc_ir::Module| -> anyhow::Result<panguc_ir::Module> {
+            let dtype_of = |name: &str| ckpt.tensor_info(name).map(|(d, _, _)| d).unwrap_or(DType::BF16);
+            Ok(match graph.as_str() {
+                "pipeline" => {
+                    let opts = panguc::pipeline::PipelineOptions::default();
+                    panguc::pipeline::run_pipeline(ckpt, imported, 0.0, &opts)?.module
+                }
+                "imported" => imported.clone(),
+                "classic" => fused::build(ckpt.config(), fused::Variant::Classic, &dtype_of),
+                "plan" => fused::build(ckpt.config(), fused::Variant::Plan, &dtype_of),
+                other => anyhow::bail!("PANGUC_BENCH_GRAPH must be pipeline, plan, classic or imported, got `{other}`"),
+            })
+        };
     println!("graph: {label}");
     run_bench(&BenchOptions::in_dir(dir), &fuse)
 }

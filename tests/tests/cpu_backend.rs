@@ -58,7 +58,8 @@ fn batch_of_two_sequences_with_different_lengths_matches_interpreter() {
         assert_eq!(got.generated, want.generated, "sequence {i}: tokens");
         assert_eq!(got.prompt_logits.len(), p.len());
         for (r, (x, y)) in got.prompt_logits.iter().zip(&want.prompt_logits).enumerate() {
-            let (x, y) = (panguc_ir::Tensor::f32(vec![x.len()], x.clone()), panguc_ir::Tensor::f32(vec![y.len()], y.clone()));
+            let (x, y) =
+                (panguc_ir::Tensor::f32(vec![x.len()], x.clone()), panguc_ir::Tensor::f32(vec![y.len()], y.clone()));
             assert_close(&x, &y, TOL, FLOOR, &format!("sequence {i} prompt row {r}"));
         }
     }
@@ -92,7 +93,9 @@ fn thread_counts_one_and_two_give_identical_results() {
     for sampling in [Sampling::default(), sampled] {
         let runs: Vec<_> = [1, 2]
             .into_iter()
-            .map(|threads| generate(&mut f.engine(Graph::Pipeline, threads), &long_prompt(), 8, &sampling, None).unwrap())
+            .map(|threads| {
+                generate(&mut f.engine(Graph::Pipeline, threads), &long_prompt(), 8, &sampling, None).unwrap()
+            })
             .collect();
         assert_eq!(runs[0].generated, runs[1].generated, "tokens differ between 1 and 2 threads");
         assert_eq!(runs[0].prompt_logits, runs[1].prompt_logits, "logits differ between 1 and 2 threads");

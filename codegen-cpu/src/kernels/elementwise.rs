@@ -29,13 +29,7 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel, op: &ElemOp) -> Result<()> {
         let istr = cg.strides(&idims);
         bstrides.push(
             (0..r)
-                .map(|d| {
-                    if d < r - ri || a.shape[d - (r - ri)] == Dim::c(1) {
-                        cg.i64c(0)
-                    } else {
-                        istr[d - (r - ri)]
-                    }
-                })
+                .map(|d| if d < r - ri || a.shape[d - (r - ri)] == Dim::c(1) { cg.i64c(0) } else { istr[d - (r - ri)] })
                 .collect(),
         );
     }
@@ -86,7 +80,13 @@ pub(crate) fn load_any<'c>(
     }
 }
 
-fn store_any<'c>(cg: &Cg<'c>, p: inkwell::values::PointerValue<'c>, i: IntValue<'c>, dtype: DType, v: BasicValueEnum<'c>) {
+fn store_any<'c>(
+    cg: &Cg<'c>,
+    p: inkwell::values::PointerValue<'c>,
+    i: IntValue<'c>,
+    dtype: DType,
+    v: BasicValueEnum<'c>,
+) {
     if dtype.is_float() {
         cg.store_f(p, i, dtype, v.into_float_value());
     } else {

@@ -203,7 +203,8 @@ pub(crate) fn moe_route<'c>(cg: &mut Cg<'c>, k: &Kernel) -> Result<()> {
     cg.begin_kernel(&k.name);
     let slots = cg.dim(&k.args[3].shape[0])?;
     let (wp, idp) = (cg.arg(0, w.dtype), cg.arg(1, DType::I64));
-    let (offp, rowp, rwp, srp) = (cg.arg(2, DType::I64), cg.arg(3, DType::I64), cg.arg(4, DType::F32), cg.arg(5, DType::I64));
+    let (offp, rowp, rwp, srp) =
+        (cg.arg(2, DType::I64), cg.arg(3, DType::I64), cg.arg(4, DType::F32), cg.arg(5, DType::I64));
     let cur_ty = cg.i64t().array_type(e as u32);
     let cursor = cg.alloca(cur_ty, "cursor");
     let cursor = cg.b.build_pointer_cast(cursor, cg.i64t().ptr_type(inkwell::AddressSpace::default()), "").ok_();
@@ -266,7 +267,8 @@ pub(crate) fn moe_combine(cg: &mut Cg, k: &Kernel, shared_residual: bool) -> Res
             let ybase = cg.mul(r, h);
             cg.for_range(cg.i64c(0), h, 1, |cg, c| {
                 let at = cg.add(obase, c);
-                let v = cg.fadd(cg.load_f(op, at, DType::F32).into(), cg.load_f(yp, cg.add(ybase, c), DType::F32).into());
+                let v =
+                    cg.fadd(cg.load_f(op, at, DType::F32).into(), cg.load_f(yp, cg.add(ybase, c), DType::F32).into());
                 cg.store_f(op, at, DType::F32, v.into_float_value());
                 Ok(())
             })

@@ -114,7 +114,8 @@ impl FlatGraph {
                 let callee = module.function(func).ok_or_else(|| anyhow!("call of unknown function @{func}"))?;
                 // A layer's values are named after its weight prefix
                 // (`model.layers.3.q`), or after the call site.
-                let vp = if wp.is_empty() { format!("{value_prefix}{func}.{ni}.") } else { format!("{value_prefix}{wp}") };
+                let vp =
+                    if wp.is_empty() { format!("{value_prefix}{func}.{ni}.") } else { format!("{value_prefix}{wp}") };
                 let outs = self.inline(module, callee, &a, &format!("{weight_prefix}{wp}"), &vp, depth + 1)?;
                 if outs.len() != n.results.len() {
                     bail!("@{func} returns {} values, the call expects {}", outs.len(), n.results.len());

@@ -176,10 +176,18 @@ impl<'a> Selector<'a> {
         }
         let caches = g.inputs.len() - LEADING_INPUTS;
         if g.outputs.len() != caches + 1 {
-            bail!("the entry function takes {caches} KV caches but returns {} values (expected logits + caches)", g.outputs.len());
+            bail!(
+                "the entry function takes {caches} KV caches but returns {} values (expected logits + caches)",
+                g.outputs.len()
+            );
         }
         for (i, &v) in g.inputs[..LEADING_INPUTS].iter().enumerate() {
-            let b = self.new_buffer(&g.values[v].name, self.storage[v], g.values[v].ty.shape.clone(), BufferKind::Input { index: i });
+            let b = self.new_buffer(
+                &g.values[v].name,
+                self.storage[v],
+                g.values[v].ty.shape.clone(),
+                BufferKind::Input { index: i },
+            );
             self.buf[v] = Some(b);
             self.p.inputs.push(b);
         }
@@ -205,7 +213,12 @@ impl<'a> Selector<'a> {
                     n.op.mnemonic()
                 );
             }
-            let cache = self.new_buffer(&g.values[out].name, DType::F32, g.values[out].ty.shape.clone(), BufferKind::KvCache { cache: c });
+            let cache = self.new_buffer(
+                &g.values[out].name,
+                DType::F32,
+                g.values[out].ty.shape.clone(),
+                BufferKind::KvCache { cache: c },
+            );
             let old = self.new_buffer(
                 &g.values[input].name,
                 DType::F32,
@@ -274,10 +287,12 @@ impl<'a> Selector<'a> {
                 };
                 if is_view {
                     let base = self.weight(n.args[0], Layout::RowMajor)?;
-                    let b = self.new_buffer(&val.name, self.storage[v], val.ty.shape.clone(), BufferKind::View {
-                        base,
-                        offset: Dim::c(0),
-                    });
+                    let b = self.new_buffer(
+                        &val.name,
+                        self.storage[v],
+                        val.ty.shape.clone(),
+                        BufferKind::View { base, offset: Dim::c(0) },
+                    );
                     self.weights.insert((v, layout), b);
                     return Ok(b);
                 }
@@ -657,9 +672,10 @@ impl<'a> Selector<'a> {
         let caches: Vec<usize> = n.results[1..]
             .iter()
             .map(|r| {
-                self.kv_out.get(r).copied().ok_or_else(|| {
-                    anyhow!("qkv_rope result %{} must be an entry KV-cache output", g.values[*r].name)
-                })
+                self.kv_out
+                    .get(r)
+                    .copied()
+                    .ok_or_else(|| anyhow!("qkv_rope result %{} must be an entry KV-cache output", g.values[*r].name))
             })
             .collect::<Result<_>>()?;
         let name = g.values[n.results[0]].name.clone();
@@ -679,7 +695,7 @@ impl<'a> Selector<'a> {
 
 /// Per-thread scratch: a GEMM converts a narrow weight panel to f32 once per
 /// panel when it has more rows than one register tile; attention keeps one
-/// row of scores.
+/// row of scores per query head of a KV group.
 fn thread_scratch(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
     let panel = |k: &Dim, w: &ArgSpec| -> Extent {
         let nr = match w.layout {
@@ -694,7 +710,13 @@ fn thread_scratch(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
     match kind {
         KernelKind::Gemm { .. } => panel(args[0].shape.last().expect("rank >= 2"), &args[1]),
         KernelKind::MoeGateUp | KernelKind::MoeDown => panel(&args[0].shape[1], &args[3]),
-        KernelKind::Attention { .. } => Extent::of(4, &args[1].shape[..1]),
+        KernelKind::Attention { .. } => {
+            let group = match (args[0].shape[1].as_const(), args[1].shape[1].as_const()) {
+                (Some(hq), Some(hkv)) if hkv > 0 => (hq / hkv) as u64,
+                _ => 1,
+            };
+            Extent::of(4 * group, &args[1].shape[..1])
+        }
         _ => Extent::constant(0),
     }
 }

@@ -94,8 +94,11 @@ fn layer(cfg: &PanguConfig, variant: Variant, dtype: &dyn Fn(&str) -> DType) -> 
     let wqkv = b.one(Op::Concat { axis: 0 }, &[wq, wk, wv], "w_qkv");
     let bqkv = b.one(Op::Concat { axis: 0 }, &[bq, bk, bv], "b_qkv");
     let rs = b.one(Op::Reshape { shape: vec![Dim::c(e)] }, &[rscale], "router_scale_flat");
-    let gu_parts: Vec<ValueId> =
-        experts.iter().enumerate().map(|(i, ex)| b.one(Op::Concat { axis: 0 }, &[ex[0], ex[1]], &format!("gu.{i}"))).collect();
+    let gu_parts: Vec<ValueId> = experts
+        .iter()
+        .enumerate()
+        .map(|(i, ex)| b.one(Op::Concat { axis: 0 }, &[ex[0], ex[1]], &format!("gu.{i}")))
+        .collect();
     let gu_all = b.one(Op::Stack { axis: 0 }, &gu_parts, "experts_gate_up");
     let downs: Vec<ValueId> = experts.iter().map(|ex| ex[2]).collect();
     let down_all = b.one(Op::Stack { axis: 0 }, &downs, "experts_down");
@@ -157,7 +160,10 @@ fn entry(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, module: &Module) -> F
     let cache_ty = TensorType::new(DType::F32, vec![Dim::past(), Dim::c(kvh), Dim::c(d)]);
     let caches: Vec<(ValueId, ValueId)> = (0..cfg.num_hidden_layers)
         .map(|l| {
-            (b.f.add_input(&format!("k_cache.{l}"), cache_ty.clone()), b.f.add_input(&format!("v_cache.{l}"), cache_ty.clone()))
+            (
+                b.f.add_input(&format!("k_cache.{l}"), cache_ty.clone()),
+                b.f.add_input(&format!("v_cache.{l}"), cache_ty.clone()),
+            )
         })
         .collect();
     let embed = b.w("model.embed_tokens.weight", &[v, h], dtype("model.embed_tokens.weight"));

@@ -94,15 +94,25 @@ pub fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let ckpt = checkpoint();
-        let mut packages = BTreeMap::new();
-        let mut loaded = BTreeMap::new();
-        for g in GRAPHS {
-            let out = dir.path().join(format!("{g:?}").to_lowercase());
-            compile(&ckpt, &module(&ckpt, g), &out);
-            loaded.insert(g, Arc::new(panguc_runtime::open_package(&out).expect("open package")));
-            packages.insert(g, out);
-        }
+        // LLVM compiles one module per thread: build the packages side by side.
+        let packages: BTreeMap<Graph, PathBuf> = std::thread::scope(|s| {
+            let jobs: Vec<_> = GRAPHS
+                .iter()
+                .map(|g| {
+                    let out = dir.path().join(format!("{g:?}").to_lowercase());
+                    s.spawn(move || {
+                        let ckpt = checkpoint();
+                        compile(&ckpt, &module(&ckpt, *g), &out);
+                        (*g, out)
+                    })
+                })
+                .collect();
+            jobs.into_iter().map(|j| j.join().expect("compile thread")).collect()
+        });
+        let loaded = packages
+            .iter()
+            .map(|(g, p)| (*g, Arc::new(panguc_runtime::open_package(p).expect("open package"))))
+            .collect();
         Fixture { root: dir.path().to_path_buf(), _dir: dir, packages, loaded }
     })
 }
