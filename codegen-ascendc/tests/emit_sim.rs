@@ -9,61 +9,17 @@
 //! significand, 2^-11 for f16) plus f32 summation-order noise. We allow
 //! about two ulps: bf16 1/128, f16 1/512, f32 1e-5.
 
-use panguc_codegen_ascendc::data::{decode, decode_i64, encode, encode_i64, round_through, run_sim};
-use panguc_codegen_ascendc::emit::{emit_kernel, DeviceKernels, EmitOptions, Env};
+mod common;
+
+use common::{assert_close, c, emit, env, kernel, rand_vec, targets, tol, TOKENS};
+use panguc_codegen_ascendc::data::{decode, decode_i64, encode, encode_i64, round_through, run_kernels, run_sim};
 use panguc_codegen_ascendc::sim::SimArg;
-use panguc_codegen_ascendc::target::{DevType, Target};
+use panguc_codegen_ascendc::target::DevType;
 use panguc_ir::interp;
-use panguc_ir::kernel::{tile_extent, ArgSpec, ElemOp, Epilogue, Extent, Kernel, KernelKind, Layout};
-use panguc_ir::{DType, Dim, Tensor};
+use panguc_ir::kernel::{ElemOp, Epilogue, KernelKind};
+use panguc_ir::{Dim, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-const TOKENS: [u64; 4] = [1, 7, 33, 257];
-const CORES: u64 = 8;
-
-fn targets() -> [(Target, DevType); 2] {
-    [(Target::Ascend910B, DevType::BF16), (Target::Ascend310P, DevType::F16)]
-}
-
-fn tol(t: DevType) -> f32 {
-    match t {
-        DevType::BF16 => 1.0 / 128.0,
-        DevType::F16 => 1.0 / 512.0,
-        _ => 1e-5,
-    }
-}
-
-fn kernel(name: &str, kind: KernelKind, args: Vec<Vec<Dim>>) -> Kernel {
-    let args: Vec<ArgSpec> =
-        args.into_iter().map(|shape| ArgSpec { dtype: DType::F32, shape, layout: Layout::RowMajor }).collect();
-    let tiles = tile_extent(&kind, &args).unwrap_or(Extent::constant(1));
-    Kernel { name: name.into(), kind, args, tiles, thread_scratch: Extent::constant(0) }
-}
-
-fn c(n: usize) -> Dim {
-    Dim::c(n)
-}
-
-fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-fn env(tokens: u64, past: u64) -> Env {
-    Env { tokens, past, core_num: CORES }
-}
-
-fn assert_close(got: &[f32], want: &[f32], rel: f32, floor: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let lim = rel * w.abs().max(floor);
-        assert!((g - w).abs() <= lim, "{what}: element {i}: got {g}, want {w} (limit {lim})");
-    }
-}
-
-fn emit(k: &Kernel, dts: &[DevType], target: Target, act: DevType) -> DeviceKernels {
-    emit_kernel(k, dts, &EmitOptions::new(target, act).unwrap()).unwrap()
-}
 
 #[test]
 fn rms_norm_and_add_rms_norm() {
@@ -373,33 +329,15 @@ fn gemm_with_bias_swiglu_and_plain_epilogues() {
             for t in [1u64, 33, 257] {
                 let tu = t as usize;
                 let a = round_through(act, &rand_vec(&mut rng, tu * kk));
-                let e = env(t, 0);
-                // Launch the device kernels in order, temps as GM buffers.
-                let mut temps: Vec<Vec<u8>> = vec![];
-                let mut result = vec![];
-                for (i, d) in dk.kernels.iter().enumerate() {
-                    let mut args = vec![];
-                    for p in &d.params {
-                        use panguc_codegen_ascendc::emit::{ArgRef, Role};
-                        let arg = match (&p.arg, p.role) {
-                            (ArgRef::Orig(0), _) => SimArg::Input(encode(act, &a)),
-                            (ArgRef::Orig(1), _) => SimArg::Input(encode(act, &w)),
-                            (ArgRef::Orig(2), Role::Input) => SimArg::Input(encode(act, &bias)),
-                            (ArgRef::Orig(_), _) => SimArg::Output(tu * n_out * p.dtype.size() as usize),
-                            (ArgRef::Temp(j), Role::Output) => {
-                                SimArg::Output(dk.temps[*j].elems.eval(&e).unwrap() as usize * 4)
-                            }
-                            (ArgRef::Temp(j), _) => SimArg::Input(temps[*j].clone()),
-                        };
-                        args.push(arg);
-                    }
-                    let out = run_sim(d, target, &e, args).unwrap();
-                    if i + 1 < dk.kernels.len() {
-                        temps.push(out[0].clone());
-                    } else {
-                        result = decode(d.params.last().unwrap().dtype, &out[0]);
-                    }
+                // The device kernels in order (cube, then any epilogue), the
+                // f32 product passing through a temp GM buffer.
+                let mut args = vec![encode(act, &a), encode(act, &w)];
+                if ep == Epilogue::Bias {
+                    args.push(encode(act, &bias));
                 }
+                args.push(vec![0; tu * n_out * act.size() as usize]);
+                run_kernels(&dk, target, &env(t, 0), &mut args).unwrap();
+                let result = decode(act, args.last().unwrap());
                 let prod = panguc_ir::kernels::matmul(
                     &Tensor::f32(vec![tu, kk], a),
                     &Tensor::f32(vec![n, kk], w.clone()),

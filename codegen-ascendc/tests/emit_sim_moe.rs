@@ -3,66 +3,23 @@
 //! token counts, against reference semantics (the interpreter's kernels and
 //! the kernel-program docs). Tolerances as in `emit_sim.rs`.
 
+mod common;
+
+use common::{assert_close, c, emit, env, kernel, rand_vec, targets, tol, TOKENS};
 use panguc_codegen_ascendc::data::{decode, decode_i64, encode, encode_i64, round_through, run_kernels};
-use panguc_codegen_ascendc::emit::{emit_kernel, DeviceKernels, EmitOptions, Env};
-use panguc_codegen_ascendc::target::{DevType, Target};
+use panguc_codegen_ascendc::target::DevType;
 use panguc_ir::interp;
-use panguc_ir::kernel::{tile_extent, ArgSpec, Extent, Kernel, KernelKind, Layout};
+use panguc_ir::kernel::KernelKind;
 use panguc_ir::op::RopeKind;
-use panguc_ir::{DType, Dim, Tensor};
+use panguc_ir::{Dim, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const TOKENS: [u64; 4] = [1, 7, 33, 257];
-const CORES: u64 = 8;
 const F: DevType = DevType::F32;
 const I: DevType = DevType::I64;
 
-fn targets() -> [(Target, DevType); 2] {
-    [(Target::Ascend910B, DevType::BF16), (Target::Ascend310P, DevType::F16)]
-}
-
-fn tol(t: DevType) -> f32 {
-    match t {
-        DevType::BF16 => 1.0 / 128.0,
-        DevType::F16 => 1.0 / 512.0,
-        _ => 1e-5,
-    }
-}
-
-fn kernel(name: &str, kind: KernelKind, args: Vec<Vec<Dim>>) -> Kernel {
-    let args: Vec<ArgSpec> =
-        args.into_iter().map(|shape| ArgSpec { dtype: DType::F32, shape, layout: Layout::RowMajor }).collect();
-    let tiles = tile_extent(&kind, &args).unwrap_or(Extent::constant(1));
-    Kernel { name: name.into(), kind, args, tiles, thread_scratch: Extent::constant(0) }
-}
-
-fn c(n: usize) -> Dim {
-    Dim::c(n)
-}
-
 fn slots() -> Dim {
     Dim::tokens().scale(8)
-}
-
-fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
-}
-
-fn env(tokens: u64, past: u64) -> Env {
-    Env { tokens, past, core_num: CORES }
-}
-
-fn assert_close(got: &[f32], want: &[f32], rel: f32, floor: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let lim = rel * w.abs().max(floor);
-        assert!((g - w).abs() <= lim, "{what}: element {i}: got {g}, want {w} (limit {lim})");
-    }
-}
-
-fn emit(k: &Kernel, dts: &[DevType], target: Target, act: DevType) -> DeviceKernels {
-    emit_kernel(k, dts, &EmitOptions::new(target, act).unwrap()).unwrap()
 }
 
 #[test]

@@ -15,10 +15,10 @@
 //! which the simulation does not support. 310P: the same two kernels (a
 //! coupled-core fused version is future work).
 
-use super::vector::PRELUDE;
+use super::vector::{tiles_fields, vector_kernel, vector_source};
 use super::{
-    fill, head, r32, ArgRef, CoreType, Ctx, DeviceKernel, DeviceKernels, MemUse, Param, Role, TExpr, TempBuf,
-    TilingField,
+    fill, fill_kernel, head, r32, ArgRef, CoreType, Ctx, DeviceKernel, DeviceKernels, MemUse, Param, Role, TExpr,
+    TempBuf, TilingField,
 };
 use crate::target::{DevType, Target};
 use anyhow::{bail, Result};
@@ -39,6 +39,15 @@ impl BaseTile {
         BaseTile { m: 128, n: 128, k: if t == DevType::F32 { 64 } else { 128 } }
     }
 
+    /// The `baseM`, `baseN`, `baseK` tiling fields the cube templates read.
+    pub fn fields(&self) -> [TilingField; 3] {
+        [
+            TilingField::u32("baseM", TExpr::c(self.m)),
+            TilingField::u32("baseN", TExpr::c(self.n)),
+            TilingField::u32("baseK", TExpr::c(self.k)),
+        ]
+    }
+
     pub fn mem(&self, t: DevType, target: Target) -> MemUse {
         let a = r32(self.m * self.k * t.size());
         let b = r32(self.n * self.k * t.size());
@@ -47,81 +56,31 @@ impl BaseTile {
     }
 }
 
-const MATMUL: &str = r#"
-using T = {{T}};
-using O = {{O}};
-constexpr uint32_t C0 = 32 / sizeof(T);     // fractal width: 16 (f16/bf16), 8 (f32)
+/// Fractal constants and helpers at the top of both cube templates
+/// ([`MATMUL`] and the grouped MoE GEMM).
+pub(crate) const CUBE_CONSTS: &str =
+    "constexpr uint32_t C0 = 32 / sizeof(T);     // fractal width: 16 (f16/bf16), 8 (f32)
 constexpr uint32_t FRAC = 512 / sizeof(T);  // elements per 512-byte fractal
 
 __aicore__ inline uint32_t CeilCube(uint32_t x) { return (x + 15) / 16 * 16; }
-__aicore__ inline uint32_t MinU(uint32_t a, uint32_t b) { return a < b ? a : b; }
+__aicore__ inline uint32_t MinU(uint32_t a, uint32_t b) { return a < b ? a : b; }";
 
-// C[M, N] = A[M, K] * W[N, K]^T; one baseM x baseN output tile at a time,
-// K accumulated in L0C in baseK steps. W rows copied with Nd2Nz are already
-// in L0B's ZN order, so B needs no transpose.
-class {{CLASS}} {
-public:
-    __aicore__ inline {{CLASS}}() {}
-    __aicore__ inline void Init(GM_ADDR a, GM_ADDR w, GM_ADDR c, const {{TILING}}& t)
-    {
-        tl = t;
-        const uint32_t nTiles = (t.n + t.baseN - 1) / t.baseN;
-        start = static_cast<uint32_t>(GetBlockIdx()) * t.tilesPerCore;
-        end = MinU(start + t.tilesPerCore, t.tiles);
-        nTilesPerRow = nTiles;
-        aGm.SetGlobalBuffer((__gm__ T*)a, t.m * t.k);
-        wGm.SetGlobalBuffer((__gm__ T*)w, t.n * t.k);
-        cGm.SetGlobalBuffer((__gm__ O*)c, t.m * t.n);
-        pipe.InitBuffer(qA1, 2, t.baseM * t.baseK * sizeof(T));
+/// `Init`'s buffer allocation of the cube pipeline: double-buffered L1 (A1,
+/// B1), single L0A/L0B/L0C, and on 310P the UB staging buffer of `CopyOut`.
+pub(crate) const CUBE_BUFFERS: &str = "        pipe.InitBuffer(qA1, 2, t.baseM * t.baseK * sizeof(T));
         pipe.InitBuffer(qB1, 2, t.baseN * t.baseK * sizeof(T));
         pipe.InitBuffer(qA2, 1, t.baseM * t.baseK * sizeof(T));
         pipe.InitBuffer(qB2, 1, t.baseN * t.baseK * sizeof(T));
         pipe.InitBuffer(qCO1, 1, t.baseM * t.baseN * sizeof(float));
 #if __CCE_AICORE__ != 220
         pipe.InitBuffer(qCO2, 1, t.baseM * t.baseN * sizeof(float));
-#endif
-    }
-    __aicore__ inline void Process()
-    {
-        for (uint32_t tile = start; tile < end; tile++) {
-            m0 = (tile / nTilesPerRow) * tl.baseM;
-            n0 = (tile % nTilesPerRow) * tl.baseN;
-            mLen = MinU(tl.baseM, tl.m - m0);
-            nLen = MinU(tl.baseN, tl.n - n0);
-            LocalTensor<float> c1 = qCO1.AllocTensor<float>();
-            for (uint32_t k0 = 0; k0 < tl.k; k0 += tl.baseK) {
-                const uint32_t kLen = MinU(tl.baseK, tl.k - k0);
-                CopyIn(k0, kLen);
-                Split(kLen);
-                Compute(c1, kLen, k0 == 0);
-            }
-            qCO1.EnQue(c1);
-            CopyOut();
-        }
-    }
+#endif";
 
-private:
-    __aicore__ inline void CopyIn(uint32_t k0, uint32_t kLen)
-    {
-        LocalTensor<T> a1 = qA1.AllocTensor<T>();
-        LocalTensor<T> b1 = qB1.AllocTensor<T>();
-        Nd2NzParams p;
-        p.ndNum = 1;
-        p.nValue = mLen;
-        p.dValue = kLen;
-        p.srcNdMatrixStride = 0;
-        p.srcDValue = tl.k;
-        p.dstNzC0Stride = CeilCube(mLen);
-        p.dstNzNStride = 1;
-        p.dstNzMatrixStride = 0;
-        DataCopy(a1, aGm[m0 * tl.k + k0], p);
-        p.nValue = nLen;
-        p.dstNzC0Stride = CeilCube(nLen);
-        DataCopy(b1, wGm[n0 * tl.k + k0], p);
-        qA1.EnQue(a1);
-        qB1.EnQue(b1);
-    }
-    __aicore__ inline void Split(uint32_t kLen)
+/// The per-K-step stages after `CopyIn` (`Split` L1 -> L0A/L0B, `Compute`
+/// Mmad into L0C) and `CopyOut` (L0C -> GM), plus the pipe and queue members
+/// they use. Shared by the plain and the grouped GEMM, whose `CopyIn` and
+/// tile loops differ; both set `m0`, `n0`, `mLen`, `nLen` and `tl` first.
+const CUBE_STAGES: &str = r#"    __aicore__ inline void Split(uint32_t kLen)
     {
         LocalTensor<T> a1 = qA1.DeQue<T>();
         LocalTensor<T> b1 = qB1.DeQue<T>();
@@ -209,7 +168,77 @@ private:
     TQue<TPosition::CO1, 1> qCO1;
 #if __CCE_AICORE__ != 220
     TQue<TPosition::CO2, 1> qCO2;
-#endif
+#endif"#;
+
+/// [`CUBE_STAGES`] with `CopyOut`'s Fixpipe quantisation (f32 -> `O`).
+pub(crate) fn cube_stages(quant: &str) -> String {
+    fill(CUBE_STAGES, &[("QUANT", quant.into())])
+}
+
+const MATMUL: &str = r#"
+using T = {{T}};
+using O = {{O}};
+{{CUBE_CONSTS}}
+
+// C[M, N] = A[M, K] * W[N, K]^T; one baseM x baseN output tile at a time,
+// K accumulated in L0C in baseK steps. W rows copied with Nd2Nz are already
+// in L0B's ZN order, so B needs no transpose.
+class {{CLASS}} {
+public:
+    __aicore__ inline {{CLASS}}() {}
+    __aicore__ inline void Init(GM_ADDR a, GM_ADDR w, GM_ADDR c, const {{TILING}}& t)
+    {
+        tl = t;
+        const uint32_t nTiles = (t.n + t.baseN - 1) / t.baseN;
+        start = static_cast<uint32_t>(GetBlockIdx()) * t.tilesPerCore;
+        end = MinU(start + t.tilesPerCore, t.tiles);
+        nTilesPerRow = nTiles;
+        aGm.SetGlobalBuffer((__gm__ T*)a, t.m * t.k);
+        wGm.SetGlobalBuffer((__gm__ T*)w, t.n * t.k);
+        cGm.SetGlobalBuffer((__gm__ O*)c, t.m * t.n);
+{{CUBE_BUFFERS}}
+    }
+    __aicore__ inline void Process()
+    {
+        for (uint32_t tile = start; tile < end; tile++) {
+            m0 = (tile / nTilesPerRow) * tl.baseM;
+            n0 = (tile % nTilesPerRow) * tl.baseN;
+            mLen = MinU(tl.baseM, tl.m - m0);
+            nLen = MinU(tl.baseN, tl.n - n0);
+            LocalTensor<float> c1 = qCO1.AllocTensor<float>();
+            for (uint32_t k0 = 0; k0 < tl.k; k0 += tl.baseK) {
+                const uint32_t kLen = MinU(tl.baseK, tl.k - k0);
+                CopyIn(k0, kLen);
+                Split(kLen);
+                Compute(c1, kLen, k0 == 0);
+            }
+            qCO1.EnQue(c1);
+            CopyOut();
+        }
+    }
+
+private:
+    __aicore__ inline void CopyIn(uint32_t k0, uint32_t kLen)
+    {
+        LocalTensor<T> a1 = qA1.AllocTensor<T>();
+        LocalTensor<T> b1 = qB1.AllocTensor<T>();
+        Nd2NzParams p;
+        p.ndNum = 1;
+        p.nValue = mLen;
+        p.dValue = kLen;
+        p.srcNdMatrixStride = 0;
+        p.srcDValue = tl.k;
+        p.dstNzC0Stride = CeilCube(mLen);
+        p.dstNzNStride = 1;
+        p.dstNzMatrixStride = 0;
+        DataCopy(a1, aGm[m0 * tl.k + k0], p);
+        p.nValue = nLen;
+        p.dstNzC0Stride = CeilCube(nLen);
+        DataCopy(b1, wGm[n0 * tl.k + k0], p);
+        qA1.EnQue(a1);
+        qB1.EnQue(b1);
+    }
+{{CUBE_STAGES}}
     GlobalTensor<T> aGm, wGm;
     GlobalTensor<O> cGm;
     {{TILING}} tl;
@@ -301,17 +330,43 @@ pub(crate) struct CubeSpec<'a> {
     pub params: Vec<Param>,
 }
 
+/// Mmad moves whole 16x16 fractals, so N and K of every cube GEMM must be
+/// multiples of 16 (`what` names the GEMM in the error).
+pub(crate) fn need_fractal_dims(ctx: &Ctx, what: &str, n: u64, k: u64) -> Result<()> {
+    if !n.is_multiple_of(16) || !k.is_multiple_of(16) {
+        bail!("{}: cannot be tiled: {what} N = {n} and K = {k} must be multiples of 16 (cube fractals)", ctx.k.name);
+    }
+    Ok(())
+}
+
+/// A cube-core kernel of `tiles` block tiles (the cube counterpart of
+/// [`super::vector::vector_kernel`]).
+pub(crate) fn cube_device_kernel(
+    entry: String,
+    source: String,
+    fields: Vec<TilingField>,
+    tiles: &TExpr,
+    params: Vec<Param>,
+    mem: MemUse,
+) -> DeviceKernel {
+    let up = super::upper_camel(&entry);
+    DeviceKernel {
+        op_type: up.clone(),
+        tiling_struct: format!("{up}Tiling"),
+        entry,
+        core: CoreType::Cube,
+        source,
+        fields,
+        block_dim: TExpr::block_dim(tiles),
+        params,
+        mem,
+    }
+}
+
 /// The cube kernel (`a`, `w`, `c` parameters).
 pub(crate) fn cube_kernel(ctx: &Ctx, s: CubeSpec) -> Result<DeviceKernel> {
     let target = ctx.target();
-    if !s.n.is_multiple_of(16) || !s.k.is_multiple_of(16) {
-        bail!(
-            "{}: cannot be tiled: matmul N = {} and K = {} must be multiples of 16 (cube fractals)",
-            ctx.k.name,
-            s.n,
-            s.k
-        );
-    }
+    need_fractal_dims(ctx, "matmul", s.n, s.k)?;
     let quant = match (s.t, s.out) {
         (_, DevType::F32) => "QuantMode_t::NoQuant",
         (DevType::F16, DevType::F16) => "QuantMode_t::F322F16",
@@ -322,41 +377,27 @@ pub(crate) fn cube_kernel(ctx: &Ctx, s: CubeSpec) -> Result<DeviceKernel> {
         bail!("{}: on 310P the cube kernel writes f32 (a vector epilogue casts)", ctx.k.name);
     }
     let base = BaseTile::for_type(s.t);
-    let up = super::upper_camel(&s.entry);
     let src = head(&s.entry, &format!("Cube GEMM ({}): C = A * W^T, f32 accumulation.", s.what))
-        + &fill(
+        + &fill_kernel(
             MATMUL,
+            &s.entry,
             &[
                 ("T", s.t.cpp().into()),
                 ("O", s.out.cpp().into()),
-                ("QUANT", quant.into()),
-                ("CLASS", format!("Kernel{up}")),
-                ("TILING", format!("{up}Tiling")),
-                ("ENTRY", s.entry.clone()),
+                ("CUBE_CONSTS", CUBE_CONSTS.into()),
+                ("CUBE_BUFFERS", CUBE_BUFFERS.into()),
+                ("CUBE_STAGES", cube_stages(quant)),
             ],
         );
     let tiles = s.m.clone().ceil_div(TExpr::c(base.m)).times(TExpr::c(s.n.div_ceil(base.n)));
-    let fields = vec![
-        TilingField::u32("tiles", tiles.clone()),
-        TilingField::u32("tilesPerCore", TExpr::per_core(&tiles)),
+    let mut fields = tiles_fields(&tiles);
+    fields.extend([
         TilingField::u32("m", s.m.clone()),
         TilingField::u32("n", TExpr::c(s.n)),
         TilingField::u32("k", TExpr::c(s.k)),
-        TilingField::u32("baseM", TExpr::c(base.m)),
-        TilingField::u32("baseN", TExpr::c(base.n)),
-        TilingField::u32("baseK", TExpr::c(base.k)),
-    ];
-    Ok(DeviceKernel {
-        op_type: up.clone(),
-        tiling_struct: format!("{up}Tiling"),
-        entry: s.entry,
-        core: CoreType::Cube,
-        source: src,
-        fields,
-        block_dim: TExpr::block_dim(&tiles),
-        params: s.params,
-        mem: base.mem(s.t, target),
-    })
+    ]);
+    fields.extend(base.fields());
+    Ok(cube_device_kernel(s.entry, src, fields, &tiles, s.params, base.mem(s.t, target)))
 }
 
 /// Column chunk of the epilogue (elements).
@@ -428,52 +469,38 @@ pub(crate) fn epilogue_kernel(ctx: &Ctx, s: EpilogueSpec) -> Result<DeviceKernel
         bias_members += "    GlobalTensor<float> rwGm;\n";
         compute += "            Muls(x, x, rwGm.GetValue(r), len);\n            PipeBarrier<PIPE_V>();\n";
     }
-    let up = super::upper_camel(&entry);
     let in_factor = if swiglu { 2 } else { 1 };
-    let src = head(&entry, &format!("Matmul epilogue: {what}."))
-        + PRELUDE
-        + &fill(
-            EPILOGUE,
-            &[
-                ("T", t.cpp().into()),
-                ("B", b.cpp().into()),
-                ("WHAT", what.into()),
-                ("BIAS_PARAM", bias_param),
-                ("BIAS_ARG", bias_arg),
-                ("BIAS_INIT", bias_init),
-                ("BIAS_MEMBERS", bias_members),
-                ("IN_FACTOR", in_factor.to_string()),
-                ("LOAD", load.into()),
-                ("COMPUTE", compute),
-                ("RANGE", "        start = static_cast<uint32_t>(GetBlockIdx()) * t.tilesPerCore;\n        end = MinU(start + t.tilesPerCore, t.tiles);".into()),
-                ("CLASS", format!("Kernel{up}")),
-                ("TILING", format!("{up}Tiling")),
-                ("ENTRY", entry.clone()),
-            ],
-        );
+    let src = vector_source(
+        &entry,
+        &format!("Matmul epilogue: {what}."),
+        EPILOGUE,
+        &[
+            ("T", t.cpp().into()),
+            ("B", b.cpp().into()),
+            ("WHAT", what.into()),
+            ("BIAS_PARAM", bias_param),
+            ("BIAS_ARG", bias_arg),
+            ("BIAS_INIT", bias_init),
+            ("BIAS_MEMBERS", bias_members),
+            ("IN_FACTOR", in_factor.to_string()),
+            ("LOAD", load.into()),
+            ("COMPUTE", compute),
+        ],
+    );
     let tiles = rows.times(TExpr::c(n.div_ceil(n_tile)));
-    let fields = vec![
-        TilingField::u32("tiles", tiles.clone()),
-        TilingField::u32("tilesPerCore", TExpr::per_core(&tiles)),
+    let mut fields = tiles_fields(&tiles);
+    fields.extend([
         TilingField::u32("n", TExpr::c(n)),
         TilingField::u32("cols", TExpr::c(cols)),
         TilingField::u32("nTile", TExpr::c(n_tile)),
-    ];
+    ]);
     let mut ub = 2 * in_factor * r32(n_tile * 4) + 2 * r32(n_tile * t.size()) + r32(n_tile * 4);
     if ep == Epilogue::Bias {
         ub += 2 * r32(n_tile * b.size());
     }
-    Ok(DeviceKernel {
-        op_type: up.clone(),
-        tiling_struct: format!("{up}Tiling"),
-        entry,
-        core: CoreType::Vector,
-        source: src,
-        fields,
-        block_dim: TExpr::block_dim(&tiles),
-        params,
-        mem: MemUse { ub, ..Default::default() },
-    })
+    let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
+    dk.params = params;
+    Ok(dk)
 }
 
 /// `Gemm (a[M, K], w, [bias[N]], out[M, N])`, w stored `[N, K]` on the

@@ -356,6 +356,15 @@ pub(crate) fn fill(template: &str, vars: &[(&str, String)]) -> String {
     s
 }
 
+/// `template` filled with `vars` and the names every kernel template uses:
+/// `{{CLASS}}` (`Kernel<UpperCamel entry>`), `{{TILING}}` (the tiling
+/// struct, `<UpperCamel entry>Tiling`) and `{{ENTRY}}`.
+pub(crate) fn fill_kernel(template: &str, entry: &str, vars: &[(&str, String)]) -> String {
+    let up = upper_camel(entry);
+    let names = [("CLASS", format!("Kernel{up}")), ("TILING", format!("{up}Tiling")), ("ENTRY", entry.to_string())];
+    fill(template, &[vars, &names].concat())
+}
+
 /// Common head of every kernel file.
 pub(crate) fn head(entry: &str, what: &str) -> String {
     format!(

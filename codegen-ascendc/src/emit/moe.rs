@@ -13,11 +13,12 @@
 //! - `MoeCombine` sums each token's G expert outputs in group order, then
 //!   `residual + (routed + shared)`.
 
-use super::cube::{epilogue_kernel, BaseTile, EpilogueSpec};
-use super::vector::{need_aligned, tiles_fields, vector_kernel, PRELUDE, RANGE};
-use super::{
-    fill, head, r32, ArgRef, CoreType, Ctx, DeviceKernel, DeviceKernels, Env, Param, Role, TExpr, TempBuf, TilingField,
+use super::cube::{
+    cube_device_kernel, cube_stages, epilogue_kernel, need_fractal_dims, BaseTile, EpilogueSpec, CUBE_BUFFERS,
+    CUBE_CONSTS,
 };
+use super::vector::{need_aligned, tiles_fields, vector_kernel, vector_source};
+use super::{fill_kernel, head, r32, ArgRef, Ctx, DeviceKernels, Env, Param, Role, TExpr, TempBuf, TilingField};
 use crate::target::DevType;
 use anyhow::{bail, Result};
 use panguc_ir::kernel::Epilogue;
@@ -119,19 +120,15 @@ pub(crate) fn route(ctx: &Ctx) -> Result<DeviceKernels> {
     }
     let slots = ctx.dim(3, 0)?;
     let entry = ctx.entry("");
-    let up = super::upper_camel(&entry);
-    let src = head(&entry, "MoE dispatch: stable counting sort of the slots by expert.")
-        + &fill(
-            ROUTE,
-            &[("CLASS", format!("Kernel{up}")), ("TILING", format!("{up}Tiling")), ("ENTRY", entry.clone())],
-        );
+    let src =
+        head(&entry, "MoE dispatch: stable counting sort of the slots by expert.") + &fill_kernel(ROUTE, &entry, &[]);
     let fields = vec![
         TilingField::u32("slots", slots),
         TilingField::u32("groups", TExpr::c(g)),
         TilingField::u32("experts", TExpr::c(e)),
     ];
     let one = TExpr::c(1);
-    let mut dk = vector_kernel(ctx, "", src, fields, &one, r32((e + 1) * 8));
+    let mut dk = vector_kernel(entry, src, fields, &one, r32((e + 1) * 8));
     dk.params = vec![
         ctx.param("weights", 0, Role::Input),
         ctx.param("ids", 1, Role::Input),
@@ -145,11 +142,7 @@ pub(crate) fn route(ctx: &Ctx) -> Result<DeviceKernels> {
 
 const GROUPED: &str = r#"
 using T = {{T}};
-constexpr uint32_t C0 = 32 / sizeof(T);     // fractal width: 16 (f16/bf16), 8 (f32)
-constexpr uint32_t FRAC = 512 / sizeof(T);  // elements per 512-byte fractal
-
-__aicore__ inline uint32_t CeilCube(uint32_t x) { return (x + 15) / 16 * 16; }
-__aicore__ inline uint32_t MinU(uint32_t a, uint32_t b) { return a < b ? a : b; }
+{{CUBE_CONSTS}}
 
 // Grouped GEMM: for each expert e, C[r, :] = A[{{AROW}}, :] * W[e]^T for the
 // sorted rows r in offsets[e]..offsets[e+1] (known only on the device). One
@@ -168,14 +161,7 @@ public:
         offGm.SetGlobalBuffer((__gm__ int64_t*)offsets, t.experts + 1);
 {{ROWS_INIT}}        wGm.SetGlobalBuffer((__gm__ T*)w, t.experts * t.n * t.k);
         cGm.SetGlobalBuffer((__gm__ float*)c, t.slots * t.n);
-        pipe.InitBuffer(qA1, 2, t.baseM * t.baseK * sizeof(T));
-        pipe.InitBuffer(qB1, 2, t.baseN * t.baseK * sizeof(T));
-        pipe.InitBuffer(qA2, 1, t.baseM * t.baseK * sizeof(T));
-        pipe.InitBuffer(qB2, 1, t.baseN * t.baseK * sizeof(T));
-        pipe.InitBuffer(qCO1, 1, t.baseM * t.baseN * sizeof(float));
-#if __CCE_AICORE__ != 220
-        pipe.InitBuffer(qCO2, 1, t.baseM * t.baseN * sizeof(float));
-#endif
+{{CUBE_BUFFERS}}
     }
     __aicore__ inline void Process()
     {
@@ -219,95 +205,7 @@ private:
         qA1.EnQue(a1);
         qB1.EnQue(b1);
     }
-    __aicore__ inline void Split(uint32_t kLen)
-    {
-        LocalTensor<T> a1 = qA1.DeQue<T>();
-        LocalTensor<T> b1 = qB1.DeQue<T>();
-        LocalTensor<T> a2 = qA2.AllocTensor<T>();
-        LocalTensor<T> b2 = qB2.AllocTensor<T>();
-        const uint32_t mBlocks = CeilCube(mLen) / 16, nBlocks = CeilCube(nLen) / 16;
-        const uint32_t kBlocks = (kLen + C0 - 1) / C0;
-        for (uint32_t mb = 0; mb < mBlocks; mb++) {
-            LoadData2DParams p;
-            p.startIndex = mb;
-            p.repeatTimes = kBlocks;
-            p.srcStride = mBlocks;
-            p.ifTranspose = false;
-            LoadData(a2[mb * kBlocks * FRAC], a1, p);
-        }
-        LoadData2DParams q;
-        q.startIndex = 0;
-        q.repeatTimes = kBlocks * nBlocks;
-        q.srcStride = 1;
-        q.ifTranspose = false;
-        LoadData(b2, b1, q);
-        qA1.FreeTensor(a1);
-        qB1.FreeTensor(b1);
-        qA2.EnQue(a2);
-        qB2.EnQue(b2);
-    }
-    __aicore__ inline void Compute(LocalTensor<float>& c1, uint32_t kLen, bool first)
-    {
-        LocalTensor<T> a2 = qA2.DeQue<T>();
-        LocalTensor<T> b2 = qB2.DeQue<T>();
-        MmadParams p;
-        p.m = mLen;
-        p.n = nLen;
-        p.k = kLen;
-        p.cmatrixInitVal = first;
-        Mmad(c1, a2, b2, p);
-        qA2.FreeTensor(a2);
-        qB2.FreeTensor(b2);
-    }
-    __aicore__ inline void CopyOut()
-    {
-        LocalTensor<float> c1 = qCO1.DeQue<float>();
-#if __CCE_AICORE__ == 220
-        FixpipeParamsV220 f;
-        f.nSize = nLen;
-        f.mSize = mLen;
-        f.srcStride = CeilCube(mLen);
-        f.dstStride = tl.n;
-        f.ndNum = 1;
-        f.srcNdStride = 0;
-        f.dstNdStride = 0;
-        f.quantPre = QuantMode_t::NoQuant;
-        Fixpipe(cGm[m0 * tl.n + n0], c1, f);
-        qCO1.FreeTensor(c1);
-#else
-        // L0C -> UB (16x16 fractals), then one strided copy per 16-column block.
-        const uint32_t mBlocks = CeilCube(mLen) / 16, nBlocks = CeilCube(nLen) / 16;
-        LocalTensor<float> c2 = qCO2.AllocTensor<float>();
-        DataCopyParams p;
-        p.blockCount = 1;
-        p.blockLen = mBlocks * nBlocks;
-        DataCopyEnhancedParams e;
-        e.blockMode = BlockMode::BLOCK_MODE_MATRIX;
-        DataCopy(c2, c1, p, e);
-        qCO1.FreeTensor(c1);
-        qCO2.EnQue(c2);
-        c2 = qCO2.DeQue<float>();
-        for (uint32_t nb = 0; nb < nBlocks; nb++) {
-            DataCopyParams q;
-            q.blockCount = mLen;
-            q.blockLen = 16 * sizeof(float) / 32;
-            q.srcStride = 0;
-            q.dstStride = (tl.n - 16) * sizeof(float) / 32;
-            DataCopy(cGm[m0 * tl.n + n0 + nb * 16], c2[nb * mBlocks * 256], q);
-        }
-        qCO2.FreeTensor(c2);
-#endif
-    }
-
-    TPipe pipe;
-    TQue<TPosition::A1, 2> qA1;
-    TQue<TPosition::B1, 2> qB1;
-    TQue<TPosition::A2, 1> qA2;
-    TQue<TPosition::B2, 1> qB2;
-    TQue<TPosition::CO1, 1> qCO1;
-#if __CCE_AICORE__ != 220
-    TQue<TPosition::CO2, 1> qCO2;
-#endif
+{{CUBE_STAGES}}
     GlobalTensor<T> aGm, wGm;
     GlobalTensor<int64_t> offGm{{ROWS_MEMBER}};
     GlobalTensor<float> cGm;
@@ -360,48 +258,40 @@ fn grouped(ctx: &Ctx, gather: bool) -> Result<DeviceKernels> {
     if !gather && ctx.dt[2] != DevType::F32 {
         bail!("{}: row weights must be f32 on the device", ctx.k.name);
     }
-    if !n_w.is_multiple_of(16) || !k.is_multiple_of(16) {
-        bail!(
-            "{}: cannot be tiled: expert matmul N = {n_w} and K = {k} must be multiples of 16 (cube fractals)",
-            ctx.k.name
-        );
-    }
+    need_fractal_dims(ctx, "expert matmul", n_w, k)?;
     let target = ctx.target();
     let base = BaseTile::for_type(t);
     let slots = ctx.dim(4, 0)?;
     let a_rows = ctx.dim(0, 0)?;
     let entry = ctx.entry("_cube");
-    let up = super::upper_camel(&entry);
     let on = |c: bool, s: &str| if c { s.to_string() } else { String::new() };
     let src = head(&entry, &format!("Grouped cube GEMM (MoE {what}): C = A * W[e]^T per expert, f32 out."))
-        + &fill(
+        + &fill_kernel(
             GROUPED,
+            &entry,
             &[
                 ("T", t.cpp().into()),
+                ("CUBE_CONSTS", CUBE_CONSTS.into()),
+                ("CUBE_BUFFERS", CUBE_BUFFERS.into()),
+                ("CUBE_STAGES", cube_stages("QuantMode_t::NoQuant")),
                 ("AROW", if gather { "rows[r]" } else { "r" }.into()),
                 ("ROWS_PARAM", on(gather, "GM_ADDR rows, ")),
                 ("ROWS_ARG", on(gather, "rows, ")),
                 ("ROWS_INIT", on(gather, "        rowsGm.SetGlobalBuffer((__gm__ int64_t*)rows, t.slots);\n")),
                 ("ROWS_MEMBER", on(gather, ", rowsGm")),
                 ("COPY_A", if gather { COPY_A_GATHER } else { COPY_A_DENSE }.into()),
-                ("CLASS", format!("Kernel{up}")),
-                ("TILING", format!("{up}Tiling")),
-                ("ENTRY", entry.clone()),
             ],
         );
     let tiles = TExpr::c(e * n_w.div_ceil(base.n));
-    let fields = vec![
-        TilingField::u32("tiles", tiles.clone()),
-        TilingField::u32("tilesPerCore", TExpr::per_core(&tiles)),
+    let mut fields = tiles_fields(&tiles);
+    fields.extend([
         TilingField::u32("experts", TExpr::c(e)),
         TilingField::u32("slots", slots.clone()),
         TilingField::u32("aRows", a_rows),
         TilingField::u32("n", TExpr::c(n_w)),
         TilingField::u32("k", TExpr::c(k)),
-        TilingField::u32("baseM", TExpr::c(base.m)),
-        TilingField::u32("baseN", TExpr::c(base.n)),
-        TilingField::u32("baseK", TExpr::c(base.k)),
-    ];
+    ]);
+    fields.extend(base.fields());
     let c_param = |role| Param { name: "c".into(), dtype: DevType::F32, role, arg: ArgRef::Temp(0) };
     let mut params =
         vec![ctx.param(if gather { "x" } else { "act" }, 0, Role::Input), ctx.param("offsets", 1, Role::Input)];
@@ -410,17 +300,7 @@ fn grouped(ctx: &Ctx, gather: bool) -> Result<DeviceKernels> {
     }
     params.push(ctx.param("w", 3, Role::Input));
     params.push(c_param(Role::Output));
-    let cube = DeviceKernel {
-        op_type: up.clone(),
-        tiling_struct: format!("{up}Tiling"),
-        entry,
-        core: CoreType::Cube,
-        source: src,
-        fields,
-        block_dim: TExpr::block_dim(&tiles),
-        params,
-        mem: base.mem(t, target),
-    };
+    let cube = cube_device_kernel(entry, src, fields, &tiles, params, base.mem(t, target));
     let temp = TempBuf {
         name: format!("{}.c", ctx.k.name),
         dtype: DevType::F32,
@@ -568,12 +448,8 @@ pub(crate) fn combine(ctx: &Ctx, shared_residual: bool) -> Result<DeviceKernels>
     need_aligned(ctx, "a hidden row", h, t)?;
     let tiles = ctx.dim(out, 0)?;
     let entry = ctx.entry("");
-    let up = super::upper_camel(&entry);
     let on = |s: &str| if shared_residual { s.to_string() } else { String::new() };
-    let src = head(&entry, "MoE combine: per-token sum of the expert rows in group order.")
-        + PRELUDE
-        + &fill(
-            COMBINE,
+    let src = vector_source(&entry, "MoE combine: per-token sum of the expert rows in group order.", COMBINE,
             &[
                 ("T", t.cpp().into()),
                 ("WHAT", if shared_residual { "out = residual + (routed + shared)" } else { "out = routed" }.into()),
@@ -585,17 +461,13 @@ pub(crate) fn combine(ctx: &Ctx, shared_residual: bool) -> Result<DeviceKernels>
                 ),
                 ("EXTRA_COMPUTE", on("            AddRow(shGm, tok, false);\n            AddRow(resGm, tok, true);\n")),
                 ("EXTRA_MEMBERS", on(", shGm, resGm")),
-                ("RANGE", RANGE.into()),
-                ("CLASS", format!("Kernel{up}")),
-                ("TILING", format!("{up}Tiling")),
-                ("ENTRY", entry.clone()),
             ],
         );
     let mut fields = tiles_fields(&tiles);
     fields.push(TilingField::u32("hidden", TExpr::c(h)));
     fields.push(TilingField::u32("groups", TExpr::c(g)));
     let ub = 4 * r32(h * t.size()) + 2 * r32(h * 4);
-    let mut dk = vector_kernel(ctx, "", src, fields, &tiles, ub);
+    let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![ctx.param("ys", 0, Role::Input), ctx.param("slot_row", 1, Role::Input)];
     if shared_residual {
         dk.params.push(ctx.param("shared", 2, Role::Input));

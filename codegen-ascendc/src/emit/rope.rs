@@ -7,8 +7,8 @@
 //! inverse frequencies are constants of the model and travel in the tiling
 //! struct (computed in f64 and rounded to f32 here, like HF's f32 tables).
 
-use super::vector::{need_aligned, tiles_fields, vector_kernel, PRELUDE, RANGE};
-use super::{fill, head, r32, Ctx, DeviceKernels, Role, TExpr, TilingField};
+use super::vector::{need_aligned, tiles_fields, vector_kernel, vector_source};
+use super::{r32, Ctx, DeviceKernels, Role, TExpr, TilingField};
 use crate::target::DevType;
 use anyhow::{bail, Result};
 use panguc_ir::op::RopeKind;
@@ -97,25 +97,13 @@ pub(crate) fn rope_table(ctx: &Ctx, kind: RopeKind, theta: f64, head_dim: usize)
     };
     let tiles = ctx.dim(0, 0)?;
     let entry = ctx.entry("");
-    let up = super::upper_camel(&entry);
-    let src = head(&entry, &format!("RoPE {f} table."))
-        + PRELUDE
-        + &fill(
-            ROPE_TABLE,
-            &[
-                ("T", t.cpp().into()),
-                ("FN", f.into()),
-                ("RANGE", RANGE.into()),
-                ("CLASS", format!("Kernel{up}")),
-                ("TILING", format!("{up}Tiling")),
-                ("ENTRY", entry.clone()),
-            ],
-        );
+    let src =
+        vector_source(&entry, &format!("RoPE {f} table."), ROPE_TABLE, &[("T", t.cpp().into()), ("FN", f.into())]);
     let mut fields = tiles_fields(&tiles);
     fields.push(TilingField::u32("headDim", TExpr::c(d)));
     fields.push(TilingField::f32_array("invFreq", inv_freq));
     let ub = 2 * r32(d * t.size()) + 3 * r32(d * 4);
-    let mut dk = vector_kernel(ctx, "", src, fields, &tiles, ub);
+    let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![ctx.param("positions", 0, Role::Input), ctx.param("out", 1, Role::Output)];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
 }
@@ -248,27 +236,19 @@ pub(crate) fn qkv_rope_append(ctx: &Ctx, q_heads: usize, kv_heads: usize) -> Res
     need_aligned(ctx, "a cos/sin row", d, c)?;
     let tiles = ctx.dim(0, 0)?;
     let entry = ctx.entry("");
-    let up = super::upper_camel(&entry);
-    let src = head(&entry, "QKV split + RoPE (NeoX) + KV-cache append, in f32.")
-        + PRELUDE
-        + &fill(
-            QKV_ROPE_APPEND,
-            &[
-                ("T", t.cpp().into()),
-                ("C", c.cpp().into()),
-                ("RANGE", RANGE.into()),
-                ("CLASS", format!("Kernel{up}")),
-                ("TILING", format!("{up}Tiling")),
-                ("ENTRY", entry.clone()),
-            ],
-        );
+    let src = vector_source(
+        &entry,
+        "QKV split + RoPE (NeoX) + KV-cache append, in f32.",
+        QKV_ROPE_APPEND,
+        &[("T", t.cpp().into()), ("C", c.cpp().into())],
+    );
     let mut fields = tiles_fields(&tiles);
     fields.push(TilingField::u32("qHeads", TExpr::c(hq)));
     fields.push(TilingField::u32("kvHeads", TExpr::c(hkv)));
     fields.push(TilingField::u32("headDim", TExpr::c(d)));
     fields.push(TilingField::u32("past", TExpr::Past));
     let ub = 6 * r32(d * t.size()) + r32(2 * d * c.size()) + 4 * r32(d * 4);
-    let mut dk = vector_kernel(ctx, "", src, fields, &tiles, ub);
+    let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![
         ctx.param("y", 0, Role::Input),
         ctx.param("cos", 1, Role::Input),

@@ -7,7 +7,7 @@
 //! (`ToFloat`/`FromFloat`) whatever the activation dtype, like the
 //! reference interpreter.
 
-use super::{fill, head, r32, CoreType, Ctx, DeviceKernel, DeviceKernels, MemUse, Role, TExpr, TilingField};
+use super::{fill_kernel, head, r32, CoreType, Ctx, DeviceKernel, DeviceKernels, MemUse, Role, TExpr, TilingField};
 use crate::target::{DevType, Target};
 use anyhow::{bail, Result};
 use panguc_ir::kernel::{ElemOp, ExprToken};
@@ -57,18 +57,19 @@ pub(crate) fn tiles_fields(tiles: &TExpr) -> Vec<TilingField> {
     vec![TilingField::u32("tiles", tiles.clone()), TilingField::u32("tilesPerCore", TExpr::per_core(tiles))]
 }
 
+/// A vector-core kernel of `tiles` block tiles using `ub` bytes of UB; the
+/// caller sets its parameters.
 pub(crate) fn vector_kernel(
-    ctx: &Ctx,
-    suffix: &str,
+    entry: String,
     source: String,
     fields: Vec<TilingField>,
     tiles: &TExpr,
     ub: u64,
 ) -> DeviceKernel {
-    let entry = ctx.entry(suffix);
+    let up = super::upper_camel(&entry);
     DeviceKernel {
-        op_type: super::upper_camel(&entry),
-        tiling_struct: format!("{}Tiling", super::upper_camel(&entry)),
+        op_type: up.clone(),
+        tiling_struct: format!("{up}Tiling"),
         entry,
         core: CoreType::Vector,
         source,
@@ -82,6 +83,13 @@ pub(crate) fn vector_kernel(
 /// Work range of this block (after `t` is read).
 pub(crate) const RANGE: &str = "        start = static_cast<uint32_t>(GetBlockIdx()) * t.tilesPerCore;
         end = MinU(start + t.tilesPerCore, t.tiles);";
+
+/// A vector kernel file: the common head and [`PRELUDE`], then `template`
+/// filled with `vars`, the block's work range (`{{RANGE}}`) and the kernel
+/// names (see [`fill_kernel`]).
+pub(crate) fn vector_source(entry: &str, what: &str, template: &str, vars: &[(&str, String)]) -> String {
+    head(entry, what) + PRELUDE + &fill_kernel(template, entry, &[vars, &[("RANGE", RANGE.into())]].concat())
+}
 
 const RMS_NORM: &str = r#"
 using T = {{T}};
@@ -211,9 +219,7 @@ pub(crate) fn rms_norm(ctx: &Ctx, eps: f64, add: bool) -> Result<DeviceKernels> 
     need_aligned(ctx, "a row", cols, t)?;
     need_aligned(ctx, "the norm weight", cols, w)?;
     let tiles = ctx.dims(0, 0, r - 1)?;
-    let class = format!("Kernel{}", super::upper_camel(&ctx.k.name));
     let entry = ctx.entry("");
-    let tiling = format!("{}Tiling", super::upper_camel(&entry));
     let (res_param, sum_param, res_arg, sum_arg) =
         if add { ("GM_ADDR res, ", "GM_ADDR sumOut, ", "res, ", "sumOut, ") } else { ("", "", "", "") };
     let s = |on: bool, v: &str| if on { v.to_string() } else { String::new() };
@@ -224,30 +230,26 @@ pub(crate) fn rms_norm(ctx: &Ctx, eps: f64, add: bool) -> Result<DeviceKernels> 
     let res_members = "    TQue<TPosition::VECIN, 2> inR;\n    TQue<TPosition::VECOUT, 2> outS;\n    TBuf<TPosition::VECCALC> rBuf;\n    GlobalTensor<T> rGm, sGm;\n";
     let work = reduce_work_bytes(cols);
     let what = if add { "sum = x + residual; y = rmsnorm(sum) * w" } else { "y = rmsnorm(x) * w" };
-    let src = head(&entry, &format!("{}: {what}, in f32.", if add { "AddRmsNorm" } else { "RmsNorm" }))
-        + PRELUDE
-        + &fill(
-            RMS_NORM,
-            &[
-                ("T", t.cpp().into()),
-                ("W", w.cpp().into()),
-                ("WHAT", what.into()),
-                ("RES_PARAM", res_param.into()),
-                ("SUM_PARAM", sum_param.into()),
-                ("RES_ARG", res_arg.into()),
-                ("SUM_ARG", sum_arg.into()),
-                ("RANGE", RANGE.into()),
-                ("RES_INIT", s(add, res_init)),
-                ("RES_COPYIN", s(add, res_copyin)),
-                ("RES_COMPUTE", s(add, res_compute)),
-                ("SUM_COPYOUT", s(add, sum_copyout)),
-                ("RES_MEMBERS", s(add, res_members)),
-                ("WORK", work.to_string()),
-                ("TILING", tiling.clone()),
-                ("CLASS", class),
-                ("ENTRY", entry.clone()),
-            ],
-        );
+    let src = vector_source(
+        &entry,
+        &format!("{}: {what}, in f32.", if add { "AddRmsNorm" } else { "RmsNorm" }),
+        RMS_NORM,
+        &[
+            ("T", t.cpp().into()),
+            ("W", w.cpp().into()),
+            ("WHAT", what.into()),
+            ("RES_PARAM", res_param.into()),
+            ("SUM_PARAM", sum_param.into()),
+            ("RES_ARG", res_arg.into()),
+            ("SUM_ARG", sum_arg.into()),
+            ("RES_INIT", s(add, res_init)),
+            ("RES_COPYIN", s(add, res_copyin)),
+            ("RES_COMPUTE", s(add, res_compute)),
+            ("SUM_COPYOUT", s(add, sum_copyout)),
+            ("RES_MEMBERS", s(add, res_members)),
+            ("WORK", work.to_string()),
+        ],
+    );
     let row_t = r32(cols * t.size());
     let row_f = r32(cols * 4);
     let mut ub = 4 * row_t + r32(cols * w.size()) + 3 * row_f + work + 32;
@@ -257,7 +259,7 @@ pub(crate) fn rms_norm(ctx: &Ctx, eps: f64, add: bool) -> Result<DeviceKernels> 
     let mut fields = tiles_fields(&tiles);
     fields.push(TilingField::u32("cols", TExpr::c(cols)));
     fields.push(TilingField::f32("eps", eps));
-    let mut dk = vector_kernel(ctx, "", src, fields, &tiles, ub);
+    let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = if add {
         vec![
             ctx.param("x", 0, Role::Input),
@@ -336,23 +338,11 @@ pub(crate) fn gather(ctx: &Ctx) -> Result<DeviceKernels> {
     need_aligned(ctx, "a table row", cols, t)?;
     let tiles = ctx.dims(1, 0, ctx.rank(1))?;
     let entry = ctx.entry("");
-    let up = super::upper_camel(&entry);
-    let src = head(&entry, "Gather (embedding lookup).")
-        + PRELUDE
-        + &fill(
-            GATHER,
-            &[
-                ("T", t.cpp().into()),
-                ("RANGE", RANGE.into()),
-                ("CLASS", format!("Kernel{up}")),
-                ("TILING", format!("{up}Tiling")),
-                ("ENTRY", entry.clone()),
-            ],
-        );
+    let src = vector_source(&entry, "Gather (embedding lookup).", GATHER, &[("T", t.cpp().into())]);
     let mut fields = tiles_fields(&tiles);
     fields.push(TilingField::u32("rows", TExpr::c(rows)));
     fields.push(TilingField::u32("cols", TExpr::c(cols)));
-    let mut dk = vector_kernel(ctx, "", src, fields, &tiles, 2 * r32(cols * t.size()));
+    let mut dk = vector_kernel(entry, src, fields, &tiles, 2 * r32(cols * t.size()));
     dk.params =
         vec![ctx.param("table", 0, Role::Input), ctx.param("idx", 1, Role::Input), ctx.param("out", 2, Role::Output)];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
@@ -559,39 +549,34 @@ pub(crate) fn elementwise(ctx: &Ctx, op: &ElemOp) -> Result<DeviceKernels> {
         .collect();
     let what = format!("{op:?}");
     let entry = ctx.entry("");
-    let up = super::upper_camel(&entry);
-    let src = head(&entry, &format!("Elementwise {what}, in f32."))
-        + PRELUDE
-        + &fill(
-            ELEMENTWISE,
-            &[
-                ("T", t.cpp().into()),
-                ("WHAT", what),
-                ("TAIL_DOC", tail_doc.into()),
-                ("PARAMS", params),
-                ("ARGS", args),
-                ("RANGE", RANGE.into()),
-                ("SET_GM", set_gm),
-                ("INIT_IN", init_in),
-                ("NBUF", nbuf.to_string()),
-                ("PER_BLOCK", per_block.to_string()),
-                ("LOAD_TAIL", tail_load),
-                ("STORE_TAIL", tail_store),
-                ("COPY_IN", copy_in),
-                ("COMPUTE", compute),
-                ("MEMBERS", members),
-                ("CLASS", format!("Kernel{up}")),
-                ("TILING", format!("{up}Tiling")),
-                ("ENTRY", entry.clone()),
-            ],
-        );
+    let src = vector_source(
+        &entry,
+        &format!("Elementwise {what}, in f32."),
+        ELEMENTWISE,
+        &[
+            ("T", t.cpp().into()),
+            ("WHAT", what),
+            ("TAIL_DOC", tail_doc.into()),
+            ("PARAMS", params),
+            ("ARGS", args),
+            ("SET_GM", set_gm),
+            ("INIT_IN", init_in),
+            ("NBUF", nbuf.to_string()),
+            ("PER_BLOCK", per_block.to_string()),
+            ("LOAD_TAIL", tail_load),
+            ("STORE_TAIL", tail_store),
+            ("COPY_IN", copy_in),
+            ("COMPUTE", compute),
+            ("MEMBERS", members),
+        ],
+    );
     let total = ctx.dims(n_in, 0, out_shape.len())?;
     let tiles = total.clone().ceil_div(TExpr::c(tile_len));
     let mut fields = tiles_fields(&tiles);
     fields.push(TilingField::u32("total", total));
     fields.push(TilingField::u32("tileLen", TExpr::c(tile_len)));
     let ub = 2 * (n_in as u64 + 1) * r32(tile_len * t.size()) + (n_in as u64 + nbuf) * r32(tile_len * 4);
-    let mut dk = vector_kernel(ctx, "", src, fields, &tiles, ub);
+    let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = (0..n_in).map(|i| ctx.param(&format!("in{i}"), i, Role::Input)).collect();
     dk.params.push(ctx.param("out", n_in, Role::Output));
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
@@ -700,25 +685,17 @@ pub(crate) fn rope(ctx: &Ctx) -> Result<DeviceKernels> {
     need_aligned(ctx, "a cos/sin row", d, c)?;
     let tiles = ctx.dims(0, 0, 2)?;
     let entry = ctx.entry("");
-    let up = super::upper_camel(&entry);
-    let src = head(&entry, "RoPE (NeoX rotate-half), in f32.")
-        + PRELUDE
-        + &fill(
-            ROPE,
-            &[
-                ("T", t.cpp().into()),
-                ("C", c.cpp().into()),
-                ("RANGE", RANGE.into()),
-                ("CLASS", format!("Kernel{up}")),
-                ("TILING", format!("{up}Tiling")),
-                ("ENTRY", entry.clone()),
-            ],
-        );
+    let src = vector_source(
+        &entry,
+        "RoPE (NeoX rotate-half), in f32.",
+        ROPE,
+        &[("T", t.cpp().into()), ("C", c.cpp().into())],
+    );
     let mut fields = tiles_fields(&tiles);
     fields.push(TilingField::u32("heads", TExpr::c(heads)));
     fields.push(TilingField::u32("headDim", TExpr::c(d)));
     let ub = 4 * r32(d * t.size()) + 2 * r32(2 * d * c.size()) + 4 * r32(d * 4);
-    let mut dk = vector_kernel(ctx, "", src, fields, &tiles, ub);
+    let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![
         ctx.param("x", 0, Role::Input),
         ctx.param("cos", 1, Role::Input),
@@ -923,21 +900,12 @@ pub(crate) fn attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
     let (ub, sc, work) = fixed(kv_tile);
     let tiles = ctx.dims(0, 0, 2)?;
     let entry = ctx.entry("");
-    let up = super::upper_camel(&entry);
-    let src = head(&entry, "Attention (flash, online softmax, GQA), in f32.")
-        + PRELUDE
-        + &fill(
-            ATTENTION,
-            &[
-                ("T", t.cpp().into()),
-                ("RANGE", RANGE.into()),
-                ("SC_BYTES", sc.to_string()),
-                ("WORK", work.to_string()),
-                ("CLASS", format!("Kernel{up}")),
-                ("TILING", format!("{up}Tiling")),
-                ("ENTRY", entry.clone()),
-            ],
-        );
+    let src = vector_source(
+        &entry,
+        "Attention (flash, online softmax, GQA), in f32.",
+        ATTENTION,
+        &[("T", t.cpp().into()), ("SC_BYTES", sc.to_string()), ("WORK", work.to_string())],
+    );
     let mut fields = tiles_fields(&tiles);
     fields.push(TilingField::u32("qHeads", TExpr::c(hq)));
     fields.push(TilingField::u32("kvHeads", TExpr::c(hkv)));
@@ -945,7 +913,7 @@ pub(crate) fn attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
     fields.push(TilingField::u32("kvLen", ctx.dim(1, 0)?));
     fields.push(TilingField::u32("kvTile", TExpr::c(kv_tile)));
     fields.push(TilingField::f32("scale", scale));
-    let mut dk = vector_kernel(ctx, "", src, fields, &tiles, ub);
+    let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![
         ctx.param("q", 0, Role::Input),
         ctx.param("k", 1, Role::Input),
@@ -1074,24 +1042,14 @@ pub(crate) fn moe_gating(ctx: &Ctx, groups: usize) -> Result<DeviceKernels> {
     let tiles = ctx.dim(0, 0)?;
     let work = r32(2 * (e * 4).div_ceil(256) * 4).max(64);
     let entry = ctx.entry("");
-    let up = super::upper_camel(&entry);
     let src = head(&entry, "MoeGatingGroupTopK (softmax, per-group top-1, scale).")
-        + &fill(
-            GATING,
-            &[
-                ("RANGE", RANGE.into()),
-                ("WORK", work.to_string()),
-                ("CLASS", format!("Kernel{up}")),
-                ("TILING", format!("{up}Tiling")),
-                ("ENTRY", entry.clone()),
-            ],
-        );
+        + &fill_kernel(GATING, &entry, &[("RANGE", RANGE.into()), ("WORK", work.to_string())]);
     let src = src.replace("using namespace AscendC;\n", "using namespace AscendC;\n\n__aicore__ inline uint32_t MinU(uint32_t a, uint32_t b) { return a < b ? a : b; }\n");
     let mut fields = tiles_fields(&tiles);
     fields.push(TilingField::u32("experts", TExpr::c(e)));
     fields.push(TilingField::u32("groups", TExpr::c(g)));
     let ub = 3 * r32(e * 4) + 2 * r32(g * 4) + 2 * r32(g * 8) + work + 32;
-    let mut dk = vector_kernel(ctx, "", src, fields, &tiles, ub);
+    let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![
         ctx.param("logits", 0, Role::Input),
         ctx.param("scale", 1, Role::Input),
