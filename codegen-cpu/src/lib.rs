@@ -141,7 +141,7 @@ pub fn compile(program: &KernelProgram, target: &HostTarget) -> Result<CompiledK
         object,
         assembly,
         llvm_ir: module.print_to_string().to_string(),
-        symbols: program.kernels.iter().map(|k| k.name.clone()).collect(),
+        symbols: program.kernels.iter().filter(|k| !k.kind.is_host()).map(|k| k.name.clone()).collect(),
     })
 }
 

@@ -287,9 +287,6 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     }
     let piped = crate::pipeline::run_pipeline(&ckpt, &module, import_seconds, &opts)?;
     let partitioned = if a.devices > 1 {
-        if targets.iter().any(|t| t == "cpu") {
-            bail!("--devices {} with --target cpu: the compiled CPU engine cannot run partitioned programs yet (collective kernels are missing); use --target ir or an ascend target", a.devices);
-        }
         let profile_name =
             if targets.iter().any(|t| t == "ascend310p") { "ascend310p3" } else { opts.cost_profile.as_str() };
         let profile = panguc_lowering::builtin_profiles()
@@ -330,7 +327,12 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         .context("scheduling the kernel program")?;
     let scheduling_seconds = t.elapsed().as_secs_f64();
     let codegen_started = std::time::Instant::now();
-    if targets.iter().any(|t| t == "cpu") {
+    if let (true, Some(p)) = (targets.iter().any(|t| t == "cpu"), &partitioned) {
+        // Partitioned: one CPU package per rank under ranks/rankN/, run
+        // by the multi-rank engine (package_build::write_cpu_rank_packages).
+        let plan = p.report["plan"].as_str().unwrap_or("unknown");
+        crate::package_build::write_cpu_rank_packages(staging.path(), &ckpt, &p.parts, plan, &targets)?;
+    } else if targets.iter().any(|t| t == "cpu") {
         crate::package_build::write_cpu_package(
             staging.path(),
             &ckpt,

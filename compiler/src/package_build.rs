@@ -32,10 +32,47 @@ pub fn write_cpu_package(
     targets: &[String],
     report: &serde_json::Value,
 ) -> Result<()> {
-    let program =
-        panguc_lowering::schedule::schedule(fused, &Default::default()).context("scheduling the kernel program")?;
+    write_cpu_package_with(staging, ckpt, fused, targets, report, &Default::default())
+}
+
+/// [`write_cpu_package`] with explicit schedule options (a rank program
+/// is scheduled with `ranks: Some((rank, devices))`).
+pub fn write_cpu_package_with(
+    staging: &Path,
+    ckpt: &Checkpoint,
+    fused: &Module,
+    targets: &[String],
+    report: &serde_json::Value,
+    sched: &panguc_lowering::schedule::ScheduleOptions,
+) -> Result<()> {
+    write_cpu_package_cached(staging, ckpt, fused, targets, report, sched, &mut BTreeMap::new())
+}
+
+/// Compiled kernel libraries by the kernel list they implement (serialized
+/// `program.kernels`): ranks whose kernels are identical (same kinds,
+/// dtypes and shapes; typical for expert parallelism) share one LLVM run.
+type KernelCache = BTreeMap<String, panguc_codegen_cpu::CompiledKernels>;
+
+fn write_cpu_package_cached(
+    staging: &Path,
+    ckpt: &Checkpoint,
+    fused: &Module,
+    targets: &[String],
+    report: &serde_json::Value,
+    sched: &panguc_lowering::schedule::ScheduleOptions,
+    cache: &mut KernelCache,
+) -> Result<()> {
+    let program = panguc_lowering::schedule::schedule(fused, sched).context("scheduling the kernel program")?;
     let target = panguc_codegen_cpu::HostTarget::detect()?;
-    let compiled = panguc_codegen_cpu::compile(&program, &target).context("generating CPU code")?;
+    let key = serde_json::to_string(&program.kernels)?;
+    let compiled = match cache.get(&key) {
+        Some(c) => c.clone(),
+        None => {
+            let c = panguc_codegen_cpu::compile(&program, &target).context("generating CPU code")?;
+            cache.insert(key, c.clone());
+            c
+        }
+    };
     let cpu_dir = staging.join("cpu");
     std::fs::create_dir_all(&cpu_dir).with_context(|| format!("creating {}", cpu_dir.display()))?;
     panguc_codegen_cpu::link_shared_library(&compiled.object, &staging.join(CPU_LIBRARY))?;
@@ -80,9 +117,79 @@ pub fn write_cpu_package(
         buffers: buffer_plan(&program),
         weights,
         files: BTreeMap::new(),
+        ranks: None,
     };
     write_manifest(staging, &manifest)?;
     finalize_manifest(staging, ckpt.config(), targets)
+}
+
+/// The CPU part of a package partitioned over `devices` ranks: rank `r`'s
+/// program (its partitioned module scheduled with collective launches) as
+/// a complete CPU package in `staging/ranks/rank<r>/` (kernel library,
+/// prepared weights evaluated from the checkpoint slices it uses, its own
+/// manifest), and a top-level manifest with a `ranks` section and no
+/// single-device CPU program. Call [`finalize_manifest`] afterwards (it
+/// hashes every rank's files into the top-level manifest).
+pub fn write_cpu_rank_packages(
+    staging: &Path,
+    ckpt: &Checkpoint,
+    parts: &panguc_lowering::partition::Partitioned,
+    plan: &str,
+    targets: &[String],
+) -> Result<()> {
+    let devices = parts.ranks.len();
+    let dirs: Vec<String> = (0..devices).map(|r| format!("ranks/rank{r}")).collect();
+    // Ranks are compiled on parallel workers (LLVM O3 dominates); each
+    // writes only its own directory, so the result does not depend on the
+    // schedule. Ranks with identical kernel lists share one LLVM run.
+    let cache = std::sync::Mutex::new(KernelCache::new());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(devices).max(1);
+    let compile_rank = |r: usize| -> Result<()> {
+        let dir = staging.join(&dirs[r]);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let sched = panguc_lowering::schedule::ScheduleOptions { ranks: Some((r, devices)), ..Default::default() };
+        let cpu = ["cpu".to_string()];
+        let module = &parts.ranks[r].module;
+        let mut local = cache.lock().map_err(|_| anyhow!("kernel cache poisoned"))?.clone();
+        write_cpu_package_cached(&dir, ckpt, module, &cpu, &serde_json::Value::Null, &sched, &mut local)
+            .with_context(|| format!("rank {r} of {devices}"))?;
+        cache.lock().map_err(|_| anyhow!("kernel cache poisoned"))?.append(&mut local);
+        Ok(())
+    };
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    loop {
+                        let r = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if r >= devices {
+                            return Ok(());
+                        }
+                        compile_rank(r)?;
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a rank compile worker panicked"))))
+            .collect()
+    });
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    let manifest = Manifest {
+        format_version: PACKAGE_FORMAT_VERSION,
+        panguc_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: ckpt.config().clone(),
+        targets: targets.to_vec(),
+        cpu: None,
+        kernels: vec![],
+        buffers: vec![],
+        weights: None,
+        files: BTreeMap::new(),
+        ranks: Some(panguc_runtime::package::RanksSection { devices, plan: plan.to_string(), dirs }),
+    };
+    write_manifest(staging, &manifest)
 }
 
 /// (Re)write `staging/manifest.json` with the size and sha256 of every
@@ -103,6 +210,7 @@ pub fn finalize_manifest(staging: &Path, cfg: &PanguConfig, targets: &[String]) 
             buffers: vec![],
             weights: None,
             files: BTreeMap::new(),
+            ranks: None,
         }
     };
     manifest.targets = targets.to_vec();
@@ -227,16 +335,25 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         other => bail!("unknown --engine `{other}` for a package (available: compiled)"),
     }
     let threads = a.threads.unwrap_or_else(panguc_runtime::engine::default_threads);
-    let pool = panguc_runtime::thread_pool(threads)?;
-    let pkg = std::sync::Arc::new(panguc_runtime::open_package(&a.model)?);
-    let cfg = pkg.config().clone();
-    crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
     let context = a.tokens.len() + a.max_new_tokens;
-    let mut engine = panguc_runtime::CpuEngine::with_pool(pkg, pool, Some(context.max(1)))?;
     let sampling =
         panguc_runtime::Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
-    let eos = if a.stop_at_eos { cfg.eos_token_id } else { None };
-    let generation = panguc_runtime::generate(&mut engine, &a.tokens, a.max_new_tokens, &sampling, eos)?;
+    let generation = if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
+        // Partitioned over N devices: N rank engines in this process.
+        let mut engine = panguc_runtime::MultiRankEngine::open(&a.model, threads, Some(context.max(1)))?;
+        let cfg = panguc_runtime::package::read_manifest(&a.model)?.model;
+        crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
+        let eos = if a.stop_at_eos { cfg.eos_token_id } else { None };
+        panguc_runtime::generate(&mut engine, &a.tokens, a.max_new_tokens, &sampling, eos)?
+    } else {
+        let pool = panguc_runtime::thread_pool(threads)?;
+        let pkg = std::sync::Arc::new(panguc_runtime::open_package(&a.model)?);
+        let cfg = pkg.config().clone();
+        crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
+        let mut engine = panguc_runtime::CpuEngine::with_pool(pkg, pool, Some(context.max(1)))?;
+        let eos = if a.stop_at_eos { cfg.eos_token_id } else { None };
+        panguc_runtime::generate(&mut engine, &a.tokens, a.max_new_tokens, &sampling, eos)?
+    };
     if let Some(path) = &a.logits_out {
         crate::commands::write_logits_json(path, &a.tokens, &generation)?;
     }

@@ -389,6 +389,12 @@ pub enum KernelKind {
     /// projection into heads, RoPE q and k, and append k and v to the caches
     /// at rows `past..past+T` (the old rows are not touched). Tile: one token.
     QkvRopeAppend { q_heads: usize, kv_heads: usize },
+    /// `(in, out)` f32: a collective over the global ranks `group` with the
+    /// semantics of `panguc_ir::multirank` (sum reduction; `axis` for the
+    /// gathering/scattering kinds). Host-executed: code generators emit no
+    /// code for it and the runtime calls its communication library (see
+    /// [`KernelKind::is_host`]). Tile: the whole collective (1 tile).
+    Collective { kind: crate::op::CollectiveKind, group: Vec<usize>, axis: usize },
 }
 
 impl KernelKind {
@@ -419,7 +425,19 @@ impl KernelKind {
             KernelKind::MoeDown => "moe_down",
             KernelKind::MoeCombine { .. } => "moe_combine",
             KernelKind::QkvRopeAppend { .. } => "qkv_rope_append",
+            KernelKind::Collective { kind, .. } => match kind {
+                crate::op::CollectiveKind::AllReduce => "all_reduce",
+                crate::op::CollectiveKind::AllGather => "all_gather",
+                crate::op::CollectiveKind::ReduceScatter => "reduce_scatter",
+                crate::op::CollectiveKind::AllToAll => "all_to_all",
+            },
         }
+    }
+
+    /// True for launches the runtime executes itself (collectives): no
+    /// generated code, no symbol in the kernel library.
+    pub fn is_host(&self) -> bool {
+        matches!(self, KernelKind::Collective { .. })
     }
 
     /// Number of trailing arguments that the kernel writes.
@@ -624,7 +642,7 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
         KernelKind::Attention { .. } => Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[1].clone()]),
         KernelKind::MoeGating { .. } | KernelKind::MoeCombine { .. } => Extent::of(1, &last(0).shape[..1]),
         KernelKind::QkvRopeAppend { .. } => Extent::of(1, &args[0].shape[..1]),
-        KernelKind::MoeRoute => Extent::constant(1),
+        KernelKind::MoeRoute | KernelKind::Collective { .. } => Extent::constant(1),
         KernelKind::MoeGateUp | KernelKind::MoeDown => {
             let w = &args[3];
             let e = cst(&w.shape[0], "expert count")?;

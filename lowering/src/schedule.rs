@@ -30,11 +30,17 @@ pub struct ScheduleOptions {
     /// Column-panel width of packed matmul weights (the CPU GEMM
     /// micro-kernel's register tile width in f32 lanes).
     pub panel_width: u32,
+    /// `Some((rank, devices))` when scheduling one rank's program of a
+    /// partitioned module: collective ops become host-executed
+    /// [`panguc_ir::kernel::KernelKind::Collective`] launches. `None` (one
+    /// device): all-reduce and all-to-all are the identity, the other
+    /// collectives are rejected.
+    pub ranks: Option<(usize, usize)>,
 }
 
 impl Default for ScheduleOptions {
     fn default() -> Self {
-        ScheduleOptions { panel_width: 16 }
+        ScheduleOptions { panel_width: 16, ranks: None }
     }
 }
 
@@ -43,6 +49,11 @@ impl Default for ScheduleOptions {
 pub fn schedule(module: &Module, opts: &ScheduleOptions) -> Result<KernelProgram> {
     if opts.panel_width < 2 || !opts.panel_width.is_multiple_of(2) {
         bail!("panel width must be even and >= 2, got {}", opts.panel_width);
+    }
+    if let Some((rank, devices)) = opts.ranks {
+        if rank >= devices {
+            bail!("rank {rank} is outside 0..{devices}");
+        }
     }
     let flat = flatten(module)?;
     let mut program = select::Selector::new(&flat, opts).run()?;

@@ -45,7 +45,8 @@ fn pangu_72b_on_8_devices() {
     // second attention DP replica).
     for r in [0, 7] {
         let m = &parts.ranks[r].module;
-        let colls = m.function("decoder_layer").unwrap().nodes.iter().filter(|n| matches!(n.op, Op::Collective { .. })).count();
+        let colls =
+            m.function("decoder_layer").unwrap().nodes.iter().filter(|n| matches!(n.op, Op::Collective { .. })).count();
         assert_eq!(colls, 4, "rank {r}: o-proj and MoE sums, each reduce_scatter + all_gather; got {colls}");
         insta::assert_snapshot!(format!("pangu_72b_h2p8_rank{r}"), print_module(m));
     }

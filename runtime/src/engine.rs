@@ -17,12 +17,15 @@
 //! batch is one engine per sequence stepped in turn (see `batch`), each
 //! launch using all threads.
 
+use crate::collective::Collective;
 use crate::generate::Engine;
 use crate::loader::{KernelFn, Package};
 use crate::pool::WorkerPool;
 use anyhow::{bail, ensure, Context, Result};
-use panguc_ir::kernel::BufferKind;
+use panguc_ir::kernel::{BufferId, BufferKind, KernelKind};
+use panguc_ir::op::CollectiveKind;
 use panguc_ir::shape::Bindings;
+use panguc_ir::DType;
 use panguc_ir::Tensor;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::sync::Arc;
@@ -124,6 +127,10 @@ pub struct CpuEngine {
     tile_cost: Vec<panguc_ir::kernel::Extent>,
     /// Wall time per kernel kind, when profiling.
     profile: Option<std::collections::BTreeMap<&'static str, std::time::Duration>>,
+    /// This engine's global rank and the communication library for the
+    /// program's collective launches (rank programs of a partitioned
+    /// package; `None` for a single-device program).
+    comm: Option<(usize, Arc<dyn Collective>)>,
 }
 
 // SAFETY: the raw pointers point into memory the engine owns or the shared,
@@ -176,7 +183,15 @@ impl CpuEngine {
             ptrs: vec![],
             tile_cost,
             profile: None,
+            comm: None,
         })
+    }
+
+    /// Run this engine as global rank `rank`: the program's collective
+    /// launches go through `comm`, which every other rank's engine shares
+    /// (in-process) or reaches (a communication library).
+    pub fn set_collective(&mut self, rank: usize, comm: Arc<dyn Collective>) {
+        self.comm = Some((rank, comm));
     }
 
     /// Tokens already in this sequence's KV cache.
@@ -267,6 +282,118 @@ impl CpuEngine {
     }
 }
 
+impl CpuEngine {
+    /// Execute a host launch (a collective, `(in, out)` f32) through the
+    /// engine's [`Collective`]. The interface works on flat buffers split
+    /// in member order, so a gather/scatter along an inner `axis` is
+    /// rearranged here: chunks along `axis` become contiguous blocks.
+    fn host_launch(&self, kind: &KernelKind, args: &[BufferId], b: &Bindings) -> Result<()> {
+        let KernelKind::Collective { kind, group, axis } = kind else {
+            bail!("kernel kind {} has no host implementation", kind.mnemonic());
+        };
+        let Some((rank, comm)) = &self.comm else {
+            bail!(
+                "this program is one rank of a partitioned package and needs a collective communicator; \
+                 run the package through the multi-rank engine"
+            );
+        };
+        let program = self.pkg.program();
+        let shape = |id: BufferId| -> Result<Vec<usize>> {
+            program.buffer(id).shape.iter().map(|d| d.eval(b)).collect::<Result<_, _>>().map_err(anyhow::Error::msg)
+        };
+        let (ishape, oshape) = (shape(args[0])?, shape(args[1])?);
+        for id in args {
+            ensure!(program.buffer(*id).dtype == DType::F32, "collective buffers must be f32");
+        }
+        ensure!(*axis < ishape.len().max(1), "collective axis {axis} out of range for {ishape:?}");
+        let (nin, nout) = (ishape.iter().product::<usize>(), oshape.iter().product::<usize>());
+        // SAFETY: both buffers are f32 with these logical sizes during this
+        // call; they are distinct (their lifetimes overlap at this launch).
+        let send = unsafe { std::slice::from_raw_parts(self.ptrs[args[0].index()] as *const f32, nin) };
+        let recv = unsafe { std::slice::from_raw_parts_mut(self.ptrs[args[1].index()] as *mut f32, nout) };
+        run_collective(comm.as_ref(), *rank, *kind, group, *axis, &ishape, send, recv)
+    }
+}
+
+/// One collective of a rank over flat row-major f32 buffers, `send` of
+/// shape `ishape`, with the semantics of `panguc_ir::multirank::collective`
+/// along `axis`, through the buffer-level [`Collective`] interface.
+#[allow(clippy::too_many_arguments)]
+pub fn run_collective(
+    comm: &dyn Collective,
+    rank: usize,
+    kind: CollectiveKind,
+    group: &[usize],
+    axis: usize,
+    ishape: &[usize],
+    send: &[f32],
+    recv: &mut [f32],
+) -> Result<()> {
+    let (nin, nout) = (send.len(), recv.len());
+    ensure!(nin == ishape.iter().product::<usize>(), "collective: send does not match its shape {ishape:?}");
+    let n = group.len();
+    let outer: usize = ishape.iter().take(axis).product();
+    let len = ishape.get(axis).copied().unwrap_or(1);
+    let inner: usize = ishape.iter().skip(axis + 1).product();
+    let split = |len: usize| -> Result<usize> {
+        ensure!(len.is_multiple_of(n), "collective axis {axis} of length {len} does not split {n} ways");
+        Ok(len / n)
+    };
+    match kind {
+        CollectiveKind::AllReduce => {
+            ensure!(nin == nout, "all_reduce: {nin} elements in, {nout} out");
+            comm.all_reduce(rank, group, send, recv)
+        }
+        CollectiveKind::AllGather => {
+            ensure!(nout == n * nin, "all_gather: {nin} elements in, {nout} out over {n} ranks");
+            let mut tmp = vec![0f32; nout];
+            comm.all_gather(rank, group, send, &mut tmp)?;
+            blocks_to_axis(&tmp, recv, n, outer, len * inner);
+            Ok(())
+        }
+        CollectiveKind::ReduceScatter => {
+            let c = split(len)?;
+            ensure!(nout * n == nin, "reduce_scatter: {nin} elements in, {nout} out over {n} ranks");
+            let mut tmp = vec![0f32; nin];
+            axis_to_blocks(send, &mut tmp, n, outer, c * inner);
+            comm.reduce_scatter(rank, group, &tmp, recv)
+        }
+        CollectiveKind::AllToAll => {
+            let c = split(len)?;
+            ensure!(nout == nin, "all_to_all: {nin} elements in, {nout} out");
+            let mut packed = vec![0f32; nin];
+            axis_to_blocks(send, &mut packed, n, outer, c * inner);
+            let mut tmp = vec![0f32; nin];
+            comm.all_to_all(rank, group, &packed, &mut tmp)?;
+            blocks_to_axis(&tmp, recv, n, outer, c * inner);
+            Ok(())
+        }
+    }
+}
+
+/// `src` as `[outer][n][block]` (n chunks along the axis) -> `dst` as
+/// `[n][outer][block]` (one contiguous block per member).
+fn axis_to_blocks(src: &[f32], dst: &mut [f32], n: usize, outer: usize, block: usize) {
+    for j in 0..n {
+        for o in 0..outer {
+            let s = (o * n + j) * block;
+            let d = (j * outer + o) * block;
+            dst[d..d + block].copy_from_slice(&src[s..s + block]);
+        }
+    }
+}
+
+/// The inverse of [`axis_to_blocks`].
+fn blocks_to_axis(src: &[f32], dst: &mut [f32], n: usize, outer: usize, block: usize) {
+    for j in 0..n {
+        for o in 0..outer {
+            let s = (j * outer + o) * block;
+            let d = (o * n + j) * block;
+            dst[d..d + block].copy_from_slice(&src[s..s + block]);
+        }
+    }
+}
+
 /// A raw pointer the worker threads may use while a launch runs.
 #[derive(Clone, Copy)]
 struct SendPtr<T>(*const T);
@@ -321,7 +448,10 @@ impl Engine for CpuEngine {
             let work = tiles.saturating_mul(self.tile_cost[l.kernel].eval(&b).map_err(anyhow::Error::msg)?);
             let parallel = tiles > 1 && work >= PARALLEL_WORK;
             let t0 = self.profile.is_some().then(std::time::Instant::now);
-            self.launch(pkg.kernel(l.kernel), &args, &syms, tiles, parallel);
+            match pkg.kernel(l.kernel) {
+                Some(f) => self.launch(f, &args, &syms, tiles, parallel),
+                None => self.host_launch(&k.kind, &l.args, &b).with_context(|| format!("launch of {}", k.name))?,
+            }
             if let (Some(t0), Some(p)) = (t0, self.profile.as_mut()) {
                 *p.entry(k.kind.mnemonic()).or_default() += t0.elapsed();
             }
@@ -335,5 +465,45 @@ impl Engine for CpuEngine {
         let logits = unsafe { std::slice::from_raw_parts(self.ptrs[out.index()] as *const f32, len) }.to_vec();
         self.past += n;
         Ok(Tensor::f32(shape, logits))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::InProcess;
+    use panguc_ir::multirank::{collective, run_ranks};
+
+    #[test]
+    fn flat_collectives_along_inner_axes_match_the_reference_semantics() {
+        let comm = InProcess::new();
+        let group = [0usize, 1, 2];
+        let shape = [2usize, 6, 3];
+        for axis in 0..3 {
+            for kind in [
+                CollectiveKind::AllReduce,
+                CollectiveKind::AllGather,
+                CollectiveKind::ReduceScatter,
+                CollectiveKind::AllToAll,
+            ] {
+                if matches!(kind, CollectiveKind::ReduceScatter | CollectiveKind::AllToAll)
+                    && !shape[axis].is_multiple_of(3)
+                {
+                    continue;
+                }
+                let out = run_ranks(3, &comm, |r| {
+                    let x: Vec<f32> = (0..36).map(|i| (r * 1000 + i) as f32).collect();
+                    let t = Tensor::f32(shape.to_vec(), x.clone());
+                    let want = collective(&comm, r, kind, &group, axis, &t)?;
+                    let mut got = vec![0f32; want.numel()];
+                    run_collective(&comm, r, kind, &group, axis, &shape, &x, &mut got)?;
+                    Ok((got, want.as_f32().to_vec()))
+                })
+                .unwrap();
+                for (r, (got, want)) in out.iter().enumerate() {
+                    assert_eq!(got, want, "{kind:?} axis {axis} rank {r}");
+                }
+            }
+        }
     }
 }

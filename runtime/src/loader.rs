@@ -23,7 +23,8 @@ pub struct Package {
     files: PackageFiles,
     program: KernelProgram,
     // Field order matters for drop: kernels point into `_lib`.
-    kernels: Vec<KernelFn>,
+    /// `None` for host-executed kernels (collectives).
+    kernels: Vec<Option<KernelFn>>,
     _lib: libloading::Library,
     maps: BTreeMap<String, Mmap>,
     /// Address of each prepared weight (index = program weight index).
@@ -40,6 +41,15 @@ impl std::fmt::Debug for Package {
 pub fn open_package(dir: &Path) -> Result<Package> {
     let files = verify_package(dir)?;
     let Some(cpu) = files.manifest.cpu.clone() else {
+        if let Some(r) = &files.manifest.ranks {
+            bail!(
+                "package {} is partitioned over {} devices (plan {}): open it with the multi-rank engine \
+                 (`panguc run`, panguc_runtime::MultiRankEngine), not as a single-device package",
+                dir.display(),
+                r.devices,
+                r.plan
+            );
+        }
         bail!(
             "package {} has no CPU target (targets: {}); compile it with --target cpu",
             dir.display(),
@@ -75,11 +85,15 @@ pub fn open_package(dir: &Path) -> Result<Package> {
     }
     let mut kernels = Vec::with_capacity(program.kernels.len());
     for k in &program.kernels {
+        if k.kind.is_host() {
+            kernels.push(None);
+            continue;
+        }
         let f: KernelFn = unsafe {
             *lib.get::<KernelFn>(k.name.as_bytes())
                 .with_context(|| format!("{} has no entry point for kernel {}", lib_path.display(), k.name))?
         };
-        kernels.push(f);
+        kernels.push(Some(f));
     }
     let (maps, weight_addr) = map_weights(dir, &files.manifest, &program)?;
     Ok(Package { files, program, kernels, _lib: lib, maps, weight_addr })
@@ -183,7 +197,8 @@ impl Package {
     pub fn program(&self) -> &KernelProgram {
         &self.program
     }
-    pub(crate) fn kernel(&self, i: usize) -> KernelFn {
+    /// The entry point of kernel `i` (`None` for host-executed kernels).
+    pub(crate) fn kernel(&self, i: usize) -> Option<KernelFn> {
         self.kernels[i]
     }
     pub(crate) fn weight_ptr(&self, index: usize) -> *mut u8 {

@@ -53,6 +53,21 @@ pub struct Manifest {
     /// Every file of the package except the manifest: relative path ->
     /// size and sha256.
     pub files: BTreeMap<String, FileEntry>,
+    /// Present for a package partitioned over several devices: each rank is
+    /// a complete CPU package in its own directory (its own manifest,
+    /// kernel program, kernel library and weights), covered by this
+    /// manifest's hashes too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<RanksSection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RanksSection {
+    pub devices: usize,
+    /// Partition plan (`ep`, `h2p`, ...).
+    pub plan: String,
+    /// Rank `r`'s package directory, relative to the package (`ranks/rankN`).
+    pub dirs: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

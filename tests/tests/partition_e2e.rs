@@ -5,6 +5,7 @@
 //! HCCL calls and the per-device report.
 
 use panguc::frontend::Checkpoint;
+use panguc::partition_build::{partition, write_rank_programs, PartitionOptions};
 use panguc_ir::interp::Interpreter;
 use panguc_ir::multirank::MultiRankSession;
 use panguc_ir::session::InterpSession;
@@ -13,7 +14,6 @@ use panguc_lowering::builtin_profiles;
 use panguc_lowering::fuse::FuseOptions;
 use panguc_lowering::partition::PlanChoice;
 use panguc_runtime::{generate, Sampling};
-use panguc::partition_build::{partition, write_rank_programs, PartitionOptions};
 use std::path::Path;
 
 fn examples(dir: &str) -> std::path::PathBuf {
@@ -33,7 +33,11 @@ fn tiny_checkpoint_generates_the_same_tokens_on_n_devices() {
     let fused = panguc::pipeline::run_pipeline(&ckpt, &imported, 0.0, &Default::default()).unwrap().module;
     let prompt = [1i64, 2, 3, 4];
     let greedy = Sampling::default();
-    let mut single = InterpSession::new(Interpreter::new(&fused, &ckpt), cfg.num_hidden_layers, [cfg.num_key_value_heads, cfg.head_dim()]);
+    let mut single = InterpSession::new(
+        Interpreter::new(&fused, &ckpt),
+        cfg.num_hidden_layers,
+        [cfg.num_key_value_heads, cfg.head_dim()],
+    );
     let want = generate(&mut single, &prompt, 8, &greedy, None).unwrap();
     for plan in [PlanChoice::Ep, PlanChoice::H2p] {
         for n in [2, 4, 8] {
@@ -57,12 +61,15 @@ fn pangu_72b_for_8_ascend_devices_writes_rank_programs_with_hccl() {
     let cfg = ckpt.config().clone();
     let imported = panguc::commands::import(&ckpt).unwrap();
     let fused = panguc::pipeline::run_pipeline(&ckpt, &imported, 0.0, &Default::default()).unwrap().module;
-    let out = partition(&cfg, &fused, "decoder_layer", &opts(8, PlanChoice::Auto, "ascend910b1"), &FuseOptions::default()).unwrap();
+    let out =
+        partition(&cfg, &fused, "decoder_layer", &opts(8, PlanChoice::Auto, "ascend910b1"), &FuseOptions::default())
+            .unwrap();
     eprintln!("{}", out.summary);
     assert_eq!(out.report["plan"], "h2p");
     let dir = tempfile::tempdir().unwrap();
     write_rank_programs(dir.path(), &out, DType::BF16, true).unwrap();
-    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("partition.json")).unwrap()).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("partition.json")).unwrap()).unwrap();
     assert_eq!(doc["ranks"].as_array().unwrap().len(), 8);
     for r in 0..8 {
         let src = std::fs::read_to_string(dir.path().join(format!("ranks/rank{r}/hccl_collectives.cpp"))).unwrap();
@@ -78,9 +85,10 @@ fn pangu_72b_for_8_ascend_devices_writes_rank_programs_with_hccl() {
     }
     assert_eq!(out.report["weight_bytes"]["union_of_devices"], out.report["weight_bytes"]["single_device"]);
     // An invalid device count is a clear error.
-    let err = partition(&cfg, &fused, "decoder_layer", &opts(3, PlanChoice::Ep, "ascend910b1"), &FuseOptions::default())
-        .err()
-        .unwrap()
-        .to_string();
+    let err =
+        partition(&cfg, &fused, "decoder_layer", &opts(3, PlanChoice::Ep, "ascend910b1"), &FuseOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
     assert!(err.contains("does not divide the model's 8 expert groups"), "{err}");
 }

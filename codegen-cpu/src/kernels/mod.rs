@@ -39,6 +39,8 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::MoeGateUp => gemm::grouped(cg, k, false),
         KernelKind::MoeDown => gemm::grouped(cg, k, true),
         KernelKind::MoeCombine { shared_residual } => reduce::moe_combine(cg, k, *shared_residual),
+        // Host-executed by the runtime through its `Collective`.
+        KernelKind::Collective { .. } => Ok(()),
     };
     r.with_context(|| format!("generating kernel {} ({})", k.name, k.kind.mnemonic()))
 }

@@ -19,6 +19,8 @@ const LEADING_INPUTS: usize = 2;
 pub struct Selector<'a> {
     g: &'a FlatGraph,
     nr: u32,
+    /// (rank, devices) for a rank program (see `ScheduleOptions::ranks`).
+    ranks: Option<(usize, usize)>,
     /// Computed from weights and constants only.
     konst: Vec<bool>,
     /// Storage dtype of every value.
@@ -91,7 +93,9 @@ impl<'a> Selector<'a> {
                 Def::Input(_) => storage[i] = if v.ty.dtype.is_float() { DType::F32 } else { DType::I64 },
                 Def::Node(ni) => {
                     let node = &g.nodes[*ni];
-                    konst[i] = node.args.iter().all(|a| konst[*a]);
+                    // A collective between ranks is never a constant.
+                    let comm = opts.ranks.is_some() && matches!(node.op, Op::Collective { .. });
+                    konst[i] = !comm && node.args.iter().all(|a| konst[*a]);
                     let args: Vec<DType> = node.args.iter().map(|a| storage[*a]).collect();
                     storage[i] = result_storage(&node.op, &args, v.ty.dtype);
                 }
@@ -113,6 +117,7 @@ impl<'a> Selector<'a> {
         Selector {
             g,
             nr: opts.panel_width,
+            ranks: opts.ranks,
             konst,
             storage,
             buf: vec![None; n],
@@ -407,6 +412,22 @@ impl<'a> Selector<'a> {
         let r0 = n.results[0];
         let arg = |i: usize| n.args[i];
         match &n.op {
+            Op::Collective { kind, group, axis } if self.ranks.is_some() => {
+                let (rank, devices) = self.ranks.expect("checked");
+                if !group.contains(&rank) || group.iter().any(|g| *g >= devices) {
+                    bail!("collective group {group:?} does not fit rank {rank} of {devices}");
+                }
+                let input = self.rm(arg(0))?;
+                if self.p.buffers[input.index()].dtype != DType::F32 {
+                    bail!("collectives run on f32 buffers, %{} is {}", g.values[arg(0)].name, self.storage[arg(0)]);
+                }
+                self.storage[r0] = DType::F32;
+                let out = self.act(r0);
+                self.launch(
+                    KernelKind::Collective { kind: *kind, group: group.clone(), axis: *axis },
+                    vec![input, out],
+                )?;
+            }
             Op::Reshape { .. } | Op::Collective { kind: CollectiveKind::AllReduce | CollectiveKind::AllToAll, .. } => {
                 // One device: these collectives are the identity.
                 let base = self.rm(arg(0))?;

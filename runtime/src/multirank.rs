@@ -1,0 +1,92 @@
+//! The multi-rank CPU engine: a package partitioned over N devices run as
+//! N workers of one process.
+//!
+//! Each rank is a complete CPU package in `ranks/rankN/` (see
+//! `package::RanksSection`) with its own kernel program, kernel library,
+//! prepared weights (the rank's slices) and KV cache. A forward runs every
+//! rank's [`CpuEngine`] on its own thread; their collective launches meet
+//! in one shared [`InProcess`] communicator behind the [`Collective`]
+//! interface (a communication library such as HCCL would implement the
+//! same interface with one engine per device process). Every rank computes
+//! the full logits; rank 0's are returned.
+
+use crate::collective::{Collective, InProcess};
+use crate::engine::{thread_pool, CpuEngine};
+use crate::generate::Engine;
+use crate::loader::open_package;
+use crate::package::{read_manifest, verify_files, RanksSection};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use panguc_ir::multirank::{run_ranks, Communicator};
+use panguc_ir::Tensor;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+pub struct MultiRankEngine {
+    ranks: Vec<Mutex<CpuEngine>>,
+    comm: InProcess,
+    section: RanksSection,
+}
+
+/// The rank section of a package's manifest, if it is partitioned.
+pub fn package_ranks(dir: &Path) -> Result<Option<RanksSection>> {
+    Ok(read_manifest(dir)?.ranks)
+}
+
+impl MultiRankEngine {
+    /// Open a partitioned package: verify the top-level manifest (which
+    /// covers every rank's files), then load each rank's package with
+    /// `threads / devices` (at least 1) kernel threads of its own.
+    pub fn open(dir: &Path, threads: usize, max_context: Option<usize>) -> Result<MultiRankEngine> {
+        let manifest = read_manifest(dir)?;
+        let Some(section) = manifest.ranks.clone() else {
+            bail!("package {} is not partitioned (no `ranks` section in its manifest)", dir.display());
+        };
+        ensure!(
+            section.devices >= 1 && section.dirs.len() == section.devices,
+            "package {}: {} rank directories for {} devices",
+            dir.display(),
+            section.dirs.len(),
+            section.devices
+        );
+        verify_files(dir, &manifest)?;
+        let comm = InProcess::new();
+        let per_rank = (threads / section.devices).max(1);
+        let mut ranks = Vec::with_capacity(section.devices);
+        for (r, rel) in section.dirs.iter().enumerate() {
+            if rel.split('/').any(|c| c == ".." || c.is_empty()) {
+                bail!("package manifest lists an invalid rank directory `{rel}`");
+            }
+            let pkg = open_package(&dir.join(rel)).with_context(|| format!("opening rank {r} ({rel})"))?;
+            ensure!(pkg.config() == &manifest.model, "rank {r} was compiled for a different model config");
+            let mut e = CpuEngine::with_pool(Arc::new(pkg), thread_pool(per_rank)?, max_context)?;
+            e.set_collective(r, Arc::new(comm.clone()) as Arc<dyn Collective>);
+            ranks.push(Mutex::new(e));
+        }
+        Ok(MultiRankEngine { ranks, comm, section })
+    }
+
+    pub fn devices(&self) -> usize {
+        self.ranks.len()
+    }
+
+    pub fn plan(&self) -> &str {
+        &self.section.plan
+    }
+
+    /// Tokens already in the sequence's KV caches.
+    pub fn past(&self) -> usize {
+        self.ranks[0].lock().map(|e| e.past()).unwrap_or(0)
+    }
+}
+
+impl Engine for MultiRankEngine {
+    fn forward(&mut self, tokens: &[i64]) -> Result<Tensor> {
+        let ranks = &self.ranks;
+        let comm: &dyn Communicator = &self.comm;
+        let mut outs = run_ranks(ranks.len(), comm, |r| {
+            let mut e = ranks[r].lock().map_err(|_| anyhow!("rank {r} engine poisoned"))?;
+            e.forward(tokens)
+        })?;
+        Ok(outs.swap_remove(0))
+    }
+}
