@@ -136,15 +136,7 @@ pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
     crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
     let context = (a.tokens.len() + a.max_new_tokens).max(1);
     let mut engine = AscendSimEngine::from_package(&a.model, target, act, context)?;
-    let sampling =
-        panguc_runtime::Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
-    let eos = if a.stop_at_eos { cfg.eos_token_id } else { None };
-    let generation = panguc_runtime::generate(&mut engine, &a.tokens, a.max_new_tokens, &sampling, eos)?;
-    if let Some(path) = &a.logits_out {
-        crate::commands::write_logits_json(path, &a.tokens, &generation)?;
-    }
-    println!("{}", generation.generated.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
-    Ok(())
+    crate::commands::generate_and_report(&mut engine, a, &cfg)
 }
 
 fn set_executable(p: &Path) -> Result<()> {

@@ -5,7 +5,7 @@ use crate::import::build_module;
 use crate::synth::{synth_with, Preset, SynthOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use panguc_ir::{DType, Module};
+use panguc_ir::{DType, Module, PanguConfig};
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug, Clone)]
@@ -139,10 +139,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         bail!("{}: the checkpoint has no weight files, so it cannot be run (config-only checkpoints can only be compiled)", a.model.display());
     }
     let module = import(&ckpt)?;
-    let sampling =
-        panguc_runtime::Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
-    let eos = if a.stop_at_eos { cfg.eos_token_id } else { None };
-    let generation = match a.engine.as_deref().unwrap_or("interp") {
+    match a.engine.as_deref().unwrap_or("interp") {
         "interp" => {
             let interp = panguc_ir::interp::Interpreter::new(&module, &ckpt);
             let mut session = panguc_ir::session::InterpSession::new(
@@ -150,18 +147,27 @@ pub fn run(a: RunArgs) -> Result<()> {
                 cfg.num_hidden_layers,
                 [cfg.num_key_value_heads, cfg.head_dim()],
             );
-            panguc_runtime::generate(&mut session, &a.tokens, a.max_new_tokens, &sampling, eos)?
+            generate_and_report(&mut session, &a, &cfg)
         }
         "compiled" => bail!(
             "--engine compiled runs a compiled package: compile {} with `panguc compile --target cpu -o OUT` and run OUT",
             a.model.display()
         ),
         other => bail!("unknown --engine `{other}` for a checkpoint directory (available: interp)"),
-    };
+    }
+}
+
+/// The generation every engine shares: sample per the flags, stop at eos
+/// with --stop-at-eos, write --logits-out, print the generated tokens.
+pub fn generate_and_report(engine: &mut dyn panguc_runtime::Engine, a: &RunArgs, cfg: &PanguConfig) -> Result<()> {
+    let sampling =
+        panguc_runtime::Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let eos = if a.stop_at_eos { cfg.eos_token_id } else { None };
+    let generation = panguc_runtime::generate(engine, &a.tokens, a.max_new_tokens, &sampling, eos)?;
     if let Some(path) = &a.logits_out {
         write_logits_json(path, &a.tokens, &generation)?;
     }
-    println!("{}", generation.generated.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
+    emit(&format!("{}\n", generation.generated.iter().map(i64::to_string).collect::<Vec<_>>().join(",")));
     Ok(())
 }
 

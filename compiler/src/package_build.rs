@@ -336,27 +336,18 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
     }
     let threads = a.threads.unwrap_or_else(panguc_runtime::engine::default_threads);
     let context = a.tokens.len() + a.max_new_tokens;
-    let sampling =
-        panguc_runtime::Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
-    let generation = if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
+    if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
         // Partitioned over N devices: N rank engines in this process.
         let mut engine = panguc_runtime::MultiRankEngine::open(&a.model, threads, Some(context.max(1)))?;
         let cfg = panguc_runtime::package::read_manifest(&a.model)?.model;
         crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
-        let eos = if a.stop_at_eos { cfg.eos_token_id } else { None };
-        panguc_runtime::generate(&mut engine, &a.tokens, a.max_new_tokens, &sampling, eos)?
+        crate::commands::generate_and_report(&mut engine, a, &cfg)
     } else {
         let pool = panguc_runtime::thread_pool(threads)?;
         let pkg = std::sync::Arc::new(panguc_runtime::open_package(&a.model)?);
         let cfg = pkg.config().clone();
         crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
         let mut engine = panguc_runtime::CpuEngine::with_pool(pkg, pool, Some(context.max(1)))?;
-        let eos = if a.stop_at_eos { cfg.eos_token_id } else { None };
-        panguc_runtime::generate(&mut engine, &a.tokens, a.max_new_tokens, &sampling, eos)?
-    };
-    if let Some(path) = &a.logits_out {
-        crate::commands::write_logits_json(path, &a.tokens, &generation)?;
+        crate::commands::generate_and_report(&mut engine, a, &cfg)
     }
-    println!("{}", generation.generated.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
-    Ok(())
 }
