@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Compile the bundled tiny model for every target and generate tokens with
+# each engine; all of them must print the same greedy tokens.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -q -p panguc
+P=target/release/panguc
+OUT=${OUT:-out/tiny-all}
+$P compile examples/tiny-pangu --target ascend910b,ascend310p,cpu -o "$OUT" --force --validate
+for engine in compiled ascend-sim; do
+  echo "$engine: $($P run "$OUT" --engine $engine --tokens 1,2,3,4 --max-new-tokens 8)"
+done
+echo "interp:   $($P run examples/tiny-pangu --engine interp --tokens 1,2,3,4 --max-new-tokens 8)"
+$P compile examples/tiny-pangu --target cpu --devices 8 --plan ep -o "$OUT-ep8" --force > /dev/null
+echo "ep x8:    $($P run "$OUT-ep8" --tokens 1,2,3,4 --max-new-tokens 8)"
