@@ -185,7 +185,7 @@ mod tests {
     use crate::synth::{synth, Preset};
     use std::path::Path;
 
-    const REAL_DIR: &str = "/work/shared/models/pangu-pro-moe-72b";
+    const REAL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/pangu-pro-moe-72b");
 
     #[test]
     fn number_formatting() {
@@ -199,25 +199,15 @@ mod tests {
         assert_eq!(billions(12), "12");
     }
 
-    /// The real 72B config as a config-only checkpoint: the shared model
-    /// directory itself when present (it holds only config.json), else a
-    /// rebuilt copy of its values.
-    fn real_config_only() -> (tempfile::TempDir, Checkpoint) {
-        let tmp = tempfile::tempdir().unwrap();
-        if Path::new(REAL_DIR).join("config.json").is_file() {
-            return (tmp, Checkpoint::open(Path::new(REAL_DIR)).unwrap());
-        }
-        let mut c = Preset::Small.config();
-        (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads) = (153376, 5120, 48, 40);
-        (c.num_key_value_heads, c.moe_intermediate_size, c.shared_expert_intermediate_size) = (8, 1344, 5376);
-        std::fs::write(tmp.path().join("config.json"), c.to_json_pretty()).unwrap();
-        let ck = Checkpoint::open(tmp.path()).unwrap();
-        (tmp, ck)
+    /// The real 72B config as a config-only checkpoint (the committed copy
+    /// holds only config.json).
+    fn real_config_only() -> Checkpoint {
+        Checkpoint::open(Path::new(REAL_DIR)).unwrap()
     }
 
     #[test]
     fn json_for_real_config_only() {
-        let (_t, ck) = real_config_only();
+        let ck = real_config_only();
         let v = inspect_json(&ck);
         assert_eq!(v["total_params"], 71_988_781_056u64);
         assert_eq!(v["active_params"], 16_498_139_136u64);
