@@ -108,48 +108,102 @@ impl B<'_> {
     }
 }
 
+/// The parameters of `@decoder_layer`: its inputs, then its weights (named
+/// relative to the layer prefix) in the checkpoint's canonical order.
+pub struct LayerParams {
+    pub h: ValueId,
+    pub positions: ValueId,
+    pub rope_cos: ValueId,
+    pub rope_sin: ValueId,
+    pub k_cache: ValueId,
+    pub v_cache: ValueId,
+    pub input_norm: ValueId,
+    pub q_proj: ValueId,
+    pub k_proj: ValueId,
+    pub v_proj: ValueId,
+    pub o_proj: ValueId,
+    pub q_bias: ValueId,
+    pub k_bias: ValueId,
+    pub v_bias: ValueId,
+    pub o_bias: ValueId,
+    pub post_attention_norm: ValueId,
+    pub router: ValueId,
+    pub router_scale: ValueId,
+    /// Per routed expert: gate, up and down projections.
+    pub experts: Vec<[ValueId; 3]>,
+    pub shared_gate: ValueId,
+    pub shared_up: ValueId,
+    pub shared_down: ValueId,
+}
+
+/// Declare the layer function's parameters on `f`. The weights come from
+/// `PanguConfig::layer_tensors`, the one list of names and shapes the
+/// checkpoint validation also uses. Public so that hand-built layer
+/// functions (tests) share the importer's exact signature.
+pub fn declare_layer_params(f: &mut Function, cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType) -> R<LayerParams> {
+    let (t, d, kvh) = (Dim::tokens(), cfg.head_dim(), cfg.num_key_value_heads);
+    let act = |shape: Vec<Dim>| TensorType::new(ACT, shape);
+    let h = f.add_input("h", act(vec![t.clone(), Dim::c(cfg.hidden_size)]));
+    let positions = f.add_input("positions", TensorType::new(DType::I64, vec![t.clone()]));
+    let rope_cos = f.add_input("rope_cos", act(vec![t.clone(), Dim::c(d)]));
+    let rope_sin = f.add_input("rope_sin", act(vec![t.clone(), Dim::c(d)]));
+    let k_cache = f.add_input("k_cache", act(vec![Dim::past(), Dim::c(kvh), Dim::c(d)]));
+    let v_cache = f.add_input("v_cache", act(vec![Dim::past(), Dim::c(kvh), Dim::c(d)]));
+    let mut ids = std::collections::HashMap::new();
+    for spec in cfg.layer_tensors(0) {
+        let rel = spec
+            .name
+            .strip_prefix("model.layers.0.")
+            .ok_or_else(|| format!("unexpected layer tensor {}", spec.name))?;
+        let ty = TensorType::new(dtype(rel), spec.shape.iter().map(|&n| Dim::c(n)).collect());
+        ids.insert(rel.to_string(), f.add_weight(rel, rel, ty));
+    }
+    let w = |rel: &str| ids.get(rel).copied().ok_or_else(|| format!("layer tensor `{rel}` is not declared"));
+    let experts = (0..cfg.num_experts)
+        .map(|x| {
+            let e = |n: &str| w(&format!("mlp.experts.{x}.{n}"));
+            Ok([e("gate_proj.weight")?, e("up_proj.weight")?, e("down_proj.weight")?])
+        })
+        .collect::<R<Vec<_>>>()?;
+    Ok(LayerParams {
+        h,
+        positions,
+        rope_cos,
+        rope_sin,
+        k_cache,
+        v_cache,
+        input_norm: w("input_layernorm.weight")?,
+        q_proj: w("self_attn.q_proj.weight")?,
+        k_proj: w("self_attn.k_proj.weight")?,
+        v_proj: w("self_attn.v_proj.weight")?,
+        o_proj: w("self_attn.o_proj.weight")?,
+        q_bias: w("self_attn.q_proj.bias")?,
+        k_bias: w("self_attn.k_proj.bias")?,
+        v_bias: w("self_attn.v_proj.bias")?,
+        o_bias: w("self_attn.o_proj.bias")?,
+        post_attention_norm: w("post_attention_layernorm.weight")?,
+        router: w("mlp.gate.weight")?,
+        router_scale: w("mlp.router_scale")?,
+        experts,
+        shared_gate: w("mlp.shared_expert.gate_proj.weight")?,
+        shared_up: w("mlp.shared_expert.up_proj.weight")?,
+        shared_down: w("mlp.shared_expert.down_proj.weight")?,
+    })
+}
+
 fn build_layer(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType) -> R<Function> {
-    let (h, nh, kvh, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+    let (nh, kvh, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
     let (e, g, epg) = (cfg.num_experts, cfg.num_groups(), cfg.experts_per_group());
-    let (im, is) = (cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size);
     let eps = cfg.rms_norm_eps;
     let t = Dim::tokens();
     let mut b = B { f: Function::new(LAYER_FN), module: None };
 
-    let x = b.f.add_input("h", TensorType::new(ACT, vec![t.clone(), Dim::c(h)]));
-    let pos = b.f.add_input("positions", TensorType::new(DType::I64, vec![t.clone()]));
-    let cos = b.f.add_input("rope_cos", TensorType::new(ACT, vec![t.clone(), Dim::c(d)]));
-    let sin = b.f.add_input("rope_sin", TensorType::new(ACT, vec![t.clone(), Dim::c(d)]));
-    let cache_ty = TensorType::new(ACT, vec![Dim::past(), Dim::c(kvh), Dim::c(d)]);
-    let k_cache = b.f.add_input("k_cache", cache_ty.clone());
-    let v_cache = b.f.add_input("v_cache", cache_ty);
-
-    // Weight parameters in the checkpoint's canonical tensor order.
-    let w = |b: &mut B, name: &str, shape: &[usize]| b.weight(name, shape, dtype(name));
-    let ln1 = w(&mut b, "input_layernorm.weight", &[h]);
-    let wq = w(&mut b, "self_attn.q_proj.weight", &[nh * d, h]);
-    let wk = w(&mut b, "self_attn.k_proj.weight", &[kvh * d, h]);
-    let wv = w(&mut b, "self_attn.v_proj.weight", &[kvh * d, h]);
-    let wo = w(&mut b, "self_attn.o_proj.weight", &[h, nh * d]);
-    let bq = w(&mut b, "self_attn.q_proj.bias", &[nh * d]);
-    let bk = w(&mut b, "self_attn.k_proj.bias", &[kvh * d]);
-    let bv = w(&mut b, "self_attn.v_proj.bias", &[kvh * d]);
-    let bo = w(&mut b, "self_attn.o_proj.bias", &[h]);
-    let ln2 = w(&mut b, "post_attention_layernorm.weight", &[h]);
-    let wg = w(&mut b, "mlp.gate.weight", &[e, h]);
-    let rscale = w(&mut b, "mlp.router_scale", &[1, e]);
-    let experts: Vec<[ValueId; 3]> = (0..e)
-        .map(|x| {
-            [
-                w(&mut b, &format!("mlp.experts.{x}.gate_proj.weight"), &[im, h]),
-                w(&mut b, &format!("mlp.experts.{x}.up_proj.weight"), &[im, h]),
-                w(&mut b, &format!("mlp.experts.{x}.down_proj.weight"), &[h, im]),
-            ]
-        })
-        .collect();
-    let sg = w(&mut b, "mlp.shared_expert.gate_proj.weight", &[is, h]);
-    let su = w(&mut b, "mlp.shared_expert.up_proj.weight", &[is, h]);
-    let sd = w(&mut b, "mlp.shared_expert.down_proj.weight", &[h, is]);
+    let p = declare_layer_params(&mut b.f, cfg, dtype)?;
+    let (x, pos, cos, sin, k_cache, v_cache) = (p.h, p.positions, p.rope_cos, p.rope_sin, p.k_cache, p.v_cache);
+    let (ln1, ln2, wg, rscale) = (p.input_norm, p.post_attention_norm, p.router, p.router_scale);
+    let (wq, wk, wv, wo) = (p.q_proj, p.k_proj, p.v_proj, p.o_proj);
+    let (bq, bk, bv, bo) = (p.q_bias, p.k_bias, p.v_bias, p.o_bias);
+    let (experts, sg, su, sd) = (p.experts, p.shared_gate, p.shared_up, p.shared_down);
 
     // ---- attention ----
     let a = b.rms_norm(x, ln1, eps, "attn_norm")?;

@@ -51,44 +51,17 @@ pub fn build(cfg: &PanguConfig, variant: Variant, dtype: &dyn Fn(&str) -> DType)
 }
 
 fn layer(cfg: &PanguConfig, variant: Variant, dtype: &dyn Fn(&str) -> DType) -> Function {
-    let (h, nh, kvh, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+    let (nh, kvh, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
     let (e, g) = (cfg.num_experts, cfg.num_groups());
-    let (im, is) = (cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size);
     let eps = cfg.rms_norm_eps;
     let t = Dim::tokens();
     let mut b = B { f: Function::new("decoder_layer"), m: None };
-    let act = |shape: Vec<Dim>| TensorType::new(DType::F32, shape);
-    let x = b.f.add_input("h", act(vec![t.clone(), Dim::c(h)]));
-    let pos = b.f.add_input("positions", TensorType::new(DType::I64, vec![t.clone()]));
-    let cos = b.f.add_input("rope_cos", act(vec![t.clone(), Dim::c(d)]));
-    let sin = b.f.add_input("rope_sin", act(vec![t.clone(), Dim::c(d)]));
-    let kc = b.f.add_input("k_cache", act(vec![Dim::past(), Dim::c(kvh), Dim::c(d)]));
-    let vc = b.f.add_input("v_cache", act(vec![Dim::past(), Dim::c(kvh), Dim::c(d)]));
-    let w = |b: &mut B, name: &str, shape: &[usize]| b.w(name, shape, dtype(name));
-    let ln1 = w(&mut b, "input_layernorm.weight", &[h]);
-    let wq = w(&mut b, "self_attn.q_proj.weight", &[nh * d, h]);
-    let wk = w(&mut b, "self_attn.k_proj.weight", &[kvh * d, h]);
-    let wv = w(&mut b, "self_attn.v_proj.weight", &[kvh * d, h]);
-    let wo = w(&mut b, "self_attn.o_proj.weight", &[h, nh * d]);
-    let bq = w(&mut b, "self_attn.q_proj.bias", &[nh * d]);
-    let bk = w(&mut b, "self_attn.k_proj.bias", &[kvh * d]);
-    let bv = w(&mut b, "self_attn.v_proj.bias", &[kvh * d]);
-    let bo = w(&mut b, "self_attn.o_proj.bias", &[h]);
-    let ln2 = w(&mut b, "post_attention_layernorm.weight", &[h]);
-    let wg = w(&mut b, "mlp.gate.weight", &[e, h]);
-    let rscale = w(&mut b, "mlp.router_scale", &[1, e]);
-    let experts: Vec<[ValueId; 3]> = (0..e)
-        .map(|i| {
-            [
-                w(&mut b, &format!("mlp.experts.{i}.gate_proj.weight"), &[im, h]),
-                w(&mut b, &format!("mlp.experts.{i}.up_proj.weight"), &[im, h]),
-                w(&mut b, &format!("mlp.experts.{i}.down_proj.weight"), &[h, im]),
-            ]
-        })
-        .collect();
-    let sg = w(&mut b, "mlp.shared_expert.gate_proj.weight", &[is, h]);
-    let su = w(&mut b, "mlp.shared_expert.up_proj.weight", &[is, h]);
-    let sd = w(&mut b, "mlp.shared_expert.down_proj.weight", &[h, is]);
+    let p = panguc::import::declare_layer_params(&mut b.f, cfg, dtype).unwrap();
+    let (x, pos, cos, sin, kc, vc) = (p.h, p.positions, p.rope_cos, p.rope_sin, p.k_cache, p.v_cache);
+    let (ln1, ln2, wg, rscale) = (p.input_norm, p.post_attention_norm, p.router, p.router_scale);
+    let (wq, wk, wv, wo) = (p.q_proj, p.k_proj, p.v_proj, p.o_proj);
+    let (bq, bk, bv, bo) = (p.q_bias, p.k_bias, p.v_bias, p.o_bias);
+    let (experts, sg, su, sd) = (p.experts, p.shared_gate, p.shared_up, p.shared_down);
 
     // Weight-only subgraphs (evaluated at package time).
     let wqkv = b.one(Op::Concat { axis: 0 }, &[wq, wk, wv], "w_qkv");
