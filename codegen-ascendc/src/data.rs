@@ -58,13 +58,55 @@ pub fn run_sim(dk: &DeviceKernel, target: Target, env: &Env, mut args: Vec<SimAr
 /// replaced by what the kernels wrote. Intermediate GM buffers
 /// ([`crate::emit::DeviceKernels::temps`]) are allocated here.
 pub fn run_kernels(dks: &crate::emit::DeviceKernels, target: Target, env: &Env, args: &mut [Vec<u8>]) -> Result<()> {
+    if dks.host.is_some() {
+        anyhow::bail!("a collective launch needs a communicator (see run_collective_kernels)");
+    }
+    let mut temps = alloc_temps(dks, env)?;
+    run_device_kernels(&dks.kernels, target, env, args, &mut temps)
+}
+
+/// The host's collective call of [`run_collective_kernels`]: `send` holds
+/// this rank's contiguous per-member blocks, `recv` (pre-sized) receives.
+pub type CollectiveCall<'a> = dyn FnMut(&crate::emit::HostCollective, &[u8], &mut [u8]) -> Result<()> + 'a;
+
+/// A collective launch as the host program runs it: the packing kernels,
+/// the communication call (`call`), then the unpacking kernels.
+pub fn run_collective_kernels(
+    dks: &crate::emit::DeviceKernels,
+    target: Target,
+    env: &Env,
+    args: &mut [Vec<u8>],
+    call: &mut CollectiveCall,
+) -> Result<()> {
+    use crate::emit::ArgRef;
+    let host = dks.host.as_ref().ok_or_else(|| anyhow::anyhow!("not a collective launch"))?;
+    let mut temps = alloc_temps(dks, env)?;
+    run_device_kernels(&dks.kernels[..host.pre], target, env, args, &mut temps)?;
+    let send = match host.send {
+        ArgRef::Orig(i) => args[i].clone(),
+        ArgRef::Temp(j) => temps[j].clone(),
+    };
+    let recv = match host.recv {
+        ArgRef::Orig(i) => &mut args[i],
+        ArgRef::Temp(j) => &mut temps[j],
+    };
+    call(host, &send, recv)?;
+    run_device_kernels(&dks.kernels[host.pre..], target, env, args, &mut temps)
+}
+
+fn alloc_temps(dks: &crate::emit::DeviceKernels, env: &Env) -> Result<Vec<Vec<u8>>> {
+    dks.temps.iter().map(|t| Ok(vec![0u8; usize::try_from(t.elems.eval(env)? * t.dtype.size())?])).collect()
+}
+
+fn run_device_kernels(
+    kernels: &[DeviceKernel],
+    target: Target,
+    env: &Env,
+    args: &mut [Vec<u8>],
+    temps: &mut [Vec<u8>],
+) -> Result<()> {
     use crate::emit::{ArgRef, Role};
-    let mut temps: Vec<Vec<u8>> = dks
-        .temps
-        .iter()
-        .map(|t| Ok(vec![0u8; usize::try_from(t.elems.eval(env)? * t.dtype.size())?]))
-        .collect::<Result<_>>()?;
-    for dk in &dks.kernels {
+    for dk in kernels {
         let mut sim_args = Vec::with_capacity(dk.params.len());
         for p in &dk.params {
             let buf = match p.arg {

@@ -10,7 +10,7 @@
 //! for the maximum context and kept across calls. Weights are converted to
 //! the device layout by [`crate::weights::device_weight_bytes`].
 
-use crate::data::{decode, encode_i64, run_kernels};
+use crate::data::{decode, encode, encode_i64, run_collective_kernels, run_kernels};
 use crate::emit::Env;
 use crate::program::{emit_program, AscendProgram};
 use crate::sim::SimKernel;
@@ -20,7 +20,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use panguc_ir::kernel::{BufferKind, KernelProgram, PreparedWeight};
 use panguc_ir::shape::bindings;
 use panguc_ir::Tensor;
+use panguc_runtime::collective::{Collective, InProcess};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Supplies a prepared weight's bytes in its storage dtype and layout.
 pub type WeightProvider<'a> = dyn Fn(&PreparedWeight) -> Result<Vec<u8>> + 'a;
@@ -32,6 +34,8 @@ pub struct AscendSimEngine {
     store: Vec<Vec<u8>>,
     past: u64,
     max_context: u64,
+    /// Global rank and communicator of a rank program's collectives.
+    comm: Option<(usize, Arc<dyn Collective>)>,
 }
 
 impl std::fmt::Debug for AscendSimEngine {
@@ -67,7 +71,7 @@ impl AscendSimEngine {
                 _ => {}
             }
         }
-        let engine = AscendSimEngine { program, ap, store, past: 0, max_context: max_context as u64 };
+        let engine = AscendSimEngine { program, ap, store, past: 0, max_context: max_context as u64, comm: None };
         engine.compile_all()?;
         Ok(engine)
     }
@@ -96,6 +100,33 @@ impl AscendSimEngine {
             Ok(buf)
         };
         Self::new(program, target, act, &provider, max_context)
+    }
+
+    /// Run this engine as global rank `rank` of a partitioned package: its
+    /// collective launches go through `comm` (the host program's HCCL calls).
+    pub fn set_collective(&mut self, rank: usize, comm: Arc<dyn Collective>) {
+        self.comm = Some((rank, comm));
+    }
+
+    /// A partitioned package (compiled with `--target cpu` among its
+    /// targets) as one engine: every rank's program under the simulation
+    /// on its own thread, collectives through one in-process communicator.
+    pub fn multi_rank(
+        dir: &Path,
+        target: Target,
+        act: DevType,
+        max_context: usize,
+    ) -> Result<panguc_runtime::MultiRankEngine> {
+        let ranks = panguc_runtime::multirank::rank_dirs(dir)?;
+        let comm = InProcess::new();
+        let mut engines: Vec<panguc_runtime::RankEngine> = vec![];
+        for (r, rank_dir) in ranks.dirs.iter().enumerate() {
+            let mut e = Self::from_package(rank_dir, target, act, max_context)
+                .with_context(|| format!("rank {r} ({})", ranks.section.dirs[r]))?;
+            e.set_collective(r, Arc::new(comm.clone()));
+            engines.push(Box::new(e));
+        }
+        Ok(panguc_runtime::MultiRankEngine::from_engines(engines, comm, ranks.section))
     }
 
     pub fn target(&self) -> Target {
@@ -201,8 +232,34 @@ impl panguc_runtime::Engine for AscendSimEngine {
                 args.push(src[off..off + len].to_vec());
                 spans.push((root, off, len));
             }
-            run_kernels(&self.ap.kernels[l.kernel], self.ap.target, &env, &mut args)
-                .with_context(|| format!("launch {li} (`{}`)", kernel.name))?;
+            let dks = &self.ap.kernels[l.kernel];
+            if dks.host.is_some() {
+                let Some((rank, comm)) = &self.comm else {
+                    bail!("launch {li} (`{}`) is a collective: run the partitioned package as a whole", kernel.name);
+                };
+                // The packing kernels made the blocks contiguous, so the
+                // exchange is along the flat leading axis.
+                let mut call = |h: &crate::emit::HostCollective, send: &[u8], recv: &mut [u8]| -> Result<()> {
+                    let values = decode(h.dtype, send);
+                    let mut out = vec![0f32; recv.len() / h.dtype.size() as usize];
+                    panguc_runtime::engine::run_collective(
+                        comm.as_ref(),
+                        *rank,
+                        h.kind,
+                        &h.group,
+                        0,
+                        &[values.len()],
+                        &values,
+                        &mut out,
+                    )?;
+                    recv.copy_from_slice(&encode(h.dtype, &out));
+                    Ok(())
+                };
+                run_collective_kernels(dks, self.ap.target, &env, &mut args, &mut call)
+            } else {
+                run_kernels(dks, self.ap.target, &env, &mut args)
+            }
+            .with_context(|| format!("launch {li} (`{}`)", kernel.name))?;
             let first_out = l.args.len() - kernel.kind.num_outputs();
             for (j, data) in args.into_iter().enumerate().skip(first_out) {
                 let (root, off, len) = spans[j];

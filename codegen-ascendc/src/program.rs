@@ -46,6 +46,9 @@ pub struct AscendProgram {
     pub buffer_dtypes: Vec<DevType>,
     /// Device kernels of each program kernel (same index).
     pub kernels: Vec<DeviceKernels>,
+    /// `(rank, devices)` for one rank of a partitioned program (its host
+    /// program joins the HCCL communicators); `None` for one device.
+    pub rank: Option<(usize, usize)>,
 }
 
 /// Emit every kernel of `p`. Fails on the first kernel that cannot be
@@ -70,7 +73,7 @@ pub fn emit_program(p: &KernelProgram, target: Target, act: DevType) -> Result<A
         let dk = emit_kernel(k, &dts, &opts).with_context(|| format!("emitting AscendC for {target}"))?;
         kernels.push(dk);
     }
-    Ok(AscendProgram { target, act, buffer_dtypes: bdt, kernels })
+    Ok(AscendProgram { target, act, buffer_dtypes: bdt, kernels, rank: None })
 }
 
 /// Per device kernel: UB/L1/L0 use against capacity (for report.json).

@@ -58,9 +58,45 @@ pub fn write_ascend_targets(
     weights: Option<&WeightProvider>,
 ) -> Result<serde_json::Value> {
     let _ = cfg; // activation dtypes are per target (bf16 on 910B, f16 on 310P)
+    write_targets(staging, program, None, targets, weights)
+}
+
+/// The Ascend part of a package partitioned over `devices` ranks: rank
+/// `r`'s program (its partitioned module scheduled with collective
+/// launches) as complete projects in `staging/ranks/rank<r>/ascend/<target>/`,
+/// whose host programs join the HCCL communicators and issue the rank's
+/// collectives in program order. Returns the memory report per rank.
+pub fn write_ascend_rank_targets(
+    staging: &Path,
+    parts: &panguc_lowering::partition::Partitioned,
+    targets: &[String],
+    weights: Option<&WeightProvider>,
+) -> Result<serde_json::Value> {
+    let devices = parts.ranks.len();
+    let mut reports = vec![];
+    for (r, rank) in parts.ranks.iter().enumerate() {
+        let sched = panguc_lowering::schedule::ScheduleOptions { ranks: Some((r, devices)), ..Default::default() };
+        let program = panguc_lowering::schedule::schedule(&rank.module, &sched)
+            .with_context(|| format!("scheduling the program of rank {r}"))?;
+        let dir = staging.join(format!("ranks/rank{r}"));
+        let report = write_targets(&dir, &program, Some((r, devices)), targets, weights)
+            .with_context(|| format!("rank {r} of {devices}"))?;
+        reports.push(report);
+    }
+    Ok(serde_json::json!({ "ranks": reports }))
+}
+
+fn write_targets(
+    staging: &Path,
+    program: &KernelProgram,
+    rank: Option<(usize, usize)>,
+    targets: &[String],
+    weights: Option<&WeightProvider>,
+) -> Result<serde_json::Value> {
     let mut emitted: Vec<(AscendProgram, BTreeMap<String, String>)> = vec![];
     for t in ascend_targets(targets)? {
-        let ap = emit_program(program, t, t.default_act())?;
+        let mut ap = emit_program(program, t, t.default_act())?;
+        ap.rank = rank;
         let files = project_files(program, &ap).with_context(|| format!("writing the {t} project"))?;
         emitted.push((ap, files));
     }
@@ -131,10 +167,18 @@ pub fn sim_engine_config(engine: &str) -> Result<(Target, DevType)> {
 /// weights are used).
 pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
     let (target, act) = sim_engine_config(a.engine.as_deref().unwrap_or("ascend-sim"))?;
+    let context = (a.tokens.len() + a.max_new_tokens).max(1);
+    if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
+        // Partitioned: every rank's program under the simulation, their
+        // collectives meeting in one in-process communicator.
+        let cfg = panguc_runtime::multirank::rank_dirs(&a.model)?.model;
+        crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
+        let mut engine = AscendSimEngine::multi_rank(&a.model, target, act, context)?;
+        return crate::commands::generate_and_report(&mut engine, a, &cfg);
+    }
     let files = panguc_runtime::package::verify_package(&a.model)?;
     let cfg = files.manifest.model.clone();
     crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
-    let context = (a.tokens.len() + a.max_new_tokens).max(1);
     let mut engine = AscendSimEngine::from_package(&a.model, target, act, context)?;
     crate::commands::generate_and_report(&mut engine, a, &cfg)
 }

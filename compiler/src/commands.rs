@@ -351,17 +351,21 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         let provider = crate::ascend_build::checkpoint_weights(&ckpt);
         let weights: Option<&panguc_codegen_ascendc::engine::WeightProvider> =
             if ckpt.has_weights() { Some(&provider) } else { None };
-        report["ascend"] =
-            crate::ascend_build::write_ascend_targets(staging.path(), &program, ckpt.config(), &targets, weights)?;
+        report["ascend"] = match &partitioned {
+            Some(p) => crate::ascend_build::write_ascend_rank_targets(staging.path(), &p.parts, &targets, weights)?,
+            None => {
+                crate::ascend_build::write_ascend_targets(staging.path(), &program, ckpt.config(), &targets, weights)?
+            }
+        };
     }
     if let Some(p) = &partitioned {
-        let ascend = targets.iter().any(|t| t.starts_with("ascend"));
+        let ascend = crate::ascend_build::ascend_targets(&targets)?;
         let weight_dtype = module.functions[crate::import::LAYER_FN]
             .weight_params()
             .next()
             .map(|(p, _)| module.functions[crate::import::LAYER_FN].ty(p.value).dtype)
             .unwrap_or(DType::BF16);
-        crate::partition_build::write_rank_programs(staging.path(), p, weight_dtype, ascend)?;
+        crate::partition_build::write_rank_programs(staging.path(), p, weight_dtype, &ascend)?;
         report["partition"] = p.report.clone();
     }
     crate::package_build::finalize_manifest(staging.path(), ckpt.config(), &targets)?;

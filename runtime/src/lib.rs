@@ -18,6 +18,6 @@ pub use batch::generate_batch;
 pub use engine::{thread_pool, CpuEngine, EngineOptions};
 pub use generate::{generate, Engine, Generation, Sampler, Sampling};
 pub use loader::{open_package, Package};
-pub use multirank::MultiRankEngine;
+pub use multirank::{MultiRankEngine, RankEngine};
 pub use package::{is_package, Manifest, PACKAGE_FORMAT_VERSION};
 pub use pool::WorkerPool;

@@ -21,8 +21,13 @@ use panguc_ir::Tensor;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+/// One rank's engine: anything that runs a rank program with its
+/// collectives through a shared [`Collective`] (the compiled CPU engine
+/// here; the AscendC simulation engine in `panguc_codegen_ascendc`).
+pub type RankEngine = Box<dyn Engine + Send>;
+
 pub struct MultiRankEngine {
-    ranks: Vec<Mutex<CpuEngine>>,
+    ranks: Vec<Mutex<RankEngine>>,
     comm: InProcess,
     section: RanksSection,
 }
@@ -32,37 +37,61 @@ pub fn package_ranks(dir: &Path) -> Result<Option<RanksSection>> {
     Ok(read_manifest(dir)?.ranks)
 }
 
+/// A verified partitioned package: its rank section and each rank's
+/// package directory.
+pub struct RankDirs {
+    pub section: RanksSection,
+    pub model: panguc_ir::PanguConfig,
+    pub dirs: Vec<std::path::PathBuf>,
+}
+
+/// Open a partitioned package: verify the top-level manifest (which covers
+/// every rank's files) and resolve the rank directories it lists.
+pub fn rank_dirs(dir: &Path) -> Result<RankDirs> {
+    let manifest = read_manifest(dir)?;
+    let Some(section) = manifest.ranks.clone() else {
+        bail!("package {} is not partitioned (no `ranks` section in its manifest)", dir.display());
+    };
+    ensure!(
+        section.devices >= 1 && section.dirs.len() == section.devices,
+        "package {}: {} rank directories for {} devices",
+        dir.display(),
+        section.dirs.len(),
+        section.devices
+    );
+    verify_files(dir, &manifest)?;
+    let mut dirs = Vec::with_capacity(section.devices);
+    for rel in &section.dirs {
+        if rel.split('/').any(|c| c == ".." || c.is_empty()) {
+            bail!("package manifest lists an invalid rank directory `{rel}`");
+        }
+        dirs.push(dir.join(rel));
+    }
+    Ok(RankDirs { section, model: manifest.model, dirs })
+}
+
 impl MultiRankEngine {
-    /// Open a partitioned package: verify the top-level manifest (which
-    /// covers every rank's files), then load each rank's package with
-    /// `threads / devices` (at least 1) kernel threads of its own.
+    /// Open a partitioned package ([`rank_dirs`]), then load each rank's
+    /// package with `threads / devices` (at least 1) kernel threads of its own.
     pub fn open(dir: &Path, threads: usize, max_context: Option<usize>) -> Result<MultiRankEngine> {
-        let manifest = read_manifest(dir)?;
-        let Some(section) = manifest.ranks.clone() else {
-            bail!("package {} is not partitioned (no `ranks` section in its manifest)", dir.display());
-        };
-        ensure!(
-            section.devices >= 1 && section.dirs.len() == section.devices,
-            "package {}: {} rank directories for {} devices",
-            dir.display(),
-            section.dirs.len(),
-            section.devices
-        );
-        verify_files(dir, &manifest)?;
+        let RankDirs { section, model, dirs } = rank_dirs(dir)?;
         let comm = InProcess::new();
         let per_rank = (threads / section.devices).max(1);
         let mut ranks = Vec::with_capacity(section.devices);
-        for (r, rel) in section.dirs.iter().enumerate() {
-            if rel.split('/').any(|c| c == ".." || c.is_empty()) {
-                bail!("package manifest lists an invalid rank directory `{rel}`");
-            }
-            let pkg = open_package(&dir.join(rel)).with_context(|| format!("opening rank {r} ({rel})"))?;
-            ensure!(pkg.config() == &manifest.model, "rank {r} was compiled for a different model config");
+        for (r, rank_dir) in dirs.iter().enumerate() {
+            let pkg = open_package(rank_dir).with_context(|| format!("opening rank {r} ({})", section.dirs[r]))?;
+            ensure!(pkg.config() == &model, "rank {r} was compiled for a different model config");
             let mut e = CpuEngine::with_pool(Arc::new(pkg), thread_pool(per_rank)?, max_context)?;
             e.set_collective(r, Arc::new(comm.clone()) as Arc<dyn Collective>);
-            ranks.push(Mutex::new(e));
+            ranks.push(Box::new(e) as RankEngine);
         }
-        Ok(MultiRankEngine { ranks, comm, section })
+        Ok(Self::from_engines(ranks, comm, section))
+    }
+
+    /// Run `ranks` (engine `r` already wired to `comm` as global rank `r`)
+    /// as one engine.
+    pub fn from_engines(ranks: Vec<RankEngine>, comm: InProcess, section: RanksSection) -> MultiRankEngine {
+        MultiRankEngine { ranks: ranks.into_iter().map(Mutex::new).collect(), comm, section }
     }
 
     pub fn devices(&self) -> usize {
@@ -71,11 +100,6 @@ impl MultiRankEngine {
 
     pub fn plan(&self) -> &str {
         &self.section.plan
-    }
-
-    /// Tokens already in the sequence's KV caches.
-    pub fn past(&self) -> usize {
-        self.ranks[0].lock().map(|e| e.past()).unwrap_or(0)
     }
 }
 

@@ -536,7 +536,7 @@ pub(crate) fn gemm(ctx: &Ctx, ep: Epilogue) -> Result<DeviceKernels> {
                 params: vec![a, w, ctx.param("c", out, Role::Output)],
             },
         )?;
-        return Ok(DeviceKernels { kernels: vec![cube], temps: vec![] });
+        return Ok(DeviceKernels { kernels: vec![cube], temps: vec![], host: None });
     }
     let temp = TempBuf {
         name: format!("{}.c", ctx.k.name),
@@ -570,5 +570,5 @@ pub(crate) fn gemm(ctx: &Ctx, ep: Epilogue) -> Result<DeviceKernels> {
         ctx,
         EpilogueSpec { entry: ctx.entry("_epilogue"), ep, row_scale: false, t: o, bias_t, rows: m, n: n_out, params },
     )?;
-    Ok(DeviceKernels { kernels: vec![cube, epi], temps: vec![temp] })
+    Ok(DeviceKernels { kernels: vec![cube, epi], temps: vec![temp], host: None })
 }

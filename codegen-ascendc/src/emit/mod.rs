@@ -13,6 +13,7 @@
 
 mod cube;
 mod expr;
+mod layout;
 mod moe;
 mod rope;
 mod vector;
@@ -157,6 +158,24 @@ pub struct TempBuf {
 pub struct DeviceKernels {
     pub kernels: Vec<DeviceKernel>,
     pub temps: Vec<TempBuf>,
+    /// A collective: the host's communication-library call, between the
+    /// device kernels (which only repack data for it).
+    pub host: Option<HostCollective>,
+}
+
+/// The host side of a collective launch: one HCCL call over `group` on
+/// contiguous per-member blocks (`send`/`recv` are the program kernel's
+/// arguments, or temps the device kernels pack into and unpack from).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostCollective {
+    pub kind: panguc_ir::op::CollectiveKind,
+    /// Global ranks taking part, in member order.
+    pub group: Vec<usize>,
+    /// Device kernels `[..pre]` run before the call, the rest after it.
+    pub pre: usize,
+    pub send: ArgRef,
+    pub recv: ArgRef,
+    pub dtype: DevType,
 }
 
 /// Emission choices.
@@ -236,6 +255,16 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
         KernelKind::RmsNorm { eps } => vector::rms_norm(&ctx, *eps, false)?,
         KernelKind::AddRmsNorm { eps } => vector::rms_norm(&ctx, *eps, true)?,
         KernelKind::Gather => vector::gather(&ctx)?,
+        KernelKind::Elementwise { op: panguc_ir::kernel::ElemOp::Binary(b) }
+            if dtypes.iter().all(|d| *d == DevType::I64) =>
+        {
+            layout::index_arith(&ctx, *b)?
+        }
+        KernelKind::Elementwise { op: panguc_ir::kernel::ElemOp::Binary(b) }
+            if layout::row_broadcast_operand(k).is_some() =>
+        {
+            layout::row_broadcast(&ctx, *b, layout::row_broadcast_operand(k).expect("checked"))?
+        }
         KernelKind::Elementwise { op } => vector::elementwise(&ctx, op)?,
         KernelKind::Rope => vector::rope(&ctx)?,
         KernelKind::Attention { scale } => vector::attention(&ctx, *scale)?,
@@ -250,10 +279,12 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
         KernelKind::MoeGateUp => moe::gate_up(&ctx)?,
         KernelKind::MoeDown => moe::down(&ctx)?,
         KernelKind::MoeCombine { shared_residual } => moe::combine(&ctx, *shared_residual)?,
+        KernelKind::Slice { axis, start } => layout::slice(&ctx, *axis, *start)?,
+        KernelKind::Collective { kind, group, axis } => layout::collective(&ctx, *kind, group, *axis)?,
         other => bail!(
             "{}: kernel kind `{}` has no AscendC implementation yet (supported: rms_norm, add_rms_norm, gather, \
              elementwise, rope, rope_table, qkv_rope_append, attention, moe_gating, gemm, matmul(transposed b), \
-             moe_route, moe_gate_up, moe_down, moe_combine)",
+             moe_route, moe_gate_up, moe_down, moe_combine, slice, collectives)",
             k.name,
             other.mnemonic()
         ),

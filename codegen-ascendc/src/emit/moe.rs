@@ -137,7 +137,7 @@ pub(crate) fn route(ctx: &Ctx) -> Result<DeviceKernels> {
         ctx.param("row_weight", 4, Role::Output),
         ctx.param("slot_row", 5, Role::Output),
     ];
-    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
 const GROUPED: &str = r#"
@@ -325,7 +325,7 @@ fn grouped(ctx: &Ctx, gather: bool) -> Result<DeviceKernels> {
             params: eparams,
         },
     )?;
-    Ok(DeviceKernels { kernels: vec![cube, epi], temps: vec![temp] })
+    Ok(DeviceKernels { kernels: vec![cube, epi], temps: vec![temp], host: None })
 }
 
 /// `MoeGateUp (x[T, H], offsets[E+1], rows[T*G], w_gate_up[E, 2I, H], act_out[T*G, I])`;
@@ -474,5 +474,5 @@ pub(crate) fn combine(ctx: &Ctx, shared_residual: bool) -> Result<DeviceKernels>
         dk.params.push(ctx.param("residual", 3, Role::Input));
     }
     dk.params.push(ctx.param("out", out, Role::Output));
-    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }

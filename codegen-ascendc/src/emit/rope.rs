@@ -105,7 +105,7 @@ pub(crate) fn rope_table(ctx: &Ctx, kind: RopeKind, theta: f64, head_dim: usize)
     let ub = 2 * r32(d * t.size()) + 3 * r32(d * 4);
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![ctx.param("positions", 0, Role::Input), ctx.param("out", 1, Role::Output)];
-    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
 const QKV_ROPE_APPEND: &str = r#"
@@ -257,5 +257,5 @@ pub(crate) fn qkv_rope_append(ctx: &Ctx, q_heads: usize, kv_heads: usize) -> Res
         ctx.param("v_cache", 5, Role::InOut),
         ctx.param("q", 3, Role::Output),
     ];
-    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }

@@ -271,7 +271,7 @@ pub(crate) fn rms_norm(ctx: &Ctx, eps: f64, add: bool) -> Result<DeviceKernels> 
     } else {
         vec![ctx.param("x", 0, Role::Input), ctx.param("w", 1, Role::Input), ctx.param("y", 2, Role::Output)]
     };
-    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
 const GATHER: &str = r#"
@@ -345,7 +345,7 @@ pub(crate) fn gather(ctx: &Ctx) -> Result<DeviceKernels> {
     let mut dk = vector_kernel(entry, src, fields, &tiles, 2 * r32(cols * t.size()));
     dk.params =
         vec![ctx.param("table", 0, Role::Input), ctx.param("idx", 1, Role::Input), ctx.param("out", 2, Role::Output)];
-    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
 const ELEMENTWISE: &str = r#"
@@ -579,7 +579,7 @@ pub(crate) fn elementwise(ctx: &Ctx, op: &ElemOp) -> Result<DeviceKernels> {
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = (0..n_in).map(|i| ctx.param(&format!("in{i}"), i, Role::Input)).collect();
     dk.params.push(ctx.param("out", n_in, Role::Output));
-    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
 const ROPE: &str = r#"
@@ -702,7 +702,7 @@ pub(crate) fn rope(ctx: &Ctx) -> Result<DeviceKernels> {
         ctx.param("sin", 2, Role::Input),
         ctx.param("y", 3, Role::Output),
     ];
-    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
 const ATTENTION: &str = r#"
@@ -921,7 +921,7 @@ pub(crate) fn attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
         ctx.param("positions", 3, Role::Input),
         ctx.param("out", 4, Role::Output),
     ];
-    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
 const GATING: &str = r#"
@@ -1056,5 +1056,5 @@ pub(crate) fn moe_gating(ctx: &Ctx, groups: usize) -> Result<DeviceKernels> {
         ctx.param("weights", 2, Role::Output),
         ctx.param("ids", 3, Role::Output),
     ];
-    Ok(DeviceKernels { kernels: vec![dk], temps: vec![] })
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
