@@ -239,6 +239,17 @@ pub struct CompileArgs {
     /// Context length used for the per-device KV-cache and time estimates.
     #[arg(long, default_value_t = 2048)]
     pub context: usize,
+    /// Links between the devices, for the estimates and `--plan auto`:
+    /// hccs (Atlas 800I A2, the default for 910B) or pcie (Atlas 300I Duo,
+    /// the default for 310P).
+    #[arg(long, value_name = "hccs|pcie")]
+    pub interconnect: Option<String>,
+    /// Override the interconnect's per-device bandwidth, GB/s.
+    #[arg(long, value_name = "GBS")]
+    pub link_bandwidth: Option<f64>,
+    /// Override the interconnect's fixed cost per communication step, microseconds.
+    #[arg(long, value_name = "US")]
+    pub link_latency: Option<f64>,
 }
 
 /// Targets `panguc compile` knows.
@@ -291,6 +302,9 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     if a.devices == 1 && a.plan.is_some() {
         bail!("--plan needs --devices N with N > 1");
     }
+    if a.devices == 1 && (a.interconnect.is_some() || a.link_bandwidth.is_some() || a.link_latency.is_some()) {
+        bail!("--interconnect, --link-bandwidth and --link-latency need --devices N with N > 1");
+    }
     let piped = crate::pipeline::run_pipeline(&ckpt, &module, import_seconds, &opts)?;
     let partitioned = if a.devices > 1 {
         let profile_name =
@@ -299,12 +313,18 @@ pub fn compile(a: CompileArgs) -> Result<()> {
             .into_iter()
             .find(|p| p.name == profile_name)
             .ok_or_else(|| anyhow::anyhow!("no hardware profile `{profile_name}`"))?;
+        let link = crate::partition_build::interconnect(
+            &profile,
+            a.interconnect.as_deref(),
+            a.link_bandwidth,
+            a.link_latency,
+        )?;
         let popts = crate::partition_build::PartitionOptions {
             devices: a.devices,
             plan,
             plan_by_cost,
             profile,
-            link: None,
+            link: Some(link),
             context: a.context,
         };
         let fuse = panguc_lowering::fuse::FuseOptions::default();

@@ -255,6 +255,37 @@ fn activation_dtype(w: DType) -> &'static str {
     }
 }
 
+/// The links between devices: `--interconnect` (default: the profile's
+/// usual links) with `--link-bandwidth` / `--link-latency` overrides.
+pub fn interconnect(
+    profile: &HardwareProfile,
+    name: Option<&str>,
+    bandwidth_gbs: Option<f64>,
+    latency_us: Option<f64>,
+) -> Result<Interconnect> {
+    let mut link = match name {
+        None => Interconnect::for_profile(profile),
+        Some("hccs") => Interconnect::hccs(),
+        Some("pcie") => Interconnect::pcie(),
+        Some(other) => bail!("unknown --interconnect `{other}` (hccs, pcie)"),
+    };
+    if let Some(b) = bandwidth_gbs {
+        if !(b.is_finite() && b > 0.0) {
+            bail!("--link-bandwidth must be a positive number of GB/s, got {b}");
+        }
+        link.bandwidth_gbs = b;
+        link.name += &format!(" @ {b} GB/s");
+    }
+    if let Some(l) = latency_us {
+        if !(l.is_finite() && l >= 0.0) {
+            bail!("--link-latency must be a non-negative number of microseconds, got {l}");
+        }
+        link.latency_us = l;
+        link.name += &format!(" + {l} us");
+    }
+    Ok(link)
+}
+
 /// Parse `--devices` / `--plan` as the CLI gives them (for the lead's clap glue).
 pub fn parse_plan(devices: usize, plan: Option<&str>) -> Result<(PlanChoice, bool)> {
     if devices == 0 {

@@ -322,7 +322,13 @@ pub fn partition_report(single: &Module, parts: &Partitioned, spec: &DeviceSpec)
         "devices": l.devices,
         "layout": {
             "attention": format!("DP{} x TP{}", l.devices / l.attn_tp, l.attn_tp),
-            "routed_experts": format!("TP{} x EP{} ({} groups per EP rank)", l.expert_tp, l.expert_ep(), l.groups_per_rank()),
+            "routed_experts": format!(
+                "TP{} x EP{} ({} group{} per EP rank)",
+                l.expert_tp,
+                l.expert_ep(),
+                l.groups_per_rank(),
+                if l.groups_per_rank() == 1 { "" } else { "s" }
+            ),
             "shared_expert": if l.shared_tp == 1 { "replicated".to_string() } else { format!("TP{}", l.shared_tp) },
         },
         "profile": spec.profile.name,

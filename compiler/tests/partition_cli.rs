@@ -1,0 +1,165 @@
+//! `panguc compile --devices N` through the binary: the 72B config on 8
+//! Ascend devices (one CANN project per rank whose host program joins the
+//! HCCL communicators and issues the rank's collectives in program order),
+//! `--plan auto` following the cost model and the interconnect flags, and
+//! the bundled tiny checkpoint compiled for CPU and 910B on 2 devices and
+//! run by both multi-rank engines.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn panguc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_panguc")).args(args).output().expect("panguc runs")
+}
+
+fn example(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name).display().to_string()
+}
+
+fn ok(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "panguc failed: {err}");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn pangu_72b_on_8_ascend_devices_writes_a_project_per_rank_with_hccl() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p72");
+    let out_s = out.to_str().unwrap();
+    ok(&panguc(&["compile", &example("pangu-pro-moe-72b"), "--target", "ascend910b", "--devices", "8", "-o", out_s]));
+    // One device cannot hold the model: no single-device project.
+    assert!(!out.join("ascend").exists());
+    let doc = json(&out.join("partition.json"));
+    let report = json(&out.join("report.json"));
+    assert_eq!(doc["plan"], "h2p");
+    for r in 0..8 {
+        let project = out.join(format!("ranks/rank{r}/ascend/ascend910b"));
+        for f in ["CMakePresets.json", "build.sh", "op_host/CMakeLists.txt", "op_kernel/CMakeLists.txt"] {
+            assert!(project.join(f).is_file(), "rank {r}: {f}");
+        }
+        panguc_codegen_ascendc::host::check_host_compiles(&project).unwrap();
+        let host = std::fs::read_to_string(project.join("host/panguc_host.cpp")).unwrap();
+        assert!(host.contains(&format!("constexpr int kRank = {r};")), "rank {r}");
+        for call in ["HcclGetRootInfo", "HcclCommInitRootInfo", "HcclReduceScatter(", "HcclAllGather("] {
+            assert!(host.contains(call), "rank {r}: {call}");
+        }
+        // The collective table lists the partition's collectives in program order.
+        let colls = doc["ranks"][r]["collectives"].as_array().unwrap();
+        let table = host.split("const Coll kColls[] = {").nth(1).unwrap().split("};").next().unwrap();
+        let kinds: Vec<&str> = table.lines().filter_map(|l| l.trim().strip_prefix('{')?.split(',').next()).collect();
+        let want: Vec<&str> = colls
+            .iter()
+            .map(|c| match c["hccl"].as_str().unwrap() {
+                "HcclReduceScatter" => "kReduceScatter",
+                "HcclAllGather" => "kAllGather",
+                "HcclAllReduce" => "kAllReduce",
+                other => panic!("unexpected {other}"),
+            })
+            .collect();
+        assert_eq!(kinds, want, "rank {r}");
+        // Every decoder layer issues its collectives: 48 layers x 4 steps.
+        let steps = host.split("const Step kSteps[] = {").nth(1).unwrap().split("};").next().unwrap();
+        let num_ops: usize =
+            host.split("constexpr int kNumOps = ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
+        let coll_steps = steps
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix('{')?.split(',').next()?.parse::<usize>().ok())
+            .filter(|op| *op >= num_ops)
+            .count();
+        assert_eq!(coll_steps, 48 * colls.len(), "rank {r}");
+        let device = &report["partition"]["per_device"][r];
+        assert!(device["weight_bytes"].as_f64().unwrap() < 24e9, "rank {r}: {device}");
+        for k in report["ascend"]["ranks"][r]["ascend910b"]["kernels"].as_array().unwrap() {
+            let (used, cap) = (k["ub"][0].as_u64().unwrap(), k["ub"][1].as_u64().unwrap());
+            assert!(used <= cap, "rank {r}: {k}");
+        }
+    }
+    let w = &report["partition"]["weight_bytes"];
+    assert_eq!(w["union_of_devices"], w["single_device"]);
+}
+
+/// `--plan auto` picks the candidate with the lowest estimated decode step
+/// (among those that fit), and the links decide it: over HCCS the
+/// published h2p layout wins; over a slow, high-latency link the plan
+/// with one collective per layer (ep) does.
+#[test]
+fn plan_auto_follows_the_cost_model_and_the_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut chosen = vec![];
+    for extra in [&[][..], &["--link-bandwidth", "2", "--link-latency", "500"][..]] {
+        let out = dir.path().join(format!("auto{}", chosen.len()));
+        let mut args = vec!["compile", &example("pangu-pro-moe-72b")]
+            .into_iter()
+            .map(String::from)
+            .chain(["--target", "ir", "--devices", "8", "--plan", "auto", "-o"].map(String::from))
+            .collect::<Vec<_>>();
+        args.push(out.display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        ok(&panguc(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+        let p = &json(&out.join("report.json"))["partition"];
+        let candidates = p["auto"]["candidates"].as_array().unwrap();
+        assert_eq!(candidates.len(), 2, "{p}");
+        let best = candidates
+            .iter()
+            .filter(|c| c["fits_memory"] == true)
+            .min_by(|a, b| {
+                a["ms_per_decode_step"].as_f64().unwrap().total_cmp(&b["ms_per_decode_step"].as_f64().unwrap())
+            })
+            .unwrap();
+        assert_eq!(p["plan"], best["plan"], "{p}");
+        assert_eq!(p["ms_per_decode_step"], best["ms_per_decode_step"]);
+        chosen.push(p["plan"].as_str().unwrap().to_string());
+    }
+    assert_eq!(chosen, ["h2p", "ep"]);
+
+    let bad_out = dir.path().join("bad");
+    let tiny = example("tiny-pangu");
+    let base = ["compile", tiny.as_str(), "--target", "ir", "-o", bad_out.to_str().unwrap()];
+    for (extra, needle) in [
+        (&["--devices", "2", "--interconnect", "nvlink"][..], "unknown --interconnect `nvlink` (hccs, pcie)"),
+        (&["--devices", "2", "--link-bandwidth", "0"][..], "--link-bandwidth must be a positive number"),
+        (&["--link-latency", "5"][..], "need --devices N with N > 1"),
+    ] {
+        let bad = panguc(&[&base[..], extra].concat());
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success() && err.starts_with("error: ") && err.contains(needle), "{extra:?}: {err}");
+        assert!(!bad_out.exists(), "{extra:?}: partial output");
+    }
+}
+
+/// The tiny checkpoint for CPU and 910B on 2 devices: both multi-rank
+/// engines (compiled CPU and the AscendC simulation) print the greedy
+/// tokens of the single-device reference interpreter; each rank's project
+/// has its own weight shards in the device layout.
+#[test]
+fn tiny_on_two_devices_runs_on_cpu_and_simulated_ascend() {
+    let tokens = |o: &Output| -> String { ok(o).lines().last().unwrap_or("").trim().to_string() };
+    let want = tokens(&panguc(&["run", &example("tiny-pangu"), "--tokens", "1,2,3,4", "--max-new-tokens", "6"]));
+    assert_eq!(want.split(',').count(), 6, "{want}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t2");
+    let out_s = out.to_str().unwrap();
+    let args = ["compile", &example("tiny-pangu"), "--target", "cpu,ascend910b", "--devices", "2", "--plan", "ep"];
+    ok(&panguc(&[&args[..], &["-o", out_s]].concat()));
+    for r in 0..2 {
+        let project = out.join(format!("ranks/rank{r}/ascend/ascend910b"));
+        panguc_codegen_ascendc::host::check_host_compiles(&project).unwrap();
+        let bins = std::fs::read_dir(project.join("weights")).unwrap().count();
+        assert!(bins > 10, "rank {r}: {bins} weight files");
+    }
+    // Rank 1 holds the second half of the experts: its gate-up weight differs.
+    let name = "model.layers.0.concat@gateup16.bin";
+    let w0 = std::fs::read(out.join("ranks/rank0/ascend/ascend910b/weights").join(name)).unwrap();
+    let w1 = std::fs::read(out.join("ranks/rank1/ascend/ascend910b/weights").join(name)).unwrap();
+    assert_eq!(w0.len(), w1.len());
+    assert_ne!(w0, w1);
+    for engine in [&[][..], &["--engine", "ascend-sim"][..]] {
+        let run = [&["run", out_s, "--tokens", "1,2,3,4", "--max-new-tokens", "6"][..], engine].concat();
+        assert_eq!(tokens(&panguc(&run)), want, "{engine:?}");
+    }
+}
