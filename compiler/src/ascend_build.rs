@@ -61,25 +61,23 @@ pub fn write_ascend_targets(
     write_targets(staging, program, None, targets, weights)
 }
 
-/// The Ascend part of a package partitioned over `devices` ranks: rank
-/// `r`'s program (its partitioned module scheduled with collective
-/// launches) as complete projects in `staging/ranks/rank<r>/ascend/<target>/`,
-/// whose host programs join the HCCL communicators and issue the rank's
-/// collectives in program order. Returns the memory report per rank.
+/// The Ascend part of a package partitioned over `programs.len()` ranks:
+/// rank `r`'s program (`programs[r]`, its partitioned module scheduled with
+/// collective launches) as complete projects in
+/// `staging/ranks/rank<r>/ascend/<target>/`, whose host programs join the
+/// HCCL communicators and issue the rank's collectives in program order.
+/// Returns the memory report per rank.
 pub fn write_ascend_rank_targets(
     staging: &Path,
-    parts: &panguc_lowering::partition::Partitioned,
+    programs: &[KernelProgram],
     targets: &[String],
     weights: Option<&WeightProvider>,
 ) -> Result<serde_json::Value> {
-    let devices = parts.ranks.len();
+    let devices = programs.len();
     let mut reports = vec![];
-    for (r, rank) in parts.ranks.iter().enumerate() {
-        let sched = panguc_lowering::schedule::ScheduleOptions { ranks: Some((r, devices)), ..Default::default() };
-        let program = panguc_lowering::schedule::schedule(&rank.module, &sched)
-            .with_context(|| format!("scheduling the program of rank {r}"))?;
+    for (r, program) in programs.iter().enumerate() {
         let dir = staging.join(format!("ranks/rank{r}"));
-        let report = write_targets(&dir, &program, Some((r, devices)), targets, weights)
+        let report = write_targets(&dir, program, Some((r, devices)), targets, weights)
             .with_context(|| format!("rank {r} of {devices}"))?;
         reports.push(report);
     }

@@ -346,23 +346,27 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
     let mut report = piped.report;
     write_ir_files(staging.path(), &piped.module)?;
-    // Scheduling is timed on its own; the code generators re-run it (it is
-    // deterministic and cheap) so each backend stays self-contained.
+    // Every program is scheduled once, here, and handed to the backends.
     let t = std::time::Instant::now();
     let program = panguc_lowering::schedule::schedule(&piped.module, &Default::default())
         .context("scheduling the kernel program")?;
+    let rank_programs = match &partitioned {
+        Some(p) => crate::package_build::schedule_ranks(&p.parts)?,
+        None => vec![],
+    };
     let scheduling_seconds = t.elapsed().as_secs_f64();
     let codegen_started = std::time::Instant::now();
     if let (true, Some(p)) = (targets.iter().any(|t| t == "cpu"), &partitioned) {
         // Partitioned: one CPU package per rank under ranks/rankN/, run
         // by the multi-rank engine (package_build::write_cpu_rank_packages).
         let plan = p.report["plan"].as_str().unwrap_or("unknown");
-        crate::package_build::write_cpu_rank_packages(staging.path(), &ckpt, &p.parts, plan, &targets)?;
+        crate::package_build::write_cpu_rank_packages(staging.path(), &ckpt, &p.parts, &rank_programs, plan, &targets)?;
     } else if targets.iter().any(|t| t == "cpu") {
-        crate::package_build::write_cpu_package(
+        crate::package_build::write_cpu_package_for(
             staging.path(),
             &ckpt,
             &piped.module,
+            &program,
             &targets,
             &serde_json::Value::Null,
         )?;
@@ -371,11 +375,10 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         let provider = crate::ascend_build::checkpoint_weights(&ckpt);
         let weights: Option<&panguc_codegen_ascendc::engine::WeightProvider> =
             if ckpt.has_weights() { Some(&provider) } else { None };
-        report["ascend"] = match &partitioned {
-            Some(p) => crate::ascend_build::write_ascend_rank_targets(staging.path(), &p.parts, &targets, weights)?,
-            None => {
-                crate::ascend_build::write_ascend_targets(staging.path(), &program, ckpt.config(), &targets, weights)?
-            }
+        report["ascend"] = if partitioned.is_some() {
+            crate::ascend_build::write_ascend_rank_targets(staging.path(), &rank_programs, &targets, weights)?
+        } else {
+            crate::ascend_build::write_ascend_targets(staging.path(), &program, ckpt.config(), &targets, weights)?
         };
     }
     if let Some(p) = &partitioned {

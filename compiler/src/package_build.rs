@@ -23,8 +23,9 @@ use std::io::Write;
 use std::path::Path;
 
 /// Write the CPU part of a package into `staging` (which must exist) and
-/// its manifest. Deterministic CPU statistics go to `cpu/report.json`;
-/// a non-null `report` is written to `report.json` (not hashed).
+/// its manifest, scheduling `fused` first. Deterministic CPU statistics go
+/// to `cpu/report.json`; a non-null `report` is written to `report.json`
+/// (not hashed).
 pub fn write_cpu_package(
     staging: &Path,
     ckpt: &Checkpoint,
@@ -32,20 +33,21 @@ pub fn write_cpu_package(
     targets: &[String],
     report: &serde_json::Value,
 ) -> Result<()> {
-    write_cpu_package_with(staging, ckpt, fused, targets, report, &Default::default())
+    let program =
+        panguc_lowering::schedule::schedule(fused, &Default::default()).context("scheduling the kernel program")?;
+    write_cpu_package_for(staging, ckpt, fused, &program, targets, report)
 }
 
-/// [`write_cpu_package`] with explicit schedule options (a rank program
-/// is scheduled with `ranks: Some((rank, devices))`).
-pub fn write_cpu_package_with(
+/// [`write_cpu_package`] for `program`, already scheduled from `fused`.
+pub fn write_cpu_package_for(
     staging: &Path,
     ckpt: &Checkpoint,
     fused: &Module,
+    program: &KernelProgram,
     targets: &[String],
     report: &serde_json::Value,
-    sched: &panguc_lowering::schedule::ScheduleOptions,
 ) -> Result<()> {
-    write_cpu_package_cached(staging, ckpt, fused, targets, report, sched, &mut BTreeMap::new())
+    write_cpu_package_cached(staging, ckpt, fused, program, targets, report, &mut BTreeMap::new())
 }
 
 /// Compiled kernel libraries by the kernel list they implement (serialized
@@ -57,18 +59,17 @@ fn write_cpu_package_cached(
     staging: &Path,
     ckpt: &Checkpoint,
     fused: &Module,
+    program: &KernelProgram,
     targets: &[String],
     report: &serde_json::Value,
-    sched: &panguc_lowering::schedule::ScheduleOptions,
     cache: &mut KernelCache,
 ) -> Result<()> {
-    let program = panguc_lowering::schedule::schedule(fused, sched).context("scheduling the kernel program")?;
     let target = panguc_codegen_cpu::HostTarget::detect()?;
     let key = serde_json::to_string(&program.kernels)?;
     let compiled = match cache.get(&key) {
         Some(c) => c.clone(),
         None => {
-            let c = panguc_codegen_cpu::compile(&program, &target).context("generating CPU code")?;
+            let c = panguc_codegen_cpu::compile(program, &target).context("generating CPU code")?;
             cache.insert(key, c.clone());
             c
         }
@@ -78,16 +79,16 @@ fn write_cpu_package_cached(
     panguc_codegen_cpu::link_shared_library(&compiled.object, &staging.join(CPU_LIBRARY))?;
     write(&cpu_dir.join("kernels.s"), compiled.assembly.as_bytes())?;
     write(&cpu_dir.join("kernels.ll"), compiled.llvm_ir.as_bytes())?;
-    write(&staging.join(PROGRAM_FILE), serde_json::to_string(&program)?.as_bytes())?;
+    write(&staging.join(PROGRAM_FILE), serde_json::to_string(program)?.as_bytes())?;
     let ir_dir = staging.join("ir");
     std::fs::create_dir_all(&ir_dir)?;
     write(&ir_dir.join("fused.txt"), panguc_ir::text::print_module(fused).as_bytes())?;
     write(&ir_dir.join("kernel_program.txt"), program.to_text().as_bytes())?;
 
-    let weights = if ckpt.has_weights() { Some(write_weights(staging, ckpt, &program)?) } else { None };
+    let weights = if ckpt.has_weights() { Some(write_weights(staging, ckpt, program)?) } else { None };
 
     let cpu_report = serde_json::json!({
-        "schedule": panguc_lowering::schedule::stats(&program),
+        "schedule": panguc_lowering::schedule::stats(program),
         "target": { "triple": target.triple, "cpu": target.cpu, "vector_lanes": target.vector_lanes() },
         "library_bytes": std::fs::metadata(staging.join(CPU_LIBRARY))?.len(),
     });
@@ -114,7 +115,7 @@ fn write_cpu_package_cached(
             .iter()
             .map(|k| KernelEntry { name: k.name.clone(), kind: k.kind.mnemonic().to_string() })
             .collect(),
-        buffers: buffer_plan(&program),
+        buffers: buffer_plan(program),
         weights,
         files: BTreeMap::new(),
         ranks: None,
@@ -123,8 +124,21 @@ fn write_cpu_package_cached(
     finalize_manifest(staging, ckpt.config(), targets)
 }
 
+/// Each rank's kernel program: its partitioned module scheduled with
+/// collective launches (`ranks: Some((rank, devices))`).
+pub fn schedule_ranks(parts: &panguc_lowering::partition::Partitioned) -> Result<Vec<KernelProgram>> {
+    let devices = parts.ranks.len();
+    (0..devices)
+        .map(|r| {
+            let sched = panguc_lowering::schedule::ScheduleOptions { ranks: Some((r, devices)), ..Default::default() };
+            panguc_lowering::schedule::schedule(&parts.ranks[r].module, &sched)
+                .with_context(|| format!("scheduling the program of rank {r} of {devices}"))
+        })
+        .collect()
+}
+
 /// The CPU part of a package partitioned over `devices` ranks: rank `r`'s
-/// program (its partitioned module scheduled with collective launches) as
+/// program (`programs[r]`, see [`schedule_ranks`]) as
 /// a complete CPU package in `staging/ranks/rank<r>/` (kernel library,
 /// prepared weights evaluated from the checkpoint slices it uses, its own
 /// manifest), and a top-level manifest with a `ranks` section and no
@@ -134,6 +148,7 @@ pub fn write_cpu_rank_packages(
     staging: &Path,
     ckpt: &Checkpoint,
     parts: &panguc_lowering::partition::Partitioned,
+    programs: &[KernelProgram],
     plan: &str,
     targets: &[String],
 ) -> Result<()> {
@@ -148,11 +163,10 @@ pub fn write_cpu_rank_packages(
     let compile_rank = |r: usize| -> Result<()> {
         let dir = staging.join(&dirs[r]);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let sched = panguc_lowering::schedule::ScheduleOptions { ranks: Some((r, devices)), ..Default::default() };
         let cpu = ["cpu".to_string()];
         let module = &parts.ranks[r].module;
         let mut local = cache.lock().map_err(|_| anyhow!("kernel cache poisoned"))?.clone();
-        write_cpu_package_cached(&dir, ckpt, module, &cpu, &serde_json::Value::Null, &sched, &mut local)
+        write_cpu_package_cached(&dir, ckpt, module, &programs[r], &cpu, &serde_json::Value::Null, &mut local)
             .with_context(|| format!("rank {r} of {devices}"))?;
         cache.lock().map_err(|_| anyhow!("kernel cache poisoned"))?.append(&mut local);
         Ok(())

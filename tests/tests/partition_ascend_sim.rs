@@ -79,9 +79,7 @@ fn rank_engines(plan: PlanChoice, n: usize) -> MultiRankEngine {
     let provider = |w: &PreparedWeight| panguc::package_build::prepared_bytes(&s.ckpt, w);
     let comm = InProcess::new();
     let mut engines: Vec<RankEngine> = vec![];
-    for (r, rank) in out.parts.ranks.iter().enumerate() {
-        let sched = panguc_lowering::schedule::ScheduleOptions { ranks: Some((r, n)), ..Default::default() };
-        let program = panguc_lowering::schedule::schedule(&rank.module, &sched).unwrap();
+    for (r, program) in panguc::package_build::schedule_ranks(&out.parts).unwrap().into_iter().enumerate() {
         assert!(program.kernels.iter().any(|k| k.kind.is_host()), "{plan:?} N={n} rank {r}: no collective");
         let mut e = AscendSimEngine::new(program, Target::Ascend910B, DevType::F32, &provider, CONTEXT).unwrap();
         e.set_collective(r, Arc::new(comm.clone()));

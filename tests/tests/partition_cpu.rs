@@ -86,7 +86,9 @@ fn check(plan: PlanChoice, n: usize) {
     let dir = tempfile::tempdir().unwrap();
     let targets = ["cpu".to_string()];
     let plan_name = out.report["plan"].as_str().unwrap().to_string();
-    panguc::package_build::write_cpu_rank_packages(dir.path(), &s.ckpt, &out.parts, &plan_name, &targets).unwrap();
+    let programs = panguc::package_build::schedule_ranks(&out.parts).unwrap();
+    panguc::package_build::write_cpu_rank_packages(dir.path(), &s.ckpt, &out.parts, &programs, &plan_name, &targets)
+        .unwrap();
     panguc::package_build::finalize_manifest(dir.path(), &cfg, &targets).unwrap();
     for r in 0..n {
         let text = std::fs::read_to_string(dir.path().join(format!("ranks/rank{r}/ir/kernel_program.txt"))).unwrap();
