@@ -237,23 +237,8 @@ impl panguc_runtime::Engine for AscendSimEngine {
                 let Some((rank, comm)) = &self.comm else {
                     bail!("launch {li} (`{}`) is a collective: run the partitioned package as a whole", kernel.name);
                 };
-                // The packing kernels made the blocks contiguous, so the
-                // exchange is along the flat leading axis.
-                let mut call = |h: &crate::emit::HostCollective, send: &[u8], recv: &mut [u8]| -> Result<()> {
-                    let values = decode(h.dtype, send);
-                    let mut out = vec![0f32; recv.len() / h.dtype.size() as usize];
-                    panguc_runtime::engine::run_collective(
-                        comm.as_ref(),
-                        *rank,
-                        h.kind,
-                        &h.group,
-                        0,
-                        &[values.len()],
-                        &values,
-                        &mut out,
-                    )?;
-                    recv.copy_from_slice(&encode(h.dtype, &out));
-                    Ok(())
+                let mut call = |h: &crate::emit::HostCollective, send: &[u8], recv: &mut [u8]| {
+                    host_collective(comm.as_ref(), *rank, h, send, recv)
                 };
                 run_collective_kernels(dks, self.ap.target, &env, &mut args, &mut call)
             } else {
@@ -274,4 +259,22 @@ impl panguc_runtime::Engine for AscendSimEngine {
         self.past += n;
         Ok(Tensor::f32(vec![n as usize, vocab], logits))
     }
+}
+
+/// The host's call of a collective launch (what the host program asks of
+/// HCCL) through a [`Collective`]: `send` and `recv` hold device bytes of
+/// `h.dtype`. The packing kernels already made each member's block
+/// contiguous, so the exchange runs along the flat leading axis.
+pub fn host_collective(
+    comm: &dyn Collective,
+    rank: usize,
+    h: &crate::emit::HostCollective,
+    send: &[u8],
+    recv: &mut [u8],
+) -> Result<()> {
+    let values = decode(h.dtype, send);
+    let mut out = vec![0f32; recv.len() / h.dtype.size() as usize];
+    panguc_runtime::engine::run_collective(comm, rank, h.kind, &h.group, 0, &[values.len()], &values, &mut out)?;
+    recv.copy_from_slice(&encode(h.dtype, &out));
+    Ok(())
 }

@@ -15,6 +15,7 @@ use common::{c, emit, env, kernel, rand_vec, targets, TOKENS};
 use panguc_codegen_ascendc::data::{decode, decode_i64, encode, encode_i64, round_through, run_collective_kernels};
 use panguc_codegen_ascendc::data::{run_kernels, run_sim};
 use panguc_codegen_ascendc::emit::HostCollective;
+use panguc_codegen_ascendc::engine::host_collective;
 use panguc_codegen_ascendc::sim::SimArg;
 use panguc_codegen_ascendc::target::DevType;
 use panguc_ir::kernel::{ElemOp, KernelKind};
@@ -95,22 +96,8 @@ fn collectives_along_the_hidden_axis_match_the_reference() {
                 let reference = InProcessComm::new();
                 let got = run_ranks(n, &reference, |r| -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
                     let mut args = vec![encode(act, &inputs[r]), vec![0u8; t as usize * out_h * act.size() as usize]];
-                    let mut call = |hc: &HostCollective, send: &[u8], recv: &mut [u8]| -> anyhow::Result<()> {
-                        let values = decode(hc.dtype, send);
-                        let mut out = vec![0f32; recv.len() / hc.dtype.size() as usize];
-                        panguc_runtime::engine::run_collective(
-                            &comm,
-                            r,
-                            hc.kind,
-                            &hc.group,
-                            0,
-                            &[values.len()],
-                            &values,
-                            &mut out,
-                        )?;
-                        recv.copy_from_slice(&encode(hc.dtype, &out));
-                        Ok(())
-                    };
+                    let mut call =
+                        |hc: &HostCollective, send: &[u8], recv: &mut [u8]| host_collective(&comm, r, hc, send, recv);
                     run_collective_kernels(&dks, target, &env(t, 0), &mut args, &mut call)?;
                     let x = Tensor::f32(vec![t as usize, h], inputs[r].clone());
                     let want = collective(&reference, r, kind, &group, 1, &x)?;
