@@ -158,8 +158,21 @@ fn tiny_on_two_devices_runs_on_cpu_and_simulated_ascend() {
     let w1 = std::fs::read(out.join("ranks/rank1/ascend/ascend910b/weights").join(name)).unwrap();
     assert_eq!(w0.len(), w1.len());
     assert_ne!(w0, w1);
-    for engine in [&[][..], &["--engine", "ascend-sim"][..]] {
+    let engines = [&[][..], &["--engine", "ascend-sim"][..]];
+    for engine in engines {
         let run = [&["run", out_s, "--tokens", "1,2,3,4", "--max-new-tokens", "6"][..], engine].concat();
         assert_eq!(tokens(&panguc(&run)), want, "{engine:?}");
+    }
+    // A modified rank file is refused by both engines, naming it.
+    let shard = out.join("ranks/rank1/weights/layers.000.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    for engine in engines {
+        let run = [&["run", out_s, "--tokens", "1,2", "--max-new-tokens", "2"][..], engine].concat();
+        let o = panguc(&run);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.starts_with("error: "), "{engine:?}: {err}");
+        assert!(err.contains("ranks/rank1/weights/layers.000.bin") && !err.contains("panicked"), "{err}");
     }
 }
