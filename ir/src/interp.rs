@@ -19,11 +19,26 @@ pub struct Interpreter<'a> {
     module: &'a Module,
     weights: &'a dyn WeightSource,
     cache: RefCell<HashMap<String, Rc<Tensor>>>,
+    /// Global rank and communicator when running one rank of a partitioned
+    /// program (see [`crate::multirank`]); `None` on one device, where a
+    /// collective is the identity over its single participant.
+    comm: Option<(usize, &'a dyn crate::multirank::Communicator)>,
 }
 
 impl<'a> Interpreter<'a> {
     pub fn new(module: &'a Module, weights: &'a dyn WeightSource) -> Self {
-        Interpreter { module, weights, cache: RefCell::new(HashMap::new()) }
+        Interpreter { module, weights, cache: RefCell::new(HashMap::new()), comm: None }
+    }
+
+    /// The interpreter of global rank `rank`, its collectives going
+    /// through `comm`.
+    pub fn for_rank(
+        rank: usize,
+        module: &'a Module,
+        weights: &'a dyn WeightSource,
+        comm: &'a dyn crate::multirank::Communicator,
+    ) -> Self {
+        Interpreter { comm: Some((rank, comm)), ..Self::new(module, weights) }
     }
 
     pub fn module(&self) -> &Module {
@@ -61,7 +76,8 @@ impl<'a> Interpreter<'a> {
             let args: Vec<Rc<Tensor>> =
                 node.args.iter().map(|a| env[a.index()].clone().expect("verified SSA")).collect();
             let refs: Vec<&Tensor> = args.iter().map(|t| t.as_ref()).collect();
-            let label = format!("@{name}: %{} = {}", f.name_of(node.results[0]), node.op.mnemonic());
+            let rank = self.comm.map(|(r, _)| format!("rank {r}: ")).unwrap_or_default();
+            let label = format!("{rank}@{name}: %{} = {}", f.name_of(node.results[0]), node.op.mnemonic());
             let outs = self.eval_node(node, &refs, f, &bindings).with_context(|| label.clone())?;
             for (r, t) in node.results.iter().zip(outs) {
                 let want = f.ty(*r).concrete_shape(&bindings).map_err(|e| anyhow!(e))?;
@@ -110,6 +126,10 @@ impl<'a> Interpreter<'a> {
                 let mut t = a[0].clone();
                 t.shape = shape;
                 one(t)
+            }
+            Op::Collective { kind, group, axis } if self.comm.is_some() => {
+                let (rank, comm) = self.comm.expect("checked");
+                one(crate::multirank::collective(comm, rank, *kind, group, *axis, a[0])?)
             }
             op => eval_pure(op, a).map_err(e),
         }

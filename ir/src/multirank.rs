@@ -16,14 +16,13 @@
 //!   of `sum_i x_i` along `axis`;
 //! * `all_to_all{axis}`: member `j` gets `concat_i(chunk_j(x_i), axis)`.
 
-use crate::graph::{Function, Module, Node, ParamKind};
-use crate::interp::{bind_symbols, eval_pure};
+use crate::graph::Module;
+use crate::interp::Interpreter;
 use crate::kernels as k;
-use crate::op::{CollectiveKind, Op};
-use crate::shape::Bindings;
+use crate::op::CollectiveKind;
 use crate::tensor::Tensor;
 use crate::WeightSource;
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -159,108 +158,6 @@ impl Communicator for InProcessComm {
     }
 }
 
-/// The interpreter of one rank: like [`crate::interp::Interpreter`], with
-/// collectives going through the communicator.
-pub struct RankInterpreter<'a> {
-    pub rank: usize,
-    module: &'a Module,
-    weights: &'a (dyn WeightSource + Sync),
-    comm: &'a dyn Communicator,
-    cache: Mutex<HashMap<String, Arc<Tensor>>>,
-}
-
-impl<'a> RankInterpreter<'a> {
-    pub fn new(
-        rank: usize,
-        module: &'a Module,
-        weights: &'a (dyn WeightSource + Sync),
-        comm: &'a dyn Communicator,
-    ) -> Self {
-        RankInterpreter { rank, module, weights, comm, cache: Mutex::new(HashMap::new()) }
-    }
-
-    pub fn module(&self) -> &Module {
-        self.module
-    }
-
-    pub fn run_entry(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        self.run(&self.module.entry, "", inputs)
-    }
-
-    pub fn run(&self, name: &str, prefix: &str, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let f = self.module.function(name).ok_or_else(|| anyhow!("no function @{name}"))?;
-        let b = bind_symbols(f, inputs)?;
-        let mut env: Vec<Option<Arc<Tensor>>> = vec![None; f.values.len()];
-        let mut next_input = 0;
-        for p in &f.params {
-            let t = match &p.kind {
-                ParamKind::Input => {
-                    next_input += 1;
-                    Arc::new(inputs[next_input - 1].clone())
-                }
-                ParamKind::Weight { tensor } => {
-                    let shape = f.ty(p.value).concrete_shape(&b).map_err(|e| anyhow!(e))?;
-                    self.weight(&format!("{prefix}{tensor}"), &shape)?
-                }
-            };
-            env[p.value.index()] = Some(t);
-        }
-        let mut remaining = f.use_counts();
-        for node in &f.nodes {
-            let args: Vec<Arc<Tensor>> =
-                node.args.iter().map(|a| env[a.index()].clone().expect("verified SSA")).collect();
-            let refs: Vec<&Tensor> = args.iter().map(|t| t.as_ref()).collect();
-            let label =
-                format!("rank {}: @{name}: %{} = {}", self.rank, f.name_of(node.results[0]), node.op.mnemonic());
-            let outs = self.eval(node, &refs, f, &b).with_context(|| label.clone())?;
-            for (r, t) in node.results.iter().zip(outs) {
-                let want = f.ty(*r).concrete_shape(&b).map_err(|e| anyhow!(e))?;
-                ensure!(t.shape == want, "{label}: produced shape {:?}, type says {want:?}", t.shape);
-                env[r.index()] = Some(Arc::new(t));
-            }
-            for a in &node.args {
-                remaining[a.index()] -= 1;
-                if remaining[a.index()] == 0 {
-                    env[a.index()] = None;
-                }
-            }
-        }
-        Ok(f.outputs.iter().map(|o| env[o.index()].as_ref().expect("verified output").as_ref().clone()).collect())
-    }
-
-    fn weight(&self, name: &str, shape: &[usize]) -> Result<Arc<Tensor>> {
-        if let Some(t) = self.cache.lock().expect("weight cache").get(name) {
-            return Ok(t.clone());
-        }
-        let t = Arc::new(self.weights.load_f32(name, shape)?);
-        self.cache.lock().expect("weight cache").insert(name.to_string(), t.clone());
-        Ok(t)
-    }
-
-    fn eval(&self, node: &Node, a: &[&Tensor], f: &Function, b: &Bindings) -> Result<Vec<Tensor>> {
-        match &node.op {
-            Op::Call { func, weight_prefix } => {
-                let inputs: Vec<Tensor> = a.iter().map(|t| (*t).clone()).collect();
-                self.run(func, weight_prefix, &inputs)
-            }
-            Op::Scalar { value, dtype } => Ok(vec![if dtype.is_float() {
-                Tensor::f32(vec![], vec![*value as f32])
-            } else {
-                Tensor::i64(vec![], vec![*value as i64])
-            }]),
-            Op::Reshape { .. } => {
-                let mut t = a[0].clone();
-                t.shape = f.ty(node.results[0]).concrete_shape(b).map_err(|e| anyhow!(e))?;
-                Ok(vec![t])
-            }
-            Op::Collective { kind, group, axis } => {
-                Ok(vec![collective(self.comm, self.rank, *kind, group, *axis, a[0])?])
-            }
-            op => eval_pure(op, a).map_err(|e| anyhow!(e)),
-        }
-    }
-}
-
 /// Run `work(rank)` on one thread per rank; if any rank fails the
 /// communicator is aborted (so no rank waits forever) and the first error
 /// in rank order is returned.
@@ -365,7 +262,7 @@ impl<'a> MultiRankSession<'a> {
         let comm = self.comm.clone();
         let (modules, weights, caches) = (self.modules, self.weights, &self.caches);
         let outs = run_ranks(self.modules.len(), comm.as_ref(), |r| {
-            let interp = RankInterpreter::new(r, &modules[r], weights, comm.as_ref());
+            let interp = Interpreter::for_rank(r, &modules[r], weights, comm.as_ref());
             let mut inputs = vec![Tensor::i64(vec![n], tokens.to_vec()), Tensor::i64(vec![n], positions.clone())];
             inputs.extend(caches[r].iter().cloned());
             interp.run_entry(&inputs)

@@ -31,24 +31,7 @@ impl Applier<TLang, TensorAnalysis> for RankApplier {
     fn apply_one(&self, eg: &mut EG, eclass: Id, subst: &Subst, _: Option<&PatternAst<TLang>>, _: Symbol) -> Vec<Id> {
         let mut cx = Cx { eg, subst, root: eclass, rule: self.rule };
         let Some(pairs) = (self.apply)(&mut cx, &self.cx) else { return vec![] };
-        let mut changed = vec![];
-        for (a, b) in pairs {
-            if eg[a].data.tys != eg[b].data.tys {
-                debug_assert!(
-                    false,
-                    "rule {} tried to merge {:?} with {:?}",
-                    self.rule, eg[a].data.tys, eg[b].data.tys
-                );
-                continue;
-            }
-            if eg.union(a, b) {
-                changed.push(a);
-            }
-        }
-        if !changed.is_empty() {
-            *eg.analysis.fired.entry(self.rule).or_default() += 1;
-        }
-        changed
+        crate::rules::union_pairs(eg, self.rule, pairs)
     }
 }
 

@@ -125,26 +125,28 @@ impl Applier<TLang, TensorAnalysis> for Fuse {
     ) -> Vec<Id> {
         let mut cx = Cx { eg, subst, root: eclass, rule: self.rule };
         let Some(pairs) = (self.apply)(&mut cx) else { return vec![] };
-        let mut changed = vec![];
-        for (a, b) in pairs {
-            // Safety net: a rule may only equate values of identical type.
-            if eg[a].data.tys != eg[b].data.tys {
-                debug_assert!(
-                    false,
-                    "rule {} tried to merge {:?} with {:?}",
-                    self.rule, eg[a].data.tys, eg[b].data.tys
-                );
-                continue;
-            }
-            if eg.union(a, b) {
-                changed.push(a);
-            }
-        }
-        if !changed.is_empty() {
-            *eg.analysis.fired.entry(self.rule).or_default() += 1;
-        }
-        changed
+        union_pairs(eg, self.rule, pairs)
     }
+}
+
+/// Merge what a rule's applier proved equal and count the rule as fired
+/// when anything changed; returns the changed classes (egg's contract).
+pub(crate) fn union_pairs(eg: &mut EG, rule: &'static str, pairs: Vec<(Id, Id)>) -> Vec<Id> {
+    let mut changed = vec![];
+    for (a, b) in pairs {
+        // Safety net: a rule may only equate values of identical type.
+        if eg[a].data.tys != eg[b].data.tys {
+            debug_assert!(false, "rule {rule} tried to merge {:?} with {:?}", eg[a].data.tys, eg[b].data.tys);
+            continue;
+        }
+        if eg.union(a, b) {
+            changed.push(a);
+        }
+    }
+    if !changed.is_empty() {
+        *eg.analysis.fired.entry(rule).or_default() += 1;
+    }
+    changed
 }
 
 /// What an applier sees: the e-graph, the match, and helpers for guards.
