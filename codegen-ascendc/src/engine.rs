@@ -55,6 +55,8 @@ impl AscendSimEngine {
         max_context: usize,
     ) -> Result<Self> {
         let ap = emit_program(&program, target, act)?;
+        // The program as emitted (kernels split by device dtypes).
+        let program = ap.program.clone();
         let mut store = vec![vec![]; program.buffers.len()];
         for (i, b) in program.buffers.iter().enumerate() {
             match b.kind {

@@ -49,6 +49,41 @@ pub struct AscendProgram {
     /// `(rank, devices)` for one rank of a partitioned program (its host
     /// program joins the HCCL communicators); `None` for one device.
     pub rank: Option<(usize, usize)>,
+    /// The kernel program as emitted: the input program, except that a
+    /// kernel launched with different device dtypes is one kernel per
+    /// dtype signature (see [`split_by_device_dtypes`]). `kernels` is
+    /// indexed like `program.kernels`.
+    pub program: KernelProgram,
+}
+
+/// A program kernel may be launched with different device dtypes: one
+/// GEMM shape can serve the router, whose logits stay f32, and a
+/// shared-expert projection in the activation dtype (the tiny model's
+/// h2p ranks). Each further signature becomes its own kernel
+/// `<name>_v<i>`, and its launches point to it.
+fn split_by_device_dtypes(p: &KernelProgram, bdt: &[DevType]) -> KernelProgram {
+    let mut out = p.clone();
+    let mut signatures: Vec<Vec<(Vec<DevType>, usize)>> = vec![vec![]; p.kernels.len()];
+    for li in 0..out.launches.len() {
+        let k = out.launches[li].kernel;
+        let sig: Vec<DevType> = out.launches[li].args.iter().map(|a| bdt[a.index()]).collect();
+        let known = signatures[k].iter().find(|(s, _)| *s == sig).map(|(_, i)| *i);
+        let index = match known {
+            Some(i) => i,
+            None if signatures[k].is_empty() => k,
+            None => {
+                let mut variant = p.kernels[k].clone();
+                variant.name = format!("{}_v{}", variant.name, signatures[k].len());
+                out.kernels.push(variant);
+                out.kernels.len() - 1
+            }
+        };
+        if known.is_none() {
+            signatures[k].push((sig, index));
+        }
+        out.launches[li].kernel = index;
+    }
+    out
 }
 
 /// Emit every kernel of `p`. Fails on the first kernel that cannot be
@@ -56,24 +91,17 @@ pub struct AscendProgram {
 pub fn emit_program(p: &KernelProgram, target: Target, act: DevType) -> Result<AscendProgram> {
     let opts = EmitOptions::new(target, act)?;
     let bdt = device_dtypes(p, act);
-    let mut kernels = Vec::with_capacity(p.kernels.len());
-    for (ki, k) in p.kernels.iter().enumerate() {
-        let mut launches = p.launches.iter().filter(|l| l.kernel == ki);
-        let first = match launches.next() {
-            Some(l) => l,
-            None => bail!("kernel `{}` is never launched", k.name),
+    let program = split_by_device_dtypes(p, &bdt);
+    let mut kernels = Vec::with_capacity(program.kernels.len());
+    for (ki, k) in program.kernels.iter().enumerate() {
+        let Some(first) = program.launches.iter().find(|l| l.kernel == ki) else {
+            bail!("kernel `{}` is never launched", k.name)
         };
         let dts: Vec<DevType> = first.args.iter().map(|a| bdt[a.index()]).collect();
-        for l in launches {
-            let other: Vec<DevType> = l.args.iter().map(|a| bdt[a.index()]).collect();
-            if other != dts {
-                bail!("kernel `{}` is launched with different device dtypes ({dts:?} vs {other:?})", k.name);
-            }
-        }
         let dk = emit_kernel(k, &dts, &opts).with_context(|| format!("emitting AscendC for {target}"))?;
         kernels.push(dk);
     }
-    Ok(AscendProgram { target, act, buffer_dtypes: bdt, kernels, rank: None })
+    Ok(AscendProgram { target, act, buffer_dtypes: bdt, kernels, rank: None, program })
 }
 
 /// Per device kernel: UB/L1/L0 use against capacity (for report.json).

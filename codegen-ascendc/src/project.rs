@@ -305,7 +305,8 @@ echo "operator package: $(ls build_out/custom_opp_*.run)"
 "#;
 
 /// Every file of the project for `ap`, keyed by relative path.
-pub fn project_files(p: &KernelProgram, ap: &AscendProgram) -> Result<BTreeMap<String, String>> {
+pub fn project_files(ap: &AscendProgram) -> Result<BTreeMap<String, String>> {
+    let p = &ap.program;
     let mut files = BTreeMap::new();
     let target = ap.target;
     for (k, dks) in p.kernels.iter().zip(&ap.kernels) {
@@ -321,7 +322,7 @@ pub fn project_files(p: &KernelProgram, ap: &AscendProgram) -> Result<BTreeMap<S
     files.insert("build.sh".into(), BUILD_SH.into());
     files.insert("op_host/CMakeLists.txt".into(), OP_HOST_CMAKE.into());
     files.insert("op_kernel/CMakeLists.txt".into(), OP_KERNEL_CMAKE.into());
-    for (path, text) in crate::host::host_files(p, ap)? {
+    for (path, text) in crate::host::host_files(ap)? {
         files.insert(path, text);
     }
     files.insert("README.md".into(), readme(p, ap));

@@ -363,10 +363,10 @@ fn project_tree_and_host_program() {
     p.validate().unwrap();
     for target in Target::ALL {
         let ap = emit_program(&p, target, target.default_act()).unwrap();
-        let files = project_files(&p, &ap).unwrap();
+        let files = project_files(&ap).unwrap();
         assert_eq!(
             files,
-            project_files(&p, &emit_program(&p, target, target.default_act()).unwrap()).unwrap(),
+            project_files(&emit_program(&p, target, target.default_act()).unwrap()).unwrap(),
             "deterministic"
         );
         let listing: Vec<&str> = files.keys().map(String::as_str).collect();

@@ -95,7 +95,7 @@ fn write_targets(
     for t in ascend_targets(targets)? {
         let mut ap = emit_program(program, t, t.default_act())?;
         ap.rank = rank;
-        let files = project_files(program, &ap).with_context(|| format!("writing the {t} project"))?;
+        let files = project_files(&ap).with_context(|| format!("writing the {t} project"))?;
         emitted.push((ap, files));
     }
     let mut report = serde_json::Map::new();

@@ -71,7 +71,7 @@ fn teacher_forced(e: &mut dyn Engine, tokens: &[i64]) -> Vec<Tensor> {
 
 /// N rank engines under the simulation, wired to one communicator (what
 /// `AscendSimEngine::multi_rank` does for a package on disk).
-fn rank_engines(plan: PlanChoice, n: usize) -> MultiRankEngine {
+fn rank_engines(plan: PlanChoice, n: usize, act: DevType) -> MultiRankEngine {
     let s = single();
     let profile = panguc_lowering::builtin_profiles().into_iter().find(|p| p.name == "ascend910b1").unwrap();
     let popts = PartitionOptions { devices: n, plan, plan_by_cost: false, profile, link: None, context: 2048 };
@@ -81,7 +81,7 @@ fn rank_engines(plan: PlanChoice, n: usize) -> MultiRankEngine {
     let mut engines: Vec<RankEngine> = vec![];
     for (r, program) in panguc::package_build::schedule_ranks(&out.parts).unwrap().into_iter().enumerate() {
         assert!(program.kernels.iter().any(|k| k.kind.is_host()), "{plan:?} N={n} rank {r}: no collective");
-        let mut e = AscendSimEngine::new(program, Target::Ascend910B, DevType::F32, &provider, CONTEXT).unwrap();
+        let mut e = AscendSimEngine::new(program, Target::Ascend910B, act, &provider, CONTEXT).unwrap();
         e.set_collective(r, Arc::new(comm.clone()));
         engines.push(Box::new(e));
     }
@@ -91,14 +91,15 @@ fn rank_engines(plan: PlanChoice, n: usize) -> MultiRankEngine {
 
 fn check(plan: PlanChoice, n: usize) {
     let s = single();
-    let got = teacher_forced(&mut rank_engines(plan, n), &s.tokens);
+    let got = teacher_forced(&mut rank_engines(plan, n, DevType::F32), &s.tokens);
     for (step, (g, w)) in got.iter().zip(&s.logits).enumerate() {
         assert_eq!(g.shape, w.shape);
         let scale = w.as_f32().iter().fold(0f32, |m, x| m.max(x.abs()));
         let diff = g.as_f32().iter().zip(w.as_f32()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(diff / scale < TOL, "{plan:?} N={n} step {step}: max|diff|/max|logit| = {}", diff / scale);
     }
-    let g = generate(&mut rank_engines(plan, n), &PROMPT, s.tokens.len(), &Sampling::default(), None).unwrap();
+    let g = generate(&mut rank_engines(plan, n, DevType::F32), &PROMPT, s.tokens.len(), &Sampling::default(), None)
+        .unwrap();
     assert_eq!(g.generated, s.tokens, "{plan:?} N={n}");
 }
 
@@ -110,4 +111,28 @@ fn ep_on_two_simulated_ascend_devices_matches_the_interpreter() {
 #[test]
 fn h2p_on_four_simulated_ascend_devices_matches_the_interpreter() {
     check(PlanChoice::H2p, 4);
+}
+
+/// On 2 devices one GEMM kernel serves both the router (f32 logits) and a
+/// projection in the activation dtype: with bf16 activations the backend
+/// emits one kernel per device-dtype signature. The bf16 build's prefill
+/// logits stay within the single-device bf16 tolerance (0.08 of the
+/// largest logit, as in `ascend_build`'s test), and the f32 build matches.
+#[test]
+fn h2p_on_two_simulated_ascend_devices_splits_kernels_by_device_dtype() {
+    let s = single();
+    let profile = panguc_lowering::builtin_profiles().into_iter().find(|p| p.name == "ascend910b1").unwrap();
+    let popts =
+        PartitionOptions { devices: 2, plan: PlanChoice::H2p, plan_by_cost: false, profile, link: None, context: 2048 };
+    let out = partition(s.ckpt.config(), &s.fused, "decoder_layer", &popts, &FuseOptions::default()).unwrap();
+    let program = panguc::package_build::schedule_ranks(&out.parts).unwrap().remove(0);
+    let ap = panguc_codegen_ascendc::program::emit_program(&program, Target::Ascend910B, DevType::BF16).unwrap();
+    assert!(ap.program.kernels.len() > program.kernels.len(), "no kernel was split");
+    assert!(ap.program.kernels.iter().any(|k| k.name.ends_with("_v1")));
+    let logits = rank_engines(PlanChoice::H2p, 2, DevType::BF16).forward(&PROMPT).unwrap();
+    let want = &s.logits[0];
+    let scale = want.as_f32().iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = logits.as_f32().iter().zip(want.as_f32()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 0.08 * scale, "bf16: max|diff| {diff} vs max|logit| {scale}");
+    check(PlanChoice::H2p, 2);
 }
