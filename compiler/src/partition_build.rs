@@ -13,7 +13,6 @@
 //!                                  project: its kernels, weights and an ACL host program that joins
 //!                                  the HCCL communicators and issues the collectives in program order
 //! ```
-//!
 
 use anyhow::{bail, Context, Result};
 use panguc_ir::graph::{Function, Module};
