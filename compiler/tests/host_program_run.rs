@@ -1,13 +1,15 @@
-//! The generated ACL host programs of a partitioned package, built with g++
+//! The generated ACL host programs (one device, and every rank of a
+//! partitioned package), built with g++
 //! against a recording stand-in for ACL and HCCL
 //! (`fixtures/fake_acl_hccl.cpp`; the aclnn operators are generated from
 //! the project's stub headers and only check that every tensor they get
 //! exists) and run as one process per rank, like on an 8-card server.
 //!
-//! What this shows without CANN: the ranks find each other through the
+//! What this shows without CANN: a host program loads exactly the weight
+//! files its tables expect (and refuses one of the wrong size); the ranks
+//! of a partitioned package find each other through the
 //! root-info files (each communicator's first member publishes, the others
-//! read it), every rank loads exactly the weight files its tables expect,
-//! and each rank issues the partition's collectives in program order, every
+//! read it), and each rank issues the partition's collectives in program order, every
 //! layer, every forward call, with the element counts HCCL expects for the
 //! actual token count, in the device dtype. (The kernels do nothing here, so
 //! the tokens printed are meaningless; their numerics are covered by the
@@ -54,6 +56,51 @@ fn fake_ops(stub: &Path) -> String {
     out + "}\n"
 }
 
+/// Build a project's host program with the fake runtime into `exe`.
+fn build_host(project: &Path, exe: &Path) -> PathBuf {
+    let cxx = std::env::var("PANGUC_SIM_CXX").unwrap_or_else(|_| "g++".into());
+    let fake = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_acl_hccl.cpp");
+    let ops = exe.with_extension("ops.cpp");
+    std::fs::write(&ops, fake_ops(&project.join("host/stub"))).unwrap();
+    let built = Command::new(&cxx)
+        .args(["-std=c++17", "-O0", "-I"])
+        .arg(project.join("host/stub"))
+        .arg(project.join("host/panguc_host.cpp"))
+        .arg(&fake)
+        .arg(&ops)
+        .arg("-o")
+        .arg(exe)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}: {}", project.display(), String::from_utf8_lossy(&built.stderr));
+    exe.to_path_buf()
+}
+
+/// One device, both targets: the host program loads every weight file (the
+/// sizes its tables expect), runs prefill and decode, and prints the tokens.
+#[test]
+fn single_device_host_programs_load_their_weights_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-pangu");
+    let out = dir.path().join("pkg");
+    panguc(&["compile", tiny.to_str().unwrap(), "--target", "ascend910b,ascend310p", "-o", out.to_str().unwrap()]);
+    for t in ["ascend910b", "ascend310p"] {
+        let project = out.join("ascend").join(t);
+        let exe = build_host(&project, &dir.path().join(format!("host_{t}")));
+        let o = Command::new(&exe).arg(project.join("weights")).arg("1,2,3,4").arg("3").output().unwrap();
+        assert!(o.status.success(), "{t}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim().split(',').count(), 3, "{t}");
+        // A weight file of the wrong size is refused, naming it.
+        let w = std::fs::read_dir(project.join("weights")).unwrap().next().unwrap().unwrap().path();
+        let mut bytes = std::fs::read(&w).unwrap();
+        bytes.pop();
+        std::fs::write(&w, bytes).unwrap();
+        let o = Command::new(&exe).arg(project.join("weights")).arg("1,2,3,4").arg("3").output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(&w.display().to_string()), "{t}: {err}");
+    }
+}
+
 /// Elements of a partition.json type like `f32[tokens,64]` at `tokens`.
 fn elements(ty: &str, tokens: u64) -> u64 {
     let dims = ty.split_once('[').unwrap().1.trim_end_matches(']');
@@ -77,8 +124,6 @@ fn run_ranks(devices: usize) {
     panguc(&[&args[..], &[out.to_str().unwrap()]].concat());
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("partition.json")).unwrap()).unwrap();
-    let cxx = std::env::var("PANGUC_SIM_CXX").unwrap_or_else(|_| "g++".into());
-    let fake = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_acl_hccl.cpp");
 
     // Build every rank's program, then start them all at once.
     let comm_dir = dir.path().join("comm");
@@ -86,20 +131,7 @@ fn run_ranks(devices: usize) {
     let mut children = vec![];
     for r in 0..devices {
         let project = out.join(format!("ranks/rank{r}/ascend/ascend910b"));
-        let ops = dir.path().join(format!("fake_ops{r}.cpp"));
-        std::fs::write(&ops, fake_ops(&project.join("host/stub"))).unwrap();
-        let exe = dir.path().join(format!("host{r}"));
-        let built = Command::new(&cxx)
-            .args(["-std=c++17", "-O0", "-I"])
-            .arg(project.join("host/stub"))
-            .arg(project.join("host/panguc_host.cpp"))
-            .arg(&fake)
-            .arg(&ops)
-            .arg("-o")
-            .arg(&exe)
-            .output()
-            .unwrap();
-        assert!(built.status.success(), "rank {r}: {}", String::from_utf8_lossy(&built.stderr));
+        let exe = build_host(&project, &dir.path().join(format!("host{r}")));
         let log = dir.path().join(format!("rank{r}.log"));
         let child = Command::new(&exe)
             .arg(project.join("weights"))
