@@ -1,19 +1,19 @@
 //! The generated ACL host programs (one device, and every rank of a
-//! partitioned package), built with g++
-//! against a recording stand-in for ACL and HCCL
-//! (`fixtures/fake_acl_hccl.cpp`; the aclnn operators are generated from
-//! the project's stub headers and only check that every tensor they get
-//! exists) and run as one process per rank, like on an 8-card server.
+//! partitioned package), built with g++ against a recording stand-in for
+//! ACL and HCCL (`fixtures/fake_acl_hccl.cpp`; the aclnn operators are
+//! generated from the project's stub headers and only check that every
+//! tensor they get exists), and run as one process per rank, like on an
+//! 8-card server.
 //!
 //! What this shows without CANN: a host program loads exactly the weight
 //! files its tables expect (and refuses one of the wrong size); the ranks
-//! of a partitioned package find each other through the
-//! root-info files (each communicator's first member publishes, the others
-//! read it), and each rank issues the partition's collectives in program order, every
+//! of a partitioned package find each other through the root-info files
+//! (each communicator's first member publishes, the others read it); and
+//! each rank issues the partition's collectives in program order, every
 //! layer, every forward call, with the element counts HCCL expects for the
-//! actual token count, in the device dtype. (The kernels do nothing here, so
-//! the tokens printed are meaningless; their numerics are covered by the
-//! `ascend-sim` engine.)
+//! actual token count, in the device dtype. (The kernels do nothing here,
+//! so the tokens printed are meaningless; their numerics are covered by
+//! the `ascend-sim` engine.)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
