@@ -201,7 +201,7 @@ pub fn write_cpu_rank_packages(
         buffers: vec![],
         weights: None,
         files: BTreeMap::new(),
-        ranks: Some(panguc_runtime::package::RanksSection { devices, plan: plan.to_string(), dirs }),
+        ranks: Some(panguc_runtime::package::RanksSection { devices, plan: plan.to_string(), dirs, layout: None }),
     };
     write_manifest(staging, &manifest)
 }
@@ -210,6 +210,17 @@ pub fn write_cpu_rank_packages(
 /// other file under `staging`. Creates a target-less manifest for `cfg` if
 /// there is none yet (packages without a CPU part).
 pub fn finalize_manifest(staging: &Path, cfg: &PanguConfig, targets: &[String]) -> Result<()> {
+    finalize_manifest_with(staging, cfg, targets, None)
+}
+
+/// [`finalize_manifest`] for a package partitioned as `ranks` (whatever
+/// its targets: the manifest lists the ranks of an Ascend-only package too).
+pub fn finalize_manifest_with(
+    staging: &Path,
+    cfg: &PanguConfig,
+    targets: &[String],
+    ranks: Option<panguc_runtime::package::RanksSection>,
+) -> Result<()> {
     let path = staging.join(MANIFEST_FILE);
     let mut manifest = if path.is_file() {
         panguc_runtime::package::read_manifest(staging)?
@@ -228,6 +239,9 @@ pub fn finalize_manifest(staging: &Path, cfg: &PanguConfig, targets: &[String]) 
         }
     };
     manifest.targets = targets.to_vec();
+    if ranks.is_some() {
+        manifest.ranks = ranks;
+    }
     manifest.files = hash_tree(staging)?;
     write_manifest(staging, &manifest)
 }

@@ -37,6 +37,21 @@ fn pangu_72b_on_8_ascend_devices_writes_a_project_per_rank_with_hccl() {
     let doc = json(&out.join("partition.json"));
     let report = json(&out.join("report.json"));
     assert_eq!(doc["plan"], "h2p");
+    // The manifest lists the ranks (and hashes every rank's files); the
+    // partition document holds each rank's weights, buffers and collectives.
+    let manifest = json(&out.join("manifest.json"));
+    assert_eq!(manifest["ranks"]["devices"], 8);
+    assert_eq!(manifest["ranks"]["layout"], "partition.json");
+    assert_eq!(manifest["ranks"]["dirs"][7], "ranks/rank7");
+    assert!(manifest["files"]["ranks/rank7/ascend/ascend910b/host/panguc_host.cpp"].is_object());
+    for r in 0..8 {
+        assert!(!doc["ranks"][r]["weights"].as_array().unwrap().is_empty());
+        assert!(!doc["ranks"][r]["buffers"].as_array().unwrap().is_empty());
+    }
+    // Nothing to run on this machine without CPU programs: a clear error.
+    let o = panguc(&["run", out_s, "--tokens", "1,2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.starts_with("error: ") && err.contains("compile it with --target cpu"), "{err}");
     for r in 0..8 {
         let project = out.join(format!("ranks/rank{r}/ascend/ascend910b"));
         for f in ["CMakePresets.json", "build.sh", "op_host/CMakeLists.txt", "op_kernel/CMakeLists.txt"] {

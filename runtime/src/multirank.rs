@@ -60,6 +60,15 @@ pub fn rank_dirs(dir: &Path) -> Result<RankDirs> {
         section.devices
     );
     verify_files(dir, &manifest)?;
+    // Both multi-rank engines run each rank's CPU package (the AscendC
+    // simulation takes its kernel program and prepared weights from there).
+    ensure!(
+        manifest.targets.iter().any(|t| t == "cpu"),
+        "package {} has no CPU target (targets: {}): its ranks have no programs to run here; compile it with \
+         --target cpu as well",
+        dir.display(),
+        manifest.targets.join(", ")
+    );
     let mut dirs = Vec::with_capacity(section.devices);
     for rel in &section.dirs {
         if rel.split('/').any(|c| c == ".." || c.is_empty()) {

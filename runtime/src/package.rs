@@ -68,6 +68,11 @@ pub struct RanksSection {
     pub plan: String,
     /// Rank `r`'s package directory, relative to the package (`ranks/rankN`).
     pub dirs: Vec<String>,
+    /// The partition document (`partition.json`): every rank's weights (the
+    /// shard of each checkpoint tensor it holds), buffers and collectives
+    /// in program order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -85,7 +85,7 @@ fn rank_engines(plan: PlanChoice, n: usize, act: DevType) -> MultiRankEngine {
         e.set_collective(r, Arc::new(comm.clone()));
         engines.push(Box::new(e));
     }
-    let section = RanksSection { devices: n, plan: format!("{plan:?}"), dirs: vec![] };
+    let section = RanksSection { devices: n, plan: format!("{plan:?}"), dirs: vec![], layout: None };
     MultiRankEngine::from_engines(engines, comm, section)
 }
 
