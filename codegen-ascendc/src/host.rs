@@ -388,25 +388,21 @@ pub fn host_files(ap: &AscendProgram) -> Result<Vec<(String, String)>> {
     };
     for l in &p.launches {
         let dks = &ap.kernels[l.kernel];
-        let pre = dks.host.as_ref().map_or(dks.kernels.len(), |h| h.pre);
-        for (di, dk) in dks.kernels.iter().enumerate() {
-            if di == pre {
-                if let Some(h) = &dks.host {
-                    let c = comms.coll_of(l.kernel)?;
-                    let (send, recv) = (arg_buf(l, &h.send), arg_buf(l, &h.recv));
-                    let _ = writeln!(steps, "    {{{}, 2, {{{send}, {recv}}}}},", num_ops + c);
-                }
+        // A collective's host call sits between its packing kernels
+        // (position `pre`, possibly after the last one).
+        let device_steps = dks.kernels.iter().zip(&op_ids[l.kernel]).map(Some).chain([None]);
+        for (di, step) in device_steps.enumerate() {
+            if let Some(h) = dks.host.as_ref().filter(|h| h.pre == di) {
+                let c = comms.coll_of(l.kernel)?;
+                let (send, recv) = (arg_buf(l, &h.send), arg_buf(l, &h.recv));
+                let _ = writeln!(steps, "    {{{}, 2, {{{send}, {recv}}}}},", num_ops + c);
             }
+            let Some((dk, op)) = step else { continue };
             let args: Vec<String> = dk.params.iter().map(|pa| arg_buf(l, &pa.arg).to_string()).collect();
             if args.len() > 8 {
                 bail!("{}: more than 8 parameters", dk.entry);
             }
-            let _ = writeln!(steps, "    {{{}, {}, {{{}}}}},", op_ids[l.kernel][di], args.len(), args.join(", "));
-        }
-        if let (Some(h), true) = (&dks.host, pre == dks.kernels.len()) {
-            let c = comms.coll_of(l.kernel)?;
-            let (send, recv) = (arg_buf(l, &h.send), arg_buf(l, &h.recv));
-            let _ = writeln!(steps, "    {{{}, 2, {{{send}, {recv}}}}},", num_ops + c);
+            let _ = writeln!(steps, "    {{{op}, {}, {{{}}}}},", args.len(), args.join(", "));
         }
     }
     // The runtime's types first, then the tables, then the model class.

@@ -391,11 +391,9 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         crate::partition_build::write_rank_programs(staging.path(), p, weight_dtype, &ascend)?;
         report["partition"] = p.report.clone();
     }
-    let ranks = partitioned.as_ref().map(|p| panguc_runtime::package::RanksSection {
-        devices: p.parts.ranks.len(),
-        plan: p.report["plan"].as_str().unwrap_or("unknown").to_string(),
-        dirs: (0..p.parts.ranks.len()).map(|r| format!("ranks/rank{r}")).collect(),
-        layout: Some("partition.json".into()),
+    let ranks = partitioned.as_ref().map(|p| {
+        let plan = p.report["plan"].as_str().unwrap_or("unknown");
+        crate::package_build::ranks_section(p.parts.ranks.len(), plan, Some("partition.json"))
     });
     crate::package_build::finalize_manifest_with(staging.path(), ckpt.config(), &targets, ranks)?;
     // The report holds wall-clock timings, so it is written after the

@@ -124,6 +124,18 @@ fn write_cpu_package_cached(
     finalize_manifest(staging, ckpt.config(), targets)
 }
 
+/// The manifest's description of a package partitioned over `devices`
+/// ranks: rank `r` lives in `ranks/rank<r>`; `layout` names the partition
+/// document when there is one.
+pub fn ranks_section(devices: usize, plan: &str, layout: Option<&str>) -> panguc_runtime::package::RanksSection {
+    panguc_runtime::package::RanksSection {
+        devices,
+        plan: plan.to_string(),
+        dirs: (0..devices).map(|r| format!("ranks/rank{r}")).collect(),
+        layout: layout.map(String::from),
+    }
+}
+
 /// Each rank's kernel program: its partitioned module scheduled with
 /// collective launches (`ranks: Some((rank, devices))`).
 pub fn schedule_ranks(parts: &panguc_lowering::partition::Partitioned) -> Result<Vec<KernelProgram>> {
@@ -153,7 +165,8 @@ pub fn write_cpu_rank_packages(
     targets: &[String],
 ) -> Result<()> {
     let devices = parts.ranks.len();
-    let dirs: Vec<String> = (0..devices).map(|r| format!("ranks/rank{r}")).collect();
+    let section = ranks_section(devices, plan, None);
+    let dirs = &section.dirs;
     // Ranks are compiled on parallel workers (LLVM O3 dominates); each
     // writes only its own directory, so the result does not depend on the
     // schedule. Ranks with identical kernel lists share one LLVM run.
@@ -201,7 +214,7 @@ pub fn write_cpu_rank_packages(
         buffers: vec![],
         weights: None,
         files: BTreeMap::new(),
-        ranks: Some(panguc_runtime::package::RanksSection { devices, plan: plan.to_string(), dirs, layout: None }),
+        ranks: Some(section.clone()),
     };
     write_manifest(staging, &manifest)
 }
