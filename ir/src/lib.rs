@@ -5,6 +5,7 @@
 //! the model configuration, and the reference interpreter that defines what
 //! every op means. It knows nothing about egg, LLVM, AscendC or files on disk.
 
+pub mod batch;
 pub mod config;
 pub mod dtype;
 pub mod graph;
