@@ -472,6 +472,12 @@ pub fn open_checkpoint(dir: &Path, config_only: bool) -> Result<Checkpoint> {
 /// Import the graph IR, typing each weight with its stored dtype (or the
 /// config's torch_dtype for config-only checkpoints).
 pub fn import(ckpt: &Checkpoint) -> Result<Module> {
+    import_with(ckpt, crate::import::KvLayout::Contiguous)
+}
+
+/// [`import`] for either KV-cache layout (`KvLayout::Paged` builds the
+/// ragged-batch model of `crate::import::build_batched_module`).
+pub fn import_with(ckpt: &Checkpoint, kv: crate::import::KvLayout) -> Result<Module> {
     let default = match ckpt.config().torch_dtype.as_deref() {
         Some("float16") => DType::F16,
         Some("float32") => DType::F32,
@@ -490,7 +496,12 @@ pub fn import(ckpt: &Checkpoint) -> Result<Module> {
             }
         }
     }
-    build_module(cfg, &dtype_of)
+    match kv {
+        crate::import::KvLayout::Contiguous => build_module(cfg, &dtype_of),
+        crate::import::KvLayout::Paged { block_size } => {
+            crate::import::build_batched_module(cfg, &dtype_of, block_size)
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]

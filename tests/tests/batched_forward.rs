@@ -8,7 +8,6 @@ mod common;
 use panguc_ir::batch::{SeqChunk, StepMetadata};
 use panguc_ir::interp::Interpreter;
 use panguc_ir::session::BatchInterpSession;
-use panguc_ir::DType;
 
 /// One sequence as the test's little scheduler sees it.
 struct Seq {
@@ -35,9 +34,8 @@ fn argmax(row: &[f32]) -> i64 {
 fn batched_steps_match_per_sequence_sessions() {
     let ckpt = common::checkpoint();
     let cfg = ckpt.config().clone();
-    let dtype_of = |name: &str| ckpt.tensor_info(name).map(|(d, _, _)| d).unwrap_or(DType::BF16);
     let block_size = 2;
-    let module = panguc::import::build_batched_module(&cfg, &dtype_of, block_size).unwrap();
+    let module = panguc::commands::import_with(&ckpt, panguc::import::KvLayout::Paged { block_size }).unwrap();
     let kv = [cfg.num_key_value_heads, cfg.head_dim()];
     let mut batch =
         BatchInterpSession::new(Interpreter::new(&module, &ckpt), cfg.num_hidden_layers, 16, block_size, kv);
