@@ -64,6 +64,8 @@ fn batched_steps_match_per_sequence_sessions() {
             .map(|&(s, n)| SeqChunk { past: seqs[s].cached, new_tokens: n, blocks: &seqs[s].blocks })
             .collect();
         let meta = StepMetadata::build(block_size, &chunks).unwrap();
+        let e = batch.step(&ids[1..], &meta).unwrap_err();
+        assert!(e.to_string().contains("token ids for a step of"), "{e}");
         let logits = batch.step(&ids, &meta).unwrap();
         assert_eq!(logits.shape, vec![ids.len(), cfg.vocab_size]);
         for (i, &(s, n)) in step.iter().enumerate() {
