@@ -490,37 +490,31 @@ pub fn infer_types(op: &Op, args: &[&TensorType], module: Option<&Module>) -> R<
         }
         Op::QkvRope { q_heads, kv_heads } => {
             expect_arity(op, args, 7)?;
-            let (x, w, bias, cos, sin, kc, vc) = (args[0], args[1], args[2], args[3], args[4], args[5], args[6]);
-            expect_rank(x, 2, "qkv input")?;
-            expect_rank(w, 2, "qkv weight")?;
-            let y = matmul_type(x, w, true)?;
-            expect_float(bias, "qkv bias")?;
-            expect_rank(bias, 1, "qkv bias")?;
-            expect_dim_eq(&bias.shape[0], &y.shape[1], "qkv bias length differs from the projection width")?;
-            for t in [cos, sin] {
-                expect_rank(t, 2, "rope table")?;
-                expect_dim_eq(&t.shape[0], &x.shape[0], "rope table rows")?;
-            }
-            expect_dim_eq(&cos.shape[1], &sin.shape[1], "rope table widths")?;
-            let d = cos.shape[1].as_const().ok_or("symbolic rope table width")?;
-            if d % 2 != 0 {
-                return Err(format!("rope head_dim {d} must be even"));
-            }
-            expect_dim_eq(&y.shape[1], &Dim::c((q_heads + 2 * kv_heads) * d), "qkv weight rows vs heads")?;
+            let (q, kv) = qkv_heads_types(&args[..5], *q_heads, *kv_heads)?;
+            let (kc, vc) = (args[5], args[6]);
             if kc != vc {
                 return Err(format!("k and v caches differ: {kc} vs {vc}"));
             }
             expect_rank(kc, 3, "kv cache")?;
-            expect_dim_eq(&kc.shape[1], &Dim::c(*kv_heads), "kv cache heads")?;
-            expect_dim_eq(&kc.shape[2], &Dim::c(d), "kv cache head_dim")?;
-            if kc.dtype != x.dtype {
-                return Err(format!("kv cache dtype {} differs from the activations' {}", kc.dtype, x.dtype));
+            expect_dim_eq(&kc.shape[1], &kv.shape[1], "kv cache heads")?;
+            expect_dim_eq(&kc.shape[2], &kv.shape[2], "kv cache head_dim")?;
+            if kc.dtype != kv.dtype {
+                return Err(format!("kv cache dtype {} differs from the activations' {}", kc.dtype, kv.dtype));
             }
-            let t = x.shape[0].clone();
-            let q = TensorType::new(x.dtype, vec![t.clone(), Dim::c(*q_heads), Dim::c(d)]);
             let mut all = kc.clone();
-            all.shape[0] = kc.shape[0].add(&t);
+            all.shape[0] = kc.shape[0].add(&kv.shape[0]);
             Ok(vec![q, all.clone(), all])
+        }
+        Op::QkvRopeCacheWrite { q_heads, kv_heads } => {
+            expect_arity(op, args, 8)?;
+            let (q, kv) = qkv_heads_types(&args[..5], *q_heads, *kv_heads)?;
+            let (kc, vc, slots) = (args[5], args[6], args[7]);
+            let k_all = infer_types(&Op::KvCacheWrite, &[kc, &kv, slots], module)?.remove(0);
+            let v_all = infer_types(&Op::KvCacheWrite, &[vc, &kv, slots], module)?.remove(0);
+            if k_all != v_all {
+                return Err(format!("k and v caches differ: {kc} vs {vc}"));
+            }
+            Ok(vec![q, k_all, v_all])
         }
         Op::MoeRouterTopK { groups } => {
             expect_arity(op, args, 3)?;
@@ -590,4 +584,31 @@ fn reduced_shape(x: &TensorType, axis: usize, keepdim: bool) -> R<Vec<Dim>> {
         shape.remove(axis);
     }
     Ok(shape)
+}
+
+/// Types of the rotated q heads and of the new k (= v) rows of a merged
+/// QKV projection `(x, w, bias, cos, sin)` (shared by `QkvRope` and
+/// `QkvRopeCacheWrite`, which differ only in where k and v go).
+fn qkv_heads_types(args: &[&TensorType], q_heads: usize, kv_heads: usize) -> Result<(TensorType, TensorType), String> {
+    let (x, w, bias, cos, sin) = (args[0], args[1], args[2], args[3], args[4]);
+    expect_rank(x, 2, "qkv input")?;
+    expect_rank(w, 2, "qkv weight")?;
+    let y = matmul_type(x, w, true)?;
+    expect_float(bias, "qkv bias")?;
+    expect_rank(bias, 1, "qkv bias")?;
+    expect_dim_eq(&bias.shape[0], &y.shape[1], "qkv bias length differs from the projection width")?;
+    for t in [cos, sin] {
+        expect_rank(t, 2, "rope table")?;
+        expect_dim_eq(&t.shape[0], &x.shape[0], "rope table rows")?;
+    }
+    expect_dim_eq(&cos.shape[1], &sin.shape[1], "rope table widths")?;
+    let d = cos.shape[1].as_const().ok_or("symbolic rope table width")?;
+    if d % 2 != 0 {
+        return Err(format!("rope head_dim {d} must be even"));
+    }
+    expect_dim_eq(&y.shape[1], &Dim::c((q_heads + 2 * kv_heads) * d), "qkv weight rows vs heads")?;
+    let t = x.shape[0].clone();
+    let q = TensorType::new(x.dtype, vec![t.clone(), Dim::c(q_heads), Dim::c(d)]);
+    let kv = TensorType::new(x.dtype, vec![t, Dim::c(kv_heads), Dim::c(d)]);
+    Ok((q, kv))
 }

@@ -241,6 +241,16 @@ pub enum Op {
         q_heads: usize,
         kv_heads: usize,
     },
+    /// `(x[T, H], w[(Hq+2*Hkv)*D, H], bias, cos[T, D], sin[T, D],
+    ///   k_cache[num_blocks, block_size, Hkv, D], v_cache[same], slot_mapping i32[T])
+    ///   -> (q[T, Hq, D], k_cache', v_cache')`: the paged-cache counterpart of
+    /// `QkvRope`: the same projection, split and RoPE, then the new k and v
+    /// rows stored at their slots exactly as `KvCacheWrite` stores them. A
+    /// kernel writes the rows in place (it reads no cache).
+    QkvRopeCacheWrite {
+        q_heads: usize,
+        kv_heads: usize,
+    },
     /// `(x[T, H], w_router[E, H], router_scale[E]) -> (weights f32[T, G], experts i64[T, G])`:
     /// the router projection `x w_router^T` feeding `MoeGatingGroupTopK`.
     MoeRouterTopK {
@@ -324,6 +334,7 @@ impl Op {
                 CollectiveKind::AllToAll => "all_to_all",
             },
             Op::QkvRope { .. } => "qkv_rope",
+            Op::QkvRopeCacheWrite { .. } => "qkv_rope_cache_write",
             Op::MoeRouterTopK { .. } => "moe_router_topk",
             Op::MoeFfn => "moe_ffn",
             Op::FusedElementwise { .. } => "fused_elementwise",
@@ -348,6 +359,7 @@ impl Op {
                 | Op::GroupedMatmul
                 | Op::MoeFinalizeRouting
                 | Op::QkvRope { .. }
+                | Op::QkvRopeCacheWrite { .. }
                 | Op::MoeRouterTopK { .. }
                 | Op::MoeFfn
                 | Op::FusedElementwise { .. }
@@ -401,7 +413,7 @@ impl Op {
             Op::Collective { group, axis, .. } => {
                 vec![("group", Ints(group.iter().map(|&g| g as i64).collect())), ("axis", Int(*axis as i64))]
             }
-            Op::QkvRope { q_heads, kv_heads } => {
+            Op::QkvRope { q_heads, kv_heads } | Op::QkvRopeCacheWrite { q_heads, kv_heads } => {
                 vec![("q_heads", Int(*q_heads as i64)), ("kv_heads", Int(*kv_heads as i64))]
             }
             Op::MoeRouterTopK { groups } => vec![("groups", Int(*groups as i64))],
@@ -499,6 +511,9 @@ impl Op {
                 axis: attrs.usize("axis")?,
             },
             "qkv_rope" => Op::QkvRope { q_heads: attrs.usize("q_heads")?, kv_heads: attrs.usize("kv_heads")? },
+            "qkv_rope_cache_write" => {
+                Op::QkvRopeCacheWrite { q_heads: attrs.usize("q_heads")?, kv_heads: attrs.usize("kv_heads")? }
+            }
             "moe_router_topk" => Op::MoeRouterTopK { groups: attrs.usize("groups")? },
             "moe_ffn" => Op::MoeFfn,
             "fused_elementwise" => Op::FusedElementwise { expr: attrs.str("expr")?.to_string() },

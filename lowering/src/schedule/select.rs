@@ -520,7 +520,8 @@ impl<'a> Selector<'a> {
             | Op::PagedAttention { .. }
             | Op::MoeInitRouting { .. }
             | Op::GroupedMatmul
-            | Op::MoeFinalizeRouting => {
+            | Op::MoeFinalizeRouting
+            | Op::QkvRopeCacheWrite { .. } => {
                 bail!("`{}` (a ragged-batch op) has no kernel yet; only the interpreter runs it", n.op.mnemonic())
             }
         }
