@@ -111,3 +111,41 @@ fn validate_runs_the_batched_modules_on_ragged_steps_and_catches_a_wrong_fusion(
     let err = validate_session(&imported, &wrong, &ckpt, "checkpoint", 3, 9).unwrap_err().to_string();
     assert!(err.contains("translation validation failed") && err.contains("ragged"), "{err}");
 }
+
+#[test]
+fn batched_decode_estimates_come_from_the_batched_program() {
+    use panguc_lowering::estimate::{estimates, estimates_with_batched, BatchedProgram, EstimateSpec};
+    let ckpt = common::checkpoint();
+    let cfg = ckpt.config();
+    let (_, fused_batched, _) = batched_and_fused(&ckpt);
+    let imported = panguc::commands::import(&ckpt).unwrap();
+    let (fused, _) = fuse_module(&imported, &FuseOptions::default(), |_, _| Ok(())).unwrap();
+    let profiles = panguc_lowering::builtin_profiles();
+    let spec = EstimateSpec { context: 64, decode_batches: vec![1, 8], prefill_tokens: 32 };
+    let per_seq = estimates(cfg, &fused, &imported, &profiles, &spec).unwrap();
+    let bp = BatchedProgram { module: &fused_batched, block_size: BLOCK_SIZE };
+    let batched = estimates_with_batched(cfg, &fused, &imported, Some(bp), &profiles, &spec).unwrap();
+    for p in &profiles {
+        for b in [1, 8] {
+            let key = format!("decode_batch_{b}");
+            let (a, c) = (&per_seq["profiles"][&p.name][&key], &batched["profiles"][&p.name][&key]);
+            assert_eq!(c["program"], "batched", "{c}");
+            // Same report keys as the per-sequence estimate.
+            let keys = |v: &serde_json::Value| {
+                v.as_object().unwrap().keys().filter(|k| *k != "program").cloned().collect::<Vec<_>>()
+            };
+            assert_eq!(keys(a), keys(c), "{}/{key}", p.name);
+            // One run over B rows reads what B per-sequence runs read: every
+            // shared weight once, the distinct experts of B tokens, B
+            // embedding rows, and each sequence's context of K and V.
+            for field in ["weight_bytes", "kv_bytes", "kernels"] {
+                assert_eq!(a[field], c[field], "{}/{key}/{field}: per-sequence {a} vs batched {c}", p.name);
+            }
+            let (ms_a, ms_c) = (a["ms_per_step"].as_f64().unwrap(), c["ms_per_step"].as_f64().unwrap());
+            assert!(ms_c > 0.0, "{c}");
+            eprintln!("{}/{key}: per-sequence program {ms_a} ms, batched program {ms_c} ms", p.name);
+        }
+    }
+    // And the untouched report: no `program` key without a batched program.
+    assert!(per_seq["profiles"][&profiles[0].name]["decode_batch_8"].get("program").is_none());
+}
