@@ -408,4 +408,36 @@ mod tests {
         p.ub_kib = 64.0;
         assert!(!work.fits(&p), "5 rows of 20 KiB do not fit 64 KiB");
     }
+
+    #[test]
+    fn paged_ops_price_only_the_context_and_the_new_rows() {
+        let p = builtin_profile("ascend910b1").unwrap();
+        let a = p.activation_bytes;
+        // 4 sequences decoding one token each, 10 cached tokens, blocks of 2.
+        let w = Workload::batched_decode(10, 4, 2);
+        let b = w.bindings();
+        assert_eq!((b["tokens"], b["seqs"], b["max_blocks"], b["num_blocks"]), (4, 4, 6, 24));
+        assert_eq!((w.copies(), w.tokens_per_seq()), (1.0, 1));
+        let q = ty(DType::F32, &[Dim::tokens(), Dim::c(8), Dim::c(16)]);
+        let cache = ty(DType::F32, &[Dim::num_blocks(), Dim::c(2), Dim::c(2), Dim::c(16)]);
+        let i32s = |dims: &[Dim]| ty(DType::I32, dims);
+        let (table, qsl, ctx) =
+            (i32s(&[Dim::seqs(), Dim::max_blocks()]), i32s(&[Dim::seqs().add(&Dim::c(1))]), i32s(&[Dim::seqs()]));
+        fn act(t: &TensorType) -> Operand<'_> {
+            Operand { ty: t, weight_only: false }
+        }
+        let args = [act(&q), act(&cache), act(&cache), act(&table), act(&qsl), act(&ctx)];
+        let work = op_work(&Op::PagedAttention { scale: 0.25 }, &args, std::slice::from_ref(&q), &w, &p);
+        // Each query row sees its sequence's 11 positions: 4 x 11 (key, query) pairs.
+        assert_eq!(work.matmul_flops, 4.0 * 8.0 * 16.0 * 44.0);
+        // K and V of 4 contexts of 11 positions x 2 heads x 16, not the 24-block cache.
+        assert_eq!(work.kv_bytes, 2.0 * 4.0 * 11.0 * 32.0 * a);
+        let new = ty(DType::F32, &[Dim::tokens(), Dim::c(2), Dim::c(16)]);
+        let slots = i32s(&[Dim::tokens()]);
+        let args = [act(&cache), act(&new), act(&slots)];
+        let work = op_work(&Op::KvCacheWrite, &args, std::slice::from_ref(&cache), &w, &p);
+        assert_eq!(work.kv_bytes, 0.0, "the cache itself is neither read nor copied");
+        // 4 new rows read and stored, plus 4 i32 slots.
+        assert_eq!(work.act_bytes, 2.0 * 4.0 * 32.0 * a + 4.0 * 4.0);
+    }
 }
