@@ -123,6 +123,11 @@ pub struct RunArgs {
     /// Stop at the config's eos_token_id.
     #[arg(long)]
     pub stop_at_eos: bool,
+    /// Package verification on open: `stamp` (hash the small files, trust
+    /// the verification stamp for unchanged weight files) or `full` (hash
+    /// every byte).
+    #[arg(long, default_value = "stamp")]
+    pub verify: panguc_runtime::package::Verify,
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
@@ -412,6 +417,9 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     let staged = staging.keep();
     std::fs::rename(&staged, &a.out)
         .with_context(|| format!("moving the package into place at {}", a.out.display()))?;
+    // Verified once here, fully, so that runs only re-hash what changed.
+    panguc_runtime::stamp::verify_package_tree(&a.out, panguc_runtime::package::Verify::Full)
+        .with_context(|| format!("verifying the new package {}", a.out.display()))?;
     emit(&piped.summary);
     if let Some(p) = &partitioned {
         emit(&p.summary);
@@ -469,6 +477,31 @@ pub fn import(ckpt: &Checkpoint) -> Result<Module> {
         }
     }
     build_module(cfg, &dtype_of)
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VerifyArgs {
+    /// A compiled package directory.
+    pub package: PathBuf,
+}
+
+/// `panguc verify PKG`: hash every file of the package (and of each rank's
+/// package) against its manifest and record the verification stamp.
+pub fn verify(a: VerifyArgs) -> Result<()> {
+    if !panguc_runtime::is_package(&a.package) {
+        bail!("{} is not a package (no manifest.json)", a.package.display());
+    }
+    let t0 = std::time::Instant::now();
+    let r = panguc_runtime::stamp::verify_package_tree(&a.package, panguc_runtime::package::Verify::Full)?;
+    emit(&format!(
+        "package {} verified: {} files, {:.1} MB hashed in {:.2} s; {}\n",
+        a.package.display(),
+        r.files,
+        r.hashed_bytes as f64 / 1e6,
+        t0.elapsed().as_secs_f64(),
+        if r.stamp_written { "verification stamp recorded" } else { "verification stamp unchanged" }
+    ));
+    Ok(())
 }
 
 #[derive(Args, Debug, Clone)]

@@ -379,16 +379,22 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
     let context = a.tokens.len() + a.max_new_tokens;
     if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
         // Partitioned over N devices: N rank engines in this process.
-        let mut engine = panguc_runtime::MultiRankEngine::open(&a.model, threads, Some(context.max(1)))?;
+        let mut engine =
+            panguc_runtime::MultiRankEngine::open_with(&a.model, threads, Some(context.max(1)), &open_options(a))?;
         let cfg = panguc_runtime::package::read_manifest(&a.model)?.model;
         crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
         crate::commands::generate_and_report(&mut engine, a, &cfg)
     } else {
         let pool = panguc_runtime::thread_pool(threads)?;
-        let pkg = std::sync::Arc::new(panguc_runtime::open_package(&a.model)?);
+        let pkg = std::sync::Arc::new(panguc_runtime::open_package_with(&a.model, &open_options(a))?);
         let cfg = pkg.config().clone();
         crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
         let mut engine = panguc_runtime::CpuEngine::with_pool(pkg, pool, Some(context.max(1)))?;
         crate::commands::generate_and_report(&mut engine, a, &cfg)
     }
+}
+
+/// How `panguc run` opens a package (`--verify`).
+fn open_options(a: &crate::commands::RunArgs) -> panguc_runtime::OpenOptions {
+    panguc_runtime::OpenOptions { verify: a.verify }
 }

@@ -2,7 +2,7 @@
 //! one symbol per kernel, ABI check), the host CPU check, and the prepared
 //! weights memory-mapped once and shared by every engine.
 
-use crate::package::{verify_package, Manifest, PackageFiles};
+use crate::package::{verify_package_with, Manifest, PackageFiles, Verify};
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use panguc_ir::kernel::KernelProgram;
@@ -37,9 +37,22 @@ impl std::fmt::Debug for Package {
     }
 }
 
+/// How [`open_package_with`] opens a package.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Trust the verification stamp for unchanged weight files (default),
+    /// or re-hash everything.
+    pub verify: Verify,
+}
+
 /// Open, verify and load a package for the CPU engine.
 pub fn open_package(dir: &Path) -> Result<Package> {
-    let files = verify_package(dir)?;
+    open_package_with(dir, &OpenOptions::default())
+}
+
+/// [`open_package`] with explicit options.
+pub fn open_package_with(dir: &Path, opts: &OpenOptions) -> Result<Package> {
+    let files = verify_package_with(dir, opts.verify)?;
     let Some(cpu) = files.manifest.cpu.clone() else {
         if let Some(r) = &files.manifest.ranks {
             bail!(

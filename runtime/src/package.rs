@@ -12,12 +12,15 @@
 //!                            config-only compiles)
 //! OUT/ir/                    IR dumps
 //! OUT/report.json            compile report (timings: not hashed)
+//! OUT/verified.json          verification stamp (local state: not hashed,
+//!                            see `stamp`)
 //! ```
 //!
 //! [`open_package`] refuses a package whose format version is newer than
 //! this runtime, and any file that is missing, truncated or modified (size
 //! and sha256 checked against the manifest) before anything runs.
 
+pub use crate::stamp::{Verify, STAMP_FILE};
 use anyhow::{bail, Context, Result};
 use panguc_ir::kernel::KernelProgram;
 use panguc_ir::{DType, PanguConfig};
@@ -158,7 +161,7 @@ pub fn hash_tree(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
                 .map(|c| c.as_os_str().to_string_lossy().into_owned())
                 .collect();
             let rel = rel.join("/");
-            if rel == MANIFEST_FILE || rel == REPORT_FILE {
+            if rel == MANIFEST_FILE || rel == REPORT_FILE || rel == STAMP_FILE {
                 continue;
             }
             let bytes = std::fs::metadata(&path)?.len();
@@ -200,32 +203,10 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 }
 
 /// Check every file the manifest lists: present, of the recorded size, and
-/// with the recorded sha256.
+/// with the recorded sha256 (weight files the verification stamp vouches
+/// for are not re-read: see [`crate::stamp`]).
 pub fn verify_files(dir: &Path, manifest: &Manifest) -> Result<()> {
-    for (rel, entry) in &manifest.files {
-        if rel.split('/').any(|c| c == ".." || c.is_empty()) {
-            bail!("package manifest lists an invalid path `{rel}`");
-        }
-        let path = dir.join(rel);
-        let meta = std::fs::metadata(&path)
-            .with_context(|| format!("package {} is incomplete: {rel} is missing", dir.display()))?;
-        if meta.len() != entry.bytes {
-            bail!(
-                "package {} is corrupt: {rel} has {} bytes, the manifest says {} (truncated or modified)",
-                dir.display(),
-                meta.len(),
-                entry.bytes
-            );
-        }
-        let sha = sha256_file(&path)?;
-        if sha != entry.sha256 {
-            bail!(
-                "package {} is corrupt: {rel} does not match its sha256 in the manifest (the file was modified)",
-                dir.display()
-            );
-        }
-    }
-    Ok(())
+    crate::stamp::verify_files_with(dir, manifest, Verify::Stamp).map(|_| ())
 }
 
 /// A verified package on disk (not yet loaded for execution).
@@ -236,14 +217,20 @@ pub struct PackageFiles {
     pub program: Option<KernelProgram>,
 }
 
-/// Verify a package: format version, then every file's size and hash, then
+/// Verify a package: format version, then every file's size and hash
+/// (trusting the verification stamp for unchanged weight files), then
 /// parse the kernel program.
 pub fn verify_package(dir: &Path) -> Result<PackageFiles> {
+    verify_package_with(dir, Verify::Stamp)
+}
+
+/// [`verify_package`] with an explicit verification mode.
+pub fn verify_package_with(dir: &Path, mode: Verify) -> Result<PackageFiles> {
     if !dir.is_dir() {
         bail!("package directory {} does not exist", dir.display());
     }
     let manifest = read_manifest(dir)?;
-    verify_files(dir, &manifest)?;
+    crate::stamp::verify_files_with(dir, &manifest, mode)?;
     let program = match &manifest.cpu {
         Some(cpu) => {
             let path = dir.join(&cpu.program);

@@ -170,12 +170,14 @@ struct Cli {
 
 #[derive(clap::Subcommand)]
 enum Cmd {
+    Verify(panguc::commands::VerifyArgs),
     Run(panguc::commands::RunArgs),
     Compile(panguc::commands::CompileArgs),
 }
 
 fn cli(args: &[&str]) -> anyhow::Result<()> {
     match Cli::try_parse_from(std::iter::once("panguc").chain(args.iter().copied()))?.cmd {
+        Cmd::Verify(a) => panguc::commands::verify(a),
         Cmd::Run(a) => panguc::commands::run(a),
         Cmd::Compile(a) => panguc::commands::compile(a),
     }
@@ -213,9 +215,44 @@ fn panguc_compile_then_run_prints_the_interpreter_tokens() {
         format!("{:#}", cli(&v).expect_err("must fail"))
     };
     assert!(run(&["--threads", "0"]).contains("--threads must be at least 1"));
+    assert!(run(&["--verify", "some"]).contains("unknown --verify `some`"));
+    verification_stamp_is_trusted_until_a_weight_changes(&out, &b);
+
     assert!(run(&["--threads", "many"]).contains("--threads"));
     assert!(run(&["--engine", "gpu"]).contains("unknown --engine `gpu`"));
     assert!(run(&["--engine", "interp"]).contains("compiled package"));
     let e = format!("{:#}", cli(&["run", tiny, "--tokens", "1", "--engine", "warp"]).unwrap_err());
     assert!(e.contains("unknown --engine `warp`"), "{e}");
+}
+
+/// `panguc verify` records a stamp that later opens trust for the weight
+/// files; a weight changed afterwards is hashed again and refused, and
+/// `--verify full` hashes everything whatever the stamp says.
+fn verification_stamp_is_trusted_until_a_weight_changes(pkg: &Path, run_args: &[&str]) {
+    use panguc_runtime::stamp::{verify_files_with, Verify};
+    // Files written within the racy margin of a check are never stamped.
+    std::thread::sleep(panguc_runtime::stamp::RACY_MARGIN * 2);
+    cli(&["verify", pkg.to_str().unwrap()]).unwrap();
+    let manifest = panguc_runtime::package::read_manifest(pkg).unwrap();
+    let weight_files = manifest.files.keys().filter(|k| k.ends_with(".bin")).count();
+    assert!(weight_files > 0);
+    let r = verify_files_with(pkg, &manifest, Verify::Stamp).unwrap();
+    assert_eq!(r.trusted_files, weight_files, "every weight file is trusted from the stamp");
+    assert_eq!(r.hashed_files, manifest.files.len() - weight_files, "the kernel library and the rest are hashed");
+    let full = verify_files_with(pkg, &manifest, Verify::Full).unwrap();
+    assert_eq!(full.hashed_files, manifest.files.len());
+
+    let weights = pkg.join("weights/layers.001.bin");
+    let original = std::fs::read(&weights).unwrap();
+    let mut flipped = original.clone();
+    flipped[original.len() / 3] ^= 0x10;
+    std::fs::write(&weights, &flipped).unwrap();
+    for verify in ["stamp", "full"] {
+        let mut args = run_args.to_vec();
+        args.extend(["--verify", verify]);
+        let e = format!("{:#}", cli(&args).expect_err("a changed weight file must be refused"));
+        assert!(e.contains("layers.001.bin") && e.contains("sha256"), "--verify {verify}: {e}");
+    }
+    std::fs::write(&weights, &original).unwrap();
+    cli(run_args).expect("the restored file is hashed again and accepted");
 }

@@ -55,13 +55,17 @@ pub fn compile(ckpt: &Checkpoint, m: &Module, out: &Path) {
         .unwrap_or_else(|e| panic!("compiling {}: {e:#}", out.display()));
 }
 
-/// Every file under `dir` (relative path -> bytes).
+/// Every file under `dir` (relative path -> bytes), except the
+/// verification stamp: it is this machine's record of when the files were
+/// last checked (inodes, times), not package contents.
 pub fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
             if p.is_dir() {
                 walk(root, &p, out);
+            } else if p.file_name().is_some_and(|n| n == panguc_runtime::stamp::STAMP_FILE) {
+                continue;
             } else {
                 let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
                 out.insert(rel, std::fs::read(&p).unwrap());
