@@ -42,7 +42,8 @@ pub fn synth(a: SynthArgs) -> Result<()> {
 
 #[derive(Args, Debug, Clone)]
 pub struct InspectArgs {
-    /// Checkpoint directory (config.json plus optional safetensors).
+    /// Checkpoint directory (config.json plus optional safetensors), or a
+    /// compiled package (targets, CPU tiers and the one this machine uses).
     pub model_dir: PathBuf,
     /// Print a JSON object instead of text.
     #[arg(long)]
@@ -53,6 +54,15 @@ pub struct InspectArgs {
 }
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
+    if panguc_runtime::is_package(&a.model_dir) {
+        let info = crate::inspect::package_json(&a.model_dir)?;
+        if a.json {
+            emit(&format!("{}\n", serde_json::to_string_pretty(&info)?));
+        } else {
+            emit(&crate::inspect::package_text(&info));
+        }
+        return Ok(());
+    }
     let ckpt = open_checkpoint(&a.model_dir, a.config_only)?;
     if a.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(&crate::inspect::inspect_json(&ckpt))?));
@@ -128,6 +138,10 @@ pub struct RunArgs {
     /// every byte).
     #[arg(long, default_value = "stamp")]
     pub verify: panguc_runtime::package::Verify,
+    /// Load this CPU kernel tier (`x86-64-v3`, `avx512-bf16`) instead of
+    /// the best one this CPU supports (also `$PANGUC_CPU_TIER`).
+    #[arg(long, value_name = "TIER")]
+    pub cpu_tier: Option<String>,
 }
 
 pub fn run(a: RunArgs) -> Result<()> {

@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use panguc_ir::kernel::{BufferKind, KernelProgram, PreparedWeight, WeightExpr};
 use panguc_ir::{DType, Module, PanguConfig, Tensor, WeightSource};
 use panguc_runtime::package::{
-    hash_tree, BufferEntry, CpuSection, KernelEntry, Manifest, WeightEntry, CPU_LIBRARY, MANIFEST_FILE,
+    cpu_library, hash_tree, BufferEntry, CpuSection, CpuTier, KernelEntry, Manifest, WeightEntry, MANIFEST_FILE,
     PACKAGE_FORMAT_VERSION, PROGRAM_FILE, WEIGHT_ALIGN,
 };
 use std::collections::BTreeMap;
@@ -50,10 +50,33 @@ pub fn write_cpu_package_for(
     write_cpu_package_cached(staging, ckpt, fused, program, targets, report, &mut BTreeMap::new())
 }
 
-/// Compiled kernel libraries by the kernel list they implement (serialized
-/// `program.kernels`): ranks whose kernels are identical (same kinds,
-/// dtypes and shapes; typical for expert parallelism) share one LLVM run.
-type KernelCache = BTreeMap<String, panguc_codegen_cpu::CompiledKernels>;
+/// Compiled kernel libraries (one per CPU tier) by the kernel list they
+/// implement (serialized `program.kernels`): ranks whose kernels are
+/// identical (same kinds, dtypes and shapes; typical for expert
+/// parallelism) share one LLVM run per tier.
+type KernelCache = BTreeMap<String, Vec<panguc_codegen_cpu::CompiledKernels>>;
+
+/// Compile `program` once per tier, the tiers on parallel threads (LLVM
+/// runs one module per thread).
+fn compile_tiers(
+    program: &KernelProgram,
+    tiers: &[panguc_codegen_cpu::Tier],
+) -> Result<Vec<panguc_codegen_cpu::CompiledKernels>> {
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = tiers
+            .iter()
+            .map(|t| {
+                s.spawn(move || {
+                    panguc_codegen_cpu::compile(program, &t.target)
+                        .with_context(|| format!("generating CPU code for tier {}", t.name))
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().unwrap_or_else(|_| Err(anyhow!("a CPU code generator thread panicked"))))
+            .collect()
+    })
+}
 
 fn write_cpu_package_cached(
     staging: &Path,
@@ -64,21 +87,32 @@ fn write_cpu_package_cached(
     report: &serde_json::Value,
     cache: &mut KernelCache,
 ) -> Result<()> {
-    let target = panguc_codegen_cpu::HostTarget::detect()?;
+    let tiers = panguc_codegen_cpu::Tier::all()?;
     let key = serde_json::to_string(&program.kernels)?;
     let compiled = match cache.get(&key) {
         Some(c) => c.clone(),
         None => {
-            let c = panguc_codegen_cpu::compile(program, &target).context("generating CPU code")?;
+            let c = compile_tiers(program, &tiers)?;
             cache.insert(key, c.clone());
             c
         }
     };
     let cpu_dir = staging.join("cpu");
     std::fs::create_dir_all(&cpu_dir).with_context(|| format!("creating {}", cpu_dir.display()))?;
-    panguc_codegen_cpu::link_shared_library(&compiled.object, &staging.join(CPU_LIBRARY))?;
-    write(&cpu_dir.join("kernels.s"), compiled.assembly.as_bytes())?;
-    write(&cpu_dir.join("kernels.ll"), compiled.llvm_ir.as_bytes())?;
+    let mut tier_entries = vec![];
+    for (i, (tier, code)) in tiers.iter().zip(&compiled).enumerate() {
+        let library = cpu_library(&tier.name, i == 0);
+        panguc_codegen_cpu::link_shared_library(&code.object, &staging.join(&library))?;
+        let suffix = if i == 0 { String::new() } else { format!(".{}", tier.name) };
+        write(&cpu_dir.join(format!("kernels{suffix}.s")), code.assembly.as_bytes())?;
+        write(&cpu_dir.join(format!("kernels{suffix}.ll")), code.llvm_ir.as_bytes())?;
+        tier_entries.push(CpuTier {
+            name: tier.name.clone(),
+            library,
+            cpu: tier.target.cpu.clone(),
+            features: tier.target.features.clone(),
+        });
+    }
     write(&staging.join(PROGRAM_FILE), serde_json::to_string(program)?.as_bytes())?;
     let ir_dir = staging.join("ir");
     std::fs::create_dir_all(&ir_dir)?;
@@ -87,10 +121,22 @@ fn write_cpu_package_cached(
 
     let weights = if ckpt.has_weights() { Some(write_weights(staging, ckpt, program)?) } else { None };
 
+    let tier_report: Vec<serde_json::Value> = tiers
+        .iter()
+        .zip(&tier_entries)
+        .map(|(t, e)| -> Result<serde_json::Value> {
+            Ok(serde_json::json!({
+                "name": t.name, "cpu": t.target.cpu, "vector_lanes": t.target.vector_lanes(),
+                "bf16_dot": t.target.bf16_dot(),
+                "library_bytes": std::fs::metadata(staging.join(&e.library))?.len(),
+            }))
+        })
+        .collect::<Result<_>>()?;
+    let triple = tiers.first().map(|t| t.target.triple.clone()).unwrap_or_default();
     let cpu_report = serde_json::json!({
         "schedule": panguc_lowering::schedule::stats(program),
-        "target": { "triple": target.triple, "cpu": target.cpu, "vector_lanes": target.vector_lanes() },
-        "library_bytes": std::fs::metadata(staging.join(CPU_LIBRARY))?.len(),
+        "triple": triple,
+        "tiers": tier_report,
     });
     write(&cpu_dir.join("report.json"), serde_json::to_string_pretty(&cpu_report)?.as_bytes())?;
     if !report.is_null() {
@@ -103,12 +149,10 @@ fn write_cpu_package_cached(
         model: ckpt.config().clone(),
         targets: targets.to_vec(),
         cpu: Some(CpuSection {
-            library: CPU_LIBRARY.to_string(),
             program: PROGRAM_FILE.to_string(),
-            triple: target.triple.clone(),
-            cpu: target.cpu.clone(),
-            features: target.features.clone(),
+            triple,
             abi: panguc_codegen_cpu::KERNEL_ABI_VERSION,
+            tiers: tier_entries,
         }),
         kernels: program
             .kernels
@@ -381,12 +425,15 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         // Partitioned over N devices: N rank engines in this process.
         let mut engine =
             panguc_runtime::MultiRankEngine::open_with(&a.model, threads, Some(context.max(1)), &open_options(a))?;
+        let rank0 = panguc_runtime::multirank::rank_dirs(&a.model)?.dirs.remove(0);
+        log_tier(&rank0, a)?;
         let cfg = panguc_runtime::package::read_manifest(&a.model)?.model;
         crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
         crate::commands::generate_and_report(&mut engine, a, &cfg)
     } else {
         let pool = panguc_runtime::thread_pool(threads)?;
         let pkg = std::sync::Arc::new(panguc_runtime::open_package_with(&a.model, &open_options(a))?);
+        log_tier(&a.model, a)?;
         let cfg = pkg.config().clone();
         crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
         let mut engine = panguc_runtime::CpuEngine::with_pool(pkg, pool, Some(context.max(1)))?;
@@ -394,7 +441,23 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
     }
 }
 
-/// How `panguc run` opens a package (`--verify`).
+/// How `panguc run` opens a package (`--verify`, `--cpu-tier`).
 fn open_options(a: &crate::commands::RunArgs) -> panguc_runtime::OpenOptions {
-    panguc_runtime::OpenOptions { verify: a.verify }
+    panguc_runtime::OpenOptions { verify: a.verify, tier: a.cpu_tier.clone() }
+}
+
+/// The run log's line naming the CPU kernel tier (stderr: stdout holds the
+/// tokens).
+fn log_tier(dir: &Path, a: &crate::commands::RunArgs) -> Result<()> {
+    let manifest = panguc_runtime::package::read_manifest(dir)?;
+    if let Some(cpu) = &manifest.cpu {
+        let t = panguc_runtime::loader::select_tier(cpu, a.cpu_tier.as_deref())?;
+        eprintln!(
+            "panguc: CPU kernel tier {} ({}{})",
+            t.name,
+            t.cpu,
+            if t.features.contains("+avx512bf16") { ", bf16 dot-product GEMMs" } else { ", f32 FMA GEMMs" }
+        );
+    }
+    Ok(())
 }

@@ -6,7 +6,9 @@
 //!                            table, and the sha256 + size of every file
 //! OUT/kernel_program.json    the scheduled kernel program (panguc_ir::kernel)
 //! OUT/cpu/libpanguc_kernels.so   one exported entry point per kernel
-//! OUT/cpu/kernels.s, kernels.ll  the same code as assembly / optimised IR
+//!                            (baseline tier; other tiers:
+//!                            libpanguc_kernels.<tier>.so)
+//! OUT/cpu/kernels[.<tier>].s, .ll  the same code as assembly / optimised IR
 //! OUT/weights/<group>.bin    prepared weights in kernel layout, 64-byte
 //!                            aligned, memory-mapped at load (omitted for
 //!                            config-only compiles)
@@ -31,10 +33,22 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Version of the on-disk layout described above.
-pub const PACKAGE_FORMAT_VERSION: u32 = 1;
+/// 2: the CPU section lists one kernel library per instruction-set tier.
+pub const PACKAGE_FORMAT_VERSION: u32 = 2;
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const PROGRAM_FILE: &str = "kernel_program.json";
+/// The baseline tier's kernel library; other tiers insert their name
+/// (`cpu/libpanguc_kernels.avx512-bf16.so`): see [`cpu_library`].
 pub const CPU_LIBRARY: &str = "cpu/libpanguc_kernels.so";
+
+/// Path of tier `tier`'s kernel library (`baseline`: the first tier).
+pub fn cpu_library(tier: &str, baseline: bool) -> String {
+    if baseline {
+        CPU_LIBRARY.to_string()
+    } else {
+        format!("cpu/libpanguc_kernels.{tier}.so")
+    }
+}
 /// The compile report holds wall-clock timings, so it is a diagnostic
 /// outside the hashed contents (packages must be reproducible).
 pub const REPORT_FILE: &str = "report.json";
@@ -80,13 +94,22 @@ pub struct RanksSection {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CpuSection {
-    pub library: String,
     pub program: String,
     pub triple: String,
-    pub cpu: String,
-    /// LLVM features the code was generated for.
-    pub features: String,
     pub abi: i32,
+    /// The kernel library once per instruction-set tier, baseline first and
+    /// best last; the loader takes the best one the running CPU supports.
+    pub tiers: Vec<CpuTier>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuTier {
+    /// `x86-64-v3`, `avx512-bf16`, or `host` off x86-64.
+    pub name: String,
+    pub library: String,
+    /// LLVM CPU name and features the code was generated for.
+    pub cpu: String,
+    pub features: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
