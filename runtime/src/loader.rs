@@ -205,8 +205,6 @@ pub fn missing_features(features: &str) -> Vec<String> {
 
 #[cfg(target_arch = "x86_64")]
 fn host_lacks(feature: &str) -> bool {
-    // The features that change which instructions vector code uses; others
-    // are not checked.
     let have = match feature {
         "sse4.1" => is_x86_feature_detected!("sse4.1"),
         "sse4.2" => is_x86_feature_detected!("sse4.2"),
@@ -229,7 +227,10 @@ fn host_lacks(feature: &str) -> bool {
         "ssse3" => is_x86_feature_detected!("ssse3"),
         "cx16" => is_x86_feature_detected!("cmpxchg16b"),
         "xsave" => is_x86_feature_detected!("xsave"),
-        _ => true,
+        "sse2" => is_x86_feature_detected!("sse2"),
+        "sse3" => is_x86_feature_detected!("sse3"),
+        // Code for a feature this runtime cannot even name must not run.
+        _ => false,
     };
     !have
 }

@@ -203,7 +203,7 @@ pub fn verify_files_with(dir: &Path, manifest: &Manifest, mode: Verify) -> Resul
 }
 
 /// `panguc verify` and the end of `panguc compile`: verify the package at
-/// `dir` (and, when partitioned, each rank's own package) with `mode`, and
+/// `dir` (and, when partitioned, each rank's own CPU package) with `mode`, and
 /// record the stamps. The reports are summed.
 pub fn verify_package_tree(dir: &Path, mode: Verify) -> Result<VerifyReport> {
     let manifest = crate::package::read_manifest(dir)?;
@@ -213,6 +213,11 @@ pub fn verify_package_tree(dir: &Path, mode: Verify) -> Result<VerifyReport> {
             bail!("package manifest lists an invalid rank directory `{rel}`");
         }
         let rank_dir = dir.join(rel);
+        // Ascend-only ranks are project directories without a manifest of
+        // their own (the top-level manifest covers their files).
+        if !crate::package::is_package(&rank_dir) {
+            continue;
+        }
         let rank = crate::package::read_manifest(&rank_dir)?;
         let r = verify_files_with(&rank_dir, &rank, mode).with_context(|| format!("rank package {rel}"))?;
         total.files += r.files;
