@@ -533,6 +533,10 @@ pub struct BenchArgs {
     /// Decode steps measured for the compiled engine.
     #[arg(long, default_value_t = 32)]
     pub decode_tokens: usize,
+    /// Print every figure as one JSON object on stdout (the text report
+    /// goes to stderr).
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -548,6 +552,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     opts.prompt_tokens = a.prompt_tokens;
     opts.decode_tokens = a.decode_tokens;
+    opts.json = a.json;
     crate::bench::run_bench(&opts, &crate::bench::pipeline_fuse)
 }
 

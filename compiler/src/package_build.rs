@@ -32,7 +32,7 @@ pub fn write_cpu_package(
     fused: &Module,
     targets: &[String],
     report: &serde_json::Value,
-) -> Result<()> {
+) -> Result<PackStats> {
     let program =
         panguc_lowering::schedule::schedule(fused, &Default::default()).context("scheduling the kernel program")?;
     write_cpu_package_for(staging, ckpt, fused, &program, targets, report)
@@ -46,7 +46,7 @@ pub fn write_cpu_package_for(
     program: &KernelProgram,
     targets: &[String],
     report: &serde_json::Value,
-) -> Result<()> {
+) -> Result<PackStats> {
     write_cpu_package_cached(staging, ckpt, fused, program, targets, report, &mut BTreeMap::new())
 }
 
@@ -86,7 +86,7 @@ fn write_cpu_package_cached(
     targets: &[String],
     report: &serde_json::Value,
     cache: &mut KernelCache,
-) -> Result<()> {
+) -> Result<PackStats> {
     let tiers = panguc_codegen_cpu::Tier::all()?;
     let key = serde_json::to_string(&program.kernels)?;
     let compiled = match cache.get(&key) {
@@ -119,7 +119,12 @@ fn write_cpu_package_cached(
     write(&ir_dir.join("fused.txt"), panguc_ir::text::print_module(fused).as_bytes())?;
     write(&ir_dir.join("kernel_program.txt"), program.to_text().as_bytes())?;
 
-    let weights = if ckpt.has_weights() { Some(write_weights(staging, ckpt, program)?) } else { None };
+    let (weights, pack) = if ckpt.has_weights() {
+        let (entries, stats) = write_weights(staging, ckpt, program)?;
+        (Some(entries), stats)
+    } else {
+        (None, PackStats::default())
+    };
 
     let tier_report: Vec<serde_json::Value> = tiers
         .iter()
@@ -165,7 +170,8 @@ fn write_cpu_package_cached(
         ranks: None,
     };
     write_manifest(staging, &manifest)?;
-    finalize_manifest(staging, ckpt.config(), targets)
+    finalize_manifest(staging, ckpt.config(), targets)?;
+    Ok(pack)
 }
 
 /// The manifest's description of a package partitioned over `devices`
@@ -331,32 +337,138 @@ fn buffer_plan(p: &KernelProgram) -> Vec<BufferEntry> {
         .collect()
 }
 
+/// Prepared weight bytes in flight (prepared, not yet written) at most,
+/// whatever the model's size.
+const PACK_BUDGET_BYTES: u64 = 512 << 20;
+
+/// What packing the weights took (for `panguc bench`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PackStats {
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
 /// Evaluate every prepared weight and append it, in kernel layout, to
 /// `weights/<group>.bin` at a 64-byte aligned offset.
-fn write_weights(staging: &Path, ckpt: &Checkpoint, p: &KernelProgram) -> Result<Vec<WeightEntry>> {
+///
+/// Weights are prepared (read from the mapped shards, converted, packed)
+/// on one worker per core while this thread writes them in program order,
+/// so the files are the same as a sequential run's. Workers take weights
+/// in order and only while the bytes in flight stay under
+/// [`PACK_BUDGET_BYTES`] (one weight alone may exceed it): memory stays
+/// bounded, and the weight the writer needs next is always already taken,
+/// so the budget cannot deadlock.
+fn write_weights(staging: &Path, ckpt: &Checkpoint, p: &KernelProgram) -> Result<(Vec<WeightEntry>, PackStats)> {
+    let started = std::time::Instant::now();
     let dir = staging.join("weights");
     std::fs::create_dir_all(&dir)?;
-    let mut files: BTreeMap<String, (std::io::BufWriter<std::fs::File>, u64)> = BTreeMap::new();
-    let mut entries = vec![];
-    for w in &p.weights {
-        let rel = format!("weights/{}.bin", w.group);
-        if !files.contains_key(&rel) {
-            let f = std::fs::File::create(staging.join(&rel)).with_context(|| format!("creating {rel}"))?;
-            files.insert(rel.clone(), (std::io::BufWriter::new(f), 0));
+    let sizes: Vec<u64> = p.weights.iter().map(|w| w.stored_bytes() as u64).collect();
+    let total: u64 = sizes.iter().sum();
+    let n = sizes.len();
+    let workers = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1).min(n).max(1);
+    struct Gate {
+        next: usize,
+        in_flight: u64,
+        stop: bool,
+    }
+    let gate = std::sync::Mutex::new(Gate { next: 0, in_flight: 0, stop: false });
+    let turn = std::sync::Condvar::new();
+    let bar = pack_progress(total);
+    let entries = std::thread::scope(|s| -> Result<Vec<WeightEntry>> {
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<Vec<u8>>)>();
+        for _ in 0..workers {
+            let (tx, gate, turn, sizes) = (tx.clone(), &gate, &turn, &sizes);
+            s.spawn(move || loop {
+                let i = {
+                    let Ok(mut g) = gate.lock() else { return };
+                    loop {
+                        if g.stop || g.next >= n {
+                            return;
+                        }
+                        if g.in_flight == 0 || g.in_flight + sizes[g.next] <= PACK_BUDGET_BYTES {
+                            break;
+                        }
+                        let Ok(next) = turn.wait(g) else { return };
+                        g = next;
+                    }
+                    g.next += 1;
+                    g.in_flight += sizes[g.next - 1];
+                    g.next - 1
+                };
+                let w = &p.weights[i];
+                let r = prepared_bytes(ckpt, w).with_context(|| format!("preparing weight `{}`", w.name));
+                if tx.send((i, r)).is_err() {
+                    return;
+                }
+            });
         }
-        let bytes = prepared_bytes(ckpt, w).with_context(|| format!("preparing weight `{}`", w.name))?;
-        let (out, pos) = files.get_mut(&rel).expect("inserted");
-        let pad = pos.next_multiple_of(WEIGHT_ALIGN) - *pos;
-        out.write_all(&vec![0u8; pad as usize])?;
-        let offset = *pos + pad;
-        out.write_all(&bytes)?;
-        *pos = offset + bytes.len() as u64;
-        entries.push(WeightEntry { name: w.name.clone(), file: rel, offset, bytes: bytes.len() as u64 });
+        drop(tx);
+        let mut files: BTreeMap<String, (std::io::BufWriter<std::fs::File>, u64)> = BTreeMap::new();
+        let mut entries = vec![];
+        let mut ready: BTreeMap<usize, Result<Vec<u8>>> = BTreeMap::new();
+        let mut write_ready = |ready: &mut BTreeMap<usize, Result<Vec<u8>>>| -> Result<()> {
+            while let Some(r) = ready.remove(&entries.len()) {
+                let w = &p.weights[entries.len()];
+                let bytes = r?;
+                let rel = format!("weights/{}.bin", w.group);
+                if !files.contains_key(&rel) {
+                    let f = std::fs::File::create(staging.join(&rel)).with_context(|| format!("creating {rel}"))?;
+                    files.insert(rel.clone(), (std::io::BufWriter::with_capacity(8 << 20, f), 0));
+                }
+                let (out, pos) = files.get_mut(&rel).expect("inserted");
+                let pad = pos.next_multiple_of(WEIGHT_ALIGN) - *pos;
+                out.write_all(&vec![0u8; pad as usize]).with_context(|| format!("writing {rel}"))?;
+                let offset = *pos + pad;
+                out.write_all(&bytes).with_context(|| format!("writing {rel}"))?;
+                *pos = offset + bytes.len() as u64;
+                bar.inc(bytes.len() as u64);
+                entries.push(WeightEntry { name: w.name.clone(), file: rel, offset, bytes: bytes.len() as u64 });
+                if let Ok(mut g) = gate.lock() {
+                    g.in_flight -= sizes[entries.len() - 1];
+                }
+                turn.notify_all();
+            }
+            Ok(())
+        };
+        let mut result = Ok(());
+        for (i, r) in rx.iter() {
+            ready.insert(i, r);
+            result = write_ready(&mut ready);
+            if result.is_err() {
+                break;
+            }
+        }
+        if let Ok(mut g) = gate.lock() {
+            g.stop = true;
+        }
+        turn.notify_all();
+        result?;
+        for (rel, (mut out, _)) in files {
+            out.flush().with_context(|| format!("writing {rel}"))?;
+        }
+        if entries.len() != n {
+            bail!("packing the weights stopped after {} of {n}", entries.len());
+        }
+        Ok(entries)
+    })?;
+    bar.finish_and_clear();
+    Ok((entries, PackStats { bytes: total, seconds: started.elapsed().as_secs_f64() }))
+}
+
+/// A bytes/s progress bar on stderr for packing a large model (hidden when
+/// stderr is not a terminal or the model is small).
+fn pack_progress(total: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if total < (256 << 20) || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
     }
-    for (rel, (mut out, _)) in files {
-        out.flush().with_context(|| format!("writing {rel}"))?;
+    let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "packing weights {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
     }
-    Ok(entries)
+    bar
 }
 
 /// A prepared weight's bytes in its storage dtype and layout.
