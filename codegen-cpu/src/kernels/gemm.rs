@@ -123,7 +123,7 @@ struct Micro<'c> {
 
 impl<'c> Micro<'c> {
     fn new(cg: &mut Cg<'c>, prefix: &str, k: usize, a_dtype: DType, b_dtype: DType, nr: u32) -> Self {
-        let use_dot = cg.bf16_dot && a_dtype == DType::F32 && b_dtype == DType::BF16 && k % 2 == 0 && nr == 16;
+        let use_dot = cg.bf16_dot && a_dtype == DType::F32 && b_dtype == DType::BF16 && k.is_multiple_of(2) && nr == 16;
         if use_dot {
             let dot = dot_microkernels(cg, prefix, k, nr);
             return Micro { native: vec![], widened: None, dot: Some(dot), k, nr, b_dtype };
