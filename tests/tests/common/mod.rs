@@ -118,6 +118,8 @@ pub fn fixture() -> &'static Fixture {
     })
 }
 
+// Not every test binary that shares this module uses both names.
+#[allow(unused_imports)]
 pub use panguc_codegen_cpu::{BASELINE_TIER as BASELINE, BF16_TIER as BF16};
 
 /// Open `dir` with its kernel library for CPU tier `tier`.
