@@ -17,6 +17,7 @@ use panguc_codegen_ascendc::weights::device_weight_bytes;
 use panguc_codegen_ascendc::Target;
 use panguc_ir::kernel::{BufferKind, KernelProgram};
 use panguc_ir::PanguConfig;
+use panguc_runtime::batch::EngineFactory;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
@@ -165,20 +166,25 @@ pub fn sim_engine_config(engine: &str) -> Result<(Target, DevType)> {
 /// weights are used).
 pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
     let (target, act) = sim_engine_config(a.engine.as_deref().unwrap_or("ascend-sim"))?;
-    let context = (a.tokens.len() + a.max_new_tokens).max(1);
-    if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
+    let dir = &a.model;
+    // Each engine compiles the device kernels once; finished sequences
+    // hand their engine on (reset) to the next, so at most --max-seqs exist.
+    if panguc_runtime::multirank::package_ranks(dir)?.is_some() {
         // Partitioned: every rank's program under the simulation, their
         // collectives meeting in one in-process communicator.
-        let cfg = panguc_runtime::multirank::rank_dirs(&a.model)?.model;
-        crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
-        let mut engine = AscendSimEngine::multi_rank(&a.model, target, act, context)?;
-        return crate::commands::generate_and_report(&mut engine, a, &cfg);
+        let cfg = panguc_runtime::multirank::rank_dirs(dir)?.model;
+        let prompts = crate::run_batch::prompts(a, cfg.vocab_size)?;
+        let context = crate::run_batch::max_context(&prompts, a.max_new_tokens);
+        let make: EngineFactory =
+            Box::new(move || Ok(Box::new(AscendSimEngine::multi_rank(dir, target, act, context)?)));
+        return crate::run_batch::generate_and_report(make, a, &cfg, &prompts);
     }
-    let files = panguc_runtime::package::verify_package(&a.model)?;
+    let files = panguc_runtime::package::verify_package(dir)?;
     let cfg = files.manifest.model.clone();
-    crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
-    let mut engine = AscendSimEngine::from_package(&a.model, target, act, context)?;
-    crate::commands::generate_and_report(&mut engine, a, &cfg)
+    let prompts = crate::run_batch::prompts(a, cfg.vocab_size)?;
+    let context = crate::run_batch::max_context(&prompts, a.max_new_tokens);
+    let make: EngineFactory = Box::new(move || Ok(Box::new(AscendSimEngine::from_package(dir, target, act, context)?)));
+    crate::run_batch::generate_and_report(make, a, &cfg, &prompts)
 }
 
 fn set_executable(p: &Path) -> Result<()> {

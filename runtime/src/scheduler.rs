@@ -47,7 +47,12 @@ impl SchedulerConfig {
     /// Default limits with a cache big enough to hold every request at its
     /// longest at once (so nothing is ever preempted).
     pub fn fitting(requests: &[Request]) -> Self {
-        let block_size = DEFAULT_BLOCK_SIZE;
+        Self::fitting_with(requests, DEFAULT_BLOCK_SIZE)
+    }
+
+    /// [`SchedulerConfig::fitting`] with blocks of `block_size` (at least 1) tokens.
+    pub fn fitting_with(requests: &[Request], block_size: usize) -> Self {
+        let block_size = block_size.max(1);
         let num_blocks = requests.iter().map(|r| r.max_cached_tokens().div_ceil(block_size)).sum::<usize>().max(1);
         SchedulerConfig {
             block_size,
