@@ -248,6 +248,40 @@ fn panguc_compile_then_run_prints_the_interpreter_tokens() {
     assert_eq!(c["generated"].as_array().unwrap().len(), 8);
     assert_eq!(i["tokens"], c["tokens"]);
 
+    // Several prompts through the compiled engine in one scheduler run,
+    // with a cache of 8 blocks of 2 tokens (preemption) and chunked
+    // prefill: each sequence as when run alone.
+    let prompts = ["1,2,3,4", "9,8,7", "5", "100,200,300,400,500,6"];
+    let batch_json = dir.path().join("batch.json");
+    let mut b: Vec<&str> = vec!["run", out_s, "--max-new-tokens", "8", "--block-size", "2"];
+    b.extend(["--max-batch-tokens", "5", "--kv-cache-mb", "0.0078125", "--logits-out"]);
+    b.push(batch_json.to_str().unwrap());
+    prompts.iter().for_each(|p| b.extend(["--tokens", p]));
+    cli(&b).unwrap();
+    let batch = read(&batch_json);
+    let seqs = batch["sequences"].as_array().unwrap();
+    assert_eq!(seqs.len(), prompts.len());
+    for (k, p) in prompts.iter().enumerate() {
+        let single_json = dir.path().join(format!("single{k}.json"));
+        cli(&["run", out_s, "--tokens", p, "--max-new-tokens", "8", "--logits-out", single_json.to_str().unwrap()])
+            .unwrap();
+        let single = read(&single_json);
+        assert_eq!(seqs[k]["tokens"], single["tokens"], "prompt order");
+        assert_eq!(seqs[k]["generated"], single["generated"], "sequence {k}: tokens differ from running it alone");
+        let rows = |v: &serde_json::Value| -> Vec<f32> {
+            v["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|r| r.as_array().unwrap().clone())
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        };
+        let (x, y) = (rows(&seqs[k]), rows(&single));
+        let (x, y) = (panguc_ir::Tensor::f32(vec![x.len()], x), panguc_ir::Tensor::f32(vec![y.len()], y));
+        assert_close(&x, &y, BATCH_TOL, FLOOR, &format!("CLI batch sequence {k} prompt logits"));
+    }
+
     // Bad options fail with messages naming them.
     let run = |extra: &[&str]| -> String {
         let mut v = vec!["run", out_s, "--tokens", "1,2"];
