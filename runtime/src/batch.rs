@@ -53,13 +53,26 @@ pub struct PerSequenceEngines<'e> {
     make: EngineFactory<'e>,
     /// Engine and tokens in its cache, per running sequence.
     live: HashMap<SeqId, (Box<dyn Engine + 'e>, usize)>,
-    idle: Vec<Box<dyn Engine + 'e>>,
+    /// Engines never used yet.
+    fresh: Vec<Box<dyn Engine + 'e>>,
+    /// Engines of released sequences that can be reset for reuse.
+    released: Vec<Box<dyn Engine + 'e>>,
+    /// The caller's engines ([`Self::from_engines`]): reset only when
+    /// reused, so after `generate` the caller's engine keeps its cache.
+    lazy_reset: bool,
     created: usize,
 }
 
 impl<'e> PerSequenceEngines<'e> {
     pub fn new(make: EngineFactory<'e>) -> Self {
-        PerSequenceEngines { make, live: HashMap::new(), idle: vec![], created: 0 }
+        PerSequenceEngines {
+            make,
+            live: HashMap::new(),
+            fresh: vec![],
+            released: vec![],
+            lazy_reset: false,
+            created: 0,
+        }
     }
 
     /// Serve sequences with exactly the given fresh engines (no more are made).
@@ -68,7 +81,8 @@ impl<'e> PerSequenceEngines<'e> {
         let mut s = Self::new(Box::new(move || {
             bail!("all {n} engines are in use or could not be reset: give one engine per sequence")
         }));
-        s.idle = engines.into_iter().rev().collect();
+        s.fresh = engines.into_iter().rev().collect();
+        s.lazy_reset = true;
         s
     }
 
@@ -80,7 +94,7 @@ impl<'e> PerSequenceEngines<'e> {
     fn engine_for(&mut self, c: &StepChunk) -> Result<&mut (Box<dyn Engine + 'e>, usize)> {
         if !self.live.contains_key(&c.seq) {
             ensure!(c.past == 0, "sequence {} has no engine but its chunk starts at position {}", c.seq, c.past);
-            let engine = match self.idle.pop() {
+            let engine = match self.reusable() {
                 Some(e) => e,
                 None => {
                     self.created += 1;
@@ -98,6 +112,19 @@ impl<'e> PerSequenceEngines<'e> {
             c.past
         );
         Ok(entry)
+    }
+
+    /// A fresh engine, or a released one that could be reset.
+    fn reusable(&mut self) -> Option<Box<dyn Engine + 'e>> {
+        if let Some(e) = self.fresh.pop() {
+            return Some(e);
+        }
+        while let Some(mut e) = self.released.pop() {
+            if e.reset() {
+                return Some(e);
+            }
+        }
+        None
     }
 }
 
@@ -126,8 +153,9 @@ impl BatchEngine for PerSequenceEngines<'_> {
 
     fn release(&mut self, seq: SeqId) {
         if let Some((mut engine, _)) = self.live.remove(&seq) {
-            if engine.reset() {
-                self.idle.push(engine);
+            // Engines that cannot be reset are dropped now, freeing their cache.
+            if self.lazy_reset || engine.reset() {
+                self.released.push(engine);
             }
         }
     }
@@ -199,5 +227,65 @@ mod tests {
         let mut one = Sum(0);
         let mut engines: Vec<&mut dyn Engine> = vec![&mut one];
         assert!(generate_batch(&mut engines, &prompts, 1, &s, None).is_err(), "engine/prompt count mismatch");
+    }
+
+    /// `Sum` that can be reset, counting its resets.
+    struct ResettableSum(Sum, std::rc::Rc<std::cell::Cell<usize>>);
+    impl Engine for ResettableSum {
+        fn forward(&mut self, tokens: &[i64]) -> Result<Tensor> {
+            self.0.forward(tokens)
+        }
+        fn reset(&mut self) -> bool {
+            self.0 .0 = 0;
+            self.1.set(self.1.get() + 1);
+            true
+        }
+    }
+
+    #[test]
+    fn engines_are_reused_after_release_and_preemption() {
+        let resets = std::rc::Rc::new(std::cell::Cell::new(0));
+        let r = resets.clone();
+        let mut batch = PerSequenceEngines::new(Box::new(move || Ok(Box::new(ResettableSum(Sum(0), r.clone())))));
+        // 3 blocks of 2 tokens: sequences needing 3, 2 and 3 blocks cannot
+        // run together, so some are preempted and recomputed.
+        let prompts = [vec![1, 2], vec![4], vec![3, 3, 3]];
+        let requests: Vec<Request> = prompts
+            .iter()
+            .map(|p| Request {
+                prompt: p.clone(),
+                max_new_tokens: 4,
+                sampling: Sampling::default(),
+                stop_tokens: vec![],
+            })
+            .collect();
+        let cfg = SchedulerConfig { block_size: 2, num_blocks: 3, max_seqs: 2, max_batch_tokens: 4 };
+        let mut s = Scheduler::new(cfg).unwrap();
+        let ids: Vec<SeqId> = requests.iter().map(|r| s.add(r.clone()).unwrap()).collect();
+        s.run(&mut batch).unwrap();
+        assert!(s.stats().preemptions > 0, "{:?}", s.stats());
+        assert_eq!(batch.created(), 2, "max_seqs engines, reused after reset");
+        assert!(resets.get() >= 2);
+        for (p, id) in prompts.iter().zip(ids) {
+            let want = generate(&mut Sum(0), p, 4, &Sampling::default(), None).unwrap();
+            assert_eq!(s.take(id).unwrap().generated, want.generated);
+        }
+    }
+
+    #[test]
+    fn a_chunk_out_of_step_with_its_engine_is_an_error() {
+        let mut batch = PerSequenceEngines::new(Box::new(|| Ok(Box::new(Sum(0)))));
+        let meta =
+            StepMetadata::build(4, &[panguc_ir::batch::SeqChunk { past: 2, new_tokens: 1, blocks: &[0] }]).unwrap();
+        let c = StepChunk { seq: 0, tokens: &[1], past: 2, logits_from: 0 };
+        let e = batch.step(&[c], &meta).unwrap_err().to_string();
+        assert!(e.contains("starts at position 2"), "{e}");
+        let c = StepChunk { seq: 0, tokens: &[1, 2], past: 0, logits_from: 1 };
+        let meta =
+            StepMetadata::build(4, &[panguc_ir::batch::SeqChunk { past: 0, new_tokens: 2, blocks: &[0] }]).unwrap();
+        let rows = batch.step(&[c], &meta).unwrap();
+        assert_eq!(rows[0].len(), 1, "only the rows from logits_from");
+        let c = StepChunk { seq: 0, tokens: &[1], past: 1, logits_from: 0 };
+        assert!(batch.step(&[c], &meta).unwrap_err().to_string().contains("holds 2 tokens"));
     }
 }
