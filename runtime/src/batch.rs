@@ -75,7 +75,8 @@ impl<'e> PerSequenceEngines<'e> {
         }
     }
 
-    /// Serve sequences with exactly the given fresh engines (no more are made).
+    /// Serve sequences with exactly the given engines, which must be fresh
+    /// (empty caches: this adapter cannot see how many tokens they hold).
     pub fn from_engines(engines: Vec<Box<dyn Engine + 'e>>) -> Self {
         let n = engines.len();
         let mut s = Self::new(Box::new(move || {
