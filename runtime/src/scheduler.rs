@@ -197,7 +197,7 @@ impl Scheduler {
         let mut s = Scheduler::new(cfg)?;
         let ids = requests.into_iter().map(|r| s.add(r)).collect::<Result<Vec<_>>>()?;
         s.run(engine)?;
-        Ok(ids.iter().map(|&id| s.take(id)).collect::<Option<Vec<_>>>().unwrap_or_default())
+        ids.iter().map(|&id| s.take(id).ok_or_else(|| anyhow::anyhow!("sequence {id} did not finish"))).collect()
     }
 
     pub fn config(&self) -> &SchedulerConfig {
