@@ -72,21 +72,43 @@ pub struct DumpIrArgs {
     pub stage: String,
     #[arg(long)]
     pub config_only: bool,
+    /// Print a Graphviz picture instead of text: the dataflow of one
+    /// function (import, fused) or the launch dependencies (kernels).
+    /// Render with `dot -Tsvg`.
+    #[arg(long)]
+    pub dot: bool,
+    /// The function `--dot` draws at the import and fused stages.
+    #[arg(long, default_value = "decoder_layer", requires = "dot")]
+    pub function: String,
 }
 
 pub fn dump_ir(a: DumpIrArgs) -> Result<()> {
     let ckpt = open_checkpoint(&a.model_dir, a.config_only)?;
     let module = import(&ckpt)?;
+    let module_text = |m: &panguc_ir::Module| -> Result<String> {
+        if !a.dot {
+            return Ok(panguc_ir::text::print_module(m));
+        }
+        let f = m.function(&a.function).ok_or_else(|| {
+            let names: Vec<&str> = m.functions.keys().map(String::as_str).collect();
+            anyhow::anyhow!("no function @{} (available: {})", a.function, names.join(", "))
+        })?;
+        Ok(panguc_lowering::dataflow::function_dot(f))
+    };
     match a.stage.as_str() {
-        "import" => emit(&panguc_ir::text::print_module(&module)),
+        "import" => emit(&module_text(&module)?),
         "fused" => {
             let out = crate::pipeline::run_pipeline(&ckpt, &module, 0.0, &Default::default())?;
-            emit(&panguc_ir::text::print_module(&out.module))
+            emit(&module_text(&out.module)?)
         }
         "kernels" => {
             let out = crate::pipeline::run_pipeline(&ckpt, &module, 0.0, &Default::default())?;
             let program = panguc_lowering::schedule::schedule(&out.module, &Default::default())?;
-            emit(&program.to_text())
+            if a.dot {
+                emit(&panguc_lowering::dataflow::launch_dot(&program).map_err(|e| anyhow::anyhow!(e))?)
+            } else {
+                emit(&program.to_text())
+            }
         }
         other => bail!("unknown --stage `{other}` (available: import, fused, kernels)"),
     }
@@ -438,6 +460,12 @@ pub fn open_checkpoint(dir: &Path, config_only: bool) -> Result<Checkpoint> {
 /// Import the graph IR, typing each weight with its stored dtype (or the
 /// config's torch_dtype for config-only checkpoints).
 pub fn import(ckpt: &Checkpoint) -> Result<Module> {
+    import_with(ckpt, crate::import::KvLayout::Contiguous)
+}
+
+/// [`import`] for either KV-cache layout (`KvLayout::Paged` builds the
+/// ragged-batch model of `crate::import::build_batched_module`).
+pub fn import_with(ckpt: &Checkpoint, kv: crate::import::KvLayout) -> Result<Module> {
     let default = match ckpt.config().torch_dtype.as_deref() {
         Some("float16") => DType::F16,
         Some("float32") => DType::F32,
@@ -456,7 +484,12 @@ pub fn import(ckpt: &Checkpoint) -> Result<Module> {
             }
         }
     }
-    build_module(cfg, &dtype_of)
+    match kv {
+        crate::import::KvLayout::Contiguous => build_module(cfg, &dtype_of),
+        crate::import::KvLayout::Paged { block_size } => {
+            crate::import::build_batched_module(cfg, &dtype_of, block_size)
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]

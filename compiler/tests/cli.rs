@@ -199,3 +199,30 @@ fn run_rejects_bad_prompts_files_and_batch_limits() {
     }
     assert_clean_failure(&panguc(&["run", &tiny, "--tokens", "1", "--kv-cache-mb", "0"]), &["--kv-cache-mb"]);
 }
+
+#[test]
+fn dump_ir_dot_draws_the_decoder_layer_and_the_launch_graph() {
+    let dot = |args: &[&str]| {
+        let mut all = vec!["dump-ir", "--config-only"];
+        all.extend_from_slice(args);
+        let ex = example("tiny-pangu");
+        all.insert(1, &ex);
+        let o = panguc(&all);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let imported = dot(&["--dot"]);
+    assert!(imported.starts_with("// @decoder_layer: 76 kernels per call\ndigraph {"), "{imported}");
+    assert_eq!(imported.matches("fillcolor=lightblue").count(), 76);
+    let fused = dot(&["--stage", "fused", "--dot"]);
+    assert!(fused.starts_with("// @decoder_layer: 7 kernels per call\n"), "{fused}");
+    assert_eq!(fused.matches("fillcolor=lightblue").count(), 7);
+    for op in ["rms_norm", "flash_attention", "add_rms_norm"] {
+        assert!(fused.contains(&format!("label = \"{op}\"")), "fused layer lacks {op}: {fused}");
+    }
+    let launches = dot(&["--stage", "kernels", "--dot"]);
+    assert!(launches.contains("launches\ndigraph {") && launches.contains(" -> "), "{launches}");
+
+    let o = panguc(&["dump-ir", &example("tiny-pangu"), "--config-only", "--dot", "--function", "nope"]);
+    assert_clean_failure(&o, &["no function @nope", "decoder_layer"]);
+}

@@ -3,6 +3,8 @@
 //! Executes in f32 (weights converted on load). Integer values (token ids,
 //! positions, expert indices) are held as i64.
 
+pub mod batched;
+
 use crate::graph::{Function, Module, ParamKind};
 use crate::kernels as k;
 use crate::op::{BinaryOp, CollectiveKind, Op, ReduceOp, RopeKind, UnaryOp};
@@ -251,6 +253,11 @@ pub fn eval_pure(op: &Op, a: &[&Tensor]) -> Result<Vec<Tensor>, String> {
             one(k::binary(&g, &u, |g, u| k::silu(g) * u)?)
         }
         Op::FlashAttention { scale } => one(attention(a[0], a[1], a[2], a[3], *scale as f32)),
+        Op::KvCacheWrite => one(batched::kv_cache_write(a[0], a[1], a[2])?),
+        Op::PagedAttention { scale } => one(batched::paged_attention(a, *scale as f32)?),
+        Op::MoeInitRouting { experts } => batched::moe_init_routing(a[0], a[1], *experts),
+        Op::GroupedMatmul => one(batched::grouped_matmul(a[0], a[1], a[2])?),
+        Op::MoeFinalizeRouting => one(batched::moe_finalize_routing(a)?),
         Op::MoeGatingGroupTopK { groups } => moe_gating(a[0], a[1], *groups),
         Op::GroupedMatmulMoe => one(grouped_moe(a[0], a[1], a[2], a[3], a[4])?),
         Op::QkvRope { q_heads, kv_heads } => qkv_rope(a, *q_heads, *kv_heads),

@@ -14,6 +14,7 @@
 pub mod analysis;
 pub mod convert;
 pub mod cost;
+pub mod dataflow;
 pub mod estimate;
 pub mod extract;
 pub mod fuse;

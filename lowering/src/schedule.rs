@@ -12,8 +12,10 @@
 //! 3. Kernel selection ([`select`]): one or more launches per remaining node;
 //!    identical specialisations (same kind, dtypes, shapes) share a kernel.
 //!    The KV-cache `concat(cache, new)` becomes an in-place append.
-//! 4. Buffer plan: activations get arena slots by lifetime (greedy, first
-//!    fit), so a decoder layer's temporaries are reused by the next layer.
+//! 4. Buffer plan: the launch graph ([`crate::dataflow::LaunchGraph`])
+//!    checks the order and gives every activation its live range; slots
+//!    are assigned by lifetime (greedy, first fit), so a decoder layer's
+//!    temporaries are reused by the next layer.
 
 mod flatten;
 mod select;
@@ -21,6 +23,8 @@ mod select;
 use anyhow::{bail, Result};
 use panguc_ir::kernel::{BufferKind, KernelProgram};
 use panguc_ir::Module;
+
+use crate::dataflow::LaunchGraph;
 
 pub use flatten::{flatten, Def, FlatGraph};
 
@@ -57,7 +61,7 @@ pub fn schedule(module: &Module, opts: &ScheduleOptions) -> Result<KernelProgram
     }
     let flat = flatten(module)?;
     let mut program = select::Selector::new(&flat, opts).run()?;
-    assign_slots(&mut program);
+    assign_slots(&mut program)?;
     program.validate().map_err(|e| anyhow::anyhow!("scheduler produced an invalid kernel program: {e}"))?;
     Ok(program)
 }
@@ -81,44 +85,29 @@ pub fn stats(p: &KernelProgram) -> serde_json::Value {
 }
 
 /// Give every activation buffer an arena slot. Buffers whose live ranges
-/// (first write .. last read, in launch order) do not overlap may share a
-/// slot; the runtime sizes a slot as the largest of its buffers.
-fn assign_slots(p: &mut KernelProgram) {
-    let n = p.buffers.len();
-    let mut first = vec![usize::MAX; n];
-    let mut last = vec![0usize; n];
-    for (li, l) in p.launches.iter().enumerate() {
-        let outs = p.kernels[l.kernel].kind.num_outputs();
-        for (ai, a) in l.args.iter().enumerate() {
-            let root = p.root_of(*a).0.index();
-            if ai >= l.args.len() - outs {
-                first[root] = first[root].min(li);
-            }
-            last[root] = last[root].max(li);
-        }
-    }
+/// (first write .. last read, in launch order, from the launch graph) do
+/// not overlap may share a slot; the runtime sizes a slot as the largest of
+/// its buffers. Fails when the launch order breaks a dependency.
+fn assign_slots(p: &mut KernelProgram) -> Result<()> {
+    let graph = LaunchGraph::build(p).map_err(|e| anyhow::anyhow!("scheduler bug: {e}"))?;
+    graph.check_order(p).map_err(|e| anyhow::anyhow!("scheduler bug: {e}"))?;
+    let ranges = graph.live_ranges(p);
     let end = p.launches.len();
-    for o in &p.outputs {
-        let root = p.root_of(*o).0.index();
-        last[root] = end;
-    }
-    let is_act = |b: &panguc_ir::kernel::Buffer| matches!(b.kind, BufferKind::Activation { .. });
     // Buffers that are first written at each launch, in buffer order.
     let mut starts: Vec<Vec<usize>> = vec![vec![]; end + 1];
-    for (i, b) in p.buffers.iter().enumerate() {
-        if is_act(b) {
-            let s = if first[i] == usize::MAX { 0 } else { first[i] };
-            last[i] = last[i].max(s);
-            starts[s].push(i);
+    for (i, r) in ranges.iter().enumerate() {
+        if let Some((first, _)) = r {
+            starts[*first].push(i);
         }
     }
+    let last = |b: usize| ranges[b].map_or(0, |r| r.1);
     // slot -> (buffer currently holding it, its size signature)
     let mut holder: Vec<(usize, String)> = vec![];
-    let mut assigned = vec![usize::MAX; n];
+    let mut assigned = vec![usize::MAX; p.buffers.len()];
     for (li, new) in starts.iter().enumerate() {
         for &b in new {
             let sig = format!("{}{:?}", p.buffers[b].dtype.size_bytes(), p.buffers[b].shape);
-            let free = |s: &(usize, String)| last[s.0] < li;
+            let free = |s: &(usize, String)| last(s.0) < li;
             // Prefer a free slot last used by a buffer of the same size, so
             // slots stay tight; otherwise the lowest free slot.
             let pick = holder.iter().position(|s| free(s) && s.1 == sig).or_else(|| holder.iter().position(free));
@@ -141,4 +130,5 @@ fn assign_slots(p: &mut KernelProgram) {
         }
     }
     p.slots = holder.len();
+    Ok(())
 }

@@ -99,3 +99,46 @@ fn activations_share_arena_slots() {
 fn kernel_program_snapshot() {
     insta::assert_snapshot!("tiny_plan_kernel_program", program(Graph::Plan).to_text());
 }
+
+#[test]
+fn launch_graph_checks_the_order_and_gives_live_ranges() {
+    use panguc_lowering::dataflow::LaunchGraph;
+    let p = program(Graph::Pipeline);
+    let g = LaunchGraph::build(&p).expect("launch graph");
+    g.check_order(&p).expect("the scheduler's order respects every dependency");
+    // Every activation slot is shared only by buffers whose live ranges are disjoint.
+    let ranges = g.live_ranges(&p);
+    for (a, ra) in ranges.iter().enumerate() {
+        for (b, rb) in ranges.iter().enumerate().skip(a + 1) {
+            if let (Some(ra), Some(rb), BufferKind::Activation { slot: sa }, BufferKind::Activation { slot: sb }) =
+                (ra, rb, &p.buffers[a].kind, &p.buffers[b].kind)
+            {
+                if sa == sb {
+                    assert!(
+                        ra.1 < rb.0 || rb.1 < ra.0,
+                        "`{}` and `{}` share slot {sa} while both live",
+                        p.buffers[a].name,
+                        p.buffers[b].name
+                    );
+                }
+            }
+        }
+    }
+    // Moving the last launch to the front breaks a dependency, and the
+    // check names the launch that now runs too early.
+    let mut bad = p.clone();
+    let last = bad.launches.pop().unwrap();
+    bad.launches.insert(0, last);
+    let err = LaunchGraph::build(&bad).and_then(|g| g.check_order(&bad)).unwrap_err();
+    assert!(err.contains("launch 0") && err.contains("before any launch writes it"), "{err}");
+    // Swapping two dependent launches is caught by the order check.
+    let mut swapped = p.clone();
+    let (w, r) = {
+        let g = LaunchGraph::build(&p).unwrap();
+        let e = g.graph.raw_edges()[0].clone();
+        (g.graph[e.source()], g.graph[e.target()])
+    };
+    swapped.launches.swap(w, r);
+    let err = LaunchGraph::build(&swapped).and_then(|g| g.check_order(&swapped)).unwrap_err();
+    assert!(err.contains("before"), "{err}");
+}

@@ -516,6 +516,13 @@ impl<'a> Selector<'a> {
             }
             Op::Scalar { .. } | Op::Iota { .. } => unreachable!("constants are prepared weights"),
             Op::Call { .. } => bail!("calls are inlined before scheduling"),
+            Op::KvCacheWrite
+            | Op::PagedAttention { .. }
+            | Op::MoeInitRouting { .. }
+            | Op::GroupedMatmul
+            | Op::MoeFinalizeRouting => {
+                bail!("`{}` (a ragged-batch op) has no kernel yet; only the interpreter runs it", n.op.mnemonic())
+            }
         }
         Ok(())
     }
