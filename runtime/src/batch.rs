@@ -162,6 +162,27 @@ impl BatchEngine for PerSequenceEngines<'_> {
     }
 }
 
+/// The interpreter's paged session runs a whole step in one call: the
+/// step's rows go in flattened, each chunk's wanted rows come out.
+impl BatchEngine for panguc_ir::session::BatchInterpSession<'_> {
+    fn step(&mut self, chunks: &[StepChunk<'_>], meta: &StepMetadata) -> Result<Vec<ChunkLogits>> {
+        let ids: Vec<i64> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
+        let logits = panguc_ir::session::BatchInterpSession::step(self, &ids, meta)?;
+        let vocab = *logits.shape.last().unwrap_or(&0);
+        ensure!(vocab > 0 && logits.as_f32().len() == ids.len() * vocab, "logits of shape {:?}", logits.shape);
+        let rows: Vec<&[f32]> = logits.as_f32().chunks(vocab).collect();
+        Ok(chunks
+            .iter()
+            .enumerate()
+            .map(|(s, c)| rows[meta.rows(s)][c.logits_from..].iter().map(|r| r.to_vec()).collect())
+            .collect())
+    }
+
+    /// The cache is paged: a released sequence's blocks are simply reused
+    /// by the scheduler, nothing to do here.
+    fn release(&mut self, _seq: SeqId) {}
+}
+
 /// Prefill every prompt and decode up to `max_new` tokens per sequence
 /// (stopping early at `eos` when given), all prompts through one scheduler
 /// with one engine per sequence; every sequence samples with its own
