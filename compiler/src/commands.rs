@@ -133,8 +133,10 @@ pub struct RunArgs {
     /// with several prompts {"sequences": [those, in prompt order]}.
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
-    /// Execution engine: interp (reference interpreter; the default for a
-    /// checkpoint directory) or compiled (the default for a package).
+    /// Execution engine: interp (reference interpreter, one session per
+    /// sequence; the default for a checkpoint directory), interp-paged (the
+    /// interpreter on the batched import: one call per step over a paged
+    /// cache) or compiled (the default for a package).
     #[arg(long)]
     pub engine: Option<String>,
     /// Worker threads of the compiled engine (default: all cores).
@@ -193,11 +195,27 @@ pub fn run(a: RunArgs) -> Result<()> {
             });
             crate::run_batch::generate_and_report(make, &a, &cfg, &prompts)
         }
+        "interp-paged" => {
+            // The batched import over a paged cache: one interpreter call per
+            // step for all of its sequences, the cache sized by the scheduler.
+            let kv = [cfg.num_key_value_heads, cfg.head_dim()];
+            let block_size = crate::run_batch::block_size(&a)?;
+            let paged = import_with(&ckpt, crate::import::KvLayout::Paged { block_size })?;
+            crate::run_batch::scheduled_run(&a, &cfg, &prompts, &mut |s| {
+                Ok(Box::new(panguc_ir::session::BatchInterpSession::new(
+                    panguc_ir::interp::Interpreter::new(&paged, &ckpt),
+                    cfg.num_hidden_layers,
+                    s.num_blocks,
+                    s.block_size,
+                    kv,
+                )))
+            })
+        }
         "compiled" => bail!(
             "--engine compiled runs a compiled package: compile {} with `panguc compile --target cpu -o OUT` and run OUT",
             a.model.display()
         ),
-        other => bail!("unknown --engine `{other}` for a checkpoint directory (available: interp)"),
+        other => bail!("unknown --engine `{other}` for a checkpoint directory (available: interp, interp-paged)"),
     }
 }
 

@@ -7,7 +7,7 @@ use crate::commands::{emit, RunArgs};
 use anyhow::{bail, Context, Result};
 use panguc_ir::PanguConfig;
 use panguc_runtime::batch::EngineFactory;
-use panguc_runtime::{Generation, PerSequenceEngines, Request, Sampling, Scheduler, SchedulerConfig};
+use panguc_runtime::{BatchEngine, Generation, PerSequenceEngines, Request, Sampling, Scheduler, SchedulerConfig};
 use std::path::Path;
 
 /// One `--tokens` value: comma-separated token ids.
@@ -100,14 +100,19 @@ pub fn kv_bytes_per_token(cfg: &PanguConfig) -> usize {
     2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim() * 4
 }
 
-/// The scheduler's limits from the flags. Without `--kv-cache-mb` the cache
-/// holds every sequence at its longest at once.
-pub fn scheduler_config(a: &RunArgs, cfg: &PanguConfig, requests: &[Request]) -> Result<SchedulerConfig> {
+/// `--block-size`, or the default.
+pub fn block_size(a: &RunArgs) -> Result<usize> {
     let block_size = a.block_size.unwrap_or(panguc_runtime::scheduler::DEFAULT_BLOCK_SIZE);
     if block_size == 0 {
         bail!("--block-size must be at least 1 token");
     }
-    let mut s = SchedulerConfig::fitting_with(requests, block_size);
+    Ok(block_size)
+}
+
+/// The scheduler's limits from the flags. Without `--kv-cache-mb` the cache
+/// holds every sequence at its longest at once.
+pub fn scheduler_config(a: &RunArgs, cfg: &PanguConfig, requests: &[Request]) -> Result<SchedulerConfig> {
+    let mut s = SchedulerConfig::fitting_with(requests, block_size(a)?);
     if let Some(mb) = a.kv_cache_mb {
         if !(mb.is_finite() && mb > 0.0) {
             bail!("--kv-cache-mb must be a positive number of MiB, got {mb}");
@@ -137,14 +142,29 @@ pub fn scheduler_config(a: &RunArgs, cfg: &PanguConfig, requests: &[Request]) ->
     Ok(s)
 }
 
-/// Run every prompt through one scheduler (engines from `make`, one per
-/// running sequence), then print the generated tokens (one line per prompt),
-/// write `--logits-out` and log the scheduler's figures.
+/// Run every prompt through one scheduler with one-sequence engines from
+/// `make` (one per running sequence), then report (see [`scheduled_run`]).
 pub fn generate_and_report(
     make: EngineFactory<'_>,
     a: &RunArgs,
     cfg: &PanguConfig,
     prompts: &[Vec<i64>],
+) -> Result<()> {
+    let mut make = Some(make);
+    scheduled_run(a, cfg, prompts, &mut |_| {
+        let make = make.take().context("the engines were already made")?;
+        Ok(Box::new(PerSequenceEngines::new(make)))
+    })
+}
+
+/// Run every prompt through one scheduler driving the engine `engine`
+/// makes for the scheduler's limits, then print the generated tokens (one
+/// line per prompt), write `--logits-out` and log the scheduler's figures.
+pub fn scheduled_run<'e>(
+    a: &RunArgs,
+    cfg: &PanguConfig,
+    prompts: &[Vec<i64>],
+    engine: &mut dyn FnMut(&SchedulerConfig) -> Result<Box<dyn BatchEngine + 'e>>,
 ) -> Result<()> {
     let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
     let stop_tokens: Vec<i64> = if a.stop_at_eos { cfg.eos_token_id.into_iter().collect() } else { vec![] };
@@ -164,8 +184,9 @@ pub fn generate_and_report(
         let id = scheduler.add(r).with_context(|| format!("prompt {}", i + 1))?;
         ids.push(id);
     }
-    let mut engine = PerSequenceEngines::new(make);
-    scheduler.run(&mut engine)?;
+    let mut engine = engine(&sched_cfg)?;
+    scheduler.run(engine.as_mut())?;
+    drop(engine);
     let stats = scheduler.stats().clone();
     let generations: Vec<Generation> =
         ids.iter().map(|&id| scheduler.take(id).context("a sequence did not finish")).collect::<Result<_>>()?;
@@ -177,10 +198,9 @@ pub fn generate_and_report(
     emit(&format!("{}\n", lines.join("\n")));
     let mb = (sched_cfg.num_blocks * sched_cfg.block_size * kv_bytes_per_token(cfg)) as f64 / (1 << 20) as f64;
     eprintln!(
-        "run: {} sequences in {} steps ({} engines); KV cache {} blocks of {} tokens ({mb:.2} MB): {} blocks allocated, peak {} in use; {} preemptions",
+        "run: {} sequences in {} steps; KV cache {} blocks of {} tokens ({mb:.3} MB): {} blocks allocated, peak {} in use; {} preemptions",
         prompts.len(),
         stats.steps,
-        engine.created(),
         sched_cfg.num_blocks,
         sched_cfg.block_size,
         stats.block_allocations,

@@ -133,40 +133,57 @@ fn run_batches_repeated_tokens_and_a_prompts_file_like_single_runs() {
     let tiny = example("tiny-pangu");
     let common = ["--max-new-tokens", "6", "--block-size", "2", "--max-batch-tokens", "5"];
 
+    // Each prompt alone (default limits: one chunk, no preemption).
+    let singles: Vec<serde_json::Value> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let single = dir.path().join(format!("single{i}.json"));
+            let t = ids(p);
+            let o = panguc(&[
+                "run",
+                &tiny,
+                "--tokens",
+                &t,
+                "--max-new-tokens",
+                "6",
+                "--logits-out",
+                single.to_str().unwrap(),
+            ]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            serde_json::from_str(&std::fs::read_to_string(&single).unwrap()).unwrap()
+        })
+        .collect();
+
     // 10 blocks of 2 tokens at 512 bytes a token (tiny: 2 layers x K,V x
     // 1 head x 32 x f32) for ~40 tokens of context: preemption is certain.
-    let out = dir.path().join("batch.json");
-    let (a, b) = (ids(prompts[0]), ids(prompts[1]));
-    let mut args = vec!["run", &tiny, "--tokens", &a, "--tokens", &b, "--prompts", jsonl.to_str().unwrap()];
-    args.extend(common);
-    args.extend(["--kv-cache-mb", "0.009765625", "--logits-out", out.to_str().unwrap()]);
-    let o = panguc(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(preemptions(&stderr(&o)) > 0, "{}", stderr(&o));
-    assert!(stderr(&o).contains("KV cache 10 blocks of 2 tokens"), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-    let seqs = v["sequences"].as_array().unwrap();
-    assert_eq!(seqs.len(), prompts.len());
-    let printed: Vec<String> = String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect();
-    assert_eq!(printed.len(), prompts.len());
-
-    for (i, p) in prompts.iter().enumerate() {
-        let single = dir.path().join(format!("single{i}.json"));
-        let t = ids(p);
-        let mut args = vec!["run", &tiny, "--tokens", &t, "--logits-out", single.to_str().unwrap()];
+    // interp: one session per sequence; interp-paged: one call per step.
+    for engine in ["interp", "interp-paged"] {
+        let out = dir.path().join(format!("batch-{engine}.json"));
+        let (a, b) = (ids(prompts[0]), ids(prompts[1]));
+        let mut args = vec!["run", &tiny, "--tokens", &a, "--tokens", &b, "--prompts", jsonl.to_str().unwrap()];
         args.extend(common);
+        args.extend(["--kv-cache-mb", "0.009765625", "--logits-out", out.to_str().unwrap(), "--engine", engine]);
         let o = panguc(&args);
         assert!(o.status.success(), "{}", stderr(&o));
-        let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&single).unwrap()).unwrap();
-        assert_eq!(seqs[i]["tokens"], want["tokens"], "prompt order");
-        let ((got_tokens, got_logits), (want_tokens, want_logits)) = (sequence(&seqs[i]), sequence(&want));
-        assert_eq!(got_tokens, want_tokens, "sequence {i}: tokens differ from running it alone");
-        assert_eq!(printed[i], ids(&got_tokens));
-        assert_eq!(got_logits.len(), p.len());
-        for (r, (x, y)) in got_logits.iter().zip(&want_logits).enumerate() {
-            for (a, b) in x.iter().zip(y) {
-                let rel = (a - b).abs() / a.abs().max(b.abs()).max(1e-3);
-                assert!(rel <= 1e-5, "sequence {i} row {r}: {a} vs {b}");
+        assert!(preemptions(&stderr(&o)) > 0, "{engine}: {}", stderr(&o));
+        assert!(stderr(&o).contains("KV cache 10 blocks of 2 tokens"), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let seqs = v["sequences"].as_array().unwrap();
+        assert_eq!(seqs.len(), prompts.len());
+        let printed: Vec<String> = String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect();
+        assert_eq!(printed.len(), prompts.len());
+        for (i, (p, want)) in prompts.iter().zip(&singles).enumerate() {
+            assert_eq!(seqs[i]["tokens"], want["tokens"], "prompt order");
+            let ((got_tokens, got_logits), (want_tokens, want_logits)) = (sequence(&seqs[i]), sequence(want));
+            assert_eq!(got_tokens, want_tokens, "{engine} sequence {i}: tokens differ from running it alone");
+            assert_eq!(printed[i], ids(&got_tokens));
+            assert_eq!(got_logits.len(), p.len());
+            for (r, (x, y)) in got_logits.iter().zip(&want_logits).enumerate() {
+                for (a, b) in x.iter().zip(y) {
+                    let rel = (a - b).abs() / a.abs().max(b.abs()).max(1e-3);
+                    assert!(rel <= 1e-5, "{engine} sequence {i} row {r}: {a} vs {b}");
+                }
             }
         }
     }
