@@ -261,6 +261,13 @@ impl panguc_runtime::Engine for AscendSimEngine {
         self.past += n;
         Ok(Tensor::f32(vec![n as usize, vocab], logits))
     }
+
+    /// Cache rows past `past` are never read, so forgetting them is enough
+    /// (the compiled kernels are kept: recompiling is the costly part).
+    fn reset(&mut self) -> bool {
+        self.past = 0;
+        true
+    }
 }
 
 /// The host's call of a collective launch (what the host program asks of

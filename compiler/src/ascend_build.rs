@@ -17,6 +17,7 @@ use panguc_codegen_ascendc::weights::device_weight_bytes;
 use panguc_codegen_ascendc::Target;
 use panguc_ir::kernel::{BufferKind, KernelProgram};
 use panguc_ir::PanguConfig;
+use panguc_runtime::batch::EngineFactory;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
@@ -165,20 +166,25 @@ pub fn sim_engine_config(engine: &str) -> Result<(Target, DevType)> {
 /// weights are used).
 pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
     let (target, act) = sim_engine_config(a.engine.as_deref().unwrap_or("ascend-sim"))?;
-    let context = (a.tokens.len() + a.max_new_tokens).max(1);
-    if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
+    let dir = &a.model;
+    // Each engine compiles the device kernels once; finished sequences
+    // hand their engine on (reset) to the next, so at most --max-seqs exist.
+    if panguc_runtime::multirank::package_ranks(dir)?.is_some() {
         // Partitioned: every rank's program under the simulation, their
         // collectives meeting in one in-process communicator.
-        let cfg = panguc_runtime::multirank::rank_dirs(&a.model)?.model;
-        crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
-        let mut engine = AscendSimEngine::multi_rank(&a.model, target, act, context)?;
-        return crate::commands::generate_and_report(&mut engine, a, &cfg);
+        let cfg = panguc_runtime::multirank::rank_dirs(dir)?.model;
+        let prompts = crate::run_batch::prompts(a, cfg.vocab_size)?;
+        let context = crate::run_batch::max_context(&prompts, a.max_new_tokens);
+        let make: EngineFactory =
+            Box::new(move || Ok(Box::new(AscendSimEngine::multi_rank(dir, target, act, context)?)));
+        return crate::run_batch::generate_and_report(make, a, &cfg, &prompts);
     }
-    let files = panguc_runtime::package::verify_package(&a.model)?;
+    let files = panguc_runtime::package::verify_package(dir)?;
     let cfg = files.manifest.model.clone();
-    crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
-    let mut engine = AscendSimEngine::from_package(&a.model, target, act, context)?;
-    crate::commands::generate_and_report(&mut engine, a, &cfg)
+    let prompts = crate::run_batch::prompts(a, cfg.vocab_size)?;
+    let context = crate::run_batch::max_context(&prompts, a.max_new_tokens);
+    let make: EngineFactory = Box::new(move || Ok(Box::new(AscendSimEngine::from_package(dir, target, act, context)?)));
+    crate::run_batch::generate_and_report(make, a, &cfg, &prompts)
 }
 
 fn set_executable(p: &Path) -> Result<()> {
@@ -335,6 +341,7 @@ mod tests {
         let d32 = diff(&got.prompt_logits.concat(), &want_logits);
         eprintln!("ascend910b f32: max |logit diff| {d32} (max |logit| {scale})");
         assert!(d32 <= 1e-3 * scale.max(1.0), "f32 logits: {d32}");
+        check_sim_under_the_scheduler(&mut sim, &got, &mut session_of(&module, &ckpt));
         for (t, act, tol) in [(Target::Ascend910B, DevType::BF16, 0.08f32), (Target::Ascend310P, DevType::F16, 0.02)] {
             let mut e = AscendSimEngine::new(p.clone(), t, act, &provider, 8).unwrap();
             let logits = e.forward(&prompt).unwrap();
@@ -342,6 +349,58 @@ mod tests {
             eprintln!("{t} {act}: max |logit diff| {d} (max |logit| {scale})");
             assert!(d <= tol * scale.max(1.0), "{t} {act}: max |logit diff| {d} vs max |logit| {scale}");
         }
+    }
+
+    fn session_of<'a>(
+        m: &'a panguc_ir::Module,
+        ckpt: &'a crate::frontend::Checkpoint,
+    ) -> impl FnMut() -> panguc_ir::session::InterpSession<'a> {
+        move || {
+            let cfg = ckpt.config();
+            let interp = panguc_ir::interp::Interpreter::new(m, ckpt);
+            panguc_ir::session::InterpSession::new(
+                interp,
+                cfg.num_hidden_layers,
+                [cfg.num_key_value_heads, cfg.head_dim()],
+            )
+        }
+    }
+
+    /// Two prompts through the scheduler on one simulated engine (reset
+    /// and reused between them; compiling a second costs minutes), the
+    /// first prefilled in chunks of 3: its tokens and logits (1e-5
+    /// relative) as when the engine ran it alone, the second's tokens the
+    /// interpreter's.
+    fn check_sim_under_the_scheduler<'a>(
+        sim: &mut AscendSimEngine,
+        alone: &panguc_runtime::Generation,
+        interp: &mut dyn FnMut() -> panguc_ir::session::InterpSession<'a>,
+    ) {
+        use panguc_runtime::{Engine, PerSequenceEngines, Request, Sampling, Scheduler, SchedulerConfig};
+        let prompts = [vec![1i64, 2, 3, 4], vec![7, 8]];
+        let requests: Vec<Request> = prompts
+            .iter()
+            .map(|p| Request {
+                prompt: p.clone(),
+                max_new_tokens: 8,
+                sampling: Sampling::default(),
+                stop_tokens: vec![],
+            })
+            .collect();
+        let cfg = SchedulerConfig { block_size: 4, num_blocks: 8, max_seqs: 1, max_batch_tokens: 3 };
+        assert!(sim.reset(), "the simulated engine forgets its sequence");
+        let engines: Vec<Box<dyn Engine + '_>> = vec![Box::new(sim)];
+        let got = Scheduler::run_all(cfg, requests, &mut PerSequenceEngines::from_engines(engines))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(got[0].generated, alone.generated, "sequence 0 under the scheduler");
+        for (r, (x, y)) in got[0].prompt_logits.iter().zip(&alone.prompt_logits).enumerate() {
+            for (a, b) in x.iter().zip(y) {
+                let rel = (a - b).abs() / a.abs().max(b.abs()).max(1e-3);
+                assert!(rel <= 1e-5, "sequence 0 prompt row {r}: {a} vs {b} (chunked prefill)");
+            }
+        }
+        let want = panguc_runtime::generate(&mut interp(), &prompts[1], 8, &Sampling::default(), None).unwrap();
+        assert_eq!(got[1].generated, want.generated, "sequence 1 on the reused engine");
     }
 
     /// `AscendSimEngine::from_package` on a package made by

@@ -5,7 +5,8 @@ use crate::import::build_module;
 use crate::synth::{synth_with, Preset, SynthOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use panguc_ir::{DType, Module, PanguConfig};
+use panguc_ir::{DType, Module};
+use panguc_runtime::batch::EngineFactory;
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug, Clone)]
@@ -128,16 +129,24 @@ pub fn dump_ir(a: DumpIrArgs) -> Result<()> {
 pub struct RunArgs {
     /// A checkpoint directory (runs the reference interpreter) or a package.
     pub model: PathBuf,
-    /// Prompt token ids, comma separated.
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub tokens: Vec<i64>,
+    /// Prompt token ids, comma separated. Repeat for several prompts: they
+    /// run as one continuously batched set of sequences.
+    #[arg(long, value_name = "IDS")]
+    pub tokens: Vec<crate::run_batch::TokenList>,
+    /// More prompts: a JSONL file with one {"tokens": [ids...]} per line
+    /// (after any --tokens).
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub prompts: Option<PathBuf>,
     #[arg(long, default_value_t = 16)]
     pub max_new_tokens: usize,
-    /// Write {"tokens", "logits" (per prompt position), "generated"} here.
+    /// Write {"tokens", "logits" (per prompt position), "generated"} here;
+    /// with several prompts {"sequences": [those, in prompt order]}.
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
-    /// Execution engine: interp (reference interpreter; the default for a
-    /// checkpoint directory) or compiled (the default for a package).
+    /// Execution engine: interp (reference interpreter, one session per
+    /// sequence; the default for a checkpoint directory), interp-paged (the
+    /// interpreter on the batched import: one call per step over a paged
+    /// cache) or compiled (the default for a package).
     #[arg(long)]
     pub engine: Option<String>,
     /// Worker threads of the compiled engine (default: all cores).
@@ -164,6 +173,21 @@ pub struct RunArgs {
     /// the best one this CPU supports (also `$PANGUC_CPU_TIER`).
     #[arg(long, value_name = "TIER")]
     pub cpu_tier: Option<String>,
+    /// KV cache size in MiB (fractions allowed) shared by all sequences
+    /// (default: enough for every sequence at full length); when it runs
+    /// out, the youngest sequence is preempted and recomputed later.
+    #[arg(long, value_name = "MB")]
+    pub kv_cache_mb: Option<f64>,
+    /// Sequences running at once (default 256).
+    #[arg(long, value_name = "N")]
+    pub max_seqs: Option<usize>,
+    /// Tokens per KV-cache block (default 16).
+    #[arg(long, value_name = "TOKENS")]
+    pub block_size: Option<usize>,
+    /// New tokens per step over all sequences (default 2048); longer
+    /// prompts are prefilled in chunks.
+    #[arg(long, value_name = "TOKENS")]
+    pub max_batch_tokens: Option<usize>,
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
@@ -175,61 +199,43 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let ckpt = open_checkpoint(&a.model, false)?;
     let cfg = ckpt.config().clone();
-    validate_prompt(&a.tokens, cfg.vocab_size)?;
+    let prompts = crate::run_batch::prompts(&a, cfg.vocab_size)?;
     if !ckpt.has_weights() {
         bail!("{}: the checkpoint has no weight files, so it cannot be run (config-only checkpoints can only be compiled)", a.model.display());
     }
     let module = import(&ckpt)?;
     match a.engine.as_deref().unwrap_or("interp") {
         "interp" => {
-            let interp = panguc_ir::interp::Interpreter::new(&module, &ckpt);
-            let mut session = panguc_ir::session::InterpSession::new(
-                interp,
-                cfg.num_hidden_layers,
-                [cfg.num_key_value_heads, cfg.head_dim()],
-            );
-            generate_and_report(&mut session, &a, &cfg)
+            let (module, ckpt) = (&module, &ckpt);
+            let (layers, kv) = (cfg.num_hidden_layers, [cfg.num_key_value_heads, cfg.head_dim()]);
+            let make: EngineFactory = Box::new(move || {
+                let interp = panguc_ir::interp::Interpreter::new(module, ckpt);
+                Ok(Box::new(panguc_ir::session::InterpSession::new(interp, layers, kv)))
+            });
+            crate::run_batch::generate_and_report(make, &a, &cfg, &prompts)
+        }
+        "interp-paged" => {
+            // The batched import over a paged cache: one interpreter call per
+            // step for all of its sequences, the cache sized by the scheduler.
+            let kv = [cfg.num_key_value_heads, cfg.head_dim()];
+            let block_size = crate::run_batch::block_size(&a)?;
+            let paged = import_with(&ckpt, crate::import::KvLayout::Paged { block_size })?;
+            crate::run_batch::scheduled_run(&a, &cfg, &prompts, &mut |s| {
+                Ok(Box::new(panguc_ir::session::BatchInterpSession::new(
+                    panguc_ir::interp::Interpreter::new(&paged, &ckpt),
+                    cfg.num_hidden_layers,
+                    s.num_blocks,
+                    s.block_size,
+                    kv,
+                )))
+            })
         }
         "compiled" => bail!(
             "--engine compiled runs a compiled package: compile {} with `panguc compile --target cpu -o OUT` and run OUT",
             a.model.display()
         ),
-        other => bail!("unknown --engine `{other}` for a checkpoint directory (available: interp)"),
+        other => bail!("unknown --engine `{other}` for a checkpoint directory (available: interp, interp-paged)"),
     }
-}
-
-/// The generation every engine shares: sample per the flags, stop at eos
-/// with --stop-at-eos, write --logits-out, print the generated tokens.
-pub fn generate_and_report(engine: &mut dyn panguc_runtime::Engine, a: &RunArgs, cfg: &PanguConfig) -> Result<()> {
-    let sampling =
-        panguc_runtime::Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
-    let eos = if a.stop_at_eos { cfg.eos_token_id } else { None };
-    let generation = panguc_runtime::generate(engine, &a.tokens, a.max_new_tokens, &sampling, eos)?;
-    if let Some(path) = &a.logits_out {
-        write_logits_json(path, &a.tokens, &generation)?;
-    }
-    emit(&format!("{}\n", generation.generated.iter().map(i64::to_string).collect::<Vec<_>>().join(",")));
-    Ok(())
-}
-
-/// Reject an empty prompt or an id outside the vocabulary.
-pub fn validate_prompt(tokens: &[i64], vocab: usize) -> Result<()> {
-    if tokens.is_empty() {
-        bail!("--tokens is empty: give at least one token id");
-    }
-    if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| **t < 0 || **t as u64 >= vocab as u64) {
-        bail!(
-            "--tokens: token {t} at position {i} is outside the vocabulary (vocab_size {vocab}, valid ids 0..{})",
-            vocab - 1
-        );
-    }
-    Ok(())
-}
-
-pub fn write_logits_json(path: &Path, tokens: &[i64], g: &panguc_runtime::Generation) -> Result<()> {
-    let json = serde_json::json!({ "tokens": tokens, "logits": g.prompt_logits, "generated": g.generated });
-    let text = serde_json::to_string(&json)?;
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 #[derive(Args, Debug, Clone)]

@@ -14,6 +14,7 @@ use crate::frontend::Checkpoint;
 use anyhow::{anyhow, bail, Context, Result};
 use panguc_ir::kernel::{BufferKind, KernelProgram, PreparedWeight, WeightExpr};
 use panguc_ir::{DType, Module, PanguConfig, Tensor, WeightSource};
+use panguc_runtime::batch::EngineFactory;
 use panguc_runtime::package::{
     cpu_library, hash_tree, BufferEntry, CpuSection, CpuTier, KernelEntry, Manifest, WeightEntry, MANIFEST_FILE,
     PACKAGE_FORMAT_VERSION, PROGRAM_FILE, WEIGHT_ALIGN,
@@ -532,24 +533,29 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         other => bail!("unknown --engine `{other}` for a package (available: compiled)"),
     }
     let threads = a.threads.unwrap_or_else(panguc_runtime::engine::default_threads);
-    let context = a.tokens.len() + a.max_new_tokens;
     if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
-        // Partitioned over N devices: N rank engines in this process.
-        let mut engine =
-            panguc_runtime::MultiRankEngine::open_with(&a.model, threads, Some(context.max(1)), &open_options(a))?;
+        // Partitioned over N devices: N rank engines in this process per sequence.
         let rank0 = panguc_runtime::multirank::rank_dirs(&a.model)?.dirs.remove(0);
         log_tier(&rank0, a)?;
         let cfg = panguc_runtime::package::read_manifest(&a.model)?.model;
-        crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
-        crate::commands::generate_and_report(&mut engine, a, &cfg)
+        let prompts = crate::run_batch::prompts(a, cfg.vocab_size)?;
+        let context = Some(crate::run_batch::max_context(&prompts, a.max_new_tokens));
+        let options = open_options(a);
+        let make: EngineFactory = Box::new(move || {
+            Ok(Box::new(panguc_runtime::MultiRankEngine::open_with(&a.model, threads, context, &options)?))
+        });
+        crate::run_batch::generate_and_report(make, a, &cfg, &prompts)
     } else {
+        // One engine per running sequence, sharing the package and the pool.
         let pool = panguc_runtime::thread_pool(threads)?;
         let pkg = std::sync::Arc::new(panguc_runtime::open_package_with(&a.model, &open_options(a))?);
         log_tier(&a.model, a)?;
         let cfg = pkg.config().clone();
-        crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
-        let mut engine = panguc_runtime::CpuEngine::with_pool(pkg, pool, Some(context.max(1)))?;
-        crate::commands::generate_and_report(&mut engine, a, &cfg)
+        let prompts = crate::run_batch::prompts(a, cfg.vocab_size)?;
+        let context = Some(crate::run_batch::max_context(&prompts, a.max_new_tokens));
+        let make: EngineFactory =
+            Box::new(move || Ok(Box::new(panguc_runtime::CpuEngine::with_pool(pkg.clone(), pool.clone(), context)?)));
+        crate::run_batch::generate_and_report(make, a, &cfg, &prompts)
     }
 }
 

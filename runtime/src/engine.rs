@@ -466,6 +466,11 @@ impl Engine for CpuEngine {
         self.past += n;
         Ok(Tensor::f32(shape, logits))
     }
+
+    fn reset(&mut self) -> bool {
+        CpuEngine::reset(self);
+        true
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! The generation loop shared by every engine: prefill the prompt, then
-//! decode one token at a time through the engine's KV cache.
+//! The one-sequence engine interface, sampling, and `generate` (the
+//! batch-of-one case of the scheduler, the generation path of every engine).
 
 use anyhow::{bail, Result};
 use panguc_ir::Tensor;
@@ -10,6 +10,23 @@ use rand_chacha::ChaCha8Rng;
 pub trait Engine {
     /// Process `tokens` at the next positions; returns logits `[n, vocab]`.
     fn forward(&mut self, tokens: &[i64]) -> Result<Tensor>;
+
+    /// Empty the KV cache so the engine can serve another sequence from
+    /// position 0; false when this engine cannot (it is then dropped and a
+    /// fresh one made).
+    fn reset(&mut self) -> bool {
+        false
+    }
+}
+
+impl<E: Engine + ?Sized> Engine for &mut E {
+    fn forward(&mut self, tokens: &[i64]) -> Result<Tensor> {
+        (**self).forward(tokens)
+    }
+
+    fn reset(&mut self) -> bool {
+        (**self).reset()
+    }
 }
 
 impl Engine for panguc_ir::session::InterpSession<'_> {
@@ -113,8 +130,9 @@ pub struct Generation {
     pub generated: Vec<i64>,
 }
 
-/// Prefill `prompt`, then decode up to `max_new` tokens (stopping early at
-/// `eos` when given).
+/// Prefill `prompt` on a fresh `engine`, then decode up to `max_new`
+/// tokens (stopping early at `eos` when given): the scheduler with one
+/// sequence.
 pub fn generate(
     engine: &mut dyn Engine,
     prompt: &[i64],
@@ -125,23 +143,9 @@ pub fn generate(
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one token");
     }
-    sampling.validate()?;
-    let mut sampler = Sampler::new(sampling.clone());
-    let logits = engine.forward(prompt)?;
-    let vocab = *logits.shape.last().unwrap_or(&0);
-    let rows: Vec<Vec<f32>> = logits.as_f32().chunks(vocab.max(1)).map(<[f32]>::to_vec).collect();
-    let mut generated = vec![];
-    let mut last = rows.last().cloned().unwrap_or_default();
-    for step in 0..max_new {
-        let next = sampler.pick(&last) as i64;
-        generated.push(next);
-        if Some(next) == eos || step + 1 == max_new {
-            break;
-        }
-        let l = engine.forward(&[next])?;
-        last = l.as_f32().to_vec();
-    }
-    Ok(Generation { prompt_logits: rows, generated })
+    let mut engines: Vec<&mut dyn Engine> = vec![engine];
+    let mut out = crate::batch::generate_batch(&mut engines, &[prompt.to_vec()], max_new, sampling, eos)?;
+    Ok(out.remove(0))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! panguc-runtime: loads compiled packages and generates tokens.
 //!
-//! Owns the generation loop and sampling shared by every engine (the
+//! Owns the continuous-batching scheduler, the KV block allocator and the
+//! sampling shared by every engine (the
 //! reference interpreter, compiled CPU kernels, the AscendC simulation),
 //! the package format and loader, buffers and the KV cache.
 
@@ -9,16 +10,19 @@ pub mod bench;
 pub mod collective;
 pub mod engine;
 pub mod generate;
+pub mod kv_blocks;
 pub mod loader;
 pub mod multirank;
 pub mod package;
 pub mod pool;
+pub mod scheduler;
 pub mod stamp;
 
-pub use batch::generate_batch;
+pub use batch::{generate_batch, BatchEngine, PerSequenceEngines, SeqId, StepChunk};
 pub use engine::{thread_pool, CpuEngine, EngineOptions};
 pub use generate::{generate, Engine, Generation, Sampler, Sampling};
 pub use loader::{open_package, open_package_with, OpenOptions, Package};
 pub use multirank::{MultiRankEngine, RankEngine};
 pub use package::{is_package, Manifest, PACKAGE_FORMAT_VERSION};
 pub use pool::WorkerPool;
+pub use scheduler::{FinishReason, Request, Scheduler, SchedulerConfig, SchedulerStats};

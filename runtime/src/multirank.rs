@@ -139,4 +139,10 @@ impl Engine for MultiRankEngine {
         })?;
         Ok(outs.swap_remove(0))
     }
+
+    fn reset(&mut self) -> bool {
+        // Every rank must reset, or none of this engine is reusable.
+        let reset: Vec<bool> = self.ranks.iter_mut().map(|r| r.get_mut().is_ok_and(|e| e.reset())).collect();
+        reset.iter().all(|ok| *ok)
+    }
 }

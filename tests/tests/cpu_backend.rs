@@ -6,7 +6,7 @@ mod common;
 
 use clap::Parser;
 use common::*;
-use panguc_runtime::{generate, generate_batch, CpuEngine, Engine, Sampling};
+use panguc_runtime::{generate, CpuEngine, Engine, PerSequenceEngines, Request, Sampling, Scheduler, SchedulerConfig};
 use std::path::Path;
 
 /// The bound: logits within 1e-4 relative (elementwise, relative to
@@ -42,30 +42,72 @@ fn compiled_matches_interpreter_at_prefill_and_every_decode_step() {
     }
 }
 
-#[test]
-fn batch_of_two_sequences_with_different_lengths_matches_interpreter() {
-    let f = fixture();
-    let ckpt = checkpoint();
-    let m = module(&ckpt, Graph::Pipeline);
-    let prompts = vec![vec![1, 2, 3], long_prompt()[..11].to_vec()];
-    let pool = panguc_runtime::thread_pool(2).unwrap();
-    let mut a = CpuEngine::with_pool(f.package(Graph::Pipeline), pool.clone(), Some(64)).unwrap();
-    let mut b = CpuEngine::with_pool(f.package(Graph::Pipeline), pool, Some(64)).unwrap();
-    let mut engines: Vec<&mut dyn Engine> = vec![&mut a, &mut b];
+/// A batch sequence's logits against the same engine running it alone: 1e-5
+/// relative (the batch must not change a sequence's numerics).
+const BATCH_TOL: f32 = 1e-5;
+
+/// A mixed batch through the scheduler against each sequence run alone on
+/// a fresh engine of the same kind: different prompt lengths, a prompt
+/// prefilled in chunks, a stop token, different finishing steps, a
+/// sequence joining mid-flight and, with 8 blocks of 4 tokens for ~60
+/// tokens of context, preemption by recompute.
+fn check_mixed_batch<'a>(what: &str, make: &mut dyn FnMut() -> Box<dyn Engine + 'a>) {
     let greedy = Sampling::default();
-    let batch = generate_batch(&mut engines, &prompts, 5, &greedy, None).unwrap();
-    for (i, (p, got)) in prompts.iter().zip(&batch).enumerate() {
-        let want = generate(&mut session(&m, &ckpt), p, 5, &greedy, None).unwrap();
-        assert_eq!(got.generated, want.generated, "sequence {i}: tokens");
-        assert_eq!(got.prompt_logits.len(), p.len());
-        for (r, (x, y)) in got.prompt_logits.iter().zip(&want.prompt_logits).enumerate() {
+    let req = |prompt: Vec<i64>, max_new: usize| Request {
+        prompt,
+        max_new_tokens: max_new,
+        sampling: greedy.clone(),
+        stop_tokens: vec![],
+    };
+    let alone = |make: &mut dyn FnMut() -> Box<dyn Engine + 'a>, r: &Request| {
+        let stop = r.stop_tokens.first().copied();
+        generate(make().as_mut(), &r.prompt, r.max_new_tokens, &greedy, stop).unwrap()
+    };
+    let mut stopping = req(vec![5, 5, 5, 5], 8);
+    stopping.stop_tokens = vec![alone(make, &stopping).generated[2]];
+    let first = vec![req(long_prompt()[..13].to_vec(), 6), req(vec![1, 2, 3], 9), req(vec![400, 17], 3), stopping];
+    let late = req(vec![9, 8, 7, 6, 5, 4, 3], 5);
+    let cfg = SchedulerConfig { block_size: 4, num_blocks: 8, max_seqs: 4, max_batch_tokens: 8 };
+    let mut s = Scheduler::new(cfg).unwrap();
+    let mut ids: Vec<_> = first.iter().map(|r| s.add(r.clone()).unwrap()).collect();
+    let mut batch = PerSequenceEngines::new(Box::new(|| Ok(make())));
+    let (mut steps, mut shared_with_late) = (0, false);
+    while let Some(rep) = s.step(&mut batch).unwrap() {
+        steps += 1;
+        if steps == 2 {
+            ids.push(s.add(late.clone()).unwrap());
+        }
+        shared_with_late |= rep.scheduled.len() > 1 && rep.scheduled.iter().any(|c| c.0 == 4);
+        assert!(rep.metadata.tokens() <= 8, "{what}: token budget");
+    }
+    assert!(shared_with_late, "{what}: the late sequence joined a running batch");
+    assert!(s.stats().preemptions > 0, "{what}: {:?}", s.stats());
+    assert_eq!(s.finish_reason(ids[3]), Some(panguc_runtime::FinishReason::Stop), "{what}");
+    drop(batch);
+    let requests: Vec<Request> = first.into_iter().chain([late]).collect();
+    for (i, (r, id)) in requests.iter().zip(ids).enumerate() {
+        let got = s.take(id).unwrap();
+        let want = alone(make, r);
+        assert_eq!(got.generated, want.generated, "{what} sequence {i}: tokens");
+        assert_eq!(got.prompt_logits.len(), r.prompt.len());
+        for (row, (x, y)) in got.prompt_logits.iter().zip(&want.prompt_logits).enumerate() {
             let (x, y) =
                 (panguc_ir::Tensor::f32(vec![x.len()], x.clone()), panguc_ir::Tensor::f32(vec![y.len()], y.clone()));
-            assert_close(&x, &y, TOL, FLOOR, &format!("sequence {i} prompt row {r}"));
+            assert_close(&x, &y, BATCH_TOL, FLOOR, &format!("{what} sequence {i} prompt row {row}"));
         }
     }
-    assert_eq!(a.past(), 3 + 4, "prefill plus four decode steps");
-    assert_eq!(b.past(), 11 + 4);
+}
+
+#[test]
+fn mixed_batch_matches_each_sequence_alone_on_interpreter_and_compiled() {
+    let ckpt = checkpoint();
+    let m = module(&ckpt, Graph::Pipeline);
+    check_mixed_batch("interp", &mut || Box::new(session(&m, &ckpt)));
+    let f = fixture();
+    let pool = panguc_runtime::thread_pool(2).unwrap();
+    check_mixed_batch("compiled", &mut || {
+        Box::new(CpuEngine::with_pool(f.package(Graph::Pipeline), pool.clone(), Some(64)).unwrap())
+    });
 }
 
 #[test]
@@ -305,6 +347,40 @@ fn panguc_compile_then_run_prints_the_interpreter_tokens() {
     assert_eq!(i["generated"], c["generated"], "compiled tokens differ from the interpreter's");
     assert_eq!(c["generated"].as_array().unwrap().len(), 8);
     assert_eq!(i["tokens"], c["tokens"]);
+
+    // Several prompts through the compiled engine in one scheduler run,
+    // with a cache of 8 blocks of 2 tokens (preemption) and chunked
+    // prefill: each sequence as when run alone.
+    let prompts = ["1,2,3,4", "9,8,7", "5", "100,200,300,400,500,6"];
+    let batch_json = dir.path().join("batch.json");
+    let mut b: Vec<&str> = vec!["run", out_s, "--max-new-tokens", "8", "--block-size", "2"];
+    b.extend(["--max-batch-tokens", "5", "--kv-cache-mb", "0.0078125", "--logits-out"]);
+    b.push(batch_json.to_str().unwrap());
+    prompts.iter().for_each(|p| b.extend(["--tokens", p]));
+    cli(&b).unwrap();
+    let batch = read(&batch_json);
+    let seqs = batch["sequences"].as_array().unwrap();
+    assert_eq!(seqs.len(), prompts.len());
+    for (k, p) in prompts.iter().enumerate() {
+        let single_json = dir.path().join(format!("single{k}.json"));
+        cli(&["run", out_s, "--tokens", p, "--max-new-tokens", "8", "--logits-out", single_json.to_str().unwrap()])
+            .unwrap();
+        let single = read(&single_json);
+        assert_eq!(seqs[k]["tokens"], single["tokens"], "prompt order");
+        assert_eq!(seqs[k]["generated"], single["generated"], "sequence {k}: tokens differ from running it alone");
+        let rows = |v: &serde_json::Value| -> Vec<f32> {
+            v["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|r| r.as_array().unwrap().clone())
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        };
+        let (x, y) = (rows(&seqs[k]), rows(&single));
+        let (x, y) = (panguc_ir::Tensor::f32(vec![x.len()], x), panguc_ir::Tensor::f32(vec![y.len()], y));
+        assert_close(&x, &y, BATCH_TOL, FLOOR, &format!("CLI batch sequence {k} prompt logits"));
+    }
 
     // Bad options fail with messages naming them.
     let run = |extra: &[&str]| -> String {

@@ -19,7 +19,9 @@ use panguc::partition_build::{partition, PartitionOptions};
 use panguc_ir::{Module, Tensor};
 use panguc_lowering::fuse::FuseOptions;
 use panguc_lowering::partition::PlanChoice;
-use panguc_runtime::{generate, CpuEngine, Engine, MultiRankEngine, Sampling};
+use panguc_runtime::{
+    generate, CpuEngine, Engine, MultiRankEngine, PerSequenceEngines, Request, Sampling, Scheduler, SchedulerConfig,
+};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -114,6 +116,40 @@ fn check(plan: PlanChoice, n: usize) {
     let mut e = MultiRankEngine::open_with(dir.path(), 2, Some(64), &baseline()).unwrap();
     let g = generate(&mut e, &PROMPT, WANT.len(), &Sampling::default(), None).unwrap();
     assert_eq!(g.generated, WANT, "{plan:?} N={n}");
+    check_batched(dir.path(), &format!("{plan:?} N={n}"));
+}
+
+/// Three prompts through the scheduler on multi-rank engines (one per
+/// running sequence), chunked prefill and 6 blocks of 2 tokens for ~30
+/// tokens of context (preemption): each sequence as when run alone.
+fn check_batched(dir: &Path, what: &str) {
+    let started = std::time::Instant::now();
+    let open = || -> Box<dyn Engine> { Box::new(MultiRankEngine::open(dir, 2, Some(64)).unwrap()) };
+    let prompts = [PROMPT.to_vec(), vec![9, 8, 7], vec![300, 5, 77, 12, 6]];
+    let greedy = Sampling::default();
+    let requests: Vec<Request> = prompts
+        .iter()
+        .map(|p| Request { prompt: p.clone(), max_new_tokens: 6, sampling: greedy.clone(), stop_tokens: vec![] })
+        .collect();
+    let cfg = SchedulerConfig { block_size: 2, num_blocks: 6, max_seqs: 3, max_batch_tokens: 4 };
+    let mut s = Scheduler::new(cfg).unwrap();
+    let ids: Vec<_> = requests.iter().map(|r| s.add(r.clone()).unwrap()).collect();
+    s.run(&mut PerSequenceEngines::new(Box::new(move || Ok(open())))).unwrap();
+    assert!(s.stats().preemptions > 0, "{what}: {:?}", s.stats());
+    for (i, (p, id)) in prompts.iter().zip(ids).enumerate() {
+        let got = s.take(id).unwrap();
+        let want = generate(open().as_mut(), p, 6, &greedy, None).unwrap();
+        assert_eq!(got.generated, want.generated, "{what} batch sequence {i}: tokens");
+        if i == 0 {
+            assert_eq!(got.generated, WANT[..6], "{what}: the single-device tokens");
+        }
+        for (r, (x, y)) in got.prompt_logits.iter().zip(&want.prompt_logits).enumerate() {
+            let (x, y) = (Tensor::f32(vec![x.len()], x.clone()), Tensor::f32(vec![y.len()], y.clone()));
+            let d = x.max_rel_diff(&y, 1e-3);
+            assert!(d <= 1e-5, "{what} batch sequence {i} prompt row {r}: relative difference {d}");
+        }
+    }
+    eprintln!("{what}: batched check in {:.2?}", started.elapsed());
 }
 
 #[test]
