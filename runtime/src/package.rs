@@ -196,7 +196,15 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             dir.display()
         );
     }
-    serde_json::from_value(value).with_context(|| format!("{} does not match package format {version}", path.display()))
+    let manifest: Manifest = serde_json::from_value(value)
+        .with_context(|| format!("{} does not match package format {version}", path.display()))?;
+    // The runtime sizes its buffers from this config: hold it to the same
+    // bounds as a config.json, whoever wrote the manifest.
+    manifest
+        .model
+        .validate()
+        .map_err(|(key, message)| anyhow::anyhow!("{}: model key `{key}`: {message}", path.display()))?;
+    Ok(manifest)
 }
 
 /// Check every file the manifest lists: present, of the recorded size, and
