@@ -334,16 +334,9 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     };
 
     // Everything is written into a staging directory next to OUT and renamed
-    // at the end, so a failure never leaves a partial package behind.
-    let parent = match a.out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".panguc-staging-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
+    // at the end, so a failure never leaves a partial package behind (and
+    // a killed compile's leftovers are removed by the next one: see staging.rs).
+    let staging = crate::staging::Staging::create(&a.out)?;
     let mut report = piped.report;
     write_ir_files(staging.path(), &piped.module)?;
     // Every program is scheduled once, here, and handed to the backends.
@@ -406,12 +399,7 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", report_path.display()))?;
 
-    if a.out.exists() {
-        std::fs::remove_dir_all(&a.out).with_context(|| format!("removing the old {}", a.out.display()))?;
-    }
-    let staged = staging.keep();
-    std::fs::rename(&staged, &a.out)
-        .with_context(|| format!("moving the package into place at {}", a.out.display()))?;
+    staging.install(&a.out)?;
     emit(&piped.summary);
     if let Some(p) = &partitioned {
         emit(&p.summary);

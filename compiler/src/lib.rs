@@ -10,4 +10,5 @@ pub mod inspect;
 pub mod package_build;
 pub mod partition_build;
 pub mod pipeline;
+pub mod staging;
 pub mod synth;
