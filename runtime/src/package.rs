@@ -208,8 +208,10 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 }
 
 /// Check every file the manifest lists: present, of the recorded size, and
-/// with the recorded sha256.
+/// with the recorded sha256; and that the package holds no file the
+/// manifest does not list.
 pub fn verify_files(dir: &Path, manifest: &Manifest) -> Result<()> {
+    check_no_unlisted_files(dir, manifest)?;
     for (rel, entry) in &manifest.files {
         if rel.split('/').any(|c| c == ".." || c.is_empty()) {
             bail!("package manifest lists an invalid path `{rel}`");
@@ -234,6 +236,39 @@ pub fn verify_files(dir: &Path, manifest: &Manifest) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Refuse a file the manifest does not list (other than the manifest and
+/// the report): a loader or a CANN build that globs a directory (`weights/`,
+/// `op_kernel/`) would pick it up unverified. Only names are read, so this is
+/// cheap enough to run on every open.
+pub fn check_no_unlisted_files(dir: &Path, manifest: &Manifest) -> Result<()> {
+    fn walk(root: &Path, dir: &Path, manifest: &Manifest) -> Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("cannot list {}", dir.display()))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(root, &path, manifest)?;
+                continue;
+            }
+            let rel = path.strip_prefix(root).unwrap_or(&path);
+            let rel: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+            let rel = rel.join("/");
+            if rel != MANIFEST_FILE && rel != REPORT_FILE && !manifest.files.contains_key(&rel) {
+                bail!(
+                    "package {} holds {rel}, which its manifest does not list (an unexpected or injected file); \
+                     remove it or recompile the package",
+                    root.display()
+                );
+            }
+        }
+        Ok(())
+    }
+    walk(dir, dir, manifest)
 }
 
 /// A verified package on disk (not yet loaded for execution).
