@@ -135,9 +135,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     let ckpt = open_checkpoint(&a.model, false)?;
     let cfg = ckpt.config().clone();
     validate_prompt(&a.tokens, cfg.vocab_size)?;
+    validate_request(&a, &cfg)?;
     if !ckpt.has_weights() {
         bail!("{}: the checkpoint has no weight files, so it cannot be run (config-only checkpoints can only be compiled)", a.model.display());
     }
+    check_interp_memory(&a, &cfg)?;
     let module = import(&ckpt)?;
     match a.engine.as_deref().unwrap_or("interp") {
         "interp" => {
@@ -183,6 +185,38 @@ pub fn validate_prompt(tokens: &[i64], vocab: usize) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The whole sequence (prompt + new tokens) must fit the model's context.
+pub fn validate_request(a: &RunArgs, cfg: &PanguConfig) -> Result<()> {
+    let limit = cfg.max_position_embeddings;
+    let total = a.tokens.len().checked_add(a.max_new_tokens);
+    if total.is_none_or(|t| t > limit) {
+        bail!(
+            "--max-new-tokens {} with a {}-token prompt goes past the model's context length \
+             (max_position_embeddings {limit}): at most {} new tokens fit",
+            a.max_new_tokens,
+            a.tokens.len(),
+            limit.saturating_sub(a.tokens.len())
+        );
+    }
+    Ok(())
+}
+
+/// The reference interpreter keeps every weight as f32 and grows an f32 KV
+/// cache per layer: refuse a run whose weights and cache cannot fit before
+/// any of it is allocated.
+fn check_interp_memory(a: &RunArgs, cfg: &PanguConfig) -> Result<()> {
+    let context = (a.tokens.len() + a.max_new_tokens) as u64;
+    let kv = [2, cfg.num_hidden_layers as u64, cfg.kv_dim() as u64, 4, context]
+        .iter()
+        .try_fold(1u64, |acc, &x| acc.checked_mul(x));
+    let weights = cfg.total_params().checked_mul(4);
+    let what = format!(
+        "the reference interpreter on {} (f32 weights plus the KV cache for {context} tokens)",
+        a.model.display()
+    );
+    panguc_runtime::memory::check_fits(&what, kv.zip(weights).and_then(|(k, w)| k.checked_add(w)))
 }
 
 pub fn write_logits_json(path: &Path, tokens: &[i64], g: &panguc_runtime::Generation) -> Result<()> {

@@ -376,18 +376,20 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         other => bail!("unknown --engine `{other}` for a package (available: compiled)"),
     }
     let threads = a.threads.unwrap_or_else(panguc_runtime::engine::default_threads);
-    let context = a.tokens.len() + a.max_new_tokens;
+    let context = a.tokens.len().saturating_add(a.max_new_tokens);
     if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
         // Partitioned over N devices: N rank engines in this process.
-        let mut engine = panguc_runtime::MultiRankEngine::open(&a.model, threads, Some(context.max(1)))?;
         let cfg = panguc_runtime::package::read_manifest(&a.model)?.model;
         crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
+        crate::commands::validate_request(a, &cfg)?;
+        let mut engine = panguc_runtime::MultiRankEngine::open(&a.model, threads, Some(context.max(1)))?;
         crate::commands::generate_and_report(&mut engine, a, &cfg)
     } else {
         let pool = panguc_runtime::thread_pool(threads)?;
         let pkg = std::sync::Arc::new(panguc_runtime::open_package(&a.model)?);
         let cfg = pkg.config().clone();
         crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
+        crate::commands::validate_request(a, &cfg)?;
         let mut engine = panguc_runtime::CpuEngine::with_pool(pkg, pool, Some(context.max(1)))?;
         crate::commands::generate_and_report(&mut engine, a, &cfg)
     }

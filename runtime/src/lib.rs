@@ -10,6 +10,7 @@ pub mod collective;
 pub mod engine;
 pub mod generate;
 pub mod loader;
+pub mod memory;
 pub mod multirank;
 pub mod package;
 pub mod pool;

@@ -258,7 +258,11 @@ pub fn check_no_unlisted_files(dir: &Path, manifest: &Manifest) -> Result<()> {
             let rel = path.strip_prefix(root).unwrap_or(&path);
             let rel: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
             let rel = rel.join("/");
-            if rel != MANIFEST_FILE && rel != REPORT_FILE && !manifest.files.contains_key(&rel) {
+            if rel != MANIFEST_FILE
+                && rel != REPORT_FILE
+                && !manifest.files.contains_key(&rel)
+                && !is_cann_build_product(&rel)
+            {
                 bail!(
                     "package {} holds {rel}, which its manifest does not list (an unexpected or injected file); \
                      remove it or recompile the package",
@@ -269,6 +273,17 @@ pub fn check_no_unlisted_files(dir: &Path, manifest: &Manifest) -> Result<()> {
         Ok(())
     }
     walk(dir, dir, manifest)
+}
+
+/// What the documented CANN build of `ascend/<target>/` writes in place
+/// (`build_out/`, the `panguc_host` executable): expected on a CANN
+/// machine, and never read by this runtime.
+fn is_cann_build_product(rel: &str) -> bool {
+    let parts: Vec<&str> = rel.split('/').collect();
+    parts
+        .windows(3)
+        .enumerate()
+        .any(|(i, w)| w[0] == "ascend" && (w[2] == "build_out" || (w[2] == "panguc_host" && i + 3 == parts.len())))
 }
 
 /// A verified package on disk (not yet loaded for execution).
