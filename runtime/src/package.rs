@@ -177,8 +177,15 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST_FILE);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("cannot read package manifest {}", path.display()))?;
+    parse_manifest(&text, dir)
+}
+
+/// Parses and checks the manifest text of the package in `dir` (which only
+/// names it in errors). The untrusted-input entry point (fuzzed by `fuzz/`).
+pub fn parse_manifest(text: &str, dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST_FILE);
     let value: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        serde_json::from_str(text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     let version = value
         .get("format_version")
         .and_then(serde_json::Value::as_u64)
