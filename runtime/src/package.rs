@@ -218,7 +218,11 @@ pub fn parse_manifest(text: &str, dir: &Path) -> Result<Manifest> {
 /// with the recorded sha256; and that the package holds no file the
 /// manifest does not list.
 pub fn verify_files(dir: &Path, manifest: &Manifest) -> Result<()> {
-    check_no_unlisted_files(dir, manifest)?;
+    // A rank of a partitioned package is a package inside the package: the
+    // top-level manifest lists every file of it, its own manifest does not.
+    if !is_rank_of_partitioned_package(dir) {
+        check_no_unlisted_files(dir, manifest)?;
+    }
     for (rel, entry) in &manifest.files {
         if rel.split('/').any(|c| c == ".." || c.is_empty()) {
             bail!("package manifest lists an invalid path `{rel}`");
@@ -246,11 +250,22 @@ pub fn verify_files(dir: &Path, manifest: &Manifest) -> Result<()> {
 }
 
 /// Refuse a file the manifest does not list (other than the manifest and
-/// the report): a loader or a CANN build that globs a directory (`weights/`,
-/// `op_kernel/`) would pick it up unverified. Only names are read, so this is
-/// cheap enough to run on every open.
+/// the report) in a directory the manifest lists files of: a loader or a
+/// CANN build that globs such a directory (`weights/`, `cpu/`, `op_kernel/`)
+/// would pick it up unverified. Directories the manifest knows nothing of
+/// are not read by anything (a rank's own manifest does not list the rank's
+/// CANN project, which the top-level manifest covers). Only names are read,
+/// so this is cheap enough to run on every open.
 pub fn check_no_unlisted_files(dir: &Path, manifest: &Manifest) -> Result<()> {
-    fn walk(root: &Path, dir: &Path, manifest: &Manifest) -> Result<()> {
+    let listed_dirs: std::collections::BTreeSet<&str> =
+        manifest.files.keys().map(|rel| rel.rsplit_once('/').map_or("", |(d, _)| d)).collect();
+    walk(dir, dir, manifest, &listed_dirs)?;
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        manifest: &Manifest,
+        listed_dirs: &std::collections::BTreeSet<&str>,
+    ) -> Result<()> {
         let mut entries: Vec<_> = std::fs::read_dir(dir)
             .with_context(|| format!("cannot list {}", dir.display()))?
             .collect::<std::io::Result<_>>()
@@ -259,13 +274,15 @@ pub fn check_no_unlisted_files(dir: &Path, manifest: &Manifest) -> Result<()> {
         for e in entries {
             let path = e.path();
             if e.file_type().is_ok_and(|t| t.is_dir()) {
-                walk(root, &path, manifest)?;
+                walk(root, &path, manifest, listed_dirs)?;
                 continue;
             }
             let rel = path.strip_prefix(root).unwrap_or(&path);
             let rel: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
             let rel = rel.join("/");
-            if rel != MANIFEST_FILE
+            let parent = rel.rsplit_once('/').map_or("", |(d, _)| d);
+            if listed_dirs.contains(parent)
+                && rel != MANIFEST_FILE
                 && rel != REPORT_FILE
                 && !manifest.files.contains_key(&rel)
                 && !is_cann_build_product(&rel)
@@ -279,7 +296,18 @@ pub fn check_no_unlisted_files(dir: &Path, manifest: &Manifest) -> Result<()> {
         }
         Ok(())
     }
-    walk(dir, dir, manifest)
+    Ok(())
+}
+
+/// True when `dir` is `ranks/<name>` of a package whose manifest lists it
+/// as a rank directory.
+fn is_rank_of_partitioned_package(dir: &Path) -> bool {
+    let (Some(ranks), Some(name)) = (dir.parent(), dir.file_name()) else { return false };
+    let Some(top) = ranks.parent().filter(|_| ranks.file_name().is_some_and(|n| n == "ranks")) else {
+        return false;
+    };
+    let rel = format!("ranks/{}", name.to_string_lossy());
+    read_manifest(top).ok().and_then(|m| m.ranks).is_some_and(|r| r.dirs.contains(&rel))
 }
 
 /// What the documented CANN build of `ascend/<target>/` writes in place
