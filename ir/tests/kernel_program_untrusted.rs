@@ -23,9 +23,12 @@ fn the_real_program_validates() {
     validate(&tiny()).unwrap();
 }
 
+/// A damage: what it is, the edit, and what the error must say.
+type Case = (&'static str, Box<dyn Fn(&mut Value)>, &'static str);
+
 #[test]
 fn out_of_range_references_are_errors() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         ("weight table emptied", Box::new(|p| p["weights"] = serde_json::json!([])), "no weight "),
         (
             "weight index past the table",
