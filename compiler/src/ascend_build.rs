@@ -173,7 +173,7 @@ pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
         // Partitioned: every rank's program under the simulation, their
         // collectives meeting in one in-process communicator.
         let cfg = panguc_runtime::multirank::rank_dirs(dir)?.model;
-        let prompts = crate::run_batch::prompts(a, cfg.vocab_size)?;
+        let prompts = crate::run_batch::prompts(a, &cfg)?;
         let context = crate::run_batch::max_context(&prompts, a.max_new_tokens);
         let make: EngineFactory =
             Box::new(move || Ok(Box::new(AscendSimEngine::multi_rank(dir, target, act, context)?)));
@@ -181,7 +181,7 @@ pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
     }
     let files = panguc_runtime::package::verify_package(dir)?;
     let cfg = files.manifest.model.clone();
-    let prompts = crate::run_batch::prompts(a, cfg.vocab_size)?;
+    let prompts = crate::run_batch::prompts(a, &cfg)?;
     let context = crate::run_batch::max_context(&prompts, a.max_new_tokens);
     let make: EngineFactory = Box::new(move || Ok(Box::new(AscendSimEngine::from_package(dir, target, act, context)?)));
     crate::run_batch::generate_and_report(make, a, &cfg, &prompts)

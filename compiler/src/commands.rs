@@ -199,10 +199,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let ckpt = open_checkpoint(&a.model, false)?;
     let cfg = ckpt.config().clone();
-    let prompts = crate::run_batch::prompts(&a, cfg.vocab_size)?;
+    let prompts = crate::run_batch::prompts(&a, &cfg)?;
     if !ckpt.has_weights() {
         bail!("{}: the checkpoint has no weight files, so it cannot be run (config-only checkpoints can only be compiled)", a.model.display());
     }
+    check_interp_memory(&a, &cfg, &prompts)?;
     let module = import(&ckpt)?;
     match a.engine.as_deref().unwrap_or("interp") {
         "interp" => {
@@ -236,6 +237,23 @@ pub fn run(a: RunArgs) -> Result<()> {
         ),
         other => bail!("unknown --engine `{other}` for a checkpoint directory (available: interp, interp-paged)"),
     }
+}
+
+/// The reference interpreter keeps every weight as f32 and grows an f32 KV
+/// cache per layer: refuse a run whose weights and cache cannot fit before
+/// any of it is allocated.
+fn check_interp_memory(a: &RunArgs, cfg: &panguc_ir::PanguConfig, prompts: &[Vec<i64>]) -> Result<()> {
+    // Every sequence keeps its own cache until it finishes.
+    let context = prompts.iter().map(|p| (p.len() + a.max_new_tokens) as u64).sum::<u64>();
+    let kv = [2, cfg.num_hidden_layers as u64, cfg.kv_dim() as u64, 4, context]
+        .iter()
+        .try_fold(1u64, |acc, &x| acc.checked_mul(x));
+    let weights = cfg.total_params().checked_mul(4);
+    let what = format!(
+        "the reference interpreter on {} (f32 weights plus the KV cache for {context} tokens)",
+        a.model.display()
+    );
+    panguc_runtime::memory::check_fits(&what, kv.zip(weights).and_then(|(k, w)| k.checked_add(w)))
 }
 
 #[derive(Args, Debug, Clone)]
@@ -381,16 +399,9 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     };
 
     // Everything is written into a staging directory next to OUT and renamed
-    // at the end, so a failure never leaves a partial package behind.
-    let parent = match a.out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".panguc-staging-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("creating a staging directory in {}", parent.display()))?;
+    // at the end, so a failure never leaves a partial package behind (and
+    // a killed compile's leftovers are removed by the next one: see staging.rs).
+    let staging = crate::staging::Staging::create(&a.out)?;
     let mut report = piped.report;
     write_ir_files(staging.path(), &piped.module)?;
     // Every program is scheduled once, here, and handed to the backends.
@@ -453,12 +464,7 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", report_path.display()))?;
 
-    if a.out.exists() {
-        std::fs::remove_dir_all(&a.out).with_context(|| format!("removing the old {}", a.out.display()))?;
-    }
-    let staged = staging.keep();
-    std::fs::rename(&staged, &a.out)
-        .with_context(|| format!("moving the package into place at {}", a.out.display()))?;
+    staging.install(&a.out)?;
     // Verified once here, fully, so that runs only re-hash what changed.
     panguc_runtime::stamp::verify_package_tree(&a.out, panguc_runtime::package::Verify::Full)
         .with_context(|| format!("verifying the new package {}", a.out.display()))?;

@@ -54,7 +54,9 @@ pub fn summary(ckpt: &Checkpoint) -> Summary {
         (ckpt.bytes_by_dtype(), false)
     } else {
         let d = declared_dtype(c);
-        (BTreeMap::from([(d.name().to_string(), c.total_params() * d.size_bytes() as u64)]), true)
+        // A validated config has at most 2^42 parameters, so this cannot
+        // saturate; saturating rather than wrapping if that ever changes.
+        (BTreeMap::from([(d.name().to_string(), c.total_params().saturating_mul(d.size_bytes() as u64))]), true)
     };
     Summary {
         path: ckpt.dir().display().to_string(),
@@ -70,7 +72,7 @@ pub fn summary(ckpt: &Checkpoint) -> Summary {
         num_tensors: c.num_tensors(),
         tensors_per_layer: c.tensors_per_layer(),
         num_shards: ckpt.shard_paths().len(),
-        total_bytes: bytes_by_dtype.values().sum(),
+        total_bytes: bytes_by_dtype.values().fold(0u64, |a, b| a.saturating_add(*b)),
         bytes_by_dtype,
         bytes_estimated,
         unexpected_tensors: ckpt.unexpected_tensors().to_vec(),

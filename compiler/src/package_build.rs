@@ -538,7 +538,7 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         let rank0 = panguc_runtime::multirank::rank_dirs(&a.model)?.dirs.remove(0);
         log_tier(&rank0, a)?;
         let cfg = panguc_runtime::package::read_manifest(&a.model)?.model;
-        let prompts = crate::run_batch::prompts(a, cfg.vocab_size)?;
+        let prompts = crate::run_batch::prompts(a, &cfg)?;
         let context = Some(crate::run_batch::max_context(&prompts, a.max_new_tokens));
         let options = open_options(a);
         let make: EngineFactory = Box::new(move || {
@@ -551,7 +551,7 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         let pkg = std::sync::Arc::new(panguc_runtime::open_package_with(&a.model, &open_options(a))?);
         log_tier(&a.model, a)?;
         let cfg = pkg.config().clone();
-        let prompts = crate::run_batch::prompts(a, cfg.vocab_size)?;
+        let prompts = crate::run_batch::prompts(a, &cfg)?;
         let context = Some(crate::run_batch::max_context(&prompts, a.max_new_tokens));
         let make: EngineFactory =
             Box::new(move || Ok(Box::new(panguc_runtime::CpuEngine::with_pool(pkg.clone(), pool.clone(), context)?)));

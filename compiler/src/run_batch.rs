@@ -33,8 +33,10 @@ struct PromptLine {
 }
 
 /// Every prompt of the run, in order: each `--tokens`, then each line of
-/// `--prompts`; each checked against the vocabulary.
-pub fn prompts(a: &RunArgs, vocab: usize) -> Result<Vec<Vec<i64>>> {
+/// `--prompts`; each checked against the vocabulary, and with
+/// `--max-new-tokens` against the model's context length.
+pub fn prompts(a: &RunArgs, cfg: &PanguConfig) -> Result<Vec<Vec<i64>>> {
+    let vocab = cfg.vocab_size;
     if a.tokens.is_empty() && a.prompts.is_none() {
         bail!("give a prompt with --tokens 1,2,3 (repeatable) or --prompts FILE.jsonl");
     }
@@ -52,7 +54,23 @@ pub fn prompts(a: &RunArgs, vocab: usize) -> Result<Vec<Vec<i64>>> {
     if let Some(path) = &a.prompts {
         out.extend(read_prompts(path, vocab)?);
     }
+    for p in &out {
+        validate_context(p.len(), a.max_new_tokens, cfg)?;
+    }
     Ok(out)
+}
+
+/// The whole sequence (prompt + new tokens) must fit the model's context.
+pub fn validate_context(prompt_len: usize, max_new_tokens: usize, cfg: &PanguConfig) -> Result<()> {
+    let limit = cfg.max_position_embeddings;
+    if prompt_len.checked_add(max_new_tokens).is_none_or(|t| t > limit) {
+        bail!(
+            "--max-new-tokens {max_new_tokens} with a {prompt_len}-token prompt goes past the model's context \
+             length (max_position_embeddings {limit}): at most {} new tokens fit",
+            limit.saturating_sub(prompt_len)
+        );
+    }
+    Ok(())
 }
 
 /// Reject an empty prompt or an id outside the vocabulary.

@@ -69,6 +69,45 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// An upper bound on one config dimension and why it is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DimensionLimit {
+    pub key: &'static str,
+    pub max: usize,
+    pub why: &'static str,
+}
+
+/// The largest value panguc accepts for each size key: far beyond any
+/// released model (the 72B Pangu Pro MoE is well inside every bound) but
+/// small enough that every size and count derived from them fits in 64
+/// bits and the compiler's tensor and kernel lists fit in memory. The README
+/// lists the same table.
+pub const DIMENSION_LIMITS: [DimensionLimit; 10] = [
+    DimensionLimit { key: "vocab_size", max: 1 << 22, why: "16x the largest released vocabularies" },
+    DimensionLimit { key: "hidden_size", max: 1 << 16, why: "8x the widest released models" },
+    DimensionLimit { key: "num_hidden_layers", max: 1024, why: "8x the deepest released models" },
+    DimensionLimit { key: "num_attention_heads", max: 1024, why: "8x the most heads of released models" },
+    DimensionLimit { key: "num_key_value_heads", max: 1024, why: "at most the query heads" },
+    DimensionLimit { key: "moe_intermediate_size", max: 1 << 18, why: "an expert wider than any dense FFN" },
+    DimensionLimit { key: "shared_expert_intermediate_size", max: 1 << 18, why: "wider than any dense FFN" },
+    DimensionLimit { key: "num_experts", max: 4096, why: "16x the most experts of released MoE models" },
+    DimensionLimit { key: "num_experts_per_tok", max: 1024, why: "the expert groups of one layer" },
+    DimensionLimit { key: "max_position_embeddings", max: 1 << 24, why: "16M tokens of context" },
+];
+
+/// Checkpoint tensors a config may imply (9,939 for the 72B model); the
+/// tensor list is built in memory by every command.
+pub const MAX_TENSORS: usize = 1_000_000;
+
+/// Parameters a config may describe: 2^42 (about 4.4 trillion, 61x the 72B
+/// model), whose bf16 weights alone would need 8.8 TB.
+pub const MAX_TOTAL_PARAMS: u64 = 1 << 42;
+
+/// The bound on size key `key`, if it has one.
+pub fn dimension_limit(key: &str) -> Option<DimensionLimit> {
+    DIMENSION_LIMITS.iter().copied().find(|l| l.key == key)
+}
+
 /// One checkpoint tensor the config implies: HF name and shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorSpec {
@@ -320,6 +359,17 @@ impl PanguConfig {
             if v == 0 {
                 return Err((key, format!("key `{key}` must be positive, found 0")));
             }
+            if let Some(limit) = dimension_limit(key) {
+                if v > limit.max {
+                    return Err((
+                        key,
+                        format!(
+                            "key `{key}` is {v}, above panguc's limit of {} ({}); no model this large could be compiled or run",
+                            limit.max, limit.why
+                        ),
+                    ));
+                }
+            }
         }
         if self.hidden_act != "silu" {
             return Err((
@@ -363,7 +413,74 @@ impl PanguConfig {
                 ),
             ));
         }
+        self.check_totals()
+    }
+
+    /// The derived sizes: tensor count and parameter count, computed with
+    /// checked arithmetic and bounded so that nothing downstream (the tensor
+    /// list, the parameter report, byte sizes) can wrap or exhaust memory.
+    fn check_totals(&self) -> Result<(), (&'static str, String)> {
+        let tensors = self.num_hidden_layers.checked_mul(self.tensors_per_layer()).and_then(|n| n.checked_add(3));
+        if tensors.is_none_or(|n| n > MAX_TENSORS) {
+            return Err((
+                "num_hidden_layers",
+                format!(
+                    "key `num_hidden_layers` ({}) times the {} tensors per layer that `num_experts` ({}) implies exceeds panguc's limit of {MAX_TENSORS} checkpoint tensors",
+                    self.num_hidden_layers,
+                    self.tensors_per_layer(),
+                    self.num_experts
+                ),
+            ));
+        }
+        let terms = self.parameter_terms();
+        let total = terms.iter().try_fold(0u64, |acc, (_, n)| n.and_then(|n| acc.checked_add(n)));
+        if total.is_none_or(|t| t > MAX_TOTAL_PARAMS) {
+            // Blame the key behind the largest share (an overflowing term counts as largest).
+            let (key, _) =
+                terms.iter().max_by_key(|(_, n)| n.unwrap_or(u64::MAX)).copied().unwrap_or(("num_hidden_layers", None));
+            let found = total.map_or("more than 2^64".to_string(), |t| t.to_string());
+            return Err((
+                key,
+                format!(
+                    "the config describes {found} parameters, above panguc's limit of {MAX_TOTAL_PARAMS}; most of them come from key `{key}` ({})",
+                    self.dimension(key)
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// The value of a size key, for messages.
+    fn dimension(&self, key: &str) -> usize {
+        match key {
+            "vocab_size" => self.vocab_size,
+            "hidden_size" => self.hidden_size,
+            "num_hidden_layers" => self.num_hidden_layers,
+            "num_experts" => self.num_experts,
+            "moe_intermediate_size" => self.moe_intermediate_size,
+            "shared_expert_intermediate_size" => self.shared_expert_intermediate_size,
+            _ => 0,
+        }
+    }
+
+    /// Parameter count split into terms, each attributed to the key that
+    /// scales it; `None` for a term that overflows u64.
+    fn parameter_terms(&self) -> [(&'static str, Option<u64>); 4] {
+        let u = |x: usize| x as u64;
+        let mul = |xs: &[u64]| xs.iter().try_fold(1u64, |acc, &x| acc.checked_mul(x));
+        let (h, q, kv, e) = (u(self.hidden_size), u(self.q_dim()), u(self.kv_dim()), u(self.num_experts));
+        let layers = u(self.num_hidden_layers);
+        let vocab_tables = 1 + u64::from(!self.tie_word_embeddings);
+        // Norms, attention projections and biases, router gate and scale.
+        let fixed = [mul(&[2, h]), mul(&[2, q, h]), mul(&[2, kv, h]), mul(&[q + 2 * kv + h]), mul(&[e, h]), Some(e)]
+            .into_iter()
+            .try_fold(0u64, |acc, x| x.and_then(|x| acc.checked_add(x)));
+        [
+            ("vocab_size", mul(&[vocab_tables, u(self.vocab_size), h]).and_then(|x| x.checked_add(h))),
+            ("hidden_size", fixed.and_then(|f| f.checked_mul(layers))),
+            ("num_experts", mul(&[layers, e, 3, u(self.moe_intermediate_size), h])),
+            ("shared_expert_intermediate_size", mul(&[layers, 3, u(self.shared_expert_intermediate_size), h])),
+        ]
     }
 
     /// Pretty JSON with the config.json key names (a trailing newline, like
@@ -461,12 +578,17 @@ impl PanguConfig {
 
     /// Parameters of one routed expert (gate, up and down projections).
     pub fn params_per_expert(&self) -> u64 {
-        3 * self.moe_intermediate_size as u64 * self.hidden_size as u64
+        (3 * self.moe_intermediate_size as u64).saturating_mul(self.hidden_size as u64)
     }
 
-    /// All parameters stored in the checkpoint.
+    /// All parameters stored in the checkpoint. Computed from the sizes
+    /// (not by listing the tensors) with checked arithmetic; a validated
+    /// config never gets near the saturation value `u64::MAX`.
     pub fn total_params(&self) -> u64 {
-        self.expected_tensors().iter().map(TensorSpec::numel).sum()
+        self.parameter_terms()
+            .iter()
+            .try_fold(0u64, |acc, (_, n)| n.and_then(|n| acc.checked_add(n)))
+            .unwrap_or(u64::MAX)
     }
 
     /// Parameters used for one token: everything except the routed experts
@@ -474,8 +596,10 @@ impl PanguConfig {
     /// router_scale all count (this is the convention that reproduces the
     /// published 16.50B exactly).
     pub fn active_params(&self) -> u64 {
-        let inactive_per_layer = (self.num_experts - self.num_experts_per_tok) as u64 * self.params_per_expert();
-        self.total_params() - self.num_hidden_layers as u64 * inactive_per_layer
+        let inactive = (self.num_experts.saturating_sub(self.num_experts_per_tok) as u64)
+            .checked_mul(self.params_per_expert())
+            .and_then(|x| x.checked_mul(self.num_hidden_layers as u64));
+        inactive.map_or(u64::MAX, |x| self.total_params().saturating_sub(x))
     }
 }
 
@@ -728,6 +852,62 @@ mod tests {
             assert!(msg.starts_with("ckpt/config.json: "), "{msg}");
             assert!(msg.contains(want), "{key}: {msg}");
             assert!(msg.contains(&format!("`{blamed}`")) || blamed == "hidden_act", "{msg}");
+        }
+    }
+
+    /// One negative test per bound: each size key one above its limit is
+    /// rejected naming the key, and the limit itself is accepted.
+    #[test]
+    fn every_dimension_bound_is_enforced() {
+        for limit in DIMENSION_LIMITS {
+            let mut v: Value = serde_json::from_str(REAL).unwrap();
+            let obj = v.as_object_mut().unwrap();
+            // Bounds are checked before the divisibility rules, so one above
+            // the limit trips the bound whatever the other keys are.
+            obj.insert(limit.key.into(), serde_json::json!(limit.max + 1));
+            let e = err_of(&v.to_string());
+            assert_eq!(e.key.as_deref(), Some(limit.key), "{e}");
+            assert!(e.to_string().contains(&format!("above panguc's limit of {}", limit.max)), "{e}");
+        }
+        // The issue's own examples, through the parser.
+        for (key, value) in [("num_hidden_layers", 100_000_000u64), ("num_experts", 4_294_967_296)] {
+            let e = err_of(&patched(key, Some(serde_json::json!(value))));
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+        }
+        // Exactly at the bound is fine (layers = 1024 with the real widths is
+        // 1.5 T parameters, under the total limit).
+        let c = PanguConfig::from_json_str(&patched("num_hidden_layers", Some(serde_json::json!(1024))), "c").unwrap();
+        assert_eq!(c.num_hidden_layers, 1024);
+    }
+
+    #[test]
+    fn derived_totals_are_bounded() {
+        // Every key within its bound, but the product too large.
+        let mut v: Value = serde_json::from_str(REAL).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        obj.insert("num_hidden_layers".into(), serde_json::json!(1024));
+        obj.insert("num_experts".into(), serde_json::json!(1024));
+        let e = err_of(&v.to_string());
+        assert_eq!(e.key.as_deref(), Some("num_hidden_layers"), "{e}");
+        assert!(e.to_string().contains("checkpoint tensors"), "{e}");
+
+        // Few tensors, but 48 layers x 64 experts x 3 x 2^18 x 64000 parameters.
+        let mut v: Value = serde_json::from_str(REAL).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        obj.insert("moe_intermediate_size".into(), serde_json::json!(1 << 18));
+        obj.insert("hidden_size".into(), serde_json::json!(40 * 1600));
+        let e = err_of(&v.to_string());
+        assert_eq!(e.key.as_deref(), Some("num_experts"), "{e}");
+        assert!(e.to_string().contains("parameters, above panguc's limit"), "{e}");
+    }
+
+    #[test]
+    fn parameter_count_matches_the_tensor_list() {
+        for tied in [false, true] {
+            let mut c = real();
+            c.tie_word_embeddings = tied;
+            let listed: u64 = c.expected_tensors().iter().map(TensorSpec::numel).sum();
+            assert_eq!(c.total_params(), listed);
         }
     }
 

@@ -7,7 +7,7 @@ pub mod batched;
 
 use crate::graph::{Function, Module, ParamKind};
 use crate::kernels as k;
-use crate::op::{BinaryOp, CollectiveKind, Op, ReduceOp, RopeKind, UnaryOp};
+use crate::op::{BinaryOp, Op, ReduceOp, RopeKind, UnaryOp};
 use crate::shape::{Bindings, Dim};
 use crate::tensor::Tensor;
 use crate::{DType, WeightSource};
@@ -23,7 +23,7 @@ pub struct Interpreter<'a> {
     cache: RefCell<HashMap<String, Rc<Tensor>>>,
     /// Global rank and communicator when running one rank of a partitioned
     /// program (see [`crate::multirank`]); `None` on one device, where a
-    /// collective is the identity over its single participant.
+    /// collective is an error (the program is not a one-device program).
     comm: Option<(usize, &'a dyn crate::multirank::Communicator)>,
 }
 
@@ -277,12 +277,15 @@ pub fn eval_pure(op: &Op, a: &[&Tensor]) -> Result<Vec<Tensor>, String> {
             one(k::binary(a[7], &moe, |x, y| x + y)?)
         }
         Op::FusedElementwise { expr } => one(fused_elementwise(expr, a)?),
-        Op::Collective { kind, .. } => match kind {
-            // A single-process view: with one participant every collective is
-            // the identity. Multi-rank execution lives in the runtime.
-            CollectiveKind::AllReduce | CollectiveKind::AllToAll => one(a[0].clone()),
-            _ => Err("all_gather / reduce_scatter need a multi-rank executor".into()),
-        },
+        // A collective exchanges data with other ranks; without a
+        // communicator there are none, and treating it as the identity would
+        // silently compute one rank's partial result as if it were the model's.
+        Op::Collective { group, .. } => Err(format!(
+            "{} over ranks {group:?} needs a communicator: this is one rank of a program partitioned over {} devices, \
+             which must run under the multi-rank executor (all ranks together), not single-rank",
+            op.mnemonic(),
+            group.len()
+        )),
         Op::Call { .. } | Op::Scalar { .. } | Op::Reshape { .. } => Err("needs module context".into()),
     }
 }

@@ -536,7 +536,8 @@ impl KernelProgram {
                     ));
                 }
                 if let BufferKind::Weight { index } = b.kind {
-                    if self.weights[index].layout != spec.layout {
+                    let w = self.weights.get(index).ok_or_else(|| format!("buffer `{}`: no weight {index}", b.name))?;
+                    if w.layout != spec.layout {
                         return Err(format!(
                             "launch {i} ({}) arg {j}: weight `{}` has the wrong layout",
                             k.name, b.name
@@ -545,11 +546,31 @@ impl KernelProgram {
                 }
             }
         }
+        // Every reference the runtime follows must be in range: a program
+        // read from a package is untrusted input (found by fuzz/kernel_program).
         for (i, b) in self.buffers.iter().enumerate() {
-            if let BufferKind::View { base, .. } = b.kind {
-                if base.index() >= i {
+            match b.kind {
+                BufferKind::View { base, .. } if base.index() >= i => {
                     return Err(format!("view `{}` refers to a later buffer", b.name));
                 }
+                BufferKind::Weight { index } if index >= self.weights.len() => {
+                    return Err(format!("buffer `{}`: no weight {index}", b.name));
+                }
+                BufferKind::KvCache { cache } if cache >= self.caches.len() => {
+                    return Err(format!("buffer `{}`: no KV cache {cache}", b.name));
+                }
+                BufferKind::Activation { slot } if slot >= self.slots => {
+                    return Err(format!("buffer `{}`: no arena slot {slot} (the program has {})", b.name, self.slots));
+                }
+                BufferKind::Input { index } if index >= self.inputs.len() => {
+                    return Err(format!("buffer `{}`: no entry input {index}", b.name));
+                }
+                _ => {}
+            }
+        }
+        for (what, ids) in [("input", &self.inputs), ("output", &self.outputs), ("KV cache", &self.caches)] {
+            if let Some(id) = ids.iter().find(|id| id.index() >= self.buffers.len()) {
+                return Err(format!("{what} buffer {} does not exist", id.0));
             }
         }
         Ok(())

@@ -329,3 +329,25 @@ mod tests {
         assert!(format!("{err:#}").contains("boom"), "{err:#}");
     }
 }
+
+#[cfg(test)]
+mod no_communicator_tests {
+    use crate::interp::eval_pure;
+    use crate::op::{CollectiveKind, Op};
+    use crate::Tensor;
+
+    #[test]
+    fn every_collective_kind_without_a_communicator_is_an_error() {
+        let x = Tensor::f32(vec![2, 4], vec![1.0; 8]);
+        for kind in [
+            CollectiveKind::AllReduce,
+            CollectiveKind::AllGather,
+            CollectiveKind::ReduceScatter,
+            CollectiveKind::AllToAll,
+        ] {
+            let op = Op::Collective { kind, group: vec![0, 1], axis: 1 };
+            let err = eval_pure(&op, &[&x]).expect_err("no communicator");
+            assert!(err.contains("needs a communicator") && err.contains("[0, 1]"), "{kind:?}: {err}");
+        }
+    }
+}

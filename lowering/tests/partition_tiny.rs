@@ -104,3 +104,17 @@ fn device_counts_are_validated() {
     assert_eq!(Layout::new(dims, 8, PlanChoice::Auto).unwrap().plan, PlanKind::H2p);
     assert_eq!(Layout::new(dims, 0, PlanChoice::Ep).unwrap_err().to_string(), "--devices must be at least 1");
 }
+
+/// A rank's program run single-rank (no communicator) is a clear error at its
+/// first collective, not a silent identity that yields one rank's partial sums.
+#[test]
+fn one_rank_without_a_communicator_is_an_error() {
+    let (imported, fused, dims) = tiny();
+    let weights = random_weights(&imported, 7, 1 << 24).unwrap();
+    let layout = Layout::new(dims, 2, PlanChoice::Ep).unwrap();
+    let parts = partition_module(&fused, "decoder_layer", &layout, &FuseOptions::default()).unwrap();
+    let rank0 = &parts.ranks[0].module;
+    let mut session = InterpSession::new(Interpreter::new(rank0, &weights), 2, [2, 16]);
+    let err = format!("{:#}", session.forward(&PROMPT).expect_err("a collective without a communicator must fail"));
+    assert!(err.contains("needs a communicator") && err.contains("multi-rank executor"), "{err}");
+}

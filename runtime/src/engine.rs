@@ -157,14 +157,23 @@ impl CpuEngine {
             None => DEFAULT_MAX_CONTEXT.min(limit),
         };
         let program = pkg.program();
-        let mut kv = Vec::with_capacity(program.caches.len());
+        // Sizes first, in checked arithmetic, and the total against the
+        // machine's memory before anything is allocated.
+        let mut kv_bytes = Vec::with_capacity(program.caches.len());
         for c in &program.caches {
             let b = program.buffer(*c);
-            let row: usize = b.shape[1..]
-                .iter()
-                .map(|d| d.as_const().context("KV cache rows must have a static size"))
-                .product::<Result<usize>>()?;
-            kv.push(AlignedBuf::zeroed(max_context * row * b.dtype.size_bytes())?);
+            let mut row = Some(b.dtype.size_bytes());
+            for d in &b.shape[1..] {
+                let d = d.as_const().context("KV cache rows must have a static size")?;
+                row = row.and_then(|r| r.checked_mul(d));
+            }
+            kv_bytes.push(row.and_then(|r| r.checked_mul(max_context)));
+        }
+        let total = kv_bytes.iter().try_fold(0u64, |acc, b| b.and_then(|b| acc.checked_add(b as u64)));
+        crate::memory::check_fits(&format!("the KV cache for a context of {max_context} tokens"), total)?;
+        let mut kv = Vec::with_capacity(program.caches.len());
+        for bytes in kv_bytes {
+            kv.push(AlignedBuf::zeroed(bytes.expect("checked above"))?);
         }
         let threads = pool.threads();
         let scratch = (0..threads).map(|_| AlignedBuf::zeroed(0)).collect::<Result<_>>()?;

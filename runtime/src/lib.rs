@@ -12,6 +12,7 @@ pub mod engine;
 pub mod generate;
 pub mod kv_blocks;
 pub mod loader;
+pub mod memory;
 pub mod multirank;
 pub mod package;
 pub mod pool;

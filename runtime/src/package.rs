@@ -203,8 +203,15 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST_FILE);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("cannot read package manifest {}", path.display()))?;
+    parse_manifest(&text, dir)
+}
+
+/// Parses and checks the manifest text of the package in `dir` (which only
+/// names it in errors). The untrusted-input entry point (fuzzed by `fuzz/`).
+pub fn parse_manifest(text: &str, dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST_FILE);
     let value: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        serde_json::from_str(text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     let version = value
         .get("format_version")
         .and_then(serde_json::Value::as_u64)
@@ -222,14 +229,97 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
             dir.display()
         );
     }
-    serde_json::from_value(value).with_context(|| format!("{} does not match package format {version}", path.display()))
+    let manifest: Manifest = serde_json::from_value(value)
+        .with_context(|| format!("{} does not match package format {version}", path.display()))?;
+    // The runtime sizes its buffers from this config: hold it to the same
+    // bounds as a config.json, whoever wrote the manifest.
+    manifest
+        .model
+        .validate()
+        .map_err(|(key, message)| anyhow::anyhow!("{}: model key `{key}`: {message}", path.display()))?;
+    Ok(manifest)
 }
 
 /// Check every file the manifest lists: present, of the recorded size, and
 /// with the recorded sha256 (weight files the verification stamp vouches
-/// for are not re-read: see [`crate::stamp`]).
+/// for are not re-read: see [`crate::stamp`]); and that the package holds
+/// no file the manifest does not list.
 pub fn verify_files(dir: &Path, manifest: &Manifest) -> Result<()> {
     crate::stamp::verify_files_with(dir, manifest, Verify::Stamp).map(|_| ())
+}
+
+/// Refuse a file the manifest does not list (other than the manifest and
+/// the report) in a directory the manifest lists files of: a loader or a
+/// CANN build that globs such a directory (`weights/`, `cpu/`, `op_kernel/`)
+/// would pick it up unverified. Directories the manifest knows nothing of
+/// are not read by anything (a rank's own manifest does not list the rank's
+/// CANN project, which the top-level manifest covers). Only names are read,
+/// so this is cheap enough to run on every open.
+pub fn check_no_unlisted_files(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let listed_dirs: std::collections::BTreeSet<&str> =
+        manifest.files.keys().map(|rel| rel.rsplit_once('/').map_or("", |(d, _)| d)).collect();
+    walk(dir, dir, manifest, &listed_dirs)?;
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        manifest: &Manifest,
+        listed_dirs: &std::collections::BTreeSet<&str>,
+    ) -> Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("cannot list {}", dir.display()))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(root, &path, manifest, listed_dirs)?;
+                continue;
+            }
+            let rel = path.strip_prefix(root).unwrap_or(&path);
+            let rel: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+            let rel = rel.join("/");
+            let parent = rel.rsplit_once('/').map_or("", |(d, _)| d);
+            if listed_dirs.contains(parent)
+                && rel != MANIFEST_FILE
+                && rel != REPORT_FILE
+                && rel != crate::stamp::STAMP_FILE
+                && !rel.starts_with(&format!(".{}.", crate::stamp::STAMP_FILE))
+                && !manifest.files.contains_key(&rel)
+                && !is_cann_build_product(&rel)
+            {
+                bail!(
+                    "package {} holds {rel}, which its manifest does not list (an unexpected or injected file); \
+                     remove it or recompile the package",
+                    root.display()
+                );
+            }
+        }
+        Ok(())
+    }
+    Ok(())
+}
+
+/// True when `dir` is `ranks/<name>` of a package whose manifest lists it
+/// as a rank directory.
+pub(crate) fn is_rank_of_partitioned_package(dir: &Path) -> bool {
+    let (Some(ranks), Some(name)) = (dir.parent(), dir.file_name()) else { return false };
+    let Some(top) = ranks.parent().filter(|_| ranks.file_name().is_some_and(|n| n == "ranks")) else {
+        return false;
+    };
+    let rel = format!("ranks/{}", name.to_string_lossy());
+    read_manifest(top).ok().and_then(|m| m.ranks).is_some_and(|r| r.dirs.contains(&rel))
+}
+
+/// What the documented CANN build of `ascend/<target>/` writes in place
+/// (`build_out/`, the `panguc_host` executable): expected on a CANN
+/// machine, and never read by this runtime.
+fn is_cann_build_product(rel: &str) -> bool {
+    let parts: Vec<&str> = rel.split('/').collect();
+    parts
+        .windows(3)
+        .enumerate()
+        .any(|(i, w)| w[0] == "ascend" && (w[2] == "build_out" || (w[2] == "panguc_host" && i + 3 == parts.len())))
 }
 
 /// A verified package on disk (not yet loaded for execution).

@@ -149,9 +149,15 @@ fn write_stamp(dir: &Path, stamp: &Stamp) -> Result<()> {
 }
 
 /// Check every file `manifest` lists (present, recorded size, recorded
-/// sha256), trusting the stamp for unchanged weight files under
-/// [`Verify::Stamp`], and record a new stamp when anything was hashed.
+/// sha256) and that the package holds no unlisted file, trusting the stamp
+/// for unchanged weight files under [`Verify::Stamp`], and record a new
+/// stamp when anything was hashed.
 pub fn verify_files_with(dir: &Path, manifest: &Manifest, mode: Verify) -> Result<VerifyReport> {
+    // A rank of a partitioned package is a package inside the package: the
+    // top-level manifest lists every file of it, its own manifest does not.
+    if !crate::package::is_rank_of_partitioned_package(dir) {
+        crate::package::check_no_unlisted_files(dir, manifest)?;
+    }
     let manifest_sha = sha256_file(&dir.join(MANIFEST_FILE))?;
     let old = match mode {
         Verify::Stamp => read_stamp(dir, &manifest_sha),

@@ -74,42 +74,57 @@ impl Shard {
     }
 
     fn from_mmap(path: PathBuf, mmap: Mmap) -> Result<Shard> {
-        let bytes: &[u8] = &mmap;
-        let mut prefix = [0u8; LEN_PREFIX];
-        prefix.copy_from_slice(&bytes[..LEN_PREFIX]);
-        let header_len = u64::from_le_bytes(prefix);
-        let available = (bytes.len() - LEN_PREFIX) as u64;
-        // Checked before the crate does so the message can give both sizes.
-        if header_len > available {
-            bail!(
+        let (tensors, metadata) = parse_header(&path, &mmap)?;
+        Ok(Shard { path, mmap, tensors, metadata })
+    }
+}
+
+/// Parses and validates the header of a safetensors file whose bytes are
+/// `bytes` (`path` only names it in errors): the tensors in file order, with
+/// absolute byte ranges that lie inside `bytes`, and the `__metadata__` map.
+/// The untrusted-input entry point (fuzzed by `fuzz/`).
+pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<(Vec<ShardTensor>, HashMap<String, String>)> {
+    let Some(prefix) = bytes.first_chunk::<LEN_PREFIX>() else {
+        bail!(
+                "{}: file is {} bytes, too short for a safetensors file (the 8-byte header length is missing; truncated header)",
+                path.display(),
+                bytes.len()
+            );
+    };
+    let header_len = u64::from_le_bytes(*prefix);
+    let available = (bytes.len() - LEN_PREFIX) as u64;
+    // Checked before the crate does so the message can give both sizes.
+    if header_len > available {
+        bail!(
                 "{}: header length {header_len} is larger than the file ({} bytes): truncated header or not a safetensors file",
                 path.display(),
                 bytes.len()
             );
-        }
-        let (n, meta) = match SafeTensors::read_metadata(bytes) {
-            Ok(x) => x,
-            Err(e) => bail!("{}: {}", path.display(), explain(bytes, header_len as usize, &e)),
-        };
-        let data_start = LEN_PREFIX + n;
-        let infos = meta.tensors();
-        let mut tensors = Vec::with_capacity(infos.len());
-        for name in meta.offset_keys() {
-            // offset_keys() and tensors() come from the same map.
-            let Some(info) = infos.get(&name) else { continue };
-            let (b, e) = info.data_offsets;
-            tensors.push(ShardTensor {
-                dtype: info.dtype,
-                shape: info.shape.clone(),
-                start: data_start + b,
-                end: data_start + e,
-                name,
-            });
-        }
-        let metadata = meta.metadata().clone().unwrap_or_default();
-        Ok(Shard { path, mmap, tensors, metadata })
     }
+    let (n, meta) = match SafeTensors::read_metadata(bytes) {
+        Ok(x) => x,
+        Err(e) => bail!("{}: {}", path.display(), explain(bytes, header_len as usize, &e)),
+    };
+    let data_start = LEN_PREFIX + n;
+    let infos = meta.tensors();
+    let mut tensors = Vec::with_capacity(infos.len());
+    for name in meta.offset_keys() {
+        // offset_keys() and tensors() come from the same map.
+        let Some(info) = infos.get(&name) else { continue };
+        let (b, e) = info.data_offsets;
+        tensors.push(ShardTensor {
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            start: data_start + b,
+            end: data_start + e,
+            name,
+        });
+    }
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    Ok((tensors, metadata))
+}
 
+impl Shard {
     pub fn path(&self) -> &Path {
         &self.path
     }
