@@ -269,9 +269,9 @@ pub(crate) fn rms_norm(ctx: &Ctx, eps: f64, add: bool) -> Result<DeviceKernels> 
     dk.params = if add {
         vec![
             ctx.param("x", 0, Role::Input),
-            ctx.param("residual", 1, Role::Input),
+            ctx.param("res", 1, Role::Input),
             ctx.param("w", 2, Role::Input),
-            ctx.param("sum", 3, Role::Output),
+            ctx.param("sumOut", 3, Role::Output),
             ctx.param("y", 4, Role::Output),
         ]
     } else {
@@ -712,8 +712,8 @@ pub(crate) fn rope(ctx: &Ctx) -> Result<DeviceKernels> {
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![
         ctx.param("x", 0, Role::Input),
-        ctx.param("cos", 1, Role::Input),
-        ctx.param("sin", 2, Role::Input),
+        ctx.param("cosT", 1, Role::Input),
+        ctx.param("sinT", 2, Role::Input),
         ctx.param("y", 3, Role::Output),
     ];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
@@ -932,7 +932,7 @@ pub(crate) fn attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
         ctx.param("q", 0, Role::Input),
         ctx.param("k", 1, Role::Input),
         ctx.param("v", 2, Role::Input),
-        ctx.param("positions", 3, Role::Input),
+        ctx.param("pos", 3, Role::Input),
         ctx.param("out", 4, Role::Output),
     ];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
@@ -1070,9 +1070,9 @@ pub(crate) fn moe_gating(ctx: &Ctx, groups: usize) -> Result<DeviceKernels> {
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![
         ctx.param("logits", 0, Role::Input),
-        ctx.param("scale", 1, Role::Input),
-        ctx.param("weights", 2, Role::Output),
-        ctx.param("ids", 3, Role::Output),
+        ctx.param("scaleIn", 1, Role::Input),
+        ctx.param("wOut", 2, Role::Output),
+        ctx.param("idOut", 3, Role::Output),
     ];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
