@@ -239,7 +239,11 @@ private:
     void* Workspace(uint64_t bytes)
     {
         if (bytes > workspaceBytes_) {
-            if (workspace_ != nullptr) CHECK_ACL(aclrtFree(workspace_));
+            if (workspace_ != nullptr) {
+                // Kernels already queued on the stream may still use it.
+                CHECK_ACL(aclrtSynchronizeStream(stream_));
+                CHECK_ACL(aclrtFree(workspace_));
+            }
             CHECK_ACL(aclrtMalloc(&workspace_, bytes, ACL_MEM_MALLOC_HUGE_FIRST));
             workspaceBytes_ = bytes;
         }

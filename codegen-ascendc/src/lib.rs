@@ -18,6 +18,7 @@ pub mod data;
 pub mod emit;
 pub mod engine;
 pub mod host;
+pub mod op_host_check;
 pub mod program;
 pub mod project;
 pub mod sim;

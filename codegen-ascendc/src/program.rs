@@ -1,11 +1,12 @@
 //! A whole kernel program for one Ascend target: device dtypes of every
 //! buffer, the device kernels of every program kernel, and the memory report.
 
-use crate::emit::{emit_kernel, DeviceKernels, EmitOptions};
+use crate::emit::{emit_kernel, upper_camel, DeviceKernel, DeviceKernels, EmitOptions};
 use crate::target::{DevType, Target};
 use anyhow::{bail, Context, Result};
 use panguc_ir::kernel::{BufferKind, KernelKind, KernelProgram};
 use panguc_ir::DType;
+use sha2::{Digest, Sha256};
 
 /// Device dtype of every buffer: integers are i64; the router's logits,
 /// scales and routing weights stay f32 (the reference's softmax_f32);
@@ -49,6 +50,13 @@ pub struct AscendProgram {
     /// `(rank, devices)` for one rank of a partitioned program (its host
     /// program joins the HCCL communicators); `None` for one device.
     pub rank: Option<(usize, usize)>,
+    /// Vendor name of the installed operator package (`panguc_<id>`) and
+    /// the snake-case prefix of every kernel entry (`pg<id>`; op types start
+    /// with its UpperCamel form). `<id>` is a hash of everything the kernels
+    /// bake in (see [`package_id`]), so two packages install side by side
+    /// unless their kernels are identical.
+    pub vendor: String,
+    pub op_prefix: String,
     /// The kernel program as emitted: the input program, except that a
     /// kernel launched with different device dtypes is one kernel per
     /// dtype signature (see [`split_by_device_dtypes`]). `kernels` is
@@ -92,7 +100,7 @@ pub fn emit_program(p: &KernelProgram, target: Target, act: DevType) -> Result<A
     let opts = EmitOptions::new(target, act)?;
     let bdt = device_dtypes(p, act);
     let program = split_by_device_dtypes(p, &bdt);
-    let mut kernels = Vec::with_capacity(program.kernels.len());
+    let mut kernels: Vec<DeviceKernels> = Vec::with_capacity(program.kernels.len());
     for (ki, k) in program.kernels.iter().enumerate() {
         let Some(first) = program.launches.iter().find(|l| l.kernel == ki) else {
             bail!("kernel `{}` is never launched", k.name)
@@ -101,7 +109,47 @@ pub fn emit_program(p: &KernelProgram, target: Target, act: DevType) -> Result<A
         let dk = emit_kernel(k, &dts, &opts).with_context(|| format!("emitting AscendC for {target}"))?;
         kernels.push(dk);
     }
-    Ok(AscendProgram { target, act, buffer_dtypes: bdt, kernels, rank: None, program })
+    let id = package_id(target, act, &kernels);
+    let op_prefix = format!("pg{id}");
+    for dk in kernels.iter_mut().flat_map(|d| d.kernels.iter_mut()) {
+        rename_kernel(dk, &op_prefix);
+    }
+    Ok(AscendProgram {
+        target,
+        act,
+        buffer_dtypes: bdt,
+        kernels,
+        rank: None,
+        vendor: format!("panguc_{id}"),
+        op_prefix,
+        program,
+    })
+}
+
+/// Entries are emitted as `panguc_kNNN_...` (op type `PangucKNNN...`).
+const EMITTED_PREFIX: &str = "panguc";
+
+/// 12 hex digits of the SHA-256 of what the kernels bake in: the target,
+/// the activation dtype and every device kernel (source, tiling fields and
+/// their constants, block count, parameters, temporary buffers, host
+/// collectives), with the names as emitted.
+pub fn package_id(target: Target, act: DevType, kernels: &[DeviceKernels]) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("{}\n{act}\n{kernels:?}", target.name()).as_bytes());
+    h.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Give a device kernel the package's prefix: its entry (and file stem),
+/// op type, tiling struct and every mention of them in the source.
+fn rename_kernel(dk: &mut DeviceKernel, prefix: &str) {
+    let (old_snake, new_snake) = (format!("{EMITTED_PREFIX}_k"), format!("{prefix}_k"));
+    let (old_camel, new_camel) = (upper_camel(&old_snake), upper_camel(&new_snake));
+    let fix = |s: &str| s.replace(&old_snake, &new_snake).replace(&old_camel, &new_camel);
+    dk.entry = fix(&dk.entry);
+    dk.op_type = fix(&dk.op_type);
+    dk.tiling_struct = fix(&dk.tiling_struct);
+    dk.source = fix(&dk.source);
+    debug_assert_eq!(crate::emit::cann_snake(&dk.op_type), dk.entry);
 }
 
 /// Per device kernel: UB/L1/L0 use against capacity (for report.json).

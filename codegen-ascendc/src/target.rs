@@ -55,11 +55,15 @@ impl Target {
     /// the 256 B the 910B runtime reserves.
     pub fn capacity(self) -> Capacity {
         match self {
-            Target::Ascend910B => {
-                Capacity { ub: 192 * 1024 - 256, l1: 512 * 1024, l0a: 64 * 1024, l0b: 64 * 1024, l0c: 128 * 1024 }
-            }
+            Target::Ascend910B => Capacity {
+                ub: 192 * 1024 - 256 - 8 * 1024,
+                l1: 512 * 1024,
+                l0a: 64 * 1024,
+                l0b: 64 * 1024,
+                l0c: 128 * 1024,
+            },
             Target::Ascend310P => {
-                Capacity { ub: 256 * 1024, l1: 1024 * 1024, l0a: 64 * 1024, l0b: 64 * 1024, l0c: 256 * 1024 }
+                Capacity { ub: 248 * 1024, l1: 1024 * 1024, l0a: 64 * 1024, l0b: 64 * 1024, l0c: 256 * 1024 }
             }
         }
     }

@@ -1,8 +1,9 @@
 //! Snapshots of one emitted kernel per kind and of a project tree, the host
-//! program compile check, the 72B shapes against the simulation
+//! program compile check, `build.sh` against a stand-in CANN installation,
+//! package names, the 72B shapes against the simulation
 //! (`-fsyntax-only`) with their memory proofs, and bad-input errors.
 
-use panguc_codegen_ascendc::emit::{emit_kernel, EmitOptions};
+use panguc_codegen_ascendc::emit::{emit_kernel, upper_camel, EmitOptions};
 use panguc_codegen_ascendc::program::{emit_program, memory_report};
 use panguc_codegen_ascendc::project::project_files;
 use panguc_codegen_ascendc::sim::syntax_check;
@@ -277,11 +278,8 @@ fn bad_inputs_are_refused_clearly() {
     assert!(e.contains("causal_mask") && e.contains("no AscendC implementation"), "{e}");
 }
 
-/// A small hand-built program (embedding -> norm -> lm_head): project tree
-/// snapshot, determinism, memory report, and the host program compiles
-/// with g++ against the ACL stubs.
-#[test]
-fn project_tree_and_host_program() {
+/// A small hand-built program: embedding -> norm -> lm_head.
+fn small_program() -> KernelProgram {
     let (v, h) = (512usize, 64usize);
     let t = Dim::tokens;
     let buf =
@@ -361,6 +359,14 @@ fn project_tree_and_host_program() {
         slots: 2,
     };
     p.validate().unwrap();
+    p
+}
+
+/// The small program's project: tree snapshot, determinism, memory report,
+/// and the host program compiles with g++ against the ACL stubs.
+#[test]
+fn project_tree_and_host_program() {
+    let p = small_program();
     for target in Target::ALL {
         let ap = emit_program(&p, target, target.default_act()).unwrap();
         let files = project_files(&ap).unwrap();
@@ -369,18 +375,28 @@ fn project_tree_and_host_program() {
             project_files(&emit_program(&p, target, target.default_act()).unwrap()).unwrap(),
             "deterministic"
         );
-        let listing: Vec<&str> = files.keys().map(String::as_str).collect();
+        // The prefix is a hash of the kernels: named, not spelled, in the snapshot.
+        let listing: Vec<String> = files.keys().map(|f| f.replace(&ap.op_prefix, "<prefix>")).collect();
         insta::assert_snapshot!(format!("project_tree_{}", target.name()), listing.join("\n"));
         let presets = &files["CMakePresets.json"];
         assert!(presets.contains(&format!(
             "\"ASCEND_COMPUTE_UNIT\": {{ \"type\": \"STRING\", \"value\": \"{}\" }}",
             target.name()
         )));
-        let op_host = &files["op_host/panguc_k001_rms_norm.cpp"];
+        let prefix = &ap.op_prefix;
+        let op_host = &files[&format!("op_host/{prefix}_k001_rms_norm.cpp")];
+        let op_type = format!("{}K001RmsNorm", upper_camel(prefix));
         assert!(
-            op_host.contains("class PangucK001RmsNorm : public OpDef")
-                && op_host.contains("OP_ADD(PangucK001RmsNorm);")
+            op_host.contains(&format!("class {op_type} : public OpDef"))
+                && op_host.contains(&format!("OP_ADD({op_type});")),
+            "{op_host}"
         );
+        assert!(files.keys().all(|f| !f.contains("panguc_k")), "every file carries the package prefix");
+        assert!(presets.contains(&format!("\"vendor_name\": {{ \"type\": \"STRING\", \"value\": \"{}\" }}", ap.vendor)));
+        // No copy of CANN's operator-project files: build.sh takes them from the installation.
+        for cann_file in ["CMakeLists.txt", "op_host/CMakeLists.txt", "cmake/func.cmake", "scripts/install.sh"] {
+            assert!(!files.contains_key(cann_file), "{cann_file} must come from the CANN template");
+        }
         assert!(
             op_host.contains("const uint64_t tokens = context->GetInputShape(0)->GetStorageShape().GetDim(0);"),
             "{op_host}"
@@ -396,5 +412,151 @@ fn project_tree_and_host_program() {
             std::fs::write(path, text).unwrap();
         }
         panguc_codegen_ascendc::host::check_host_compiles(dir.path()).unwrap();
+        panguc_codegen_ascendc::op_host_check::check_op_host_compiles(dir.path()).unwrap();
+        // The check has teeth: a renamed kernel parameter is reported.
+        let k = dir.path().join(format!("op_kernel/{prefix}_k001_rms_norm.cpp"));
+        let src = std::fs::read_to_string(&k).unwrap();
+        let entry = format!("void {prefix}_k001_rms_norm(GM_ADDR ");
+        assert!(src.contains(&format!("{entry}x,")), "{src}");
+        std::fs::write(&k, src.replace(&format!("{entry}x,"), &format!("{entry}input,"))).unwrap();
+        let e = panguc_codegen_ascendc::op_host_check::check_op_host_compiles(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("differ from the op definition"), "{e}");
     }
+}
+
+/// Writes the stand-in CANN installation of `tests/fake_cann/` under `root`
+/// (see its README): the op-project template and the `op_build` tool.
+fn write_fake_cann(root: &std::path::Path) {
+    const FILES: &[(&str, &str)] = &[
+        ("customize/CMakeLists.txt", include_str!("fake_cann/customize/CMakeLists.txt")),
+        ("customize/CMakePresets.json", include_str!("fake_cann/customize/CMakePresets.json")),
+        ("customize/build.sh", include_str!("fake_cann/customize/build.sh")),
+        ("customize/cmake/config.cmake", include_str!("fake_cann/customize/cmake/config.cmake")),
+        ("customize/cmake/func.cmake", include_str!("fake_cann/customize/cmake/func.cmake")),
+        ("customize/cmake/intf.cmake", include_str!("fake_cann/customize/cmake/intf.cmake")),
+        ("customize/cmake/makeself.cmake", include_str!("fake_cann/customize/cmake/makeself.cmake")),
+        (
+            "customize/cmake/util/ascendc_compile_kernel.py",
+            include_str!("fake_cann/customize/cmake/util/ascendc_compile_kernel.py"),
+        ),
+        (
+            "customize/cmake/util/ascendc_get_op_name.py",
+            include_str!("fake_cann/customize/cmake/util/ascendc_get_op_name.py"),
+        ),
+        ("customize/op_host/CMakeLists.txt", include_str!("fake_cann/customize/op_host/CMakeLists.txt")),
+        ("customize/op_kernel/CMakeLists.txt", include_str!("fake_cann/customize/op_kernel/CMakeLists.txt")),
+        ("customize/scripts/install.sh", include_str!("fake_cann/customize/scripts/install.sh")),
+        ("customize/scripts/upgrade.sh", include_str!("fake_cann/customize/scripts/upgrade.sh")),
+        ("opbuild/op_build", include_str!("fake_cann/opbuild/op_build")),
+    ];
+    for (rel, text) in FILES {
+        let dest = match rel.strip_prefix("customize/") {
+            Some(r) => root.join("tools/op_project_templates/ascendc/customize").join(r),
+            None => root.join("toolkit/tools").join(rel),
+        };
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::write(dest, text).unwrap();
+    }
+    std::fs::write(root.join("calls.log"), "").unwrap();
+}
+
+/// `bash build.sh` against a stand-in CANN installation: the project is
+/// instantiated from the installation's template, configured with the
+/// package's presets (compute unit, vendor, the machine's CANN path), the
+/// op_host registrations go through opbuild, every kernel is compiled for
+/// the compute unit under the op type its op_host registers, and the
+/// staged package (the package's vendor directory plus the template's
+/// scripts) becomes the `.run`.
+#[test]
+fn build_script_drives_the_cann_template() {
+    if std::process::Command::new("cmake").arg("--version").output().is_err() {
+        panic!("cmake is required by this test (.ci/run installs it)");
+    }
+    let p = small_program();
+    for target in Target::ALL {
+        let ap = emit_program(&p, target, target.default_act()).unwrap();
+        let files = project_files(&ap).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (pkg, cann) = (dir.path().join("pkg"), dir.path().join("cann"));
+        for (rel, text) in &files {
+            let path = pkg.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        write_fake_cann(&cann);
+        let out = std::process::Command::new("bash")
+            .arg(pkg.join("build.sh"))
+            .env("ASCEND_HOME_PATH", &cann)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "build.sh failed for {target}:\n{stdout}\n{stderr}");
+        let log = std::fs::read_to_string(cann.join("calls.log")).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        let unit = target.name();
+        let kernels: Vec<String> = files
+            .keys()
+            .filter_map(|f| f.strip_prefix("op_kernel/")?.strip_suffix(".cpp").map(str::to_string))
+            .collect();
+        assert!(kernels.len() >= 3, "{kernels:?}");
+        let expected = [
+            "template build.sh ".to_string(),
+            format!("configure compute_unit={unit} vendor={} shared=False", ap.vendor),
+            format!("opbuild {}", kernels.iter().map(|k| format!("{k}.cpp")).collect::<Vec<_>>().join(" ")),
+            "add_ops_compile_options ALL options=-O3".to_string(),
+        ];
+        let mut compiles: Vec<String> =
+            kernels.iter().map(|k| format!("compile_kernel unit={unit} op={} src={k}.cpp", upper_camel(k))).collect();
+        compiles.sort();
+        let (head, rest) = lines.split_at(expected.len().min(lines.len()));
+        assert_eq!(head, expected.iter().map(String::as_str).collect::<Vec<_>>().as_slice(), "{log}");
+        let mut seen_compiles: Vec<String> =
+            rest.iter().filter(|l| l.starts_with("compile_kernel")).map(|l| l.to_string()).collect();
+        seen_compiles.sort();
+        assert_eq!(seen_compiles, compiles, "{log}");
+        assert!(rest.iter().any(|l| l.starts_with("op_host_build ")), "{log}");
+        let package = rest.iter().find(|l| l.starts_with("package ")).unwrap_or_else(|| panic!("{log}"));
+        for k in &kernels {
+            let staged = format!("packages/vendors/{}/op_impl/ai_core/tbe/kernel/{unit}/{k}.o", ap.vendor);
+            assert!(package.contains(&staged), "{staged} not staged: {package}");
+        }
+        assert!(package.contains("install.sh"), "{package}");
+        let runs: Vec<_> = std::fs::read_dir(pkg.join("build_out"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(runs.len() == 1 && runs[0].starts_with("custom_opp_") && runs[0].ends_with(".run"), "{runs:?}");
+        assert!(stdout.contains("operator package: "), "{stdout}");
+    }
+    // Without a CANN environment, build.sh stops with one clear error.
+    let ap = emit_program(&p, Target::Ascend910B, DevType::BF16).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("build.sh"), &project_files(&ap).unwrap()["build.sh"]).unwrap();
+    let out = std::process::Command::new("bash")
+        .arg(dir.path().join("build.sh"))
+        .env_remove("ASCEND_HOME_PATH")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("source the CANN environment first"));
+}
+
+/// Every package has its own vendor and op-type prefix, derived from what
+/// its kernels bake in: the same program gives the same names, a program
+/// with one different constant gives different ones.
+#[test]
+fn package_names_follow_the_kernels() {
+    let p = small_program();
+    let a = emit_program(&p, Target::Ascend910B, DevType::BF16).unwrap();
+    let b = emit_program(&p, Target::Ascend910B, DevType::BF16).unwrap();
+    assert_eq!((&a.vendor, &a.op_prefix), (&b.vendor, &b.op_prefix));
+    let mut q = small_program();
+    q.kernels[1].kind = KernelKind::RmsNorm { eps: 1e-6 };
+    let c = emit_program(&q, Target::Ascend910B, DevType::BF16).unwrap();
+    assert_ne!(a.vendor, c.vendor);
+    assert_ne!(a.op_prefix, c.op_prefix);
+    let d = emit_program(&p, Target::Ascend310P, DevType::F16).unwrap();
+    assert_ne!(a.vendor, d.vendor);
+    assert!(a.vendor.starts_with("panguc_") && a.op_prefix.starts_with("pg"));
 }

@@ -60,6 +60,13 @@ fn each_check_rejects_its_kernel_on_910b() {
         (23, 1, "still enqueued"),
         (24, 1, "cannot use both vector (UB) buffers and cube (L1/L0) buffers"),
         (25, 1, "read-only input"),
+        (30, 1, "Cast float -> bfloat16_t with unsupported round mode CAST_NONE on 910B"),
+        (31, 2, "shared cache line"),
+        (32, 2, "shared cache line"),
+        (33, 1, "UB over-allocation"),
+        (34, 1, "missing MTE2->V synchronisation"),
+        (35, 1, "missing V->MTE3 synchronisation"),
+        (36, 1, "without a matching SetFlag"),
     ];
     for &(case, blocks, needle) in cases {
         expect_error(soc, case, blocks, needle);
@@ -74,6 +81,8 @@ fn each_check_rejects_its_kernel_on_910b() {
     assert_eq!(&y[..5], &[0.0; 5]);
     assert!(y[5].is_nan(), "bytes after the 20 copied ones stay poisoned");
     run(soc, 27, 1).unwrap();
+    // The same kernel as case 34 with its SetFlag/WaitFlag<MTE2_V> runs.
+    run(soc, 37, 1).unwrap();
 
     // Findings that are not errors come back as warnings.
     let named: Vec<(&str, SimArg)> = ["x", "y", "workspace", "tiling"].into_iter().zip(args(29)).collect();
@@ -95,6 +104,10 @@ fn soc_specific_checks_on_310p() {
     expect_error(soc, 27, 1, "bf16 is not supported on 310P");
     expect_error(soc, 28, 1, "Fixpipe is not available on 310P");
     expect_error(soc, 2, 1, "L1 over-allocation");
+    expect_error(soc, 30, 1, "Cast float -> half with unsupported round mode CAST_RINT on 310P");
+    expect_error(soc, 31, 2, "shared cache line");
+    // One block's scalar stores stay in its own lines: fine.
+    run(soc, 31, 1).unwrap();
     // 200 KiB of UB fits the 310P's 256 KiB, and vector + cube buffers may
     // share a kernel on its coupled AI cores.
     run(soc, 1, 1).unwrap();

@@ -23,12 +23,16 @@ extern "C" __global__ __aicore__ void trig(GM_ADDR x, GM_ADDR y, GM_ADDR workspa
     pipe.InitBuffer(tmp, 256);
     LocalTensor<float> la = a.Get<float>(), lb = b.Get<float>();
     DataCopy(la, xg, 64);
+    SetFlag<HardEvent::MTE2_V>(EVENT_ID0);
+    WaitFlag<HardEvent::MTE2_V>(EVENT_ID0);
     if (mode == 1) {
         Sin(lb, la, 128);
         return;
     }
     Sin(lb, la, tmp.Get<uint8_t>(), 64);
     Cos(lb[64], la, 64);
+    SetFlag<HardEvent::V_MTE3>(EVENT_ID0);
+    WaitFlag<HardEvent::V_MTE3>(EVENT_ID0);
     DataCopy(yg, lb, 128);
 }
 "#;

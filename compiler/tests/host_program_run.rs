@@ -25,9 +25,12 @@ fn panguc(args: &[&str]) {
 }
 
 /// Definitions for the two entry points of every operator header in
-/// `host/stub/aclnn_*.h`: the workspace query fails on a missing tensor.
+/// `host/stub/aclnn_*.h`: the workspace query fails on a missing tensor and
+/// asks for a larger workspace every time; the launch queues it.
 fn fake_ops(stub: &Path) -> String {
-    let mut out = String::from("#include <cstdint>\n#include \"aclnn/acl_meta.h\"\n\nextern \"C\" {\n");
+    let mut out = String::from(
+        "#include <cstdint>\n#include \"aclnn/acl_meta.h\"\n\nextern \"C\" {\nvoid FakeAclQueueLaunch(void* workspace);\nuint64_t FakeAclWorkspaceSize();\n",
+    );
     let mut headers: Vec<PathBuf> = std::fs::read_dir(stub)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -46,9 +49,13 @@ fn fake_ops(stub: &Path) -> String {
                 .collect();
             let body = if sig.contains("GetWorkspaceSize") {
                 let missing: Vec<String> = tensors.iter().map(|t| format!("{t} == nullptr")).collect();
-                format!("*workspaceSize = 0;\n    *executor = nullptr;\n    return ({}) ? 1 : 0;", missing.join(" || "))
+                format!(
+                    "*workspaceSize = FakeAclWorkspaceSize();\n    *executor = nullptr;\n    return ({}) ? 1 : 0;",
+                    missing.join(" || ")
+                )
             } else {
-                "(void)workspace; (void)workspaceSize; (void)executor; (void)stream;\n    return 0;".to_string()
+                "(void)workspaceSize; (void)executor; (void)stream;\n    FakeAclQueueLaunch(workspace);\n    return 0;"
+                    .to_string()
             };
             out += &format!("{sig}\n{{\n    {body}\n}}\n");
         }
@@ -86,6 +93,9 @@ fn single_device_host_programs_load_their_weights_and_run() {
     panguc(&["compile", tiny.to_str().unwrap(), "--target", "ascend910b,ascend310p", "-o", out.to_str().unwrap()]);
     for t in ["ascend910b", "ascend310p"] {
         let project = out.join("ascend").join(t);
+        // Every operator definition compiles against the registration API
+        // and declares its kernel's parameters.
+        panguc_codegen_ascendc::op_host_check::check_op_host_compiles(&project).unwrap();
         let exe = build_host(&project, &dir.path().join(format!("host_{t}")));
         let o = Command::new(&exe).arg(project.join("weights")).arg("1,2,3,4").arg("3").output().unwrap();
         assert!(o.status.success(), "{t}: {}", String::from_utf8_lossy(&o.stderr));
@@ -99,6 +109,26 @@ fn single_device_host_programs_load_their_weights_and_run() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(&w.display().to_string()), "{t}: {err}");
     }
+}
+
+/// `vendor_name` of a project's CMakePresets.json.
+fn vendor_of(project: &Path) -> String {
+    let presets: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(project.join("CMakePresets.json")).unwrap()).unwrap();
+    presets["configurePresets"][0]["cacheVariables"]["vendor_name"]["value"].as_str().unwrap().to_string()
+}
+
+/// Every file of a project's `op_kernel/`, sorted by name.
+fn kernel_sources(project: &Path) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = std::fs::read_dir(project.join("op_kernel"))
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap())
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// Elements of a partition.json type like `f32[tokens,64]` at `tokens`.
@@ -129,8 +159,13 @@ fn run_ranks(devices: usize) {
     let comm_dir = dir.path().join("comm");
     std::fs::create_dir(&comm_dir).unwrap();
     let mut children = vec![];
+    let mut names: Vec<(String, Vec<(String, String)>)> = vec![];
     for r in 0..devices {
         let project = out.join(format!("ranks/rank{r}/ascend/ascend910b"));
+        panguc_codegen_ascendc::op_host_check::check_op_host_compiles(&project).unwrap();
+        let readme = std::fs::read_to_string(project.join("README.md")).unwrap();
+        assert!(readme.contains("-lcust_opapi -lhccl"), "rank {r}: the link line needs libhccl");
+        names.push((vendor_of(&project), kernel_sources(&project)));
         let exe = build_host(&project, &dir.path().join(format!("host{r}")));
         let log = dir.path().join(format!("rank{r}.log"));
         let child = Command::new(&exe)
@@ -144,6 +179,13 @@ fn run_ranks(devices: usize) {
             .spawn()
             .unwrap();
         children.push((child, log));
+    }
+    // Ranks install side by side: a vendor name is shared only by ranks
+    // whose kernels are identical (op-type prefix included).
+    for a in &names {
+        for b in &names {
+            assert_eq!(a.0 == b.0, a.1 == b.1, "vendors {} and {}", a.0, b.0);
+        }
     }
     let started = Instant::now();
     for (r, (child, log)) in children.into_iter().enumerate() {

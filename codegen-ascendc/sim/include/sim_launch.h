@@ -74,6 +74,8 @@ inline std::unique_ptr<Registered> Register(const ArgBuffer& a) {
     if (r->buf.Writable()) {
         r->buf.writer.assign(n, -1);
         r->buf.reader.assign(n, -1);
+        r->buf.lineScalarWriter.assign((n + kGmLine - 1) / kGmLine, -1);
+        r->buf.lineWriter.assign((n + kGmLine - 1) / kGmLine, -1);
     }
     return r;
 }

@@ -72,7 +72,7 @@ pub(crate) const CUBE_BUFFERS: &str = "        pipe.InitBuffer(qA1, 2, t.baseM *
         pipe.InitBuffer(qA2, 1, t.baseM * t.baseK * sizeof(T));
         pipe.InitBuffer(qB2, 1, t.baseN * t.baseK * sizeof(T));
         pipe.InitBuffer(qCO1, 1, t.baseM * t.baseN * sizeof(float));
-#if __CCE_AICORE__ != 220
+#if !PANGUC_DAV_C220
         pipe.InitBuffer(qCO2, 1, t.baseM * t.baseN * sizeof(float));
 #endif";
 
@@ -123,7 +123,7 @@ const CUBE_STAGES: &str = r#"    __aicore__ inline void Split(uint32_t kLen)
     __aicore__ inline void CopyOut()
     {
         LocalTensor<float> c1 = qCO1.DeQue<float>();
-#if __CCE_AICORE__ == 220
+#if PANGUC_DAV_C220
         FixpipeParamsV220 f;
         f.nSize = nLen;
         f.mSize = mLen;
@@ -166,7 +166,7 @@ const CUBE_STAGES: &str = r#"    __aicore__ inline void Split(uint32_t kLen)
     TQue<TPosition::A2, 1> qA2;
     TQue<TPosition::B2, 1> qB2;
     TQue<TPosition::CO1, 1> qCO1;
-#if __CCE_AICORE__ != 220
+#if !PANGUC_DAV_C220
     TQue<TPosition::CO2, 1> qCO2;
 #endif"#;
 

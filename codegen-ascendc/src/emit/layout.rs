@@ -45,7 +45,8 @@ public:
         for (uint32_t tile = start; tile < end; tile++) {
             const uint32_t s = tile / rows, r = tile % rows;
             const uint32_t from = srcBase + s * srcSeg + r * srcRow, to = s * dstSeg + r * dstRow;
-            for (uint32_t c = 0; c < width; c += chunk) Copy(from + c, to + c, MinU(chunk, width - c));
+            // `c`: elements of this row already copied by this core.
+            for (uint32_t c = 0; c < width; c += chunk) Copy(from + c, to + c, MinU(chunk, width - c), c);
         }
     }
 
@@ -71,7 +72,7 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR src, GM_ADDR dst, GM_ADD
 
 /// 910B: `DataCopyPad` moves exactly `len` elements each way (the UB copy
 /// is padded with zeros to whole blocks).
-const COPY_910B: &str = r#"    __aicore__ inline void Copy(uint32_t from, uint32_t to, uint32_t len)
+const COPY_910B: &str = r#"    __aicore__ inline void Copy(uint32_t from, uint32_t to, uint32_t len, uint32_t /* done */)
     {
         const uint32_t padLen = (len + {{PER_BLOCK}} - 1) / {{PER_BLOCK}} * {{PER_BLOCK}};
         DataCopyExtParams p{1, static_cast<uint32_t>(len * sizeof(T)), 0, 0, 0};
@@ -98,25 +99,37 @@ const COPY_910B: &str = r#"    __aicore__ inline void Copy(uint32_t from, uint32
     }
 "#;
 
-/// 310P (no `DataCopyPad`): whole blocks through the UB, the partial last
-/// block element by element through the scalar unit, straight GM to GM.
-const COPY_310P: &str = r#"    __aicore__ inline void Copy(uint32_t from, uint32_t to, uint32_t len)
+/// 310P (no `DataCopyPad`): whole 32-byte blocks through the UB. A partial
+/// last block is moved as the row's last whole block, its start rolled back
+/// into bytes this core already copied (rewritten with the same values), so
+/// GM is written by DMA only: scalar stores go through the core's data cache
+/// and are written back per 64-byte line, which would overwrite the
+/// neighbouring row another core writes. Only a row shorter than one block
+/// is copied element by element; the host then runs the copy on one core.
+const COPY_310P: &str = r#"    __aicore__ inline void Copy(uint32_t from, uint32_t to, uint32_t len, uint32_t done)
     {
         const uint32_t body = len / {{PER_BLOCK}} * {{PER_BLOCK}};
-        if (body > 0) {
-            LocalTensor<T> x = inQ.AllocTensor<T>();
-            DataCopy(x, srcGm[from], body);
-            inQ.EnQue(x);
-            x = inQ.DeQue<T>();
-            LocalTensor<T> y = outQ.AllocTensor<T>();
-            DataCopy(y, x, body);
-            inQ.FreeTensor(x);
-            outQ.EnQue(y);
-            y = outQ.DeQue<T>();
-            DataCopy(dstGm[to], y, body);
-            outQ.FreeTensor(y);
+        if (body > 0) Move(from, to, body);
+        if (len == body) return;
+        if (done + len >= {{PER_BLOCK}}) {
+            Move(from + len - {{PER_BLOCK}}, to + len - {{PER_BLOCK}}, {{PER_BLOCK}});
+        } else {
+            for (uint32_t i = 0; i < len; i++) dstGm.SetValue(to + i, srcGm.GetValue(from + i));
         }
-        for (uint32_t i = body; i < len; i++) dstGm.SetValue(to + i, srcGm.GetValue(from + i));
+    }
+    __aicore__ inline void Move(uint32_t from, uint32_t to, uint32_t len)
+    {
+        LocalTensor<T> x = inQ.AllocTensor<T>();
+        DataCopy(x, srcGm[from], len);
+        inQ.EnQue(x);
+        x = inQ.DeQue<T>();
+        LocalTensor<T> y = outQ.AllocTensor<T>();
+        DataCopy(y, x, len);
+        inQ.FreeTensor(x);
+        outQ.EnQue(y);
+        y = outQ.DeQue<T>();
+        DataCopy(dstGm[to], y, len);
+        outQ.FreeTensor(y);
     }
 "#;
 
@@ -150,7 +163,7 @@ pub(crate) fn row_copy_kernel(entry: String, what: &str, t: DevType, target: Tar
     let (copy, tail_doc) = match target {
         Target::Ascend910B => (COPY_910B, "DataCopyPad moves the exact byte count."),
         Target::Ascend310P => {
-            (COPY_310P, "310P has no DataCopyPad, so the last partial block goes element by element.")
+            (COPY_310P, "310P has no DataCopyPad, so a partial last block is copied as the row's last whole block.")
         }
     };
     let src = vector_source(
@@ -165,6 +178,7 @@ pub(crate) fn row_copy_kernel(entry: String, what: &str, t: DevType, target: Tar
         ],
     );
     let chunk = chunk_elems(&c.width, t);
+    let width = c.width.clone();
     let tiles = c.segs.times(c.rows.clone());
     let mut fields = tiles_fields(&tiles);
     for (name, e) in [
@@ -181,7 +195,16 @@ pub(crate) fn row_copy_kernel(entry: String, what: &str, t: DevType, target: Tar
     ] {
         fields.push(TilingField::u32(name, e));
     }
-    vector_kernel(entry, src, fields, &tiles, 4 * super::r32(chunk * t.size()))
+    let mut dk = vector_kernel(entry, src, fields, &tiles, 4 * super::r32(chunk * t.size()));
+    if target == Target::Ascend310P && !matches!(width, TExpr::C(w) if w >= t.per_block()) {
+        // Rows shorter than a block (or of unknown width) are stored element
+        // by element: one core does every tile so no cache line is shared.
+        for f in dk.fields.iter_mut().filter(|f| f.name == "tilesPerCore") {
+            f.value = super::FieldValue::U32(tiles.clone());
+        }
+        dk.block_dim = TExpr::c(1);
+    }
+    dk
 }
 
 /// `(outer, len, inner)` of argument `arg` split at `axis`.

@@ -130,12 +130,12 @@ pub(crate) fn route(ctx: &Ctx) -> Result<DeviceKernels> {
     let one = TExpr::c(1);
     let mut dk = vector_kernel(entry, src, fields, &one, r32((e + 1) * 8));
     dk.params = vec![
-        ctx.param("weights", 0, Role::Input),
+        ctx.param("w", 0, Role::Input),
         ctx.param("ids", 1, Role::Input),
         ctx.param("offsets", 2, Role::Output),
         ctx.param("rows", 3, Role::Output),
-        ctx.param("row_weight", 4, Role::Output),
-        ctx.param("slot_row", 5, Role::Output),
+        ctx.param("rowWeight", 4, Role::Output),
+        ctx.param("slotRow", 5, Role::Output),
     ];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
@@ -293,8 +293,7 @@ fn grouped(ctx: &Ctx, gather: bool) -> Result<DeviceKernels> {
     ]);
     fields.extend(base.fields());
     let c_param = |role| Param { name: "c".into(), dtype: DevType::F32, role, arg: ArgRef::Temp(0) };
-    let mut params =
-        vec![ctx.param(if gather { "x" } else { "act" }, 0, Role::Input), ctx.param("offsets", 1, Role::Input)];
+    let mut params = vec![ctx.param("a", 0, Role::Input), ctx.param("offsets", 1, Role::Input)];
     if gather {
         params.push(ctx.param("rows", 2, Role::Input));
     }
@@ -309,7 +308,7 @@ fn grouped(ctx: &Ctx, gather: bool) -> Result<DeviceKernels> {
     };
     let mut eparams = vec![c_param(Role::Input)];
     if !gather {
-        eparams.push(ctx.param("row_weight", 2, Role::Input));
+        eparams.push(ctx.param("rowW", 2, Role::Input));
     }
     eparams.push(ctx.param("y", 4, Role::Output));
     let epi = epilogue_kernel(
@@ -468,7 +467,7 @@ pub(crate) fn combine(ctx: &Ctx, shared_residual: bool) -> Result<DeviceKernels>
     fields.push(TilingField::u32("groups", TExpr::c(g)));
     let ub = 4 * r32(h * t.size()) + 2 * r32(h * 4);
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
-    dk.params = vec![ctx.param("ys", 0, Role::Input), ctx.param("slot_row", 1, Role::Input)];
+    dk.params = vec![ctx.param("ys", 0, Role::Input), ctx.param("slotRow", 1, Role::Input)];
     if shared_residual {
         dk.params.push(ctx.param("shared", 2, Role::Input));
         dk.params.push(ctx.param("residual", 3, Role::Input));

@@ -104,7 +104,7 @@ pub(crate) fn rope_table(ctx: &Ctx, kind: RopeKind, theta: f64, head_dim: usize)
     fields.push(TilingField::f32_array("invFreq", inv_freq));
     let ub = 2 * r32(d * t.size()) + 3 * r32(d * 4);
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
-    dk.params = vec![ctx.param("positions", 0, Role::Input), ctx.param("out", 1, Role::Output)];
+    dk.params = vec![ctx.param("pos", 0, Role::Input), ctx.param("out", 1, Role::Output)];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
@@ -251,11 +251,11 @@ pub(crate) fn qkv_rope_append(ctx: &Ctx, q_heads: usize, kv_heads: usize) -> Res
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![
         ctx.param("y", 0, Role::Input),
-        ctx.param("cos", 1, Role::Input),
-        ctx.param("sin", 2, Role::Input),
-        ctx.param("k_cache", 4, Role::InOut),
-        ctx.param("v_cache", 5, Role::InOut),
-        ctx.param("q", 3, Role::Output),
+        ctx.param("cosT", 1, Role::Input),
+        ctx.param("sinT", 2, Role::Input),
+        ctx.param("kCache", 4, Role::InOut),
+        ctx.param("vCache", 5, Role::InOut),
+        ctx.param("qOut", 3, Role::Output),
     ];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }

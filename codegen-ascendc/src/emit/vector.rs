@@ -31,7 +31,13 @@ __aicore__ inline void ToFloat<float>(const LocalTensor<float>& d, const LocalTe
 template <typename T>
 __aicore__ inline void FromFloat(const LocalTensor<T>& d, const LocalTensor<float>& s, uint32_t n)
 {
+    // Round to nearest even: 310P's float -> half supports only CAST_NONE
+    // (rint when lossy) and CAST_ODD; 910B's float -> bf16 has no CAST_NONE.
+#if PANGUC_DAV_C220
     Cast(d, s, RoundMode::CAST_RINT, n);
+#else
+    Cast(d, s, RoundMode::CAST_NONE, n);
+#endif
 }
 template <>
 __aicore__ inline void FromFloat<float>(const LocalTensor<float>& d, const LocalTensor<float>& s, uint32_t n)
@@ -263,9 +269,9 @@ pub(crate) fn rms_norm(ctx: &Ctx, eps: f64, add: bool) -> Result<DeviceKernels> 
     dk.params = if add {
         vec![
             ctx.param("x", 0, Role::Input),
-            ctx.param("residual", 1, Role::Input),
+            ctx.param("res", 1, Role::Input),
             ctx.param("w", 2, Role::Input),
-            ctx.param("sum", 3, Role::Output),
+            ctx.param("sumOut", 3, Role::Output),
             ctx.param("y", 4, Role::Output),
         ]
     } else {
@@ -438,9 +444,17 @@ const TAIL_LOAD_310P: &str = "            const uint32_t body = len / {{PER_BLOC
             event_t e = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::V_S));
             SetFlag<HardEvent::V_S>(e);
             WaitFlag<HardEvent::V_S>(e);
-            for (uint32_t i = body; i < len; i++) x.SetValue(i, g.GetValue(off + i));";
+            for (uint32_t i = body; i < len; i++) x.SetValue(i, g.GetValue(off + i));
+            // The vector unit reads what the scalar unit just stored.
+            event_t s2v = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::S_V));
+            SetFlag<HardEvent::S_V>(s2v);
+            WaitFlag<HardEvent::S_V>(s2v);";
 const TAIL_STORE_310P: &str = "            const uint32_t body = len / {{PER_BLOCK}} * {{PER_BLOCK}};
             if (body > 0) DataCopy(outGm[off], y, body);
+            // The scalar unit reads what the vector unit computed.
+            event_t v2s = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::V_S));
+            SetFlag<HardEvent::V_S>(v2s);
+            WaitFlag<HardEvent::V_S>(v2s);
             for (uint32_t i = body; i < len; i++) outGm.SetValue(off + i, y.GetValue(i));";
 
 /// Vector code for one postfix token into float buffer `dst`.
@@ -698,8 +712,8 @@ pub(crate) fn rope(ctx: &Ctx) -> Result<DeviceKernels> {
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![
         ctx.param("x", 0, Role::Input),
-        ctx.param("cos", 1, Role::Input),
-        ctx.param("sin", 2, Role::Input),
+        ctx.param("cosT", 1, Role::Input),
+        ctx.param("sinT", 2, Role::Input),
         ctx.param("y", 3, Role::Output),
     ];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
@@ -918,7 +932,7 @@ pub(crate) fn attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
         ctx.param("q", 0, Role::Input),
         ctx.param("k", 1, Role::Input),
         ctx.param("v", 2, Role::Input),
-        ctx.param("positions", 3, Role::Input),
+        ctx.param("pos", 3, Role::Input),
         ctx.param("out", 4, Role::Output),
     ];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
@@ -1001,6 +1015,10 @@ private:
             w.SetValue(g, red.GetValue(0) * sc.GetValue(e));
             id.SetValue(g, static_cast<int64_t>(e));
         }
+        // MTE3 copies out what the scalar unit stored.
+        event_t s2m = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::S_MTE3));
+        SetFlag<HardEvent::S_MTE3>(s2m);
+        WaitFlag<HardEvent::S_MTE3>(s2m);
         inL.FreeTensor(p);
         outW.EnQue(w);
         outI.EnQue(id);
@@ -1052,9 +1070,9 @@ pub(crate) fn moe_gating(ctx: &Ctx, groups: usize) -> Result<DeviceKernels> {
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![
         ctx.param("logits", 0, Role::Input),
-        ctx.param("scale", 1, Role::Input),
-        ctx.param("weights", 2, Role::Output),
-        ctx.param("ids", 3, Role::Output),
+        ctx.param("scaleIn", 1, Role::Input),
+        ctx.param("wOut", 2, Role::Output),
+        ctx.param("idOut", 3, Role::Output),
     ];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }

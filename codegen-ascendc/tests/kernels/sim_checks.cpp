@@ -214,6 +214,8 @@ __aicore__ inline void WriteBlock0(GlobalTensor<float>& yGm, TQue<TPosition::VEC
 {
     LocalTensor<float> t = q.AllocTensor<float>();
     Duplicate(t, 1.0f, 8);
+    q.EnQue(t);
+    t = q.DeQue<float>();
     DataCopy(yGm, t, 8);
     q.FreeTensor(t);
 }
@@ -292,13 +294,15 @@ __aicore__ inline void WriteInput(GM_ADDR x, GM_ADDR)
     xGm.SetGlobalBuffer((__gm__ float*)x, 1024);
     LocalTensor<float> t = q.AllocTensor<float>();
     Duplicate(t, 1.0f, 8);
+    q.EnQue(t);
+    t = q.DeQue<float>();
     DataCopy(xGm, t, 8);
 }
 
 __aicore__ inline void PadCopy(GM_ADDR x, GM_ADDR y)
 {
     TPipe pipe;
-    TQue<TPosition::VECIN, 1> q;
+    TQueBind<TPosition::VECIN, TPosition::VECOUT, 1> q;  // MTE2 in, MTE3 out
     pipe.InitBuffer(q, 1, 1024);
     GlobalTensor<float> xGm, yGm;
     xGm.SetGlobalBuffer((__gm__ float*)x, 1024);
@@ -347,6 +351,91 @@ __aicore__ inline void LeftEnqueued(GM_ADDR, GM_ADDR)
     q.EnQue(t);  // never dequeued: a warning, not an error
 }
 
+__aicore__ inline void CastUnsupportedMode(GM_ADDR, GM_ADDR)
+{
+    TPipe pipe;
+    TBuf<TPosition::VECCALC> b;
+    pipe.InitBuffer(b, 1024);
+    LocalTensor<float> f = b.Get<float>();
+    Duplicate(f, 1.5f, 64);
+#if PANGUC_SIM_310P
+    LocalTensor<half> h = f[64].ReinterpretCast<half>();
+    Cast(h, f, RoundMode::CAST_RINT, 64);  // 310P float -> half: CAST_NONE or CAST_ODD only
+#else
+    LocalTensor<bfloat16_t> h = f[64].ReinterpretCast<bfloat16_t>();
+    Cast(h, f, RoundMode::CAST_NONE, 64);  // float -> bf16 has no CAST_NONE
+#endif
+}
+
+__aicore__ inline void ScalarStoreSharedLine(GM_ADDR, GM_ADDR y)
+{
+    GlobalTensor<float> yGm;
+    yGm.SetGlobalBuffer((__gm__ float*)y, 1024);
+    // Each block owns 4 floats (16 bytes): different bytes, one 64-byte line.
+    yGm.SetValue(GetBlockIdx() * 4, 1.0f);
+}
+
+__aicore__ inline void DmaIntoScalarLine(GM_ADDR, GM_ADDR y)
+{
+    TPipe pipe;
+    TQue<TPosition::VECOUT, 1> q;
+    pipe.InitBuffer(q, 1, 1024);
+    GlobalTensor<float> yGm;
+    yGm.SetGlobalBuffer((__gm__ float*)y, 1024);
+    if (GetBlockIdx() == 0) {
+        yGm.SetValue(0, 1.0f);  // bytes 0..3 through the data cache
+    } else {
+        LocalTensor<float> t = q.AllocTensor<float>();
+        Duplicate(t, 2.0f, 8);
+        q.EnQue(t);
+        t = q.DeQue<float>();
+        DataCopy(yGm[8], t, 8);  // bytes 32..63: same line, by DMA
+        q.FreeTensor(t);
+    }
+}
+
+__aicore__ inline void UbOverReserved(GM_ADDR, GM_ADDR)
+{
+    TPipe pipe;
+    TBuf<TPosition::VECCALC> b;
+    pipe.InitBuffer(b, 190 * 1024);  // fits 192 KiB - 256 B, not the 8 KiB the library reserves on 910B
+}
+
+// GM -> UB on MTE2, then the vector unit reads it with no MTE2 -> V sync.
+__aicore__ inline void MissingMte2V(GM_ADDR x, GM_ADDR, bool sync)
+{
+    TPipe pipe;
+    TBuf<TPosition::VECCALC> b;
+    pipe.InitBuffer(b, 1024);
+    GlobalTensor<float> xGm;
+    xGm.SetGlobalBuffer((__gm__ float*)x, 1024);
+    LocalTensor<float> t = b.Get<float>();
+    DataCopy(t, xGm, 64);
+    if (sync) {
+        SetFlag<HardEvent::MTE2_V>(EVENT_ID0);
+        WaitFlag<HardEvent::MTE2_V>(EVENT_ID0);
+    }
+    Adds(t[64], t, 1.0f, 64);
+}
+
+// The vector unit writes UB, then MTE3 copies it out with no V -> MTE3 sync.
+__aicore__ inline void MissingVMte3(GM_ADDR, GM_ADDR y)
+{
+    TPipe pipe;
+    TBuf<TPosition::VECCALC> b;
+    pipe.InitBuffer(b, 1024);
+    GlobalTensor<float> yGm;
+    yGm.SetGlobalBuffer((__gm__ float*)y, 1024);
+    LocalTensor<float> t = b.Get<float>();
+    Duplicate(t, 2.0f, 64);
+    DataCopy(yGm, t, 64);
+}
+
+__aicore__ inline void WaitWithoutSet(GM_ADDR, GM_ADDR)
+{
+    WaitFlag<HardEvent::V_S>(EVENT_ID1);
+}
+
 }  // namespace
 
 extern "C" __global__ __aicore__ void sim_checks(GM_ADDR x, GM_ADDR y, GM_ADDR workspace, CheckTiling tiling)
@@ -381,6 +470,14 @@ extern "C" __global__ __aicore__ void sim_checks(GM_ADDR x, GM_ADDR y, GM_ADDR w
         case 27: Bf16Tensor(x, y); break;
         case 28: FixpipeCall(x, y); break;
         case 29: LeftEnqueued(x, y); break;
+        case 30: CastUnsupportedMode(x, y); break;
+        case 31: ScalarStoreSharedLine(x, y); break;
+        case 32: DmaIntoScalarLine(x, y); break;
+        case 33: UbOverReserved(x, y); break;
+        case 34: MissingMte2V(x, y, false); break;
+        case 35: MissingVMte3(x, y); break;
+        case 36: WaitWithoutSet(x, y); break;
+        case 37: MissingMte2V(x, y, true); break;
         default: break;
     }
 }

@@ -50,6 +50,9 @@
 
 // The device compiler defines these per target; kernels branch on them
 // (e.g. `#if __CCE_AICORE__ == 220` for 910B-only DataCopyPad).
+// Current toolchains define __NPU_ARCH__ and one __DAV_<arch>__ macro per
+// compile (the vector-core compile of a 910B kernel here); __CCE_AICORE__ is
+// the older spelling, kept so that older kernels still compile.
 #if PANGUC_SIM_910B
 #ifndef __CCE_AICORE__
 #define __CCE_AICORE__ 220
@@ -57,12 +60,18 @@
 #ifndef __NPU_ARCH__
 #define __NPU_ARCH__ 2201
 #endif
+#ifndef __DAV_C220_VEC__
+#define __DAV_C220_VEC__ 1
+#endif
 #else
 #ifndef __CCE_AICORE__
 #define __CCE_AICORE__ 200
 #endif
 #ifndef __NPU_ARCH__
 #define __NPU_ARCH__ 2002
+#endif
+#ifndef __DAV_M200__
+#define __DAV_M200__ 1
 #endif
 #endif
 
@@ -309,10 +318,15 @@ inline const char* MemName(Mem m) {
         default: return "?";
     }
 }
-// Capacities from docs/ascendc.md. The 910B UB loses 256 B to the runtime.
+// Capacities from docs/ascendc.md. The UB is what user buffers may use: on
+// 910B 192 KiB minus the 256 B the runtime keeps minus the 8 KiB the library
+// reserves for its temporary buffer; on 310P the library's temporary area
+// starts at 248 KiB.
+constexpr uint32_t kUbUsable910B = 192u * 1024 - 256 - 8u * 1024;
+constexpr uint32_t kUbUsable310P = 248u * 1024;
 inline uint32_t MemCapacity(Mem m) {
     switch (m) {
-        case Mem::UB: return PANGUC_SIM_910B ? 192u * 1024 - 256 : 256u * 1024;
+        case Mem::UB: return PANGUC_SIM_910B ? kUbUsable910B : kUbUsable310P;
         case Mem::L1: return PANGUC_SIM_910B ? 512u * 1024 : 1024u * 1024;
         case Mem::L0A: return 64u * 1024;
         case Mem::L0B: return 64u * 1024;
@@ -345,10 +359,48 @@ struct GmBuffer {
     uint64_t size = 0;
     std::vector<int32_t> writer;  // -1: never written
     std::vector<int32_t> reader;  // -1: never read, -2: read by several blocks
+    // Per 64-byte line (buffers are 512-byte aligned, so lines are physical
+    // lines): the block that wrote it with a scalar store (-1: none) and the
+    // block that wrote any of its bytes (-1: none, -2: several).
+    std::vector<int32_t> lineScalarWriter;
+    std::vector<int32_t> lineWriter;
     bool Writable() const { return kind == ArgKind::Output || kind == ArgKind::InOut || kind == ArgKind::Workspace; }
 };
 
 struct PipeState;
+
+// ---- pipes -----------------------------------------------------------------
+// The units of one core that run concurrently on hardware. Every simulated
+// instruction runs on one of them: scalar accesses to local memory on S,
+// vector operations and UB->UB copies on V, cube Mmad on M, L1->L0 loads on
+// MTE1, GM->local copies on MTE2, UB->GM copies on MTE3, L0C->GM on FIX.
+enum class Pipe : uint8_t { S = 0, V, M, MTE1, MTE2, MTE3, FIX, None };
+constexpr int kPipeCount = 7;
+inline const char* PipeName(Pipe p) {
+    switch (p) {
+        case Pipe::S: return "S";
+        case Pipe::V: return "V";
+        case Pipe::M: return "M";
+        case Pipe::MTE1: return "MTE1";
+        case Pipe::MTE2: return "MTE2";
+        case Pipe::MTE3: return "MTE3";
+        case Pipe::FIX: return "FIX";
+        default: return "?";
+    }
+}
+
+// What one pipe knows to be complete: seen[w] is the last instruction
+// sequence number of pipe w that has finished before this pipe's next
+// instruction. A SetFlag / EnQue captures the producer's view (its own
+// instructions so far plus what it had waited for); the matching WaitFlag /
+// DeQue merges it into the consumer's view. Per pipe timelines for a later
+// timing model hang off the same state.
+struct PipeView {
+    uint32_t seen[kPipeCount] = {};
+    void Merge(const PipeView& o) {
+        for (int i = 0; i < kPipeCount; ++i) seen[i] = std::max(seen[i], o.seen[i]);
+    }
+};
 
 // Per-launch context: the only global state of the simulation.
 struct Ctx {
@@ -363,6 +415,14 @@ struct Ctx {
     bool usedVector = false;
     bool usedCube = false;
     bool atomicAdd = false;  // SetAtomicAdd<T>() active: GM stores accumulate
+    // Pipe synchronisation of the current core (reset per block).
+    Pipe curPipe = Pipe::V;  // pipe of the API call being executed
+    uint32_t seq = 0;        // instructions issued so far
+    PipeView view[kPipeCount];
+    PipeView flags[kPipeCount][kPipeCount][8];  // SetFlag<src_dst>(id) snapshots
+    bool flagSet[kPipeCount][kPipeCount][8] = {};
+    std::vector<uint8_t> wpipe[kMemCount];  // writer pipe of every byte
+    std::vector<uint32_t> wseq[kMemCount];  // and its instruction number
     std::vector<std::string> warnings;
 };
 inline Ctx& ctx() {
@@ -391,6 +451,8 @@ inline uint8_t* MemBase(Mem m) {
     if (c.mem[i].empty()) {
         c.mem[i].assign(MemCapacity(m), 0xFF);
         c.init[i].assign(MemCapacity(m), 0);
+        c.wpipe[i].assign(MemCapacity(m), static_cast<uint8_t>(Pipe::None));
+        c.wseq[i].assign(MemCapacity(m), 0);
     }
     c.dirty[i] = true;
     return c.mem[i].data();
@@ -401,25 +463,79 @@ inline void ResetCoreMemories() {
         if (c.dirty[i]) {
             std::fill(c.mem[i].begin(), c.mem[i].end(), 0xFF);
             std::fill(c.init[i].begin(), c.init[i].end(), 0);
+            std::fill(c.wpipe[i].begin(), c.wpipe[i].end(), static_cast<uint8_t>(Pipe::None));
             c.dirty[i] = false;
         }
     }
+    c.curPipe = Pipe::V;
+    c.seq = 0;
+    for (auto& v : c.view) v = PipeView{};
+    std::memset(c.flagSet, 0, sizeof(c.flagSet));
 }
+
+// Runs the enclosing API call on pipe `p` (vector operations need none:
+// V is the default).
+struct OnPipe {
+    Pipe saved;
+    explicit OnPipe(Pipe p) : saved(ctx().curPipe) { ctx().curPipe = p; }
+    ~OnPipe() { ctx().curPipe = saved; }
+    OnPipe(const OnPipe&) = delete;
+    OnPipe& operator=(const OnPipe&) = delete;
+};
+
+// Bytes written by the current instruction: remember its pipe.
+inline void MarkWriter(Mem m, uint64_t addr, uint64_t bytes) {
+    Ctx& c = ctx();
+    const int i = static_cast<int>(m);
+    const uint32_t s = ++c.seq;
+    std::fill_n(c.wpipe[i].begin() + addr, bytes, static_cast<uint8_t>(c.curPipe));
+    std::fill_n(c.wseq[i].begin() + addr, bytes, s);
+}
+
+// A read by the current pipe of bytes another pipe wrote must come after a
+// synchronisation that made that write visible (SetFlag/WaitFlag,
+// PipeBarrier<PIPE_ALL>, or the EnQue/DeQue of a queue): otherwise the
+// hardware reads whatever was there before.
+inline void CheckPipeOrder(Mem m, uint64_t addr, uint64_t bytes, const SrcLoc& loc, const char* what) {
+    Ctx& c = ctx();
+    const int i = static_cast<int>(m);
+    if (c.wpipe[i].empty()) return;
+    const PipeView& mine = c.view[static_cast<int>(c.curPipe)];
+    for (uint64_t k = 0; k < bytes; ++k) {
+        const uint8_t w = c.wpipe[i][addr + k];
+        if (w == static_cast<uint8_t>(Pipe::None) || w == static_cast<uint8_t>(c.curPipe)) continue;
+        if (c.wseq[i][addr + k] > mine.seen[w]) {
+            const char* wn = PipeName(static_cast<Pipe>(w));
+            const char* rn = PipeName(c.curPipe);
+            Fail(loc, Str(what, ": missing ", wn, "->", rn, " synchronisation: pipe ", rn, " reads ", MemName(m),
+                          " bytes at address ", addr, ".. (", bytes, " bytes, first unsynchronised at ", addr + k,
+                          ") that pipe ", wn, " wrote, without a SetFlag/WaitFlag<HardEvent::", wn, "_", rn,
+                          ">, PipeBarrier<PIPE_ALL> or queue EnQue/DeQue in between (on hardware the read may see "
+                          "the old contents)"));
+        }
+    }
+}
+
 inline void MarkInit(Mem m, uint64_t addr, uint64_t bytes) {
     MemBase(m);
     std::fill_n(ctx().init[static_cast<int>(m)].begin() + addr, bytes, 1);
+    MarkWriter(m, addr, bytes);
 }
-inline void CopyInit(Mem dm, uint64_t daddr, Mem sm, uint64_t saddr, uint64_t bytes) {
+inline void CopyInit(Mem dm, uint64_t daddr, Mem sm, uint64_t saddr, uint64_t bytes, const SrcLoc& loc,
+                     const char* what) {
     MemBase(dm);
     MemBase(sm);
+    CheckPipeOrder(sm, saddr, bytes, loc, what);
     Ctx& c = ctx();
     std::memmove(c.init[static_cast<int>(dm)].data() + daddr, c.init[static_cast<int>(sm)].data() + saddr, bytes);
+    MarkWriter(dm, daddr, bytes);
 }
 // Reading bytes that nothing wrote since the block started is reported: on
 // hardware they hold whatever the previous kernel left there.
 inline void CheckInit(Mem m, uint64_t addr, uint64_t bytes, const SrcLoc& loc, const char* what) {
-#ifndef PANGUC_SIM_ALLOW_UNINIT_READS
     MemBase(m);
+    CheckPipeOrder(m, addr, bytes, loc, what);
+#ifndef PANGUC_SIM_ALLOW_UNINIT_READS
     const uint8_t* in = ctx().init[static_cast<int>(m)].data();
     for (uint64_t i = 0; i < bytes; ++i) {
         if (!in[addr + i]) {
@@ -441,6 +557,7 @@ template <typename T> inline T Ld(const uint8_t* p) {
 template <typename T> inline void St(uint8_t* p, const T& v) { std::memcpy(p, &v, sizeof(T)); }
 
 // ---- global memory ---------------------------------------------------------
+constexpr uint64_t kGmLine = 64;  // data-cache line of scalar GM accesses
 inline GmBuffer* FindGm(const void* p, uint64_t bytes = 0) {
     const uint8_t* q = static_cast<const uint8_t*>(p);
     for (GmBuffer* b : ctx().gm) {
@@ -468,12 +585,42 @@ inline void GmRead(GmBuffer* b, const uint8_t* p, uint64_t bytes, const SrcLoc& 
     }
 }
 
+// A scalar store (GlobalTensor::SetValue) into a line that another block
+// also writes, in any way, loses one of the writes on hardware.
+inline void GmScalarWrite(GmBuffer* b, const uint8_t* p, uint64_t bytes, const SrcLoc& loc, const char* op) {
+    if (!b->Writable()) return;  // GmWrite reports it
+    const int32_t me = static_cast<int32_t>(ctx().blockIdx);
+    const uint64_t off = static_cast<uint64_t>(p - b->base);
+    for (uint64_t l = off / kGmLine; l <= (off + bytes - 1) / kGmLine; ++l) {
+        const int32_t w = b->lineWriter[l];
+        if (w == -2 || (w >= 0 && w != me)) {
+            Fail(loc, Str(op, ": shared cache line: block ", me, " stores a scalar into bytes ", l * kGmLine, "..",
+                          l * kGmLine + kGmLine - 1, " of ", GmDesc(b), ", a 64-byte line that ",
+                          (w == -2 ? std::string("other blocks") : Str("block ", w)),
+                          " also wrote in the same launch (scalar stores are written back per cache line; give each "
+                          "core whole lines or write GM with DataCopy)"));
+        }
+        b->lineScalarWriter[l] = me;
+    }
+}
+
 inline void GmWrite(GmBuffer* b, const uint8_t* p, uint64_t bytes, const SrcLoc& loc, const char* op) {
     if (!b->Writable()) {
         Fail(loc, Str(op, ": writes to read-only ", GmDesc(b), " (declare it as an output or in/out buffer)"));
     }
     const int32_t me = static_cast<int32_t>(ctx().blockIdx);
     const uint64_t off = static_cast<uint64_t>(p - b->base);
+    for (uint64_t l = off / kGmLine; bytes > 0 && l <= (off + bytes - 1) / kGmLine; ++l) {
+        const int32_t s = b->lineScalarWriter[l];
+        if (s >= 0 && s != me) {
+            Fail(loc, Str(op, ": shared cache line: block ", me, " writes bytes ", l * kGmLine, "..",
+                          l * kGmLine + kGmLine - 1, " of ", GmDesc(b), ", a 64-byte line block ", s,
+                          " wrote with GlobalTensor::SetValue (scalar stores go through the core's data cache and "
+                          "are written back per line, overwriting the other core's bytes)"));
+        }
+        int32_t& w = b->lineWriter[l];
+        w = (w == -1 || w == me) ? me : -2;
+    }
     for (uint64_t i = 0; i < bytes; ++i) {
         int32_t& w = b->writer[off + i];
         if (w >= 0 && w != me) {

@@ -109,6 +109,8 @@ struct FixpipeParamsV220 {
 template <typename T>
 inline void InitConstValue(const LocalTensor<T>& dst, const InitConstValueParams<T>& p, SrcLoc loc = SrcLoc::Here()) {
     using namespace panguc_sim;
+    // Modelled as the pipe that normally fills the memory: MTE2 for L1, MTE1 for L0A/L0B.
+    OnPipe pipe(dst.sim_mem_ == Mem::L1 ? Pipe::MTE2 : Pipe::MTE1);
     sim::CheckLocal(dst, loc, "InitConstValue", "destination", 32);
     if (dst.sim_mem_ != Mem::L1 && dst.sim_mem_ != Mem::L0A && dst.sim_mem_ != Mem::L0B) {
         Fail(loc, Str("InitConstValue: destination must be A1/B1/A2/B2, got TPosition::", PosName(dst.sim_pos_)));
@@ -128,6 +130,7 @@ template <typename T>
 inline void LoadData(const LocalTensor<T>& dst, const LocalTensor<T>& src, const LoadData2DParams& p,
                      SrcLoc loc = SrcLoc::Here()) {
     using namespace panguc_sim;
+    OnPipe mte1(Pipe::MTE1);
     sim::CheckLocal(src, loc, "LoadData", "source", 32);
     const bool aPath = src.sim_pos_ == TPosition::A1 && dst.sim_pos_ == TPosition::A2;
     const bool bPath = src.sim_pos_ == TPosition::B1 && dst.sim_pos_ == TPosition::B2;
@@ -149,6 +152,8 @@ inline void LoadData(const LocalTensor<T>& dst, const LocalTensor<T>& src, const
         if (!p.ifTranspose) {
             sim::SegLocalToLocal(dst, d, src, s, 512, loc, "LoadData");
         } else {
+            CheckPipeOrder(src.sim_mem_, src.sim_addr_ + s, 512, loc, "LoadData");
+            MarkWriter(dst.sim_mem_, dst.sim_addr_ + d, 512);
             const uint8_t* sp = sim::LocalPtr(src, s);
             uint8_t* dp = sim::LocalPtr(dst, d);
             const uint8_t* si = ctx().init[static_cast<int>(src.sim_mem_)].data() + src.sim_addr_ + s;
@@ -168,6 +173,7 @@ template <typename T, typename U, typename S>
 inline void Mmad(const LocalTensor<T>& dst, const LocalTensor<U>& fm, const LocalTensor<S>& filter,
                  const MmadParams& p, SrcLoc loc = SrcLoc::Here()) {
     using namespace panguc_sim;
+    OnPipe onM(Pipe::M);
     constexpr bool f16 = std::is_same<U, half>::value && std::is_same<S, half>::value && std::is_same<T, float>::value;
     constexpr bool bf16 = std::is_same<U, bfloat16_t>::value && std::is_same<S, bfloat16_t>::value && std::is_same<T, float>::value;
     constexpr bool f32 = std::is_same<U, float>::value && std::is_same<S, float>::value && std::is_same<T, float>::value;
@@ -248,6 +254,7 @@ template <typename T, typename U, const FixpipeConfig& config = CFG_ROW_MAJOR>
 inline void Fixpipe(const GlobalTensor<T>& dst, const LocalTensor<U>& src, const FixpipeParamsV220& p,
                     SrcLoc loc = SrcLoc::Here()) {
     using namespace panguc_sim;
+    OnPipe fix(Pipe::FIX);
     if (PANGUC_SIM_310P) {
         Fail(loc, "Fixpipe is not available on 310P: copy L0C to UB with DataCopy(CO2 tensor, CO1 tensor, "
                   "DataCopyParams, DataCopyEnhancedParams{BLOCK_MODE_MATRIX}) and then to GM");

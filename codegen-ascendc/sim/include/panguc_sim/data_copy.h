@@ -182,12 +182,14 @@ inline void CheckBlockCount(uint32_t n, const SrcLoc& loc, const char* op) {
 // One contiguous GM -> local segment.
 template <typename T> inline void SegGmToLocal(const LocalTensor<T>& dst, uint64_t doff, const GlobalTensor<T>& src,
                                                uint64_t soff, uint64_t bytes, const SrcLoc& loc, const char* op) {
+    OnPipe mte2(Pipe::MTE2);
     CheckLocalBytes(dst, doff, bytes, loc, op, "destination");
     GmLoad(src, soff, LocalPtr(dst, doff), bytes, loc, op);
     MarkInit(dst.sim_mem_, dst.sim_addr_ + doff, bytes);
 }
 template <typename T> inline void SegLocalToGm(const GlobalTensor<T>& dst, uint64_t doff, const LocalTensor<T>& src,
                                                uint64_t soff, uint64_t bytes, const SrcLoc& loc, const char* op) {
+    OnPipe mte3(Pipe::MTE3);
     CheckLocalBytes(src, soff, bytes, loc, op, "source");
     CheckInit(src.sim_mem_, src.sim_addr_ + soff, bytes, loc, op);
     GmStore(dst, doff, LocalPtr(src, soff), bytes, loc, op);
@@ -196,8 +198,11 @@ template <typename T> inline void SegLocalToLocal(const LocalTensor<T>& dst, uin
                                                   uint64_t soff, uint64_t bytes, const SrcLoc& loc, const char* op) {
     CheckLocalBytes(src, soff, bytes, loc, op, "source");
     CheckLocalBytes(dst, doff, bytes, loc, op, "destination");
+    // UB -> UB runs on the vector pipe, UB -> L1 (310P) is an MTE3 move and
+    // L1 -> L0A/L0B (LoadData) an MTE1 one.
+    OnPipe pipe(dst.sim_mem_ == Mem::UB ? Pipe::V : dst.sim_mem_ == Mem::L1 ? Pipe::MTE3 : Pipe::MTE1);
     std::memmove(LocalPtr(dst, doff), LocalPtr(src, soff), bytes);
-    CopyInit(dst.sim_mem_, dst.sim_addr_ + doff, src.sim_mem_, src.sim_addr_ + soff, bytes);
+    CopyInit(dst.sim_mem_, dst.sim_addr_ + doff, src.sim_mem_, src.sim_addr_ + soff, bytes, loc, op);
 }
 
 template <typename T> inline void CheckGmToLocal(const LocalTensor<T>& dst, const SrcLoc& loc, const char* op) {
@@ -315,6 +320,7 @@ inline void DataCopy(const LocalTensor<T>& dst, const LocalTensor<U>& src, const
             Fail(loc, "DataCopy with different source and destination types is only supported for CO1->CO2");
         }
     } else {
+        OnPipe v(Pipe::V);  // L0C -> UB goes through the vector unit on 310P
         sim::CheckLocal(src, loc, "DataCopy", "source", 1024);
         sim::CheckLocal(dst, loc, "DataCopy", "destination", 32);
         if (dst.sim_pos_ != TPosition::CO2) Fail(loc, Str("DataCopy: CO1->", PosName(dst.sim_pos_), " is not a DataCopy path"));
@@ -333,6 +339,7 @@ inline void DataCopy(const LocalTensor<T>& dst, const LocalTensor<U>& src, const
                 const uint64_t d0 = i * (uint64_t(p.blockLen) + p.dstStride) * 256;
                 sim::CheckLocalBytes(src, s0 * sizeof(U), n * sizeof(U), loc, "DataCopy", "source");
                 sim::CheckLocalBytes(dst, d0 * sizeof(T), n * sizeof(T), loc, "DataCopy", "destination");
+                CheckPipeOrder(src.sim_mem_, src.sim_addr_ + s0 * sizeof(U), n * sizeof(U), loc, "DataCopy CO1->CO2");
                 const uint8_t* sp = sim::LocalPtr(src, s0 * sizeof(U));
                 uint8_t* dp = sim::LocalPtr(dst, d0 * sizeof(T));
                 const uint8_t* si = ctx().init[static_cast<int>(src.sim_mem_)].data() + src.sim_addr_ + s0 * sizeof(U);
@@ -356,6 +363,7 @@ template <typename T>
 inline void DataCopy(const LocalTensor<T>& dst, const GlobalTensor<T>& src, const Nd2NzParams& p,
                      SrcLoc loc = SrcLoc::Here()) {
     using namespace panguc_sim;
+    OnPipe mte2(Pipe::MTE2);
     sim::CheckLocal(dst, loc, "DataCopy(Nd2Nz)", "destination", 32);
     if (dst.sim_mem_ != Mem::L1) {
         Fail(loc, Str("DataCopy(Nd2Nz): destination must be A1/B1 (L1), got TPosition::", PosName(dst.sim_pos_)));
@@ -393,6 +401,7 @@ inline void CheckPadAvailable(const SrcLoc& loc) {
 template <typename T, typename P>
 inline void PadIn(const LocalTensor<T>& dst, const GlobalTensor<T>& src, const P& p, bool isPad, uint32_t left,
                   uint32_t right, T padValue, const SrcLoc& loc) {
+    OnPipe mte2(Pipe::MTE2);
     CheckPadAvailable(loc);
     CheckGmToLocal(dst, loc, "DataCopyPad");
     CheckBlockCount(p.blockCount, loc, "DataCopyPad");

@@ -10,8 +10,41 @@
 // Pipe and event ids are compiler built-ins in the global namespace on CANN.
 enum pipe_t { PIPE_S = 0, PIPE_V, PIPE_M, PIPE_MTE1, PIPE_MTE2, PIPE_MTE3, PIPE_ALL, PIPE_FIX, PIPE_V2, PIPE_MTE4, PIPE_MTE5 };
 enum event_t { EVENT_ID0 = 0, EVENT_ID1, EVENT_ID2, EVENT_ID3, EVENT_ID4, EVENT_ID5, EVENT_ID6, EVENT_ID7 };
+namespace panguc_sim {
+// The simulated pipe of a pipe_t (PIPE_ALL and unsupported pipes: None).
+inline Pipe PipeOf(pipe_t p) {
+    switch (p) {
+        case PIPE_S: return Pipe::S;
+        case PIPE_V: return Pipe::V;
+        case PIPE_M: return Pipe::M;
+        case PIPE_MTE1: return Pipe::MTE1;
+        case PIPE_MTE2: return Pipe::MTE2;
+        case PIPE_MTE3: return Pipe::MTE3;
+        case PIPE_FIX: return Pipe::FIX;
+        default: return Pipe::None;
+    }
+}
+// PipeBarrier<PIPE_ALL>: every pipe waits for every other. A barrier on one
+// pipe orders that pipe's own instructions, which the simulation executes in
+// order anyway.
+inline void Barrier(pipe_t p) {
+    if (p != PIPE_ALL) return;
+    Ctx& c = ctx();
+    for (auto& v : c.view) {
+        for (int w = 0; w < kPipeCount; ++w) v.seen[w] = c.seq;
+    }
+}
+// What pipe `src` has completed, as seen by a pipe that synchronises with it now.
+inline PipeView Snapshot(Pipe src) {
+    Ctx& c = ctx();
+    PipeView v = c.view[static_cast<int>(src)];
+    v.seen[static_cast<int>(src)] = c.seq;
+    return v;
+}
+}  // namespace panguc_sim
+
 // Legacy spelling of PipeBarrier.
-inline void pipe_barrier(pipe_t) {}
+inline void pipe_barrier(pipe_t p) { panguc_sim::Barrier(p); }
 
 namespace AscendC {
 
@@ -47,11 +80,84 @@ enum class HardEvent : uint8_t {
 };
 using TEventID = int8_t;
 
-// Synchronisation is implicit in a sequential simulation: every call below is
-// a no-op kept so that kernels written for hardware compile unchanged.
-template <pipe_t pipe> inline void PipeBarrier() {}
-template <HardEvent event> inline void SetFlag(int32_t) {}
-template <HardEvent event> inline void WaitFlag(int32_t) {}
+namespace sim {
+// Source and destination pipe of a HardEvent.
+struct EventPipes {
+    panguc_sim::Pipe src, dst;
+    const char* name;
+};
+inline EventPipes PipesOf(HardEvent e) {
+    using P = panguc_sim::Pipe;
+    switch (e) {
+        case HardEvent::MTE2_MTE1: return {P::MTE2, P::MTE1, "MTE2_MTE1"};
+        case HardEvent::MTE1_MTE2: return {P::MTE1, P::MTE2, "MTE1_MTE2"};
+        case HardEvent::MTE1_M: return {P::MTE1, P::M, "MTE1_M"};
+        case HardEvent::M_MTE1: return {P::M, P::MTE1, "M_MTE1"};
+        case HardEvent::MTE2_V: return {P::MTE2, P::V, "MTE2_V"};
+        case HardEvent::V_MTE2: return {P::V, P::MTE2, "V_MTE2"};
+        case HardEvent::MTE3_V: return {P::MTE3, P::V, "MTE3_V"};
+        case HardEvent::V_MTE3: return {P::V, P::MTE3, "V_MTE3"};
+        case HardEvent::M_V: return {P::M, P::V, "M_V"};
+        case HardEvent::V_M: return {P::V, P::M, "V_M"};
+        case HardEvent::V_V: return {P::V, P::V, "V_V"};
+        case HardEvent::MTE3_MTE1: return {P::MTE3, P::MTE1, "MTE3_MTE1"};
+        case HardEvent::MTE1_MTE3: return {P::MTE1, P::MTE3, "MTE1_MTE3"};
+        case HardEvent::MTE1_V: return {P::MTE1, P::V, "MTE1_V"};
+        case HardEvent::MTE2_M: return {P::MTE2, P::M, "MTE2_M"};
+        case HardEvent::M_MTE2: return {P::M, P::MTE2, "M_MTE2"};
+        case HardEvent::V_MTE1: return {P::V, P::MTE1, "V_MTE1"};
+        case HardEvent::M_FIX: return {P::M, P::FIX, "M_FIX"};
+        case HardEvent::FIX_M: return {P::FIX, P::M, "FIX_M"};
+        case HardEvent::MTE3_MTE2: return {P::MTE3, P::MTE2, "MTE3_MTE2"};
+        case HardEvent::MTE2_MTE3: return {P::MTE2, P::MTE3, "MTE2_MTE3"};
+        case HardEvent::S_V: return {P::S, P::V, "S_V"};
+        case HardEvent::V_S: return {P::V, P::S, "V_S"};
+        case HardEvent::S_MTE2: return {P::S, P::MTE2, "S_MTE2"};
+        case HardEvent::MTE2_S: return {P::MTE2, P::S, "MTE2_S"};
+        case HardEvent::S_MTE3: return {P::S, P::MTE3, "S_MTE3"};
+        case HardEvent::MTE3_S: return {P::MTE3, P::S, "MTE3_S"};
+        case HardEvent::MTE2_FIX: return {P::MTE2, P::FIX, "MTE2_FIX"};
+        case HardEvent::FIX_MTE2: return {P::FIX, P::MTE2, "FIX_MTE2"};
+        case HardEvent::FIX_S: return {P::FIX, P::S, "FIX_S"};
+        case HardEvent::M_S: return {P::M, P::S, "M_S"};
+        case HardEvent::FIX_MTE3: return {P::FIX, P::MTE3, "FIX_MTE3"};
+        case HardEvent::MTE1_FIX: return {P::MTE1, P::FIX, "MTE1_FIX"};
+        case HardEvent::FIX_MTE1: return {P::FIX, P::MTE1, "FIX_MTE1"};
+        case HardEvent::FIX_FIX: return {P::FIX, P::FIX, "FIX_FIX"};
+        default: return {P::None, P::None, "?"};
+    }
+}
+}  // namespace sim
+
+// Synchronisation between the pipes of one core (see panguc_sim::PipeView):
+// SetFlag<E>(id) captures what E's source pipe has done, WaitFlag<E>(id)
+// makes it visible to E's destination pipe; PipeBarrier<PIPE_ALL> joins
+// every pipe.
+template <pipe_t pipe> inline void PipeBarrier() { panguc_sim::Barrier(pipe); }
+template <HardEvent event> inline void SetFlag(int32_t id, SrcLoc loc = SrcLoc::Here()) {
+    const sim::EventPipes e = sim::PipesOf(event);
+    if (e.src == panguc_sim::Pipe::None || id < 0 || id >= 8) {
+        panguc_sim::Fail(loc, panguc_sim::Str("SetFlag: unsupported event or event id ", id));
+    }
+    auto& c = panguc_sim::ctx();
+    const int s = static_cast<int>(e.src), d = static_cast<int>(e.dst);
+    c.flags[s][d][id] = panguc_sim::Snapshot(e.src);
+    c.flagSet[s][d][id] = true;
+}
+template <HardEvent event> inline void WaitFlag(int32_t id, SrcLoc loc = SrcLoc::Here()) {
+    const sim::EventPipes e = sim::PipesOf(event);
+    if (e.src == panguc_sim::Pipe::None || id < 0 || id >= 8) {
+        panguc_sim::Fail(loc, panguc_sim::Str("WaitFlag: unsupported event or event id ", id));
+    }
+    auto& c = panguc_sim::ctx();
+    const int s = static_cast<int>(e.src), d = static_cast<int>(e.dst);
+    if (!c.flagSet[s][d][id]) {
+        panguc_sim::Fail(loc, panguc_sim::Str("WaitFlag<HardEvent::", e.name, ">(", id,
+                                              ") without a matching SetFlag (the pipe would wait forever)"));
+    }
+    c.view[d].Merge(c.flags[s][d][id]);
+    c.flagSet[s][d][id] = false;
+}
 inline void SyncAll() = delete;  // cross-block sync cannot be simulated with sequential blocks
 
 inline const char* PosName(TPosition p) {
@@ -109,6 +215,27 @@ template <typename T> inline void CheckDtype(const SrcLoc& loc) {
     }
 }
 
+// The pipes a queue at a position synchronises (EnQue on the producer,
+// DeQue on the consumer): VECIN MTE2->V, VECOUT V->MTE3, A1/B1 MTE2->MTE1,
+// A2/B2 MTE1->M, CO1 M->FIX (910B) or M->V (310P), CO2 V->MTE3.
+inline Pipe Producer(TPosition p) {
+    switch (p) {
+        case TPosition::VECIN: case TPosition::A1: case TPosition::B1: case TPosition::C1: return Pipe::MTE2;
+        case TPosition::A2: case TPosition::B2: return Pipe::MTE1;
+        case TPosition::CO1: return Pipe::M;
+        default: return Pipe::V;  // VECOUT, VECCALC, CO2
+    }
+}
+inline Pipe Consumer(TPosition p) {
+    switch (p) {
+        case TPosition::VECOUT: case TPosition::CO2: return Pipe::MTE3;
+        case TPosition::A1: case TPosition::B1: case TPosition::C1: return Pipe::MTE1;
+        case TPosition::A2: case TPosition::B2: return Pipe::M;
+        case TPosition::CO1: return PANGUC_SIM_910B ? Pipe::FIX : Pipe::V;
+        default: return Pipe::V;  // VECIN, VECCALC
+    }
+}
+
 // State of one queue buffer; LocalTensors carry (slot, generation) so that
 // use-after-free and use-while-enqueued are detected.
 struct BufSlot {
@@ -125,12 +252,14 @@ public:
     LocalTensor() = default;
 
     T GetValue(uint32_t index, SrcLoc loc = SrcLoc::Here()) const {
+        panguc_sim::OnPipe onS(panguc_sim::Pipe::S);
         SimCheckScalar(index, loc, "LocalTensor::GetValue");
         const uint64_t a = sim_addr_ + uint64_t(index) * sizeof(T);
         panguc_sim::CheckInit(sim_mem_, a, sizeof(T), loc, "LocalTensor::GetValue");
         return panguc_sim::Ld<T>(panguc_sim::MemBase(sim_mem_) + a);
     }
     void SetValue(uint32_t index, const T& value, SrcLoc loc = SrcLoc::Here()) const {
+        panguc_sim::OnPipe onS(panguc_sim::Pipe::S);
         SimCheckScalar(index, loc, "LocalTensor::SetValue");
         const uint64_t a = sim_addr_ + uint64_t(index) * sizeof(T);
         panguc_sim::St<T>(panguc_sim::MemBase(sim_mem_) + a, value);
@@ -234,6 +363,7 @@ public:
     void SetValue(uint64_t offset, const T& value, SrcLoc loc = SrcLoc::Here()) const {
         SimCheckRange(offset, 1, loc, "GlobalTensor::SetValue");
         uint8_t* p = reinterpret_cast<uint8_t*>(sim_ptr_ + offset);
+        panguc_sim::GmScalarWrite(sim_buf_, p, sizeof(T), loc, "GlobalTensor::SetValue");
         panguc_sim::GmWrite(sim_buf_, p, sizeof(T), loc, "GlobalTensor::SetValue");
         panguc_sim::St<T>(p, value);
     }
@@ -324,7 +454,8 @@ public:
                                                   "); DeQue first"));
         }
         t.sim_slot_->state = sim::BufSlot::Queued;
-        sim_fifo_.push_back(Entry{static_cast<uint32_t>(t.sim_slot_ - sim_slots_.data()), t.sim_addr_, t.GetLength()});
+        sim_fifo_.push_back(Entry{static_cast<uint32_t>(t.sim_slot_ - sim_slots_.data()), t.sim_addr_, t.GetLength(),
+                                  panguc_sim::Snapshot(sim::Producer(srcPos))});
         return true;
     }
 
@@ -336,6 +467,9 @@ public:
         }
         const Entry e = sim_fifo_.front();
         sim_fifo_.pop_front();
+        // The sync EnQue/DeQue imply on hardware: the consumer pipe waits
+        // for the producer pipe of the enqueue.
+        panguc_sim::ctx().view[static_cast<int>(sim::Consumer(dstPos))].Merge(e.producer);
         sim::BufSlot& s = sim_slots_[e.slot];
         s.state = sim::BufSlot::Allocated;
         LocalTensor<T> t;
@@ -378,6 +512,7 @@ public:
         uint32_t slot;
         uint32_t addr;
         uint32_t bytes;
+        panguc_sim::PipeView producer;  // what the producer pipe had done at EnQue
     };
     static constexpr TPosition Pos() { return srcPos == TPosition::GM ? dstPos : srcPos; }
     static constexpr int32_t SimDepth() { return depth < 1 ? 1 : depth; }

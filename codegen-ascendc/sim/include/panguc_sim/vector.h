@@ -392,9 +392,51 @@ inline panguc_sim::fp::Rnd ToRnd(RoundMode m) {
 }
 }  // namespace sim
 
+namespace sim {
+inline const char* RoundModeName(RoundMode m) {
+    switch (m) {
+        case RoundMode::CAST_NONE: return "CAST_NONE";
+        case RoundMode::CAST_RINT: return "CAST_RINT";
+        case RoundMode::CAST_FLOOR: return "CAST_FLOOR";
+        case RoundMode::CAST_CEIL: return "CAST_CEIL";
+        case RoundMode::CAST_ROUND: return "CAST_ROUND";
+        case RoundMode::CAST_TRUNC: return "CAST_TRUNC";
+        case RoundMode::CAST_ODD: return "CAST_ODD";
+    }
+    return "?";
+}
+// The per-chip table of round modes a vector Cast supports for the float
+// conversions kernels use (the Cast documentation's table). A mode outside
+// it compiles on the device but produces garbage, so it is a fault here.
+// Pairs not listed are not checked.
+template <typename D, typename S> inline bool CastModeSupported(RoundMode m, bool* listed) {
+    using R = RoundMode;
+    *listed = true;
+    if constexpr (std::is_same<D, float>::value && (std::is_same<S, half>::value || std::is_same<S, bfloat16_t>::value)) {
+        return m == R::CAST_NONE;  // widening is exact: no rounding to choose
+    } else if constexpr (std::is_same<D, half>::value && std::is_same<S, float>::value) {
+        if (PANGUC_SIM_310P) return m == R::CAST_NONE || m == R::CAST_ODD;
+        return true;  // 910B: every mode
+    } else if constexpr (std::is_same<D, bfloat16_t>::value && std::is_same<S, float>::value) {
+        return m == R::CAST_RINT || m == R::CAST_FLOOR || m == R::CAST_CEIL || m == R::CAST_ROUND ||
+               m == R::CAST_TRUNC;
+    } else {
+        *listed = false;
+        return true;
+    }
+}
+}  // namespace sim
+
 template <typename T, typename U>
 inline void Cast(const LocalTensor<T>& dst, const LocalTensor<U>& src, const RoundMode& round_mode,
                  const uint32_t calCount, SrcLoc loc = SrcLoc::Here()) {
+    bool listed = false;
+    if (!sim::CastModeSupported<T, U>(round_mode, &listed)) {
+        panguc_sim::Fail(loc, panguc_sim::Str("Cast ", panguc_sim::TypeName<U>(), " -> ", panguc_sim::TypeName<T>(),
+                                              " with unsupported round mode ", sim::RoundModeName(round_mode), " on ",
+                                              panguc_sim::SocName(),
+                                              " (the device computes garbage; see the per-chip Cast table)"));
+    }
     sim::VecOperand(src, calCount, loc, "Cast", "src", true);
     sim::VecOperand(dst, calCount, loc, "Cast", "dst", false);
     const auto r = sim::ToRnd(round_mode);

@@ -1,0 +1,2 @@
+# Stand-in for the template's intf.cmake.
+add_library(intf_pub INTERFACE)

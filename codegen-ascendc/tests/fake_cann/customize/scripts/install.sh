@@ -1,0 +1,3 @@
+#!/bin/bash
+vendor_name=customize
+echo "fake install of $vendor_name"

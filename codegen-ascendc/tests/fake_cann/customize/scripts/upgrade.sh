@@ -1,0 +1,2 @@
+#!/bin/bash
+vendor_name=customize
