@@ -165,20 +165,18 @@ pub fn sim_engine_config(engine: &str) -> Result<(Target, DevType)> {
 /// weights are used).
 pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
     let (target, act) = sim_engine_config(a.engine.as_deref().unwrap_or("ascend-sim"))?;
-    let context = (a.tokens.len() + a.max_new_tokens).max(1);
     if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
         // Partitioned: every rank's program under the simulation, their
         // collectives meeting in one in-process communicator.
         let cfg = panguc_runtime::multirank::rank_dirs(&a.model)?.model;
-        crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
-        let mut engine = AscendSimEngine::multi_rank(&a.model, target, act, context)?;
-        return crate::commands::generate_and_report(&mut engine, a, &cfg);
+        let prompt = crate::commands::RunPrompt::resolve(a, &a.model, &cfg)?;
+        return prompt
+            .run(a, &cfg, &mut |context| Ok(Box::new(AscendSimEngine::multi_rank(&a.model, target, act, context)?)));
     }
     let files = panguc_runtime::package::verify_package(&a.model)?;
     let cfg = files.manifest.model.clone();
-    crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
-    let mut engine = AscendSimEngine::from_package(&a.model, target, act, context)?;
-    crate::commands::generate_and_report(&mut engine, a, &cfg)
+    let prompt = crate::commands::RunPrompt::resolve(a, &a.model, &cfg)?;
+    prompt.run(a, &cfg, &mut |context| Ok(Box::new(AscendSimEngine::from_package(&a.model, target, act, context)?)))
 }
 
 fn set_executable(p: &Path) -> Result<()> {

@@ -6,6 +6,7 @@ use crate::synth::{synth_with, Preset, SynthOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use panguc_ir::{DType, Module, PanguConfig};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug, Clone)]
@@ -118,9 +119,20 @@ pub fn dump_ir(a: DumpIrArgs) -> Result<()> {
 pub struct RunArgs {
     /// A checkpoint directory (runs the reference interpreter) or a package.
     pub model: PathBuf,
-    /// Prompt token ids, comma separated.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Prompt token ids, comma separated (prints the generated ids).
+    #[arg(long, value_delimiter = ',', required_unless_present = "prompt", conflicts_with = "prompt")]
     pub tokens: Vec<i64>,
+    /// Prompt text, encoded with the model's tokenizer (bos first); the
+    /// answer is printed as text while it is generated. Repeat for a batch.
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// Wrap each prompt as a user turn of the chat format (the model's
+    /// chat template, or Pangu's prompt format when it ships none).
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+    /// System turn of the chat format (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     #[arg(long, default_value_t = 16)]
     pub max_new_tokens: usize,
     /// Write {"tokens", "logits" (per prompt position), "generated"} here.
@@ -156,20 +168,22 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     let ckpt = open_checkpoint(&a.model, false)?;
     let cfg = ckpt.config().clone();
-    validate_prompt(&a.tokens, cfg.vocab_size)?;
+    let prompt = RunPrompt::resolve(&a, &a.model, &cfg)?;
     if !ckpt.has_weights() {
         bail!("{}: the checkpoint has no weight files, so it cannot be run (config-only checkpoints can only be compiled)", a.model.display());
     }
     let module = import(&ckpt)?;
     match a.engine.as_deref().unwrap_or("interp") {
         "interp" => {
-            let interp = panguc_ir::interp::Interpreter::new(&module, &ckpt);
-            let mut session = panguc_ir::session::InterpSession::new(
-                interp,
-                cfg.num_hidden_layers,
-                [cfg.num_key_value_heads, cfg.head_dim()],
-            );
-            generate_and_report(&mut session, &a, &cfg)
+            let mut new_session = |_context: usize| -> Result<Box<dyn panguc_runtime::Engine + '_>> {
+                let interp = panguc_ir::interp::Interpreter::new(&module, &ckpt);
+                Ok(Box::new(panguc_ir::session::InterpSession::new(
+                    interp,
+                    cfg.num_hidden_layers,
+                    [cfg.num_key_value_heads, cfg.head_dim()],
+                )))
+            };
+            prompt.run(&a, &cfg, &mut new_session)
         }
         "compiled" => bail!(
             "--engine compiled runs a compiled package: compile {} with `panguc compile --target cpu -o OUT` and run OUT",
@@ -182,8 +196,7 @@ pub fn run(a: RunArgs) -> Result<()> {
 /// The generation every engine shares: sample per the flags, stop at eos
 /// with --stop-at-eos, write --logits-out, print the generated tokens.
 pub fn generate_and_report(engine: &mut dyn panguc_runtime::Engine, a: &RunArgs, cfg: &PanguConfig) -> Result<()> {
-    let sampling =
-        panguc_runtime::Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let sampling = sampling(a);
     let eos = if a.stop_at_eos { cfg.eos_token_id } else { None };
     let generation = panguc_runtime::generate(engine, &a.tokens, a.max_new_tokens, &sampling, eos)?;
     if let Some(path) = &a.logits_out {
@@ -191,6 +204,112 @@ pub fn generate_and_report(engine: &mut dyn panguc_runtime::Engine, a: &RunArgs,
     }
     emit(&format!("{}\n", generation.generated.iter().map(i64::to_string).collect::<Vec<_>>().join(",")));
     Ok(())
+}
+
+/// Builds an engine for one sequence that holds up to `context` tokens.
+pub type EngineFactory<'e> = dyn FnMut(usize) -> Result<Box<dyn panguc_runtime::Engine + 'e>> + 'e;
+
+/// What `panguc run` feeds the model: `--tokens` ids, or `--prompt` texts
+/// encoded by the tokenizer of the model directory or package.
+pub enum RunPrompt {
+    Ids(Vec<i64>),
+    Text { tokenizer: Box<panguc_runtime::Tokenizer>, prompts: Vec<Vec<i64>> },
+}
+
+impl RunPrompt {
+    /// Encode the prompts (after the package or checkpoint at `dir` was
+    /// verified) and check every id against the vocabulary.
+    pub fn resolve(a: &RunArgs, dir: &Path, cfg: &PanguConfig) -> Result<RunPrompt> {
+        if a.prompt.is_empty() {
+            validate_prompt(&a.tokens, cfg.vocab_size)?;
+            return Ok(RunPrompt::Ids(a.tokens.clone()));
+        }
+        let tokenizer = panguc_runtime::Tokenizer::open(dir, cfg)?;
+        let mut prompts = vec![];
+        for text in &a.prompt {
+            let text = if a.chat {
+                let mut turns = vec![];
+                if let Some(system) = &a.system {
+                    turns.push(panguc_runtime::chat::ChatMessage::new("system", system));
+                }
+                turns.push(panguc_runtime::chat::ChatMessage::new("user", text));
+                tokenizer.render_chat(&turns)?
+            } else {
+                text.clone()
+            };
+            let ids = tokenizer.encode_prompt(&text)?;
+            validate_prompt(&ids, cfg.vocab_size)
+                .with_context(|| format!("the tokenizer in {} does not match the model", dir.display()))?;
+            prompts.push(ids);
+        }
+        Ok(RunPrompt::Text { tokenizer: Box::new(tokenizer), prompts })
+    }
+
+    /// Tokens one sequence may hold: its prompt plus what it generates.
+    pub fn context(&self, max_new_tokens: usize) -> usize {
+        let longest = match self {
+            RunPrompt::Ids(ids) => ids.len(),
+            RunPrompt::Text { prompts, .. } => prompts.iter().map(Vec::len).max().unwrap_or(0),
+        };
+        (longest + max_new_tokens).max(1)
+    }
+
+    /// Generate and print: ids for `--tokens`; for one `--prompt` the text
+    /// as it is generated (stopping at eos); for several, a batch whose
+    /// texts are printed, labelled, when it is done.
+    pub fn run(&self, a: &RunArgs, cfg: &PanguConfig, new_engine: &mut EngineFactory<'_>) -> Result<()> {
+        let context = self.context(a.max_new_tokens);
+        let (tokenizer, prompts) = match self {
+            RunPrompt::Ids(ids) => {
+                let mut engine = new_engine(context)?;
+                let a = RunArgs { tokens: ids.clone(), ..a.clone() };
+                return generate_and_report(engine.as_mut(), &a, cfg);
+            }
+            RunPrompt::Text { tokenizer, prompts } => (tokenizer, prompts),
+        };
+        let sampling = sampling(a);
+        let eos = tokenizer.eos();
+        if let [prompt] = prompts.as_slice() {
+            let mut engine = new_engine(context)?;
+            let mut text = tokenizer.stream();
+            let mut stdout = std::io::stdout().lock();
+            let mut on_token = |id: i64| -> Result<()> {
+                stdout.write_all(text.push(id)?.as_bytes())?;
+                stdout.flush()?;
+                Ok(())
+            };
+            let generation = panguc_runtime::generate_streaming(
+                engine.as_mut(),
+                prompt,
+                a.max_new_tokens,
+                &sampling,
+                eos,
+                &mut on_token,
+            )?;
+            writeln!(stdout, "{}", text.finish()?)?;
+            if let Some(path) = &a.logits_out {
+                write_logits_json(path, prompt, &generation)?;
+            }
+            return Ok(());
+        }
+        if a.logits_out.is_some() {
+            bail!("--logits-out takes one prompt, but {} were given", prompts.len());
+        }
+        let mut engines = prompts.iter().map(|_| new_engine(context)).collect::<Result<Vec<_>>>()?;
+        let mut engines: Vec<&mut dyn panguc_runtime::Engine> =
+            engines.iter_mut().map(|e| e.as_mut() as &mut dyn panguc_runtime::Engine).collect();
+        let generations = panguc_runtime::generate_batch(&mut engines, prompts, a.max_new_tokens, &sampling, eos)?;
+        let mut out = String::new();
+        for (i, g) in generations.iter().enumerate() {
+            out.push_str(&format!("[{i}] {}\n", tokenizer.decode(&g.generated)?));
+        }
+        emit(&out);
+        Ok(())
+    }
+}
+
+fn sampling(a: &RunArgs) -> panguc_runtime::Sampling {
+    panguc_runtime::Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed }
 }
 
 /// Reject an empty prompt or an id outside the vocabulary.
@@ -417,6 +536,7 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         let plan = p.report["plan"].as_str().unwrap_or("unknown");
         crate::package_build::ranks_section(p.parts.ranks.len(), plan, Some("partition.json"))
     });
+    crate::package_build::copy_tokenizer_files(&a.model_dir, staging.path())?;
     crate::package_build::finalize_manifest_with(staging.path(), ckpt.config(), &targets, ranks)?;
     // The report holds wall-clock timings, so it is written after the
     // manifest: it is a diagnostic, not part of the hashed package contents.

@@ -11,3 +11,4 @@ pub mod package_build;
 pub mod partition_build;
 pub mod pipeline;
 pub mod synth;
+pub mod synth_tokenizer;

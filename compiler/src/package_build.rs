@@ -259,6 +259,20 @@ pub fn finalize_manifest_with(
     write_manifest(staging, &manifest)
 }
 
+/// Copy the checkpoint's tokenizer files (those it has, of
+/// [`panguc_runtime::tokenizer::TOKENIZER_FILES`]) into the package root,
+/// where the manifest hashes them like every other file.
+pub fn copy_tokenizer_files(model_dir: &Path, staging: &Path) -> Result<()> {
+    for name in panguc_runtime::tokenizer::TOKENIZER_FILES {
+        let from = model_dir.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, staging.join(name))
+                .with_context(|| format!("cannot copy {} into the package", from.display()))?;
+        }
+    }
+    Ok(())
+}
+
 fn write_manifest(staging: &Path, m: &Manifest) -> Result<()> {
     let mut text = serde_json::to_string_pretty(m)?;
     text.push('\n');
@@ -376,19 +390,23 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         other => bail!("unknown --engine `{other}` for a package (available: compiled)"),
     }
     let threads = a.threads.unwrap_or_else(panguc_runtime::engine::default_threads);
-    let context = a.tokens.len() + a.max_new_tokens;
     if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
-        // Partitioned over N devices: N rank engines in this process.
-        let mut engine = panguc_runtime::MultiRankEngine::open(&a.model, threads, Some(context.max(1)))?;
-        let cfg = panguc_runtime::package::read_manifest(&a.model)?.model;
-        crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
-        crate::commands::generate_and_report(&mut engine, a, &cfg)
+        // Partitioned over N devices: N rank engines in this process
+        // (rank_dirs verifies the package before the tokenizer is read).
+        let cfg = panguc_runtime::multirank::rank_dirs(&a.model)?.model;
+        let prompt = crate::commands::RunPrompt::resolve(a, &a.model, &cfg)?;
+        prompt.run(a, &cfg, &mut |context| {
+            Ok(Box::new(panguc_runtime::MultiRankEngine::open(&a.model, threads, Some(context))?))
+        })
     } else {
         let pool = panguc_runtime::thread_pool(threads)?;
+        // open_package verifies every file (the tokenizer's too) before
+        // the tokenizer is read.
         let pkg = std::sync::Arc::new(panguc_runtime::open_package(&a.model)?);
         let cfg = pkg.config().clone();
-        crate::commands::validate_prompt(&a.tokens, cfg.vocab_size)?;
-        let mut engine = panguc_runtime::CpuEngine::with_pool(pkg, pool, Some(context.max(1)))?;
-        crate::commands::generate_and_report(&mut engine, a, &cfg)
+        let prompt = crate::commands::RunPrompt::resolve(a, &a.model, &cfg)?;
+        prompt.run(a, &cfg, &mut |context| {
+            Ok(Box::new(panguc_runtime::CpuEngine::with_pool(pkg.clone(), pool.clone(), Some(context))?))
+        })
     }
 }

@@ -122,6 +122,19 @@ pub fn generate(
     sampling: &Sampling,
     eos: Option<i64>,
 ) -> Result<Generation> {
+    generate_streaming(engine, prompt, max_new, sampling, eos, &mut |_| Ok(()))
+}
+
+/// [`generate`], handing each token to `on_token` as soon as it is picked
+/// (before the next decode step), so callers can stream it.
+pub fn generate_streaming(
+    engine: &mut dyn Engine,
+    prompt: &[i64],
+    max_new: usize,
+    sampling: &Sampling,
+    eos: Option<i64>,
+    on_token: &mut dyn FnMut(i64) -> Result<()>,
+) -> Result<Generation> {
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one token");
     }
@@ -135,6 +148,7 @@ pub fn generate(
     for step in 0..max_new {
         let next = sampler.pick(&last) as i64;
         generated.push(next);
+        on_token(next)?;
         if Some(next) == eos || step + 1 == max_new {
             break;
         }

@@ -2,10 +2,12 @@
 //!
 //! Owns the generation loop and sampling shared by every engine (the
 //! reference interpreter, compiled CPU kernels, the AscendC simulation),
-//! the package format and loader, buffers and the KV cache.
+//! the package format and loader, buffers and the KV cache, and text:
+//! the tokenizer and chat prompts a server and the CLI share.
 
 pub mod batch;
 pub mod bench;
+pub mod chat;
 pub mod collective;
 pub mod engine;
 pub mod generate;
@@ -13,11 +15,13 @@ pub mod loader;
 pub mod multirank;
 pub mod package;
 pub mod pool;
+pub mod tokenizer;
 
 pub use batch::generate_batch;
 pub use engine::{thread_pool, CpuEngine, EngineOptions};
-pub use generate::{generate, Engine, Generation, Sampler, Sampling};
+pub use generate::{generate, generate_streaming, Engine, Generation, Sampler, Sampling};
 pub use loader::{open_package, Package};
 pub use multirank::{MultiRankEngine, RankEngine};
 pub use package::{is_package, Manifest, PACKAGE_FORMAT_VERSION};
 pub use pool::WorkerPool;
+pub use tokenizer::{TextStream, Tokenizer};
