@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use kitoken::{Kitoken, SpecialTokenKind};
 use panguc_ir::PanguConfig;
 use sentencepiece_model::{SentencePieceModel, Type};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 pub const SENTENCEPIECE_FILE: &str = "tokenizer.model";
@@ -39,6 +39,10 @@ pub struct Tokenizer {
     /// (`A`): kitoken keeps only the ordinary one, but a model may still
     /// generate the byte piece's id, so it decodes as its twin.
     byte_aliases: HashMap<u32, u32>,
+    /// The lone `▁` piece and the control/user-defined piece ids. Text that
+    /// opens with a special piece (`[unused9]...`) must not get the dummy
+    /// `▁` SentencePiece puts before the text (transformers drops it too).
+    dummy_prefix: Option<(u32, HashSet<u32>)>,
     /// The file the vocabulary was read from (for error messages).
     source: PathBuf,
     bos: Option<i64>,
@@ -79,18 +83,19 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path, cfg: &PanguConfig) -> Result<Tokenizer> {
         let sp = dir.join(SENTENCEPIECE_FILE);
         let hf = dir.join(TOKENIZERS_FILE);
-        let (inner, byte_aliases, source) = if sp.is_file() {
+        let (inner, byte_aliases, dummy_prefix, source) = if sp.is_file() {
             let bytes = std::fs::read(&sp).with_context(|| format!("cannot read {}", sp.display()))?;
             let model = SentencePieceModel::from_slice(&bytes)
                 .map_err(|e| anyhow!("{} is not a SentencePiece model: {e}", sp.display()))?;
             let aliases = byte_aliases(&model);
+            let prefix = dummy_prefix_before_special(&model);
             let t = Kitoken::from_sentencepiece_model(model)
                 .map_err(|e| anyhow!("{} is not a usable SentencePiece model: {e}", sp.display()))?;
-            (t, aliases, sp)
+            (t, aliases, prefix, sp)
         } else if hf.is_file() {
             let t = Kitoken::from_tokenizers_file(&hf)
                 .map_err(|e| anyhow!("{} is not a usable tokenizer.json: {e}", hf.display()))?;
-            (t, HashMap::new(), hf)
+            (t, HashMap::new(), None, hf)
         } else {
             bail!(
                 "{} has no tokenizer: text needs {SENTENCEPIECE_FILE} or {TOKENIZERS_FILE} in that directory \
@@ -99,7 +104,7 @@ impl Tokenizer {
             );
         };
         let chat_template = read_chat_template(&dir.join(TOKENIZER_CONFIG_FILE))?;
-        Ok(Tokenizer { inner, byte_aliases, source, bos: cfg.bos_token_id, eos: cfg.eos_token_id, chat_template })
+        Ok(Tokenizer { inner, byte_aliases, dummy_prefix, source, bos: cfg.bos_token_id, eos: cfg.eos_token_id, chat_template })
     }
 
     pub fn bos(&self) -> Option<i64> {
@@ -112,10 +117,15 @@ impl Tokenizer {
 
     /// Token ids of `text`, without bos.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let ids = self
+        let mut ids = self
             .inner
             .encode(text, ENCODE_SPECIALS)
             .map_err(|e| anyhow!("cannot encode the text with {}: {e}", self.source.display()))?;
+        if let (Some((space, specials)), [first, second, ..]) = (&self.dummy_prefix, ids.as_slice()) {
+            if first == space && specials.contains(second) {
+                ids.remove(0);
+            }
+        }
         Ok(ids.into_iter().map(i64::from).collect())
     }
 
@@ -187,6 +197,20 @@ fn byte_aliases(model: &SentencePieceModel) -> HashMap<u32, u32> {
         }
     }
     aliases
+}
+
+/// The id of the lone `▁` piece and the ids of the pieces written as text
+/// markers (control and user-defined), when the model adds a dummy prefix.
+fn dummy_prefix_before_special(model: &SentencePieceModel) -> Option<(u32, HashSet<u32>)> {
+    if !model.normalizer().is_none_or(|n| n.add_dummy_prefix()) {
+        return None;
+    }
+    let space = model.pieces.iter().position(|p| p.r#type() == Type::Normal && p.piece() == "\u{2581}")?;
+    let specials = (model.pieces.iter().enumerate())
+        .filter(|(_, p)| matches!(p.r#type(), Type::Control | Type::UserDefined))
+        .map(|(i, _)| i as u32)
+        .collect();
+    Some((space as u32, specials))
 }
 
 /// `chat_template` of a tokenizer_config.json (None when the file or key is
