@@ -185,10 +185,10 @@ mod tests {
 
     #[test]
     fn learns_frequent_pieces_first() {
-        let (merges, chars) = learn_bpe("the the the then cat", 100);
+        let (merges, chars) = learn_bpe("the the the then a", 100);
         assert_eq!(chars[0], "▁", "the most frequent character first");
         assert_eq!(merges[0], "he", "▁t, th and he tie as most frequent: string order picks he");
         assert!(merges.contains(&"▁the".to_string()), "{merges:?}");
-        assert!(!merges.iter().any(|m| m.contains("cat")), "a pair seen once is not merged: {merges:?}");
+        assert!(!merges.contains(&"▁a".to_string()), "a pair seen once is not merged: {merges:?}");
     }
 }

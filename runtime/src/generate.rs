@@ -218,4 +218,19 @@ mod tests {
         let g = generate(&mut Counter(0), &[0], 5, &Sampling::default(), Some(2)).unwrap();
         assert_eq!(g.generated, vec![1, 2], "stops at eos");
     }
+
+    #[test]
+    fn streaming_hands_over_each_token_before_the_next_step() {
+        let mut e = Counter(0);
+        let mut seen = vec![];
+        let g = generate_streaming(&mut e, &[0], 3, &Sampling::default(), None, &mut |t| {
+            seen.push(t);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, g.generated);
+        let mut stop = |_| anyhow::bail!("reader went away");
+        let err = generate_streaming(&mut Counter(0), &[0], 3, &Sampling::default(), None, &mut stop).unwrap_err();
+        assert!(err.to_string().contains("went away"));
+    }
 }

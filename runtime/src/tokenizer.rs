@@ -104,7 +104,15 @@ impl Tokenizer {
             );
         };
         let chat_template = read_chat_template(&dir.join(TOKENIZER_CONFIG_FILE))?;
-        Ok(Tokenizer { inner, byte_aliases, dummy_prefix, source, bos: cfg.bos_token_id, eos: cfg.eos_token_id, chat_template })
+        Ok(Tokenizer {
+            inner,
+            byte_aliases,
+            dummy_prefix,
+            source,
+            bos: cfg.bos_token_id,
+            eos: cfg.eos_token_id,
+            chat_template,
+        })
     }
 
     pub fn bos(&self) -> Option<i64> {
