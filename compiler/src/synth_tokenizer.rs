@@ -165,7 +165,7 @@ mod tests {
 
     #[test]
     fn has_exactly_vocab_size_pieces_in_sentencepiece_order() {
-        for vocab in [512, 2000] {
+        for vocab in [512, 32000] {
             let model = SentencePieceModel::from_slice(tokenizer_model(vocab).unwrap()).unwrap();
             assert_eq!(model.pieces.len(), vocab);
             let text = |i: usize| model.pieces[i].piece().to_string();

@@ -76,6 +76,23 @@ fn round_trips_ascii_chinese_emoji_spaces_and_unknown_characters() {
 }
 
 #[test]
+fn small_preset_tokenizer_fills_its_vocabulary_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = Preset::Small.config().vocab_size;
+    std::fs::write(dir.path().join("tokenizer.model"), panguc::synth_tokenizer::tokenizer_model(vocab).unwrap())
+        .unwrap();
+    let t = Tokenizer::from_dir(dir.path(), &Preset::Small.config()).unwrap();
+    let text = "The assistant answers: 你好，世界！🚀";
+    assert_eq!(t.decode(&t.encode(text).unwrap()).unwrap(), text);
+    // Fillers `[unused20]..` run from after the learnt pieces to the end.
+    let first_filler = t.encode("[unused20]").unwrap();
+    assert_eq!(first_filler.len(), 1);
+    assert!(first_filler[0] > 279 + 150, "learnt pieces come first: {first_filler:?}");
+    let last = format!("[unused{}]", 20 + vocab as i64 - 1 - first_filler[0]);
+    assert_eq!(t.encode(&last).unwrap(), [vocab as i64 - 1], "{last} is the last piece");
+}
+
+#[test]
 fn chat_format_markers_are_single_control_ids() {
     let t = tiny_tokenizer();
     let turns = [ChatMessage::new("system", "be brief"), ChatMessage::new("user", "你好")];
