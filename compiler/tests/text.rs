@@ -30,7 +30,7 @@ const BYTE_PIECES: std::ops::Range<i64> = 23..279;
 fn encodes_like_sentencepiece() {
     // Recorded by hand from the SentencePiece library (Python
     // `sentencepiece` 0.2.x, `encode`) on examples/tiny-pangu/tokenizer.model.
-    let recorded: [(&str, &[i64]); 8] = [
+    let recorded: [(&str, &[i64]); 10] = [
         ("Hello world", &[341, 394, 320, 352, 350, 313, 352, 351]),
         ("The model writes the next word.", &[304, 330, 334, 282, 307, 297, 313, 317]),
         ("你好，世界！", &[341, 372, 337, 402, 428, 447]),
@@ -39,6 +39,14 @@ fn encodes_like_sentencepiece() {
         (" lead", &[341, 341, 352, 342, 345, 351]),
         ("用户提出问题", &[341, 382, 419, 422, 373, 340]),
         ("鑫", &[341, 256, 168, 194]),
+        (
+            "The assistant answers: 你好，世界！🚀",
+            &[
+                304, 329, 344, 349, 327, 345, 302, 284, 344, 354, 291, 344, 81, 341, 372, 337, 402, 428, 447, 263, 182,
+                177, 151,
+            ],
+        ),
+        ("  two  spaces ", &[341, 341, 279, 354, 350, 341, 289, 398, 345, 360, 292, 341]),
     ];
     let t = tiny_tokenizer();
     for (text, ids) in recorded {
