@@ -53,6 +53,8 @@ pub(crate) struct Cg<'ctx> {
     pub begin: Option<IntValue<'ctx>>,
     pub end: Option<IntValue<'ctx>>,
     pub scratch: Option<PointerValue<'ctx>>,
+    /// GEMMs on bf16 weights use `vdpbf16ps` (see `kernels::gemm`).
+    pub bf16_dot: bool,
 }
 
 impl<'ctx> Cg<'ctx> {
@@ -71,6 +73,7 @@ impl<'ctx> Cg<'ctx> {
             begin: None,
             end: None,
             scratch: None,
+            bf16_dot: false,
         }
     }
 
@@ -115,6 +118,13 @@ impl<'ctx> Cg<'ctx> {
     pub fn add_target_attrs(&self, f: FunctionValue<'ctx>) {
         f.add_attribute(AttributeLoc::Function, self.ctx.create_string_attribute("target-cpu", &self.cpu));
         f.add_attribute(AttributeLoc::Function, self.ctx.create_string_attribute("target-features", &self.features));
+        if self.features.split(',').any(|f| f == "+avx512f") {
+            // Without these, LLVM's generic AVX-512 tuning (prefer 256-bit)
+            // splits the 16-lane tiles into two 8-lane halves.
+            for (k, v) in [("prefer-vector-width", "512"), ("min-legal-vector-width", "512")] {
+                f.add_attribute(AttributeLoc::Function, self.ctx.create_string_attribute(k, v));
+            }
+        }
         let nounwind = inkwell::attributes::Attribute::get_named_enum_kind_id("nounwind");
         f.add_attribute(AttributeLoc::Function, self.ctx.create_enum_attribute(nounwind, 0));
     }

@@ -6,7 +6,9 @@
 //! the host CPU (target machine from the host's name and features, and the
 //! same `target-cpu`/`target-features` attributes on every function so the
 //! vectorisers use the wide registers), and emitted as an object file plus
-//! assembly and optimised IR for inspection. [`link_shared_library`] links
+//! assembly and optimised IR for inspection. A package is compiled once
+//! per [`Tier`] (baseline x86-64-v3 and AVX-512 BF16 on x86-64), and the
+//! runtime picks the library from the running CPU. [`link_shared_library`] links
 //! the object into the package's shared library; [`with_jit`] runs the same
 //! module in-process for tests.
 
@@ -52,9 +54,20 @@ impl HostTarget {
         })
     }
 
+    fn has(&self, feature: &str) -> bool {
+        self.features.split(',').any(|x| x.strip_prefix('+') == Some(feature))
+    }
+
+    /// True when GEMMs on bf16 weights use the AVX-512 BF16 dot product
+    /// (`vdpbf16ps`) on activations rounded to bf16, instead of exact f32
+    /// multiplies and adds.
+    pub fn bf16_dot(&self) -> bool {
+        self.has("avx512bf16")
+    }
+
     /// The widest f32 vector the features allow, in lanes.
     pub fn vector_lanes(&self) -> u32 {
-        let has = |f: &str| self.features.split(',').any(|x| x == format!("+{f}"));
+        let has = |f: &str| self.has(f);
         if has("avx512f") {
             16
         } else if has("avx2") || has("avx") {
@@ -80,6 +93,50 @@ impl HostTarget {
     }
 }
 
+/// Name of the baseline x86-64 tier: x86-64-v3 (AVX2 + FMA + F16C, ...).
+pub const BASELINE_TIER: &str = "x86-64-v3";
+/// Name of the best x86-64 tier: AVX-512 (F, BW, CD, DQ, VL) with the BF16
+/// dot-product and VNNI instructions.
+pub const BF16_TIER: &str = "avx512-bf16";
+
+/// Features of the x86-64-v3 level the runtime can check (the CPU name
+/// implies the same set to LLVM).
+const V3_FEATURES: &str = "+avx,+avx2,+bmi,+bmi2,+cx16,+f16c,+fma,+lzcnt,+movbe,+popcnt,+sse4.1,+sse4.2,+ssse3,+xsave";
+const AVX512_BF16_FEATURES: &str = "+avx512f,+avx512bw,+avx512cd,+avx512dq,+avx512vl,+avx512bf16,+avx512vnni";
+
+/// One instruction-set tier of the kernel library. A package carries a
+/// library per tier and the runtime loads the best one the running CPU
+/// supports, so the code never depends on the build machine's CPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tier {
+    /// Stable name (`x86-64-v3`, `avx512-bf16`, or `host` off x86-64).
+    pub name: String,
+    pub target: HostTarget,
+}
+
+impl Tier {
+    /// The tiers a package is built for, baseline first, best last: the two
+    /// x86-64 tiers on an x86-64 build machine (whatever its own CPU), the
+    /// build machine itself elsewhere.
+    pub fn all() -> Result<Vec<Tier>> {
+        let host = HostTarget::detect()?;
+        if !host.triple.starts_with("x86_64") {
+            return Ok(vec![Tier { name: "host".into(), target: host }]);
+        }
+        Ok([BASELINE_TIER, BF16_TIER].iter().map(|n| Tier::x86(n, &host.triple).expect("known tier")).collect())
+    }
+
+    /// The x86-64 tier `name` for `triple`.
+    pub fn x86(name: &str, triple: &str) -> Option<Tier> {
+        let (cpu, features) = match name {
+            BASELINE_TIER => ("x86-64-v3", V3_FEATURES.to_string()),
+            BF16_TIER => ("x86-64-v4", format!("{V3_FEATURES},{AVX512_BF16_FEATURES}")),
+            _ => return None,
+        };
+        Some(Tier { name: name.into(), target: HostTarget { triple: triple.into(), cpu: cpu.into(), features } })
+    }
+}
+
 /// What [`compile`] produces.
 #[derive(Debug, Clone)]
 pub struct CompiledKernels {
@@ -101,6 +158,7 @@ fn build_module<'c>(
 ) -> Result<inkwell::module::Module<'c>> {
     Target::initialize_native(&InitializationConfig::default()).map_err(|e| anyhow!("LLVM native target: {e}"))?;
     let mut cg = cg::Cg::new(ctx, "panguc_kernels", program.symbols.clone(), &target.cpu, &target.features);
+    cg.bf16_dot = target.bf16_dot();
     for k in &program.kernels {
         kernels::emit(&mut cg, k)?;
     }

@@ -2,7 +2,7 @@
 //! checked against straightforward Rust, plus the vectorisation check on
 //! the emitted assembly.
 
-use panguc_codegen_cpu::{compile, with_jit, HostTarget, KernelFn};
+use panguc_codegen_cpu::{compile, with_jit, HostTarget, KernelFn, Tier, BASELINE_TIER, BF16_TIER};
 use panguc_ir::kernel::{tile_extent, ArgSpec, Epilogue, Extent, Kernel, KernelKind, KernelProgram, Layout};
 use panguc_ir::{DType, Dim};
 use rand::{Rng, SeedableRng};
@@ -76,7 +76,7 @@ fn gemm_with_bias_matches_the_reference_exactly() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let w = bf16_values(&mut rng, n * k);
     let bias = bf16_values(&mut rng, n);
-    with_jit(&p, &HostTarget::detect().unwrap(), |get| {
+    with_jit(&p, &tier(BASELINE_TIER), |get| {
         let f = get("gemm_bias").expect("kernel symbol");
         for m in [1usize, 5, 13] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
@@ -124,7 +124,7 @@ fn gate_up_swiglu_matches_the_reference_exactly() {
     let w16: Vec<u8> = w.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect();
     let m = 9;
     let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-    with_jit(&p, &HostTarget::detect().unwrap(), |get| {
+    with_jit(&p, &tier(BASELINE_TIER), |get| {
         let mut bufs = vec![
             a.iter().flat_map(|x| x.to_le_bytes()).collect(),
             layout.pack(&w16, &[2 * i, k], 2),
@@ -150,12 +150,16 @@ fn gate_up_swiglu_matches_the_reference_exactly() {
     .unwrap();
 }
 
-/// The assembly of a GEMM uses the host's widest vector registers (ymm
-/// with AVX2, zmm with AVX-512), and every function carries the host's
-/// target-cpu attribute.
+fn tier(name: &str) -> HostTarget {
+    Tier::x86(name, &HostTarget::detect().unwrap().triple).expect("known tier").target
+}
+
+/// The assembly of a GEMM uses each tier's vector registers: ymm multiplies
+/// on the baseline (AVX2) tier, zmm BF16 dot products (and no separate
+/// multiplies) on the AVX-512 BF16 tier; every function carries its tier's
+/// target-cpu attribute. Compile only: runs on any x86-64 build machine.
 #[test]
-fn generated_code_uses_the_hosts_wide_vector_registers() {
-    let target = HostTarget::detect().unwrap();
+fn each_tier_uses_its_own_vector_instructions() {
     let t = Dim::tokens();
     let args = vec![
         spec(DType::F32, vec![t.clone(), Dim::c(256)], Layout::RowMajor),
@@ -163,14 +167,99 @@ fn generated_code_uses_the_hosts_wide_vector_registers() {
         spec(DType::F32, vec![t, Dim::c(64)], Layout::RowMajor),
     ];
     let p = program(vec![kernel("gemm", KernelKind::Gemm { epilogue: Epilogue::None }, args, 256 * 64)]);
-    let c = compile(&p, &target).unwrap();
-    assert!(c.llvm_ir.contains(&format!("\"target-cpu\"=\"{}\"", target.cpu)), "functions carry target-cpu");
-    let reg = match target.vector_lanes() {
-        16 => "%zmm",
-        8 => "%ymm",
-        _ => "%xmm",
-    };
-    let wide_mul = c.assembly.lines().filter(|l| l.contains("vmulps") && l.contains(reg)).count();
-    assert!(wide_mul > 0, "no {reg} multiplies in the GEMM for a {}-lane host", target.vector_lanes());
-    assert!(c.symbols == vec!["gemm".to_string()] && !c.object.is_empty());
+    for (name, op, reg) in [(BASELINE_TIER, "vmulps", "%ymm"), (BF16_TIER, "vdpbf16ps", "%zmm")] {
+        let target = tier(name);
+        let c = compile(&p, &target).unwrap();
+        assert!(c.llvm_ir.contains(&format!("\"target-cpu\"=\"{}\"", target.cpu)), "functions carry target-cpu");
+        let count = |op: &str, reg: &str| c.assembly.lines().filter(|l| l.contains(op) && l.contains(reg)).count();
+        assert!(count(op, reg) > 0, "tier {name}: no {reg} {op} in the GEMM");
+        if name == BF16_TIER {
+            assert_eq!(count("vmulps", "%"), 0, "tier {name}: the GEMM still multiplies in f32");
+            assert!(count("vcvtne2ps2bf16", "%zmm") > 0, "tier {name}: activations rounded 32 at a time");
+        }
+        assert!(c.symbols == vec!["gemm".to_string()] && !c.object.is_empty());
+    }
+}
+
+fn cpu_has_bf16_tier() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512cd")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+}
+
+/// A bf16-weight GEMM on each tier this CPU runs: every row's result is
+/// bit-identical whether the row is launched alone or with others (row
+/// blocks of 1..6 rows, several blocks, and more rows than one bf16 row
+/// block of 30), and within the tier's tolerance of the exact f32 result.
+///
+/// Tolerances, per output element with `S = sum_k |a_k| |w_k|`:
+/// - x86-64-v3: 0 (the reference's order, f32 multiply then add);
+/// - avx512-bf16: A is rounded to bf16 (8 significant bits, nearest even:
+///   `|a - bf16(a)| <= 2^-8 |a|`, the products of bf16 values are exact in
+///   f32), then accumulated in f32 in a different order (pairs), which
+///   adds at most `K * 2^-24 * S` on top of the reference's own rounding
+///   (also `<= K * 2^-24 * S`): `|got - ref| <= (2^-8 + 2 K 2^-24) S`.
+#[test]
+fn gemm_rows_are_independent_and_within_each_tiers_tolerance() {
+    let (k, n) = (70usize, 40usize); // two 32-wide rounding chunks plus a tail; a partial panel
+    let t = Dim::tokens();
+    let layout = Layout::Panels { nr: 16, kn: false };
+    let args = vec![
+        spec(DType::F32, vec![t.clone(), Dim::c(k)], Layout::RowMajor),
+        spec(DType::BF16, vec![Dim::c(n), Dim::c(k)], layout),
+        spec(DType::F32, vec![t, Dim::c(n)], Layout::RowMajor),
+    ];
+    let scratch = k * 16 * 4;
+    let kern = kernel("gemm", KernelKind::Gemm { epilogue: Epilogue::None }, args, scratch as u64);
+    let tiles = kern.tiles.eval(&panguc_ir::shape::bindings(1, 0)).unwrap();
+    let p = program(vec![kern]);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let w = bf16_values(&mut rng, n * k);
+    let m_max = 37;
+    let a: Vec<f32> = (0..m_max * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    let mut tiers = vec![(BASELINE_TIER, 0.0f64)];
+    if cpu_has_bf16_tier() {
+        tiers.push((BF16_TIER, 2f64.powi(-8) + 2.0 * k as f64 * 2f64.powi(-24)));
+    } else {
+        eprintln!("this CPU has no AVX-512 BF16: only the baseline tier is run");
+    }
+    for (name, rel) in tiers {
+        with_jit(&p, &tier(name), |get| {
+            let f = get("gemm").expect("kernel symbol");
+            let launch = |rows: &[f32], m: usize| -> Vec<f32> {
+                let mut bufs = vec![
+                    rows.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    layout.pack(&bf16_bytes(&w), &[n, k], 2),
+                    vec![0u8; m * n * 4],
+                ];
+                run(f, &mut bufs, m, tiles, scratch);
+                f32s(&bufs[2])
+            };
+            let alone: Vec<Vec<f32>> = (0..m_max).map(|i| launch(&a[i * k..(i + 1) * k], 1)).collect();
+            let mut worst = 0f64;
+            for m in [1usize, 2, 5, 6, 7, 13, 31, m_max] {
+                let got = launch(&a[..m * k], m);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (g, solo) = (got[i * n + j], alone[i][j]);
+                        assert_eq!(g.to_bits(), solo.to_bits(), "{name}: m={m} row {i} col {j} depends on other rows");
+                        let (mut exact, mut s) = (0.0f32, 0.0f64);
+                        for kk in 0..k {
+                            exact += a[i * k + kk] * w[j * k + kk];
+                            s += (a[i * k + kk] as f64 * w[j * k + kk] as f64).abs();
+                        }
+                        let err = (g as f64 - exact as f64).abs();
+                        assert!(err <= rel * s, "{name}: m={m} row {i} col {j}: |{g} - {exact}| > {rel:e} * {s}");
+                        worst = worst.max(err / s);
+                    }
+                }
+            }
+            eprintln!("tier {name}: worst |got - ref| / sum|a w| = {worst:e} (bound {rel:e})");
+        })
+        .unwrap();
+    }
 }

@@ -12,7 +12,10 @@ use anyhow::{Context, Result};
 use panguc_ir::kernel::{BufferKind, KernelKind, KernelProgram};
 use panguc_ir::shape::bindings;
 use panguc_ir::{DType, Module};
-use panguc_runtime::bench::{fma_peak_flops, load_average, peak_rss_bytes, reset_peak_rss, stream_read_bandwidth};
+use panguc_runtime::bench::{
+    bf16_dot_peak_flops, disk_write_bandwidth, fma_peak_flops, load_average, peak_rss_bytes, reset_peak_rss,
+    stream_read_bandwidth,
+};
 use panguc_runtime::{CpuEngine, Engine, EngineOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +30,8 @@ pub struct BenchOptions {
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
     pub interp_decode_tokens: usize,
+    /// Also print one JSON object of every figure at the end.
+    pub json: bool,
     /// "All cores".
     pub threads: usize,
 }
@@ -39,6 +44,7 @@ impl BenchOptions {
             prompt_tokens: 512,
             decode_tokens: 32,
             interp_decode_tokens: 3,
+            json: false,
             threads: panguc_runtime::engine::default_threads(),
         }
     }
@@ -59,8 +65,11 @@ const MB: f64 = 1e6;
 
 /// Run the benchmark and print its report.
 pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
+    // One line of the text report: stdout, or stderr with `--json` (stdout
+    // then holds the JSON object alone).
+    let say = |line: String| if opts.json { eprintln!("{line}") } else { println!("{line}") };
     if !opts.checkpoint.join("config.json").is_file() {
-        println!("synthesizing the small checkpoint in {} ...", opts.checkpoint.display());
+        say(format!("synthesizing the small checkpoint in {} ...", opts.checkpoint.display()));
         synth_with(
             &opts.checkpoint,
             &SynthOptions { preset: Preset::Small, seed: 0, dtype: DType::BF16, force: true },
@@ -68,7 +77,7 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     }
     // The checkpoint is closed again before the compiled runs, so their
     // resident memory is the package's alone.
-    let (module, compile_s) = {
+    let module = {
         let ckpt = crate::commands::open_checkpoint(&opts.checkpoint, false)?;
         let imported = crate::commands::import(&ckpt)?;
         let module = fuse(&ckpt, &imported)?;
@@ -77,18 +86,26 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         }
         std::fs::create_dir_all(&opts.work_dir)?;
         let t0 = Instant::now();
-        crate::package_build::write_cpu_package(
+        let pack = crate::package_build::write_cpu_package(
             &opts.work_dir,
             &ckpt,
             &module,
             &["cpu".into()],
             &serde_json::Value::Null,
         )?;
-        (module, t0.elapsed().as_secs_f64())
+        (module, t0.elapsed().as_secs_f64(), pack)
     };
+    let (module, compile_s, pack) = module;
+    // The first, full verification (as at the end of `panguc compile`),
+    // then an open that trusts the stamp. Files younger than the racy
+    // margin are never stamped, so let it pass first.
+    std::thread::sleep(panguc_runtime::stamp::RACY_MARGIN * 2);
+    let t0 = Instant::now();
+    panguc_runtime::stamp::verify_package_tree(&opts.work_dir, panguc_runtime::package::Verify::Full)?;
+    let verify_s = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let pkg = Arc::new(panguc_runtime::open_package(&opts.work_dir)?);
-    let load_s = t0.elapsed().as_secs_f64();
+    let open_s = t0.elapsed().as_secs_f64();
     let program = pkg.program();
     let threads = opts.threads.max(1);
 
@@ -98,22 +115,60 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     let bw = stream_read_bandwidth(stream_bytes, threads, 3);
     let peak1 = fma_peak_flops(1);
     let peak = fma_peak_flops(threads);
-    println!(
-        "== panguc CPU benchmark: small preset (bf16), {} ==",
-        pkg.manifest().cpu.as_ref().map_or("?", |c| c.cpu.as_str())
-    );
-    println!(
-        "package: compiled in {compile_s:.1} s, verified and loaded in {load_s:.1} s; {} kernels, {} launches per step, {:.0} MB of weights mapped",
+    let bf16_peak1 = bf16_dot_peak_flops(1);
+    let bf16_peak = bf16_dot_peak_flops(threads);
+    let disk_dir = opts.work_dir.parent().unwrap_or(&opts.work_dir);
+    let disk = disk_write_bandwidth(disk_dir, 1 << 30)
+        .with_context(|| format!("measuring the disk write bandwidth in {}", disk_dir.display()))?;
+    let pack_rate = pack.bytes as f64 / pack.seconds.max(1e-9);
+    say(format!("== panguc CPU benchmark: small preset (bf16), kernel tier {} ==", pkg.tier()));
+    say(format!(
+        "package: compiled in {compile_s:.1} s; weights packed at {:.0} MB/s ({:.0} MB in {:.2} s) = {:.2} of the disk's sequential write {:.0} MB/s (synced; target >= 0.5)",
+        pack_rate / MB,
+        pack.bytes as f64 / MB,
+        pack.seconds,
+        pack_rate / disk,
+        disk / MB
+    ));
+    say(format!(
+        "package: full verification {verify_s:.2} s; open with the verification stamp {open_s:.3} s (target <= 0.1 s); {} kernels, {} launches per step, {:.0} MB of weights mapped",
         program.kernels.len(),
         program.launches.len(),
         pkg.mapped_bytes() as f64 / MB
-    );
-    println!("memory: streaming read {:.1} GB/s on 1 thread, {:.1} GB/s on {threads} threads", bw1 / GB, bw / GB);
-    println!(
+    ));
+    say(format!("memory: streaming read {:.1} GB/s on 1 thread, {:.1} GB/s on {threads} threads", bw1 / GB, bw / GB));
+    say(format!(
         "compute: fp32 FMA peak {:.1} GFLOP/s on 1 thread, {:.1} GFLOP/s on {threads} threads",
         peak1 / GB,
         peak / GB
-    );
+    ));
+    match (bf16_peak1, bf16_peak) {
+        (Some(p1), Some(p)) => say(format!(
+            "compute: bf16 dot-product (vdpbf16ps) peak {:.1} GFLOP/s on 1 thread, {:.1} GFLOP/s on {threads} threads ({:.2}x the FMA peak)",
+            p1 / GB,
+            p / GB,
+            p / peak
+        )),
+        _ => say("compute: no AVX-512 BF16 on this CPU".to_string()),
+    }
+    let mut json = serde_json::Map::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        json.insert(k.to_string(), v);
+    };
+    put("machine.threads", threads.into());
+    put("machine.stream_read_gb_per_s.1t", (bw1 / GB).into());
+    put("machine.stream_read_gb_per_s", (bw / GB).into());
+    put("machine.fma_peak_gflops.1t", (peak1 / GB).into());
+    put("machine.fma_peak_gflops", (peak / GB).into());
+    put("machine.bf16_dot_peak_gflops.1t", bf16_peak1.map(|p| p / GB).into());
+    put("machine.bf16_dot_peak_gflops", bf16_peak.map(|p| p / GB).into());
+    put("machine.disk_write_mb_per_s", (disk / MB).into());
+    put("bf16.tier", pkg.tier().into());
+    put("bf16.compile_s", compile_s.into());
+    put("bf16.compile.pack_mb_per_s", (pack_rate / MB).into());
+    put("bf16.compile.pack_over_disk_write", (pack_rate / disk).into());
+    put("bf16.verify_full_s", verify_s.into());
+    put("bf16.open_s", open_s.into());
 
     let load_before = load_average();
     let rss_reset = reset_peak_rss();
@@ -173,46 +228,71 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     let mid_past = past_end - opts.decode_tokens / 2;
     let active = decode_bytes(program, mid_past);
     let roof = active as f64 / bw;
-    println!("decode, batch 1 (prompt 8, {} new tokens):", opts.decode_tokens);
-    println!("  interpreter           {:>8.2} tok/s", interp_tps);
-    println!("  compiled, 1 thread    {:>8.2} tok/s  ({:.2} ms/token)", 1.0 / step1, step1 * 1e3);
-    println!("  compiled, {threads} threads   {:>8.2} tok/s  ({:.2} ms/token)", 1.0 / step, step * 1e3);
-    println!(
-        "  roofline: {:.1} MB of active weights + KV per step / {:.1} GB/s = {:.2} ms; decode time / roofline time = {:.2} ({:.0}% of roofline; target >= 70%)",
+    say(format!("decode, batch 1 (prompt 8, {} new tokens):", opts.decode_tokens));
+    say(format!("  interpreter           {:>8.2} tok/s", interp_tps));
+    say(format!("  compiled, 1 thread    {:>8.2} tok/s  ({:.2} ms/token)", 1.0 / step1, step1 * 1e3));
+    say(format!(
+        "  compiled, {threads} threads   {:>8.2} tok/s  ({:.2} ms/token); {threads} threads / 1 thread = {:.2}x (target >= 1)",
+        1.0 / step,
+        step * 1e3,
+        step1 / step
+    ));
+    say(format!(
+        "  roofline: {:.1} MB of active weights + KV per step / {:.1} GB/s = {:.2} ms; roofline time / decode time = {:.2} (target >= 0.95)",
         active as f64 / MB,
         bw / GB,
         roof * 1e3,
-        step / roof,
-        100.0 * roof / step
-    );
+        roof / step
+    ));
     let (total, gemm_s) = best.expect("two runs");
     let flops = gemm_flops(program, opts.prompt_tokens);
-    println!("prefill ({} tokens, {threads} threads):", opts.prompt_tokens);
-    println!("  {:.1} tok/s ({:.2} s)", opts.prompt_tokens as f64 / total, total);
-    println!(
-        "  GEMM kernels: {:.1} GFLOP in {:.2} s = {:.1} GFLOP/s = {:.0}% of the {threads}-thread FMA peak (target >= 50%)",
+    let gemm_rate = flops / gemm_s;
+    say(format!("prefill ({} tokens, {threads} threads):", opts.prompt_tokens));
+    say(format!("  {:.1} tok/s ({:.2} s)", opts.prompt_tokens as f64 / total, total));
+    say(format!(
+        "  GEMM kernels: {:.1} GFLOP in {:.2} s = {:.1} GFLOP/s = {:.2} of the {threads}-thread FMA peak{}",
         flops / GB,
         gemm_s,
-        flops / gemm_s / GB,
-        100.0 * flops / gemm_s / peak
-    );
+        gemm_rate / GB,
+        gemm_rate / peak,
+        match bf16_peak {
+            Some(p) => format!(", {:.2} of the bf16 dot-product peak (target >= 0.7)", gemm_rate / p),
+            None => String::new(),
+        }
+    ));
+    put("bf16.decode.interp_tok_per_s", interp_tps.into());
+    put("bf16.decode.tok_per_s.1t", (1.0 / step1).into());
+    put("bf16.decode.tok_per_s", (1.0 / step).into());
+    put("bf16.decode.threads_speedup", (step1 / step).into());
+    put("bf16.decode.roofline_fraction", (roof / step).into());
+    put("bf16.prefill.tok_per_s", (opts.prompt_tokens as f64 / total).into());
+    put("bf16.prefill.gemm_gflops", (gemm_rate / GB).into());
+    put("bf16.prefill.gemm_fraction_of_fma_peak", (gemm_rate / peak).into());
+    put("bf16.prefill.gemm_fraction_of_bf16_peak", bf16_peak.map(|p| gemm_rate / p).into());
     match (compiled_rss, rss_reset) {
-        (Some(rss), true) => println!(
+        (Some(rss), true) => say(format!(
             "peak resident memory of the compiled runs: {:.0} MB (weights mapped once: {:.0} MB, shared by every engine)",
             rss as f64 / MB,
             pkg.mapped_bytes() as f64 / MB
-        ),
-        (Some(rss), false) => println!("peak resident memory: {:.0} MB (includes the 1 GB bandwidth buffer)", rss as f64 / MB),
+        )),
+        (Some(rss), false) => {
+            say(format!("peak resident memory: {:.0} MB (includes the 1 GB bandwidth buffer)", rss as f64 / MB))
+        }
         (None, _) => {}
     }
     if let Some(rss) = peak_rss_bytes() {
-        println!("peak resident memory including the interpreter: {:.0} MB", rss as f64 / MB);
+        say(format!("peak resident memory including the interpreter: {:.0} MB", rss as f64 / MB));
+        put("bf16.peak_rss_mb", (rss as f64 / MB).into());
     }
     if let (Some(a), Some(b)) = (load_before, load_average()) {
-        println!(
+        say(format!(
             "machine load average during the run: {a:.1} .. {b:.1} on {} cores (shared machines make timings noisy)",
             panguc_runtime::engine::default_threads()
-        );
+        ));
+        put("machine.load_average", serde_json::json!([a, b]));
+    }
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(json))?);
     }
     Ok(())
 }

@@ -43,7 +43,8 @@ pub fn synth(a: SynthArgs) -> Result<()> {
 
 #[derive(Args, Debug, Clone)]
 pub struct InspectArgs {
-    /// Checkpoint directory (config.json plus optional safetensors).
+    /// Checkpoint directory (config.json plus optional safetensors), or a
+    /// compiled package (targets, CPU tiers and the one this machine uses).
     pub model_dir: PathBuf,
     /// Print a JSON object instead of text.
     #[arg(long)]
@@ -54,6 +55,15 @@ pub struct InspectArgs {
 }
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
+    if panguc_runtime::is_package(&a.model_dir) {
+        let info = crate::inspect::package_json(&a.model_dir)?;
+        if a.json {
+            emit(&format!("{}\n", serde_json::to_string_pretty(&info)?));
+        } else {
+            emit(&crate::inspect::package_text(&info));
+        }
+        return Ok(());
+    }
     let ckpt = open_checkpoint(&a.model_dir, a.config_only)?;
     if a.json {
         emit(&format!("{}\n", serde_json::to_string_pretty(&crate::inspect::inspect_json(&ckpt))?));
@@ -157,6 +167,15 @@ pub struct RunArgs {
     /// Stop at the config's eos_token_id.
     #[arg(long)]
     pub stop_at_eos: bool,
+    /// Package verification on open: `stamp` (hash the small files, trust
+    /// the verification stamp for unchanged weight files) or `full` (hash
+    /// every byte).
+    #[arg(long, default_value = "stamp")]
+    pub verify: panguc_runtime::package::Verify,
+    /// Load this CPU kernel tier (`x86-64-v3`, `avx512-bf16`) instead of
+    /// the best one this CPU supports (also `$PANGUC_CPU_TIER`).
+    #[arg(long, value_name = "TIER")]
+    pub cpu_tier: Option<String>,
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
@@ -554,6 +573,9 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     let staged = staging.keep();
     std::fs::rename(&staged, &a.out)
         .with_context(|| format!("moving the package into place at {}", a.out.display()))?;
+    // Verified once here, fully, so that runs only re-hash what changed.
+    panguc_runtime::stamp::verify_package_tree(&a.out, panguc_runtime::package::Verify::Full)
+        .with_context(|| format!("verifying the new package {}", a.out.display()))?;
     emit(&piped.summary);
     if let Some(p) = &partitioned {
         emit(&p.summary);
@@ -592,6 +614,12 @@ pub fn open_checkpoint(dir: &Path, config_only: bool) -> Result<Checkpoint> {
 /// Import the graph IR, typing each weight with its stored dtype (or the
 /// config's torch_dtype for config-only checkpoints).
 pub fn import(ckpt: &Checkpoint) -> Result<Module> {
+    import_with(ckpt, crate::import::KvLayout::Contiguous)
+}
+
+/// [`import`] for either KV-cache layout (`KvLayout::Paged` builds the
+/// ragged-batch model of `crate::import::build_batched_module`).
+pub fn import_with(ckpt: &Checkpoint, kv: crate::import::KvLayout) -> Result<Module> {
     let default = match ckpt.config().torch_dtype.as_deref() {
         Some("float16") => DType::F16,
         Some("float32") => DType::F32,
@@ -610,7 +638,37 @@ pub fn import(ckpt: &Checkpoint) -> Result<Module> {
             }
         }
     }
-    build_module(cfg, &dtype_of)
+    match kv {
+        crate::import::KvLayout::Contiguous => build_module(cfg, &dtype_of),
+        crate::import::KvLayout::Paged { block_size } => {
+            crate::import::build_batched_module(cfg, &dtype_of, block_size)
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VerifyArgs {
+    /// A compiled package directory.
+    pub package: PathBuf,
+}
+
+/// `panguc verify PKG`: hash every file of the package (and of each rank's
+/// package) against its manifest and record the verification stamp.
+pub fn verify(a: VerifyArgs) -> Result<()> {
+    if !panguc_runtime::is_package(&a.package) {
+        bail!("{} is not a package (no manifest.json)", a.package.display());
+    }
+    let t0 = std::time::Instant::now();
+    let r = panguc_runtime::stamp::verify_package_tree(&a.package, panguc_runtime::package::Verify::Full)?;
+    emit(&format!(
+        "package {} verified: {} files, {:.1} MB hashed in {:.2} s; {}\n",
+        a.package.display(),
+        r.files,
+        r.hashed_bytes as f64 / 1e6,
+        t0.elapsed().as_secs_f64(),
+        if r.stamp_written { "verification stamp recorded" } else { "verification stamp unchanged" }
+    ));
+    Ok(())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -628,6 +686,10 @@ pub struct BenchArgs {
     /// Decode steps measured for the compiled engine.
     #[arg(long, default_value_t = 32)]
     pub decode_tokens: usize,
+    /// Print every figure as one JSON object on stdout (the text report
+    /// goes to stderr).
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -643,6 +705,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     opts.prompt_tokens = a.prompt_tokens;
     opts.decode_tokens = a.decode_tokens;
+    opts.json = a.json;
     crate::bench::run_bench(&opts, &crate::bench::pipeline_fuse)
 }
 

@@ -10,10 +10,29 @@
 //! layer with that layer's weights bound by the prefix `model.layers.N.`,
 //! so passes optimise it once. The entry function follows the contract in
 //! `panguc_ir::session`.
+//!
+//! [`build_batched_module`] emits the same model over one ragged batch step
+//! with a paged KV cache (`KvLayout::Paged`): the attention block becomes
+//! `kv_cache_write` + `paged_attention`, everything else is unchanged and
+//! runs over all rows of the step. It is not the default import yet (no
+//! backend has kernels for those ops); its entry contract is documented on
+//! `panguc_ir::session::BatchInterpSession`.
 
 use anyhow::{anyhow, Result};
+use panguc_ir::batch::{declare_step_inputs, paged_cache_type, StepInputs};
 use panguc_ir::op::{BinaryOp, ReduceOp, RopeKind, UnaryOp};
 use panguc_ir::{DType, Dim, Function, Module, Op, PanguConfig, TensorType, ValueId};
+
+/// How the attention of the imported functions stores and reads K/V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvLayout {
+    /// One sequence per call, caches `[past, kv_heads, head_dim]` extended
+    /// by concatenation (the contract of `panguc_ir::session`).
+    Contiguous,
+    /// One ragged batch step per call over paged caches
+    /// `[num_blocks, block_size, kv_heads, head_dim]` (see `panguc_ir::batch`).
+    Paged { block_size: usize },
+}
 
 /// Name of the decoder-layer function.
 pub const LAYER_FN: &str = "decoder_layer";
@@ -28,11 +47,26 @@ pub const ACT: DType = DType::F32;
 /// checkpoint tensor (the checkpoint's, or the config's torch_dtype when
 /// compiling from the config alone).
 pub fn build_module(cfg: &PanguConfig, weight_dtype: &dyn Fn(&str) -> DType) -> Result<Module> {
+    build_module_with(cfg, weight_dtype, KvLayout::Contiguous)
+}
+
+/// Build the module over ragged batch steps with a paged KV cache of
+/// `block_size` tokens per block.
+pub fn build_batched_module(
+    cfg: &PanguConfig,
+    weight_dtype: &dyn Fn(&str) -> DType,
+    block_size: usize,
+) -> Result<Module> {
+    anyhow::ensure!(block_size > 0, "the KV block size must be positive");
+    build_module_with(cfg, weight_dtype, KvLayout::Paged { block_size })
+}
+
+fn build_module_with(cfg: &PanguConfig, weight_dtype: &dyn Fn(&str) -> DType, kv: KvLayout) -> Result<Module> {
     let mut module = Module::new("pangu_pro_moe", ENTRY_FN);
-    let layer = build_layer(cfg, &|rel| weight_dtype(&format!("model.layers.0.{rel}")))
+    let layer = build_layer(cfg, &|rel| weight_dtype(&format!("model.layers.0.{rel}")), kv)
         .map_err(|e| anyhow!("building @{LAYER_FN}: {e}"))?;
     module.add_function(layer);
-    let entry = build_entry(cfg, weight_dtype, &module).map_err(|e| anyhow!("building @{ENTRY_FN}: {e}"))?;
+    let entry = build_entry(cfg, weight_dtype, &module, kv).map_err(|e| anyhow!("building @{ENTRY_FN}: {e}"))?;
     module.add_function(entry);
     panguc_ir::verify::verify_module(&module).map_err(|e| anyhow!("imported module fails verification: {e}"))?;
     Ok(module)
@@ -113,6 +147,8 @@ impl B<'_> {
 pub struct LayerParams {
     pub h: ValueId,
     pub positions: ValueId,
+    /// The step metadata (positions included) of a paged layer.
+    pub step: Option<StepInputs>,
     pub rope_cos: ValueId,
     pub rope_sin: ValueId,
     pub k_cache: ValueId,
@@ -141,14 +177,34 @@ pub struct LayerParams {
 /// checkpoint validation also uses. Public so that hand-built layer
 /// functions (tests) share the importer's exact signature.
 pub fn declare_layer_params(f: &mut Function, cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType) -> R<LayerParams> {
-    let (t, d, kvh) = (Dim::tokens(), cfg.head_dim(), cfg.num_key_value_heads);
+    declare_layer_params_with(f, cfg, dtype, KvLayout::Contiguous)
+}
+
+/// [`declare_layer_params`] for either cache layout. Inputs: `h`, then
+/// `positions` (contiguous) or the step metadata of
+/// `panguc_ir::batch::declare_step_inputs` (paged), then `rope_cos`,
+/// `rope_sin`, `k_cache`, `v_cache` of the layout's cache type.
+pub fn declare_layer_params_with(
+    f: &mut Function,
+    cfg: &PanguConfig,
+    dtype: &dyn Fn(&str) -> DType,
+    kv: KvLayout,
+) -> R<LayerParams> {
+    let (t, d) = (Dim::tokens(), cfg.head_dim());
     let act = |shape: Vec<Dim>| TensorType::new(ACT, shape);
     let h = f.add_input("h", act(vec![t.clone(), Dim::c(cfg.hidden_size)]));
-    let positions = f.add_input("positions", TensorType::new(DType::I64, vec![t.clone()]));
+    let (positions, step) = match kv {
+        KvLayout::Contiguous => (f.add_input("positions", TensorType::new(DType::I64, vec![t.clone()])), None),
+        KvLayout::Paged { .. } => {
+            let step = declare_step_inputs(f);
+            (step.positions, Some(step))
+        }
+    };
     let rope_cos = f.add_input("rope_cos", act(vec![t.clone(), Dim::c(d)]));
     let rope_sin = f.add_input("rope_sin", act(vec![t.clone(), Dim::c(d)]));
-    let k_cache = f.add_input("k_cache", act(vec![Dim::past(), Dim::c(kvh), Dim::c(d)]));
-    let v_cache = f.add_input("v_cache", act(vec![Dim::past(), Dim::c(kvh), Dim::c(d)]));
+    let cache_ty = cache_type(cfg, kv);
+    let k_cache = f.add_input("k_cache", cache_ty.clone());
+    let v_cache = f.add_input("v_cache", cache_ty);
     let mut ids = std::collections::HashMap::new();
     for spec in cfg.layer_tensors(0) {
         let rel = spec
@@ -168,6 +224,7 @@ pub fn declare_layer_params(f: &mut Function, cfg: &PanguConfig, dtype: &dyn Fn(
     Ok(LayerParams {
         h,
         positions,
+        step,
         rope_cos,
         rope_sin,
         k_cache,
@@ -191,14 +248,23 @@ pub fn declare_layer_params(f: &mut Function, cfg: &PanguConfig, dtype: &dyn Fn(
     })
 }
 
-fn build_layer(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType) -> R<Function> {
+/// Type of one layer's K or V cache input.
+fn cache_type(cfg: &PanguConfig, kv: KvLayout) -> TensorType {
+    let (d, kvh) = (cfg.head_dim(), cfg.num_key_value_heads);
+    match kv {
+        KvLayout::Contiguous => TensorType::new(ACT, vec![Dim::past(), Dim::c(kvh), Dim::c(d)]),
+        KvLayout::Paged { block_size } => paged_cache_type(ACT, block_size, kvh, d),
+    }
+}
+
+fn build_layer(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, kv: KvLayout) -> R<Function> {
     let (nh, kvh, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
     let (e, g, epg) = (cfg.num_experts, cfg.num_groups(), cfg.experts_per_group());
     let eps = cfg.rms_norm_eps;
     let t = Dim::tokens();
     let mut b = B { f: Function::new(LAYER_FN), module: None };
 
-    let p = declare_layer_params(&mut b.f, cfg, dtype)?;
+    let p = declare_layer_params_with(&mut b.f, cfg, dtype, kv)?;
     let (x, pos, cos, sin, k_cache, v_cache) = (p.h, p.positions, p.rope_cos, p.rope_sin, p.k_cache, p.v_cache);
     let (ln1, ln2, wg, rscale) = (p.input_norm, p.post_attention_norm, p.router, p.router_scale);
     let (wq, wk, wv, wo) = (p.q_proj, p.k_proj, p.v_proj, p.o_proj);
@@ -217,22 +283,21 @@ fn build_layer(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType) -> R<Function> 
     let sin3 = b.reshape(sin, vec![t.clone(), Dim::c(1), Dim::c(d)], "rope_sin_b")?;
     let qr = b.rope(q3, cos3, sin3, d, "q_rope")?;
     let kr = b.rope(k3, cos3, sin3, d, "k_rope")?;
-    let k_all = b.op(Op::Concat { axis: 0 }, &[k_cache, kr], "k_all")?;
-    let v_all = b.op(Op::Concat { axis: 0 }, &[v_cache, v3], "v_all")?;
-    let qt = b.op(Op::Transpose { perm: vec![1, 0, 2] }, &[qr], "q_t")?;
-    let k_rep = b.op(Op::RepeatInterleave { axis: 1, repeats: nh / kvh }, &[k_all], "k_rep")?;
-    let v_rep = b.op(Op::RepeatInterleave { axis: 1, repeats: nh / kvh }, &[v_all], "v_rep")?;
-    let kt = b.op(Op::Transpose { perm: vec![1, 0, 2] }, &[k_rep], "k_t")?;
-    let vt = b.op(Op::Transpose { perm: vec![1, 0, 2] }, &[v_rep], "v_t")?;
-    let scores = b.op(Op::MatMul { transpose_b: true }, &[qt, kt], "scores")?;
-    let scale = b.scalar(1.0 / (d as f64).sqrt(), "attn_scale")?;
-    let scaled = b.bin(BinaryOp::Mul, scores, scale, "scores_scaled")?;
-    let mask = b.op(Op::CausalMask, &[pos, k_all], "causal_mask")?;
-    let masked = b.bin(BinaryOp::Add, scaled, mask, "scores_masked")?;
-    let probs = b.op(Op::Softmax { axis: 2 }, &[masked], "attn_probs")?;
-    let ctx = b.op(Op::MatMul { transpose_b: false }, &[probs, vt], "attn_ctx")?;
-    let ctx_t = b.op(Op::Transpose { perm: vec![1, 0, 2] }, &[ctx], "attn_ctx_t")?;
-    let ctx2 = b.reshape(ctx_t, vec![t.clone(), Dim::c(nh * d)], "attn_out")?;
+    let (ctx2, k_all, v_all) = match p.step {
+        None => {
+            let k_all = b.op(Op::Concat { axis: 0 }, &[k_cache, kr], "k_all")?;
+            let v_all = b.op(Op::Concat { axis: 0 }, &[v_cache, v3], "v_all")?;
+            (contiguous_attention(&mut b, cfg, qr, k_all, v_all, pos)?, k_all, v_all)
+        }
+        Some(step) => {
+            let k_all = b.op(Op::KvCacheWrite, &[k_cache, kr, step.slot_mapping], "k_all")?;
+            let v_all = b.op(Op::KvCacheWrite, &[v_cache, v3, step.slot_mapping], "v_all")?;
+            let meta = [step.block_table, step.query_start_loc, step.context_lens];
+            let att = Op::PagedAttention { scale: 1.0 / (d as f64).sqrt() };
+            let ctx = b.op(att, &[&[qr, k_all, v_all][..], &meta].concat(), "attn_ctx")?;
+            (b.reshape(ctx, vec![t.clone(), Dim::c(nh * d)], "attn_out")?, k_all, v_all)
+        }
+    };
     let o = b.linear_bias(ctx2, wo, bo, "o")?;
     let h1 = b.bin(BinaryOp::Add, x, o, "h_attn")?;
 
@@ -282,13 +347,50 @@ fn build_layer(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType) -> R<Function> 
     Ok(b.f)
 }
 
-fn build_entry(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, module: &Module) -> R<Function> {
-    let (v, h, d, kvh) = (cfg.vocab_size, cfg.hidden_size, cfg.head_dim(), cfg.num_key_value_heads);
+/// Causal GQA attention of one sequence as primitives over its whole
+/// context `k_all`/`v_all` (`[past+tokens, kv_heads, head_dim]`); returns
+/// `[tokens, heads*head_dim]`.
+fn contiguous_attention(
+    b: &mut B,
+    cfg: &PanguConfig,
+    qr: ValueId,
+    k_all: ValueId,
+    v_all: ValueId,
+    pos: ValueId,
+) -> R<ValueId> {
+    let (nh, kvh, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
+    let t = Dim::tokens();
+    let qt = b.op(Op::Transpose { perm: vec![1, 0, 2] }, &[qr], "q_t")?;
+    let k_rep = b.op(Op::RepeatInterleave { axis: 1, repeats: nh / kvh }, &[k_all], "k_rep")?;
+    let v_rep = b.op(Op::RepeatInterleave { axis: 1, repeats: nh / kvh }, &[v_all], "v_rep")?;
+    let kt = b.op(Op::Transpose { perm: vec![1, 0, 2] }, &[k_rep], "k_t")?;
+    let vt = b.op(Op::Transpose { perm: vec![1, 0, 2] }, &[v_rep], "v_t")?;
+    let scores = b.op(Op::MatMul { transpose_b: true }, &[qt, kt], "scores")?;
+    let scale = b.scalar(1.0 / (d as f64).sqrt(), "attn_scale")?;
+    let scaled = b.bin(BinaryOp::Mul, scores, scale, "scores_scaled")?;
+    let mask = b.op(Op::CausalMask, &[pos, k_all], "causal_mask")?;
+    let masked = b.bin(BinaryOp::Add, scaled, mask, "scores_masked")?;
+    let probs = b.op(Op::Softmax { axis: 2 }, &[masked], "attn_probs")?;
+    let ctx = b.op(Op::MatMul { transpose_b: false }, &[probs, vt], "attn_ctx")?;
+    let ctx_t = b.op(Op::Transpose { perm: vec![1, 0, 2] }, &[ctx], "attn_ctx_t")?;
+    b.reshape(ctx_t, vec![t, Dim::c(nh * d)], "attn_out")
+}
+
+fn build_entry(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, module: &Module, kv: KvLayout) -> R<Function> {
+    let (v, h, d) = (cfg.vocab_size, cfg.hidden_size, cfg.head_dim());
     let t = Dim::tokens();
     let mut b = B { f: Function::new(ENTRY_FN), module: Some(module) };
     let ids = b.f.add_input("ids", TensorType::new(DType::I64, vec![t.clone()]));
-    let pos = b.f.add_input("positions", TensorType::new(DType::I64, vec![t.clone()]));
-    let cache_ty = TensorType::new(ACT, vec![Dim::past(), Dim::c(kvh), Dim::c(d)]);
+    // The layer's metadata arguments: positions, or the whole step.
+    let meta: Vec<ValueId> = match kv {
+        KvLayout::Contiguous => vec![b.f.add_input("positions", TensorType::new(DType::I64, vec![t.clone()]))],
+        KvLayout::Paged { .. } => {
+            let s = declare_step_inputs(&mut b.f);
+            vec![s.positions, s.query_start_loc, s.context_lens, s.block_table, s.slot_mapping]
+        }
+    };
+    let pos = meta[0];
+    let cache_ty = cache_type(cfg, kv);
     let mut caches = vec![];
     for l in 0..cfg.num_hidden_layers {
         let k = b.f.add_input(&format!("k_cache.{l}"), cache_ty.clone());
@@ -309,7 +411,8 @@ fn build_entry(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, module: &Module
         let names = [format!("h.{}", l + 1), format!("k.{l}"), format!("v.{l}")];
         let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let op = Op::Call { func: LAYER_FN.into(), weight_prefix: format!("model.layers.{l}.") };
-        let outs = b.f.push_node(Some(module), op, &[x, pos, cos, sin, kc, vc], &name_refs)?;
+        let args: Vec<ValueId> = [&[x][..], &meta, &[cos, sin, kc, vc]].concat();
+        let outs = b.f.push_node(Some(module), op, &args, &name_refs)?;
         x = outs[0];
         new_caches.extend([outs[1], outs[2]]);
     }

@@ -178,6 +178,69 @@ pub fn billions(n: u64) -> String {
     }
 }
 
+/// `panguc inspect PKG`: what a compiled package holds and which CPU tier
+/// this machine would load (`cpu.tier_in_use`, or why none can run).
+pub fn package_json(dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let m = panguc_runtime::package::read_manifest(dir)?;
+    let cpu = m.cpu.as_ref().map(|cpu| {
+        let tiers: Vec<serde_json::Value> = cpu
+            .tiers
+            .iter()
+            .map(|t| serde_json::json!({ "name": t.name, "cpu": t.cpu, "features": t.features, "library": t.library }))
+            .collect();
+        let (in_use, error) = match panguc_runtime::loader::select_tier(cpu, None) {
+            Ok(t) => (Some(t.name.clone()), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        serde_json::json!({ "triple": cpu.triple, "tiers": tiers, "tier_in_use": in_use, "tier_error": error })
+    });
+    Ok(serde_json::json!({
+        "package": dir.display().to_string(),
+        "format_version": m.format_version,
+        "panguc_version": m.panguc_version,
+        "targets": m.targets,
+        "files": m.files.len(),
+        "bytes": m.files.values().map(|f| f.bytes).sum::<u64>(),
+        "ranks": m.ranks.as_ref().map(|r| r.devices),
+        "cpu": cpu,
+    }))
+}
+
+pub fn package_text(info: &serde_json::Value) -> String {
+    let mut s = format!(
+        "package {} (format {}, panguc {})\ntargets: {}\nfiles: {}, {:.1} MB\n",
+        info["package"].as_str().unwrap_or("?"),
+        info["format_version"],
+        info["panguc_version"].as_str().unwrap_or("?"),
+        info["targets"].as_array().map_or(String::new(), |t| t
+            .iter()
+            .filter_map(|x| x.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")),
+        info["files"],
+        info["bytes"].as_f64().unwrap_or(0.0) / 1e6,
+    );
+    if let Some(r) = info["ranks"].as_u64() {
+        s.push_str(&format!("partitioned over {r} devices\n"));
+    }
+    let cpu = &info["cpu"];
+    if !cpu.is_null() {
+        for t in cpu["tiers"].as_array().into_iter().flatten() {
+            s.push_str(&format!(
+                "CPU tier {} ({}): {}\n",
+                t["name"].as_str().unwrap_or("?"),
+                t["cpu"].as_str().unwrap_or("?"),
+                t["library"].as_str().unwrap_or("?")
+            ));
+        }
+        match cpu["tier_in_use"].as_str() {
+            Some(t) => s.push_str(&format!("CPU tier in use on this machine: {t}\n")),
+            None => s.push_str(&format!("no CPU tier can run here: {}\n", cpu["tier_error"].as_str().unwrap_or("?"))),
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,9 @@ enum Command {
     Run(cli::RunArgs),
     /// Compile a model into a package for the given targets.
     Compile(cli::CompileArgs),
+    /// Hash every file of a package against its manifest and record the
+    /// verification stamp that later opens trust.
+    Verify(cli::VerifyArgs),
     /// CPU benchmark on the `small` preset: decode and prefill speed against
     /// the memory and FMA rooflines measured in the same run.
     Bench(cli::BenchArgs),
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Command::DumpIr(a) => cli::dump_ir(a),
         Command::Run(a) => cli::run(a),
         Command::Compile(a) => cli::compile(a),
+        Command::Verify(a) => cli::verify(a),
         Command::Bench(a) => cli::bench(a),
     };
     match result {

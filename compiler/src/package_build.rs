@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use panguc_ir::kernel::{BufferKind, KernelProgram, PreparedWeight, WeightExpr};
 use panguc_ir::{DType, Module, PanguConfig, Tensor, WeightSource};
 use panguc_runtime::package::{
-    hash_tree, BufferEntry, CpuSection, KernelEntry, Manifest, WeightEntry, CPU_LIBRARY, MANIFEST_FILE,
+    cpu_library, hash_tree, BufferEntry, CpuSection, CpuTier, KernelEntry, Manifest, WeightEntry, MANIFEST_FILE,
     PACKAGE_FORMAT_VERSION, PROGRAM_FILE, WEIGHT_ALIGN,
 };
 use std::collections::BTreeMap;
@@ -32,7 +32,7 @@ pub fn write_cpu_package(
     fused: &Module,
     targets: &[String],
     report: &serde_json::Value,
-) -> Result<()> {
+) -> Result<PackStats> {
     let program =
         panguc_lowering::schedule::schedule(fused, &Default::default()).context("scheduling the kernel program")?;
     write_cpu_package_for(staging, ckpt, fused, &program, targets, report)
@@ -46,14 +46,37 @@ pub fn write_cpu_package_for(
     program: &KernelProgram,
     targets: &[String],
     report: &serde_json::Value,
-) -> Result<()> {
+) -> Result<PackStats> {
     write_cpu_package_cached(staging, ckpt, fused, program, targets, report, &mut BTreeMap::new())
 }
 
-/// Compiled kernel libraries by the kernel list they implement (serialized
-/// `program.kernels`): ranks whose kernels are identical (same kinds,
-/// dtypes and shapes; typical for expert parallelism) share one LLVM run.
-type KernelCache = BTreeMap<String, panguc_codegen_cpu::CompiledKernels>;
+/// Compiled kernel libraries (one per CPU tier) by the kernel list they
+/// implement (serialized `program.kernels`): ranks whose kernels are
+/// identical (same kinds, dtypes and shapes; typical for expert
+/// parallelism) share one LLVM run per tier.
+type KernelCache = BTreeMap<String, Vec<panguc_codegen_cpu::CompiledKernels>>;
+
+/// Compile `program` once per tier, the tiers on parallel threads (LLVM
+/// runs one module per thread).
+fn compile_tiers(
+    program: &KernelProgram,
+    tiers: &[panguc_codegen_cpu::Tier],
+) -> Result<Vec<panguc_codegen_cpu::CompiledKernels>> {
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = tiers
+            .iter()
+            .map(|t| {
+                s.spawn(move || {
+                    panguc_codegen_cpu::compile(program, &t.target)
+                        .with_context(|| format!("generating CPU code for tier {}", t.name))
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().unwrap_or_else(|_| Err(anyhow!("a CPU code generator thread panicked"))))
+            .collect()
+    })
+}
 
 fn write_cpu_package_cached(
     staging: &Path,
@@ -63,34 +86,62 @@ fn write_cpu_package_cached(
     targets: &[String],
     report: &serde_json::Value,
     cache: &mut KernelCache,
-) -> Result<()> {
-    let target = panguc_codegen_cpu::HostTarget::detect()?;
+) -> Result<PackStats> {
+    let tiers = panguc_codegen_cpu::Tier::all()?;
     let key = serde_json::to_string(&program.kernels)?;
     let compiled = match cache.get(&key) {
         Some(c) => c.clone(),
         None => {
-            let c = panguc_codegen_cpu::compile(program, &target).context("generating CPU code")?;
+            let c = compile_tiers(program, &tiers)?;
             cache.insert(key, c.clone());
             c
         }
     };
     let cpu_dir = staging.join("cpu");
     std::fs::create_dir_all(&cpu_dir).with_context(|| format!("creating {}", cpu_dir.display()))?;
-    panguc_codegen_cpu::link_shared_library(&compiled.object, &staging.join(CPU_LIBRARY))?;
-    write(&cpu_dir.join("kernels.s"), compiled.assembly.as_bytes())?;
-    write(&cpu_dir.join("kernels.ll"), compiled.llvm_ir.as_bytes())?;
+    let mut tier_entries = vec![];
+    for (i, (tier, code)) in tiers.iter().zip(&compiled).enumerate() {
+        let library = cpu_library(&tier.name, i == 0);
+        panguc_codegen_cpu::link_shared_library(&code.object, &staging.join(&library))?;
+        let suffix = if i == 0 { String::new() } else { format!(".{}", tier.name) };
+        write(&cpu_dir.join(format!("kernels{suffix}.s")), code.assembly.as_bytes())?;
+        write(&cpu_dir.join(format!("kernels{suffix}.ll")), code.llvm_ir.as_bytes())?;
+        tier_entries.push(CpuTier {
+            name: tier.name.clone(),
+            library,
+            cpu: tier.target.cpu.clone(),
+            features: tier.target.features.clone(),
+        });
+    }
     write(&staging.join(PROGRAM_FILE), serde_json::to_string(program)?.as_bytes())?;
     let ir_dir = staging.join("ir");
     std::fs::create_dir_all(&ir_dir)?;
     write(&ir_dir.join("fused.txt"), panguc_ir::text::print_module(fused).as_bytes())?;
     write(&ir_dir.join("kernel_program.txt"), program.to_text().as_bytes())?;
 
-    let weights = if ckpt.has_weights() { Some(write_weights(staging, ckpt, program)?) } else { None };
+    let (weights, pack) = if ckpt.has_weights() {
+        let (entries, stats) = write_weights(staging, ckpt, program)?;
+        (Some(entries), stats)
+    } else {
+        (None, PackStats::default())
+    };
 
+    let tier_report: Vec<serde_json::Value> = tiers
+        .iter()
+        .zip(&tier_entries)
+        .map(|(t, e)| -> Result<serde_json::Value> {
+            Ok(serde_json::json!({
+                "name": t.name, "cpu": t.target.cpu, "vector_lanes": t.target.vector_lanes(),
+                "bf16_dot": t.target.bf16_dot(),
+                "library_bytes": std::fs::metadata(staging.join(&e.library))?.len(),
+            }))
+        })
+        .collect::<Result<_>>()?;
+    let triple = tiers.first().map(|t| t.target.triple.clone()).unwrap_or_default();
     let cpu_report = serde_json::json!({
         "schedule": panguc_lowering::schedule::stats(program),
-        "target": { "triple": target.triple, "cpu": target.cpu, "vector_lanes": target.vector_lanes() },
-        "library_bytes": std::fs::metadata(staging.join(CPU_LIBRARY))?.len(),
+        "triple": triple,
+        "tiers": tier_report,
     });
     write(&cpu_dir.join("report.json"), serde_json::to_string_pretty(&cpu_report)?.as_bytes())?;
     if !report.is_null() {
@@ -103,12 +154,10 @@ fn write_cpu_package_cached(
         model: ckpt.config().clone(),
         targets: targets.to_vec(),
         cpu: Some(CpuSection {
-            library: CPU_LIBRARY.to_string(),
             program: PROGRAM_FILE.to_string(),
-            triple: target.triple.clone(),
-            cpu: target.cpu.clone(),
-            features: target.features.clone(),
+            triple,
             abi: panguc_codegen_cpu::KERNEL_ABI_VERSION,
+            tiers: tier_entries,
         }),
         kernels: program
             .kernels
@@ -121,7 +170,8 @@ fn write_cpu_package_cached(
         ranks: None,
     };
     write_manifest(staging, &manifest)?;
-    finalize_manifest(staging, ckpt.config(), targets)
+    finalize_manifest(staging, ckpt.config(), targets)?;
+    Ok(pack)
 }
 
 /// The manifest's description of a package partitioned over `devices`
@@ -301,32 +351,138 @@ fn buffer_plan(p: &KernelProgram) -> Vec<BufferEntry> {
         .collect()
 }
 
+/// Prepared weight bytes in flight (prepared, not yet written) at most,
+/// whatever the model's size.
+const PACK_BUDGET_BYTES: u64 = 512 << 20;
+
+/// What packing the weights took (for `panguc bench`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PackStats {
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
 /// Evaluate every prepared weight and append it, in kernel layout, to
 /// `weights/<group>.bin` at a 64-byte aligned offset.
-fn write_weights(staging: &Path, ckpt: &Checkpoint, p: &KernelProgram) -> Result<Vec<WeightEntry>> {
+///
+/// Weights are prepared (read from the mapped shards, converted, packed)
+/// on one worker per core while this thread writes them in program order,
+/// so the files are the same as a sequential run's. Workers take weights
+/// in order and only while the bytes in flight stay under
+/// [`PACK_BUDGET_BYTES`] (one weight alone may exceed it): memory stays
+/// bounded, and the weight the writer needs next is always already taken,
+/// so the budget cannot deadlock.
+fn write_weights(staging: &Path, ckpt: &Checkpoint, p: &KernelProgram) -> Result<(Vec<WeightEntry>, PackStats)> {
+    let started = std::time::Instant::now();
     let dir = staging.join("weights");
     std::fs::create_dir_all(&dir)?;
-    let mut files: BTreeMap<String, (std::io::BufWriter<std::fs::File>, u64)> = BTreeMap::new();
-    let mut entries = vec![];
-    for w in &p.weights {
-        let rel = format!("weights/{}.bin", w.group);
-        if !files.contains_key(&rel) {
-            let f = std::fs::File::create(staging.join(&rel)).with_context(|| format!("creating {rel}"))?;
-            files.insert(rel.clone(), (std::io::BufWriter::new(f), 0));
+    let sizes: Vec<u64> = p.weights.iter().map(|w| w.stored_bytes() as u64).collect();
+    let total: u64 = sizes.iter().sum();
+    let n = sizes.len();
+    let workers = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1).min(n).max(1);
+    struct Gate {
+        next: usize,
+        in_flight: u64,
+        stop: bool,
+    }
+    let gate = std::sync::Mutex::new(Gate { next: 0, in_flight: 0, stop: false });
+    let turn = std::sync::Condvar::new();
+    let bar = pack_progress(total);
+    let entries = std::thread::scope(|s| -> Result<Vec<WeightEntry>> {
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<Vec<u8>>)>();
+        for _ in 0..workers {
+            let (tx, gate, turn, sizes) = (tx.clone(), &gate, &turn, &sizes);
+            s.spawn(move || loop {
+                let i = {
+                    let Ok(mut g) = gate.lock() else { return };
+                    loop {
+                        if g.stop || g.next >= n {
+                            return;
+                        }
+                        if g.in_flight == 0 || g.in_flight + sizes[g.next] <= PACK_BUDGET_BYTES {
+                            break;
+                        }
+                        let Ok(next) = turn.wait(g) else { return };
+                        g = next;
+                    }
+                    g.next += 1;
+                    g.in_flight += sizes[g.next - 1];
+                    g.next - 1
+                };
+                let w = &p.weights[i];
+                let r = prepared_bytes(ckpt, w).with_context(|| format!("preparing weight `{}`", w.name));
+                if tx.send((i, r)).is_err() {
+                    return;
+                }
+            });
         }
-        let bytes = prepared_bytes(ckpt, w).with_context(|| format!("preparing weight `{}`", w.name))?;
-        let (out, pos) = files.get_mut(&rel).expect("inserted");
-        let pad = pos.next_multiple_of(WEIGHT_ALIGN) - *pos;
-        out.write_all(&vec![0u8; pad as usize])?;
-        let offset = *pos + pad;
-        out.write_all(&bytes)?;
-        *pos = offset + bytes.len() as u64;
-        entries.push(WeightEntry { name: w.name.clone(), file: rel, offset, bytes: bytes.len() as u64 });
+        drop(tx);
+        let mut files: BTreeMap<String, (std::io::BufWriter<std::fs::File>, u64)> = BTreeMap::new();
+        let mut entries = vec![];
+        let mut ready: BTreeMap<usize, Result<Vec<u8>>> = BTreeMap::new();
+        let mut write_ready = |ready: &mut BTreeMap<usize, Result<Vec<u8>>>| -> Result<()> {
+            while let Some(r) = ready.remove(&entries.len()) {
+                let w = &p.weights[entries.len()];
+                let bytes = r?;
+                let rel = format!("weights/{}.bin", w.group);
+                if !files.contains_key(&rel) {
+                    let f = std::fs::File::create(staging.join(&rel)).with_context(|| format!("creating {rel}"))?;
+                    files.insert(rel.clone(), (std::io::BufWriter::with_capacity(8 << 20, f), 0));
+                }
+                let (out, pos) = files.get_mut(&rel).expect("inserted");
+                let pad = pos.next_multiple_of(WEIGHT_ALIGN) - *pos;
+                out.write_all(&vec![0u8; pad as usize]).with_context(|| format!("writing {rel}"))?;
+                let offset = *pos + pad;
+                out.write_all(&bytes).with_context(|| format!("writing {rel}"))?;
+                *pos = offset + bytes.len() as u64;
+                bar.inc(bytes.len() as u64);
+                entries.push(WeightEntry { name: w.name.clone(), file: rel, offset, bytes: bytes.len() as u64 });
+                if let Ok(mut g) = gate.lock() {
+                    g.in_flight -= sizes[entries.len() - 1];
+                }
+                turn.notify_all();
+            }
+            Ok(())
+        };
+        let mut result = Ok(());
+        for (i, r) in rx.iter() {
+            ready.insert(i, r);
+            result = write_ready(&mut ready);
+            if result.is_err() {
+                break;
+            }
+        }
+        if let Ok(mut g) = gate.lock() {
+            g.stop = true;
+        }
+        turn.notify_all();
+        result?;
+        for (rel, (mut out, _)) in files {
+            out.flush().with_context(|| format!("writing {rel}"))?;
+        }
+        if entries.len() != n {
+            bail!("packing the weights stopped after {} of {n}", entries.len());
+        }
+        Ok(entries)
+    })?;
+    bar.finish_and_clear();
+    Ok((entries, PackStats { bytes: total, seconds: started.elapsed().as_secs_f64() }))
+}
+
+/// A bytes/s progress bar on stderr for packing a large model (hidden when
+/// stderr is not a terminal or the model is small).
+fn pack_progress(total: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if total < (256 << 20) || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
     }
-    for (rel, (mut out, _)) in files {
-        out.flush().with_context(|| format!("writing {rel}"))?;
+    let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "packing weights {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
     }
-    Ok(entries)
+    bar
 }
 
 /// A prepared weight's bytes in its storage dtype and layout.
@@ -393,20 +549,49 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
     if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
         // Partitioned over N devices: N rank engines in this process
         // (rank_dirs verifies the package before the tokenizer is read).
-        let cfg = panguc_runtime::multirank::rank_dirs(&a.model)?.model;
+        let dirs = panguc_runtime::multirank::rank_dirs_with(&a.model, a.verify)?;
+        log_tier(&dirs.dirs[0], a)?;
+        let cfg = dirs.model;
         let prompt = crate::commands::RunPrompt::resolve(a, &a.model, &cfg)?;
         prompt.run(a, &cfg, &mut |context| {
-            Ok(Box::new(panguc_runtime::MultiRankEngine::open(&a.model, threads, Some(context))?))
+            Ok(Box::new(panguc_runtime::MultiRankEngine::open_with(
+                &a.model,
+                threads,
+                Some(context),
+                &open_options(a),
+            )?))
         })
     } else {
         let pool = panguc_runtime::thread_pool(threads)?;
-        // open_package verifies every file (the tokenizer's too) before
-        // the tokenizer is read.
-        let pkg = std::sync::Arc::new(panguc_runtime::open_package(&a.model)?);
+        // Opening verifies the package's small files (the tokenizer's
+        // among them) before the tokenizer is read.
+        let pkg = std::sync::Arc::new(panguc_runtime::open_package_with(&a.model, &open_options(a))?);
+        log_tier(&a.model, a)?;
         let cfg = pkg.config().clone();
         let prompt = crate::commands::RunPrompt::resolve(a, &a.model, &cfg)?;
         prompt.run(a, &cfg, &mut |context| {
             Ok(Box::new(panguc_runtime::CpuEngine::with_pool(pkg.clone(), pool.clone(), Some(context))?))
         })
     }
+}
+
+/// How `panguc run` opens a package (`--verify`, `--cpu-tier`).
+fn open_options(a: &crate::commands::RunArgs) -> panguc_runtime::OpenOptions {
+    panguc_runtime::OpenOptions { verify: a.verify, tier: a.cpu_tier.clone() }
+}
+
+/// The run log's line naming the CPU kernel tier (stderr: stdout holds the
+/// tokens).
+fn log_tier(dir: &Path, a: &crate::commands::RunArgs) -> Result<()> {
+    let manifest = panguc_runtime::package::read_manifest(dir)?;
+    if let Some(cpu) = &manifest.cpu {
+        let t = panguc_runtime::loader::select_tier(cpu, a.cpu_tier.as_deref())?;
+        eprintln!(
+            "panguc: CPU kernel tier {} ({}{})",
+            t.name,
+            t.cpu,
+            if t.features.contains("+avx512bf16") { ", bf16 dot-product GEMMs" } else { ", f32 FMA GEMMs" }
+        );
+    }
+    Ok(())
 }

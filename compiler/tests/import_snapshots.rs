@@ -1,7 +1,8 @@
 //! Snapshots of the imported IR (review diffs; never accept them blindly),
 //! and the text round trip on real model graphs.
 
-use panguc::commands::{import, open_checkpoint};
+use panguc::commands::{import, import_with, open_checkpoint};
+use panguc::import::KvLayout;
 use panguc_ir::text::{parse_module, print_module};
 use std::path::PathBuf;
 
@@ -15,6 +16,17 @@ fn tiny_model_imported_ir() {
     let text = print_module(&import(&ckpt).unwrap());
     assert_eq!(print_module(&parse_module(&text).unwrap()), text);
     insta::assert_snapshot!("tiny_import", text);
+}
+
+/// The ragged-batch import: step inputs, paged caches, `kv_cache_write` and
+/// `paged_attention` in the layer; everything else as in `tiny_import`.
+#[test]
+fn tiny_model_batched_imported_ir() {
+    let ckpt = open_checkpoint(&example("tiny-pangu"), false).unwrap();
+    let module = import_with(&ckpt, KvLayout::Paged { block_size: 128 }).unwrap();
+    let text = print_module(&module);
+    assert_eq!(print_module(&parse_module(&text).unwrap()), text);
+    insta::assert_snapshot!("tiny_import_batched", text);
 }
 
 #[test]

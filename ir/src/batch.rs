@@ -18,9 +18,53 @@
 //!
 //! The KV cache of a layer is `[num_blocks, block_size, kv_heads, head_dim]`.
 //! One sequence is simply the batch of one.
+//!
+//! In the IR these are the typed inputs [`declare_step_inputs`] adds (shape
+//! symbols `tokens`, `seqs`, `max_blocks`, `num_blocks`; see
+//! [`crate::shape`]), in the order [`StepMetadata::tensors`] supplies them.
+//! `positions` feed `rope_table`, `slot_mapping` the `kv_cache_write` ops and
+//! `block_table` / `query_start_loc` / `context_lens` the `paged_attention`
+//! ops; nothing else in a step depends on which rows belong to which
+//! sequence.
 
+use crate::graph::Function;
+use crate::shape::{Dim, TensorType};
+use crate::tensor::Tensor;
+use crate::{DType, ValueId};
 use anyhow::{bail, ensure, Result};
 use std::ops::Range;
+
+/// The step-metadata parameters of a batched function (see
+/// [`declare_step_inputs`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StepInputs {
+    pub positions: ValueId,
+    pub query_start_loc: ValueId,
+    pub context_lens: ValueId,
+    pub block_table: ValueId,
+    pub slot_mapping: ValueId,
+}
+
+/// Add the step's metadata inputs to `f`, all `i32`: `positions[tokens]`,
+/// `query_start_loc[seqs+1]`, `context_lens[seqs]`,
+/// `block_table[seqs, max_blocks]`, `slot_mapping[tokens]`.
+pub fn declare_step_inputs(f: &mut Function) -> StepInputs {
+    let i32s = |shape: Vec<Dim>| TensorType::new(DType::I32, shape);
+    let (t, s) = (Dim::tokens(), Dim::seqs());
+    StepInputs {
+        positions: f.add_input("positions", i32s(vec![t.clone()])),
+        query_start_loc: f.add_input("query_start_loc", i32s(vec![s.add(&Dim::c(1))])),
+        context_lens: f.add_input("context_lens", i32s(vec![s.clone()])),
+        block_table: f.add_input("block_table", i32s(vec![s, Dim::max_blocks()])),
+        slot_mapping: f.add_input("slot_mapping", i32s(vec![t])),
+    }
+}
+
+/// Type of one layer's paged K or V cache:
+/// `[num_blocks, block_size, kv_heads, head_dim]`.
+pub fn paged_cache_type(dtype: DType, block_size: usize, kv_heads: usize, head_dim: usize) -> TensorType {
+    TensorType::new(dtype, vec![Dim::num_blocks(), Dim::c(block_size), Dim::c(kv_heads), Dim::c(head_dim)])
+}
 
 /// One sequence's share of a step: `new_tokens` tokens at positions
 /// `past .. past + new_tokens`, its cache in `blocks` (in order).
@@ -82,6 +126,19 @@ impl StepMetadata {
         Ok(m)
     }
 
+    /// The metadata as interpreter tensors, in [`declare_step_inputs`] order
+    /// (integers are held as i64 by the interpreter whatever the IR dtype).
+    pub fn tensors(&self) -> Vec<Tensor> {
+        let t = |v: &[i32], shape: Vec<usize>| Tensor::i64(shape, v.iter().map(|&x| x as i64).collect());
+        vec![
+            t(&self.positions, vec![self.tokens()]),
+            t(&self.query_start_loc, vec![self.seqs() + 1]),
+            t(&self.context_lens, vec![self.seqs()]),
+            t(&self.block_table, vec![self.seqs(), self.max_blocks]),
+            t(&self.slot_mapping, vec![self.tokens()]),
+        ]
+    }
+
     /// Number of sequences in the step.
     pub fn seqs(&self) -> usize {
         self.context_lens.len()
@@ -107,25 +164,18 @@ impl StepMetadata {
     /// each sequence's new tokens are the last ones of its context.
     pub fn validate(&self, num_blocks: usize) -> Result<()> {
         let seqs = self.seqs();
-        ensure!(self.query_start_loc.len() == seqs + 1, "query_start_loc must have seqs + 1 entries");
-        ensure!(self.block_table.len() == seqs * self.max_blocks, "block_table must be [seqs, max_blocks]");
+        check_sequences(
+            &self.query_start_loc,
+            &self.context_lens,
+            &self.block_table,
+            self.max_blocks,
+            self.block_size,
+            num_blocks,
+            self.tokens(),
+        )?;
         ensure!(self.slot_mapping.len() == self.tokens(), "slot_mapping must have one entry per token");
-        ensure!(self.query_start_loc[0] == 0, "query_start_loc must start at 0");
-        ensure!(
-            *self.query_start_loc.last().unwrap_or(&0) as usize == self.tokens(),
-            "query_start_loc must end at the number of tokens"
-        );
         for s in 0..seqs {
-            let (a, b) = (self.query_start_loc[s], self.query_start_loc[s + 1]);
-            ensure!(a < b, "sequence {s} has no new tokens");
-            let (ctx, q) = (self.context_lens[s] as usize, (b - a) as usize);
-            ensure!(ctx >= q, "sequence {s}: context length {ctx} is shorter than its {q} new tokens");
-            ensure!(ctx <= self.max_blocks * self.block_size, "sequence {s}: context {ctx} exceeds its block table");
-            for b in &self.blocks(s)[..ctx.div_ceil(self.block_size)] {
-                if *b < 0 || *b as usize >= num_blocks {
-                    bail!("sequence {s}: block {b} is outside the cache of {num_blocks} blocks");
-                }
-            }
+            let (ctx, q) = (self.context_lens[s] as usize, self.rows(s).len());
             for (i, r) in self.rows(s).enumerate() {
                 ensure!(self.positions[r] as usize == ctx - q + i, "sequence {s}: positions must follow its past");
             }
@@ -138,6 +188,46 @@ impl StepMetadata {
         }
         Ok(())
     }
+}
+
+/// Check the sequence layout the paged ops read (query offsets, context
+/// lengths, block table) for `tokens` rows over a cache of `num_blocks`
+/// blocks of `block_size`: offsets start at 0, increase strictly and end at
+/// `tokens`; each context holds at least its new tokens and fits its block
+/// table; every block a context uses is inside the cache. Shared by
+/// [`StepMetadata::validate`] and the interpreter's `paged_attention`, so
+/// the two cannot disagree on what a well-formed step is.
+pub fn check_sequences<T: Copy + Into<i64>>(
+    query_start_loc: &[T],
+    context_lens: &[T],
+    block_table: &[T],
+    max_blocks: usize,
+    block_size: usize,
+    num_blocks: usize,
+    tokens: usize,
+) -> Result<()> {
+    let seqs = context_lens.len();
+    let qsl: Vec<i64> = query_start_loc.iter().map(|&v| v.into()).collect();
+    ensure!(seqs > 0, "a step needs at least one sequence");
+    ensure!(qsl.len() == seqs + 1, "query_start_loc must have seqs + 1 = {} entries, found {}", seqs + 1, qsl.len());
+    ensure!(block_table.len() == seqs * max_blocks, "block_table must be [seqs, max_blocks]");
+    ensure!(qsl[0] == 0, "query_start_loc must start at 0");
+    ensure!(qsl[seqs] == tokens as i64, "query_start_loc ends at {} but the step has {tokens} tokens", qsl[seqs]);
+    for s in 0..seqs {
+        let (a, b) = (qsl[s], qsl[s + 1]);
+        ensure!(a < b, "sequence {s} has no new tokens");
+        let (ctx, q) = (context_lens[s].into(), b - a);
+        ensure!(ctx >= q, "sequence {s}: context length {ctx} is shorter than its {q} new tokens");
+        let ctx = ctx as usize;
+        ensure!(ctx <= max_blocks * block_size, "sequence {s}: context {ctx} exceeds its block table");
+        for &b in &block_table[s * max_blocks..s * max_blocks + ctx.div_ceil(block_size)] {
+            let b: i64 = b.into();
+            if b < 0 || b as usize >= num_blocks {
+                bail!("sequence {s}: block {b} is outside the cache of {num_blocks} blocks");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn to_i32(v: usize) -> Result<i32> {

@@ -29,6 +29,15 @@ fn expect_int(t: &TensorType, what: &str) -> R<()> {
     Ok(())
 }
 
+/// Batch metadata (offsets, lengths, block tables, slots, counts) is `i32`,
+/// the layout of [`crate::batch::StepMetadata`] and of the Ascend/vLLM kernels.
+fn expect_i32(t: &TensorType, rank: usize, what: &str) -> R<()> {
+    if t.dtype != DType::I32 || t.rank() != rank {
+        return Err(format!("{what} must be an i32 tensor of rank {rank}, found {t}"));
+    }
+    Ok(())
+}
+
 fn expect_rank(t: &TensorType, rank: usize, what: &str) -> R<()> {
     if t.rank() != rank {
         return Err(format!("{what} must have rank {rank}, found {t}"));
@@ -354,6 +363,97 @@ pub fn infer_types(op: &Op, args: &[&TensorType], module: Option<&Module>) -> R<
             expect_dim_eq(&pos.shape[0], &q.shape[0], "positions length")?;
             one(q.clone())
         }
+        Op::KvCacheWrite => {
+            expect_arity(op, args, 3)?;
+            let (cache, new, slots) = (args[0], args[1], args[2]);
+            expect_float(cache, "kv cache")?;
+            expect_rank(cache, 4, "kv cache [num_blocks, block_size, kv_heads, head_dim]")?;
+            expect_rank(new, 3, "new kv rows [tokens, kv_heads, head_dim]")?;
+            if new.dtype != cache.dtype {
+                return Err(format!("new kv rows {new} differ in dtype from the cache {cache}"));
+            }
+            expect_dim_eq(&new.shape[1], &cache.shape[2], "kv heads of the new rows vs the cache")?;
+            expect_dim_eq(&new.shape[2], &cache.shape[3], "head_dim of the new rows vs the cache")?;
+            expect_i32(slots, 1, "slot_mapping")?;
+            expect_dim_eq(&slots.shape[0], &new.shape[0], "slot_mapping length vs new rows")?;
+            one(cache.clone())
+        }
+        Op::PagedAttention { .. } => {
+            expect_arity(op, args, 6)?;
+            let (q, kc, vc, table, qsl, ctx) = (args[0], args[1], args[2], args[3], args[4], args[5]);
+            expect_float(q, "q")?;
+            expect_rank(q, 3, "q [tokens, heads, head_dim]")?;
+            expect_float(kc, "k cache")?;
+            expect_rank(kc, 4, "k cache [num_blocks, block_size, kv_heads, head_dim]")?;
+            if kc != vc {
+                return Err(format!("k and v caches differ: {kc} vs {vc}"));
+            }
+            expect_dim_eq(&q.shape[2], &kc.shape[3], "attention head dims")?;
+            match (q.shape[1].as_const(), kc.shape[2].as_const()) {
+                (Some(a), Some(b)) if b > 0 && a % b == 0 => {}
+                _ => return Err(format!("query heads {} not a multiple of KV heads {}", q.shape[1], kc.shape[2])),
+            }
+            expect_i32(table, 2, "block_table")?;
+            expect_i32(qsl, 1, "query_start_loc")?;
+            expect_i32(ctx, 1, "context_lens")?;
+            let seqs = &table.shape[0];
+            expect_dim_eq(&ctx.shape[0], seqs, "context_lens length vs block_table rows")?;
+            expect_dim_eq(&qsl.shape[0], &seqs.add(&Dim::c(1)), "query_start_loc length vs seqs+1")?;
+            one(q.clone())
+        }
+        Op::MoeInitRouting { experts } => {
+            expect_arity(op, args, 2)?;
+            let (x, ids) = (args[0], args[1]);
+            expect_float(x, "moe_init_routing rows")?;
+            expect_rank(x, 2, "moe_init_routing rows")?;
+            expect_int(ids, "expert ids")?;
+            expect_rank(ids, 2, "expert ids")?;
+            expect_dim_eq(&ids.shape[0], &x.shape[0], "expert id rows vs input rows")?;
+            if *experts == 0 {
+                return Err("moe_init_routing needs at least one expert".into());
+            }
+            let expanded = x.shape[0].mul(&ids.shape[1]).ok_or("symbolic top-k width")?;
+            Ok(vec![
+                TensorType::new(x.dtype, vec![expanded.clone(), x.shape[1].clone()]),
+                TensorType::new(DType::I32, vec![expanded]),
+                TensorType::new(DType::I32, vec![Dim::c(*experts)]),
+            ])
+        }
+        Op::GroupedMatmul => {
+            expect_arity(op, args, 3)?;
+            let (x, w, counts) = (args[0], args[1], args[2]);
+            expect_float(x, "grouped_matmul rows")?;
+            expect_rank(x, 2, "grouped_matmul rows")?;
+            expect_float(w, "grouped_matmul weights")?;
+            expect_rank(w, 3, "grouped_matmul weights [experts, N, K]")?;
+            expect_dim_eq(&w.shape[2], &x.shape[1], "grouped_matmul contraction dims differ")?;
+            expect_int(counts, "expert counts")?;
+            expect_rank(counts, 1, "expert counts")?;
+            expect_dim_eq(&counts.shape[0], &w.shape[0], "expert counts vs weight experts")?;
+            one(TensorType::new(x.dtype, vec![x.shape[0].clone(), w.shape[1].clone()]))
+        }
+        Op::MoeFinalizeRouting => {
+            if args.len() < 3 {
+                return Err(format!("`{}` takes at least 3 operands, found {}", op.mnemonic(), args.len()));
+            }
+            let (y, w, idx) = (args[0], args[1], args[2]);
+            expect_float(y, "expanded rows")?;
+            expect_rank(y, 2, "expanded rows")?;
+            expect_float(w, "routing weights")?;
+            expect_rank(w, 2, "routing weights")?;
+            expect_int(idx, "expanded_row_idx")?;
+            expect_rank(idx, 1, "expanded_row_idx")?;
+            let expanded = w.shape[0].mul(&w.shape[1]).ok_or("symbolic top-k width")?;
+            expect_dim_eq(&y.shape[0], &expanded, "expanded rows vs tokens*k")?;
+            expect_dim_eq(&idx.shape[0], &expanded, "expanded_row_idx length vs tokens*k")?;
+            let out = TensorType::new(y.dtype, vec![w.shape[0].clone(), y.shape[1].clone()]);
+            for skip in &args[3..] {
+                if **skip != out {
+                    return Err(format!("skip term {skip} differs from the combined output {out}"));
+                }
+            }
+            one(out)
+        }
         Op::MoeGatingGroupTopK { groups } => {
             expect_arity(op, args, 2)?;
             let (logits, scale) = (args[0], args[1]);
@@ -390,37 +490,31 @@ pub fn infer_types(op: &Op, args: &[&TensorType], module: Option<&Module>) -> R<
         }
         Op::QkvRope { q_heads, kv_heads } => {
             expect_arity(op, args, 7)?;
-            let (x, w, bias, cos, sin, kc, vc) = (args[0], args[1], args[2], args[3], args[4], args[5], args[6]);
-            expect_rank(x, 2, "qkv input")?;
-            expect_rank(w, 2, "qkv weight")?;
-            let y = matmul_type(x, w, true)?;
-            expect_float(bias, "qkv bias")?;
-            expect_rank(bias, 1, "qkv bias")?;
-            expect_dim_eq(&bias.shape[0], &y.shape[1], "qkv bias length differs from the projection width")?;
-            for t in [cos, sin] {
-                expect_rank(t, 2, "rope table")?;
-                expect_dim_eq(&t.shape[0], &x.shape[0], "rope table rows")?;
-            }
-            expect_dim_eq(&cos.shape[1], &sin.shape[1], "rope table widths")?;
-            let d = cos.shape[1].as_const().ok_or("symbolic rope table width")?;
-            if d % 2 != 0 {
-                return Err(format!("rope head_dim {d} must be even"));
-            }
-            expect_dim_eq(&y.shape[1], &Dim::c((q_heads + 2 * kv_heads) * d), "qkv weight rows vs heads")?;
+            let (q, kv) = qkv_heads_types(&args[..5], *q_heads, *kv_heads)?;
+            let (kc, vc) = (args[5], args[6]);
             if kc != vc {
                 return Err(format!("k and v caches differ: {kc} vs {vc}"));
             }
             expect_rank(kc, 3, "kv cache")?;
-            expect_dim_eq(&kc.shape[1], &Dim::c(*kv_heads), "kv cache heads")?;
-            expect_dim_eq(&kc.shape[2], &Dim::c(d), "kv cache head_dim")?;
-            if kc.dtype != x.dtype {
-                return Err(format!("kv cache dtype {} differs from the activations' {}", kc.dtype, x.dtype));
+            expect_dim_eq(&kc.shape[1], &kv.shape[1], "kv cache heads")?;
+            expect_dim_eq(&kc.shape[2], &kv.shape[2], "kv cache head_dim")?;
+            if kc.dtype != kv.dtype {
+                return Err(format!("kv cache dtype {} differs from the activations' {}", kc.dtype, kv.dtype));
             }
-            let t = x.shape[0].clone();
-            let q = TensorType::new(x.dtype, vec![t.clone(), Dim::c(*q_heads), Dim::c(d)]);
             let mut all = kc.clone();
-            all.shape[0] = kc.shape[0].add(&t);
+            all.shape[0] = kc.shape[0].add(&kv.shape[0]);
             Ok(vec![q, all.clone(), all])
+        }
+        Op::QkvRopeCacheWrite { q_heads, kv_heads } => {
+            expect_arity(op, args, 8)?;
+            let (q, kv) = qkv_heads_types(&args[..5], *q_heads, *kv_heads)?;
+            let (kc, vc, slots) = (args[5], args[6], args[7]);
+            let k_all = infer_types(&Op::KvCacheWrite, &[kc, &kv, slots], module)?.remove(0);
+            let v_all = infer_types(&Op::KvCacheWrite, &[vc, &kv, slots], module)?.remove(0);
+            if k_all != v_all {
+                return Err(format!("k and v caches differ: {kc} vs {vc}"));
+            }
+            Ok(vec![q, k_all, v_all])
         }
         Op::MoeRouterTopK { groups } => {
             expect_arity(op, args, 3)?;
@@ -490,4 +584,31 @@ fn reduced_shape(x: &TensorType, axis: usize, keepdim: bool) -> R<Vec<Dim>> {
         shape.remove(axis);
     }
     Ok(shape)
+}
+
+/// Types of the rotated q heads and of the new k (= v) rows of a merged
+/// QKV projection `(x, w, bias, cos, sin)` (shared by `QkvRope` and
+/// `QkvRopeCacheWrite`, which differ only in where k and v go).
+fn qkv_heads_types(args: &[&TensorType], q_heads: usize, kv_heads: usize) -> Result<(TensorType, TensorType), String> {
+    let (x, w, bias, cos, sin) = (args[0], args[1], args[2], args[3], args[4]);
+    expect_rank(x, 2, "qkv input")?;
+    expect_rank(w, 2, "qkv weight")?;
+    let y = matmul_type(x, w, true)?;
+    expect_float(bias, "qkv bias")?;
+    expect_rank(bias, 1, "qkv bias")?;
+    expect_dim_eq(&bias.shape[0], &y.shape[1], "qkv bias length differs from the projection width")?;
+    for t in [cos, sin] {
+        expect_rank(t, 2, "rope table")?;
+        expect_dim_eq(&t.shape[0], &x.shape[0], "rope table rows")?;
+    }
+    expect_dim_eq(&cos.shape[1], &sin.shape[1], "rope table widths")?;
+    let d = cos.shape[1].as_const().ok_or("symbolic rope table width")?;
+    if d % 2 != 0 {
+        return Err(format!("rope head_dim {d} must be even"));
+    }
+    expect_dim_eq(&y.shape[1], &Dim::c((q_heads + 2 * kv_heads) * d), "qkv weight rows vs heads")?;
+    let t = x.shape[0].clone();
+    let q = TensorType::new(x.dtype, vec![t.clone(), Dim::c(q_heads), Dim::c(d)]);
+    let kv = TensorType::new(x.dtype, vec![t, Dim::c(kv_heads), Dim::c(d)]);
+    Ok((q, kv))
 }

@@ -3,6 +3,8 @@
 //! Executes in f32 (weights converted on load). Integer values (token ids,
 //! positions, expert indices) are held as i64.
 
+pub mod batched;
+
 use crate::graph::{Function, Module, ParamKind};
 use crate::kernels as k;
 use crate::op::{BinaryOp, CollectiveKind, Op, ReduceOp, RopeKind, UnaryOp};
@@ -251,9 +253,21 @@ pub fn eval_pure(op: &Op, a: &[&Tensor]) -> Result<Vec<Tensor>, String> {
             one(k::binary(&g, &u, |g, u| k::silu(g) * u)?)
         }
         Op::FlashAttention { scale } => one(attention(a[0], a[1], a[2], a[3], *scale as f32)),
+        Op::KvCacheWrite => one(batched::kv_cache_write(a[0], a[1], a[2])?),
+        Op::PagedAttention { scale } => one(batched::paged_attention(a, *scale as f32)?),
+        Op::MoeInitRouting { experts } => batched::moe_init_routing(a[0], a[1], *experts),
+        Op::GroupedMatmul => one(batched::grouped_matmul(a[0], a[1], a[2])?),
+        Op::MoeFinalizeRouting => one(batched::moe_finalize_routing(a)?),
         Op::MoeGatingGroupTopK { groups } => moe_gating(a[0], a[1], *groups),
         Op::GroupedMatmulMoe => one(grouped_moe(a[0], a[1], a[2], a[3], a[4])?),
-        Op::QkvRope { q_heads, kv_heads } => qkv_rope(a, *q_heads, *kv_heads),
+        Op::QkvRope { q_heads, kv_heads } => {
+            let (q, key, v) = qkv_heads(a, *q_heads, *kv_heads)?;
+            Ok(vec![q, k::concat(&[a[5], &key], 0), k::concat(&[a[6], &v], 0)])
+        }
+        Op::QkvRopeCacheWrite { q_heads, kv_heads } => {
+            let (q, key, v) = qkv_heads(a, *q_heads, *kv_heads)?;
+            Ok(vec![q, batched::kv_cache_write(a[5], &key, a[7])?, batched::kv_cache_write(a[6], &v, a[7])?])
+        }
         Op::MoeRouterTopK { groups } => moe_gating(&k::matmul(a[0], a[1], true)?, a[2], *groups),
         Op::MoeFfn => {
             let routed = grouped_moe(a[0], a[1], a[2], a[3], a[4])?;
@@ -273,8 +287,9 @@ pub fn eval_pure(op: &Op, a: &[&Tensor]) -> Result<Vec<Tensor>, String> {
     }
 }
 
-/// Merged QKV projection + bias, RoPE on q and k, KV-cache append.
-fn qkv_rope(a: &[&Tensor], q_heads: usize, kv_heads: usize) -> Result<Vec<Tensor>, String> {
+/// Merged QKV projection + bias split into heads, RoPE on q and k: the
+/// (q, k, v) rows that `QkvRope` appends and `QkvRopeCacheWrite` stores.
+fn qkv_heads(a: &[&Tensor], q_heads: usize, kv_heads: usize) -> Result<(Tensor, Tensor, Tensor), String> {
     let y = k::binary(&k::matmul(a[0], a[1], true)?, a[2], |x, y| x + y)?;
     let (t, d) = (y.shape[0], a[3].shape[1]);
     let heads = |start: usize, h: usize| {
@@ -285,7 +300,7 @@ fn qkv_rope(a: &[&Tensor], q_heads: usize, kv_heads: usize) -> Result<Vec<Tensor
     let q = rope(&heads(0, q_heads), a[3], a[4]);
     let key = rope(&heads(q_heads * d, kv_heads), a[3], a[4]);
     let v = heads((q_heads + kv_heads) * d, kv_heads);
-    Ok(vec![q, k::concat(&[a[5], &key], 0), k::concat(&[a[6], &v], 0)])
+    Ok((q, key, v))
 }
 
 /// Evaluate a `FusedElementwise` expression with the primitive ops' own
@@ -571,6 +586,40 @@ mod fused_op_tests {
         close(&got[1], &prim(Op::Concat { axis: 0 }, &[&kc, &k]));
         close(&got[2], &prim(Op::Concat { axis: 0 }, &[&vc, &parts[2]]));
         assert_eq!(got[1].shape, vec![past + t, hkv, d]);
+    }
+
+    #[test]
+    fn qkv_rope_cache_write_matches_qkv_rope_then_slot_writes() {
+        let (t, h, hq, hkv, d) = (3, 8, 4, 2, 4);
+        let (blocks, block_size) = (3, 2);
+        let n = (hq + 2 * hkv) * d;
+        let (x, w, b) = (data(1, &[t, h]), data(2, &[n, h]), data(3, &[n]));
+        let pos = Tensor::i64(vec![t], vec![2, 0, 1]);
+        let cos = rope_table(&pos, RopeKind::Cos, 10000.0, d);
+        let sin = rope_table(&pos, RopeKind::Sin, 10000.0, d);
+        let (kc, vc) = (data(4, &[blocks, block_size, hkv, d]), data(5, &[blocks, block_size, hkv, d]));
+        // Token 0 to block 2 offset 0, token 1 to block 0 offset 1, token 2 to block 1 offset 1.
+        let slots = Tensor::i64(vec![t], vec![4, 1, 3]);
+        let op = Op::QkvRopeCacheWrite { q_heads: hq, kv_heads: hkv };
+        let got = eval_pure(&op, &[&x, &w, &b, &cos, &sin, &kc, &vc, &slots]).unwrap();
+        // QkvRope over empty caches yields exactly the new rows.
+        let empty = Tensor::zeros(vec![0, hkv, d]);
+        let rows =
+            eval_pure(&Op::QkvRope { q_heads: hq, kv_heads: hkv }, &[&x, &w, &b, &cos, &sin, &empty, &empty]).unwrap();
+        close(&got[0], &rows[0]);
+        let row = hkv * d;
+        for (cache, new, out) in [(&kc, &rows[1], &got[1]), (&vc, &rows[2], &got[2])] {
+            assert_eq!(out.shape, cache.shape);
+            let (c, nw, o) = (cache.as_f32(), new.as_f32(), out.as_f32());
+            let written = [(0usize, 4usize), (1, 1), (2, 3)];
+            for slot in 0..blocks * block_size {
+                let want = match written.iter().find(|(_, s)| *s == slot) {
+                    Some((tok, _)) => &nw[tok * row..(tok + 1) * row],
+                    None => &c[slot * row..(slot + 1) * row],
+                };
+                assert_eq!(&o[slot * row..(slot + 1) * row], want, "slot {slot}");
+            }
+        }
     }
 
     #[test]

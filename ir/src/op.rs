@@ -111,8 +111,10 @@ pub enum Op {
     Cast {
         dtype: DType,
     },
-    /// `(positions[T] i64) -> f32[T, head_dim]`: NeoX RoPE cos or sin table,
+    /// `(positions[T] int) -> f32[T, head_dim]`: NeoX RoPE cos or sin table,
     /// the `head_dim/2` angles `pos / theta^(2i/head_dim)` repeated twice.
+    /// Each row has its own position, so a ragged batch step feeds its
+    /// `positions: i32[tokens]` input straight in.
     RopeTable {
         kind: RopeKind,
         theta: f64,
@@ -129,6 +131,28 @@ pub enum Op {
     /// `(indices[...] int) -> f32[..., depth]`.
     OneHot {
         depth: usize,
+    },
+    /// `(cache[num_blocks, block_size, kv_heads, head_dim], new[tokens, kv_heads, head_dim],
+    ///   slot_mapping i32[tokens]) -> cache'`: the cache with row `t` of `new`
+    /// stored at slot `slot_mapping[t]` (block `slot / block_size`, offset
+    /// `slot % block_size`); every other slot unchanged. Functional in the
+    /// IR; a kernel writes the rows in place. A slot outside the cache or
+    /// written twice in one step is an error. One op per cache (K or V).
+    KvCacheWrite,
+    /// `(q[tokens, heads, D], k_cache[num_blocks, block_size, kv_heads, D], v_cache[same],
+    ///   block_table i32[seqs, max_blocks], query_start_loc i32[seqs+1],
+    ///   context_lens i32[seqs]) -> [tokens, heads, D]`: attention of a ragged
+    /// batch over a paged cache. Rows `query_start_loc[s]..query_start_loc[s+1]`
+    /// belong to sequence `s`, whose `context_lens[s]` cached tokens (this
+    /// step's included) live in blocks `block_table[s, 0..]`, token `p` at
+    /// block `block_table[s, p / block_size]`, offset `p % block_size`. Row
+    /// `i` of sequence `s` sits at position `context_lens[s] - q_len + i` and
+    /// sees keys `0..=position` (causal), so decode rows see the whole
+    /// context and prefill chunks attend causally to their own sequence.
+    /// Query head `h` reads KV head `h / (heads / kv_heads)`; softmax(q k^T *
+    /// scale) v with the softmax in f32.
+    PagedAttention {
+        scale: f64,
     },
     /// Call of another function of the module. Weight parameters of the
     /// callee are bound to checkpoint tensors `weight_prefix + name`.
@@ -185,6 +209,28 @@ pub enum Op {
         axis: usize,
     },
 
+    /// `(x[tokens, H], expert_ids int[tokens, k]) -> (expanded_x[tokens*k, H],
+    ///   expanded_row_idx i32[tokens*k], expert_counts i32[experts])`: the
+    /// (row, expert) pairs `p = t*k + j` stably sorted by expert id;
+    /// `expanded_x[r]` is row `t` of the pair sorted to place `r`,
+    /// `expanded_row_idx[p]` the place pair `p` was sorted to, and
+    /// `expert_counts[e]` how many pairs chose expert `e` (so the rows of
+    /// expert `e` are the contiguous block after the counts of experts < e).
+    MoeInitRouting {
+        experts: usize,
+    },
+    /// `(x[R, K], w[E, N, K], counts int[E]) -> [R, N]`: one matmul per
+    /// expert over its contiguous block of rows, `y[r] = x[r] w[e]^T` for
+    /// the rows of expert `e` (blocks in expert order, sizes `counts`, which
+    /// must sum to R). Experts with no rows are never read.
+    GroupedMatmul,
+    /// `(expanded_y[tokens*k, H], weights f32[tokens, k], expanded_row_idx int[tokens*k],
+    ///   skip_0[tokens, H], ...) -> [tokens, H]`: the weighted combine
+    /// `sum_j weights[t, j] * expanded_y[expanded_row_idx[t*k + j]]`, then
+    /// each optional skip term (shared expert output, residual) added in
+    /// operand order.
+    MoeFinalizeRouting,
+
     // ---- fused ops of the lowering fusion plan (rules in panguc-lowering) ----
     /// `(x[T, H], w[(Hq+2*Hkv)*D, H], bias[(Hq+2*Hkv)*D], cos[T, D], sin[T, D],
     ///   k_cache[P, Hkv, D], v_cache[P, Hkv, D]) -> (q[T, Hq, D], k_all[P+T, Hkv, D], v_all[P+T, Hkv, D])`:
@@ -192,6 +238,16 @@ pub enum Op {
     /// RoPE applied to q and k, and k, v appended to the caches. A kernel
     /// writes the new rows into the cache buffer in place (it reads no cache).
     QkvRope {
+        q_heads: usize,
+        kv_heads: usize,
+    },
+    /// `(x[T, H], w[(Hq+2*Hkv)*D, H], bias, cos[T, D], sin[T, D],
+    ///   k_cache[num_blocks, block_size, Hkv, D], v_cache[same], slot_mapping i32[T])
+    ///   -> (q[T, Hq, D], k_cache', v_cache')`: the paged-cache counterpart of
+    /// `QkvRope`: the same projection, split and RoPE, then the new k and v
+    /// rows stored at their slots exactly as `KvCacheWrite` stores them. A
+    /// kernel writes the rows in place (it reads no cache).
+    QkvRopeCacheWrite {
         q_heads: usize,
         kv_heads: usize,
     },
@@ -255,6 +311,8 @@ impl Op {
             Op::CausalMask => "causal_mask",
             Op::Iota { .. } => "iota",
             Op::OneHot { .. } => "one_hot",
+            Op::KvCacheWrite => "kv_cache_write",
+            Op::PagedAttention { .. } => "paged_attention",
             Op::Call { .. } => "call",
             Op::RmsNorm { .. } => "rms_norm",
             Op::AddRmsNorm { .. } => "add_rms_norm",
@@ -266,6 +324,9 @@ impl Op {
             Op::FlashAttention { .. } => "flash_attention",
             Op::MoeGatingGroupTopK { .. } => "moe_gating_group_topk",
             Op::GroupedMatmulMoe => "grouped_matmul_moe",
+            Op::MoeInitRouting { .. } => "moe_init_routing",
+            Op::GroupedMatmul => "grouped_matmul",
+            Op::MoeFinalizeRouting => "moe_finalize_routing",
             Op::Collective { kind, .. } => match kind {
                 CollectiveKind::AllReduce => "all_reduce",
                 CollectiveKind::AllGather => "all_gather",
@@ -273,6 +334,7 @@ impl Op {
                 CollectiveKind::AllToAll => "all_to_all",
             },
             Op::QkvRope { .. } => "qkv_rope",
+            Op::QkvRopeCacheWrite { .. } => "qkv_rope_cache_write",
             Op::MoeRouterTopK { .. } => "moe_router_topk",
             Op::MoeFfn => "moe_ffn",
             Op::FusedElementwise { .. } => "fused_elementwise",
@@ -293,7 +355,11 @@ impl Op {
                 | Op::FlashAttention { .. }
                 | Op::MoeGatingGroupTopK { .. }
                 | Op::GroupedMatmulMoe
+                | Op::MoeInitRouting { .. }
+                | Op::GroupedMatmul
+                | Op::MoeFinalizeRouting
                 | Op::QkvRope { .. }
+                | Op::QkvRopeCacheWrite { .. }
                 | Op::MoeRouterTopK { .. }
                 | Op::MoeFfn
                 | Op::FusedElementwise { .. }
@@ -341,12 +407,13 @@ impl Op {
             Op::Split { axis, sizes } => {
                 vec![("axis", Int(*axis as i64)), ("sizes", Ints(sizes.iter().map(|&s| s as i64).collect()))]
             }
-            Op::FlashAttention { scale } => vec![("scale", Float(*scale))],
+            Op::FlashAttention { scale } | Op::PagedAttention { scale } => vec![("scale", Float(*scale))],
+            Op::MoeInitRouting { experts } => vec![("experts", Int(*experts as i64))],
             Op::MoeGatingGroupTopK { groups } => vec![("groups", Int(*groups as i64))],
             Op::Collective { group, axis, .. } => {
                 vec![("group", Ints(group.iter().map(|&g| g as i64).collect())), ("axis", Int(*axis as i64))]
             }
-            Op::QkvRope { q_heads, kv_heads } => {
+            Op::QkvRope { q_heads, kv_heads } | Op::QkvRopeCacheWrite { q_heads, kv_heads } => {
                 vec![("q_heads", Int(*q_heads as i64)), ("kv_heads", Int(*kv_heads as i64))]
             }
             Op::MoeRouterTopK { groups } => vec![("groups", Int(*groups as i64))],
@@ -359,7 +426,10 @@ impl Op {
             | Op::Rope
             | Op::SwiGlu
             | Op::GateUpSwiGlu
-            | Op::GroupedMatmulMoe => vec![],
+            | Op::GroupedMatmulMoe
+            | Op::KvCacheWrite
+            | Op::GroupedMatmul
+            | Op::MoeFinalizeRouting => vec![],
         }
     }
 
@@ -423,6 +493,11 @@ impl Op {
             "swiglu" => Op::SwiGlu,
             "gate_up_swiglu" => Op::GateUpSwiGlu,
             "flash_attention" => Op::FlashAttention { scale: attrs.float("scale")? },
+            "kv_cache_write" => Op::KvCacheWrite,
+            "paged_attention" => Op::PagedAttention { scale: attrs.float("scale")? },
+            "moe_init_routing" => Op::MoeInitRouting { experts: attrs.usize("experts")? },
+            "grouped_matmul" => Op::GroupedMatmul,
+            "moe_finalize_routing" => Op::MoeFinalizeRouting,
             "moe_gating_group_topk" => Op::MoeGatingGroupTopK { groups: attrs.usize("groups")? },
             "grouped_matmul_moe" => Op::GroupedMatmulMoe,
             "all_reduce" | "all_gather" | "reduce_scatter" | "all_to_all" => Op::Collective {
@@ -436,6 +511,9 @@ impl Op {
                 axis: attrs.usize("axis")?,
             },
             "qkv_rope" => Op::QkvRope { q_heads: attrs.usize("q_heads")?, kv_heads: attrs.usize("kv_heads")? },
+            "qkv_rope_cache_write" => {
+                Op::QkvRopeCacheWrite { q_heads: attrs.usize("q_heads")?, kv_heads: attrs.usize("kv_heads")? }
+            }
             "moe_router_topk" => Op::MoeRouterTopK { groups: attrs.usize("groups")? },
             "moe_ffn" => Op::MoeFfn,
             "fused_elementwise" => Op::FusedElementwise { expr: attrs.str("expr")?.to_string() },

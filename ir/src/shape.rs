@@ -1,15 +1,20 @@
 //! Symbolic shapes.
 //!
 //! A dimension is a linear form over named symbols plus a constant, e.g.
-//! `5120`, `tokens`, or `past+tokens`. The graph IR uses two symbols:
+//! `5120`, `tokens`, or `past+tokens`. The graph IR's symbols:
 //!
-//! * `tokens`: the number of new tokens one sequence processes in this call
-//!   (the prompt length at prefill, 1 at decode);
-//! * `past`: the number of tokens already in that sequence's KV cache.
-//!
-//! The attention context length (`kv_len`) is the derived dimension
-//! `past+tokens`. Batching is done by the runtime, one sequence per call of
-//! the entry function; each sequence has its own `past`.
+//! * `tokens`: the number of new tokens of one call. In the per-sequence
+//!   contract (`panguc_ir::session`) that is one sequence's new tokens (the
+//!   prompt length at prefill, 1 at decode); in a ragged batch step
+//!   (`panguc_ir::batch`) it is the total over all sequences of the step.
+//! * `past`: the number of tokens already in that sequence's contiguous KV
+//!   cache (per-sequence contract only). The attention context length
+//!   (`kv_len`) is the derived dimension `past+tokens`.
+//! * `seqs`: sequences in a batch step; `query_start_loc` is `[seqs+1]`.
+//! * `max_blocks`: width of a batch step's block table (`[seqs, max_blocks]`).
+//! * `num_blocks`: blocks of the paged KV cache
+//!   (`[num_blocks, block_size, kv_heads, head_dim]` per layer). The block
+//!   size is a constant of the program, not a symbol.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -17,6 +22,9 @@ use std::fmt;
 
 pub const SYM_TOKENS: &str = "tokens";
 pub const SYM_PAST: &str = "past";
+pub const SYM_SEQS: &str = "seqs";
+pub const SYM_MAX_BLOCKS: &str = "max_blocks";
+pub const SYM_NUM_BLOCKS: &str = "num_blocks";
 
 /// One dimension: `konst + sum(coeff * symbol)`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -41,6 +49,18 @@ impl Dim {
 
     pub fn past() -> Dim {
         Dim::sym(SYM_PAST)
+    }
+
+    pub fn seqs() -> Dim {
+        Dim::sym(SYM_SEQS)
+    }
+
+    pub fn max_blocks() -> Dim {
+        Dim::sym(SYM_MAX_BLOCKS)
+    }
+
+    pub fn num_blocks() -> Dim {
+        Dim::sym(SYM_NUM_BLOCKS)
     }
 
     /// `past+tokens`, the attention context length.
@@ -261,6 +281,9 @@ mod tests {
             assert_eq!(Dim::parse(&d.to_string()).unwrap(), d, "{text}");
         }
         assert_eq!(Dim::kv_len().to_string(), "past+tokens");
+        assert_eq!(Dim::seqs().add(&Dim::c(1)).to_string(), "seqs+1");
+        assert_eq!(Dim::parse("max_blocks").unwrap(), Dim::max_blocks());
+        assert_eq!(Dim::parse("num_blocks").unwrap(), Dim::num_blocks());
     }
 
     #[test]

@@ -19,6 +19,10 @@ enum Step {
     SliceConcat(usize),
     ReshapeRoundTrip,
     Rope,
+    /// KV write into paged caches and paged attention over the step.
+    PagedAttention(f64),
+    /// Init routing, grouped matmul, finalize routing over the step's rows.
+    BatchedMoe(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -33,6 +37,8 @@ fn step() -> impl Strategy<Value = Step> {
         (1usize..8).prop_map(Step::SliceConcat),
         Just(Step::ReshapeRoundTrip),
         Just(Step::Rope),
+        (0.01f64..1.0).prop_map(Step::PagedAttention),
+        (1usize..3).prop_map(|k| Step::BatchedMoe(2 * k)),
     ]
 }
 
@@ -42,6 +48,9 @@ fn build(steps: &[Step]) -> Module {
     let mut f = Function::new("body");
     let mut x = f.add_input("x", ty);
     let pos = f.add_input("positions", TensorType::new(DType::I64, vec![t.clone()]));
+    let step_in = panguc_ir::batch::declare_step_inputs(&mut f);
+    let cache_ty = panguc_ir::batch::paged_cache_type(DType::F32, 4, 1, 4);
+    let (k_cache, v_cache) = (f.add_input("k_cache", cache_ty.clone()), f.add_input("v_cache", cache_ty));
     for (n, s) in steps.iter().enumerate() {
         let name = format!("v{n}");
         x = match s {
@@ -91,6 +100,34 @@ fn build(steps: &[Step]) -> Module {
                     )
                     .unwrap();
                 f.op(Op::Binary(BinaryOp::Mul), &[x, cos], &name).unwrap()
+            }
+            Step::PagedAttention(scale) => {
+                let n = |s: &str| format!("{name}_{s}");
+                let heads = vec![t.clone(), Dim::c(2), Dim::c(4)];
+                let q = f.op(Op::Reshape { shape: heads }, &[x], &n("q")).unwrap();
+                let kv = f.op(Op::Slice { axis: 1, start: 0, end: 1 }, &[q], &n("kv")).unwrap();
+                let kc = f.op(Op::KvCacheWrite, &[k_cache, kv, step_in.slot_mapping], &n("k")).unwrap();
+                let vc = f.op(Op::KvCacheWrite, &[v_cache, kv, step_in.slot_mapping], &n("v")).unwrap();
+                let meta = [step_in.block_table, step_in.query_start_loc, step_in.context_lens];
+                let o =
+                    f.op(Op::PagedAttention { scale: *scale }, &[&[q, kc, vc][..], &meta].concat(), &n("o")).unwrap();
+                f.op(Op::Reshape { shape: vec![t.clone(), Dim::c(8)] }, &[o], &name).unwrap()
+            }
+            Step::BatchedMoe(k) => {
+                let n = |s: &str| format!("{name}_{s}");
+                let scale = f.add_weight(&n("scale"), &n("scale"), TensorType::new(DType::F32, vec![Dim::c(8)]));
+                let gate = f.push_node(None, Op::MoeGatingGroupTopK { groups: *k }, &[x, scale], &[&n("w"), &n("ids")]);
+                let [w, ids] = gate.unwrap()[..] else { unreachable!() };
+                let init = f.push_node(
+                    None,
+                    Op::MoeInitRouting { experts: 8 },
+                    &[x, ids],
+                    &[&n("rows"), &n("row_idx"), &n("counts")],
+                );
+                let [rows, row_idx, counts] = init.unwrap()[..] else { unreachable!() };
+                let ew = f.add_weight(&n("ew"), &n("ew"), TensorType::new(DType::BF16, vec![Dim::c(8); 3]));
+                let y = f.op(Op::GroupedMatmul, &[rows, ew, counts], &n("y")).unwrap();
+                f.op(Op::MoeFinalizeRouting, &[y, w, row_idx, x], &name).unwrap()
             }
         };
     }
@@ -144,7 +181,8 @@ fn verifier_names_function_node_and_mismatch() {
     // Use before definition.
     let mut m = build(&[Step::Softmax, Step::Softmax]);
     let f = m.functions.get_mut("body").unwrap();
-    f.nodes[0].args = vec![ValueId(3)];
+    let later: ValueId = f.nodes[1].results[0];
+    f.nodes[0].args = vec![later];
     let e = verify_module(&m).unwrap_err();
     assert!(e.contains("before it is defined"), "{e}");
 

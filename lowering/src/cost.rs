@@ -11,31 +11,70 @@
 //! Shapes are evaluated at a [`Workload`]: `tokens` new tokens per
 //! sequence, `past` cached tokens, `seqs` sequences batched into one step.
 //! Work and activation bytes are per sequence; weights that every sequence
-//! shares are read once per step.
+//! shares are read once per step. A paged workload prices a batched
+//! program (the ragged-batch ops over a paged cache) instead: the program
+//! runs once per step over all `tokens` rows of the `seqs` sequences, so
+//! nothing is multiplied by `seqs` (see [`Workload::copies`]).
 
 use crate::profile::HardwareProfile;
-use panguc_ir::shape::{bindings, Bindings, SYM_PAST};
+use panguc_ir::shape::{bindings, Bindings, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_PAST, SYM_SEQS};
 use panguc_ir::{Op, TensorType};
 
 /// Shape bindings at which a graph is priced.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Workload {
+    /// New tokens per sequence; for a paged workload, all rows of the step.
     pub tokens: usize,
+    /// Cached tokens of each sequence before the step.
     pub past: usize,
     pub seqs: usize,
+    /// `Some(block size)`: the program is a batched step over a paged cache.
+    pub paged_block: Option<usize>,
 }
 
 impl Workload {
     pub fn decode(context: usize, seqs: usize) -> Workload {
-        Workload { tokens: 1, past: context, seqs }
+        Workload { tokens: 1, past: context, seqs, paged_block: None }
     }
 
     pub fn prefill(tokens: usize) -> Workload {
-        Workload { tokens, past: 0, seqs: 1 }
+        Workload { tokens, past: 0, seqs: 1, paged_block: None }
+    }
+
+    /// One decode step of a batched program: `seqs` sequences of one new
+    /// token each (`tokens = seqs` rows), each with `context` cached tokens
+    /// in blocks of `block_size`.
+    pub fn batched_decode(context: usize, seqs: usize, block_size: usize) -> Workload {
+        Workload { tokens: seqs, past: context, seqs, paged_block: Some(block_size.max(1)) }
+    }
+
+    /// How many times the priced program runs in one step: once per
+    /// sequence for a per-sequence program, once for a batched one.
+    pub fn copies(&self) -> f64 {
+        if self.paged_block.is_some() {
+            1.0
+        } else {
+            self.seqs as f64
+        }
+    }
+
+    /// New tokens of each sequence.
+    pub fn tokens_per_seq(&self) -> usize {
+        match self.paged_block {
+            Some(_) => self.tokens / self.seqs.max(1),
+            None => self.tokens,
+        }
     }
 
     pub fn bindings(&self) -> Bindings {
-        bindings(self.tokens, self.past)
+        let mut b = bindings(self.tokens, self.past);
+        if let Some(block) = self.paged_block {
+            let max_blocks = (self.past + self.tokens_per_seq()).div_ceil(block);
+            b.insert(SYM_SEQS.to_string(), self.seqs);
+            b.insert(SYM_MAX_BLOCKS.to_string(), max_blocks);
+            b.insert(SYM_NUM_BLOCKS.to_string(), self.seqs * max_blocks);
+        }
+        b
     }
 }
 
@@ -69,7 +108,7 @@ pub struct OpWork {
 impl OpWork {
     /// Seconds this op takes as one kernel.
     pub fn seconds(&self, w: &Workload, p: &HardwareProfile) -> f64 {
-        let seqs = w.seqs as f64;
+        let seqs = w.copies();
         let compute =
             seqs * (self.matmul_flops / (p.matmul_tflops * 1e12) + self.vector_flops / (p.vector_tflops * 1e12));
         let memory = self.bytes(w) / (p.mem_bandwidth_gbs * 1e9);
@@ -78,12 +117,12 @@ impl OpWork {
 
     /// All bytes moved in one step.
     pub fn bytes(&self, w: &Workload) -> f64 {
-        self.shared_weight_bytes + w.seqs as f64 * (self.seq_weight_bytes + self.kv_bytes + self.act_bytes)
+        self.shared_weight_bytes + w.copies() * (self.seq_weight_bytes + self.kv_bytes + self.act_bytes)
     }
 
     /// Weight bytes read in one step.
     pub fn weight_bytes(&self, w: &Workload) -> f64 {
-        self.shared_weight_bytes + w.seqs as f64 * self.seq_weight_bytes
+        self.shared_weight_bytes + w.copies() * self.seq_weight_bytes
     }
 
     /// Whether one tile's working set fits the profile's on-chip buffers.
@@ -170,9 +209,13 @@ pub fn op_work(op: &Op, args: &[Operand], results: &[TensorType], w: &Workload, 
             work.vector_flops = out_numel;
             write_all(&mut work);
         }
-        Op::QkvRope { kv_heads, .. } => {
-            for a in &args[..5] {
-                read(&mut work, a, 1.0, true);
+        Op::QkvRope { kv_heads, .. } | Op::QkvRopeCacheWrite { kv_heads, .. } => {
+            // The caches are written in place, never read; the paged form
+            // also reads its slot mapping.
+            for (i, a) in args.iter().enumerate() {
+                if i < 5 || i == 7 {
+                    read(&mut work, a, 1.0, true);
+                }
             }
             let (t, n, h) = (dim(args[0].ty, 0, &b), dim(args[1].ty, 0, &b), dim(args[0].ty, 1, &b));
             let d = dim(args[3].ty, 1, &b);
@@ -185,10 +228,35 @@ pub fn op_work(op: &Op, args: &[Operand], results: &[TensorType], w: &Workload, 
             work.act_bytes += 2.0 * t * *kv_heads as f64 * d * p.activation_bytes;
             work.working_set = (16.0 * d * f32b * 6.0, 2.0 * (16.0 * 16.0 + 16.0 * d) * 2.0);
         }
+        Op::KvCacheWrite => {
+            // The new rows and their slots are read, the rows stored in
+            // place: the rest of the cache is never touched.
+            read(&mut work, &args[1], 1.0, true);
+            read(&mut work, &args[2], 1.0, true);
+            work.act_bytes += numel(args[1].ty, &b) * p.activation_bytes;
+        }
+        Op::PagedAttention { .. } => {
+            for a in [&args[0], &args[3], &args[4], &args[5]] {
+                read(&mut work, a, 1.0, true);
+            }
+            let (t, hq, d) = (dim(args[0].ty, 0, &b), dim(args[0].ty, 1, &b), dim(args[0].ty, 2, &b));
+            let kv_row = dim(args[1].ty, 2, &b) * d;
+            // Each sequence's chunk of q rows at positions past.. sees its
+            // own context causally; only those keys and values are read.
+            let (seqs, past) = (w.seqs.max(1) as f64, w.past as f64);
+            let q = t / seqs;
+            let visible = seqs * (q * past + q * (q + 1.0) / 2.0);
+            work.kv_bytes += 2.0 * seqs * (past + q) * kv_row * p.activation_bytes;
+            write_all(&mut work);
+            work.matmul_flops = 4.0 * hq * d * visible;
+            work.vector_flops = 6.0 * hq * visible;
+            let tile = 16.0 * 16.0;
+            work.working_set = ((2.0 * 16.0 * d + 2.0 * tile + 32.0) * f32b, 2.0 * 2.0 * 16.0 * d * 2.0);
+        }
         Op::GroupedMatmulMoe | Op::MoeFfn => {
             let (t, g) = (dim(args[1].ty, 0, &b), dim(args[1].ty, 1, &b));
             let (e, h, i) = (dim(args[4].ty, 0, &b), dim(args[4].ty, 1, &b), dim(args[4].ty, 2, &b));
-            let unique = expected_unique_experts(t * w.seqs as f64, g, e / g.max(1.0)).min(e);
+            let unique = expected_unique_experts(t * w.copies(), g, e / g.max(1.0)).min(e);
             for (k, a) in args.iter().enumerate() {
                 let fraction = if k == 3 || k == 4 { unique / e.max(1.0) } else { 1.0 };
                 read(&mut work, a, fraction, true);
@@ -339,5 +407,37 @@ mod tests {
         assert!(work.fits(&p));
         p.ub_kib = 64.0;
         assert!(!work.fits(&p), "5 rows of 20 KiB do not fit 64 KiB");
+    }
+
+    #[test]
+    fn paged_ops_price_only_the_context_and_the_new_rows() {
+        let p = builtin_profile("ascend910b1").unwrap();
+        let a = p.activation_bytes;
+        // 4 sequences decoding one token each, 10 cached tokens, blocks of 2.
+        let w = Workload::batched_decode(10, 4, 2);
+        let b = w.bindings();
+        assert_eq!((b["tokens"], b["seqs"], b["max_blocks"], b["num_blocks"]), (4, 4, 6, 24));
+        assert_eq!((w.copies(), w.tokens_per_seq()), (1.0, 1));
+        let q = ty(DType::F32, &[Dim::tokens(), Dim::c(8), Dim::c(16)]);
+        let cache = ty(DType::F32, &[Dim::num_blocks(), Dim::c(2), Dim::c(2), Dim::c(16)]);
+        let i32s = |dims: &[Dim]| ty(DType::I32, dims);
+        let (table, qsl, ctx) =
+            (i32s(&[Dim::seqs(), Dim::max_blocks()]), i32s(&[Dim::seqs().add(&Dim::c(1))]), i32s(&[Dim::seqs()]));
+        fn act(t: &TensorType) -> Operand<'_> {
+            Operand { ty: t, weight_only: false }
+        }
+        let args = [act(&q), act(&cache), act(&cache), act(&table), act(&qsl), act(&ctx)];
+        let work = op_work(&Op::PagedAttention { scale: 0.25 }, &args, std::slice::from_ref(&q), &w, &p);
+        // Each query row sees its sequence's 11 positions: 4 x 11 (key, query) pairs.
+        assert_eq!(work.matmul_flops, 4.0 * 8.0 * 16.0 * 44.0);
+        // K and V of 4 contexts of 11 positions x 2 heads x 16, not the 24-block cache.
+        assert_eq!(work.kv_bytes, 2.0 * 4.0 * 11.0 * 32.0 * a);
+        let new = ty(DType::F32, &[Dim::tokens(), Dim::c(2), Dim::c(16)]);
+        let slots = i32s(&[Dim::tokens()]);
+        let args = [act(&cache), act(&new), act(&slots)];
+        let work = op_work(&Op::KvCacheWrite, &args, std::slice::from_ref(&cache), &w, &p);
+        assert_eq!(work.kv_bytes, 0.0, "the cache itself is neither read nor copied");
+        // 4 new rows read and stored, plus 4 i32 slots.
+        assert_eq!(work.act_bytes, 2.0 * 4.0 * 32.0 * a + 4.0 * 4.0);
     }
 }

@@ -68,7 +68,7 @@ fn cost_rec(
             n.args.iter().map(|a| Operand { ty: f.ty(*a), weight_only: wo[a.index()] }).collect();
         let results: Vec<_> = n.results.iter().map(|r| f.ty(*r).clone()).collect();
         let work = op_work(&n.op, &operands, &results, w, p);
-        let seqs = w.seqs as f64;
+        let seqs = w.copies();
         total.add(&StepCost {
             seconds: work.seconds(w, p),
             kernels: 1,
@@ -103,7 +103,7 @@ pub fn ideal_weight_bytes(cfg: &PanguConfig, weight_bytes: f64, tokens: f64) -> 
 /// every layer, once.
 pub fn ideal_kv_bytes(cfg: &PanguConfig, w: &Workload, act_bytes: f64) -> f64 {
     let per_pos = (cfg.num_key_value_heads * cfg.head_dim()) as f64 * act_bytes;
-    2.0 * cfg.num_hidden_layers as f64 * w.seqs as f64 * (w.past + w.tokens) as f64 * per_pos
+    2.0 * cfg.num_hidden_layers as f64 * w.seqs as f64 * (w.past + w.tokens_per_seq()) as f64 * per_pos
 }
 
 /// Size of the stored weights: the dtype of the entry function's first
@@ -138,11 +138,35 @@ fn ms(s: f64) -> f64 {
     (s * 1e3 * 1e4).round() / 1e4
 }
 
+/// A batched (paged KV cache) fused module and its KV block size, priced
+/// for the decode estimates instead of scaling the per-sequence program.
+#[derive(Clone, Copy)]
+pub struct BatchedProgram<'a> {
+    pub module: &'a Module,
+    pub block_size: usize,
+}
+
 /// The `estimates` object of the report.
 pub fn estimates(
     cfg: &PanguConfig,
     fused: &Module,
     unfused: &Module,
+    profiles: &[HardwareProfile],
+    spec: &EstimateSpec,
+) -> Result<Value> {
+    estimates_with_batched(cfg, fused, unfused, None, profiles, spec)
+}
+
+/// [`estimates`], with the `decode_batch_B` entries of the fused program
+/// computed from `batched` when given: one run of the batched program over
+/// a step of B rows from B sequences (tokens = B, seqs = B), each with
+/// `context` cached tokens, rather than B runs of the per-sequence program.
+/// The keys are the same; `program` says which program was priced.
+pub fn estimates_with_batched(
+    cfg: &PanguConfig,
+    fused: &Module,
+    unfused: &Module,
+    batched: Option<BatchedProgram>,
     profiles: &[HardwareProfile],
     spec: &EstimateSpec,
 ) -> Result<Value> {
@@ -153,26 +177,33 @@ pub fn estimates(
         let mut unfused_obj = serde_json::Map::new();
         for &b in &spec.decode_batches {
             let w = Workload::decode(spec.context, b);
-            let c = function_cost(fused, &fused.entry, &w, p)?;
+            let c = match batched {
+                Some(bp) => {
+                    let wb = Workload::batched_decode(spec.context, b, bp.block_size);
+                    function_cost(bp.module, &bp.module.entry, &wb, p)?
+                }
+                None => function_cost(fused, &fused.entry, &w, p)?,
+            };
             let u = function_cost(unfused, &unfused.entry, &w, p)?;
             let ideal_w = ideal_weight_bytes(cfg, wbytes, b as f64);
             let ideal_kv = ideal_kv_bytes(cfg, &w, p.activation_bytes);
-            obj.insert(
-                format!("decode_batch_{b}"),
-                json!({
-                    "ms_per_step": ms(c.seconds),
-                    "ms_per_token": ms(c.seconds),
-                    "tokens_per_s": (b as f64 / c.seconds).round(),
-                    "kernels": c.kernels,
-                    "weight_bytes": c.weight_bytes.round(),
-                    "ideal_weight_bytes": ideal_w.round(),
-                    "weight_read_ratio": round4(c.weight_bytes / ideal_w),
-                    "kv_bytes": c.kv_bytes.round(),
-                    "ideal_kv_bytes": ideal_kv.round(),
-                    "kv_read_ratio": round4(c.kv_bytes / ideal_kv),
-                    "over_capacity_kernels": c.over_capacity,
-                }),
-            );
+            let mut entry = json!({
+                "ms_per_step": ms(c.seconds),
+                "ms_per_token": ms(c.seconds),
+                "tokens_per_s": (b as f64 / c.seconds).round(),
+                "kernels": c.kernels,
+                "weight_bytes": c.weight_bytes.round(),
+                "ideal_weight_bytes": ideal_w.round(),
+                "weight_read_ratio": round4(c.weight_bytes / ideal_w),
+                "kv_bytes": c.kv_bytes.round(),
+                "ideal_kv_bytes": ideal_kv.round(),
+                "kv_read_ratio": round4(c.kv_bytes / ideal_kv),
+                "over_capacity_kernels": c.over_capacity,
+            });
+            if batched.is_some() {
+                entry["program"] = json!("batched");
+            }
+            obj.insert(format!("decode_batch_{b}"), entry);
             unfused_obj.insert(format!("decode_batch_{b}_ms"), json!(ms(u.seconds)));
             unfused_obj.insert(format!("decode_batch_{b}_weight_read_ratio"), json!(round4(u.weight_bytes / ideal_w)));
             unfused_obj.insert(format!("decode_batch_{b}_kernels"), json!(u.kernels));
@@ -227,7 +258,8 @@ fn round4(x: f64) -> f64 {
 fn published(fused: &Module, p: &HardwareProfile, spec: &EstimateSpec) -> Result<Value> {
     let launch = p.launch_overhead_us * 1e-6;
     let decode = function_cost(fused, &fused.entry, &Workload::decode(spec.context, 1), p)?;
-    let prefill2 = function_cost(fused, &fused.entry, &Workload { tokens: 2048, past: 0, seqs: 2 }, p)?;
+    let prefill2 =
+        function_cost(fused, &fused.entry, &Workload { tokens: 2048, past: 0, seqs: 2, paged_block: None }, p)?;
     let scale = |c: &StepCost, cards: f64| {
         let overhead = c.kernels as f64 * launch;
         (c.seconds - overhead) / (2.0 * cards) + overhead

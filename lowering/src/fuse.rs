@@ -108,7 +108,8 @@ pub fn fuse_function(module: &Module, name: &str, opts: &FuseOptions) -> Result<
     let (stop_reason, limit_note) = describe_stop(&stop, name, &opts.limits, iterations);
 
     let start = Instant::now();
-    let (profile, points) = (&opts.profile, &opts.points);
+    let points = &workloads_for(module, &opts.points);
+    let profile = &opts.profile;
     let extraction = extract_dag(&eg, loaded.root, |eg, class, node| enode_cost(eg, class, node, points, profile))
         .map_err(|e| anyhow!("extracting @{name}: {e}"))?;
     let fused = rebuild_function(&eg, loaded.root, &extraction.choice, f, &loaded.value_class)
@@ -161,6 +162,29 @@ pub fn fuse_module(
         stats.push(s);
     }
     Ok((m, stats))
+}
+
+/// The design points as they apply to `module`: unchanged for a
+/// per-sequence program; for a batched one (its entry takes
+/// `slot_mapping`) the same steps priced as one run over all rows, so that
+/// extraction and the reported costs see the batched program's own shapes.
+fn workloads_for(module: &Module, points: &[Workload]) -> Vec<Workload> {
+    match paged_block_size(module) {
+        Some(block) => {
+            points.iter().map(|w| Workload { tokens: w.tokens * w.seqs, paged_block: Some(block), ..*w }).collect()
+        }
+        None => points.to_vec(),
+    }
+}
+
+/// Block size of a batched module's paged caches: dimension 1 of the
+/// entry's first rank-4 input, when the entry takes `slot_mapping`.
+pub fn paged_block_size(module: &Module) -> Option<usize> {
+    if !crate::validate::is_batched(module) {
+        return None;
+    }
+    let f = module.entry_fn();
+    f.input_params().map(|p| f.ty(p.value)).find(|t| t.rank() == 4).and_then(|t| t.shape[1].as_const())
 }
 
 /// Cost of choosing `node` for `class`: summed kernel time over the design
@@ -302,5 +326,21 @@ mod tests {
         let opts = FuseOptions { rules: Some(vec!["fuse-everything".into()]), ..FuseOptions::default() };
         let err = fuse_function(&rmsnorm_graph(), "main", &opts).unwrap_err().to_string();
         assert!(err.contains("unknown rule `fuse-everything`") && err.contains("rmsnorm"), "{err}");
+    }
+
+    #[test]
+    fn a_batched_module_is_priced_as_one_run_over_all_rows() {
+        let points = FuseOptions::default().points;
+        let m = rmsnorm_graph();
+        assert_eq!(workloads_for(&m, &points), points, "a per-sequence program keeps the design points");
+        let mut g = G::new();
+        let x = g.input("x", &[tok(), c(4)]);
+        g.input("k_cache", &[panguc_ir::Dim::num_blocks(), c(16), c(2), c(4)]);
+        g.input_i32("slot_mapping", &[tok()]);
+        let y = g.op(Op::Unary(UnaryOp::Neg), &[x]);
+        g.output(y);
+        let batched = workloads_for(&g.module(), &[Workload::decode(100, 8), Workload::prefill(64)]);
+        assert_eq!(batched[0], Workload { tokens: 8, past: 100, seqs: 8, paged_block: Some(16) });
+        assert_eq!(batched[1], Workload { tokens: 64, past: 0, seqs: 1, paged_block: Some(16) });
     }
 }

@@ -110,6 +110,8 @@ define_language! {
         "causal_mask" = CausalMask([Id; 2]),
         "iota" = Iota(Id),
         "one_hot" = OneHot([Id; 2]),
+        "kv_cache_write" = KvCacheWrite([Id; 3]),
+        "paged_attention" = PagedAttention([Id; 7]),
         "call" = Call(Box<[Id]>),
         "rms_norm" = RmsNorm([Id; 3]),
         "add_rms_norm" = AddRmsNorm([Id; 4]),
@@ -128,6 +130,11 @@ define_language! {
         "qkv_rope" = QkvRope([Id; 8]),
         "moe_router_topk" = MoeRouterTopK([Id; 4]),
         "moe_ffn" = MoeFfn([Id; 8]),
+        "qkv_rope_cache_write" = QkvRopeCacheWrite([Id; 9]),
+        "moe_init_routing" = MoeInitRouting([Id; 3]),
+        "grouped_matmul" = GroupedMatmul([Id; 3]),
+        // Expanded rows, weights, row index, then any number of skip terms.
+        "moe_finalize_routing" = MoeFinalizeRouting(Box<[Id]>),
         "fused_elementwise" = FusedElementwise(Box<[Id]>),
         // ---- structure, not IR ops ----
         // `(proj i ?tuple)`: result `i` of a multi-result op.
@@ -192,11 +199,20 @@ mod tests {
             Op::Binary(panguc_ir::op::BinaryOp::Mul),
             Op::QkvRope { q_heads: 4, kv_heads: 2 },
             Op::MoeFfn,
+            Op::KvCacheWrite,
+            Op::PagedAttention { scale: 0.25 },
+            Op::QkvRopeCacheWrite { q_heads: 4, kv_heads: 2 },
+            Op::MoeInitRouting { experts: 8 },
+            Op::GroupedMatmul,
+            Op::MoeFinalizeRouting,
         ];
         for op in ops {
             let arity = match &op {
                 Op::Reduce { .. } => 1,
-                Op::Binary(_) => 2,
+                Op::Binary(_) | Op::MoeInitRouting { .. } => 2,
+                Op::KvCacheWrite | Op::GroupedMatmul => 3,
+                Op::MoeFinalizeRouting => 5,
+                Op::PagedAttention { .. } => 6,
                 Op::QkvRope { .. } => 7,
                 _ => 8,
             };

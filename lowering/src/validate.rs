@@ -209,6 +209,9 @@ pub fn random_weights(m: &Module, seed: u64, max_params: u64) -> Result<HashMap<
 /// of `panguc_ir::session` (inputs ids, positions, caches; outputs logits,
 /// caches): a prefill of `prefill` random tokens from empty caches, then
 /// one decode step with `past = prefill`, each module fed its own caches.
+/// A batched module (its entry takes `slot_mapping`, see
+/// `panguc_ir::session::BatchInterpSession`) is validated on ragged steps
+/// instead ([`validate_batched`]).
 pub fn validate_session(
     reference: &Module,
     candidate: &Module,
@@ -217,6 +220,9 @@ pub fn validate_session(
     prefill: usize,
     seed: u64,
 ) -> Result<ValidationReport> {
+    if is_batched(reference) {
+        return validate_batched(reference, candidate, weights, weights_kind, prefill, seed);
+    }
     let f = reference.entry_fn();
     let inputs: Vec<_> = f.input_params().collect();
     ensure!(inputs.len() >= 2, "the entry function does not take (ids, positions, caches...)");
@@ -250,6 +256,94 @@ pub fn validate_session(
         weights: weights_kind.into(),
         prefill_tokens: prefill,
         decode_past: prefill,
+        checks,
+        max_relative_error,
+    })
+}
+
+/// The entry function follows the batched (paged KV cache) contract.
+pub fn is_batched(m: &Module) -> bool {
+    let f = m.entry_fn();
+    f.input_params().any(|p| f.name_of(p.value) == "slot_mapping")
+}
+
+/// Validate a batched module: two ragged steps over paged caches, each
+/// module fed its own caches. Step 1 is a prefill of two sequences of
+/// different lengths (`prefill` and `prefill - 1` tokens, or 1) in one
+/// batch; step 2 is one decode row of each, in the other order. The blocks
+/// are handed out interleaved and out of order, so a fusion that confused
+/// slots, sequences or rows would show. Compares logits and every cache.
+pub fn validate_batched(
+    reference: &Module,
+    candidate: &Module,
+    weights: &dyn WeightSource,
+    weights_kind: &str,
+    prefill: usize,
+    seed: u64,
+) -> Result<ValidationReport> {
+    use panguc_ir::batch::{SeqChunk, StepMetadata};
+    const STEP_INPUTS: usize = 5;
+    let f = reference.entry_fn();
+    let inputs: Vec<_> = f.input_params().collect();
+    ensure!(inputs.len() > 1 + STEP_INPUTS, "the batched entry function does not take (ids, step metadata, caches...)");
+    let cache_ty = f.ty(inputs[1 + STEP_INPUTS].value);
+    let block_size = cache_ty
+        .shape
+        .get(1)
+        .and_then(|d| d.as_const())
+        .ok_or_else(|| anyhow!("the first paged cache input has no constant block size: {cache_ty}"))?;
+    let vocab = vocab_of(reference).ok_or_else(|| anyhow!("cannot find the embedding table of the entry function"))?;
+    let prompts = [prefill.max(1), prefill.saturating_sub(1).max(1)];
+    let per_seq: Vec<usize> = prompts.iter().map(|p| (p + 1).div_ceil(block_size)).collect();
+    let num_blocks = per_seq.iter().sum::<usize>() + 1;
+    // Dealt round-robin from the highest block down, so neither sequence's
+    // blocks are contiguous or in cache order.
+    let mut blocks: Vec<Vec<u32>> = vec![vec![]; per_seq.len()];
+    let mut next = (0..num_blocks as u32).rev();
+    while blocks.iter().zip(&per_seq).any(|(b, n)| b.len() < *n) {
+        for (b, n) in blocks.iter_mut().zip(&per_seq) {
+            if b.len() < *n {
+                b.push(next.next().expect("num_blocks covers every sequence"));
+            }
+        }
+    }
+    let mut b = bindings(0, 0);
+    b.insert(panguc_ir::shape::SYM_NUM_BLOCKS.to_string(), num_blocks);
+    let empty: Vec<Tensor> = inputs[1 + STEP_INPUTS..]
+        .iter()
+        .map(|p| {
+            let shape = f.ty(p.value).concrete_shape(&b).map_err(|e| anyhow!("input %{}: {e}", f.name_of(p.value)))?;
+            Ok(Tensor::zeros(shape))
+        })
+        .collect::<Result<_>>()?;
+    let mut rng = Rng::new(seed);
+    let mut run = |chunks: &[SeqChunk], caches: (Vec<Tensor>, Vec<Tensor>), phase: &str| {
+        let meta = StepMetadata::build(block_size, chunks)?;
+        meta.validate(num_blocks)?;
+        let t = meta.tokens();
+        let ids = Tensor::i64(vec![t], (0..t).map(|_| rng.below(vocab as u64) as i64).collect());
+        let mut a = vec![ids];
+        a.extend(meta.tensors());
+        let mut b_in = a.clone();
+        a.extend(caches.0);
+        b_in.extend(caches.1);
+        let want = Interpreter::new(reference, weights).run_entry(&a).context("running the unfused module")?;
+        let got = Interpreter::new(candidate, weights).run_entry(&b_in).context("running the fused module")?;
+        let checks = compare_outputs(reference, &want, &got, phase)?;
+        Ok::<_, anyhow::Error>((want[1..].to_vec(), got[1..].to_vec(), checks))
+    };
+    let step1: Vec<SeqChunk> =
+        (0..2).map(|s| SeqChunk { past: 0, new_tokens: prompts[s], blocks: &blocks[s] }).collect();
+    let (rc, cc, mut checks) = run(&step1, (empty.clone(), empty), "ragged prefill")?;
+    let step2: Vec<SeqChunk> =
+        (0..2).rev().map(|s| SeqChunk { past: prompts[s], new_tokens: 1, blocks: &blocks[s] }).collect();
+    let (_, _, decode_checks) = run(&step2, (rc, cc), "ragged decode")?;
+    checks.extend(decode_checks);
+    let max_relative_error = checks.iter().map(|c| c.relative_error).fold(0.0, f64::max);
+    Ok(ValidationReport {
+        weights: weights_kind.into(),
+        prefill_tokens: prompts[0],
+        decode_past: prompts[0],
         checks,
         max_relative_error,
     })

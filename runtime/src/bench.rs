@@ -1,6 +1,6 @@
 //! Machine measurements for the benchmark: the memory roofline (streaming
-//! read bandwidth), the fp32 FMA peak, and the process's peak resident
-//! memory. Each is measured in the same run as the model timings it is
+//! read bandwidth), the fp32 FMA and BF16 dot-product peaks, the disk's
+//! sequential write bandwidth, and the process's peak resident memory. Each is measured in the same run as the model timings it is
 //! compared with.
 
 use std::time::Instant;
@@ -89,6 +89,75 @@ unsafe fn fma_avx2(iters: u64) -> u64 {
     iters * 10 * 8 * 2
 }
 
+/// Peak fp32 FLOP/s of `threads` threads doing independent AVX-512 BF16
+/// dot products (`vdpbf16ps` on zmm: 16 lanes x 2 products x 2 flops), or
+/// `None` when the CPU has no AVX-512 BF16.
+pub fn bf16_dot_peak_flops(threads: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")) {
+            return None;
+        }
+        let threads = threads.max(1);
+        const ITERS: u64 = 20_000_000;
+        let t0 = Instant::now();
+        let flops: u64 = std::thread::scope(|s| {
+            // SAFETY: the features were just detected.
+            let hs: Vec<_> = (0..threads).map(|_| s.spawn(|| unsafe { dpbf16_loop(ITERS) })).collect();
+            hs.into_iter().map(|h| h.join().expect("bf16 thread")).sum()
+        });
+        Some(flops as f64 / t0.elapsed().as_secs_f64())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dpbf16_loop(iters: u64) -> u64 {
+    use std::arch::x86_64::*;
+    // 10 independent accumulators cover the latency x pipes.
+    let (a, b) = (
+        _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.5), _mm512_set1_ps(0.25)),
+        _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3), _mm512_set1_ps(-1e-3)),
+    );
+    let mut acc = [_mm512_set1_ps(1.0); 10];
+    for _ in 0..iters {
+        for x in &mut acc {
+            *x = _mm512_dpbf16_ps(*x, a, b);
+        }
+    }
+    std::hint::black_box(acc);
+    iters * 10 * 16 * 2 * 2
+}
+
+/// Sequential write bandwidth of the file system holding `dir`: `bytes`
+/// written in 8 MB blocks to a temporary file and synced to the device
+/// (bytes/s). The file is removed.
+pub fn disk_write_bandwidth(dir: &std::path::Path, bytes: usize) -> std::io::Result<f64> {
+    use std::io::Write;
+    let path = dir.join(format!(".panguc-disk-bench-{}", std::process::id()));
+    let block: Vec<u8> = (0..8 << 20).map(|i: usize| (i * 131 % 251) as u8).collect();
+    let t0 = Instant::now();
+    let result = (|| {
+        let mut f = std::fs::File::create(&path)?;
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(block.len());
+            f.write_all(&block[..n])?;
+            left -= n;
+        }
+        f.sync_all()
+    })();
+    let seconds = t0.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    result?;
+    Ok(bytes as f64 / seconds)
+}
+
 /// Reset the peak-resident-set counter (Linux `clear_refs` 5), so a later
 /// [`peak_rss_bytes`] covers only what runs after this. False if the
 /// kernel does not allow it.
@@ -118,5 +187,7 @@ mod tests {
         assert!(stream_read_bandwidth(1 << 20, 2, 1) > 0.0);
         assert!(peak_rss_bytes().unwrap_or(1) > 0);
         assert_eq!(sum_words(&[1, 2, 3, 4, 5]), 15);
+        let dir = tempfile::tempdir().unwrap();
+        assert!(disk_write_bandwidth(dir.path(), 1 << 20).unwrap() > 0.0);
     }
 }

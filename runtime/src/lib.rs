@@ -15,12 +15,13 @@ pub mod loader;
 pub mod multirank;
 pub mod package;
 pub mod pool;
+pub mod stamp;
 pub mod tokenizer;
 
 pub use batch::generate_batch;
 pub use engine::{thread_pool, CpuEngine, EngineOptions};
 pub use generate::{generate, generate_streaming, Engine, Generation, Sampler, Sampling};
-pub use loader::{open_package, Package};
+pub use loader::{open_package, open_package_with, OpenOptions, Package};
 pub use multirank::{MultiRankEngine, RankEngine};
 pub use package::{is_package, Manifest, PACKAGE_FORMAT_VERSION};
 pub use pool::WorkerPool;

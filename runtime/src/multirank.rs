@@ -13,8 +13,8 @@
 use crate::collective::{Collective, InProcess};
 use crate::engine::{thread_pool, CpuEngine};
 use crate::generate::Engine;
-use crate::loader::open_package;
-use crate::package::{read_manifest, verify_files, RanksSection};
+use crate::loader::{open_package_with, OpenOptions};
+use crate::package::{read_manifest, RanksSection, Verify};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use panguc_ir::multirank::{run_ranks, Communicator};
 use panguc_ir::Tensor;
@@ -48,6 +48,11 @@ pub struct RankDirs {
 /// Open a partitioned package: verify the top-level manifest (which covers
 /// every rank's files) and resolve the rank directories it lists.
 pub fn rank_dirs(dir: &Path) -> Result<RankDirs> {
+    rank_dirs_with(dir, Verify::Stamp)
+}
+
+/// [`rank_dirs`] with an explicit verification mode.
+pub fn rank_dirs_with(dir: &Path, mode: Verify) -> Result<RankDirs> {
     let manifest = read_manifest(dir)?;
     let Some(section) = manifest.ranks.clone() else {
         bail!("package {} is not partitioned (no `ranks` section in its manifest)", dir.display());
@@ -59,7 +64,7 @@ pub fn rank_dirs(dir: &Path) -> Result<RankDirs> {
         section.dirs.len(),
         section.devices
     );
-    verify_files(dir, &manifest)?;
+    crate::stamp::verify_files_with(dir, &manifest, mode)?;
     // Both multi-rank engines run each rank's CPU package (the AscendC
     // simulation takes its kernel program and prepared weights from there).
     ensure!(
@@ -83,12 +88,24 @@ impl MultiRankEngine {
     /// Open a partitioned package ([`rank_dirs`]), then load each rank's
     /// package with `threads / devices` (at least 1) kernel threads of its own.
     pub fn open(dir: &Path, threads: usize, max_context: Option<usize>) -> Result<MultiRankEngine> {
-        let RankDirs { section, model, dirs } = rank_dirs(dir)?;
+        Self::open_with(dir, threads, max_context, &OpenOptions::default())
+    }
+
+    /// [`MultiRankEngine::open`] with explicit package options (every
+    /// rank's package is opened with them).
+    pub fn open_with(
+        dir: &Path,
+        threads: usize,
+        max_context: Option<usize>,
+        opts: &OpenOptions,
+    ) -> Result<MultiRankEngine> {
+        let RankDirs { section, model, dirs } = rank_dirs_with(dir, opts.verify)?;
         let comm = InProcess::new();
         let per_rank = (threads / section.devices).max(1);
         let mut ranks = Vec::with_capacity(section.devices);
         for (r, rank_dir) in dirs.iter().enumerate() {
-            let pkg = open_package(rank_dir).with_context(|| format!("opening rank {r} ({})", section.dirs[r]))?;
+            let pkg =
+                open_package_with(rank_dir, opts).with_context(|| format!("opening rank {r} ({})", section.dirs[r]))?;
             ensure!(pkg.config() == &model, "rank {r} was compiled for a different model config");
             let mut e = CpuEngine::with_pool(Arc::new(pkg), thread_pool(per_rank)?, max_context)?;
             e.set_collective(r, Arc::new(comm.clone()) as Arc<dyn Collective>);

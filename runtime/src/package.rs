@@ -6,7 +6,9 @@
 //!                            table, and the sha256 + size of every file
 //! OUT/kernel_program.json    the scheduled kernel program (panguc_ir::kernel)
 //! OUT/cpu/libpanguc_kernels.so   one exported entry point per kernel
-//! OUT/cpu/kernels.s, kernels.ll  the same code as assembly / optimised IR
+//!                            (baseline tier; other tiers:
+//!                            libpanguc_kernels.<tier>.so)
+//! OUT/cpu/kernels[.<tier>].s, .ll  the same code as assembly / optimised IR
 //! OUT/weights/<group>.bin    prepared weights in kernel layout, 64-byte
 //!                            aligned, memory-mapped at load (omitted for
 //!                            config-only compiles)
@@ -14,12 +16,15 @@
 //! OUT/tokenizer.model, tokenizer.json, tokenizer_config.json,
 //!   special_tokens_map.json  the checkpoint's tokenizer files it has
 //! OUT/report.json            compile report (timings: not hashed)
+//! OUT/verified.json          verification stamp (local state: not hashed,
+//!                            see `stamp`)
 //! ```
 //!
 //! [`open_package`] refuses a package whose format version is newer than
 //! this runtime, and any file that is missing, truncated or modified (size
 //! and sha256 checked against the manifest) before anything runs.
 
+pub use crate::stamp::{Verify, STAMP_FILE};
 use anyhow::{bail, Context, Result};
 use panguc_ir::kernel::KernelProgram;
 use panguc_ir::{DType, PanguConfig};
@@ -30,10 +35,22 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// Version of the on-disk layout described above.
-pub const PACKAGE_FORMAT_VERSION: u32 = 1;
+/// 2: the CPU section lists one kernel library per instruction-set tier.
+pub const PACKAGE_FORMAT_VERSION: u32 = 2;
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const PROGRAM_FILE: &str = "kernel_program.json";
+/// The baseline tier's kernel library; other tiers insert their name
+/// (`cpu/libpanguc_kernels.avx512-bf16.so`): see [`cpu_library`].
 pub const CPU_LIBRARY: &str = "cpu/libpanguc_kernels.so";
+
+/// Path of tier `tier`'s kernel library (`baseline`: the first tier).
+pub fn cpu_library(tier: &str, baseline: bool) -> String {
+    if baseline {
+        CPU_LIBRARY.to_string()
+    } else {
+        format!("cpu/libpanguc_kernels.{tier}.so")
+    }
+}
 /// The compile report holds wall-clock timings, so it is a diagnostic
 /// outside the hashed contents (packages must be reproducible).
 pub const REPORT_FILE: &str = "report.json";
@@ -79,13 +96,22 @@ pub struct RanksSection {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CpuSection {
-    pub library: String,
     pub program: String,
     pub triple: String,
-    pub cpu: String,
-    /// LLVM features the code was generated for.
-    pub features: String,
     pub abi: i32,
+    /// The kernel library once per instruction-set tier, baseline first and
+    /// best last; the loader takes the best one the running CPU supports.
+    pub tiers: Vec<CpuTier>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuTier {
+    /// `x86-64-v3`, `avx512-bf16`, or `host` off x86-64.
+    pub name: String,
+    pub library: String,
+    /// LLVM CPU name and features the code was generated for.
+    pub cpu: String,
+    pub features: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,7 +186,7 @@ pub fn hash_tree(dir: &Path) -> Result<BTreeMap<String, FileEntry>> {
                 .map(|c| c.as_os_str().to_string_lossy().into_owned())
                 .collect();
             let rel = rel.join("/");
-            if rel == MANIFEST_FILE || rel == REPORT_FILE {
+            if rel == MANIFEST_FILE || rel == REPORT_FILE || rel == STAMP_FILE {
                 continue;
             }
             let bytes = std::fs::metadata(&path)?.len();
@@ -202,32 +228,10 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
 }
 
 /// Check every file the manifest lists: present, of the recorded size, and
-/// with the recorded sha256.
+/// with the recorded sha256 (weight files the verification stamp vouches
+/// for are not re-read: see [`crate::stamp`]).
 pub fn verify_files(dir: &Path, manifest: &Manifest) -> Result<()> {
-    for (rel, entry) in &manifest.files {
-        if rel.split('/').any(|c| c == ".." || c.is_empty()) {
-            bail!("package manifest lists an invalid path `{rel}`");
-        }
-        let path = dir.join(rel);
-        let meta = std::fs::metadata(&path)
-            .with_context(|| format!("package {} is incomplete: {rel} is missing", dir.display()))?;
-        if meta.len() != entry.bytes {
-            bail!(
-                "package {} is corrupt: {rel} has {} bytes, the manifest says {} (truncated or modified)",
-                dir.display(),
-                meta.len(),
-                entry.bytes
-            );
-        }
-        let sha = sha256_file(&path)?;
-        if sha != entry.sha256 {
-            bail!(
-                "package {} is corrupt: {rel} does not match its sha256 in the manifest (the file was modified)",
-                dir.display()
-            );
-        }
-    }
-    Ok(())
+    crate::stamp::verify_files_with(dir, manifest, Verify::Stamp).map(|_| ())
 }
 
 /// A verified package on disk (not yet loaded for execution).
@@ -238,14 +242,20 @@ pub struct PackageFiles {
     pub program: Option<KernelProgram>,
 }
 
-/// Verify a package: format version, then every file's size and hash, then
+/// Verify a package: format version, then every file's size and hash
+/// (trusting the verification stamp for unchanged weight files), then
 /// parse the kernel program.
 pub fn verify_package(dir: &Path) -> Result<PackageFiles> {
+    verify_package_with(dir, Verify::Stamp)
+}
+
+/// [`verify_package`] with an explicit verification mode.
+pub fn verify_package_with(dir: &Path, mode: Verify) -> Result<PackageFiles> {
     if !dir.is_dir() {
         bail!("package directory {} does not exist", dir.display());
     }
     let manifest = read_manifest(dir)?;
-    verify_files(dir, &manifest)?;
+    crate::stamp::verify_files_with(dir, &manifest, mode)?;
     let program = match &manifest.cpu {
         Some(cpu) => {
             let path = dir.join(&cpu.program);

@@ -10,8 +10,9 @@ use panguc_runtime::{generate, generate_batch, CpuEngine, Engine, Sampling};
 use std::path::Path;
 
 /// The bound: logits within 1e-4 relative (elementwise, relative to
-/// max(|a|, |b|, 1e-3)). The kernels follow the reference's accumulation
-/// order, so on x86-64 they are in fact bit-identical.
+/// max(|a|, |b|, 1e-3)). The fixture's packages run the baseline CPU tier,
+/// whose kernels follow the reference's accumulation order, so on x86-64
+/// they are in fact bit-identical (the bf16 tier has its own test below).
 const TOL: f32 = 1e-4;
 const FLOOR: f32 = 1e-3;
 
@@ -102,6 +103,101 @@ fn thread_counts_one_and_two_give_identical_results() {
     }
 }
 
+/// Tolerance of the AVX-512 BF16 tier's logits, relative to the row's
+/// largest |logit|. Each bf16-weight GEMM rounds its activation operand to
+/// bf16, an error of at most 2^-8 of each input element (see
+/// `codegen-cpu/tests/jit_kernels.rs` for the per-GEMM bound), i.e. about
+/// 2^-8 of the GEMM's output scale. RMSNorm renormalises between blocks
+/// and the residual stream adds block errors rather than compounding them,
+/// so to first order the logits' error is the sum over the GEMMs on the
+/// longest path: per layer Q/K/V, O, the router, gate/up and down (5), two
+/// layers, plus the LM head: 11 x 2^-8 = 0.043.
+const BF16_TOL: f32 = 11.0 / 256.0;
+
+/// max |got - want| / max |want| over the whole tensor.
+fn scale_rel_diff(got: &panguc_ir::Tensor, want: &panguc_ir::Tensor) -> f32 {
+    assert_eq!(got.shape, want.shape);
+    let scale = want.as_f32().iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = got.as_f32().iter().zip(want.as_f32()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+/// The AVX-512 BF16 tier (bf16 dot-product GEMMs) against the interpreter:
+/// logits within [`BF16_TOL`] at prefill and every decode step, and the
+/// same greedy tokens, for every graph; rows of a prefill do not depend on
+/// each other (the decode-vs-full-recompute check of the tier).
+#[test]
+fn bf16_tier_is_within_its_tolerance_and_keeps_the_interpreters_greedy_tokens() {
+    if !cpu_has_bf16_tier() {
+        eprintln!("this CPU has no AVX-512 BF16: the bf16 tier is not run here");
+        return;
+    }
+    let f = fixture();
+    let ckpt = checkpoint();
+    for g in GRAPHS {
+        let pkg = std::sync::Arc::new(open_tier(&f.packages[&g], BF16));
+        assert_eq!(pkg.tier(), BF16);
+        let m = module(&ckpt, g);
+        let engine = || {
+            let opts = panguc_runtime::EngineOptions { threads: 2, max_context: Some(256) };
+            CpuEngine::new(pkg.clone(), &opts).unwrap()
+        };
+        let (mut interp, mut e) = (session(&m, &ckpt), engine());
+        let mut worst = scale_rel_diff(&e.forward(&long_prompt()).unwrap(), &interp.forward(&long_prompt()).unwrap());
+        for t in [7i64, 100, 3, 511] {
+            worst = worst.max(scale_rel_diff(&e.forward(&[t]).unwrap(), &interp.forward(&[t]).unwrap()));
+        }
+        eprintln!("{g:?}: bf16 tier worst max|diff|/max|logit| = {worst:e} (tolerance {BF16_TOL:e})");
+        assert!(worst <= BF16_TOL, "{g:?}: {worst} > {BF16_TOL}");
+        // Teacher-forced along the interpreter's greedy tokens: the tier
+        // picks the same token at every step, except where the
+        // interpreter's top two logits are closer than the tier's
+        // tolerance (a near-tie no bf16 rounding can be held to).
+        let greedy = Sampling::default();
+        let want = generate(&mut session(&m, &ckpt), &long_prompt(), 8, &greedy, None).unwrap();
+        let (mut it, mut en, mut feed) = (session(&m, &ckpt), engine(), long_prompt());
+        let mut near_ties = 0;
+        for (step, next) in want.generated.iter().enumerate() {
+            let (a, b) = (it.forward(&feed).unwrap(), en.forward(&feed).unwrap());
+            let v = a.shape[1];
+            let (ra, rb) = (&a.as_f32()[a.as_f32().len() - v..], &b.as_f32()[b.as_f32().len() - v..]);
+            let argmax = |r: &[f32]| (0..v).max_by(|x, y| r[*x].total_cmp(&r[*y])).unwrap();
+            let top = argmax(ra);
+            assert_eq!(top as i64, *next);
+            let second = ra.iter().enumerate().filter(|(i, _)| *i != top).fold(f32::MIN, |m, (_, x)| m.max(*x));
+            let scale = ra.iter().fold(0f32, |m, x| m.max(x.abs()));
+            if ra[top] - second > BF16_TOL * scale {
+                assert_eq!(argmax(rb), top, "{g:?}: step {step}: the bf16 tier picks another token");
+            } else {
+                near_ties += 1;
+            }
+            feed = vec![*next];
+        }
+        assert!(near_ties < want.generated.len(), "{g:?}: every step a near-tie: nothing was checked");
+        let got = generate(&mut engine(), &[1, 2, 3, 4], 8, &greedy, None).unwrap();
+        let want = generate(&mut session(&m, &ckpt), &[1, 2, 3, 4], 8, &greedy, None).unwrap();
+        assert_eq!(got.generated, want.generated, "{g:?}: bf16 tier greedy tokens differ from the interpreter's");
+    }
+}
+
+/// Both tiers are in every package; the loader takes the best one this CPU
+/// runs unless a tier is forced, and a tier the package lacks is a clear
+/// error.
+#[test]
+fn package_carries_both_tiers_and_the_loader_picks_by_cpu() {
+    let f = fixture();
+    let dir = &f.packages[&Graph::Imported];
+    let m = panguc_runtime::package::read_manifest(dir).unwrap();
+    let tiers: Vec<&str> = m.cpu.as_ref().unwrap().tiers.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(tiers, [BASELINE, BF16]);
+    assert_eq!(f.package(Graph::Imported).tier(), BASELINE, "forced baseline");
+    let best = panguc_runtime::open_package(dir).unwrap();
+    assert_eq!(best.tier(), if cpu_has_bf16_tier() { BF16 } else { BASELINE });
+    let opts = panguc_runtime::OpenOptions { tier: Some("avx10".into()), ..Default::default() };
+    let e = format!("{:#}", panguc_runtime::open_package_with(dir, &opts).unwrap_err());
+    assert!(e.contains("no CPU tier `avx10`") && e.contains(BASELINE), "{e}");
+}
+
 fn open_err(dir: &Path) -> String {
     format!("{:#}", panguc_runtime::open_package(dir).expect_err("the package must be refused"))
 }
@@ -170,12 +266,16 @@ struct Cli {
 
 #[derive(clap::Subcommand)]
 enum Cmd {
+    Inspect(panguc::commands::InspectArgs),
+    Verify(panguc::commands::VerifyArgs),
     Run(panguc::commands::RunArgs),
     Compile(panguc::commands::CompileArgs),
 }
 
 fn cli(args: &[&str]) -> anyhow::Result<()> {
     match Cli::try_parse_from(std::iter::once("panguc").chain(args.iter().copied()))?.cmd {
+        Cmd::Inspect(a) => panguc::commands::inspect(a),
+        Cmd::Verify(a) => panguc::commands::verify(a),
         Cmd::Run(a) => panguc::commands::run(a),
         Cmd::Compile(a) => panguc::commands::compile(a),
     }
@@ -213,9 +313,52 @@ fn panguc_compile_then_run_prints_the_interpreter_tokens() {
         format!("{:#}", cli(&v).expect_err("must fail"))
     };
     assert!(run(&["--threads", "0"]).contains("--threads must be at least 1"));
+    assert!(run(&["--verify", "some"]).contains("unknown --verify `some`"));
+    assert!(run(&["--cpu-tier", "avx10"]).contains("no CPU tier `avx10`"));
+    // The baseline tier, forced, gives the interpreter's tokens too.
+    let mut forced = b.clone();
+    forced.extend(["--cpu-tier", BASELINE]);
+    cli(&forced).unwrap();
+    assert_eq!(i["generated"], read(&compiled_json)["generated"], "baseline tier tokens");
+    cli(&["inspect", out_s]).unwrap();
+    cli(&["inspect", out_s, "--json"]).unwrap();
+    verification_stamp_is_trusted_until_a_weight_changes(&out, &b);
+
     assert!(run(&["--threads", "many"]).contains("--threads"));
     assert!(run(&["--engine", "gpu"]).contains("unknown --engine `gpu`"));
     assert!(run(&["--engine", "interp"]).contains("compiled package"));
     let e = format!("{:#}", cli(&["run", tiny, "--tokens", "1", "--engine", "warp"]).unwrap_err());
     assert!(e.contains("unknown --engine `warp`"), "{e}");
+}
+
+/// `panguc verify` records a stamp that later opens trust for the weight
+/// files; a weight changed afterwards is hashed again and refused, and
+/// `--verify full` hashes everything whatever the stamp says.
+fn verification_stamp_is_trusted_until_a_weight_changes(pkg: &Path, run_args: &[&str]) {
+    use panguc_runtime::stamp::{verify_files_with, Verify};
+    // Files written within the racy margin of a check are never stamped.
+    std::thread::sleep(panguc_runtime::stamp::RACY_MARGIN * 2);
+    cli(&["verify", pkg.to_str().unwrap()]).unwrap();
+    let manifest = panguc_runtime::package::read_manifest(pkg).unwrap();
+    let weight_files = manifest.files.keys().filter(|k| k.ends_with(".bin")).count();
+    assert!(weight_files > 0);
+    let r = verify_files_with(pkg, &manifest, Verify::Stamp).unwrap();
+    assert_eq!(r.trusted_files, weight_files, "every weight file is trusted from the stamp");
+    assert_eq!(r.hashed_files, manifest.files.len() - weight_files, "the kernel library and the rest are hashed");
+    let full = verify_files_with(pkg, &manifest, Verify::Full).unwrap();
+    assert_eq!(full.hashed_files, manifest.files.len());
+
+    let weights = pkg.join("weights/layers.001.bin");
+    let original = std::fs::read(&weights).unwrap();
+    let mut flipped = original.clone();
+    flipped[original.len() / 3] ^= 0x10;
+    std::fs::write(&weights, &flipped).unwrap();
+    for verify in ["stamp", "full"] {
+        let mut args = run_args.to_vec();
+        args.extend(["--verify", verify]);
+        let e = format!("{:#}", cli(&args).expect_err("a changed weight file must be refused"));
+        assert!(e.contains("layers.001.bin") && e.contains("sha256"), "--verify {verify}: {e}");
+    }
+    std::fs::write(&weights, &original).unwrap();
+    cli(run_args).expect("the restored file is hashed again and accepted");
 }

@@ -28,6 +28,12 @@ const PROMPT: [i64; 4] = [1, 2, 3, 4];
 /// The single-device package's greedy tokens for PROMPT (README / issue).
 const WANT: [i64; 8] = [160, 306, 180, 43, 168, 343, 441, 121];
 
+/// The baseline CPU tier: its kernels follow the reference's accumulation
+/// order, so partitioned and single-device logits agree to `TOL`.
+fn baseline() -> panguc_runtime::OpenOptions {
+    panguc_runtime::OpenOptions { tier: Some(panguc_codegen_cpu::BASELINE_TIER.into()), ..Default::default() }
+}
+
 fn tiny_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-pangu")
 }
@@ -49,7 +55,7 @@ fn single() -> &'static Single {
         let dir = tempfile::tempdir().unwrap();
         let cpu = ["cpu".to_string()];
         panguc::package_build::write_cpu_package(dir.path(), &ckpt, &fused, &cpu, &serde_json::Value::Null).unwrap();
-        let pkg = Arc::new(panguc_runtime::open_package(dir.path()).unwrap());
+        let pkg = Arc::new(panguc_runtime::open_package_with(dir.path(), &baseline()).unwrap());
         let mut e = CpuEngine::with_pool(pkg.clone(), panguc_runtime::thread_pool(1).unwrap(), Some(64)).unwrap();
         let g = generate(&mut e, &PROMPT, WANT.len(), &Sampling::default(), None).unwrap();
         assert_eq!(g.generated, WANT, "single-device package");
@@ -95,7 +101,7 @@ fn check(plan: PlanChoice, n: usize) {
         assert!(text.contains("Collective {"), "{plan:?} N={n} rank {r}: no collective launch");
     }
 
-    let mut e = MultiRankEngine::open(dir.path(), 2, Some(64)).unwrap();
+    let mut e = MultiRankEngine::open_with(dir.path(), 2, Some(64), &baseline()).unwrap();
     assert_eq!(e.devices(), n);
     let got = teacher_forced(&mut e);
     let mut worst = 0f32;
@@ -105,7 +111,7 @@ fn check(plan: PlanChoice, n: usize) {
         worst = worst.max(d);
     }
     eprintln!("{plan:?} N={n}: worst max|diff|/max|logit| = {worst:e}");
-    let mut e = MultiRankEngine::open(dir.path(), 2, Some(64)).unwrap();
+    let mut e = MultiRankEngine::open_with(dir.path(), 2, Some(64), &baseline()).unwrap();
     let g = generate(&mut e, &PROMPT, WANT.len(), &Sampling::default(), None).unwrap();
     assert_eq!(g.generated, WANT, "{plan:?} N={n}");
 }

@@ -12,12 +12,23 @@
 //! that fit in L2 sweep the run's panels, each panel widened once per
 //! block into the thread's scratch.
 //!
+//! On the AVX-512 BF16 tier ([`Cg::bf16_dot`]), GEMMs on bf16 weights use
+//! the BF16 dot product instead (`vdpbf16ps`: per f32 lane, the products of
+//! one pair of consecutive k are added to the accumulator). The rows of A
+//! are rounded to bf16 (nearest even) into the thread's scratch once per
+//! row block; each panel row pair `k, k+1` is interleaved in registers, so
+//! the weights keep the one panel layout of every tier. The result differs
+//! from the reference by the activation rounding (at most 2^-8 relative
+//! per element of A) and the pairwise order; each row is still computed
+//! alone (row blocks never mix rows), so a row's result does not depend on
+//! which rows share the launch.
+//!
 //! Generic `MatMul` (activation x activation, e.g. attention in unfused
 //! graphs) accumulates in the reference's order and matches it exactly.
 
 use crate::cg::{Cg, Ok_};
 use anyhow::{anyhow, bail, Result};
-use inkwell::values::{FunctionValue, IntValue, PointerValue, VectorValue};
+use inkwell::values::{BasicValue, FunctionValue, IntValue, PointerValue, VectorValue};
 use inkwell::AddressSpace;
 use panguc_ir::kernel::{ArgSpec, Epilogue, Kernel, Layout};
 use panguc_ir::{DType, Dim};
@@ -103,6 +114,8 @@ fn microkernels<'c>(
 struct Micro<'c> {
     native: Vec<FunctionValue<'c>>,
     widened: Option<Vec<FunctionValue<'c>>>,
+    /// BF16 dot-product micro-kernels (bf16 tier, bf16 weights, even K).
+    dot: Option<Vec<FunctionValue<'c>>>,
     k: usize,
     nr: u32,
     b_dtype: DType,
@@ -110,10 +123,141 @@ struct Micro<'c> {
 
 impl<'c> Micro<'c> {
     fn new(cg: &mut Cg<'c>, prefix: &str, k: usize, a_dtype: DType, b_dtype: DType, nr: u32) -> Self {
+        let use_dot = cg.bf16_dot && a_dtype == DType::F32 && b_dtype == DType::BF16 && k.is_multiple_of(2) && nr == 16;
+        if use_dot {
+            let dot = dot_microkernels(cg, prefix, k, nr);
+            return Micro { native: vec![], widened: None, dot: Some(dot), k, nr, b_dtype };
+        }
         let native = microkernels(cg, prefix, k, (a_dtype, b_dtype), nr, true);
         let widened = (b_dtype != DType::F32).then(|| microkernels(cg, prefix, k, (a_dtype, DType::F32), nr, false));
-        Micro { native, widened, k, nr, b_dtype }
+        Micro { native, widened, dot: None, k, nr, b_dtype }
     }
+}
+
+/// Call a non-overloaded x86 intrinsic.
+fn x86_intrinsic<'c>(
+    cg: &Cg<'c>,
+    name: &str,
+    args: &[inkwell::values::BasicMetadataValueEnum<'c>],
+) -> inkwell::values::BasicValueEnum<'c> {
+    let f = inkwell::intrinsics::Intrinsic::find(name)
+        .and_then(|i| i.get_declaration(&cg.module, &[]))
+        .unwrap_or_else(|| panic!("LLVM intrinsic {name}"));
+    cg.b.build_call(f, args, "").ok_().try_as_basic_value().basic().expect("intrinsic returns a value")
+}
+
+/// `dot{mr}(rows: i8**, panel: i8*, tile: f32*)` for `mr = 1..=MR`: like
+/// [`microkernels`], with `rows` pointing at bf16 rows (pairs of k read as
+/// one i32 and broadcast) and `vdpbf16ps` per pair of panel rows.
+fn dot_microkernels<'c>(cg: &mut Cg<'c>, prefix: &str, k: usize, nr: u32) -> Vec<FunctionValue<'c>> {
+    let i16t = cg.ctx.i16_type();
+    let i32v = cg.i32t().vec_type(nr);
+    let mut out = vec![];
+    for mr in 1..=MR {
+        let f = cg.begin_helper(
+            &format!("{prefix}.dot{mr}.bf16"),
+            &[
+                cg.i8p().ptr_type(AddressSpace::default()).into(),
+                cg.i8p().into(),
+                cg.f32t().ptr_type(AddressSpace::default()).into(),
+            ],
+        );
+        let p = f.get_params();
+        let rows = p[0].into_pointer_value();
+        let panel = cg.cast_ptr(p[1].into_pointer_value(), DType::BF16);
+        let tile = p[2].into_pointer_value();
+        let pairs: Vec<PointerValue> = (0..mr)
+            .map(|i| {
+                let raw = cg.b.build_load(cg.gep(rows, cg.i64c(i as i64)), "").ok_().into_pointer_value();
+                cg.b.build_pointer_cast(raw, cg.i32t().ptr_type(AddressSpace::default()), "").ok_()
+            })
+            .collect();
+        let acc: Vec<PointerValue> = (0..mr).map(|_| cg.alloca(cg.vec_f32(nr), "acc")).collect();
+        for x in &acc {
+            cg.store_v(*x, cg.zeros(nr));
+        }
+        // Lane j of the pair vector holds (k, k+1) of column j.
+        let mask: Vec<IntValue> =
+            (0..nr).flat_map(|j| [j, nr + j]).map(|x| cg.i32t().const_int(x as u64, false)).collect();
+        let mask = inkwell::types::VectorType::const_vector(&mask);
+        let row_ty = i16t.vec_type(nr).ptr_type(AddressSpace::default());
+        let ahead = (PREFETCH_BYTES / (nr as usize * 2)) as i64;
+        cg.for_range(cg.i64c(0), cg.i64c((k / 2) as i64), 1, |cg, kp| {
+            let k0 = cg.mul(kp, cg.i64c(2));
+            cg.prefetch(cg.gep(panel, cg.mul(cg.add(k0, cg.i64c(ahead)), cg.i64c(nr as i64))));
+            let load_row = |cg: &Cg<'c>, kk: IntValue<'c>| {
+                let at = cg.b.build_pointer_cast(cg.gep(panel, cg.mul(kk, cg.i64c(nr as i64))), row_ty, "").ok_();
+                let v = cg.b.build_load(at, "").ok_();
+                v.as_instruction_value().expect("load").set_alignment(2).ok_();
+                v.into_vector_value()
+            };
+            let (r0, r1) = (load_row(cg, k0), load_row(cg, cg.add(k0, cg.i64c(1))));
+            let both = cg.b.build_shuffle_vector(r0, r1, mask, "pairs").ok_();
+            let b = cg.b.build_bit_cast(both, i32v, "").ok_();
+            for (a, acc) in pairs.iter().zip(&acc) {
+                let x = cg.b.build_load(cg.gep(*a, kp), "").ok_();
+                x.as_instruction_value().expect("load").set_alignment(2).ok_();
+                let undef = i32v.get_undef();
+                let one = cg.b.build_insert_element(undef, x.into_int_value(), cg.i32t().const_zero(), "").ok_();
+                let splat = cg.b.build_shuffle_vector(one, undef, i32v.const_zero(), "").ok_();
+                let s = x86_intrinsic(
+                    cg,
+                    "llvm.x86.avx512bf16.dpbf16ps.512",
+                    &[cg.load_v(*acc).into(), splat.into(), b.into()],
+                );
+                cg.store_v(*acc, s);
+            }
+            Ok(())
+        })
+        .expect("no fallible steps");
+        for (i, x) in acc.iter().enumerate() {
+            cg.store_vec(tile, cg.i64c((i * nr as usize) as i64), DType::F32, cg.load_v(*x).into_vector_value());
+        }
+        cg.b.build_return(None).ok_();
+        out.push(f);
+    }
+    out
+}
+
+/// Round rows `m0..m1` of A (f32, `k` wide) to bf16 (nearest even) into
+/// `dst`, row `r` at `dst[(r - m0) * k]`: 32 elements at a time with
+/// `vcvtne2ps2bf16`, the tail one by one.
+fn rows_to_bf16<'c>(
+    cg: &mut Cg<'c>,
+    a_row: RowPtr<'_, 'c>,
+    (m0, m1): (IntValue<'c>, IntValue<'c>),
+    k: usize,
+    dst: PointerValue<'c>,
+) -> Result<()> {
+    let kc = cg.i64c(k as i64);
+    let chunks = k / 32;
+    let out_ty = cg.ctx.i16_type().vec_type(32).ptr_type(AddressSpace::default());
+    cg.for_range(m0, m1, 1, |cg, r| {
+        let src = cg.cast_ptr(a_row(cg, r), DType::F32);
+        let d = cg.gep(dst, cg.mul(cg.sub(r, m0), kc));
+        cg.for_range(cg.i64c(0), cg.i64c(chunks as i64), 1, |cg, c| {
+            let at = cg.mul(c, cg.i64c(32));
+            let lo = cg.load_vec(src, at, DType::F32, 16);
+            let hi = cg.load_vec(src, cg.add(at, cg.i64c(16)), DType::F32, 16);
+            // The intrinsic puts its second operand in the low half.
+            let v = x86_intrinsic(cg, "llvm.x86.avx512bf16.cvtne2ps2bf16.512", &[hi.into(), lo.into()]);
+            let p = cg.b.build_pointer_cast(cg.gep(d, at), out_ty, "").ok_();
+            cg.b.build_store(p, v).ok_().set_alignment(2).ok_();
+            Ok(())
+        })?;
+        cg.for_range(cg.i64c((chunks * 32) as i64), kc, 1, |cg, kk| {
+            let x = cg.load_f(src, kk, DType::F32);
+            cg.store_f(d, kk, DType::BF16, x);
+            Ok(())
+        })
+    })
+}
+
+/// Rows of A per row block on the dot-product path: bf16 rows must fit the
+/// thread scratch the schedule reserves for packed GEMMs on narrow weights
+/// (`4 * nr * k` bytes, i.e. `2 * nr` rows), in whole register blocks.
+fn dot_rows_per_block(nr: u32) -> usize {
+    (2 * nr as usize / MR).max(1) * MR
 }
 
 /// Per-row output callback: `(cg, panel, row, tile vector)`.
@@ -152,13 +296,15 @@ fn panel_run<'c>(
     let rows = cg.b.build_pointer_cast(rows, cg.i8p().ptr_type(AddressSpace::default()), "").ok_();
     let tile = cg.alloca(cg.f32t().array_type(MR as u32 * mk.nr), "tile");
     let tile = cg.b.build_pointer_cast(tile, cg.f32t().ptr_type(AddressSpace::default()), "").ok_();
-    // Row blocks m0..m1 of one panel through the micro-kernels.
+    // Row blocks m0..m1 of one panel through the micro-kernels, row `r` of
+    // A at `a_row(r)`.
     let blocks = |cg: &mut Cg<'c>,
                   fns: &[FunctionValue<'c>],
                   p: IntValue<'c>,
                   src: PointerValue<'c>,
                   m0: IntValue<'c>,
-                  m1: IntValue<'c>|
+                  m1: IntValue<'c>,
+                  a_row: RowPtr<'_, 'c>|
      -> Result<()> {
         let src8 = cg.b.build_pointer_cast(src, cg.i8p(), "").ok_();
         cg.for_range(m0, m1, MR as i64, |cg, r0| {
@@ -182,13 +328,29 @@ fn panel_run<'c>(
             })
         })
     };
+    if let Some(dot) = &mk.dot {
+        // Each row block is rounded to bf16 once, then sweeps the panels
+        // (a decode step's few rows are one block: panels stream once).
+        let mc = dot_rows_per_block(mk.nr);
+        let scratch = cg.cast_ptr(cg.scratch.expect("kernel"), DType::BF16);
+        let kc = cg.i64c(mk.k as i64);
+        return cg.for_range(cg.i64c(0), m, mc as i64, |cg, m0| {
+            let m1 = cg.min(m, cg.add(m0, cg.i64c(mc as i64)));
+            rows_to_bf16(cg, a_row, (m0, m1), mk.k, scratch)?;
+            let converted = |cg: &Cg<'c>, r: IntValue<'c>| cg.gep(scratch, cg.mul(cg.sub(r, m0), kc));
+            cg.for_range(p_lo, p_hi, 1, |cg, p| {
+                let src = panel(cg, p);
+                blocks(cg, dot, p, src, m0, m1, &converted)
+            })
+        });
+    }
     let single = cg.le(m, cg.i64c(MR as i64));
     cg.if_else(
         single,
         |cg| {
             cg.for_range(p_lo, p_hi, 1, |cg, p| {
                 let src = panel(cg, p);
-                blocks(cg, &mk.native, p, src, cg.i64c(0), m)
+                blocks(cg, &mk.native, p, src, cg.i64c(0), m, a_row)
             })
         },
         |cg| {
@@ -198,7 +360,7 @@ fn panel_run<'c>(
                 cg.for_range(p_lo, p_hi, 1, |cg, p| {
                     let src = panel(cg, p);
                     match &mk.widened {
-                        None => blocks(cg, &mk.native, p, src, m0, m1),
+                        None => blocks(cg, &mk.native, p, src, m0, m1, a_row),
                         Some(wide) => {
                             let scratch = cg.cast_ptr(cg.scratch.expect("kernel"), DType::F32);
                             let nr = cg.i64c(mk.nr as i64);
@@ -208,7 +370,7 @@ fn panel_run<'c>(
                                 cg.store_vec(scratch, at, DType::F32, v);
                                 Ok(())
                             })?;
-                            blocks(cg, wide, p, scratch, m0, m1)
+                            blocks(cg, wide, p, scratch, m0, m1, a_row)
                         }
                     }
                 })

@@ -1,5 +1,8 @@
 //! Attention: `rope`, `qkv-rope` (RoPE and the KV-cache append fused into
-//! the QKV projection's epilogue) and `flash-attention`.
+//! the QKV projection's epilogue), its paged-cache counterpart
+//! `qkv-rope-cache-write` (RoPE and the two `kv_cache_write`s), and
+//! `flash-attention`. The batched import already emits `paged_attention`
+//! as one op, so it needs no rule of its own.
 
 use super::{check, Cx, Rule};
 use egg::Id;
@@ -21,6 +24,15 @@ pub fn rules() -> Vec<Rule> {
              ?kall = (concat ?ca ?kc (rope (reshape ?rk (proj 1 ?s)) ?cos ?sin)), \
              ?vall = (concat ?ca ?vc (reshape ?rv (proj 2 ?s)))",
             qkv_rope,
+        ),
+        Rule::multi(
+            "qkv-rope-cache-write",
+            "split(matmul_bias(x, w, b)) -> rope on q and k -> k, v stored at their paged-cache slots  ->  qkv_rope_cache_write",
+            "?s = (split ?sa (matmul_bias ?mb ?x ?w ?b)), \
+             ?q = (rope (reshape ?rq (proj 0 ?s)) ?cos ?sin), \
+             ?kall = (kv_cache_write ?kc (rope (reshape ?rk (proj 1 ?s)) ?cos ?sin) ?slots), \
+             ?vall = (kv_cache_write ?vc (reshape ?rv (proj 2 ?s)) ?slots)",
+            qkv_rope_cache_write,
         ),
         Rule::patterns(
             "flash-attention",
@@ -58,12 +70,10 @@ fn rope(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
     Some(vec![(cx.root, n)])
 }
 
-/// Fires on the merged QKV projection (after `merge-qkv` and `rope`): q and
-/// k rotated, v reshaped to heads, k and v appended to the caches along the
-/// sequence axis. The fused op's typing checks head counts and widths.
-fn qkv_rope(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+/// Guards shared by the two QKV fusions: the merged projection split into
+/// q, k, v widths whose reshapes to heads agree. Returns (q heads, kv heads).
+fn qkv_heads(cx: &Cx) -> Option<(usize, usize)> {
     check(cx.attr(cx.var("?mb"))? == Op::MatMulBias { transpose_b: true })?;
-    check(cx.attr(cx.var("?ca"))? == Op::Concat { axis: 0 })?;
     let Op::Split { axis: 1, sizes } = cx.attr(cx.var("?sa"))? else { return None };
     check(sizes.len() == 3)?;
     let heads = |cx: &Cx, r: &str| -> Option<(usize, usize)> {
@@ -75,10 +85,32 @@ fn qkv_rope(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
     let (hk, dk) = heads(cx, "?rk")?;
     let (hv, dv) = heads(cx, "?rv")?;
     check(hk == hv && d == dk && d == dv && sizes == [hq * d, hk * d, hv * d])?;
+    Some((hq, hk))
+}
+
+/// Fires on the merged QKV projection (after `merge-qkv` and `rope`): q and
+/// k rotated, v reshaped to heads, k and v appended to the caches along the
+/// sequence axis. The fused op's typing checks head counts and widths.
+fn qkv_rope(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    check(cx.attr(cx.var("?ca"))? == Op::Concat { axis: 0 })?;
+    let (hq, hk) = qkv_heads(cx)?;
     let (kc, vc) = (cx.var("?kc"), cx.var("?vc"));
     check(!cx.weight_only(kc) && !cx.weight_only(vc))?;
     let args = [cx.var("?x"), cx.var("?w"), cx.var("?b"), cx.var("?cos"), cx.var("?sin"), kc, vc];
     let t = cx.add(Op::QkvRope { q_heads: hq, kv_heads: hk }, &args)?;
+    let outs = [cx.var("?q"), cx.var("?kall"), cx.var("?vall")];
+    Some(outs.iter().enumerate().map(|(i, o)| (*o, cx.proj(t, i))).collect())
+}
+
+/// The paged layout's `qkv-rope`: the same projection and RoPE, with k and
+/// v stored at their slots by `kv_cache_write` (both through the same slot
+/// mapping, which the pattern requires) instead of appended.
+fn qkv_rope_cache_write(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    let (hq, hk) = qkv_heads(cx)?;
+    let (kc, vc) = (cx.var("?kc"), cx.var("?vc"));
+    check(!cx.weight_only(kc) && !cx.weight_only(vc))?;
+    let args = [cx.var("?x"), cx.var("?w"), cx.var("?b"), cx.var("?cos"), cx.var("?sin"), kc, vc, cx.var("?slots")];
+    let t = cx.add(Op::QkvRopeCacheWrite { q_heads: hq, kv_heads: hk }, &args)?;
     let outs = [cx.var("?q"), cx.var("?kall"), cx.var("?vall")];
     Some(outs.iter().enumerate().map(|(i, o)| (*o, cx.proj(t, i))).collect())
 }
@@ -229,5 +261,66 @@ mod tests {
         assert_eq!(r.count_op("flash_attention"), 1, "{}", r.text);
         // qkv_rope + flash_attention + the two rope tables.
         assert_eq!(r.kernels_after, 4, "{}", r.text);
+    }
+
+    /// `qkv_graph` over paged caches: k and v stored through
+    /// `kv_cache_write` at `slot_mapping` instead of appended. The caches
+    /// have a constant 5 blocks of 2 slots, so the harness's integer inputs
+    /// (`past..past+tokens`) are distinct in-range slots. With
+    /// `separate_v_slots`, v goes through its own slot-mapping input.
+    fn paged_qkv_graph(g: &mut G, separate_v_slots: bool) -> (usize, usize, usize) {
+        let (hq, hkv, d, h) = (4, 2, 8, 16);
+        let x = g.input("x", &[tok(), c(h)]);
+        let (_, _, _, cos3, sin3) = tables(g, d);
+        let kc = g.input("k_cache", &[c(5), c(2), c(hkv), c(d)]);
+        let vc = g.input("v_cache", &[c(5), c(2), c(hkv), c(d)]);
+        let slots = g.input_i32("slot_mapping", &[tok()]);
+        let proj = |g: &mut G, name: &str, heads: usize| {
+            let w = g.weight(&format!("{name}_proj.weight"), DType::BF16, &[heads * d, h]);
+            let b = g.weight(&format!("{name}_proj.bias"), DType::BF16, &[heads * d]);
+            let m = g.op(Op::MatMul { transpose_b: true }, &[x, w]);
+            let bf = g.op(Op::Cast { dtype: DType::F32 }, &[b]);
+            let y = g.op(Op::Binary(BinaryOp::Add), &[m, bf]);
+            g.op(Op::Reshape { shape: vec![tok(), c(heads), c(d)] }, &[y])
+        };
+        let q = proj(g, "q", hq);
+        let k = proj(g, "k", hkv);
+        let v = proj(g, "v", hkv);
+        let qr = rope_primitives(g, q, cos3, sin3, d);
+        let kr = rope_primitives(g, k, cos3, sin3, d);
+        let kall = g.op(Op::KvCacheWrite, &[kc, kr, slots]);
+        let v_slots = if separate_v_slots { g.input_i32("v_slot_mapping", &[tok()]) } else { slots };
+        let vall = g.op(Op::KvCacheWrite, &[vc, v, v_slots]);
+        (qr, kall, vall)
+    }
+
+    #[test]
+    fn qkv_rope_cache_write_fires_and_preserves_numbers() {
+        let mut g = G::new();
+        let (q, kall, vall) = paged_qkv_graph(&mut g, false);
+        g.output(q);
+        g.output(kall);
+        g.output(vall);
+        let rules = ["matmul-bias", "merge-qkv", "rope", "qkv-rope-cache-write"];
+        // A prefill chunk (slots 2..6) and a single decode row (slot 7).
+        let r = check_rule_at(g, &rules, &[(4, 2), (1, 7)]);
+        r.assert_fired("qkv-rope-cache-write");
+        assert_eq!((r.count_op("qkv_rope_cache_write"), r.count_op("kv_cache_write")), (1, 0), "{}", r.text);
+        // Only the rope tables remain besides the fused projection.
+        assert_eq!(r.kernels_after, 3, "{}", r.text);
+    }
+
+    #[test]
+    fn qkv_rope_cache_write_needs_one_slot_mapping_for_k_and_v() {
+        // v stored through a different slot mapping: not the fused op's
+        // semantics, so the rule must not fire.
+        let mut g = G::new();
+        let (q, kall, vall) = paged_qkv_graph(&mut g, true);
+        g.output(q);
+        g.output(kall);
+        g.output(vall);
+        let rules = ["matmul-bias", "merge-qkv", "rope", "qkv-rope-cache-write"];
+        let r = check_rule_at(g, &rules, &[(3, 2)]);
+        assert_eq!(r.fired("qkv-rope-cache-write"), 0, "{}", r.text);
     }
 }

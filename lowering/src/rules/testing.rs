@@ -39,6 +39,11 @@ impl G {
         self.f.add_input(name, TensorType::new(DType::I64, dims.to_vec())).index()
     }
 
+    /// An `i32` input (ragged-batch step metadata such as `slot_mapping`).
+    pub fn input_i32(&mut self, name: &str, dims: &[Dim]) -> usize {
+        self.f.add_input(name, TensorType::new(DType::I32, dims.to_vec())).index()
+    }
+
     pub fn weight(&mut self, name: &str, dtype: DType, shape: &[usize]) -> usize {
         let ty = TensorType::new(dtype, shape.iter().map(|&d| Dim::c(d)).collect());
         self.f.add_weight(name, name, ty).index()

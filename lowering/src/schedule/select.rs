@@ -516,6 +516,14 @@ impl<'a> Selector<'a> {
             }
             Op::Scalar { .. } | Op::Iota { .. } => unreachable!("constants are prepared weights"),
             Op::Call { .. } => bail!("calls are inlined before scheduling"),
+            Op::KvCacheWrite
+            | Op::PagedAttention { .. }
+            | Op::MoeInitRouting { .. }
+            | Op::GroupedMatmul
+            | Op::MoeFinalizeRouting
+            | Op::QkvRopeCacheWrite { .. } => {
+                bail!("`{}` (a ragged-batch op) has no kernel yet; only the interpreter runs it", n.op.mnemonic())
+            }
         }
         Ok(())
     }

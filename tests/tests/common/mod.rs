@@ -55,13 +55,17 @@ pub fn compile(ckpt: &Checkpoint, m: &Module, out: &Path) {
         .unwrap_or_else(|e| panic!("compiling {}: {e:#}", out.display()));
 }
 
-/// Every file under `dir` (relative path -> bytes).
+/// Every file under `dir` (relative path -> bytes), except the
+/// verification stamp: it is this machine's record of when the files were
+/// last checked (inodes, times), not package contents.
 pub fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
             if p.is_dir() {
                 walk(root, &p, out);
+            } else if p.file_name().is_some_and(|n| n == panguc_runtime::stamp::STAMP_FILE) {
+                continue;
             } else {
                 let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
                 out.insert(rel, std::fs::read(&p).unwrap());
@@ -109,15 +113,42 @@ pub fn fixture() -> &'static Fixture {
                 .collect();
             jobs.into_iter().map(|j| j.join().expect("compile thread")).collect()
         });
-        let loaded = packages
-            .iter()
-            .map(|(g, p)| (*g, Arc::new(panguc_runtime::open_package(p).expect("open package"))))
-            .collect();
+        let loaded = packages.iter().map(|(g, p)| (*g, Arc::new(open_tier(p, BASELINE)))).collect();
         Fixture { root: dir.path().to_path_buf(), _dir: dir, packages, loaded }
     })
 }
 
+// Not every test binary that shares this module uses both names.
+#[allow(unused_imports)]
+pub use panguc_codegen_cpu::{BASELINE_TIER as BASELINE, BF16_TIER as BF16};
+
+/// Open `dir` with its kernel library for CPU tier `tier`.
+pub fn open_tier(dir: &Path, tier: &str) -> panguc_runtime::Package {
+    let opts = panguc_runtime::OpenOptions { tier: Some(tier.into()), ..Default::default() };
+    panguc_runtime::open_package_with(dir, &opts)
+        .unwrap_or_else(|e| panic!("opening {} ({tier}): {e:#}", dir.display()))
+}
+
+/// True when this CPU runs the AVX-512 BF16 tier (tests of that tier are
+/// skipped, with a message, elsewhere).
+pub fn cpu_has_bf16_tier() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512cd")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 impl Fixture {
+    /// Graph `g`'s package with the baseline tier's kernels, which follow
+    /// the reference's accumulation order (exact comparisons hold).
     pub fn package(&self, g: Graph) -> Arc<panguc_runtime::Package> {
         self.loaded[&g].clone()
     }
