@@ -16,7 +16,7 @@ use sentencepiece_model::{ModelProto, ModelType, NormalizerSpec, SentencePiece, 
 use std::collections::BTreeMap;
 
 /// What the vocabulary is learnt from: everyday English and Chinese,
-/// including the words of the chat format (系统, 用户, 助手).
+/// including the words of the chat format (系统：, 用户：, 助手：).
 const CORPUS: &str = "\
 The tiny model reads a short text and writes the next word. It is small, so the words it writes \
 are not always right, but the tokens are real and the text they make can be read. A user asks a \
@@ -25,7 +25,7 @@ kernels for the device and the runtime runs them, one token at a time. Hello wor
 time? There are 3 cats and 12 dogs in the garden, and the weather is nice today.
 你好，世界！我是一个小模型，我会写中文和英文。用户提出问题，系统给出规则，助手回答问题。\
 今天天气很好，我们一起去公园看花。编译器把模型变成设备上的程序，运行时一次生成一个词。\
-这是一个测试，请用中文回答。谢谢你的帮助。";
+这是一个测试，请用中文回答。谢谢你的帮助。系统：请简短。用户：你好。助手：你好！";
 
 /// Control pieces `[unused0]..` right after `</s>` (Pangu's turn markers
 /// `[unused9]`/`[unused10]` and reasoning markers `[unused16]`/`[unused17]`
