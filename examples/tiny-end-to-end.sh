@@ -11,6 +11,7 @@ for engine in compiled ascend-sim; do
   echo "$engine: $($P run "$OUT" --engine $engine --tokens 1,2,3,4 --max-new-tokens 8)"
 done
 echo "interp:   $($P run examples/tiny-pangu --engine interp --tokens 1,2,3,4 --max-new-tokens 8)"
+echo "text:     $($P run "$OUT" --prompt "Hello, 你好" --max-new-tokens 8)"
 $P compile examples/tiny-pangu --target cpu --devices 8 --plan ep -o "$OUT-ep8" --force > /dev/null
 echo "ep x8:    $($P run "$OUT-ep8" --tokens 1,2,3,4 --max-new-tokens 8)"
 $P compile examples/tiny-pangu --target cpu,ascend910b --devices 4 --plan h2p -o "$OUT-h2p4" --force > /dev/null

@@ -135,8 +135,20 @@ pub struct RunArgs {
     pub tokens: Vec<crate::run_batch::TokenList>,
     /// More prompts: a JSONL file with one {"tokens": [ids...]} per line
     /// (after any --tokens).
-    #[arg(long, value_name = "FILE.jsonl")]
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with = "prompt")]
     pub prompts: Option<PathBuf>,
+    /// Prompt text, encoded with the model's tokenizer (bos first); one
+    /// answer is printed as text while it is generated, several (repeat the
+    /// flag: one batch) labelled when they are done. Stops at eos.
+    #[arg(long, value_name = "TEXT", conflicts_with = "tokens")]
+    pub prompt: Vec<String>,
+    /// Wrap each prompt as a user turn of the chat format (the model's
+    /// chat template, or Pangu's prompt format when it ships none).
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+    /// System turn of the chat format (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     #[arg(long, default_value_t = 16)]
     pub max_new_tokens: usize,
     /// Write {"tokens", "logits" (per prompt position), "generated"} here;
@@ -453,6 +465,7 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         let plan = p.report["plan"].as_str().unwrap_or("unknown");
         crate::package_build::ranks_section(p.parts.ranks.len(), plan, Some("partition.json"))
     });
+    crate::package_build::copy_tokenizer_files(&a.model_dir, staging.path())?;
     crate::package_build::finalize_manifest_with(staging.path(), ckpt.config(), &targets, ranks)?;
     // The report holds wall-clock timings, so it is written after the
     // manifest: it is a diagnostic, not part of the hashed package contents.

@@ -24,3 +24,5 @@ pub mod run_batch;
 pub mod staging;
 #[cfg(feature = "driver")]
 pub mod synth;
+#[cfg(feature = "driver")]
+pub mod synth_tokenizer;

@@ -310,6 +310,20 @@ pub fn finalize_manifest_with(
     write_manifest(staging, &manifest)
 }
 
+/// Copy the checkpoint's tokenizer files (those it has, of
+/// [`panguc_runtime::tokenizer::TOKENIZER_FILES`]) into the package root,
+/// where the manifest hashes them like every other file.
+pub fn copy_tokenizer_files(model_dir: &Path, staging: &Path) -> Result<()> {
+    for name in panguc_runtime::tokenizer::TOKENIZER_FILES {
+        let from = model_dir.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, staging.join(name))
+                .with_context(|| format!("cannot copy {} into the package", from.display()))?;
+        }
+    }
+    Ok(())
+}
+
 fn write_manifest(staging: &Path, m: &Manifest) -> Result<()> {
     let mut text = serde_json::to_string_pretty(m)?;
     text.push('\n');
@@ -548,6 +562,8 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
     } else {
         // One engine per running sequence, sharing the package and the pool.
         let pool = panguc_runtime::thread_pool(threads)?;
+        // Opening verifies the package's small files (the tokenizer's
+        // among them) before the tokenizer is read.
         let pkg = std::sync::Arc::new(panguc_runtime::open_package_with(&a.model, &open_options(a))?);
         log_tier(&a.model, a)?;
         let cfg = pkg.config().clone();

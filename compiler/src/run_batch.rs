@@ -7,7 +7,11 @@ use crate::commands::{emit, RunArgs};
 use anyhow::{bail, Context, Result};
 use panguc_ir::PanguConfig;
 use panguc_runtime::batch::EngineFactory;
-use panguc_runtime::{BatchEngine, Generation, PerSequenceEngines, Request, Sampling, Scheduler, SchedulerConfig};
+use panguc_runtime::chat::ChatMessage;
+use panguc_runtime::{
+    BatchEngine, Generation, PerSequenceEngines, Request, Sampling, Scheduler, SchedulerConfig, Tokenizer,
+};
+use std::io::Write;
 use std::path::Path;
 
 /// One `--tokens` value: comma-separated token ids.
@@ -32,15 +36,51 @@ struct PromptLine {
     tokens: Vec<i64>,
 }
 
-/// Every prompt of the run, in order: each `--tokens`, then each line of
-/// `--prompts`; each checked against the vocabulary, and with
-/// `--max-new-tokens` against the model's context length.
-pub fn prompts(a: &RunArgs, cfg: &PanguConfig) -> Result<Vec<Vec<i64>>> {
-    let vocab = cfg.vocab_size;
-    if a.tokens.is_empty() && a.prompts.is_none() {
-        bail!("give a prompt with --tokens 1,2,3 (repeatable) or --prompts FILE.jsonl");
+/// The prompts of a run as token ids, and the tokenizer when they came as
+/// text (`--prompt`), which then also decodes the answers.
+pub struct Prompts {
+    pub ids: Vec<Vec<i64>>,
+    pub text: Option<Tokenizer>,
+}
+
+impl std::ops::Deref for Prompts {
+    type Target = [Vec<i64>];
+    fn deref(&self) -> &[Vec<i64>] {
+        &self.ids
     }
-    let mut out = vec![];
+}
+
+/// Every prompt of the run, in order: each `--tokens`, then each line of
+/// `--prompts`; or each `--prompt` text, encoded with the tokenizer of the
+/// model or package (chat-formatted with `--chat`). Each is checked against
+/// the vocabulary, and with `--max-new-tokens` against the model's context
+/// length. A package's tokenizer files are verified with the package before
+/// this is called.
+pub fn prompts(a: &RunArgs, cfg: &PanguConfig) -> Result<Prompts> {
+    let vocab = cfg.vocab_size;
+    let mut out = Prompts { ids: vec![], text: None };
+    if !a.prompt.is_empty() {
+        let tokenizer = Tokenizer::open(&a.model, cfg)?;
+        for text in &a.prompt {
+            let text = if a.chat {
+                let mut turns = vec![];
+                if let Some(system) = &a.system {
+                    turns.push(ChatMessage::new("system", system));
+                }
+                turns.push(ChatMessage::new("user", text));
+                tokenizer.render_chat(&turns)?
+            } else {
+                text.clone()
+            };
+            let ids = tokenizer.encode_prompt(&text)?;
+            validate_prompt(&ids, vocab)
+                .with_context(|| format!("the tokenizer in {} does not match the model", a.model.display()))?;
+            out.ids.push(ids);
+        }
+        out.text = Some(tokenizer);
+    } else if a.tokens.is_empty() && a.prompts.is_none() {
+        bail!("give a prompt: --prompt TEXT, --tokens 1,2,3 (each repeatable) or --prompts FILE.jsonl");
+    }
     for (i, t) in a.tokens.iter().enumerate() {
         validate_prompt(&t.0, vocab).with_context(|| {
             if a.tokens.len() > 1 {
@@ -49,12 +89,12 @@ pub fn prompts(a: &RunArgs, cfg: &PanguConfig) -> Result<Vec<Vec<i64>>> {
                 "--tokens".to_string()
             }
         })?;
-        out.push(t.0.clone());
+        out.ids.push(t.0.clone());
     }
     if let Some(path) = &a.prompts {
-        out.extend(read_prompts(path, vocab)?);
+        out.ids.extend(read_prompts(path, vocab)?);
     }
-    for p in &out {
+    for p in &out.ids {
         validate_context(p.len(), a.max_new_tokens, cfg)?;
     }
     Ok(out)
@@ -162,12 +202,7 @@ pub fn scheduler_config(a: &RunArgs, cfg: &PanguConfig, requests: &[Request]) ->
 
 /// Run every prompt through one scheduler with one-sequence engines from
 /// `make` (one per running sequence), then report (see [`scheduled_run`]).
-pub fn generate_and_report(
-    make: EngineFactory<'_>,
-    a: &RunArgs,
-    cfg: &PanguConfig,
-    prompts: &[Vec<i64>],
-) -> Result<()> {
+pub fn generate_and_report(make: EngineFactory<'_>, a: &RunArgs, cfg: &PanguConfig, prompts: &Prompts) -> Result<()> {
     let mut make = Some(make);
     scheduled_run(a, cfg, prompts, &mut |_| {
         let make = make.take().context("the engines were already made")?;
@@ -176,16 +211,20 @@ pub fn generate_and_report(
 }
 
 /// Run every prompt through one scheduler driving the engine `engine`
-/// makes for the scheduler's limits, then print the generated tokens (one
-/// line per prompt), write `--logits-out` and log the scheduler's figures.
+/// makes for the scheduler's limits, then report: generated token ids (one
+/// line per prompt) or, for text prompts, the answers (one prompt streamed
+/// as it is generated, several labelled when done); `--logits-out`; the
+/// scheduler's figures in the run log.
 pub fn scheduled_run<'e>(
     a: &RunArgs,
     cfg: &PanguConfig,
-    prompts: &[Vec<i64>],
+    prompts: &Prompts,
     engine: &mut dyn FnMut(&SchedulerConfig) -> Result<Box<dyn BatchEngine + 'e>>,
 ) -> Result<()> {
     let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
-    let stop_tokens: Vec<i64> = if a.stop_at_eos { cfg.eos_token_id.into_iter().collect() } else { vec![] };
+    // Text answers end at eos; token ids run the full length unless asked.
+    let stop_at_eos = a.stop_at_eos || prompts.text.is_some();
+    let stop_tokens: Vec<i64> = if stop_at_eos { cfg.eos_token_id.into_iter().collect() } else { vec![] };
     let requests: Vec<Request> = prompts
         .iter()
         .map(|p| Request {
@@ -203,7 +242,25 @@ pub fn scheduled_run<'e>(
         ids.push(id);
     }
     let mut engine = engine(&sched_cfg)?;
-    scheduler.run(engine.as_mut())?;
+    // One text prompt streams: each step's new token is decoded and
+    // printed at once (held back while it ends inside a UTF-8 character).
+    let mut stream = match (&prompts.text, ids.as_slice()) {
+        (Some(t), [_]) => Some(t.stream()),
+        _ => None,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut streamed = 0;
+    while scheduler.has_work() {
+        scheduler.step(engine.as_mut())?;
+        if let Some(text) = &mut stream {
+            let generated = scheduler.generated(ids[0]);
+            for &t in &generated[streamed..] {
+                stdout.write_all(text.push(t)?.as_bytes())?;
+            }
+            stdout.flush()?;
+            streamed = generated.len();
+        }
+    }
     drop(engine);
     let stats = scheduler.stats().clone();
     let generations: Vec<Generation> =
@@ -211,9 +268,22 @@ pub fn scheduled_run<'e>(
     if let Some(path) = &a.logits_out {
         write_logits_json(path, prompts, &generations)?;
     }
-    let lines: Vec<String> =
-        generations.iter().map(|g| g.generated.iter().map(i64::to_string).collect::<Vec<_>>().join(",")).collect();
-    emit(&format!("{}\n", lines.join("\n")));
+    match (&prompts.text, &mut stream) {
+        (Some(_), Some(text)) => writeln!(stdout, "{}", text.finish()?)?,
+        (Some(tokenizer), None) => {
+            for (i, g) in generations.iter().enumerate() {
+                writeln!(stdout, "[{i}] {}", tokenizer.decode(&g.generated)?)?;
+            }
+        }
+        (None, _) => {
+            drop(stdout);
+            let lines: Vec<String> = generations
+                .iter()
+                .map(|g| g.generated.iter().map(i64::to_string).collect::<Vec<_>>().join(","))
+                .collect();
+            emit(&format!("{}\n", lines.join("\n")));
+        }
+    }
     let mb = (sched_cfg.num_blocks * sched_cfg.block_size * kv_bytes_per_token(cfg)) as f64 / (1 << 20) as f64;
     eprintln!(
         "run: {} sequences in {} steps; KV cache {} blocks of {} tokens ({mb:.3} MB): {} blocks allocated, peak {} in use; {} preemptions",

@@ -1,7 +1,8 @@
 //! Synthetic checkpoints: random weights in the real Hugging Face on-disk
 //! layout (config.json, `model-0000N-of-0000M.safetensors` shards and
-//! `model.safetensors.index.json`), for tests and demos that must not depend
-//! on downloading 144 GB.
+//! `model.safetensors.index.json`) plus a small real SentencePiece
+//! `tokenizer.model` ([`crate::synth_tokenizer`]), for tests and demos that
+//! must not depend on downloading 144 GB.
 //!
 //! Output is deterministic: each tensor draws from its own ChaCha8 stream
 //! (seed, tensor index), so values do not depend on sharding or dtype, and
@@ -123,7 +124,7 @@ pub struct SynthReport {
     pub shards: Vec<PathBuf>,
     /// Bytes of tensor data (the index's total_size).
     pub tensor_bytes: u64,
-    /// Bytes of all files written (config, index, shards).
+    /// Bytes of all files written (config, index, shards, tokenizer).
     pub file_bytes: u64,
 }
 
@@ -156,6 +157,9 @@ pub fn synth_with(out: &Path, opts: &SynthOptions) -> Result<SynthReport> {
         opts.preset.max_shard_bytes(),
         gen,
     )?;
+    let tokenizer = crate::synth_tokenizer::tokenizer_model(config.vocab_size)?;
+    let tokenizer_path = target.tmp_path().join(panguc_runtime::tokenizer::SENTENCEPIECE_FILE);
+    std::fs::write(&tokenizer_path, tokenizer).with_context(|| format!("cannot write {}", tokenizer_path.display()))?;
     let tensor_bytes = specs.iter().map(|s| s.numel() * opts.dtype.size_bytes() as u64).sum();
     let mut file_bytes = 0;
     for entry in std::fs::read_dir(target.tmp_path())? {

@@ -140,12 +140,45 @@ pub fn generate(
     sampling: &Sampling,
     eos: Option<i64>,
 ) -> Result<Generation> {
+    generate_streaming(engine, prompt, max_new, sampling, eos, &mut |_| Ok(()))
+}
+
+/// [`generate`], handing each token to `on_token` as soon as it is picked
+/// (before the next decode step), so callers can stream it.
+pub fn generate_streaming(
+    engine: &mut dyn Engine,
+    prompt: &[i64],
+    max_new: usize,
+    sampling: &Sampling,
+    eos: Option<i64>,
+    on_token: &mut dyn FnMut(i64) -> Result<()>,
+) -> Result<Generation> {
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one token");
     }
-    let mut engines: Vec<&mut dyn Engine> = vec![engine];
-    let mut out = crate::batch::generate_batch(&mut engines, &[prompt.to_vec()], max_new, sampling, eos)?;
-    Ok(out.remove(0))
+    use crate::batch::PerSequenceEngines;
+    use crate::scheduler::{Request, Scheduler, SchedulerConfig};
+    sampling.validate()?;
+    let request = Request {
+        prompt: prompt.to_vec(),
+        max_new_tokens: max_new,
+        sampling: sampling.clone(),
+        stop_tokens: eos.into_iter().collect(),
+    };
+    let mut scheduler = Scheduler::new(SchedulerConfig::fitting(std::slice::from_ref(&request)))?;
+    let id = scheduler.add(request)?;
+    let mut engines = PerSequenceEngines::from_engines(vec![Box::new(engine) as Box<dyn Engine + '_>]);
+    // Hand each token on as soon as the step that picked it is done.
+    let mut streamed = 0;
+    while scheduler.has_work() {
+        scheduler.step(&mut engines)?;
+        let generated = scheduler.generated(id);
+        for &t in &generated[streamed..] {
+            on_token(t)?;
+        }
+        streamed = generated.len();
+    }
+    scheduler.take(id).ok_or_else(|| anyhow::anyhow!("the sequence did not finish"))
 }
 
 #[cfg(test)]
@@ -207,5 +240,20 @@ mod tests {
         assert!(generate(&mut e, &[], 3, &Sampling::default(), None).is_err());
         let g = generate(&mut Counter(0), &[0], 5, &Sampling::default(), Some(2)).unwrap();
         assert_eq!(g.generated, vec![1, 2], "stops at eos");
+    }
+
+    #[test]
+    fn streaming_hands_over_each_token_before_the_next_step() {
+        let mut e = Counter(0);
+        let mut seen = vec![];
+        let g = generate_streaming(&mut e, &[0], 3, &Sampling::default(), None, &mut |t| {
+            seen.push(t);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, g.generated);
+        let mut stop = |_| anyhow::bail!("reader went away");
+        let err = generate_streaming(&mut Counter(0), &[0], 3, &Sampling::default(), None, &mut stop).unwrap_err();
+        assert!(err.to_string().contains("went away"));
     }
 }

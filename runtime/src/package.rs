@@ -13,6 +13,8 @@
 //!                            aligned, memory-mapped at load (omitted for
 //!                            config-only compiles)
 //! OUT/ir/                    IR dumps
+//! OUT/tokenizer.model, tokenizer.json, tokenizer_config.json,
+//!   special_tokens_map.json  the checkpoint's tokenizer files it has
 //! OUT/report.json            compile report (timings: not hashed)
 //! OUT/verified.json          verification stamp (local state: not hashed,
 //!                            see `stamp`)
