@@ -2,26 +2,11 @@
 //! finalize routing): hand-computed values, and the chain against the fused
 //! `moe_ffn` / `grouped_matmul_moe` definitions on random data.
 
+mod common;
+use common::*;
 use panguc_ir::interp::eval_pure;
 use panguc_ir::op::BinaryOp;
 use panguc_ir::{Op, Tensor};
-
-fn f(shape: &[usize], v: &[f32]) -> Tensor {
-    Tensor::f32(shape.to_vec(), v.to_vec())
-}
-fn i(shape: &[usize], v: &[i64]) -> Tensor {
-    Tensor::i64(shape.to_vec(), v.to_vec())
-}
-fn run(op: Op, args: &[&Tensor]) -> Vec<Tensor> {
-    eval_pure(&op, args).expect("op evaluates")
-}
-fn close(got: &Tensor, want_shape: &[usize], want: &[f32]) {
-    assert_eq!(got.shape, want_shape);
-    assert_eq!(got.numel(), want.len());
-    for (k, (g, w)) in got.as_f32().iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "element {k}: got {g}, want {w}");
-    }
-}
 
 /// Three rows, top-2 over 4 experts: pairs p = t*2 + j pick
 /// p0 e2, p1 e0 | p2 e0, p3 e3 | p4 e2, p5 e0.
@@ -72,19 +57,6 @@ fn finalize_routing_combines_each_rows_pairs_and_skips() {
     close(&run(Op::MoeFinalizeRouting, &[&y, &w, &idx]).remove(0), &[3, 1], &[5.25, 46., 3.6]);
     let (s1, s2) = (f(&[3, 1], &[1., 2., 3.]), f(&[3, 1], &[10., 20., 30.]));
     close(&run(Op::MoeFinalizeRouting, &[&y, &w, &idx, &s1, &s2]).remove(0), &[3, 1], &[16.25, 68., 36.6]);
-}
-
-/// Deterministic pseudo-random values in [-1, 1).
-fn data(seed: u64, shape: &[usize]) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let v = (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::f32(shape.to_vec(), v)
 }
 
 /// init routing -> grouped gate/up matmul -> SwiGLU -> grouped down matmul

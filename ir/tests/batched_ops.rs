@@ -2,18 +2,12 @@
 //! positions) against values computed by hand, and paged attention against
 //! the contiguous attention op run per sequence.
 
+mod common;
+use common::*;
 use panguc_ir::batch::{declare_step_inputs, paged_cache_type, SeqChunk, StepMetadata};
 use panguc_ir::interp::eval_pure;
 use panguc_ir::op::RopeKind;
 use panguc_ir::{DType, Dim, Function, Op, Tensor, TensorType};
-
-fn close(got: &Tensor, want_shape: &[usize], want: &[f32]) {
-    assert_eq!(got.shape, want_shape);
-    assert_eq!(got.numel(), want.len());
-    for (k, (g, w)) in got.as_f32().iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "element {k}: got {g}, want {w}");
-    }
-}
 
 fn ints(v: &[i32]) -> Tensor {
     Tensor::i64(vec![v.len()], v.iter().map(|&x| x as i64).collect())
@@ -124,19 +118,6 @@ fn paged_attention_rejects_malformed_steps() {
     assert!(run(&[0, 1], &[0, 1], &[3]).contains("ends at 1 but the step has 2 tokens"));
     assert!(run(&[0, 1], &[0, 2], &[1]).contains("context length 1 is shorter than its 2 new tokens"));
     assert!(run(&[0, 1], &[0, 2], &[5]).contains("context 5 exceeds its block table"));
-}
-
-/// Deterministic pseudo-random values in [-1, 1).
-fn data(seed: u64, shape: &[usize]) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let v = (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::f32(shape.to_vec(), v)
 }
 
 /// Rows `rows` of a `[T, ...]` tensor.

@@ -2,28 +2,11 @@
 //! The expected numbers are written out literally, with the arithmetic in
 //! comments, so a wrong kernel cannot also produce the expectation.
 
+mod common;
+use common::*;
 use panguc_ir::interp::eval_pure;
 use panguc_ir::op::{BinaryOp, ReduceOp, RopeKind, UnaryOp};
-use panguc_ir::{DType, Op, Tensor};
-
-fn f(shape: &[usize], v: &[f32]) -> Tensor {
-    Tensor::f32(shape.to_vec(), v.to_vec())
-}
-fn i(shape: &[usize], v: &[i64]) -> Tensor {
-    Tensor::i64(shape.to_vec(), v.to_vec())
-}
-fn run(op: Op, args: &[&Tensor]) -> Vec<Tensor> {
-    eval_pure(&op, args).expect("op evaluates")
-}
-fn run1(op: Op, args: &[&Tensor]) -> Tensor {
-    run(op, args).remove(0)
-}
-fn close(got: &Tensor, want_shape: &[usize], want: &[f32]) {
-    assert_eq!(got.shape, want_shape);
-    for (k, (g, w)) in got.as_f32().iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "element {k}: got {g}, want {w}");
-    }
-}
+use panguc_ir::{DType, Op};
 
 #[test]
 fn gather_rows() {
