@@ -550,7 +550,7 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
     if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
         // Partitioned over N devices: N rank engines in this process per sequence.
         let rank0 = panguc_runtime::multirank::rank_dirs(&a.model)?.dirs.remove(0);
-        log_tier(&rank0, a)?;
+        let tier = tier_line(&rank0, a)?;
         let cfg = panguc_runtime::package::read_manifest(&a.model)?.model;
         let prompts = crate::run_batch::prompts(a, &cfg)?;
         let context = Some(crate::run_batch::max_context(&prompts, a.max_new_tokens));
@@ -558,20 +558,20 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         let make: EngineFactory = Box::new(move || {
             Ok(Box::new(panguc_runtime::MultiRankEngine::open_with(&a.model, threads, context, &options)?))
         });
-        crate::run_batch::generate_and_report(make, a, &cfg, &prompts)
+        log_after(tier, crate::run_batch::generate_and_report(make, a, &cfg, &prompts))
     } else {
         // One engine per running sequence, sharing the package and the pool.
         let pool = panguc_runtime::thread_pool(threads)?;
         // Opening verifies the package's small files (the tokenizer's
         // among them) before the tokenizer is read.
         let pkg = std::sync::Arc::new(panguc_runtime::open_package_with(&a.model, &open_options(a))?);
-        log_tier(&a.model, a)?;
+        let tier = tier_line(&a.model, a)?;
         let cfg = pkg.config().clone();
         let prompts = crate::run_batch::prompts(a, &cfg)?;
         let context = Some(crate::run_batch::max_context(&prompts, a.max_new_tokens));
         let make: EngineFactory =
             Box::new(move || Ok(Box::new(panguc_runtime::CpuEngine::with_pool(pkg.clone(), pool.clone(), context)?)));
-        crate::run_batch::generate_and_report(make, a, &cfg, &prompts)
+        log_after(tier, crate::run_batch::generate_and_report(make, a, &cfg, &prompts))
     }
 }
 
@@ -581,17 +581,21 @@ fn open_options(a: &crate::commands::RunArgs) -> panguc_runtime::OpenOptions {
 }
 
 /// The run log's line naming the CPU kernel tier (stderr: stdout holds the
-/// tokens).
-fn log_tier(dir: &Path, a: &crate::commands::RunArgs) -> Result<()> {
+/// tokens). Chosen before the run, so a CPU below the package's baseline
+/// is refused at once; printed after it (see [`log_after`]).
+fn tier_line(dir: &Path, a: &crate::commands::RunArgs) -> Result<Option<String>> {
     let manifest = panguc_runtime::package::read_manifest(dir)?;
-    if let Some(cpu) = &manifest.cpu {
-        let t = panguc_runtime::loader::select_tier(cpu, a.cpu_tier.as_deref())?;
-        eprintln!(
-            "panguc: CPU kernel tier {} ({}{})",
-            t.name,
-            t.cpu,
-            if t.features.contains("+avx512bf16") { ", bf16 dot-product GEMMs" } else { ", f32 FMA GEMMs" }
-        );
+    let Some(cpu) = &manifest.cpu else { return Ok(None) };
+    let t = panguc_runtime::loader::select_tier(cpu, a.cpu_tier.as_deref())?;
+    let gemms = if t.features.contains("+avx512bf16") { "bf16 dot-product GEMMs" } else { "f32 FMA GEMMs" };
+    Ok(Some(format!("panguc: CPU kernel tier {} ({}, {gemms})", t.name, t.cpu)))
+}
+
+/// Print the run log's tier line once the run succeeded: a refused run's
+/// stderr is its one error line.
+fn log_after(tier: Option<String>, run: Result<()>) -> Result<()> {
+    if let (Ok(()), Some(line)) = (&run, tier) {
+        eprintln!("{line}");
     }
-    Ok(())
+    run
 }

@@ -204,7 +204,20 @@ pub fn scheduler_config(a: &RunArgs, cfg: &PanguConfig, requests: &[Request]) ->
 /// `make` (one per running sequence), then report (see [`scheduled_run`]).
 pub fn generate_and_report(make: EngineFactory<'_>, a: &RunArgs, cfg: &PanguConfig, prompts: &Prompts) -> Result<()> {
     let mut make = Some(make);
-    scheduled_run(a, cfg, prompts, &mut |_| {
+    scheduled_run(a, cfg, prompts, &mut |s| {
+        // Each running sequence's engine holds a contiguous cache for the
+        // longest context: together they must fit, not just one of them
+        // (one alone is checked, with the engine's own message, as it opens).
+        let running = prompts.len().min(s.max_seqs) as u64;
+        if running > 1 {
+            let context = max_context(prompts, a.max_new_tokens) as u64;
+            let bytes =
+                [running, context, kv_bytes_per_token(cfg) as u64].iter().try_fold(1u64, |acc, &x| acc.checked_mul(x));
+            panguc_runtime::memory::check_fits(
+                &format!("{running} running sequences' KV caches ({context} tokens each; --max-seqs bounds them)"),
+                bytes,
+            )?;
+        }
         let make = make.take().context("the engines were already made")?;
         Ok(Box::new(PerSequenceEngines::new(make)))
     })

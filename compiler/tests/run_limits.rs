@@ -68,4 +68,15 @@ fn compiled_run_refuses_requests_past_context_or_memory() {
         &panguc(&["run", pkg.to_str().unwrap(), "--tokens", "1,2,3", "--max-new-tokens", "4000"], Some("65536")),
         &["the KV cache for a context of 4003 tokens"],
     );
+    // One 103-token sequence's f32 cache (2 layers x K and V x 2 heads x 16
+    // = 512 bytes per token: 52,736 bytes) fits in 150 kB; four running at once do not, and the
+    // batch is refused before any engine is made. With --max-seqs 2 two
+    // run at a time and it fits.
+    let four: Vec<&str> = ["--tokens", "1,2,3"].iter().cycle().take(8).copied().collect();
+    let mut args = vec!["run", pkg.to_str().unwrap(), "--max-new-tokens", "100"];
+    args.extend(&four);
+    refused(&panguc(&args, Some("150000")), &["4 running sequences' KV caches", "--max-seqs"]);
+    args.extend(["--max-seqs", "2"]);
+    let o = panguc(&args, Some("150000"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
