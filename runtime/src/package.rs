@@ -285,8 +285,7 @@ pub fn check_no_unlisted_files(dir: &Path, manifest: &Manifest) -> Result<()> {
             if listed_dirs.contains(parent)
                 && rel != MANIFEST_FILE
                 && rel != REPORT_FILE
-                && rel != crate::stamp::STAMP_FILE
-                && !rel.starts_with(&format!(".{}.", crate::stamp::STAMP_FILE))
+                && !is_stamp_file(&rel)
                 && !manifest.files.contains_key(&rel)
                 && !is_cann_build_product(&rel)
             {
@@ -300,6 +299,13 @@ pub fn check_no_unlisted_files(dir: &Path, manifest: &Manifest) -> Result<()> {
         Ok(())
     }
     Ok(())
+}
+
+/// The verification stamp (and its temporary file while it is written) of
+/// this package or of a rank package inside it: local state, not content.
+fn is_stamp_file(rel: &str) -> bool {
+    let name = rel.rsplit_once('/').map_or(rel, |(_, n)| n);
+    name == crate::stamp::STAMP_FILE || name.starts_with(&format!(".{}.", crate::stamp::STAMP_FILE))
 }
 
 /// True when `dir` is `ranks/<name>` of a package whose manifest lists it
