@@ -206,18 +206,18 @@ pub fn generate_and_report(make: EngineFactory<'_>, a: &RunArgs, cfg: &PanguConf
     let mut make = Some(make);
     scheduled_run(a, cfg, prompts, &mut |s| {
         // Each running sequence's engine holds a contiguous cache for the
-        // longest context: together they must fit, not just one of them
-        // (one alone is checked, with the engine's own message, as it opens).
+        // longest context: together they must fit, checked before any
+        // engine (compiled, multi-rank, ascend-sim) allocates one.
         let running = prompts.len().min(s.max_seqs) as u64;
-        if running > 1 {
-            let context = max_context(prompts, a.max_new_tokens) as u64;
-            let bytes =
-                [running, context, kv_bytes_per_token(cfg) as u64].iter().try_fold(1u64, |acc, &x| acc.checked_mul(x));
-            panguc_runtime::memory::check_fits(
-                &format!("{running} running sequences' KV caches ({context} tokens each; --max-seqs bounds them)"),
-                bytes,
-            )?;
-        }
+        let context = max_context(prompts, a.max_new_tokens) as u64;
+        let bytes =
+            [running, context, kv_bytes_per_token(cfg) as u64].iter().try_fold(1u64, |acc, &x| acc.checked_mul(x));
+        let what = if running == 1 {
+            format!("the KV cache for a context of {context} tokens")
+        } else {
+            format!("{running} running sequences' KV caches ({context} tokens each; --max-seqs bounds them)")
+        };
+        panguc_runtime::memory::check_fits(&what, bytes)?;
         let make = make.take().context("the engines were already made")?;
         Ok(Box::new(PerSequenceEngines::new(make)))
     })
