@@ -477,10 +477,13 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", report_path.display()))?;
 
-    staging.install(&a.out)?;
     // Verified once here, fully, so that runs only re-hash what changed.
-    panguc_runtime::stamp::verify_package_tree(&a.out, panguc_runtime::package::Verify::Full)
-        .with_context(|| format!("verifying the new package {}", a.out.display()))?;
+    // The stamp is written while the package is still staged: installing
+    // is the last write, so a killed compile never leaves OUT half-stamped
+    // (renaming the directory keeps the files' inodes and times).
+    panguc_runtime::stamp::verify_package_tree(staging.path(), panguc_runtime::package::Verify::Full)
+        .with_context(|| format!("verifying the new package for {}", a.out.display()))?;
+    staging.install(&a.out)?;
     emit(&piped.summary);
     if let Some(p) = &partitioned {
         emit(&p.summary);

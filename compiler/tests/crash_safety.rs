@@ -35,7 +35,9 @@ fn contents(dir: &Path) -> BTreeMap<String, Vec<u8>> {
                 walk(root, &p, out);
             } else {
                 let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-                if rel != "report.json" {
+                // Timings and the verification stamp (inodes, file times)
+                // are local state, not package contents.
+                if rel != "report.json" && !rel.ends_with("verified.json") {
                     out.insert(rel, std::fs::read(&p).unwrap());
                 }
             }
