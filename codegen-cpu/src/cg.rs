@@ -513,14 +513,21 @@ impl<'ctx> Cg<'ctx> {
         }
     }
 
-    /// Prefetch the cache line at `p` for reading (a hint: never faults).
+    /// Prefetch the cache line at `p` for reading (a hint: never faults),
+    /// marked as streamed (non-temporal).
     pub fn prefetch(&self, p: PointerValue<'ctx>) {
+        self.prefetch_with(p, 0)
+    }
+
+    /// [`Cg::prefetch`] with LLVM's temporal `locality` (0 = streamed once,
+    /// 3 = keep in every cache level, for data read again soon).
+    pub fn prefetch_with(&self, p: PointerValue<'ctx>, locality: u64) {
         let i8p = self.b.build_pointer_cast(p, self.i8p(), "").ok_();
         let f = Intrinsic::find("llvm.prefetch")
             .and_then(|i| i.get_declaration(&self.module, &[self.i8p().into()]))
             .expect("llvm.prefetch");
         let (rw, locality, data) =
-            (self.i32t().const_zero(), self.i32t().const_zero(), self.i32t().const_int(1, false));
+            (self.i32t().const_zero(), self.i32t().const_int(locality, false), self.i32t().const_int(1, false));
         self.b.build_call(f, &[i8p.into(), rw.into(), locality.into(), data.into()], "").ok_();
     }
 

@@ -191,7 +191,7 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
 
     // Prefill of a long prompt (best of two).
     let long: Vec<i64> = (0..opts.prompt_tokens as i64).map(|i| (i * 7919) % 31000 + 1).collect();
-    let mut best: Option<(f64, f64)> = None;
+    let mut best: Option<(f64, f64, Vec<f64>)> = None;
     for _ in 0..2 {
         let mut e = CpuEngine::new(pkg.clone(), &EngineOptions { threads, max_context: Some(opts.prompt_tokens) })?;
         e.enable_profiling();
@@ -199,10 +199,9 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         e.forward(&long)?;
         let total = t0.elapsed().as_secs_f64();
         let p = e.profile().expect("profiling enabled");
-        let gemm: f64 =
-            ["gemm", "moe_gate_up", "moe_down"].iter().filter_map(|k| p.get(k)).map(|d| d.as_secs_f64()).sum();
-        if best.is_none_or(|(t, _)| total < t) {
-            best = Some((total, gemm));
+        let by_kind: Vec<f64> = GEMM_KINDS.iter().map(|k| p.get(k).map(|d| d.as_secs_f64()).unwrap_or(0.0)).collect();
+        if best.as_ref().is_none_or(|(t, _, _)| total < *t) {
+            best = Some((total, by_kind.iter().sum(), by_kind));
         }
     }
     let compiled_rss = peak_rss_bytes();
@@ -244,7 +243,7 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         roof * 1e3,
         roof / step
     ));
-    let (total, gemm_s) = best.expect("two runs");
+    let (total, gemm_s, kind_s) = best.expect("two runs");
     let flops = gemm_flops(program, opts.prompt_tokens);
     let gemm_rate = flops / gemm_s;
     say(format!("prefill ({} tokens, {threads} threads):", opts.prompt_tokens));
@@ -260,6 +259,25 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
             None => String::new(),
         }
     ));
+    // Where the GEMM time goes: each kind's rate against the peaks.
+    let peak_for_gemms = bf16_peak.unwrap_or(peak);
+    let kind_flops = gemm_flops_by_kind(program, opts.prompt_tokens);
+    for (kind, s) in GEMM_KINDS.iter().zip(&kind_s) {
+        let f = kind_flops.get(kind).copied().unwrap_or(0.0);
+        if f == 0.0 || *s == 0.0 {
+            continue;
+        }
+        say(format!(
+            "    {kind:<12} {:>6.2} GFLOP in {:.3} s = {:>6.1} GFLOP/s = {:.2} of the {} peak",
+            f / GB,
+            s,
+            f / s / GB,
+            f / s / peak_for_gemms,
+            if bf16_peak.is_some() { "bf16 dot-product" } else { "FMA" }
+        ));
+        put(&format!("bf16.prefill.{kind}.gflops"), (f / s / GB).into());
+        put(&format!("bf16.prefill.{kind}.seconds"), (*s).into());
+    }
     put("bf16.decode.interp_tok_per_s", interp_tps.into());
     put("bf16.decode.tok_per_s.1t", (1.0 / step1).into());
     put("bf16.decode.tok_per_s", (1.0 / step).into());
@@ -339,12 +357,26 @@ pub fn decode_bytes(p: &KernelProgram, past: usize) -> u64 {
 
 /// Floating-point operations of the GEMM kernels for a `tokens` prompt.
 pub fn gemm_flops(p: &KernelProgram, tokens: usize) -> f64 {
+    gemm_flops_by_kind(p, tokens).values().sum()
+}
+
+/// The GEMM kernels' kinds, as named in an engine's profile.
+pub const GEMM_KINDS: [&str; 3] = ["gemm", "moe_gate_up", "moe_down"];
+
+/// [`gemm_flops`] per kernel kind (keys of [`GEMM_KINDS`]).
+pub fn gemm_flops_by_kind(p: &KernelProgram, tokens: usize) -> std::collections::BTreeMap<&'static str, f64> {
     let b = bindings(tokens, 0);
-    let mut flops = 0.0;
+    let mut by_kind = std::collections::BTreeMap::new();
     for l in &p.launches {
         let k = &p.kernels[l.kernel];
         let dims = |i: usize| -> Vec<usize> { k.args[i].shape.iter().map(|d| d.eval(&b).unwrap_or(0)).collect() };
-        flops += match &k.kind {
+        let kind = match &k.kind {
+            KernelKind::Gemm { .. } => GEMM_KINDS[0],
+            KernelKind::MoeGateUp => GEMM_KINDS[1],
+            KernelKind::MoeDown => GEMM_KINDS[2],
+            _ => continue,
+        };
+        *by_kind.entry(kind).or_insert(0.0) += match &k.kind {
             KernelKind::Gemm { epilogue } => {
                 let (a, out) = (dims(0), dims(k.args.len() - 1));
                 let rows: usize = out[..out.len() - 1].iter().product();
@@ -358,5 +390,5 @@ pub fn gemm_flops(p: &KernelProgram, tokens: usize) -> f64 {
             _ => 0.0,
         };
     }
-    flops
+    by_kind
 }

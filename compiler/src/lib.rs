@@ -26,3 +26,5 @@ pub mod staging;
 pub mod synth;
 #[cfg(feature = "driver")]
 pub mod synth_tokenizer;
+#[cfg(feature = "driver")]
+pub mod weight_bytes;

@@ -487,8 +487,14 @@ fn pack_progress(total: u64) -> indicatif::ProgressBar {
 }
 
 /// A prepared weight's bytes in its storage dtype and layout.
+///
+/// Tensors already stored in the weight's dtype, and subgraphs that only
+/// move their elements (merged QKV and gate/up weights, stacked experts),
+/// are copied as bytes ([`crate::weight_bytes`]); anything else is
+/// evaluated in f32 by the interpreter and rounded ([`reference_bytes`]).
+/// Both give the same bytes (tested).
 pub fn prepared_bytes(ckpt: &Checkpoint, w: &PreparedWeight) -> Result<Vec<u8>> {
-    let row_major = match &w.expr {
+    let row_major: std::borrow::Cow<[u8]> = match &w.expr {
         WeightExpr::Tensor { name } => {
             let (dtype, shape, _) =
                 ckpt.tensor_info(name).ok_or_else(|| anyhow!("tensor `{name}` is not in the checkpoint"))?;
@@ -496,24 +502,32 @@ pub fn prepared_bytes(ckpt: &Checkpoint, w: &PreparedWeight) -> Result<Vec<u8>> 
                 bail!("tensor `{name}` has shape {shape:?}, the kernel program expects {:?}", w.shape);
             }
             if dtype == w.dtype {
-                ckpt.tensor_bytes(name)?.to_vec()
+                ckpt.tensor_bytes(name)?.into()
             } else {
-                encode(&ckpt.load_f32(name, &shape)?, w.dtype)?
+                encode(&ckpt.load_f32(name, &shape)?, w.dtype)?.into()
             }
         }
-        WeightExpr::Graph { function } => {
-            let mut m = Module::new("prepare", function.name.clone());
-            m.add_function(function.clone());
-            let interp = panguc_ir::interp::Interpreter::new(&m, ckpt);
-            let mut out = interp.run_entry(&[])?;
-            let t = out.pop().ok_or_else(|| anyhow!("weight expression has no output"))?;
-            if t.shape != w.shape {
-                bail!("weight expression gives shape {:?}, expected {:?}", t.shape, w.shape);
-            }
-            encode(&t, w.dtype)?
-        }
+        WeightExpr::Graph { function } => match crate::weight_bytes::layout_only_bytes(ckpt, function, w.dtype)? {
+            Some(bytes) => bytes.into(),
+            None => return reference_bytes(ckpt, w),
+        },
     };
     Ok(w.layout.pack(&row_major, &w.shape, w.dtype.size_bytes()))
+}
+
+/// [`prepared_bytes`] the reference way: the weight's subgraph evaluated
+/// by the interpreter in f32, rounded to the storage dtype, then packed
+/// (a plain tensor is the same either way).
+pub fn reference_bytes(ckpt: &Checkpoint, w: &PreparedWeight) -> Result<Vec<u8>> {
+    let WeightExpr::Graph { function } = &w.expr else { return prepared_bytes(ckpt, w) };
+    let mut m = Module::new("prepare", function.name.clone());
+    m.add_function(function.clone());
+    let interp = panguc_ir::interp::Interpreter::new(&m, ckpt);
+    let t = interp.run_entry(&[])?.pop().ok_or_else(|| anyhow!("weight expression has no output"))?;
+    if t.shape != w.shape {
+        bail!("weight expression gives shape {:?}, expected {:?}", t.shape, w.shape);
+    }
+    Ok(w.layout.pack(&encode(&t, w.dtype)?, &w.shape, w.dtype.size_bytes()))
 }
 
 /// Row-major little-endian bytes of `t` in `dtype` (exact: the scheduler

@@ -119,51 +119,69 @@ impl Layout {
     }
 
     /// Rearrange row-major elements of `elem` bytes into this layout;
-    /// padding elements are zero.
+    /// padding elements are zero. This is the one implementation of the
+    /// panel layouts; it copies whole elements (typed, not byte by byte)
+    /// so packing keeps up with the disk.
     pub fn pack(&self, src: &[u8], shape: &[usize], elem: usize) -> Vec<u8> {
+        match elem {
+            1 => self.pack_elems::<1>(src, shape),
+            2 => self.pack_elems::<2>(src, shape),
+            4 => self.pack_elems::<4>(src, shape),
+            8 => self.pack_elems::<8>(src, shape),
+            other => panic!("no dtype has {other}-byte elements"),
+        }
+    }
+
+    fn pack_elems<const E: usize>(&self, src: &[u8], shape: &[usize]) -> Vec<u8> {
+        let (src, rest) = src.as_chunks::<E>();
+        assert!(rest.is_empty(), "packing {} bytes of {E}-byte elements", src.len() * E + rest.len());
         let r = shape.len();
+        let mut out = vec![[0u8; E]; self.stored_len(shape)];
         match *self {
-            Layout::RowMajor => src.to_vec(),
-            Layout::Panels { nr, kn } => {
+            Layout::RowMajor => out.copy_from_slice(src),
+            Layout::Panels { nr, kn: true } => {
+                // [batch.., K, N]: a panel row is a contiguous run of a source row.
                 let nr = nr as usize;
-                let (n, k) = if kn { (shape[r - 1], shape[r - 2]) } else { (shape[r - 2], shape[r - 1]) };
-                let batch: usize = shape[..r - 2].iter().product();
+                let (k, n) = (shape[r - 2], shape[r - 1]);
                 let panels = n.div_ceil(nr);
-                let mut out = vec![0u8; batch * panels * k * nr * elem];
-                for b in 0..batch {
-                    for col in 0..n {
-                        let (p, j) = (col / nr, col % nr);
-                        for kk in 0..k {
-                            let s = b * n * k + if kn { kk * n + col } else { col * k + kk };
-                            let d = ((b * panels + p) * k + kk) * nr + j;
-                            out[d * elem..(d + 1) * elem].copy_from_slice(&src[s * elem..(s + 1) * elem]);
+                for (b, dst) in out.chunks_exact_mut(panels * k * nr).enumerate() {
+                    for (p, panel) in dst.chunks_exact_mut(k * nr).enumerate() {
+                        let cols = p * nr..(p * nr + nr).min(n);
+                        let width = cols.len();
+                        for (kk, row) in panel.chunks_exact_mut(nr).enumerate() {
+                            let s = (b * k + kk) * n;
+                            row[..width].copy_from_slice(&src[s + cols.start..s + cols.end]);
                         }
                     }
                 }
-                out
+            }
+            Layout::Panels { nr, kn: false } => {
+                // [batch.., N, K]: lane j of panel p is source row p * nr + j.
+                let nr = nr as usize;
+                let (n, k) = (shape[r - 2], shape[r - 1]);
+                let panels = n.div_ceil(nr);
+                for (b, dst) in out.chunks_exact_mut(panels * k * nr).enumerate() {
+                    let rows = &src[b * n * k..(b + 1) * n * k];
+                    transpose_into_panels(rows, k, nr, dst, |p, j| Some(p * nr + j).filter(|&c| c < n));
+                }
             }
             Layout::GateUpPanels { nr } => {
+                // Gate row c goes to lane c % half of panel c / half, up row
+                // c (source row I + c) to lane half + c % half.
                 let (nr, half) = (nr as usize, nr as usize / 2);
                 let (two_i, k) = (shape[r - 2], shape[r - 1]);
                 let i = two_i / 2;
-                let batch: usize = shape[..r - 2].iter().product();
                 let panels = i.div_ceil(half);
-                let mut out = vec![0u8; batch * panels * k * nr * elem];
-                for b in 0..batch {
-                    for row in 0..two_i {
-                        // Gate row c goes to lane c % half, up row c to half + c % half.
-                        let (c, up) = if row < i { (row, 0) } else { (row - i, half) };
-                        let (p, j) = (c / half, up + c % half);
-                        for kk in 0..k {
-                            let s = (b * two_i + row) * k + kk;
-                            let d = ((b * panels + p) * k + kk) * nr + j;
-                            out[d * elem..(d + 1) * elem].copy_from_slice(&src[s * elem..(s + 1) * elem]);
-                        }
-                    }
+                for (b, dst) in out.chunks_exact_mut(panels * k * nr).enumerate() {
+                    let rows = &src[b * two_i * k..(b + 1) * two_i * k];
+                    transpose_into_panels(rows, k, nr, dst, |p, j| {
+                        let (up, c) = (j >= half, p * half + j % half);
+                        (c < i).then_some(if up { i + c } else { c })
+                    });
                 }
-                out
             }
         }
+        out.into_flattened()
     }
 
     pub fn suffix(&self) -> String {
@@ -172,6 +190,29 @@ impl Layout {
             Layout::Panels { nr, kn: false } => format!("@panels{nr}"),
             Layout::Panels { nr, kn: true } => format!("@panels{nr}kn"),
             Layout::GateUpPanels { nr } => format!("@gateup{nr}"),
+        }
+    }
+}
+
+/// Fill consecutive `[k][nr]` panels in `dst` from the `k`-long rows of
+/// `rows`: lane `j` of panel `p` is row `row_of(p, j)` (zero when `None`).
+/// Each panel row takes one element from each of its `nr` source rows, so
+/// the source streams sequentially and every output byte is written once.
+fn transpose_into_panels<const E: usize>(
+    rows: &[[u8; E]],
+    k: usize,
+    nr: usize,
+    dst: &mut [[u8; E]],
+    row_of: impl Fn(usize, usize) -> Option<usize>,
+) {
+    for (p, panel) in dst.chunks_exact_mut(k * nr).enumerate() {
+        let lanes: Vec<Option<&[[u8; E]]>> =
+            (0..nr).map(|j| row_of(p, j).map(|row| &rows[row * k..(row + 1) * k])).collect();
+        for (j, lane) in lanes.iter().enumerate() {
+            let Some(lane) = lane else { continue };
+            for (d, s) in panel[j..].iter_mut().step_by(nr).zip(lane.iter()) {
+                *d = *s;
+            }
         }
     }
 }
@@ -757,6 +798,44 @@ mod tests {
         // [2I=4, K=1], nr = 2: gate rows 10, 11; up rows 20, 21.
         let src = vec![10u8, 11, 20, 21];
         assert_eq!(Layout::GateUpPanels { nr: 2 }.pack(&src, &[4, 1], 1), vec![10, 20, 11, 21]);
+    }
+
+    /// The typed copies against the layout's definition, element by
+    /// element: 2-byte elements, two batch entries, a partial last panel.
+    #[test]
+    fn packing_wide_elements_follows_the_definition() {
+        let (batch, n, k, nr) = (2usize, 21usize, 5usize, 4u32);
+        let elems = batch * n * k;
+        let src: Vec<u8> = (0..elems as u16).flat_map(|x| (x + 1).to_le_bytes()).collect();
+        let at = |out: &[u8], i: usize| u16::from_le_bytes([out[2 * i], out[2 * i + 1]]);
+        let value = |b: usize, row: usize, kk: usize| (b * n * k + row * k + kk) as u16 + 1;
+        let panels = n.div_ceil(nr as usize);
+        let out = Layout::Panels { nr, kn: false }.pack(&src, &[batch, n, k], 2);
+        for b in 0..batch {
+            for p in 0..panels {
+                for kk in 0..k {
+                    for j in 0..nr as usize {
+                        let col = p * nr as usize + j;
+                        let want = if col < n { value(b, col, kk) } else { 0 };
+                        assert_eq!(at(&out, ((b * panels + p) * k + kk) * nr as usize + j), want);
+                    }
+                }
+            }
+        }
+        // Gate/up: I = n rows of gate then n of up, half = 2 lanes each.
+        let src2: Vec<u8> = (0..(2 * n * k) as u16).flat_map(|x| (x + 1).to_le_bytes()).collect();
+        let gu = Layout::GateUpPanels { nr }.pack(&src2, &[2 * n, k], 2);
+        let half = nr as usize / 2;
+        for p in 0..n.div_ceil(half) {
+            for kk in 0..k {
+                for j in 0..nr as usize {
+                    let c = p * half + j % half;
+                    let row = if j < half { c } else { n + c };
+                    let want = if c < n { (row * k + kk) as u16 + 1 } else { 0 };
+                    assert_eq!(at(&gu, (p * k + kk) * nr as usize + j), want);
+                }
+            }
+        }
     }
 
     #[test]

@@ -146,32 +146,35 @@ fn x86_intrinsic<'c>(
     cg.b.build_call(f, args, "").ok_().try_as_basic_value().basic().expect("intrinsic returns a value")
 }
 
-/// `dot{mr}(rows: i8**, panel: i8*, tile: f32*)` for `mr = 1..=MR`: like
-/// [`microkernels`], with `rows` pointing at bf16 rows (pairs of k read as
-/// one i32 and broadcast) and `vdpbf16ps` per pair of panel rows.
+/// Rows per register block of the BF16 dot-product micro-kernel: 12
+/// independent accumulators (12 rows x 16 lanes) keep `vdpbf16ps` busy
+/// through its latency, and each pair of panel rows, loaded once, feeds
+/// 12 dot products.
+const MR_DOT: usize = 12;
+
+/// `dot{mr}(a: i8*, panel: i8*, tile: f32*)` for `mr = 1..=MR_DOT`: `tile[i]
+/// = sum_k a_i[k] * panel[k][0..nr]` with `a` pointing at `mr` bf16 rows of
+/// `k` elements one after the other (the rounded rows in scratch). Per
+/// pair `k, k+1`: the two panel rows are one 64-byte load, interleaved
+/// into (k, k+1) pairs per column by one permute, and each row's pair,
+/// read as one i32, is broadcast into `vdpbf16ps`. Every row has its own
+/// accumulator and the same order over k whatever `mr` is, so a row's
+/// result never depends on the rows beside it.
 fn dot_microkernels<'c>(cg: &mut Cg<'c>, prefix: &str, k: usize, nr: u32) -> Vec<FunctionValue<'c>> {
     let i16t = cg.ctx.i16_type();
     let i32v = cg.i32t().vec_type(nr);
+    let pair_ty = i16t.vec_type(2 * nr).ptr_type(AddressSpace::default());
     let mut out = vec![];
-    for mr in 1..=MR {
+    for mr in 1..=MR_DOT {
         let f = cg.begin_helper(
             &format!("{prefix}.dot{mr}.bf16"),
-            &[
-                cg.i8p().ptr_type(AddressSpace::default()).into(),
-                cg.i8p().into(),
-                cg.f32t().ptr_type(AddressSpace::default()).into(),
-            ],
+            &[cg.i8p().into(), cg.i8p().into(), cg.f32t().ptr_type(AddressSpace::default()).into()],
         );
         let p = f.get_params();
-        let rows = p[0].into_pointer_value();
+        let a =
+            cg.b.build_pointer_cast(p[0].into_pointer_value(), cg.i32t().ptr_type(AddressSpace::default()), "").ok_();
         let panel = cg.cast_ptr(p[1].into_pointer_value(), DType::BF16);
         let tile = p[2].into_pointer_value();
-        let pairs: Vec<PointerValue> = (0..mr)
-            .map(|i| {
-                let raw = cg.b.build_load(cg.gep(rows, cg.i64c(i as i64)), "").ok_().into_pointer_value();
-                cg.b.build_pointer_cast(raw, cg.i32t().ptr_type(AddressSpace::default()), "").ok_()
-            })
-            .collect();
         let acc: Vec<PointerValue> = (0..mr).map(|_| cg.alloca(cg.vec_f32(nr), "acc")).collect();
         for x in &acc {
             cg.store_v(*x, cg.zeros(nr));
@@ -180,22 +183,21 @@ fn dot_microkernels<'c>(cg: &mut Cg<'c>, prefix: &str, k: usize, nr: u32) -> Vec
         let mask: Vec<IntValue> =
             (0..nr).flat_map(|j| [j, nr + j]).map(|x| cg.i32t().const_int(x as u64, false)).collect();
         let mask = inkwell::types::VectorType::const_vector(&mask);
-        let row_ty = i16t.vec_type(nr).ptr_type(AddressSpace::default());
-        let ahead = (PREFETCH_BYTES / (nr as usize * 2)) as i64;
-        cg.for_range(cg.i64c(0), cg.i64c((k / 2) as i64), 1, |cg, kp| {
+        // A decode step's few rows stream each panel once (non-temporal);
+        // a prefill block reads the panel again for its next rows.
+        let (ahead, locality) = ((PREFETCH_BYTES / (nr as usize * 2)) as i64, if mr <= 4 { 0 } else { 3 });
+        let row_pairs = (k / 2) as i64;
+        cg.for_range(cg.i64c(0), cg.i64c(row_pairs), 1, |cg, kp| {
             let k0 = cg.mul(kp, cg.i64c(2));
-            cg.prefetch(cg.gep(panel, cg.mul(cg.add(k0, cg.i64c(ahead)), cg.i64c(nr as i64))));
-            let load_row = |cg: &Cg<'c>, kk: IntValue<'c>| {
-                let at = cg.b.build_pointer_cast(cg.gep(panel, cg.mul(kk, cg.i64c(nr as i64))), row_ty, "").ok_();
-                let v = cg.b.build_load(at, "").ok_();
-                v.as_instruction_value().expect("load").set_alignment(2).ok_();
-                v.into_vector_value()
-            };
-            let (r0, r1) = (load_row(cg, k0), load_row(cg, cg.add(k0, cg.i64c(1))));
-            let both = cg.b.build_shuffle_vector(r0, r1, mask, "pairs").ok_();
+            cg.prefetch_with(cg.gep(panel, cg.mul(cg.add(k0, cg.i64c(ahead)), cg.i64c(nr as i64))), locality);
+            let at = cg.b.build_pointer_cast(cg.gep(panel, cg.mul(k0, cg.i64c(nr as i64))), pair_ty, "").ok_();
+            let rows = cg.b.build_load(at, "").ok_();
+            rows.as_instruction_value().expect("load").set_alignment(2).ok_();
+            let rows = rows.into_vector_value();
+            let both = cg.b.build_shuffle_vector(rows, rows, mask, "pairs").ok_();
             let b = cg.b.build_bit_cast(both, i32v, "").ok_();
-            for (a, acc) in pairs.iter().zip(&acc) {
-                let x = cg.b.build_load(cg.gep(*a, kp), "").ok_();
+            for (i, acc) in acc.iter().enumerate() {
+                let x = cg.b.build_load(cg.gep(a, cg.add(kp, cg.i64c(i as i64 * row_pairs))), "").ok_();
                 x.as_instruction_value().expect("load").set_alignment(2).ok_();
                 let undef = i32v.get_undef();
                 let one = cg.b.build_insert_element(undef, x.into_int_value(), cg.i32t().const_zero(), "").ok_();
@@ -253,11 +255,12 @@ fn rows_to_bf16<'c>(
     })
 }
 
-/// Rows of A per row block on the dot-product path: bf16 rows must fit the
-/// thread scratch the schedule reserves for packed GEMMs on narrow weights
-/// (`4 * nr * k` bytes, i.e. `2 * nr` rows), in whole register blocks.
+/// Rows of A per row block on the dot-product path: the bf16 rows fill
+/// the thread scratch the schedule reserves for packed GEMMs on narrow
+/// weights (`4 * nr * k` bytes, i.e. `2 * nr` rows). A block sweeps the
+/// panels of the thread's run while they stay in L2.
 fn dot_rows_per_block(nr: u32) -> usize {
-    (2 * nr as usize / MR).max(1) * MR
+    2 * nr as usize
 }
 
 /// Per-row output callback: `(cg, panel, row, tile vector)`.
@@ -294,7 +297,7 @@ fn panel_run<'c>(
 ) -> Result<()> {
     let rows = cg.alloca(cg.i8p().array_type(MR as u32), "rows");
     let rows = cg.b.build_pointer_cast(rows, cg.i8p().ptr_type(AddressSpace::default()), "").ok_();
-    let tile = cg.alloca(cg.f32t().array_type(MR as u32 * mk.nr), "tile");
+    let tile = cg.alloca(cg.f32t().array_type(MR.max(MR_DOT) as u32 * mk.nr), "tile");
     let tile = cg.b.build_pointer_cast(tile, cg.f32t().ptr_type(AddressSpace::default()), "").ok_();
     // Row blocks m0..m1 of one panel through the micro-kernels, row `r` of
     // A at `a_row(r)`.
@@ -337,10 +340,23 @@ fn panel_run<'c>(
         return cg.for_range(cg.i64c(0), m, mc as i64, |cg, m0| {
             let m1 = cg.min(m, cg.add(m0, cg.i64c(mc as i64)));
             rows_to_bf16(cg, a_row, (m0, m1), mk.k, scratch)?;
-            let converted = |cg: &Cg<'c>, r: IntValue<'c>| cg.gep(scratch, cg.mul(cg.sub(r, m0), kc));
             cg.for_range(p_lo, p_hi, 1, |cg, p| {
-                let src = panel(cg, p);
-                blocks(cg, dot, p, src, m0, m1, &converted)
+                let src = cg.b.build_pointer_cast(panel(cg, p), cg.i8p(), "").ok_();
+                cg.for_range(m0, m1, MR_DOT as i64, |cg, r0| {
+                    let mr = cg.min(cg.i64c(MR_DOT as i64), cg.sub(m1, r0));
+                    let a = cg.gep(scratch, cg.mul(cg.sub(r0, m0), kc));
+                    let a = cg.b.build_pointer_cast(a, cg.i8p(), "").ok_();
+                    for (c, f) in dot.iter().enumerate() {
+                        cg.if_then(cg.eq(mr, cg.i64c(c as i64 + 1)), |cg| {
+                            cg.b.build_call(*f, &[a.into(), src.into(), tile.into()], "").ok_();
+                            Ok(())
+                        })?;
+                    }
+                    cg.for_range(cg.i64c(0), mr, 1, |cg, i| {
+                        let v = cg.load_vec(tile, cg.mul(i, cg.i64c(mk.nr as i64)), DType::F32, mk.nr);
+                        store(cg, p, cg.add(r0, i), v)
+                    })
+                })
             })
         });
     }
