@@ -205,6 +205,7 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         }
     }
     let compiled_rss = peak_rss_bytes();
+    let micro = crate::bench_gemm::gemm_micro(program, pkg.tier(), opts.prompt_tokens, threads)?;
 
     // The interpreter last: its f32 weight copies would dominate the peak.
     let interp_tps = {
@@ -259,6 +260,21 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
             None => String::new(),
         }
     ));
+    if let Some(g) = &micro {
+        let (m, n, k) = g.shape;
+        let (p1, p) = (bf16_peak1.unwrap_or(peak1), bf16_peak.unwrap_or(peak));
+        say(format!(
+            "  GEMM micro-benchmark ({m} x {n} x {k} alone, tiles split evenly): {:.1} GFLOP/s = {:.2} of the 1-thread peak; {:.1} GFLOP/s = {:.2} of the {threads}-thread peak",
+            g.flops_1t / GB,
+            g.flops_1t / p1,
+            g.flops / GB,
+            g.flops / p
+        ));
+        put("bf16.prefill.micro.gflops.1t", (g.flops_1t / GB).into());
+        put("bf16.prefill.micro.gflops", (g.flops / GB).into());
+        put("bf16.prefill.micro.fraction_of_peak.1t", (g.flops_1t / p1).into());
+        put("bf16.prefill.micro.fraction_of_peak", (g.flops / p).into());
+    }
     // Where the GEMM time goes: each kind's rate against the peaks.
     let peak_for_gemms = bf16_peak.unwrap_or(peak);
     let kind_flops = gemm_flops_by_kind(program, opts.prompt_tokens);
@@ -384,8 +400,11 @@ pub fn gemm_flops_by_kind(p: &KernelProgram, tokens: usize) -> std::collections:
                 2.0 * (rows * n * a[a.len() - 1]) as f64
             }
             KernelKind::MoeGateUp | KernelKind::MoeDown => {
-                let (a, w) = (dims(0), dims(3));
-                2.0 * (a[0] * w[1] * w[2]) as f64
+                // One output row per routed slot (`MoeGateUp` reads its A
+                // rows from the token rows through an index, so A has
+                // fewer rows than the product): slots x (2I or H) x K.
+                let (out, w) = (dims(4), dims(3));
+                2.0 * (out[0] * w[1] * w[2]) as f64
             }
             _ => 0.0,
         };

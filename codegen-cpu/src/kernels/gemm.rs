@@ -202,10 +202,15 @@ fn dot_microkernels<'c>(cg: &mut Cg<'c>, prefix: &str, k: usize, nr: u32) -> Vec
                 let undef = i32v.get_undef();
                 let one = cg.b.build_insert_element(undef, x.into_int_value(), cg.i32t().const_zero(), "").ok_();
                 let splat = cg.b.build_shuffle_vector(one, undef, i32v.const_zero(), "").ok_();
+                // The broadcast goes in the operand that may come from
+                // memory, so it folds into the dot product as `{1to16}`
+                // (a separate broadcast would cost a vector uop per row).
+                // The products of bf16 values are exact, so the operand
+                // order does not change the result.
                 let s = x86_intrinsic(
                     cg,
                     "llvm.x86.avx512bf16.dpbf16ps.512",
-                    &[cg.load_v(*acc).into(), splat.into(), b.into()],
+                    &[cg.load_v(*acc).into(), b.into(), splat.into()],
                 );
                 cg.store_v(*acc, s);
             }
