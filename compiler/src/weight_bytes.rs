@@ -110,7 +110,12 @@ mod tests {
                 }
             }
         }
-        for merged in ["model.layers.0.w_qkv@panels16", "model.layers.1.experts_gate_up@gateup16"] {
+        for merged in [
+            "model.layers.0.qkv_weight@panels16",
+            "model.layers.0.gate_up_weight@gateup16",
+            "model.layers.1.experts_gate_up_weight@gateup16",
+            "model.layers.1.experts_down_w@panels16",
+        ] {
             assert!(byte_path.contains(&merged), "{merged} not on the byte path: {byte_path:?}");
         }
     }

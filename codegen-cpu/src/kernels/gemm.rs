@@ -16,12 +16,16 @@
 //! the BF16 dot product instead (`vdpbf16ps`: per f32 lane, the products of
 //! one pair of consecutive k are added to the accumulator). The rows of A
 //! are rounded to bf16 (nearest even) into the thread's scratch once per
-//! row block; each panel row pair `k, k+1` is interleaved in registers, so
-//! the weights keep the one panel layout of every tier. The result differs
-//! from the reference by the activation rounding (at most 2^-8 relative
-//! per element of A) and the pairwise order; each row is still computed
-//! alone (row blocks never mix rows), so a row's result does not depend on
-//! which rows share the launch.
+//! row block of `2 * nr` rows, which then sweeps the thread's panels (they
+//! stay in L2 between blocks). The micro-kernel computes 12 rows x 16
+//! columns in 12 zmm accumulators: per pair `k, k+1` one 64-byte load of
+//! the two panel rows, one permute into (k, k+1) pairs per column, and 12
+//! dot products, each broadcasting its row's pair straight from memory
+//! (`{1to16}`), so the weights keep the one panel layout of every tier.
+//! The result differs from the reference by the activation rounding (at
+//! most 2^-8 relative per element of A) and the pairwise order; each row
+//! has its own accumulator and the same order whatever block it is in, so
+//! a row's result does not depend on which rows share the launch.
 //!
 //! Generic `MatMul` (activation x activation, e.g. attention in unfused
 //! graphs) accumulates in the reference's order and matches it exactly.
