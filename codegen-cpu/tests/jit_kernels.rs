@@ -194,7 +194,9 @@ fn cpu_has_bf16_tier() -> bool {
 /// A bf16-weight GEMM on each tier this CPU runs: every row's result is
 /// bit-identical whether the row is launched alone or with others (row
 /// blocks of 1..6 rows on the baseline and 1..12 on the bf16 tier, several
-/// blocks, and more rows than one bf16 row block of 32), and within the tier's tolerance of the exact f32 result.
+/// blocks, and more rows than one bf16 row block of 32; at K = 2048 also
+/// more panels than one bf16 panel group of 8), and within the tier's
+/// tolerance of the exact f32 result.
 ///
 /// Tolerances, per output element with `S = sum_k |a_k| |w_k|`:
 /// - x86-64-v3: 0 (the reference's order, f32 multiply then add);
@@ -205,7 +207,14 @@ fn cpu_has_bf16_tier() -> bool {
 ///   (also `<= K * 2^-24 * S`): `|got - ref| <= (2^-8 + 2 K 2^-24) S`.
 #[test]
 fn gemm_rows_are_independent_and_within_each_tiers_tolerance() {
-    let (k, n) = (70usize, 40usize); // two 32-wide rounding chunks plus a tail; a partial panel
+    // Two 32-wide rounding chunks plus a tail and a partial panel; then two
+    // panel groups (8 + 2 panels, the last one partial).
+    for (k, n) in [(70usize, 40usize), (2048, 152)] {
+        gemm_rows_independent_within_tolerance(k, n);
+    }
+}
+
+fn gemm_rows_independent_within_tolerance(k: usize, n: usize) {
     let t = Dim::tokens();
     let layout = Layout::Panels { nr: 16, kn: false };
     let args = vec![

@@ -272,6 +272,15 @@ fn dot_rows_per_block(nr: u32) -> usize {
     2 * nr as usize
 }
 
+/// Bytes of weight panels a row block sweeps on the dot-product path
+/// before the next group: half of a 1 MB L2, the rest left to A and C.
+const B_BLOCK_BYTES: usize = 512 * 1024;
+
+/// Panels per group on the dot-product path (bf16 panels of `k x nr`).
+fn dot_panels_per_block(k: usize, nr: u32) -> usize {
+    (B_BLOCK_BYTES / (k * nr as usize * 2).max(1)).max(1)
+}
+
 /// Per-row output callback: `(cg, panel, row, tile vector)`.
 type RowStore<'a, 'c> = &'a dyn Fn(&mut Cg<'c>, IntValue<'c>, IntValue<'c>, VectorValue<'c>) -> Result<()>;
 /// Row pointer callback (pointer to the row's first element, any type).
@@ -344,26 +353,32 @@ fn panel_run<'c>(
         // Each row block is rounded to bf16 once, then sweeps the panels
         // (a decode step's few rows are one block: panels stream once).
         let mc = dot_rows_per_block(mk.nr);
+        let nc = dot_panels_per_block(mk.k, mk.nr);
         let scratch = cg.cast_ptr(cg.scratch.expect("kernel"), DType::BF16);
         let kc = cg.i64c(mk.k as i64);
-        return cg.for_range(cg.i64c(0), m, mc as i64, |cg, m0| {
-            let m1 = cg.min(m, cg.add(m0, cg.i64c(mc as i64)));
-            rows_to_bf16(cg, a_row, (m0, m1), mk.k, scratch)?;
-            cg.for_range(p_lo, p_hi, 1, |cg, p| {
-                let src = cg.b.build_pointer_cast(panel(cg, p), cg.i8p(), "").ok_();
-                cg.for_range(m0, m1, MR_DOT as i64, |cg, r0| {
-                    let mr = cg.min(cg.i64c(MR_DOT as i64), cg.sub(m1, r0));
-                    let a = cg.gep(scratch, cg.mul(cg.sub(r0, m0), kc));
-                    let a = cg.b.build_pointer_cast(a, cg.i8p(), "").ok_();
-                    for (c, f) in dot.iter().enumerate() {
-                        cg.if_then(cg.eq(mr, cg.i64c(c as i64 + 1)), |cg| {
-                            cg.b.build_call(*f, &[a.into(), src.into(), tile.into()], "").ok_();
-                            Ok(())
-                        })?;
-                    }
-                    cg.for_range(cg.i64c(0), mr, 1, |cg, i| {
-                        let v = cg.load_vec(tile, cg.mul(i, cg.i64c(mk.nr as i64)), DType::F32, mk.nr);
-                        store(cg, p, cg.add(r0, i), v)
+        // Panel groups that fit in L2 (a wide output such as the LM head
+        // would otherwise stream its panels from L3 once per row block).
+        return cg.for_range(p_lo, p_hi, nc as i64, |cg, g0| {
+            let g1 = cg.min(p_hi, cg.add(g0, cg.i64c(nc as i64)));
+            cg.for_range(cg.i64c(0), m, mc as i64, |cg, m0| {
+                let m1 = cg.min(m, cg.add(m0, cg.i64c(mc as i64)));
+                rows_to_bf16(cg, a_row, (m0, m1), mk.k, scratch)?;
+                cg.for_range(g0, g1, 1, |cg, p| {
+                    let src = cg.b.build_pointer_cast(panel(cg, p), cg.i8p(), "").ok_();
+                    cg.for_range(m0, m1, MR_DOT as i64, |cg, r0| {
+                        let mr = cg.min(cg.i64c(MR_DOT as i64), cg.sub(m1, r0));
+                        let a = cg.gep(scratch, cg.mul(cg.sub(r0, m0), kc));
+                        let a = cg.b.build_pointer_cast(a, cg.i8p(), "").ok_();
+                        for (c, f) in dot.iter().enumerate() {
+                            cg.if_then(cg.eq(mr, cg.i64c(c as i64 + 1)), |cg| {
+                                cg.b.build_call(*f, &[a.into(), src.into(), tile.into()], "").ok_();
+                                Ok(())
+                            })?;
+                        }
+                        cg.for_range(cg.i64c(0), mr, 1, |cg, i| {
+                            let v = cg.load_vec(tile, cg.mul(i, cg.i64c(mk.nr as i64)), DType::F32, mk.nr);
+                            store(cg, p, cg.add(r0, i), v)
+                        })
                     })
                 })
             })
