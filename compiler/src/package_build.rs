@@ -20,7 +20,6 @@ use panguc_runtime::package::{
     PACKAGE_FORMAT_VERSION, PROGRAM_FILE, WEIGHT_ALIGN,
 };
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 /// Write the CPU part of a package into `staging` (which must exist) and
@@ -352,10 +351,6 @@ fn buffer_plan(p: &KernelProgram) -> Vec<BufferEntry> {
         .collect()
 }
 
-/// Prepared weight bytes in flight (prepared, not yet written) at most,
-/// whatever the model's size.
-const PACK_BUDGET_BYTES: u64 = 512 << 20;
-
 /// What packing the weights took (for `panguc bench`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PackStats {
@@ -363,110 +358,95 @@ pub struct PackStats {
     pub seconds: f64,
 }
 
-/// Evaluate every prepared weight and append it, in kernel layout, to
-/// `weights/<group>.bin` at a 64-byte aligned offset.
+/// Where each prepared weight goes: `weights/<group>.bin` at the next
+/// 64-byte aligned offset after the group's previous weight, in program
+/// order; and each file's final length.
+fn weight_placement(p: &KernelProgram) -> (Vec<WeightEntry>, BTreeMap<String, u64>) {
+    let mut ends: BTreeMap<String, u64> = BTreeMap::new();
+    let entries = p
+        .weights
+        .iter()
+        .map(|w| {
+            let file = format!("weights/{}.bin", w.group);
+            let end = ends.entry(file.clone()).or_insert(0);
+            let offset = end.next_multiple_of(WEIGHT_ALIGN);
+            let bytes = w.stored_bytes() as u64;
+            *end = offset + bytes;
+            WeightEntry { name: w.name.clone(), file, offset, bytes }
+        })
+        .collect();
+    (entries, ends)
+}
+
+/// Evaluate every prepared weight and write it, in kernel layout, at its
+/// place in `weights/<group>.bin` ([`weight_placement`]).
 ///
-/// Weights are prepared (read from the mapped shards, converted, packed)
-/// on one worker per core while this thread writes them in program order,
-/// so the files are the same as a sequential run's. Workers take weights
-/// in order and only while the bytes in flight stay under
-/// [`PACK_BUDGET_BYTES`] (one weight alone may exceed it): memory stays
-/// bounded, and the weight the writer needs next is always already taken,
-/// so the budget cannot deadlock.
+/// The places depend only on the weights' sizes, so they are fixed before
+/// anything is packed: one worker per core takes the next weight in
+/// program order, prepares it (read from the mapped shards, copied or
+/// converted, packed) and writes it with one positioned write at its
+/// offset. The files are the same as a sequential run's (padding is the
+/// zeros of the pre-sized file), the workers never wait for each other,
+/// and memory stays bounded by one prepared weight per worker whatever
+/// the model's size. On failure the error of the first failing weight in
+/// program order is reported (every weight before it was already taken,
+/// so it always finishes).
 fn write_weights(staging: &Path, ckpt: &Checkpoint, p: &KernelProgram) -> Result<(Vec<WeightEntry>, PackStats)> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let started = std::time::Instant::now();
-    let dir = staging.join("weights");
-    std::fs::create_dir_all(&dir)?;
-    let sizes: Vec<u64> = p.weights.iter().map(|w| w.stored_bytes() as u64).collect();
-    let total: u64 = sizes.iter().sum();
-    let n = sizes.len();
-    let workers = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1).min(n).max(1);
-    struct Gate {
-        next: usize,
-        in_flight: u64,
-        stop: bool,
+    std::fs::create_dir_all(staging.join("weights"))?;
+    let (entries, ends) = weight_placement(p);
+    let mut files = BTreeMap::new();
+    for (rel, len) in &ends {
+        let f = std::fs::File::create(staging.join(rel)).with_context(|| format!("creating {rel}"))?;
+        f.set_len(*len).with_context(|| format!("sizing {rel}"))?;
+        files.insert(rel.clone(), f);
     }
-    let gate = std::sync::Mutex::new(Gate { next: 0, in_flight: 0, stop: false });
-    let turn = std::sync::Condvar::new();
+    let total: u64 = entries.iter().map(|e| e.bytes).sum();
+    let n = entries.len();
+    let workers = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(1).min(n).max(1);
+    let (next, stop) = (AtomicUsize::new(0), AtomicBool::new(false));
     let bar = pack_progress(total);
-    let entries = std::thread::scope(|s| -> Result<Vec<WeightEntry>> {
-        let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<Vec<u8>>)>();
-        for _ in 0..workers {
-            let (tx, gate, turn, sizes) = (tx.clone(), &gate, &turn, &sizes);
-            s.spawn(move || loop {
-                let i = {
-                    let Ok(mut g) = gate.lock() else { return };
-                    loop {
-                        if g.stop || g.next >= n {
-                            return;
-                        }
-                        if g.in_flight == 0 || g.in_flight + sizes[g.next] <= PACK_BUDGET_BYTES {
+    let write_one = |i: usize| -> Result<()> {
+        let (w, e) = (&p.weights[i], &entries[i]);
+        let bytes = prepared_bytes(ckpt, w).with_context(|| format!("preparing weight `{}`", w.name))?;
+        if bytes.len() as u64 != e.bytes {
+            bail!("weight `{}` packed to {} bytes, its layout needs {}", w.name, bytes.len(), e.bytes);
+        }
+        files[&e.file].write_all_at(&bytes, e.offset).with_context(|| format!("writing {}", e.file))?;
+        bar.inc(e.bytes);
+        Ok(())
+    };
+    let mut failures: Vec<(usize, anyhow::Error)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut failed = vec![];
+                    while !stop.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
                             break;
                         }
-                        let Ok(next) = turn.wait(g) else { return };
-                        g = next;
+                        if let Err(e) = write_one(i) {
+                            stop.store(true, Ordering::Relaxed);
+                            failed.push((i, e));
+                        }
                     }
-                    g.next += 1;
-                    g.in_flight += sizes[g.next - 1];
-                    g.next - 1
-                };
-                let w = &p.weights[i];
-                let r = prepared_bytes(ckpt, w).with_context(|| format!("preparing weight `{}`", w.name));
-                if tx.send((i, r)).is_err() {
-                    return;
-                }
-            });
-        }
-        drop(tx);
-        let mut files: BTreeMap<String, (std::io::BufWriter<std::fs::File>, u64)> = BTreeMap::new();
-        let mut entries = vec![];
-        let mut ready: BTreeMap<usize, Result<Vec<u8>>> = BTreeMap::new();
-        let mut write_ready = |ready: &mut BTreeMap<usize, Result<Vec<u8>>>| -> Result<()> {
-            while let Some(r) = ready.remove(&entries.len()) {
-                let w = &p.weights[entries.len()];
-                let bytes = r?;
-                let rel = format!("weights/{}.bin", w.group);
-                if !files.contains_key(&rel) {
-                    let f = std::fs::File::create(staging.join(&rel)).with_context(|| format!("creating {rel}"))?;
-                    files.insert(rel.clone(), (std::io::BufWriter::with_capacity(8 << 20, f), 0));
-                }
-                let (out, pos) = files.get_mut(&rel).expect("inserted");
-                let pad = pos.next_multiple_of(WEIGHT_ALIGN) - *pos;
-                out.write_all(&vec![0u8; pad as usize]).with_context(|| format!("writing {rel}"))?;
-                let offset = *pos + pad;
-                out.write_all(&bytes).with_context(|| format!("writing {rel}"))?;
-                *pos = offset + bytes.len() as u64;
-                bar.inc(bytes.len() as u64);
-                entries.push(WeightEntry { name: w.name.clone(), file: rel, offset, bytes: bytes.len() as u64 });
-                if let Ok(mut g) = gate.lock() {
-                    g.in_flight -= sizes[entries.len() - 1];
-                }
-                turn.notify_all();
-            }
-            Ok(())
-        };
-        let mut result = Ok(());
-        for (i, r) in rx.iter() {
-            ready.insert(i, r);
-            result = write_ready(&mut ready);
-            if result.is_err() {
-                break;
-            }
-        }
-        if let Ok(mut g) = gate.lock() {
-            g.stop = true;
-        }
-        turn.notify_all();
-        result?;
-        for (rel, (mut out, _)) in files {
-            out.flush().with_context(|| format!("writing {rel}"))?;
-        }
-        if entries.len() != n {
-            bail!("packing the weights stopped after {} of {n}", entries.len());
-        }
-        Ok(entries)
-    })?;
+                    failed
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|_| vec![(n, anyhow!("a packing worker panicked"))]))
+            .collect()
+    });
     bar.finish_and_clear();
+    failures.sort_by_key(|(i, _)| *i);
+    if let Some((_, e)) = failures.into_iter().next() {
+        return Err(e);
+    }
     Ok((entries, PackStats { bytes: total, seconds: started.elapsed().as_secs_f64() }))
 }
 
