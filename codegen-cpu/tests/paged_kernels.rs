@@ -169,7 +169,8 @@ fn qkv_rope_cache_write_matches_the_interpreter_bit_for_bit() {
     // `x` itself, so `x = y` with an identity weight and a zero bias gives
     // it exactly the same `y` (x * 1 + 0 * ... is exact).
     let y = random(&mut rng, vec![m.tokens(), width]);
-    let eye = Tensor::f32(vec![width, width], (0..width * width).map(|i| (i / width == i % width) as u8 as f32).collect());
+    let eye =
+        Tensor::f32(vec![width, width], (0..width * width).map(|i| (i / width == i % width) as u8 as f32).collect());
     let zero = Tensor::zeros(vec![width]);
     let pos = Tensor::i64(vec![m.tokens()], m.positions.iter().map(|&p| p as i64).collect());
     let (cos, sin) = (rope_table(&pos, RopeKind::Cos, 10000.0, D), rope_table(&pos, RopeKind::Sin, 10000.0, D));

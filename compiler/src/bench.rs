@@ -9,10 +9,10 @@
 //! batched (paged KV cache) one every CPU compile makes. It prints ratios;
 //! nothing asserts on time.
 
+use crate::bench_batch::{decode_step_seconds, roofline_seconds, step_bytes, step_flops, StepDriver};
 use crate::frontend::Checkpoint;
 use crate::synth::{synth_with, Preset, SynthOptions};
 use anyhow::{Context, Result};
-use crate::bench_batch::{decode_step_seconds, roofline_seconds, step_bytes, step_flops, StepDriver};
 use panguc_ir::kernel::{KernelKind, KernelProgram};
 use panguc_ir::shape::bindings;
 use panguc_ir::{DType, Module};
@@ -82,7 +82,8 @@ const MB: f64 = 1e6;
 pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     // One line of the text report: stdout, or stderr with `--json` (stdout
     // then holds the JSON object alone).
-    let say = |line: String| if opts.json && opts.json_file.is_none() { eprintln!("{line}") } else { println!("{line}") };
+    let say =
+        |line: String| if opts.json && opts.json_file.is_none() { eprintln!("{line}") } else { println!("{line}") };
     if !opts.checkpoint.join("config.json").is_file() {
         say(format!("synthesizing the small checkpoint in {} ...", opts.checkpoint.display()));
         synth_with(

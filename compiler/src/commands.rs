@@ -515,7 +515,10 @@ pub fn cpu_package_is_batched(targets: &[String]) -> bool {
 
 /// The batched import (paged KV cache of [`CPU_BLOCK_SIZE`]-token blocks),
 /// fused like the one-sequence module and scheduled into a kernel program.
-pub fn batched_cpu_program(ckpt: &Checkpoint, opts: &crate::pipeline::PipelineOptions) -> Result<(Module, KernelProgram)> {
+pub fn batched_cpu_program(
+    ckpt: &Checkpoint,
+    opts: &crate::pipeline::PipelineOptions,
+) -> Result<(Module, KernelProgram)> {
     let imported = import_with(ckpt, crate::import::KvLayout::Paged { block_size: CPU_BLOCK_SIZE })?;
     let fused = crate::pipeline::fuse_batched(ckpt, &imported, opts)?;
     let program = panguc_lowering::schedule::schedule(&fused, &Default::default())

@@ -64,7 +64,8 @@ fn alone<'a>(make: &mut dyn FnMut(usize) -> Box<dyn BatchEngine + 'a>, r: &Reque
 fn assert_rows_close(got: &[Vec<f32>], want: &[Vec<f32>], tol: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: rows");
     for (row, (x, y)) in got.iter().zip(want).enumerate() {
-        let (x, y) = (panguc_ir::Tensor::f32(vec![x.len()], x.clone()), panguc_ir::Tensor::f32(vec![y.len()], y.clone()));
+        let (x, y) =
+            (panguc_ir::Tensor::f32(vec![x.len()], x.clone()), panguc_ir::Tensor::f32(vec![y.len()], y.clone()));
         assert_close(&x, &y, tol, FLOOR, &format!("{what} row {row}"));
     }
 }
@@ -131,11 +132,10 @@ fn the_batched_package_runs_ragged_steps_only() {
     // A step whose metadata points outside the cache is refused before any
     // kernel reads it.
     let mut e = engine(2);
-    let meta = panguc_ir::batch::StepMetadata::build(BLOCK, &[panguc_ir::batch::SeqChunk {
-        past: 0,
-        new_tokens: 2,
-        blocks: &[5],
-    }])
+    let meta = panguc_ir::batch::StepMetadata::build(
+        BLOCK,
+        &[panguc_ir::batch::SeqChunk { past: 0, new_tokens: 2, blocks: &[5] }],
+    )
     .unwrap();
     let chunk = panguc_runtime::StepChunk { seq: 0, tokens: &[1, 2], past: 0, logits_from: 0 };
     let err = e.step(&[chunk], &meta).unwrap_err().to_string();

@@ -152,7 +152,13 @@ fn static_dim(d: &panguc_ir::Dim) -> Result<usize> {
 }
 
 /// One tile: row `ti`'s query heads of KV head `kh` over the tile's keys.
-fn attend<'c>(cg: &mut Cg<'c>, a: &AttnArgs<'c>, ti: IntValue<'c>, kh: IntValue<'c>, keys: TileKeys<'c, '_>) -> Result<()> {
+fn attend<'c>(
+    cg: &mut Cg<'c>,
+    a: &AttnArgs<'c>,
+    ti: IntValue<'c>,
+    kh: IntValue<'c>,
+    keys: TileKeys<'c, '_>,
+) -> Result<()> {
     let (qp, kp, vp, op) = (a.q.0, a.k.0, a.v.0, a.out.0);
     let (d, group) = (a.d, a.group);
     let lanes = lanes_for(d);

@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 const LEADING_INPUTS: usize = 2;
 /// Entry inputs before the KV caches of a ragged-batch program: `ids` and
 /// the step metadata in `panguc_ir::batch::declare_step_inputs` order.
-const BATCHED_INPUTS: [&str; 6] = ["ids", "positions", "query_start_loc", "context_lens", "block_table", "slot_mapping"];
+const BATCHED_INPUTS: [&str; 6] =
+    ["ids", "positions", "query_start_loc", "context_lens", "block_table", "slot_mapping"];
 
 /// True when the entry function takes a ragged batch step over paged KV
 /// caches (the batched import) rather than one sequence's contiguous caches.
@@ -233,7 +234,11 @@ impl<'a> Selector<'a> {
                 _ => false,
             };
             if appends && self.batched && g.values[out].ty != g.values[input].ty {
-                bail!("entry output %{} must have the type of its paged cache %{}", g.values[out].name, g.values[input].name);
+                bail!(
+                    "entry output %{} must have the type of its paged cache %{}",
+                    g.values[out].name,
+                    g.values[input].name
+                );
             }
             if self.batched && !appends {
                 bail!(
