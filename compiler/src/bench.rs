@@ -3,20 +3,23 @@
 //! at batch 1 for the interpreter, the compiled package on one thread and
 //! on all cores, the memory roofline measured in the same run, prefill
 //! tokens/s for a 512-token prompt with GEMM GFLOP/s against the measured
-//! FMA peak, and peak resident memory. It prints ratios; nothing asserts
-//! on time.
+//! FMA peak, batched decode at batch 1, 4, 16 and 64 (context 512 each)
+//! and a 4 x 512-token prefill in one step against each step's roofline
+//! (see `bench_batch`), and peak resident memory. The package is the
+//! batched (paged KV cache) one every CPU compile makes. It prints ratios;
+//! nothing asserts on time.
 
+use crate::bench_batch::{decode_step_seconds, roofline_seconds, step_bytes, step_flops, StepDriver};
 use crate::frontend::Checkpoint;
 use crate::synth::{synth_with, Preset, SynthOptions};
 use anyhow::{Context, Result};
-use panguc_ir::kernel::{BufferKind, KernelKind, KernelProgram};
+use panguc_ir::kernel::{KernelKind, KernelProgram};
 use panguc_ir::shape::bindings;
 use panguc_ir::{DType, Module};
 use panguc_runtime::bench::{
     bf16_dot_peak_flops, disk_write_bandwidth, fma_peak_flops, load_average, peak_rss_bytes, reset_peak_rss,
     stream_read_bandwidth,
 };
-use panguc_runtime::{CpuEngine, Engine, EngineOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,6 +35,10 @@ pub struct BenchOptions {
     pub interp_decode_tokens: usize,
     /// Also print one JSON object of every figure at the end.
     pub json: bool,
+    /// Write that JSON object to this file (instead of stdout).
+    pub json_file: Option<PathBuf>,
+    /// Decode steps timed at each batch size of the batched decode.
+    pub batch_decode_steps: usize,
     /// "All cores".
     pub threads: usize,
 }
@@ -45,20 +52,28 @@ impl BenchOptions {
             decode_tokens: 32,
             interp_decode_tokens: 3,
             json: false,
+            json_file: None,
+            batch_decode_steps: 8,
             threads: panguc_runtime::engine::default_threads(),
         }
     }
 }
 
-/// Turns the imported module into the module to compile (the fusion
-/// pipeline, or the identity).
+/// Turns the batched import (ragged steps over a paged KV cache) into the
+/// module to compile (the fusion pipeline, or the identity).
 pub type Fuse<'a> = &'a dyn Fn(&Checkpoint, &Module) -> Result<Module>;
 
-/// The fusion pipeline of `panguc compile` with default options: what
-/// `panguc bench` compiles.
+/// The fusion of `panguc compile`'s CPU packages with default options:
+/// what `panguc bench` compiles.
 pub fn pipeline_fuse(ckpt: &Checkpoint, imported: &Module) -> Result<Module> {
-    Ok(crate::pipeline::run_pipeline(ckpt, imported, 0.0, &crate::pipeline::PipelineOptions::default())?.module)
+    crate::pipeline::fuse_batched(ckpt, imported, &crate::pipeline::PipelineOptions::default())
 }
+
+/// Batch sizes of the batched decode measurement, and their context.
+const BATCHES: [usize; 4] = [1, 4, 16, 64];
+const BATCH_CONTEXT: usize = 512;
+/// The batched prefill: this many prompts of [`BATCH_CONTEXT`] tokens in one step.
+const PREFILL_SEQS: usize = 4;
 
 const GB: f64 = 1e9;
 const MB: f64 = 1e6;
@@ -67,7 +82,8 @@ const MB: f64 = 1e6;
 pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     // One line of the text report: stdout, or stderr with `--json` (stdout
     // then holds the JSON object alone).
-    let say = |line: String| if opts.json { eprintln!("{line}") } else { println!("{line}") };
+    let say =
+        |line: String| if opts.json && opts.json_file.is_none() { eprintln!("{line}") } else { println!("{line}") };
     if !opts.checkpoint.join("config.json").is_file() {
         say(format!("synthesizing the small checkpoint in {} ...", opts.checkpoint.display()));
         synth_with(
@@ -79,7 +95,8 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     // resident memory is the package's alone.
     let module = {
         let ckpt = crate::commands::open_checkpoint(&opts.checkpoint, false)?;
-        let imported = crate::commands::import(&ckpt)?;
+        let kv = crate::import::KvLayout::Paged { block_size: crate::commands::CPU_BLOCK_SIZE };
+        let imported = crate::commands::import_with(&ckpt, kv)?;
         let module = fuse(&ckpt, &imported)?;
         if opts.work_dir.exists() {
             std::fs::remove_dir_all(&opts.work_dir).with_context(|| format!("removing {}", opts.work_dir.display()))?;
@@ -173,35 +190,56 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     let load_before = load_average();
     let rss_reset = reset_peak_rss();
 
-    // Compiled decode at batch 1.
+    // Compiled decode at batch 1, after a context of 8 tokens.
     let prompt: Vec<i64> = (0..8).map(|i| 100 + 37 * i).collect();
-    let decode = |n_threads: usize| -> Result<(f64, usize)> {
-        let mut e = CpuEngine::new(pkg.clone(), &EngineOptions { threads: n_threads, max_context: Some(1024) })?;
-        e.forward(&prompt)?;
-        // One untimed step faults in the decode path's pages.
-        e.forward(&[5])?;
-        let t0 = Instant::now();
-        for i in 0..opts.decode_tokens {
-            e.forward(&[(i as i64 * 13) % 1000 + 3])?;
-        }
-        Ok((t0.elapsed().as_secs_f64() / opts.decode_tokens as f64, e.past()))
-    };
-    let (step1, _) = decode(1)?;
-    let (step, past_end) = decode(threads)?;
+    let (step1, _) = decode_step_seconds(&pkg, 1, 1, prompt.len(), opts.decode_tokens)?;
+    let (step, mid_meta) = decode_step_seconds(&pkg, threads, 1, prompt.len(), opts.decode_tokens)?;
 
     // Prefill of a long prompt (best of two).
     let long: Vec<i64> = (0..opts.prompt_tokens as i64).map(|i| (i * 7919) % 31000 + 1).collect();
     let mut best: Option<(f64, f64, Vec<f64>)> = None;
     for _ in 0..2 {
-        let mut e = CpuEngine::new(pkg.clone(), &EngineOptions { threads, max_context: Some(opts.prompt_tokens) })?;
-        e.enable_profiling();
+        let mut d = StepDriver::new(pkg.clone(), threads, 1, opts.prompt_tokens)?;
+        d.engine().enable_profiling();
         let t0 = Instant::now();
-        e.forward(&long)?;
+        d.step(std::slice::from_ref(&long))?;
         let total = t0.elapsed().as_secs_f64();
+<<<<<<< HEAD
         let p = e.profile().expect("profiling enabled");
         let by_kind: Vec<f64> = GEMM_KINDS.iter().map(|k| p.get(k).map(|d| d.as_secs_f64()).unwrap_or(0.0)).collect();
         if best.as_ref().is_none_or(|(t, _, _)| total < *t) {
             best = Some((total, by_kind.iter().sum(), by_kind));
+=======
+        let p = d.engine().profile().expect("profiling enabled");
+        let gemm: f64 =
+            ["gemm", "moe_gate_up", "moe_down"].iter().filter_map(|k| p.get(k)).map(|d| d.as_secs_f64()).sum();
+        if best.is_none_or(|(t, _)| total < t) {
+            best = Some((total, gemm));
+>>>>>>> s19-cpubatch
+        }
+    }
+    // Batched decode at context 512, and several prompts prefilled in one step.
+    let groups = pkg.config().num_groups();
+    let peak_used = bf16_peak.filter(|_| pkg.tier() == panguc_codegen_cpu::BF16_TIER).unwrap_or(peak);
+    let mut batched = vec![];
+    for b in BATCHES {
+        let (t, meta) = decode_step_seconds(&pkg, threads, b, BATCH_CONTEXT, opts.batch_decode_steps)?;
+        let num_blocks = b * (BATCH_CONTEXT + opts.batch_decode_steps + 1).div_ceil(meta.block_size);
+        let (bytes, flops) = (step_bytes(program, &meta, groups), step_flops(program, &meta, num_blocks));
+        batched.push((b, t, bytes, flops, roofline_seconds(bytes, flops, bw, peak_used)));
+    }
+    let prompts: Vec<Vec<i64>> = (0..PREFILL_SEQS)
+        .map(|s| (0..BATCH_CONTEXT as i64).map(|i| (i * 7919 + s as i64 * 101) % 31000 + 1).collect())
+        .collect();
+    let mut prefill_best: Option<(f64, f64)> = None;
+    for _ in 0..2 {
+        let mut d = StepDriver::new(pkg.clone(), threads, PREFILL_SEQS, BATCH_CONTEXT)?;
+        let t0 = Instant::now();
+        let meta = d.step(&prompts)?;
+        let t = t0.elapsed().as_secs_f64();
+        let num_blocks = PREFILL_SEQS * BATCH_CONTEXT.div_ceil(meta.block_size);
+        if prefill_best.is_none_or(|(b, _)| t < b) {
+            prefill_best = Some((t, step_flops(program, &meta, num_blocks)));
         }
     }
     let compiled_rss = peak_rss_bytes();
@@ -211,22 +249,30 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     let interp_tps = {
         let ckpt = crate::commands::open_checkpoint(&opts.checkpoint, false)?;
         let cfg = ckpt.config();
+        let block_size = crate::commands::CPU_BLOCK_SIZE;
+        let blocks: Vec<u32> = (0..(prompt.len() + opts.interp_decode_tokens).div_ceil(block_size) as u32).collect();
         let interp = panguc_ir::interp::Interpreter::new(&module, &ckpt);
-        let mut s = panguc_ir::session::InterpSession::new(
+        let mut s = panguc_ir::session::BatchInterpSession::new(
             interp,
             cfg.num_hidden_layers,
+            blocks.len(),
+            block_size,
             [cfg.num_key_value_heads, cfg.head_dim()],
         );
-        s.forward(&prompt)?;
+        let mut step = |past: usize, ids: &[i64]| -> Result<()> {
+            let chunk = panguc_ir::batch::SeqChunk { past, new_tokens: ids.len(), blocks: &blocks };
+            s.step(ids, &panguc_ir::batch::StepMetadata::build(block_size, &[chunk])?)?;
+            Ok(())
+        };
+        step(0, &prompt)?;
         let t0 = Instant::now();
         for i in 0..opts.interp_decode_tokens {
-            s.forward(&[(i as i64 * 13) % 1000 + 3])?;
+            step(prompt.len() + i, &[(i as i64 * 13) % 1000 + 3])?;
         }
         opts.interp_decode_tokens as f64 / t0.elapsed().as_secs_f64()
     };
 
-    let mid_past = past_end - opts.decode_tokens / 2;
-    let active = decode_bytes(program, mid_past);
+    let active = step_bytes(program, &mid_meta, groups);
     let roof = active as f64 / bw;
     say(format!("decode, batch 1 (prompt 8, {} new tokens):", opts.decode_tokens));
     say(format!("  interpreter           {:>8.2} tok/s", interp_tps));
@@ -303,6 +349,42 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     put("bf16.prefill.gemm_gflops", (gemm_rate / GB).into());
     put("bf16.prefill.gemm_fraction_of_fma_peak", (gemm_rate / peak).into());
     put("bf16.prefill.gemm_fraction_of_bf16_peak", bf16_peak.map(|p| gemm_rate / p).into());
+    say(format!(
+        "batched decode (context {BATCH_CONTEXT} each, {threads} threads; roofline = max(step bytes / {:.1} GB/s, step FLOPs / {:.1} GFLOP/s)):",
+        bw / GB,
+        peak_used / GB
+    ));
+    let tps1 = batched.first().map(|(b, t, ..)| *b as f64 / t).unwrap_or(0.0);
+    for &(b, t, bytes, flops, roof) in &batched {
+        let tps = b as f64 / t;
+        say(format!(
+            "  batch {b:>2}: {tps:>8.1} tok/s ({:.1} ms/step; {:.0} MB, {:.2} GFLOP per step); {:.2}x batch 1; roofline {:.2} ms = {:.2} of it (target >= 0.6)",
+            t * 1e3,
+            bytes as f64 / MB,
+            flops / GB,
+            tps / tps1,
+            roof * 1e3,
+            roof / t
+        ));
+        put(&format!("bf16.decode.batch_{b}.tokens_per_s"), tps.into());
+        put(&format!("bf16.decode.batch_{b}.roofline_fraction"), (roof / t).into());
+    }
+    if let (Some(first), Some(last)) = (batched.first(), batched.last()) {
+        let ratio = (last.0 as f64 / last.1) / (first.0 as f64 / first.1);
+        say(format!("  batch {} aggregate / batch {} = {ratio:.2}x (target >= 8)", last.0, first.0));
+    }
+    let (pt, pflops) = prefill_best.expect("two runs");
+    let ptokens = PREFILL_SEQS * BATCH_CONTEXT;
+    say(format!(
+        "batched prefill ({PREFILL_SEQS} x {BATCH_CONTEXT} tokens in one step): {:.1} tok/s ({:.2} s); {:.1} GFLOP/s = {:.2} of the {:.1} GFLOP/s peak",
+        ptokens as f64 / pt,
+        pt,
+        pflops / pt / GB,
+        pflops / pt / peak_used,
+        peak_used / GB
+    ));
+    put("bf16.prefill_512.tokens_per_s", (ptokens as f64 / pt).into());
+    put("bf16.prefill_512.peak_fraction", (pflops / pt / peak_used).into());
     match (compiled_rss, rss_reset) {
         (Some(rss), true) => say(format!(
             "peak resident memory of the compiled runs: {:.0} MB (weights mapped once: {:.0} MB, shared by every engine)",
@@ -325,50 +407,13 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         ));
         put("machine.load_average", serde_json::json!([a, b]));
     }
-    if opts.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(json))?);
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(json))?;
+    match &opts.json_file {
+        Some(f) => std::fs::write(f, text + "\n").with_context(|| format!("writing {}", f.display()))?,
+        None if opts.json => println!("{text}"),
+        None => {}
     }
     Ok(())
-}
-
-/// Bytes a decode step must read at context `past`: every weight once
-/// (only the routed experts' share of expert weights, one embedding row)
-/// plus the KV cache.
-pub fn decode_bytes(p: &KernelProgram, past: usize) -> u64 {
-    let b = bindings(1, past);
-    let mut seen = std::collections::BTreeSet::new();
-    let mut total = 0u64;
-    for l in &p.launches {
-        let k = &p.kernels[l.kernel];
-        for (i, a) in l.args.iter().enumerate() {
-            let (root, _) = p.root_of(*a);
-            if !seen.insert(root) {
-                continue;
-            }
-            let buf = p.buffer(root);
-            total += match &buf.kind {
-                BufferKind::Weight { index } => {
-                    let w = &p.weights[*index];
-                    let bytes = w.stored_bytes() as u64;
-                    match (&k.kind, i) {
-                        (KernelKind::MoeGateUp | KernelKind::MoeDown, 3) => {
-                            let experts = w.shape[0] as u64;
-                            let slots = p.buffer(l.args[2]).shape[0].eval(&b).unwrap_or(1) as u64;
-                            bytes * slots.min(experts) / experts
-                        }
-                        (KernelKind::Gather, 0) => {
-                            let row: usize = w.shape[1..].iter().product();
-                            (row * w.dtype.size_bytes()) as u64
-                        }
-                        _ => bytes,
-                    }
-                }
-                BufferKind::KvCache { .. } => buf.bytes().eval(&b).unwrap_or(0),
-                _ => 0,
-            };
-        }
-    }
-    total
 }
 
 /// Floating-point operations of the GEMM kernels for a `tokens` prompt.

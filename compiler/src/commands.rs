@@ -5,6 +5,7 @@ use crate::import::build_module;
 use crate::synth::{synth_with, Preset, SynthOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use panguc_ir::kernel::KernelProgram;
 use panguc_ir::{DType, Module};
 use panguc_runtime::batch::EngineFactory;
 use std::path::{Path, PathBuf};
@@ -432,11 +433,17 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         let plan = p.report["plan"].as_str().unwrap_or("unknown");
         crate::package_build::write_cpu_rank_packages(staging.path(), &ckpt, &p.parts, &rank_programs, plan, &targets)?;
     } else if targets.iter().any(|t| t == "cpu") {
+        let batched = cpu_package_is_batched(&targets);
+        let cpu = if batched { Some(batched_cpu_program(&ckpt, &opts)?) } else { None };
+        let (cpu_module, cpu_program) = match &cpu {
+            Some((m, p)) => (m, p),
+            None => (&piped.module, &program),
+        };
         crate::package_build::write_cpu_package_for(
             staging.path(),
             &ckpt,
-            &piped.module,
-            &program,
+            cpu_module,
+            cpu_program,
             &targets,
             &serde_json::Value::Null,
         )?;
@@ -493,6 +500,32 @@ pub fn compile(a: CompileArgs) -> Result<()> {
 }
 
 /// The optimised IR, in canonical text, under `ir/`.
+/// KV-cache block size of batched CPU packages (tokens per block): the
+/// scheduler's default, so `panguc run` needs no `--block-size`.
+pub const CPU_BLOCK_SIZE: usize = panguc_runtime::scheduler::DEFAULT_BLOCK_SIZE;
+
+/// A one-device CPU package runs ragged batch steps over a paged KV cache
+/// (every running sequence in one call). A package that also targets
+/// Ascend keeps the one-sequence program: the `ascend-sim` engine runs the
+/// package's kernel program through the AscendC kernels, which have no
+/// paged attention yet.
+pub fn cpu_package_is_batched(targets: &[String]) -> bool {
+    !targets.iter().any(|t| t.starts_with("ascend"))
+}
+
+/// The batched import (paged KV cache of [`CPU_BLOCK_SIZE`]-token blocks),
+/// fused like the one-sequence module and scheduled into a kernel program.
+pub fn batched_cpu_program(
+    ckpt: &Checkpoint,
+    opts: &crate::pipeline::PipelineOptions,
+) -> Result<(Module, KernelProgram)> {
+    let imported = import_with(ckpt, crate::import::KvLayout::Paged { block_size: CPU_BLOCK_SIZE })?;
+    let fused = crate::pipeline::fuse_batched(ckpt, &imported, opts)?;
+    let program = panguc_lowering::schedule::schedule(&fused, &Default::default())
+        .context("scheduling the batched kernel program")?;
+    Ok((fused, program))
+}
+
 fn write_ir_files(staging: &Path, fused: &Module) -> Result<()> {
     let dir = staging.join("ir");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -595,9 +628,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 32)]
     pub decode_tokens: usize,
     /// Print every figure as one JSON object on stdout (the text report
-    /// goes to stderr).
-    #[arg(long)]
-    pub json: bool,
+    /// goes to stderr), or with a FILE write it there.
+    #[arg(long, value_name = "FILE", num_args = 0..=1)]
+    pub json: Option<Option<PathBuf>>,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -613,7 +646,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     opts.prompt_tokens = a.prompt_tokens;
     opts.decode_tokens = a.decode_tokens;
-    opts.json = a.json;
+    opts.json = a.json.is_some();
+    opts.json_file = a.json.flatten();
     crate::bench::run_bench(&opts, &crate::bench::pipeline_fuse)
 }
 

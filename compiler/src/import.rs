@@ -14,8 +14,9 @@
 //! [`build_batched_module`] emits the same model over one ragged batch step
 //! with a paged KV cache (`KvLayout::Paged`): the attention block becomes
 //! `kv_cache_write` + `paged_attention`, everything else is unchanged and
-//! runs over all rows of the step. It is not the default import yet (no
-//! backend has kernels for those ops); its entry contract is documented on
+//! runs over all rows of the step. CPU packages are compiled from it
+//! (`commands::batched_cpu_program`); the Ascend targets and partitioning
+//! still take the one-sequence import. Its entry contract is documented on
 //! `panguc_ir::session::BatchInterpSession`.
 
 use anyhow::{anyhow, Result};

@@ -6,6 +6,8 @@ pub mod ascend_build;
 #[cfg(feature = "driver")]
 pub mod bench;
 #[cfg(feature = "driver")]
+pub mod bench_batch;
+#[cfg(feature = "driver")]
 pub mod bench_gemm;
 #[cfg(feature = "driver")]
 pub mod commands;

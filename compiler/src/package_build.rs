@@ -554,7 +554,6 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         });
         log_after(tier, crate::run_batch::generate_and_report(make, a, &cfg, &prompts))
     } else {
-        // One engine per running sequence, sharing the package and the pool.
         let pool = panguc_runtime::thread_pool(threads)?;
         // Opening verifies the package's small files (the tokenizer's
         // among them) before the tokenizer is read.
@@ -562,6 +561,34 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         let tier = tier_line(&a.model, a)?;
         let cfg = pkg.config().clone();
         let prompts = crate::run_batch::prompts(a, &cfg)?;
+        if let Some(block_size) = panguc_runtime::CpuEngine::block_size_of(&pkg) {
+            // Batched: one engine runs every step over one paged KV cache
+            // whose blocks the scheduler hands out.
+            if a.block_size.is_some_and(|b| b != block_size) {
+                bail!(
+                    "{} was compiled for KV blocks of {block_size} tokens: drop --block-size or pass {block_size}",
+                    a.model.display()
+                );
+            }
+            let a = &crate::commands::RunArgs { block_size: Some(block_size), ..a.clone() };
+            return log_after(
+                tier,
+                crate::run_batch::scheduled_run(a, &cfg, &prompts, &mut |s| {
+                    let block_bytes = s.block_size * crate::run_batch::kv_bytes_per_token(&cfg);
+                    panguc_runtime::memory::check_fits(
+                        &format!(
+                            "the KV cache of {} blocks of {} tokens shared by the running sequences \
+                             (--kv-cache-mb bounds it)",
+                            s.num_blocks, s.block_size
+                        ),
+                        (s.num_blocks as u64).checked_mul(block_bytes as u64),
+                    )?;
+                    Ok(Box::new(panguc_runtime::CpuEngine::batched(pkg.clone(), pool.clone(), s.num_blocks)?))
+                }),
+            );
+        }
+        // A one-sequence program: one engine per running sequence, sharing
+        // the package and the pool.
         let context = Some(crate::run_batch::max_context(&prompts, a.max_new_tokens));
         let make: EngineFactory =
             Box::new(move || Ok(Box::new(panguc_runtime::CpuEngine::with_pool(pkg.clone(), pool.clone(), context)?)));

@@ -11,7 +11,7 @@ use panguc_ir::{Module, WeightSource};
 use panguc_lowering::estimate::{estimates, EstimateSpec};
 use panguc_lowering::fuse::{fuse_module, FuseOptions, Limits, DEFAULT_COST_PROFILE};
 use panguc_lowering::report::{build_report, ReportInput};
-use panguc_lowering::validate::{random_weights, validate_session};
+use panguc_lowering::validate::{random_weights, validate_session, ValidationReport};
 use panguc_lowering::{builtin_profiles, HardwareProfile};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -69,12 +69,9 @@ const VALIDATION_SEED: u64 = 0x5eed;
 /// many parameters (1 GiB of f32); beyond, validation needs real weights.
 const MAX_RANDOM_PARAMS: u64 = 1 << 28;
 
-pub fn run_pipeline(
-    ckpt: &Checkpoint,
-    imported: &Module,
-    import_seconds: f64,
-    opts: &PipelineOptions,
-) -> Result<PipelineOutput> {
+/// The hardware profiles (`--profiles` overrides applied) and the fusion
+/// options of `opts`.
+fn fuse_options(opts: &PipelineOptions) -> Result<(Vec<HardwareProfile>, FuseOptions)> {
     let profiles = match &opts.profile_file {
         Some(p) => HardwareProfile::load_overrides(p)?,
         None => builtin_profiles(),
@@ -84,24 +81,50 @@ pub fn run_pipeline(
         anyhow!("unknown cost profile `{}` (known profiles: {})", opts.cost_profile, known.join(", "))
     })?;
     let limits = Limits { iter_limit: opts.iter_limit, node_limit: opts.node_limit, time_limit: opts.time_limit };
-    let fuse_opts = FuseOptions { limits: limits.clone(), profile, ..FuseOptions::default() };
+    Ok((profiles, FuseOptions { limits, profile, ..FuseOptions::default() }))
+}
+
+/// `--validate`: the interpreter runs `imported` and `fused` on the same
+/// steps (the checkpoint's weights, or random ones for a config-only
+/// compile) and fails if they differ.
+fn validate(ckpt: &Checkpoint, imported: &Module, fused: &Module) -> Result<ValidationReport> {
+    let random;
+    let (weights, kind): (&dyn WeightSource, &str) = if ckpt.has_weights() {
+        (ckpt, "checkpoint")
+    } else {
+        random = random_weights(imported, VALIDATION_SEED, MAX_RANDOM_PARAMS)?;
+        (&random, "random")
+    };
+    validate_session(imported, fused, weights, kind, VALIDATION_PREFILL, VALIDATION_SEED)
+}
+
+/// The module a CPU package is compiled from: `batched` (the ragged-batch
+/// import over a paged KV cache) fused with the options of `opts`, and with
+/// `--validate` checked against the unfused batched module on ragged steps.
+/// `--dump-ir` shows the one-sequence pipeline only.
+pub fn fuse_batched(ckpt: &Checkpoint, batched: &Module, opts: &PipelineOptions) -> Result<Module> {
+    let (_, fuse_opts) = fuse_options(opts)?;
+    let (fused, _) = fuse_module(batched, &fuse_opts, |_, _| Ok(()))?;
+    if opts.validate {
+        validate(ckpt, batched, &fused).context("validating the batched (paged KV cache) module")?;
+    }
+    Ok(fused)
+}
+
+pub fn run_pipeline(
+    ckpt: &Checkpoint,
+    imported: &Module,
+    import_seconds: f64,
+    opts: &PipelineOptions,
+) -> Result<PipelineOutput> {
+    let (profiles, fuse_opts) = fuse_options(opts)?;
+    let limits = fuse_opts.limits.clone();
 
     let mut dump = Dumper::new(opts.dump_ir.as_deref())?;
     dump.write("import", imported)?;
     let (fused, stats) = fuse_module(imported, &fuse_opts, |pass, m| dump.write(pass, m))?;
 
-    let validation = if opts.validate {
-        let random;
-        let (weights, kind): (&dyn WeightSource, &str) = if ckpt.has_weights() {
-            (ckpt, "checkpoint")
-        } else {
-            random = random_weights(imported, VALIDATION_SEED, MAX_RANDOM_PARAMS)?;
-            (&random, "random")
-        };
-        Some(validate_session(imported, &fused, weights, kind, VALIDATION_PREFILL, VALIDATION_SEED)?)
-    } else {
-        None
-    };
+    let validation = if opts.validate { Some(validate(ckpt, imported, &fused)?) } else { None };
 
     let estimates = estimates(ckpt.config(), &fused, imported, &profiles, &EstimateSpec::default())?;
     let (report, summary) = build_report(&ReportInput {

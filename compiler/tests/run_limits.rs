@@ -63,20 +63,23 @@ fn compiled_run_refuses_requests_past_context_or_memory() {
     let o = panguc(&["compile", tiny().to_str().unwrap(), "--target", "cpu", "-o", pkg.to_str().unwrap()], None);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     check_model(&pkg);
-    // The compiled engine's message names the KV cache.
+    // The compiled engine's message names its paged KV cache: 4003 tokens
+    // are 251 blocks of 16.
     refused(
         &panguc(&["run", pkg.to_str().unwrap(), "--tokens", "1,2,3", "--max-new-tokens", "4000"], Some("65536")),
-        &["the KV cache for a context of 4003 tokens"],
+        &["the KV cache of 251 blocks of 16 tokens", "--kv-cache-mb"],
     );
     // One 103-token sequence's f32 cache (2 layers x K and V x 2 heads x 16
-    // = 512 bytes per token: 52,736 bytes) fits in 150 kB; four running at once do not, and the
-    // batch is refused before any engine is made. With --max-seqs 2 two
-    // run at a time and it fits.
+    // = 512 bytes per token; 7 blocks of 16 tokens: 57,344 bytes) fits in
+    // 150 kB; by default the one paged cache holds all four sequences at
+    // their longest (28 blocks), which does not, and the batch is refused
+    // before the engine is made. With --kv-cache-mb 0.1 (12 blocks) it
+    // fits, and sequences are preempted and recomputed as blocks run out.
     let four: Vec<&str> = ["--tokens", "1,2,3"].iter().cycle().take(8).copied().collect();
     let mut args = vec!["run", pkg.to_str().unwrap(), "--max-new-tokens", "100"];
     args.extend(&four);
-    refused(&panguc(&args, Some("150000")), &["4 running sequences' KV caches", "--max-seqs"]);
-    args.extend(["--max-seqs", "2"]);
+    refused(&panguc(&args, Some("150000")), &["the KV cache of 28 blocks", "--kv-cache-mb"]);
+    args.extend(["--kv-cache-mb", "0.1"]);
     let o = panguc(&args, Some("150000"));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

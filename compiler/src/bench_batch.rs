@@ -1,0 +1,201 @@
+//! Batched measurements of `panguc bench`: a compiled batched package
+//! driven step by step (no scheduler, no sampling), and the bytes and
+//! FLOPs one step must move and compute, for its roofline.
+//!
+//! Decode at batch B and context C times steps where each of B sequences
+//! decodes one token after C cached tokens. Its cache contents do not
+//! matter for the time (attention reads the same bytes whatever they
+//! hold), so the contexts are not prefilled: each sequence simply owns
+//! enough blocks and the step metadata says C tokens are cached.
+
+use anyhow::Result;
+use panguc_ir::batch::{SeqChunk, StepMetadata};
+use panguc_ir::kernel::{BufferKind, Epilogue, KernelKind, KernelProgram};
+use panguc_ir::shape::{Bindings, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_SEQS, SYM_TOKENS};
+use panguc_runtime::{BatchEngine, CpuEngine, Package, StepChunk};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Sequences with their own blocks of one paged cache, stepped directly.
+pub struct StepDriver {
+    engine: CpuEngine,
+    block_size: usize,
+    /// Per sequence: tokens cached, blocks owned.
+    seqs: Vec<(usize, Vec<u32>)>,
+}
+
+impl StepDriver {
+    /// `batch` sequences that each reach at most `max_context` tokens.
+    pub fn new(pkg: Arc<Package>, threads: usize, batch: usize, max_context: usize) -> Result<StepDriver> {
+        let block_size = CpuEngine::block_size_of(&pkg)
+            .ok_or_else(|| anyhow::anyhow!("the bench package's kernel program is not batched"))?;
+        let per_seq = max_context.div_ceil(block_size);
+        let engine = CpuEngine::batched(pkg, panguc_runtime::thread_pool(threads)?, batch * per_seq)?;
+        // Sequence s owns blocks s*per_seq.. (any disjoint choice costs the same).
+        let seqs = (0..batch).map(|s| (0, (0..per_seq).map(|b| (s * per_seq + b) as u32).collect())).collect();
+        Ok(StepDriver { engine, block_size, seqs })
+    }
+
+    pub fn engine(&mut self) -> &mut CpuEngine {
+        &mut self.engine
+    }
+
+    /// Pretend every sequence already holds `tokens` cached tokens.
+    pub fn set_context(&mut self, tokens: usize) {
+        for s in &mut self.seqs {
+            s.0 = tokens;
+        }
+    }
+
+    /// One step: `new[s]` are sequence s's new tokens (every sequence must
+    /// have some). Returns the step's metadata.
+    pub fn step(&mut self, new: &[Vec<i64>]) -> Result<StepMetadata> {
+        let chunks: Vec<SeqChunk> = self
+            .seqs
+            .iter()
+            .zip(new)
+            .map(|((past, blocks), t)| SeqChunk { past: *past, new_tokens: t.len(), blocks })
+            .collect();
+        let meta = StepMetadata::build(self.block_size, &chunks)?;
+        let step: Vec<StepChunk> = self
+            .seqs
+            .iter()
+            .zip(new)
+            .enumerate()
+            // Only the last row's logits are wanted, as in generation.
+            .map(|(s, ((past, _), t))| StepChunk { seq: s, tokens: t, past: *past, logits_from: t.len() - 1 })
+            .collect();
+        self.engine.step(&step, &meta)?;
+        for (s, t) in self.seqs.iter_mut().zip(new) {
+            s.0 += t.len();
+        }
+        Ok(meta)
+    }
+}
+
+/// Seconds per decode step of `batch` sequences at context `context`
+/// (mean over `steps` after one untimed step), and the metadata of the
+/// middle step.
+pub fn decode_step_seconds(
+    pkg: &Arc<Package>,
+    threads: usize,
+    batch: usize,
+    context: usize,
+    steps: usize,
+) -> Result<(f64, StepMetadata)> {
+    let mut d = StepDriver::new(pkg.clone(), threads, batch, context + steps + 1)?;
+    d.set_context(context);
+    let token = |s: usize, i: usize| vec![((s * 31 + i * 13) % 1000 + 3) as i64];
+    // One untimed step faults in the decode path's pages.
+    d.step(&(0..batch).map(|s| token(s, 0)).collect::<Vec<_>>())?;
+    let mut mid = None;
+    let t0 = Instant::now();
+    for i in 0..steps {
+        let meta = d.step(&(0..batch).map(|s| token(s, i + 1)).collect::<Vec<_>>())?;
+        if i == steps / 2 {
+            mid = Some(meta);
+        }
+    }
+    Ok((t0.elapsed().as_secs_f64() / steps.max(1) as f64, mid.expect("at least one step")))
+}
+
+/// The shape symbols of a step of a batched program.
+pub fn step_bindings(meta: &StepMetadata, num_blocks: usize) -> Bindings {
+    Bindings::from([
+        (SYM_TOKENS.to_string(), meta.tokens()),
+        (SYM_SEQS.to_string(), meta.seqs()),
+        (SYM_MAX_BLOCKS.to_string(), meta.max_blocks),
+        (SYM_NUM_BLOCKS.to_string(), num_blocks),
+    ])
+}
+
+/// Bytes one step must read from memory: every weight once (the embedding
+/// rows of the step's tokens; of the routed experts, the share a step's
+/// rows are expected to select when every row picks one expert per group
+/// uniformly, `groups` groups), and each sequence's cached K and V.
+pub fn step_bytes(p: &KernelProgram, meta: &StepMetadata, groups: usize) -> u64 {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = 0u64;
+    for l in &p.launches {
+        let k = &p.kernels[l.kernel];
+        for (i, a) in l.args.iter().enumerate() {
+            let (root, _) = p.root_of(*a);
+            if !seen.insert(root) {
+                continue;
+            }
+            let buf = p.buffer(root);
+            total += match &buf.kind {
+                BufferKind::Weight { index } => {
+                    let w = &p.weights[*index];
+                    let bytes = w.stored_bytes() as u64;
+                    match (&k.kind, i) {
+                        (KernelKind::MoeGateUp | KernelKind::MoeDown, 3) => {
+                            let experts = w.shape[0];
+                            let per_group = (experts / groups.max(1)).max(1) as f64;
+                            let untouched = (1.0 - 1.0 / per_group).powi(meta.tokens() as i32);
+                            (bytes as f64 * (1.0 - untouched)) as u64
+                        }
+                        (KernelKind::Gather, 0) => {
+                            let row: usize = w.shape[1..].iter().product();
+                            (meta.tokens() * row * w.dtype.size_bytes()) as u64
+                        }
+                        _ => bytes,
+                    }
+                }
+                BufferKind::KvCache { .. } => {
+                    // One cache of one layer: [num_blocks, block_size, row..].
+                    let row: usize = buf.shape[2..].iter().filter_map(|d| d.as_const()).product();
+                    let cached: usize = meta.context_lens.iter().map(|&c| c as usize).sum();
+                    (cached * row * buf.dtype.size_bytes()) as u64
+                }
+                _ => 0,
+            };
+        }
+    }
+    total
+}
+
+/// Floating-point operations of one step: the GEMMs (the routed experts
+/// at the rows they receive) and paged attention (q.k and p.v over each
+/// row's visible keys).
+pub fn step_flops(p: &KernelProgram, meta: &StepMetadata, num_blocks: usize) -> f64 {
+    let b = step_bindings(meta, num_blocks);
+    // Keys visible to all rows together: row i of a sequence with q new
+    // tokens and context c sees c - q + i + 1 keys.
+    let visible: usize = (0..meta.seqs())
+        .map(|s| {
+            let (q, c) = (meta.rows(s).len(), meta.context_lens[s] as usize);
+            (0..q).map(|i| c - q + i + 1).sum::<usize>()
+        })
+        .sum();
+    let mut flops = 0.0;
+    for l in &p.launches {
+        let k = &p.kernels[l.kernel];
+        let dims = |i: usize| -> Vec<usize> { k.args[i].shape.iter().map(|d| d.eval(&b).unwrap_or(0)).collect() };
+        flops += match &k.kind {
+            KernelKind::Gemm { epilogue } => {
+                let (a, out) = (dims(0), dims(k.args.len() - 1));
+                let rows: usize = out[..out.len() - 1].iter().product();
+                let n = out[out.len() - 1] * if *epilogue == Epilogue::SwiGlu { 2 } else { 1 };
+                2.0 * (rows * n * a[a.len() - 1]) as f64
+            }
+            KernelKind::MoeGateUp | KernelKind::MoeDown => {
+                let (a, w) = (dims(0), dims(3));
+                2.0 * (a[0] * w[1] * w[2]) as f64
+            }
+            KernelKind::PagedAttention { .. } => {
+                let q = dims(0);
+                // Per visible key and query head: a D-long dot and a D-long axpy.
+                4.0 * (visible * q[1] * q[2]) as f64
+            }
+            _ => 0.0,
+        };
+    }
+    flops
+}
+
+/// Roofline time of a step: its bytes over the bandwidth or its FLOPs
+/// over the peak, whichever is longer.
+pub fn roofline_seconds(bytes: u64, flops: f64, bandwidth: f64, peak: f64) -> f64 {
+    (bytes as f64 / bandwidth).max(flops / peak)
+}
