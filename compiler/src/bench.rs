@@ -317,9 +317,11 @@ pub fn decode_bytes(p: &KernelProgram, past: usize) -> u64 {
                     let w = &p.weights[*index];
                     let bytes = w.stored_bytes() as u64;
                     match (&k.kind, i) {
-                        (KernelKind::MoeGateUp | KernelKind::MoeDown, 3) => {
+                        (KernelKind::MoeGateUp | KernelKind::MoeDown, 3) | (KernelKind::MoeGroupedGateUp, 2) => {
                             let experts = w.shape[0] as u64;
-                            let slots = p.buffer(l.args[2]).shape[0].eval(&b).unwrap_or(1) as u64;
+                            // The output has one row per (token, expert) slot.
+                            let out = *l.args.last().expect("an output");
+                            let slots = p.buffer(out).shape[0].eval(&b).unwrap_or(1) as u64;
                             bytes * slots.min(experts) / experts
                         }
                         (KernelKind::Gather, 0) => {
@@ -351,8 +353,8 @@ pub fn gemm_flops(p: &KernelProgram, tokens: usize) -> f64 {
                 let n = out[out.len() - 1] * if *epilogue == panguc_ir::kernel::Epilogue::SwiGlu { 2 } else { 1 };
                 2.0 * (rows * n * a[a.len() - 1]) as f64
             }
-            KernelKind::MoeGateUp | KernelKind::MoeDown => {
-                let (a, w) = (dims(0), dims(3));
+            KernelKind::MoeGateUp | KernelKind::MoeDown | KernelKind::MoeGroupedGateUp => {
+                let (a, w) = (dims(0), dims(k.args.len() - 2));
                 2.0 * (a[0] * w[1] * w[2]) as f64
             }
             _ => 0.0,
