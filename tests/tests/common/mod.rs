@@ -34,7 +34,12 @@ pub const GRAPHS: [Graph; 5] = [Graph::Imported, Graph::Classic, Graph::Plan, Gr
 /// The rules of [`Graph::BatchedMoe`].
 pub fn batched_moe_rules() -> Vec<String> {
     let per_row = ["grouped-matmul", "moe-shared-residual"];
-    panguc_lowering::rules::rule_summaries().into_iter().map(|(n, _)| n).filter(|n| !per_row.contains(n)).map(String::from).collect()
+    panguc_lowering::rules::rule_summaries()
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| !per_row.contains(n))
+        .map(String::from)
+        .collect()
 }
 
 pub fn tiny_dir() -> PathBuf {
