@@ -283,7 +283,7 @@ fn batched_moe_kernels_match_the_interpreters_named_ops() {
     use panguc_ir::interp::eval_pure;
     use panguc_ir::{Op, Tensor};
     let (e, g, h, i) = (8usize, 4usize, 24usize, 12usize);
-    let (t, slots) = (Dim::tokens(), Dim::tokens().scale(g));
+    let (t, slots) = (Dim::tokens(), Dim::tokens().scale(g as i64));
     let rm = |dtype, shape: Vec<Dim>| spec(dtype, shape, Layout::RowMajor);
     let (gu_layout, down_layout) = (Layout::GateUpPanels { nr: 16 }, Layout::Panels { nr: 16, kn: false });
     let panel_scratch = (h.max(i) * 16 * 4) as u64;
