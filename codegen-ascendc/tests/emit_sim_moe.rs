@@ -311,3 +311,67 @@ fn moe_combine_with_and_without_shared_residual() {
         }
     }
 }
+
+/// The batched MoE on the device (`moe_grouped_ffn`'s launches after the
+/// route): `Gather` copies each sorted row's token row once into a
+/// contiguous block per expert, then `MoeGroupedGateUp` runs the grouped
+/// cube GEMM over those blocks with the SwiGLU epilogue; against the
+/// interpreter's `moe_init_routing` (expanded rows, counts) and
+/// `grouped_matmul` + `swiglu`. Skewed ids leave experts without rows.
+#[test]
+fn moe_batched_gather_and_grouped_gate_up_match_the_interpreter() {
+    use panguc_ir::interp::eval_pure;
+    use panguc_ir::Op;
+    let mut rng = ChaCha8Rng::seed_from_u64(15);
+    let (e, g, h, inter) = (64usize, 8usize, 64usize, 32usize);
+    for (target, act) in targets() {
+        let gather = kernel(
+            "panguc_k020_gather",
+            KernelKind::Gather,
+            vec![vec![Dim::tokens(), c(h)], vec![slots()], vec![slots(), c(h)]],
+        );
+        let gate_up = kernel(
+            "panguc_k021_moe_grouped_gate_up",
+            KernelKind::MoeGroupedGateUp,
+            vec![vec![slots(), c(h)], vec![c(e + 1)], vec![c(e), c(2 * inter), c(h)], vec![slots(), c(inter)]],
+        );
+        let dga = emit(&gather, &[act, I, act], target, act);
+        let dgu = emit(&gate_up, &[act, I, act, act], target, act);
+        let wgu = round_through(act, &rand_vec(&mut rng, e * 2 * inter * h));
+        let w = Tensor::f32(vec![e, 2 * inter, h], wgu.clone());
+        let halves = eval_pure(&Op::Split { axis: 1, sizes: vec![inter, inter] }, &[&w]).unwrap();
+        for t in TOKENS {
+            let (tu, n, sz) = (t as usize, t as usize * g, act.size() as usize);
+            let ids = gating_ids(&mut rng, tu, e, g);
+            let (off, rows, _, _) = route_ref(&ids, &vec![0.0; n], e, g);
+            let x = round_through(act, &rand_vec(&mut rng, tu * h));
+            let init = eval_pure(
+                &Op::MoeInitRouting { experts: e },
+                &[&Tensor::f32(vec![tu, h], x.clone()), &Tensor::i64(vec![tu, g], ids.clone())],
+            )
+            .unwrap();
+            let counts: Vec<i64> = off.windows(2).map(|w| w[1] - w[0]).collect();
+            assert_eq!(init[2].as_i64(), &counts[..], "the route's offsets are the interpreter's counts");
+            // Fewer rows than experts per group: some expert has none.
+            assert!(t >= 8 || counts.contains(&0), "some expert gets no rows at T={t}");
+
+            let mut args = vec![encode(act, &x), encode_i64(&rows), vec![0; n * h * sz]];
+            run_kernels(&dga, target, &env(t, 0), &mut args).unwrap();
+            let sorted = decode(act, &args[2]);
+            assert_eq!(sorted, init[0].as_f32(), "gathered rows {target} T={t}");
+
+            let mut args = vec![encode(act, &sorted), encode_i64(&off), encode(act, &wgu), vec![0; n * inter * sz]];
+            run_kernels(&dgu, target, &env(t, 0), &mut args).unwrap();
+            let gate = eval_pure(&Op::GroupedMatmul, &[&init[0], &halves[0], &init[2]]).unwrap();
+            let up = eval_pure(&Op::GroupedMatmul, &[&init[0], &halves[1], &init[2]]).unwrap();
+            let want = eval_pure(&Op::SwiGlu, &[&gate[0], &up[0]]).unwrap();
+            assert_close(
+                &decode(act, &args[3]),
+                want[0].as_f32(),
+                tol(act),
+                2.0,
+                &format!("moe_grouped_gate_up {target} T={t}"),
+            );
+        }
+    }
+}

@@ -272,3 +272,157 @@ fn gemm_rows_independent_within_tolerance(k: usize, n: usize) {
         .unwrap();
     }
 }
+
+fn bytes_i64(v: &[i64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bytes_f32(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The batched MoE's kernels in launch order (route, gather each sorted
+/// row once, grouped gate/up GEMM over the contiguous rows, grouped down
+/// GEMM, combine) against the interpreter's named ops (`moe_init_routing`,
+/// `grouped_matmul`, `swiglu`, `moe_finalize_routing`): ragged T (1, 3, 7),
+/// 8 experts in 4 groups with every row picking one expert per group, and
+/// expert 3 never picked (its weights are NaN: a read would show).
+#[test]
+fn batched_moe_kernels_match_the_interpreters_named_ops() {
+    use panguc_ir::interp::eval_pure;
+    use panguc_ir::{Op, Tensor};
+    let (e, g, h, i) = (8usize, 4usize, 24usize, 12usize);
+    let (t, slots) = (Dim::tokens(), Dim::tokens().scale(g as i64));
+    let rm = |dtype, shape: Vec<Dim>| spec(dtype, shape, Layout::RowMajor);
+    let (gu_layout, down_layout) = (Layout::GateUpPanels { nr: 16 }, Layout::Panels { nr: 16, kn: false });
+    let panel_scratch = (h.max(i) * 16 * 4) as u64;
+    let kernels = vec![
+        kernel(
+            "route",
+            KernelKind::MoeRoute,
+            vec![
+                rm(DType::F32, vec![t.clone(), Dim::c(g)]),
+                rm(DType::I64, vec![t.clone(), Dim::c(g)]),
+                rm(DType::I64, vec![Dim::c(e + 1)]),
+                rm(DType::I64, vec![slots.clone()]),
+                rm(DType::F32, vec![slots.clone()]),
+                rm(DType::I64, vec![slots.clone()]),
+            ],
+            0,
+        ),
+        kernel(
+            "gather",
+            KernelKind::Gather,
+            vec![
+                rm(DType::F32, vec![t.clone(), Dim::c(h)]),
+                rm(DType::I64, vec![slots.clone()]),
+                rm(DType::F32, vec![slots.clone(), Dim::c(h)]),
+            ],
+            0,
+        ),
+        kernel(
+            "gate_up",
+            KernelKind::MoeGroupedGateUp,
+            vec![
+                rm(DType::F32, vec![slots.clone(), Dim::c(h)]),
+                rm(DType::I64, vec![Dim::c(e + 1)]),
+                spec(DType::BF16, vec![Dim::c(e), Dim::c(2 * i), Dim::c(h)], gu_layout),
+                rm(DType::F32, vec![slots.clone(), Dim::c(i)]),
+            ],
+            panel_scratch,
+        ),
+        kernel(
+            "down",
+            KernelKind::MoeDown,
+            vec![
+                rm(DType::F32, vec![slots.clone(), Dim::c(i)]),
+                rm(DType::I64, vec![Dim::c(e + 1)]),
+                rm(DType::F32, vec![slots.clone()]),
+                spec(DType::BF16, vec![Dim::c(e), Dim::c(h), Dim::c(i)], down_layout),
+                rm(DType::F32, vec![slots.clone(), Dim::c(h)]),
+            ],
+            panel_scratch,
+        ),
+        kernel(
+            "combine",
+            KernelKind::MoeCombine { shared_residual: false },
+            vec![
+                rm(DType::F32, vec![slots.clone(), Dim::c(h)]),
+                rm(DType::I64, vec![slots]),
+                rm(DType::F32, vec![t, Dim::c(h)]),
+            ],
+            0,
+        ),
+    ];
+    let tiles: Vec<Extent> = kernels.iter().map(|k| k.tiles.clone()).collect();
+    let p = program(kernels);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut w_gu = bf16_values(&mut rng, e * 2 * i * h);
+    w_gu[3 * 2 * i * h..4 * 2 * i * h].fill(f32::NAN);
+    let mut w_dn = bf16_values(&mut rng, e * h * i);
+    w_dn[3 * h * i..4 * h * i].fill(f32::NAN);
+    let gu_t = Tensor::f32(vec![e, 2 * i, h], w_gu.clone());
+    let halves = eval_pure(&Op::Split { axis: 1, sizes: vec![i, i] }, &[&gu_t]).unwrap();
+    let dn_t = Tensor::f32(vec![e, h, i], w_dn.clone());
+    with_jit(&p, &tier(BASELINE_TIER), |get| {
+        for m in [1usize, 3, 7] {
+            let n = m * g;
+            let at = |k: usize| tiles[k].eval(&panguc_ir::shape::bindings(m, 0)).unwrap();
+            // One expert per group of 2; group 1 always picks expert 2, so
+            // expert 3 gets no rows.
+            let ids: Vec<i64> =
+                (0..n).map(|s| (2 * (s % g) + if s % g == 1 { 0 } else { rng.random_range(0..2) }) as i64).collect();
+            let weights: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..1.0)).collect();
+            let x: Vec<f32> = (0..m * h).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let mut route = vec![
+                bytes_f32(&weights),
+                bytes_i64(&ids),
+                vec![0; (e + 1) * 8],
+                vec![0; n * 8],
+                vec![0; n * 4],
+                vec![0; n * 8],
+            ];
+            run(get("route").unwrap(), &mut route, m, at(0), 0);
+            let mut gather = vec![bytes_f32(&x), route[3].clone(), vec![0; n * h * 4]];
+            run(get("gather").unwrap(), &mut gather, m, at(1), 0);
+            let mut gate_up = vec![
+                gather[2].clone(),
+                route[2].clone(),
+                gu_layout.pack(&bf16_bytes(&w_gu), &[e, 2 * i, h], 2),
+                vec![0; n * i * 4],
+            ];
+            run(get("gate_up").unwrap(), &mut gate_up, m, at(2), panel_scratch as usize);
+            let mut down = vec![
+                gate_up[3].clone(),
+                route[2].clone(),
+                route[4].clone(),
+                down_layout.pack(&bf16_bytes(&w_dn), &[e, h, i], 2),
+                vec![0; n * h * 4],
+            ];
+            run(get("down").unwrap(), &mut down, m, at(3), panel_scratch as usize);
+            let mut combine = vec![down[4].clone(), route[5].clone(), vec![0; m * h * 4]];
+            run(get("combine").unwrap(), &mut combine, m, at(4), 0);
+
+            let xt = Tensor::f32(vec![m, h], x.clone());
+            let init = eval_pure(&Op::MoeInitRouting { experts: e }, &[&xt, &Tensor::i64(vec![m, g], ids)]).unwrap();
+            assert_eq!(init[2].as_i64()[3], 0, "expert 3 has no rows");
+            assert_eq!(f32s(&gather[2]), init[0].as_f32(), "gathered rows are the expanded rows, T={m}");
+            let gate = eval_pure(&Op::GroupedMatmul, &[&init[0], &halves[0], &init[2]]).unwrap();
+            let up = eval_pure(&Op::GroupedMatmul, &[&init[0], &halves[1], &init[2]]).unwrap();
+            let act = eval_pure(&Op::SwiGlu, &[&gate[0], &up[0]]).unwrap().remove(0);
+            let y = eval_pure(&Op::GroupedMatmul, &[&act, &dn_t, &init[2]]).unwrap().remove(0);
+            let want = eval_pure(&Op::MoeFinalizeRouting, &[&y, &Tensor::f32(vec![m, g], weights), &init[1]])
+                .unwrap()
+                .remove(0);
+            let close = |got: &[f32], want: &[f32], what: &str| {
+                assert_eq!(got.len(), want.len());
+                for (k, (a, b)) in got.iter().zip(want).enumerate() {
+                    assert!((a - b).abs() <= 1e-5 * a.abs().max(b.abs()).max(1e-3), "{what} T={m} [{k}]: {a} vs {b}");
+                }
+            };
+            close(&f32s(&gate_up[3]), act.as_f32(), "grouped gate/up");
+            close(&f32s(&combine[2]), want.as_f32(), "combined output");
+        }
+    })
+    .unwrap();
+}

@@ -204,18 +204,10 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         let t0 = Instant::now();
         d.step(std::slice::from_ref(&long))?;
         let total = t0.elapsed().as_secs_f64();
-<<<<<<< HEAD
-        let p = e.profile().expect("profiling enabled");
+        let p = d.engine().profile().expect("profiling enabled");
         let by_kind: Vec<f64> = GEMM_KINDS.iter().map(|k| p.get(k).map(|d| d.as_secs_f64()).unwrap_or(0.0)).collect();
         if best.as_ref().is_none_or(|(t, _, _)| total < *t) {
             best = Some((total, by_kind.iter().sum(), by_kind));
-=======
-        let p = d.engine().profile().expect("profiling enabled");
-        let gemm: f64 =
-            ["gemm", "moe_gate_up", "moe_down"].iter().filter_map(|k| p.get(k)).map(|d| d.as_secs_f64()).sum();
-        if best.is_none_or(|(t, _)| total < t) {
-            best = Some((total, gemm));
->>>>>>> s19-cpubatch
         }
     }
     // Batched decode at context 512, and several prompts prefilled in one step.
@@ -444,11 +436,11 @@ pub fn gemm_flops_by_kind(p: &KernelProgram, tokens: usize) -> std::collections:
                 let n = out[out.len() - 1] * if *epilogue == panguc_ir::kernel::Epilogue::SwiGlu { 2 } else { 1 };
                 2.0 * (rows * n * a[a.len() - 1]) as f64
             }
-            KernelKind::MoeGateUp | KernelKind::MoeDown => {
+            KernelKind::MoeGateUp | KernelKind::MoeDown | KernelKind::MoeGroupedGateUp => {
                 // One output row per routed slot (`MoeGateUp` reads its A
                 // rows from the token rows through an index, so A has
                 // fewer rows than the product): slots x (2I or H) x K.
-                let (out, w) = (dims(4), dims(3));
+                let (out, w) = (dims(k.args.len() - 1), dims(k.args.len() - 2));
                 2.0 * (out[0] * w[1] * w[2]) as f64
             }
             _ => 0.0,

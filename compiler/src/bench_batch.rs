@@ -129,7 +129,7 @@ pub fn step_bytes(p: &KernelProgram, meta: &StepMetadata, groups: usize) -> u64 
                     let w = &p.weights[*index];
                     let bytes = w.stored_bytes() as u64;
                     match (&k.kind, i) {
-                        (KernelKind::MoeGateUp | KernelKind::MoeDown, 3) => {
+                        (KernelKind::MoeGateUp | KernelKind::MoeDown, 3) | (KernelKind::MoeGroupedGateUp, 2) => {
                             let experts = w.shape[0];
                             let per_group = (experts / groups.max(1)).max(1) as f64;
                             let untouched = (1.0 - 1.0 / per_group).powi(meta.tokens() as i32);
@@ -179,9 +179,10 @@ pub fn step_flops(p: &KernelProgram, meta: &StepMetadata, num_blocks: usize) -> 
                 let n = out[out.len() - 1] * if *epilogue == Epilogue::SwiGlu { 2 } else { 1 };
                 2.0 * (rows * n * a[a.len() - 1]) as f64
             }
-            KernelKind::MoeGateUp | KernelKind::MoeDown => {
-                let (a, w) = (dims(0), dims(3));
-                2.0 * (a[0] * w[1] * w[2]) as f64
+            KernelKind::MoeGateUp | KernelKind::MoeDown | KernelKind::MoeGroupedGateUp => {
+                // One output row per routed slot: slots x (2I or H) x K.
+                let (out, w) = (dims(k.args.len() - 1), dims(k.args.len() - 2));
+                2.0 * (out[0] * w[1] * w[2]) as f64
             }
             KernelKind::PagedAttention { .. } => {
                 let q = dims(0);

@@ -523,7 +523,7 @@ pub fn infer_types(op: &Op, args: &[&TensorType], module: Option<&Module>) -> R<
             let logits = matmul_type(args[0], args[1], true)?;
             infer_types(&Op::MoeGatingGroupTopK { groups: *groups }, &[&logits, args[2]], module)
         }
-        Op::MoeFfn => {
+        Op::MoeFfn | Op::MoeGroupedFfn => {
             expect_arity(op, args, 8)?;
             let out = infer_types(&Op::GroupedMatmulMoe, &args[..5], module)?;
             let act = infer_types(&Op::GateUpSwiGlu, &[args[0], args[5]], module)?;

@@ -276,6 +276,7 @@ pub fn eval_pure(op: &Op, a: &[&Tensor]) -> Result<Vec<Tensor>, String> {
             let moe = k::binary(&routed, &shared, |x, y| x + y)?;
             one(k::binary(a[7], &moe, |x, y| x + y)?)
         }
+        Op::MoeGroupedFfn => one(batched::moe_grouped_ffn(a)?),
         Op::FusedElementwise { expr } => one(fused_elementwise(expr, a)?),
         // A collective exchanges data with other ranks; without a
         // communicator there are none, and treating it as the identity would

@@ -421,6 +421,13 @@ pub enum KernelKind {
     /// act_out[T*G, I])`: `act[r] = swiglu(x[rows[r]] @ w_gate_up[e]^T)`.
     /// Tile: one (expert, column panel).
     MoeGateUp,
+    /// `(xs[T*G, H], offsets[E+1], w_gate_up[E, 2I, H] (GateUpPanels),
+    /// act_out[T*G, I])`: `act[r] = swiglu(xs[r] @ w_gate_up[e]^T)` for the
+    /// rows `r` of expert `e`, where `xs` already holds every sorted row's
+    /// token row, gathered once into one contiguous block per expert (the
+    /// batched MoE; `MoeGateUp` instead reads each row through `rows`).
+    /// Tile: one (expert, column panel).
+    MoeGroupedGateUp,
     /// `(act[T*G, I], offsets[E+1], row_weight[T*G], w_down[E, H, I] (Panels),
     /// ys_out[T*G, H])`: `ys[r] = row_weight[r] * (act[r] @ w_down[e]^T)`.
     /// Tile: one (expert, column panel).
@@ -486,6 +493,7 @@ impl KernelKind {
             KernelKind::MoeGating { .. } => "moe_gating",
             KernelKind::MoeRoute => "moe_route",
             KernelKind::MoeGateUp => "moe_gate_up",
+            KernelKind::MoeGroupedGateUp => "moe_grouped_gate_up",
             KernelKind::MoeDown => "moe_down",
             KernelKind::MoeCombine { .. } => "moe_combine",
             KernelKind::QkvRopeAppend { .. } => "qkv_rope_append",
@@ -752,8 +760,9 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
         }
         KernelKind::PagedAttention { .. } => Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[2].clone()]),
         KernelKind::MoeRoute | KernelKind::Collective { .. } => Extent::constant(1),
-        KernelKind::MoeGateUp | KernelKind::MoeDown => {
-            let w = &args[3];
+        KernelKind::MoeGateUp | KernelKind::MoeGroupedGateUp | KernelKind::MoeDown => {
+            // The expert weight is the operand before the output.
+            let w = &args[args.len() - 2];
             let e = cst(&w.shape[0], "expert count")?;
             let (cols, per_panel) = match w.layout {
                 Layout::GateUpPanels { nr } => (cst(&w.shape[1], "gate_up rows")? / 2, nr as usize / 2),
@@ -784,7 +793,9 @@ pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
             let a = &args[0];
             panel(&args[1], &last(a), &a.shape[a.shape.len() - 2])
         }
-        KernelKind::MoeGateUp | KernelKind::MoeDown => panel(&args[3], &args[0].shape[1], &Dim::c(1)),
+        KernelKind::MoeGateUp | KernelKind::MoeGroupedGateUp | KernelKind::MoeDown => {
+            panel(&args[args.len() - 2], &args[0].shape[1], &Dim::c(1))
+        }
         KernelKind::MatMul { .. } => {
             let a = &args[0];
             let out = args.last().expect("out");

@@ -261,6 +261,16 @@ pub enum Op {
     /// `residual + (grouped_matmul_moe(x, ...) + shared_down(gate_up_swiglu(x, shared_gate_up)))`,
     /// the whole MoE block (routed experts, shared expert, residual) in one kernel.
     MoeFfn,
+    /// The same operands and result as `MoeFfn`, computed over the whole
+    /// batch as the named batched ops: `moe_init_routing` (sort the
+    /// (row, expert) pairs by expert, gather each pair's row once into a
+    /// contiguous block per expert, count rows per expert), `grouped_matmul`
+    /// with the gate rows and with the up rows of `w_gate_up`, SwiGLU,
+    /// `grouped_matmul` with `w_down`, then `moe_finalize_routing` with the
+    /// shared expert and the residual as skip terms. Introduced by
+    /// `moe-grouped-ffn`; the cost model picks it over `MoeFfn` when many
+    /// rows share experts.
+    MoeGroupedFfn,
     /// `(x0, x1, ...) -> [broadcast of all operands]`: an elementwise
     /// expression over its operands in postfix form, e.g. `"$0 $1 mul neg"`.
     /// Tokens: `$i` (operand i), unary `neg exp sqrt rsqrt reciprocal sigmoid`,
@@ -337,6 +347,7 @@ impl Op {
             Op::QkvRopeCacheWrite { .. } => "qkv_rope_cache_write",
             Op::MoeRouterTopK { .. } => "moe_router_topk",
             Op::MoeFfn => "moe_ffn",
+            Op::MoeGroupedFfn => "moe_grouped_ffn",
             Op::FusedElementwise { .. } => "fused_elementwise",
         }
     }
@@ -362,6 +373,7 @@ impl Op {
                 | Op::QkvRopeCacheWrite { .. }
                 | Op::MoeRouterTopK { .. }
                 | Op::MoeFfn
+                | Op::MoeGroupedFfn
                 | Op::FusedElementwise { .. }
         )
     }
@@ -418,7 +430,7 @@ impl Op {
             }
             Op::MoeRouterTopK { groups } => vec![("groups", Int(*groups as i64))],
             Op::FusedElementwise { expr } => vec![("expr", Str(expr.clone()))],
-            Op::MoeFfn => vec![],
+            Op::MoeFfn | Op::MoeGroupedFfn => vec![],
             Op::Gather
             | Op::Unary(_)
             | Op::Binary(_)
@@ -516,6 +528,7 @@ impl Op {
             }
             "moe_router_topk" => Op::MoeRouterTopK { groups: attrs.usize("groups")? },
             "moe_ffn" => Op::MoeFfn,
+            "moe_grouped_ffn" => Op::MoeGroupedFfn,
             "fused_elementwise" => Op::FusedElementwise { expr: attrs.str("expr")?.to_string() },
             other => return Err(format!("unknown op `{other}`")),
         };

@@ -98,3 +98,43 @@ fn routing_chain_equals_the_fused_moe_ffn() {
     let skips = run(Op::Binary(BinaryOp::Add), &[&shared, &residual]).remove(0);
     assert!(no_skips.max_rel_diff(&skips, 1e-3) < 1e-4);
 }
+
+/// `moe_grouped_ffn` is the chain above as one op: equal to the chain
+/// built from the named ops, to `moe_ffn`, and it reads only the experts
+/// that received rows (an unused expert's NaN weights never reach the
+/// output).
+#[test]
+fn moe_grouped_ffn_is_the_chain_and_equals_moe_ffn() {
+    let (t, h, e, inter, shared_inter, groups) = (5, 8, 8, 4, 6, 4);
+    let x = data(11, &[t, h]);
+    let weights = data(12, &[t, groups]);
+    // Rows pick experts 0/1, 2/3, 4/5, 6/7 per group; expert 3 is never
+    // picked, expert 6 by every row.
+    let ids = i(&[t, groups], &[0, 2, 4, 6, 1, 2, 5, 6, 0, 2, 4, 6, 1, 2, 4, 6, 1, 2, 5, 6]);
+    let per_expert = 2 * inter * h;
+    let mut gu = data(13, &[e, 2 * inter, h]).as_f32().to_vec();
+    gu[3 * per_expert..4 * per_expert].fill(f32::NAN);
+    let gate_up = Tensor::f32(vec![e, 2 * inter, h], gu);
+    let (down, shared_gate_up, shared_down, residual) =
+        (data(14, &[e, h, inter]), data(15, &[2 * shared_inter, h]), data(16, &[h, shared_inter]), data(17, &[t, h]));
+    let args = [&x, &weights, &ids, &gate_up, &down, &shared_gate_up, &shared_down, &residual];
+    let got = run1(Op::MoeGroupedFfn, &args);
+    assert!(got.as_f32().iter().all(|v| v.is_finite()), "an unused expert was read");
+
+    let init = run(Op::MoeInitRouting { experts: e }, &[&x, &ids]);
+    let (rows, row_idx, counts) = (&init[0], &init[1], &init[2]);
+    assert_eq!(counts.as_i64(), &[2, 3, 5, 0, 3, 2, 5, 0]);
+    let halves = run(Op::Split { axis: 1, sizes: vec![inter, inter] }, &[&gate_up]);
+    let gate = run1(Op::GroupedMatmul, &[rows, &halves[0], counts]);
+    let up = run1(Op::GroupedMatmul, &[rows, &halves[1], counts]);
+    let act = run1(Op::SwiGlu, &[&gate, &up]);
+    let y = run1(Op::GroupedMatmul, &[&act, &down, counts]);
+    let shared_act = run1(Op::GateUpSwiGlu, &[&x, &shared_gate_up]);
+    let shared = run1(Op::MatMul { transpose_b: true }, &[&shared_act, &shared_down]);
+    let chain = run1(Op::MoeFinalizeRouting, &[&y, &weights, row_idx, &shared, &residual]);
+    assert_eq!(got.as_f32(), chain.as_f32(), "the op is exactly its chain");
+
+    let want = run1(Op::MoeFfn, &args);
+    let d = got.max_rel_diff(&want, 1e-3);
+    assert!(d < 1e-5, "moe_grouped_ffn differs from moe_ffn by {d}");
+}

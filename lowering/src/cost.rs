@@ -103,7 +103,22 @@ pub struct OpWork {
     pub act_bytes: f64,
     /// Smallest on-chip working set of one tile: (vector buffer, matrix buffer) bytes.
     pub working_set: (f64, f64),
+    /// Per sequence: DMA copies whose fixed cost matters because each moves
+    /// little data (rows fetched one at a time through an index), priced at
+    /// [`DMA_COPY_SECONDS`] each on top of the bytes they move.
+    pub small_copies: f64,
 }
+
+/// Fixed cost of one small DMA copy, amortised over a chip's cores: about
+/// 100 ns of MTE setup and latency on one core, with ~24 cores issuing in
+/// parallel. An assumption of this model (no per-SKU figure is published);
+/// it only separates kernels that fetch rows one by one from kernels that
+/// fetch the same bytes as blocks.
+pub const DMA_COPY_SECONDS: f64 = 4e-9;
+
+/// The cube tile edge (M, N and K of one base tile for 16-bit operands)
+/// used to count how often a grouped GEMM fetches its A rows.
+const CUBE_TILE: f64 = 128.0;
 
 impl OpWork {
     /// Seconds this op takes as one kernel.
@@ -111,7 +126,7 @@ impl OpWork {
         let seqs = w.copies();
         let compute =
             seqs * (self.matmul_flops / (p.matmul_tflops * 1e12) + self.vector_flops / (p.vector_tflops * 1e12));
-        let memory = self.bytes(w) / (p.mem_bandwidth_gbs * 1e9);
+        let memory = self.bytes(w) / (p.mem_bandwidth_gbs * 1e9) + seqs * self.small_copies * DMA_COPY_SECONDS;
         compute.max(memory) + p.launch_overhead_us * 1e-6
     }
 
@@ -160,6 +175,15 @@ pub fn expected_unique_experts(tokens: f64, groups: f64, per_group: f64) -> f64 
         return groups * per_group.max(0.0);
     }
     groups * per_group * (1.0 - (1.0 - 1.0 / per_group).powf(tokens))
+}
+
+/// Blocks of at most one cube tile of rows when `rows` rows are spread
+/// evenly over `experts` experts.
+fn row_blocks(rows: f64, experts: f64) -> f64 {
+    if rows <= 0.0 || experts <= 0.0 {
+        return 0.0;
+    }
+    experts.min(rows) * (rows / experts.min(rows) / CUBE_TILE).ceil()
 }
 
 /// Price `op` with operands `args` producing `results` at workload `w`.
@@ -253,7 +277,7 @@ pub fn op_work(op: &Op, args: &[Operand], results: &[TensorType], w: &Workload, 
             let tile = 16.0 * 16.0;
             work.working_set = ((2.0 * 16.0 * d + 2.0 * tile + 32.0) * f32b, 2.0 * 2.0 * 16.0 * d * 2.0);
         }
-        Op::GroupedMatmulMoe | Op::MoeFfn => {
+        Op::GroupedMatmulMoe | Op::MoeFfn | Op::MoeGroupedFfn => {
             let (t, g) = (dim(args[1].ty, 0, &b), dim(args[1].ty, 1, &b));
             let (e, h, i) = (dim(args[4].ty, 0, &b), dim(args[4].ty, 1, &b), dim(args[4].ty, 2, &b));
             let unique = expected_unique_experts(t * w.copies(), g, e / g.max(1.0)).min(e);
@@ -263,13 +287,49 @@ pub fn op_work(op: &Op, args: &[Operand], results: &[TensorType], w: &Workload, 
             }
             work.matmul_flops = 6.0 * t * g * i * h;
             work.vector_flops = 6.0 * t * g * i + t * h * g;
-            if matches!(op, Op::MoeFfn) {
+            if matches!(op, Op::MoeFfn | Op::MoeGroupedFfn) {
                 let is = dim(args[6].ty, 1, &b);
                 work.matmul_flops += 6.0 * t * is * h;
                 work.vector_flops += 6.0 * t * is + 2.0 * t * h;
             }
+            // The gate/up GEMM's A rows: the per-row form fetches each
+            // (row, expert) pair's row through the slot index once per K
+            // step and column tile; the batched form gathers every pair's
+            // row once into its expert's contiguous block (written and read
+            // back) and then fetches blocks of up to a tile of rows.
+            let pairs = t * g;
+            let steps = (h / CUBE_TILE).ceil() * (2.0 * i / CUBE_TILE).ceil();
+            work.small_copies = if matches!(op, Op::MoeGroupedFfn) {
+                work.act_bytes += 2.0 * pairs * h * p.activation_bytes;
+                pairs + row_blocks(pairs, unique) * steps
+            } else {
+                pairs * steps
+            };
             write_all(&mut work);
             work.working_set = (2.0 * 4.0 * 16.0 * 16.0 * f32b, 2.0 * 3.0 * 16.0 * 16.0 * 2.0);
+        }
+        Op::MoeInitRouting { .. } => {
+            // Every (row, expert) pair's row is copied once.
+            for a in args {
+                read(&mut work, a, 1.0, true);
+            }
+            write_all(&mut work);
+            work.small_copies = dim(&results[1], 0, &b);
+            work.vector_flops = dim(&results[1], 0, &b);
+        }
+        Op::GroupedMatmul => {
+            // Only the experts that received rows are read; rows arrive in
+            // contiguous per-expert blocks.
+            let (rows, k) = (dim(args[0].ty, 0, &b), dim(args[0].ty, 1, &b));
+            let (e, n) = (dim(args[1].ty, 0, &b), dim(args[1].ty, 1, &b));
+            let unique = expected_unique_experts(rows, 1.0, e).min(e);
+            read(&mut work, &args[0], 1.0, true);
+            read(&mut work, &args[1], unique / e.max(1.0), true);
+            read(&mut work, &args[2], 1.0, true);
+            write_all(&mut work);
+            work.matmul_flops = 2.0 * rows * n * k;
+            work.small_copies = row_blocks(rows, unique) * (k / CUBE_TILE).ceil() * (n / CUBE_TILE).ceil();
+            work.working_set = (2.0 * 16.0 * 16.0 * f32b, 2.0 * 3.0 * 16.0 * 16.0 * 2.0);
         }
         _ => {
             for a in args {
@@ -385,6 +445,49 @@ mod tests {
         assert_eq!(work.matmul_flops, 2.0 * 2048.0 * 5120.0 * 5120.0);
         let compute = work.matmul_flops / 364e12;
         assert!((work.seconds(&w, &p) - compute - 5e-6).abs() < 1e-9);
+    }
+
+    /// The MoE block's operands for hidden `h`, intermediate `i`, shared
+    /// intermediate `is`, 64 experts in 8 groups.
+    fn moe_operands(h: usize, i: usize, is: usize) -> Vec<TensorType> {
+        let (t, c) = (Dim::tokens(), Dim::c);
+        vec![
+            ty(DType::F32, &[t.clone(), c(h)]),
+            ty(DType::F32, &[t.clone(), c(8)]),
+            ty(DType::I64, &[t.clone(), c(8)]),
+            ty(DType::BF16, &[c(64), c(2 * i), c(h)]),
+            ty(DType::BF16, &[c(64), c(h), c(i)]),
+            ty(DType::BF16, &[c(2 * is), c(h)]),
+            ty(DType::BF16, &[c(h), c(is)]),
+            ty(DType::F32, &[t, c(h)]),
+        ]
+    }
+
+    fn moe_seconds(op: &Op, tys: &[TensorType], w: &Workload, p: &HardwareProfile) -> f64 {
+        let args: Vec<Operand> =
+            tys.iter().enumerate().map(|(k, t)| Operand { ty: t, weight_only: (3..7).contains(&k) }).collect();
+        op_work(op, &args, &[tys[0].clone()], w, p).seconds(w, p)
+    }
+
+    #[test]
+    fn batched_moe_wins_when_rows_share_experts() {
+        let p = builtin_profile("ascend910b1").unwrap();
+        let big = moe_operands(5120, 1344, 5376);
+        let (per_row, batched) = (Op::MoeFfn, Op::MoeGroupedFfn);
+        // One token: each expert has one row, so gathering it first only
+        // adds a copy per row.
+        let one = Workload::decode(2048, 1);
+        assert!(moe_seconds(&per_row, &big, &one, &p) < moe_seconds(&batched, &big, &one, &p));
+        // 64 decode rows or a 2048-token prefill: the per-row form fetches
+        // each row once per K step and column tile.
+        for w in [Workload::batched_decode(2048, 64, 128), Workload::prefill(2048)] {
+            let (a, b) = (moe_seconds(&per_row, &big, &w, &p), moe_seconds(&batched, &big, &w, &p));
+            assert!(b < 0.8 * a, "{w:?}: batched {b} vs per row {a}");
+        }
+        // The tiny model's experts are one tile wide and deep: no gain.
+        let tiny = moe_operands(64, 32, 128);
+        let w = Workload::prefill(2048);
+        assert!(moe_seconds(&per_row, &tiny, &w, &p) < moe_seconds(&batched, &tiny, &w, &p));
     }
 
     #[test]

@@ -277,6 +277,7 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
         KernelKind::QkvRopeAppend { q_heads, kv_heads } => rope::qkv_rope_append(&ctx, *q_heads, *kv_heads)?,
         KernelKind::MoeRoute => moe::route(&ctx)?,
         KernelKind::MoeGateUp => moe::gate_up(&ctx)?,
+        KernelKind::MoeGroupedGateUp => moe::gate_up_sorted(&ctx)?,
         KernelKind::MoeDown => moe::down(&ctx)?,
         KernelKind::MoeCombine { shared_residual } => moe::combine(&ctx, *shared_residual)?,
         KernelKind::Slice { axis, start } => layout::slice(&ctx, *axis, *start)?,

@@ -10,6 +10,10 @@
 //!   (SwiGLU for gate/up, `* row_weight[r]` for down). `MoeGateUp` gathers
 //!   its A rows through `rows[]` while copying them into L1 (one ND->NZ copy
 //!   per row), so no gathered copy of the activations is materialised.
+//! - `MoeGroupedGateUp` (the batched MoE) is the same cube GEMM over rows
+//!   that a `Gather` launch copied once into one contiguous block per
+//!   expert (`moe_init_routing`'s expanded rows), so A is fetched as row
+//!   blocks, never one row per copy per K step.
 //! - `MoeCombine` sums each token's G expert outputs in group order, then
 //!   `residual + (routed + shared)`.
 
@@ -236,32 +240,46 @@ const COPY_A_DENSE: &str = "        p.nValue = mLen;
         DataCopy(a1, aGm[m0 * tl.k + k0], p);
 ";
 
-/// Grouped cube kernel + its vector epilogue. `gather`: MoeGateUp (A rows
-/// through `rows`, SwiGLU); else MoeDown (A rows in sorted order, row weight).
-fn grouped(ctx: &Ctx, gather: bool) -> Result<DeviceKernels> {
-    let what = if gather { "gate/up" } else { "down" };
-    let (e, n_w, k) = (ctx.cdim(3, 0, "experts")?, ctx.cdim(3, 1, "weight rows")?, ctx.cdim(3, 2, "K")?);
-    let n_out = ctx.cdim(4, 1, "output width")?;
-    if gather && n_w != 2 * n_out || !gather && n_w != n_out {
+/// The three grouped expert GEMMs. Each takes `(A, offsets[E+1], [aux,]
+/// w[E, N, K], out)`: the expert weight and the output are the last two.
+#[derive(Clone, Copy, PartialEq)]
+enum Grouped {
+    /// `MoeGateUp`: A rows through `rows` (aux), one copy per row per K step.
+    GateUpIndexed,
+    /// `MoeGroupedGateUp`: A rows already gathered once, contiguous per
+    /// expert; one ND->NZ copy per (row block, K step).
+    GateUpSorted,
+    /// `MoeDown`: A rows in sorted order, output scaled by the row weight (aux).
+    Down,
+}
+
+/// Grouped cube kernel + its vector epilogue.
+fn grouped(ctx: &Ctx, kind: Grouped) -> Result<DeviceKernels> {
+    let (gather, down) = (kind == Grouped::GateUpIndexed, kind == Grouped::Down);
+    let what = if down { "down" } else { "gate/up" };
+    let (wi, oi) = (ctx.k.args.len() - 2, ctx.k.args.len() - 1);
+    let (e, n_w, k) = (ctx.cdim(wi, 0, "experts")?, ctx.cdim(wi, 1, "weight rows")?, ctx.cdim(wi, 2, "K")?);
+    let n_out = ctx.cdim(oi, 1, "output width")?;
+    if !down && n_w != 2 * n_out || down && n_w != n_out {
         bail!("{}: {what} weight rows {n_w} do not match the output width {n_out}", ctx.k.name);
     }
     if ctx.cdim(1, 0, "experts + 1")? != e + 1 {
         bail!("{}: offsets must have experts + 1 entries", ctx.k.name);
     }
     let t = ctx.dt[0];
-    if ctx.dt[3] != t {
-        bail!("{}: expert weight dtype {} differs from the activation dtype {t}", ctx.k.name, ctx.dt[3]);
+    if ctx.dt[wi] != t {
+        bail!("{}: expert weight dtype {} differs from the activation dtype {t}", ctx.k.name, ctx.dt[wi]);
     }
     if ctx.dt[1] != DevType::I64 || (gather && ctx.dt[2] != DevType::I64) {
         bail!("{}: offsets and rows must be i64", ctx.k.name);
     }
-    if !gather && ctx.dt[2] != DevType::F32 {
+    if down && ctx.dt[2] != DevType::F32 {
         bail!("{}: row weights must be f32 on the device", ctx.k.name);
     }
     need_fractal_dims(ctx, "expert matmul", n_w, k)?;
     let target = ctx.target();
     let base = BaseTile::for_type(t);
-    let slots = ctx.dim(4, 0)?;
+    let slots = ctx.dim(oi, 0)?;
     let a_rows = ctx.dim(0, 0)?;
     let entry = ctx.entry("_cube");
     let on = |c: bool, s: &str| if c { s.to_string() } else { String::new() };
@@ -297,7 +315,7 @@ fn grouped(ctx: &Ctx, gather: bool) -> Result<DeviceKernels> {
     if gather {
         params.push(ctx.param("rows", 2, Role::Input));
     }
-    params.push(ctx.param("w", 3, Role::Input));
+    params.push(ctx.param("w", wi, Role::Input));
     params.push(c_param(Role::Output));
     let cube = cube_device_kernel(entry, src, fields, &tiles, params, base.mem(t, target));
     let temp = TempBuf {
@@ -307,17 +325,17 @@ fn grouped(ctx: &Ctx, gather: bool) -> Result<DeviceKernels> {
         elems: slots.clone().times(TExpr::c(n_w)),
     };
     let mut eparams = vec![c_param(Role::Input)];
-    if !gather {
+    if down {
         eparams.push(ctx.param("rowW", 2, Role::Input));
     }
-    eparams.push(ctx.param("y", 4, Role::Output));
+    eparams.push(ctx.param("y", oi, Role::Output));
     let epi = epilogue_kernel(
         ctx,
         EpilogueSpec {
             entry: ctx.entry("_epilogue"),
-            ep: if gather { Epilogue::SwiGlu } else { Epilogue::None },
-            row_scale: !gather,
-            t: ctx.dt[4],
+            ep: if down { Epilogue::None } else { Epilogue::SwiGlu },
+            row_scale: down,
+            t: ctx.dt[oi],
             bias_t: None,
             rows: slots,
             n: n_out,
@@ -330,13 +348,21 @@ fn grouped(ctx: &Ctx, gather: bool) -> Result<DeviceKernels> {
 /// `MoeGateUp (x[T, H], offsets[E+1], rows[T*G], w_gate_up[E, 2I, H], act_out[T*G, I])`;
 /// on the device the weight is row-major `[E, 2I, H]`, gate rows first.
 pub(crate) fn gate_up(ctx: &Ctx) -> Result<DeviceKernels> {
-    grouped(ctx, true)
+    grouped(ctx, Grouped::GateUpIndexed)
+}
+
+/// `MoeGroupedGateUp (xs[T*G, H], offsets[E+1], w_gate_up[E, 2I, H], act_out[T*G, I])`:
+/// the batched MoE's gate/up GEMM over rows that a `Gather` launch already
+/// copied once into one contiguous block per expert, so each (row block,
+/// K step) is one ND->NZ copy instead of one copy per row.
+pub(crate) fn gate_up_sorted(ctx: &Ctx) -> Result<DeviceKernels> {
+    grouped(ctx, Grouped::GateUpSorted)
 }
 
 /// `MoeDown (act[T*G, I], offsets[E+1], row_weight[T*G], w_down[E, H, I], ys_out[T*G, H])`;
 /// on the device the weight is row-major `[E, H, I]`.
 pub(crate) fn down(ctx: &Ctx) -> Result<DeviceKernels> {
-    grouped(ctx, false)
+    grouped(ctx, Grouped::Down)
 }
 
 const COMBINE: &str = r#"

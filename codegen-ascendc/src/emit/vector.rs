@@ -336,7 +336,9 @@ pub(crate) fn gather(ctx: &Ctx) -> Result<DeviceKernels> {
     if ctx.rank(0) != 2 {
         bail!("{}: gather tables must be 2-D", ctx.k.name);
     }
-    let (rows, cols) = (ctx.cdim(0, 0, "table rows")?, ctx.cdim(0, 1, "table width")?);
+    // The table is an embedding (static rows) or, for the batched MoE's
+    // gather of sorted rows, the step's activations (`tokens` rows).
+    let (rows, cols) = (ctx.dim(0, 0)?, ctx.cdim(0, 1, "table width")?);
     let t = ctx.dt[0];
     if ctx.dt[2] != t {
         bail!("{}: gather output dtype {} differs from the table's {t}", ctx.k.name, ctx.dt[2]);
@@ -346,7 +348,7 @@ pub(crate) fn gather(ctx: &Ctx) -> Result<DeviceKernels> {
     let entry = ctx.entry("");
     let src = vector_source(&entry, "Gather (embedding lookup).", GATHER, &[("T", t.cpp().into())]);
     let mut fields = tiles_fields(&tiles);
-    fields.push(TilingField::u32("rows", TExpr::c(rows)));
+    fields.push(TilingField::u32("rows", rows));
     fields.push(TilingField::u32("cols", TExpr::c(cols)));
     let mut dk = vector_kernel(entry, src, fields, &tiles, 2 * r32(cols * t.size()));
     dk.params =

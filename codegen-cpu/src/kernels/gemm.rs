@@ -1,6 +1,6 @@
 //! Matmul kernels.
 //!
-//! Packed GEMM (`Gemm`, `MoeGateUp`, `MoeDown`): the weight is stored in
+//! Packed GEMM (`Gemm`, `MoeGateUp`, `MoeGroupedGateUp`, `MoeDown`): the weight is stored in
 //! column panels of `nr` (16) columns, K-major inside a panel
 //! ([`Layout::Panels`]). One tile is one panel; a register-blocked
 //! micro-kernel computes `MR x nr` outputs (6 rows x 16 lanes = 12 AVX2
@@ -572,8 +572,7 @@ struct Grouped {
     width: u32,
 }
 
-fn grouped_geometry(k: &Kernel) -> Result<Grouped> {
-    let w = &k.args[3];
+fn grouped_geometry(w: &ArgSpec) -> Result<Grouped> {
     let (nr, width) = panel_geometry(w)?;
     let kdim = st(&w.shape[2], "expert K")?;
     let n = match w.layout {
@@ -583,17 +582,33 @@ fn grouped_geometry(k: &Kernel) -> Result<Grouped> {
     Ok(Grouped { kdim, n, nr, width })
 }
 
-/// `MoeGateUp` (`down = false`) and `MoeDown`: one tile per (expert, panel)
-/// over the expert's sorted rows.
-pub(crate) fn grouped<'c>(cg: &mut Cg<'c>, k: &Kernel, down: bool) -> Result<()> {
-    let g = grouped_geometry(k)?;
-    let (a, w, out) = (&k.args[0], &k.args[3], &k.args[4]);
+/// The three grouped expert GEMMs; all take `offsets[E+1]` as argument 1
+/// and end with (packed expert weight, output).
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum GroupedGemm {
+    /// `MoeGateUp`: A rows read through `rows` (argument 2), SwiGLU.
+    GateUpIndexed,
+    /// `MoeGroupedGateUp`: A rows already sorted and contiguous, SwiGLU.
+    GateUpSorted,
+    /// `MoeDown`: A rows contiguous, output scaled by `row_weight` (argument 2).
+    Down,
+}
+
+/// One tile per (expert, panel) over the expert's sorted rows.
+pub(crate) fn grouped<'c>(cg: &mut Cg<'c>, k: &Kernel, kind: GroupedGemm) -> Result<()> {
+    let nargs = k.args.len();
+    let (wi, oi) = (nargs - 2, nargs - 1);
+    let (a, w, out) = (&k.args[0], &k.args[wi], &k.args[oi]);
+    let g = grouped_geometry(w)?;
     let panels = g.n.div_ceil(g.width as usize);
     let mk = Micro::new(cg, &k.name, g.kdim, a.dtype, w.dtype, g.nr);
     cg.begin_kernel(&k.name);
-    let (ap, offp, wp, op) = (cg.arg(0, a.dtype), cg.arg(1, DType::I64), cg.arg(3, w.dtype), cg.arg(4, out.dtype));
-    // MoeGateUp reads x rows through `rows`; MoeDown scales by row weight.
-    let aux = if down { cg.arg(2, DType::F32) } else { cg.arg(2, DType::I64) };
+    let (ap, offp, wp, op) = (cg.arg(0, a.dtype), cg.arg(1, DType::I64), cg.arg(wi, w.dtype), cg.arg(oi, out.dtype));
+    let aux = match kind {
+        GroupedGemm::GateUpIndexed => Some(cg.arg(2, DType::I64)),
+        GroupedGemm::Down => Some(cg.arg(2, DType::F32)),
+        GroupedGemm::GateUpSorted => None,
+    };
     let (pc, kc, nc) = (cg.i64c(panels as i64), cg.i64c(g.kdim as i64), cg.i64c(g.n as i64));
     panel_runs(cg, panels, |cg, e, p_lo, p_hi| {
         let r0 = cg.load_i(offp, e);
@@ -603,17 +618,21 @@ pub(crate) fn grouped<'c>(cg: &mut Cg<'c>, k: &Kernel, down: bool) -> Result<()>
                 cg.gep(wp, cg.mul(cg.add(cg.mul(e, pc), p), cg.i64c((g.kdim * g.nr as usize) as i64)))
             };
             let a_row = |cg: &Cg<'c>, m: IntValue<'c>| {
-                let src = if down { cg.add(r0, m) } else { cg.load_i(aux, cg.add(r0, m)) };
+                let src = match (kind, aux) {
+                    (GroupedGemm::GateUpIndexed, Some(rows)) => cg.load_i(rows, cg.add(r0, m)),
+                    _ => cg.add(r0, m),
+                };
                 cg.gep(ap, cg.mul(src, kc))
             };
             let store = |cg: &mut Cg<'c>, p: IntValue<'c>, m: IntValue<'c>, v: VectorValue<'c>| -> Result<()> {
                 let col = cg.mul(p, cg.i64c(g.width as i64));
                 let row = cg.add(r0, m);
-                let v = if down {
-                    let s = cg.splat(cg.load_f(aux, row, DType::F32), g.nr);
-                    cg.fmul(v.into(), s.into()).into_vector_value()
-                } else {
-                    swiglu(cg, v, g.nr)
+                let v = match (kind, aux) {
+                    (GroupedGemm::Down, Some(row_w)) => {
+                        let s = cg.splat(cg.load_f(row_w, row, DType::F32), g.nr);
+                        cg.fmul(v.into(), s.into()).into_vector_value()
+                    }
+                    _ => swiglu(cg, v, g.nr),
                 };
                 let at = cg.add(cg.mul(row, nc), col);
                 store_lanes(cg, (op, out.dtype), at, v, g.width, cg.sub(nc, col))

@@ -39,8 +39,9 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::PagedAttention { scale } => attention::paged_attention(cg, k, *scale),
         KernelKind::MoeGating { groups } => reduce::moe_gating(cg, k, *groups),
         KernelKind::MoeRoute => reduce::moe_route(cg, k),
-        KernelKind::MoeGateUp => gemm::grouped(cg, k, false),
-        KernelKind::MoeDown => gemm::grouped(cg, k, true),
+        KernelKind::MoeGateUp => gemm::grouped(cg, k, gemm::GroupedGemm::GateUpIndexed),
+        KernelKind::MoeGroupedGateUp => gemm::grouped(cg, k, gemm::GroupedGemm::GateUpSorted),
+        KernelKind::MoeDown => gemm::grouped(cg, k, gemm::GroupedGemm::Down),
         KernelKind::MoeCombine { shared_residual } => reduce::moe_combine(cg, k, *shared_residual),
         // Host-executed by the runtime through its `Collective`.
         KernelKind::Collective { .. } => Ok(()),

@@ -158,3 +158,26 @@ pub fn moe_finalize_routing(a: &[&Tensor]) -> R<Tensor> {
     }
     Ok(Tensor::f32(vec![t, h], out))
 }
+
+/// `moe_grouped_ffn(x, weights, ids, w_gate_up[E, 2I, H], w_down[E, H, I],
+/// shared_gate_up, shared_down, residual)`: the batched MoE block spelled
+/// out as the named ops, so it means exactly what the chain means.
+pub fn moe_grouped_ffn(a: &[&Tensor]) -> R<Tensor> {
+    use crate::kernels as k;
+    let (x, weights, ids, gate_up, down) = (a[0], a[1], a[2], a[3], a[4]);
+    let (experts, i) = (gate_up.shape[0], gate_up.shape[1] / 2);
+    let init = moe_init_routing(x, ids, experts)?;
+    let (rows, row_idx, counts) = (&init[0], &init[1], &init[2]);
+    let gate = grouped_matmul(rows, &k::slice(gate_up, 1, 0, i), counts)?;
+    let up = grouped_matmul(rows, &k::slice(gate_up, 1, i, 2 * i), counts)?;
+    let act = k::binary(&gate, &up, |g, u| k::silu(g) * u)?;
+    let y = grouped_matmul(&act, down, counts)?;
+    // The shared expert: silu(x sg^T) * (x su^T), then its down projection.
+    let (shared_gate_up, shared_down) = (a[5], a[6]);
+    let si = shared_gate_up.shape[0] / 2;
+    let sgu = k::matmul(x, shared_gate_up, true)?;
+    let last = sgu.shape.len() - 1;
+    let shared_act = k::binary(&k::slice(&sgu, last, 0, si), &k::slice(&sgu, last, si, 2 * si), |g, u| k::silu(g) * u)?;
+    let shared = k::matmul(&shared_act, shared_down, true)?;
+    moe_finalize_routing(&[&y, weights, row_idx, &shared, a[7]])
+}

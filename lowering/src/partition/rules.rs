@@ -46,7 +46,7 @@ pub const RULES: &[(&str, &str)] = &[
     ("slice-pushdown", "slice(concat|stack|cast|slice(..)) of weights -> the same over slices of the parts"),
     (
         "moe-expert-parallel",
-        "moe_ffn over all groups -> residual + collective-sum(grouped_matmul_moe over the rank's groups [+ shared-expert TP shard])",
+        "moe_ffn (or moe_grouped_ffn) over all groups -> residual + collective-sum(grouped_matmul_moe over the rank's groups [+ shared-expert TP shard])",
     ),
     (
         "attention-tensor-parallel",
@@ -59,6 +59,8 @@ pub fn partition_rules(cx: Arc<RankCx>) -> Vec<Rewrite<TLang, TensorAnalysis>> {
     let mut out = vec![
         rewrite("slice-pushdown", "(slice ?a ?x)", &cx, slice_pushdown),
         rewrite("moe-expert-parallel", "(moe_ffn ?x ?w ?ids ?gu ?dn ?sgu ?sdn ?r)", &cx, moe_expert_parallel),
+        // The batched form has the same operands and meaning.
+        rewrite("moe-expert-parallel", "(moe_grouped_ffn ?x ?w ?ids ?gu ?dn ?sgu ?sdn ?r)", &cx, moe_expert_parallel),
     ];
     if cx.layout.attn_tp > 1 {
         out.push(rewrite(

@@ -1,5 +1,6 @@
 //! Mixture of grouped experts: `moe-gating`, `moe-router`,
-//! `grouped-matmul` and `moe-shared-residual`.
+//! `grouped-matmul` and `moe-shared-residual` (routing per row), and the
+//! batched form: `moe-batched-routing` and `moe-grouped-ffn`.
 
 use super::{check, Cx, Rule};
 use egg::Id;
@@ -24,8 +25,7 @@ pub fn rules() -> Vec<Rule> {
         Rule::patterns(
             "grouped-matmul",
             "all experts computed densely, combined through one-hot routing weights  ->  grouped_matmul_moe over the selected experts",
-            &["(reduce_sum ?r0 (mul (matmul ?t (swiglu (matmul ?t ?x ?wg) (matmul ?t ?x ?wu)) ?wd) \
-               (reshape ?rc (transpose ?tp (reduce_sum ?r1 (mul (one_hot ?oh ?ids) (reshape ?rw ?w)))))))"],
+            &[DENSE_EXPERTS],
             grouped_matmul,
         ),
         Rule::patterns(
@@ -36,7 +36,35 @@ pub fn rules() -> Vec<Rule> {
             ],
             moe_shared_residual,
         ),
+        Rule::patterns(
+            "moe-batched-routing",
+            "all experts computed densely, combined through one-hot routing weights  ->  moe_init_routing (pairs sorted by expert, per-expert counts) -> grouped_matmul gate, up -> swiglu -> grouped_matmul down -> moe_finalize_routing",
+            &[DENSE_EXPERTS],
+            moe_batched_routing,
+        ),
+        Rule::patterns(
+            "moe-grouped-ffn",
+            "r + (moe_finalize_routing(init/grouped gate-up/swiglu/grouped down chain) + shared_down(gate_up_swiglu(x, ..)))  ->  moe_grouped_ffn",
+            &[&grouped_chain_pattern()],
+            moe_grouped_ffn,
+        ),
     ]
+}
+
+/// The importer's routed experts: every expert on every row, weighted by
+/// a one-hot combine of the routing weights.
+const DENSE_EXPERTS: &str = "(reduce_sum ?r0 (mul (matmul ?t (swiglu (matmul ?t ?x ?wg) (matmul ?t ?x ?wu)) ?wd) \
+    (reshape ?rc (transpose ?tp (reduce_sum ?r1 (mul (one_hot ?oh ?ids) (reshape ?rw ?w)))))))";
+
+/// `residual + (batched routed experts + shared expert)` as
+/// `moe-batched-routing` builds the routed part.
+fn grouped_chain_pattern() -> String {
+    let init = "(moe_init_routing ?ie ?x ?ids)";
+    let (rows, idx, counts) = (format!("(proj 0 {init})"), format!("(proj 1 {init})"), format!("(proj 2 {init})"));
+    format!(
+        "(add ?r (add (moe_finalize_routing (grouped_matmul (swiglu (grouped_matmul {rows} ?wg {counts}) \
+         (grouped_matmul {rows} ?wu {counts})) ?wd {counts}) ?w {idx}) (matmul ?t (gate_up_swiglu ?x ?sgu) ?sdn)))"
+    )
 }
 
 fn moe_gating(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
@@ -71,6 +99,27 @@ fn moe_router(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
 /// pairs and adds them in group order. Skipped terms are exact zeros, so
 /// the two agree up to f32 summation order.
 fn grouped_matmul(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    let d = dense_experts(cx)?;
+    // Gate rows first, then up rows: the layout GroupedMatmulMoe expects.
+    let gate_up = cx.add_named(Op::Concat { axis: 1 }, &[d.wg, d.wu], Some("experts_gate_up_weight"))?;
+    let n = cx.add(Op::GroupedMatmulMoe, &[d.x, d.w, d.ids, gate_up, d.wd])?;
+    Some(vec![(cx.root, n)])
+}
+
+/// The operands of a match of [`DENSE_EXPERTS`].
+struct DenseExperts {
+    x: Id,
+    wg: Id,
+    wu: Id,
+    wd: Id,
+    w: Id,
+    ids: Id,
+    experts: usize,
+}
+
+/// Guards shared by the rules that replace the dense experts: stacked
+/// expert weights `[E, I, H]`, a one-hot combine over the same `E`.
+fn dense_experts(cx: &Cx) -> Option<DenseExperts> {
     check(cx.attr(cx.var("?t"))? == Op::MatMul { transpose_b: true })?;
     check(cx.attr(cx.var("?r0"))? == Op::Reduce { op: ReduceOp::Sum, axis: 0, keepdim: false })?;
     check(cx.attr(cx.var("?r1"))? == Op::Reduce { op: ReduceOp::Sum, axis: 1, keepdim: false })?;
@@ -86,9 +135,36 @@ fn grouped_matmul(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
     check(cx.attr(cx.var("?rw"))? == Op::Reshape { shape: vec![t.clone(), routing.shape[1].clone(), Dim::c(1)] })?;
     check(cx.attr(cx.var("?rc"))? == Op::Reshape { shape: vec![Dim::c(e), t, Dim::c(1)] })?;
     check(wdt.rank() == 3 && wdt.shape[0] == wgt.shape[0])?;
-    // Gate rows first, then up rows: the layout GroupedMatmulMoe expects.
+    Some(DenseExperts { x, wg, wu, wd, w, ids, experts: e })
+}
+
+/// The dense experts over a batch as the named batched ops: the (row,
+/// expert) pairs sorted by expert with each pair's row gathered into its
+/// expert's contiguous block, one grouped matmul per projection over the
+/// experts that received rows (driven by the counts), and the weighted
+/// combine. As with `grouped-matmul`, the skipped (row, expert) terms are
+/// exact zeros in the dense form.
+fn moe_batched_routing(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    let d = dense_experts(cx)?;
+    let init = cx.add(Op::MoeInitRouting { experts: d.experts }, &[d.x, d.ids])?;
+    let (rows, row_idx, counts) = (cx.proj(init, 0), cx.proj(init, 1), cx.proj(init, 2));
+    let gate = cx.add(Op::GroupedMatmul, &[rows, d.wg, counts])?;
+    let up = cx.add(Op::GroupedMatmul, &[rows, d.wu, counts])?;
+    let act = cx.add(Op::SwiGlu, &[gate, up])?;
+    let y = cx.add(Op::GroupedMatmul, &[act, d.wd, counts])?;
+    let out = cx.add(Op::MoeFinalizeRouting, &[y, d.w, row_idx])?;
+    Some(vec![(cx.root, out)])
+}
+
+/// The batched chain plus the shared expert and the residual as one op
+/// with `moe_ffn`'s operands; extraction prices the two against each other.
+fn moe_grouped_ffn(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    check(cx.attr(cx.var("?t"))? == Op::MatMul { transpose_b: true })?;
+    let (wg, wu, sgu, sdn) = (cx.var("?wg"), cx.var("?wu"), cx.var("?sgu"), cx.var("?sdn"));
+    check([wg, wu, sgu, sdn].iter().all(|c| cx.weight_only(*c)))?;
     let gate_up = cx.add_named(Op::Concat { axis: 1 }, &[wg, wu], Some("experts_gate_up_weight"))?;
-    let n = cx.add(Op::GroupedMatmulMoe, &[x, w, ids, gate_up, wd])?;
+    let [x, w, ids, wd, r] = ["?x", "?w", "?ids", "?wd", "?r"].map(|v| cx.var(v));
+    let n = cx.add(Op::MoeGroupedFfn, &[x, w, ids, gate_up, wd, sgu, sdn, r])?;
     Some(vec![(cx.root, n)])
 }
 
@@ -224,5 +300,48 @@ mod tests {
         r.assert_fired("moe-shared-residual");
         assert_eq!(r.count_op("moe_ffn"), 1, "{}", r.text);
         assert_eq!(r.kernels_after, 2, "router+gating and the moe_ffn:\n{}", r.text);
+    }
+
+    #[test]
+    fn moe_batched_routing_fires_and_matches_the_dense_experts() {
+        let mut g = G::new();
+        let y = moe_block(&mut g);
+        g.output(y);
+        let r = check_rule(g, &["swiglu", "moe-gating", "moe-batched-routing"], 6);
+        r.assert_fired("moe-batched-routing");
+        let chain = (r.count_op("moe_init_routing"), r.count_op("grouped_matmul"), r.count_op("moe_finalize_routing"));
+        assert_eq!(chain, (1, 3, 1), "init, gate, up, down, finalize:\n{}", r.text);
+        assert_eq!(r.count_op("one_hot"), 0, "the dense combine is gone:\n{}", r.text);
+    }
+
+    const BATCHED_RULES: [&str; 6] =
+        ["swiglu", "merge-gate-up", "moe-gating", "moe-router", "moe-batched-routing", "moe-grouped-ffn"];
+
+    #[test]
+    fn moe_grouped_ffn_makes_the_batched_block_one_kernel_after_routing() {
+        let mut g = G::new();
+        let y = moe_block(&mut g);
+        g.output(y);
+        let r = check_rule(g, &BATCHED_RULES, 6);
+        r.assert_fired("moe-grouped-ffn");
+        assert_eq!(r.count_op("moe_grouped_ffn"), 1, "{}", r.text);
+        assert_eq!(r.kernels_after, 2, "router+gating and the moe_grouped_ffn:\n{}", r.text);
+    }
+
+    /// With both forms in the e-graph the cost model decides. These experts
+    /// are one cube tile wide and deep, so the per-row form fetches each
+    /// row once per expert anyway and gathering first only adds copies:
+    /// extraction keeps `moe_ffn` (the 72B shapes go the other way, see
+    /// `cost::tests::batched_moe_wins_when_rows_share_experts`).
+    #[test]
+    fn extraction_prices_the_batched_moe_against_the_per_row_one() {
+        let mut g = G::new();
+        let y = moe_block(&mut g);
+        g.output(y);
+        let mut rules = BATCHED_RULES.to_vec();
+        rules.extend(["grouped-matmul", "moe-shared-residual"]);
+        let r = check_rule(g, &rules, 6);
+        assert!(r.fired("moe-grouped-ffn") > 0 && r.fired("moe-shared-residual") > 0, "{:?}", r.stats.rules_fired);
+        assert_eq!((r.count_op("moe_ffn"), r.count_op("moe_grouped_ffn")), (1, 0), "{}", r.text);
     }
 }

@@ -533,11 +533,12 @@ impl<'a> Selector<'a> {
             Op::FlashAttention { scale } => self.simple(ni, KernelKind::Attention { scale: *scale })?,
             Op::MoeGatingGroupTopK { groups } => self.simple(ni, KernelKind::MoeGating { groups: *groups })?,
             Op::GroupedMatmulMoe => {
-                let (ys, slot_row) = self.routed_experts(ni)?;
+                let (ys, slot_row) = self.routed_experts(ni, RowFetch::Indexed)?;
                 let out = self.act(r0);
                 self.launch(KernelKind::MoeCombine { shared_residual: false }, vec![ys, slot_row, out])?;
             }
-            Op::MoeFfn => self.moe_ffn(ni)?,
+            Op::MoeFfn => self.moe_ffn(ni, RowFetch::Indexed)?,
+            Op::MoeGroupedFfn => self.moe_ffn(ni, RowFetch::Gathered)?,
             Op::QkvRope { q_heads, kv_heads } => self.qkv_rope(ni, *q_heads, *kv_heads)?,
             Op::MoeRouterTopK { groups } => {
                 let (x, w, scale) = (self.rm(arg(0))?, self.weight_or_act(arg(1))?, self.rm(arg(2))?);
@@ -677,7 +678,7 @@ impl<'a> Selector<'a> {
     /// Routed experts of a grouped-matmul MoE: dispatch (sort slots by
     /// expert), gate/up GEMM with SwiGLU, down GEMM scaled by the routing
     /// weight. Returns the per-slot outputs and the slot -> row map.
-    fn routed_experts(&mut self, ni: usize) -> Result<(BufferId, BufferId)> {
+    fn routed_experts(&mut self, ni: usize, fetch: RowFetch) -> Result<(BufferId, BufferId)> {
         let g = self.g;
         let n = &g.nodes[ni];
         let (x, w, ids, gu, down) = (n.args[0], n.args[1], n.args[2], n.args[3], n.args[4]);
@@ -699,20 +700,34 @@ impl<'a> Selector<'a> {
         let row_w = self.scratch(format!("{name}.row_weight"), DType::F32, vec![slots.clone()]);
         let slot_row = self.scratch(format!("{name}.slot_row"), DType::I64, vec![slots.clone()]);
         let act = self.scratch(format!("{name}.act"), DType::F32, vec![slots.clone(), Dim::c(i)]);
+        // moe_init_routing's expanded rows: each sorted row's token row,
+        // gathered once, contiguous per expert.
+        let sorted_x = match fetch {
+            RowFetch::Indexed => None,
+            RowFetch::Gathered => {
+                Some(self.scratch(format!("{name}.sorted_x"), DType::F32, vec![slots.clone(), h.clone()]))
+            }
+        };
         let ys = self.scratch(format!("{name}.ys"), DType::F32, vec![slots, h]);
         self.launch(KernelKind::MoeRoute, vec![wb, ib, offsets, rows, row_w, slot_row])?;
-        self.launch(KernelKind::MoeGateUp, vec![xb, offsets, rows, gub, act])?;
+        match sorted_x {
+            None => self.launch(KernelKind::MoeGateUp, vec![xb, offsets, rows, gub, act])?,
+            Some(sorted) => {
+                self.launch(KernelKind::Gather, vec![xb, rows, sorted])?;
+                self.launch(KernelKind::MoeGroupedGateUp, vec![sorted, offsets, gub, act])?;
+            }
+        }
         self.launch(KernelKind::MoeDown, vec![act, offsets, row_w, db, ys])?;
         Ok((ys, slot_row))
     }
 
     /// The whole MoE block: routed experts, the shared expert (two GEMMs),
     /// and `residual + (routed + shared)` in the combine.
-    fn moe_ffn(&mut self, ni: usize) -> Result<()> {
+    fn moe_ffn(&mut self, ni: usize, fetch: RowFetch) -> Result<()> {
         let g = self.g;
         let n = &g.nodes[ni];
         let (x, sgu, sdown, residual) = (n.args[0], n.args[5], n.args[6], n.args[7]);
-        let (ys, slot_row) = self.routed_experts(ni)?;
+        let (ys, slot_row) = self.routed_experts(ni, fetch)?;
         let name = g.values[n.results[0]].name.clone();
         let t = g.values[x].ty.shape[0].clone();
         let is = static_shape(&g.values[sgu].ty, "shared gate_up weight")?[0] / 2;
@@ -723,7 +738,7 @@ impl<'a> Selector<'a> {
             let w = self.weight(sgu, Layout::GateUpPanels { nr: self.nr })?;
             self.launch(KernelKind::Gemm { epilogue: Epilogue::SwiGlu }, vec![xb, w, sh_act])?;
         } else {
-            bail!("moe_ffn: the shared expert weights must be weights, not activations");
+            bail!("{}: the shared expert weights must be weights, not activations", n.op.mnemonic());
         }
         let sh_y = self.scratch(format!("{name}.shared_out"), DType::F32, vec![t, h]);
         let wd = self.weight_or_act(sdown)?;
@@ -795,6 +810,16 @@ impl<'a> Selector<'a> {
     }
 }
 
+/// How a grouped gate/up GEMM reads its A rows.
+#[derive(Clone, Copy)]
+enum RowFetch {
+    /// Through the sorted-row -> token index, row by row (`moe_ffn`).
+    Indexed,
+    /// From a copy of the rows gathered once, contiguous per expert
+    /// (`moe_grouped_ffn`, the batched MoE).
+    Gathered,
+}
+
 /// Per-thread scratch: a GEMM converts a narrow weight panel to f32 once per
 /// panel when it has more rows than one register tile; attention keeps one
 /// row of scores per query head of a KV group.
@@ -811,7 +836,9 @@ fn thread_scratch(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
     };
     match kind {
         KernelKind::Gemm { .. } => panel(args[0].shape.last().expect("rank >= 2"), &args[1]),
-        KernelKind::MoeGateUp | KernelKind::MoeDown => panel(&args[0].shape[1], &args[3]),
+        KernelKind::MoeGateUp | KernelKind::MoeGroupedGateUp | KernelKind::MoeDown => {
+            panel(&args[0].shape[1], &args[args.len() - 2])
+        }
         KernelKind::Attention { .. } => {
             let group = match (args[0].shape[1].as_const(), args[1].shape[1].as_const()) {
                 (Some(hq), Some(hkv)) if hkv > 0 => (hq / hkv) as u64,

@@ -22,9 +22,25 @@ pub enum Graph {
     Plan,
     /// The fusion pipeline of `panguc compile`.
     Pipeline,
+    /// The fusion rules without the per-row MoE (`grouped-matmul`,
+    /// `moe-shared-residual`), so the MoE block is the rewrite-introduced
+    /// batched `moe_grouped_ffn` (the cost model keeps `moe_ffn` for the
+    /// tiny model's one-tile experts when it may choose).
+    BatchedMoe,
 }
 
-pub const GRAPHS: [Graph; 4] = [Graph::Imported, Graph::Classic, Graph::Plan, Graph::Pipeline];
+pub const GRAPHS: [Graph; 5] = [Graph::Imported, Graph::Classic, Graph::Plan, Graph::Pipeline, Graph::BatchedMoe];
+
+/// The rules of [`Graph::BatchedMoe`].
+pub fn batched_moe_rules() -> Vec<String> {
+    let per_row = ["grouped-matmul", "moe-shared-residual"];
+    panguc_lowering::rules::rule_summaries()
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| !per_row.contains(n))
+        .map(String::from)
+        .collect()
+}
 
 pub fn tiny_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-pangu")
@@ -44,6 +60,11 @@ pub fn module(ckpt: &Checkpoint, g: Graph) -> Module {
             let imported = panguc::commands::import(ckpt).expect("import");
             let opts = panguc::pipeline::PipelineOptions::default();
             panguc::pipeline::run_pipeline(ckpt, &imported, 0.0, &opts).expect("fusion pipeline").module
+        }
+        Graph::BatchedMoe => {
+            let imported = panguc::commands::import(ckpt).expect("import");
+            let opts = panguc_lowering::FuseOptions { rules: Some(batched_moe_rules()), ..Default::default() };
+            panguc_lowering::fuse_module(&imported, &opts, |_, _| Ok(())).expect("fusion").0
         }
     }
 }
