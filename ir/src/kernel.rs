@@ -389,6 +389,19 @@ pub enum KernelKind {
     /// projection into heads, RoPE q and k, and append k and v to the caches
     /// at rows `past..past+T` (the old rows are not touched). Tile: one token.
     QkvRopeAppend { q_heads: usize, kv_heads: usize },
+    /// `(y[T, (Hq+2*Hkv)*D], cos[T, D], sin[T, D], slot_mapping[T] i32,
+    /// q_out[T, Hq, D], k_cache[NB, BS, Hkv, D], v_cache[NB, BS, Hkv, D])`:
+    /// `QkvRopeAppend` for a paged cache (the IR op `qkv_rope_cache_write`
+    /// after its projection): the new k and v rows of token `t` are stored in
+    /// place at slot `slot_mapping[t]` (block `slot / BS`, offset
+    /// `slot % BS`); no other slot is touched. Tile: one token.
+    QkvRopeCacheWrite { q_heads: usize, kv_heads: usize },
+    /// `(q[T, Hq, D], k_cache[NB, BS, Hkv, D], v_cache[NB, BS, Hkv, D],
+    /// block_table[S, MB] i32, query_start_loc[S+1] i32, context_lens[S] i32,
+    /// out[T, Hq, D])`: the IR op `paged_attention` (each sequence's rows
+    /// attend causally to its own cached context through its block-table
+    /// row). Tile: one (token, KV head) with all its query heads.
+    PagedAttention { scale: f64 },
     /// `(in, out)` f32: a collective over the global ranks `group` with the
     /// semantics of `panguc_ir::multirank` (sum reduction; `axis` for the
     /// gathering/scattering kinds). Host-executed: code generators emit no
@@ -425,6 +438,8 @@ impl KernelKind {
             KernelKind::MoeDown => "moe_down",
             KernelKind::MoeCombine { .. } => "moe_combine",
             KernelKind::QkvRopeAppend { .. } => "qkv_rope_append",
+            KernelKind::QkvRopeCacheWrite { .. } => "qkv_rope_cache_write",
+            KernelKind::PagedAttention { .. } => "paged_attention",
             KernelKind::Collective { kind, .. } => match kind {
                 crate::op::CollectiveKind::AllReduce => "all_reduce",
                 crate::op::CollectiveKind::AllGather => "all_gather",
@@ -445,7 +460,7 @@ impl KernelKind {
         match self {
             KernelKind::AddRmsNorm { .. } | KernelKind::MoeGating { .. } => 2,
             KernelKind::MoeRoute => 4,
-            KernelKind::QkvRopeAppend { .. } => 3,
+            KernelKind::QkvRopeAppend { .. } | KernelKind::QkvRopeCacheWrite { .. } => 3,
             _ => 1,
         }
     }
@@ -662,7 +677,8 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
         KernelKind::Rope => prefix(&args[0].shape, 2),
         KernelKind::Attention { .. } => Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[1].clone()]),
         KernelKind::MoeGating { .. } | KernelKind::MoeCombine { .. } => Extent::of(1, &last(0).shape[..1]),
-        KernelKind::QkvRopeAppend { .. } => Extent::of(1, &args[0].shape[..1]),
+        KernelKind::QkvRopeAppend { .. } | KernelKind::QkvRopeCacheWrite { .. } => Extent::of(1, &args[0].shape[..1]),
+        KernelKind::PagedAttention { .. } => Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[2].clone()]),
         KernelKind::MoeRoute | KernelKind::Collective { .. } => Extent::constant(1),
         KernelKind::MoeGateUp | KernelKind::MoeDown => {
             let w = &args[3];

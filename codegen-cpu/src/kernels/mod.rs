@@ -41,6 +41,9 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::MoeCombine { shared_residual } => reduce::moe_combine(cg, k, *shared_residual),
         // Host-executed by the runtime through its `Collective`.
         KernelKind::Collective { .. } => Ok(()),
+        KernelKind::QkvRopeCacheWrite { .. } | KernelKind::PagedAttention { .. } => {
+            Err(anyhow::anyhow!("the paged-cache kernels have no CPU implementation in this build"))
+        }
     };
     r.with_context(|| format!("generating kernel {} ({})", k.name, k.kind.mnemonic()))
 }
