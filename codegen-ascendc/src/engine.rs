@@ -69,7 +69,7 @@ impl AscendSimEngine {
         let ap = emit_program(&program, target, act)?;
         // The program as emitted (kernels split by device dtypes).
         let program = ap.program.clone();
-        let paged = is_paged(&program);
+        let paged = program.is_batched();
         let cache_env = if paged {
             Env { num_blocks: max_context as u64, ..Env::default() }
         } else {
@@ -107,7 +107,7 @@ impl AscendSimEngine {
     /// for a paged one.
     pub fn cache_size(dir: &Path, context: usize, num_blocks: usize) -> Result<usize> {
         let files = panguc_runtime::package::verify_package(dir)?;
-        Ok(if files.program.as_ref().is_some_and(is_paged) { num_blocks } else { context })
+        Ok(if files.program.as_ref().is_some_and(KernelProgram::is_batched) { num_blocks } else { context })
     }
 
     /// Open a compiled package (with a CPU target, whose prepared weights
@@ -347,15 +347,18 @@ impl panguc_runtime::BatchEngine for AscendSimEngine {
             num_blocks,
             ..Env::new(ids.len() as u64, 0, self.ap.target.min_cores(true))
         };
-        // Entry inputs in `panguc_ir::batch::declare_step_inputs` order after `ids`.
-        let inputs = vec![
-            encode_i64(&ids),
-            encode_i32(&meta.positions),
-            encode_i32(&meta.query_start_loc),
-            encode_i32(&meta.context_lens),
-            encode_i32(&meta.block_table),
-            encode_i32(&meta.slot_mapping),
-        ];
+        // Entry inputs in `panguc_ir::batch::declare_step_inputs` order after
+        // `ids`, each in its buffer's device integer type.
+        let fields =
+            [&meta.positions, &meta.query_start_loc, &meta.context_lens, &meta.block_table, &meta.slot_mapping];
+        let mut inputs = vec![encode_i64(&ids)];
+        for (inp, v) in self.program.inputs[1..].iter().zip(fields) {
+            inputs.push(match self.ap.buffer_dtypes[inp.index()] {
+                DevType::I32 => encode_i32(v),
+                DevType::I64 => encode_i64(&v.iter().map(|&x| i64::from(x)).collect::<Vec<_>>()),
+                other => bail!("step input `{}` is {other} on the device", self.program.buffer(*inp).name),
+            });
+        }
         let logits = self.run(&env, inputs)?;
         let vocab = logits.len() / ids.len();
         let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
@@ -368,15 +371,6 @@ impl panguc_runtime::BatchEngine for AscendSimEngine {
 
     /// The cache is paged: the scheduler reuses a released sequence's blocks.
     fn release(&mut self, _seq: panguc_runtime::SeqId) {}
-}
-
-/// Entry inputs of a program imported with the paged KV layout.
-const PAGED_INPUTS: [&str; 6] = ["ids", "positions", "query_start_loc", "context_lens", "block_table", "slot_mapping"];
-
-/// Whether `p` runs ragged steps over paged caches (its entry inputs are
-/// `ids` and the step metadata).
-pub fn is_paged(p: &KernelProgram) -> bool {
-    p.inputs.len() == PAGED_INPUTS.len() && p.inputs.iter().zip(PAGED_INPUTS).all(|(b, n)| p.buffer(*b).name == n)
 }
 
 /// Shape-symbol bindings of a call's sizes.

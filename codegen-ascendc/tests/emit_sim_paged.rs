@@ -11,7 +11,7 @@
 mod common;
 
 use common::{assert_close, c, emit, kernel, rand_vec, targets, tol, CORES};
-use panguc_codegen_ascendc::data::{decode, encode, encode_i32, round_through, run_kernels, run_sim};
+use panguc_codegen_ascendc::data::{decode, encode, encode_i32, encode_i64, round_through, run_kernels, run_sim};
 use panguc_codegen_ascendc::emit::Env;
 use panguc_codegen_ascendc::sim::SimArg;
 use panguc_codegen_ascendc::target::DevType;
@@ -26,6 +26,17 @@ use rand_chacha::ChaCha8Rng;
 const HQ: usize = 4;
 const HKV: usize = 2;
 const D: usize = 16;
+
+/// The step metadata's device types: i32 (Ascend's convention) and i64
+/// (the kernel program's integer storage).
+const META_TYPES: [DevType; 2] = [DevType::I32, DevType::I64];
+
+fn ints(t: DevType, v: &[i32]) -> Vec<u8> {
+    match t {
+        DevType::I32 => encode_i32(v),
+        _ => encode_i64(&v.iter().map(|&x| i64::from(x)).collect::<Vec<_>>()),
+    }
+}
 
 /// One test step: block size, cache blocks, and each sequence's chunk.
 struct Case {
@@ -85,7 +96,7 @@ fn cache_dims(block_size: usize) -> Vec<Dim> {
 fn paged_attention_ragged_steps() {
     let mut rng = ChaCha8Rng::seed_from_u64(21);
     let scale = 1.0 / (D as f64).sqrt();
-    for (target, act) in targets() {
+    for ((target, act), meta_t) in targets().into_iter().flat_map(|t| META_TYPES.map(|m| (t, m))) {
         for case in cases() {
             let m = step(&case);
             let k = kernel(
@@ -101,8 +112,7 @@ fn paged_attention_ragged_steps() {
                     vec![Dim::tokens(), c(HQ), c(D)],
                 ],
             );
-            let i32t = DevType::I32;
-            let dk = emit(&k, &[act, act, act, i32t, i32t, i32t, act], target, act);
+            let dk = emit(&k, &[act, act, act, meta_t, meta_t, meta_t, act], target, act);
             let tokens = m.tokens();
             let cache_len = case.num_blocks * case.block_size * HKV * D;
             let q = round_through(act, &rand_vec(&mut rng, tokens * HQ * D));
@@ -116,9 +126,9 @@ fn paged_attention_ragged_steps() {
                     SimArg::Input(encode(act, &q)),
                     SimArg::Input(encode(act, &kc)),
                     SimArg::Input(encode(act, &vc)),
-                    SimArg::Input(encode_i32(&m.block_table)),
-                    SimArg::Input(encode_i32(&m.query_start_loc)),
-                    SimArg::Input(encode_i32(&m.context_lens)),
+                    SimArg::Input(ints(meta_t, &m.block_table)),
+                    SimArg::Input(ints(meta_t, &m.query_start_loc)),
+                    SimArg::Input(ints(meta_t, &m.context_lens)),
                     SimArg::Output(q.len() * act.size() as usize),
                 ],
             )
@@ -138,7 +148,7 @@ fn paged_attention_ragged_steps() {
             )
             .unwrap()
             .remove(0);
-            let what = format!("paged_attention {target} block_size={} seqs={}", case.block_size, m.seqs());
+            let what = format!("paged_attention {target} {meta_t} block_size={} seqs={}", case.block_size, m.seqs());
             assert_close(&decode(act, &out[0]), want.as_f32(), tol(act), 0.1, &what);
         }
     }
@@ -148,7 +158,7 @@ fn paged_attention_ragged_steps() {
 fn qkv_rope_cache_write_through_slots() {
     let mut rng = ChaCha8Rng::seed_from_u64(22);
     let w = (HQ + 2 * HKV) * D;
-    for (target, act) in targets() {
+    for ((target, act), meta_t) in targets().into_iter().flat_map(|t| META_TYPES.map(|m| (t, m))) {
         for case in cases() {
             let m = step(&case);
             let k = kernel(
@@ -164,7 +174,7 @@ fn qkv_rope_cache_write_through_slots() {
                     cache_dims(case.block_size),
                 ],
             );
-            let dk = emit(&k, &[act, act, act, DevType::I32, act, act, act], target, act);
+            let dk = emit(&k, &[act, act, act, meta_t, act, act, act], target, act);
             let tu = m.tokens();
             let y = round_through(act, &rand_vec(&mut rng, tu * w));
             let pos = Tensor::i64(vec![tu], m.positions.iter().map(|&p| p as i64).collect());
@@ -178,7 +188,7 @@ fn qkv_rope_cache_write_through_slots() {
                 encode(act, &y),
                 encode(act, &cos),
                 encode(act, &sin),
-                encode_i32(&m.slot_mapping),
+                ints(meta_t, &m.slot_mapping),
                 vec![0; tu * HQ * D * sz],
                 encode(act, &kc),
                 encode(act, &vc),
@@ -202,7 +212,7 @@ fn qkv_rope_cache_write_through_slots() {
                 ],
             )
             .unwrap();
-            let what = format!("{target} block_size={} seqs={}", case.block_size, m.seqs());
+            let what = format!("{target} {meta_t} block_size={} seqs={}", case.block_size, m.seqs());
             assert_close(&decode(act, &args[4]), want[0].as_f32(), tol(act), 0.1, &format!("q {what}"));
             let (kg, vg) = (decode(act, &args[5]), decode(act, &args[6]));
             // Slots this step does not write keep their bytes exactly.

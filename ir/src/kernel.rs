@@ -3,7 +3,9 @@
 //! `panguc-lowering`'s scheduler turns the (fused) graph IR into a
 //! [`KernelProgram`]: an ordered list of kernel [`Launch`]es over named
 //! [`Buffer`]s (inputs, prepared weights, KV caches, activations, views),
-//! with symbolic sizes over the shape symbols `tokens` and `past`. Each
+//! with symbolic sizes over the shape symbols `tokens` and `past` (one
+//! sequence per call), or `tokens`, `seqs`, `max_blocks` and `num_blocks`
+//! (one ragged batch step over paged KV caches). Each
 //! distinct specialised [`Kernel`] appears once; launches refer to it by
 //! index, so the 48 decoder layers of the real model share their kernels.
 //!
@@ -186,9 +188,11 @@ pub enum BufferKind {
     /// the package.
     Weight { index: usize },
     /// KV cache `cache` (entry cache input `cache`: `k_cache.(cache/2)` for
-    /// even, `v_cache.(cache/2)` for odd). The runtime allocates it for the
-    /// maximum context; kernels see the logical shape `[past+tokens, ..]`
-    /// and the new rows are appended in place.
+    /// even, `v_cache.(cache/2)` for odd). One sequence: the runtime
+    /// allocates it for the maximum context; kernels see the logical shape
+    /// `[past+tokens, ..]` and the new rows are appended in place. Batched:
+    /// the paged cache `[num_blocks, block_size, ..]` shared by all
+    /// sequences, written in place at each new token's slot.
     KvCache { cache: usize },
     /// Activation or scratch memory in arena slot `slot`.
     Activation { slot: usize },
@@ -389,18 +393,24 @@ pub enum KernelKind {
     /// projection into heads, RoPE q and k, and append k and v to the caches
     /// at rows `past..past+T` (the old rows are not touched). Tile: one token.
     QkvRopeAppend { q_heads: usize, kv_heads: usize },
-    /// `(y[T, (Hq+2*Hkv)*D], cos[T, D], sin[T, D], slot_mapping[T] i32,
-    /// q_out[T, Hq, D], k_cache[NB, BS, Hkv, D], v_cache[NB, BS, Hkv, D])`:
-    /// `QkvRopeAppend` for a paged cache (the IR op `qkv_rope_cache_write`
-    /// after its projection): the new k and v rows of token `t` are stored in
-    /// place at slot `slot_mapping[t]` (block `slot / BS`, offset
-    /// `slot % BS`); no other slot is touched. Tile: one token.
+    /// `(new[T, Hkv, D], slots[T] i64, cache[num_blocks, block_size, Hkv, D])`:
+    /// row `t` of `new` stored at slot `slots[t]` of the paged cache, in
+    /// place (other slots are not touched). Tile: one token.
+    KvCacheWrite,
+    /// `(y[T, (Hq+2*Hkv)*D], cos[T, D], sin[T, D], slots[T] i64, q_out[T, Hq, D],
+    /// k_cache[num_blocks, block_size, Hkv, D], v_cache[same])`: the paged
+    /// counterpart of [`KernelKind::QkvRopeAppend`]: q roped into `q_out`,
+    /// k roped and v copied into the caches at slot `slots[t]` (in place).
+    /// Tile: one token.
     QkvRopeCacheWrite { q_heads: usize, kv_heads: usize },
-    /// `(q[T, Hq, D], k_cache[NB, BS, Hkv, D], v_cache[NB, BS, Hkv, D],
-    /// block_table[S, MB] i32, query_start_loc[S+1] i32, context_lens[S] i32,
-    /// out[T, Hq, D])`: the IR op `paged_attention` (each sequence's rows
-    /// attend causally to its own cached context through its block-table
-    /// row). Tile: one (token, KV head) with all its query heads.
+    /// `(q[T, Hq, D], k_cache[num_blocks, block_size, Hkv, D], v_cache[same],
+    /// block_table[S, max_blocks] i64, query_start_loc[S+1] i64,
+    /// context_lens[S] i64, out[T, Hq, D])`: causal GQA attention of each
+    /// row over its own sequence's context read through its block-table row
+    /// (row `i` of sequence `s` sits at position `context_len - q_len + i`),
+    /// with the arithmetic of [`KernelKind::Attention`]. Tile: one (token,
+    /// KV head) with all its query heads. Per-thread scratch: `Hq/Hkv` rows
+    /// of `max_blocks * block_size` scores.
     PagedAttention { scale: f64 },
     /// `(in, out)` f32: a collective over the global ranks `group` with the
     /// semantics of `panguc_ir::multirank` (sum reduction; `axis` for the
@@ -438,6 +448,7 @@ impl KernelKind {
             KernelKind::MoeDown => "moe_down",
             KernelKind::MoeCombine { .. } => "moe_combine",
             KernelKind::QkvRopeAppend { .. } => "qkv_rope_append",
+            KernelKind::KvCacheWrite => "kv_cache_write",
             KernelKind::QkvRopeCacheWrite { .. } => "qkv_rope_cache_write",
             KernelKind::PagedAttention { .. } => "paged_attention",
             KernelKind::Collective { kind, .. } => match kind {
@@ -517,6 +528,24 @@ pub struct KernelProgram {
 impl KernelProgram {
     pub fn buffer(&self, id: BufferId) -> &Buffer {
         &self.buffers[id.index()]
+    }
+
+    /// True for a ragged-batch program over paged KV caches (shape symbols
+    /// `tokens`, `seqs`, `max_blocks`, `num_blocks`; entry inputs `ids` and
+    /// the step metadata of `crate::batch::declare_step_inputs`), false for
+    /// a one-sequence program over contiguous caches (`tokens`, `past`).
+    pub fn is_batched(&self) -> bool {
+        self.symbols.iter().any(|s| s == crate::shape::SYM_SEQS)
+    }
+
+    /// Tokens per KV block of a batched program (the static second dim of
+    /// its paged caches); `None` for a one-sequence program.
+    pub fn kv_block_size(&self) -> Option<usize> {
+        if !self.is_batched() {
+            return None;
+        }
+        let c = self.caches.first()?;
+        self.buffers.get(c.index())?.shape.get(1)?.as_const()
     }
 
     /// Follow views to the buffer that owns the memory; returns it and the
@@ -677,7 +706,9 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
         KernelKind::Rope => prefix(&args[0].shape, 2),
         KernelKind::Attention { .. } => Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[1].clone()]),
         KernelKind::MoeGating { .. } | KernelKind::MoeCombine { .. } => Extent::of(1, &last(0).shape[..1]),
-        KernelKind::QkvRopeAppend { .. } | KernelKind::QkvRopeCacheWrite { .. } => Extent::of(1, &args[0].shape[..1]),
+        KernelKind::QkvRopeAppend { .. } | KernelKind::QkvRopeCacheWrite { .. } | KernelKind::KvCacheWrite => {
+            Extent::of(1, &args[0].shape[..1])
+        }
         KernelKind::PagedAttention { .. } => Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[2].clone()]),
         KernelKind::MoeRoute | KernelKind::Collective { .. } => Extent::constant(1),
         KernelKind::MoeGateUp | KernelKind::MoeDown => {
@@ -725,6 +756,15 @@ pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
                 _ => 1,
             };
             Extent::of(4 * group, &[k.shape[0].clone(), last(q)])
+        }
+        KernelKind::PagedAttention { .. } => {
+            // Up to a whole block table of keys per row.
+            let (q, k, table) = (&args[0], &args[1], &args[3]);
+            let group = match (q.shape[1].as_const(), k.shape[2].as_const()) {
+                (Some(hq), Some(hkv)) if hkv > 0 => (hq / hkv) as u64,
+                _ => 1,
+            };
+            Extent::of(4 * group, &[table.shape[1].clone(), k.shape[1].clone(), last(q)])
         }
         _ => {
             // Row kernels: the bytes of one row of every argument.

@@ -1,11 +1,20 @@
-//! The compiled CPU engine: runs a package's kernel program for one
-//! sequence, keeping that sequence's KV cache.
+//! The compiled CPU engine: runs a package's kernel program.
+//!
+//! A batched program (the default for CPU packages; see
+//! [`KernelProgram::is_batched`](panguc_ir::kernel::KernelProgram::is_batched))
+//! runs one ragged batch step per call over one paged KV cache shared by all
+//! sequences ([`CpuEngine::batched`], a [`BatchEngine`]): the scheduler's
+//! block allocator owns the blocks, each step's [`StepMetadata`] says
+//! where every row's K/V goes and which blocks each sequence reads, and
+//! every GEMM covers all rows of the step. A one-sequence program (the rank
+//! programs of a partitioned package) keeps that sequence's contiguous KV
+//! cache ([`CpuEngine::with_pool`], an [`Engine`]).
 //!
 //! Memory: weights are the package's mappings (shared, never copied); each
-//! engine owns its KV cache, allocated for `max_context` tokens (zeroed
-//! pages are only touched as the context grows), an activation arena sized
-//! per call from the buffer plan (slots sized for the actual
-//! `tokens`/`past`), and per-thread scratch.
+//! engine owns its KV cache (`max_context` tokens of one sequence, or
+//! `num_blocks` blocks; zeroed pages are only touched when written), an
+//! activation arena sized per call from the buffer plan (slots sized for
+//! the actual shape symbols), and per-thread scratch.
 //!
 //! Threads: every launch's tiles are shared out in chunks by a
 //! [`WorkerPool`] (the caller works too; a pool may be shared between
@@ -13,10 +22,10 @@
 //! same code whichever thread runs it, so the thread count never changes
 //! results. Launches with few light tiles run on the calling thread.
 //!
-//! Batches: the IR function handles one sequence (its own `past`), so a
-//! batch is one engine per sequence stepped in turn (see `batch`), each
-//! launch using all threads.
+//! Batches of a one-sequence program are one engine per sequence stepped in
+//! turn (`batch::PerSequenceEngines`), each launch using all threads.
 
+use crate::batch::{BatchEngine, ChunkLogits, SeqId, StepChunk};
 use crate::collective::Collective;
 use crate::generate::Engine;
 use crate::loader::{KernelFn, Package};
@@ -24,7 +33,8 @@ use crate::pool::WorkerPool;
 use anyhow::{bail, ensure, Context, Result};
 use panguc_ir::kernel::{BufferId, BufferKind, KernelKind};
 use panguc_ir::op::CollectiveKind;
-use panguc_ir::shape::Bindings;
+use panguc_ir::batch::StepMetadata;
+use panguc_ir::shape::{Bindings, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_SEQS, SYM_TOKENS};
 use panguc_ir::DType;
 use panguc_ir::Tensor;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
@@ -111,17 +121,30 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// Runs a package's kernel program for one sequence.
+/// What the engine's KV cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KvCache {
+    /// One sequence's contiguous cache of `max_context` tokens.
+    Contiguous { max_context: usize },
+    /// `num_blocks` blocks of `block_size` tokens shared by the sequences
+    /// of a batched program.
+    Paged { num_blocks: usize, block_size: usize },
+}
+
+/// Runs a package's kernel program: one sequence per call, or one ragged
+/// batch step per call (see the module docs).
 pub struct CpuEngine {
     pkg: Arc<Package>,
     pool: Arc<WorkerPool>,
-    max_context: usize,
+    cache: KvCache,
     past: usize,
     vocab: usize,
     kv: Vec<AlignedBuf>,
     arena: AlignedBuf,
     scratch: Vec<AlignedBuf>,
-    inputs: [Vec<i64>; 2],
+    /// Entry inputs in program order (`ids`, `positions`, and a batched
+    /// step's metadata), integers as i64.
+    inputs: Vec<Vec<i64>>,
     ptrs: Vec<*mut u8>,
     /// Per kernel: work of one tile (see `panguc_ir::kernel::tile_cost`).
     tile_cost: Vec<panguc_ir::kernel::Extent>,
@@ -144,8 +167,15 @@ impl CpuEngine {
         CpuEngine::with_pool(pkg, pool, opts.max_context)
     }
 
-    /// An engine using a shared pool (one engine per sequence of a batch).
+    /// An engine for a one-sequence program using a shared pool (one
+    /// engine per sequence of a batch).
     pub fn with_pool(pkg: Arc<Package>, pool: Arc<WorkerPool>, max_context: Option<usize>) -> Result<CpuEngine> {
+        if pkg.program().is_batched() {
+            bail!(
+                "this package's kernel program runs ragged batches over a paged KV cache: \
+                 open it with CpuEngine::batched (one engine for all sequences)"
+            );
+        }
         let cfg = pkg.config();
         let limit = cfg.max_position_embeddings.max(1);
         let max_context = match max_context {
@@ -156,7 +186,37 @@ impl CpuEngine {
             Some(n) => n,
             None => DEFAULT_MAX_CONTEXT.min(limit),
         };
+        let what = format!("the KV cache for a context of {max_context} tokens");
+        CpuEngine::open(pkg, pool, KvCache::Contiguous { max_context }, &what)
+    }
+
+    /// An engine for a batched program using a shared pool: one paged KV
+    /// cache of `num_blocks` blocks (of the program's block size) for every
+    /// sequence the scheduler runs.
+    pub fn batched(pkg: Arc<Package>, pool: Arc<WorkerPool>, num_blocks: usize) -> Result<CpuEngine> {
         let program = pkg.program();
+        let block_size = program.kv_block_size().with_context(|| {
+            "this package's kernel program runs one sequence per call (contiguous KV cache), not ragged batches"
+        })?;
+        ensure!(block_size > 0 && num_blocks > 0, "the paged KV cache needs at least one block of at least one token");
+        let what = format!("the KV cache of {num_blocks} blocks of {block_size} tokens");
+        CpuEngine::open(pkg, pool, KvCache::Paged { num_blocks, block_size }, &what)
+    }
+
+    /// Tokens per KV block of the package's batched program (`None` for a
+    /// one-sequence program).
+    pub fn block_size_of(pkg: &Package) -> Option<usize> {
+        pkg.program().kv_block_size()
+    }
+
+    fn open(pkg: Arc<Package>, pool: Arc<WorkerPool>, cache: KvCache, what: &str) -> Result<CpuEngine> {
+        let cfg = pkg.config();
+        let program = pkg.program();
+        // The outer dim of each cache: tokens (contiguous) or blocks (paged).
+        let rows = match cache {
+            KvCache::Contiguous { max_context } => max_context,
+            KvCache::Paged { num_blocks, .. } => num_blocks,
+        };
         // Sizes first, in checked arithmetic, and the total against the
         // machine's memory before anything is allocated.
         let mut kv_bytes = Vec::with_capacity(program.caches.len());
@@ -167,10 +227,10 @@ impl CpuEngine {
                 let d = d.as_const().context("KV cache rows must have a static size")?;
                 row = row.and_then(|r| r.checked_mul(d));
             }
-            kv_bytes.push(row.and_then(|r| r.checked_mul(max_context)));
+            kv_bytes.push(row.and_then(|r| r.checked_mul(rows)));
         }
         let total = kv_bytes.iter().try_fold(0u64, |acc, b| b.and_then(|b| acc.checked_add(b as u64)));
-        crate::memory::check_fits(&format!("the KV cache for a context of {max_context} tokens"), total)?;
+        crate::memory::check_fits(what, total)?;
         let mut kv = Vec::with_capacity(program.caches.len());
         for bytes in kv_bytes {
             kv.push(AlignedBuf::zeroed(bytes.expect("checked above"))?);
@@ -179,16 +239,17 @@ impl CpuEngine {
         let scratch = (0..threads).map(|_| AlignedBuf::zeroed(0)).collect::<Result<_>>()?;
         let vocab = cfg.vocab_size;
         let tile_cost = program.kernels.iter().map(|k| panguc_ir::kernel::tile_cost(&k.kind, &k.args)).collect();
+        let inputs = vec![vec![]; program.inputs.len()];
         Ok(CpuEngine {
             pkg,
             pool,
-            max_context,
+            cache,
             past: 0,
             vocab,
             kv,
             arena: AlignedBuf::zeroed(0)?,
             scratch,
-            inputs: [vec![], vec![]],
+            inputs,
             ptrs: vec![],
             tile_cost,
             profile: None,
@@ -208,8 +269,13 @@ impl CpuEngine {
         self.past
     }
 
+    /// Tokens one sequence can reach: the contiguous cache's capacity, or
+    /// the whole paged cache.
     pub fn max_context(&self) -> usize {
-        self.max_context
+        match self.cache {
+            KvCache::Contiguous { max_context } => max_context,
+            KvCache::Paged { num_blocks, block_size } => num_blocks * block_size,
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -421,25 +487,21 @@ impl<T> SendPtr<T> {
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
-impl Engine for CpuEngine {
-    fn forward(&mut self, tokens: &[i64]) -> Result<Tensor> {
+impl CpuEngine {
+    fn check_vocab(&self, tokens: &[i64]) -> Result<()> {
         ensure!(!tokens.is_empty(), "no tokens to process");
         if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| **t < 0 || **t as u64 >= self.vocab as u64) {
             bail!("token {t} at position {i} is outside the vocabulary (0..{})", self.vocab);
         }
-        let n = tokens.len();
-        if self.past + n > self.max_context {
-            bail!(
-                "the sequence would reach {} tokens, beyond the engine's maximum context of {}",
-                self.past + n,
-                self.max_context
-            );
-        }
+        Ok(())
+    }
+
+    /// Run every launch of the program under the shape symbols `b` (the
+    /// inputs already set); returns the logits.
+    fn run(&mut self, b: &Bindings) -> Result<Tensor> {
         let pkg = self.pkg.clone();
         let program = pkg.program();
-        self.inputs = [tokens.to_vec(), (self.past..self.past + n).map(|p| p as i64).collect()];
-        let b = panguc_ir::shape::bindings(n, self.past);
-        self.bind(&b)?;
+        self.bind(b)?;
         let syms: Vec<i64> = program
             .symbols
             .iter()
@@ -448,18 +510,18 @@ impl Engine for CpuEngine {
         let mut args: Vec<*mut u8> = vec![];
         for l in &program.launches {
             let k = &program.kernels[l.kernel];
-            let tiles = k.tiles.eval(&b).map_err(anyhow::Error::msg)?;
+            let tiles = k.tiles.eval(b).map_err(anyhow::Error::msg)?;
             if tiles == 0 {
                 continue;
             }
             args.clear();
             args.extend(l.args.iter().map(|a| self.ptrs[a.index()]));
-            let work = tiles.saturating_mul(self.tile_cost[l.kernel].eval(&b).map_err(anyhow::Error::msg)?);
+            let work = tiles.saturating_mul(self.tile_cost[l.kernel].eval(b).map_err(anyhow::Error::msg)?);
             let parallel = tiles > 1 && work >= PARALLEL_WORK;
             let t0 = self.profile.is_some().then(std::time::Instant::now);
             match pkg.kernel(l.kernel) {
                 Some(f) => self.launch(f, &args, &syms, tiles, parallel),
-                None => self.host_launch(&k.kind, &l.args, &b).with_context(|| format!("launch of {}", k.name))?,
+                None => self.host_launch(&k.kind, &l.args, b).with_context(|| format!("launch of {}", k.name))?,
             }
             if let (Some(t0), Some(p)) = (t0, self.profile.as_mut()) {
                 *p.entry(k.kind.mnemonic()).or_default() += t0.elapsed();
@@ -468,18 +530,95 @@ impl Engine for CpuEngine {
         let out = program.outputs[0];
         let ob = program.buffer(out);
         ensure!(ob.dtype == panguc_ir::DType::F32, "logits buffer must be f32, found {}", ob.dtype);
-        let shape = ob.shape.iter().map(|d| d.eval(&b)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+        let shape = ob.shape.iter().map(|d| d.eval(b)).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
         let len: usize = shape.iter().product();
         // SAFETY: the logits buffer holds `len` f32 values after the run.
         let logits = unsafe { std::slice::from_raw_parts(self.ptrs[out.index()] as *const f32, len) }.to_vec();
-        self.past += n;
         Ok(Tensor::f32(shape, logits))
+    }
+}
+
+impl Engine for CpuEngine {
+    fn forward(&mut self, tokens: &[i64]) -> Result<Tensor> {
+        let KvCache::Contiguous { max_context } = self.cache else {
+            bail!("this engine runs ragged batch steps (BatchEngine::step), not one sequence's tokens");
+        };
+        self.check_vocab(tokens)?;
+        let n = tokens.len();
+        if self.past + n > max_context {
+            bail!(
+                "the sequence would reach {} tokens, beyond the engine's maximum context of {max_context}",
+                self.past + n
+            );
+        }
+        self.inputs = vec![tokens.to_vec(), (self.past..self.past + n).map(|p| p as i64).collect()];
+        let logits = self.run(&panguc_ir::shape::bindings(n, self.past))?;
+        self.past += n;
+        Ok(logits)
     }
 
     fn reset(&mut self) -> bool {
         CpuEngine::reset(self);
         true
     }
+}
+
+/// A batched program runs a whole step in one call: every GEMM over all
+/// of the step's rows, attention and the KV writes through the step's
+/// block table and slot mapping into the one paged cache.
+impl BatchEngine for CpuEngine {
+    fn step(&mut self, chunks: &[StepChunk<'_>], meta: &StepMetadata) -> Result<Vec<ChunkLogits>> {
+        let KvCache::Paged { num_blocks, block_size } = self.cache else {
+            bail!("this engine runs one sequence per call (contiguous KV cache): run it through PerSequenceEngines");
+        };
+        ensure!(
+            meta.block_size == block_size,
+            "the step uses KV blocks of {} tokens but the package was compiled for blocks of {block_size}",
+            meta.block_size
+        );
+        ensure!(chunks.len() == meta.seqs(), "{} chunks for a step of {} sequences", chunks.len(), meta.seqs());
+        // The kernels trust the metadata (slots and blocks index the cache
+        // directly), so it is checked in full here.
+        meta.validate(num_blocks)?;
+        let ids: Vec<i64> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
+        self.check_vocab(&ids)?;
+        ensure!(ids.len() == meta.tokens(), "{} token ids for a step of {} tokens", ids.len(), meta.tokens());
+        for (s, c) in chunks.iter().enumerate() {
+            ensure!(
+                meta.rows(s).len() == c.tokens.len() && meta.context_lens[s] as usize == c.past + c.tokens.len(),
+                "sequence {}: its chunk does not match row {s} of the step metadata",
+                c.seq
+            );
+        }
+        let wide = |v: &[i32]| v.iter().map(|&x| x as i64).collect::<Vec<i64>>();
+        self.inputs = vec![
+            ids,
+            wide(&meta.positions),
+            wide(&meta.query_start_loc),
+            wide(&meta.context_lens),
+            wide(&meta.block_table),
+            wide(&meta.slot_mapping),
+        ];
+        let b = Bindings::from([
+            (SYM_TOKENS.to_string(), meta.tokens()),
+            (SYM_SEQS.to_string(), meta.seqs()),
+            (SYM_MAX_BLOCKS.to_string(), meta.max_blocks),
+            (SYM_NUM_BLOCKS.to_string(), num_blocks),
+        ]);
+        let logits = self.run(&b)?;
+        let vocab = *logits.shape.last().unwrap_or(&0);
+        ensure!(vocab > 0 && logits.as_f32().len() == meta.tokens() * vocab, "logits of shape {:?}", logits.shape);
+        let rows: Vec<&[f32]> = logits.as_f32().chunks(vocab).collect();
+        Ok(chunks
+            .iter()
+            .enumerate()
+            .map(|(s, c)| rows[meta.rows(s)][c.logits_from..].iter().map(|r| r.to_vec()).collect())
+            .collect())
+    }
+
+    /// The cache is paged: a released sequence's blocks go back to the
+    /// scheduler's allocator, nothing to free here.
+    fn release(&mut self, _seq: SeqId) {}
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use anyhow::{bail, Result};
 
 const PAGED_ATTENTION: &str = r#"
 using T = {{T}};
+using M = {{M}};
 
 // Paged causal GQA attention, FlashAttention style: one (token, query head)
 // per tile. Rows qsl[s]..qsl[s+1] belong to sequence s, whose ctx[s] cached
@@ -42,9 +43,9 @@ public:
         oGm.SetGlobalBuffer((__gm__ T*)out, t.tiles * d);
         kGm.SetGlobalBuffer((__gm__ T*)k, numBlocks * blockSize * kvHeads * d);
         vGm.SetGlobalBuffer((__gm__ T*)v, numBlocks * blockSize * kvHeads * d);
-        tableGm.SetGlobalBuffer((__gm__ int32_t*)table, seqs * maxBlocks);
-        qslGm.SetGlobalBuffer((__gm__ int32_t*)qsl, seqs + 1);
-        ctxGm.SetGlobalBuffer((__gm__ int32_t*)ctxLens, seqs);
+        tableGm.SetGlobalBuffer((__gm__ M*)table, seqs * maxBlocks);
+        qslGm.SetGlobalBuffer((__gm__ M*)qsl, seqs + 1);
+        ctxGm.SetGlobalBuffer((__gm__ M*)ctxLens, seqs);
         pipe.InitBuffer(inQ, 1, d * sizeof(T));
         pipe.InitBuffer(inK, 2, kvTile * d * sizeof(T));
         pipe.InitBuffer(inV, 2, kvTile * d * sizeof(T));
@@ -82,9 +83,9 @@ private:
             // offset j0 % blockSize on: one DMA per (block, KV head) chunk.
             const uint32_t off = j0 % blockSize;
             const uint32_t n = MinU(MinU(kvTile, blockSize - off), visible - j0);
-            int32_t blk = tableGm.GetValue(seq * maxBlocks + j0 / blockSize);
+            int64_t blk = static_cast<int64_t>(tableGm.GetValue(seq * maxBlocks + j0 / blockSize));
             // A block outside the cache (the runtime never sends one) reads block 0.
-            if (blk < 0 || static_cast<uint32_t>(blk) >= numBlocks) blk = 0;
+            if (blk < 0 || blk >= static_cast<int64_t>(numBlocks)) blk = 0;
             const uint32_t row = static_cast<uint32_t>(blk) * blockSize + off;
             LoadRows(inK, kGm, row, n, kh);
             LoadRows(inV, vGm, row, n, kh);
@@ -98,7 +99,7 @@ private:
     TQue<TPosition::VECOUT, 2> outO;
     TBuf<TPosition::VECCALC> qRepBuf, kvfBuf, accBuf, scBuf, workBuf, redBuf;
     GlobalTensor<T> qGm, kGm, vGm, oGm;
-    GlobalTensor<int32_t> tableGm, qslGm, ctxGm;
+    GlobalTensor<M> tableGm, qslGm, ctxGm;
     uint32_t d = 0, qHeads = 0, kvHeads = 0, blockSize = 0, numBlocks = 0, maxBlocks = 0, seqs = 0;
     uint32_t kvTile = 0, start = 0, end = 0;
     float scale = 0.0f;
@@ -115,7 +116,8 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR q, GM_ADDR k, GM_ADDR v,
 "#;
 
 /// `PagedAttention (q[T, Hq, D], k_cache[NB, BS, Hkv, D], v_cache[same],
-/// block_table[S, MB] i32, query_start_loc[S+1] i32, context_lens[S] i32, out[T, Hq, D])`.
+/// block_table[S, MB], query_start_loc[S+1], context_lens[S], out[T, Hq, D])`;
+/// the metadata are i32 (Ascend's convention) or i64 on the device.
 pub(crate) fn paged_attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
     let (hq, d) = (ctx.cdim(0, 1, "query heads")?, ctx.cdim(0, 2, "head_dim")?);
     if ctx.rank(1) != 4 || ctx.rank(2) != 4 {
@@ -133,9 +135,10 @@ pub(crate) fn paged_attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
     if ctx.dt[1] != t || ctx.dt[2] != t || ctx.dt[6] != t {
         bail!("{}: q, the caches and out must share one dtype", ctx.k.name);
     }
+    let meta = ctx.dt[3];
     for (i, name) in [(3, "block_table"), (4, "query_start_loc"), (5, "context_lens")] {
-        if ctx.dt[i] != DevType::I32 {
-            bail!("{}: {name} must be i32 on the device, found {}", ctx.k.name, ctx.dt[i]);
+        if !matches!(ctx.dt[i], DevType::I32 | DevType::I64) || ctx.dt[i] != meta {
+            bail!("{}: {name} must be i32 or i64 like the block table on the device, found {}", ctx.k.name, ctx.dt[i]);
         }
     }
     if block_size == 0 {
@@ -150,8 +153,16 @@ pub(crate) fn paged_attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
         &entry,
         "PagedAttention (ragged batch, paged KV cache, flash online softmax, GQA), in f32.",
         PAGED_ATTENTION,
-        &[&[("T", t.cpp().into()), ("SC_BYTES", sc.to_string()), ("WORK", work.to_string())][..], &flash_vars()]
-            .concat(),
+        &[
+            &[
+                ("T", t.cpp().into()),
+                ("M", meta.cpp().into()),
+                ("SC_BYTES", sc.to_string()),
+                ("WORK", work.to_string()),
+            ][..],
+            &flash_vars(),
+        ]
+        .concat(),
     );
     let mut fields = tiles_fields(&tiles);
     fields.push(TilingField::u32("qHeads", TExpr::c(hq)));

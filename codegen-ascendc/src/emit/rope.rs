@@ -234,7 +234,7 @@ pub(crate) fn qkv_rope_append(ctx: &Ctx, q_heads: usize, kv_heads: usize) -> Res
     qkv_rope_kv_write(ctx, q_heads, kv_heads, KvWrite::Append)
 }
 
-/// `QkvRopeCacheWrite (y[T, (Hq+2Hkv)*D], cos[T, D], sin[T, D], slot_mapping[T] i32,
+/// `QkvRopeCacheWrite (y[T, (Hq+2Hkv)*D], cos[T, D], sin[T, D], slot_mapping[T] i32 or i64,
 /// q_out[T, Hq, D], k_cache[NB, BS, Hkv, D], v_cache[NB, BS, Hkv, D])`: the
 /// same kernel storing k and v at each token's slot of the paged caches.
 /// Device parameters: the inputs, the slots, the caches (in place), `q_out`.
@@ -267,8 +267,8 @@ fn qkv_rope_kv_write(ctx: &Ctx, q_heads: usize, kv_heads: usize, how: KvWrite) -
         bail!("{}: y, q and the caches must share one dtype, cos and sin another", ctx.k.name);
     }
     if let Some(s) = slots {
-        if ctx.dt[s] != DevType::I32 {
-            bail!("{}: slot_mapping must be i32 on the device, found {}", ctx.k.name, ctx.dt[s]);
+        if !matches!(ctx.dt[s], DevType::I32 | DevType::I64) {
+            bail!("{}: slot_mapping must be i32 or i64 on the device, found {}", ctx.k.name, ctx.dt[s]);
         }
         let rank = ctx.rank(k_cache);
         if rank != 4 || ctx.cdim(k_cache, 2, "kv heads")? != hkv || ctx.cdim(k_cache, 3, "head_dim")? != d {
@@ -281,6 +281,7 @@ fn qkv_rope_kv_write(ctx: &Ctx, q_heads: usize, kv_heads: usize, how: KvWrite) -
     let tiles = ctx.dim(0, 0)?;
     let entry = ctx.entry("");
     let text = |on: &str, off: &str| if paged { on.to_string() } else { off.to_string() };
+    let slot_t = slots.map_or("int32_t", |s| ctx.dt[s].cpp());
     let vars = [
         ("T", t.cpp().into()),
         ("C", c.cpp().into()),
@@ -298,18 +299,18 @@ fn qkv_rope_kv_write(ctx: &Ctx, q_heads: usize, kv_heads: usize, how: KvWrite) -
         ("SLOT_ARG", text("slots, ", "")),
         ("CACHE_SIZE", text("        cacheSlots = t.numBlocks * t.blockSize;\n", "        past = t.past;\n")),
         ("CACHE_ROWS", text("cacheSlots", "(past + t.tiles)")),
-        ("SLOT_GM", text("        slotGm.SetGlobalBuffer((__gm__ int32_t*)slots, t.tiles);\n", "")),
+        ("SLOT_GM", text(&format!("        slotGm.SetGlobalBuffer((__gm__ {slot_t}*)slots, t.tiles);\n"), "")),
         (
             "CACHE_ROW",
             text(
-                "            const int32_t slot = slotGm.GetValue(tok);\n\
-                 \x20           if (slot < 0 || static_cast<uint32_t>(slot) >= cacheSlots) continue;\n\
+                "            const int64_t slot = static_cast<int64_t>(slotGm.GetValue(tok));\n\
+                 \x20           if (slot < 0 || slot >= static_cast<int64_t>(cacheSlots)) continue;\n\
                  \x20           const uint32_t cacheRow = static_cast<uint32_t>(slot) * kvHeads * d;\n",
                 "            const uint32_t cacheRow = (past + tok) * kvHeads * d;\n",
             ),
         ),
         ("CACHE_VAR", text("cacheSlots", "past")),
-        ("SLOT_MEMBER", text("    GlobalTensor<int32_t> slotGm;\n", "")),
+        ("SLOT_MEMBER", text(&format!("    GlobalTensor<{slot_t}> slotGm;\n"), "")),
     ];
     let what = if paged {
         "QKV split + RoPE (NeoX) + paged KV-cache write through the slot mapping, in f32."

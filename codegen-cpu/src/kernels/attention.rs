@@ -1,5 +1,8 @@
 //! Causal grouped-query attention for prefill and for decode over the KV
-//! cache. One tile is one (token, KV head) and serves all the query heads
+//! cache, contiguous (one sequence) or paged (each row of a ragged batch
+//! reads its own sequence's blocks through the block table; the two differ
+//! only in where key `j` of a tile lives). One tile is one (token, KV
+//! head) and serves all the query heads
 //! that read that KV head, so each key and value row is loaded once for the
 //! whole group. Scores for the visible keys go to the thread's scratch (one
 //! row per query head), then a softmax in the reference's order, then the
@@ -32,134 +35,237 @@ fn load_lanes<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, dt: DType, 
     }
 }
 
+/// Where the keys of one tile are: how many it sees, and the element
+/// offset of key (and value) row `j` of its KV head.
+struct TileKeys<'c, 'a> {
+    visible: IntValue<'c>,
+    row: &'a dyn Fn(&Cg<'c>, IntValue<'c>) -> IntValue<'c>,
+}
+
+/// Buffers and sizes shared by both attention kernels.
+struct AttnArgs<'c> {
+    q: (PointerValue<'c>, DType),
+    k: (PointerValue<'c>, DType),
+    v: (PointerValue<'c>, DType),
+    out: (PointerValue<'c>, DType),
+    hq: usize,
+    d: usize,
+    group: usize,
+    /// Stride between the score rows of a group's heads in the scratch.
+    score_stride: IntValue<'c>,
+    scale: f64,
+}
+
+/// Contiguous caches: `(q[T, Hq, D], k[K, Hkv, D], v[K, Hkv, D],
+/// positions[T] i64, out[T, Hq, D])`.
 pub(crate) fn attention<'c>(cg: &mut Cg<'c>, k: &Kernel, scale: f64) -> Result<()> {
     let (q, kk, v, out) = (&k.args[0], &k.args[1], &k.args[2], &k.args[4]);
-    let st = |d: &panguc_ir::Dim| d.as_const().ok_or_else(|| anyhow!("attention dim {d} must be static"));
-    let (hq, d, hkv) = (st(&q.shape[1])?, st(&q.shape[2])?, st(&kk.shape[1])?);
-    let group = hq / hkv;
-    let lanes = lanes_for(d);
-    let chunks = (d / lanes as usize) as i64;
+    let (hq, d, hkv) = (static_dim(&q.shape[1])?, static_dim(&q.shape[2])?, static_dim(&kk.shape[1])?);
     cg.begin_kernel(&k.name);
     let keys = cg.dim(&kk.shape[0])?;
-    let (qp, kp, vp) = (cg.arg(0, q.dtype), cg.arg(1, kk.dtype), cg.arg(2, v.dtype));
-    let (pp, op) = (cg.arg(3, DType::I64), cg.arg(4, out.dtype));
-    let scratch = cg.cast_ptr(cg.scratch.expect("kernel"), DType::F32);
-    let (dc, hqc, hkvc, lc) = (cg.i64c(d as i64), cg.i64c(hq as i64), cg.i64c(hkv as i64), cg.i64c(lanes as i64));
-    let scale_v = cg.f32c(scale as f32);
+    let pp = cg.arg(3, DType::I64);
+    let a = AttnArgs {
+        q: (cg.arg(0, q.dtype), q.dtype),
+        k: (cg.arg(1, kk.dtype), kk.dtype),
+        v: (cg.arg(2, v.dtype), v.dtype),
+        out: (cg.arg(4, out.dtype), out.dtype),
+        hq,
+        d,
+        group: hq / hkv,
+        score_stride: keys,
+        scale,
+    };
+    let (dc, hkvc) = (cg.i64c(d as i64), cg.i64c(hkv as i64));
     cg.for_tiles(|cg, t| {
         let (ti, kh) = (cg.div(t, hkvc), cg.rem(t, hkvc));
         let p = cg.load_i(pp, ti);
         let visible = cg.min(cg.max(cg.add(p, cg.i64c(1)), cg.i64c(0)), keys);
-        // Per query head of the group: its q/out row and its score row.
-        let heads: Vec<(IntValue<'c>, PointerValue<'c>)> = (0..group)
-            .map(|g| {
-                let h = cg.add(cg.mul(kh, cg.i64c(group as i64)), cg.i64c(g as i64));
-                let row = cg.mul(cg.add(cg.mul(ti, hqc), h), dc);
-                (row, cg.gep(scratch, cg.mul(cg.i64c(g as i64), keys)))
-            })
-            .collect();
-        let kv_row = |cg: &Cg<'c>, j: IntValue<'c>| cg.mul(cg.add(cg.mul(j, hkvc), kh), dc);
-
-        // Scores, KEYS keys per step (one per lane) for every head.
-        let kblocks = cg.div(visible, cg.i64c(KEYS as i64));
-        cg.for_range(cg.i64c(0), kblocks, 1, |cg, blk| {
-            let j0 = cg.mul(blk, cg.i64c(KEYS as i64));
-            let rows: Vec<IntValue> = (0..KEYS).map(|l| kv_row(cg, cg.add(j0, cg.i64c(l as i64)))).collect();
-            let accs: Vec<PointerValue> = (0..group).map(|_| cg.alloca(cg.vec_f32(KEYS), "dot")).collect();
-            for a in &accs {
-                cg.store_v(*a, cg.zeros(KEYS));
-            }
-            cg.for_range(cg.i64c(0), dc, 1, |cg, dd| {
-                let mut kv = cg.zeros(KEYS);
-                for (l, r) in rows.iter().enumerate() {
-                    let x = cg.load_f(kp, cg.add(*r, dd), kk.dtype);
-                    kv = cg.b.build_insert_element(kv, x, cg.i32t().const_int(l as u64, false), "").ok_();
-                }
-                for ((qrow, _), acc) in heads.iter().zip(&accs) {
-                    let qv = cg.splat(cg.load_f(qp, cg.add(*qrow, dd), q.dtype), KEYS);
-                    let s = cg.fadd(cg.load_v(*acc), cg.fmul(qv.into(), kv.into()));
-                    cg.store_v(*acc, s);
-                }
-                Ok(())
-            })?;
-            for ((_, srow), acc) in heads.iter().zip(&accs) {
-                let sc = cg.fmul(cg.load_v(*acc), cg.splat(scale_v, KEYS).into());
-                cg.store_vec(*srow, j0, DType::F32, sc.into_vector_value());
-            }
-            Ok(())
-        })?;
-        cg.for_range(cg.mul(kblocks, cg.i64c(KEYS as i64)), visible, 1, |cg, j| {
-            let krow = kv_row(cg, j);
-            for (qrow, srow) in &heads {
-                let acc = cg.alloca(cg.f32t(), "dot1");
-                cg.store_v(acc, cg.f32c(0.0));
-                cg.for_range(cg.i64c(0), dc, 1, |cg, dd| {
-                    let x = cg.load_f(qp, cg.add(*qrow, dd), q.dtype);
-                    let y = cg.load_f(kp, cg.add(krow, dd), kk.dtype);
-                    let s = cg.fadd(cg.load_v(acc), cg.fmul(x.into(), y.into()));
-                    cg.store_v(acc, s);
-                    Ok(())
-                })?;
-                let s = cg.fmul(cg.load_v(acc), scale_v.into());
-                cg.store_f(*srow, j, DType::F32, s.into_float_value());
-            }
-            Ok(())
-        })?;
-
-        // Softmax of each head's scores: max, exp(s - max) and their sum.
-        let mut sums = vec![];
-        for (_, srow) in &heads {
-            let m = cg.alloca(cg.f32t(), "m");
-            cg.store_v(m, cg.f32c(f32::NEG_INFINITY));
-            cg.for_range(cg.i64c(0), visible, 1, |cg, j| {
-                let mx = cg.fmax(cg.load_v(m), cg.load_f(*srow, j, DType::F32).into());
-                cg.store_v(m, mx);
-                Ok(())
-            })?;
-            let mv = cg.load_v(m);
-            let sum = cg.alloca(cg.f32t(), "sum");
-            cg.store_v(sum, cg.f32c(0.0));
-            cg.for_range(cg.i64c(0), visible, 1, |cg, j| {
-                let e = cg.exp(cg.fsub(cg.load_f(*srow, j, DType::F32).into(), mv));
-                cg.store_f(*srow, j, DType::F32, e.into_float_value());
-                let s = cg.fadd(cg.load_v(sum), e);
-                cg.store_v(sum, s);
-                Ok(())
-            })?;
-            sums.push(cg.load_v(sum));
-        }
-
-        // out = sum_j (e_j / sum) * v_j, accumulated in j order per element;
-        // each value row is loaded once for the whole group.
-        for (qrow, _) in &heads {
-            cg.for_range(cg.i64c(0), cg.i64c(chunks), 1, |cg, c| {
-                cg.store_vec(op, cg.add(*qrow, cg.mul(c, lc)), out.dtype, cg.zeros(lanes));
-                Ok(())
-            })?;
-        }
-        cg.for_range(cg.i64c(0), visible, 1, |cg, j| {
-            let ps: Vec<VectorValue> = heads
-                .iter()
-                .zip(&sums)
-                .map(|((_, srow), sum)| {
-                    let pj = cg.fdiv(cg.load_f(*srow, j, DType::F32).into(), *sum).into_float_value();
-                    cg.splat(pj, lanes)
-                })
-                .collect();
-            let vrow = kv_row(cg, j);
-            cg.for_range(cg.i64c(0), cg.i64c(chunks), 1, |cg, c| {
-                let off = cg.mul(c, lc);
-                let x = load_lanes(cg, vp, cg.add(vrow, off), v.dtype, lanes);
-                for ((qrow, _), pv) in heads.iter().zip(&ps) {
-                    let o = cg.load_vec(op, cg.add(*qrow, off), out.dtype, lanes);
-                    let y = cg.fadd(o.into(), cg.fmul((*pv).into(), x.into()));
-                    cg.store_vec(op, cg.add(*qrow, off), out.dtype, y.into_vector_value());
-                }
-                Ok(())
-            })
-        })?;
-        Ok(())
+        let row = |cg: &Cg<'c>, j: IntValue<'c>| cg.mul(cg.add(cg.mul(j, hkvc), kh), dc);
+        attend(cg, &a, ti, kh, TileKeys { visible, row: &row })
     })?;
     cg.finish_kernel();
     Ok(())
+}
+
+/// Paged caches: `(q[T, Hq, D], k_cache[NB, BS, Hkv, D], v_cache[same],
+/// block_table[S, MB] i64, query_start_loc[S+1] i64, context_lens[S] i64,
+/// out[T, Hq, D])`. A tile finds its row's sequence from the query offsets
+/// (the number of later sequence starts at or before it), its position
+/// from the sequence's context length, and key `j` at slot
+/// `block_table[s][j / BS] * BS + j % BS`. The runtime validates the
+/// metadata (`StepMetadata::validate`) before a step, so every slot read is
+/// inside the cache.
+pub(crate) fn paged_attention<'c>(cg: &mut Cg<'c>, k: &Kernel, scale: f64) -> Result<()> {
+    let (q, kc, v, table, out) = (&k.args[0], &k.args[1], &k.args[2], &k.args[3], &k.args[6]);
+    let (hq, d) = (static_dim(&q.shape[1])?, static_dim(&q.shape[2])?);
+    let (bs, hkv) = (static_dim(&kc.shape[1])?, static_dim(&kc.shape[2])?);
+    cg.begin_kernel(&k.name);
+    let max_blocks = cg.dim(&table.shape[1])?;
+    let seqs = cg.dim(&k.args[5].shape[0])?;
+    let (tp, qslp, ctxp) = (cg.arg(3, DType::I64), cg.arg(4, DType::I64), cg.arg(5, DType::I64));
+    let capacity = cg.mul(max_blocks, cg.i64c(bs as i64));
+    let a = AttnArgs {
+        q: (cg.arg(0, q.dtype), q.dtype),
+        k: (cg.arg(1, kc.dtype), kc.dtype),
+        v: (cg.arg(2, v.dtype), v.dtype),
+        out: (cg.arg(6, out.dtype), out.dtype),
+        hq,
+        d,
+        group: hq / hkv,
+        score_stride: capacity,
+        scale,
+    };
+    let (dc, hkvc, bsc) = (cg.i64c(d as i64), cg.i64c(hkv as i64), cg.i64c(bs as i64));
+    cg.for_tiles(|cg, t| {
+        let (ti, kh) = (cg.div(t, hkvc), cg.rem(t, hkvc));
+        // Sequence of row `ti`: query offsets increase, so it is the count
+        // of sequences 1.. that start at or before the row.
+        let seq = cg.alloca(cg.i64t(), "seq");
+        cg.store_v(seq, cg.i64c(0));
+        cg.for_range(cg.i64c(1), seqs, 1, |cg, s| {
+            let starts_before = cg.le(cg.load_i(qslp, s), ti);
+            let inc = cg.b.build_int_z_extend(starts_before, cg.i64t(), "").ok_();
+            let n = cg.add(cg.load_v(seq).into_int_value(), inc);
+            cg.store_v(seq, n);
+            Ok(())
+        })?;
+        let s = cg.load_v(seq).into_int_value();
+        let (start, end) = (cg.load_i(qslp, s), cg.load_i(qslp, cg.add(s, cg.i64c(1))));
+        let ctx = cg.load_i(ctxp, s);
+        // Position of the row: its sequence's new tokens end the context.
+        let pos = cg.add(cg.sub(ctx, cg.sub(end, start)), cg.sub(ti, start));
+        let visible = cg.min(cg.min(cg.max(cg.add(pos, cg.i64c(1)), cg.i64c(0)), ctx), capacity);
+        let table_row = cg.mul(s, max_blocks);
+        let row = |cg: &Cg<'c>, j: IntValue<'c>| {
+            let block = cg.load_i(tp, cg.add(table_row, cg.div(j, bsc)));
+            let slot = cg.add(cg.mul(block, bsc), cg.rem(j, bsc));
+            cg.mul(cg.add(cg.mul(slot, hkvc), kh), dc)
+        };
+        attend(cg, &a, ti, kh, TileKeys { visible, row: &row })
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}
+
+fn static_dim(d: &panguc_ir::Dim) -> Result<usize> {
+    d.as_const().ok_or_else(|| anyhow!("attention dim {d} must be static"))
+}
+
+/// One tile: row `ti`'s query heads of KV head `kh` over the tile's keys.
+fn attend<'c>(cg: &mut Cg<'c>, a: &AttnArgs<'c>, ti: IntValue<'c>, kh: IntValue<'c>, keys: TileKeys<'c, '_>) -> Result<()> {
+    let (qp, kp, vp, op) = (a.q.0, a.k.0, a.v.0, a.out.0);
+    let (d, group) = (a.d, a.group);
+    let lanes = lanes_for(d);
+    let chunks = (d / lanes as usize) as i64;
+    let scratch = cg.cast_ptr(cg.scratch.expect("kernel"), DType::F32);
+    let (dc, hqc, lc) = (cg.i64c(d as i64), cg.i64c(a.hq as i64), cg.i64c(lanes as i64));
+    let scale_v = cg.f32c(a.scale as f32);
+    let (visible, kv_row) = (keys.visible, keys.row);
+    // Per query head of the group: its q/out row and its score row.
+    let heads: Vec<(IntValue<'c>, PointerValue<'c>)> = (0..group)
+        .map(|g| {
+            let h = cg.add(cg.mul(kh, cg.i64c(group as i64)), cg.i64c(g as i64));
+            let row = cg.mul(cg.add(cg.mul(ti, hqc), h), dc);
+            (row, cg.gep(scratch, cg.mul(cg.i64c(g as i64), a.score_stride)))
+        })
+        .collect();
+
+    // Scores, KEYS keys per step (one per lane) for every head.
+    let kblocks = cg.div(visible, cg.i64c(KEYS as i64));
+    cg.for_range(cg.i64c(0), kblocks, 1, |cg, blk| {
+        let j0 = cg.mul(blk, cg.i64c(KEYS as i64));
+        let rows: Vec<IntValue> = (0..KEYS).map(|l| kv_row(cg, cg.add(j0, cg.i64c(l as i64)))).collect();
+        let accs: Vec<PointerValue> = (0..group).map(|_| cg.alloca(cg.vec_f32(KEYS), "dot")).collect();
+        for acc in &accs {
+            cg.store_v(*acc, cg.zeros(KEYS));
+        }
+        cg.for_range(cg.i64c(0), dc, 1, |cg, dd| {
+            let mut kv = cg.zeros(KEYS);
+            for (l, r) in rows.iter().enumerate() {
+                let x = cg.load_f(kp, cg.add(*r, dd), a.k.1);
+                kv = cg.b.build_insert_element(kv, x, cg.i32t().const_int(l as u64, false), "").ok_();
+            }
+            for ((qrow, _), acc) in heads.iter().zip(&accs) {
+                let qv = cg.splat(cg.load_f(qp, cg.add(*qrow, dd), a.q.1), KEYS);
+                let s = cg.fadd(cg.load_v(*acc), cg.fmul(qv.into(), kv.into()));
+                cg.store_v(*acc, s);
+            }
+            Ok(())
+        })?;
+        for ((_, srow), acc) in heads.iter().zip(&accs) {
+            let sc = cg.fmul(cg.load_v(*acc), cg.splat(scale_v, KEYS).into());
+            cg.store_vec(*srow, j0, DType::F32, sc.into_vector_value());
+        }
+        Ok(())
+    })?;
+    cg.for_range(cg.mul(kblocks, cg.i64c(KEYS as i64)), visible, 1, |cg, j| {
+        let krow = kv_row(cg, j);
+        for (qrow, srow) in &heads {
+            let acc = cg.alloca(cg.f32t(), "dot1");
+            cg.store_v(acc, cg.f32c(0.0));
+            cg.for_range(cg.i64c(0), dc, 1, |cg, dd| {
+                let x = cg.load_f(qp, cg.add(*qrow, dd), a.q.1);
+                let y = cg.load_f(kp, cg.add(krow, dd), a.k.1);
+                let s = cg.fadd(cg.load_v(acc), cg.fmul(x.into(), y.into()));
+                cg.store_v(acc, s);
+                Ok(())
+            })?;
+            let s = cg.fmul(cg.load_v(acc), scale_v.into());
+            cg.store_f(*srow, j, DType::F32, s.into_float_value());
+        }
+        Ok(())
+    })?;
+
+    // Softmax of each head's scores: max, exp(s - max) and their sum.
+    let mut sums = vec![];
+    for (_, srow) in &heads {
+        let m = cg.alloca(cg.f32t(), "m");
+        cg.store_v(m, cg.f32c(f32::NEG_INFINITY));
+        cg.for_range(cg.i64c(0), visible, 1, |cg, j| {
+            let mx = cg.fmax(cg.load_v(m), cg.load_f(*srow, j, DType::F32).into());
+            cg.store_v(m, mx);
+            Ok(())
+        })?;
+        let mv = cg.load_v(m);
+        let sum = cg.alloca(cg.f32t(), "sum");
+        cg.store_v(sum, cg.f32c(0.0));
+        cg.for_range(cg.i64c(0), visible, 1, |cg, j| {
+            let e = cg.exp(cg.fsub(cg.load_f(*srow, j, DType::F32).into(), mv));
+            cg.store_f(*srow, j, DType::F32, e.into_float_value());
+            let s = cg.fadd(cg.load_v(sum), e);
+            cg.store_v(sum, s);
+            Ok(())
+        })?;
+        sums.push(cg.load_v(sum));
+    }
+
+    // out = sum_j (e_j / sum) * v_j, accumulated in j order per element;
+    // each value row is loaded once for the whole group.
+    for (qrow, _) in &heads {
+        cg.for_range(cg.i64c(0), cg.i64c(chunks), 1, |cg, c| {
+            cg.store_vec(op, cg.add(*qrow, cg.mul(c, lc)), a.out.1, cg.zeros(lanes));
+            Ok(())
+        })?;
+    }
+    cg.for_range(cg.i64c(0), visible, 1, |cg, j| {
+        let ps: Vec<VectorValue> = heads
+            .iter()
+            .zip(&sums)
+            .map(|((_, srow), sum)| {
+                let pj = cg.fdiv(cg.load_f(*srow, j, DType::F32).into(), *sum).into_float_value();
+                cg.splat(pj, lanes)
+            })
+            .collect();
+        let vrow = kv_row(cg, j);
+        cg.for_range(cg.i64c(0), cg.i64c(chunks), 1, |cg, c| {
+            let off = cg.mul(c, lc);
+            let x = load_lanes(cg, vp, cg.add(vrow, off), a.v.1, lanes);
+            for ((qrow, _), pv) in heads.iter().zip(&ps) {
+                let o = cg.load_vec(op, cg.add(*qrow, off), a.out.1, lanes);
+                let y = cg.fadd(o.into(), cg.fmul((*pv).into(), x.into()));
+                cg.store_vec(op, cg.add(*qrow, off), a.out.1, y.into_vector_value());
+            }
+            Ok(())
+        })
+    })
 }

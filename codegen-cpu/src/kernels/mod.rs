@@ -34,6 +34,9 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::Rope => norm::rope(cg, k),
         KernelKind::QkvRopeAppend { q_heads, kv_heads } => norm::qkv_rope_append(cg, k, *q_heads, *kv_heads),
         KernelKind::Attention { scale } => attention::attention(cg, k, *scale),
+        KernelKind::QkvRopeCacheWrite { q_heads, kv_heads } => norm::qkv_rope_cache_write(cg, k, *q_heads, *kv_heads),
+        KernelKind::KvCacheWrite => movement::kv_cache_write(cg, k),
+        KernelKind::PagedAttention { scale } => attention::paged_attention(cg, k, *scale),
         KernelKind::MoeGating { groups } => reduce::moe_gating(cg, k, *groups),
         KernelKind::MoeRoute => reduce::moe_route(cg, k),
         KernelKind::MoeGateUp => gemm::grouped(cg, k, false),
@@ -41,9 +44,6 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::MoeCombine { shared_residual } => reduce::moe_combine(cg, k, *shared_residual),
         // Host-executed by the runtime through its `Collective`.
         KernelKind::Collective { .. } => Ok(()),
-        KernelKind::QkvRopeCacheWrite { .. } | KernelKind::PagedAttention { .. } => {
-            Err(anyhow::anyhow!("the paged-cache kernels have no CPU implementation in this build"))
-        }
     };
     r.with_context(|| format!("generating kernel {} ({})", k.name, k.kind.mnemonic()))
 }

@@ -207,3 +207,23 @@ pub(crate) fn rope_table(cg: &mut Cg, k: &Kernel, kind: RopeKind, theta: f64, he
     cg.finish_kernel();
     Ok(())
 }
+
+/// `(new[T, Hkv, D], slots[T] i64, cache[NB, BS, Hkv, D])`: row `t` of
+/// `new` stored at slot `slots[t]` of the paged cache, in place (the
+/// runtime validates the slots before a step).
+pub(crate) fn kv_cache_write(cg: &mut Cg, k: &Kernel) -> Result<()> {
+    let (new, cache) = (&k.args[0], &k.args[2]);
+    let row: usize = new.shape[1..]
+        .iter()
+        .map(|d| d.as_const().ok_or_else(|| anyhow::anyhow!("kv_cache_write row dims must be static, found {d}")))
+        .product::<Result<usize>>()?;
+    cg.begin_kernel(&k.name);
+    let (np, sp, cp) = (cg.arg(0, new.dtype), cg.arg(1, DType::I64), cg.arg(2, cache.dtype));
+    let rc = cg.i64c(row as i64);
+    cg.for_tiles(|cg, t| {
+        let slot = cg.load_i(sp, t);
+        copy(cg, (np, cg.mul(t, rc), new.dtype), (cp, cg.mul(slot, rc), cache.dtype), rc)
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}

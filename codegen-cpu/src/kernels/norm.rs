@@ -1,5 +1,6 @@
 //! Row kernels: RMSNorm (with the residual add fused), RoPE, and the QKV
-//! split + RoPE + KV-cache append. All follow the reference's operation
+//! split + RoPE + KV-cache store (appended to a contiguous cache, or
+//! written at each token's slot of a paged one). All follow the reference's operation
 //! order exactly.
 
 use crate::cg::{Cg, Ok_};
@@ -126,20 +127,47 @@ pub(crate) fn rope(cg: &mut Cg, k: &Kernel) -> Result<()> {
 /// One token per tile: q heads roped into `q_out`, k heads roped and v
 /// heads copied into the caches at row `past + t`.
 pub(crate) fn qkv_rope_append(cg: &mut Cg, k: &Kernel, q_heads: usize, kv_heads: usize) -> Result<()> {
-    let (y, cos, sin, q) = (&k.args[0], &k.args[1], &k.args[2], &k.args[3]);
-    let d = static_dim(&cos.shape[1], "rope head_dim")?;
-    let width = static_dim(&y.shape[1], "qkv width")?;
     cg.begin_kernel(&k.name);
-    let tokens = cg.dim(&y.shape[0])?;
+    let tokens = cg.dim(&k.args[0].shape[0])?;
     let kv_len = cg.dim(&k.args[4].shape[0])?;
     let past = cg.sub(kv_len, tokens);
+    qkv_rope_rows(cg, k, q_heads, kv_heads, 3, &|cg, t| cg.add(past, t))?;
+    cg.finish_kernel();
+    Ok(())
+}
+
+/// The paged counterpart: k and v of token `t` go to slot `slots[t]` of
+/// the paged caches `[num_blocks, block_size, kv_heads, head_dim]` (the
+/// runtime validates the slots before a step).
+pub(crate) fn qkv_rope_cache_write(cg: &mut Cg, k: &Kernel, q_heads: usize, kv_heads: usize) -> Result<()> {
+    cg.begin_kernel(&k.name);
+    let slots = cg.arg(3, DType::I64);
+    qkv_rope_rows(cg, k, q_heads, kv_heads, 4, &|cg, t| cg.load_i(slots, t))?;
+    cg.finish_kernel();
+    Ok(())
+}
+
+/// Body shared by the QKV + RoPE + cache-store kernels: arguments `y, cos,
+/// sin` first and `q_out, k_cache, v_cache` from `q_arg` on; token `t`'s k
+/// and v rows go to cache row `cache_row(t)`.
+fn qkv_rope_rows<'c>(
+    cg: &mut Cg<'c>,
+    k: &Kernel,
+    q_heads: usize,
+    kv_heads: usize,
+    q_arg: usize,
+    cache_row: &dyn Fn(&Cg<'c>, IntValue<'c>) -> IntValue<'c>,
+) -> Result<()> {
+    let (y, cos, sin, q) = (&k.args[0], &k.args[1], &k.args[2], &k.args[q_arg]);
+    let d = static_dim(&cos.shape[1], "rope head_dim")?;
+    let width = static_dim(&y.shape[1], "qkv width")?;
     let (yp, cp, sp) = (cg.arg(0, y.dtype), cg.arg(1, cos.dtype), cg.arg(2, sin.dtype));
-    let (qp, kp, vp) = (cg.arg(3, q.dtype), cg.arg(4, DType::F32), cg.arg(5, DType::F32));
+    let (qp, kp, vp) = (cg.arg(q_arg, q.dtype), cg.arg(q_arg + 1, DType::F32), cg.arg(q_arg + 2, DType::F32));
     let dc = cg.i64c(d as i64);
     cg.for_tiles(|cg, t| {
         let yrow = cg.mul(t, cg.i64c(width as i64));
         let trow = cg.mul(t, dc);
-        let cache_row = cg.mul(cg.add(past, t), cg.i64c((kv_heads * d) as i64));
+        let cache_row = cg.mul(cache_row(cg, t), cg.i64c((kv_heads * d) as i64));
         for h in 0..q_heads {
             let src = cg.add(yrow, cg.i64c((h * d) as i64));
             let dst = cg.mul(cg.add(cg.mul(t, cg.i64c(q_heads as i64)), cg.i64c(h as i64)), dc);
@@ -153,7 +181,5 @@ pub(crate) fn qkv_rope_append(cg: &mut Cg, k: &Kernel, q_heads: usize, kv_heads:
             super::movement::copy(cg, (yp, vsrc, y.dtype), (vp, dst, DType::F32), dc)?;
         }
         Ok(())
-    })?;
-    cg.finish_kernel();
-    Ok(())
+    })
 }

@@ -9,12 +9,22 @@ use panguc_ir::kernel::{
     Launch, Layout, PreparedWeight, WeightExpr, KERNEL_PROGRAM_VERSION,
 };
 use panguc_ir::op::CollectiveKind;
-use panguc_ir::shape::{SYM_PAST, SYM_TOKENS};
+use panguc_ir::shape::{SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_PAST, SYM_SEQS, SYM_TOKENS};
 use panguc_ir::{DType, Dim, Op, TensorType};
 use std::collections::BTreeMap;
 
-/// Entry inputs before the KV caches: `ids`, `positions`.
+/// Entry inputs before the KV caches of a one-sequence program: `ids`, `positions`.
 const LEADING_INPUTS: usize = 2;
+/// Entry inputs before the KV caches of a ragged-batch program: `ids` and
+/// the step metadata in `panguc_ir::batch::declare_step_inputs` order.
+const BATCHED_INPUTS: [&str; 6] = ["ids", "positions", "query_start_loc", "context_lens", "block_table", "slot_mapping"];
+
+/// True when the entry function takes a ragged batch step over paged KV
+/// caches (the batched import) rather than one sequence's contiguous caches.
+pub fn is_batched(g: &FlatGraph) -> bool {
+    g.inputs.len() >= BATCHED_INPUTS.len()
+        && g.inputs.iter().zip(BATCHED_INPUTS).all(|(v, name)| g.values[*v].name == name)
+}
 
 pub struct Selector<'a> {
     g: &'a FlatGraph,
@@ -29,8 +39,11 @@ pub struct Selector<'a> {
     weights: BTreeMap<(usize, Layout), BufferId>,
     kernel_index: BTreeMap<String, usize>,
     /// Values that are KV cache `c` with the new rows appended (results of
-    /// `concat(cache, new)` or of `qkv_rope`).
+    /// `concat(cache, new)` or of `qkv_rope`), or, in a batched program,
+    /// written at their slots (`kv_cache_write`, `qkv_rope_cache_write`).
     kv_out: BTreeMap<usize, usize>,
+    /// The entry takes a ragged batch step over paged caches ([`is_batched`]).
+    batched: bool,
     p: KernelProgram,
 }
 
@@ -101,10 +114,13 @@ impl<'a> Selector<'a> {
                 }
             }
         }
+        let batched = is_batched(g);
+        let symbols: &[&str] =
+            if batched { &[SYM_TOKENS, SYM_SEQS, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS] } else { &[SYM_TOKENS, SYM_PAST] };
         let p = KernelProgram {
             version: KERNEL_PROGRAM_VERSION,
             name: String::new(),
-            symbols: vec![SYM_TOKENS.to_string(), SYM_PAST.to_string()],
+            symbols: symbols.iter().map(|s| s.to_string()).collect(),
             buffers: vec![],
             weights: vec![],
             kernels: vec![],
@@ -124,6 +140,7 @@ impl<'a> Selector<'a> {
             weights: BTreeMap::new(),
             kernel_index: BTreeMap::new(),
             kv_out: BTreeMap::new(),
+            batched,
             p,
         }
     }
@@ -170,23 +187,26 @@ impl<'a> Selector<'a> {
         live
     }
 
-    /// `ids`, `positions` become runtime-filled inputs; each cache input
-    /// `c` must be extended by exactly `concat(cache, new)` (or a
-    /// `qkv_rope`) into entry output `1 + c`, which becomes an in-place
-    /// append to a runtime-owned cache.
+    /// `ids`, `positions` (and a batched step's metadata) become
+    /// runtime-filled inputs; each cache input `c` must be extended by
+    /// exactly `concat(cache, new)` (or a `qkv_rope`) into entry output
+    /// `1 + c`, which becomes an in-place append to a runtime-owned cache.
+    /// In a batched program the cache is paged and `kv_cache_write` (or
+    /// `qkv_rope_cache_write`) stores the new rows at their slots in place.
     fn bind_inputs(&mut self) -> Result<()> {
         let g = self.g;
         if g.inputs.len() < LEADING_INPUTS {
             bail!("the entry function must take `ids` and `positions` first");
         }
-        let caches = g.inputs.len() - LEADING_INPUTS;
+        let leading = if self.batched { BATCHED_INPUTS.len() } else { LEADING_INPUTS };
+        let caches = g.inputs.len() - leading;
         if g.outputs.len() != caches + 1 {
             bail!(
                 "the entry function takes {caches} KV caches but returns {} values (expected logits + caches)",
                 g.outputs.len()
             );
         }
-        for (i, &v) in g.inputs[..LEADING_INPUTS].iter().enumerate() {
+        for (i, &v) in g.inputs[..leading].iter().enumerate() {
             let b = self.new_buffer(
                 &g.values[v].name,
                 self.storage[v],
@@ -197,7 +217,7 @@ impl<'a> Selector<'a> {
             self.p.inputs.push(b);
         }
         for c in 0..caches {
-            let input = g.inputs[LEADING_INPUTS + c];
+            let input = g.inputs[leading + c];
             let out = g.outputs[1 + c];
             let node = match g.values[out].def {
                 Def::Node(n) => n,
@@ -206,10 +226,24 @@ impl<'a> Selector<'a> {
             let n = &g.nodes[node];
             let result = n.results.iter().position(|r| *r == out).expect("defining node");
             let appends = match n.op {
-                Op::Concat { axis: 0 } => n.args.first() == Some(&input),
-                Op::QkvRope { .. } => result > 0 && n.args.get(4 + result) == Some(&input),
+                Op::Concat { axis: 0 } if !self.batched => n.args.first() == Some(&input),
+                Op::QkvRope { .. } if !self.batched => result > 0 && n.args.get(4 + result) == Some(&input),
+                Op::KvCacheWrite if self.batched => n.args.first() == Some(&input),
+                Op::QkvRopeCacheWrite { .. } if self.batched => result > 0 && n.args.get(4 + result) == Some(&input),
                 _ => false,
             };
+            if appends && self.batched && g.values[out].ty != g.values[input].ty {
+                bail!("entry output %{} must have the type of its paged cache %{}", g.values[out].name, g.values[input].name);
+            }
+            if self.batched && !appends {
+                bail!(
+                    "entry output %{} must be `kv_cache_write(%{}, new, slot_mapping)` (the paged KV cache write), \
+                     found {}",
+                    g.values[out].name,
+                    g.values[input].name,
+                    n.op.mnemonic()
+                );
+            }
             if !appends {
                 bail!(
                     "entry output %{} must be `concat(%{}, new)` along axis 0 (the KV cache append), found {}",
@@ -516,13 +550,15 @@ impl<'a> Selector<'a> {
             }
             Op::Scalar { .. } | Op::Iota { .. } => unreachable!("constants are prepared weights"),
             Op::Call { .. } => bail!("calls are inlined before scheduling"),
-            Op::KvCacheWrite
-            | Op::PagedAttention { .. }
-            | Op::MoeInitRouting { .. }
-            | Op::GroupedMatmul
-            | Op::MoeFinalizeRouting
-            | Op::QkvRopeCacheWrite { .. } => {
-                bail!("`{}` (a ragged-batch op) has no kernel yet; only the interpreter runs it", n.op.mnemonic())
+            Op::KvCacheWrite => {
+                let cache = self.paged_cache_result(r0)?;
+                let (new, slots) = (self.rm(arg(1))?, self.rm(arg(2))?);
+                self.launch(KernelKind::KvCacheWrite, vec![new, slots, cache])?;
+            }
+            Op::QkvRopeCacheWrite { q_heads, kv_heads } => self.qkv_rope_cache_write(ni, *q_heads, *kv_heads)?,
+            Op::PagedAttention { scale } => self.simple(ni, KernelKind::PagedAttention { scale: *scale })?,
+            Op::MoeInitRouting { .. } | Op::GroupedMatmul | Op::MoeFinalizeRouting => {
+                bail!("`{}` (a batched MoE op) has no CPU kernel yet; only the interpreter runs it", n.op.mnemonic())
             }
         }
         Ok(())
@@ -720,6 +756,38 @@ impl<'a> Selector<'a> {
         self.buf[n.results[2]] = Some(v);
         self.launch(KernelKind::QkvRopeAppend { q_heads, kv_heads }, vec![y, cb, sb, q, k, v])
     }
+
+    /// The runtime-owned paged cache that value `v` (a cache written at
+    /// its slots) is: the write happens in place, so `v` is that buffer.
+    fn paged_cache_result(&mut self, v: usize) -> Result<BufferId> {
+        let g = self.g;
+        let c = self.kv_out.get(&v).copied().ok_or_else(|| {
+            anyhow!("paged cache write %{} must be an entry KV-cache output (it is written in place)", g.values[v].name)
+        })?;
+        let cache = self.p.caches[c];
+        self.buf[v] = Some(cache);
+        Ok(cache)
+    }
+
+    /// Merged QKV projection over all rows of the step (one GEMM with
+    /// bias), then a kernel that splits heads, applies RoPE and stores k, v
+    /// at each row's slot of the paged caches in place.
+    fn qkv_rope_cache_write(&mut self, ni: usize, q_heads: usize, kv_heads: usize) -> Result<()> {
+        let g = self.g;
+        let n = &g.nodes[ni];
+        let (x, w, bias, cos, sin, slots) = (n.args[0], n.args[1], n.args[2], n.args[3], n.args[4], n.args[7]);
+        let name = g.values[n.results[0]].name.clone();
+        let t = g.values[x].ty.shape[0].clone();
+        let width = g.values[w].ty.shape[0].clone();
+        let y = self.scratch(format!("{name}.qkv"), DType::F32, vec![t, width]);
+        let (xb, wb, bb) = (self.rm(x)?, self.weight_or_act(w)?, self.rm(bias)?);
+        self.matmul_into(xb, wb, Some(bb), y)?;
+        let (cb, sb, slot_b) = (self.rm(cos)?, self.rm(sin)?, self.rm(slots)?);
+        let q = self.act(n.results[0]);
+        let k = self.paged_cache_result(n.results[1])?;
+        let v = self.paged_cache_result(n.results[2])?;
+        self.launch(KernelKind::QkvRopeCacheWrite { q_heads, kv_heads }, vec![y, cb, sb, slot_b, q, k, v])
+    }
 }
 
 /// Per-thread scratch: a GEMM converts a narrow weight panel to f32 once per
@@ -745,6 +813,14 @@ fn thread_scratch(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
                 _ => 1,
             };
             Extent::of(4 * group, &args[1].shape[..1])
+        }
+        // A row sees at most its block table's worth of keys.
+        KernelKind::PagedAttention { .. } => {
+            let group = match (args[0].shape[1].as_const(), args[1].shape[2].as_const()) {
+                (Some(hq), Some(hkv)) if hkv > 0 => (hq / hkv) as u64,
+                _ => 1,
+            };
+            Extent::of(4 * group, &[args[3].shape[1].clone(), args[1].shape[1].clone()])
         }
         _ => Extent::constant(0),
     }

@@ -1,0 +1,233 @@
+//! The paged (ragged-batch) kernels compiled for the host and run through
+//! the JIT against the reference interpreter's ops, on one ragged step:
+//! a decode row, a prefill chunk continuing a cached context whose new
+//! rows cross a block boundary, and a fresh prefill, every sequence in
+//! scattered (non-contiguous, out-of-order) blocks. Attention and the
+//! cache writes do no bf16 arithmetic, so results must be bit-identical.
+
+use panguc_codegen_cpu::{with_jit, HostTarget, KernelFn, Tier, BASELINE_TIER};
+use panguc_ir::batch::{SeqChunk, StepMetadata};
+use panguc_ir::interp::{batched, eval_pure, rope_table};
+use panguc_ir::kernel::{tile_extent, ArgSpec, Extent, Kernel, KernelKind, KernelProgram, Layout};
+use panguc_ir::op::RopeKind;
+use panguc_ir::shape::{Bindings, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_SEQS, SYM_TOKENS};
+use panguc_ir::{DType, Dim, Op, Tensor};
+use rand::{Rng, SeedableRng};
+
+const BLOCK: usize = 4;
+const NUM_BLOCKS: usize = 12;
+const HQ: usize = 4;
+const HKV: usize = 2;
+const D: usize = 8;
+
+fn spec(dtype: DType, shape: Vec<Dim>) -> ArgSpec {
+    ArgSpec { dtype, shape, layout: Layout::RowMajor }
+}
+
+fn program(kernels: Vec<Kernel>) -> KernelProgram {
+    KernelProgram {
+        version: panguc_ir::kernel::KERNEL_PROGRAM_VERSION,
+        name: "paged".into(),
+        symbols: [SYM_TOKENS, SYM_SEQS, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS].iter().map(|s| s.to_string()).collect(),
+        buffers: vec![],
+        weights: vec![],
+        kernels,
+        launches: vec![],
+        inputs: vec![],
+        outputs: vec![],
+        caches: vec![],
+        slots: 0,
+    }
+}
+
+fn kernel(name: &str, kind: KernelKind, args: Vec<ArgSpec>, scratch: Extent) -> Kernel {
+    let tiles = tile_extent(&kind, &args).unwrap();
+    Kernel { name: name.into(), kind, args, tiles, thread_scratch: scratch }
+}
+
+/// The step: sequence 0 decodes at position 5 (blocks 7, 2), sequence 1
+/// prefills positions 3..9 (blocks 9, 0, 4: the chunk crosses from block 9
+/// into 0 and on into 4), sequence 2 prefills positions 0..2 (block 5).
+fn step() -> StepMetadata {
+    StepMetadata::build(
+        BLOCK,
+        &[
+            SeqChunk { past: 5, new_tokens: 1, blocks: &[7, 2] },
+            SeqChunk { past: 3, new_tokens: 6, blocks: &[9, 0, 4] },
+            SeqChunk { past: 0, new_tokens: 2, blocks: &[5] },
+        ],
+    )
+    .unwrap()
+}
+
+fn bindings(m: &StepMetadata) -> Bindings {
+    Bindings::from([
+        (SYM_TOKENS.to_string(), m.tokens()),
+        (SYM_SEQS.to_string(), m.seqs()),
+        (SYM_MAX_BLOCKS.to_string(), m.max_blocks),
+        (SYM_NUM_BLOCKS.to_string(), NUM_BLOCKS),
+    ])
+}
+
+fn tier() -> HostTarget {
+    Tier::x86(BASELINE_TIER, &HostTarget::detect().unwrap().triple).expect("known tier").target
+}
+
+fn random(rng: &mut impl Rng, shape: Vec<usize>) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::f32(shape, (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+}
+
+fn f32_bytes(t: &Tensor) -> Vec<u8> {
+    t.as_f32().iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn i64_bytes(v: &[i32]) -> Vec<u8> {
+    v.iter().flat_map(|x| (*x as i64).to_le_bytes()).collect()
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// Run `f` over tiles `0..tiles` in two ranges (as two threads would).
+fn run(f: KernelFn, bufs: &mut [Vec<u8>], m: &StepMetadata, tiles: u64, scratch: usize) {
+    let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+    let syms = [m.tokens() as i64, m.seqs() as i64, m.max_blocks as i64, NUM_BLOCKS as i64];
+    let mut s = vec![0u8; scratch.max(4)];
+    let mid = tiles as i64 / 2;
+    for (lo, hi) in [(0, mid), (mid, tiles as i64)] {
+        // SAFETY: the buffers match the kernel's argument specs.
+        unsafe { f(ptrs.as_ptr(), syms.as_ptr(), lo, hi, s.as_mut_ptr()) };
+    }
+}
+
+fn assert_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "{what}: element {i}: {g} vs {w}");
+    }
+}
+
+fn cache_shape() -> Vec<usize> {
+    vec![NUM_BLOCKS, BLOCK, HKV, D]
+}
+
+fn paged_cache_dims() -> Vec<Dim> {
+    vec![Dim::num_blocks(), Dim::c(BLOCK), Dim::c(HKV), Dim::c(D)]
+}
+
+#[test]
+fn paged_attention_matches_the_interpreter_bit_for_bit() {
+    let m = step();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let q = random(&mut rng, vec![m.tokens(), HQ, D]);
+    let (kc, vc) = (random(&mut rng, cache_shape()), random(&mut rng, cache_shape()));
+    let scale = 1.0 / (D as f64).sqrt();
+    let meta = m.tensors();
+    let (table, qsl, ctx) = (&meta[3], &meta[1], &meta[2]);
+    let want = batched::paged_attention(&[&q, &kc, &vc, table, qsl, ctx], scale as f32).unwrap();
+
+    let t = Dim::tokens();
+    let args = vec![
+        spec(DType::F32, vec![t.clone(), Dim::c(HQ), Dim::c(D)]),
+        spec(DType::F32, paged_cache_dims()),
+        spec(DType::F32, paged_cache_dims()),
+        spec(DType::I64, vec![Dim::seqs(), Dim::max_blocks()]),
+        spec(DType::I64, vec![Dim::seqs().add(&Dim::c(1))]),
+        spec(DType::I64, vec![Dim::seqs()]),
+        spec(DType::F32, vec![t, Dim::c(HQ), Dim::c(D)]),
+    ];
+    let scratch = Extent::of((4 * (HQ / HKV) * BLOCK) as u64, &[Dim::max_blocks()]);
+    let k = kernel("paged_attention", KernelKind::PagedAttention { scale }, args, scratch.clone());
+    let b = bindings(&m);
+    let tiles = k.tiles.eval(&b).unwrap();
+    assert_eq!(tiles as usize, m.tokens() * HKV, "one tile per (token, KV head)");
+    let scratch = scratch.eval(&b).unwrap() as usize;
+    with_jit(&program(vec![k]), &tier(), |get| {
+        let mut bufs = vec![
+            f32_bytes(&q),
+            f32_bytes(&kc),
+            f32_bytes(&vc),
+            i64_bytes(&m.block_table),
+            i64_bytes(&m.query_start_loc),
+            i64_bytes(&m.context_lens),
+            vec![0u8; q.numel() * 4],
+        ];
+        run(get("paged_attention").expect("symbol"), &mut bufs, &m, tiles, scratch);
+        assert_bits(&f32s(&bufs[6]), want.as_f32(), "paged attention");
+    })
+    .unwrap();
+}
+
+#[test]
+fn qkv_rope_cache_write_matches_the_interpreter_bit_for_bit() {
+    let m = step();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+    let width = (HQ + 2 * HKV) * D;
+    // The kernel takes the projection `y`; the interpreter's op projects
+    // `x` itself, so `x = y` with an identity weight and a zero bias gives
+    // it exactly the same `y` (x * 1 + 0 * ... is exact).
+    let y = random(&mut rng, vec![m.tokens(), width]);
+    let eye = Tensor::f32(vec![width, width], (0..width * width).map(|i| (i / width == i % width) as u8 as f32).collect());
+    let zero = Tensor::zeros(vec![width]);
+    let pos = Tensor::i64(vec![m.tokens()], m.positions.iter().map(|&p| p as i64).collect());
+    let (cos, sin) = (rope_table(&pos, RopeKind::Cos, 10000.0, D), rope_table(&pos, RopeKind::Sin, 10000.0, D));
+    let (kc, vc) = (random(&mut rng, cache_shape()), random(&mut rng, cache_shape()));
+    let slots = &m.tensors()[4];
+    let op = Op::QkvRopeCacheWrite { q_heads: HQ, kv_heads: HKV };
+    let want = eval_pure(&op, &[&y, &eye, &zero, &cos, &sin, &kc, &vc, slots]).unwrap();
+
+    let t = Dim::tokens();
+    let args = vec![
+        spec(DType::F32, vec![t.clone(), Dim::c(width)]),
+        spec(DType::F32, vec![t.clone(), Dim::c(D)]),
+        spec(DType::F32, vec![t.clone(), Dim::c(D)]),
+        spec(DType::I64, vec![t.clone()]),
+        spec(DType::F32, vec![t, Dim::c(HQ), Dim::c(D)]),
+        spec(DType::F32, paged_cache_dims()),
+        spec(DType::F32, paged_cache_dims()),
+    ];
+    let kind = KernelKind::QkvRopeCacheWrite { q_heads: HQ, kv_heads: HKV };
+    let k = kernel("qkv_rope_cache_write", kind, args, Extent::constant(0));
+    let tiles = k.tiles.eval(&bindings(&m)).unwrap();
+    with_jit(&program(vec![k]), &tier(), |get| {
+        let mut bufs = vec![
+            f32_bytes(&y),
+            f32_bytes(&cos),
+            f32_bytes(&sin),
+            i64_bytes(&m.slot_mapping),
+            vec![0u8; m.tokens() * HQ * D * 4],
+            f32_bytes(&kc),
+            f32_bytes(&vc),
+        ];
+        run(get("qkv_rope_cache_write").expect("symbol"), &mut bufs, &m, tiles, 0);
+        assert_bits(&f32s(&bufs[4]), want[0].as_f32(), "q");
+        // Untouched slots keep their old contents in both.
+        assert_bits(&f32s(&bufs[5]), want[1].as_f32(), "k cache");
+        assert_bits(&f32s(&bufs[6]), want[2].as_f32(), "v cache");
+    })
+    .unwrap();
+}
+
+#[test]
+fn kv_cache_write_matches_the_interpreter() {
+    let m = step();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let new = random(&mut rng, vec![m.tokens(), HKV, D]);
+    let cache = random(&mut rng, cache_shape());
+    let want = batched::kv_cache_write(&cache, &new, &m.tensors()[4]).unwrap();
+    let args = vec![
+        spec(DType::F32, vec![Dim::tokens(), Dim::c(HKV), Dim::c(D)]),
+        spec(DType::I64, vec![Dim::tokens()]),
+        spec(DType::F32, paged_cache_dims()),
+    ];
+    let k = kernel("kv_cache_write", KernelKind::KvCacheWrite, args, Extent::constant(0));
+    let tiles = k.tiles.eval(&bindings(&m)).unwrap();
+    with_jit(&program(vec![k]), &tier(), |get| {
+        let mut bufs = vec![f32_bytes(&new), i64_bytes(&m.slot_mapping), f32_bytes(&cache)];
+        run(get("kv_cache_write").expect("symbol"), &mut bufs, &m, tiles, 0);
+        assert_bits(&f32s(&bufs[2]), want.as_f32(), "cache");
+    })
+    .unwrap();
+}
