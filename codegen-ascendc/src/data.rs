@@ -13,10 +13,15 @@ pub fn encode(t: DevType, v: &[f32]) -> Vec<u8> {
         DevType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
         DevType::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
         DevType::I64 => v.iter().flat_map(|x| (*x as i64).to_le_bytes()).collect(),
+        DevType::I32 => v.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect(),
     }
 }
 
 pub fn encode_i64(v: &[i64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn encode_i32(v: &[i32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
@@ -27,6 +32,7 @@ pub fn decode(t: DevType, b: &[u8]) -> Vec<f32> {
         DevType::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         DevType::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         DevType::I64 => decode_i64(b).into_iter().map(|x| x as f32).collect(),
+        DevType::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as f32).collect(),
     }
 }
 

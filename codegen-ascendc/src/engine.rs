@@ -9,17 +9,25 @@
 //! root buffer (views are byte ranges of their root), the KV caches sized
 //! for the maximum context and kept across calls. Weights are converted to
 //! the device layout by [`crate::weights::device_weight_bytes`].
+//!
+//! A program imported with the paged KV layout (entry inputs `ids` and the
+//! step metadata of `panguc_ir::batch`) runs a whole ragged step per call as
+//! a [`panguc_runtime::BatchEngine`]: one paged cache of `num_blocks`
+//! blocks per layer, shared by every sequence; the scheduler's block
+//! allocator decides which blocks each sequence uses.
 
-use crate::data::{decode, encode, encode_i64, run_collective_kernels, run_kernels};
+use crate::data::{decode, encode, encode_i32, encode_i64, run_collective_kernels, run_kernels};
 use crate::emit::Env;
 use crate::program::{emit_program, AscendProgram};
 use crate::sim::SimKernel;
 use crate::target::{DevType, Target};
 use crate::weights::device_weight_bytes;
 use anyhow::{anyhow, bail, Context, Result};
+use panguc_ir::batch::StepMetadata;
 use panguc_ir::kernel::{BufferKind, KernelProgram, PreparedWeight};
-use panguc_ir::shape::bindings;
+use panguc_ir::shape::{Bindings, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_PAST, SYM_SEQS, SYM_TOKENS};
 use panguc_ir::Tensor;
+use panguc_runtime::batch::{ChunkLogits, StepChunk};
 use panguc_runtime::collective::{Collective, InProcess};
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +42,8 @@ pub struct AscendSimEngine {
     store: Vec<Vec<u8>>,
     past: u64,
     max_context: u64,
+    /// Blocks of each paged cache, for a program with the paged KV layout.
+    num_blocks: Option<u64>,
     /// Global rank and communicator of a rank program's collectives.
     comm: Option<(usize, Arc<dyn Collective>)>,
 }
@@ -46,7 +56,9 @@ impl std::fmt::Debug for AscendSimEngine {
 
 impl AscendSimEngine {
     /// Emit `program` for `target` with activation dtype `act`, load the
-    /// weights through `weights` and compile every device kernel.
+    /// weights through `weights` and compile every device kernel. A
+    /// contiguous-cache program gets caches for `max_context` tokens; a
+    /// paged one caches of `max_context` blocks (see [`Self::cache_size`]).
     pub fn new(
         program: KernelProgram,
         target: Target,
@@ -57,6 +69,13 @@ impl AscendSimEngine {
         let ap = emit_program(&program, target, act)?;
         // The program as emitted (kernels split by device dtypes).
         let program = ap.program.clone();
+        let paged = program.is_batched();
+        let cache_env = if paged {
+            Env { num_blocks: max_context as u64, ..Env::default() }
+        } else {
+            // Logical shape [past + tokens, ..]: all of it at the maximum context.
+            Env::new(max_context as u64, 0, 1)
+        };
         let mut store = vec![vec![]; program.buffers.len()];
         for (i, b) in program.buffers.iter().enumerate() {
             match b.kind {
@@ -66,16 +85,29 @@ impl AscendSimEngine {
                     store[i] = device_weight_bytes(w, &prepared, ap.buffer_dtypes[i])
                         .with_context(|| format!("converting weight `{}` to the device layout", w.name))?;
                 }
-                BufferKind::KvCache { .. } => {
-                    // Logical shape [past + tokens, ..]: all of it at the maximum context.
-                    store[i] = vec![0u8; Self::extent(&program, &ap, i, max_context as u64, 0)?];
-                }
+                BufferKind::KvCache { .. } => store[i] = vec![0u8; Self::extent(&program, &ap, i, &cache_env)?],
                 _ => {}
             }
         }
-        let engine = AscendSimEngine { program, ap, store, past: 0, max_context: max_context as u64, comm: None };
+        let num_blocks = paged.then_some(max_context as u64);
+        let engine =
+            AscendSimEngine { program, ap, store, past: 0, max_context: max_context as u64, num_blocks, comm: None };
         engine.compile_all()?;
         Ok(engine)
+    }
+
+    /// Whether this engine runs ragged steps over a paged cache
+    /// ([`panguc_runtime::BatchEngine`]) rather than one sequence per call.
+    pub fn is_batched(&self) -> bool {
+        self.num_blocks.is_some()
+    }
+
+    /// The `max_context` argument of the constructors for a package: the
+    /// context for a contiguous-cache program, the KV blocks of each cache
+    /// for a paged one.
+    pub fn cache_size(dir: &Path, context: usize, num_blocks: usize) -> Result<usize> {
+        let files = panguc_runtime::package::verify_package(dir)?;
+        Ok(if files.program.as_ref().is_some_and(KernelProgram::is_batched) { num_blocks } else { context })
     }
 
     /// Open a compiled package (with a CPU target, whose prepared weights
@@ -170,8 +202,8 @@ impl AscendSimEngine {
     }
 
     /// Bytes of buffer `i`'s logical extent in its device dtype.
-    fn extent(p: &KernelProgram, ap: &AscendProgram, i: usize, tokens: u64, past: u64) -> Result<usize> {
-        let b = bindings(tokens as usize, past as usize);
+    fn extent(p: &KernelProgram, ap: &AscendProgram, i: usize, env: &Env) -> Result<usize> {
+        let b = env_bindings(env);
         let mut n = ap.buffer_dtypes[i].size() as usize;
         for d in &p.buffers[i].shape {
             n *= d.eval(&b).map_err(|e| anyhow!("buffer `{}`: {e}", p.buffers[i].name))? as usize;
@@ -180,9 +212,9 @@ impl AscendSimEngine {
     }
 
     /// Root buffer and byte offset of buffer `id`.
-    fn locate(&self, id: panguc_ir::kernel::BufferId, tokens: u64) -> Result<(usize, usize)> {
+    fn locate(&self, id: panguc_ir::kernel::BufferId, env: &Env) -> Result<(usize, usize)> {
         let (root, offsets) = self.program.root_of(id);
-        let b = bindings(tokens as usize, self.past as usize);
+        let b = env_bindings(env);
         let mut off = 0usize;
         for o in offsets {
             off += o.eval(&b).map_err(|e| anyhow!("view offset of `{}`: {e}", self.program.buffer(id).name))? as usize;
@@ -191,39 +223,34 @@ impl AscendSimEngine {
     }
 }
 
-impl panguc_runtime::Engine for AscendSimEngine {
-    fn forward(&mut self, tokens: &[i64]) -> Result<Tensor> {
-        let n = tokens.len() as u64;
-        if n == 0 {
-            bail!("forward needs at least one token");
-        }
-        if self.past + n > self.max_context {
-            bail!("{} tokens at position {} exceed the context of {}", n, self.past, self.max_context);
-        }
+impl AscendSimEngine {
+    /// Run every launch for the sizes in `env` with the entry inputs
+    /// `inputs` (device bytes, in program input order); returns the logits.
+    fn run(&mut self, env: &Env, inputs: Vec<Vec<u8>>) -> Result<Vec<f32>> {
         let p = &self.program;
+        if inputs.len() != p.inputs.len() {
+            bail!("the program takes {} entry inputs, the engine supplied {}", p.inputs.len(), inputs.len());
+        }
         // Fresh activation and input buffers at this call's sizes.
         for (i, b) in p.buffers.iter().enumerate() {
             if matches!(b.kind, BufferKind::Input { .. } | BufferKind::Activation { .. }) {
-                self.store[i] = vec![0u8; Self::extent(p, &self.ap, i, n, self.past)?];
+                self.store[i] = vec![0u8; Self::extent(p, &self.ap, i, env)?];
             }
         }
-        let positions: Vec<i64> = (0..n).map(|i| (self.past + i) as i64).collect();
-        for (k, inp) in p.inputs.iter().enumerate() {
-            let data = match k {
-                0 => encode_i64(tokens),
-                1 => encode_i64(&positions),
-                _ => bail!("entry input {k} is not known to the ascend-sim engine"),
-            };
+        for (inp, data) in p.inputs.iter().zip(inputs) {
+            let want = Self::extent(p, &self.ap, inp.index(), env)?;
+            if data.len() != want {
+                bail!("entry input `{}`: {} bytes for a buffer of {want}", p.buffer(*inp).name, data.len());
+            }
             self.store[inp.index()] = data;
         }
-        let env = Env { tokens: n, past: self.past, core_num: self.ap.target.min_cores(true) };
         for (li, l) in p.launches.iter().enumerate() {
             let kernel = &p.kernels[l.kernel];
             let mut spans = Vec::with_capacity(l.args.len());
             let mut args = Vec::with_capacity(l.args.len());
             for a in &l.args {
-                let (root, off) = self.locate(*a, n)?;
-                let len = Self::extent(p, &self.ap, a.index(), n, self.past)?;
+                let (root, off) = self.locate(*a, env)?;
+                let len = Self::extent(p, &self.ap, a.index(), env)?;
                 let src = &self.store[root];
                 if off + len > src.len() {
                     bail!(
@@ -242,9 +269,9 @@ impl panguc_runtime::Engine for AscendSimEngine {
                 let mut call = |h: &crate::emit::HostCollective, send: &[u8], recv: &mut [u8]| {
                     host_collective(comm.as_ref(), *rank, h, send, recv)
                 };
-                run_collective_kernels(dks, self.ap.target, &env, &mut args, &mut call)
+                run_collective_kernels(dks, self.ap.target, env, &mut args, &mut call)
             } else {
-                run_kernels(dks, self.ap.target, &env, &mut args)
+                run_kernels(dks, self.ap.target, env, &mut args)
             }
             .with_context(|| format!("launch {li} (`{}`)", kernel.name))?;
             let first_out = l.args.len() - kernel.kind.num_outputs();
@@ -254,9 +281,35 @@ impl panguc_runtime::Engine for AscendSimEngine {
             }
         }
         let out = *p.outputs.first().ok_or_else(|| anyhow!("the program has no logits output"))?;
-        let (root, off) = self.locate(out, n)?;
-        let len = Self::extent(p, &self.ap, out.index(), n, self.past)?;
-        let logits = decode(self.ap.buffer_dtypes[out.index()], &self.store[root][off..off + len]);
+        let (root, off) = self.locate(out, env)?;
+        let len = Self::extent(p, &self.ap, out.index(), env)?;
+        Ok(decode(self.ap.buffer_dtypes[out.index()], &self.store[root][off..off + len]))
+    }
+}
+
+impl panguc_runtime::Engine for AscendSimEngine {
+    fn forward(&mut self, tokens: &[i64]) -> Result<Tensor> {
+        if self.is_batched() {
+            bail!("this program runs ragged steps over a paged KV cache: drive it as a BatchEngine");
+        }
+        let n = tokens.len() as u64;
+        if n == 0 {
+            bail!("forward needs at least one token");
+        }
+        if self.past + n > self.max_context {
+            bail!("{} tokens at position {} exceed the context of {}", n, self.past, self.max_context);
+        }
+        let positions: Vec<i64> = (0..n).map(|i| (self.past + i) as i64).collect();
+        let mut inputs = vec![];
+        for k in 0..self.program.inputs.len() {
+            inputs.push(match k {
+                0 => encode_i64(tokens),
+                1 => encode_i64(&positions),
+                _ => bail!("entry input {k} is not known to the ascend-sim engine"),
+            });
+        }
+        let env = Env::new(n, self.past, self.ap.target.min_cores(true));
+        let logits = self.run(&env, inputs)?;
         let vocab = logits.len() / n as usize;
         self.past += n;
         Ok(Tensor::f32(vec![n as usize, vocab], logits))
@@ -268,6 +321,70 @@ impl panguc_runtime::Engine for AscendSimEngine {
         self.past = 0;
         true
     }
+}
+
+/// One ragged step: the step's rows flattened into one launch sequence,
+/// the metadata as the program's i32 inputs, every chunk's wanted rows out.
+impl panguc_runtime::BatchEngine for AscendSimEngine {
+    fn step(&mut self, chunks: &[StepChunk<'_>], meta: &StepMetadata) -> Result<Vec<ChunkLogits>> {
+        let Some(num_blocks) = self.num_blocks else {
+            bail!("this program caches one sequence contiguously: drive it through PerSequenceEngines");
+        };
+        meta.validate(num_blocks as usize)?;
+        let ids: Vec<i64> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
+        if ids.is_empty() || ids.len() != meta.tokens() || chunks.len() != meta.seqs() {
+            bail!(
+                "a step of {} chunks with {} tokens does not match its metadata ({} sequences, {} tokens)",
+                chunks.len(),
+                ids.len(),
+                meta.seqs(),
+                meta.tokens()
+            );
+        }
+        let env = Env {
+            seqs: meta.seqs() as u64,
+            max_blocks: meta.max_blocks as u64,
+            num_blocks,
+            ..Env::new(ids.len() as u64, 0, self.ap.target.min_cores(true))
+        };
+        // Entry inputs in `panguc_ir::batch::declare_step_inputs` order after
+        // `ids`, each in its buffer's device integer type.
+        let fields =
+            [&meta.positions, &meta.query_start_loc, &meta.context_lens, &meta.block_table, &meta.slot_mapping];
+        let mut inputs = vec![encode_i64(&ids)];
+        for (inp, v) in self.program.inputs[1..].iter().zip(fields) {
+            inputs.push(match self.ap.buffer_dtypes[inp.index()] {
+                DevType::I32 => encode_i32(v),
+                DevType::I64 => encode_i64(&v.iter().map(|&x| i64::from(x)).collect::<Vec<_>>()),
+                other => bail!("step input `{}` is {other} on the device", self.program.buffer(*inp).name),
+            });
+        }
+        let logits = self.run(&env, inputs)?;
+        let vocab = logits.len() / ids.len();
+        let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
+        Ok(chunks
+            .iter()
+            .enumerate()
+            .map(|(s, c)| rows[meta.rows(s)][c.logits_from..].iter().map(|r| r.to_vec()).collect())
+            .collect())
+    }
+
+    /// The cache is paged: the scheduler reuses a released sequence's blocks.
+    fn release(&mut self, _seq: panguc_runtime::SeqId) {}
+}
+
+/// Shape-symbol bindings of a call's sizes.
+fn env_bindings(env: &Env) -> Bindings {
+    [
+        (SYM_TOKENS, env.tokens),
+        (SYM_PAST, env.past),
+        (SYM_SEQS, env.seqs),
+        (SYM_MAX_BLOCKS, env.max_blocks),
+        (SYM_NUM_BLOCKS, env.num_blocks),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v as usize))
+    .collect()
 }
 
 /// The host's call of a collective launch (what the host program asks of

@@ -18,7 +18,7 @@ use std::path::Path;
 
 /// `c + t*tokens + p*past` of a linear formula.
 fn lin(e: &TExpr) -> Result<(u64, u64, u64)> {
-    let at = |t, p| e.eval(&Env { tokens: t, past: p, core_num: 1 });
+    let at = |t, p| e.eval(&Env::new(t, p, 1));
     let c = at(0, 0)?;
     let (t, p) = (at(1, 0)? - c, at(0, 1)? - c);
     if at(3, 5)? != c + 3 * t + 5 * p {
@@ -620,6 +620,7 @@ impl Comms {
                 crate::target::DevType::F16 => "HCCL_DATA_TYPE_FP16",
                 crate::target::DevType::BF16 => "HCCL_DATA_TYPE_BFP16",
                 crate::target::DevType::I64 => "HCCL_DATA_TYPE_INT64",
+                crate::target::DevType::I32 => "HCCL_DATA_TYPE_INT32",
             };
             let packing = if ap.kernels[*ki].kernels.is_empty() { "" } else { "  // with packing kernels" };
             let _ = writeln!(s, "    {{{kind}, {comm}, {dtype}}},{packing}");

@@ -8,7 +8,8 @@ use panguc_ir::kernel::{BufferKind, KernelKind, KernelProgram};
 use panguc_ir::DType;
 use sha2::{Digest, Sha256};
 
-/// Device dtype of every buffer: integers are i64; the router's logits,
+/// Device dtype of every buffer: integers are i64, except the i32 step
+/// metadata of a ragged batch (positions, block table, ...); the router's logits,
 /// scales and routing weights stay f32 (the reference's softmax_f32);
 /// every other float buffer (activations, weights, KV caches) is `act`.
 pub fn device_dtypes(p: &KernelProgram, act: DevType) -> Vec<DevType> {
@@ -31,7 +32,9 @@ pub fn device_dtypes(p: &KernelProgram, act: DevType) -> Vec<DevType> {
         }
     }
     for (i, b) in p.buffers.iter().enumerate() {
-        if b.dtype == DType::I64 || !b.dtype.is_float() {
+        if b.dtype == DType::I32 {
+            dt[i] = DevType::I32;
+        } else if b.dtype == DType::I64 || !b.dtype.is_float() {
             dt[i] = DevType::I64;
         }
     }

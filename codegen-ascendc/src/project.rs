@@ -4,7 +4,7 @@
 //! program (`host/`) and a README. Returned as (relative path, text) in
 //! path order so the output is deterministic.
 
-use crate::emit::{ArgRef, CoreType, DeviceKernel, FieldValue, Role, TExpr};
+use crate::emit::{ArgRef, CoreType, DeviceKernel, Env, FieldValue, Role, TExpr};
 use crate::program::AscendProgram;
 use crate::target::Target;
 use anyhow::{bail, Result};
@@ -17,16 +17,45 @@ use std::fmt::Write;
 enum SizeDim {
     Tokens,
     Kv,
+    /// The paged-cache sizes of a ragged step.
+    Seqs,
+    MaxBlocks,
+    NumBlocks,
 }
 
-/// `a * tokens` or `a * (past + tokens)` with its coefficient `a > 0`.
+/// The paged-cache sizes, their C++ names in a tiling function and their
+/// slot in [`Env`].
+const PAGED_SIZES: [(SizeDim, &str, fn(&mut Env) -> &mut u64); 3] = [
+    (SizeDim::Seqs, "seqs", |e| &mut e.seqs),
+    (SizeDim::MaxBlocks, "maxBlocks", |e| &mut e.max_blocks),
+    (SizeDim::NumBlocks, "numBlocks", |e| &mut e.num_blocks),
+];
+
+/// `a * tokens`, `a * (past + tokens)`, `a * seqs`, `a * max_blocks` or
+/// `a * num_blocks` with its coefficient `a > 0`.
 fn classify(e: &TExpr) -> Option<(SizeDim, u64)> {
-    let at = |t, p| e.eval(&crate::emit::Env { tokens: t, past: p, core_num: 1 }).ok();
+    let at = |t, p| e.eval(&Env::new(t, p, 1)).ok();
     match (at(0, 0), at(1, 0), at(0, 1), at(3, 5)) {
-        (Some(0), Some(a), Some(0), Some(x)) if a > 0 && x == 3 * a => Some((SizeDim::Tokens, a)),
-        (Some(0), Some(a), Some(b), Some(x)) if a > 0 && a == b && x == 8 * a => Some((SizeDim::Kv, a)),
-        _ => None,
+        (Some(0), Some(a), Some(0), Some(x)) if a > 0 && x == 3 * a => return Some((SizeDim::Tokens, a)),
+        (Some(0), Some(a), Some(b), Some(x)) if a > 0 && a == b && x == 8 * a => return Some((SizeDim::Kv, a)),
+        _ => {}
     }
+    if at(0, 0) != Some(0) {
+        return None;
+    }
+    PAGED_SIZES.iter().find_map(|(dim, _, slot)| {
+        // Only this size moves the value, linearly.
+        let with = |v: u64, others: u64| {
+            let mut env =
+                Env { tokens: others, past: others, core_num: 1, seqs: others, max_blocks: others, num_blocks: others };
+            *slot(&mut env) = v;
+            e.eval(&env).ok()
+        };
+        match (with(1, 0), with(3, 0), with(0, 7)) {
+            (Some(a), Some(x), Some(0)) if a > 0 && x == 3 * a => Some((*dim, a)),
+            _ => None,
+        }
+    })
 }
 
 /// Whether the op definition declares the parameter as an input (in-place
@@ -83,6 +112,15 @@ fn size_prologue(dk: &DeviceKernel, shapes: &[Vec<TExpr>]) -> Result<String> {
         None => s.push_str("    const uint64_t past = 0;\n"),
     }
     s.push_str("    (void)tokens;\n    (void)past;\n");
+    // Paged-cache kernels: each size from the first parameter dim that is a
+    // multiple of it (a contiguous-cache kernel has none).
+    for (dim, name, _) in PAGED_SIZES {
+        if let Some((g, i, d, a)) = find(dim) {
+            let _ =
+                writeln!(s, "    const uint64_t {name} = context->{g}({i})->GetStorageShape().GetDim({d}){};", per(a));
+            let _ = writeln!(s, "    (void){name};");
+        }
+    }
     Ok(s)
 }
 
@@ -166,6 +204,9 @@ fn op_host(dk: &DeviceKernel, shapes: &[Vec<TExpr>], target: Target) -> Result<S
                 Some((SizeDim::Tokens, a)) => format!("{a} * tokens"),
                 // In-place KV caches are inputs; no output depends on the KV length.
                 Some((SizeDim::Kv, _)) => bail!("{}: output dim {di} depends on the KV length", dk.entry),
+                Some((SizeDim::Seqs | SizeDim::MaxBlocks | SizeDim::NumBlocks, _)) => {
+                    bail!("{}: output dim {di} depends on the paged-cache sizes", dk.entry)
+                }
                 None => match d {
                     TExpr::C(c) => c.to_string(),
                     other => {
@@ -282,18 +323,26 @@ cp "$work"/build_out/custom_opp_*.run "$here/build_out/"
 echo "operator package: $(ls "$here"/build_out/custom_opp_*.run)"
 "#;
 
+/// The `op_kernel/` and `op_host/` files of the device kernels `dks` of
+/// program kernel `k` (kernel source, tiling header, op definition).
+pub fn kernel_files(k: &Kernel, dks: &crate::emit::DeviceKernels, target: Target) -> Result<BTreeMap<String, String>> {
+    let mut files = BTreeMap::new();
+    for dk in &dks.kernels {
+        let shapes = param_shapes(k, dks, dk)?;
+        files.insert(format!("op_kernel/{}.cpp", dk.entry), dk.source.clone());
+        files.insert(format!("op_kernel/{}_tiling.h", dk.entry), dk.tiling_header());
+        files.insert(format!("op_host/{}.cpp", dk.entry), op_host(dk, &shapes, target)?);
+    }
+    Ok(files)
+}
+
 /// Every file of the project for `ap`, keyed by relative path.
 pub fn project_files(ap: &AscendProgram) -> Result<BTreeMap<String, String>> {
     let p = &ap.program;
     let mut files = BTreeMap::new();
     let target = ap.target;
     for (k, dks) in p.kernels.iter().zip(&ap.kernels) {
-        for dk in &dks.kernels {
-            let shapes = param_shapes(k, dks, dk)?;
-            files.insert(format!("op_kernel/{}.cpp", dk.entry), dk.source.clone());
-            files.insert(format!("op_kernel/{}_tiling.h", dk.entry), dk.tiling_header());
-            files.insert(format!("op_host/{}.cpp", dk.entry), op_host(dk, &shapes, target)?);
-        }
+        files.extend(kernel_files(k, dks, target)?);
     }
     files.insert("CMakePresets.json".into(), cmake_presets(target, &ap.vendor));
     files.insert("build.sh".into(), BUILD_SH.replace("__DEFAULT_CANN_PATH__", DEFAULT_CANN_PATH));

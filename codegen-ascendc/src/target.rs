@@ -117,13 +117,15 @@ pub enum DevType {
     BF16,
     F32,
     I64,
+    /// Step metadata of a ragged batch (positions, block table, ...).
+    I32,
 }
 
 impl DevType {
     pub fn size(self) -> u64 {
         match self {
             DevType::F16 | DevType::BF16 => 2,
-            DevType::F32 => 4,
+            DevType::F32 | DevType::I32 => 4,
             DevType::I64 => 8,
         }
     }
@@ -134,6 +136,7 @@ impl DevType {
             DevType::BF16 => "bfloat16_t",
             DevType::F32 => "float",
             DevType::I64 => "int64_t",
+            DevType::I32 => "int32_t",
         }
     }
     /// GE dtype in OpDef registrations.
@@ -143,6 +146,7 @@ impl DevType {
             DevType::BF16 => "ge::DT_BF16",
             DevType::F32 => "ge::DT_FLOAT",
             DevType::I64 => "ge::DT_INT64",
+            DevType::I32 => "ge::DT_INT32",
         }
     }
     /// ACL dtype in the host program.
@@ -152,6 +156,7 @@ impl DevType {
             DevType::BF16 => "ACL_BF16",
             DevType::F32 => "ACL_FLOAT",
             DevType::I64 => "ACL_INT64",
+            DevType::I32 => "ACL_INT32",
         }
     }
     /// Elements per 32-byte block.
@@ -175,6 +180,7 @@ impl fmt::Display for DevType {
             DevType::BF16 => "bf16",
             DevType::F32 => "f32",
             DevType::I64 => "i64",
+            DevType::I32 => "i32",
         })
     }
 }

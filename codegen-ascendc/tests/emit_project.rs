@@ -179,7 +179,45 @@ fn kinds(
             ),
             vec![a, i, a, a, a],
         ),
+        (
+            kernel(
+                "panguc_k016_qkv_rope_cache_write",
+                KernelKind::QkvRopeCacheWrite { q_heads: hq, kv_heads: hkv },
+                vec![
+                    vec![t(), c((hq + 2 * hkv) * d)],
+                    vec![t(), c(d)],
+                    vec![t(), c(d)],
+                    vec![t()],
+                    vec![t(), c(hq), c(d)],
+                    paged_cache(hkv, d),
+                    paged_cache(hkv, d),
+                ],
+            ),
+            vec![a, a, a, DevType::I32, a, a, a],
+        ),
+        (
+            kernel(
+                "panguc_k017_paged_attention",
+                KernelKind::PagedAttention { scale: 1.0 / (d as f64).sqrt() },
+                vec![
+                    vec![t(), c(hq), c(d)],
+                    paged_cache(hkv, d),
+                    paged_cache(hkv, d),
+                    vec![Dim::seqs(), Dim::max_blocks()],
+                    vec![Dim::seqs().add(&c(1))],
+                    vec![Dim::seqs()],
+                    vec![t(), c(hq), c(d)],
+                ],
+            ),
+            vec![a, a, a, DevType::I32, DevType::I32, DevType::I32, a],
+        ),
     ]
+}
+
+/// A paged KV cache `[num_blocks, 128, kv_heads, head_dim]` (the block
+/// size serving.md recommends).
+fn paged_cache(hkv: usize, d: usize) -> Vec<Dim> {
+    vec![Dim::num_blocks(), c(128), c(hkv), c(d)]
 }
 
 fn for_target(dts: &[DevType], target: Target) -> Vec<DevType> {
@@ -559,4 +597,43 @@ fn package_names_follow_the_kernels() {
     let d = emit_program(&p, Target::Ascend310P, DevType::F16).unwrap();
     assert_ne!(a.vendor, d.vendor);
     assert!(a.vendor.starts_with("panguc_") && a.op_prefix.starts_with("pg"));
+}
+
+/// The paged-cache kernels' op definitions (sizes `seqs`, `maxBlocks`,
+/// `numBlocks` read from their parameter shapes) compile with g++ against
+/// the CANN stand-in headers and declare their kernels' parameters.
+#[test]
+fn paged_kernels_op_host_compiles() {
+    for target in Target::ALL {
+        let opts = EmitOptions::new(target, target.default_act()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut n = 0;
+        for (k, dts) in kinds(64, 4, 2, 16, 64, 512, 32) {
+            if !matches!(k.kind, KernelKind::PagedAttention { .. } | KernelKind::QkvRopeCacheWrite { .. }) {
+                continue;
+            }
+            let dks = emit_kernel(&k, &for_target(&dts, target), &opts).unwrap();
+            for (rel, text) in panguc_codegen_ascendc::project::kernel_files(&k, &dks, target).unwrap() {
+                if rel.starts_with("op_host/") {
+                    n += 1;
+                    for size in ["seqs", "maxBlocks", "numBlocks"] {
+                        let uses = dks.kernels[0].fields.iter().any(|f| {
+                            matches!(&f.value, panguc_codegen_ascendc::emit::FieldValue::U32(e) if e.to_cpp().contains(size))
+                        });
+                        if uses {
+                            assert!(
+                                text.contains(&format!("const uint64_t {size} = context->GetInputShape(")),
+                                "{text}"
+                            );
+                        }
+                    }
+                }
+                let path = dir.path().join(rel);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, text).unwrap();
+            }
+        }
+        assert_eq!(n, 2, "both paged kernels");
+        panguc_codegen_ascendc::op_host_check::check_op_host_compiles(dir.path()).unwrap();
+    }
 }

@@ -3,10 +3,11 @@
 //! simulation compute identical tilings.
 
 use anyhow::{bail, Result};
-use panguc_ir::shape::{bindings, Dim};
+use panguc_ir::shape::{Bindings, Dim, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_PAST, SYM_SEQS, SYM_TOKENS};
 
-/// Run-time sizes a tiling depends on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Run-time sizes a tiling depends on. The paged-cache sizes (`seqs`,
+/// `max_blocks`, `num_blocks`) are zero for a contiguous-cache program.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Env {
     /// New tokens of this call.
     pub tokens: u64,
@@ -14,6 +15,30 @@ pub struct Env {
     pub past: u64,
     /// Cores available for the kernel's unit (vector or cube).
     pub core_num: u64,
+    /// Sequences of a ragged step.
+    pub seqs: u64,
+    /// Columns of the step's block table.
+    pub max_blocks: u64,
+    /// Blocks of the paged KV cache.
+    pub num_blocks: u64,
+}
+
+impl Env {
+    /// A contiguous-cache call: `tokens` new tokens after `past`.
+    pub fn new(tokens: u64, past: u64, core_num: u64) -> Env {
+        Env { tokens, past, core_num, ..Env::default() }
+    }
+}
+
+/// The shape symbols a formula may use, with their [`TExpr`] leaf.
+fn symbol_leaves() -> [(&'static str, TExpr); 5] {
+    [
+        (SYM_TOKENS, TExpr::Tokens),
+        (SYM_PAST, TExpr::Past),
+        (SYM_SEQS, TExpr::Seqs),
+        (SYM_MAX_BLOCKS, TExpr::MaxBlocks),
+        (SYM_NUM_BLOCKS, TExpr::NumBlocks),
+    ]
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -22,6 +47,9 @@ pub enum TExpr {
     Tokens,
     Past,
     CoreNum,
+    Seqs,
+    MaxBlocks,
+    NumBlocks,
     Add(Box<TExpr>, Box<TExpr>),
     Mul(Box<TExpr>, Box<TExpr>),
     CeilDiv(Box<TExpr>, Box<TExpr>),
@@ -81,25 +109,34 @@ impl TExpr {
         tiles.clone().ceil_div(TExpr::block_dim(tiles))
     }
 
-    /// A shape dimension: constants, `tokens`, `past + tokens`.
+    /// A shape dimension: a constant plus non-negative multiples of the
+    /// shape symbols (`tokens`, `past + tokens`, `seqs + 1`, `num_blocks`).
     pub fn from_dim(d: &Dim) -> Result<TExpr> {
         if let Some(c) = d.as_const() {
             return Ok(TExpr::c(c as u64));
         }
+        if let Some(s) = d.symbols().find(|s| !symbol_leaves().iter().any(|(n, _)| n == s)) {
+            bail!("dimension `{d}` uses the shape symbol `{s}`, which tilings cannot evaluate");
+        }
         // Dims are linear in the symbols: recover coefficients by evaluation.
-        let at = |t: usize, p: usize| d.eval(&bindings(t, p)).map(|v| v as i64).map_err(|e| anyhow::anyhow!(e));
-        let base = at(0, 0)?;
-        let ct = at(1, 0)? - base;
-        let cp = at(0, 1)? - base;
-        if base < 0 || ct < 0 || cp < 0 {
+        let at = |one: Option<&str>| {
+            let b: Bindings =
+                symbol_leaves().iter().map(|(n, _)| (n.to_string(), usize::from(Some(*n) == one))).collect();
+            d.eval(&b).map(|v| v as i64).map_err(|e| anyhow::anyhow!(e))
+        };
+        let base = at(None)?;
+        if base < 0 {
             bail!("dimension `{d}` has negative coefficients");
         }
         let mut e = TExpr::c(base as u64);
-        if ct > 0 {
-            e = e.plus(TExpr::c(ct as u64).times(TExpr::Tokens));
-        }
-        if cp > 0 {
-            e = e.plus(TExpr::c(cp as u64).times(TExpr::Past));
+        for (name, leaf) in symbol_leaves() {
+            let c = at(Some(name))? - base;
+            if c < 0 {
+                bail!("dimension `{d}` has negative coefficients");
+            }
+            if c > 0 {
+                e = e.plus(TExpr::c(c as u64).times(leaf));
+            }
         }
         Ok(e)
     }
@@ -110,6 +147,9 @@ impl TExpr {
             TExpr::Tokens => env.tokens,
             TExpr::Past => env.past,
             TExpr::CoreNum => env.core_num,
+            TExpr::Seqs => env.seqs,
+            TExpr::MaxBlocks => env.max_blocks,
+            TExpr::NumBlocks => env.num_blocks,
             TExpr::Add(a, b) => a.eval(env)? + b.eval(env)?,
             TExpr::Mul(a, b) => a.eval(env)? * b.eval(env)?,
             TExpr::CeilDiv(a, b) => {
@@ -127,16 +167,20 @@ impl TExpr {
     /// Largest value for `tokens <= max_tokens`, `past + tokens <= max_kv`
     /// (every formula is monotone in the sizes).
     pub fn worst(&self, max_tokens: u64, max_kv: u64, core_num: u64) -> Result<u64> {
-        self.eval(&Env { tokens: max_tokens, past: max_kv.saturating_sub(max_tokens), core_num })
+        self.eval(&Env::new(max_tokens, max_kv.saturating_sub(max_tokens), core_num))
     }
 
-    /// C++ over `uint64_t tokens, past, coreNum` and `CeilDiv`.
+    /// C++ over `uint64_t tokens, past, coreNum` (and `seqs, maxBlocks,
+    /// numBlocks` for paged-cache kernels) and `CeilDiv`.
     pub fn to_cpp(&self) -> String {
         match self {
             TExpr::C(v) => format!("{v}ULL"),
             TExpr::Tokens => "tokens".into(),
             TExpr::Past => "past".into(),
             TExpr::CoreNum => "coreNum".into(),
+            TExpr::Seqs => "seqs".into(),
+            TExpr::MaxBlocks => "maxBlocks".into(),
+            TExpr::NumBlocks => "numBlocks".into(),
             TExpr::Add(a, b) => format!("({} + {})", a.to_cpp(), b.to_cpp()),
             TExpr::Mul(a, b) => format!("({} * {})", a.to_cpp(), b.to_cpp()),
             TExpr::CeilDiv(a, b) => format!("CeilDiv({}, {})", a.to_cpp(), b.to_cpp()),
@@ -153,7 +197,7 @@ mod tests {
     #[test]
     fn dims_and_formulas() {
         let kv = TExpr::from_dim(&Dim::kv_len()).unwrap();
-        let env = Env { tokens: 7, past: 5, core_num: 4 };
+        let env = Env::new(7, 5, 4);
         assert_eq!(kv.eval(&env).unwrap(), 12);
         let tiles = TExpr::Tokens.times(TExpr::c(3));
         assert_eq!(TExpr::block_dim(&tiles).eval(&env).unwrap(), 4);

@@ -15,6 +15,7 @@ mod cube;
 mod expr;
 mod layout;
 mod moe;
+mod paged;
 mod rope;
 mod vector;
 
@@ -275,6 +276,8 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
         }
         KernelKind::RopeTable { kind, theta, head_dim } => rope::rope_table(&ctx, *kind, *theta, *head_dim)?,
         KernelKind::QkvRopeAppend { q_heads, kv_heads } => rope::qkv_rope_append(&ctx, *q_heads, *kv_heads)?,
+        KernelKind::QkvRopeCacheWrite { q_heads, kv_heads } => rope::qkv_rope_cache_write(&ctx, *q_heads, *kv_heads)?,
+        KernelKind::PagedAttention { scale } => paged::paged_attention(&ctx, *scale)?,
         KernelKind::MoeRoute => moe::route(&ctx)?,
         KernelKind::MoeGateUp => moe::gate_up(&ctx)?,
         KernelKind::MoeGroupedGateUp => moe::gate_up_sorted(&ctx)?,
@@ -284,7 +287,7 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
         KernelKind::Collective { kind, group, axis } => layout::collective(&ctx, *kind, group, *axis)?,
         other => bail!(
             "{}: kernel kind `{}` has no AscendC implementation yet (supported: rms_norm, add_rms_norm, gather, \
-             elementwise, rope, rope_table, qkv_rope_append, attention, moe_gating, gemm, matmul(transposed b), \
+             elementwise, rope, rope_table, qkv_rope_append, qkv_rope_cache_write, attention, paged_attention, moe_gating, gemm, matmul(transposed b), \
              moe_route, moe_gate_up, moe_down, moe_combine, slice, collectives)",
             k.name,
             other.mnemonic()

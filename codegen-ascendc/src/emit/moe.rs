@@ -30,7 +30,7 @@ use panguc_ir::kernel::Epilogue;
 /// Coefficient `G` of a `G * tokens` dimension.
 fn per_token(ctx: &Ctx, arg: usize, dim: usize) -> Result<u64> {
     let e = ctx.dim(arg, dim)?;
-    let at = |t| e.eval(&Env { tokens: t, past: 0, core_num: 1 });
+    let at = |t| e.eval(&Env::new(t, 0, 1));
     let (a0, a1) = (at(0)?, at(1)?);
     if a0 != 0 || a1 == 0 || at(5)? != 5 * a1 {
         bail!("{}: argument {arg} dim {dim} must be a multiple of tokens", ctx.k.name);

@@ -25,7 +25,7 @@ public:
     {
         d = t.headDim;
 {{RANGE}}
-        posGm.SetGlobalBuffer((__gm__ int64_t*)pos, t.tiles);
+        posGm.SetGlobalBuffer((__gm__ {{P}}*)pos, t.tiles);
         outGm.SetGlobalBuffer((__gm__ T*)out, t.tiles * d);
         pipe.InitBuffer(outQ, 2, d * sizeof(T));
         pipe.InitBuffer(freqBuf, d * sizeof(float));
@@ -66,7 +66,7 @@ private:
     TPipe pipe;
     TQue<TPosition::VECOUT, 2> outQ;
     TBuf<TPosition::VECCALC> freqBuf, angBuf, resBuf;
-    GlobalTensor<int64_t> posGm;
+    GlobalTensor<{{P}}> posGm;
     GlobalTensor<T> outGm;
     uint32_t d = 0, start = 0, end = 0;
 };
@@ -81,13 +81,17 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR pos, GM_ADDR out, GM_ADD
 }
 "#;
 
-/// `RopeTable (positions[T] i64, out[T, head_dim])`.
+/// `RopeTable (positions[T] i64 (or i32 in a ragged step), out[T, head_dim])`.
 pub(crate) fn rope_table(ctx: &Ctx, kind: RopeKind, theta: f64, head_dim: usize) -> Result<DeviceKernels> {
     let d = ctx.cdim(1, 1, "head_dim")?;
     if d != head_dim as u64 || d % 2 != 0 {
         bail!("{}: table width {d} must be the even head_dim {head_dim}", ctx.k.name);
     }
     let t = ctx.dt[1];
+    let p = ctx.dt[0];
+    if !matches!(p, DevType::I64 | DevType::I32) {
+        bail!("{}: positions must be i64 or i32 on the device, found {p}", ctx.k.name);
+    }
     need_aligned(ctx, "a table row", d, t)?;
     need_aligned(ctx, "a table row in f32", d, DevType::F32)?;
     let inv_freq: Vec<f64> = (0..d / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / d as f64)).collect();
@@ -97,8 +101,12 @@ pub(crate) fn rope_table(ctx: &Ctx, kind: RopeKind, theta: f64, head_dim: usize)
     };
     let tiles = ctx.dim(0, 0)?;
     let entry = ctx.entry("");
-    let src =
-        vector_source(&entry, &format!("RoPE {f} table."), ROPE_TABLE, &[("T", t.cpp().into()), ("FN", f.into())]);
+    let src = vector_source(
+        &entry,
+        &format!("RoPE {f} table."),
+        ROPE_TABLE,
+        &[("T", t.cpp().into()), ("FN", f.into()), ("P", p.cpp().into())],
+    );
     let mut fields = tiles_fields(&tiles);
     fields.push(TilingField::u32("headDim", TExpr::c(d)));
     fields.push(TilingField::f32_array("invFreq", inv_freq));
@@ -108,66 +116,10 @@ pub(crate) fn rope_table(ctx: &Ctx, kind: RopeKind, theta: f64, head_dim: usize)
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
-const QKV_ROPE_APPEND: &str = r#"
-using T = {{T}};
-using C = {{C}};
-
-// One token per tile: split the merged QKV row into heads, RoPE (NeoX
-// rotate-half) the q and k heads, write q to qOut[token] and k, v to the
-// caches at row past + token. Cache rows 0..past are never touched.
-class {{CLASS}} {
-public:
-    __aicore__ inline {{CLASS}}() {}
-    __aicore__ inline void Init(GM_ADDR y, GM_ADDR cosT, GM_ADDR sinT, GM_ADDR kCache, GM_ADDR vCache, GM_ADDR qOut, const {{TILING}}& t)
-    {
-        d = t.headDim;
-        qHeads = t.qHeads;
-        kvHeads = t.kvHeads;
-        past = t.past;
-        width = (qHeads + 2 * kvHeads) * d;
-{{RANGE}}
-        yGm.SetGlobalBuffer((__gm__ T*)y, t.tiles * width);
-        cosGm.SetGlobalBuffer((__gm__ C*)cosT, t.tiles * d);
-        sinGm.SetGlobalBuffer((__gm__ C*)sinT, t.tiles * d);
-        kGm.SetGlobalBuffer((__gm__ T*)kCache, (past + t.tiles) * kvHeads * d);
-        vGm.SetGlobalBuffer((__gm__ T*)vCache, (past + t.tiles) * kvHeads * d);
-        qGm.SetGlobalBuffer((__gm__ T*)qOut, t.tiles * qHeads * d);
-        pipe.InitBuffer(inX, 2, d * sizeof(T));
-        pipe.InitBuffer(inCS, 1, 2 * d * sizeof(C));
-        pipe.InitBuffer(outY, 2, d * sizeof(T));
-        pipe.InitBuffer(vQue, 2, d * sizeof(T));
-        pipe.InitBuffer(xBuf, d * sizeof(float));
-        pipe.InitBuffer(rotBuf, d * sizeof(float));
-        pipe.InitBuffer(csBuf, 2 * d * sizeof(float));
-    }
-    __aicore__ inline void Process()
-    {
-        for (uint32_t tok = start; tok < end; tok++) {
-            LocalTensor<C> cs = inCS.AllocTensor<C>();
-            DataCopy(cs, cosGm[tok * d], d);
-            DataCopy(cs[d], sinGm[tok * d], d);
-            inCS.EnQue(cs);
-            cs = inCS.DeQue<C>();
-            LocalTensor<float> csf = csBuf.Get<float>();
-            ToFloat(csf, cs, 2 * d);
-            inCS.FreeTensor(cs);
-            const uint32_t row = tok * width;
-            for (uint32_t h = 0; h < qHeads; h++) RopeHead(row + h * d, qGm, (tok * qHeads + h) * d, csf);
-            const uint32_t cacheRow = (past + tok) * kvHeads * d;
-            for (uint32_t h = 0; h < kvHeads; h++) {
-                RopeHead(row + (qHeads + h) * d, kGm, cacheRow + h * d, csf);
-                LocalTensor<T> v = vQue.AllocTensor<T>();
-                DataCopy(v, yGm[row + (qHeads + kvHeads + h) * d], d);
-                vQue.EnQue(v);
-                v = vQue.DeQue<T>();
-                DataCopy(vGm[cacheRow + h * d], v, d);
-                vQue.FreeTensor(v);
-            }
-        }
-    }
-
-private:
-    __aicore__ inline void RopeHead(uint32_t src, const GlobalTensor<T>& dst, uint32_t dstOff, const LocalTensor<float>& csf)
+/// RoPE (NeoX rotate-half) of one head of the merged QKV row at `src`,
+/// stored at `dst[dstOff]`; shared by the contiguous and the paged KV write.
+/// `csf` holds the token's cos then sin row in f32.
+pub(crate) const ROPE_HEAD: &str = r#"    __aicore__ inline void RopeHead(uint32_t src, const GlobalTensor<T>& dst, uint32_t dstOff, const LocalTensor<float>& csf)
     {
         const uint32_t half = d / 2;
         LocalTensor<T> x = inX.AllocTensor<T>();
@@ -194,7 +146,65 @@ private:
         DataCopy(dst[dstOff], y, d);
         outY.FreeTensor(y);
     }
+"#;
 
+const QKV_ROPE_KV_WRITE: &str = r#"
+using T = {{T}};
+using C = {{C}};
+
+// One token per tile: split the merged QKV row into heads, RoPE (NeoX
+// rotate-half) the q and k heads, write q to qOut[token] and k, v to the
+{{WHERE}}class {{CLASS}} {
+public:
+    __aicore__ inline {{CLASS}}() {}
+    __aicore__ inline void Init(GM_ADDR y, GM_ADDR cosT, GM_ADDR sinT, {{SLOT_PARAM}}GM_ADDR kCache, GM_ADDR vCache, GM_ADDR qOut, const {{TILING}}& t)
+    {
+        d = t.headDim;
+        qHeads = t.qHeads;
+        kvHeads = t.kvHeads;
+{{CACHE_SIZE}}        width = (qHeads + 2 * kvHeads) * d;
+{{RANGE}}
+        yGm.SetGlobalBuffer((__gm__ T*)y, t.tiles * width);
+        cosGm.SetGlobalBuffer((__gm__ C*)cosT, t.tiles * d);
+        sinGm.SetGlobalBuffer((__gm__ C*)sinT, t.tiles * d);
+        kGm.SetGlobalBuffer((__gm__ T*)kCache, {{CACHE_ROWS}} * kvHeads * d);
+        vGm.SetGlobalBuffer((__gm__ T*)vCache, {{CACHE_ROWS}} * kvHeads * d);
+        qGm.SetGlobalBuffer((__gm__ T*)qOut, t.tiles * qHeads * d);
+{{SLOT_GM}}        pipe.InitBuffer(inX, 2, d * sizeof(T));
+        pipe.InitBuffer(inCS, 1, 2 * d * sizeof(C));
+        pipe.InitBuffer(outY, 2, d * sizeof(T));
+        pipe.InitBuffer(vQue, 2, d * sizeof(T));
+        pipe.InitBuffer(xBuf, d * sizeof(float));
+        pipe.InitBuffer(rotBuf, d * sizeof(float));
+        pipe.InitBuffer(csBuf, 2 * d * sizeof(float));
+    }
+    __aicore__ inline void Process()
+    {
+        for (uint32_t tok = start; tok < end; tok++) {
+            LocalTensor<C> cs = inCS.AllocTensor<C>();
+            DataCopy(cs, cosGm[tok * d], d);
+            DataCopy(cs[d], sinGm[tok * d], d);
+            inCS.EnQue(cs);
+            cs = inCS.DeQue<C>();
+            LocalTensor<float> csf = csBuf.Get<float>();
+            ToFloat(csf, cs, 2 * d);
+            inCS.FreeTensor(cs);
+            const uint32_t row = tok * width;
+            for (uint32_t h = 0; h < qHeads; h++) RopeHead(row + h * d, qGm, (tok * qHeads + h) * d, csf);
+{{CACHE_ROW}}            for (uint32_t h = 0; h < kvHeads; h++) {
+                RopeHead(row + (qHeads + h) * d, kGm, cacheRow + h * d, csf);
+                LocalTensor<T> v = vQue.AllocTensor<T>();
+                DataCopy(v, yGm[row + (qHeads + kvHeads + h) * d], d);
+                vQue.EnQue(v);
+                v = vQue.DeQue<T>();
+                DataCopy(vGm[cacheRow + h * d], v, d);
+                vQue.FreeTensor(v);
+            }
+        }
+    }
+
+private:
+{{ROPE_HEAD}}
     TPipe pipe;
     TQue<TPosition::VECIN, 2> inX;
     TQue<TPosition::VECIN, 1> inCS;
@@ -203,15 +213,15 @@ private:
     TBuf<TPosition::VECCALC> xBuf, rotBuf, csBuf;
     GlobalTensor<T> yGm, kGm, vGm, qGm;
     GlobalTensor<C> cosGm, sinGm;
-    uint32_t d = 0, qHeads = 0, kvHeads = 0, past = 0, width = 0, start = 0, end = 0;
+{{SLOT_MEMBER}}    uint32_t d = 0, qHeads = 0, kvHeads = 0, {{CACHE_VAR}} = 0, width = 0, start = 0, end = 0;
 };
 
-extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR y, GM_ADDR cosT, GM_ADDR sinT, GM_ADDR kCache, GM_ADDR vCache, GM_ADDR qOut, GM_ADDR workspace, GM_ADDR tiling)
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR y, GM_ADDR cosT, GM_ADDR sinT, {{SLOT_PARAM}}GM_ADDR kCache, GM_ADDR vCache, GM_ADDR qOut, GM_ADDR workspace, GM_ADDR tiling)
 {
     REGISTER_TILING_DEFAULT({{TILING}});
     GET_TILING_DATA(t, tiling);
     {{CLASS}} op;
-    op.Init(y, cosT, sinT, kCache, vCache, qOut, t);
+    op.Init(y, cosT, sinT, {{SLOT_ARG}}kCache, vCache, qOut, t);
     op.Process();
 }
 "#;
@@ -221,6 +231,31 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR y, GM_ADDR cosT, GM_ADDR
 /// caches (read-write, in place) before `q_out`: CANN orders a kernel's
 /// parameters inputs first, and an in-place cache is declared as an input.
 pub(crate) fn qkv_rope_append(ctx: &Ctx, q_heads: usize, kv_heads: usize) -> Result<DeviceKernels> {
+    qkv_rope_kv_write(ctx, q_heads, kv_heads, KvWrite::Append)
+}
+
+/// `QkvRopeCacheWrite (y[T, (Hq+2Hkv)*D], cos[T, D], sin[T, D], slot_mapping[T] i32 or i64,
+/// q_out[T, Hq, D], k_cache[NB, BS, Hkv, D], v_cache[NB, BS, Hkv, D])`: the
+/// same kernel storing k and v at each token's slot of the paged caches.
+/// Device parameters: the inputs, the slots, the caches (in place), `q_out`.
+pub(crate) fn qkv_rope_cache_write(ctx: &Ctx, q_heads: usize, kv_heads: usize) -> Result<DeviceKernels> {
+    qkv_rope_kv_write(ctx, q_heads, kv_heads, KvWrite::Paged)
+}
+
+/// Where the fused QKV kernel stores the new k and v rows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KvWrite {
+    /// Contiguous caches, rows `past..past+T`.
+    Append,
+    /// Paged caches, row `t` at slot `slot_mapping[t]`.
+    Paged,
+}
+
+fn qkv_rope_kv_write(ctx: &Ctx, q_heads: usize, kv_heads: usize, how: KvWrite) -> Result<DeviceKernels> {
+    let paged = how == KvWrite::Paged;
+    // Argument indices: y, cos, sin, [slots], q_out, k_cache, v_cache.
+    let (slots, q_out) = if paged { (Some(3), 4) } else { (None, 3) };
+    let (k_cache, v_cache) = (q_out + 1, q_out + 2);
     let d = ctx.cdim(1, 1, "head_dim")?;
     let width = ctx.cdim(0, 1, "qkv width")?;
     let (hq, hkv) = (q_heads as u64, kv_heads as u64);
@@ -228,34 +263,82 @@ pub(crate) fn qkv_rope_append(ctx: &Ctx, q_heads: usize, kv_heads: usize) -> Res
         bail!("{}: qkv width {width} is not ({hq} + 2*{hkv}) * {d} with an even head_dim", ctx.k.name);
     }
     let (t, c) = (ctx.dt[0], ctx.dt[1]);
-    if ctx.dt[3] != t || ctx.dt[4] != t || ctx.dt[5] != t || ctx.dt[2] != c {
+    if ctx.dt[q_out] != t || ctx.dt[k_cache] != t || ctx.dt[v_cache] != t || ctx.dt[2] != c {
         bail!("{}: y, q and the caches must share one dtype, cos and sin another", ctx.k.name);
+    }
+    if let Some(s) = slots {
+        if !matches!(ctx.dt[s], DevType::I32 | DevType::I64) {
+            bail!("{}: slot_mapping must be i32 or i64 on the device, found {}", ctx.k.name, ctx.dt[s]);
+        }
+        let rank = ctx.rank(k_cache);
+        if rank != 4 || ctx.cdim(k_cache, 2, "kv heads")? != hkv || ctx.cdim(k_cache, 3, "head_dim")? != d {
+            bail!("{}: the paged caches must be [num_blocks, block_size, {hkv}, {d}]", ctx.k.name);
+        }
     }
     need_aligned(ctx, "half a head", d / 2, DevType::F32)?;
     need_aligned(ctx, "a head", d, t)?;
     need_aligned(ctx, "a cos/sin row", d, c)?;
     let tiles = ctx.dim(0, 0)?;
     let entry = ctx.entry("");
-    let src = vector_source(
-        &entry,
-        "QKV split + RoPE (NeoX) + KV-cache append, in f32.",
-        QKV_ROPE_APPEND,
-        &[("T", t.cpp().into()), ("C", c.cpp().into())],
-    );
+    let text = |on: &str, off: &str| if paged { on.to_string() } else { off.to_string() };
+    let slot_t = slots.map_or("int32_t", |s| ctx.dt[s].cpp());
+    let vars = [
+        ("T", t.cpp().into()),
+        ("C", c.cpp().into()),
+        ("ROPE_HEAD", ROPE_HEAD.into()),
+        (
+            "WHERE",
+            text(
+                "// paged caches at slot slotMapping[token] (block slot / blockSize, offset\n\
+                 // slot % blockSize). No other slot is touched; a slot outside the cache\n\
+                 // (the runtime never sends one) stores nothing.\n",
+                "// caches at row past + token. Cache rows 0..past are never touched.\n",
+            ),
+        ),
+        ("SLOT_PARAM", text("GM_ADDR slots, ", "")),
+        ("SLOT_ARG", text("slots, ", "")),
+        ("CACHE_SIZE", text("        cacheSlots = t.numBlocks * t.blockSize;\n", "        past = t.past;\n")),
+        ("CACHE_ROWS", text("cacheSlots", "(past + t.tiles)")),
+        ("SLOT_GM", text(&format!("        slotGm.SetGlobalBuffer((__gm__ {slot_t}*)slots, t.tiles);\n"), "")),
+        (
+            "CACHE_ROW",
+            text(
+                "            const int64_t slot = static_cast<int64_t>(slotGm.GetValue(tok));\n\
+                 \x20           if (slot < 0 || slot >= static_cast<int64_t>(cacheSlots)) continue;\n\
+                 \x20           const uint32_t cacheRow = static_cast<uint32_t>(slot) * kvHeads * d;\n",
+                "            const uint32_t cacheRow = (past + tok) * kvHeads * d;\n",
+            ),
+        ),
+        ("CACHE_VAR", text("cacheSlots", "past")),
+        ("SLOT_MEMBER", text(&format!("    GlobalTensor<{slot_t}> slotGm;\n"), "")),
+    ];
+    let what = if paged {
+        "QKV split + RoPE (NeoX) + paged KV-cache write through the slot mapping, in f32."
+    } else {
+        "QKV split + RoPE (NeoX) + KV-cache append, in f32."
+    };
+    let src = vector_source(&entry, what, QKV_ROPE_KV_WRITE, &vars);
     let mut fields = tiles_fields(&tiles);
     fields.push(TilingField::u32("qHeads", TExpr::c(hq)));
     fields.push(TilingField::u32("kvHeads", TExpr::c(hkv)));
     fields.push(TilingField::u32("headDim", TExpr::c(d)));
-    fields.push(TilingField::u32("past", TExpr::Past));
+    if paged {
+        fields.push(TilingField::u32("numBlocks", ctx.dim(k_cache, 0)?));
+        fields.push(TilingField::u32("blockSize", TExpr::c(ctx.cdim(k_cache, 1, "block size")?)));
+    } else {
+        fields.push(TilingField::u32("past", TExpr::Past));
+    }
     let ub = 6 * r32(d * t.size()) + r32(2 * d * c.size()) + 4 * r32(d * 4);
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
-    dk.params = vec![
-        ctx.param("y", 0, Role::Input),
-        ctx.param("cosT", 1, Role::Input),
-        ctx.param("sinT", 2, Role::Input),
-        ctx.param("kCache", 4, Role::InOut),
-        ctx.param("vCache", 5, Role::InOut),
-        ctx.param("qOut", 3, Role::Output),
-    ];
+    dk.params =
+        vec![ctx.param("y", 0, Role::Input), ctx.param("cosT", 1, Role::Input), ctx.param("sinT", 2, Role::Input)];
+    if let Some(s) = slots {
+        dk.params.push(ctx.param("slots", s, Role::Input));
+    }
+    dk.params.extend([
+        ctx.param("kCache", k_cache, Role::InOut),
+        ctx.param("vCache", v_cache, Role::InOut),
+        ctx.param("qOut", q_out, Role::Output),
+    ]);
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }

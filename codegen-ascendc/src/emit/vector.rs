@@ -721,6 +721,108 @@ pub(crate) fn rope(ctx: &Ctx) -> Result<DeviceKernels> {
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
+/// Flash-attention pieces shared by the contiguous and the paged attention
+/// kernels (one implementation of the online softmax): the DMA helpers,
+/// loading and scaling one query row, one KV chunk's update of the running
+/// max `m`, sum `l` and accumulator `acc` (`n` rows already queued in `inK`
+/// / `inV`), and normalising and storing the output row.
+pub(crate) const FLASH_HELPERS: &str = r#"    __aicore__ inline void Sync()
+    {
+        event_t e = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::V_S));
+        SetFlag<HardEvent::V_S>(e);
+        WaitFlag<HardEvent::V_S>(e);
+    }
+    // Rows j0..j0+n of key/value head kh: n blocks of d elements, kvHeads*d apart.
+    __aicore__ inline void LoadRows(TQue<TPosition::VECIN, 2>& que, const GlobalTensor<T>& g, uint32_t j0, uint32_t n, uint32_t kh)
+    {
+        LocalTensor<T> x = que.AllocTensor<T>();
+        DataCopyParams cp;
+        cp.blockCount = n;
+        cp.blockLen = d * sizeof(T) / 32;
+        cp.srcStride = (kvHeads - 1) * d * sizeof(T) / 32;
+        cp.dstStride = 0;
+        DataCopy(x, g[(j0 * kvHeads + kh) * d], cp);
+        que.EnQue(x);
+    }
+"#;
+pub(crate) const FLASH_ROW_BEGIN: &str = r#"        LocalTensor<T> qt = inQ.AllocTensor<T>();
+        DataCopy(qt, qGm[tile * d], d);
+        inQ.EnQue(qt);
+        qt = inQ.DeQue<T>();
+        LocalTensor<float> qRep = qRepBuf.Get<float>();
+        ToFloat(qRep, qt, d);
+        inQ.FreeTensor(qt);
+        PipeBarrier<PIPE_V>();
+        Muls(qRep, qRep, scale, d);
+        PipeBarrier<PIPE_V>();
+        for (uint32_t r = 1; r < kvTile; r++) DataCopy(qRep[r * d], qRep, d);
+        LocalTensor<float> acc = accBuf.Get<float>();
+        LocalTensor<float> kvf = kvfBuf.Get<float>();
+        LocalTensor<float> sc = scBuf.Get<float>();
+        LocalTensor<float> work = workBuf.Get<float>();
+        LocalTensor<float> red = redBuf.Get<float>();
+        Duplicate(acc, 0.0f, d);
+        float m = -3.0e38f, l = 0.0f;
+"#;
+pub(crate) const FLASH_STEP: &str = r#"            // Scores s_j = (scale*q) . k_j.
+            LocalTensor<T> kt = inK.DeQue<T>();
+            ToFloat(kvf, kt, n * d);
+            inK.FreeTensor(kt);
+            PipeBarrier<PIPE_V>();
+            Mul(kvf, kvf, qRep, n * d);
+            PipeBarrier<PIPE_V>();
+            float mc = m;
+            for (uint32_t j = 0; j < n; j++) {
+                ReduceSum(red, kvf[j * d], work, d);
+                Sync();
+                const float s = red.GetValue(0);
+                sc.SetValue(j, s);
+                mc = s > mc ? s : mc;
+            }
+            // p_j = exp(s_j - m_new); alpha = exp(m_old - m_new) rescales l and acc.
+            sc.SetValue(n, m - mc);
+            event_t e = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::S_V));
+            SetFlag<HardEvent::S_V>(e);
+            WaitFlag<HardEvent::S_V>(e);
+            Adds(sc, sc, -mc, n);
+            PipeBarrier<PIPE_V>();
+            Exp(sc, sc, n + 1);
+            PipeBarrier<PIPE_V>();
+            ReduceSum(red, sc, work, n);
+            Sync();
+            const float alpha = sc.GetValue(n);
+            l = l * alpha + red.GetValue(0);
+            m = mc;
+            Muls(acc, acc, alpha, d);
+            LocalTensor<T> vt = inV.DeQue<T>();
+            ToFloat(kvf, vt, n * d);
+            inV.FreeTensor(vt);
+            PipeBarrier<PIPE_V>();
+            for (uint32_t j = 0; j < n; j++) {
+                Axpy(acc, kvf[j * d], sc.GetValue(j), d);
+                PipeBarrier<PIPE_V>();
+            }
+"#;
+pub(crate) const FLASH_ROW_END: &str = r#"        LocalTensor<T> o = outO.AllocTensor<T>();
+        Muls(acc, acc, l > 0.0f ? 1.0f / l : 0.0f, d);
+        PipeBarrier<PIPE_V>();
+        FromFloat(o, acc, d);
+        outO.EnQue(o);
+        o = outO.DeQue<T>();
+        DataCopy(oGm[tile * d], o, d);
+        outO.FreeTensor(o);
+"#;
+
+/// The flash pieces as template variables.
+pub(crate) fn flash_vars() -> [(&'static str, String); 4] {
+    [
+        ("FLASH_HELPERS", FLASH_HELPERS.into()),
+        ("FLASH_ROW_BEGIN", FLASH_ROW_BEGIN.into()),
+        ("FLASH_STEP", FLASH_STEP.into()),
+        ("FLASH_ROW_END", FLASH_ROW_END.into()),
+    ]
+}
+
 const ATTENTION: &str = r#"
 using T = {{T}};
 
@@ -770,96 +872,14 @@ public:
     }
 
 private:
-    __aicore__ inline void Sync()
+{{FLASH_HELPERS}}    __aicore__ inline void Row(uint32_t tile, uint32_t kh, uint32_t visible)
     {
-        event_t e = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::V_S));
-        SetFlag<HardEvent::V_S>(e);
-        WaitFlag<HardEvent::V_S>(e);
-    }
-    // Rows j0..j0+n of key/value head kh: n blocks of d elements, kvHeads*d apart.
-    __aicore__ inline void LoadRows(TQue<TPosition::VECIN, 2>& que, const GlobalTensor<T>& g, uint32_t j0, uint32_t n, uint32_t kh)
-    {
-        LocalTensor<T> x = que.AllocTensor<T>();
-        DataCopyParams cp;
-        cp.blockCount = n;
-        cp.blockLen = d * sizeof(T) / 32;
-        cp.srcStride = (kvHeads - 1) * d * sizeof(T) / 32;
-        cp.dstStride = 0;
-        DataCopy(x, g[(j0 * kvHeads + kh) * d], cp);
-        que.EnQue(x);
-    }
-    __aicore__ inline void Row(uint32_t tile, uint32_t kh, uint32_t visible)
-    {
-        LocalTensor<T> qt = inQ.AllocTensor<T>();
-        DataCopy(qt, qGm[tile * d], d);
-        inQ.EnQue(qt);
-        qt = inQ.DeQue<T>();
-        LocalTensor<float> qRep = qRepBuf.Get<float>();
-        ToFloat(qRep, qt, d);
-        inQ.FreeTensor(qt);
-        PipeBarrier<PIPE_V>();
-        Muls(qRep, qRep, scale, d);
-        PipeBarrier<PIPE_V>();
-        for (uint32_t r = 1; r < kvTile; r++) DataCopy(qRep[r * d], qRep, d);
-        LocalTensor<float> acc = accBuf.Get<float>();
-        LocalTensor<float> kvf = kvfBuf.Get<float>();
-        LocalTensor<float> sc = scBuf.Get<float>();
-        LocalTensor<float> work = workBuf.Get<float>();
-        LocalTensor<float> red = redBuf.Get<float>();
-        Duplicate(acc, 0.0f, d);
-        float m = -3.0e38f, l = 0.0f;
-        for (uint32_t j0 = 0; j0 < visible; j0 += kvTile) {
+{{FLASH_ROW_BEGIN}}        for (uint32_t j0 = 0; j0 < visible; j0 += kvTile) {
             const uint32_t n = MinU(kvTile, visible - j0);
             LoadRows(inK, kGm, j0, n, kh);
             LoadRows(inV, vGm, j0, n, kh);
-            // Scores s_j = (scale*q) . k_j.
-            LocalTensor<T> kt = inK.DeQue<T>();
-            ToFloat(kvf, kt, n * d);
-            inK.FreeTensor(kt);
-            PipeBarrier<PIPE_V>();
-            Mul(kvf, kvf, qRep, n * d);
-            PipeBarrier<PIPE_V>();
-            float mc = m;
-            for (uint32_t j = 0; j < n; j++) {
-                ReduceSum(red, kvf[j * d], work, d);
-                Sync();
-                const float s = red.GetValue(0);
-                sc.SetValue(j, s);
-                mc = s > mc ? s : mc;
-            }
-            // p_j = exp(s_j - m_new); alpha = exp(m_old - m_new) rescales l and acc.
-            sc.SetValue(n, m - mc);
-            event_t e = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::S_V));
-            SetFlag<HardEvent::S_V>(e);
-            WaitFlag<HardEvent::S_V>(e);
-            Adds(sc, sc, -mc, n);
-            PipeBarrier<PIPE_V>();
-            Exp(sc, sc, n + 1);
-            PipeBarrier<PIPE_V>();
-            ReduceSum(red, sc, work, n);
-            Sync();
-            const float alpha = sc.GetValue(n);
-            l = l * alpha + red.GetValue(0);
-            m = mc;
-            Muls(acc, acc, alpha, d);
-            LocalTensor<T> vt = inV.DeQue<T>();
-            ToFloat(kvf, vt, n * d);
-            inV.FreeTensor(vt);
-            PipeBarrier<PIPE_V>();
-            for (uint32_t j = 0; j < n; j++) {
-                Axpy(acc, kvf[j * d], sc.GetValue(j), d);
-                PipeBarrier<PIPE_V>();
-            }
-        }
-        LocalTensor<T> o = outO.AllocTensor<T>();
-        Muls(acc, acc, l > 0.0f ? 1.0f / l : 0.0f, d);
-        PipeBarrier<PIPE_V>();
-        FromFloat(o, acc, d);
-        outO.EnQue(o);
-        o = outO.DeQue<T>();
-        DataCopy(oGm[tile * d], o, d);
-        outO.FreeTensor(o);
-    }
+{{FLASH_STEP}}        }
+{{FLASH_ROW_END}}    }
 
     TPipe pipe;
     TQue<TPosition::VECIN, 1> inQ;
@@ -882,6 +902,39 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR q, GM_ADDR k, GM_ADDR v,
 }
 "#;
 
+/// UB plan of a flash-attention kernel: KV rows per chunk and the bytes of
+/// its buffers.
+pub(crate) struct FlashTile {
+    pub kv_tile: u64,
+    pub ub: u64,
+    /// Scores buffer (one f32 per chunk row plus the rescale factor).
+    pub sc: u64,
+    /// ReduceSum work buffer.
+    pub work: u64,
+}
+
+/// The largest KV chunk of at most `max_rows` rows (tried from 128 down to
+/// 8) whose buffers fit the UB, for heads of `d` elements of `t`.
+pub(crate) fn flash_tile(ctx: &Ctx, d: u64, t: DevType, max_rows: u64) -> Result<FlashTile> {
+    let cap = ctx.target().capacity().ub;
+    let plan = |kv: u64| {
+        let sc = r32((kv + 1) * 4).max(64);
+        let work = reduce_work_bytes(kv.max(d));
+        let ub = r32(d * t.size())
+            + 4 * r32(kv * d * t.size())
+            + 2 * r32(d * t.size())
+            + 2 * r32(kv * d * 4)
+            + r32(d * 4)
+            + sc
+            + work
+            + 32;
+        FlashTile { kv_tile: kv, ub, sc, work }
+    };
+    [128u64, 64, 32, 16, 8].into_iter().filter(|kv| *kv <= max_rows).map(plan).find(|p| p.ub <= cap).ok_or_else(|| {
+        anyhow::anyhow!("{}: cannot be tiled for {}: head_dim {d} is too large for the UB", ctx.k.name, ctx.target())
+    })
+}
+
 /// `Attention (q[T, Hq, D], k[K, Hkv, D], v[K, Hkv, D], positions[T], out)`.
 pub(crate) fn attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
     let (hq, d) = (ctx.cdim(0, 1, "query heads")?, ctx.cdim(0, 2, "head_dim")?);
@@ -895,32 +948,15 @@ pub(crate) fn attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
     }
     need_aligned(ctx, "a head", d, t)?;
     need_aligned(ctx, "a head in f32", d, DevType::F32)?;
-    // Largest KV chunk (rows) whose buffers fit the UB.
-    let cap = ctx.target().capacity().ub;
-    let fixed = |kv: u64| -> (u64, u64, u64) {
-        let sc = r32((kv + 1) * 4).max(64);
-        let work = reduce_work_bytes(kv.max(d));
-        let ub = r32(d * t.size())
-            + 4 * r32(kv * d * t.size())
-            + 2 * r32(d * t.size())
-            + 2 * r32(kv * d * 4)
-            + r32(d * 4)
-            + sc
-            + work
-            + 32;
-        (ub, sc, work)
-    };
-    let kv_tile = [128u64, 64, 32, 16, 8].into_iter().find(|kv| fixed(*kv).0 <= cap).ok_or_else(|| {
-        anyhow::anyhow!("{}: cannot be tiled for {}: head_dim {d} is too large for the UB", ctx.k.name, ctx.target())
-    })?;
-    let (ub, sc, work) = fixed(kv_tile);
+    let FlashTile { kv_tile, ub, sc, work } = flash_tile(ctx, d, t, 128)?;
     let tiles = ctx.dims(0, 0, 2)?;
     let entry = ctx.entry("");
     let src = vector_source(
         &entry,
         "Attention (flash, online softmax, GQA), in f32.",
         ATTENTION,
-        &[("T", t.cpp().into()), ("SC_BYTES", sc.to_string()), ("WORK", work.to_string())],
+        &[&[("T", t.cpp().into()), ("SC_BYTES", sc.to_string()), ("WORK", work.to_string())][..], &flash_vars()]
+            .concat(),
     );
     let mut fields = tiles_fields(&tiles);
     fields.push(TilingField::u32("qHeads", TExpr::c(hq)));

@@ -44,7 +44,7 @@ pub fn rand_vec(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
 }
 
 pub fn env(tokens: u64, past: u64) -> Env {
-    Env { tokens, past, core_num: CORES }
+    Env::new(tokens, past, CORES)
 }
 
 /// `|got - want| <= rel * max(|want|, floor)` element-wise.
