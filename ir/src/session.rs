@@ -2,7 +2,8 @@
 //!
 //! The entry-function contract every importer and engine shares:
 //! inputs `ids: i64[tokens]`, `positions: i64[tokens]`, then for each layer
-//! `l` the caches `k_cache.l`, `v_cache.l: f32[past, kv_heads, head_dim]`;
+//! `l` the caches `k_cache.l`, `v_cache.l: f32[past, kv_heads, head_dim]`
+//! (`i8` for an int8 KV cache);
 //! outputs `logits: f32[tokens, vocab]`, then `k.l`, `v.l:
 //! f32[past+tokens, kv_heads, head_dim]` for each layer (the caches with the
 //! new tokens appended).
@@ -21,7 +22,11 @@ pub struct InterpSession<'a> {
 impl<'a> InterpSession<'a> {
     /// `kv_shape` is `[kv_heads, head_dim]`, `layers` the number of layers.
     pub fn new(interp: Interpreter<'a>, layers: usize, kv_shape: [usize; 2]) -> Self {
-        let empty = Tensor::zeros(vec![0, kv_shape[0], kv_shape[1]]);
+        // An int8 (C8) cache is held as integers, like every integer tensor.
+        let entry = interp.module().entry_fn();
+        let int_cache = entry.input_params().nth(2).is_some_and(|p| entry.ty(p.value).dtype.is_int());
+        let shape = vec![0, kv_shape[0], kv_shape[1]];
+        let empty = if int_cache { Tensor::i64(shape, vec![]) } else { Tensor::zeros(shape) };
         InterpSession { interp, caches: vec![empty; 2 * layers], past: 0 }
     }
 

@@ -524,6 +524,14 @@ impl<'a> Selector<'a> {
             | Op::QkvRopeCacheWrite { .. } => {
                 bail!("`{}` (a ragged-batch op) has no kernel yet; only the interpreter runs it", n.op.mnemonic())
             }
+            Op::Quantize
+            | Op::Dequantize
+            | Op::DynamicQuant
+            | Op::QuantMatMul
+            | Op::QuantMatMulPerToken
+            | Op::GroupedQuantMatMul => {
+                bail!("`{}` (an int8 quantization op) has no kernel yet; only the interpreter runs it", n.op.mnemonic())
+            }
         }
         Ok(())
     }
