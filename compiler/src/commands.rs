@@ -546,12 +546,50 @@ pub fn import_with(ckpt: &Checkpoint, kv: crate::import::KvLayout) -> Result<Mod
             }
         }
     }
+    if let Some(quant) = ckpt.quant() {
+        return import_quantized(ckpt, quant, &dtype_of, kv);
+    }
     match kv {
         crate::import::KvLayout::Contiguous => build_module(cfg, &dtype_of),
         crate::import::KvLayout::Paged { block_size } => {
             crate::import::build_batched_module(cfg, &dtype_of, block_size)
         }
     }
+}
+
+/// The quantized module of an msModelSlim checkpoint (validated on open).
+/// The layer function is built once from layer 0, so every layer must use
+/// layer 0's quant type per module and store the same smoothed-norm biases.
+fn import_quantized(
+    ckpt: &Checkpoint,
+    quant: &crate::frontend::quant::QuantDescription,
+    dtype_of: &dyn Fn(&str) -> DType,
+    kv: crate::import::KvLayout,
+) -> Result<Module> {
+    let cfg = ckpt.config();
+    let linear = |module: &str| quant.linear_type(module).unwrap_or(crate::frontend::quant::QuantType::Float);
+    for l in 1..cfg.num_hidden_layers {
+        for spec in cfg.layer_tensors(l) {
+            let rel = spec.name.splitn(4, '.').nth(3).unwrap_or_default();
+            let first = format!("model.layers.0.{rel}");
+            if let Some(module) = crate::frontend::quant::linear_module(&spec.name, &spec.shape) {
+                let (this, want) = (linear(module), linear(first.trim_end_matches(".weight")));
+                if this != want {
+                    bail!("{}: `{module}` is {this} but layer 0 quantizes it as {want}; per-layer quant types must match layer 0", quant.path.display());
+                }
+            }
+            if let Some(norm) = spec.name.strip_suffix("norm.weight") {
+                let bias = format!("{norm}norm.bias");
+                let first_bias = format!("{}norm.bias", first.trim_end_matches("norm.weight"));
+                if ckpt.has_tensor(&bias) != ckpt.has_tensor(&first_bias) {
+                    bail!("{}: `{bias}` and `{first_bias}` must both exist or both be absent (smoothed norms must match layer 0)", ckpt.dir().display());
+                }
+            }
+        }
+    }
+    let has_tensor = |name: &str| ckpt.has_tensor(name);
+    let plan = crate::import::QuantPlan { linear: &linear, kv_int8: quant.kv_int8, has_tensor: &has_tensor };
+    crate::import::build_quant_module(cfg, dtype_of, kv, &plan)
 }
 
 #[derive(Args, Debug, Clone)]

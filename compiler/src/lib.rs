@@ -19,6 +19,8 @@ pub mod partition_build;
 #[cfg(feature = "driver")]
 pub mod pipeline;
 #[cfg(feature = "driver")]
+pub mod quantize;
+#[cfg(feature = "driver")]
 pub mod run_batch;
 #[cfg(feature = "driver")]
 pub mod staging;

@@ -1,0 +1,243 @@
+//! msModelSlim checkpoints end to end on the reference interpreter: a
+//! W8A8_DYNAMIC and a static W8A8 (+ C8 KV cache) checkpoint written from
+//! the tiny model, opened, imported as int8 IR and run greedily beside the
+//! float model; plus the errors a bad description or missing scale gives.
+
+use panguc::commands::import;
+use panguc::frontend::quant::DESCRIPTION_FILE;
+use panguc::frontend::Checkpoint;
+use panguc::quantize::{write_quantized, QuantizeOptions, Scheme};
+use panguc::synth::{synth_with, Preset, SynthOptions};
+use panguc_ir::interp::quant::decode_deq_scale;
+use panguc_ir::interp::Interpreter;
+use panguc_ir::session::InterpSession;
+use panguc_ir::{DType, Tensor, WeightSource};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tiny(dtype: DType) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("float");
+    synth_with(&dir, &SynthOptions { preset: Preset::Tiny, seed: 7, dtype, force: false }).unwrap();
+    (tmp, dir)
+}
+
+fn calib_prompts() -> Vec<Vec<i64>> {
+    vec![(1..40).map(|i| (i * 37) % 256).collect(), (3..30).map(|i| (i * 11 + 5) % 256).collect()]
+}
+
+const PROMPT: [i64; 6] = [1, 17, 42, 99, 3, 250];
+
+/// Greedy generation on the interpreter: the logits of the prompt's last
+/// position, then `n` generated tokens.
+fn greedy(dir: &Path, n: usize) -> (Vec<f32>, Vec<i64>) {
+    let ck = Checkpoint::open(dir).unwrap();
+    let module = import(&ck).unwrap();
+    let c = ck.config().clone();
+    let mut s =
+        InterpSession::new(Interpreter::new(&module, &ck), c.num_hidden_layers, [c.num_key_value_heads, c.head_dim()]);
+    let mut logits = s.forward(&PROMPT).unwrap();
+    let vocab = c.vocab_size;
+    let last = |l: &Tensor| l.as_f32()[l.numel() - vocab..].to_vec();
+    let first = last(&logits);
+    let mut out = vec![];
+    for _ in 0..n {
+        let row = last(&logits);
+        let next = (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a))).unwrap() as i64;
+        out.push(next);
+        logits = s.forward(&[next]).unwrap();
+    }
+    (first, out)
+}
+
+/// Quantized vs float greedy runs: the prompt logits stay within a tenth of
+/// the float logits' spread (per-channel/per-token int8 keeps each linear's
+/// relative error near 1%); the first token must agree whenever the float
+/// model's top-1 margin exceeds twice the largest logit error (then the
+/// argmax cannot move). Later tokens legitimately may differ: reported.
+fn compare(label: &str, float: &Path, quant: &Path) {
+    let n = 8;
+    let (fl, ft) = greedy(float, n);
+    let (ql, qt) = greedy(quant, n);
+    let err = fl.iter().zip(&ql).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    let spread =
+        fl.iter().copied().fold(f32::NEG_INFINITY, f32::max) - fl.iter().copied().fold(f32::INFINITY, f32::min);
+    let mut sorted = fl.clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let margin = sorted[0] - sorted[1];
+    let agree = ft.iter().zip(&qt).take_while(|(a, b)| a == b).count();
+    eprintln!(
+        "{label}: max |logit error| {err:.4} (float spread {spread:.3}, top-1 margin {margin:.4}); \
+         greedy tokens agree on the first {agree} of {n}: float {ft:?} quantized {qt:?}"
+    );
+    assert!(err.is_finite() && err < 0.1 * spread, "{label}: logit error {err} vs spread {spread}");
+    if margin > 2.0 * err {
+        assert_eq!(ft[0], qt[0], "{label}: the margin {margin} exceeds twice the error {err}");
+    }
+}
+
+fn decoder_ops(dir: &Path) -> Vec<String> {
+    let ck = Checkpoint::open(dir).unwrap();
+    let m = import(&ck).unwrap();
+    m.functions["decoder_layer"].nodes.iter().map(|n| n.op.mnemonic().to_string()).collect()
+}
+
+#[test]
+fn w8a8_dynamic_checkpoint_imports_as_int8_ir_and_runs() {
+    let (tmp, float) = tiny(DType::BF16);
+    let q = tmp.path().join("w8a8_dynamic");
+    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![] };
+    let summary = write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
+    // 2 layers x (4 attention + 64 experts x 3 + 3 shared) linears.
+    assert_eq!(summary.quantized_modules, 2 * (4 + 64 * 3 + 3));
+
+    let ck = Checkpoint::open(&q).unwrap();
+    assert!(ck.unexpected_tensors().is_empty(), "{:?}", ck.unexpected_tensors());
+    assert!(ck.bytes_by_dtype().contains_key("i8"));
+    let name = "model.layers.1.mlp.experts.3.down_proj.weight";
+    assert_eq!(ck.tensor_info(name).unwrap().0, DType::I8);
+
+    let ops = decoder_ops(&q);
+    let count = |m: &str| ops.iter().filter(|o| *o == m).count();
+    // q, k, v, o, shared gate/up/down, and the stacked experts' gate, up, down.
+    assert_eq!(count("quant_matmul_per_token"), 10, "{ops:?}");
+    assert_eq!(count("dynamic_quant"), 10);
+    // Only the router stays a float matmul (plus attention's two).
+    assert_eq!(count("matmul"), 3, "{ops:?}");
+    compare("W8A8_DYNAMIC", &float, &q);
+}
+
+#[test]
+fn static_w8a8_fp16_with_int8_kv_cache() {
+    let (tmp, float) = tiny(DType::F16);
+    let q = tmp.path().join("w8a8_c8");
+    let opts = QuantizeOptions { scheme: Scheme::W8A8, kv_int8: true, calib: calib_prompts() };
+    write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
+    let ck = Checkpoint::open(&q).unwrap();
+    let desc = ck.quant().unwrap();
+    assert!(desc.kv_int8);
+    assert!(ck.unexpected_tensors().is_empty(), "{:?}", ck.unexpected_tensors());
+
+    // The writer's tensors follow quantization.md, recomputed here:
+    // deq_scale = input_scale * weight_scale (int64 words for an fp16 model),
+    // quant_bias = round(bias / deq_scale - input_offset * sum_k weight[n, k]).
+    let (c, fck) = (ck.config().clone(), Checkpoint::open(&float).unwrap());
+    let (h, i, is_) = (c.hidden_size, c.moe_intermediate_size, c.shared_expert_intermediate_size);
+    let modules = [
+        ("self_attn.q_proj", c.q_dim(), h),
+        ("self_attn.k_proj", c.kv_dim(), h),
+        ("self_attn.o_proj", h, c.q_dim()),
+        ("mlp.shared_expert.down_proj", h, is_),
+        ("mlp.experts.5.down_proj", h, i),
+        ("mlp.experts.2.up_proj", i, h),
+    ];
+    let mut offsets = vec![];
+    for (rel, n, k) in modules {
+        let t = |s: &str| format!("model.layers.0.{rel}.{s}");
+        assert_eq!(ck.tensor_info(&t("deq_scale")).unwrap().0, DType::I64, "{rel}");
+        let deq: Vec<f32> =
+            ck.load_i64(&t("deq_scale"), &[n]).unwrap().as_i64().iter().map(|&w| decode_deq_scale(w)).collect();
+        let is = ck.load_f32(&t("input_scale"), &[1]).unwrap().as_f32()[0];
+        let io = ck.load_f32(&t("input_offset"), &[1]).unwrap().as_f32()[0];
+        let ws = ck.load_f32(&t("weight_scale"), &[n, 1]).unwrap();
+        let w = ck.load_i64(&t("weight"), &[n, k]).unwrap();
+        let qb = ck.load_i64(&t("quant_bias"), &[n]).unwrap();
+        let bias =
+            if fck.has_tensor(&t("bias")) { fck.load_f32(&t("bias"), &[n]).unwrap().into_f32() } else { vec![0.0; n] };
+        offsets.push(io);
+        for r in 0..n {
+            assert_eq!(deq[r], is * ws.as_f32()[r], "{rel} row {r}");
+            let row_sum: i64 = w.as_i64()[r * k..(r + 1) * k].iter().sum();
+            let want = (bias[r] as f64 / deq[r] as f64 - io as f64 * row_sum as f64).round();
+            assert!((qb.as_i64()[r] as f64 - want).abs() <= 1.0, "{rel} row {r}: {} vs {want}", qb.as_i64()[r]);
+        }
+        // A static module's float bias is folded, not stored.
+        assert!(!ck.has_tensor(&t("bias")), "{rel}");
+    }
+    assert!(
+        offsets.iter().any(|o| *o != 0.0),
+        "no asymmetric input range, so the offset fold is untested: {offsets:?}"
+    );
+    let ops = decoder_ops(&q);
+    let count = |m: &str| ops.iter().filter(|o| *o == m).count();
+    assert_eq!(count("quant_matmul"), 10, "{ops:?}");
+    // Activations: q/k/v, o, shared gate/up/down, experts gate/up/down; then the two KV rows.
+    assert_eq!(count("quantize"), 12, "{ops:?}");
+    assert_eq!(count("dequantize"), 2, "{ops:?}");
+    let module = import(&ck).unwrap();
+    let entry = module.entry_fn();
+    let cache = entry.input_params().nth(2).unwrap();
+    assert_eq!(entry.ty(cache.value).dtype, DType::I8, "C8 caches are int8");
+    compare("W8A8 static + C8", &float, &q);
+}
+
+fn edit_description(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let path = dir.join(DESCRIPTION_FILE);
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    f(v.as_object_mut().unwrap());
+    std::fs::write(&path, v.to_string()).unwrap();
+}
+
+#[test]
+fn bad_descriptions_and_missing_scales_are_named() {
+    let (tmp, float) = tiny(DType::BF16);
+    let q = tmp.path().join("q");
+    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![] };
+    write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
+    let name = "model.layers.1.self_attn.o_proj.weight";
+
+    edit_description(&q, |d| {
+        d.insert(name.into(), "W4A16".into());
+    });
+    let e = format!("{:#}", Checkpoint::open(&q).unwrap_err());
+    assert!(e.contains(name) && e.contains("W4A16") && e.contains(DESCRIPTION_FILE), "{e}");
+
+    // Declared static W8A8, but the file has only the dynamic scales.
+    edit_description(&q, |d| {
+        d.insert(name.into(), "W8A8".into());
+    });
+    let e = format!("{:#}", Checkpoint::open(&q).unwrap_err());
+    assert!(e.contains("model.layers.1.self_attn.o_proj.input_scale") && e.contains("W8A8 module"), "{e}");
+
+    // Declared FLOAT, but the weight is int8.
+    edit_description(&q, |d| {
+        d.insert(name.into(), "FLOAT".into());
+    });
+    let e = format!("{:#}", Checkpoint::open(&q).unwrap_err());
+    assert!(e.contains(name) && e.contains("i8"), "{e}");
+
+    // Not listed at all.
+    edit_description(&q, |d| {
+        d.remove(name);
+    });
+    let e = format!("{:#}", Checkpoint::open(&q).unwrap_err());
+    assert!(e.contains(name) && e.contains("not listed"), "{e}");
+
+    // The CLI gives one clean error line.
+    let out = Command::new(env!("CARGO_BIN_EXE_panguc")).args(["inspect", q.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.starts_with("error: ") && !err.contains("panicked"), "{err}");
+    assert!(err.contains(name), "{err}");
+}
+
+#[test]
+fn cli_inspects_and_runs_a_quantized_checkpoint() {
+    let (tmp, float) = tiny(DType::BF16);
+    let q = tmp.path().join("q");
+    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![] };
+    write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
+    let qs = q.to_str().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_panguc")).args(["inspect", qs]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("quantization   W8A8_DYNAMIC"), "{text}");
+    assert!(text.contains("model.layers.*.mlp.experts.*.down_proj: W8A8_DYNAMIC x128"), "{text}");
+    assert!(text.contains("model.layers.*.mlp.gate: FLOAT x2"), "{text}");
+    assert!(text.contains("i8 "), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_panguc"))
+        .args(["run", qs, "--engine", "interp", "--tokens", "1,17,42", "--max-new-tokens", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.stdout.is_empty());
+}
