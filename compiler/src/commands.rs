@@ -593,6 +593,73 @@ fn import_quantized(
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct QuantizeArgs {
+    /// A float (bf16/f16/f32) Hugging Face checkpoint directory.
+    pub model: PathBuf,
+    /// Output directory for the msModelSlim-format checkpoint.
+    #[arg(short = 'o', long)]
+    pub out: PathBuf,
+    /// w8a8-dynamic (per-channel weights, per-token activations) or w8a8
+    /// (static per-tensor activations; needs calibration).
+    #[arg(long, default_value = "w8a8-dynamic")]
+    pub scheme: crate::quantize::Scheme,
+    /// Also write C8 int8 KV-cache scales (needs calibration).
+    #[arg(long)]
+    pub kv_int8: bool,
+    /// Calibration prompts: JSONL with one {"tokens": [ids...]} per line.
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with = "calib_synthetic")]
+    pub calib: Option<PathBuf>,
+    /// Calibrate on N pseudo-random prompts of 32 tokens instead.
+    #[arg(long, value_name = "N")]
+    pub calib_synthetic: Option<usize>,
+    /// Replace a non-empty output directory.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `panguc quantize MODEL -o QMODEL`: write a W8A8 / W8A8_DYNAMIC checkpoint
+/// in msModelSlim's format (plain per-channel / per-token form; no
+/// smoothing or expert-aware calibration yet).
+pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    let ckpt = open_checkpoint(&a.model, false)?;
+    let vocab = ckpt.config().vocab_size;
+    let calib = match (&a.calib, a.calib_synthetic) {
+        (Some(path), _) => crate::run_batch::read_prompts(path, vocab)?,
+        (None, Some(n)) => synthetic_prompts(n, 32, vocab),
+        (None, None) => vec![],
+    };
+    check_output_dir(&a.out, a.force)?;
+    let staging = crate::staging::Staging::create(&a.out)?;
+    let opts = crate::quantize::QuantizeOptions { scheme: a.scheme, kv_int8: a.kv_int8, calib };
+    let summary = crate::quantize::write_quantized(&ckpt, staging.path(), &opts)?;
+    staging.install(&a.out)?;
+    let bytes: Vec<String> = summary.bytes_by_dtype.iter().map(|(d, b)| format!("{d} {b}")).collect();
+    println!(
+        "wrote {} ({} linear modules quantized, {} tensors; bytes: {})",
+        a.out.display(),
+        summary.quantized_modules,
+        summary.tensors,
+        bytes.join(", ")
+    );
+    Ok(())
+}
+
+/// `n` deterministic pseudo-random prompts of `len` tokens in `0..vocab`.
+fn synthetic_prompts(n: usize, len: usize, vocab: usize) -> Vec<Vec<i64>> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((x >> 33) % vocab as u64) as i64
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct VerifyArgs {
     /// A compiled package directory.
     pub package: PathBuf,

@@ -241,3 +241,111 @@ fn cli_inspects_and_runs_a_quantized_checkpoint() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!out.stdout.is_empty());
 }
+
+fn panguc(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_panguc")).args(args).output().unwrap()
+}
+
+#[test]
+fn cli_quantize_static_c8_runs_the_same_on_both_interpreter_engines() {
+    let (tmp, float) = tiny(DType::BF16);
+    let (fs, q) = (float.to_str().unwrap(), tmp.path().join("q"));
+    let qs = q.to_str().unwrap();
+    let out = panguc(&["quantize", fs, "-o", qs, "--scheme", "w8a8", "--kv-int8"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.starts_with("error: ") && err.contains("calibration"), "{err}");
+    assert!(!q.exists(), "no partial output");
+    let out = panguc(&["quantize", fs, "-o", qs, "--scheme", "w8a8", "--kv-int8", "--calib-synthetic", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&panguc(&["inspect", qs]).stdout).into_owned();
+    assert!(text.contains("quantization   W8A8 (msModelSlim), KV cache C8 (int8)"), "{text}");
+    // The contiguous and the paged interpreter both store int8 K/V rows.
+    let run = |engine: &str| {
+        let o = panguc(&[
+            "run",
+            qs,
+            "--engine",
+            engine,
+            "--tokens",
+            "1,17,42,99",
+            "--tokens",
+            "5,6",
+            "--max-new-tokens",
+            "4",
+        ]);
+        assert!(o.status.success(), "{engine}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(run("interp"), run("interp-paged"));
+}
+
+/// Tensors of a single-file checkpoint, by the names its description lists.
+type Tensors = std::collections::BTreeMap<String, (DType, Vec<usize>, Vec<u8>)>;
+
+fn read_all(dir: &Path) -> Tensors {
+    let ck = Checkpoint::open(dir).unwrap();
+    let names: Vec<String> = ck.quant().unwrap().tensors().map(|(n, _)| n.to_string()).collect();
+    names
+        .into_iter()
+        .map(|n| {
+            let (d, s, _) = ck.tensor_info(&n).unwrap();
+            let bytes = ck.tensor_bytes(&n).unwrap().to_vec();
+            (n, (d, s, bytes))
+        })
+        .collect()
+}
+
+fn write_all(dir: &Path, file: &str, tensors: &Tensors) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, (d, s, b))| {
+            let st = panguc::frontend::convert::st_dtype(*d);
+            (n.clone(), safetensors::tensor::TensorView::new(st, s.clone(), b).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join(file)).unwrap();
+    let mut desc = serde_json::Map::new();
+    desc.insert("model_quant_type".into(), "W8A8_DYNAMIC".into());
+    for (n, (d, _, _)) in tensors {
+        desc.insert(n.clone(), if *d == DType::I8 || n.contains("weight_") { "W8A8_DYNAMIC" } else { "FLOAT" }.into());
+    }
+    std::fs::write(dir.join(DESCRIPTION_FILE), serde_json::Value::Object(desc).to_string()).unwrap();
+}
+
+#[test]
+fn smoothed_norm_stored_as_module_weight_with_bias() {
+    let (tmp, float) = tiny(DType::BF16);
+    let q = tmp.path().join("q");
+    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![] };
+    write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
+    let file = "quant_model_weight_w8a8_dynamic.safetensors";
+    let (plain_logits, _) = greedy(&q, 0);
+    let h = 64;
+    // msModelSlim's anti-outlier wrapper: `<norm>.module.weight` plus `.module.bias`.
+    let smoothed = |bias: f32| {
+        let mut t = read_all(&q);
+        for l in 0..2 {
+            let norm = format!("model.layers.{l}.input_layernorm");
+            let w = t.remove(&format!("{norm}.weight")).unwrap();
+            t.insert(format!("{norm}.module.weight"), w);
+            let b = panguc::frontend::convert::from_f32(&vec![bias; h], DType::F32).unwrap();
+            t.insert(format!("{norm}.module.bias"), (DType::F32, vec![h], b));
+        }
+        let dir = tmp.path().join(format!("smoothed_{bias}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(q.join("config.json"), dir.join("config.json")).unwrap();
+        write_all(&dir, file, &t);
+        dir
+    };
+    let zero = smoothed(0.0);
+    let ck = Checkpoint::open(&zero).unwrap();
+    assert!(ck.unexpected_tensors().is_empty(), "{:?}", ck.unexpected_tensors());
+    let ops: Vec<String> =
+        import(&ck).unwrap().functions["decoder_layer"].values.iter().map(|v| v.name.clone()).collect();
+    assert!(ops.iter().any(|n| n == "attn_norm_bias"), "the bias is added after the norm");
+    // A zero bias changes nothing (the renamed weight is read as the norm weight)...
+    assert_eq!(greedy(&zero, 0).0, plain_logits);
+    // ...a non-zero one does.
+    let shifted = greedy(&smoothed(0.05), 0).0;
+    assert_ne!(shifted, plain_logits);
+}

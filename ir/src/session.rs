@@ -13,6 +13,20 @@ use crate::interp::Interpreter;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
 
+/// A zeroed cache of `shape` for the entry function's cache inputs (its
+/// last inputs): f32, or integers for an int8 (C8) cache, held as i64 like
+/// every integer tensor of the interpreter.
+fn empty_cache(interp: &Interpreter<'_>, shape: Vec<usize>) -> Tensor {
+    let entry = interp.module().entry_fn();
+    let int_cache = entry.input_params().last().is_some_and(|p| entry.ty(p.value).dtype.is_int());
+    if int_cache {
+        let n = shape.iter().product();
+        Tensor::i64(shape, vec![0; n])
+    } else {
+        Tensor::zeros(shape)
+    }
+}
+
 pub struct InterpSession<'a> {
     interp: Interpreter<'a>,
     caches: Vec<Tensor>,
@@ -22,11 +36,7 @@ pub struct InterpSession<'a> {
 impl<'a> InterpSession<'a> {
     /// `kv_shape` is `[kv_heads, head_dim]`, `layers` the number of layers.
     pub fn new(interp: Interpreter<'a>, layers: usize, kv_shape: [usize; 2]) -> Self {
-        // An int8 (C8) cache is held as integers, like every integer tensor.
-        let entry = interp.module().entry_fn();
-        let int_cache = entry.input_params().nth(2).is_some_and(|p| entry.ty(p.value).dtype.is_int());
-        let shape = vec![0, kv_shape[0], kv_shape[1]];
-        let empty = if int_cache { Tensor::i64(shape, vec![]) } else { Tensor::zeros(shape) };
+        let empty = empty_cache(&interp, vec![0, kv_shape[0], kv_shape[1]]);
         InterpSession { interp, caches: vec![empty; 2 * layers], past: 0 }
     }
 
@@ -76,7 +86,7 @@ impl<'a> BatchInterpSession<'a> {
         block_size: usize,
         kv_shape: [usize; 2],
     ) -> Self {
-        let empty = Tensor::zeros(vec![num_blocks, block_size, kv_shape[0], kv_shape[1]]);
+        let empty = empty_cache(&interp, vec![num_blocks, block_size, kv_shape[0], kv_shape[1]]);
         BatchInterpSession { interp, caches: vec![empty; 2 * layers], block_size }
     }
 
