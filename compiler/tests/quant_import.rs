@@ -349,3 +349,39 @@ fn smoothed_norm_stored_as_module_weight_with_bias() {
     let shifted = greedy(&smoothed(0.05), 0).0;
     assert_ne!(shifted, plain_logits);
 }
+
+#[test]
+fn sharded_msmodelslim_file_names_are_found_through_their_index() {
+    let (tmp, float) = tiny(DType::BF16);
+    let q = tmp.path().join("q");
+    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![] };
+    write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
+    let (single_logits, _) = greedy(&q, 0);
+    let tensors = read_all(&q);
+    let sharded = tmp.path().join("sharded");
+    std::fs::create_dir_all(&sharded).unwrap();
+    for f in ["config.json", DESCRIPTION_FILE] {
+        std::fs::copy(q.join(f), sharded.join(f)).unwrap();
+    }
+    // Two shards under msModelSlim-style names, and their index.
+    let mut weight_map = serde_json::Map::new();
+    let half = tensors.len() / 2;
+    let all: Vec<_> = tensors.iter().collect();
+    for (part, chunk) in [(1, &all[..half]), (2, &all[half..])] {
+        let file = format!("quant_model_weight_w8a8_dynamic-0000{part}-of-00002.safetensors");
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = chunk
+            .iter()
+            .map(|(n, (d, s, b))| {
+                weight_map.insert((*n).clone(), file.clone().into());
+                let st = panguc::frontend::convert::st_dtype(*d);
+                ((*n).clone(), safetensors::tensor::TensorView::new(st, s.clone(), b).unwrap())
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &sharded.join(&file)).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(sharded.join("quant_model_weight_w8a8_dynamic.safetensors.index.json"), index.to_string()).unwrap();
+    let ck = Checkpoint::open(&sharded).unwrap();
+    assert_eq!(ck.shard_paths().len(), 2);
+    assert_eq!(greedy(&sharded, 0).0, single_logits);
+}

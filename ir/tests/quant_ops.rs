@@ -265,3 +265,29 @@ fn type_rules_reject_wrong_dtypes_and_shapes() {
     let e = fun.op(Op::QuantMatMulPerToken, &[dq[0], w, dq[1], ws], "swapped").unwrap_err();
     assert!(e.contains("weight_scale"), "{e}");
 }
+
+#[test]
+fn grouped_quant_matmul_equals_per_expert_quant_matmul() {
+    // Random int8 rows and weights; expert blocks of 2, 0, 3 and 1 rows.
+    let (rows, k, n, experts) = (6, 5, 3, 4);
+    let to_i8 =
+        |t: Tensor| Tensor::i64(t.shape.clone(), t.as_f32().iter().map(|v| (v * 127.0).round() as i64).collect());
+    let xq = to_i8(data(31, &[rows, k]));
+    let w = to_i8(data(32, &[experts, n, k]));
+    let ws = data(33, &[experts, n]);
+    let xs = data(34, &[rows]);
+    let counts = [2usize, 0, 3, 1];
+    let got = run1(Op::GroupedQuantMatMul, &[&xq, &w, &ws, &xs, &i(&[experts], &counts.map(|c| c as i64))]);
+    let mut start = 0;
+    for (e, &c) in counts.iter().enumerate() {
+        let block = |t: &Tensor, width: usize| {
+            Tensor::i64(vec![c, width], t.as_i64()[start * width..(start + c) * width].to_vec())
+        };
+        let we = Tensor::i64(vec![n, k], w.as_i64()[e * n * k..(e + 1) * n * k].to_vec());
+        let wse = f(&[n], &ws.as_f32()[e * n..(e + 1) * n]);
+        let xse = f(&[c], &xs.as_f32()[start..start + c]);
+        let want = run1(Op::QuantMatMulPerToken, &[&block(&xq, k), &we, &wse, &xse]);
+        assert_eq!(&got.as_f32()[start * n..(start + c) * n], want.as_f32(), "expert {e}");
+        start += c;
+    }
+}
