@@ -385,3 +385,17 @@ fn sharded_msmodelslim_file_names_are_found_through_their_index() {
     assert_eq!(ck.shard_paths().len(), 2);
     assert_eq!(greedy(&sharded, 0).0, single_logits);
 }
+
+#[test]
+fn quantized_ir_round_trips_through_the_canonical_text() {
+    let (tmp, float) = tiny(DType::BF16);
+    let q = tmp.path().join("q");
+    let opts = QuantizeOptions { scheme: Scheme::W8A8, kv_int8: true, calib: calib_prompts() };
+    write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
+    let module = import(&Checkpoint::open(&q).unwrap()).unwrap();
+    let text = panguc_ir::text::print_module(&module);
+    assert!(text.contains("quant_matmul(") && text.contains("i8["), "int8 ops and types are printed");
+    let parsed = panguc_ir::text::parse_module(&text).unwrap();
+    panguc_ir::verify::verify_module(&parsed).unwrap();
+    assert_eq!(panguc_ir::text::print_module(&parsed), text);
+}
