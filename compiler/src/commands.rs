@@ -24,6 +24,11 @@ pub struct SynthArgs {
     /// Replace a non-empty output directory.
     #[arg(long)]
     pub force: bool,
+    /// Plant activation outlier channels (a few norm channels 20-100x
+    /// larger, the consumers' columns divided back: the same float model)
+    /// so quantization meets outliers like a trained model's.
+    #[arg(long)]
+    pub outliers: bool,
 }
 
 pub fn synth(a: SynthArgs) -> Result<()> {
@@ -31,6 +36,10 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         bail!("--dtype must be bf16, f16 or f32, got {}", a.dtype);
     }
     let report = synth_with(&a.out, &SynthOptions { preset: a.preset, seed: a.seed, dtype: a.dtype, force: a.force })?;
+    if a.outliers {
+        let planted = crate::outliers::plant_outliers(&report.dir, a.preset.max_shard_bytes())?;
+        println!("planted {planted} activation outlier channels (20-100x) behind the norms");
+    }
     println!(
         "wrote {} checkpoint to {} ({} shards, {} bytes of tensors)",
         a.preset,

@@ -13,6 +13,8 @@ pub mod import;
 #[cfg(feature = "driver")]
 pub mod inspect;
 #[cfg(feature = "driver")]
+pub mod outliers;
+#[cfg(feature = "driver")]
 pub mod package_build;
 #[cfg(feature = "driver")]
 pub mod partition_build;

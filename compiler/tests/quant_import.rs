@@ -399,3 +399,34 @@ fn quantized_ir_round_trips_through_the_canonical_text() {
     panguc_ir::verify::verify_module(&parsed).unwrap();
     assert_eq!(panguc_ir::text::print_module(&parsed), text);
 }
+
+#[test]
+fn planted_outliers_keep_the_float_model_and_hurt_per_token_quantization() {
+    let (tmp, plain) = tiny(DType::F32);
+    let out = tmp.path().join("outliers");
+    let o =
+        panguc(&["synth", out.to_str().unwrap(), "--preset", "tiny", "--seed", "7", "--dtype", "f32", "--outliers"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The same function (f32 weights: only rounding of the scaled columns differs).
+    let (pl, _) = greedy(&plain, 0);
+    let (ol, _) = greedy(&out, 0);
+    let diff = pl.iter().zip(&ol).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(diff < 1e-3, "planting changed the float model by {diff}");
+    // ...whose attention inputs now have channels 20-100x the rest.
+    let cal = |dir: &Path| panguc::quantize::calibrate(&Checkpoint::open(dir).unwrap(), &calib_prompts()).unwrap();
+    let m = "model.layers.0.self_attn.q_proj";
+    let (rp, ro) = (cal(&plain).inputs[m], cal(&out).inputs[m]);
+    assert!(ro.max.max(-ro.min) > 10.0 * rp.max.max(-rp.min), "{rp:?} vs {ro:?}");
+    // Per-token int8 activations lose precision on the other channels.
+    let quant_err = |dir: &Path, name: &str| {
+        let q = tmp.path().join(name);
+        let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![] };
+        write_quantized(&Checkpoint::open(dir).unwrap(), &q, &opts).unwrap();
+        let (fl, _) = greedy(dir, 0);
+        let (ql, _) = greedy(&q, 0);
+        fl.iter().zip(&ql).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max)
+    };
+    let (e_plain, e_out) = (quant_err(&plain, "q_plain"), quant_err(&out, "q_outliers"));
+    eprintln!("W8A8_DYNAMIC max |logit error|: plain {e_plain:.4}, with planted outliers {e_out:.4}");
+    assert!(e_out > 2.0 * e_plain, "outliers should hurt per-token quantization: {e_plain} vs {e_out}");
+}
