@@ -621,14 +621,23 @@ pub struct QuantizeArgs {
     /// Calibrate on N pseudo-random prompts of 32 tokens instead.
     #[arg(long, value_name = "N")]
     pub calib_synthetic: Option<usize>,
+    /// Smoothing migration strength: per-channel factors (the max over
+    /// every linear a norm feeds, experts on their routed tokens) folded
+    /// into the norms. Smoothing runs whenever calibration prompts are given.
+    #[arg(long, default_value_t = 0.6)]
+    pub alpha: f32,
+    /// Calibrate without smoothing.
+    #[arg(long)]
+    pub no_smooth: bool,
     /// Replace a non-empty output directory.
     #[arg(long)]
     pub force: bool,
 }
 
 /// `panguc quantize MODEL -o QMODEL`: write a W8A8 / W8A8_DYNAMIC checkpoint
-/// in msModelSlim's format (plain per-channel / per-token form; no
-/// smoothing or expert-aware calibration yet).
+/// in msModelSlim's format: per-channel / per-token int8, with expert-aware
+/// smoothing when calibration prompts are given (no router protection or
+/// per-expert calibration balance yet).
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let ckpt = open_checkpoint(&a.model, false)?;
     let vocab = ckpt.config().vocab_size;
@@ -639,7 +648,11 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     };
     check_output_dir(&a.out, a.force)?;
     let staging = crate::staging::Staging::create(&a.out)?;
-    let opts = crate::quantize::QuantizeOptions { scheme: a.scheme, kv_int8: a.kv_int8, calib };
+    if !(a.alpha > 0.0 && a.alpha < 1.0) {
+        bail!("--alpha must be between 0 and 1 (exclusive), got {}", a.alpha);
+    }
+    let smooth_alpha = (!a.no_smooth && !calib.is_empty()).then_some(a.alpha);
+    let opts = crate::quantize::QuantizeOptions { scheme: a.scheme, kv_int8: a.kv_int8, calib, smooth_alpha };
     let summary = crate::quantize::write_quantized(&ckpt, staging.path(), &opts)?;
     staging.install(&a.out)?;
     let bytes: Vec<String> = summary.bytes_by_dtype.iter().map(|(d, b)| format!("{d} {b}")).collect();

@@ -65,8 +65,11 @@ pub struct QuantizeOptions {
     /// Also write C8 KV-cache scales.
     pub kv_int8: bool,
     /// Calibration prompts (token ids), each run as one prefill through the
-    /// float model. Needed for static W8A8 and for C8.
+    /// float model. Needed for static W8A8, for C8 and for smoothing.
     pub calib: Vec<Vec<i64>>,
+    /// Expert-aware smoothing with this migration strength (0.6 in
+    /// Huawei's recipe), folded into the norms; None = no smoothing.
+    pub smooth_alpha: Option<f32>,
 }
 
 /// Per-tensor range of a linear's input seen during calibration.
@@ -94,11 +97,17 @@ impl Range {
 pub struct Calibration {
     pub inputs: HashMap<String, Range>,
     pub kv_amax: HashMap<usize, [Vec<f32>; 2]>,
+    /// Per-channel (min, max) of each norm's output, by norm weight name.
+    pub norm_channels: HashMap<String, (Vec<f32>, Vec<f32>)>,
+    /// Per-channel max |x| of the MoE norm's output over the tokens routed
+    /// to each (layer, expert).
+    pub routed_amax: HashMap<(usize, usize), Vec<f32>>,
 }
 
 /// Layer values whose ranges calibration records, in output order after
 /// the layer's own three outputs.
-const OBSERVED: [&str; 7] = ["attn_norm", "attn_out", "moe_norm", "experts_act", "shared_act", "k_rope", "v_heads"];
+const OBSERVED: [&str; 8] =
+    ["attn_norm", "attn_out", "moe_norm", "experts_act", "shared_act", "k_rope", "v_heads", "expert_ids"];
 
 /// Runs the float model over `prompts` and records the ranges.
 pub fn calibrate(ckpt: &Checkpoint, prompts: &[Vec<i64>]) -> Result<Calibration> {
@@ -149,7 +158,9 @@ pub fn calibrate(ckpt: &Checkpoint, prompts: &[Vec<i64>]) -> Result<Calibration>
 fn record_layer(cal: &mut Calibration, cfg: &PanguConfig, l: usize, seen: &[Tensor]) {
     let p = format!("model.layers.{l}.");
     let mut add = |module: String, v: &[f32]| cal.inputs.entry(module).or_insert_with(Range::empty).add(v);
-    let [attn_in, o_in, moe_in, experts_act, shared_act, k, v] = seen else { unreachable!("OBSERVED has 7 values") };
+    let [attn_in, o_in, moe_in, experts_act, shared_act, k, v, ids] = seen else {
+        unreachable!("OBSERVED has 8 values")
+    };
     for proj in ["q_proj", "k_proj", "v_proj"] {
         add(format!("{p}self_attn.{proj}"), attn_in.as_f32());
     }
@@ -166,6 +177,26 @@ fn record_layer(cal: &mut Calibration, cfg: &PanguConfig, l: usize, seen: &[Tens
     let per_expert = experts_act.numel() / cfg.num_experts.max(1);
     for e in 0..cfg.num_experts {
         add(format!("{p}mlp.experts.{e}.down_proj"), &experts_act.as_f32()[e * per_expert..(e + 1) * per_expert]);
+    }
+    let h = cfg.hidden_size;
+    for (norm, x) in [("input_layernorm", attn_in), ("post_attention_layernorm", moe_in)] {
+        let entry = cal.norm_channels.entry(format!("{p}{norm}.weight"));
+        let (lo, hi) = entry.or_insert_with(|| (vec![f32::INFINITY; h], vec![f32::NEG_INFINITY; h]));
+        for row in x.as_f32().chunks(h) {
+            for j in 0..h {
+                lo[j] = lo[j].min(row[j]);
+                hi[j] = hi[j].max(row[j]);
+            }
+        }
+    }
+    let groups = ids.shape[1];
+    for (t, row) in moe_in.as_f32().chunks(h).enumerate() {
+        for &e in &ids.as_i64()[t * groups..(t + 1) * groups] {
+            let amax = cal.routed_amax.entry((l, e as usize)).or_insert_with(|| vec![0.0; h]);
+            for (m, x) in amax.iter_mut().zip(row) {
+                *m = m.max(x.abs());
+            }
+        }
     }
     let kv_dim = cfg.kv_dim();
     let amax = cal.kv_amax.entry(l).or_insert_with(|| [vec![0.0; kv_dim], vec![0.0; kv_dim]]);
@@ -206,6 +237,120 @@ pub fn activation_params(r: Range) -> (f32, f32) {
     (scale, offset)
 }
 
+/// Per-channel smoothing factors of each norm (by norm weight name) and
+/// the norm each smoothed linear reads (by weight name).
+#[derive(Debug, Default)]
+pub struct Smoothing {
+    pub factors: HashMap<String, Vec<f32>>,
+    pub consumers: HashMap<String, String>,
+}
+
+/// Column-wise max |W[:, j]| over the rows of several `[n, h]` weights.
+fn column_amax(ws: &[Tensor], h: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; h];
+    for w in ws {
+        for row in w.as_f32().chunks(h) {
+            for (m, x) in out.iter_mut().zip(row) {
+                *m = m.max(x.abs());
+            }
+        }
+    }
+    out
+}
+
+/// `max|x_j|^a / max|W[:, j]|^(1-a)`, 1 where either side is zero.
+fn smooth_term(x: &[f32], w: &[f32], alpha: f32) -> Vec<f32> {
+    x.iter().zip(w).map(|(&x, &w)| if x > 0.0 && w > 0.0 { x.powf(alpha) / w.powf(1.0 - alpha) } else { 1.0 }).collect()
+}
+
+/// Channel-wise `a = max(a, b)`.
+fn max_into(a: &mut [f32], b: &[f32]) {
+    a.iter_mut().zip(b).for_each(|(a, b)| *a = a.max(*b));
+}
+
+/// Expert-aware smoothing aggregation (docs/quantization.md): one vector
+/// per norm, the channel-wise max of the terms of every linear it feeds —
+/// q/k/v behind the input norm; the router and the shared expert (all
+/// tokens) and each routed expert (only its routed tokens) behind the
+/// post-attention norm.
+pub fn smoothing(ckpt: &Checkpoint, cal: &Calibration, alpha: f32) -> Result<Smoothing> {
+    let c = ckpt.config();
+    let h = c.hidden_size;
+    let load = |name: &str, n: usize| ckpt.load_f32(name, &[n, h]);
+    let mut sm = Smoothing::default();
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}.");
+        let amax_of = |norm: &str| -> Result<Vec<f32>> {
+            let (lo, hi) = cal.norm_channels.get(norm).with_context(|| format!("no calibration data for `{norm}`"))?;
+            Ok(lo.iter().zip(hi).map(|(a, b)| a.abs().max(b.abs())).collect())
+        };
+        let attn_norm = format!("{p}input_layernorm.weight");
+        let qkv: Vec<(String, usize)> = [("q_proj", c.q_dim()), ("k_proj", c.kv_dim()), ("v_proj", c.kv_dim())]
+            .iter()
+            .map(|(proj, n)| (format!("{p}self_attn.{proj}.weight"), *n))
+            .collect();
+        let ws = qkv.iter().map(|(n, rows)| load(n, *rows)).collect::<Result<Vec<_>>>()?;
+        sm.factors.insert(attn_norm.clone(), smooth_term(&amax_of(&attn_norm)?, &column_amax(&ws, h), alpha));
+        for (n, _) in qkv {
+            sm.consumers.insert(n, attn_norm.clone());
+        }
+
+        let moe_norm = format!("{p}post_attention_layernorm.weight");
+        let x = amax_of(&moe_norm)?;
+        let router = format!("{p}mlp.gate.weight");
+        let mut s = smooth_term(&x, &column_amax(&[load(&router, c.num_experts)?], h), alpha);
+        let mut consumers = vec![router];
+        let gate_up = |prefix: &str, rows: usize| -> Result<(Vec<String>, Vec<f32>)> {
+            let names: Vec<String> = ["gate_proj", "up_proj"].iter().map(|q| format!("{prefix}.{q}.weight")).collect();
+            let ws = names.iter().map(|n| load(n, rows)).collect::<Result<Vec<_>>>()?;
+            Ok((names, column_amax(&ws, h)))
+        };
+        let (names, wmax) = gate_up(&format!("{p}mlp.shared_expert"), c.shared_expert_intermediate_size)?;
+        max_into(&mut s, &smooth_term(&x, &wmax, alpha));
+        consumers.extend(names);
+        for e in 0..c.num_experts {
+            let (names, wmax) = gate_up(&format!("{p}mlp.experts.{e}"), c.moe_intermediate_size)?;
+            consumers.extend(names);
+            // An expert no calibration token reached contributes no term.
+            if let Some(xe) = cal.routed_amax.get(&(l, e)) {
+                max_into(&mut s, &smooth_term(xe, &wmax, alpha));
+            }
+        }
+        sm.factors.insert(moe_norm.clone(), s);
+        for n in consumers {
+            sm.consumers.insert(n, moe_norm.clone());
+        }
+    }
+    Ok(sm)
+}
+
+impl Smoothing {
+    /// Folds the factors into a float tensor (exact in float): a smoothed
+    /// norm's weight is divided by `s`, each consumer's input column `j`
+    /// multiplied by `s_j`.
+    fn apply(&self, name: &str, values: &mut [f32]) {
+        if let Some(s) = self.factors.get(name) {
+            values.iter_mut().zip(s).for_each(|(v, s)| *v /= s);
+        } else if let Some(s) = self.consumers.get(name).and_then(|norm| self.factors.get(norm)) {
+            for row in values.chunks_mut(s.len()) {
+                row.iter_mut().zip(s).for_each(|(v, s)| *v *= s);
+            }
+        }
+    }
+
+    /// The per-tensor input range of a smoothed linear: the norm output's
+    /// per-channel ranges divided by the factors.
+    fn input_range(&self, weight: &str, cal: &Calibration) -> Option<Range> {
+        let norm = self.consumers.get(weight)?;
+        let (s, (lo, hi)) = (self.factors.get(norm)?, cal.norm_channels.get(norm)?);
+        let mut r = Range::empty();
+        for j in 0..s.len() {
+            r.add(&[lo[j] / s[j], hi[j] / s[j]]);
+        }
+        Some(r)
+    }
+}
+
 /// One tensor to write.
 struct Out {
     dtype: DType,
@@ -238,11 +383,15 @@ pub fn write_quantized(ckpt: &Checkpoint, out: &Path, opts: &QuantizeOptions) ->
         bail!("{} is already quantized ({DESCRIPTION_FILE} exists)", ckpt.dir().display());
     }
     anyhow::ensure!(ckpt.has_weights(), "{} has no weights to quantize", ckpt.dir().display());
-    let needs_calib = opts.scheme == Scheme::W8A8 || opts.kv_int8;
+    let needs_calib = opts.scheme == Scheme::W8A8 || opts.kv_int8 || opts.smooth_alpha.is_some();
     if needs_calib && opts.calib.is_empty() {
-        bail!("static W8A8 and the int8 KV cache need calibration prompts");
+        bail!("static W8A8, the int8 KV cache and smoothing need calibration prompts");
     }
     let cal = if needs_calib { calibrate(ckpt, &opts.calib)? } else { Calibration::default() };
+    let smooth = match opts.smooth_alpha {
+        Some(alpha) => smoothing(ckpt, &cal, alpha)?,
+        None => Smoothing::default(),
+    };
     let cfg = ckpt.config();
     // fp16 models store deq_scale as int64 words holding the f32 bits.
     let encode_deq = cfg.torch_dtype.as_deref() == Some("float16");
@@ -258,22 +407,29 @@ pub fn write_quantized(ckpt: &Checkpoint, out: &Path, opts: &QuantizeOptions) ->
             if !bias_of_static {
                 let (dtype, _, _) =
                     ckpt.tensor_info(name).with_context(|| format!("tensor `{name}` has no IR dtype"))?;
-                let bytes = ckpt.tensor_bytes(name)?.to_vec();
+                let bytes = if smooth.factors.contains_key(name) || smooth.consumers.contains_key(name) {
+                    let mut v = ckpt.load_f32(name, shape)?.into_f32();
+                    smooth.apply(name, &mut v);
+                    crate::frontend::convert::from_f32(&v, dtype)?
+                } else {
+                    ckpt.tensor_bytes(name)?.to_vec()
+                };
                 tensors.insert(name.clone(), Out { dtype, shape: shape.clone(), bytes, quant: QuantType::Float });
             }
             continue;
         };
         quantized_modules += 1;
         let (n, k) = (shape[0], shape[1]);
-        let w = ckpt.load_f32(name, shape)?;
-        let (wq, ws) = quantize_weight(w.as_f32(), n, k);
+        let mut w = ckpt.load_f32(name, shape)?.into_f32();
+        smooth.apply(name, &mut w);
+        let (wq, ws) = quantize_weight(&w, n, k);
         let put = |t: &mut BTreeMap<String, Out>, suffix: &str, o: Out| t.insert(format!("{module}.{suffix}"), o);
         put(&mut tensors, "weight", int_out(&wq, DType::I8, vec![n, k], qtype)?);
         put(&mut tensors, "weight_scale", f32_out(&ws, vec![n, 1], qtype)?);
         put(&mut tensors, "weight_offset", f32_out(&vec![0.0; n], vec![n, 1], qtype)?);
         if opts.scheme == Scheme::W8A8 {
-            let range =
-                cal.inputs.get(module).copied().with_context(|| format!("no calibration data for `{module}`"))?;
+            let range = smooth.input_range(name, &cal).or_else(|| cal.inputs.get(module).copied());
+            let range = range.with_context(|| format!("no calibration data for `{module}`"))?;
             let (s, o) = activation_params(range);
             let deq: Vec<f32> = ws.iter().map(|w| s * w).collect();
             let bias_name = format!("{module}.bias");

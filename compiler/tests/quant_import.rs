@@ -86,7 +86,7 @@ fn decoder_ops(dir: &Path) -> Vec<String> {
 fn w8a8_dynamic_checkpoint_imports_as_int8_ir_and_runs() {
     let (tmp, float) = tiny(DType::BF16);
     let q = tmp.path().join("w8a8_dynamic");
-    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![] };
+    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![], smooth_alpha: None };
     let summary = write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
     // 2 layers x (4 attention + 64 experts x 3 + 3 shared) linears.
     assert_eq!(summary.quantized_modules, 2 * (4 + 64 * 3 + 3));
@@ -111,7 +111,7 @@ fn w8a8_dynamic_checkpoint_imports_as_int8_ir_and_runs() {
 fn static_w8a8_fp16_with_int8_kv_cache() {
     let (tmp, float) = tiny(DType::F16);
     let q = tmp.path().join("w8a8_c8");
-    let opts = QuantizeOptions { scheme: Scheme::W8A8, kv_int8: true, calib: calib_prompts() };
+    let opts = QuantizeOptions { scheme: Scheme::W8A8, kv_int8: true, calib: calib_prompts(), smooth_alpha: None };
     write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
     let ck = Checkpoint::open(&q).unwrap();
     let desc = ck.quant().unwrap();
@@ -182,7 +182,7 @@ fn edit_description(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serd
 fn bad_descriptions_and_missing_scales_are_named() {
     let (tmp, float) = tiny(DType::BF16);
     let q = tmp.path().join("q");
-    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![] };
+    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![], smooth_alpha: None };
     write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
     let name = "model.layers.1.self_attn.o_proj.weight";
 
@@ -224,7 +224,7 @@ fn bad_descriptions_and_missing_scales_are_named() {
 fn cli_inspects_and_runs_a_quantized_checkpoint() {
     let (tmp, float) = tiny(DType::BF16);
     let q = tmp.path().join("q");
-    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![] };
+    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![], smooth_alpha: None };
     write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
     let qs = q.to_str().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_panguc")).args(["inspect", qs]).output().unwrap();
@@ -316,7 +316,7 @@ fn write_all(dir: &Path, file: &str, tensors: &Tensors) {
 fn smoothed_norm_stored_as_module_weight_with_bias() {
     let (tmp, float) = tiny(DType::BF16);
     let q = tmp.path().join("q");
-    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![] };
+    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![], smooth_alpha: None };
     write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
     let file = "quant_model_weight_w8a8_dynamic.safetensors";
     let (plain_logits, _) = greedy(&q, 0);
@@ -354,7 +354,7 @@ fn smoothed_norm_stored_as_module_weight_with_bias() {
 fn sharded_msmodelslim_file_names_are_found_through_their_index() {
     let (tmp, float) = tiny(DType::BF16);
     let q = tmp.path().join("q");
-    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![] };
+    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![], smooth_alpha: None };
     write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
     let (single_logits, _) = greedy(&q, 0);
     let tensors = read_all(&q);
@@ -390,7 +390,7 @@ fn sharded_msmodelslim_file_names_are_found_through_their_index() {
 fn quantized_ir_round_trips_through_the_canonical_text() {
     let (tmp, float) = tiny(DType::BF16);
     let q = tmp.path().join("q");
-    let opts = QuantizeOptions { scheme: Scheme::W8A8, kv_int8: true, calib: calib_prompts() };
+    let opts = QuantizeOptions { scheme: Scheme::W8A8, kv_int8: true, calib: calib_prompts(), smooth_alpha: None };
     write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
     let module = import(&Checkpoint::open(&q).unwrap()).unwrap();
     let text = panguc_ir::text::print_module(&module);
@@ -420,7 +420,7 @@ fn planted_outliers_keep_the_float_model_and_hurt_per_token_quantization() {
     // Per-token int8 activations lose precision on the other channels.
     let quant_err = |dir: &Path, name: &str| {
         let q = tmp.path().join(name);
-        let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![] };
+        let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![], smooth_alpha: None };
         write_quantized(&Checkpoint::open(dir).unwrap(), &q, &opts).unwrap();
         let (fl, _) = greedy(dir, 0);
         let (ql, _) = greedy(&q, 0);
@@ -429,4 +429,27 @@ fn planted_outliers_keep_the_float_model_and_hurt_per_token_quantization() {
     let (e_plain, e_out) = (quant_err(&plain, "q_plain"), quant_err(&out, "q_outliers"));
     eprintln!("W8A8_DYNAMIC max |logit error|: plain {e_plain:.4}, with planted outliers {e_out:.4}");
     assert!(e_out > 2.0 * e_plain, "outliers should hurt per-token quantization: {e_plain} vs {e_out}");
+}
+
+#[test]
+fn expert_aware_smoothing_wins_back_planted_outliers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("outliers");
+    let o =
+        panguc(&["synth", out.to_str().unwrap(), "--preset", "tiny", "--seed", "7", "--dtype", "f32", "--outliers"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = |smooth_alpha: Option<f32>, name: &str| {
+        let q = tmp.path().join(name);
+        let opts =
+            QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: calib_prompts(), smooth_alpha };
+        write_quantized(&Checkpoint::open(&out).unwrap(), &q, &opts).unwrap();
+        let (fl, _) = greedy(&out, 0);
+        let (ql, _) = greedy(&q, 0);
+        fl.iter().zip(&ql).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max)
+    };
+    let (plain, smoothed) = (err(None, "plain"), err(Some(0.6), "smoothed"));
+    eprintln!(
+        "outlier model, W8A8_DYNAMIC max |logit error|: without smoothing {plain:.4}, smoothed (a=0.6) {smoothed:.4}"
+    );
+    assert!(smoothed < 0.5 * plain, "smoothing should win back most of the outlier error: {plain} vs {smoothed}");
 }
