@@ -25,6 +25,11 @@ pub struct SynthArgs {
     /// Replace a non-empty output directory.
     #[arg(long)]
     pub force: bool,
+    /// Plant activation outlier channels (a few norm channels 20-100x
+    /// larger, the consumers' columns divided back: the same float model)
+    /// so quantization meets outliers like a trained model's.
+    #[arg(long)]
+    pub outliers: bool,
 }
 
 pub fn synth(a: SynthArgs) -> Result<()> {
@@ -32,6 +37,10 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         bail!("--dtype must be bf16, f16 or f32, got {}", a.dtype);
     }
     let report = synth_with(&a.out, &SynthOptions { preset: a.preset, seed: a.seed, dtype: a.dtype, force: a.force })?;
+    if a.outliers {
+        let planted = crate::outliers::plant_outliers(&report.dir, a.preset.max_shard_bytes())?;
+        println!("planted {planted} activation outlier channels (20-100x) behind the norms");
+    }
     println!(
         "wrote {} checkpoint to {} ({} shards, {} bytes of tensors)",
         a.preset,
@@ -579,12 +588,130 @@ pub fn import_with(ckpt: &Checkpoint, kv: crate::import::KvLayout) -> Result<Mod
             }
         }
     }
+    if let Some(quant) = ckpt.quant() {
+        return import_quantized(ckpt, quant, &dtype_of, kv);
+    }
     match kv {
         crate::import::KvLayout::Contiguous => build_module(cfg, &dtype_of),
         crate::import::KvLayout::Paged { block_size } => {
             crate::import::build_batched_module(cfg, &dtype_of, block_size)
         }
     }
+}
+
+/// The quantized module of an msModelSlim checkpoint (validated on open).
+/// The layer function is built once from layer 0, so every layer must use
+/// layer 0's quant type per module and store the same smoothed-norm biases.
+fn import_quantized(
+    ckpt: &Checkpoint,
+    quant: &crate::frontend::quant::QuantDescription,
+    dtype_of: &dyn Fn(&str) -> DType,
+    kv: crate::import::KvLayout,
+) -> Result<Module> {
+    let cfg = ckpt.config();
+    let linear = |module: &str| quant.linear_type(module).unwrap_or(crate::frontend::quant::QuantType::Float);
+    for l in 1..cfg.num_hidden_layers {
+        for spec in cfg.layer_tensors(l) {
+            let rel = spec.name.splitn(4, '.').nth(3).unwrap_or_default();
+            let first = format!("model.layers.0.{rel}");
+            if let Some(module) = crate::frontend::quant::linear_module(&spec.name, &spec.shape) {
+                let (this, want) = (linear(module), linear(first.trim_end_matches(".weight")));
+                if this != want {
+                    bail!("{}: `{module}` is {this} but layer 0 quantizes it as {want}; per-layer quant types must match layer 0", quant.path.display());
+                }
+            }
+            if let Some(norm) = spec.name.strip_suffix("norm.weight") {
+                let bias = format!("{norm}norm.bias");
+                let first_bias = format!("{}norm.bias", first.trim_end_matches("norm.weight"));
+                if ckpt.has_tensor(&bias) != ckpt.has_tensor(&first_bias) {
+                    bail!("{}: `{bias}` and `{first_bias}` must both exist or both be absent (smoothed norms must match layer 0)", ckpt.dir().display());
+                }
+            }
+        }
+    }
+    let has_tensor = |name: &str| ckpt.has_tensor(name);
+    let plan = crate::import::QuantPlan { linear: &linear, kv_int8: quant.kv_int8, has_tensor: &has_tensor };
+    crate::import::build_quant_module(cfg, dtype_of, kv, &plan)
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QuantizeArgs {
+    /// A float (bf16/f16/f32) Hugging Face checkpoint directory.
+    pub model: PathBuf,
+    /// Output directory for the msModelSlim-format checkpoint.
+    #[arg(short = 'o', long)]
+    pub out: PathBuf,
+    /// w8a8-dynamic (per-channel weights, per-token activations) or w8a8
+    /// (static per-tensor activations; needs calibration).
+    #[arg(long, default_value = "w8a8-dynamic")]
+    pub scheme: crate::quantize::Scheme,
+    /// Also write C8 int8 KV-cache scales (needs calibration).
+    #[arg(long)]
+    pub kv_int8: bool,
+    /// Calibration prompts: JSONL with one {"tokens": [ids...]} per line.
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with = "calib_synthetic")]
+    pub calib: Option<PathBuf>,
+    /// Calibrate on N pseudo-random prompts of 32 tokens instead.
+    #[arg(long, value_name = "N")]
+    pub calib_synthetic: Option<usize>,
+    /// Smoothing migration strength: per-channel factors (the max over
+    /// every linear a norm feeds, experts on their routed tokens) folded
+    /// into the norms. Smoothing runs whenever calibration prompts are given.
+    #[arg(long, default_value_t = 0.6)]
+    pub alpha: f32,
+    /// Calibrate without smoothing.
+    #[arg(long)]
+    pub no_smooth: bool,
+    /// Replace a non-empty output directory.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `panguc quantize MODEL -o QMODEL`: write a W8A8 / W8A8_DYNAMIC checkpoint
+/// in msModelSlim's format: per-channel / per-token int8, with expert-aware
+/// smoothing when calibration prompts are given (no router protection or
+/// per-expert calibration balance yet).
+pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    let ckpt = open_checkpoint(&a.model, false)?;
+    let vocab = ckpt.config().vocab_size;
+    let calib = match (&a.calib, a.calib_synthetic) {
+        (Some(path), _) => crate::run_batch::read_prompts(path, vocab)?,
+        (None, Some(n)) => synthetic_prompts(n, 32, vocab),
+        (None, None) => vec![],
+    };
+    check_output_dir(&a.out, a.force)?;
+    let staging = crate::staging::Staging::create(&a.out)?;
+    if !(a.alpha > 0.0 && a.alpha < 1.0) {
+        bail!("--alpha must be between 0 and 1 (exclusive), got {}", a.alpha);
+    }
+    let smooth_alpha = (!a.no_smooth && !calib.is_empty()).then_some(a.alpha);
+    let opts = crate::quantize::QuantizeOptions { scheme: a.scheme, kv_int8: a.kv_int8, calib, smooth_alpha };
+    let summary = crate::quantize::write_quantized(&ckpt, staging.path(), &opts)?;
+    staging.install(&a.out)?;
+    let bytes: Vec<String> = summary.bytes_by_dtype.iter().map(|(d, b)| format!("{d} {b}")).collect();
+    println!(
+        "wrote {} ({} linear modules quantized, {} tensors; bytes: {})",
+        a.out.display(),
+        summary.quantized_modules,
+        summary.tensors,
+        bytes.join(", ")
+    );
+    Ok(())
+}
+
+/// `n` deterministic pseudo-random prompts of `len` tokens in `0..vocab`.
+fn synthetic_prompts(n: usize, len: usize, vocab: usize) -> Vec<Vec<i64>> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((x >> 33) % vocab as u64) as i64
+                })
+                .collect()
+        })
+        .collect()
 }
 
 #[derive(Args, Debug, Clone)]

@@ -19,10 +19,11 @@
 //! still take the one-sequence import. Its entry contract is documented on
 //! `panguc_ir::session::BatchInterpSession`.
 
+use crate::frontend::quant::QuantType;
 use anyhow::{anyhow, Result};
 use panguc_ir::batch::{declare_step_inputs, paged_cache_type, StepInputs};
 use panguc_ir::op::{BinaryOp, ReduceOp, RopeKind, UnaryOp};
-use panguc_ir::{DType, Dim, Function, Module, Op, PanguConfig, TensorType, ValueId};
+use panguc_ir::{DType, Dim, Function, Module, Op, PanguConfig, ParamKind, TensorType, ValueId};
 
 /// How the attention of the imported functions stores and reads K/V.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +49,31 @@ pub const ACT: DType = DType::F32;
 /// checkpoint tensor (the checkpoint's, or the config's torch_dtype when
 /// compiling from the config alone).
 pub fn build_module(cfg: &PanguConfig, weight_dtype: &dyn Fn(&str) -> DType) -> Result<Module> {
-    build_module_with(cfg, weight_dtype, KvLayout::Contiguous)
+    build_module_with(cfg, weight_dtype, KvLayout::Contiguous, None)
+}
+
+/// How a quantized (msModelSlim) checkpoint's modules are computed.
+pub struct QuantPlan<'a> {
+    /// Quant type of a linear module by full name (`model.layers.0.self_attn.q_proj`).
+    pub linear: &'a dyn Fn(&str) -> QuantType,
+    /// Int8 KV cache (C8) with per-channel scales.
+    pub kv_int8: bool,
+    /// Whether a tensor is stored (a smoothed norm's optional bias).
+    pub has_tensor: &'a dyn Fn(&str) -> bool,
+}
+
+/// Build the module of a quantized checkpoint: every W8A8 / W8A8_DYNAMIC
+/// linear becomes its int8 form (quantize + `quant_matmul`, or
+/// `dynamic_quant` + `quant_matmul_per_token`) in place of the float
+/// matmul, a smoothed norm adds its bias, and with C8 the caches are int8
+/// (`quantize` on write, `dequantize` on read).
+pub fn build_quant_module(
+    cfg: &PanguConfig,
+    weight_dtype: &dyn Fn(&str) -> DType,
+    kv: KvLayout,
+    plan: &QuantPlan,
+) -> Result<Module> {
+    build_module_with(cfg, weight_dtype, kv, Some(plan))
 }
 
 /// Build the module over ragged batch steps with a paged KV cache of
@@ -59,15 +84,20 @@ pub fn build_batched_module(
     block_size: usize,
 ) -> Result<Module> {
     anyhow::ensure!(block_size > 0, "the KV block size must be positive");
-    build_module_with(cfg, weight_dtype, KvLayout::Paged { block_size })
+    build_module_with(cfg, weight_dtype, KvLayout::Paged { block_size }, None)
 }
 
-fn build_module_with(cfg: &PanguConfig, weight_dtype: &dyn Fn(&str) -> DType, kv: KvLayout) -> Result<Module> {
+fn build_module_with(
+    cfg: &PanguConfig,
+    weight_dtype: &dyn Fn(&str) -> DType,
+    kv: KvLayout,
+    quant: Option<&QuantPlan>,
+) -> Result<Module> {
     let mut module = Module::new("pangu_pro_moe", ENTRY_FN);
-    let layer = build_layer(cfg, &|rel| weight_dtype(&format!("model.layers.0.{rel}")), kv)
-        .map_err(|e| anyhow!("building @{LAYER_FN}: {e}"))?;
+    let layer_dtype = |rel: &str| weight_dtype(&format!("model.layers.0.{rel}"));
+    let layer = build_layer(cfg, &layer_dtype, kv, quant).map_err(|e| anyhow!("building @{LAYER_FN}: {e}"))?;
     module.add_function(layer);
-    let entry = build_entry(cfg, weight_dtype, &module, kv).map_err(|e| anyhow!("building @{ENTRY_FN}: {e}"))?;
+    let entry = build_entry(cfg, weight_dtype, &module, kv, quant).map_err(|e| anyhow!("building @{ENTRY_FN}: {e}"))?;
     module.add_function(entry);
     panguc_ir::verify::verify_module(&module).map_err(|e| anyhow!("imported module fails verification: {e}"))?;
     Ok(module)
@@ -79,6 +109,12 @@ type R<T> = std::result::Result<T, String>;
 struct B<'a> {
     f: Function,
     module: Option<&'a Module>,
+    /// Stored dtype of a weight, by the name the function binds.
+    dtype: &'a dyn Fn(&str) -> DType,
+    /// The checkpoint prefix of the function's weights (`model.layers.0.`
+    /// for the layer function, whose layers share one plan).
+    prefix: &'a str,
+    quant: Option<&'a QuantPlan<'a>>,
 }
 
 impl B<'_> {
@@ -108,9 +144,112 @@ impl B<'_> {
     fn linear(&mut self, x: ValueId, w: ValueId, name: &str) -> R<ValueId> {
         self.op(Op::MatMul { transpose_b: true }, &[x, w], name)
     }
-    /// `x @ w^T + b` with the bias cast to the activation dtype.
-    fn linear_bias(&mut self, x: ValueId, w: ValueId, b: ValueId, name: &str) -> R<ValueId> {
-        let y = self.linear(x, w, &format!("{name}_mm"))?;
+    /// A weight tensor of the function, typed with its stored dtype.
+    fn stored_weight(&mut self, tensor: &str, shape: &[usize]) -> ValueId {
+        let dtype = (self.dtype)(tensor);
+        self.weight(tensor, shape, dtype)
+    }
+    /// The checkpoint tensor a weight parameter is bound to (relative to the prefix).
+    fn tensor_of(&self, w: ValueId) -> R<String> {
+        self.f
+            .weight_params()
+            .find(|(p, _)| p.value == w)
+            .map(|(_, t)| t.to_string())
+            .ok_or_else(|| format!("%{} is not a weight", self.f.name_of(w)))
+    }
+    /// Quant type of the linear modules whose weights are `ws` (all must agree).
+    fn scheme(&self, ws: &[ValueId]) -> R<(QuantType, Vec<String>)> {
+        let modules = ws
+            .iter()
+            .map(|w| {
+                let t = self.tensor_of(*w)?;
+                t.strip_suffix(".weight").map(str::to_string).ok_or_else(|| format!("`{t}` is not a linear weight"))
+            })
+            .collect::<R<Vec<_>>>()?;
+        let Some(plan) = self.quant else { return Ok((QuantType::Float, modules)) };
+        let first = (plan.linear)(&format!("{}{}", self.prefix, modules[0]));
+        for m in &modules[1..] {
+            let this = (plan.linear)(&format!("{}{m}", self.prefix));
+            if this != first {
+                return Err(format!(
+                    "`{}{m}` is {this} but `{}{}` is {first}: experts stacked into one matmul need one quant type",
+                    self.prefix, self.prefix, modules[0]
+                ));
+            }
+        }
+        Ok((first, modules))
+    }
+    /// One tensor per module (`module.suffix`), stacked along a new axis 0
+    /// when there are several (per-expert scales).
+    fn per_module(&mut self, modules: &[String], suffix: &str, shape: &[usize], name: &str) -> R<ValueId> {
+        let parts: Vec<ValueId> = modules.iter().map(|m| self.stored_weight(&format!("{m}.{suffix}"), shape)).collect();
+        if parts.len() == 1 {
+            return Ok(parts[0]);
+        }
+        self.op(Op::Stack { axis: 0 }, &parts, name)
+    }
+    /// `x @ w^T` where `w` is one linear weight or the stack of `parts`
+    /// (per-expert `[n, k]` weights), in the form the modules' quant type
+    /// asks for: FLOAT: the float matmul; W8A8_DYNAMIC: per-token
+    /// `dynamic_quant` and `quant_matmul_per_token` with the per-channel
+    /// `weight_scale`; W8A8: `quantize` with the per-tensor
+    /// `input_scale`/`input_offset`, then `quant_matmul` with `quant_bias`
+    /// and `deq_scale`.
+    fn any_linear(&mut self, x: ValueId, w: ValueId, parts: &[ValueId], name: &str) -> R<ValueId> {
+        let (scheme, modules) = self.scheme(parts)?;
+        let stacked = parts.len() > 1;
+        let n = self.f.ty(parts[0]).shape[0].as_const().ok_or("symbolic linear weight rows")?;
+        // Per-channel scales: [n], stacked to [E, n].
+        let mut per_channel = if stacked { vec![Dim::c(parts.len())] } else { vec![] };
+        per_channel.push(Dim::c(n));
+        match scheme {
+            QuantType::Float | QuantType::C8 => self.linear(x, w, name),
+            QuantType::W8A8Dynamic => {
+                let ws = self.per_module(&modules, "weight_scale", &[n, 1], &format!("{name}_wscale_stack"))?;
+                let scale = self.reshape(ws, per_channel, &format!("{name}_wscale"))?;
+                let q = self.f.push_node(
+                    self.module,
+                    Op::DynamicQuant,
+                    &[x],
+                    &[&format!("{name}_xq"), &format!("{name}_xscale")],
+                )?;
+                self.op(Op::QuantMatMulPerToken, &[q[0], w, scale, q[1]], name)
+            }
+            QuantType::W8A8 => {
+                // Per-tensor activation scale, [E, 1, 1] per expert when stacked
+                // (one quantized copy of the activation per expert).
+                let act_shape = if stacked { vec![Dim::c(parts.len()), Dim::c(1), Dim::c(1)] } else { vec![Dim::c(1)] };
+                let s = self.per_module(&modules, "input_scale", &[1], &format!("{name}_iscale_stack"))?;
+                let s = self.reshape(s, act_shape.clone(), &format!("{name}_iscale"))?;
+                let o = self.per_module(&modules, "input_offset", &[1], &format!("{name}_ioffset_stack"))?;
+                let o = self.reshape(o, act_shape, &format!("{name}_ioffset"))?;
+                let xq = self.op(Op::Quantize, &[x, s, o], &format!("{name}_xq"))?;
+                let qb = self.per_module(&modules, "quant_bias", &[n], &format!("{name}_qbias"))?;
+                let deq = self.per_module(&modules, "deq_scale", &[n], &format!("{name}_deq"))?;
+                self.op(Op::QuantMatMul, &[xq, w, qb, deq], name)
+            }
+        }
+    }
+    /// [`B::any_linear`] of one weight plus a float bias; a static W8A8
+    /// module's bias is already folded into its quant_bias.
+    fn any_linear_bias(&mut self, x: ValueId, w: ValueId, bias: ValueId, name: &str) -> R<ValueId> {
+        if self.scheme(&[w])?.0 == QuantType::W8A8 {
+            return self.any_linear(x, w, &[w], name);
+        }
+        let y = self.any_linear(x, w, &[w], &format!("{name}_mm"))?;
+        let bf = self.cast_to_act(bias, &format!("{name}_bias"))?;
+        self.bin(BinaryOp::Add, y, bf, name)
+    }
+    /// RMSNorm, plus the bias of a smoothed norm when a quantized
+    /// checkpoint stores one (`RMSNorm(x) * w + b`).
+    fn norm(&mut self, x: ValueId, w: ValueId, eps: f64, name: &str) -> R<ValueId> {
+        let weight = self.tensor_of(w)?;
+        let bias = weight.strip_suffix(".weight").map(|n| format!("{n}.bias"));
+        let stored = |t: &String| self.quant.is_some_and(|p| (p.has_tensor)(&format!("{}{t}", self.prefix)));
+        let Some(bias) = bias.filter(stored) else { return self.rms_norm(x, w, eps, name) };
+        let y = self.rms_norm(x, w, eps, &format!("{name}_unbiased"))?;
+        let shape: Vec<usize> = self.f.ty(w).shape.iter().map(|d| d.as_const().unwrap_or(0)).collect();
+        let b = self.stored_weight(&bias, &shape);
         let bf = self.cast_to_act(b, &format!("{name}_bias"))?;
         self.bin(BinaryOp::Add, y, bf, name)
     }
@@ -191,6 +330,17 @@ pub fn declare_layer_params_with(
     dtype: &dyn Fn(&str) -> DType,
     kv: KvLayout,
 ) -> R<LayerParams> {
+    declare_layer_params_full(f, cfg, dtype, kv, false)
+}
+
+/// [`declare_layer_params_with`], with int8 (C8) caches when `kv_int8`.
+fn declare_layer_params_full(
+    f: &mut Function,
+    cfg: &PanguConfig,
+    dtype: &dyn Fn(&str) -> DType,
+    kv: KvLayout,
+    kv_int8: bool,
+) -> R<LayerParams> {
     let (t, d) = (Dim::tokens(), cfg.head_dim());
     let act = |shape: Vec<Dim>| TensorType::new(ACT, shape);
     let h = f.add_input("h", act(vec![t.clone(), Dim::c(cfg.hidden_size)]));
@@ -203,7 +353,7 @@ pub fn declare_layer_params_with(
     };
     let rope_cos = f.add_input("rope_cos", act(vec![t.clone(), Dim::c(d)]));
     let rope_sin = f.add_input("rope_sin", act(vec![t.clone(), Dim::c(d)]));
-    let cache_ty = cache_type(cfg, kv);
+    let cache_ty = cache_type(cfg, kv, kv_int8);
     let k_cache = f.add_input("k_cache", cache_ty.clone());
     let v_cache = f.add_input("v_cache", cache_ty);
     let mut ids = std::collections::HashMap::new();
@@ -249,23 +399,30 @@ pub fn declare_layer_params_with(
     })
 }
 
-/// Type of one layer's K or V cache input.
-fn cache_type(cfg: &PanguConfig, kv: KvLayout) -> TensorType {
+/// Type of one layer's K or V cache input: activations, or int8 for C8.
+fn cache_type(cfg: &PanguConfig, kv: KvLayout, kv_int8: bool) -> TensorType {
     let (d, kvh) = (cfg.head_dim(), cfg.num_key_value_heads);
+    let dtype = if kv_int8 { DType::I8 } else { ACT };
     match kv {
-        KvLayout::Contiguous => TensorType::new(ACT, vec![Dim::past(), Dim::c(kvh), Dim::c(d)]),
-        KvLayout::Paged { block_size } => paged_cache_type(ACT, block_size, kvh, d),
+        KvLayout::Contiguous => TensorType::new(dtype, vec![Dim::past(), Dim::c(kvh), Dim::c(d)]),
+        KvLayout::Paged { block_size } => paged_cache_type(dtype, block_size, kvh, d),
     }
 }
 
-fn build_layer(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, kv: KvLayout) -> R<Function> {
+fn build_layer(
+    cfg: &PanguConfig,
+    dtype: &dyn Fn(&str) -> DType,
+    kv: KvLayout,
+    quant: Option<&QuantPlan>,
+) -> R<Function> {
     let (nh, kvh, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim());
     let (e, g, epg) = (cfg.num_experts, cfg.num_groups(), cfg.experts_per_group());
     let eps = cfg.rms_norm_eps;
     let t = Dim::tokens();
-    let mut b = B { f: Function::new(LAYER_FN), module: None };
+    let mut b = B { f: Function::new(LAYER_FN), module: None, dtype, prefix: "model.layers.0.", quant };
 
-    let p = declare_layer_params_with(&mut b.f, cfg, dtype, kv)?;
+    let kv_int8 = quant.is_some_and(|q| q.kv_int8);
+    let p = declare_layer_params_full(&mut b.f, cfg, dtype, kv, kv_int8)?;
     let (x, pos, cos, sin, k_cache, v_cache) = (p.h, p.positions, p.rope_cos, p.rope_sin, p.k_cache, p.v_cache);
     let (ln1, ln2, wg, rscale) = (p.input_norm, p.post_attention_norm, p.router, p.router_scale);
     let (wq, wk, wv, wo) = (p.q_proj, p.k_proj, p.v_proj, p.o_proj);
@@ -273,10 +430,10 @@ fn build_layer(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, kv: KvLayout) -
     let (experts, sg, su, sd) = (p.experts, p.shared_gate, p.shared_up, p.shared_down);
 
     // ---- attention ----
-    let a = b.rms_norm(x, ln1, eps, "attn_norm")?;
-    let q = b.linear_bias(a, wq, bq, "q")?;
-    let k = b.linear_bias(a, wk, bk, "k")?;
-    let v = b.linear_bias(a, wv, bv, "v")?;
+    let a = b.norm(x, ln1, eps, "attn_norm")?;
+    let q = b.any_linear_bias(a, wq, bq, "q")?;
+    let k = b.any_linear_bias(a, wk, bk, "k")?;
+    let v = b.any_linear_bias(a, wv, bv, "v")?;
     let q3 = b.reshape(q, vec![t.clone(), Dim::c(nh), Dim::c(d)], "q_heads")?;
     let k3 = b.reshape(k, vec![t.clone(), Dim::c(kvh), Dim::c(d)], "k_heads")?;
     let v3 = b.reshape(v, vec![t.clone(), Dim::c(kvh), Dim::c(d)], "v_heads")?;
@@ -284,27 +441,60 @@ fn build_layer(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, kv: KvLayout) -
     let sin3 = b.reshape(sin, vec![t.clone(), Dim::c(1), Dim::c(d)], "rope_sin_b")?;
     let qr = b.rope(q3, cos3, sin3, d, "q_rope")?;
     let kr = b.rope(k3, cos3, sin3, d, "k_rope")?;
+    // With an int8 (C8) cache the new rows are quantized per channel on
+    // write, and attention reads the dequantized cache.
+    let c8 = if kv_int8 {
+        let mut scale = |proj: &str, what: &str| -> R<ValueId> {
+            let w = b.stored_weight(&format!("self_attn.{proj}.kv_cache_{what}"), &[kvh * d]);
+            b.reshape(w, vec![Dim::c(kvh), Dim::c(d)], &format!("{}_cache_{what}", &proj[..1]))
+        };
+        Some([
+            scale("k_proj", "scale")?,
+            scale("k_proj", "offset")?,
+            scale("v_proj", "scale")?,
+            scale("v_proj", "offset")?,
+        ])
+    } else {
+        None
+    };
+    let (k_new, v_new) = match c8 {
+        Some([ks, ko, vs, vo]) => {
+            (b.op(Op::Quantize, &[kr, ks, ko], "k_q")?, b.op(Op::Quantize, &[v3, vs, vo], "v_q")?)
+        }
+        None => (kr, v3),
+    };
+    let read = |b: &mut B, all: [ValueId; 2]| -> R<[ValueId; 2]> {
+        match c8 {
+            Some([ks, ko, vs, vo]) => Ok([
+                b.op(Op::Dequantize, &[all[0], ks, ko], "k_read")?,
+                b.op(Op::Dequantize, &[all[1], vs, vo], "v_read")?,
+            ]),
+            None => Ok(all),
+        }
+    };
     let (ctx2, k_all, v_all) = match p.step {
         None => {
-            let k_all = b.op(Op::Concat { axis: 0 }, &[k_cache, kr], "k_all")?;
-            let v_all = b.op(Op::Concat { axis: 0 }, &[v_cache, v3], "v_all")?;
-            (contiguous_attention(&mut b, cfg, qr, k_all, v_all, pos)?, k_all, v_all)
+            let k_all = b.op(Op::Concat { axis: 0 }, &[k_cache, k_new], "k_all")?;
+            let v_all = b.op(Op::Concat { axis: 0 }, &[v_cache, v_new], "v_all")?;
+            let [k_read, v_read] = read(&mut b, [k_all, v_all])?;
+            (contiguous_attention(&mut b, cfg, qr, k_read, v_read, pos)?, k_all, v_all)
         }
         Some(step) => {
-            let k_all = b.op(Op::KvCacheWrite, &[k_cache, kr, step.slot_mapping], "k_all")?;
-            let v_all = b.op(Op::KvCacheWrite, &[v_cache, v3, step.slot_mapping], "v_all")?;
+            let k_all = b.op(Op::KvCacheWrite, &[k_cache, k_new, step.slot_mapping], "k_all")?;
+            let v_all = b.op(Op::KvCacheWrite, &[v_cache, v_new, step.slot_mapping], "v_all")?;
+            let [k_read, v_read] = read(&mut b, [k_all, v_all])?;
             let meta = [step.block_table, step.query_start_loc, step.context_lens];
             let att = Op::PagedAttention { scale: 1.0 / (d as f64).sqrt() };
-            let ctx = b.op(att, &[&[qr, k_all, v_all][..], &meta].concat(), "attn_ctx")?;
+            let ctx = b.op(att, &[&[qr, k_read, v_read][..], &meta].concat(), "attn_ctx")?;
             (b.reshape(ctx, vec![t.clone(), Dim::c(nh * d)], "attn_out")?, k_all, v_all)
         }
     };
-    let o = b.linear_bias(ctx2, wo, bo, "o")?;
+    let o = b.any_linear_bias(ctx2, wo, bo, "o")?;
     let h1 = b.bin(BinaryOp::Add, x, o, "h_attn")?;
 
     // ---- MoE: routing ----
-    let m = b.rms_norm(h1, ln2, eps, "moe_norm")?;
-    let logits = b.linear(m, wg, "router_logits")?;
+    let m = b.norm(h1, ln2, eps, "moe_norm")?;
+    let logits = b.any_linear(m, wg, &[wg], "router_logits")?;
     let p = b.op(Op::Softmax { axis: 1 }, &[logits], "router_probs")?;
     let pg = b.reshape(p, vec![t.clone(), Dim::c(g), Dim::c(epg)], "router_groups")?;
     let gmax = b.op(Op::Reduce { op: ReduceOp::Max, axis: 2, keepdim: false }, &[pg], "group_max")?;
@@ -320,31 +510,35 @@ fn build_layer(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, kv: KvLayout) -
     let ew3 = b.reshape(ew, vec![t.clone(), Dim::c(g), Dim::c(1)], "expert_weights_b")?;
     let dense = b.bin(BinaryOp::Mul, oh, ew3, "combine_slots")?;
     let combine = b.op(Op::Reduce { op: ReduceOp::Sum, axis: 1, keepdim: false }, &[dense], "combine")?;
-    let stack = |b: &mut B, j: usize, name: &str| -> R<ValueId> {
-        let parts: Vec<ValueId> = experts.iter().map(|ex| ex[j]).collect();
-        b.op(Op::Stack { axis: 0 }, &parts, name)
-    };
-    let wg_all = stack(&mut b, 0, "experts_gate_w")?;
-    let wu_all = stack(&mut b, 1, "experts_up_w")?;
-    let wd_all = stack(&mut b, 2, "experts_down_w")?;
-    let eg = b.linear(m, wg_all, "experts_gate")?;
-    let eu = b.linear(m, wu_all, "experts_up")?;
+    let parts = |j: usize| -> Vec<ValueId> { experts.iter().map(|ex| ex[j]).collect() };
+    let (gate_parts, up_parts, down_parts) = (parts(0), parts(1), parts(2));
+    let wg_all = b.op(Op::Stack { axis: 0 }, &gate_parts, "experts_gate_w")?;
+    let wu_all = b.op(Op::Stack { axis: 0 }, &up_parts, "experts_up_w")?;
+    let wd_all = b.op(Op::Stack { axis: 0 }, &down_parts, "experts_down_w")?;
+    let eg = b.any_linear(m, wg_all, &gate_parts, "experts_gate")?;
+    let eu = b.any_linear(m, wu_all, &up_parts, "experts_up")?;
     let es = b.silu(eg, "experts_silu")?;
     let ea = b.bin(BinaryOp::Mul, es, eu, "experts_act")?;
-    let ey = b.linear(ea, wd_all, "experts_out")?;
+    let ey = b.any_linear(ea, wd_all, &down_parts, "experts_out")?;
     let cw = b.op(Op::Transpose { perm: vec![1, 0] }, &[combine], "combine_t")?;
     let cw3 = b.reshape(cw, vec![Dim::c(e), t.clone(), Dim::c(1)], "combine_b")?;
     let ewy = b.bin(BinaryOp::Mul, ey, cw3, "experts_weighted")?;
     let routed = b.op(Op::Reduce { op: ReduceOp::Sum, axis: 0, keepdim: false }, &[ewy], "routed")?;
     // ---- MoE: shared expert (ungated) ----
-    let shg = b.linear(m, sg, "shared_gate")?;
-    let shu = b.linear(m, su, "shared_up")?;
+    let shg = b.any_linear(m, sg, &[sg], "shared_gate")?;
+    let shu = b.any_linear(m, su, &[su], "shared_up")?;
     let shs = b.silu(shg, "shared_silu")?;
     let sha = b.bin(BinaryOp::Mul, shs, shu, "shared_act")?;
-    let shy = b.linear(sha, sd, "shared_out")?;
+    let shy = b.any_linear(sha, sd, &[sd], "shared_out")?;
     let y = b.bin(BinaryOp::Add, routed, shy, "moe_out")?;
     let h2 = b.bin(BinaryOp::Add, h1, y, "h_out")?;
     b.f.outputs = vec![h2, k_all, v_all];
+    if quant.is_some() {
+        // A static W8A8 module's float bias is folded into its quant_bias
+        // (and not stored): drop the weight parameters nothing reads.
+        let uses = b.f.use_counts();
+        b.f.params.retain(|p| p.kind == ParamKind::Input || uses[p.value.index()] > 0);
+    }
     Ok(b.f)
 }
 
@@ -377,10 +571,17 @@ fn contiguous_attention(
     b.reshape(ctx_t, vec![t, Dim::c(nh * d)], "attn_out")
 }
 
-fn build_entry(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, module: &Module, kv: KvLayout) -> R<Function> {
+fn build_entry(
+    cfg: &PanguConfig,
+    dtype: &dyn Fn(&str) -> DType,
+    module: &Module,
+    kv: KvLayout,
+    quant: Option<&QuantPlan>,
+) -> R<Function> {
     let (v, h, d) = (cfg.vocab_size, cfg.hidden_size, cfg.head_dim());
     let t = Dim::tokens();
-    let mut b = B { f: Function::new(ENTRY_FN), module: Some(module) };
+    let mut b = B { f: Function::new(ENTRY_FN), module: Some(module), dtype, prefix: "", quant };
+    let kv_int8 = quant.is_some_and(|q| q.kv_int8);
     let ids = b.f.add_input("ids", TensorType::new(DType::I64, vec![t.clone()]));
     // The layer's metadata arguments: positions, or the whole step.
     let meta: Vec<ValueId> = match kv {
@@ -391,7 +592,7 @@ fn build_entry(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, module: &Module
         }
     };
     let pos = meta[0];
-    let cache_ty = cache_type(cfg, kv);
+    let cache_ty = cache_type(cfg, kv, kv_int8);
     let mut caches = vec![];
     for l in 0..cfg.num_hidden_layers {
         let k = b.f.add_input(&format!("k_cache.{l}"), cache_ty.clone());
@@ -417,8 +618,8 @@ fn build_entry(cfg: &PanguConfig, dtype: &dyn Fn(&str) -> DType, module: &Module
         x = outs[0];
         new_caches.extend([outs[1], outs[2]]);
     }
-    let hn = b.rms_norm(x, norm, cfg.rms_norm_eps, "final_norm")?;
-    let logits = b.linear(hn, head, "logits")?;
+    let hn = b.norm(x, norm, cfg.rms_norm_eps, "final_norm")?;
+    let logits = b.any_linear(hn, head, &[head], "logits")?;
     b.f.outputs = std::iter::once(logits).chain(new_caches).collect();
     Ok(b.f)
 }

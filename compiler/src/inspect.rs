@@ -36,6 +36,39 @@ pub struct Summary {
     /// checkpoint) rather than measured from the files.
     pub bytes_estimated: bool,
     pub unexpected_tensors: Vec<UnexpectedTensor>,
+    /// The msModelSlim scheme of a quantized checkpoint (absent for float ones).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<QuantSummary>,
+}
+
+/// How a quantized checkpoint's linear modules are stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantSummary {
+    pub description: String,
+    pub model_quant_type: String,
+    /// "C8" for an int8 KV cache.
+    pub kv_cache_type: Option<String>,
+    /// Module kind (layer and expert numbers as `*`) → quant type → module count.
+    pub modules: BTreeMap<String, BTreeMap<String, usize>>,
+}
+
+fn quant_summary(ckpt: &Checkpoint) -> Option<QuantSummary> {
+    let q = ckpt.quant()?;
+    let mut modules: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    for spec in ckpt.config().expected_tensors() {
+        if let Some(module) = crate::frontend::quant::linear_module(&spec.name, &spec.shape) {
+            // Validated on open, so every linear has a type.
+            let ty = q.linear_type(module).map(|t| t.name().to_string()).unwrap_or_else(|_| "?".into());
+            let kind = crate::frontend::quant::module_kind(module);
+            *modules.entry(kind).or_default().entry(ty).or_insert(0) += 1;
+        }
+    }
+    Some(QuantSummary {
+        description: q.path.display().to_string(),
+        model_quant_type: q.model_quant_type.name().to_string(),
+        kv_cache_type: q.kv_int8.then(|| "C8".to_string()),
+        modules,
+    })
 }
 
 /// The dtype weights would be stored in according to `torch_dtype`
@@ -76,6 +109,7 @@ pub fn summary(ckpt: &Checkpoint) -> Summary {
         bytes_by_dtype,
         bytes_estimated,
         unexpected_tensors: ckpt.unexpected_tensors().to_vec(),
+        quantization: quant_summary(ckpt),
     }
 }
 
@@ -141,6 +175,14 @@ pub fn render_text(s: &Summary) -> String {
         s.total_bytes as f64 / 1e9,
         by_dtype.join(", ")
     );
+    if let Some(q) = &s.quantization {
+        let kv = q.kv_cache_type.as_deref().map(|t| format!(", KV cache {t} (int8)")).unwrap_or_default();
+        let _ = writeln!(o, "quantization   {} (msModelSlim){kv}", q.model_quant_type);
+        for (kind, types) in &q.modules {
+            let list: Vec<String> = types.iter().map(|(t, n)| format!("{t} x{n}")).collect();
+            let _ = writeln!(o, "               {kind}: {}", list.join(", "));
+        }
+    }
     if s.unexpected_tensors.is_empty() {
         let _ = writeln!(o, "unexpected     none");
     } else {

@@ -17,11 +17,15 @@ pub mod import;
 #[cfg(feature = "driver")]
 pub mod inspect;
 #[cfg(feature = "driver")]
+pub mod outliers;
+#[cfg(feature = "driver")]
 pub mod package_build;
 #[cfg(feature = "driver")]
 pub mod partition_build;
 #[cfg(feature = "driver")]
 pub mod pipeline;
+#[cfg(feature = "driver")]
+pub mod quantize;
 #[cfg(feature = "driver")]
 pub mod run_batch;
 #[cfg(feature = "driver")]

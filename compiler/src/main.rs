@@ -31,6 +31,9 @@ enum Command {
     Run(cli::RunArgs),
     /// Compile a model into a package for the given targets.
     Compile(cli::CompileArgs),
+    /// Write an int8 (W8A8 / W8A8_DYNAMIC, optional C8 KV cache) checkpoint
+    /// in msModelSlim's format from a float checkpoint.
+    Quantize(cli::QuantizeArgs),
     /// Hash every file of a package against its manifest and record the
     /// verification stamp that later opens trust.
     Verify(cli::VerifyArgs),
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Command::DumpIr(a) => cli::dump_ir(a),
         Command::Run(a) => cli::run(a),
         Command::Compile(a) => cli::compile(a),
+        Command::Quantize(a) => cli::quantize(a),
         Command::Verify(a) => cli::verify(a),
         Command::Bench(a) => cli::bench(a),
     };

@@ -6,6 +6,8 @@ use crate::op::{CollectiveKind, Op, ReduceOp};
 use crate::shape::{Dim, TensorType};
 use crate::DType;
 
+mod quant;
+
 type R<T> = Result<T, String>;
 
 fn expect_arity(op: &Op, args: &[&TensorType], n: usize) -> R<()> {
@@ -366,7 +368,10 @@ pub fn infer_types(op: &Op, args: &[&TensorType], module: Option<&Module>) -> R<
         Op::KvCacheWrite => {
             expect_arity(op, args, 3)?;
             let (cache, new, slots) = (args[0], args[1], args[2]);
-            expect_float(cache, "kv cache")?;
+            // An int8 cache (C8) stores rows quantized by `quantize`.
+            if !(cache.dtype.is_float() || cache.dtype == DType::I8) {
+                return Err(format!("kv cache must be a float or i8 tensor, found {cache}"));
+            }
             expect_rank(cache, 4, "kv cache [num_blocks, block_size, kv_heads, head_dim]")?;
             expect_rank(new, 3, "new kv rows [tokens, kv_heads, head_dim]")?;
             if new.dtype != cache.dtype {
@@ -549,6 +554,12 @@ pub fn infer_types(op: &Op, args: &[&TensorType], module: Option<&Module>) -> R<
             }
             one(TensorType::new(first.dtype, shape))
         }
+        Op::Quantize
+        | Op::Dequantize
+        | Op::DynamicQuant
+        | Op::QuantMatMul
+        | Op::QuantMatMulPerToken
+        | Op::GroupedQuantMatMul => quant::infer(op, args),
         Op::Collective { kind, group, axis } => {
             expect_arity(op, args, 1)?;
             let x = args[0];

@@ -4,6 +4,7 @@
 //! positions, expert indices) are held as i64.
 
 pub mod batched;
+pub mod quant;
 
 use crate::graph::{Function, Module, ParamKind};
 use crate::kernels as k;
@@ -67,7 +68,7 @@ impl<'a> Interpreter<'a> {
                 }
                 ParamKind::Weight { tensor } => {
                     let shape = v.ty.concrete_shape(&bindings).map_err(|e| anyhow!(e))?;
-                    self.weight(&format!("{prefix}{tensor}"), &shape)?
+                    self.weight(&format!("{prefix}{tensor}"), &shape, v.ty.dtype.is_int())?
                 }
             };
             env[p.value.index()] = Some(t);
@@ -99,11 +100,15 @@ impl<'a> Interpreter<'a> {
         Ok(f.outputs.iter().map(|o| env[o.index()].as_ref().expect("verified output").as_ref().clone()).collect())
     }
 
-    fn weight(&self, full_name: &str, shape: &[usize]) -> Result<Rc<Tensor>> {
+    /// A weight, converted once: floats to f32, integers (int8 weights,
+    /// int32 biases, int64-encoded scales) exactly to i64.
+    fn weight(&self, full_name: &str, shape: &[usize], integer: bool) -> Result<Rc<Tensor>> {
         if let Some(t) = self.cache.borrow().get(full_name) {
             return Ok(t.clone());
         }
-        let t = Rc::new(self.weights.load_f32(full_name, shape)?);
+        let loaded =
+            if integer { self.weights.load_i64(full_name, shape)? } else { self.weights.load_f32(full_name, shape)? };
+        let t = Rc::new(loaded);
         self.cache.borrow_mut().insert(full_name.to_string(), t.clone());
         Ok(t)
     }
@@ -278,6 +283,12 @@ pub fn eval_pure(op: &Op, a: &[&Tensor]) -> Result<Vec<Tensor>, String> {
         }
         Op::MoeGroupedFfn => one(batched::moe_grouped_ffn(a)?),
         Op::FusedElementwise { expr } => one(fused_elementwise(expr, a)?),
+        Op::Quantize => one(quant::quantize(a[0], a[1], a[2])?),
+        Op::Dequantize => one(quant::dequantize(a[0], a[1], a[2])?),
+        Op::DynamicQuant => quant::dynamic_quant(a[0]),
+        Op::QuantMatMul => one(quant::quant_matmul(a[0], a[1], a[2], a[3])?),
+        Op::QuantMatMulPerToken => one(quant::quant_matmul_per_token(a[0], a[1], a[2], a[3])?),
+        Op::GroupedQuantMatMul => one(quant::grouped_quant_matmul(a[0], a[1], a[2], a[3], a[4])?),
         // A collective exchanges data with other ranks; without a
         // communicator there are none, and treating it as the identity would
         // silently compute one rank's partial result as if it were the model's.

@@ -37,6 +37,14 @@ pub trait WeightSource {
     /// implementation must fail with a message naming the tensor (and file)
     /// when the stored tensor is missing or has a different shape.
     fn load_f32(&self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor>;
+
+    /// Load integer tensor `name` (int8 weights, int32 `quant_bias`, int64
+    /// `deq_scale` words) exactly, as i64 values. Sources that hold no
+    /// integer tensors keep this default, which names the tensor.
+    fn load_i64(&self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor> {
+        let _ = shape;
+        anyhow::bail!("weight `{name}` is an integer tensor, which this weight source cannot load")
+    }
 }
 
 impl WeightSource for std::collections::HashMap<String, Tensor> {
@@ -44,5 +52,9 @@ impl WeightSource for std::collections::HashMap<String, Tensor> {
         let t = self.get(name).ok_or_else(|| anyhow::anyhow!("weight `{name}` is missing"))?;
         anyhow::ensure!(t.shape == shape, "weight `{name}` has shape {:?}, expected {shape:?}", t.shape);
         Ok(t.clone())
+    }
+
+    fn load_i64(&self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor> {
+        self.load_f32(name, shape)
     }
 }

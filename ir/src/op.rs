@@ -154,6 +154,28 @@ pub enum Op {
     PagedAttention {
         scale: f64,
     },
+    // ---- int8 quantization (docs/quantization.md; meaning in `interp::quant`) ----
+    /// `(x float, scale float, offset float) -> i8[broadcast]`:
+    /// `clamp(round_half_even(x / scale + offset), -128, 127)`, numpy
+    /// broadcasting: per tensor (`[1]`, static W8A8 activations), per
+    /// channel (the int8 KV cache), per expert (`[E, 1, 1]`).
+    Quantize,
+    /// `(q i8, scale float, offset float) -> f32[broadcast]`: `(q - offset) * scale`.
+    Dequantize,
+    /// `(x f32[..., K]) -> (q i8[..., K], scale f32[...])`: per-token
+    /// dynamic quantization, `scale = max_k |x| / 127`,
+    /// `q = clamp(round_half_even(x / scale), -128, 127)` (zeros for a zero row).
+    DynamicQuant,
+    /// `(xq i8[..., M, K], w i8[..., N, K], quant_bias i32[..., N], deq_scale f32|i64[..., N])
+    ///   -> f32[..., M, N]`: static W8A8, `f32(xq w^T + quant_bias) * deq_scale`;
+    /// an i64 `deq_scale` carries the f32 bits in its low 32 bits. Batch dims
+    /// as in `QuantMatMulPerToken`.
+    QuantMatMul,
+    /// `(xq i8[..., M, K], w i8[..., N, K], w_scale float[..., N], x_scale f32[..., M]) -> f32[..., M, N]`:
+    /// W8A8_DYNAMIC, `f32(xq w^T) * w_scale[n] * x_scale[m]`. An operand
+    /// without batch dims is shared by every batch entry (one activation
+    /// against stacked expert weights).
+    QuantMatMulPerToken,
     /// Call of another function of the module. Weight parameters of the
     /// callee are bound to checkpoint tensors `weight_prefix + name`.
     Call {
@@ -230,6 +252,10 @@ pub enum Op {
     /// each optional skip term (shared expert output, residual) added in
     /// operand order.
     MoeFinalizeRouting,
+    /// `(xq i8[R, K], w i8[E, N, K], w_scale float[E, N], x_scale f32[R], counts int[E]) -> f32[R, N]`:
+    /// `GroupedMatmul` in W8A8_DYNAMIC form: row `r` of expert `e`'s block
+    /// gives `f32(xq[r] . w[e, n]) * w_scale[e, n] * x_scale[r]`.
+    GroupedQuantMatMul,
 
     // ---- fused ops of the lowering fusion plan (rules in panguc-lowering) ----
     /// `(x[T, H], w[(Hq+2*Hkv)*D, H], bias[(Hq+2*Hkv)*D], cos[T, D], sin[T, D],
@@ -337,6 +363,12 @@ impl Op {
             Op::MoeInitRouting { .. } => "moe_init_routing",
             Op::GroupedMatmul => "grouped_matmul",
             Op::MoeFinalizeRouting => "moe_finalize_routing",
+            Op::Quantize => "quantize",
+            Op::Dequantize => "dequantize",
+            Op::DynamicQuant => "dynamic_quant",
+            Op::QuantMatMul => "quant_matmul",
+            Op::QuantMatMulPerToken => "quant_matmul_per_token",
+            Op::GroupedQuantMatMul => "grouped_quant_matmul",
             Op::Collective { kind, .. } => match kind {
                 CollectiveKind::AllReduce => "all_reduce",
                 CollectiveKind::AllGather => "all_gather",
@@ -369,6 +401,7 @@ impl Op {
                 | Op::MoeInitRouting { .. }
                 | Op::GroupedMatmul
                 | Op::MoeFinalizeRouting
+                | Op::GroupedQuantMatMul
                 | Op::QkvRope { .. }
                 | Op::QkvRopeCacheWrite { .. }
                 | Op::MoeRouterTopK { .. }
@@ -441,7 +474,13 @@ impl Op {
             | Op::GroupedMatmulMoe
             | Op::KvCacheWrite
             | Op::GroupedMatmul
-            | Op::MoeFinalizeRouting => vec![],
+            | Op::MoeFinalizeRouting
+            | Op::Quantize
+            | Op::Dequantize
+            | Op::DynamicQuant
+            | Op::QuantMatMul
+            | Op::QuantMatMulPerToken
+            | Op::GroupedQuantMatMul => vec![],
         }
     }
 
@@ -510,6 +549,12 @@ impl Op {
             "moe_init_routing" => Op::MoeInitRouting { experts: attrs.usize("experts")? },
             "grouped_matmul" => Op::GroupedMatmul,
             "moe_finalize_routing" => Op::MoeFinalizeRouting,
+            "quantize" => Op::Quantize,
+            "dequantize" => Op::Dequantize,
+            "dynamic_quant" => Op::DynamicQuant,
+            "quant_matmul" => Op::QuantMatMul,
+            "quant_matmul_per_token" => Op::QuantMatMulPerToken,
+            "grouped_quant_matmul" => Op::GroupedQuantMatMul,
             "moe_gating_group_topk" => Op::MoeGatingGroupTopK { groups: attrs.usize("groups")? },
             "grouped_matmul_moe" => Op::GroupedMatmulMoe,
             "all_reduce" | "all_gather" | "reduce_scatter" | "all_to_all" => Op::Collective {

@@ -2,7 +2,8 @@
 //!
 //! The entry-function contract every importer and engine shares:
 //! inputs `ids: i64[tokens]`, `positions: i64[tokens]`, then for each layer
-//! `l` the caches `k_cache.l`, `v_cache.l: f32[past, kv_heads, head_dim]`;
+//! `l` the caches `k_cache.l`, `v_cache.l: f32[past, kv_heads, head_dim]`
+//! (`i8` for an int8 KV cache);
 //! outputs `logits: f32[tokens, vocab]`, then `k.l`, `v.l:
 //! f32[past+tokens, kv_heads, head_dim]` for each layer (the caches with the
 //! new tokens appended).
@@ -11,6 +12,20 @@ use crate::batch::StepMetadata;
 use crate::interp::Interpreter;
 use crate::tensor::Tensor;
 use anyhow::{ensure, Result};
+
+/// A zeroed cache of `shape` for the entry function's cache inputs (its
+/// last inputs): f32, or integers for an int8 (C8) cache, held as i64 like
+/// every integer tensor of the interpreter.
+fn empty_cache(interp: &Interpreter<'_>, shape: Vec<usize>) -> Tensor {
+    let entry = interp.module().entry_fn();
+    let int_cache = entry.input_params().last().is_some_and(|p| entry.ty(p.value).dtype.is_int());
+    if int_cache {
+        let n = shape.iter().product();
+        Tensor::i64(shape, vec![0; n])
+    } else {
+        Tensor::zeros(shape)
+    }
+}
 
 pub struct InterpSession<'a> {
     interp: Interpreter<'a>,
@@ -21,7 +36,7 @@ pub struct InterpSession<'a> {
 impl<'a> InterpSession<'a> {
     /// `kv_shape` is `[kv_heads, head_dim]`, `layers` the number of layers.
     pub fn new(interp: Interpreter<'a>, layers: usize, kv_shape: [usize; 2]) -> Self {
-        let empty = Tensor::zeros(vec![0, kv_shape[0], kv_shape[1]]);
+        let empty = empty_cache(&interp, vec![0, kv_shape[0], kv_shape[1]]);
         InterpSession { interp, caches: vec![empty; 2 * layers], past: 0 }
     }
 
@@ -71,7 +86,7 @@ impl<'a> BatchInterpSession<'a> {
         block_size: usize,
         kv_shape: [usize; 2],
     ) -> Self {
-        let empty = Tensor::zeros(vec![num_blocks, block_size, kv_shape[0], kv_shape[1]]);
+        let empty = empty_cache(&interp, vec![num_blocks, block_size, kv_shape[0], kv_shape[1]]);
         BatchInterpSession { interp, caches: vec![empty; 2 * layers], block_size }
     }
 

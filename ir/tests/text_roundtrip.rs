@@ -23,6 +23,13 @@ enum Step {
     PagedAttention(f64),
     /// Init routing, grouped matmul, finalize routing over the step's rows.
     BatchedMoe(usize),
+    /// Per-token dynamic quant and an int8 linear with per-channel scales.
+    W8A8Dynamic,
+    /// Static per-tensor quant and an int8 linear with quant_bias and a
+    /// deq_scale that is int64-encoded (true) or f32.
+    W8A8Static(bool),
+    /// Int8 KV rows: quantize, paged write into an i8 cache, dequantize.
+    KvInt8,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -39,6 +46,9 @@ fn step() -> impl Strategy<Value = Step> {
         Just(Step::Rope),
         (0.01f64..1.0).prop_map(Step::PagedAttention),
         (1usize..3).prop_map(|k| Step::BatchedMoe(2 * k)),
+        Just(Step::W8A8Dynamic),
+        any::<bool>().prop_map(Step::W8A8Static),
+        Just(Step::KvInt8),
     ]
 }
 
@@ -128,6 +138,41 @@ fn build(steps: &[Step]) -> Module {
                 let ew = f.add_weight(&n("ew"), &n("ew"), TensorType::new(DType::BF16, vec![Dim::c(8); 3]));
                 let y = f.op(Op::GroupedMatmul, &[rows, ew, counts], &n("y")).unwrap();
                 f.op(Op::MoeFinalizeRouting, &[y, w, row_idx, x], &name).unwrap()
+            }
+            Step::W8A8Dynamic => {
+                let n = |s: &str| format!("{name}_{s}");
+                let w = f.add_weight(&n("w"), &n("w"), TensorType::new(DType::I8, vec![Dim::c(8), Dim::c(8)]));
+                let ws = f.add_weight(&n("ws"), &n("ws"), TensorType::new(DType::BF16, vec![Dim::c(8)]));
+                let q = f.push_node(None, Op::DynamicQuant, &[x], &[&n("q"), &n("qs")]).unwrap();
+                f.op(Op::QuantMatMulPerToken, &[q[0], w, ws, q[1]], &name).unwrap()
+            }
+            Step::W8A8Static(encoded) => {
+                let n = |s: &str| format!("{name}_{s}");
+                let scalar = TensorType::new(DType::F16, vec![Dim::c(1)]);
+                let (scale, offset) =
+                    (f.add_weight(&n("s"), &n("s"), scalar.clone()), f.add_weight(&n("o"), &n("o"), scalar));
+                let w = f.add_weight(&n("w"), &n("w"), TensorType::new(DType::I8, vec![Dim::c(8), Dim::c(8)]));
+                let b = f.add_weight(&n("b"), &n("b"), TensorType::new(DType::I32, vec![Dim::c(8)]));
+                let deq_ty = if *encoded { DType::I64 } else { DType::F32 };
+                let deq = f.add_weight(&n("deq"), &n("deq"), TensorType::new(deq_ty, vec![Dim::c(8)]));
+                let xq = f.op(Op::Quantize, &[x, scale, offset], &n("xq")).unwrap();
+                f.op(Op::QuantMatMul, &[xq, w, b, deq], &name).unwrap()
+            }
+            Step::KvInt8 => {
+                let n = |s: &str| format!("{name}_{s}");
+                let chan = TensorType::new(DType::F32, vec![Dim::c(1), Dim::c(4)]);
+                let (scale, offset) =
+                    (f.add_weight(&n("s"), &n("s"), chan.clone()), f.add_weight(&n("o"), &n("o"), chan));
+                let cache = f.add_input(&n("cache"), panguc_ir::batch::paged_cache_type(DType::I8, 4, 1, 4));
+                let heads = vec![t.clone(), Dim::c(2), Dim::c(4)];
+                let r = f.op(Op::Reshape { shape: heads }, &[x], &n("r")).unwrap();
+                let row = f.op(Op::Slice { axis: 1, start: 0, end: 1 }, &[r], &n("row")).unwrap();
+                let q = f.op(Op::Quantize, &[row, scale, offset], &n("q")).unwrap();
+                let c = f.op(Op::KvCacheWrite, &[cache, q, step_in.slot_mapping], &n("c")).unwrap();
+                let _read = f.op(Op::Dequantize, &[c, scale, offset], &n("read")).unwrap();
+                let dq = f.op(Op::Dequantize, &[q, scale, offset], &n("dq")).unwrap();
+                let dq2 = f.op(Op::Concat { axis: 1 }, &[dq, dq], &n("dq2")).unwrap();
+                f.op(Op::Reshape { shape: vec![t.clone(), Dim::c(8)] }, &[dq2], &name).unwrap()
             }
         };
     }

@@ -137,6 +137,12 @@ define_language! {
         // Expanded rows, weights, row index, then any number of skip terms.
         "moe_finalize_routing" = MoeFinalizeRouting(Box<[Id]>),
         "fused_elementwise" = FusedElementwise(Box<[Id]>),
+        "quantize" = Quantize([Id; 3]),
+        "dequantize" = Dequantize([Id; 3]),
+        "dynamic_quant" = DynamicQuant(Id),
+        "quant_matmul" = QuantMatMul([Id; 4]),
+        "quant_matmul_per_token" = QuantMatMulPerToken([Id; 4]),
+        "grouped_quant_matmul" = GroupedQuantMatMul([Id; 5]),
         // ---- structure, not IR ops ----
         // `(proj i ?tuple)`: result `i` of a multi-result op.
         "proj" = Proj([Id; 2]),

@@ -8,6 +8,7 @@
 
 use super::convert::{self, dtype_name, ir_dtype, is_weight_dtype};
 use super::index::ShardIndex;
+use super::quant::{self as q, QuantDescription, QuantType};
 use super::shard::{Shard, ShardTensor};
 use super::{CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use anyhow::{bail, Context, Result};
@@ -76,6 +77,8 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     entries: HashMap<String, Entry>,
     unexpected: Vec<UnexpectedTensor>,
+    /// The msModelSlim description of a quantized checkpoint.
+    quant: Option<QuantDescription>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -105,7 +108,8 @@ impl Checkpoint {
         }
         let config_path = dir.join(CONFIG_FILE);
         let config = read_config(&config_path)?;
-        let layout = detect_layout(dir, opts.config_only)?;
+        let quant = QuantDescription::read_dir(dir)?;
+        let layout = detect_layout(dir, opts.config_only, quant.is_some())?;
         let mut ck = Checkpoint {
             dir: dir.to_path_buf(),
             config_path,
@@ -114,6 +118,7 @@ impl Checkpoint {
             shards: Vec::new(),
             entries: HashMap::new(),
             unexpected: Vec::new(),
+            quant,
         };
         match &layout {
             WeightLayout::ConfigOnly => {
@@ -126,6 +131,7 @@ impl Checkpoint {
             }
             WeightLayout::Sharded { index, .. } => ck.load_sharded(index, opts)?,
         }
+        ck.alias_smoothed_norms();
         ck.validate()?;
         Ok(ck)
     }
@@ -211,11 +217,38 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Every expected tensor present with a float dtype and the right shape;
+    /// A smoothed norm may be stored as `<norm>.module.weight` /
+    /// `.module.bias` (msModelSlim's anti-outlier wrapper); make it
+    /// readable under the plain name.
+    fn alias_smoothed_norms(&mut self) {
+        let aliases: Vec<(String, Entry)> = self
+            .entries
+            .iter()
+            .filter_map(|(name, e)| {
+                let plain = name.replace(".module.weight", ".weight").replace(".module.bias", ".bias");
+                (plain != *name && !self.entries.contains_key(&plain)).then(|| (plain, e.clone()))
+            })
+            .collect();
+        for (plain, e) in aliases {
+            let stored = e.tensor.name.clone();
+            tracing::info!("reading smoothed norm tensor `{stored}` as `{plain}`");
+            self.entries.insert(plain, e);
+        }
+    }
+
+    /// Every expected tensor present with a float dtype and the right shape
+    /// (for a quantized checkpoint: with the tensors its quant type needs);
     /// everything else is collected as unexpected.
     fn validate(&mut self) -> Result<()> {
         let expected = self.config.expected_tensors();
-        let missing: Vec<&TensorSpec> = expected.iter().filter(|s| !self.entries.contains_key(&s.name)).collect();
+        // A static W8A8 module's bias is folded into its quant_bias.
+        let folded_bias = |name: &str| -> bool {
+            let Some(quant) = &self.quant else { return false };
+            name.strip_suffix(".bias")
+                .is_some_and(|m| quant.tensor_type(&format!("{m}.weight")) == Some(QuantType::W8A8))
+        };
+        let missing: Vec<&TensorSpec> =
+            expected.iter().filter(|s| !self.entries.contains_key(&s.name) && !folded_bias(&s.name)).collect();
         if let Some(first) = missing.first() {
             let mut msg = format!("tensor `{}` is missing: it should be in {}", first.name, self.expected_location());
             if missing.len() > 1 {
@@ -233,7 +266,15 @@ impl Checkpoint {
             }
             bail!(msg);
         }
+        let mut quant_known: Vec<String> = Vec::new();
         for spec in &expected {
+            if let Some(needed) = self.quant_needs(spec)? {
+                for n in needed {
+                    self.check_needed(&n)?;
+                    quant_known.push(n.name);
+                }
+                continue;
+            }
             let Some(e) = self.entries.get(&spec.name) else { continue };
             let file = self.shards[e.shard].path().display();
             if !is_weight_dtype(e.tensor.dtype) {
@@ -253,7 +294,17 @@ impl Checkpoint {
                 );
             }
         }
-        let known: HashSet<&str> = expected.iter().map(|s| s.name.as_str()).collect();
+        for n in self.extra_quant_tensors() {
+            self.check_needed(&n)?;
+            quant_known.push(n.name);
+        }
+        for alias_target in
+            self.entries.iter().filter(|(n, e)| **n != e.tensor.name).map(|(_, e)| e.tensor.name.clone())
+        {
+            quant_known.push(alias_target);
+        }
+        let known: HashSet<&str> =
+            expected.iter().map(|s| s.name.as_str()).chain(quant_known.iter().map(String::as_str)).collect();
         let mut unexpected: Vec<UnexpectedTensor> = self
             .entries
             .iter()
@@ -277,6 +328,105 @@ impl Checkpoint {
         }
         self.unexpected = unexpected;
         Ok(())
+    }
+
+    /// For a quantized checkpoint, the tensors that stand for expected
+    /// tensor `spec`: a linear weight's int8 weight and scales under its
+    /// module's quant type, or a folded (optional) static-W8A8 bias. None
+    /// when `spec` is an ordinary float tensor.
+    fn quant_needs(&self, spec: &TensorSpec) -> Result<Option<Vec<q::Needed>>> {
+        let Some(quant) = &self.quant else { return Ok(None) };
+        if let Some(module) = q::linear_module(&spec.name, &spec.shape) {
+            let ty = quant.linear_type(module)?;
+            return Ok(Some(q::linear_tensors(ty, module, spec.shape[0], spec.shape[1])));
+        }
+        match quant.tensor_type(&spec.name) {
+            Some(QuantType::Float) | None => {}
+            Some(other) => bail!(
+                "{}: tensor `{}` is listed as {other}, but panguc reads it only unquantized (FLOAT)",
+                quant.path.display(),
+                spec.name
+            ),
+        }
+        let folded = spec.name.strip_suffix(".bias").map(|m| quant.tensor_type(&format!("{m}.weight")));
+        if folded == Some(Some(QuantType::W8A8)) {
+            let why = "nothing (a static W8A8 bias is folded into quant_bias)".to_string();
+            let n = q::Needed {
+                name: spec.name.clone(),
+                dtypes: q::FLOATS,
+                shape: spec.shape.clone(),
+                optional: true,
+                why,
+            };
+            return Ok(Some(vec![n]));
+        }
+        Ok(None)
+    }
+
+    /// Quantized-checkpoint tensors with no float counterpart: the C8 KV
+    /// scales and (optional) smoothed-norm biases.
+    fn extra_quant_tensors(&self) -> Vec<q::Needed> {
+        let Some(quant) = &self.quant else { return vec![] };
+        let c = &self.config;
+        let mut out = Vec::new();
+        for l in 0..c.num_hidden_layers {
+            if quant.kv_int8 {
+                out.extend(q::kv_cache_tensors(&format!("model.layers.{l}."), c.kv_dim()));
+            }
+        }
+        for spec in c.expected_tensors() {
+            if let Some(norm) = spec.name.strip_suffix("norm.weight") {
+                out.push(q::Needed {
+                    name: format!("{norm}norm.bias"),
+                    dtypes: q::FLOATS,
+                    shape: spec.shape.clone(),
+                    optional: true,
+                    why: "a smoothed norm".to_string(),
+                });
+            }
+        }
+        out
+    }
+
+    /// `n` present (unless optional) with an accepted dtype and its shape.
+    fn check_needed(&self, n: &q::Needed) -> Result<()> {
+        let desc = self.quant.as_ref().map(|d| d.path.display().to_string()).unwrap_or_default();
+        let Some(e) = self.entries.get(&n.name) else {
+            if n.optional {
+                return Ok(());
+            }
+            bail!(
+                "tensor `{}` is missing: {} needs it ({desc}); it should be in {}",
+                n.name,
+                n.why,
+                self.expected_location()
+            );
+        };
+        let file = self.shards[e.shard].path().display();
+        if !ir_dtype(e.tensor.dtype).is_some_and(|d| n.dtypes.contains(&d)) {
+            let want: Vec<&str> = n.dtypes.iter().map(|d| d.name()).collect();
+            bail!(
+                "{} in {file} has dtype {}, but {} needs {}",
+                n.name,
+                dtype_name(e.tensor.dtype),
+                n.why,
+                want.join(" or ")
+            );
+        }
+        if e.tensor.shape != n.shape {
+            bail!("{} in {file} has shape {:?}, but {} needs {:?}", n.name, e.tensor.shape, n.why, n.shape);
+        }
+        Ok(())
+    }
+
+    /// The msModelSlim description of a quantized checkpoint.
+    pub fn quant(&self) -> Option<&QuantDescription> {
+        self.quant.as_ref()
+    }
+
+    /// True when tensor `name` is stored (under its own or an aliased name).
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
     }
 
     /// The file a missing expected tensor should have been found in.
@@ -336,7 +486,10 @@ impl Checkpoint {
     /// stored tensors including unexpected ones. Empty for config-only.
     pub fn bytes_by_dtype(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
-        for e in self.entries.values() {
+        for (name, e) in &self.entries {
+            if *name != e.tensor.name {
+                continue; // an alias of a stored tensor, counted under its own name
+            }
             *out.entry(dtype_name(e.tensor.dtype)).or_insert(0) += e.tensor.byte_len() as u64;
         }
         out
@@ -362,6 +515,18 @@ impl WeightSource for Checkpoint {
             .with_context(|| format!("cannot load {name} from {}", file.display()))?;
         Ok(Tensor::f32(shape.to_vec(), data))
     }
+
+    fn load_i64(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let e = self.entry(name)?;
+        let file = self.shards[e.shard].path();
+        if e.tensor.shape != shape {
+            bail!("{name} in {} has shape {:?}, expected {shape:?}", file.display(), e.tensor.shape);
+        }
+        let bytes = self.shards[e.shard].bytes(&e.tensor)?;
+        let data = convert::to_i64(bytes, e.tensor.dtype)
+            .with_context(|| format!("cannot load {name} from {}", file.display()))?;
+        Ok(Tensor::i64(shape.to_vec(), data))
+    }
 }
 
 fn read_config(path: &Path) -> Result<PanguConfig> {
@@ -376,7 +541,7 @@ fn read_config(path: &Path) -> Result<PanguConfig> {
 /// Chooses the weight layout the way transformers does: the single file
 /// first, then the index; with neither, config-only, unless stray weight
 /// files suggest a broken checkpoint.
-fn detect_layout(dir: &Path, config_only: bool) -> Result<WeightLayout> {
+fn detect_layout(dir: &Path, config_only: bool, quantized: bool) -> Result<WeightLayout> {
     if config_only {
         return Ok(WeightLayout::ConfigOnly);
     }
@@ -403,6 +568,13 @@ fn detect_layout(dir: &Path, config_only: bool) -> Result<WeightLayout> {
         }
     }
     stray_safetensors.sort();
+    if quantized {
+        // msModelSlim names its files `quant_model_weight*.safetensors`
+        // (plus `.index.json` when sharded): one index, or one file.
+        if let Some(layout) = quantized_layout(dir, &stray_safetensors)? {
+            return Ok(layout);
+        }
+    }
     if let Some(first) = stray_safetensors.first() {
         bail!(
             "{} contains {first} but neither {SINGLE_FILE} nor {INDEX_FILE}; cannot tell which tensors are where (open it config-only to ignore the weights)",
@@ -416,6 +588,24 @@ fn detect_layout(dir: &Path, config_only: bool) -> Result<WeightLayout> {
         );
     }
     Ok(WeightLayout::ConfigOnly)
+}
+
+/// The weight files of a quantized checkpoint without the standard names:
+/// the only `*.safetensors.index.json`, or else the only `*.safetensors`.
+fn quantized_layout(dir: &Path, safetensors: &[String]) -> Result<Option<WeightLayout>> {
+    let mut indexes: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors.index.json"))
+        .collect();
+    indexes.sort();
+    match (indexes.as_slice(), safetensors) {
+        ([index], _) => Ok(Some(WeightLayout::Sharded { index: dir.join(index), total_size: None })),
+        ([], [single]) => Ok(Some(WeightLayout::Single(dir.join(single)))),
+        ([], _) => Ok(None),
+        (many, _) => bail!("{} holds several safetensors indexes ({}); keep one", dir.display(), many.join(", ")),
+    }
 }
 
 fn progress_bar(opts: &OpenOptions, shards: usize, tensors: usize) -> ProgressBar {

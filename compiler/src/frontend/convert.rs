@@ -84,6 +84,39 @@ pub fn to_f32(bytes: &[u8], dtype: Dtype) -> Result<Vec<f32>> {
     })
 }
 
+/// Converts raw little-endian elements of an integer dtype to i64, exactly.
+pub fn to_i64(bytes: &[u8], dtype: Dtype) -> Result<Vec<i64>> {
+    let elem = dtype.bitsize() / 8;
+    if elem == 0 || !bytes.len().is_multiple_of(elem) {
+        bail!("{} bytes is not a whole number of {dtype} elements", bytes.len());
+    }
+    Ok(match dtype {
+        Dtype::I8 => bytes.iter().map(|&b| b as i8 as i64).collect(),
+        Dtype::I32 => cast_or_copy::<i32>(bytes).iter().map(|&v| v as i64).collect(),
+        Dtype::I64 => cast_or_copy::<i64>(bytes).into_owned(),
+        other => bail!("cannot read dtype {other} as integers (expected I8, I32 or I64)"),
+    })
+}
+
+/// Little-endian bytes of integer values stored as `dtype` (I8, I32, I64);
+/// a value outside the dtype's range is an error.
+pub fn from_i64(values: &[i64], dtype: DType) -> Result<Vec<u8>> {
+    let narrow = |v: i64, lo: i64, hi: i64| -> Result<i64> {
+        anyhow::ensure!((lo..=hi).contains(&v), "value {v} does not fit {dtype}");
+        Ok(v)
+    };
+    let mut out = Vec::with_capacity(values.len() * dtype.size_bytes());
+    for &v in values {
+        match dtype {
+            DType::I8 => out.push(narrow(v, -128, 127)? as i8 as u8),
+            DType::I32 => out.extend_from_slice(&(narrow(v, i32::MIN as i64, i32::MAX as i64)? as i32).to_le_bytes()),
+            DType::I64 => out.extend_from_slice(&v.to_le_bytes()),
+            other => bail!("cannot store integers as {other} (expected i8, i32 or i64)"),
+        }
+    }
+    Ok(out)
+}
+
 /// Converts f32 values to the little-endian bytes of `dtype` (BF16/F16/F32),
 /// rounding to nearest even.
 pub fn from_f32(values: &[f32], dtype: DType) -> Result<Vec<u8>> {
@@ -145,6 +178,19 @@ mod tests {
         assert!(to_f32(&[0, 0, 0], Dtype::BF16).is_err());
         assert!(to_f32(&[0; 4], Dtype::I32).unwrap_err().to_string().contains("I32"));
         assert!(from_f32(&[1.0], DType::I8).is_err());
+    }
+
+    #[test]
+    fn integer_round_trip_and_range() {
+        let vals = [-128i64, -1, 0, 127];
+        for d in [DType::I8, DType::I32, DType::I64] {
+            let bytes = from_i64(&vals, d).unwrap();
+            assert_eq!(bytes.len(), vals.len() * d.size_bytes());
+            assert_eq!(to_i64(&bytes, st_dtype(d)).unwrap(), vals);
+        }
+        assert!(from_i64(&[128], DType::I8).is_err());
+        assert!(from_i64(&[1 << 31], DType::I32).is_err());
+        assert!(to_i64(&[0; 4], Dtype::F32).is_err());
     }
 
     #[test]

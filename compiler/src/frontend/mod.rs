@@ -5,11 +5,13 @@
 //! - [`checkpoint`] — [`Checkpoint::open`], validation, raw and f32 access;
 //! - [`shard`] — one memory-mapped `.safetensors` file and its header;
 //! - [`index`] — `model.safetensors.index.json`;
-//! - [`convert`] — dtype mapping and bf16/f16/f32 → f32 conversion.
+//! - [`convert`] — dtype mapping and bf16/f16/f32 → f32 conversion;
+//! - [`quant`] — msModelSlim's `quant_model_description.json` and the tensors each quant type needs.
 
 pub mod checkpoint;
 pub mod convert;
 pub mod index;
+pub mod quant;
 pub mod shard;
 
 pub use checkpoint::{Checkpoint, OpenOptions, UnexpectedTensor, WeightLayout};

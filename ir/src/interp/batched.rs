@@ -5,7 +5,7 @@
 
 use super::attention;
 use crate::batch::check_sequences;
-use crate::tensor::Tensor;
+use crate::tensor::{Tensor, TensorData};
 
 type R<T> = Result<T, String>;
 
@@ -14,9 +14,9 @@ type R<T> = Result<T, String>;
 pub fn kv_cache_write(cache: &Tensor, new: &Tensor, slots: &Tensor) -> R<Tensor> {
     let n_slots = cache.shape[0] * cache.shape[1];
     let row = cache.shape[2] * cache.shape[3];
-    let mut out = cache.as_f32().to_vec();
     let mut written = vec![false; n_slots];
-    for (t, (&slot, src)) in slots.as_i64().iter().zip(new.as_f32().chunks(row)).enumerate() {
+    let mut targets = Vec::with_capacity(slots.numel());
+    for (t, &slot) in slots.as_i64().iter().enumerate() {
         if slot < 0 || slot as usize >= n_slots {
             return Err(format!("token {t}: slot {slot} is outside the cache of {n_slots} slots"));
         }
@@ -24,9 +24,22 @@ pub fn kv_cache_write(cache: &Tensor, new: &Tensor, slots: &Tensor) -> R<Tensor>
         if std::mem::replace(&mut written[slot], true) {
             return Err(format!("token {t}: slot {slot} is written twice in one step"));
         }
-        out[slot * row..(slot + 1) * row].copy_from_slice(src);
+        targets.push(slot);
     }
-    Ok(Tensor::f32(cache.shape.clone(), out))
+    // Float caches hold f32, int8 (C8) caches hold their integers as i64.
+    fn store<T: Copy>(cache: &[T], new: &[T], targets: &[usize], row: usize) -> Vec<T> {
+        let mut out = cache.to_vec();
+        for (src, &slot) in new.chunks(row).zip(targets) {
+            out[slot * row..(slot + 1) * row].copy_from_slice(src);
+        }
+        out
+    }
+    let shape = cache.shape.clone();
+    match (&cache.data, &new.data) {
+        (TensorData::F32(c), TensorData::F32(n)) => Ok(Tensor::f32(shape, store(c, n, &targets, row))),
+        (TensorData::I64(c), TensorData::I64(n)) => Ok(Tensor::i64(shape, store(c, n, &targets, row))),
+        _ => Err("kv_cache_write: new rows and cache differ in element kind".into()),
+    }
 }
 
 /// The first `len` tokens of one sequence's paged cache as a contiguous

@@ -566,6 +566,14 @@ impl<'a> Selector<'a> {
             Op::MoeInitRouting { .. } | Op::GroupedMatmul | Op::MoeFinalizeRouting => {
                 bail!("`{}` (a batched MoE op) has no CPU kernel yet; only the interpreter runs it", n.op.mnemonic())
             }
+            Op::Quantize
+            | Op::Dequantize
+            | Op::DynamicQuant
+            | Op::QuantMatMul
+            | Op::QuantMatMulPerToken
+            | Op::GroupedQuantMatMul => {
+                bail!("`{}` (an int8 quantization op) has no kernel yet; only the interpreter runs it", n.op.mnemonic())
+            }
         }
         Ok(())
     }
