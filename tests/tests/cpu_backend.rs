@@ -380,13 +380,14 @@ fn panguc_compile_then_run_prints_the_interpreter_tokens() {
     assert_eq!(c["generated"].as_array().unwrap().len(), 8);
     assert_eq!(i["tokens"], c["tokens"]);
 
-    // Several prompts through the compiled engine in one scheduler run,
-    // with a cache of 8 blocks of 2 tokens (preemption) and chunked
-    // prefill: each sequence as when run alone.
+    // Several prompts through the compiled (batched) engine in one
+    // scheduler run, with a paged cache of 2 blocks of the package's 16
+    // tokens (at most two sequences at once) and chunked prefill: each
+    // sequence as when run alone.
     let prompts = ["1,2,3,4", "9,8,7", "5", "100,200,300,400,500,6"];
     let batch_json = dir.path().join("batch.json");
-    let mut b: Vec<&str> = vec!["run", out_s, "--max-new-tokens", "8", "--block-size", "2"];
-    b.extend(["--max-batch-tokens", "5", "--kv-cache-mb", "0.0078125", "--logits-out"]);
+    let mut b: Vec<&str> = vec!["run", out_s, "--max-new-tokens", "8"];
+    b.extend(["--max-batch-tokens", "5", "--kv-cache-mb", "0.015625", "--logits-out"]);
     b.push(batch_json.to_str().unwrap());
     prompts.iter().for_each(|p| b.extend(["--tokens", p]));
     cli(&b).unwrap();
@@ -423,6 +424,7 @@ fn panguc_compile_then_run_prints_the_interpreter_tokens() {
     assert!(run(&["--threads", "0"]).contains("--threads must be at least 1"));
     assert!(run(&["--verify", "some"]).contains("unknown --verify `some`"));
     assert!(run(&["--cpu-tier", "avx10"]).contains("no CPU tier `avx10`"));
+    assert!(run(&["--block-size", "2"]).contains("compiled for KV blocks of 16 tokens"));
     // The baseline tier, forced, gives the interpreter's tokens too.
     let mut forced = b.clone();
     forced.extend(["--cpu-tier", BASELINE]);
