@@ -179,6 +179,14 @@ fn kinds(
             ),
             vec![a, i, a, a, a],
         ),
+        (
+            kernel(
+                "panguc_k016_moe_grouped_gate_up",
+                KernelKind::MoeGroupedGateUp,
+                vec![vec![s(), c(h)], vec![c(e + 1)], vec![c(e), c(2 * inter), c(h)], vec![s(), c(inter)]],
+            ),
+            vec![a, i, a, a],
+        ),
     ]
 }
 
