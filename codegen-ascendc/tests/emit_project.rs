@@ -211,6 +211,14 @@ fn kinds(
             ),
             vec![a, a, a, DevType::I32, DevType::I32, DevType::I32, a],
         ),
+        (
+            kernel(
+                "panguc_k018_moe_grouped_gate_up",
+                KernelKind::MoeGroupedGateUp,
+                vec![vec![s(), c(h)], vec![c(e + 1)], vec![c(e), c(2 * inter), c(h)], vec![s(), c(inter)]],
+            ),
+            vec![a, i, a, a],
+        ),
     ]
 }
 
