@@ -213,13 +213,20 @@ mod tests {
             Op::MoeInitRouting { experts: 8 },
             Op::GroupedMatmul,
             Op::MoeFinalizeRouting,
+            Op::Quantize,
+            Op::Dequantize,
+            Op::DynamicQuant,
+            Op::QuantMatMul,
+            Op::QuantMatMulPerToken,
+            Op::GroupedQuantMatMul,
         ];
         for op in ops {
             let arity = match &op {
-                Op::Reduce { .. } => 1,
+                Op::Reduce { .. } | Op::DynamicQuant => 1,
                 Op::Binary(_) | Op::MoeInitRouting { .. } => 2,
-                Op::KvCacheWrite | Op::GroupedMatmul => 3,
-                Op::MoeFinalizeRouting => 5,
+                Op::KvCacheWrite | Op::GroupedMatmul | Op::Quantize | Op::Dequantize => 3,
+                Op::QuantMatMul | Op::QuantMatMulPerToken => 4,
+                Op::MoeFinalizeRouting | Op::GroupedQuantMatMul => 5,
                 Op::PagedAttention { .. } => 6,
                 Op::QkvRope { .. } => 7,
                 _ => 8,
