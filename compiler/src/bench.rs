@@ -448,3 +448,30 @@ pub fn gemm_flops_by_kind(p: &KernelProgram, tokens: usize) -> std::collections:
     }
     by_kind
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::{synth_with, Preset, SynthOptions};
+
+    /// A MoE GEMM does one row of work per routed slot (tokens x top-k),
+    /// not per token: gate/up `2 x slots x 2I x H`, down `2 x slots x H x I`.
+    #[test]
+    fn moe_gemm_flops_count_every_routed_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("tiny");
+        synth_with(&out, &SynthOptions { preset: Preset::Tiny, seed: 0, dtype: DType::BF16, force: false }).unwrap();
+        let ckpt = Checkpoint::open(&out).unwrap();
+        let cfg = ckpt.config().clone();
+        let module = crate::commands::import(&ckpt).unwrap();
+        let fused = panguc_lowering::fuse_module(&module, &Default::default(), |_, _| Ok(())).unwrap().0;
+        let program = panguc_lowering::schedule::schedule(&fused, &Default::default()).unwrap();
+        let tokens = 5;
+        let by_kind = gemm_flops_by_kind(&program, tokens);
+        let slots = (tokens * cfg.num_experts_per_tok * cfg.num_hidden_layers) as f64;
+        let (h, i) = (cfg.hidden_size as f64, cfg.moe_intermediate_size as f64);
+        assert_eq!(by_kind["moe_gate_up"], 2.0 * slots * 2.0 * i * h);
+        assert_eq!(by_kind["moe_down"], 2.0 * slots * h * i);
+        assert_eq!(gemm_flops(&program, tokens), by_kind.values().sum::<f64>());
+    }
+}
