@@ -3,9 +3,13 @@
 //! with g++ (real ACL/aclnn signatures; no CANN on this machine).
 //!
 //! The program is a fixed C++ runtime plus generated tables: every buffer
-//! (dtype, shape as `c + a*tokens + b*past` per dim, where its memory
-//! comes from), the launches in program order (one step per device kernel),
-//! and one `switch` case per op calling its generated two-stage aclnn API.
+//! (dtype, shape per dim linear in the run-time sizes `tokens`, `past`,
+//! `seqs`, `max_blocks`, `num_blocks`, where its memory comes from), the
+//! launches in program order (one step per device kernel), and one `switch`
+//! case per op calling its generated two-stage aclnn API. A one-sequence
+//! program runs prefill and decode of one prompt; a ragged-batch (paged)
+//! program runs several prompts together, one step per call with the step
+//! metadata of `panguc_ir::batch` as inputs and one paged cache per layer.
 
 use crate::emit::{ArgRef, Env, TExpr};
 use crate::program::AscendProgram;
@@ -16,21 +20,34 @@ use panguc_ir::Dim;
 use std::fmt::Write;
 use std::path::Path;
 
-/// `c + t*tokens + p*past` of a linear formula.
-fn lin(e: &TExpr) -> Result<(u64, u64, u64)> {
-    let at = |t, p| e.eval(&Env::new(t, p, 1));
-    let c = at(0, 0)?;
-    let (t, p) = (at(1, 0)? - c, at(0, 1)? - c);
-    if at(3, 5)? != c + 3 * t + 5 * p {
-        bail!("shape formula {} is not linear in tokens and past", e.to_cpp());
+/// The sizes a host `Lin` multiplies, in its field order.
+fn env_of(z: [u64; 5]) -> Env {
+    Env { tokens: z[0], past: z[1], core_num: 1, seqs: z[2], max_blocks: z[3], num_blocks: z[4] }
+}
+
+/// `{c, t, p, s, m, n}`: the constant and the coefficients of `tokens`,
+/// `past`, `seqs`, `max_blocks`, `num_blocks` of a linear formula.
+fn lin(e: &TExpr) -> Result<String> {
+    let c = e.eval(&env_of([0; 5]))?;
+    let mut coef = vec![c];
+    for i in 0..5 {
+        let mut z = [0; 5];
+        z[i] = 1;
+        coef.push(e.eval(&env_of(z))? - c);
     }
-    Ok((c, t, p))
+    let probe = [3, 5, 7, 11, 13];
+    let linear: u64 = c + probe.iter().zip(&coef[1..]).map(|(x, a)| x * a).sum::<u64>();
+    if e.eval(&env_of(probe))? != linear {
+        bail!("shape formula {} is not linear in the run-time sizes", e.to_cpp());
+    }
+    Ok(format!("{{{}}}", coef.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")))
 }
 
 fn lin_dim(d: &Dim) -> Result<String> {
-    let (c, t, p) = lin(&TExpr::from_dim(d)?)?;
-    Ok(format!("{{{c}, {t}, {p}}}"))
+    lin(&TExpr::from_dim(d)?)
 }
+
+const ZERO_LIN: &str = "{0, 0, 0, 0, 0, 0}";
 
 const RUNTIME: &str = r#"
 #define CHECK_ACL(x)                                                                       \
@@ -45,10 +62,23 @@ const RUNTIME: &str = r#"
 
 namespace {
 
-// A dimension or element offset: c + t * tokens + p * past.
+// Run-time sizes of one call (a one-sequence program uses tokens and past,
+// a ragged-batch program tokens, seqs, maxBlocks and numBlocks).
+struct Sizes {
+    int64_t tokens, past, seqs, maxBlocks, numBlocks;
+};
+// A dimension or element offset, linear in the sizes.
 struct Lin {
-    int64_t c, t, p;
-    int64_t At(int64_t tokens, int64_t past) const { return c + t * tokens + p * past; }
+    int64_t c, t, p, s, m, n;
+    int64_t At(const Sizes& z) const
+    {
+        return c + t * z.tokens + p * z.past + s * z.seqs + m * z.maxBlocks + n * z.numBlocks;
+    }
+};
+// One ragged step's metadata (see panguc_ir::batch), row-major.
+struct StepMeta {
+    std::vector<int64_t> positions, queryStartLoc, contextLens, blockTable, slotMapping;
+    int64_t maxBlocks;
 };
 enum Kind { kInput = 0, kWeight = 1, kKvCache = 2, kSlot = 3, kView = 4, kTemp = 5 };
 struct Buf {
@@ -100,7 +130,8 @@ float Bf16ToFloat(uint16_t h)
 
 class Model {
 public:
-    Model(int64_t maxTokens, int64_t maxCtx, int32_t device) : maxTokens_(maxTokens), maxCtx_(maxCtx), device_(device) {}
+    // `max`: the largest sizes of any call (buffers are allocated for them).
+    Model(const Sizes& max, int32_t device) : max_(max), device_(device) {}
 
     // `commDir`: where the ranks of a partitioned program exchange their
     // HCCL root info (unused on one device).
@@ -146,53 +177,98 @@ public:
         aclFinalize();
     }
 
-    // Runs `ids` at positions past_..past_+n; returns the next greedy token.
+    // Runs `ids` at positions past_..past_+n (one-sequence programs);
+    // returns the next greedy token.
     int64_t Forward(const std::vector<int64_t>& ids)
     {
         const int64_t n = static_cast<int64_t>(ids.size());
-        if (n > maxTokens_ || past_ + n > maxCtx_) {
+        if (n > max_.tokens || past_ + n > max_.tokens + max_.past) {
             std::fprintf(stderr, "error: %lld tokens at position %lld exceed the limits (%lld tokens, %lld context)\n",
-                         static_cast<long long>(n), static_cast<long long>(past_), static_cast<long long>(maxTokens_),
-                         static_cast<long long>(maxCtx_));
+                         static_cast<long long>(n), static_cast<long long>(past_), static_cast<long long>(max_.tokens),
+                         static_cast<long long>(max_.tokens + max_.past));
             std::exit(1);
         }
+        z_ = Sizes{n, past_, 0, 0, 0};
         std::vector<int64_t> pos(ids.size());
         for (int64_t i = 0; i < n; i++) pos[i] = past_ + i;
-        CHECK_ACL(aclrtMemcpy(Ptr(kInputIds, n), ids.size() * 8, ids.data(), ids.size() * 8, ACL_MEMCPY_HOST_TO_DEVICE));
-        CHECK_ACL(aclrtMemcpy(Ptr(kInputPositions, n), pos.size() * 8, pos.data(), pos.size() * 8, ACL_MEMCPY_HOST_TO_DEVICE));
-        for (const Step& s : kSteps) Launch(s, n);
-        CHECK_ACL(aclrtSynchronizeStream(stream_));
-        const Buf& lg = kBufs[kLogits];
-        const size_t bytes = Bytes(kLogits, n, past_);
-        std::vector<uint8_t> host(bytes);
-        CHECK_ACL(aclrtMemcpy(host.data(), bytes, Ptr(kLogits, n), bytes, ACL_MEMCPY_DEVICE_TO_HOST));
+        CopyInts(kInputs[0], ids);
+        CopyInts(kInputs[1], pos);
+        for (const Step& s : kSteps) Launch(s);
+        const int64_t next = GreedyRows()[n - 1];
         past_ += n;
-        const int64_t vocab = lg.dims[lg.rank - 1].At(n, 0);
-        const size_t row = static_cast<size_t>(n - 1) * vocab;
-        int64_t best = 0;
-        float bestV = 0.0f;
-        for (int64_t v = 0; v < vocab; v++) {
-            float x;
-            if (lg.esize == 4) {
-                std::memcpy(&x, host.data() + (row + v) * 4, 4);
-            } else {
-                uint16_t h;
-                std::memcpy(&h, host.data() + (row + v) * 2, 2);
-                x = lg.dtype == ACL_BF16 ? Bf16ToFloat(h) : HalfToFloat(h);
-            }
-            if (v == 0 || x > bestV) { best = v; bestV = x; }  // lowest index wins ties
+        return next;
+    }
+
+    // One ragged step (ragged-batch programs): every sequence's new tokens
+    // flattened, with the step's metadata; returns each row's greedy token.
+    std::vector<int64_t> RunStep(const std::vector<int64_t>& ids, const StepMeta& m)
+    {
+        const int64_t n = static_cast<int64_t>(ids.size());
+        const int64_t seqs = static_cast<int64_t>(m.contextLens.size());
+        if (n > max_.tokens || seqs > max_.seqs || m.maxBlocks > max_.maxBlocks) {
+            std::fprintf(stderr, "error: a step of %lld tokens, %lld sequences and %lld blocks each exceeds the limits\n",
+                         static_cast<long long>(n), static_cast<long long>(seqs), static_cast<long long>(m.maxBlocks));
+            std::exit(1);
         }
-        return best;
+        z_ = Sizes{n, 0, seqs, m.maxBlocks, max_.numBlocks};
+        const std::vector<int64_t>* fields[] = {&ids, &m.positions, &m.queryStartLoc, &m.contextLens, &m.blockTable,
+                                                &m.slotMapping};
+        for (int i = 0; i < kNumInputs; i++) CopyInts(kInputs[i], *fields[i]);
+        for (const Step& s : kSteps) Launch(s);
+        return GreedyRows();
     }
 
 private:
-    size_t Bytes(int b, int64_t tokens, int64_t past) const
+    size_t Bytes(int b, const Sizes& z) const
     {
         size_t n = kBufs[b].esize;
-        for (int i = 0; i < kBufs[b].rank; i++) n *= static_cast<size_t>(kBufs[b].dims[i].At(tokens, past));
+        for (int i = 0; i < kBufs[b].rank; i++) n *= static_cast<size_t>(kBufs[b].dims[i].At(z));
         return n;
     }
-    size_t MaxBytes(int b) const { return Bytes(b, maxTokens_, maxCtx_ - maxTokens_); }
+    size_t MaxBytes(int b) const { return Bytes(b, max_); }
+    // Integers into input buffer `b` in its element width (i32 or i64).
+    void CopyInts(int b, const std::vector<int64_t>& v)
+    {
+        const size_t es = kBufs[b].esize;
+        std::vector<uint8_t> host(v.size() * es);
+        for (size_t i = 0; i < v.size(); i++) {
+            if (es == 4) {
+                const int32_t x = static_cast<int32_t>(v[i]);
+                std::memcpy(host.data() + i * 4, &x, 4);
+            } else {
+                std::memcpy(host.data() + i * 8, &v[i], 8);
+            }
+        }
+        if (host.empty()) return;
+        CHECK_ACL(aclrtMemcpy(Ptr(b), host.size(), host.data(), host.size(), ACL_MEMCPY_HOST_TO_DEVICE));
+    }
+    // Greedy token of every logits row of the last call (lowest index wins ties).
+    std::vector<int64_t> GreedyRows()
+    {
+        CHECK_ACL(aclrtSynchronizeStream(stream_));
+        const Buf& lg = kBufs[kLogits];
+        const size_t bytes = Bytes(kLogits, z_);
+        std::vector<uint8_t> host(bytes);
+        CHECK_ACL(aclrtMemcpy(host.data(), bytes, Ptr(kLogits), bytes, ACL_MEMCPY_DEVICE_TO_HOST));
+        const int64_t vocab = lg.dims[lg.rank - 1].At(z_);
+        std::vector<int64_t> best(static_cast<size_t>(z_.tokens), 0);
+        for (int64_t r = 0; r < z_.tokens; r++) {
+            float bestV = 0.0f;
+            for (int64_t v = 0; v < vocab; v++) {
+                const size_t at = static_cast<size_t>(r * vocab + v);
+                float x;
+                if (lg.esize == 4) {
+                    std::memcpy(&x, host.data() + at * 4, 4);
+                } else {
+                    uint16_t h;
+                    std::memcpy(&h, host.data() + at * 2, 2);
+                    x = lg.dtype == ACL_BF16 ? Bf16ToFloat(h) : HalfToFloat(h);
+                }
+                if (v == 0 || x > bestV) { best[r] = v; bestV = x; }
+            }
+        }
+        return best;
+    }
     void* Alloc(size_t bytes)
     {
         void* p = nullptr;
@@ -217,24 +293,24 @@ private:
         CHECK_ACL(aclrtMemcpy(p, bytes, host.data(), bytes, ACL_MEMCPY_HOST_TO_DEVICE));
         return p;
     }
-    void* Ptr(int b, int64_t n)
+    void* Ptr(int b)
     {
         const Buf& d = kBufs[b];
         if (d.kind != kView) return ptrs_[b];
         const Buf& base = kBufs[d.ref];
-        return static_cast<uint8_t*>(Ptr(d.ref, n)) + d.offset.At(n, past_) * base.esize;
+        return static_cast<uint8_t*>(Ptr(d.ref)) + d.offset.At(z_) * base.esize;
     }
-    aclTensor* Tensor(int b, int64_t n)
+    aclTensor* Tensor(int b)
     {
         const Buf& d = kBufs[b];
         int64_t dims[4], strides[4];
         int64_t s = 1;
         for (int i = d.rank - 1; i >= 0; i--) {
-            dims[i] = d.dims[i].At(n, past_);
+            dims[i] = d.dims[i].At(z_);
             strides[i] = s;
             s *= dims[i];
         }
-        return aclCreateTensor(dims, d.rank, d.dtype, strides, 0, ACL_FORMAT_ND, dims, d.rank, Ptr(b, n));
+        return aclCreateTensor(dims, d.rank, d.dtype, strides, 0, ACL_FORMAT_ND, dims, d.rank, Ptr(b));
     }
     void* Workspace(uint64_t bytes)
     {
@@ -249,14 +325,16 @@ private:
         }
         return workspace_;
     }
-    void Launch(const Step& s, int64_t n);
+    void Launch(const Step& s);
 #if PANGUC_PARTITIONED
     void InitComms(const std::string& dir);
-    void RunCollective(const Step& s, int64_t n);
+    void RunCollective(const Step& s);
     std::vector<HcclComm> comms_;
 #endif
 
-    int64_t maxTokens_, maxCtx_, past_ = 0;
+    Sizes max_;
+    Sizes z_{0, 0, 0, 0, 0};  // sizes of the current call
+    int64_t past_ = 0;
     int32_t device_;
     aclrtStream stream_ = nullptr;
     std::vector<void*> ptrs_, slots_, owned_;
@@ -282,26 +360,82 @@ int main(int argc, char** argv)
 #else
     const int fixed = 3;
     if (argc < fixed) {
-        std::fprintf(stderr, "usage: %s WEIGHT_DIR PROMPT_IDS(comma separated) [NEW_TOKENS] [MAX_CONTEXT]\n", argv[0]);
+        std::fprintf(stderr, "usage: %s WEIGHT_DIR PROMPT_IDS(comma separated; prompts separated by ';') [NEW_TOKENS] [MAX_CONTEXT]\n", argv[0]);
         return 2;
     }
     const std::string commDir;
     const int32_t device = 0;
 #endif
-    std::vector<int64_t> prompt;
+    // Prompts: token ids separated by commas, prompts by semicolons.
+    std::vector<std::vector<int64_t>> prompts(1);
     for (const char* p = argv[2]; *p != '\0';) {
         char* end = nullptr;
-        prompt.push_back(std::strtoll(p, &end, 10));
+        prompts.back().push_back(std::strtoll(p, &end, 10));
         if (end == p) { std::fprintf(stderr, "error: bad prompt `%s`\n", argv[2]); return 2; }
-        p = (*end == ',') ? end + 1 : end;
+        if (*end == ';') prompts.emplace_back();
+        p = (*end == ',' || *end == ';') ? end + 1 : end;
     }
     const int newTokens = argc > fixed ? std::atoi(argv[fixed]) : 16;
     const int64_t maxCtx = argc > fixed + 1 ? std::atoll(argv[fixed + 1]) : 4096;
-    Model m(std::max<int64_t>(static_cast<int64_t>(prompt.size()), 1), maxCtx, device);
-    m.Init(argv[1], commDir);
     // Every rank computes the full logits, so all pick the same tokens;
     // rank 0 prints them.
     const bool print = kRank == 0;
+#if PANGUC_BATCHED
+    // All prompts as one batch over one paged cache: sequence s owns the
+    // blocks s*per .. (s+1)*per - 1 (per: the blocks of a full context).
+    // Step 0 prefills every prompt, each later step decodes every sequence.
+    const int64_t seqs = static_cast<int64_t>(prompts.size());
+    const int64_t per = (maxCtx + kBlockSize - 1) / kBlockSize;
+    int64_t promptTokens = 0;
+    for (const auto& p : prompts) {
+        if (p.empty()) { std::fprintf(stderr, "error: empty prompt in `%s`\n", argv[2]); return 2; }
+        promptTokens += static_cast<int64_t>(p.size());
+    }
+    Model m(Sizes{std::max(promptTokens, seqs), 0, seqs, per, seqs * per}, device);
+    m.Init(argv[1], commDir);
+    std::vector<int64_t> past(prompts.size(), 0);
+    std::vector<std::vector<int64_t>> next = prompts, out(prompts.size());
+    for (int i = 0; i < newTokens; i++) {
+        std::vector<int64_t> ids;
+        StepMeta meta;
+        meta.maxBlocks = per;
+        meta.queryStartLoc.push_back(0);
+        for (int64_t s = 0; s < seqs; s++) {
+            if (past[s] + static_cast<int64_t>(next[s].size()) > maxCtx) {
+                std::fprintf(stderr, "error: sequence %lld exceeds the context of %lld\n", static_cast<long long>(s),
+                             static_cast<long long>(maxCtx));
+                return 1;
+            }
+            for (int64_t t : next[s]) {
+                const int64_t pos = past[s]++;
+                ids.push_back(t);
+                meta.positions.push_back(pos);
+                meta.slotMapping.push_back((s * per + pos / kBlockSize) * kBlockSize + pos % kBlockSize);
+            }
+            meta.contextLens.push_back(past[s]);
+            meta.queryStartLoc.push_back(static_cast<int64_t>(ids.size()));
+            for (int64_t b = 0; b < per; b++) meta.blockTable.push_back(s * per + b);
+        }
+        const std::vector<int64_t> rows = m.RunStep(ids, meta);
+        for (int64_t s = 0; s < seqs; s++) {
+            const int64_t tok = rows[meta.queryStartLoc[s + 1] - 1];
+            out[s].push_back(tok);
+            next[s] = {tok};
+        }
+    }
+    for (const auto& o : out) {
+        for (size_t i = 0; print && i < o.size(); i++) std::printf(i == 0 ? "%lld" : ",%lld", static_cast<long long>(o[i]));
+        if (print) std::printf("\n");
+    }
+#else
+    if (prompts.size() != 1) {
+        std::fprintf(stderr, "error: this program runs one sequence: give one prompt\n");
+        return 2;
+    }
+    const std::vector<int64_t>& prompt = prompts[0];
+    const int64_t maxTokens = std::max<int64_t>(static_cast<int64_t>(prompt.size()), 1);
+    Model m(Sizes{maxTokens, maxCtx - maxTokens, 0, 0, 0}, device);
+    m.Init(argv[1], commDir);
     int64_t next = m.Forward(prompt);  // prefill
     if (print) std::printf("%lld", static_cast<long long>(next));
     for (int i = 1; i < newTokens; i++) {
@@ -309,6 +443,7 @@ int main(int argc, char** argv)
         if (print) std::printf(",%lld", static_cast<long long>(next));
     }
     if (print) std::printf("\n");
+#endif
     return 0;
 }
 "#;
@@ -341,7 +476,7 @@ pub fn host_files(ap: &AscendProgram) -> Result<Vec<(String, String)>> {
         let (kind, r) = buffer_kind_code(&b.kind);
         let offset = match &b.kind {
             BufferKind::View { offset, .. } => lin_dim(offset)?,
-            _ => "{0, 0, 0}".into(),
+            _ => ZERO_LIN.into(),
         };
         if b.shape.len() > 4 {
             bail!("buffer `{}` has rank {} (the host program supports up to 4)", b.name, b.shape.len());
@@ -363,11 +498,10 @@ pub fn host_files(ap: &AscendProgram) -> Result<Vec<(String, String)>> {
         let mut ids = vec![];
         for t in &dks.temps {
             ids.push(bufs.lines().count());
-            let dims: Vec<String> =
-                t.shape.iter().map(|e| lin(e).map(|(c, a, b)| format!("{{{c}, {a}, {b}}}"))).collect::<Result<_>>()?;
+            let dims: Vec<String> = t.shape.iter().map(lin).collect::<Result<_>>()?;
             let _ = writeln!(
                 bufs,
-                "    {{\"{}\", {}, {}, {}, {{{}}}, kTemp, 0, {{0, 0, 0}}}},",
+                "    {{\"{}\", {}, {}, {}, {{{}}}, kTemp, 0, {ZERO_LIN}}},",
                 t.name,
                 t.dtype.acl(),
                 t.dtype.size(),
@@ -423,27 +557,39 @@ pub fn host_files(ap: &AscendProgram) -> Result<Vec<(String, String)>> {
     }
     s += types;
     let weight_names: Vec<String> = p.weights.iter().map(|w| format!("    \"{}\",", w.name)).collect();
-    let input = |i: usize| p.inputs.get(i).map(|b| b.0).unwrap_or(0);
+    let inputs: Vec<String> = p.inputs.iter().map(|b| b.0.to_string()).collect();
+    if p.inputs.len() < 2 {
+        bail!("the program takes {} entry inputs; the host program needs `ids` and `positions` first", p.inputs.len());
+    }
+    let _ = writeln!(
+        s,
+        "// Ragged-batch program over paged KV caches of {} tokens per block.\n#define PANGUC_BATCHED {}\n\
+         constexpr int64_t kBlockSize = {};",
+        p.kv_block_size().unwrap_or(0),
+        u8::from(p.is_batched()),
+        p.kv_block_size().unwrap_or(1)
+    );
     let _ = write!(
         s,
         "\n// Generated tables.\nconst Buf kBufs[] = {{\n{bufs}}};\nconstexpr int kNumBufs = {};\nconstexpr int kNumSlots = {slots};\n\
          const Step kSteps[] = {{\n{steps}}};\nconst char* const kWeightNames[] = {{\n{}\n    \"\"}};\n\
-         constexpr int kInputIds = {};\nconstexpr int kInputPositions = {};\nconstexpr int kLogits = {};\n\
+         // Entry inputs: ids, positions (and a batched program's step metadata).\n\
+         const int kInputs[] = {{{}}};\nconstexpr int kNumInputs = {};\nconstexpr int kLogits = {};\n\
          // Steps with op >= kNumOps are collectives (kColls[op - kNumOps]).\nconstexpr int kNumOps = {num_ops};\n{}\n",
         bufs.lines().count(),
         weight_names.join("\n"),
-        input(0),
-        input(1),
+        inputs.join(", "),
+        inputs.len(),
         p.outputs.first().map(|b| b.0).unwrap_or(0),
         comms.tables(ap)?,
     );
     s += "class Model {";
     s += model;
-    s += "\nvoid Model::Launch(const Step& s, int64_t n)\n{\n";
+    s += "\nvoid Model::Launch(const Step& s)\n{\n";
     if ap.rank.is_some() {
-        s += "    if (s.op >= kNumOps) {\n        RunCollective(s, n);\n        return;\n    }\n";
+        s += "    if (s.op >= kNumOps) {\n        RunCollective(s);\n        return;\n    }\n";
     }
-    s += "    aclTensor* t[8] = {};\n    for (int i = 0; i < s.nargs; i++) t[i] = Tensor(s.args[i], n);\n    uint64_t ws = 0;\n    aclOpExecutor* ex = nullptr;\n    switch (s.op) {\n";
+    s += "    aclTensor* t[8] = {};\n    for (int i = 0; i < s.nargs; i++) t[i] = Tensor(s.args[i]);\n    uint64_t ws = 0;\n    aclOpExecutor* ex = nullptr;\n    switch (s.op) {\n";
     for (i, (op, n)) in ops.iter().enumerate() {
         let ts: Vec<String> = (0..*n).map(|j| format!("t[{j}]")).collect();
         let _ = writeln!(
@@ -672,13 +818,13 @@ void Model::InitComms(const std::string& dir)
 
 // HCCL moves contiguous per-member blocks; the surrounding packing kernels
 // have laid the data out that way. Counts are in elements.
-void Model::RunCollective(const Step& s, int64_t n)
+void Model::RunCollective(const Step& s)
 {
     const Coll& c = kColls[s.op - kNumOps];
     HcclComm comm = comms_[c.comm];
-    void* send = Ptr(s.args[0], n);
-    void* recv = Ptr(s.args[1], n);
-    const uint64_t sent = Bytes(s.args[0], n, past_) / kBufs[s.args[0]].esize;
+    void* send = Ptr(s.args[0]);
+    void* recv = Ptr(s.args[1]);
+    const uint64_t sent = Bytes(s.args[0], z_) / kBufs[s.args[0]].esize;
     const uint64_t members = kComms[c.comm].size;
     switch (c.kind) {
         case kAllReduce:

@@ -23,9 +23,12 @@ enum SizeDim {
     NumBlocks,
 }
 
+/// Where a size lives in [`Env`].
+type EnvSlot = fn(&mut Env) -> &mut u64;
+
 /// The paged-cache sizes, their C++ names in a tiling function and their
 /// slot in [`Env`].
-const PAGED_SIZES: [(SizeDim, &str, fn(&mut Env) -> &mut u64); 3] = [
+const PAGED_SIZES: [(SizeDim, &str, EnvSlot); 3] = [
     (SizeDim::Seqs, "seqs", |e| &mut e.seqs),
     (SizeDim::MaxBlocks, "maxBlocks", |e| &mut e.max_blocks),
     (SizeDim::NumBlocks, "numBlocks", |e| &mut e.num_blocks),

@@ -163,7 +163,9 @@ pub fn sim_engine_config(engine: &str) -> Result<(Target, DevType)> {
 
 /// `panguc run OUT --engine ascend-sim[-bf16|-f16]` on a package compiled
 /// with `--target cpu` among its targets (its kernel program and prepared
-/// weights are used).
+/// weights are used). A ragged-batch (paged) program runs all sequences
+/// through one engine per step; a one-sequence program one engine per
+/// running sequence.
 pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
     let (target, act) = sim_engine_config(a.engine.as_deref().unwrap_or("ascend-sim"))?;
     let dir = &a.model;
@@ -182,6 +184,20 @@ pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
     let files = panguc_runtime::package::verify_package(dir)?;
     let cfg = files.manifest.model.clone();
     let prompts = crate::run_batch::prompts(a, &cfg)?;
+    if let Some(block_size) = files.program.as_ref().and_then(|p| p.kv_block_size()) {
+        // A ragged-batch program: one engine runs every step over one paged
+        // cache of the scheduler's blocks.
+        return crate::run_batch::scheduled_run(a, &cfg, &prompts, &mut |s| {
+            if s.block_size != block_size {
+                bail!(
+                    "{}: the package caches K/V in blocks of {block_size} tokens, not {}: pass --block-size {block_size}",
+                    dir.display(),
+                    s.block_size
+                );
+            }
+            Ok(Box::new(AscendSimEngine::from_package(dir, target, act, s.num_blocks)?))
+        });
+    }
     let context = crate::run_batch::max_context(&prompts, a.max_new_tokens);
     let make: EngineFactory = Box::new(move || Ok(Box::new(AscendSimEngine::from_package(dir, target, act, context)?)));
     crate::run_batch::generate_and_report(make, a, &cfg, &prompts)
