@@ -21,6 +21,8 @@ pub mod pipeline;
 #[cfg(feature = "driver")]
 pub mod run_batch;
 #[cfg(feature = "driver")]
+pub mod serve;
+#[cfg(feature = "driver")]
 pub mod staging;
 #[cfg(feature = "driver")]
 pub mod synth;

@@ -537,8 +537,22 @@ fn encode(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
 /// `panguc run` on a package: the compiled engine (`--engine compiled`,
 /// the default) with `--threads` workers (default: all cores).
 pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
+    check_package_engine(a)?;
+    let mut prompts = None;
+    let engines = package_engines(a, &mut |cfg| {
+        let p = crate::run_batch::prompts(a, cfg)?;
+        let context = crate::run_batch::max_context(&p, a.max_new_tokens);
+        prompts = Some(p);
+        Ok(context)
+    })?;
+    let prompts = prompts.context("the prompts were not read")?;
+    log_after(engines.tier, crate::run_batch::generate_and_report(engines.make, a, &engines.cfg, &prompts))
+}
+
+/// `--engine` must name an engine that runs a package's compiled kernels.
+pub fn check_package_engine(a: &crate::commands::RunArgs) -> Result<()> {
     match a.engine.as_deref().unwrap_or("compiled") {
-        "compiled" => {}
+        "compiled" => Ok(()),
         "interp" => bail!(
             "{} is a compiled package: it holds prepared weights only, so the interpreter cannot run it; \
              run the checkpoint directory with --engine interp, or the package with --engine compiled",
@@ -546,19 +560,36 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         ),
         other => bail!("unknown --engine `{other}` for a package (available: compiled)"),
     }
+}
+
+/// What runs a compiled package: its model config, a factory of
+/// one-sequence engines and the run log's CPU-tier line.
+pub struct PackageEngines<'a> {
+    pub cfg: PanguConfig,
+    pub make: EngineFactory<'a>,
+    pub tier: Option<String>,
+}
+
+/// Open the package of `a.model` (verified; partitioned ones as one
+/// multi-rank engine per sequence) and make its engine factory. `context`
+/// is told the model config once the package is trusted and returns each
+/// engine's cache length in tokens.
+pub fn package_engines<'a>(
+    a: &'a crate::commands::RunArgs,
+    context: &mut dyn FnMut(&PanguConfig) -> Result<usize>,
+) -> Result<PackageEngines<'a>> {
     let threads = a.threads.unwrap_or_else(panguc_runtime::engine::default_threads);
     if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
         // Partitioned over N devices: N rank engines in this process per sequence.
         let rank0 = panguc_runtime::multirank::rank_dirs(&a.model)?.dirs.remove(0);
         let tier = tier_line(&rank0, a)?;
         let cfg = panguc_runtime::package::read_manifest(&a.model)?.model;
-        let prompts = crate::run_batch::prompts(a, &cfg)?;
-        let context = Some(crate::run_batch::max_context(&prompts, a.max_new_tokens));
+        let context = Some(context(&cfg)?);
         let options = open_options(a);
         let make: EngineFactory = Box::new(move || {
             Ok(Box::new(panguc_runtime::MultiRankEngine::open_with(&a.model, threads, context, &options)?))
         });
-        log_after(tier, crate::run_batch::generate_and_report(make, a, &cfg, &prompts))
+        Ok(PackageEngines { cfg, make, tier })
     } else {
         // One engine per running sequence, sharing the package and the pool.
         let pool = panguc_runtime::thread_pool(threads)?;
@@ -567,11 +598,10 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         let pkg = std::sync::Arc::new(panguc_runtime::open_package_with(&a.model, &open_options(a))?);
         let tier = tier_line(&a.model, a)?;
         let cfg = pkg.config().clone();
-        let prompts = crate::run_batch::prompts(a, &cfg)?;
-        let context = Some(crate::run_batch::max_context(&prompts, a.max_new_tokens));
+        let context = Some(context(&cfg)?);
         let make: EngineFactory =
             Box::new(move || Ok(Box::new(panguc_runtime::CpuEngine::with_pool(pkg.clone(), pool.clone(), context)?)));
-        log_after(tier, crate::run_batch::generate_and_report(make, a, &cfg, &prompts))
+        Ok(PackageEngines { cfg, make, tier })
     }
 }
 
@@ -593,7 +623,7 @@ fn tier_line(dir: &Path, a: &crate::commands::RunArgs) -> Result<Option<String>>
 
 /// Print the run log's tier line once the run succeeded: a refused run's
 /// stderr is its one error line.
-fn log_after(tier: Option<String>, run: Result<()>) -> Result<()> {
+pub fn log_after(tier: Option<String>, run: Result<()>) -> Result<()> {
     if let (Ok(()), Some(line)) = (&run, tier) {
         eprintln!("{line}");
     }
