@@ -54,7 +54,10 @@ pub fn bench_serve(a: BenchServeArgs) -> Result<()> {
     let base = a.url.trim_end_matches('/').to_string();
     let host = base.split("://").nth(1).unwrap_or(&base).split(['/', ':']).next().unwrap_or_default().to_string();
     if !(host == "localhost" || host.starts_with("127.") || host == "[") {
-        bail!("bench-serve drives servers on this machine only: give a loopback URL (127.0.0.1 or localhost), got {}", a.url);
+        bail!(
+            "bench-serve drives servers on this machine only: give a loopback URL (127.0.0.1 or localhost), got {}",
+            a.url
+        );
     }
     let url = format!("{base}/v1/completions");
     let body = serde_json::json!({

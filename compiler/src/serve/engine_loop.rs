@@ -8,7 +8,7 @@ use super::metrics::{AdmissionQueue, Metrics};
 use super::stop::{Pushed, StopText};
 use panguc_runtime::{BatchEngine, FinishReason, Request, Sampling, Scheduler, SeqId, TextStream, Tokenizer};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
@@ -98,11 +98,8 @@ impl<'t, 'e> EngineLoop<'t, 'e> {
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
-            loop {
-                match submissions.try_recv() {
-                    Ok(s) => self.admit(s),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
+            while let Ok(s) = submissions.try_recv() {
+                self.admit(s);
             }
             self.drop_abandoned();
             if self.scheduler.has_work() {
@@ -281,6 +278,7 @@ impl<'t, 'e> EngineLoop<'t, 'e> {
         m.sequences_running.store(self.scheduler.running_len(), Relaxed);
         m.sequences_waiting.store(self.scheduler.waiting_len(), Relaxed);
         m.kv_blocks_in_use.store(self.scheduler.blocks_in_use(), Relaxed);
+        m.max_step_sequences.store(self.scheduler.stats().max_step_seqs, Relaxed);
     }
 }
 

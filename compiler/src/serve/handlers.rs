@@ -157,9 +157,13 @@ fn prepare(st: &Shared, r: GenerateRequest) -> Result<Job, ApiError> {
         }
     };
     let prompt = prompt.map_err(|e| ApiError::invalid(Some(param), format!("cannot tokenize the {param}: {e:#}")))?;
-    crate::run_batch::validate_prompt(&prompt, l.vocab_size).map_err(|e| ApiError::invalid(Some(param), format!("{e:#}")))?;
+    crate::run_batch::validate_prompt(&prompt, l.vocab_size)
+        .map_err(|e| ApiError::invalid(Some(param), format!("{e:#}")))?;
     if let Some(bad) = r.stop_token_ids.iter().find(|t| **t < 0 || **t as u64 >= l.vocab_size as u64) {
-        return Err(ApiError::invalid(Some("stop_token_ids"), format!("token {bad} is outside the vocabulary of {}", l.vocab_size)));
+        return Err(ApiError::invalid(
+            Some("stop_token_ids"),
+            format!("token {bad} is outside the vocabulary of {}", l.vocab_size),
+        ));
     }
     let room = l.max_model_len.saturating_sub(prompt.len());
     if room == 0 {
@@ -251,7 +255,9 @@ impl Reply {
     /// One streamed choice: new text, or its end.
     fn chunk_choice(&self, index: usize, text: Option<&str>, finish: Option<&str>) -> Value {
         match self.kind {
-            Kind::Completion => json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}),
+            Kind::Completion => {
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+            }
             Kind::Chat => {
                 let delta = text.map_or(json!({}), |t| json!({"content": t}));
                 json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
@@ -333,7 +339,9 @@ fn stream_response(reply: Reply, rx: UnboundedReceiver<Event>, include_usage: bo
                     out.push(sse(&s.reply.envelope(true, vec![s.reply.chunk_choice(index, Some(&text), None)])));
                 }
                 Some(Event::Done { index, finish_reason, completion_tokens }) => {
-                    out.push(sse(&s.reply.envelope(true, vec![s.reply.chunk_choice(index, None, Some(finish_reason))])));
+                    out.push(sse(&s
+                        .reply
+                        .envelope(true, vec![s.reply.chunk_choice(index, None, Some(finish_reason))])));
                     s.finished += 1;
                     s.completion_tokens += completion_tokens;
                     if s.finished == s.reply.n {
@@ -359,10 +367,7 @@ fn stream_response(reply: Reply, rx: UnboundedReceiver<Event>, include_usage: bo
             s.pending = out;
         }
     });
-    (
-        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
-        Body::from_stream(stream),
-    )
+    ([(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")], Body::from_stream(stream))
         .into_response()
 }
 

@@ -9,7 +9,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the time-to-first-token buckets.
-const TTFT_BUCKETS: [f64; 15] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const TTFT_BUCKETS: [f64; 15] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 /// Upper bounds (seconds) of the inter-token latency buckets.
 const ITL_BUCKETS: [f64; 13] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
 
@@ -57,6 +58,8 @@ pub struct Metrics {
     pub sequences_waiting: AtomicUsize,
     pub kv_blocks_in_use: AtomicUsize,
     pub kv_blocks_total: usize,
+    /// Most sequences one step has run together (shared steps show here).
+    pub max_step_sequences: AtomicUsize,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub requests_finished: AtomicU64,
@@ -76,6 +79,7 @@ impl Metrics {
             sequences_waiting: AtomicUsize::new(0),
             kv_blocks_in_use: AtomicUsize::new(0),
             kv_blocks_total,
+            max_step_sequences: AtomicUsize::new(0),
             prompt_tokens: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             requests_finished: AtomicU64::new(0),
@@ -104,19 +108,68 @@ impl Metrics {
         let mut gauge = |name: &str, help: &str, kind: &str, v: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
-        gauge("panguc_requests_running", "Requests whose sequences are running.", "gauge", self.requests_running.load(Relaxed) as u64);
-        gauge("panguc_requests_waiting", "Requests accepted and waiting for the scheduler.", "gauge", requests_waiting as u64);
-        gauge("panguc_sequences_running", "Sequences in the scheduler's running set.", "gauge", self.sequences_running.load(Relaxed) as u64);
-        gauge("panguc_sequences_waiting", "Sequences queued in the scheduler (new or preempted).", "gauge", self.sequences_waiting.load(Relaxed) as u64);
-        gauge("panguc_kv_blocks_in_use", "KV-cache blocks held by sequences.", "gauge", self.kv_blocks_in_use.load(Relaxed) as u64);
+        gauge(
+            "panguc_requests_running",
+            "Requests whose sequences are running.",
+            "gauge",
+            self.requests_running.load(Relaxed) as u64,
+        );
+        gauge(
+            "panguc_requests_waiting",
+            "Requests accepted and waiting for the scheduler.",
+            "gauge",
+            requests_waiting as u64,
+        );
+        gauge(
+            "panguc_sequences_running",
+            "Sequences in the scheduler's running set.",
+            "gauge",
+            self.sequences_running.load(Relaxed) as u64,
+        );
+        gauge(
+            "panguc_sequences_waiting",
+            "Sequences queued in the scheduler (new or preempted).",
+            "gauge",
+            self.sequences_waiting.load(Relaxed) as u64,
+        );
+        gauge(
+            "panguc_kv_blocks_in_use",
+            "KV-cache blocks held by sequences.",
+            "gauge",
+            self.kv_blocks_in_use.load(Relaxed) as u64,
+        );
         gauge("panguc_kv_blocks_total", "KV-cache blocks in the pool.", "gauge", self.kv_blocks_total as u64);
-        gauge("panguc_prompt_tokens_total", "Prompt tokens of accepted requests.", "counter", self.prompt_tokens.load(Relaxed));
+        gauge(
+            "panguc_prompt_tokens_total",
+            "Prompt tokens of accepted requests.",
+            "counter",
+            self.prompt_tokens.load(Relaxed),
+        );
         gauge("panguc_generated_tokens_total", "Tokens generated.", "counter", self.generated_tokens.load(Relaxed));
-        gauge("panguc_requests_finished_total", "Requests that ran to their end.", "counter", self.requests_finished.load(Relaxed));
-        gauge("panguc_requests_cancelled_total", "Requests cancelled because their client went away.", "counter", self.requests_cancelled.load(Relaxed));
-        gauge("panguc_requests_rejected_total", "Requests refused with 429 because the waiting queue was full.", "counter", self.requests_rejected.load(Relaxed));
+        gauge(
+            "panguc_requests_finished_total",
+            "Requests that ran to their end.",
+            "counter",
+            self.requests_finished.load(Relaxed),
+        );
+        gauge(
+            "panguc_requests_cancelled_total",
+            "Requests cancelled because their client went away.",
+            "counter",
+            self.requests_cancelled.load(Relaxed),
+        );
+        gauge(
+            "panguc_requests_rejected_total",
+            "Requests refused with 429 because the waiting queue was full.",
+            "counter",
+            self.requests_rejected.load(Relaxed),
+        );
         if let Ok(h) = self.ttft.lock() {
-            h.render("panguc_time_to_first_token_seconds", "From receiving a request to its first generated token.", &mut out);
+            h.render(
+                "panguc_time_to_first_token_seconds",
+                "From receiving a request to its first generated token.",
+                &mut out,
+            );
         }
         if let Ok(h) = self.itl.lock() {
             h.render("panguc_inter_token_latency_seconds", "Between consecutive tokens of a sequence.", &mut out);

@@ -112,7 +112,9 @@ fn max_model_len(a: &ServeArgs, cfg: &PanguConfig) -> Result<usize> {
     match a.max_model_len {
         None => Ok(limit),
         Some(0) => bail!("--max-model-len must be at least 1 token"),
-        Some(n) if n > limit => bail!("--max-model-len {n} is past the model's context (max_position_embeddings {limit})"),
+        Some(n) if n > limit => {
+            bail!("--max-model-len {n} is past the model's context (max_position_embeddings {limit})")
+        }
         Some(n) => Ok(n),
     }
 }
@@ -151,7 +153,10 @@ pub fn open_engines<'a>(
         let bytes = [sched.max_seqs as u64, len as u64, crate::run_batch::kv_bytes_per_token(cfg) as u64]
             .iter()
             .try_fold(1u64, |acc, &x| acc.checked_mul(x));
-        let what = format!("{} running sequences' KV caches ({len} tokens each; --max-seqs and --max-model-len bound them)", sched.max_seqs);
+        let what = format!(
+            "{} running sequences' KV caches ({len} tokens each; --max-seqs and --max-model-len bound them)",
+            sched.max_seqs
+        );
         panguc_runtime::memory::check_fits(&what, bytes)?;
         sized = Some((len, sched));
         Ok(len)
@@ -280,13 +285,14 @@ fn http_server(listener: std::net::TcpListener, shared: Arc<Shared>) -> Result<(
         .context("starting the HTTP runtime")?;
     let result = runtime.block_on(async {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        let app = handlers::router(shared.clone())
-            .layer(tower_http::catch_panic::CatchPanicLayer::custom(|p: Box<dyn std::any::Any + Send>| {
+        let app = handlers::router(shared.clone()).layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |p: Box<dyn std::any::Any + Send>| {
                 use axum::response::IntoResponse;
                 let message = engine_loop::panic_message(&p);
                 tracing::error!("a handler panicked: {message}");
                 error::ApiError::internal("internal error while handling the request").into_response()
-            }));
+            },
+        ));
         axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
         anyhow::Ok(())
     });

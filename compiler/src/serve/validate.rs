@@ -66,7 +66,10 @@ pub fn completion_request(body: &[u8]) -> Result<GenerateRequest, ApiError> {
 pub fn chat_request(body: &[u8]) -> Result<GenerateRequest, ApiError> {
     let obj = object(body)?;
     let Some(Value::Array(items)) = obj.get("messages") else {
-        return Err(ApiError::invalid(Some("messages"), "`messages` must be a list of {\"role\", \"content\"} objects"));
+        return Err(ApiError::invalid(
+            Some("messages"),
+            "`messages` must be a list of {\"role\", \"content\"} objects",
+        ));
     };
     if items.is_empty() {
         return Err(ApiError::invalid(Some("messages"), "`messages` is empty: give at least one message"));
@@ -86,8 +89,12 @@ pub fn chat_request(body: &[u8]) -> Result<GenerateRequest, ApiError> {
                 ))
             }
         };
-        let content = message_content(m.get("content"))
-            .ok_or_else(|| ApiError::invalid(Some(&format!("{param}.content")), format!("{param}.content must be a string or a list of text parts")))?;
+        let content = message_content(m.get("content")).ok_or_else(|| {
+            ApiError::invalid(
+                Some(&format!("{param}.content")),
+                format!("{param}.content must be a string or a list of text parts"),
+            )
+        })?;
         messages.push(ChatMessage { role, content });
     }
     // `max_completion_tokens` is the newer name of `max_tokens`.
@@ -126,10 +133,7 @@ fn common(obj: &Fields, prompt: PromptInput, max_name: &str) -> Result<GenerateR
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(ApiError::invalid(Some("model"), "`model` must be a string")),
     };
-    let max_tokens = match int(obj, max_name, 1, u32::MAX as i64)? {
-        Some(v) => Some(v as usize),
-        None => None,
-    };
+    let max_tokens = int(obj, max_name, 1, u32::MAX as i64)?.map(|v| v as usize);
     let temperature = number(obj, "temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32;
     let top_p = number(obj, "top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32;
     if top_p <= 0.0 {
@@ -146,7 +150,10 @@ fn common(obj: &Fields, prompt: PromptInput, max_name: &str) -> Result<GenerateR
             items.iter().filter_map(Value::as_str).map(str::to_string).collect()
         }
         Some(_) => {
-            return Err(ApiError::invalid(Some("stop"), format!("`stop` must be a string or a list of at most {MAX_STOPS} strings")))
+            return Err(ApiError::invalid(
+                Some("stop"),
+                format!("`stop` must be a string or a list of at most {MAX_STOPS} strings"),
+            ))
         }
     };
     if stop.iter().any(String::is_empty) {
@@ -154,8 +161,12 @@ fn common(obj: &Fields, prompt: PromptInput, max_name: &str) -> Result<GenerateR
     }
     let stop_token_ids = match obj.get("stop_token_ids") {
         None | Some(Value::Null) => vec![],
-        Some(Value::Array(items)) if items.iter().all(Value::is_i64) => items.iter().filter_map(Value::as_i64).collect(),
-        Some(_) => return Err(ApiError::invalid(Some("stop_token_ids"), "`stop_token_ids` must be a list of token ids")),
+        Some(Value::Array(items)) if items.iter().all(Value::is_i64) => {
+            items.iter().filter_map(Value::as_i64).collect()
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(Some("stop_token_ids"), "`stop_token_ids` must be a list of token ids"))
+        }
     };
     let include_usage = match obj.get("stream_options") {
         None | Some(Value::Null) => false,
@@ -219,20 +230,26 @@ mod tests {
 
     #[test]
     fn fields_are_read_with_their_defaults() {
-        let r = completion_request(br#"{"prompt": "hi", "max_tokens": 5, "stop": "x", "seed": 3, "extra": 1}"#).unwrap();
+        let r =
+            completion_request(br#"{"prompt": "hi", "max_tokens": 5, "stop": "x", "seed": 3, "extra": 1}"#).unwrap();
         assert_eq!(r.prompt, PromptInput::Text("hi".into()));
         assert_eq!((r.max_tokens, r.n, r.seed, r.temperature, r.top_p, r.top_k), (Some(5), 1, Some(3), 1.0, 1.0, 0));
         assert_eq!(r.stop, vec!["x".to_string()]);
         assert!(!r.stream);
-        let r = completion_request(br#"{"prompt": [1, 2, 3], "top_k": -1, "stream": true, "stream_options": {"include_usage": true}}"#)
-            .unwrap();
+        let r = completion_request(
+            br#"{"prompt": [1, 2, 3], "top_k": -1, "stream": true, "stream_options": {"include_usage": true}}"#,
+        )
+        .unwrap();
         assert_eq!((r.prompt, r.top_k, r.stream, r.include_usage), (PromptInput::Tokens(vec![1, 2, 3]), 0, true, true));
         let r = chat_request(
             br#"{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], "max_completion_tokens": 7}"#,
         )
         .unwrap();
         assert_eq!(r.max_tokens, Some(7));
-        assert_eq!(r.prompt, PromptInput::Chat(vec![ChatMessage::new("system", "be brief"), ChatMessage::new("user", "ab")]));
+        assert_eq!(
+            r.prompt,
+            PromptInput::Chat(vec![ChatMessage::new("system", "be brief"), ChatMessage::new("user", "ab")])
+        );
     }
 
     #[test]
