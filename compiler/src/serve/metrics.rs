@@ -140,6 +140,12 @@ impl Metrics {
         );
         gauge("panguc_kv_blocks_total", "KV-cache blocks in the pool.", "gauge", self.kv_blocks_total as u64);
         gauge(
+            "panguc_step_sequences_max",
+            "Most sequences run together in one engine step.",
+            "gauge",
+            self.max_step_sequences.load(Relaxed) as u64,
+        );
+        gauge(
             "panguc_prompt_tokens_total",
             "Prompt tokens of accepted requests.",
             "counter",
