@@ -196,6 +196,12 @@ impl<'t, 'e> EngineLoop<'t, 'e> {
         let now = Instant::now();
         let mut active = std::mem::take(&mut self.active);
         for a in &mut active {
+            // The queue place goes back before any text is sent, so a client
+            // that saw its first token never finds its place still taken.
+            if a.queued && a.choices.iter().any(|c| !self.scheduler.is_waiting(c.seq)) {
+                a.queued = false;
+                self.queue.leave();
+            }
             for (index, c) in a.choices.iter_mut().enumerate().filter(|(_, c)| !c.done) {
                 let generated = self.scheduler.generated(c.seq);
                 let new: Vec<i64> = generated[c.seen.min(generated.len())..].to_vec();
@@ -253,10 +259,6 @@ impl<'t, 'e> EngineLoop<'t, 'e> {
                     let done = Event::Done { index, finish_reason, completion_tokens: c.seen };
                     let _ = a.events.send(done);
                 }
-            }
-            if a.queued && a.choices.iter().any(|c| !self.scheduler.is_waiting(c.seq)) {
-                a.queued = false;
-                self.queue.leave();
             }
         }
         active.retain(|a| {
