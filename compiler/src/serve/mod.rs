@@ -169,9 +169,9 @@ pub fn open_engines<'a>(
         }
         Some((ckpt, module)) => {
             let cfg = ckpt.config().clone();
-            let len = context(&cfg)?;
+            // The interpreter's caches grow as needed; this sizes the scheduler.
+            context(&cfg)?;
             let (layers, kv) = (cfg.num_hidden_layers, [cfg.num_key_value_heads, cfg.head_dim()]);
-            let _ = len;
             let make: EngineFactory = Box::new(move || {
                 let interp = panguc_ir::interp::Interpreter::new(module, ckpt);
                 Ok(Box::new(panguc_ir::session::InterpSession::new(interp, layers, kv)))
