@@ -29,6 +29,8 @@ pub mod quantize;
 #[cfg(feature = "driver")]
 pub mod run_batch;
 #[cfg(feature = "driver")]
+pub mod serve;
+#[cfg(feature = "driver")]
 pub mod staging;
 #[cfg(feature = "driver")]
 pub mod synth;

@@ -40,6 +40,12 @@ enum Command {
     /// CPU benchmark on the `small` preset: decode and prefill speed against
     /// the memory and FMA rooflines measured in the same run.
     Bench(cli::BenchArgs),
+    /// Serve a package over HTTP with the OpenAI API (completions, chat
+    /// completions, models) plus /health and /metrics.
+    Serve(panguc::serve::ServeArgs),
+    /// Load generator for `panguc serve`: N concurrent streaming clients;
+    /// prints tokens/s, time to first token and inter-token latency.
+    BenchServe(panguc::serve::bench_client::BenchServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +60,8 @@ fn main() -> ExitCode {
         Command::Quantize(a) => cli::quantize(a),
         Command::Verify(a) => cli::verify(a),
         Command::Bench(a) => cli::bench(a),
+        Command::Serve(a) => panguc::serve::serve(a),
+        Command::BenchServe(a) => panguc::serve::bench_client::bench_serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

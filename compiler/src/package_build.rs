@@ -531,8 +531,31 @@ fn encode(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
 /// `panguc run` on a package: the compiled engine (`--engine compiled`,
 /// the default) with `--threads` workers (default: all cores).
 pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
+    check_package_engine(a)?;
+    let mut prompts = None;
+    let engines = package_engines(a, &mut |cfg| {
+        let p = crate::run_batch::prompts(a, cfg)?;
+        let context = crate::run_batch::max_context(&p, a.max_new_tokens);
+        prompts = Some(p);
+        Ok(context)
+    })?;
+    let prompts = prompts.context("the prompts were not read")?;
+    let PackageEngines { cfg, make, tier } = engines;
+    match make {
+        EngineMaker::PerSequence(make) => {
+            log_after(tier, crate::run_batch::generate_and_report(make, a, &cfg, &prompts))
+        }
+        EngineMaker::Paged(paged) => {
+            let a = &paged.run_args(a)?;
+            log_after(tier, crate::run_batch::scheduled_run(a, &cfg, &prompts, &mut |s| paged.engine(&cfg, s)))
+        }
+    }
+}
+
+/// `--engine` must name an engine that runs a package's compiled kernels.
+pub fn check_package_engine(a: &crate::commands::RunArgs) -> Result<()> {
     match a.engine.as_deref().unwrap_or("compiled") {
-        "compiled" => {}
+        "compiled" => Ok(()),
         "interp" => bail!(
             "{} is a compiled package: it holds prepared weights only, so the interpreter cannot run it; \
              run the checkpoint directory with --engine interp, or the package with --engine compiled",
@@ -540,19 +563,87 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         ),
         other => bail!("unknown --engine `{other}` for a package (available: compiled)"),
     }
+}
+
+/// What runs a compiled package: its model config, how its engines are
+/// made and the run log's CPU-tier line.
+pub struct PackageEngines<'a> {
+    pub cfg: PanguConfig,
+    pub make: EngineMaker<'a>,
+    pub tier: Option<String>,
+}
+
+/// How a package's engines are made.
+pub enum EngineMaker<'a> {
+    /// A one-sequence program (partitioned packages, CPU programs compiled
+    /// beside an Ascend target): one engine per running sequence, each with
+    /// its own contiguous cache, driven through `PerSequenceEngines`.
+    PerSequence(EngineFactory<'a>),
+    /// A batched CPU program: one engine runs every step over one paged
+    /// KV cache whose blocks the scheduler hands out.
+    Paged(PagedCpu),
+}
+
+/// A batched CPU package opened for [`EngineMaker::Paged`].
+pub struct PagedCpu {
+    pkg: std::sync::Arc<panguc_runtime::Package>,
+    pool: std::sync::Arc<panguc_runtime::pool::WorkerPool>,
+    dir: std::path::PathBuf,
+    /// Tokens per KV block, fixed by the package.
+    pub block_size: usize,
+}
+
+impl PagedCpu {
+    /// `a` with the package's block size (a different `--block-size` is refused).
+    pub fn run_args(&self, a: &crate::commands::RunArgs) -> Result<crate::commands::RunArgs> {
+        let block_size = self.block_size;
+        if a.block_size.is_some_and(|b| b != block_size) {
+            bail!(
+                "{} was compiled for KV blocks of {block_size} tokens: drop --block-size or pass {block_size}",
+                self.dir.display()
+            );
+        }
+        Ok(crate::commands::RunArgs { block_size: Some(block_size), ..a.clone() })
+    }
+
+    /// The engine for the scheduler's limits `s`, once its cache is known to fit in memory.
+    pub fn engine(
+        &self,
+        cfg: &PanguConfig,
+        s: &panguc_runtime::SchedulerConfig,
+    ) -> Result<Box<dyn panguc_runtime::BatchEngine + 'static>> {
+        let block_bytes = s.block_size * crate::run_batch::kv_bytes_per_token(cfg);
+        panguc_runtime::memory::check_fits(
+            &format!(
+                "the KV cache of {} blocks of {} tokens shared by the running sequences (--kv-cache-mb bounds it)",
+                s.num_blocks, s.block_size
+            ),
+            (s.num_blocks as u64).checked_mul(block_bytes as u64),
+        )?;
+        Ok(Box::new(panguc_runtime::CpuEngine::batched(self.pkg.clone(), self.pool.clone(), s.num_blocks)?))
+    }
+}
+
+/// Open the package of `a.model` (verified; partitioned ones as one
+/// multi-rank engine per sequence) and say how its engines are made.
+/// `context` is told the model config once the package is trusted and
+/// returns each one-sequence engine's cache length in tokens.
+pub fn package_engines<'a>(
+    a: &'a crate::commands::RunArgs,
+    context: &mut dyn FnMut(&PanguConfig) -> Result<usize>,
+) -> Result<PackageEngines<'a>> {
     let threads = a.threads.unwrap_or_else(panguc_runtime::engine::default_threads);
     if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
         // Partitioned over N devices: N rank engines in this process per sequence.
         let rank0 = panguc_runtime::multirank::rank_dirs(&a.model)?.dirs.remove(0);
         let tier = tier_line(&rank0, a)?;
         let cfg = panguc_runtime::package::read_manifest(&a.model)?.model;
-        let prompts = crate::run_batch::prompts(a, &cfg)?;
-        let context = Some(crate::run_batch::max_context(&prompts, a.max_new_tokens));
+        let context = Some(context(&cfg)?);
         let options = open_options(a);
         let make: EngineFactory = Box::new(move || {
             Ok(Box::new(panguc_runtime::MultiRankEngine::open_with(&a.model, threads, context, &options)?))
         });
-        log_after(tier, crate::run_batch::generate_and_report(make, a, &cfg, &prompts))
+        Ok(PackageEngines { cfg, make: EngineMaker::PerSequence(make), tier })
     } else {
         let pool = panguc_runtime::thread_pool(threads)?;
         // Opening verifies the package's small files (the tokenizer's
@@ -560,39 +651,15 @@ pub fn run_package(a: &crate::commands::RunArgs) -> Result<()> {
         let pkg = std::sync::Arc::new(panguc_runtime::open_package_with(&a.model, &open_options(a))?);
         let tier = tier_line(&a.model, a)?;
         let cfg = pkg.config().clone();
-        let prompts = crate::run_batch::prompts(a, &cfg)?;
+        let context = context(&cfg)?;
         if let Some(block_size) = panguc_runtime::CpuEngine::block_size_of(&pkg) {
-            // Batched: one engine runs every step over one paged KV cache
-            // whose blocks the scheduler hands out.
-            if a.block_size.is_some_and(|b| b != block_size) {
-                bail!(
-                    "{} was compiled for KV blocks of {block_size} tokens: drop --block-size or pass {block_size}",
-                    a.model.display()
-                );
-            }
-            let a = &crate::commands::RunArgs { block_size: Some(block_size), ..a.clone() };
-            return log_after(
-                tier,
-                crate::run_batch::scheduled_run(a, &cfg, &prompts, &mut |s| {
-                    let block_bytes = s.block_size * crate::run_batch::kv_bytes_per_token(&cfg);
-                    panguc_runtime::memory::check_fits(
-                        &format!(
-                            "the KV cache of {} blocks of {} tokens shared by the running sequences \
-                             (--kv-cache-mb bounds it)",
-                            s.num_blocks, s.block_size
-                        ),
-                        (s.num_blocks as u64).checked_mul(block_bytes as u64),
-                    )?;
-                    Ok(Box::new(panguc_runtime::CpuEngine::batched(pkg.clone(), pool.clone(), s.num_blocks)?))
-                }),
-            );
+            let paged = PagedCpu { pkg, pool, dir: a.model.clone(), block_size };
+            return Ok(PackageEngines { cfg, make: EngineMaker::Paged(paged), tier });
         }
-        // A one-sequence program: one engine per running sequence, sharing
-        // the package and the pool.
-        let context = Some(crate::run_batch::max_context(&prompts, a.max_new_tokens));
+        let context = Some(context);
         let make: EngineFactory =
             Box::new(move || Ok(Box::new(panguc_runtime::CpuEngine::with_pool(pkg.clone(), pool.clone(), context)?)));
-        log_after(tier, crate::run_batch::generate_and_report(make, a, &cfg, &prompts))
+        Ok(PackageEngines { cfg, make: EngineMaker::PerSequence(make), tier })
     }
 }
 
@@ -614,7 +681,7 @@ fn tier_line(dir: &Path, a: &crate::commands::RunArgs) -> Result<Option<String>>
 
 /// Print the run log's tier line once the run succeeded: a refused run's
 /// stderr is its one error line.
-fn log_after(tier: Option<String>, run: Result<()>) -> Result<()> {
+pub fn log_after(tier: Option<String>, run: Result<()>) -> Result<()> {
     if let (Ok(()), Some(line)) = (&run, tier) {
         eprintln!("{line}");
     }

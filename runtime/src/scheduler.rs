@@ -96,6 +96,9 @@ pub enum FinishReason {
     Stop,
     /// It reached its max_new_tokens.
     Length,
+    /// The caller stopped it ([`Scheduler::cancel`]): a stop string, a
+    /// client that went away.
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +119,9 @@ struct Sequence {
     prompt_logits: Vec<Vec<f32>>,
     preemptions: usize,
     state: State,
+    /// Keep the logits of every prompt position (the CLI's `--logits-out`);
+    /// a server only needs the last row, so the engine computes no others.
+    record_prompt_logits: bool,
 }
 
 impl Sequence {
@@ -130,8 +136,11 @@ impl Sequence {
     /// First row of a chunk of `n` tokens whose logits are needed: prompt
     /// positions not recorded yet, and the last token's row (to sample from).
     fn logits_from(&self, n: usize) -> usize {
-        let mut from =
-            if self.generated().is_empty() { self.prompt_logits.len().saturating_sub(self.computed).min(n) } else { n };
+        let mut from = if self.generated().is_empty() && self.record_prompt_logits {
+            self.prompt_logits.len().saturating_sub(self.computed).min(n)
+        } else {
+            n
+        };
         if self.computed + n == self.tokens.len() {
             from = from.min(n - 1);
         }
@@ -172,6 +181,7 @@ pub struct Scheduler {
     /// Oldest admission first: the last one is the first to be preempted.
     running: Vec<SeqId>,
     stats: SchedulerStats,
+    record_prompt_logits: bool,
 }
 
 impl Scheduler {
@@ -185,6 +195,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: vec![],
             stats: Default::default(),
+            record_prompt_logits: true,
         })
     }
 
@@ -202,6 +213,13 @@ impl Scheduler {
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.cfg
+    }
+
+    /// Whether requests added from now on record the logits of every prompt
+    /// position (on by default). Off, a prefill asks the engine for its last
+    /// row only and [`Generation::prompt_logits`] stays empty.
+    pub fn set_record_prompt_logits(&mut self, on: bool) {
+        self.record_prompt_logits = on;
     }
 
     /// Queue a request; it joins the batch at the next step with room.
@@ -231,6 +249,7 @@ impl Scheduler {
             prompt_logits: vec![],
             preemptions: 0,
             state: State::Waiting,
+            record_prompt_logits: self.record_prompt_logits,
         });
         self.waiting.push_back(id);
         Ok(id)
@@ -247,6 +266,55 @@ impl Scheduler {
 
     pub fn free_blocks(&self) -> usize {
         self.blocks.free_count()
+    }
+
+    /// KV blocks held by sequences now.
+    pub fn blocks_in_use(&self) -> usize {
+        self.blocks.in_use()
+    }
+
+    /// Sequences queued for admission (new or preempted).
+    pub fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Sequences admitted and not finished.
+    pub fn running_len(&self) -> usize {
+        self.running.len()
+    }
+
+    /// True while sequence `id` waits for admission (never ran, or was preempted).
+    pub fn is_waiting(&self, id: SeqId) -> bool {
+        self.seqs.get(id).is_some_and(|s| s.state == State::Waiting)
+    }
+
+    /// Stop sequence `id` between steps, waiting or running: its blocks go
+    /// back to the pool at once and it finishes as
+    /// [`FinishReason::Cancelled`] with the tokens it has. False when it had
+    /// already finished (nothing changes); an error for an unknown id.
+    pub fn cancel(&mut self, id: SeqId, engine: &mut dyn BatchEngine) -> Result<bool> {
+        let Some(s) = self.seqs.get(id) else { bail!("cancel of sequence {id}, which was never added") };
+        if matches!(s.state, State::Finished(_)) {
+            return Ok(false);
+        }
+        self.waiting.retain(|&w| w != id);
+        self.finish(id, FinishReason::Cancelled, engine)?;
+        Ok(true)
+    }
+
+    /// Drop what finished sequence `id` still keeps (its tokens and prompt
+    /// logits), so a long-lived scheduler does not grow with every request
+    /// it served. Afterwards it reports no generated tokens; false (and
+    /// nothing dropped) while it has not finished.
+    pub fn forget(&mut self, id: SeqId) -> bool {
+        let Some(s) = self.seqs.get_mut(id) else { return false };
+        if !matches!(s.state, State::Finished(_)) {
+            return false;
+        }
+        s.tokens = Vec::new();
+        s.req.prompt = Vec::new();
+        s.prompt_logits = Vec::new();
+        true
     }
 
     /// Reference count of a cache block (0 = free).
@@ -438,7 +506,7 @@ impl Scheduler {
         let prompt_len = s.req.prompt.len();
         let mut last = None;
         for (pos, row) in (first..).zip(rows) {
-            if pos == s.prompt_logits.len() && pos < prompt_len && s.generated().is_empty() {
+            if s.record_prompt_logits && pos == s.prompt_logits.len() && pos < prompt_len && s.generated().is_empty() {
                 s.prompt_logits.push(row.clone());
             }
             last = Some(row);

@@ -21,6 +21,8 @@ struct PagedFake {
     slots: Vec<Option<(i64, usize)>>,
     steps: Vec<Vec<(SeqId, usize, usize)>>,
     released: Vec<SeqId>,
+    /// Most logits rows asked of one chunk.
+    max_rows: usize,
 }
 
 impl PagedFake {
@@ -48,7 +50,8 @@ impl BatchEngine for PagedFake {
                 ensure!(pos == p, "slot {slot} holds position {pos}, not {p}: a block was overwritten");
                 context.push(tok);
             }
-            let rows = (c.past + c.logits_from..ctx).map(|p| fake_logits(&context[..=p])).collect();
+            let rows: ChunkLogits = (c.past + c.logits_from..ctx).map(|p| fake_logits(&context[..=p])).collect();
+            self.max_rows = self.max_rows.max(rows.len());
             out.push(rows);
         }
         self.steps.push(chunks.iter().map(|c| (c.seq, c.past, c.tokens.len())).collect());
@@ -239,4 +242,71 @@ fn zero_new_tokens_only_prefills() {
     assert!(got[0].generated.is_empty());
     assert_eq!(got[0].prompt_logits.len(), 5);
     assert_eq!(got[0].prompt_logits[4], fake_logits(&[1, 2, 3, 4, 5]));
+}
+
+#[test]
+fn cancelling_frees_blocks_at_once_and_leaves_the_others_unchanged() {
+    let c = cfg(16, 4, 8, 64);
+    let mut e = PagedFake::new(16, 4);
+    let mut s = Scheduler::new(c).unwrap();
+    let keep = req(&[1, 2, 3], 10);
+    let a = s.add(keep.clone()).unwrap();
+    let b = s.add(req(&[7, 7, 7, 7, 7, 7], 10)).unwrap();
+    // Two steps: both prefilled and decoding, each holding blocks.
+    s.step(&mut e).unwrap();
+    s.step(&mut e).unwrap();
+    let held_by_b = s.blocks_of(b).len();
+    assert!(held_by_b >= 2, "b holds its prompt's blocks");
+    let in_use = s.blocks_in_use();
+    assert!(s.cancel(b, &mut e).unwrap());
+    assert_eq!(s.blocks_in_use(), in_use - held_by_b, "b's blocks are free before the next step");
+    assert!(s.blocks_of(b).is_empty());
+    assert_eq!(s.finish_reason(b), Some(FinishReason::Cancelled));
+    assert_eq!(e.released, vec![b], "the engine forgets b's cache");
+    assert_eq!(s.generated(b).len(), 2, "b keeps the tokens it made");
+    assert!(!s.cancel(b, &mut e).unwrap(), "cancelling twice changes nothing");
+    assert!(s.cancel(99, &mut e).is_err(), "unknown sequence");
+    // A waiting sequence can be cancelled before it ever runs.
+    let w = s.add(req(&[4, 5], 3)).unwrap();
+    assert!(s.is_waiting(w));
+    assert_eq!(s.waiting_len(), 1);
+    assert!(s.cancel(w, &mut e).unwrap());
+    assert_eq!((s.waiting_len(), s.running_len()), (0, 1));
+    s.run(&mut e).unwrap();
+    assert!(e.steps.iter().flatten().all(|c| c.0 != w), "a cancelled waiting sequence never runs");
+    assert_eq!(s.take(a).unwrap().generated, alone(&keep).generated);
+    assert_eq!(s.free_blocks(), 16, "every block is back");
+}
+
+#[test]
+fn requests_added_between_steps_match_running_alone_without_prompt_logits() {
+    let c = cfg(64, 4, 8, 16);
+    let mut e = PagedFake::new(64, 4);
+    let mut s = Scheduler::new(c).unwrap();
+    s.set_record_prompt_logits(false);
+    let requests: Vec<Request> = (0..6).map(|i| req(&[i + 1, 2 * i + 3, 5, i], 4 + i as usize)).collect();
+    let mut ids = vec![];
+    let mut k = 0;
+    // One more request joins after every step until all are in.
+    loop {
+        if let Some(r) = requests.get(k) {
+            ids.push(s.add(r.clone()).unwrap());
+        }
+        k += 1;
+        if s.step(&mut e).unwrap().is_none() && k > requests.len() {
+            break;
+        }
+    }
+    for (r, id) in requests.iter().zip(ids) {
+        let g = s.take(id).unwrap();
+        assert_eq!(g.generated, alone(r).generated);
+        assert!(g.prompt_logits.is_empty(), "no prompt logits recorded");
+        assert!(s.forget(id));
+        assert!(s.generated(id).is_empty(), "forgotten tokens are dropped");
+    }
+    // Without prompt logits a prefill chunk asks only for its last row.
+    assert!(e.steps.iter().flatten().any(|c| c.2 > 1), "prefills of several tokens ran");
+    assert_eq!(e.max_rows, 1, "one logits row per chunk at most");
+    let w = s.add(req(&[1], 3)).unwrap();
+    assert!(!s.forget(w), "a sequence that has not finished is kept");
 }
