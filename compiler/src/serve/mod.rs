@@ -16,12 +16,12 @@ pub mod stop;
 pub mod validate;
 
 use crate::commands::RunArgs;
+use crate::package_build::EngineMaker;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use handlers::{Limits, Shared};
 use metrics::{AdmissionQueue, Metrics};
 use panguc_ir::PanguConfig;
-use crate::package_build::EngineMaker;
 use panguc_runtime::batch::EngineFactory;
 use panguc_runtime::{BatchEngine, PerSequenceEngines, Scheduler, SchedulerConfig, Tokenizer};
 use std::io::Write;
