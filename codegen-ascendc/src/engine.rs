@@ -361,12 +361,7 @@ impl panguc_runtime::BatchEngine for AscendSimEngine {
         }
         let logits = self.run(&env, inputs)?;
         let vocab = logits.len() / ids.len();
-        let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
-        Ok(chunks
-            .iter()
-            .enumerate()
-            .map(|(s, c)| rows[meta.rows(s)][c.logits_from..].iter().map(|r| r.to_vec()).collect())
-            .collect())
+        panguc_runtime::batch::split_step_logits(&logits, vocab, chunks, meta)
     }
 
     /// The cache is paged: the scheduler reuses a released sequence's blocks.

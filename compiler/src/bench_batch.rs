@@ -11,7 +11,7 @@
 use anyhow::Result;
 use panguc_ir::batch::{SeqChunk, StepMetadata};
 use panguc_ir::kernel::{BufferKind, Epilogue, KernelKind, KernelProgram};
-use panguc_ir::shape::{Bindings, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_SEQS, SYM_TOKENS};
+use panguc_ir::shape::Bindings;
 use panguc_runtime::{BatchEngine, CpuEngine, Package, StepChunk};
 use std::sync::Arc;
 use std::time::Instant;
@@ -101,12 +101,7 @@ pub fn decode_step_seconds(
 
 /// The shape symbols of a step of a batched program.
 pub fn step_bindings(meta: &StepMetadata, num_blocks: usize) -> Bindings {
-    Bindings::from([
-        (SYM_TOKENS.to_string(), meta.tokens()),
-        (SYM_SEQS.to_string(), meta.seqs()),
-        (SYM_MAX_BLOCKS.to_string(), meta.max_blocks),
-        (SYM_NUM_BLOCKS.to_string(), num_blocks),
-    ])
+    meta.bindings(num_blocks)
 }
 
 /// Bytes one step must read from memory: every weight once (the embedding

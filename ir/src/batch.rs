@@ -89,6 +89,18 @@ pub struct StepMetadata {
 }
 
 impl StepMetadata {
+    /// The shape symbols of this step in a batched program whose caches
+    /// have `num_blocks` blocks.
+    pub fn bindings(&self, num_blocks: usize) -> crate::shape::Bindings {
+        use crate::shape::{SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_SEQS, SYM_TOKENS};
+        crate::shape::Bindings::from([
+            (SYM_TOKENS.to_string(), self.tokens()),
+            (SYM_SEQS.to_string(), self.seqs()),
+            (SYM_MAX_BLOCKS.to_string(), self.max_blocks),
+            (SYM_NUM_BLOCKS.to_string(), num_blocks),
+        ])
+    }
+
     /// Build the metadata of a step from each sequence's chunk. Fails when a
     /// chunk is empty or its blocks cannot hold `past + new_tokens` tokens.
     pub fn build(block_size: usize, chunks: &[SeqChunk]) -> Result<Self> {

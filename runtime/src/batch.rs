@@ -169,18 +169,29 @@ impl BatchEngine for panguc_ir::session::BatchInterpSession<'_> {
         let ids: Vec<i64> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         let logits = panguc_ir::session::BatchInterpSession::step(self, &ids, meta)?;
         let vocab = *logits.shape.last().unwrap_or(&0);
-        ensure!(vocab > 0 && logits.as_f32().len() == ids.len() * vocab, "logits of shape {:?}", logits.shape);
-        let rows: Vec<&[f32]> = logits.as_f32().chunks(vocab).collect();
-        Ok(chunks
-            .iter()
-            .enumerate()
-            .map(|(s, c)| rows[meta.rows(s)][c.logits_from..].iter().map(|r| r.to_vec()).collect())
-            .collect())
+        split_step_logits(logits.as_f32(), vocab, chunks, meta)
     }
 
     /// The cache is paged: a released sequence's blocks are simply reused
     /// by the scheduler, nothing to do here.
     fn release(&mut self, _seq: SeqId) {}
+}
+
+/// A batched step's logits (`vocab` per row, the step's rows in order)
+/// split into each chunk's wanted rows (from its `logits_from`).
+pub fn split_step_logits(
+    logits: &[f32],
+    vocab: usize,
+    chunks: &[StepChunk<'_>],
+    meta: &StepMetadata,
+) -> Result<Vec<ChunkLogits>> {
+    ensure!(vocab > 0 && logits.len() == meta.tokens() * vocab, "{} logits for {} rows", logits.len(), meta.tokens());
+    let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
+    Ok(chunks
+        .iter()
+        .enumerate()
+        .map(|(s, c)| rows[meta.rows(s)][c.logits_from..].iter().map(|r| r.to_vec()).collect())
+        .collect())
 }
 
 /// Prefill every prompt and decode up to `max_new` tokens per sequence

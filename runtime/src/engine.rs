@@ -34,7 +34,7 @@ use anyhow::{bail, ensure, Context, Result};
 use panguc_ir::batch::StepMetadata;
 use panguc_ir::kernel::{BufferId, BufferKind, KernelKind};
 use panguc_ir::op::CollectiveKind;
-use panguc_ir::shape::{Bindings, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_SEQS, SYM_TOKENS};
+use panguc_ir::shape::Bindings;
 use panguc_ir::DType;
 use panguc_ir::Tensor;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
@@ -599,21 +599,9 @@ impl BatchEngine for CpuEngine {
             wide(&meta.block_table),
             wide(&meta.slot_mapping),
         ];
-        let b = Bindings::from([
-            (SYM_TOKENS.to_string(), meta.tokens()),
-            (SYM_SEQS.to_string(), meta.seqs()),
-            (SYM_MAX_BLOCKS.to_string(), meta.max_blocks),
-            (SYM_NUM_BLOCKS.to_string(), num_blocks),
-        ]);
-        let logits = self.run(&b)?;
+        let logits = self.run(&meta.bindings(num_blocks))?;
         let vocab = *logits.shape.last().unwrap_or(&0);
-        ensure!(vocab > 0 && logits.as_f32().len() == meta.tokens() * vocab, "logits of shape {:?}", logits.shape);
-        let rows: Vec<&[f32]> = logits.as_f32().chunks(vocab).collect();
-        Ok(chunks
-            .iter()
-            .enumerate()
-            .map(|(s, c)| rows[meta.rows(s)][c.logits_from..].iter().map(|r| r.to_vec()).collect())
-            .collect())
+        crate::batch::split_step_logits(logits.as_f32(), vocab, chunks, meta)
     }
 
     /// The cache is paged: a released sequence's blocks go back to the
