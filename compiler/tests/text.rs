@@ -236,3 +236,101 @@ fn run_prompt_prints_the_text_of_the_generated_tokens() {
     assert!(!o.status.success() && err.starts_with("error: ") && !err.contains("panicked"), "{err}");
     assert!(err.contains(bare.path().to_str().unwrap()) && err.contains("tokenizer.model"), "{err}");
 }
+
+/// A Unigram SentencePiece model (the other model type `tokenizer.model`
+/// may hold): the most likely segmentation wins, characters outside the
+/// vocabulary fall back to byte pieces, and decoding round-trips.
+#[test]
+fn unigram_sentencepiece_model_segments_by_score_with_byte_fallback() {
+    use prost::Message;
+    use sentencepiece_model::{ModelProto, ModelType, NormalizerSpec, SentencePiece, TrainerSpec, Type};
+    let piece = |text: &str, score: f32, kind: Type| SentencePiece {
+        piece: Some(text.to_string()),
+        score: Some(score),
+        r#type: Some(kind as i32),
+    };
+    let mut pieces =
+        vec![piece("<unk>", 0.0, Type::Unknown), piece("<s>", 0.0, Type::Control), piece("</s>", 0.0, Type::Control)];
+    pieces.extend((0..=255u8).map(|b| piece(&format!("<0x{b:02X}>"), 0.0, Type::Byte)));
+    let normal: [(&str, f32); 12] = [
+        ("▁hello", -1.0),
+        ("▁world", -1.5),
+        ("▁he", -2.0),
+        ("llo", -2.5),
+        ("▁", -3.0),
+        ("h", -5.0),
+        ("e", -5.0),
+        ("l", -5.0),
+        ("o", -5.0),
+        ("w", -5.0),
+        ("r", -5.0),
+        ("d", -5.0),
+    ];
+    let first_normal = pieces.len() as i64;
+    pieces.extend(normal.iter().map(|(p, s)| piece(p, *s, Type::Normal)));
+    let id = |p: &str| first_normal + normal.iter().position(|(q, _)| *q == p).unwrap() as i64;
+    let model = ModelProto {
+        pieces,
+        trainer_spec: Some(TrainerSpec {
+            model_type: Some(ModelType::Unigram as i32),
+            byte_fallback: Some(true),
+            unk_id: Some(0),
+            bos_id: Some(1),
+            eos_id: Some(2),
+            pad_id: Some(-1),
+            ..Default::default()
+        }),
+        normalizer_spec: Some(NormalizerSpec {
+            name: Some("identity".to_string()),
+            precompiled_charsmap: Some(vec![]),
+            add_dummy_prefix: Some(true),
+            remove_extra_whitespaces: Some(false),
+            escape_whitespaces: Some(true),
+            normalization_rule_tsv: None,
+        }),
+        self_test_data: None,
+        denormalizer_spec: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.model"), model.encode_to_vec()).unwrap();
+    let t = Tokenizer::from_dir(dir.path(), &Preset::Tiny.config()).unwrap();
+    // "▁hello" (-1) beats "▁he" + "llo" (-4.5) and any character split.
+    assert_eq!(t.encode("hello world").unwrap(), [id("▁hello"), id("▁world")]);
+    assert_eq!(t.encode("hello hello").unwrap(), [id("▁hello"), id("▁hello")]);
+    // "é" is not a piece: its two UTF-8 bytes come out as byte pieces (3 + byte).
+    let ids = t.encode("hello é").unwrap();
+    assert_eq!(ids, [id("▁hello"), id("▁"), 3 + 0xC3, 3 + 0xA9]);
+    assert_eq!(t.decode(&ids).unwrap(), "hello é");
+    // Several fallback characters in a row, between pieces.
+    for text in ["éè", "héllo", "🚀é wörld"] {
+        let ids = t.encode(text).unwrap();
+        assert_eq!(t.decode(&ids).unwrap(), text, "{ids:?}");
+    }
+}
+
+/// A Hugging Face `tokenizer.json` (what a model ships when it has no
+/// `tokenizer.model`): byte-level BPE merges applied in rank order.
+#[test]
+fn tokenizer_json_bpe_model_applies_its_merges() {
+    let json = r#"{
+      "version": "1.0", "truncation": null, "padding": null,
+      "added_tokens": [],
+      "normalizer": null,
+      "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+      "post_processor": null,
+      "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+      "model": {
+        "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+        "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+        "vocab": {"h": 0, "e": 1, "l": 2, "o": 3, "Ġ": 4, "he": 5, "ll": 6, "hell": 7, "hello": 8, "Ġhello": 9, "Ġh": 10},
+        "merges": ["h e", "l l", "he ll", "hell o", "Ġ h", "Ġh ello"]
+      }
+    }"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), json).unwrap();
+    let t = Tokenizer::from_dir(dir.path(), &Preset::Tiny.config()).unwrap();
+    assert_eq!(t.encode("hello").unwrap(), [8]);
+    // "helo": h+e merge, then no "l o" merge.
+    assert_eq!(t.encode("helo").unwrap(), [5, 2, 3]);
+    assert_eq!(t.decode(&[8, 5, 2, 3]).unwrap(), "hellohelo");
+}

@@ -43,6 +43,10 @@ pub struct Tokenizer {
     /// opens with a special piece (`[unused9]...`) must not get the dummy
     /// `▁` SentencePiece puts before the text (transformers drops it too).
     dummy_prefix: Option<(u32, HashSet<u32>)>,
+    /// The byte of each byte-fallback piece (`<0xC3>`): kitoken's Unigram
+    /// encoder emits a character's fallback bytes last byte first, which
+    /// [`utf8_order`] puts back.
+    byte_pieces: HashMap<u32, u8>,
     /// The file the vocabulary was read from (for error messages).
     source: PathBuf,
     bos: Option<i64>,
@@ -83,19 +87,20 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path, cfg: &PanguConfig) -> Result<Tokenizer> {
         let sp = dir.join(SENTENCEPIECE_FILE);
         let hf = dir.join(TOKENIZERS_FILE);
-        let (inner, byte_aliases, dummy_prefix, source) = if sp.is_file() {
+        let (inner, byte_aliases, dummy_prefix, byte_pieces, source) = if sp.is_file() {
             let bytes = std::fs::read(&sp).with_context(|| format!("cannot read {}", sp.display()))?;
             let model = SentencePieceModel::from_slice(&bytes)
                 .map_err(|e| anyhow!("{} is not a SentencePiece model: {e}", sp.display()))?;
             let aliases = byte_aliases(&model);
             let prefix = dummy_prefix_before_special(&model);
+            let bytes = byte_pieces(&model);
             let t = Kitoken::from_sentencepiece_model(model)
                 .map_err(|e| anyhow!("{} is not a usable SentencePiece model: {e}", sp.display()))?;
-            (t, aliases, prefix, sp)
+            (t, aliases, prefix, bytes, sp)
         } else if hf.is_file() {
             let t = Kitoken::from_tokenizers_file(&hf)
                 .map_err(|e| anyhow!("{} is not a usable tokenizer.json: {e}", hf.display()))?;
-            (t, HashMap::new(), None, hf)
+            (t, HashMap::new(), None, HashMap::new(), hf)
         } else {
             bail!(
                 "{} has no tokenizer: text needs {SENTENCEPIECE_FILE} or {TOKENIZERS_FILE} in that directory \
@@ -108,6 +113,7 @@ impl Tokenizer {
             inner,
             byte_aliases,
             dummy_prefix,
+            byte_pieces,
             source,
             bos: cfg.bos_token_id,
             eos: cfg.eos_token_id,
@@ -134,6 +140,7 @@ impl Tokenizer {
                 ids.remove(0);
             }
         }
+        utf8_order(&mut ids, &self.byte_pieces);
         Ok(ids.into_iter().map(i64::from).collect())
     }
 
@@ -191,6 +198,50 @@ impl Tokenizer {
 }
 
 /// Byte piece id -> id of the ordinary piece spelling the same byte.
+/// The byte each byte-fallback piece stands for, by id.
+fn byte_pieces(model: &SentencePieceModel) -> HashMap<u32, u8> {
+    (model.pieces.iter().enumerate())
+        .filter(|(_, p)| p.r#type() == Type::Byte)
+        .filter_map(|(i, p)| {
+            let hex = p.piece().strip_prefix("<0x")?.strip_suffix('>')?;
+            Some((i as u32, u8::from_str_radix(hex, 16).ok()?))
+        })
+        .collect()
+}
+
+/// Put each run of byte-fallback ids in UTF-8 order. A run that already
+/// decodes as UTF-8 is left alone; one whose characters came out last byte
+/// first (continuation bytes, then the lead byte) has each character
+/// reversed when that makes it valid UTF-8, and is otherwise left alone.
+fn utf8_order(ids: &mut [u32], byte_pieces: &HashMap<u32, u8>) {
+    let mut start = 0;
+    while start < ids.len() {
+        if !byte_pieces.contains_key(&ids[start]) {
+            start += 1;
+            continue;
+        }
+        let end = (start..ids.len()).find(|&i| !byte_pieces.contains_key(&ids[i])).unwrap_or(ids.len());
+        let run = &mut ids[start..end];
+        let bytes: Vec<u8> = run.iter().map(|id| byte_pieces[id]).collect();
+        if std::str::from_utf8(&bytes).is_err() {
+            let mut fixed = run.to_vec();
+            let mut group = 0;
+            for i in 0..fixed.len() {
+                // A lead byte (not 10xxxxxx) closes a reversed character.
+                if bytes[i] & 0xC0 != 0x80 {
+                    fixed[group..=i].reverse();
+                    group = i + 1;
+                }
+            }
+            let reordered: Vec<u8> = fixed.iter().map(|id| byte_pieces[id]).collect();
+            if std::str::from_utf8(&reordered).is_ok() {
+                run.copy_from_slice(&fixed);
+            }
+        }
+        start = end;
+    }
+}
+
 fn byte_aliases(model: &SentencePieceModel) -> HashMap<u32, u32> {
     let ordinary: HashMap<&str, u32> = (model.pieces.iter().enumerate())
         .filter(|(_, p)| p.r#type() == Type::Normal)
