@@ -322,7 +322,7 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
             continue;
         }
         say(format!(
-            "    {kind:<12} {:>6.2} GFLOP in {:.3} s = {:>6.1} GFLOP/s = {:.2} of the {} peak",
+            "    {kind:<19} {:>6.2} GFLOP in {:.3} s = {:>6.1} GFLOP/s = {:.2} of the {} peak",
             f / GB,
             s,
             f / s / GB,
@@ -414,7 +414,7 @@ pub fn gemm_flops(p: &KernelProgram, tokens: usize) -> f64 {
 }
 
 /// The GEMM kernels' kinds, as named in an engine's profile.
-pub const GEMM_KINDS: [&str; 3] = ["gemm", "moe_gate_up", "moe_down"];
+pub const GEMM_KINDS: [&str; 4] = ["gemm", "moe_gate_up", "moe_grouped_gate_up", "moe_down"];
 
 /// [`gemm_flops`] per kernel kind (keys of [`GEMM_KINDS`]).
 pub fn gemm_flops_by_kind(p: &KernelProgram, tokens: usize) -> std::collections::BTreeMap<&'static str, f64> {
@@ -426,7 +426,8 @@ pub fn gemm_flops_by_kind(p: &KernelProgram, tokens: usize) -> std::collections:
         let kind = match &k.kind {
             KernelKind::Gemm { .. } => GEMM_KINDS[0],
             KernelKind::MoeGateUp => GEMM_KINDS[1],
-            KernelKind::MoeDown => GEMM_KINDS[2],
+            KernelKind::MoeGroupedGateUp => GEMM_KINDS[2],
+            KernelKind::MoeDown => GEMM_KINDS[3],
             _ => continue,
         };
         *by_kind.entry(kind).or_insert(0.0) += match &k.kind {
