@@ -662,15 +662,30 @@ pub struct QuantizeArgs {
     /// Calibrate without smoothing.
     #[arg(long)]
     pub no_smooth: bool,
+    /// Quantize the router (`mlp.gate`) too, instead of keeping it FLOAT.
+    #[arg(long)]
+    pub no_router_protect: bool,
+    /// No expert-level calibration balance: every expert's routed
+    /// statistics come from whatever the calibration prompts route to it.
+    #[arg(long)]
+    pub no_balance: bool,
+    /// Evaluation prompts (32 tokens each) of the quantization report.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub eval_prompts: usize,
+    /// Skip the quantization report (it quantizes and evaluates the model
+    /// once more per enabled technique).
+    #[arg(long)]
+    pub no_report: bool,
     /// Replace a non-empty output directory.
     #[arg(long)]
     pub force: bool,
 }
 
 /// `panguc quantize MODEL -o QMODEL`: write a W8A8 / W8A8_DYNAMIC checkpoint
-/// in msModelSlim's format: per-channel / per-token int8, with expert-aware
-/// smoothing when calibration prompts are given (no router protection or
-/// per-expert calibration balance yet).
+/// in msModelSlim's format: per-channel / per-token int8, with the router
+/// kept float, and expert-aware smoothing and calibration balance when
+/// calibration prompts are given; then print and write
+/// QMODEL/quant_report.json.
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let ckpt = open_checkpoint(&a.model, false)?;
     let vocab = ckpt.config().vocab_size;
@@ -686,8 +701,34 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     }
     let smooth_alpha = (!a.no_smooth && !calib.is_empty()).then_some(a.alpha);
     let opts = crate::quantize::QuantizeOptions { scheme: a.scheme, kv_int8: a.kv_int8, calib, smooth_alpha };
-    let summary = crate::quantize::write_quantized(&ckpt, staging.path(), &opts)?;
+    let techniques = crate::quantize::Techniques {
+        router_protect: !a.no_router_protect,
+        balance: (!a.no_balance).then_some(crate::quantize::BALANCE_RATIO),
+    };
+    let (summary, report) = if a.no_report {
+        let cal = if crate::quantize::needs_calibration(&opts) {
+            anyhow::ensure!(
+                !opts.calib.is_empty(),
+                "static W8A8, the int8 KV cache and smoothing need calibration prompts"
+            );
+            crate::quantize::calibrate_with(&ckpt, &opts.calib, techniques.balance)?
+        } else {
+            crate::quantize::Calibration::default()
+        };
+        (crate::quantize::write_quantized_with(&ckpt, staging.path(), &opts, &techniques, &cal)?, None)
+    } else {
+        if a.eval_prompts == 0 {
+            bail!("--eval-prompts must be at least 1 (or pass --no-report)");
+        }
+        let eval = crate::quant_report::eval_prompts(a.eval_prompts, vocab);
+        let (s, r) = crate::quant_report::quantize_with_report(&ckpt, staging.path(), &opts, &techniques, &eval)?;
+        (s, Some(r))
+    };
     staging.install(&a.out)?;
+    if let Some(r) = report {
+        print!("{}", r.table());
+        println!("report: {}", a.out.join(crate::quant_report::REPORT_FILE).display());
+    }
     let bytes: Vec<String> = summary.bytes_by_dtype.iter().map(|(d, b)| format!("{d} {b}")).collect();
     println!(
         "wrote {} ({} linear modules quantized, {} tensors; bytes: {})",

@@ -25,6 +25,8 @@ pub mod partition_build;
 #[cfg(feature = "driver")]
 pub mod pipeline;
 #[cfg(feature = "driver")]
+pub mod quant_report;
+#[cfg(feature = "driver")]
 pub mod quantize;
 #[cfg(feature = "driver")]
 pub mod run_batch;

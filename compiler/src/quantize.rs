@@ -72,6 +72,38 @@ pub struct QuantizeOptions {
     pub smooth_alpha: Option<f32>,
 }
 
+/// The expert-aware techniques beyond smoothing (docs/quantization.md).
+/// [`write_quantized`] uses [`Techniques::PLAIN`]; `panguc quantize` turns
+/// both on unless told otherwise.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Techniques {
+    /// Keep the router (`mlp.gate`) FLOAT, as vllm-ascend does; off, the
+    /// router is quantized like the other linears (to measure what
+    /// keeping it float buys).
+    pub router_protect: bool,
+    /// Expert-level calibration balance with this ratio r: every expert's
+    /// routed statistics come from at most `r * k * N / n` tokens, and
+    /// extra prompts are run until each expert has that many (or a budget
+    /// of [`BALANCE_EXTRA_TOKENS`] x N tokens is spent).
+    pub balance: Option<f32>,
+}
+
+impl Techniques {
+    /// Router kept float, no calibration balance.
+    pub const PLAIN: Techniques = Techniques { router_protect: true, balance: None };
+}
+
+/// The ratio r of the balance target `r * k * N / n` (about 2 in the
+/// EAQuant recipe).
+pub const BALANCE_RATIO: f32 = 2.0;
+
+/// Budget of the balance pass: at most this many times the calibration
+/// set's token count in extra prompts.
+pub const BALANCE_EXTRA_TOKENS: usize = 8;
+
+/// Length of each extra balance prompt.
+const BALANCE_PROMPT_LEN: usize = 32;
+
 /// Per-tensor range of a linear's input seen during calibration.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Range {
@@ -102,6 +134,34 @@ pub struct Calibration {
     /// Per-channel max |x| of the MoE norm's output over the tokens routed
     /// to each (layer, expert).
     pub routed_amax: HashMap<(usize, usize), Vec<f32>>,
+    /// Input range of each expert's down projection over its routed tokens
+    /// (the dense import computes every expert on every token; only the
+    /// routed rows matter).
+    pub routed_down: HashMap<(usize, usize), Range>,
+    /// Tokens whose statistics each expert's routed entries hold, [layer][expert].
+    pub expert_tokens: Vec<Vec<usize>>,
+    /// The balance target (and cap) per expert, when balancing.
+    pub balance_target: Option<usize>,
+    /// Tokens of the given calibration prompts (N).
+    pub tokens: usize,
+    /// Extra prompts the balance pass ran (and their tokens).
+    pub extra_prompts: usize,
+    pub extra_tokens: usize,
+}
+
+/// A progress bar for a calibration or evaluation pass over `len` prompts,
+/// on stderr; hidden when stderr is not a terminal.
+pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(Some(len as u64), indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg:28} {bar:30} {pos}/{len} prompts eta {eta}") {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_string());
+    bar
 }
 
 /// Layer values whose ranges calibration records, in output order after
@@ -109,8 +169,28 @@ pub struct Calibration {
 const OBSERVED: [&str; 8] =
     ["attn_norm", "attn_out", "moe_norm", "experts_act", "shared_act", "k_rope", "v_heads", "expert_ids"];
 
-/// Runs the float model over `prompts` and records the ranges.
+/// Runs the float model over `prompts` and records the ranges (no
+/// calibration balance).
 pub fn calibrate(ckpt: &Checkpoint, prompts: &[Vec<i64>]) -> Result<Calibration> {
+    calibrate_with(ckpt, prompts, None)
+}
+
+/// Which statistics one calibration prompt contributes.
+#[derive(Clone, Copy, PartialEq)]
+enum Record {
+    /// Every range (a prompt of the calibration set).
+    All,
+    /// Only the routed statistics of experts still below the balance
+    /// target (an extra prompt of the balance pass).
+    StarvedExperts,
+}
+
+/// [`calibrate`], optionally with expert-level calibration balance of
+/// ratio `balance` (see [`Techniques::balance`]). Extra balance prompts are
+/// deterministic pseudo-random token sequences: a calibration file cannot
+/// be extended, and the routed statistics only need tokens that reach the
+/// starved experts.
+pub fn calibrate_with(ckpt: &Checkpoint, prompts: &[Vec<i64>], balance: Option<f32>) -> Result<Calibration> {
     let cfg = ckpt.config();
     let dtype_of = |name: &str| ckpt.tensor_info(name).map(|(d, _, _)| d).unwrap_or(DType::BF16);
     let mut module = build_module(cfg, &dtype_of)?;
@@ -122,49 +202,123 @@ pub fn calibrate(ckpt: &Checkpoint, prompts: &[Vec<i64>]) -> Result<Calibration>
         layer.outputs.push(panguc_ir::ValueId(v as u32));
     }
     let interp = Interpreter::new(&module, ckpt);
-    let (h, d, kvh) = (cfg.hidden_size, cfg.head_dim(), cfg.num_key_value_heads);
-    let embed = ckpt.load_f32("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
-    let mut cal = Calibration::default();
+    let embed = ckpt.load_f32("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?;
+    let tokens: usize = prompts.iter().map(Vec::len).sum();
+    let mut cal = Calibration {
+        expert_tokens: vec![vec![0; cfg.num_experts]; cfg.num_hidden_layers],
+        tokens,
+        ..Calibration::default()
+    };
+    if let Some(r) = balance {
+        anyhow::ensure!(r > 0.0, "the calibration balance ratio must be positive, got {r}");
+        let share = r as f64 * cfg.num_experts_per_tok as f64 * tokens as f64 / cfg.num_experts.max(1) as f64;
+        cal.balance_target = Some((share.ceil() as usize).max(1));
+    }
+    let bar = progress(prompts.len(), "calibration");
     for prompt in prompts {
         anyhow::ensure!(!prompt.is_empty(), "an empty calibration prompt");
-        let n = prompt.len();
-        let mut rows = Vec::with_capacity(n * h);
-        for &id in prompt {
-            anyhow::ensure!(
-                id >= 0 && (id as usize) < cfg.vocab_size,
-                "calibration token {id} is outside the vocabulary"
-            );
-            rows.extend_from_slice(&embed.as_f32()[id as usize * h..(id as usize + 1) * h]);
+        run_prompt(&interp, cfg, &embed, prompt, &mut cal, Record::All)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if let Some(target) = cal.balance_target {
+        let budget = BALANCE_EXTRA_TOKENS * tokens;
+        let starved = |cal: &Calibration| cal.expert_tokens.iter().flatten().any(|&n| n < target);
+        let bar = progress(budget.div_ceil(BALANCE_PROMPT_LEN), "calibration balance");
+        let mut seed = 0x5EED_BA1A_u64;
+        while starved(&cal) && cal.extra_tokens + BALANCE_PROMPT_LEN <= budget {
+            let prompt = pseudo_random_tokens(&mut seed, BALANCE_PROMPT_LEN, cfg.vocab_size);
+            run_prompt(&interp, cfg, &embed, &prompt, &mut cal, Record::StarvedExperts)?;
+            cal.extra_prompts += 1;
+            cal.extra_tokens += prompt.len();
+            bar.inc(1);
         }
-        let mut x = Tensor::f32(vec![n, h], rows);
-        let pos = Tensor::i64(vec![n], (0..n as i64).collect());
-        let cos = rope_table(&pos, RopeKind::Cos, cfg.rope_theta, d);
-        let sin = rope_table(&pos, RopeKind::Sin, cfg.rope_theta, d);
-        let empty = Tensor::zeros(vec![0, kvh, d]);
-        for l in 0..cfg.num_hidden_layers {
-            let prefix = format!("model.layers.{l}.");
-            let outs = interp.run(
-                LAYER_FN,
-                &prefix,
-                &[x, pos.clone(), cos.clone(), sin.clone(), empty.clone(), empty.clone()],
-            )?;
-            record_layer(&mut cal, cfg, l, &outs[3..]);
-            x = outs[0].clone();
-        }
+        bar.finish_and_clear();
     }
     Ok(cal)
+}
+
+/// `len` pseudo-random token ids in `0..vocab` from the LCG state `seed`.
+pub fn pseudo_random_tokens(seed: &mut u64, len: usize, vocab: usize) -> Vec<i64> {
+    (0..len)
+        .map(|_| {
+            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((*seed >> 33) % vocab.max(1) as u64) as i64
+        })
+        .collect()
+}
+
+/// One prefill of `prompt` through the float layers, recording what `what` asks for.
+fn run_prompt(
+    interp: &Interpreter,
+    cfg: &PanguConfig,
+    embed: &Tensor,
+    prompt: &[i64],
+    cal: &mut Calibration,
+    what: Record,
+) -> Result<()> {
+    let (h, d, kvh) = (cfg.hidden_size, cfg.head_dim(), cfg.num_key_value_heads);
+    let n = prompt.len();
+    let mut rows = Vec::with_capacity(n * h);
+    for &id in prompt {
+        anyhow::ensure!(id >= 0 && (id as usize) < cfg.vocab_size, "calibration token {id} is outside the vocabulary");
+        rows.extend_from_slice(&embed.as_f32()[id as usize * h..(id as usize + 1) * h]);
+    }
+    let mut x = Tensor::f32(vec![n, h], rows);
+    let pos = Tensor::i64(vec![n], (0..n as i64).collect());
+    let cos = rope_table(&pos, RopeKind::Cos, cfg.rope_theta, d);
+    let sin = rope_table(&pos, RopeKind::Sin, cfg.rope_theta, d);
+    let empty = Tensor::zeros(vec![0, kvh, d]);
+    for l in 0..cfg.num_hidden_layers {
+        let prefix = format!("model.layers.{l}.");
+        let outs =
+            interp.run(LAYER_FN, &prefix, &[x, pos.clone(), cos.clone(), sin.clone(), empty.clone(), empty.clone()])?;
+        if what == Record::All {
+            record_layer(cal, cfg, l, &outs[3..]);
+        }
+        record_routed(cal, cfg, l, &outs[3..]);
+        x = outs[0].clone();
+    }
+    Ok(())
+}
+
+/// The routed statistics of layer `l`: for each token and each expert it
+/// is routed to, the MoE norm output's per-channel max |x| and the expert's
+/// down-projection input range, while the expert is below the balance cap.
+fn record_routed(cal: &mut Calibration, cfg: &PanguConfig, l: usize, seen: &[Tensor]) {
+    let [_, _, moe_in, experts_act, .., ids] = seen else { unreachable!("OBSERVED has 8 values") };
+    let (h, groups) = (cfg.hidden_size, ids.shape[1]);
+    let tokens = moe_in.numel() / h.max(1);
+    let inter = experts_act.numel() / (cfg.num_experts * tokens).max(1);
+    for (t, row) in moe_in.as_f32().chunks(h).enumerate() {
+        for &e in &ids.as_i64()[t * groups..(t + 1) * groups] {
+            let e = e as usize;
+            let count = &mut cal.expert_tokens[l][e];
+            if cal.balance_target.is_some_and(|cap| *count >= cap) {
+                continue;
+            }
+            *count += 1;
+            let amax = cal.routed_amax.entry((l, e)).or_insert_with(|| vec![0.0; h]);
+            for (m, x) in amax.iter_mut().zip(row) {
+                *m = m.max(x.abs());
+            }
+            let act = &experts_act.as_f32()[(e * tokens + t) * inter..(e * tokens + t + 1) * inter];
+            cal.routed_down.entry((l, e)).or_insert_with(Range::empty).add(act);
+        }
+    }
 }
 
 fn record_layer(cal: &mut Calibration, cfg: &PanguConfig, l: usize, seen: &[Tensor]) {
     let p = format!("model.layers.{l}.");
     let mut add = |module: String, v: &[f32]| cal.inputs.entry(module).or_insert_with(Range::empty).add(v);
-    let [attn_in, o_in, moe_in, experts_act, shared_act, k, v, ids] = seen else {
+    let [attn_in, o_in, moe_in, experts_act, shared_act, k, v, _ids] = seen else {
         unreachable!("OBSERVED has 8 values")
     };
     for proj in ["q_proj", "k_proj", "v_proj"] {
         add(format!("{p}self_attn.{proj}"), attn_in.as_f32());
     }
     add(format!("{p}self_attn.o_proj"), o_in.as_f32());
+    add(format!("{p}mlp.gate"), moe_in.as_f32());
     for proj in ["gate_proj", "up_proj"] {
         add(format!("{p}mlp.shared_expert.{proj}"), moe_in.as_f32());
         for e in 0..cfg.num_experts {
@@ -189,15 +343,6 @@ fn record_layer(cal: &mut Calibration, cfg: &PanguConfig, l: usize, seen: &[Tens
             }
         }
     }
-    let groups = ids.shape[1];
-    for (t, row) in moe_in.as_f32().chunks(h).enumerate() {
-        for &e in &ids.as_i64()[t * groups..(t + 1) * groups] {
-            let amax = cal.routed_amax.entry((l, e as usize)).or_insert_with(|| vec![0.0; h]);
-            for (m, x) in amax.iter_mut().zip(row) {
-                *m = m.max(x.abs());
-            }
-        }
-    }
     let kv_dim = cfg.kv_dim();
     let amax = cal.kv_amax.entry(l).or_insert_with(|| [vec![0.0; kv_dim], vec![0.0; kv_dim]]);
     for (slot, t) in [k, v].into_iter().enumerate() {
@@ -209,9 +354,20 @@ fn record_layer(cal: &mut Calibration, cfg: &PanguConfig, l: usize, seen: &[Tens
     }
 }
 
-/// True for the linear modules this writer quantizes.
-fn quantized_module(module: &str) -> bool {
-    module.contains(".self_attn.") || module.contains(".mlp.experts.") || module.contains(".mlp.shared_expert.")
+/// True for the linear modules this writer quantizes: the router only
+/// without router protection.
+fn quantized_module(module: &str, t: &Techniques) -> bool {
+    module.contains(".self_attn.")
+        || module.contains(".mlp.experts.")
+        || module.contains(".mlp.shared_expert.")
+        || (!t.router_protect && module.ends_with(".mlp.gate"))
+}
+
+/// `model.layers.L.mlp.experts.E.down_proj` -> (L, E).
+fn expert_down(module: &str) -> Option<(usize, usize)> {
+    let rest = module.strip_prefix("model.layers.")?.strip_suffix(".down_proj")?;
+    let (l, e) = rest.split_once(".mlp.experts.")?;
+    Some((l.parse().ok()?, e.parse().ok()?))
 }
 
 /// Symmetric per-channel int8: `scale[n] = max_k |w[n, k]| / 127` (1 for an
@@ -375,21 +531,43 @@ pub struct QuantizeSummary {
     pub bytes_by_dtype: BTreeMap<String, u64>,
 }
 
+/// Whether `opts` needs a calibration pass.
+pub fn needs_calibration(opts: &QuantizeOptions) -> bool {
+    opts.scheme == Scheme::W8A8 || opts.kv_int8 || opts.smooth_alpha.is_some()
+}
+
 /// Writes the quantized checkpoint of `ckpt` into `out` (an empty or new
 /// directory): config.json (and tokenizer) copied, the description, one
-/// safetensors file.
+/// safetensors file. Router kept float, no calibration balance
+/// ([`Techniques::PLAIN`]); see [`write_quantized_with`].
 pub fn write_quantized(ckpt: &Checkpoint, out: &Path, opts: &QuantizeOptions) -> Result<QuantizeSummary> {
-    if ckpt.quant().is_some() {
-        bail!("{} is already quantized ({DESCRIPTION_FILE} exists)", ckpt.dir().display());
-    }
-    anyhow::ensure!(ckpt.has_weights(), "{} has no weights to quantize", ckpt.dir().display());
-    let needs_calib = opts.scheme == Scheme::W8A8 || opts.kv_int8 || opts.smooth_alpha.is_some();
+    let needs_calib = needs_calibration(opts);
     if needs_calib && opts.calib.is_empty() {
         bail!("static W8A8, the int8 KV cache and smoothing need calibration prompts");
     }
     let cal = if needs_calib { calibrate(ckpt, &opts.calib)? } else { Calibration::default() };
+    write_quantized_with(ckpt, out, opts, &Techniques::PLAIN, &cal)
+}
+
+/// [`write_quantized`] with the given techniques and a calibration already
+/// run ([`calibrate_with`]; `Calibration::default()` when
+/// [`needs_calibration`] is false).
+pub fn write_quantized_with(
+    ckpt: &Checkpoint,
+    out: &Path,
+    opts: &QuantizeOptions,
+    techniques: &Techniques,
+    cal: &Calibration,
+) -> Result<QuantizeSummary> {
+    if ckpt.quant().is_some() {
+        bail!("{} is already quantized ({DESCRIPTION_FILE} exists)", ckpt.dir().display());
+    }
+    anyhow::ensure!(ckpt.has_weights(), "{} has no weights to quantize", ckpt.dir().display());
+    if needs_calibration(opts) && cal.tokens == 0 {
+        bail!("static W8A8, the int8 KV cache and smoothing need calibration prompts");
+    }
     let smooth = match opts.smooth_alpha {
-        Some(alpha) => smoothing(ckpt, &cal, alpha)?,
+        Some(alpha) => smoothing(ckpt, cal, alpha)?,
         None => Smoothing::default(),
     };
     let cfg = ckpt.config();
@@ -400,10 +578,10 @@ pub fn write_quantized(ckpt: &Checkpoint, out: &Path, opts: &QuantizeOptions) ->
     let mut quantized_modules = 0;
     for spec in cfg.expected_tensors() {
         let TensorSpec { name, shape } = &spec;
-        let module = crate::frontend::quant::linear_module(name, shape).filter(|m| quantized_module(m));
+        let module = crate::frontend::quant::linear_module(name, shape).filter(|m| quantized_module(m, techniques));
         let Some(module) = module else {
-            let bias_of_static =
-                name.strip_suffix(".bias").is_some_and(quantized_module) && opts.scheme == Scheme::W8A8;
+            let bias_of_static = name.strip_suffix(".bias").is_some_and(|m| quantized_module(m, techniques))
+                && opts.scheme == Scheme::W8A8;
             if !bias_of_static {
                 let (dtype, _, _) =
                     ckpt.tensor_info(name).with_context(|| format!("tensor `{name}` has no IR dtype"))?;
@@ -428,7 +606,10 @@ pub fn write_quantized(ckpt: &Checkpoint, out: &Path, opts: &QuantizeOptions) ->
         put(&mut tensors, "weight_scale", f32_out(&ws, vec![n, 1], qtype)?);
         put(&mut tensors, "weight_offset", f32_out(&vec![0.0; n], vec![n, 1], qtype)?);
         if opts.scheme == Scheme::W8A8 {
-            let range = smooth.input_range(name, &cal).or_else(|| cal.inputs.get(module).copied());
+            // An expert's down projection: the range over its routed tokens
+            // when calibration routed any to it.
+            let routed = expert_down(module).and_then(|le| cal.routed_down.get(&le).copied());
+            let range = smooth.input_range(name, cal).or(routed).or_else(|| cal.inputs.get(module).copied());
             let range = range.with_context(|| format!("no calibration data for `{module}`"))?;
             let (s, o) = activation_params(range);
             let deq: Vec<f32> = ws.iter().map(|w| s * w).collect();
