@@ -52,6 +52,7 @@ fn trace(dir: &Path, prompts: &[Vec<i64>], what: &str) -> Result<Vec<PromptTrace
     let layer = module.functions.get_mut(crate::import::LAYER_FN).context("no decoder layer function")?;
     let ids = layer.values.iter().position(|v| v.name == "expert_ids").context("no value %expert_ids")?;
     layer.outputs.push(panguc_ir::ValueId(ids as u32));
+    let kv_int8 = ckpt.quant().is_some_and(|q| q.kv_int8);
     let interp = Interpreter::new(&module, &ckpt);
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
     let embed = ckpt.load_f32("model.embed_tokens.weight", &[v, h])?;
@@ -61,7 +62,7 @@ fn trace(dir: &Path, prompts: &[Vec<i64>], what: &str) -> Result<Vec<PromptTrace
     let bar = progress(prompts.len(), what);
     let mut out = Vec::with_capacity(prompts.len());
     for prompt in prompts {
-        out.push(trace_prompt(&interp, &cfg, &embed, &norm, &head, prompt)?);
+        out.push(trace_prompt(&interp, &cfg, &embed, &norm, &head, prompt, kv_int8)?);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -75,6 +76,7 @@ fn trace_prompt(
     norm: &Tensor,
     head: &Tensor,
     prompt: &[i64],
+    kv_int8: bool,
 ) -> Result<PromptTrace> {
     let (v, h, d, kvh) = (cfg.vocab_size, cfg.hidden_size, cfg.head_dim(), cfg.num_key_value_heads);
     let n = prompt.len();
@@ -87,8 +89,8 @@ fn trace_prompt(
     let pos = Tensor::i64(vec![n], (0..n as i64).collect());
     let cos = rope_table(&pos, RopeKind::Cos, cfg.rope_theta, d);
     let sin = rope_table(&pos, RopeKind::Sin, cfg.rope_theta, d);
-    // An empty cache (f32 zeros also stand for an empty int8 C8 cache).
-    let empty = Tensor::zeros(vec![0, kvh, d]);
+    // An empty cache: f32, or integers (held as i64) for an int8 C8 cache.
+    let empty = if kv_int8 { Tensor::i64(vec![0, kvh, d], vec![]) } else { Tensor::zeros(vec![0, kvh, d]) };
     let mut experts = Vec::with_capacity(cfg.num_hidden_layers);
     for l in 0..cfg.num_hidden_layers {
         let prefix = format!("model.layers.{l}.");
