@@ -16,6 +16,7 @@ mod expr;
 mod layout;
 mod moe;
 mod paged;
+pub mod quant;
 mod rope;
 mod vector;
 

@@ -210,7 +210,7 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR x, {{RES_PARAM}}GM_ADDR 
 "#;
 
 /// ReduceSum work buffer for `n` f32 elements (one block per 8 repeats).
-fn reduce_work_bytes(n: u64) -> u64 {
+pub(crate) fn reduce_work_bytes(n: u64) -> u64 {
     let repeats = (n * 4).div_ceil(256);
     r32(repeats.div_ceil(8) * 32).max(32)
 }
