@@ -5,6 +5,7 @@
 //! the reference's order (an f16/bf16 output is the reference rounded to
 //! that dtype, also compared exactly).
 
+#[allow(dead_code)] // each test file uses part of the shared helpers
 mod common;
 
 use common::{env, targets};
@@ -86,7 +87,13 @@ fn int8_cube_accumulates_exactly_in_int32() {
 }
 
 /// Runs a quant matmul's device kernels: `xq, w, a, b` as device bytes.
-fn run_qmm(dks: &panguc_codegen_ascendc::DeviceKernels, target: Target, m: u64, ins: Vec<Vec<u8>>, out: usize) -> Vec<u8> {
+fn run_qmm(
+    dks: &panguc_codegen_ascendc::DeviceKernels,
+    target: Target,
+    m: u64,
+    ins: Vec<Vec<u8>>,
+    out: usize,
+) -> Vec<u8> {
     let mut args = ins;
     args.push(vec![0; out]);
     run_kernels(dks, target, &env(m, 0), &mut args).unwrap();
@@ -186,7 +193,9 @@ fn grouped_int8_expert_gemm_matches_interpreter() {
         for counts_t in [DevType::I64, DevType::I32] {
             // Skewed counts with empty experts (first, middle and last) and
             // one expert with more rows than a base tile.
-            for counts in [vec![0i64, 3, 0, 1, 130, 0, 2, 0], vec![1, 0, 0, 0, 0, 0, 0, 0], vec![5, 4, 3, 2, 1, 7, 9, 2]] {
+            for counts in
+                [vec![0i64, 3, 0, 1, 130, 0, 2, 0], vec![1, 0, 0, 0, 0, 0, 0, 0], vec![5, 4, 3, 2, 1, 7, 9, 2]]
+            {
                 let rows: usize = counts.iter().sum::<i64>() as usize;
                 let spec = GroupedQuantMatMulSpec {
                     name: "panguc_k004_grouped_quant_matmul".into(),
@@ -282,7 +291,12 @@ fn int8_kv_quantize_and_dequantize_match_interpreter() {
                 let got_q = decode_i8(&args[3]);
                 assert_eq!(got_q, want.as_i64(), "quantize {what}");
                 let back = q::dequantize(&want, &st, &ot).unwrap();
-                let mut dargs = vec![args[3].clone(), encode(F, &scale), encode(F, &offset), vec![0; t * cols * act.size() as usize]];
+                let mut dargs = vec![
+                    args[3].clone(),
+                    encode(F, &scale),
+                    encode(F, &offset),
+                    vec![0; t * cols * act.size() as usize],
+                ];
                 run_kernels(&dk, target, &env(t as u64, 0), &mut dargs).unwrap();
                 exact(&decode(act, &dargs[3]), &round_through(act, back.as_f32()), &format!("dequantize {what}"));
             }

@@ -15,7 +15,7 @@ mod cube;
 mod expr;
 mod layout;
 mod moe;
-mod paged;
+pub mod paged;
 pub mod quant;
 mod rope;
 mod vector;

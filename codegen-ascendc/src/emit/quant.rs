@@ -149,7 +149,11 @@ pub fn quant_matmul(s: &QuantMatMulSpec, o: &EmitOptions) -> Result<DeviceKernel
         },
         vec![acc_param(Role::Input), a, b, orig("y", s.out, Role::Output, 4)],
     )?;
-    checked(DeviceKernels { kernels: vec![cube, epi], temps: vec![acc_temp(&s.name, &s.m, s.n)], host: None }, o, &s.name)
+    checked(
+        DeviceKernels { kernels: vec![cube, epi], temps: vec![acc_temp(&s.name, &s.m, s.n)], host: None },
+        o,
+        &s.name,
+    )
 }
 
 fn need_scale_dtype(name: &str, what: &str, t: DevType, i64_ok: bool) -> Result<()> {
@@ -180,7 +184,12 @@ pub fn grouped_quant_matmul(s: &GroupedQuantMatMulSpec, o: &EmitOptions) -> Resu
         src,
         fields,
         &tiles,
-        vec![orig("a", DevType::I8, Role::Input, 0), off(Role::Input), orig("w", DevType::I8, Role::Input, 1), acc_param(Role::Output)],
+        vec![
+            orig("a", DevType::I8, Role::Input, 0),
+            off(Role::Input),
+            orig("w", DevType::I8, Role::Input, 1),
+            acc_param(Role::Output),
+        ],
         base.mem(DevType::I8, o.target),
     );
     let epi = dequant_kernel(
@@ -264,7 +273,8 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR counts, GM_ADDR offsets,
 
 fn offsets_kernel(name: &str, experts: u64, rows: TExpr, counts: DevType) -> Result<DeviceKernel> {
     let entry = format!("{name}_offsets");
-    let src = vector_source(&entry, "Expert counts to row offsets (prefix sum).", OFFSETS, &[("C", counts.cpp().into())]);
+    let src =
+        vector_source(&entry, "Expert counts to row offsets (prefix sum).", OFFSETS, &[("C", counts.cpp().into())]);
     let tiles = TExpr::c(1);
     let mut fields = tiles_fields(&tiles);
     fields.extend([TilingField::u32("experts", TExpr::c(experts)), TilingField::u32("rows", rows)]);
@@ -423,16 +433,13 @@ fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
         members += "    GlobalTensor<float> xsGm;\n";
     }
     if grouped.is_some() {
-        init += "        offGm.SetGlobalBuffer((__gm__ int64_t*)offsets, t.experts + 1);\n        experts = t.experts;\n";
+        init +=
+            "        offGm.SetGlobalBuffer((__gm__ int64_t*)offsets, t.experts + 1);\n        experts = t.experts;\n";
         members += "    GlobalTensor<int64_t> offGm;\n    uint32_t experts = 0;\n    int64_t cursor = 0;\n";
     }
     // Rows of a block come in increasing order: the expert cursor only
     // moves forward (rows past the last offset keep the last expert).
-    let expert_of = if grouped.is_some() {
-        "ExpertOf(r)"
-    } else {
-        "0"
-    };
+    let expert_of = if grouped.is_some() { "ExpertOf(r)" } else { "0" };
     let mut template = DEQUANT.to_string();
     if grouped.is_some() {
         template = template.replace(
@@ -459,12 +466,10 @@ fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
     } else {
         ""
     };
-    let add_bias = if stat {
-        "        Add(a, a, biasBuf.Get<int32_t>(), len);\n        PipeBarrier<PIPE_V>();\n"
-    } else {
-        ""
-    };
-    let row_scale = if stat { "" } else { "        Muls(x, x, xsGm.GetValue(r), len);\n        PipeBarrier<PIPE_V>();\n" };
+    let add_bias =
+        if stat { "        Add(a, a, biasBuf.Get<int32_t>(), len);\n        PipeBarrier<PIPE_V>();\n" } else { "" };
+    let row_scale =
+        if stat { "" } else { "        Muls(x, x, xsGm.GetValue(r), len);\n        PipeBarrier<PIPE_V>();\n" };
     let src = vector_source(
         &entry,
         &format!("Int8 GEMM dequant epilogue: {what}."),
@@ -775,7 +780,14 @@ fn scale_tiling(rows: TExpr, cols: u64, g: Granularity) -> (TExpr, Vec<TilingFie
 /// `Quantize (x[R, C] of dtype x, scale f32, offset f32, q_out i8[R, C])`
 /// with scale and offset `[1]` or `[C]`: the int8 KV-cache write (per
 /// channel) and static activation quantization (per tensor).
-pub fn quantize(name: &str, rows: TExpr, cols: u64, g: Granularity, x: DevType, o: &EmitOptions) -> Result<DeviceKernels> {
+pub fn quantize(
+    name: &str,
+    rows: TExpr,
+    cols: u64,
+    g: Granularity,
+    x: DevType,
+    o: &EmitOptions,
+) -> Result<DeviceKernels> {
     need_row_blocks(name, cols, x)?;
     need_out(name, o, x)?;
     let what = "Static int8 quantization q = clamp(rint(x / scale + offset), -128, 127)";
@@ -809,7 +821,14 @@ pub fn quantize(name: &str, rows: TExpr, cols: u64, g: Granularity, x: DevType, 
 
 /// `Dequantize (q i8[R, C], scale f32, offset f32, y_out[R, C] of dtype y)`,
 /// scale and offset `[1]` or `[C]`: the int8 KV-cache read.
-pub fn dequantize(name: &str, rows: TExpr, cols: u64, g: Granularity, y: DevType, o: &EmitOptions) -> Result<DeviceKernels> {
+pub fn dequantize(
+    name: &str,
+    rows: TExpr,
+    cols: u64,
+    g: Granularity,
+    y: DevType,
+    o: &EmitOptions,
+) -> Result<DeviceKernels> {
     need_row_blocks(name, cols, y)?;
     need_out(name, o, y)?;
     let what = "Int8 dequantization y = (q - offset) * scale";

@@ -49,10 +49,14 @@ __aicore__ inline void FromFloat<float>(const LocalTensor<float>& d, const Local
 /// The row of `n` elements of `t` must be whole 32-byte blocks (DataCopy
 /// moves whole blocks; these kernels do not pad rows).
 pub(crate) fn need_aligned(ctx: &Ctx, what: &str, n: u64, t: DevType) -> Result<()> {
+    need_aligned_for(&ctx.k.name, what, n, t)
+}
+
+/// [`need_aligned`] naming kernel `name`.
+pub(crate) fn need_aligned_for(name: &str, what: &str, n: u64, t: DevType) -> Result<()> {
     if !(n * t.size()).is_multiple_of(32) {
         bail!(
-            "{}: cannot be tiled: {what} of {n} {t} elements ({} bytes) is not a multiple of 32 bytes",
-            ctx.k.name,
+            "{name}: cannot be tiled: {what} of {n} {t} elements ({} bytes) is not a multiple of 32 bytes",
             n * t.size()
         );
     }
@@ -916,23 +920,41 @@ pub(crate) struct FlashTile {
 /// The largest KV chunk of at most `max_rows` rows (tried from 128 down to
 /// 8) whose buffers fit the UB, for heads of `d` elements of `t`.
 pub(crate) fn flash_tile(ctx: &Ctx, d: u64, t: DevType, max_rows: u64) -> Result<FlashTile> {
-    let cap = ctx.target().capacity().ub;
+    flash_tile_for(&ctx.k.name, ctx.target(), d, t, t, |_| 0, max_rows)
+}
+
+/// [`flash_tile`] for K/V chunks of dtype `kv` plus `extra(kv_rows)` bytes
+/// of variant-specific buffers (the int8 cache's antiquant staging).
+pub(crate) fn flash_tile_for(
+    name: &str,
+    target: Target,
+    d: u64,
+    t: DevType,
+    kv_t: DevType,
+    extra: impl Fn(u64) -> u64,
+    max_rows: u64,
+) -> Result<FlashTile> {
+    let cap = target.capacity().ub;
     let plan = |kv: u64| {
         let sc = r32((kv + 1) * 4).max(64);
         let work = reduce_work_bytes(kv.max(d));
         let ub = r32(d * t.size())
-            + 4 * r32(kv * d * t.size())
+            + 4 * r32(kv * d * kv_t.size())
             + 2 * r32(d * t.size())
             + 2 * r32(kv * d * 4)
             + r32(d * 4)
             + sc
             + work
-            + 32;
+            + 32
+            + extra(kv);
         FlashTile { kv_tile: kv, ub, sc, work }
     };
-    [128u64, 64, 32, 16, 8].into_iter().filter(|kv| *kv <= max_rows).map(plan).find(|p| p.ub <= cap).ok_or_else(|| {
-        anyhow::anyhow!("{}: cannot be tiled for {}: head_dim {d} is too large for the UB", ctx.k.name, ctx.target())
-    })
+    [128u64, 64, 32, 16, 8]
+        .into_iter()
+        .filter(|kv| *kv <= max_rows)
+        .map(plan)
+        .find(|p| p.ub <= cap)
+        .ok_or_else(|| anyhow::anyhow!("{name}: cannot be tiled for {target}: head_dim {d} is too large for the UB"))
 }
 
 /// `Attention (q[T, Hq, D], k[K, Hkv, D], v[K, Hkv, D], positions[T], out)`.
