@@ -32,8 +32,10 @@
 
 use super::cube::{cube_device_kernel, cube_kernel_for, BaseTile, CubeSpec};
 use super::moe::{grouped_cube_fields, grouped_cube_source};
-use super::vector::{reduce_work_bytes, tiles_fields, vector_kernel, vector_source};
-use super::{r32, ArgRef, DeviceKernel, DeviceKernels, EmitOptions, Param, Role, TExpr, TempBuf, TilingField};
+use super::vector::{tiles_fields, vector_kernel, vector_source, PRELUDE};
+use super::{
+    fill_kernel, head, r32, ArgRef, DeviceKernel, DeviceKernels, EmitOptions, Param, Role, TExpr, TempBuf, TilingField,
+};
 use crate::target::DevType;
 use anyhow::{bail, Result};
 
@@ -273,8 +275,11 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR counts, GM_ADDR offsets,
 
 fn offsets_kernel(name: &str, experts: u64, rows: TExpr, counts: DevType) -> Result<DeviceKernel> {
     let entry = format!("{name}_offsets");
-    let src =
-        vector_source(&entry, "Expert counts to row offsets (prefix sum).", OFFSETS, &[("C", counts.cpp().into())]);
+    // One block: no work range, so not `vector_source` (whose template
+    // must take `{{RANGE}}`).
+    let src = head(&entry, "Expert counts to row offsets (prefix sum).")
+        + PRELUDE
+        + &fill_kernel(OFFSETS, &entry, &[("C", counts.cpp().into())]);
     let tiles = TExpr::c(1);
     let mut fields = tiles_fields(&tiles);
     fields.extend([TilingField::u32("experts", TExpr::c(experts)), TilingField::u32("rows", rows)]);
@@ -626,7 +631,8 @@ fn need_row_blocks(name: &str, cols: u64, t: DevType) -> Result<()> {
 pub fn dynamic_quant(name: &str, rows: TExpr, cols: u64, x: DevType, o: &EmitOptions) -> Result<DeviceKernels> {
     need_row_blocks(name, cols, x)?;
     need_out(name, o, x)?;
-    let work = reduce_work_bytes(cols);
+    // ReduceMax's first pass leaves a (value, index) pair per 256-byte repeat.
+    let work = r32((cols * 4).div_ceil(256) * 2 * 4).max(32);
     let src = vector_source(
         name,
         "Dynamic per-token int8 quantization.",
