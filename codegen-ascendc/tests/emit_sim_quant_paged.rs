@@ -70,8 +70,10 @@ fn paged_attention_over_int8_kv_matches_dequantized_reference() {
                 (0..c).map(|_| rng.random_range(lo..hi)).collect()
             };
             let (ks, vs) = (param(&mut rng, 0.002, 0.01), param(&mut rng, 0.002, 0.01));
-            // Symmetric (vllm-ascend's Pangu path) and asymmetric channels.
-            let (ko, vo) = (param(&mut rng, -3.0, 3.0), vec![0.0f32; c]);
+            // Asymmetric channels. (A K offset only shifts every score of a
+            // query by the same amount, which softmax cancels; the V
+            // offset is what a wrong offset rule would show in.)
+            let (ko, vo) = (param(&mut rng, -3.0, 3.0), param(&mut rng, -3.0, 3.0));
             let mut args = vec![
                 encode(act, &q),
                 encode_i8(&kq),
