@@ -26,6 +26,10 @@ const HKV: usize = 2;
 /// int8 heads must be whole 32-byte blocks.
 const D: usize = 32;
 
+/// One step: block size, cache blocks, and each sequence's (past, new
+/// tokens, blocks).
+type Case = (usize, usize, Vec<(usize, usize, Vec<u32>)>);
+
 fn ints(t: DevType, v: &[i32]) -> Vec<u8> {
     match t {
         DevType::I32 => encode_i32(v),
@@ -37,7 +41,7 @@ fn ints(t: DevType, v: &[i32]) -> Vec<u8> {
 fn paged_attention_over_int8_kv_matches_dequantized_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(31);
     let scale = 1.0 / (D as f64).sqrt();
-    let cases: Vec<(usize, usize, Vec<(usize, usize, Vec<u32>)>)> = vec![
+    let cases: Vec<Case> = vec![
         (16, 12, vec![(40, 1, vec![9, 2, 7]), (0, 20, vec![5, 1]), (10, 9, vec![11, 0]), (0, 1, vec![3])]),
         (4, 24, vec![(7, 1, vec![20, 3]), (0, 13, vec![4, 17, 8, 1])]),
         (256, 3, vec![(150, 1, vec![2]), (120, 140, vec![1, 0])]),
