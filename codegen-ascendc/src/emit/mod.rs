@@ -13,6 +13,7 @@
 
 mod cube;
 mod expr;
+mod flash;
 mod layout;
 mod moe;
 pub mod paged;

@@ -1,7 +1,7 @@
 //! Paged attention over a ragged batch (the IR op `paged_attention`).
 //!
 //! The contiguous attention kernel's online softmax (the `FLASH_*` pieces of
-//! [`super::vector`]) over a paged KV cache `[num_blocks, block_size,
+//! [`super::flash`]) over a paged KV cache `[num_blocks, block_size,
 //! kv_heads, head_dim]`: each (token, query head) tile finds its sequence in
 //! `query_start_loc`, its position from the sequence's context length, and
 //! reads the keys and values it may see block by block through the
@@ -9,9 +9,8 @@
 //! inside one block (at most `kvTile` rows; a chunk never crosses a block),
 //! so the block size is a tiling parameter and blocks may lie anywhere.
 
-use super::vector::{
-    flash_tile_for, flash_vars, need_aligned_for, tiles_fields, vector_kernel, vector_source, FlashTile,
-};
+use super::flash::{check_heads, flash_fields, flash_tile, flash_vars, FlashTile};
+use super::vector::{need_aligned_for, vector_kernel, vector_source};
 use super::{r32, ArgRef, Ctx, DeviceKernels, Param, Role, TExpr, TilingField};
 use crate::target::DevType;
 use anyhow::{bail, Result};
@@ -48,17 +47,7 @@ public:
         tableGm.SetGlobalBuffer((__gm__ M*)table, seqs * maxBlocks);
         qslGm.SetGlobalBuffer((__gm__ M*)qsl, seqs + 1);
         ctxGm.SetGlobalBuffer((__gm__ M*)ctxLens, seqs);
-        pipe.InitBuffer(inQ, 1, d * sizeof(T));
-        pipe.InitBuffer(inK, 2, kvTile * d * sizeof({{KVT}}));
-        pipe.InitBuffer(inV, 2, kvTile * d * sizeof({{KVT}}));
-        pipe.InitBuffer(outO, 2, d * sizeof(T));
-        pipe.InitBuffer(qRepBuf, kvTile * d * sizeof(float));
-        pipe.InitBuffer(kvfBuf, kvTile * d * sizeof(float));
-        pipe.InitBuffer(accBuf, d * sizeof(float));
-        pipe.InitBuffer(scBuf, {{SC_BYTES}});
-        pipe.InitBuffer(workBuf, {{WORK}});
-        pipe.InitBuffer(redBuf, 32);
-{{AQ_INIT}}    }
+{{FLASH_BUFFERS}}{{AQ_INIT}}    }
     __aicore__ inline void Process()
     {
         // Tiles ascend, so this block's sequence index only moves forward.
@@ -95,12 +84,7 @@ private:
         }
 {{FLASH_ROW_END}}    }
 
-    TPipe pipe;
-    TQue<TPosition::VECIN, 1> inQ;
-    TQue<TPosition::VECIN, 2> inK, inV;
-    TQue<TPosition::VECOUT, 2> outO;
-    TBuf<TPosition::VECCALC> qRepBuf, kvfBuf, accBuf, scBuf, workBuf, redBuf;
-    GlobalTensor<T> qGm, {{KV_GM}}oGm;
+{{FLASH_MEMBERS}}    GlobalTensor<T> qGm, {{KV_GM}}oGm;
 {{AQ_MEMBERS}}    GlobalTensor<M> tableGm, qslGm, ctxGm;
     uint32_t d = 0, qHeads = 0, kvHeads = 0, blockSize = 0, numBlocks = 0, maxBlocks = 0, seqs = 0;
     uint32_t kvTile = 0, start = 0, end = 0;
@@ -241,7 +225,7 @@ const AQ_MEMBERS: &str = "    GlobalTensor<KV> kGm, vGm;
 
 /// The flash pieces for an int8 cache: K/V chunks move as int8 and are
 /// dequantised by [`ANTIQUANT`] instead of widened by `ToFloat`.
-fn flash_vars_int8() -> Vec<(&'static str, String)> {
+fn flash_vars_int8(plan: &FlashTile) -> Vec<(&'static str, String)> {
     let swap = |s: &str, reps: &[(&str, &str)]| {
         let mut s = s.to_string();
         for (a, b) in reps {
@@ -250,7 +234,7 @@ fn flash_vars_int8() -> Vec<(&'static str, String)> {
         }
         s
     };
-    flash_vars()
+    flash_vars("KV", plan)
         .into_iter()
         .map(|(k, v)| {
             let v = match k {
@@ -298,28 +282,24 @@ fn paged_kernel(
     int8: bool,
 ) -> Result<super::DeviceKernel> {
     let PagedDims { q_heads: hq, kv_heads: hkv, head_dim: d, block_size, .. } = *dims;
-    if hkv == 0 || hq % hkv != 0 {
-        bail!("{name}: {hq} query heads are not a multiple of {hkv} kv heads");
-    }
+    check_heads(name, hq, hkv, d, t)?;
     if !matches!(meta, DevType::I32 | DevType::I64) {
         bail!("{name}: block_table must be i32 or i64 on the device, found {meta}");
     }
     if block_size == 0 {
         bail!("{name}: the block size must be positive");
     }
-    need_aligned_for(name, "a head", d, t)?;
-    need_aligned_for(name, "a head in f32", d, DevType::F32)?;
     let kv_t = if int8 { DevType::I8 } else { t };
     if int8 {
         need_aligned_for(name, "an int8 head", d, DevType::I8)?;
     }
     // int8: the half staging buffer of a chunk and the four parameter rows.
     let extra = |kv: u64| if int8 { r32(kv * d * 2) + r32(hkv * d * 4) + r32(4 * hkv * d * 4) } else { 0 };
-    let FlashTile { kv_tile, ub, sc, work } = flash_tile_for(name, target, d, t, kv_t, extra, 128)?;
+    let plan = flash_tile(name, target, d, t, kv_t, extra, 128)?;
     let tiles = dims.tokens.clone().times(TExpr::c(hq));
     let entry = name.to_string();
     let on = |s: &str, f: &str| if int8 { s.to_string() } else { f.to_string() };
-    let flash: Vec<(&str, String)> = if int8 { flash_vars_int8() } else { flash_vars().to_vec() };
+    let flash = if int8 { flash_vars_int8(&plan) } else { flash_vars("T", &plan) };
     let what = if int8 {
         "PagedAttention (ragged batch, paged int8 KV cache with per-channel antiquant, flash online softmax, GQA), in f32."
     } else {
@@ -333,8 +313,6 @@ fn paged_kernel(
             &[
                 ("T", t.cpp().into()),
                 ("M", meta.cpp().into()),
-                ("SC_BYTES", sc.to_string()),
-                ("WORK", work.to_string()),
                 ("KV_USING", on("\nusing KV = int8_t;", "")),
                 ("KVT", on("KV", "T")),
                 ("AQ_PARAM", on("GM_ADDR kS, GM_ADDR kO, GM_ADDR vS, GM_ADDR vO, ", "")),
@@ -347,17 +325,14 @@ fn paged_kernel(
         ]
         .concat(),
     );
-    let mut fields = tiles_fields(&tiles);
-    fields.push(TilingField::u32("qHeads", TExpr::c(hq)));
-    fields.push(TilingField::u32("kvHeads", TExpr::c(hkv)));
-    fields.push(TilingField::u32("headDim", TExpr::c(d)));
-    fields.push(TilingField::u32("blockSize", TExpr::c(block_size)));
-    fields.push(TilingField::u32("numBlocks", dims.num_blocks.clone()));
-    fields.push(TilingField::u32("maxBlocks", dims.max_blocks.clone()));
-    fields.push(TilingField::u32("seqs", dims.seqs.clone()));
-    fields.push(TilingField::u32("kvTile", TExpr::c(kv_tile)));
-    fields.push(TilingField::f32("scale", scale));
-    let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
+    let sizes = vec![
+        TilingField::u32("blockSize", TExpr::c(block_size)),
+        TilingField::u32("numBlocks", dims.num_blocks.clone()),
+        TilingField::u32("maxBlocks", dims.max_blocks.clone()),
+        TilingField::u32("seqs", dims.seqs.clone()),
+    ];
+    let fields = flash_fields(&tiles, (hq, hkv, d), sizes, &plan, scale);
+    let mut dk = vector_kernel(entry, src, fields, &tiles, plan.ub);
     let p = |n: &str, dtype: DevType, role: Role, i: usize| Param { name: n.into(), dtype, role, arg: ArgRef::Orig(i) };
     dk.params = vec![
         p("q", t, Role::Input, 0),
