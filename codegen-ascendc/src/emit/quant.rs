@@ -540,13 +540,13 @@ const TO_INT8: &str = "        LocalTensor<int32_t> xi = iBuf.Get<int32_t>();
 const DYNAMIC_QUANT: &str = r#"
 using T = {{T}};
 
-// Per-token dynamic quantization, one row at a time, rowsPerTile rows per
-// tile: s = max|x| / 127 (scalar f32 division, as the reference),
+// Per-token dynamic quantization{{NORM_WHAT}}, one row at a time, rowsPerTile
+// rows per tile: s = max|x| / 127 (scalar f32 division, as the reference),
 // q = clamp(rint(x / s), -128, 127) (a zero row: 0 / 0 casts to 0).
 class {{CLASS}} {
 public:
     __aicore__ inline {{CLASS}}() {}
-    __aicore__ inline void Init(GM_ADDR x, GM_ADDR q, GM_ADDR scale, const {{TILING}}& t)
+    __aicore__ inline void Init(GM_ADDR x, {{NORM_PARAM}}GM_ADDR q, GM_ADDR scale, const {{TILING}}& t)
     {
         cols = t.cols;
         rows = t.rows;
@@ -563,10 +563,10 @@ public:
         pipe.InitBuffer(hBuf, cols * sizeof(half));
         pipe.InitBuffer(workBuf, {{WORK}});
         pipe.InitBuffer(redBuf, 32);
-    }
+{{NORM_INIT}}    }
     __aicore__ inline void Process()
     {
-        for (uint32_t tile = start; tile < end; tile++) {
+{{NORM_LOAD}}        for (uint32_t tile = start; tile < end; tile++) {
             const uint32_t r1 = MinU((tile + 1) * rowsPerTile, rows);
             for (uint32_t r = tile * rowsPerTile; r < r1; r++) Row(r);
         }
@@ -585,7 +585,7 @@ private:
         ToFloat(xf, x, cols);
         inX.FreeTensor(x);
         PipeBarrier<PIPE_V>();
-        Abs(ab, xf, cols);
+{{NORM}}        Abs(ab, xf, cols);
         PipeBarrier<PIPE_V>();
         ReduceMax(red, ab, workBuf.Get<float>(), cols);
         event_t v2s = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::V_S));
@@ -606,15 +606,15 @@ private:
     GlobalTensor<T> xGm;
     GlobalTensor<int8_t> qGm;
     GlobalTensor<float> sGm;
-    uint32_t cols = 0, rows = 0, rowsPerTile = 0, start = 0, end = 0;
+{{NORM_MEMBERS}}    uint32_t cols = 0, rows = 0, rowsPerTile = 0, start = 0, end = 0;
 };
 
-extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR x, GM_ADDR q, GM_ADDR scale, GM_ADDR workspace, GM_ADDR tiling)
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR x, {{NORM_PARAM}}GM_ADDR q, GM_ADDR scale, GM_ADDR workspace, GM_ADDR tiling)
 {
     REGISTER_TILING_DEFAULT({{TILING}});
     GET_TILING_DATA(t, tiling);
     {{CLASS}} op;
-    op.Init(x, q, scale, t);
+    op.Init(x, {{NORM_ARG}}q, scale, t);
     op.Process();
 }
 "#;
@@ -627,17 +627,101 @@ fn need_row_blocks(name: &str, cols: u64, t: DevType) -> Result<()> {
     Ok(())
 }
 
+/// The RmsNorm in front of the fused variant, with the rms_norm kernel's
+/// arithmetic: `x * (1 / sqrt(sum(x^2) / cols + eps)) * w`, kept in f32
+/// for the quantization (no round trip through the activation dtype).
+const NORM: &str = "        Mul(ab, xf, xf, cols);
+        PipeBarrier<PIPE_V>();
+        ReduceSum(red, ab, workBuf.Get<float>(), cols);
+        event_t nv2s = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::V_S));
+        SetFlag<HardEvent::V_S>(nv2s);
+        WaitFlag<HardEvent::V_S>(nv2s);
+        red.SetValue(0, red.GetValue(0) / static_cast<float>(cols) + eps);
+        event_t ns2v = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::S_V));
+        SetFlag<HardEvent::S_V>(ns2v);
+        WaitFlag<HardEvent::S_V>(ns2v);
+        Rsqrt(red, red, 1);
+        SetFlag<HardEvent::V_S>(nv2s);
+        WaitFlag<HardEvent::V_S>(nv2s);
+        const float rstd = red.GetValue(0);
+        Muls(xf, xf, rstd, cols);
+        PipeBarrier<PIPE_V>();
+        Mul(xf, xf, wBuf.Get<float>(), cols);
+        PipeBarrier<PIPE_V>();
+";
+
+const NORM_LOAD: &str = "        if (start < end) {
+            LocalTensor<W> wl = wIn.AllocTensor<W>();
+            DataCopy(wl, wGm, cols);
+            wIn.EnQue(wl);
+            wl = wIn.DeQue<W>();
+            ToFloat(wBuf.Get<float>(), wl, cols);
+            wIn.FreeTensor(wl);
+            PipeBarrier<PIPE_V>();
+        }
+";
+
 /// `DynamicQuant (x[R, K] of dtype x, q_out i8[R, K], scale_out f32[R])`.
 pub fn dynamic_quant(name: &str, rows: TExpr, cols: u64, x: DevType, o: &EmitOptions) -> Result<DeviceKernels> {
+    dynamic_quant_kernel(name, rows, cols, x, None, o)
+}
+
+/// The fused `RmsNorm` + `DynamicQuant` (the quantized import's input
+/// norms): `(x[R, K], w[K] of dtype w, q_out i8[R, K], scale_out f32[R])`,
+/// quantizing `rms_norm(x, w, eps)` without storing it.
+pub fn rms_norm_dynamic_quant(
+    name: &str,
+    rows: TExpr,
+    cols: u64,
+    eps: f64,
+    x: DevType,
+    w: DevType,
+    o: &EmitOptions,
+) -> Result<DeviceKernels> {
+    dynamic_quant_kernel(name, rows, cols, x, Some((eps, w)), o)
+}
+
+fn dynamic_quant_kernel(
+    name: &str,
+    rows: TExpr,
+    cols: u64,
+    x: DevType,
+    norm: Option<(f64, DevType)>,
+    o: &EmitOptions,
+) -> Result<DeviceKernels> {
     need_row_blocks(name, cols, x)?;
     need_out(name, o, x)?;
-    // ReduceMax's first pass leaves a (value, index) pair per 256-byte repeat.
+    if let Some((_, w)) = norm {
+        need_row_blocks(name, cols, w)?;
+        need_out(name, o, w)?;
+    }
+    // ReduceMax's first pass leaves a (value, index) pair per 256-byte
+    // repeat (more than ReduceSum's one value).
     let work = r32((cols * 4).div_ceil(256) * 2 * 4).max(32);
+    let w_t = norm.map(|(_, w)| w).unwrap_or(x);
+    let on = |s: &str| if norm.is_some() { s.to_string() } else { String::new() };
     let src = vector_source(
         name,
-        "Dynamic per-token int8 quantization.",
+        if norm.is_some() { "RmsNorm fused with dynamic per-token int8 quantization." } else { "Dynamic per-token int8 quantization." },
         DYNAMIC_QUANT,
-        &[("T", x.cpp().into()), ("WORK", work.to_string()), ("TO_INT8", TO_INT8.into())],
+        &[
+            ("T", x.cpp().into()),
+            ("WORK", work.to_string()),
+            ("TO_INT8", TO_INT8.into()),
+            ("NORM_WHAT", on(" of rms_norm(x, w)")),
+            ("NORM_PARAM", on("GM_ADDR w, ")),
+            ("NORM_ARG", on("w, ")),
+            (
+                "NORM_INIT",
+                on("        eps = t.eps;\n        wGm.SetGlobalBuffer((__gm__ W*)w, cols);\n        pipe.InitBuffer(wIn, 1, cols * sizeof(W));\n        pipe.InitBuffer(wBuf, cols * sizeof(float));\n"),
+            ),
+            ("NORM_LOAD", on(NORM_LOAD)),
+            ("NORM", on(NORM)),
+            (
+                "NORM_MEMBERS",
+                on(&format!("    using W = {};\n    TQue<TPosition::VECIN, 1> wIn;\n    TBuf<TPosition::VECCALC> wBuf;\n    GlobalTensor<W> wGm;\n    float eps = 0.0f;\n", w_t.cpp())),
+            ),
+        ],
     );
     let tiles = rows.clone().ceil_div(TExpr::c(DQ_QUANT_ROWS));
     let mut fields = tiles_fields(&tiles);
@@ -646,13 +730,22 @@ pub fn dynamic_quant(name: &str, rows: TExpr, cols: u64, x: DevType, o: &EmitOpt
         TilingField::u32("rows", rows),
         TilingField::u32("rowsPerTile", TExpr::c(DQ_QUANT_ROWS)),
     ]);
-    let ub = 2 * r32(cols * x.size()) + 2 * r32(cols) + 3 * r32(cols * 4) + r32(cols * 2) + work + 32;
+    if let Some((eps, _)) = norm {
+        fields.push(TilingField::f32("eps", eps));
+    }
+    let mut ub = 2 * r32(cols * x.size()) + 2 * r32(cols) + 3 * r32(cols * 4) + r32(cols * 2) + work + 32;
+    if norm.is_some() {
+        ub += r32(cols * w_t.size()) + r32(cols * 4);
+    }
     let mut dk = vector_kernel(name.to_string(), src, fields, &tiles, ub);
-    dk.params = vec![
-        orig("x", x, Role::Input, 0),
-        orig("q", DevType::I8, Role::Output, 1),
-        orig("scale", DevType::F32, Role::Output, 2),
-    ];
+    let mut params = vec![orig("x", x, Role::Input, 0)];
+    if norm.is_some() {
+        params.push(orig("w", w_t, Role::Input, 1));
+    }
+    let base = params.len();
+    params.push(orig("q", DevType::I8, Role::Output, base));
+    params.push(orig("scale", DevType::F32, Role::Output, base + 1));
+    dk.params = params;
     checked(DeviceKernels { kernels: vec![dk], temps: vec![], host: None }, o, name)
 }
 
