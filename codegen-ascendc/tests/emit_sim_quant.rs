@@ -366,3 +366,97 @@ fn untileable_int8_shapes_are_clear_errors() {
     let e = quant_matmul(&spec, &o310).unwrap_err().to_string();
     assert!(e.contains("bf16 is not supported on ascend310p"), "{e}");
 }
+
+/// The small preset's int8 GEMM shapes (hidden 1024, 8 query and 2 KV
+/// heads of 128, 64 experts of intermediate 256, top-8): the QKV
+/// projection (static W8A8, int64 deq_scale), the shared expert's
+/// gate/up (per token) and the routed experts' gate/up over 7 tokens x 8
+/// slots, each against the interpreter, bit-exact.
+#[test]
+fn small_preset_int8_gemms_match_interpreter() {
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let (hidden, qkv, shared, experts, inter) = (1024usize, (8 + 2 * 2) * 128, 2 * 1024, 64usize, 256usize);
+    for (target, act) in targets() {
+        let o = opts(target, act);
+        let m = 7usize;
+        for (n, dequant) in [(qkv, Dequant::Static { deq: DevType::I64 }), (shared, Dequant::PerToken)] {
+            let spec = QuantMatMulSpec {
+                name: "panguc_k011_quant_matmul".into(),
+                m: TExpr::Tokens,
+                n: n as u64,
+                k: hidden as u64,
+                dequant,
+                out: act,
+            };
+            let dks = quant_matmul(&spec, &o).unwrap();
+            let (a, w) = (rand_i8(&mut rng, m * hidden), rand_i8(&mut rng, n * hidden));
+            let (ins, want) = match dequant {
+                Dequant::Static { .. } => {
+                    let bias: Vec<i64> = (0..n).map(|_| rng.random_range(-20000i64..20000)).collect();
+                    let deq: Vec<i64> =
+                        rand_f(&mut rng, n, 1e-5, 1e-3).iter().map(|d| i64::from(d.to_bits())).collect();
+                    let want = q::quant_matmul(
+                        &Tensor::i64(vec![m, hidden], a.clone()),
+                        &Tensor::i64(vec![n, hidden], w.clone()),
+                        &Tensor::i64(vec![n], bias.clone()),
+                        &Tensor::i64(vec![n], deq.clone()),
+                    )
+                    .unwrap();
+                    let b32: Vec<i32> = bias.iter().map(|&b| b as i32).collect();
+                    (vec![encode_i8(&a), encode_i8(&w), encode_i32(&b32), encode_i64(&deq)], want)
+                }
+                Dequant::PerToken => {
+                    let (ws, xs) = (rand_f(&mut rng, n, 1e-4, 1e-2), rand_f(&mut rng, m, 1e-3, 1e-1));
+                    let want = q::quant_matmul_per_token(
+                        &Tensor::i64(vec![m, hidden], a.clone()),
+                        &Tensor::i64(vec![n, hidden], w.clone()),
+                        &Tensor::f32(vec![n], ws.clone()),
+                        &Tensor::f32(vec![m], xs.clone()),
+                    )
+                    .unwrap();
+                    (vec![encode_i8(&a), encode_i8(&w), encode(F, &ws), encode(F, &xs)], want)
+                }
+            };
+            let got = run_qmm(&dks, target, m as u64, ins, m * n * act.size() as usize);
+            exact(&decode(act, &got), &round_through(act, want.as_f32()), &format!("{target} N={n} {dequant:?}"));
+        }
+        // Routed experts: 56 slots spread over the 64 experts.
+        let rows = m * 8;
+        let mut counts = vec![0i64; experts];
+        for _ in 0..rows {
+            counts[rng.random_range(0..experts)] += 1;
+        }
+        let n = 2 * inter;
+        let spec = GroupedQuantMatMulSpec {
+            name: "panguc_k012_grouped_quant_matmul".into(),
+            rows: TExpr::Tokens,
+            experts: experts as u64,
+            n: n as u64,
+            k: hidden as u64,
+            counts: DevType::I32,
+            out: act,
+        };
+        let dks = grouped_quant_matmul(&spec, &o).unwrap();
+        let (a, w) = (rand_i8(&mut rng, rows * hidden), rand_i8(&mut rng, experts * n * hidden));
+        let (ws, xs) = (rand_f(&mut rng, experts * n, 1e-4, 1e-2), rand_f(&mut rng, rows, 1e-3, 1e-1));
+        let want = q::grouped_quant_matmul(
+            &Tensor::i64(vec![rows, hidden], a.clone()),
+            &Tensor::i64(vec![experts, n, hidden], w.clone()),
+            &Tensor::f32(vec![experts, n], ws.clone()),
+            &Tensor::f32(vec![rows], xs.clone()),
+            &Tensor::i64(vec![experts], counts.clone()),
+        )
+        .unwrap();
+        let c32: Vec<i32> = counts.iter().map(|&c| c as i32).collect();
+        let mut args = vec![
+            encode_i8(&a),
+            encode_i8(&w),
+            encode(F, &ws),
+            encode(F, &xs),
+            encode_i32(&c32),
+            vec![0; rows * n * act.size() as usize],
+        ];
+        run_kernels(&dks, target, &env(rows as u64, 0), &mut args).unwrap();
+        exact(&decode(act, &args[5]), &round_through(act, want.as_f32()), &format!("{target} grouped experts"));
+    }
+}

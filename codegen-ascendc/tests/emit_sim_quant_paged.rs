@@ -21,10 +21,9 @@ use panguc_ir::{Op, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const HQ: usize = 4;
-const HKV: usize = 2;
-/// int8 heads must be whole 32-byte blocks.
-const D: usize = 32;
+/// (query heads, KV heads, head_dim): int8 heads must be whole 32-byte
+/// blocks (so not the tiny preset's 16), and the small preset's heads.
+const HEADS: [(usize, usize, usize); 2] = [(4, 2, 32), (8, 2, 128)];
 
 /// One step: block size, cache blocks, and each sequence's (past, new
 /// tokens, blocks).
@@ -40,7 +39,13 @@ fn ints(t: DevType, v: &[i32]) -> Vec<u8> {
 #[test]
 fn paged_attention_over_int8_kv_matches_dequantized_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(31);
-    let scale = 1.0 / (D as f64).sqrt();
+    for (hq, hkv, d) in HEADS {
+        check_heads(&mut rng, hq, hkv, d);
+    }
+}
+
+fn check_heads(rng: &mut ChaCha8Rng, hq: usize, hkv: usize, d: usize) {
+    let scale = 1.0 / (d as f64).sqrt();
     let cases: Vec<Case> = vec![
         (16, 12, vec![(40, 1, vec![9, 2, 7]), (0, 20, vec![5, 1]), (10, 9, vec![11, 0]), (0, 1, vec![3])]),
         (4, 24, vec![(7, 1, vec![20, 3]), (0, 13, vec![4, 17, 8, 1])]),
@@ -54,9 +59,9 @@ fn paged_attention_over_int8_kv_matches_dequantized_reference() {
             let m = StepMetadata::build(*block_size, &sc).unwrap();
             m.validate(*num_blocks).unwrap();
             let dims = PagedDims {
-                q_heads: HQ as u64,
-                kv_heads: HKV as u64,
-                head_dim: D as u64,
+                q_heads: hq as u64,
+                kv_heads: hkv as u64,
+                head_dim: d as u64,
                 block_size: *block_size as u64,
                 tokens: TExpr::Tokens,
                 num_blocks: TExpr::NumBlocks,
@@ -66,18 +71,18 @@ fn paged_attention_over_int8_kv_matches_dequantized_reference() {
             let dks = paged_attention_int8("panguc_k040_paged_attention_int8", &dims, act, meta_t, scale, &o).unwrap();
             let tokens = m.tokens();
             let slots = num_blocks * block_size;
-            let c = HKV * D;
-            let q = round_through(act, &rand_vec(&mut rng, tokens * HQ * D));
+            let c = hkv * d;
+            let q = round_through(act, &rand_vec(rng, tokens * hq * d));
             let kq: Vec<i64> = (0..slots * c).map(|_| rng.random_range(-128i64..=127)).collect();
             let vq: Vec<i64> = (0..slots * c).map(|_| rng.random_range(-128i64..=127)).collect();
             let param = |rng: &mut ChaCha8Rng, lo: f32, hi: f32| -> Vec<f32> {
                 (0..c).map(|_| rng.random_range(lo..hi)).collect()
             };
-            let (ks, vs) = (param(&mut rng, 0.002, 0.01), param(&mut rng, 0.002, 0.01));
+            let (ks, vs) = (param(rng, 0.002, 0.01), param(rng, 0.002, 0.01));
             // Asymmetric channels. (A K offset only shifts every score of a
             // query by the same amount, which softmax cancels; the V
             // offset is what a wrong offset rule would show in.)
-            let (ko, vo) = (param(&mut rng, -3.0, 3.0), param(&mut rng, -3.0, 3.0));
+            let (ko, vo) = (param(rng, -3.0, 3.0), param(rng, -3.0, 3.0));
             let mut args = vec![
                 encode(act, &q),
                 encode_i8(&kq),
@@ -105,13 +110,13 @@ fn paged_attention_over_int8_kv_matches_dequantized_reference() {
                     &Tensor::f32(vec![c], off.to_vec()),
                 )
                 .unwrap();
-                Tensor::f32(vec![*num_blocks, *block_size, HKV, D], t.as_f32().to_vec())
+                Tensor::f32(vec![*num_blocks, *block_size, hkv, d], t.as_f32().to_vec())
             };
             let meta = m.tensors();
             let want = eval_pure(
                 &Op::PagedAttention { scale },
                 &[
-                    &Tensor::f32(vec![tokens, HQ, D], q.clone()),
+                    &Tensor::f32(vec![tokens, hq, d], q.clone()),
                     &deq(&kq, &ks, &ko),
                     &deq(&vq, &vs, &vo),
                     &meta[3],
