@@ -14,6 +14,7 @@ pub fn encode(t: DevType, v: &[f32]) -> Vec<u8> {
         DevType::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
         DevType::I64 => v.iter().flat_map(|x| (*x as i64).to_le_bytes()).collect(),
         DevType::I32 => v.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect(),
+        DevType::I8 => v.iter().map(|x| (*x as i8) as u8).collect(),
     }
 }
 
@@ -25,6 +26,19 @@ pub fn encode_i32(v: &[i32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// Int8 values as device bytes (values outside the int8 range are a caller bug).
+pub fn encode_i8(v: &[i64]) -> Vec<u8> {
+    v.iter().map(|&x| i8::try_from(x).expect("int8 value") as u8).collect()
+}
+
+pub fn decode_i8(b: &[u8]) -> Vec<i64> {
+    b.iter().map(|&x| i64::from(x as i8)).collect()
+}
+
+pub fn decode_i32(b: &[u8]) -> Vec<i64> {
+    b.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes(c.try_into().expect("4 bytes")))).collect()
+}
+
 /// Decode device bytes of type `t` to f32.
 pub fn decode(t: DevType, b: &[u8]) -> Vec<f32> {
     match t {
@@ -33,6 +47,7 @@ pub fn decode(t: DevType, b: &[u8]) -> Vec<f32> {
         DevType::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
         DevType::I64 => decode_i64(b).into_iter().map(|x| x as f32).collect(),
         DevType::I32 => b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as f32).collect(),
+        DevType::I8 => b.iter().map(|&x| x as i8 as f32).collect(),
     }
 }
 

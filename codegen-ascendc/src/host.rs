@@ -767,6 +767,7 @@ impl Comms {
                 crate::target::DevType::BF16 => "HCCL_DATA_TYPE_BFP16",
                 crate::target::DevType::I64 => "HCCL_DATA_TYPE_INT64",
                 crate::target::DevType::I32 => "HCCL_DATA_TYPE_INT32",
+                crate::target::DevType::I8 => "HCCL_DATA_TYPE_INT8",
             };
             let packing = if ap.kernels[*ki].kernels.is_empty() { "" } else { "  // with packing kernels" };
             let _ = writeln!(s, "    {{{kind}, {comm}, {dtype}}},{packing}");

@@ -4,6 +4,9 @@
 //! kernels (vector kernels for norms, gather, elementwise, RoPE, attention
 //! and gating; cube GEMMs with vector epilogues) with host-evaluated tiling
 //! formulas; [`target`] holds the per-SoC rules (capacities, dtypes).
+//! [`emit::quant`] and [`emit::paged::paged_attention_int8`] are the int8
+//! kernels (W8A8 GEMMs, grouped expert GEMM, dynamic quant, int8 KV cache),
+//! emitted from explicit sizes until the kernel program has int8 kinds.
 //!
 //! The crate also owns the CPU simulation of the AscendC API subset that the
 //! emitter may use ([`sim`]): C++ headers under `sim/include/` that implement

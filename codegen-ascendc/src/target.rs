@@ -117,8 +117,11 @@ pub enum DevType {
     BF16,
     F32,
     I64,
-    /// Step metadata of a ragged batch (positions, block table, ...).
+    /// Step metadata of a ragged batch (positions, block table, ...); the
+    /// int32 accumulators and `quant_bias` of int8 matmuls.
     I32,
+    /// Int8 weights, quantized activations and the int8 KV cache.
+    I8,
 }
 
 impl DevType {
@@ -127,6 +130,7 @@ impl DevType {
             DevType::F16 | DevType::BF16 => 2,
             DevType::F32 | DevType::I32 => 4,
             DevType::I64 => 8,
+            DevType::I8 => 1,
         }
     }
     /// AscendC C++ type.
@@ -137,6 +141,7 @@ impl DevType {
             DevType::F32 => "float",
             DevType::I64 => "int64_t",
             DevType::I32 => "int32_t",
+            DevType::I8 => "int8_t",
         }
     }
     /// GE dtype in OpDef registrations.
@@ -147,6 +152,7 @@ impl DevType {
             DevType::F32 => "ge::DT_FLOAT",
             DevType::I64 => "ge::DT_INT64",
             DevType::I32 => "ge::DT_INT32",
+            DevType::I8 => "ge::DT_INT8",
         }
     }
     /// ACL dtype in the host program.
@@ -157,6 +163,7 @@ impl DevType {
             DevType::F32 => "ACL_FLOAT",
             DevType::I64 => "ACL_INT64",
             DevType::I32 => "ACL_INT32",
+            DevType::I8 => "ACL_INT8",
         }
     }
     /// Elements per 32-byte block.
@@ -181,6 +188,7 @@ impl fmt::Display for DevType {
             DevType::F32 => "f32",
             DevType::I64 => "i64",
             DevType::I32 => "i32",
+            DevType::I8 => "i8",
         })
     }
 }

@@ -33,10 +33,11 @@ pub(crate) struct BaseTile {
 }
 
 impl BaseTile {
-    /// 128x128 output tiles, K steps of 128 (f16/bf16) or 64 (f32): L0A/L0B
-    /// hold 32 KiB each, L0C 64 KiB, L1 double-buffered 128 KiB.
+    /// 128x128 output tiles, K steps of 32 KiB of A and B each: 256 (int8),
+    /// 128 (f16/bf16) or 64 (f32): L0A/L0B hold 32 KiB each, L0C 64 KiB
+    /// (f32 or int32), L1 double-buffered 128 KiB.
     pub fn for_type(t: DevType) -> BaseTile {
-        BaseTile { m: 128, n: 128, k: if t == DevType::F32 { 64 } else { 128 } }
+        BaseTile { m: 128, n: 128, k: 256 / t.size().min(4) }
     }
 
     /// The `baseM`, `baseN`, `baseK` tiling fields the cube templates read.
@@ -67,14 +68,20 @@ __aicore__ inline uint32_t MinU(uint32_t a, uint32_t b) { return a < b ? a : b; 
 
 /// `Init`'s buffer allocation of the cube pipeline: double-buffered L1 (A1,
 /// B1), single L0A/L0B/L0C, and on 310P the UB staging buffer of `CopyOut`.
-pub(crate) const CUBE_BUFFERS: &str = "        pipe.InitBuffer(qA1, 2, t.baseM * t.baseK * sizeof(T));
+const CUBE_BUFFERS: &str = "        pipe.InitBuffer(qA1, 2, t.baseM * t.baseK * sizeof(T));
         pipe.InitBuffer(qB1, 2, t.baseN * t.baseK * sizeof(T));
         pipe.InitBuffer(qA2, 1, t.baseM * t.baseK * sizeof(T));
         pipe.InitBuffer(qB2, 1, t.baseN * t.baseK * sizeof(T));
-        pipe.InitBuffer(qCO1, 1, t.baseM * t.baseN * sizeof(float));
+        pipe.InitBuffer(qCO1, 1, t.baseM * t.baseN * sizeof({{ACC}}));
 #if !PANGUC_DAV_C220
-        pipe.InitBuffer(qCO2, 1, t.baseM * t.baseN * sizeof(float));
+        pipe.InitBuffer(qCO2, 1, t.baseM * t.baseN * sizeof({{ACC}}));
 #endif";
+
+/// [`CUBE_BUFFERS`] for the L0C accumulator type `acc` (`float`, or
+/// `int32_t` for int8 x int8).
+pub(crate) fn cube_buffers(acc: &str) -> String {
+    fill(CUBE_BUFFERS, &[("ACC", acc.into())])
+}
 
 /// The per-K-step stages after `CopyIn` (`Split` L1 -> L0A/L0B, `Compute`
 /// Mmad into L0C) and `CopyOut` (L0C -> GM), plus the pipe and queue members
@@ -107,7 +114,7 @@ const CUBE_STAGES: &str = r#"    __aicore__ inline void Split(uint32_t kLen)
         qA2.EnQue(a2);
         qB2.EnQue(b2);
     }
-    __aicore__ inline void Compute(LocalTensor<float>& c1, uint32_t kLen, bool first)
+    __aicore__ inline void Compute(LocalTensor<{{ACC}}>& c1, uint32_t kLen, bool first)
     {
         LocalTensor<T> a2 = qA2.DeQue<T>();
         LocalTensor<T> b2 = qB2.DeQue<T>();
@@ -122,7 +129,7 @@ const CUBE_STAGES: &str = r#"    __aicore__ inline void Split(uint32_t kLen)
     }
     __aicore__ inline void CopyOut()
     {
-        LocalTensor<float> c1 = qCO1.DeQue<float>();
+        LocalTensor<{{ACC}}> c1 = qCO1.DeQue<{{ACC}}>();
 #if PANGUC_DAV_C220
         FixpipeParamsV220 f;
         f.nSize = nLen;
@@ -138,7 +145,7 @@ const CUBE_STAGES: &str = r#"    __aicore__ inline void Split(uint32_t kLen)
 #else
         // L0C -> UB (16x16 fractals), then one strided copy per 16-column block.
         const uint32_t mBlocks = CeilCube(mLen) / 16, nBlocks = CeilCube(nLen) / 16;
-        LocalTensor<float> c2 = qCO2.AllocTensor<float>();
+        LocalTensor<{{ACC}}> c2 = qCO2.AllocTensor<{{ACC}}>();
         DataCopyParams p;
         p.blockCount = 1;
         p.blockLen = mBlocks * nBlocks;
@@ -147,13 +154,13 @@ const CUBE_STAGES: &str = r#"    __aicore__ inline void Split(uint32_t kLen)
         DataCopy(c2, c1, p, e);
         qCO1.FreeTensor(c1);
         qCO2.EnQue(c2);
-        c2 = qCO2.DeQue<float>();
+        c2 = qCO2.DeQue<{{ACC}}>();
         for (uint32_t nb = 0; nb < nBlocks; nb++) {
             DataCopyParams q;
             q.blockCount = mLen;
-            q.blockLen = 16 * sizeof(float) / 32;
+            q.blockLen = 16 * sizeof({{ACC}}) / 32;
             q.srcStride = 0;
-            q.dstStride = (tl.n - 16) * sizeof(float) / 32;
+            q.dstStride = (tl.n - 16) * sizeof({{ACC}}) / 32;
             DataCopy(cGm[m0 * tl.n + n0 + nb * 16], c2[nb * mBlocks * 256], q);
         }
         qCO2.FreeTensor(c2);
@@ -170,9 +177,11 @@ const CUBE_STAGES: &str = r#"    __aicore__ inline void Split(uint32_t kLen)
     TQue<TPosition::CO2, 1> qCO2;
 #endif"#;
 
-/// [`CUBE_STAGES`] with `CopyOut`'s Fixpipe quantisation (f32 -> `O`).
-pub(crate) fn cube_stages(quant: &str) -> String {
-    fill(CUBE_STAGES, &[("QUANT", quant.into())])
+/// [`CUBE_STAGES`] with `CopyOut`'s Fixpipe quantisation (accumulator ->
+/// `O`) and the L0C accumulator type `acc` (`float`, or `int32_t` for the
+/// int8 GEMMs).
+pub(crate) fn cube_stages(quant: &str, acc: &str) -> String {
+    fill(CUBE_STAGES, &[("QUANT", quant.into()), ("ACC", acc.into())])
 }
 
 const MATMUL: &str = r#"
@@ -205,7 +214,7 @@ public:
             n0 = (tile % nTilesPerRow) * tl.baseN;
             mLen = MinU(tl.baseM, tl.m - m0);
             nLen = MinU(tl.baseN, tl.n - n0);
-            LocalTensor<float> c1 = qCO1.AllocTensor<float>();
+            LocalTensor<{{ACC}}> c1 = qCO1.AllocTensor<{{ACC}}>();
             for (uint32_t k0 = 0; k0 < tl.k; k0 += tl.baseK) {
                 const uint32_t kLen = MinU(tl.baseK, tl.k - k0);
                 CopyIn(k0, kLen);
@@ -365,28 +374,40 @@ pub(crate) fn cube_device_kernel(
 
 /// The cube kernel (`a`, `w`, `c` parameters).
 pub(crate) fn cube_kernel(ctx: &Ctx, s: CubeSpec) -> Result<DeviceKernel> {
-    let target = ctx.target();
     need_fractal_dims(ctx, "matmul", s.n, s.k)?;
+    cube_kernel_for(&ctx.k.name, ctx.target(), s)
+}
+
+/// [`cube_kernel`] without a program kernel (`name` in errors): f16/bf16/f32
+/// with f32 accumulation, or int8 x int8 with int32 accumulation written as
+/// int32 (`out` = i32; dequantisation is a vector epilogue).
+pub(crate) fn cube_kernel_for(name: &str, target: Target, s: CubeSpec) -> Result<DeviceKernel> {
     let quant = match (s.t, s.out) {
+        (DevType::I8, DevType::I32) => "QuantMode_t::NoQuant",
+        (DevType::I8, o) => bail!("{name}: an int8 matmul writes its int32 accumulators, not {o}"),
         (_, DevType::F32) => "QuantMode_t::NoQuant",
         (DevType::F16, DevType::F16) => "QuantMode_t::F322F16",
         (DevType::BF16, DevType::BF16) => "QuantMode_t::F322BF16",
-        (a, o) => bail!("{}: matmul of {a} into {o} is not supported", ctx.k.name),
+        (a, o) => bail!("{name}: matmul of {a} into {o} is not supported"),
     };
-    if target == Target::Ascend310P && s.out != DevType::F32 {
-        bail!("{}: on 310P the cube kernel writes f32 (a vector epilogue casts)", ctx.k.name);
+    if target == Target::Ascend310P && !matches!(s.out, DevType::F32 | DevType::I32) {
+        bail!("{name}: on 310P the cube kernel writes f32 (a vector epilogue casts)");
     }
+    let int8 = s.t == DevType::I8;
+    let acc = if int8 { "int32_t" } else { "float" };
     let base = BaseTile::for_type(s.t);
-    let src = head(&s.entry, &format!("Cube GEMM ({}): C = A * W^T, f32 accumulation.", s.what))
+    let what = if int8 { "int32 accumulation" } else { "f32 accumulation" };
+    let src = head(&s.entry, &format!("Cube GEMM ({}): C = A * W^T, {what}.", s.what))
         + &fill_kernel(
             MATMUL,
             &s.entry,
             &[
                 ("T", s.t.cpp().into()),
                 ("O", s.out.cpp().into()),
+                ("ACC", acc.into()),
                 ("CUBE_CONSTS", CUBE_CONSTS.into()),
-                ("CUBE_BUFFERS", CUBE_BUFFERS.into()),
-                ("CUBE_STAGES", cube_stages(quant)),
+                ("CUBE_BUFFERS", cube_buffers(acc)),
+                ("CUBE_STAGES", cube_stages(quant, acc)),
             ],
         );
     let tiles = s.m.clone().ceil_div(TExpr::c(base.m)).times(TExpr::c(s.n.div_ceil(base.n)));

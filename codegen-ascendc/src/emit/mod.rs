@@ -13,9 +13,11 @@
 
 mod cube;
 mod expr;
+mod flash;
 mod layout;
 mod moe;
-mod paged;
+pub mod paged;
+pub mod quant;
 mod rope;
 mod vector;
 

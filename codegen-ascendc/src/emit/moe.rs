@@ -18,7 +18,7 @@
 //!   `residual + (routed + shared)`.
 
 use super::cube::{
-    cube_device_kernel, cube_stages, epilogue_kernel, need_fractal_dims, BaseTile, EpilogueSpec, CUBE_BUFFERS,
+    cube_buffers, cube_device_kernel, cube_stages, epilogue_kernel, need_fractal_dims, BaseTile, EpilogueSpec,
     CUBE_CONSTS,
 };
 use super::vector::{need_aligned, tiles_fields, vector_kernel, vector_source};
@@ -151,7 +151,7 @@ using T = {{T}};
 // Grouped GEMM: for each expert e, C[r, :] = A[{{AROW}}, :] * W[e]^T for the
 // sorted rows r in offsets[e]..offsets[e+1] (known only on the device). One
 // (expert, baseN column block) per tile; the expert's rows in baseM steps,
-// K accumulated in L0C in baseK steps; f32 out.
+// K accumulated in L0C in baseK steps; {{ACC_NAME}} out.
 class {{CLASS}} {
 public:
     __aicore__ inline {{CLASS}}() {}
@@ -164,7 +164,7 @@ public:
         aGm.SetGlobalBuffer((__gm__ T*)a, t.aRows * t.k);
         offGm.SetGlobalBuffer((__gm__ int64_t*)offsets, t.experts + 1);
 {{ROWS_INIT}}        wGm.SetGlobalBuffer((__gm__ T*)w, t.experts * t.n * t.k);
-        cGm.SetGlobalBuffer((__gm__ float*)c, t.slots * t.n);
+        cGm.SetGlobalBuffer((__gm__ {{ACC}}*)c, t.slots * t.n);
 {{CUBE_BUFFERS}}
     }
     __aicore__ inline void Process()
@@ -177,7 +177,7 @@ public:
             const uint32_t rowEnd = static_cast<uint32_t>(offGm.GetValue(e + 1));
             for (m0 = static_cast<uint32_t>(offGm.GetValue(e)); m0 < rowEnd; m0 += tl.baseM) {
                 mLen = MinU(tl.baseM, rowEnd - m0);
-                LocalTensor<float> c1 = qCO1.AllocTensor<float>();
+                LocalTensor<{{ACC}}> c1 = qCO1.AllocTensor<{{ACC}}>();
                 for (uint32_t k0 = 0; k0 < tl.k; k0 += tl.baseK) {
                     const uint32_t kLen = MinU(tl.baseK, tl.k - k0);
                     CopyIn(k0, kLen);
@@ -212,7 +212,7 @@ private:
 {{CUBE_STAGES}}
     GlobalTensor<T> aGm, wGm;
     GlobalTensor<int64_t> offGm{{ROWS_MEMBER}};
-    GlobalTensor<float> cGm;
+    GlobalTensor<{{ACC}}> cGm;
     {{TILING}} tl;
     uint32_t start = 0, end = 0, nTiles = 1, wBase = 0, m0 = 0, n0 = 0, mLen = 0, nLen = 0;
 };
@@ -239,6 +239,56 @@ const COPY_A_GATHER: &str = "        p.nValue = 1;
 const COPY_A_DENSE: &str = "        p.nValue = mLen;
         DataCopy(a1, aGm[m0 * tl.k + k0], p);
 ";
+
+/// Source of the grouped cube GEMM `(a, offsets, [rows,] w, c)`: f16/bf16
+/// with f32 accumulation and output, or int8 with int32 (the grouped int8
+/// GEMM of `quant.rs`). `gather`: A rows read through `rows[]`.
+pub(crate) fn grouped_cube_source(entry: &str, what: &str, t: DevType, gather: bool) -> String {
+    let (acc, acc_name) = if t == DevType::I8 { ("int32_t", "int32") } else { ("float", "f32") };
+    let on = |c: bool, s: &str| if c { s.to_string() } else { String::new() };
+    head(entry, &format!("Grouped cube GEMM ({what}): C = A * W[e]^T per expert, {acc_name} out."))
+        + &fill_kernel(
+            GROUPED,
+            entry,
+            &[
+                ("T", t.cpp().into()),
+                ("ACC", acc.into()),
+                ("ACC_NAME", acc_name.into()),
+                ("CUBE_CONSTS", CUBE_CONSTS.into()),
+                ("CUBE_BUFFERS", cube_buffers(acc)),
+                ("CUBE_STAGES", cube_stages("QuantMode_t::NoQuant", acc)),
+                ("AROW", if gather { "rows[r]" } else { "r" }.into()),
+                ("ROWS_PARAM", on(gather, "GM_ADDR rows, ")),
+                ("ROWS_ARG", on(gather, "rows, ")),
+                ("ROWS_INIT", on(gather, "        rowsGm.SetGlobalBuffer((__gm__ int64_t*)rows, t.slots);\n")),
+                ("ROWS_MEMBER", on(gather, ", rowsGm")),
+                ("COPY_A", if gather { COPY_A_GATHER } else { COPY_A_DENSE }.into()),
+            ],
+        )
+}
+
+/// Tiling fields of [`grouped_cube_source`]: one tile per (expert, baseN
+/// column block).
+pub(crate) fn grouped_cube_fields(
+    base: &BaseTile,
+    experts: u64,
+    slots: TExpr,
+    a_rows: TExpr,
+    n: u64,
+    k: u64,
+) -> Vec<TilingField> {
+    let tiles = TExpr::c(experts * n.div_ceil(base.n));
+    let mut fields = tiles_fields(&tiles);
+    fields.extend([
+        TilingField::u32("experts", TExpr::c(experts)),
+        TilingField::u32("slots", slots),
+        TilingField::u32("aRows", a_rows),
+        TilingField::u32("n", TExpr::c(n)),
+        TilingField::u32("k", TExpr::c(k)),
+    ]);
+    fields.extend(base.fields());
+    fields
+}
 
 /// The three grouped expert GEMMs. Each takes `(A, offsets[E+1], [aux,]
 /// w[E, N, K], out)`: the expert weight and the output are the last two.
@@ -282,34 +332,9 @@ fn grouped(ctx: &Ctx, kind: Grouped) -> Result<DeviceKernels> {
     let slots = ctx.dim(oi, 0)?;
     let a_rows = ctx.dim(0, 0)?;
     let entry = ctx.entry("_cube");
-    let on = |c: bool, s: &str| if c { s.to_string() } else { String::new() };
-    let src = head(&entry, &format!("Grouped cube GEMM (MoE {what}): C = A * W[e]^T per expert, f32 out."))
-        + &fill_kernel(
-            GROUPED,
-            &entry,
-            &[
-                ("T", t.cpp().into()),
-                ("CUBE_CONSTS", CUBE_CONSTS.into()),
-                ("CUBE_BUFFERS", CUBE_BUFFERS.into()),
-                ("CUBE_STAGES", cube_stages("QuantMode_t::NoQuant")),
-                ("AROW", if gather { "rows[r]" } else { "r" }.into()),
-                ("ROWS_PARAM", on(gather, "GM_ADDR rows, ")),
-                ("ROWS_ARG", on(gather, "rows, ")),
-                ("ROWS_INIT", on(gather, "        rowsGm.SetGlobalBuffer((__gm__ int64_t*)rows, t.slots);\n")),
-                ("ROWS_MEMBER", on(gather, ", rowsGm")),
-                ("COPY_A", if gather { COPY_A_GATHER } else { COPY_A_DENSE }.into()),
-            ],
-        );
+    let src = grouped_cube_source(&entry, &format!("MoE {what}"), t, gather);
+    let fields = grouped_cube_fields(&base, e, slots.clone(), a_rows, n_w, k);
     let tiles = TExpr::c(e * n_w.div_ceil(base.n));
-    let mut fields = tiles_fields(&tiles);
-    fields.extend([
-        TilingField::u32("experts", TExpr::c(e)),
-        TilingField::u32("slots", slots.clone()),
-        TilingField::u32("aRows", a_rows),
-        TilingField::u32("n", TExpr::c(n_w)),
-        TilingField::u32("k", TExpr::c(k)),
-    ]);
-    fields.extend(base.fields());
     let c_param = |role| Param { name: "c".into(), dtype: DevType::F32, role, arg: ArgRef::Temp(0) };
     let mut params = vec![ctx.param("a", 0, Role::Input), ctx.param("offsets", 1, Role::Input)];
     if gather {

@@ -1,7 +1,7 @@
 //! Paged attention over a ragged batch (the IR op `paged_attention`).
 //!
 //! The contiguous attention kernel's online softmax (the `FLASH_*` pieces of
-//! [`super::vector`]) over a paged KV cache `[num_blocks, block_size,
+//! [`super::flash`]) over a paged KV cache `[num_blocks, block_size,
 //! kv_heads, head_dim]`: each (token, query head) tile finds its sequence in
 //! `query_start_loc`, its position from the sequence's context length, and
 //! reads the keys and values it may see block by block through the
@@ -9,14 +9,15 @@
 //! inside one block (at most `kvTile` rows; a chunk never crosses a block),
 //! so the block size is a tiling parameter and blocks may lie anywhere.
 
-use super::vector::{flash_tile, flash_vars, need_aligned, tiles_fields, vector_kernel, vector_source, FlashTile};
-use super::{Ctx, DeviceKernels, Role, TExpr, TilingField};
+use super::flash::{check_heads, flash_fields, flash_tile, flash_vars, FlashTile};
+use super::vector::{need_aligned_for, vector_kernel, vector_source};
+use super::{r32, ArgRef, Ctx, DeviceKernels, Param, Role, TExpr, TilingField};
 use crate::target::DevType;
 use anyhow::{bail, Result};
 
 const PAGED_ATTENTION: &str = r#"
 using T = {{T}};
-using M = {{M}};
+using M = {{M}};{{KV_USING}}
 
 // Paged causal GQA attention, FlashAttention style: one (token, query head)
 // per tile. Rows qsl[s]..qsl[s+1] belong to sequence s, whose ctx[s] cached
@@ -27,7 +28,7 @@ using M = {{M}};
 class {{CLASS}} {
 public:
     __aicore__ inline {{CLASS}}() {}
-    __aicore__ inline void Init(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR table, GM_ADDR qsl, GM_ADDR ctxLens, GM_ADDR out, const {{TILING}}& t)
+    __aicore__ inline void Init(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR table, GM_ADDR qsl, GM_ADDR ctxLens, {{AQ_PARAM}}GM_ADDR out, const {{TILING}}& t)
     {
         d = t.headDim;
         qHeads = t.qHeads;
@@ -41,22 +42,12 @@ public:
 {{RANGE}}
         qGm.SetGlobalBuffer((__gm__ T*)q, t.tiles * d);
         oGm.SetGlobalBuffer((__gm__ T*)out, t.tiles * d);
-        kGm.SetGlobalBuffer((__gm__ T*)k, numBlocks * blockSize * kvHeads * d);
-        vGm.SetGlobalBuffer((__gm__ T*)v, numBlocks * blockSize * kvHeads * d);
+        kGm.SetGlobalBuffer((__gm__ {{KVT}}*)k, numBlocks * blockSize * kvHeads * d);
+        vGm.SetGlobalBuffer((__gm__ {{KVT}}*)v, numBlocks * blockSize * kvHeads * d);
         tableGm.SetGlobalBuffer((__gm__ M*)table, seqs * maxBlocks);
         qslGm.SetGlobalBuffer((__gm__ M*)qsl, seqs + 1);
         ctxGm.SetGlobalBuffer((__gm__ M*)ctxLens, seqs);
-        pipe.InitBuffer(inQ, 1, d * sizeof(T));
-        pipe.InitBuffer(inK, 2, kvTile * d * sizeof(T));
-        pipe.InitBuffer(inV, 2, kvTile * d * sizeof(T));
-        pipe.InitBuffer(outO, 2, d * sizeof(T));
-        pipe.InitBuffer(qRepBuf, kvTile * d * sizeof(float));
-        pipe.InitBuffer(kvfBuf, kvTile * d * sizeof(float));
-        pipe.InitBuffer(accBuf, d * sizeof(float));
-        pipe.InitBuffer(scBuf, {{SC_BYTES}});
-        pipe.InitBuffer(workBuf, {{WORK}});
-        pipe.InitBuffer(redBuf, 32);
-    }
+{{FLASH_BUFFERS}}{{AQ_INIT}}    }
     __aicore__ inline void Process()
     {
         // Tiles ascend, so this block's sequence index only moves forward.
@@ -93,27 +84,36 @@ private:
         }
 {{FLASH_ROW_END}}    }
 
-    TPipe pipe;
-    TQue<TPosition::VECIN, 1> inQ;
-    TQue<TPosition::VECIN, 2> inK, inV;
-    TQue<TPosition::VECOUT, 2> outO;
-    TBuf<TPosition::VECCALC> qRepBuf, kvfBuf, accBuf, scBuf, workBuf, redBuf;
-    GlobalTensor<T> qGm, kGm, vGm, oGm;
-    GlobalTensor<M> tableGm, qslGm, ctxGm;
+{{FLASH_MEMBERS}}    GlobalTensor<T> qGm, {{KV_GM}}oGm;
+{{AQ_MEMBERS}}    GlobalTensor<M> tableGm, qslGm, ctxGm;
     uint32_t d = 0, qHeads = 0, kvHeads = 0, blockSize = 0, numBlocks = 0, maxBlocks = 0, seqs = 0;
     uint32_t kvTile = 0, start = 0, end = 0;
     float scale = 0.0f;
 };
 
-extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR table, GM_ADDR qsl, GM_ADDR ctxLens, GM_ADDR out, GM_ADDR workspace, GM_ADDR tiling)
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR table, GM_ADDR qsl, GM_ADDR ctxLens, {{AQ_PARAM}}GM_ADDR out, GM_ADDR workspace, GM_ADDR tiling)
 {
     REGISTER_TILING_DEFAULT({{TILING}});
     GET_TILING_DATA(t, tiling);
     {{CLASS}} op;
-    op.Init(q, k, v, table, qsl, ctxLens, out, t);
+    op.Init(q, k, v, table, qsl, ctxLens, {{AQ_ARG}}out, t);
     op.Process();
 }
 "#;
+
+/// The sizes of one paged attention kernel.
+#[derive(Debug, Clone)]
+pub struct PagedDims {
+    pub q_heads: u64,
+    pub kv_heads: u64,
+    pub head_dim: u64,
+    pub block_size: u64,
+    /// Rows of q and out (`tokens`).
+    pub tokens: TExpr,
+    pub num_blocks: TExpr,
+    pub max_blocks: TExpr,
+    pub seqs: TExpr,
+}
 
 /// `PagedAttention (q[T, Hq, D], k_cache[NB, BS, Hkv, D], v_cache[same],
 /// block_table[S, MB], query_start_loc[S+1], context_lens[S], out[T, Hq, D])`;
@@ -129,60 +129,226 @@ pub(crate) fn paged_attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
         bail!("{}: the cache head_dim differs from the query's {d}", ctx.k.name);
     }
     let t = ctx.dt[0];
-    if hkv == 0 || hq % hkv != 0 {
-        bail!("{}: {hq} query heads are not a multiple of {hkv} kv heads", ctx.k.name);
-    }
     if ctx.dt[1] != t || ctx.dt[2] != t || ctx.dt[6] != t {
         bail!("{}: q, the caches and out must share one dtype", ctx.k.name);
     }
     let meta = ctx.dt[3];
     for (i, name) in [(3, "block_table"), (4, "query_start_loc"), (5, "context_lens")] {
-        if !matches!(ctx.dt[i], DevType::I32 | DevType::I64) || ctx.dt[i] != meta {
+        if ctx.dt[i] != meta {
             bail!("{}: {name} must be i32 or i64 like the block table on the device, found {}", ctx.k.name, ctx.dt[i]);
         }
     }
-    if block_size == 0 {
-        bail!("{}: the block size must be positive", ctx.k.name);
+    let dims = PagedDims {
+        q_heads: hq,
+        kv_heads: hkv,
+        head_dim: d,
+        block_size,
+        tokens: ctx.dim(0, 0)?,
+        num_blocks: ctx.dim(1, 0)?,
+        max_blocks: ctx.dim(3, 1)?,
+        seqs: ctx.dim(5, 0)?,
+    };
+    let dk = paged_kernel(&ctx.k.name, ctx.target(), &dims, t, meta, scale, false)?;
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
+}
+
+/// Paged decode/prefill attention over an int8 KV cache with the
+/// antiquant inside the kernel: `(q[T, Hq, D], k_cache i8[NB, BS, Hkv, D],
+/// v_cache i8[same], block_table, query_start_loc, context_lens,
+/// k_scale f32[Hkv*D], k_offset f32[Hkv*D], v_scale, v_offset, out[T, Hq, D])`.
+/// Each K/V chunk is dequantised in f32 as `(q - offset) * scale` per
+/// channel (the `Dequantize` op's arithmetic) right after its DMA, so the
+/// cache moves half the bytes of the f16/bf16 one; the rest is the float
+/// kernel's online softmax. Argument `i` is `ArgRef::Orig(i)`.
+pub fn paged_attention_int8(
+    name: &str,
+    dims: &PagedDims,
+    act: DevType,
+    meta: DevType,
+    scale: f64,
+    o: &super::EmitOptions,
+) -> Result<DeviceKernels> {
+    o.target.check_act(act).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    let dk = paged_kernel(name, o.target, dims, act, meta, scale, true)?;
+    dk.mem.check(o.target, &format!("kernel `{name}` ({})", dk.entry))?;
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
+}
+
+/// Antiquant of one int8 K or V chunk of `n` rows of KV head `kh` into
+/// f32 `dst`: int8 -> half -> f32 (exact), then per channel
+/// `(x - offset) * scale` with the head's slice of the parameters.
+const ANTIQUANT: &str = r#"    __aicore__ inline void Antiquant(const LocalTensor<float>& dst, const LocalTensor<KV>& src, uint32_t n, uint32_t kh,
+                                     const LocalTensor<float>& sc, const LocalTensor<float>& of)
+    {
+        LocalTensor<half> h = aqHalfBuf.Get<half>();
+        Cast(h, src, RoundMode::CAST_NONE, n * d);
+        PipeBarrier<PIPE_V>();
+        Cast(dst, h, RoundMode::CAST_NONE, n * d);
+        PipeBarrier<PIPE_V>();
+        for (uint32_t j = 0; j < n; j++) {
+            Sub(dst[j * d], dst[j * d], of[kh * d], d);
+            PipeBarrier<PIPE_V>();
+            Mul(dst[j * d], dst[j * d], sc[kh * d], d);
+            PipeBarrier<PIPE_V>();
+        }
     }
-    need_aligned(ctx, "a head", d, t)?;
-    need_aligned(ctx, "a head in f32", d, DevType::F32)?;
-    let FlashTile { kv_tile, ub, sc, work } = flash_tile(ctx, d, t, 128)?;
-    let tiles = ctx.dims(0, 0, 2)?;
-    let entry = ctx.entry("");
+"#;
+
+const AQ_INIT: &str = r#"        // Per-channel K/V antiquant parameters, [kvHeads * d] each, loaded once.
+        pipe.InitBuffer(aqHalfBuf, kvTile * d * sizeof(half));
+        pipe.InitBuffer(inAq, 1, kvHeads * d * sizeof(float));
+        pipe.InitBuffer(aqBuf, 4 * kvHeads * d * sizeof(float));
+        GM_ADDR aq[4] = {kS, kO, vS, vO};
+        LocalTensor<float> all = aqBuf.Get<float>();
+        for (uint32_t i = 0; i < 4; i++) {
+            GlobalTensor<float> g;
+            g.SetGlobalBuffer((__gm__ float*)aq[i], kvHeads * d);
+            LocalTensor<float> p = inAq.AllocTensor<float>();
+            DataCopy(p, g, kvHeads * d);
+            inAq.EnQue(p);
+            p = inAq.DeQue<float>();
+            DataCopy(all[i * kvHeads * d], p, kvHeads * d);
+            inAq.FreeTensor(p);
+        }
+        PipeBarrier<PIPE_V>();
+        kSc = all;
+        kOf = all[kvHeads * d];
+        vSc = all[2 * kvHeads * d];
+        vOf = all[3 * kvHeads * d];
+"#;
+
+const AQ_MEMBERS: &str = "    GlobalTensor<KV> kGm, vGm;
+    TQue<TPosition::VECIN, 1> inAq;
+    TBuf<TPosition::VECCALC> aqHalfBuf, aqBuf;
+    LocalTensor<float> kSc, kOf, vSc, vOf;
+";
+
+/// The flash pieces for an int8 cache: K/V chunks move as int8 and are
+/// dequantised by [`ANTIQUANT`] instead of widened by `ToFloat`.
+fn flash_vars_int8(plan: &FlashTile) -> Vec<(&'static str, String)> {
+    let swap = |s: &str, reps: &[(&str, &str)]| {
+        let mut s = s.to_string();
+        for (a, b) in reps {
+            assert_eq!(s.matches(a).count(), 1, "flash template changed: `{a}`");
+            s = s.replace(a, b);
+        }
+        s
+    };
+    flash_vars("KV", plan)
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match k {
+                "FLASH_HELPERS" => {
+                    swap(
+                        &v,
+                        &[
+                            ("const GlobalTensor<T>& g", "const GlobalTensor<KV>& g"),
+                            ("LocalTensor<T> x = que.AllocTensor<T>();", "LocalTensor<KV> x = que.AllocTensor<KV>();"),
+                            ("cp.blockLen = d * sizeof(T) / 32;", "cp.blockLen = d * sizeof(KV) / 32;"),
+                            (
+                                "cp.srcStride = (kvHeads - 1) * d * sizeof(T) / 32;",
+                                "cp.srcStride = (kvHeads - 1) * d * sizeof(KV) / 32;",
+                            ),
+                        ],
+                    ) + ANTIQUANT
+                }
+                "FLASH_STEP" => swap(
+                    &v,
+                    &[
+                        (
+                            "LocalTensor<T> kt = inK.DeQue<T>();\n            ToFloat(kvf, kt, n * d);",
+                            "LocalTensor<KV> kt = inK.DeQue<KV>();\n            Antiquant(kvf, kt, n, kh, kSc, kOf);",
+                        ),
+                        (
+                            "LocalTensor<T> vt = inV.DeQue<T>();\n            ToFloat(kvf, vt, n * d);",
+                            "LocalTensor<KV> vt = inV.DeQue<KV>();\n            Antiquant(kvf, vt, n, kh, vSc, vOf);",
+                        ),
+                    ],
+                ),
+                _ => v,
+            };
+            (k, v)
+        })
+        .collect()
+}
+
+fn paged_kernel(
+    name: &str,
+    target: crate::target::Target,
+    dims: &PagedDims,
+    t: DevType,
+    meta: DevType,
+    scale: f64,
+    int8: bool,
+) -> Result<super::DeviceKernel> {
+    let PagedDims { q_heads: hq, kv_heads: hkv, head_dim: d, block_size, .. } = *dims;
+    check_heads(name, hq, hkv, d, t)?;
+    if !matches!(meta, DevType::I32 | DevType::I64) {
+        bail!("{name}: block_table must be i32 or i64 on the device, found {meta}");
+    }
+    if block_size == 0 {
+        bail!("{name}: the block size must be positive");
+    }
+    let kv_t = if int8 { DevType::I8 } else { t };
+    if int8 {
+        need_aligned_for(name, "an int8 head", d, DevType::I8)?;
+    }
+    // int8: the half staging buffer of a chunk and the four parameter rows.
+    let extra = |kv: u64| if int8 { r32(kv * d * 2) + r32(hkv * d * 4) + r32(4 * hkv * d * 4) } else { 0 };
+    let plan = flash_tile(name, target, d, t, kv_t, extra, 128)?;
+    let tiles = dims.tokens.clone().times(TExpr::c(hq));
+    let entry = name.to_string();
+    let on = |s: &str, f: &str| if int8 { s.to_string() } else { f.to_string() };
+    let flash = if int8 { flash_vars_int8(&plan) } else { flash_vars("T", &plan) };
+    let what = if int8 {
+        "PagedAttention (ragged batch, paged int8 KV cache with per-channel antiquant, flash online softmax, GQA), in f32."
+    } else {
+        "PagedAttention (ragged batch, paged KV cache, flash online softmax, GQA), in f32."
+    };
     let src = vector_source(
         &entry,
-        "PagedAttention (ragged batch, paged KV cache, flash online softmax, GQA), in f32.",
+        what,
         PAGED_ATTENTION,
         &[
             &[
                 ("T", t.cpp().into()),
                 ("M", meta.cpp().into()),
-                ("SC_BYTES", sc.to_string()),
-                ("WORK", work.to_string()),
+                ("KV_USING", on("\nusing KV = int8_t;", "")),
+                ("KVT", on("KV", "T")),
+                ("AQ_PARAM", on("GM_ADDR kS, GM_ADDR kO, GM_ADDR vS, GM_ADDR vO, ", "")),
+                ("AQ_ARG", on("kS, kO, vS, vO, ", "")),
+                ("AQ_INIT", on(AQ_INIT, "")),
+                ("KV_GM", on("", "kGm, vGm, ")),
+                ("AQ_MEMBERS", on(AQ_MEMBERS, "")),
             ][..],
-            &flash_vars(),
+            &flash,
         ]
         .concat(),
     );
-    let mut fields = tiles_fields(&tiles);
-    fields.push(TilingField::u32("qHeads", TExpr::c(hq)));
-    fields.push(TilingField::u32("kvHeads", TExpr::c(hkv)));
-    fields.push(TilingField::u32("headDim", TExpr::c(d)));
-    fields.push(TilingField::u32("blockSize", TExpr::c(block_size)));
-    fields.push(TilingField::u32("numBlocks", ctx.dim(1, 0)?));
-    fields.push(TilingField::u32("maxBlocks", ctx.dim(3, 1)?));
-    fields.push(TilingField::u32("seqs", ctx.dim(5, 0)?));
-    fields.push(TilingField::u32("kvTile", TExpr::c(kv_tile)));
-    fields.push(TilingField::f32("scale", scale));
-    let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
-    dk.params = vec![
-        ctx.param("q", 0, Role::Input),
-        ctx.param("k", 1, Role::Input),
-        ctx.param("v", 2, Role::Input),
-        ctx.param("table", 3, Role::Input),
-        ctx.param("qsl", 4, Role::Input),
-        ctx.param("ctxLens", 5, Role::Input),
-        ctx.param("out", 6, Role::Output),
+    let sizes = vec![
+        TilingField::u32("blockSize", TExpr::c(block_size)),
+        TilingField::u32("numBlocks", dims.num_blocks.clone()),
+        TilingField::u32("maxBlocks", dims.max_blocks.clone()),
+        TilingField::u32("seqs", dims.seqs.clone()),
     ];
-    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
+    let fields = flash_fields(&tiles, (hq, hkv, d), sizes, &plan, scale);
+    let mut dk = vector_kernel(entry, src, fields, &tiles, plan.ub);
+    let p = |n: &str, dtype: DevType, role: Role, i: usize| Param { name: n.into(), dtype, role, arg: ArgRef::Orig(i) };
+    dk.params = vec![
+        p("q", t, Role::Input, 0),
+        p("k", kv_t, Role::Input, 1),
+        p("v", kv_t, Role::Input, 2),
+        p("table", meta, Role::Input, 3),
+        p("qsl", meta, Role::Input, 4),
+        p("ctxLens", meta, Role::Input, 5),
+    ];
+    if int8 {
+        for (i, n) in ["kS", "kO", "vS", "vO"].into_iter().enumerate() {
+            dk.params.push(p(n, DevType::F32, Role::Input, 6 + i));
+        }
+        dk.params.push(p("out", t, Role::Output, 10));
+    } else {
+        dk.params.push(p("out", t, Role::Output, 6));
+    }
+    Ok(dk)
 }

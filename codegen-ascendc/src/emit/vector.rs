@@ -7,6 +7,7 @@
 //! (`ToFloat`/`FromFloat`) whatever the activation dtype, like the
 //! reference interpreter.
 
+use super::flash::{check_heads, flash_fields, flash_tile, flash_vars};
 use super::{fill_kernel, head, r32, CoreType, Ctx, DeviceKernel, DeviceKernels, MemUse, Role, TExpr, TilingField};
 use crate::target::{DevType, Target};
 use anyhow::{bail, Result};
@@ -49,10 +50,14 @@ __aicore__ inline void FromFloat<float>(const LocalTensor<float>& d, const Local
 /// The row of `n` elements of `t` must be whole 32-byte blocks (DataCopy
 /// moves whole blocks; these kernels do not pad rows).
 pub(crate) fn need_aligned(ctx: &Ctx, what: &str, n: u64, t: DevType) -> Result<()> {
+    need_aligned_for(&ctx.k.name, what, n, t)
+}
+
+/// [`need_aligned`] naming kernel `name`.
+pub(crate) fn need_aligned_for(name: &str, what: &str, n: u64, t: DevType) -> Result<()> {
     if !(n * t.size()).is_multiple_of(32) {
         bail!(
-            "{}: cannot be tiled: {what} of {n} {t} elements ({} bytes) is not a multiple of 32 bytes",
-            ctx.k.name,
+            "{name}: cannot be tiled: {what} of {n} {t} elements ({} bytes) is not a multiple of 32 bytes",
             n * t.size()
         );
     }
@@ -210,7 +215,7 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR x, {{RES_PARAM}}GM_ADDR 
 "#;
 
 /// ReduceSum work buffer for `n` f32 elements (one block per 8 repeats).
-fn reduce_work_bytes(n: u64) -> u64 {
+pub(crate) fn reduce_work_bytes(n: u64) -> u64 {
     let repeats = (n * 4).div_ceil(256);
     r32(repeats.div_ceil(8) * 32).max(32)
 }
@@ -721,108 +726,6 @@ pub(crate) fn rope(ctx: &Ctx) -> Result<DeviceKernels> {
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
-/// Flash-attention pieces shared by the contiguous and the paged attention
-/// kernels (one implementation of the online softmax): the DMA helpers,
-/// loading and scaling one query row, one KV chunk's update of the running
-/// max `m`, sum `l` and accumulator `acc` (`n` rows already queued in `inK`
-/// / `inV`), and normalising and storing the output row.
-pub(crate) const FLASH_HELPERS: &str = r#"    __aicore__ inline void Sync()
-    {
-        event_t e = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::V_S));
-        SetFlag<HardEvent::V_S>(e);
-        WaitFlag<HardEvent::V_S>(e);
-    }
-    // Rows j0..j0+n of key/value head kh: n blocks of d elements, kvHeads*d apart.
-    __aicore__ inline void LoadRows(TQue<TPosition::VECIN, 2>& que, const GlobalTensor<T>& g, uint32_t j0, uint32_t n, uint32_t kh)
-    {
-        LocalTensor<T> x = que.AllocTensor<T>();
-        DataCopyParams cp;
-        cp.blockCount = n;
-        cp.blockLen = d * sizeof(T) / 32;
-        cp.srcStride = (kvHeads - 1) * d * sizeof(T) / 32;
-        cp.dstStride = 0;
-        DataCopy(x, g[(j0 * kvHeads + kh) * d], cp);
-        que.EnQue(x);
-    }
-"#;
-pub(crate) const FLASH_ROW_BEGIN: &str = r#"        LocalTensor<T> qt = inQ.AllocTensor<T>();
-        DataCopy(qt, qGm[tile * d], d);
-        inQ.EnQue(qt);
-        qt = inQ.DeQue<T>();
-        LocalTensor<float> qRep = qRepBuf.Get<float>();
-        ToFloat(qRep, qt, d);
-        inQ.FreeTensor(qt);
-        PipeBarrier<PIPE_V>();
-        Muls(qRep, qRep, scale, d);
-        PipeBarrier<PIPE_V>();
-        for (uint32_t r = 1; r < kvTile; r++) DataCopy(qRep[r * d], qRep, d);
-        LocalTensor<float> acc = accBuf.Get<float>();
-        LocalTensor<float> kvf = kvfBuf.Get<float>();
-        LocalTensor<float> sc = scBuf.Get<float>();
-        LocalTensor<float> work = workBuf.Get<float>();
-        LocalTensor<float> red = redBuf.Get<float>();
-        Duplicate(acc, 0.0f, d);
-        float m = -3.0e38f, l = 0.0f;
-"#;
-pub(crate) const FLASH_STEP: &str = r#"            // Scores s_j = (scale*q) . k_j.
-            LocalTensor<T> kt = inK.DeQue<T>();
-            ToFloat(kvf, kt, n * d);
-            inK.FreeTensor(kt);
-            PipeBarrier<PIPE_V>();
-            Mul(kvf, kvf, qRep, n * d);
-            PipeBarrier<PIPE_V>();
-            float mc = m;
-            for (uint32_t j = 0; j < n; j++) {
-                ReduceSum(red, kvf[j * d], work, d);
-                Sync();
-                const float s = red.GetValue(0);
-                sc.SetValue(j, s);
-                mc = s > mc ? s : mc;
-            }
-            // p_j = exp(s_j - m_new); alpha = exp(m_old - m_new) rescales l and acc.
-            sc.SetValue(n, m - mc);
-            event_t e = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::S_V));
-            SetFlag<HardEvent::S_V>(e);
-            WaitFlag<HardEvent::S_V>(e);
-            Adds(sc, sc, -mc, n);
-            PipeBarrier<PIPE_V>();
-            Exp(sc, sc, n + 1);
-            PipeBarrier<PIPE_V>();
-            ReduceSum(red, sc, work, n);
-            Sync();
-            const float alpha = sc.GetValue(n);
-            l = l * alpha + red.GetValue(0);
-            m = mc;
-            Muls(acc, acc, alpha, d);
-            LocalTensor<T> vt = inV.DeQue<T>();
-            ToFloat(kvf, vt, n * d);
-            inV.FreeTensor(vt);
-            PipeBarrier<PIPE_V>();
-            for (uint32_t j = 0; j < n; j++) {
-                Axpy(acc, kvf[j * d], sc.GetValue(j), d);
-                PipeBarrier<PIPE_V>();
-            }
-"#;
-pub(crate) const FLASH_ROW_END: &str = r#"        LocalTensor<T> o = outO.AllocTensor<T>();
-        Muls(acc, acc, l > 0.0f ? 1.0f / l : 0.0f, d);
-        PipeBarrier<PIPE_V>();
-        FromFloat(o, acc, d);
-        outO.EnQue(o);
-        o = outO.DeQue<T>();
-        DataCopy(oGm[tile * d], o, d);
-        outO.FreeTensor(o);
-"#;
-
-/// The flash pieces as template variables.
-pub(crate) fn flash_vars() -> [(&'static str, String); 4] {
-    [
-        ("FLASH_HELPERS", FLASH_HELPERS.into()),
-        ("FLASH_ROW_BEGIN", FLASH_ROW_BEGIN.into()),
-        ("FLASH_STEP", FLASH_STEP.into()),
-        ("FLASH_ROW_END", FLASH_ROW_END.into()),
-    ]
-}
-
 const ATTENTION: &str = r#"
 using T = {{T}};
 
@@ -849,17 +752,7 @@ public:
         kGm.SetGlobalBuffer((__gm__ T*)k, kvLen * kvHeads * d);
         vGm.SetGlobalBuffer((__gm__ T*)v, kvLen * kvHeads * d);
         posGm.SetGlobalBuffer((__gm__ int64_t*)pos, tokens);
-        pipe.InitBuffer(inQ, 1, d * sizeof(T));
-        pipe.InitBuffer(inK, 2, kvTile * d * sizeof(T));
-        pipe.InitBuffer(inV, 2, kvTile * d * sizeof(T));
-        pipe.InitBuffer(outO, 2, d * sizeof(T));
-        pipe.InitBuffer(qRepBuf, kvTile * d * sizeof(float));
-        pipe.InitBuffer(kvfBuf, kvTile * d * sizeof(float));
-        pipe.InitBuffer(accBuf, d * sizeof(float));
-        pipe.InitBuffer(scBuf, {{SC_BYTES}});
-        pipe.InitBuffer(workBuf, {{WORK}});
-        pipe.InitBuffer(redBuf, 32);
-    }
+{{FLASH_BUFFERS}}    }
     __aicore__ inline void Process()
     {
         for (uint32_t tile = start; tile < end; tile++) {
@@ -881,12 +774,7 @@ private:
 {{FLASH_STEP}}        }
 {{FLASH_ROW_END}}    }
 
-    TPipe pipe;
-    TQue<TPosition::VECIN, 1> inQ;
-    TQue<TPosition::VECIN, 2> inK, inV;
-    TQue<TPosition::VECOUT, 2> outO;
-    TBuf<TPosition::VECCALC> qRepBuf, kvfBuf, accBuf, scBuf, workBuf, redBuf;
-    GlobalTensor<T> qGm, kGm, vGm, oGm;
+{{FLASH_MEMBERS}}    GlobalTensor<T> qGm, kGm, vGm, oGm;
     GlobalTensor<int64_t> posGm;
     uint32_t d = 0, qHeads = 0, kvHeads = 0, kvLen = 0, kvTile = 0, start = 0, end = 0;
     float scale = 0.0f;
@@ -902,70 +790,27 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR q, GM_ADDR k, GM_ADDR v,
 }
 "#;
 
-/// UB plan of a flash-attention kernel: KV rows per chunk and the bytes of
-/// its buffers.
-pub(crate) struct FlashTile {
-    pub kv_tile: u64,
-    pub ub: u64,
-    /// Scores buffer (one f32 per chunk row plus the rescale factor).
-    pub sc: u64,
-    /// ReduceSum work buffer.
-    pub work: u64,
-}
-
-/// The largest KV chunk of at most `max_rows` rows (tried from 128 down to
-/// 8) whose buffers fit the UB, for heads of `d` elements of `t`.
-pub(crate) fn flash_tile(ctx: &Ctx, d: u64, t: DevType, max_rows: u64) -> Result<FlashTile> {
-    let cap = ctx.target().capacity().ub;
-    let plan = |kv: u64| {
-        let sc = r32((kv + 1) * 4).max(64);
-        let work = reduce_work_bytes(kv.max(d));
-        let ub = r32(d * t.size())
-            + 4 * r32(kv * d * t.size())
-            + 2 * r32(d * t.size())
-            + 2 * r32(kv * d * 4)
-            + r32(d * 4)
-            + sc
-            + work
-            + 32;
-        FlashTile { kv_tile: kv, ub, sc, work }
-    };
-    [128u64, 64, 32, 16, 8].into_iter().filter(|kv| *kv <= max_rows).map(plan).find(|p| p.ub <= cap).ok_or_else(|| {
-        anyhow::anyhow!("{}: cannot be tiled for {}: head_dim {d} is too large for the UB", ctx.k.name, ctx.target())
-    })
-}
-
 /// `Attention (q[T, Hq, D], k[K, Hkv, D], v[K, Hkv, D], positions[T], out)`.
 pub(crate) fn attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
     let (hq, d) = (ctx.cdim(0, 1, "query heads")?, ctx.cdim(0, 2, "head_dim")?);
     let hkv = ctx.cdim(1, 1, "kv heads")?;
     let t = ctx.dt[0];
-    if hkv == 0 || hq % hkv != 0 {
-        bail!("{}: {hq} query heads are not a multiple of {hkv} kv heads", ctx.k.name);
-    }
+    check_heads(&ctx.k.name, hq, hkv, d, t)?;
     if ctx.dt[1] != t || ctx.dt[2] != t || ctx.dt[4] != t {
         bail!("{}: q, k, v and out must share one dtype", ctx.k.name);
     }
-    need_aligned(ctx, "a head", d, t)?;
-    need_aligned(ctx, "a head in f32", d, DevType::F32)?;
-    let FlashTile { kv_tile, ub, sc, work } = flash_tile(ctx, d, t, 128)?;
+    let plan = flash_tile(&ctx.k.name, ctx.target(), d, t, t, |_| 0, 128)?;
     let tiles = ctx.dims(0, 0, 2)?;
     let entry = ctx.entry("");
     let src = vector_source(
         &entry,
         "Attention (flash, online softmax, GQA), in f32.",
         ATTENTION,
-        &[&[("T", t.cpp().into()), ("SC_BYTES", sc.to_string()), ("WORK", work.to_string())][..], &flash_vars()]
-            .concat(),
+        &[&[("T", t.cpp().into())][..], &flash_vars("T", &plan)].concat(),
     );
-    let mut fields = tiles_fields(&tiles);
-    fields.push(TilingField::u32("qHeads", TExpr::c(hq)));
-    fields.push(TilingField::u32("kvHeads", TExpr::c(hkv)));
-    fields.push(TilingField::u32("headDim", TExpr::c(d)));
-    fields.push(TilingField::u32("kvLen", ctx.dim(1, 0)?));
-    fields.push(TilingField::u32("kvTile", TExpr::c(kv_tile)));
-    fields.push(TilingField::f32("scale", scale));
-    let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
+    let sizes = vec![TilingField::u32("kvLen", ctx.dim(1, 0)?)];
+    let fields = flash_fields(&tiles, (hq, hkv, d), sizes, &plan, scale);
+    let mut dk = vector_kernel(entry, src, fields, &tiles, plan.ub);
     dk.params = vec![
         ctx.param("q", 0, Role::Input),
         ctx.param("k", 1, Role::Input),

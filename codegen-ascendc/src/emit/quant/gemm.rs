@@ -1,0 +1,417 @@
+//! The int8 GEMMs (dense static / per-token, grouped experts) and their
+//! dequant epilogue.
+
+use super::{
+    acc_param, acc_temp, checked, need_int8_dims, need_out, orig, Dequant, GroupedQuantMatMulSpec, QuantMatMulSpec,
+};
+use crate::emit::cube::{cube_device_kernel, cube_kernel_for, BaseTile, CubeSpec};
+use crate::emit::moe::{grouped_cube_fields, grouped_cube_source};
+use crate::emit::vector::{tiles_fields, vector_kernel, vector_source, PRELUDE};
+use crate::emit::{
+    fill_kernel, head, r32, ArgRef, DeviceKernel, DeviceKernels, EmitOptions, Param, Role, TExpr, TempBuf, TilingField,
+};
+use crate::target::DevType;
+use anyhow::{bail, Result};
+
+/// Static or per-token int8 matmul: cube kernel (int32 to a workspace) and
+/// the dequant epilogue.
+pub fn quant_matmul(s: &QuantMatMulSpec, o: &EmitOptions) -> Result<DeviceKernels> {
+    need_int8_dims(&s.name, s.n, s.k)?;
+    need_out(&s.name, o, s.out)?;
+    let cube = cube_kernel_for(
+        &s.name,
+        o.target,
+        CubeSpec {
+            entry: format!("{}_cube", s.name),
+            what: "int8 x int8 to an int32 workspace",
+            t: DevType::I8,
+            out: DevType::I32,
+            m: s.m.clone(),
+            n: s.n,
+            k: s.k,
+            params: vec![
+                orig("a", DevType::I8, Role::Input, 0),
+                orig("w", DevType::I8, Role::Input, 1),
+                acc_param(Role::Output),
+            ],
+        },
+    )?;
+    let (a, b) = match s.dequant {
+        Dequant::Static { deq } => {
+            need_scale_dtype(&s.name, "deq_scale", deq, true)?;
+            (orig("bias", DevType::I32, Role::Input, 2), orig("deq", deq, Role::Input, 3))
+        }
+        Dequant::PerToken => (orig("ws", DevType::F32, Role::Input, 2), orig("xs", DevType::F32, Role::Input, 3)),
+    };
+    let epi = dequant_kernel(
+        DequantSpec {
+            entry: format!("{}_dequant", s.name),
+            dequant: s.dequant,
+            grouped: None,
+            rows: s.m.clone(),
+            n: s.n,
+            out: s.out,
+        },
+        vec![acc_param(Role::Input), a, b, orig("y", s.out, Role::Output, 4)],
+    )?;
+    checked(
+        DeviceKernels { kernels: vec![cube, epi], temps: vec![acc_temp(&s.name, &s.m, s.n)], host: None },
+        o,
+        &s.name,
+    )
+}
+
+fn need_scale_dtype(name: &str, what: &str, t: DevType, i64_ok: bool) -> Result<()> {
+    match t {
+        DevType::F32 => Ok(()),
+        DevType::I64 if i64_ok => Ok(()),
+        other => bail!("{name}: {what} must be f32{} on the device, not {other}", if i64_ok { " or i64" } else { "" }),
+    }
+}
+
+/// Grouped W8A8_DYNAMIC expert GEMM: counts -> offsets, grouped int8 cube
+/// GEMM, per-token dequant with each row's expert scales.
+pub fn grouped_quant_matmul(s: &GroupedQuantMatMulSpec, o: &EmitOptions) -> Result<DeviceKernels> {
+    need_int8_dims(&s.name, s.n, s.k)?;
+    need_out(&s.name, o, s.out)?;
+    if !matches!(s.counts, DevType::I64 | DevType::I32) {
+        bail!("{}: expert counts must be i64 or i32 on the device, not {}", s.name, s.counts);
+    }
+    let offsets = offsets_kernel(&s.name, s.experts, s.rows.clone(), s.counts)?;
+    let base = BaseTile::for_type(DevType::I8);
+    let entry = format!("{}_cube", s.name);
+    let src = grouped_cube_source(&entry, "routed experts, int8", DevType::I8, false);
+    let fields = grouped_cube_fields(&base, s.experts, s.rows.clone(), s.rows.clone(), s.n, s.k);
+    let tiles = TExpr::c(s.experts * s.n.div_ceil(base.n));
+    let off = |role| Param { name: "offsets".into(), dtype: DevType::I64, role, arg: ArgRef::Temp(1) };
+    let cube = cube_device_kernel(
+        entry,
+        src,
+        fields,
+        &tiles,
+        vec![
+            orig("a", DevType::I8, Role::Input, 0),
+            off(Role::Input),
+            orig("w", DevType::I8, Role::Input, 1),
+            acc_param(Role::Output),
+        ],
+        base.mem(DevType::I8, o.target),
+    );
+    let epi = dequant_kernel(
+        DequantSpec {
+            entry: format!("{}_dequant", s.name),
+            dequant: Dequant::PerToken,
+            grouped: Some(s.experts),
+            rows: s.rows.clone(),
+            n: s.n,
+            out: s.out,
+        },
+        vec![
+            acc_param(Role::Input),
+            orig("ws", DevType::F32, Role::Input, 2),
+            orig("xs", DevType::F32, Role::Input, 3),
+            off(Role::Input),
+            orig("y", s.out, Role::Output, 5),
+        ],
+    )?;
+    let mut offsets = offsets;
+    offsets.params = vec![orig("counts", s.counts, Role::Input, 4), off(Role::Output)];
+    let off_temp = TempBuf {
+        name: format!("{}.offsets", s.name),
+        dtype: DevType::I64,
+        shape: vec![TExpr::c(s.experts + 1)],
+        elems: TExpr::c(s.experts + 1),
+    };
+    let dks = DeviceKernels {
+        kernels: vec![offsets, cube, epi],
+        temps: vec![acc_temp(&s.name, &s.rows, s.n), off_temp],
+        host: None,
+    };
+    checked(dks, o, &s.name)
+}
+
+const OFFSETS: &str = r#"
+using C = {{C}};
+
+// offsets[0] = 0, offsets[e + 1] = offsets[e] + counts[e]: where expert e's
+// rows start in the expert-sorted rows. One block; each prefix is clamped
+// to the row count, so corrupt counts cannot send the GEMM out of bounds
+// (the interpreter rejects counts that do not partition the rows).
+class {{CLASS}} {
+public:
+    __aicore__ inline {{CLASS}}() {}
+    __aicore__ inline void Init(GM_ADDR counts, GM_ADDR offsets, const {{TILING}}& t)
+    {
+        experts = t.experts;
+        rows = t.rows;
+        cGm.SetGlobalBuffer((__gm__ C*)counts, experts);
+        oGm.SetGlobalBuffer((__gm__ int64_t*)offsets, experts + 1);
+    }
+    __aicore__ inline void Process()
+    {
+        if (GetBlockIdx() != 0) return;
+        int64_t acc = 0;
+        oGm.SetValue(0, 0);
+        for (uint32_t e = 0; e < experts; e++) {
+            const int64_t c = static_cast<int64_t>(cGm.GetValue(e));
+            acc += c > 0 ? c : 0;
+            if (acc > static_cast<int64_t>(rows)) acc = rows;
+            oGm.SetValue(e + 1, acc);
+        }
+    }
+
+private:
+    GlobalTensor<C> cGm;
+    GlobalTensor<int64_t> oGm;
+    uint32_t experts = 0, rows = 0;
+};
+
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR counts, GM_ADDR offsets, GM_ADDR workspace, GM_ADDR tiling)
+{
+    REGISTER_TILING_DEFAULT({{TILING}});
+    GET_TILING_DATA(t, tiling);
+    {{CLASS}} op;
+    op.Init(counts, offsets, t);
+    op.Process();
+}
+"#;
+
+fn offsets_kernel(name: &str, experts: u64, rows: TExpr, counts: DevType) -> Result<DeviceKernel> {
+    let entry = format!("{name}_offsets");
+    // One block: no work range, so not `vector_source` (whose template
+    // must take `{{RANGE}}`).
+    let src = head(&entry, "Expert counts to row offsets (prefix sum).")
+        + PRELUDE
+        + &fill_kernel(OFFSETS, &entry, &[("C", counts.cpp().into())]);
+    let tiles = TExpr::c(1);
+    let mut fields = tiles_fields(&tiles);
+    fields.extend([TilingField::u32("experts", TExpr::c(experts)), TilingField::u32("rows", rows)]);
+    Ok(vector_kernel(entry, src, fields, &tiles, 0))
+}
+
+/// The dequant epilogue of the int8 GEMMs.
+struct DequantSpec {
+    entry: String,
+    dequant: Dequant,
+    /// `Some(experts)`: per-expert `w_scale[E, N]` chosen through `offsets`.
+    grouped: Option<u64>,
+    rows: TExpr,
+    n: u64,
+    out: DevType,
+}
+
+/// Rows of one epilogue tile: the column scales are loaded once per tile.
+const DQ_ROWS: u64 = 16;
+/// Column chunk of one epilogue tile.
+const DQ_COLS: u64 = 1024;
+
+const DEQUANT: &str = r#"
+using O = {{O}};
+using D = {{D}};
+
+// Dequant epilogue of an int8 GEMM: {{WHAT}}. One tile = up to rowsPerTile
+// rows x one column chunk; the column vectors are loaded once per tile (and
+// again only when a grouped tile crosses into the next expert's rows).
+class {{CLASS}} {
+public:
+    __aicore__ inline {{CLASS}}() {}
+    __aicore__ inline void Init(GM_ADDR acc, GM_ADDR colA, GM_ADDR colB, {{OFF_PARAM}}GM_ADDR y, const {{TILING}}& t)
+    {
+        n = t.n;
+        nTile = t.nTile;
+        rows = t.rows;
+        rowsPerTile = t.rowsPerTile;
+        chunks = (n + nTile - 1) / nTile;
+{{RANGE}}
+        accGm.SetGlobalBuffer((__gm__ int32_t*)acc, rows * n);
+        yGm.SetGlobalBuffer((__gm__ O*)y, rows * n);
+{{INIT}}        pipe.InitBuffer(inAcc, 2, nTile * sizeof(int32_t));
+        pipe.InitBuffer(outY, 2, nTile * sizeof(O));
+        pipe.InitBuffer(inCol, 1, nTile * sizeof(D));
+        pipe.InitBuffer(scBuf, nTile * sizeof(float));
+        pipe.InitBuffer(xBuf, nTile * sizeof(float));
+    }
+    __aicore__ inline void Process()
+    {
+        for (uint32_t tile = start; tile < end; tile++) {
+            const uint32_t r0 = (tile / chunks) * rowsPerTile;
+            const uint32_t r1 = MinU(r0 + rowsPerTile, rows);
+            const uint32_t c0 = (tile % chunks) * nTile;
+            const uint32_t len = MinU(nTile, n - c0);
+            int64_t loaded = -1;
+            for (uint32_t r = r0; r < r1; r++) {
+                const int64_t e = {{EXPERT_OF}};
+                if (e != loaded) {
+                    LoadCols(static_cast<uint32_t>(e), c0, len);
+                    loaded = e;
+                }
+                Row(r, c0, len);
+            }
+        }
+    }
+
+private:
+    // The column scales (and static bias) of expert e, columns c0..c0+len.
+    __aicore__ inline void LoadCols(uint32_t e, uint32_t c0, uint32_t len)
+    {
+        LocalTensor<float> sc = scBuf.Get<float>();
+        LocalTensor<D> raw = inCol.AllocTensor<D>();
+        DataCopy(raw, scaleGm[e * n + c0], len);
+        inCol.EnQue(raw);
+        raw = inCol.DeQue<D>();
+{{DECODE}}        inCol.FreeTensor(raw);
+{{LOAD_BIAS}}    }
+    __aicore__ inline void Row(uint32_t r, uint32_t c0, uint32_t len)
+    {
+        LocalTensor<int32_t> a = inAcc.AllocTensor<int32_t>();
+        DataCopy(a, accGm[r * n + c0], len);
+        inAcc.EnQue(a);
+        a = inAcc.DeQue<int32_t>();
+        LocalTensor<float> x = xBuf.Get<float>();
+        LocalTensor<float> sc = scBuf.Get<float>();
+{{ADD_BIAS}}        Cast(x, a, RoundMode::CAST_NONE, len);
+        inAcc.FreeTensor(a);
+        PipeBarrier<PIPE_V>();
+        Mul(x, x, sc, len);
+        PipeBarrier<PIPE_V>();
+{{ROW_SCALE}}        LocalTensor<O> y = outY.AllocTensor<O>();
+        FromFloat(y, x, len);
+        outY.EnQue(y);
+        y = outY.DeQue<O>();
+        DataCopy(yGm[r * n + c0], y, len);
+        outY.FreeTensor(y);
+    }
+
+    TPipe pipe;
+    TQue<TPosition::VECIN, 2> inAcc;
+    TQue<TPosition::VECOUT, 2> outY;
+    TQue<TPosition::VECIN, 1> inCol;
+    TBuf<TPosition::VECCALC> scBuf, xBuf{{BIAS_BUF}};
+    GlobalTensor<int32_t> accGm;
+    GlobalTensor<D> scaleGm;
+    GlobalTensor<O> yGm;
+{{MEMBERS}}    uint32_t n = 0, nTile = 0, rows = 0, rowsPerTile = 0, chunks = 1, start = 0, end = 0;
+};
+
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR acc, GM_ADDR colA, GM_ADDR colB, {{OFF_PARAM}}GM_ADDR y, GM_ADDR workspace, GM_ADDR tiling)
+{
+    REGISTER_TILING_DEFAULT({{TILING}});
+    GET_TILING_DATA(t, tiling);
+    {{CLASS}} op;
+    op.Init(acc, colA, colB, {{OFF_ARG}}y, t);
+    op.Process();
+}
+"#;
+
+/// f32 scales: a UB copy into the scale buffer.
+const DECODE_F32: &str = "        DataCopy(sc, raw, len);
+        PipeBarrier<PIPE_V>();
+";
+/// msModelSlim's int64 `deq_scale`: the f32 bits are the low (first,
+/// little-endian) word of each int64; picked by the scalar unit once per
+/// tile (the vector unit has no stride-2 element move in our API subset).
+const DECODE_I64: &str = "        event_t m2s = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::MTE2_S));
+        SetFlag<HardEvent::MTE2_S>(m2s);
+        WaitFlag<HardEvent::MTE2_S>(m2s);
+        LocalTensor<uint32_t> words = raw.ReinterpretCast<uint32_t>();
+        LocalTensor<uint32_t> bits = sc.ReinterpretCast<uint32_t>();
+        for (uint32_t i = 0; i < len; i++) bits.SetValue(i, words.GetValue(2 * i));
+        event_t s2v = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::S_V));
+        SetFlag<HardEvent::S_V>(s2v);
+        WaitFlag<HardEvent::S_V>(s2v);
+";
+
+fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
+    let DequantSpec { entry, dequant, grouped, rows, n, out } = s;
+    let n_tile = DQ_COLS.min(n);
+    let (d, what) = match dequant {
+        Dequant::Static { deq } => (deq, "y = f32(acc + quant_bias[n]) * deq_scale[n]"),
+        Dequant::PerToken if grouped.is_some() => (DevType::F32, "y = f32(acc) * w_scale[e(r), n] * x_scale[r]"),
+        Dequant::PerToken => (DevType::F32, "y = f32(acc) * w_scale[n] * x_scale[r]"),
+    };
+    let experts = grouped.unwrap_or(1);
+    let stat = matches!(dequant, Dequant::Static { .. });
+    let mut init = String::new();
+    let mut members = String::new();
+    if stat {
+        init += "        biasGm.SetGlobalBuffer((__gm__ int32_t*)colA, n);\n        scaleGm.SetGlobalBuffer((__gm__ D*)colB, n);\n        pipe.InitBuffer(inBias, 1, nTile * sizeof(int32_t));\n        pipe.InitBuffer(biasBuf, nTile * sizeof(int32_t));\n";
+        members += "    TQue<TPosition::VECIN, 1> inBias;\n    GlobalTensor<int32_t> biasGm;\n";
+    } else {
+        init += "        scaleGm.SetGlobalBuffer((__gm__ D*)colA, t.experts * n);\n        xsGm.SetGlobalBuffer((__gm__ float*)colB, rows);\n";
+        members += "    GlobalTensor<float> xsGm;\n";
+    }
+    if grouped.is_some() {
+        init +=
+            "        offGm.SetGlobalBuffer((__gm__ int64_t*)offsets, t.experts + 1);\n        experts = t.experts;\n";
+        members += "    GlobalTensor<int64_t> offGm;\n    uint32_t experts = 0;\n    int64_t cursor = 0;\n";
+    }
+    // Rows of a block come in increasing order: the expert cursor only
+    // moves forward (rows past the last offset keep the last expert).
+    let expert_of = if grouped.is_some() { "ExpertOf(r)" } else { "0" };
+    let mut template = DEQUANT.to_string();
+    if grouped.is_some() {
+        template = template.replace(
+            "    TPipe pipe;\n",
+            "    __aicore__ inline int64_t ExpertOf(uint32_t r)
+    {
+        if (cursor > 0 && static_cast<int64_t>(r) < offGm.GetValue(cursor)) cursor = 0;
+        while (cursor + 1 < static_cast<int64_t>(experts) && static_cast<int64_t>(r) >= offGm.GetValue(cursor + 1)) cursor++;
+        return cursor;
+    }
+
+    TPipe pipe;\n",
+        );
+    }
+    let load_bias = if stat {
+        "        LocalTensor<int32_t> b = inBias.AllocTensor<int32_t>();
+        DataCopy(b, biasGm[c0], len);
+        inBias.EnQue(b);
+        b = inBias.DeQue<int32_t>();
+        DataCopy(biasBuf.Get<int32_t>(), b, len);
+        inBias.FreeTensor(b);
+        PipeBarrier<PIPE_V>();
+"
+    } else {
+        ""
+    };
+    let add_bias =
+        if stat { "        Add(a, a, biasBuf.Get<int32_t>(), len);\n        PipeBarrier<PIPE_V>();\n" } else { "" };
+    let row_scale =
+        if stat { "" } else { "        Muls(x, x, xsGm.GetValue(r), len);\n        PipeBarrier<PIPE_V>();\n" };
+    let src = vector_source(
+        &entry,
+        &format!("Int8 GEMM dequant epilogue: {what}."),
+        &template,
+        &[
+            ("O", out.cpp().into()),
+            ("D", d.cpp().into()),
+            ("WHAT", what.into()),
+            ("OFF_PARAM", if grouped.is_some() { "GM_ADDR offsets, " } else { "" }.into()),
+            ("OFF_ARG", if grouped.is_some() { "offsets, " } else { "" }.into()),
+            ("INIT", init),
+            ("MEMBERS", members),
+            ("EXPERT_OF", expert_of.into()),
+            ("DECODE", if d == DevType::I64 { DECODE_I64 } else { DECODE_F32 }.into()),
+            ("LOAD_BIAS", load_bias.into()),
+            ("ADD_BIAS", add_bias.into()),
+            ("ROW_SCALE", row_scale.into()),
+            ("BIAS_BUF", if stat { ", biasBuf" } else { "" }.into()),
+        ],
+    );
+    let tiles = rows.clone().ceil_div(TExpr::c(DQ_ROWS)).times(TExpr::c(n.div_ceil(n_tile)));
+    let mut fields = tiles_fields(&tiles);
+    fields.extend([
+        TilingField::u32("n", TExpr::c(n)),
+        TilingField::u32("nTile", TExpr::c(n_tile)),
+        TilingField::u32("rows", rows),
+        TilingField::u32("rowsPerTile", TExpr::c(DQ_ROWS)),
+        TilingField::u32("experts", TExpr::c(experts)),
+    ]);
+    let mut ub = 2 * r32(n_tile * 4) + 2 * r32(n_tile * out.size()) + r32(n_tile * d.size()) + 2 * r32(n_tile * 4);
+    if stat {
+        ub += 2 * r32(n_tile * 4);
+    }
+    let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
+    dk.params = params;
+    Ok(dk)
+}
