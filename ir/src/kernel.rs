@@ -460,6 +460,27 @@ pub enum KernelKind {
     /// KV head) with all its query heads. Per-thread scratch: `Hq/Hkv` rows
     /// of `max_blocks * block_size` scores.
     PagedAttention { scale: f64 },
+    // ---- int8 quantization (meaning in `crate::interp::quant`) ----
+    /// `(x float, scale float, offset float, out i8)`, numpy-broadcast to
+    /// `out`: `clamp(round_half_even(x / scale + offset), -128, 127)` (NaN
+    /// gives 0). Tile: one row of `out`.
+    Quantize,
+    /// `(q i8, scale float, offset float, out f32)`, broadcast like
+    /// `Quantize`: `(q - offset) * scale`. Tile: one row of `out`.
+    Dequantize,
+    /// `(x[.., K] float, q_out i8[.., K], scale_out f32[..])`: per-row
+    /// `s = max|x| / 127`, `q = quantize(x / s)` (zeros for a zero row).
+    /// Tile: one row.
+    DynamicQuant,
+    /// Int8 matmul with exact int32 accumulation and a float epilogue:
+    /// `(xq i8[.., M, K], w i8[.., N, K], a[.., N], b, out f32[.., M, N])`
+    /// (an operand without batch dims is shared by every batch entry).
+    /// Static W8A8 (`per_token` false): `a` = quant_bias (int), `b` =
+    /// deq_scale[.., N] (float, or i64 holding the f32 bits), `out =
+    /// f32(acc + a[n]) * b[n]`. W8A8_DYNAMIC (`per_token`): `a` = w_scale
+    /// (float or i64-encoded), `b` = x_scale f32[.., M], `out = f32(acc) *
+    /// a[n] * b[m]`. Tile: one output row (batch entry and m).
+    QuantMatMul { per_token: bool },
     /// `(in, out)` f32: a collective over the global ranks `group` with the
     /// semantics of `panguc_ir::multirank` (sum reduction; `axis` for the
     /// gathering/scattering kinds). Host-executed: code generators emit no
@@ -500,6 +521,11 @@ impl KernelKind {
             KernelKind::KvCacheWrite => "kv_cache_write",
             KernelKind::QkvRopeCacheWrite { .. } => "qkv_rope_cache_write",
             KernelKind::PagedAttention { .. } => "paged_attention",
+            KernelKind::Quantize => "quantize",
+            KernelKind::Dequantize => "dequantize",
+            KernelKind::DynamicQuant => "dynamic_quant",
+            KernelKind::QuantMatMul { per_token: false } => "quant_matmul",
+            KernelKind::QuantMatMul { per_token: true } => "quant_matmul_per_token",
             KernelKind::Collective { kind, .. } => match kind {
                 crate::op::CollectiveKind::AllReduce => "all_reduce",
                 crate::op::CollectiveKind::AllGather => "all_gather",
@@ -518,7 +544,7 @@ impl KernelKind {
     /// Number of trailing arguments that the kernel writes.
     pub fn num_outputs(&self) -> usize {
         match self {
-            KernelKind::AddRmsNorm { .. } | KernelKind::MoeGating { .. } => 2,
+            KernelKind::AddRmsNorm { .. } | KernelKind::MoeGating { .. } | KernelKind::DynamicQuant => 2,
             KernelKind::MoeRoute => 4,
             KernelKind::QkvRopeAppend { .. } | KernelKind::QkvRopeCacheWrite { .. } => 3,
             _ => 1,
@@ -728,9 +754,13 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
     let rows = |shape: &[Dim]| prefix(shape, shape.len().saturating_sub(1));
     let cst = |d: &Dim, what: &str| d.as_const().ok_or_else(|| format!("{what} must be static, found {d}"));
     Ok(match kind {
-        KernelKind::Elementwise { .. } | KernelKind::Transpose { .. } | KernelKind::MatMul { .. } => {
-            rows(&last(0).shape)
-        }
+        KernelKind::Elementwise { .. }
+        | KernelKind::Transpose { .. }
+        | KernelKind::MatMul { .. }
+        | KernelKind::Quantize
+        | KernelKind::Dequantize
+        | KernelKind::QuantMatMul { .. } => rows(&last(0).shape),
+        KernelKind::DynamicQuant => rows(&args[0].shape),
         KernelKind::Gather | KernelKind::OneHot { .. } => Extent::of(1, &args[args.len() - 2].shape),
         KernelKind::Gemm { .. } => {
             let out = &last(0).shape;
@@ -796,7 +826,7 @@ pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
         KernelKind::MoeGateUp | KernelKind::MoeGroupedGateUp | KernelKind::MoeDown => {
             panel(&args[args.len() - 2], &args[0].shape[1], &Dim::c(1))
         }
-        KernelKind::MatMul { .. } => {
+        KernelKind::MatMul { .. } | KernelKind::QuantMatMul { .. } => {
             let a = &args[0];
             let out = args.last().expect("out");
             Extent::of(2, &[last(a), last(out)])

@@ -7,6 +7,7 @@ mod elementwise;
 mod gemm;
 mod movement;
 mod norm;
+mod quant;
 mod reduce;
 
 use crate::cg::Cg;
@@ -43,6 +44,10 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::MoeGroupedGateUp => gemm::grouped(cg, k, gemm::GroupedGemm::GateUpSorted),
         KernelKind::MoeDown => gemm::grouped(cg, k, gemm::GroupedGemm::Down),
         KernelKind::MoeCombine { shared_residual } => reduce::moe_combine(cg, k, *shared_residual),
+        KernelKind::Quantize => quant::quantize(cg, k, false),
+        KernelKind::Dequantize => quant::quantize(cg, k, true),
+        KernelKind::DynamicQuant => quant::dynamic_quant(cg, k),
+        KernelKind::QuantMatMul { per_token } => quant::quant_matmul(cg, k, *per_token),
         // Host-executed by the runtime through its `Collective`.
         KernelKind::Collective { .. } => Ok(()),
     };

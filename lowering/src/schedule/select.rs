@@ -56,9 +56,27 @@ fn widens_exactly(from: DType, to: DType) -> bool {
 /// Storage dtype of a node result (see the module docs of `kernel`): the
 /// interpreter holds floats in f32 and integers in i64, so only casts and
 /// pure data movement may keep a narrower float type.
+///
+/// Int8 data (quantized activations, int8 weights, the int8 KV cache) and
+/// int32 quant biases keep their own width, so the int8 path moves a
+/// quarter of the bytes of f32: quantize ops produce them, and data
+/// movement of such values keeps them.
 fn result_storage(op: &Op, args: &[DType], ty: DType) -> DType {
     if !ty.is_float() {
-        return DType::I64;
+        let narrow_int = matches!(ty, DType::I8 | DType::I32);
+        let keeps = match op {
+            Op::Quantize | Op::DynamicQuant => true,
+            Op::KvCacheWrite => args.first() == Some(&ty),
+            Op::Reshape { .. }
+            | Op::Slice { .. }
+            | Op::Split { .. }
+            | Op::Transpose { .. }
+            | Op::Concat { .. }
+            | Op::Stack { .. }
+            | Op::RepeatInterleave { .. } => args.iter().all(|a| *a == ty),
+            _ => false,
+        };
+        return if narrow_int && keeps { ty } else { DType::I64 };
     }
     let same = |xs: &[DType]| xs.first().copied().filter(|d| d.is_float() && xs.iter().all(|x| x == d));
     match op {
@@ -102,9 +120,21 @@ impl<'a> Selector<'a> {
             match &v.def {
                 Def::Weight(_) => {
                     konst[i] = true;
-                    storage[i] = if v.ty.dtype.is_float() { v.ty.dtype } else { DType::I64 };
+                    storage[i] = match v.ty.dtype {
+                        d if d.is_float() => d,
+                        // int8 weights and int32 quant biases as stored.
+                        d @ (DType::I8 | DType::I32) => d,
+                        _ => DType::I64,
+                    };
                 }
-                Def::Input(_) => storage[i] = if v.ty.dtype.is_float() { DType::F32 } else { DType::I64 },
+                Def::Input(_) => {
+                    storage[i] = match v.ty.dtype {
+                        d if d.is_float() => DType::F32,
+                        // The int8 (C8) KV cache.
+                        DType::I8 => DType::I8,
+                        _ => DType::I64,
+                    }
+                }
                 Def::Node(ni) => {
                     let node = &g.nodes[*ni];
                     // A collective between ranks is never a constant.
@@ -257,20 +287,22 @@ impl<'a> Selector<'a> {
                     n.op.mnemonic()
                 );
             }
+            // f32, or int8 for a C8 (int8 KV) cache.
+            let cache_dtype = if self.storage[input] == DType::I8 { DType::I8 } else { DType::F32 };
             let cache = self.new_buffer(
                 &g.values[out].name,
-                DType::F32,
+                cache_dtype,
                 g.values[out].ty.shape.clone(),
                 BufferKind::KvCache { cache: c },
             );
             let old = self.new_buffer(
                 &g.values[input].name,
-                DType::F32,
+                cache_dtype,
                 g.values[input].ty.shape.clone(),
                 BufferKind::View { base: cache, offset: Dim::c(0) },
             );
             self.buf[input] = Some(old);
-            self.storage[input] = DType::F32;
+            self.storage[input] = cache_dtype;
             self.kv_out.insert(out, c);
             self.p.caches.push(cache);
         }
@@ -566,12 +598,12 @@ impl<'a> Selector<'a> {
             Op::MoeInitRouting { .. } | Op::GroupedMatmul | Op::MoeFinalizeRouting => {
                 bail!("`{}` (a batched MoE op) has no CPU kernel yet; only the interpreter runs it", n.op.mnemonic())
             }
-            Op::Quantize
-            | Op::Dequantize
-            | Op::DynamicQuant
-            | Op::QuantMatMul
-            | Op::QuantMatMulPerToken
-            | Op::GroupedQuantMatMul => {
+            Op::Quantize => self.simple(ni, KernelKind::Quantize)?,
+            Op::Dequantize => self.simple(ni, KernelKind::Dequantize)?,
+            Op::DynamicQuant => self.simple(ni, KernelKind::DynamicQuant)?,
+            Op::QuantMatMul => self.simple(ni, KernelKind::QuantMatMul { per_token: false })?,
+            Op::QuantMatMulPerToken => self.simple(ni, KernelKind::QuantMatMul { per_token: true })?,
+            Op::GroupedQuantMatMul => {
                 bail!("`{}` (an int8 quantization op) has no kernel yet; only the interpreter runs it", n.op.mnemonic())
             }
         }
