@@ -481,6 +481,18 @@ pub enum KernelKind {
     /// (float or i64-encoded), `b` = x_scale f32[.., M], `out = f32(acc) *
     /// a[n] * b[m]`. Tile: one output row (batch entry and m).
     QuantMatMul { per_token: bool },
+    /// `(q[T, Hq, D], k_cache i8[NB, BS, Hkv, D], v_cache i8[same], block_table,
+    /// query_start_loc, context_lens, k_scale[Hkv, D], k_offset[Hkv, D],
+    /// v_scale[Hkv, D], v_offset[Hkv, D], out[T, Hq, D])`: [`KernelKind::PagedAttention`]
+    /// over an int8 (C8) cache, each key and value element dequantized
+    /// per channel (`(q - offset) * scale`, f32) as it is read, so no float
+    /// copy of the cache is made. Tile and scratch as `PagedAttention`.
+    PagedAttentionInt8 { scale: f64 },
+    /// `(new f32[T, Hkv, D], slots[T] i64, scale[Hkv, D], offset[Hkv, D],
+    /// cache i8[num_blocks, block_size, Hkv, D])`: [`KernelKind::KvCacheWrite`]
+    /// of the rows quantized per channel (`Quantize` semantics) on the way
+    /// into the int8 cache. Tile: one token.
+    KvCacheWriteQuant,
     /// `(in, out)` f32: a collective over the global ranks `group` with the
     /// semantics of `panguc_ir::multirank` (sum reduction; `axis` for the
     /// gathering/scattering kinds). Host-executed: code generators emit no
@@ -522,6 +534,8 @@ impl KernelKind {
             KernelKind::QkvRopeCacheWrite { .. } => "qkv_rope_cache_write",
             KernelKind::PagedAttention { .. } => "paged_attention",
             KernelKind::Quantize => "quantize",
+            KernelKind::PagedAttentionInt8 { .. } => "paged_attention_int8",
+            KernelKind::KvCacheWriteQuant => "kv_cache_write_quant",
             KernelKind::Dequantize => "dequantize",
             KernelKind::DynamicQuant => "dynamic_quant",
             KernelKind::QuantMatMul { per_token: false } => "quant_matmul",
@@ -785,10 +799,13 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
         KernelKind::Rope => prefix(&args[0].shape, 2),
         KernelKind::Attention { .. } => Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[1].clone()]),
         KernelKind::MoeGating { .. } | KernelKind::MoeCombine { .. } => Extent::of(1, &last(0).shape[..1]),
-        KernelKind::QkvRopeAppend { .. } | KernelKind::QkvRopeCacheWrite { .. } | KernelKind::KvCacheWrite => {
-            Extent::of(1, &args[0].shape[..1])
+        KernelKind::QkvRopeAppend { .. }
+        | KernelKind::QkvRopeCacheWrite { .. }
+        | KernelKind::KvCacheWrite
+        | KernelKind::KvCacheWriteQuant => Extent::of(1, &args[0].shape[..1]),
+        KernelKind::PagedAttention { .. } | KernelKind::PagedAttentionInt8 { .. } => {
+            Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[2].clone()])
         }
-        KernelKind::PagedAttention { .. } => Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[2].clone()]),
         KernelKind::MoeRoute | KernelKind::Collective { .. } => Extent::constant(1),
         KernelKind::MoeGateUp | KernelKind::MoeGroupedGateUp | KernelKind::MoeDown => {
             // The expert weight is the operand before the output.
@@ -839,7 +856,7 @@ pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
             };
             Extent::of(4 * group, &[k.shape[0].clone(), last(q)])
         }
-        KernelKind::PagedAttention { .. } => {
+        KernelKind::PagedAttention { .. } | KernelKind::PagedAttentionInt8 { .. } => {
             // Up to a whole block table of keys per row.
             let (q, k, table) = (&args[0], &args[1], &args[3]);
             let group = match (q.shape[1].as_const(), k.shape[2].as_const()) {

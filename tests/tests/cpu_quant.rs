@@ -6,7 +6,9 @@
 //! runs, the compiled engine's greedy tokens must equal the paged reference
 //! interpreter's (the int8 sums are exact; the float parts agree to the
 //! backend's tolerance), and the int8 values really are int8 in the
-//! package (weights, quantized activations, the paged KV cache).
+//! package (weights, quantized activations, the paged KV cache, which is
+//! quantized inside the KV-write kernel and dequantized inside paged
+//! attention).
 
 mod common;
 
@@ -19,12 +21,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 const BLOCK: usize = 4;
-/// Prompt logits, compiled vs interpreter: the float kernels' tolerance
-/// (`cpu_batched.rs`) widened by what one int8 step of a requantized
-/// activation moves (a float difference of one ulp before `dynamic_quant`
-/// can flip one rounding).
-const TOL: f32 = 2e-2;
-const FLOOR: f32 = 1e-1;
+/// max |compiled - interpreter| / max |interpreter logit| of every prompt
+/// row, per tier. The baseline tier's float kernels follow the reference's
+/// order and the int8 sums are exact, so only the last bits can differ
+/// (which a requantized activation can amplify to one int8 step).
+const BASELINE_TOL: f32 = 1e-3;
+/// The AVX-512 tier rounds activations to bf16 in the bf16-weight GEMMs
+/// (router, LM head), as documented for the float model (`cpu_backend.rs`:
+/// 11 x 2^-8 of the largest logit).
+const BF16_TOL: f32 = 11.0 / 256.0;
 
 fn requests() -> Vec<Request> {
     let greedy = |prompt: Vec<i64>, n: usize| Request {
@@ -87,16 +92,19 @@ fn check(label: &str, q: &Path, pkg_dir: &Path) {
         let pkg = Arc::new(open_tier(pkg_dir, tier));
         let mut e = CpuEngine::batched(pkg, panguc_runtime::thread_pool(2).unwrap(), 24).unwrap();
         let got = run_batch(&mut e);
+        let tol = if tier == BASELINE { BASELINE_TOL } else { BF16_TOL };
+        let mut worst = 0f32;
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g.generated, w.generated, "{label} {tier} sequence {i}: greedy tokens");
-            for (r, (x, y)) in g.prompt_logits.iter().zip(&w.prompt_logits).enumerate() {
-                let (x, y) = (
-                    panguc_ir::Tensor::f32(vec![x.len()], x.clone()),
-                    panguc_ir::Tensor::f32(vec![y.len()], y.clone()),
-                );
-                assert_close(&x, &y, TOL, FLOOR, &format!("{label} {tier} sequence {i} prompt row {r}"));
+            assert_eq!(g.prompt_logits.len(), w.prompt_logits.len());
+            for (x, y) in g.prompt_logits.iter().zip(&w.prompt_logits) {
+                let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                worst = worst.max(diff / scale);
             }
         }
+        eprintln!("{label} {tier}: worst max|diff|/max|logit| over the prompt rows = {worst:e} (tolerance {tol:e})");
+        assert!(worst <= tol, "{label} {tier}: {worst} > {tol}");
         eprintln!("{label} {tier}: {:?}", got.iter().map(|g| g.generated.clone()).collect::<Vec<_>>());
     }
 }
@@ -120,7 +128,17 @@ fn w8a8_dynamic_checkpoint_compiles_and_matches_the_interpreter_on_every_tier() 
     }
     // int8 weights stay int8 in the package.
     assert!(p.weights.iter().any(|w| w.dtype == DType::I8 && w.name.contains("experts")));
-    assert!(p.weights.iter().filter(|w| w.name.contains("proj")).all(|w| w.dtype != DType::F32 || w.shape.len() < 2));
+    // ...and no linear weight of a layer is stored as float (the router,
+    // `mlp.gate`, stays FLOAT by design).
+    let float_linear = |w: &&panguc_ir::kernel::PreparedWeight| {
+        w.group.starts_with("layers.")
+            && w.shape.len() >= 2
+            && w.dtype.is_float()
+            && !w.name.contains("scale")
+            && !w.name.contains("mlp.gate")
+    };
+    let floats: Vec<&str> = p.weights.iter().filter(float_linear).map(|w| w.name.as_str()).collect();
+    assert!(floats.is_empty(), "float layer matrices: {floats:?}");
 }
 
 #[test]
@@ -140,7 +158,10 @@ fn static_w8a8_with_int8_kv_cache_compiles_and_matches_the_interpreter_on_every_
     // The paged caches are int8: a quarter of the f32 bytes.
     assert!(p.caches.iter().all(|c| p.buffer(*c).dtype == DType::I8));
     let kinds: Vec<&str> = p.kernels.iter().map(|k| k.kind.mnemonic()).collect();
-    for k in ["quantize", "dequantize", "quant_matmul"] {
+    for k in ["quantize", "quant_matmul", "kv_cache_write_quant", "paged_attention_int8"] {
         assert!(kinds.contains(&k), "{k} in {kinds:?}");
     }
+    // The cache is quantized inside the KV write and dequantized inside
+    // attention: no float copy of it is made.
+    assert!(!kinds.contains(&"dequantize"), "{kinds:?}");
 }

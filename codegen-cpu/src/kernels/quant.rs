@@ -26,7 +26,7 @@ use panguc_ir::kernel::{ArgSpec, Kernel};
 use panguc_ir::{DType, Dim};
 
 /// `clamp(round_half_even(v), -128, 127)` as an i8; NaN gives 0.
-fn quantize_value<'c>(cg: &Cg<'c>, v: FloatValue<'c>) -> IntValue<'c> {
+pub(crate) fn quantize_value<'c>(cg: &Cg<'c>, v: FloatValue<'c>) -> IntValue<'c> {
     let r = cg.intrinsic("llvm.roundeven", &[v.into()]);
     let lo = cg.fmax(r, cg.f32c(-128.0).into());
     let hi = cg.intrinsic("llvm.minnum", &[lo, cg.f32c(127.0).into()]).into_float_value();
@@ -259,4 +259,36 @@ fn dot_i8<'c>(
         Ok(())
     })?;
     Ok(cg.load_v(acc).into_int_value())
+}
+
+/// `(new f32[T, Hkv, D], slots, scale[Hkv, D], offset[Hkv, D], cache i8)`:
+/// each new row quantized per channel (`quantize` semantics) and stored at
+/// its slot of the paged int8 cache. One tile per token.
+pub(crate) fn kv_cache_write_quant(cg: &mut Cg, k: &Kernel) -> Result<()> {
+    let (new, scale, offset, cache) = (&k.args[0], &k.args[2], &k.args[3], &k.args[4]);
+    if cache.dtype != DType::I8 {
+        bail!("int8 KV write into a {} cache", cache.dtype);
+    }
+    let row: usize = new.shape[1..]
+        .iter()
+        .map(|d| d.as_const().ok_or_else(|| anyhow::anyhow!("KV row dims must be static, found {d}")))
+        .product::<Result<usize>>()?;
+    cg.begin_kernel(&k.name);
+    let (np, sp) = (cg.arg(0, new.dtype), cg.arg(1, DType::I64));
+    let (scp, ofp, cp) = (cg.arg(2, scale.dtype), cg.arg(3, offset.dtype), cg.arg(4, cache.dtype));
+    let rc = cg.i64c(row as i64);
+    cg.for_tiles(|cg, t| {
+        let slot = cg.load_i(sp, t);
+        let (src, dst) = (cg.mul(t, rc), cg.mul(slot, rc));
+        cg.for_range(cg.i64c(0), rc, 1, |cg, i| {
+            let x = cg.load_f(np, cg.add(src, i), new.dtype);
+            let s = cg.load_f(scp, i, scale.dtype);
+            let o = cg.load_f(ofp, i, offset.dtype);
+            let y = cg.fadd(cg.fdiv(x.into(), s.into()), o.into());
+            cg.store_i(cp, cg.add(dst, i), quantize_value(cg, y.into_float_value()));
+            Ok(())
+        })
+    })?;
+    cg.finish_kernel();
+    Ok(())
 }

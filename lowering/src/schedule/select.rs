@@ -45,6 +45,9 @@ pub struct Selector<'a> {
     kv_out: BTreeMap<usize, usize>,
     /// The entry takes a ragged batch step over paged caches ([`is_batched`]).
     batched: bool,
+    /// Results of int8 KV ops computed inside their one consumer's kernel
+    /// ([`Selector::fuse_int8_kv`]): no launch of their own.
+    absorbed: Vec<bool>,
     p: KernelProgram,
 }
 
@@ -172,6 +175,7 @@ impl<'a> Selector<'a> {
             kernel_index: BTreeMap::new(),
             kv_out: BTreeMap::new(),
             batched,
+            absorbed: vec![false; n],
             p,
         }
     }
@@ -181,8 +185,9 @@ impl<'a> Selector<'a> {
         self.p.name = "main".into();
         self.bind_inputs()?;
         let live = self.live_nodes();
+        self.fuse_int8_kv(&live);
         for (ni, node) in g.nodes.iter().enumerate() {
-            if !live[ni] || node.results.iter().all(|r| self.konst[*r]) {
+            if !live[ni] || node.results.iter().all(|r| self.konst[*r] || self.absorbed[*r]) {
                 continue;
             }
             let label = || format!("scheduling %{} = {}", g.values[node.results[0]].name, node.op.mnemonic());
@@ -197,6 +202,74 @@ impl<'a> Selector<'a> {
             }
         }
         Ok(self.p)
+    }
+
+    /// The int8 (C8) KV cache without float copies: a `quantize` whose only
+    /// use is the new rows of a `kv_cache_write` is done by the write
+    /// kernel (`KvCacheWriteQuant`), and the two `dequantize`s of the
+    /// caches read only by a `paged_attention` are done by the attention
+    /// kernel as it reads each element (`PagedAttentionInt8`). Only
+    /// per-channel scales and offsets (`[Hkv, D]`) qualify; anything else
+    /// keeps its own kernels.
+    fn fuse_int8_kv(&mut self, live: &[bool]) {
+        let g = self.g;
+        let mut uses = vec![0usize; g.values.len()];
+        for (ni, n) in g.nodes.iter().enumerate() {
+            if live[ni] {
+                n.args.iter().for_each(|a| uses[*a] += 1);
+            }
+        }
+        g.outputs.iter().for_each(|o| uses[*o] += 1);
+        // `v = op(x, scale, offset)` used once, with scale and offset of the
+        // shape `per_channel`, and `x` stored as `x_dtype`.
+        let qualifies = |v: usize, op: &Op, x_dtype: DType, per_channel: &[Dim]| -> bool {
+            let Def::Node(ni) = g.values[v].def else { return false };
+            let n = &g.nodes[ni];
+            n.op == *op
+                && uses[v] == 1
+                && self.storage[n.args[0]] == x_dtype
+                && n.args[1..].iter().all(|a| g.values[*a].ty.shape == per_channel)
+        };
+        for (ni, n) in g.nodes.iter().enumerate() {
+            if !live[ni] {
+                continue;
+            }
+            match n.op {
+                Op::PagedAttention { .. } => {
+                    let (k, v) = (n.args[1], n.args[2]);
+                    let cache_of = |x: usize| match g.values[x].def {
+                        Def::Node(d) => Some(g.nodes[d].args[0]),
+                        _ => None,
+                    };
+                    let (Some(kc), Some(vc)) = (cache_of(k), cache_of(v)) else { continue };
+                    let per_channel = g.values[kc].ty.shape.get(2..).unwrap_or(&[]).to_vec();
+                    if per_channel.len() == 2
+                        && qualifies(k, &Op::Dequantize, DType::I8, &per_channel)
+                        && qualifies(v, &Op::Dequantize, DType::I8, &per_channel)
+                        && g.values[vc].ty.shape == g.values[kc].ty.shape
+                    {
+                        self.absorbed[k] = true;
+                        self.absorbed[v] = true;
+                    }
+                }
+                Op::KvCacheWrite => {
+                    let new = n.args[1];
+                    let per_channel = g.values[new].ty.shape.get(1..).unwrap_or(&[]).to_vec();
+                    if self.storage[n.args[0]] == DType::I8 && qualifies(new, &Op::Quantize, DType::F32, &per_channel) {
+                        self.absorbed[new] = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The node defining `v` (a node result).
+    fn def_node(&self, v: usize) -> Result<&'a super::flatten::FlatNode> {
+        match self.g.values[v].def {
+            Def::Node(ni) => Ok(&self.g.nodes[ni]),
+            _ => bail!("%{} is not a node result", self.g.values[v].name),
+        }
     }
 
     /// Nodes some output depends on.
@@ -588,12 +661,31 @@ impl<'a> Selector<'a> {
             }
             Op::Scalar { .. } | Op::Iota { .. } => unreachable!("constants are prepared weights"),
             Op::Call { .. } => bail!("calls are inlined before scheduling"),
+            Op::KvCacheWrite if self.absorbed[arg(1)] => {
+                let cache = self.paged_cache_result(r0)?;
+                let q = self.def_node(arg(1))?;
+                let (x, scale, offset) = (self.rm(q.args[0])?, self.rm(q.args[1])?, self.rm(q.args[2])?);
+                let slots = self.rm(arg(2))?;
+                self.launch(KernelKind::KvCacheWriteQuant, vec![x, slots, scale, offset, cache])?;
+            }
             Op::KvCacheWrite => {
                 let cache = self.paged_cache_result(r0)?;
                 let (new, slots) = (self.rm(arg(1))?, self.rm(arg(2))?);
                 self.launch(KernelKind::KvCacheWrite, vec![new, slots, cache])?;
             }
             Op::QkvRopeCacheWrite { q_heads, kv_heads } => self.qkv_rope_cache_write(ni, *q_heads, *kv_heads)?,
+            Op::PagedAttention { scale } if self.absorbed[arg(1)] => {
+                let (dk, dv) = (self.def_node(arg(1))?, self.def_node(arg(2))?);
+                let mut args = vec![self.rm(arg(0))?, self.rm(dk.args[0])?, self.rm(dv.args[0])?];
+                for i in 3..6 {
+                    args.push(self.rm(arg(i))?);
+                }
+                for a in [dk.args[1], dk.args[2], dv.args[1], dv.args[2]] {
+                    args.push(self.rm(a)?);
+                }
+                args.push(self.act(r0));
+                self.launch(KernelKind::PagedAttentionInt8 { scale: *scale }, args)?;
+            }
             Op::PagedAttention { scale } => self.simple(ni, KernelKind::PagedAttention { scale: *scale })?,
             Op::MoeInitRouting { .. } | Op::GroupedMatmul | Op::MoeFinalizeRouting => {
                 bail!("`{}` (a batched MoE op) has no CPU kernel yet; only the interpreter runs it", n.op.mnemonic())
@@ -887,7 +979,7 @@ fn thread_scratch(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
             Extent::of(4 * group, &args[1].shape[..1])
         }
         // A row sees at most its block table's worth of keys.
-        KernelKind::PagedAttention { .. } => {
+        KernelKind::PagedAttention { .. } | KernelKind::PagedAttentionInt8 { .. } => {
             let group = match (args[0].shape[1].as_const(), args[1].shape[2].as_const()) {
                 (Some(hq), Some(hkv)) if hkv > 0 => (hq / hkv) as u64,
                 _ => 1,
