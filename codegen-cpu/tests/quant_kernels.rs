@@ -169,11 +169,11 @@ fn dynamic_quant_and_per_token_matmul_match_the_reference_bit_for_bit() {
                 let mut b = vec![f32_bytes(&x), vec![0u8; m * k], vec![0u8; m * 4]];
                 run(get("dq").unwrap(), &mut b, m, m as u64);
                 assert_eq!(i8s(&b[1]), want_q[0].as_i64(), "{tier_name} k={k}: quantized rows");
-                assert_eq!(bits(&f32s(&b[2])), bits(&want_q[1].as_f32()), "{tier_name} k={k}: scales");
+                assert_eq!(bits(&f32s(&b[2])), bits(want_q[1].as_f32()), "{tier_name} k={k}: scales");
                 let out_len = batches * m * n;
                 let mut c = vec![b[1].clone(), i8_bytes(&w), f32_bytes(&ws), b[2].clone(), vec![0u8; out_len * 4]];
                 run(get("qmm").unwrap(), &mut c, m, (batches * m) as u64);
-                assert_eq!(bits(&f32s(&c[4])), bits(&want.as_f32()), "{tier_name} k={k} experts={experts}: matmul");
+                assert_eq!(bits(&f32s(&c[4])), bits(want.as_f32()), "{tier_name} k={k} experts={experts}: matmul");
             })
             .unwrap();
         }
@@ -269,13 +269,13 @@ fn static_quant_matmul_and_kv_quantize_match_the_reference_bit_for_bit() {
             let deq_bytes: Vec<u8> = deq.iter().flat_map(|v| v.to_le_bytes()).collect();
             let mut c = vec![b[3].clone(), i8_bytes(&w), bias_bytes, deq_bytes, vec![0u8; m * n * 4]];
             run(get("qmm").unwrap(), &mut c, m, m as u64);
-            assert_eq!(bits(&f32s(&c[4])), bits(&want.as_f32()), "{tier_name}: static matmul");
+            assert_eq!(bits(&f32s(&c[4])), bits(want.as_f32()), "{tier_name}: static matmul");
             let mut d = vec![f32_bytes(&kv), bf_bytes(&kv_s), bf_bytes(&kv_o), vec![0u8; m * 8]];
             run(get("kvq").unwrap(), &mut d, m, (m * 2) as u64);
             assert_eq!(i8s(&d[3]), kv_q.as_i64(), "{tier_name}: KV quantize");
             let mut e = vec![d[3].clone(), bf_bytes(&kv_s), bf_bytes(&kv_o), vec![0u8; m * 8 * 4]];
             run(get("kvd").unwrap(), &mut e, m, (m * 2) as u64);
-            assert_eq!(bits(&f32s(&e[3])), bits(&kv_back.as_f32()), "{tier_name}: KV dequantize");
+            assert_eq!(bits(&f32s(&e[3])), bits(kv_back.as_f32()), "{tier_name}: KV dequantize");
         })
         .unwrap();
     }

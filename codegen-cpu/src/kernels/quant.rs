@@ -218,9 +218,9 @@ fn dot_i8<'c>(
             .and_then(|i| i.get_declaration(&cg.module, &[]))
             .ok_or_else(|| anyhow::anyhow!("LLVM has no vpdpbusd intrinsic"))?;
         let sign = cg.ctx.i8_type().const_int(0x80, false);
-        let signs = inkwell::types::VectorType::const_vector(&vec![sign; VNNI_BYTES]);
+        let signs = inkwell::types::VectorType::const_vector(&[sign; VNNI_BYTES]);
         let one = cg.ctx.i8_type().const_int(1, false);
-        let ones = inkwell::types::VectorType::const_vector(&vec![one; VNNI_BYTES]);
+        let ones = inkwell::types::VectorType::const_vector(&[one; VNNI_BYTES]);
         let ones32 = cg.b.build_bit_cast(ones, v16, "").ok_();
         cg.for_range(cg.i64c(0), cg.i64c(main as i64), VNNI_BYTES as i64, |cg, i| {
             let load = |cg: &Cg<'c>, p: PointerValue<'c>| -> BasicValueEnum<'c> {
@@ -241,7 +241,7 @@ fn dot_i8<'c>(
             Ok(())
         })?;
         // sum (x + 128) w - 128 sum w, lane by lane then across lanes.
-        let shift = inkwell::types::VectorType::const_vector(&vec![cg.i32t().const_int(7, false); 16]);
+        let shift = inkwell::types::VectorType::const_vector(&[cg.i32t().const_int(7, false); 16]);
         let corr = cg.b.build_left_shift(cg.load_v(wsum).into_vector_value(), shift, "").ok_();
         let exact = cg.b.build_int_sub(cg.load_v(dots).into_vector_value(), corr, "").ok_();
         let red = Intrinsic::find("llvm.vector.reduce.add")
