@@ -481,6 +481,11 @@ pub enum KernelKind {
     /// (float or i64-encoded), `b` = x_scale f32[.., M], `out = f32(acc) *
     /// a[n] * b[m]`. Tile: one output row (batch entry and m).
     QuantMatMul { per_token: bool },
+    /// RMSNorm (`add`: with the residual add, as `AddRmsNorm`) whose
+    /// normalized row is also quantized per token (`DynamicQuant`) in the
+    /// same pass: `(x, [residual,] w, [sum_out,] norm_out, q_out i8, scale_out f32)`.
+    /// `norm_out` is written too (the router reads the float row). Tile: one row.
+    RmsNormQuant { eps: f64, add: bool },
     /// `(q[T, Hq, D], k_cache i8[NB, BS, Hkv, D], v_cache i8[same], block_table,
     /// query_start_loc, context_lens, k_scale[Hkv, D], k_offset[Hkv, D],
     /// v_scale[Hkv, D], v_offset[Hkv, D], out[T, Hq, D])`: [`KernelKind::PagedAttention`]
@@ -534,6 +539,8 @@ impl KernelKind {
             KernelKind::QkvRopeCacheWrite { .. } => "qkv_rope_cache_write",
             KernelKind::PagedAttention { .. } => "paged_attention",
             KernelKind::Quantize => "quantize",
+            KernelKind::RmsNormQuant { add: false, .. } => "rms_norm_quant",
+            KernelKind::RmsNormQuant { add: true, .. } => "add_rms_norm_quant",
             KernelKind::PagedAttentionInt8 { .. } => "paged_attention_int8",
             KernelKind::KvCacheWriteQuant => "kv_cache_write_quant",
             KernelKind::Dequantize => "dequantize",
@@ -559,7 +566,8 @@ impl KernelKind {
     pub fn num_outputs(&self) -> usize {
         match self {
             KernelKind::AddRmsNorm { .. } | KernelKind::MoeGating { .. } | KernelKind::DynamicQuant => 2,
-            KernelKind::MoeRoute => 4,
+            KernelKind::MoeRoute | KernelKind::RmsNormQuant { add: true, .. } => 4,
+            KernelKind::RmsNormQuant { add: false, .. } => 3,
             KernelKind::QkvRopeAppend { .. } | KernelKind::QkvRopeCacheWrite { .. } => 3,
             _ => 1,
         }
@@ -795,7 +803,9 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
         KernelKind::Slice { axis, .. } | KernelKind::RepeatInterleave { axis, .. } => prefix(&last(0).shape, axis + 1),
         KernelKind::CopyInto { axis, .. } => prefix(&args[0].shape, axis + 1),
         KernelKind::RopeTable { .. } | KernelKind::CausalMask => Extent::of(1, &args[0].shape[..1]),
-        KernelKind::RmsNorm { .. } | KernelKind::AddRmsNorm { .. } => rows(&args[0].shape),
+        KernelKind::RmsNorm { .. } | KernelKind::AddRmsNorm { .. } | KernelKind::RmsNormQuant { .. } => {
+            rows(&args[0].shape)
+        }
         KernelKind::Rope => prefix(&args[0].shape, 2),
         KernelKind::Attention { .. } => Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[1].clone()]),
         KernelKind::MoeGating { .. } | KernelKind::MoeCombine { .. } => Extent::of(1, &last(0).shape[..1]),

@@ -123,9 +123,17 @@ fn w8a8_dynamic_checkpoint_compiles_and_matches_the_interpreter_on_every_tier() 
     check("W8A8_DYNAMIC", &q, &pkg);
     let p = program(&pkg);
     let kinds: Vec<&str> = p.kernels.iter().map(|k| k.kind.mnemonic()).collect();
-    for k in ["dynamic_quant", "quant_matmul_per_token"] {
+    for k in ["rms_norm_quant", "quant_matmul_per_token"] {
         assert!(kinds.contains(&k), "{k} in {kinds:?}");
     }
+    // Both norms of a layer quantize their rows themselves (the q/k/v
+    // input, the experts' and shared expert's input); dynamic_quant is left
+    // for the o_proj input and the two down projections' inputs.
+    let launches = |kind: &str| p.launches.iter().filter(|l| p.kernels[l.kernel].kind.mnemonic() == kind).count();
+    let layers = 2;
+    assert_eq!(launches("rms_norm_quant"), 2 * layers);
+    assert_eq!(launches("dynamic_quant"), 3 * layers);
+    eprintln!("W8A8_DYNAMIC: {} launches: {kinds:?}", p.launches.len());
     // int8 weights stay int8 in the package.
     assert!(p.weights.iter().any(|w| w.dtype == DType::I8 && w.name.contains("experts")));
     // ...and no linear weight of a layer is stored as float (the router,

@@ -49,6 +49,7 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::Quantize => quant::quantize(cg, k, false),
         KernelKind::Dequantize => quant::quantize(cg, k, true),
         KernelKind::DynamicQuant => quant::dynamic_quant(cg, k),
+        KernelKind::RmsNormQuant { eps, add } => norm::rms_norm_quant(cg, k, *eps, *add),
         KernelKind::QuantMatMul { per_token } => quant::quant_matmul(cg, k, *per_token),
         // Host-executed by the runtime through its `Collective`.
         KernelKind::Collective { .. } => Ok(()),

@@ -116,29 +116,44 @@ pub(crate) fn dynamic_quant(cg: &mut Cg, k: &Kernel) -> Result<()> {
     let (xp, qp, sp) = (cg.arg(0, x.dtype), cg.arg(1, q.dtype), cg.arg(2, s.dtype));
     cg.for_tiles(|cg, t| {
         let base = cg.mul(t, kd);
-        let amax = cg.alloca(cg.f32t(), "amax");
-        cg.store_v(amax, cg.f32c(0.0));
-        cg.for_range(cg.i64c(0), kd, 1, |cg, i| {
-            let v = cg.load_f(xp, cg.add(base, i), x.dtype);
-            let a = cg.intrinsic("llvm.fabs", &[v.into()]);
-            let m = cg.fmax(cg.load_v(amax), a);
-            cg.store_v(amax, m);
-            Ok(())
-        })?;
-        let scale = cg.fdiv(cg.load_v(amax), cg.f32c(127.0).into()).into_float_value();
-        cg.store_f(sp, t, s.dtype, scale);
-        let zero_row = cg.fcmp(FloatPredicate::OEQ, scale, cg.f32c(0.0));
-        cg.for_range(cg.i64c(0), kd, 1, |cg, i| {
-            let v = cg.load_f(xp, cg.add(base, i), x.dtype);
-            let qv = quantize_value(cg, cg.fdiv(v.into(), scale.into()).into_float_value());
-            let zero = cg.ctx.i8_type().const_zero();
-            let qv = cg.b.build_select(zero_row, zero, qv, "").ok_().into_int_value();
-            cg.store_i(qp, cg.add(base, i), qv);
-            Ok(())
-        })
+        quantize_row(cg, (xp, x.dtype), (qp, q.dtype), (sp, s.dtype), t, base, kd)
     })?;
     cg.finish_kernel();
     Ok(())
+}
+
+/// `dynamic_quant` of row `row` (elements `base..base + len` of `x` and
+/// `q`): `s = max|x| / 127` stored at `s[row]`, `q = quantize(x / s)`, and
+/// zeros for a zero row.
+pub(crate) fn quantize_row<'c>(
+    cg: &mut Cg<'c>,
+    x: (PointerValue<'c>, DType),
+    q: (PointerValue<'c>, DType),
+    s: (PointerValue<'c>, DType),
+    row: IntValue<'c>,
+    base: IntValue<'c>,
+    len: IntValue<'c>,
+) -> Result<()> {
+    let amax = cg.alloca(cg.f32t(), "amax");
+    cg.store_v(amax, cg.f32c(0.0));
+    cg.for_range(cg.i64c(0), len, 1, |cg, i| {
+        let v = cg.load_f(x.0, cg.add(base, i), x.1);
+        let a = cg.intrinsic("llvm.fabs", &[v.into()]);
+        let m = cg.fmax(cg.load_v(amax), a);
+        cg.store_v(amax, m);
+        Ok(())
+    })?;
+    let scale = cg.fdiv(cg.load_v(amax), cg.f32c(127.0).into()).into_float_value();
+    cg.store_f(s.0, row, s.1, scale);
+    let zero_row = cg.fcmp(FloatPredicate::OEQ, scale, cg.f32c(0.0));
+    cg.for_range(cg.i64c(0), len, 1, |cg, i| {
+        let v = cg.load_f(x.0, cg.add(base, i), x.1);
+        let qv = quantize_value(cg, cg.fdiv(v.into(), scale.into()).into_float_value());
+        let zero = cg.ctx.i8_type().const_zero();
+        let qv = cg.b.build_select(zero_row, zero, qv, "").ok_().into_int_value();
+        cg.store_i(q.0, cg.add(base, i), qv);
+        Ok(())
+    })
 }
 
 /// Rows, columns and batch entries of a `[.., rows, cols]` operand.

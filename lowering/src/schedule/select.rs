@@ -48,6 +48,9 @@ pub struct Selector<'a> {
     /// Results of int8 KV ops computed inside their one consumer's kernel
     /// ([`Selector::fuse_int8_kv`]): no launch of their own.
     absorbed: Vec<bool>,
+    /// Norm node -> the `dynamic_quant` of its normalized row, computed by
+    /// the norm's kernel ([`Selector::fuse_norm_quant`]).
+    norm_quant: BTreeMap<usize, usize>,
     p: KernelProgram,
 }
 
@@ -176,6 +179,7 @@ impl<'a> Selector<'a> {
             kv_out: BTreeMap::new(),
             batched,
             absorbed: vec![false; n],
+            norm_quant: BTreeMap::new(),
             p,
         }
     }
@@ -186,6 +190,7 @@ impl<'a> Selector<'a> {
         self.bind_inputs()?;
         let live = self.live_nodes();
         self.fuse_int8_kv(&live);
+        self.fuse_norm_quant(&live);
         for (ni, node) in g.nodes.iter().enumerate() {
             if !live[ni] || node.results.iter().all(|r| self.konst[*r] || self.absorbed[*r]) {
                 continue;
@@ -262,6 +267,41 @@ impl<'a> Selector<'a> {
                 _ => {}
             }
         }
+    }
+
+    /// W8A8_DYNAMIC activations straight out of the norm: a live
+    /// `dynamic_quant` of an `rms_norm` (or of `add_rms_norm`'s normalized
+    /// result) is computed by the norm's kernel (`RmsNormQuant`), which
+    /// still writes the float row for its other readers (the router).
+    fn fuse_norm_quant(&mut self, live: &[bool]) {
+        let g = self.g;
+        for (ni, n) in g.nodes.iter().enumerate() {
+            if !live[ni] || n.op != Op::DynamicQuant || n.results.iter().any(|r| self.absorbed[*r]) {
+                continue;
+            }
+            let Def::Node(norm) = g.values[n.args[0]].def else { continue };
+            let normalized = match g.nodes[norm].op {
+                Op::RmsNorm { .. } => g.nodes[norm].results[0],
+                Op::AddRmsNorm { .. } => g.nodes[norm].results[1],
+                _ => continue,
+            };
+            if normalized != n.args[0] || self.norm_quant.contains_key(&norm) || self.storage[normalized] != DType::F32
+            {
+                continue;
+            }
+            self.norm_quant.insert(norm, ni);
+            n.results.iter().for_each(|r| self.absorbed[*r] = true);
+        }
+    }
+
+    /// A norm (`add`: `add_rms_norm`) and its fused `dynamic_quant` node `dq`.
+    fn norm_with_quant(&mut self, ni: usize, dq: usize, eps: f64, add: bool) -> Result<()> {
+        let g = self.g;
+        let n = &g.nodes[ni];
+        let mut args = n.args.iter().map(|a| self.rm(*a)).collect::<Result<Vec<_>>>()?;
+        args.extend(n.results.iter().map(|r| self.act(*r)));
+        args.extend(g.nodes[dq].results.iter().map(|r| self.act(*r)));
+        self.launch(KernelKind::RmsNormQuant { eps, add }, args)
     }
 
     /// The node defining `v` (a node result).
@@ -632,6 +672,10 @@ impl<'a> Selector<'a> {
                 self.launch(KernelKind::CausalMask, vec![pos, out])?;
             }
             Op::OneHot { depth } => self.simple(ni, KernelKind::OneHot { depth: *depth })?,
+            Op::RmsNorm { eps } | Op::AddRmsNorm { eps } if self.norm_quant.contains_key(&ni) => {
+                let add = matches!(n.op, Op::AddRmsNorm { .. });
+                self.norm_with_quant(ni, self.norm_quant[&ni], *eps, add)?
+            }
             Op::RmsNorm { eps } => self.simple(ni, KernelKind::RmsNorm { eps: *eps })?,
             Op::AddRmsNorm { eps } => self.simple(ni, KernelKind::AddRmsNorm { eps: *eps })?,
             Op::Rope => self.simple(ni, KernelKind::Rope)?,
