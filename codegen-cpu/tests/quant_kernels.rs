@@ -132,7 +132,7 @@ fn dynamic_quant_and_per_token_matmul_match_the_reference_bit_for_bit() {
             }
             let qmm = kernel(
                 "qmm",
-                KernelKind::QuantMatMul { per_token: true },
+                KernelKind::QuantMatMul { per_token: true, bias: false },
                 vec![
                     spec(DType::I8, vec![t.clone(), Dim::c(k)]),
                     spec(DType::I8, wshape.clone()),
@@ -201,7 +201,7 @@ fn static_quant_matmul_and_kv_quantize_match_the_reference_bit_for_bit() {
         );
         let qmm = kernel(
             "qmm",
-            KernelKind::QuantMatMul { per_token: false },
+            KernelKind::QuantMatMul { per_token: false, bias: false },
             vec![
                 spec(DType::I8, vec![t.clone(), Dim::c(k)]),
                 spec(DType::I8, vec![Dim::c(n), Dim::c(k)]),
@@ -288,7 +288,7 @@ fn the_avx512_tier_uses_vnni_and_the_baseline_does_not() {
     let t = Dim::tokens();
     let qmm = kernel(
         "qmm",
-        KernelKind::QuantMatMul { per_token: true },
+        KernelKind::QuantMatMul { per_token: true, bias: false },
         vec![
             spec(DType::I8, vec![t.clone(), Dim::c(256)]),
             spec(DType::I8, vec![Dim::c(8), Dim::c(256)]),

@@ -473,14 +473,15 @@ pub enum KernelKind {
     /// Tile: one row.
     DynamicQuant,
     /// Int8 matmul with exact int32 accumulation and a float epilogue:
-    /// `(xq i8[.., M, K], w i8[.., N, K], a[.., N], b, out f32[.., M, N])`
+    /// `(xq i8[.., M, K], w i8[.., N, K], a[.., N], b, [bias[N],] out f32[.., M, N])`
     /// (an operand without batch dims is shared by every batch entry).
     /// Static W8A8 (`per_token` false): `a` = quant_bias (int), `b` =
     /// deq_scale[.., N] (float, or i64 holding the f32 bits), `out =
     /// f32(acc + a[n]) * b[n]`. W8A8_DYNAMIC (`per_token`): `a` = w_scale
     /// (float or i64-encoded), `b` = x_scale f32[.., M], `out = f32(acc) *
-    /// a[n] * b[m]`. Tile: one output row (batch entry and m).
-    QuantMatMul { per_token: bool },
+    /// a[n] * b[m]`. With `bias` a float `bias[n]` is added last (the
+    /// linear's bias add, fused). Tile: one output row (batch entry and m).
+    QuantMatMul { per_token: bool, bias: bool },
     /// RMSNorm (`add`: with the residual add, as `AddRmsNorm`) whose
     /// normalized row is also quantized per token (`DynamicQuant`) in the
     /// same pass: `(x, [residual,] w, [sum_out,] norm_out, q_out i8, scale_out f32)`.
@@ -545,8 +546,8 @@ impl KernelKind {
             KernelKind::KvCacheWriteQuant => "kv_cache_write_quant",
             KernelKind::Dequantize => "dequantize",
             KernelKind::DynamicQuant => "dynamic_quant",
-            KernelKind::QuantMatMul { per_token: false } => "quant_matmul",
-            KernelKind::QuantMatMul { per_token: true } => "quant_matmul_per_token",
+            KernelKind::QuantMatMul { per_token: false, .. } => "quant_matmul",
+            KernelKind::QuantMatMul { per_token: true, .. } => "quant_matmul_per_token",
             KernelKind::Collective { kind, .. } => match kind {
                 crate::op::CollectiveKind::AllReduce => "all_reduce",
                 crate::op::CollectiveKind::AllGather => "all_gather",

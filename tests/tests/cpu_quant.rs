@@ -133,6 +133,12 @@ fn w8a8_dynamic_checkpoint_compiles_and_matches_the_interpreter_on_every_tier() 
     let layers = 2;
     assert_eq!(launches("rms_norm_quant"), 2 * layers);
     assert_eq!(launches("dynamic_quant"), 3 * layers);
+    // The q/k/v bias adds run in the int8 matmuls' epilogues.
+    let biased = p
+        .launches
+        .iter()
+        .filter(|l| matches!(p.kernels[l.kernel].kind, panguc_ir::kernel::KernelKind::QuantMatMul { bias: true, .. }));
+    assert_eq!(biased.count(), 3 * layers);
     eprintln!("W8A8_DYNAMIC: {} launches: {kinds:?}", p.launches.len());
     // int8 weights stay int8 in the package.
     assert!(p.weights.iter().any(|w| w.dtype == DType::I8 && w.name.contains("experts")));

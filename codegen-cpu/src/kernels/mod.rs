@@ -50,7 +50,7 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::Dequantize => quant::quantize(cg, k, true),
         KernelKind::DynamicQuant => quant::dynamic_quant(cg, k),
         KernelKind::RmsNormQuant { eps, add } => norm::rms_norm_quant(cg, k, *eps, *add),
-        KernelKind::QuantMatMul { per_token } => quant::quant_matmul(cg, k, *per_token),
+        KernelKind::QuantMatMul { per_token, bias } => quant::quant_matmul(cg, k, *per_token, *bias),
         // Host-executed by the runtime through its `Collective`.
         KernelKind::Collective { .. } => Ok(()),
     };

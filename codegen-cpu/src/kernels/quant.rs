@@ -162,9 +162,11 @@ fn matrix(a: &ArgSpec) -> (Dim, Dim, bool) {
     (a.shape[r - 2].clone(), a.shape[r - 1].clone(), r > 2)
 }
 
-/// The int8 matmul with its dequant epilogue; one tile per output row.
-pub(crate) fn quant_matmul(cg: &mut Cg, k: &Kernel, per_token: bool) -> Result<()> {
-    let (x, w, a, b, out) = (&k.args[0], &k.args[1], &k.args[2], &k.args[3], &k.args[4]);
+/// The int8 matmul with its dequant epilogue (and the linear's bias added
+/// last when `bias`); one tile per output row.
+pub(crate) fn quant_matmul(cg: &mut Cg, k: &Kernel, per_token: bool, bias: bool) -> Result<()> {
+    let out_at = if bias { 5 } else { 4 };
+    let (x, w, a, b, out) = (&k.args[0], &k.args[1], &k.args[2], &k.args[3], &k.args[out_at]);
     if x.dtype != DType::I8 || w.dtype != DType::I8 {
         bail!("int8 matmul operands are stored as {} and {}, expected i8", x.dtype, w.dtype);
     }
@@ -174,7 +176,8 @@ pub(crate) fn quant_matmul(cg: &mut Cg, k: &Kernel, per_token: bool) -> Result<(
     cg.begin_kernel(&k.name);
     let (m, kv, n) = (cg.dim(&m)?, cg.i64c(kc as i64), cg.dim(&n)?);
     let (xp, wp) = (cg.arg(0, x.dtype), cg.arg(1, w.dtype));
-    let (ap, bp, op) = (cg.arg(2, a.dtype), cg.arg(3, b.dtype), cg.arg(4, out.dtype));
+    let (ap, bp, op) = (cg.arg(2, a.dtype), cg.arg(3, b.dtype), cg.arg(out_at, out.dtype));
+    let bias_p = bias.then(|| (cg.arg(4, k.args[4].dtype), k.args[4].dtype));
     let vnni = cg.vnni;
     cg.for_tiles(|cg, t| {
         let (batch, row) = (cg.div(t, m), cg.rem(t, m));
@@ -199,6 +202,10 @@ pub(crate) fn quant_matmul(cg: &mut Cg, k: &Kernel, per_token: bool) -> Result<(
                     let f = cg.b.build_signed_int_to_float(with_bias, cg.f32t(), "").ok_();
                     cg.fmul(f.into(), load_scale(cg, bp, c, b.dtype).into())
                 }
+            };
+            let y = match bias_p {
+                Some((p, d)) => cg.fadd(y, cg.load_f(p, j, d).into()),
+                None => y,
             };
             cg.store_f(op, cg.add(obase, j), out.dtype, y.into_float_value());
             Ok(())

@@ -191,6 +191,7 @@ impl<'a> Selector<'a> {
         let live = self.live_nodes();
         self.fuse_int8_kv(&live);
         self.fuse_norm_quant(&live);
+        self.fuse_quant_bias(&live);
         for (ni, node) in g.nodes.iter().enumerate() {
             if !live[ni] || node.results.iter().all(|r| self.konst[*r] || self.absorbed[*r]) {
                 continue;
@@ -218,13 +219,7 @@ impl<'a> Selector<'a> {
     /// keeps its own kernels.
     fn fuse_int8_kv(&mut self, live: &[bool]) {
         let g = self.g;
-        let mut uses = vec![0usize; g.values.len()];
-        for (ni, n) in g.nodes.iter().enumerate() {
-            if live[ni] {
-                n.args.iter().for_each(|a| uses[*a] += 1);
-            }
-        }
-        g.outputs.iter().for_each(|o| uses[*o] += 1);
+        let uses = self.use_counts(live);
         // `v = op(x, scale, offset)` used once, with scale and offset of the
         // shape `per_channel`, and `x` stored as `x_dtype`.
         let qualifies = |v: usize, op: &Op, x_dtype: DType, per_channel: &[Dim]| -> bool {
@@ -292,6 +287,47 @@ impl<'a> Selector<'a> {
             self.norm_quant.insert(norm, ni);
             n.results.iter().for_each(|r| self.absorbed[*r] = true);
         }
+    }
+
+    /// A linear's bias add in the int8 matmul's epilogue: `add(y, bias)`
+    /// where `y` is a `quant_matmul[_per_token]` read only there and `bias`
+    /// a constant `[N]` vector (same result type as `y`).
+    fn fuse_quant_bias(&mut self, live: &[bool]) {
+        let g = self.g;
+        let uses = self.use_counts(live);
+        for (ni, n) in g.nodes.iter().enumerate() {
+            if !live[ni] || n.op != Op::Binary(panguc_ir::op::BinaryOp::Add) {
+                continue;
+            }
+            let (y, bias) = (n.args[0], n.args[1]);
+            let Def::Node(mm) = g.values[y].def else { continue };
+            let is_qmm = matches!(g.nodes[mm].op, Op::QuantMatMul | Op::QuantMatMulPerToken);
+            let n_dim = g.values[y].ty.shape.last().cloned();
+            if is_qmm
+                && uses[y] == 1
+                && self.konst[bias]
+                && !self.konst[y]
+                && self.storage[bias].is_float()
+                && g.values[bias].ty.shape.len() == 1
+                && g.values[bias].ty.shape.last().cloned() == n_dim
+                && g.values[n.results[0]].ty == g.values[y].ty
+            {
+                self.absorbed[y] = true;
+            }
+        }
+    }
+
+    /// How many live nodes (and entry outputs) read each value.
+    fn use_counts(&self, live: &[bool]) -> Vec<usize> {
+        let g = self.g;
+        let mut uses = vec![0usize; g.values.len()];
+        for (ni, n) in g.nodes.iter().enumerate() {
+            if live[ni] {
+                n.args.iter().for_each(|a| uses[*a] += 1);
+            }
+        }
+        g.outputs.iter().for_each(|o| uses[*o] += 1);
+        uses
     }
 
     /// A norm (`add`: `add_rms_norm`) and its fused `dynamic_quant` node `dq`.
@@ -626,6 +662,20 @@ impl<'a> Selector<'a> {
             }
             Op::Cast { .. } => self.elementwise(ni, ElemOp::Convert)?,
             Op::Unary(u) => self.elementwise(ni, ElemOp::Unary(*u))?,
+            Op::Binary(_)
+                if self.absorbed[arg(0)]
+                    && self
+                        .def_node(arg(0))
+                        .is_ok_and(|m| matches!(m.op, Op::QuantMatMul | Op::QuantMatMulPerToken)) =>
+            {
+                // `quant_matmul + bias` ([`Selector::fuse_quant_bias`]).
+                let mm = self.def_node(arg(0))?;
+                let per_token = mm.op == Op::QuantMatMulPerToken;
+                let mut args = mm.args.iter().map(|a| self.rm(*a)).collect::<Result<Vec<_>>>()?;
+                args.push(self.rm(arg(1))?);
+                args.push(self.act(r0));
+                self.launch(KernelKind::QuantMatMul { per_token, bias: true }, args)?;
+            }
             Op::Binary(b) => self.elementwise(ni, ElemOp::Binary(*b))?,
             Op::SwiGlu => self.elementwise(ni, ElemOp::SwiGlu)?,
             Op::Gather => self.simple(ni, KernelKind::Gather)?,
@@ -737,8 +787,8 @@ impl<'a> Selector<'a> {
             Op::Quantize => self.simple(ni, KernelKind::Quantize)?,
             Op::Dequantize => self.simple(ni, KernelKind::Dequantize)?,
             Op::DynamicQuant => self.simple(ni, KernelKind::DynamicQuant)?,
-            Op::QuantMatMul => self.simple(ni, KernelKind::QuantMatMul { per_token: false })?,
-            Op::QuantMatMulPerToken => self.simple(ni, KernelKind::QuantMatMul { per_token: true })?,
+            Op::QuantMatMul => self.simple(ni, KernelKind::QuantMatMul { per_token: false, bias: false })?,
+            Op::QuantMatMulPerToken => self.simple(ni, KernelKind::QuantMatMul { per_token: true, bias: false })?,
             Op::GroupedQuantMatMul => {
                 bail!("`{}` (an int8 quantization op) has no kernel yet; only the interpreter runs it", n.op.mnemonic())
             }
