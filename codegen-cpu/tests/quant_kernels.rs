@@ -104,7 +104,8 @@ fn random_i8(rng: &mut impl Rng, n: usize) -> Vec<i64> {
 }
 
 /// Dynamic per-token quantization, a zero row included, and the W8A8_DYNAMIC
-/// matmul against shared and stacked (per-expert) weights, for contraction
+/// matmul against shared and stacked (per-expert) weights (whole and partial
+/// blocks of 16 output columns per tile), for contraction
 /// lengths with and without a VNNI tail (64 = one step, 200 = 3 steps + 8,
 /// 24 = tail only).
 #[test]
@@ -112,7 +113,8 @@ fn dynamic_quant_and_per_token_matmul_match_the_reference_bit_for_bit() {
     let t = Dim::tokens();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
     for tier_name in runnable_tiers() {
-        for (k, n, experts) in [(64usize, 5usize, 0usize), (200, 7, 3), (24, 3, 2)] {
+        // N = 37: two full column blocks and a partial one.
+        for (k, n, experts) in [(64usize, 5usize, 0usize), (200, 37, 3), (24, 3, 2)] {
             let dq = kernel(
                 "dq",
                 KernelKind::DynamicQuant,
@@ -172,7 +174,9 @@ fn dynamic_quant_and_per_token_matmul_match_the_reference_bit_for_bit() {
                 assert_eq!(bits(&f32s(&b[2])), bits(want_q[1].as_f32()), "{tier_name} k={k}: scales");
                 let out_len = batches * m * n;
                 let mut c = vec![b[1].clone(), i8_bytes(&w), f32_bytes(&ws), b[2].clone(), vec![0u8; out_len * 4]];
-                run(get("qmm").unwrap(), &mut c, m, (batches * m) as u64);
+                let tiles = qmm.tiles.eval(&panguc_ir::shape::bindings(m, 0)).unwrap();
+                assert_eq!(tiles as usize, batches * n.div_ceil(16));
+                run(get("qmm").unwrap(), &mut c, m, tiles);
                 assert_eq!(bits(&f32s(&c[4])), bits(want.as_f32()), "{tier_name} k={k} experts={experts}: matmul");
             })
             .unwrap();
@@ -260,6 +264,7 @@ fn static_quant_matmul_and_kv_quantize_match_the_reference_bit_for_bit() {
         let bf_bytes =
             |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect() };
 
+        let qmm_tiles = qmm.tiles.eval(&panguc_ir::shape::bindings(m, 0)).unwrap();
         let p = program(vec![quantize, qmm, kvq, kvd]);
         with_jit(&p, &tier(tier_name), |get| {
             let mut b = vec![f32_bytes(&x), f32_bytes(&[s]), f32_bytes(&[o]), vec![0u8; m * k]];
@@ -268,7 +273,7 @@ fn static_quant_matmul_and_kv_quantize_match_the_reference_bit_for_bit() {
             let bias_bytes: Vec<u8> = bias.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect();
             let deq_bytes: Vec<u8> = deq.iter().flat_map(|v| v.to_le_bytes()).collect();
             let mut c = vec![b[3].clone(), i8_bytes(&w), bias_bytes, deq_bytes, vec![0u8; m * n * 4]];
-            run(get("qmm").unwrap(), &mut c, m, m as u64);
+            run(get("qmm").unwrap(), &mut c, m, qmm_tiles);
             assert_eq!(bits(&f32s(&c[4])), bits(want.as_f32()), "{tier_name}: static matmul");
             let mut d = vec![f32_bytes(&kv), bf_bytes(&kv_s), bf_bytes(&kv_o), vec![0u8; m * 8]];
             run(get("kvq").unwrap(), &mut d, m, (m * 2) as u64);

@@ -30,6 +30,9 @@ use crate::DType;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 
+/// Output columns per tile of a [`KernelKind::QuantMatMul`].
+pub const QUANT_MATMUL_COLS: usize = 16;
+
 /// Bumped whenever the serialized form changes meaning.
 pub const KERNEL_PROGRAM_VERSION: u32 = 1;
 
@@ -480,7 +483,10 @@ pub enum KernelKind {
     /// f32(acc + a[n]) * b[n]`. W8A8_DYNAMIC (`per_token`): `a` = w_scale
     /// (float or i64-encoded), `b` = x_scale f32[.., M], `out = f32(acc) *
     /// a[n] * b[m]`. With `bias` a float `bias[n]` is added last (the
-    /// linear's bias add, fused). Tile: one output row (batch entry and m).
+    /// linear's bias add, fused). Tile: one batch entry's block of
+    /// [`QUANT_MATMUL_COLS`] output columns over all M rows (the block's
+    /// weight rows stay in cache while every row reads them, and a decode
+    /// step still has N / 16 tiles to spread over threads).
     QuantMatMul { per_token: bool, bias: bool },
     /// RMSNorm (`add`: with the residual add, as `AddRmsNorm`) whose
     /// normalized row is also quantized per token (`DynamicQuant`) in the
@@ -781,8 +787,15 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
         | KernelKind::Transpose { .. }
         | KernelKind::MatMul { .. }
         | KernelKind::Quantize
-        | KernelKind::Dequantize
-        | KernelKind::QuantMatMul { .. } => rows(&last(0).shape),
+        | KernelKind::Dequantize => rows(&last(0).shape),
+        KernelKind::QuantMatMul { .. } => {
+            let out = &last(0).shape;
+            let r = out.len();
+            let n = cst(&out[r - 1], "int8 matmul N")?;
+            let mut e = prefix(out, r - 2);
+            e.factor *= n.div_ceil(QUANT_MATMUL_COLS) as u64;
+            e
+        }
         KernelKind::DynamicQuant => rows(&args[0].shape),
         KernelKind::Gather | KernelKind::OneHot { .. } => Extent::of(1, &args[args.len() - 2].shape),
         KernelKind::Gemm { .. } => {
@@ -854,7 +867,12 @@ pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
         KernelKind::MoeGateUp | KernelKind::MoeGroupedGateUp | KernelKind::MoeDown => {
             panel(&args[args.len() - 2], &args[0].shape[1], &Dim::c(1))
         }
-        KernelKind::MatMul { .. } | KernelKind::QuantMatMul { .. } => {
+        KernelKind::QuantMatMul { .. } => {
+            // A block of columns over every row: 2 ops per int8 product.
+            let (a, out) = (&args[0], args.last().expect("out"));
+            Extent::of(2 * QUANT_MATMUL_COLS as u64, &[last(a), out.shape[out.shape.len() - 2].clone()])
+        }
+        KernelKind::MatMul { .. } => {
             let a = &args[0];
             let out = args.last().expect("out");
             Extent::of(2, &[last(a), last(out)])

@@ -22,7 +22,7 @@ use inkwell::intrinsics::Intrinsic;
 
 use inkwell::values::{BasicValue, BasicValueEnum, FloatValue, IntValue, PointerValue};
 use inkwell::FloatPredicate;
-use panguc_ir::kernel::{ArgSpec, Kernel};
+use panguc_ir::kernel::{ArgSpec, Kernel, QUANT_MATMUL_COLS};
 use panguc_ir::{DType, Dim};
 
 /// `clamp(round_half_even(v), -128, 127)` as an i8; NaN gives 0.
@@ -174,41 +174,50 @@ pub(crate) fn quant_matmul(cg: &mut Cg, k: &Kernel, per_token: bool, bias: bool)
     let (n, _, w_batched) = matrix(w);
     let kc = kd.as_const().ok_or_else(|| anyhow::anyhow!("int8 matmul contraction dim must be static, found {kd}"))?;
     cg.begin_kernel(&k.name);
-    let (m, kv, n) = (cg.dim(&m)?, cg.i64c(kc as i64), cg.dim(&n)?);
+    let nc = n.as_const().ok_or_else(|| anyhow::anyhow!("int8 matmul N must be static, found {n}"))?;
+    let blocks = cg.i64c(nc.div_ceil(QUANT_MATMUL_COLS) as i64);
+    let (m, kv, n) = (cg.dim(&m)?, cg.i64c(kc as i64), cg.i64c(nc as i64));
     let (xp, wp) = (cg.arg(0, x.dtype), cg.arg(1, w.dtype));
     let (ap, bp, op) = (cg.arg(2, a.dtype), cg.arg(3, b.dtype), cg.arg(out_at, out.dtype));
     let bias_p = bias.then(|| (cg.arg(4, k.args[4].dtype), k.args[4].dtype));
     let vnni = cg.vnni;
+    // A tile: one batch entry's block of columns, for every row in turn
+    // (the block's weight rows are reused from cache by each row).
     cg.for_tiles(|cg, t| {
-        let (batch, row) = (cg.div(t, m), cg.rem(t, m));
-        let x_row = if x_batched { t } else { row };
-        let xbase = cg.mul(x_row, kv);
+        let (batch, blk) = (cg.div(t, blocks), cg.rem(t, blocks));
+        let j0 = cg.mul(blk, cg.i64c(QUANT_MATMUL_COLS as i64));
+        let j1 = cg.min(cg.add(j0, cg.i64c(QUANT_MATMUL_COLS as i64)), n);
         // First weight row / per-channel element of this batch entry.
         let wrow0 = if w_batched { cg.mul(batch, n) } else { cg.i64c(0) };
-        let obase = cg.mul(t, n);
-        // The per-token scale is the same for the whole row.
-        let x_scale = per_token.then(|| cg.load_f(bp, x_row, b.dtype));
-        cg.for_range(cg.i64c(0), n, 1, |cg, j| {
-            let c = cg.add(wrow0, j);
-            let acc = dot_i8(cg, cg.gep(xp, xbase), cg.gep(wp, cg.mul(c, kv)), kc, vnni)?;
-            let y = match x_scale {
-                Some(xs) => {
-                    let f = cg.b.build_signed_int_to_float(acc, cg.f32t(), "").ok_();
-                    let ws = load_scale(cg, ap, c, a.dtype);
-                    cg.fmul(cg.fmul(f.into(), ws.into()), xs.into())
-                }
-                None => {
-                    let with_bias = cg.b.build_int_add(acc, load_i32(cg, ap, c), "").ok_();
-                    let f = cg.b.build_signed_int_to_float(with_bias, cg.f32t(), "").ok_();
-                    cg.fmul(f.into(), load_scale(cg, bp, c, b.dtype).into())
-                }
-            };
-            let y = match bias_p {
-                Some((p, d)) => cg.fadd(y, cg.load_f(p, j, d).into()),
-                None => y,
-            };
-            cg.store_f(op, cg.add(obase, j), out.dtype, y.into_float_value());
-            Ok(())
+        cg.for_range(cg.i64c(0), m, 1, |cg, row| {
+            let out_row = cg.add(cg.mul(batch, m), row);
+            let x_row = if x_batched { out_row } else { row };
+            let xbase = cg.mul(x_row, kv);
+            let obase = cg.mul(out_row, n);
+            // The per-token scale is the same for the whole row.
+            let x_scale = per_token.then(|| cg.load_f(bp, x_row, b.dtype));
+            cg.for_range(j0, j1, 1, |cg, j| {
+                let c = cg.add(wrow0, j);
+                let acc = dot_i8(cg, cg.gep(xp, xbase), cg.gep(wp, cg.mul(c, kv)), kc, vnni)?;
+                let y = match x_scale {
+                    Some(xs) => {
+                        let f = cg.b.build_signed_int_to_float(acc, cg.f32t(), "").ok_();
+                        let ws = load_scale(cg, ap, c, a.dtype);
+                        cg.fmul(cg.fmul(f.into(), ws.into()), xs.into())
+                    }
+                    None => {
+                        let with_bias = cg.b.build_int_add(acc, load_i32(cg, ap, c), "").ok_();
+                        let f = cg.b.build_signed_int_to_float(with_bias, cg.f32t(), "").ok_();
+                        cg.fmul(f.into(), load_scale(cg, bp, c, b.dtype).into())
+                    }
+                };
+                let y = match bias_p {
+                    Some((p, d)) => cg.fadd(y, cg.load_f(p, j, d).into()),
+                    None => y,
+                };
+                cg.store_f(op, cg.add(obase, j), out.dtype, y.into_float_value());
+                Ok(())
+            })
         })
     })?;
     cg.finish_kernel();
