@@ -55,6 +55,8 @@ pub(crate) struct Cg<'ctx> {
     pub scratch: Option<PointerValue<'ctx>>,
     /// GEMMs on bf16 weights use `vdpbf16ps` (see `kernels::gemm`).
     pub bf16_dot: bool,
+    /// Int8 dot products use AVX-512 VNNI `vpdpbusd` (see `kernels::quant`).
+    pub vnni: bool,
 }
 
 impl<'ctx> Cg<'ctx> {
@@ -74,6 +76,7 @@ impl<'ctx> Cg<'ctx> {
             end: None,
             scratch: None,
             bf16_dot: false,
+            vnni: false,
         }
     }
 

@@ -65,6 +65,12 @@ impl HostTarget {
         self.has("avx512bf16")
     }
 
+    /// True when int8 dot products use AVX-512 VNNI (`vpdpbusd` on 512-bit
+    /// registers); otherwise the widening multiply-add (`vpmaddwd` on AVX2).
+    pub fn int8_vnni(&self) -> bool {
+        self.has("avx512vnni") && self.has("avx512bw")
+    }
+
     /// The widest f32 vector the features allow, in lanes.
     pub fn vector_lanes(&self) -> u32 {
         let has = |f: &str| self.has(f);
@@ -159,6 +165,7 @@ fn build_module<'c>(
     Target::initialize_native(&InitializationConfig::default()).map_err(|e| anyhow!("LLVM native target: {e}"))?;
     let mut cg = cg::Cg::new(ctx, "panguc_kernels", program.symbols.clone(), &target.cpu, &target.features);
     cg.bf16_dot = target.bf16_dot();
+    cg.vnni = target.int8_vnni();
     for k in &program.kernels {
         kernels::emit(&mut cg, k)?;
     }

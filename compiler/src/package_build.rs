@@ -523,6 +523,18 @@ fn encode(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
             v.iter().for_each(|x| out.extend(half::f16::from_f32(*x).to_le_bytes()))
         }
         (panguc_ir::TensorData::I64(v), DType::I64) => v.iter().for_each(|x| out.extend(x.to_le_bytes())),
+        // int8 weights and int32 quant biases: the interpreter holds them
+        // as i64; a value outside the storage range is a corrupt tensor.
+        (panguc_ir::TensorData::I64(v), DType::I8) => {
+            for x in v {
+                out.extend(i8::try_from(*x).map_err(|_| anyhow!("int8 weight holds {x}"))?.to_le_bytes())
+            }
+        }
+        (panguc_ir::TensorData::I64(v), DType::I32) => {
+            for x in v {
+                out.extend(i32::try_from(*x).map_err(|_| anyhow!("int32 weight holds {x}"))?.to_le_bytes())
+            }
+        }
         (_, d) => bail!("cannot store a weight as {d}"),
     }
     Ok(out)

@@ -453,3 +453,26 @@ fn expert_aware_smoothing_wins_back_planted_outliers() {
     );
     assert!(smoothed < 0.5 * plain, "smoothing should win back most of the outlier error: {plain} vs {smoothed}");
 }
+
+/// `panguc quantize --scheme w8a8-dynamic`, `panguc compile --target cpu`
+/// and `panguc run` on the package (the compiled batched engine, int8
+/// kernels) give the tokens `panguc run --engine interp-paged` gives.
+#[test]
+fn cli_compiles_a_quantized_checkpoint_for_the_cpu_and_runs_it_like_the_interpreter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (q, pkg) = (tmp.path().join("q"), tmp.path().join("pkg"));
+    let (qs, ps) = (q.to_str().unwrap(), pkg.to_str().unwrap());
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-pangu");
+    let out = panguc(&["quantize", tiny.to_str().unwrap(), "-o", qs, "--scheme", "w8a8-dynamic"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = panguc(&["compile", qs, "--target", "cpu", "-o", ps]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = |model: &str, engine: &[&str]| {
+        let mut args = vec!["run", model, "--tokens", "1,17,42,99", "--tokens", "5,6", "--max-new-tokens", "4"];
+        args.extend(engine);
+        let o = panguc(&args);
+        assert!(o.status.success(), "{model} {engine:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(run(ps, &[]), run(qs, &["--engine", "interp-paged"]));
+}

@@ -30,6 +30,9 @@ use crate::DType;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 
+/// Output columns per tile of a [`KernelKind::QuantMatMul`].
+pub const QUANT_MATMUL_COLS: usize = 16;
+
 /// Bumped whenever the serialized form changes meaning.
 pub const KERNEL_PROGRAM_VERSION: u32 = 1;
 
@@ -460,6 +463,48 @@ pub enum KernelKind {
     /// KV head) with all its query heads. Per-thread scratch: `Hq/Hkv` rows
     /// of `max_blocks * block_size` scores.
     PagedAttention { scale: f64 },
+    // ---- int8 quantization (meaning in `crate::interp::quant`) ----
+    /// `(x float, scale float, offset float, out i8)`, numpy-broadcast to
+    /// `out`: `clamp(round_half_even(x / scale + offset), -128, 127)` (NaN
+    /// gives 0). Tile: one row of `out`.
+    Quantize,
+    /// `(q i8, scale float, offset float, out f32)`, broadcast like
+    /// `Quantize`: `(q - offset) * scale`. Tile: one row of `out`.
+    Dequantize,
+    /// `(x[.., K] float, q_out i8[.., K], scale_out f32[..])`: per-row
+    /// `s = max|x| / 127`, `q = quantize(x / s)` (zeros for a zero row).
+    /// Tile: one row.
+    DynamicQuant,
+    /// Int8 matmul with exact int32 accumulation and a float epilogue:
+    /// `(xq i8[.., M, K], w i8[.., N, K], a[.., N], b, [bias[N],] out f32[.., M, N])`
+    /// (an operand without batch dims is shared by every batch entry).
+    /// Static W8A8 (`per_token` false): `a` = quant_bias (int), `b` =
+    /// deq_scale[.., N] (float, or i64 holding the f32 bits), `out =
+    /// f32(acc + a[n]) * b[n]`. W8A8_DYNAMIC (`per_token`): `a` = w_scale
+    /// (float or i64-encoded), `b` = x_scale f32[.., M], `out = f32(acc) *
+    /// a[n] * b[m]`. With `bias` a float `bias[n]` is added last (the
+    /// linear's bias add, fused). Tile: one batch entry's block of
+    /// [`QUANT_MATMUL_COLS`] output columns over all M rows (the block's
+    /// weight rows stay in cache while every row reads them, and a decode
+    /// step still has N / 16 tiles to spread over threads).
+    QuantMatMul { per_token: bool, bias: bool },
+    /// RMSNorm (`add`: with the residual add, as `AddRmsNorm`) whose
+    /// normalized row is also quantized per token (`DynamicQuant`) in the
+    /// same pass: `(x, [residual,] w, [sum_out,] norm_out, q_out i8, scale_out f32)`.
+    /// `norm_out` is written too (the router reads the float row). Tile: one row.
+    RmsNormQuant { eps: f64, add: bool },
+    /// `(q[T, Hq, D], k_cache i8[NB, BS, Hkv, D], v_cache i8[same], block_table,
+    /// query_start_loc, context_lens, k_scale[Hkv, D], k_offset[Hkv, D],
+    /// v_scale[Hkv, D], v_offset[Hkv, D], out[T, Hq, D])`: [`KernelKind::PagedAttention`]
+    /// over an int8 (C8) cache, each key and value element dequantized
+    /// per channel (`(q - offset) * scale`, f32) as it is read, so no float
+    /// copy of the cache is made. Tile and scratch as `PagedAttention`.
+    PagedAttentionInt8 { scale: f64 },
+    /// `(new f32[T, Hkv, D], slots[T] i64, scale[Hkv, D], offset[Hkv, D],
+    /// cache i8[num_blocks, block_size, Hkv, D])`: [`KernelKind::KvCacheWrite`]
+    /// of the rows quantized per channel (`Quantize` semantics) on the way
+    /// into the int8 cache. Tile: one token.
+    KvCacheWriteQuant,
     /// `(in, out)` f32: a collective over the global ranks `group` with the
     /// semantics of `panguc_ir::multirank` (sum reduction; `axis` for the
     /// gathering/scattering kinds). Host-executed: code generators emit no
@@ -500,6 +545,15 @@ impl KernelKind {
             KernelKind::KvCacheWrite => "kv_cache_write",
             KernelKind::QkvRopeCacheWrite { .. } => "qkv_rope_cache_write",
             KernelKind::PagedAttention { .. } => "paged_attention",
+            KernelKind::Quantize => "quantize",
+            KernelKind::RmsNormQuant { add: false, .. } => "rms_norm_quant",
+            KernelKind::RmsNormQuant { add: true, .. } => "add_rms_norm_quant",
+            KernelKind::PagedAttentionInt8 { .. } => "paged_attention_int8",
+            KernelKind::KvCacheWriteQuant => "kv_cache_write_quant",
+            KernelKind::Dequantize => "dequantize",
+            KernelKind::DynamicQuant => "dynamic_quant",
+            KernelKind::QuantMatMul { per_token: false, .. } => "quant_matmul",
+            KernelKind::QuantMatMul { per_token: true, .. } => "quant_matmul_per_token",
             KernelKind::Collective { kind, .. } => match kind {
                 crate::op::CollectiveKind::AllReduce => "all_reduce",
                 crate::op::CollectiveKind::AllGather => "all_gather",
@@ -518,8 +572,9 @@ impl KernelKind {
     /// Number of trailing arguments that the kernel writes.
     pub fn num_outputs(&self) -> usize {
         match self {
-            KernelKind::AddRmsNorm { .. } | KernelKind::MoeGating { .. } => 2,
-            KernelKind::MoeRoute => 4,
+            KernelKind::AddRmsNorm { .. } | KernelKind::MoeGating { .. } | KernelKind::DynamicQuant => 2,
+            KernelKind::MoeRoute | KernelKind::RmsNormQuant { add: true, .. } => 4,
+            KernelKind::RmsNormQuant { add: false, .. } => 3,
             KernelKind::QkvRopeAppend { .. } | KernelKind::QkvRopeCacheWrite { .. } => 3,
             _ => 1,
         }
@@ -728,9 +783,20 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
     let rows = |shape: &[Dim]| prefix(shape, shape.len().saturating_sub(1));
     let cst = |d: &Dim, what: &str| d.as_const().ok_or_else(|| format!("{what} must be static, found {d}"));
     Ok(match kind {
-        KernelKind::Elementwise { .. } | KernelKind::Transpose { .. } | KernelKind::MatMul { .. } => {
-            rows(&last(0).shape)
+        KernelKind::Elementwise { .. }
+        | KernelKind::Transpose { .. }
+        | KernelKind::MatMul { .. }
+        | KernelKind::Quantize
+        | KernelKind::Dequantize => rows(&last(0).shape),
+        KernelKind::QuantMatMul { .. } => {
+            let out = &last(0).shape;
+            let r = out.len();
+            let n = cst(&out[r - 1], "int8 matmul N")?;
+            let mut e = prefix(out, r - 2);
+            e.factor *= n.div_ceil(QUANT_MATMUL_COLS) as u64;
+            e
         }
+        KernelKind::DynamicQuant => rows(&args[0].shape),
         KernelKind::Gather | KernelKind::OneHot { .. } => Extent::of(1, &args[args.len() - 2].shape),
         KernelKind::Gemm { .. } => {
             let out = &last(0).shape;
@@ -751,14 +817,19 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
         KernelKind::Slice { axis, .. } | KernelKind::RepeatInterleave { axis, .. } => prefix(&last(0).shape, axis + 1),
         KernelKind::CopyInto { axis, .. } => prefix(&args[0].shape, axis + 1),
         KernelKind::RopeTable { .. } | KernelKind::CausalMask => Extent::of(1, &args[0].shape[..1]),
-        KernelKind::RmsNorm { .. } | KernelKind::AddRmsNorm { .. } => rows(&args[0].shape),
+        KernelKind::RmsNorm { .. } | KernelKind::AddRmsNorm { .. } | KernelKind::RmsNormQuant { .. } => {
+            rows(&args[0].shape)
+        }
         KernelKind::Rope => prefix(&args[0].shape, 2),
         KernelKind::Attention { .. } => Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[1].clone()]),
         KernelKind::MoeGating { .. } | KernelKind::MoeCombine { .. } => Extent::of(1, &last(0).shape[..1]),
-        KernelKind::QkvRopeAppend { .. } | KernelKind::QkvRopeCacheWrite { .. } | KernelKind::KvCacheWrite => {
-            Extent::of(1, &args[0].shape[..1])
+        KernelKind::QkvRopeAppend { .. }
+        | KernelKind::QkvRopeCacheWrite { .. }
+        | KernelKind::KvCacheWrite
+        | KernelKind::KvCacheWriteQuant => Extent::of(1, &args[0].shape[..1]),
+        KernelKind::PagedAttention { .. } | KernelKind::PagedAttentionInt8 { .. } => {
+            Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[2].clone()])
         }
-        KernelKind::PagedAttention { .. } => Extent::of(1, &[args[0].shape[0].clone(), args[1].shape[2].clone()]),
         KernelKind::MoeRoute | KernelKind::Collective { .. } => Extent::constant(1),
         KernelKind::MoeGateUp | KernelKind::MoeGroupedGateUp | KernelKind::MoeDown => {
             // The expert weight is the operand before the output.
@@ -796,6 +867,11 @@ pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
         KernelKind::MoeGateUp | KernelKind::MoeGroupedGateUp | KernelKind::MoeDown => {
             panel(&args[args.len() - 2], &args[0].shape[1], &Dim::c(1))
         }
+        KernelKind::QuantMatMul { .. } => {
+            // A block of columns over every row: 2 ops per int8 product.
+            let (a, out) = (&args[0], args.last().expect("out"));
+            Extent::of(2 * QUANT_MATMUL_COLS as u64, &[last(a), out.shape[out.shape.len() - 2].clone()])
+        }
         KernelKind::MatMul { .. } => {
             let a = &args[0];
             let out = args.last().expect("out");
@@ -809,7 +885,7 @@ pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
             };
             Extent::of(4 * group, &[k.shape[0].clone(), last(q)])
         }
-        KernelKind::PagedAttention { .. } => {
+        KernelKind::PagedAttention { .. } | KernelKind::PagedAttentionInt8 { .. } => {
             // Up to a whole block table of keys per row.
             let (q, k, table) = (&args[0], &args[1], &args[3]);
             let group = match (q.shape[1].as_const(), k.shape[2].as_const()) {

@@ -48,7 +48,11 @@ pub fn load_function(module: &Module, f: &Function) -> Loaded {
     let outs: Vec<Id> = f.outputs.iter().map(|o| cls[o.index()].expect("verified output")).collect();
     let root = eg.add(TLang::Outputs(outs.into_boxed_slice()));
     eg.rebuild();
-    let value_class = cls.into_iter().map(|c| eg.find(c.expect("every value is defined"))).collect();
+    // A value no node defines and no node reads (a weight parameter the
+    // importer dropped as unused: a static W8A8 module's folded bias) has
+    // no class of its own; it stands in the root's so the table stays
+    // indexed by value. Nothing refers to it, so nothing is emitted for it.
+    let value_class = cls.into_iter().map(|c| eg.find(c.unwrap_or(root))).collect();
     Loaded { egraph: eg, root, value_class }
 }
 

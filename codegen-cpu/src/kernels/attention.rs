@@ -13,7 +13,8 @@
 
 use crate::cg::{Cg, Ok_};
 use anyhow::{anyhow, Result};
-use inkwell::values::{IntValue, PointerValue, VectorValue};
+use inkwell::values::{BasicValue, FloatValue, IntValue, PointerValue, VectorValue};
+use inkwell::AddressSpace;
 use panguc_ir::kernel::Kernel;
 use panguc_ir::DType;
 
@@ -42,11 +43,43 @@ struct TileKeys<'c, 'a> {
     row: &'a dyn Fn(&Cg<'c>, IntValue<'c>) -> IntValue<'c>,
 }
 
+/// Per-channel dequantization of an int8 cache: `(q - offset) * scale`
+/// with `[Hkv, D]` scale and offset (element `kh * D + d`).
+struct Dequant<'c> {
+    scale: (PointerValue<'c>, DType),
+    offset: (PointerValue<'c>, DType),
+}
+
+impl<'c> Dequant<'c> {
+    /// Element `i` of an int8 cache, channel `ch`, as f32 (scalar).
+    fn scalar(&self, cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, ch: IntValue<'c>) -> FloatValue<'c> {
+        let q = cg.load_i(p, i);
+        let qf = cg.b.build_signed_int_to_float(q, cg.f32t(), "").ok_();
+        let o = cg.load_f(self.offset.0, ch, self.offset.1);
+        let s = cg.load_f(self.scale.0, ch, self.scale.1);
+        cg.fmul(cg.fsub(qf.into(), o.into()), s.into()).into_float_value()
+    }
+
+    /// `n` consecutive elements from `i` (channels from `ch`) as f32 lanes.
+    fn lanes(&self, cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, ch: IntValue<'c>, n: u32) -> VectorValue<'c> {
+        let vty = cg.ctx.i8_type().vec_type(n);
+        let vp = cg.b.build_pointer_cast(cg.gep(p, i), vty.ptr_type(AddressSpace::default()), "").ok_();
+        let raw = cg.b.build_load(vp, "").ok_();
+        raw.as_instruction_value().expect("load").set_alignment(1).ok_();
+        let qf = cg.b.build_signed_int_to_float(raw.into_vector_value(), cg.vec_f32(n), "").ok_();
+        let o = cg.load_vec(self.offset.0, ch, self.offset.1, n);
+        let s = cg.load_vec(self.scale.0, ch, self.scale.1, n);
+        cg.fmul(cg.fsub(qf.into(), o.into()), s.into()).into_vector_value()
+    }
+}
+
 /// Buffers and sizes shared by both attention kernels.
 struct AttnArgs<'c> {
     q: (PointerValue<'c>, DType),
     k: (PointerValue<'c>, DType),
     v: (PointerValue<'c>, DType),
+    /// Int8 caches: how to dequantize K and V (the cache dtypes are i8).
+    kv_dequant: Option<[Dequant<'c>; 2]>,
     out: (PointerValue<'c>, DType),
     hq: usize,
     d: usize,
@@ -68,6 +101,7 @@ pub(crate) fn attention<'c>(cg: &mut Cg<'c>, k: &Kernel, scale: f64) -> Result<(
         q: (cg.arg(0, q.dtype), q.dtype),
         k: (cg.arg(1, kk.dtype), kk.dtype),
         v: (cg.arg(2, v.dtype), v.dtype),
+        kv_dequant: None,
         out: (cg.arg(4, out.dtype), out.dtype),
         hq,
         d,
@@ -95,8 +129,17 @@ pub(crate) fn attention<'c>(cg: &mut Cg<'c>, k: &Kernel, scale: f64) -> Result<(
 /// `block_table[s][j / BS] * BS + j % BS`. The runtime validates the
 /// metadata (`StepMetadata::validate`) before a step, so every slot read is
 /// inside the cache.
-pub(crate) fn paged_attention<'c>(cg: &mut Cg<'c>, k: &Kernel, scale: f64) -> Result<()> {
-    let (q, kc, v, table, out) = (&k.args[0], &k.args[1], &k.args[2], &k.args[3], &k.args[6]);
+///
+/// With `int8` (`PagedAttentionInt8`) the caches are int8 and four more
+/// operands before `out` give the K and V per-channel scales and offsets:
+/// each element is dequantized as it is loaded, with the arithmetic of the
+/// reference's `dequantize`, so the scores match the unfused ops exactly.
+pub(crate) fn paged_attention<'c>(cg: &mut Cg<'c>, k: &Kernel, scale: f64, int8: bool) -> Result<()> {
+    let out_at = if int8 { 10 } else { 6 };
+    let (q, kc, v, table, out) = (&k.args[0], &k.args[1], &k.args[2], &k.args[3], &k.args[out_at]);
+    if int8 && (kc.dtype != DType::I8 || v.dtype != DType::I8) {
+        anyhow::bail!("int8 paged attention over {} and {} caches", kc.dtype, v.dtype);
+    }
     let (hq, d) = (static_dim(&q.shape[1])?, static_dim(&q.shape[2])?);
     let (bs, hkv) = (static_dim(&kc.shape[1])?, static_dim(&kc.shape[2])?);
     cg.begin_kernel(&k.name);
@@ -108,7 +151,14 @@ pub(crate) fn paged_attention<'c>(cg: &mut Cg<'c>, k: &Kernel, scale: f64) -> Re
         q: (cg.arg(0, q.dtype), q.dtype),
         k: (cg.arg(1, kc.dtype), kc.dtype),
         v: (cg.arg(2, v.dtype), v.dtype),
-        out: (cg.arg(6, out.dtype), out.dtype),
+        kv_dequant: int8.then(|| {
+            let d = |i: usize| {
+                let a = &k.args[i];
+                (cg.arg(i, a.dtype), a.dtype)
+            };
+            [Dequant { scale: d(6), offset: d(7) }, Dequant { scale: d(8), offset: d(9) }]
+        }),
+        out: (cg.arg(out_at, out.dtype), out.dtype),
         hq,
         d,
         group: hq / hkv,
@@ -167,6 +217,8 @@ fn attend<'c>(
     let (dc, hqc, lc) = (cg.i64c(d as i64), cg.i64c(a.hq as i64), cg.i64c(lanes as i64));
     let scale_v = cg.f32c(a.scale as f32);
     let (visible, kv_row) = (keys.visible, keys.row);
+    // First per-channel scale element of this KV head (int8 caches).
+    let chan0 = cg.mul(kh, dc);
     // Per query head of the group: its q/out row and its score row.
     let heads: Vec<(IntValue<'c>, PointerValue<'c>)> = (0..group)
         .map(|g| {
@@ -188,7 +240,7 @@ fn attend<'c>(
         cg.for_range(cg.i64c(0), dc, 1, |cg, dd| {
             let mut kv = cg.zeros(KEYS);
             for (l, r) in rows.iter().enumerate() {
-                let x = cg.load_f(kp, cg.add(*r, dd), a.k.1);
+                let x = load_key(cg, a, kp, cg.add(*r, dd), cg.add(chan0, dd));
                 kv = cg.b.build_insert_element(kv, x, cg.i32t().const_int(l as u64, false), "").ok_();
             }
             for ((qrow, _), acc) in heads.iter().zip(&accs) {
@@ -211,7 +263,7 @@ fn attend<'c>(
             cg.store_v(acc, cg.f32c(0.0));
             cg.for_range(cg.i64c(0), dc, 1, |cg, dd| {
                 let x = cg.load_f(qp, cg.add(*qrow, dd), a.q.1);
-                let y = cg.load_f(kp, cg.add(krow, dd), a.k.1);
+                let y = load_key(cg, a, kp, cg.add(krow, dd), cg.add(chan0, dd));
                 let s = cg.fadd(cg.load_v(acc), cg.fmul(x.into(), y.into()));
                 cg.store_v(acc, s);
                 Ok(())
@@ -265,7 +317,15 @@ fn attend<'c>(
         let vrow = kv_row(cg, j);
         cg.for_range(cg.i64c(0), cg.i64c(chunks), 1, |cg, c| {
             let off = cg.mul(c, lc);
-            let x = load_lanes(cg, vp, cg.add(vrow, off), a.v.1, lanes);
+            let x = match &a.kv_dequant {
+                Some([_, dv]) if lanes > 1 => dv.lanes(cg, vp, cg.add(vrow, off), cg.add(chan0, off), lanes),
+                Some([_, dv]) => {
+                    let x = dv.scalar(cg, vp, cg.add(vrow, off), cg.add(chan0, off));
+                    let undef = cg.vec_f32(1).get_undef();
+                    cg.b.build_insert_element(undef, x, cg.i32t().const_zero(), "").ok_()
+                }
+                None => load_lanes(cg, vp, cg.add(vrow, off), a.v.1, lanes),
+            };
             for ((qrow, _), pv) in heads.iter().zip(&ps) {
                 let o = cg.load_vec(op, cg.add(*qrow, off), a.out.1, lanes);
                 let y = cg.fadd(o.into(), cg.fmul((*pv).into(), x.into()));
@@ -274,4 +334,18 @@ fn attend<'c>(
             Ok(())
         })
     })
+}
+
+/// Key element `i` (channel `ch`) as f32: dequantized from an int8 cache.
+fn load_key<'c>(
+    cg: &Cg<'c>,
+    a: &AttnArgs<'c>,
+    kp: PointerValue<'c>,
+    i: IntValue<'c>,
+    ch: IntValue<'c>,
+) -> FloatValue<'c> {
+    match &a.kv_dequant {
+        Some([dk, _]) => dk.scalar(cg, kp, i, ch),
+        None => cg.load_f(kp, i, a.k.1),
+    }
 }

@@ -7,6 +7,7 @@ mod elementwise;
 mod gemm;
 mod movement;
 mod norm;
+mod quant;
 mod reduce;
 
 use crate::cg::Cg;
@@ -36,13 +37,20 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::Attention { scale } => attention::attention(cg, k, *scale),
         KernelKind::QkvRopeCacheWrite { q_heads, kv_heads } => norm::qkv_rope_cache_write(cg, k, *q_heads, *kv_heads),
         KernelKind::KvCacheWrite => movement::kv_cache_write(cg, k),
-        KernelKind::PagedAttention { scale } => attention::paged_attention(cg, k, *scale),
+        KernelKind::PagedAttention { scale } => attention::paged_attention(cg, k, *scale, false),
+        KernelKind::PagedAttentionInt8 { scale } => attention::paged_attention(cg, k, *scale, true),
+        KernelKind::KvCacheWriteQuant => quant::kv_cache_write_quant(cg, k),
         KernelKind::MoeGating { groups } => reduce::moe_gating(cg, k, *groups),
         KernelKind::MoeRoute => reduce::moe_route(cg, k),
         KernelKind::MoeGateUp => gemm::grouped(cg, k, gemm::GroupedGemm::GateUpIndexed),
         KernelKind::MoeGroupedGateUp => gemm::grouped(cg, k, gemm::GroupedGemm::GateUpSorted),
         KernelKind::MoeDown => gemm::grouped(cg, k, gemm::GroupedGemm::Down),
         KernelKind::MoeCombine { shared_residual } => reduce::moe_combine(cg, k, *shared_residual),
+        KernelKind::Quantize => quant::quantize(cg, k, false),
+        KernelKind::Dequantize => quant::quantize(cg, k, true),
+        KernelKind::DynamicQuant => quant::dynamic_quant(cg, k),
+        KernelKind::RmsNormQuant { eps, add } => norm::rms_norm_quant(cg, k, *eps, *add),
+        KernelKind::QuantMatMul { per_token, bias } => quant::quant_matmul(cg, k, *per_token, *bias),
         // Host-executed by the runtime through its `Collective`.
         KernelKind::Collective { .. } => Ok(()),
     };

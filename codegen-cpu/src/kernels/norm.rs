@@ -183,3 +183,38 @@ fn qkv_rope_rows<'c>(
         Ok(())
     })
 }
+
+/// RMSNorm (with the residual add when `add`) and the per-token int8
+/// quantization of the normalized row, one row per tile: the norm exactly
+/// as [`rms_norm`] / [`add_rms_norm`], then the stored row quantized as
+/// `dynamic_quant` does (`crate::kernels::quant::quantize_row`).
+pub(crate) fn rms_norm_quant(cg: &mut Cg, k: &Kernel, eps: f64, add: bool) -> Result<()> {
+    let n = k.args.len();
+    let (x, w) = (&k.args[0], &k.args[if add { 2 } else { 1 }]);
+    let (out, q, s) = (&k.args[n - 3], &k.args[n - 2], &k.args[n - 1]);
+    cg.begin_kernel(&k.name);
+    let h = cg.dim(x.shape.last().expect("rank >= 1"))?;
+    let (xp, wp) = (cg.arg(0, x.dtype), cg.arg(if add { 2 } else { 1 }, w.dtype));
+    let (op, qp, sp) = (cg.arg(n - 3, out.dtype), cg.arg(n - 2, q.dtype), cg.arg(n - 1, s.dtype));
+    let residual =
+        add.then(|| (cg.arg(1, k.args[1].dtype), k.args[1].dtype, cg.arg(3, k.args[3].dtype), k.args[3].dtype));
+    cg.for_tiles(|cg, t| {
+        let base = cg.mul(t, h);
+        let src = match residual {
+            Some((rp, rd, sump, sumd)) => {
+                cg.for_range(cg.i64c(0), h, 1, |cg, i| {
+                    let at = cg.add(base, i);
+                    let v = cg.fadd(cg.load_f(xp, at, x.dtype).into(), cg.load_f(rp, at, rd).into());
+                    cg.store_f(sump, at, sumd, v.into_float_value());
+                    Ok(())
+                })?;
+                (sump, sumd)
+            }
+            None => (xp, x.dtype),
+        };
+        rms_row(cg, src, (wp, w.dtype), (op, out.dtype), base, h, eps)?;
+        crate::kernels::quant::quantize_row(cg, (op, out.dtype), (qp, q.dtype), (sp, s.dtype), t, base, h)
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}

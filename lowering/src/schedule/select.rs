@@ -45,6 +45,12 @@ pub struct Selector<'a> {
     kv_out: BTreeMap<usize, usize>,
     /// The entry takes a ragged batch step over paged caches ([`is_batched`]).
     batched: bool,
+    /// Results of int8 KV ops computed inside their one consumer's kernel
+    /// ([`Selector::fuse_int8_kv`]): no launch of their own.
+    absorbed: Vec<bool>,
+    /// Norm node -> the `dynamic_quant` of its normalized row, computed by
+    /// the norm's kernel ([`Selector::fuse_norm_quant`]).
+    norm_quant: BTreeMap<usize, usize>,
     p: KernelProgram,
 }
 
@@ -56,9 +62,27 @@ fn widens_exactly(from: DType, to: DType) -> bool {
 /// Storage dtype of a node result (see the module docs of `kernel`): the
 /// interpreter holds floats in f32 and integers in i64, so only casts and
 /// pure data movement may keep a narrower float type.
+///
+/// Int8 data (quantized activations, int8 weights, the int8 KV cache) and
+/// int32 quant biases keep their own width, so the int8 path moves a
+/// quarter of the bytes of f32: quantize ops produce them, and data
+/// movement of such values keeps them.
 fn result_storage(op: &Op, args: &[DType], ty: DType) -> DType {
     if !ty.is_float() {
-        return DType::I64;
+        let narrow_int = matches!(ty, DType::I8 | DType::I32);
+        let keeps = match op {
+            Op::Quantize | Op::DynamicQuant => true,
+            Op::KvCacheWrite => args.first() == Some(&ty),
+            Op::Reshape { .. }
+            | Op::Slice { .. }
+            | Op::Split { .. }
+            | Op::Transpose { .. }
+            | Op::Concat { .. }
+            | Op::Stack { .. }
+            | Op::RepeatInterleave { .. } => args.iter().all(|a| *a == ty),
+            _ => false,
+        };
+        return if narrow_int && keeps { ty } else { DType::I64 };
     }
     let same = |xs: &[DType]| xs.first().copied().filter(|d| d.is_float() && xs.iter().all(|x| x == d));
     match op {
@@ -102,9 +126,21 @@ impl<'a> Selector<'a> {
             match &v.def {
                 Def::Weight(_) => {
                     konst[i] = true;
-                    storage[i] = if v.ty.dtype.is_float() { v.ty.dtype } else { DType::I64 };
+                    storage[i] = match v.ty.dtype {
+                        d if d.is_float() => d,
+                        // int8 weights and int32 quant biases as stored.
+                        d @ (DType::I8 | DType::I32) => d,
+                        _ => DType::I64,
+                    };
                 }
-                Def::Input(_) => storage[i] = if v.ty.dtype.is_float() { DType::F32 } else { DType::I64 },
+                Def::Input(_) => {
+                    storage[i] = match v.ty.dtype {
+                        d if d.is_float() => DType::F32,
+                        // The int8 (C8) KV cache.
+                        DType::I8 => DType::I8,
+                        _ => DType::I64,
+                    }
+                }
                 Def::Node(ni) => {
                     let node = &g.nodes[*ni];
                     // A collective between ranks is never a constant.
@@ -142,6 +178,8 @@ impl<'a> Selector<'a> {
             kernel_index: BTreeMap::new(),
             kv_out: BTreeMap::new(),
             batched,
+            absorbed: vec![false; n],
+            norm_quant: BTreeMap::new(),
             p,
         }
     }
@@ -151,8 +189,11 @@ impl<'a> Selector<'a> {
         self.p.name = "main".into();
         self.bind_inputs()?;
         let live = self.live_nodes();
+        self.fuse_int8_kv(&live);
+        self.fuse_norm_quant(&live);
+        self.fuse_quant_bias(&live);
         for (ni, node) in g.nodes.iter().enumerate() {
-            if !live[ni] || node.results.iter().all(|r| self.konst[*r]) {
+            if !live[ni] || node.results.iter().all(|r| self.konst[*r] || self.absorbed[*r]) {
                 continue;
             }
             let label = || format!("scheduling %{} = {}", g.values[node.results[0]].name, node.op.mnemonic());
@@ -167,6 +208,144 @@ impl<'a> Selector<'a> {
             }
         }
         Ok(self.p)
+    }
+
+    /// The int8 (C8) KV cache without float copies: a `quantize` whose only
+    /// use is the new rows of a `kv_cache_write` is done by the write
+    /// kernel (`KvCacheWriteQuant`), and the two `dequantize`s of the
+    /// caches read only by a `paged_attention` are done by the attention
+    /// kernel as it reads each element (`PagedAttentionInt8`). Only
+    /// per-channel scales and offsets (`[Hkv, D]`) qualify; anything else
+    /// keeps its own kernels.
+    fn fuse_int8_kv(&mut self, live: &[bool]) {
+        let g = self.g;
+        let uses = self.use_counts(live);
+        // `v = op(x, scale, offset)` used once, with scale and offset of the
+        // shape `per_channel`, and `x` stored as `x_dtype`.
+        let qualifies = |v: usize, op: &Op, x_dtype: DType, per_channel: &[Dim]| -> bool {
+            let Def::Node(ni) = g.values[v].def else { return false };
+            let n = &g.nodes[ni];
+            n.op == *op
+                && uses[v] == 1
+                && self.storage[n.args[0]] == x_dtype
+                && n.args[1..].iter().all(|a| g.values[*a].ty.shape == per_channel)
+        };
+        for (ni, n) in g.nodes.iter().enumerate() {
+            if !live[ni] {
+                continue;
+            }
+            match n.op {
+                Op::PagedAttention { .. } => {
+                    let (k, v) = (n.args[1], n.args[2]);
+                    let cache_of = |x: usize| match g.values[x].def {
+                        Def::Node(d) => Some(g.nodes[d].args[0]),
+                        _ => None,
+                    };
+                    let (Some(kc), Some(vc)) = (cache_of(k), cache_of(v)) else { continue };
+                    let per_channel = g.values[kc].ty.shape.get(2..).unwrap_or(&[]).to_vec();
+                    if per_channel.len() == 2
+                        && qualifies(k, &Op::Dequantize, DType::I8, &per_channel)
+                        && qualifies(v, &Op::Dequantize, DType::I8, &per_channel)
+                        && g.values[vc].ty.shape == g.values[kc].ty.shape
+                    {
+                        self.absorbed[k] = true;
+                        self.absorbed[v] = true;
+                    }
+                }
+                Op::KvCacheWrite => {
+                    let new = n.args[1];
+                    let per_channel = g.values[new].ty.shape.get(1..).unwrap_or(&[]).to_vec();
+                    if self.storage[n.args[0]] == DType::I8 && qualifies(new, &Op::Quantize, DType::F32, &per_channel) {
+                        self.absorbed[new] = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// W8A8_DYNAMIC activations straight out of the norm: a live
+    /// `dynamic_quant` of an `rms_norm` (or of `add_rms_norm`'s normalized
+    /// result) is computed by the norm's kernel (`RmsNormQuant`), which
+    /// still writes the float row for its other readers (the router).
+    fn fuse_norm_quant(&mut self, live: &[bool]) {
+        let g = self.g;
+        for (ni, n) in g.nodes.iter().enumerate() {
+            if !live[ni] || n.op != Op::DynamicQuant || n.results.iter().any(|r| self.absorbed[*r]) {
+                continue;
+            }
+            let Def::Node(norm) = g.values[n.args[0]].def else { continue };
+            let normalized = match g.nodes[norm].op {
+                Op::RmsNorm { .. } => g.nodes[norm].results[0],
+                Op::AddRmsNorm { .. } => g.nodes[norm].results[1],
+                _ => continue,
+            };
+            if normalized != n.args[0] || self.norm_quant.contains_key(&norm) || self.storage[normalized] != DType::F32
+            {
+                continue;
+            }
+            self.norm_quant.insert(norm, ni);
+            n.results.iter().for_each(|r| self.absorbed[*r] = true);
+        }
+    }
+
+    /// A linear's bias add in the int8 matmul's epilogue: `add(y, bias)`
+    /// where `y` is a `quant_matmul[_per_token]` read only there and `bias`
+    /// a constant `[N]` vector (same result type as `y`).
+    fn fuse_quant_bias(&mut self, live: &[bool]) {
+        let g = self.g;
+        let uses = self.use_counts(live);
+        for (ni, n) in g.nodes.iter().enumerate() {
+            if !live[ni] || n.op != Op::Binary(panguc_ir::op::BinaryOp::Add) {
+                continue;
+            }
+            let (y, bias) = (n.args[0], n.args[1]);
+            let Def::Node(mm) = g.values[y].def else { continue };
+            let is_qmm = matches!(g.nodes[mm].op, Op::QuantMatMul | Op::QuantMatMulPerToken);
+            let n_dim = g.values[y].ty.shape.last().cloned();
+            if is_qmm
+                && uses[y] == 1
+                && self.konst[bias]
+                && !self.konst[y]
+                && self.storage[bias].is_float()
+                && g.values[bias].ty.shape.len() == 1
+                && g.values[bias].ty.shape.last().cloned() == n_dim
+                && g.values[n.results[0]].ty == g.values[y].ty
+            {
+                self.absorbed[y] = true;
+            }
+        }
+    }
+
+    /// How many live nodes (and entry outputs) read each value.
+    fn use_counts(&self, live: &[bool]) -> Vec<usize> {
+        let g = self.g;
+        let mut uses = vec![0usize; g.values.len()];
+        for (ni, n) in g.nodes.iter().enumerate() {
+            if live[ni] {
+                n.args.iter().for_each(|a| uses[*a] += 1);
+            }
+        }
+        g.outputs.iter().for_each(|o| uses[*o] += 1);
+        uses
+    }
+
+    /// A norm (`add`: `add_rms_norm`) and its fused `dynamic_quant` node `dq`.
+    fn norm_with_quant(&mut self, ni: usize, dq: usize, eps: f64, add: bool) -> Result<()> {
+        let g = self.g;
+        let n = &g.nodes[ni];
+        let mut args = n.args.iter().map(|a| self.rm(*a)).collect::<Result<Vec<_>>>()?;
+        args.extend(n.results.iter().map(|r| self.act(*r)));
+        args.extend(g.nodes[dq].results.iter().map(|r| self.act(*r)));
+        self.launch(KernelKind::RmsNormQuant { eps, add }, args)
+    }
+
+    /// The node defining `v` (a node result).
+    fn def_node(&self, v: usize) -> Result<&'a super::flatten::FlatNode> {
+        match self.g.values[v].def {
+            Def::Node(ni) => Ok(&self.g.nodes[ni]),
+            _ => bail!("%{} is not a node result", self.g.values[v].name),
+        }
     }
 
     /// Nodes some output depends on.
@@ -257,20 +436,22 @@ impl<'a> Selector<'a> {
                     n.op.mnemonic()
                 );
             }
+            // f32, or int8 for a C8 (int8 KV) cache.
+            let cache_dtype = if self.storage[input] == DType::I8 { DType::I8 } else { DType::F32 };
             let cache = self.new_buffer(
                 &g.values[out].name,
-                DType::F32,
+                cache_dtype,
                 g.values[out].ty.shape.clone(),
                 BufferKind::KvCache { cache: c },
             );
             let old = self.new_buffer(
                 &g.values[input].name,
-                DType::F32,
+                cache_dtype,
                 g.values[input].ty.shape.clone(),
                 BufferKind::View { base: cache, offset: Dim::c(0) },
             );
             self.buf[input] = Some(old);
-            self.storage[input] = DType::F32;
+            self.storage[input] = cache_dtype;
             self.kv_out.insert(out, c);
             self.p.caches.push(cache);
         }
@@ -481,6 +662,20 @@ impl<'a> Selector<'a> {
             }
             Op::Cast { .. } => self.elementwise(ni, ElemOp::Convert)?,
             Op::Unary(u) => self.elementwise(ni, ElemOp::Unary(*u))?,
+            Op::Binary(_)
+                if self.absorbed[arg(0)]
+                    && self
+                        .def_node(arg(0))
+                        .is_ok_and(|m| matches!(m.op, Op::QuantMatMul | Op::QuantMatMulPerToken)) =>
+            {
+                // `quant_matmul + bias` ([`Selector::fuse_quant_bias`]).
+                let mm = self.def_node(arg(0))?;
+                let per_token = mm.op == Op::QuantMatMulPerToken;
+                let mut args = mm.args.iter().map(|a| self.rm(*a)).collect::<Result<Vec<_>>>()?;
+                args.push(self.rm(arg(1))?);
+                args.push(self.act(r0));
+                self.launch(KernelKind::QuantMatMul { per_token, bias: true }, args)?;
+            }
             Op::Binary(b) => self.elementwise(ni, ElemOp::Binary(*b))?,
             Op::SwiGlu => self.elementwise(ni, ElemOp::SwiGlu)?,
             Op::Gather => self.simple(ni, KernelKind::Gather)?,
@@ -527,6 +722,10 @@ impl<'a> Selector<'a> {
                 self.launch(KernelKind::CausalMask, vec![pos, out])?;
             }
             Op::OneHot { depth } => self.simple(ni, KernelKind::OneHot { depth: *depth })?,
+            Op::RmsNorm { eps } | Op::AddRmsNorm { eps } if self.norm_quant.contains_key(&ni) => {
+                let add = matches!(n.op, Op::AddRmsNorm { .. });
+                self.norm_with_quant(ni, self.norm_quant[&ni], *eps, add)?
+            }
             Op::RmsNorm { eps } => self.simple(ni, KernelKind::RmsNorm { eps: *eps })?,
             Op::AddRmsNorm { eps } => self.simple(ni, KernelKind::AddRmsNorm { eps: *eps })?,
             Op::Rope => self.simple(ni, KernelKind::Rope)?,
@@ -556,22 +755,41 @@ impl<'a> Selector<'a> {
             }
             Op::Scalar { .. } | Op::Iota { .. } => unreachable!("constants are prepared weights"),
             Op::Call { .. } => bail!("calls are inlined before scheduling"),
+            Op::KvCacheWrite if self.absorbed[arg(1)] => {
+                let cache = self.paged_cache_result(r0)?;
+                let q = self.def_node(arg(1))?;
+                let (x, scale, offset) = (self.rm(q.args[0])?, self.rm(q.args[1])?, self.rm(q.args[2])?);
+                let slots = self.rm(arg(2))?;
+                self.launch(KernelKind::KvCacheWriteQuant, vec![x, slots, scale, offset, cache])?;
+            }
             Op::KvCacheWrite => {
                 let cache = self.paged_cache_result(r0)?;
                 let (new, slots) = (self.rm(arg(1))?, self.rm(arg(2))?);
                 self.launch(KernelKind::KvCacheWrite, vec![new, slots, cache])?;
             }
             Op::QkvRopeCacheWrite { q_heads, kv_heads } => self.qkv_rope_cache_write(ni, *q_heads, *kv_heads)?,
+            Op::PagedAttention { scale } if self.absorbed[arg(1)] => {
+                let (dk, dv) = (self.def_node(arg(1))?, self.def_node(arg(2))?);
+                let mut args = vec![self.rm(arg(0))?, self.rm(dk.args[0])?, self.rm(dv.args[0])?];
+                for i in 3..6 {
+                    args.push(self.rm(arg(i))?);
+                }
+                for a in [dk.args[1], dk.args[2], dv.args[1], dv.args[2]] {
+                    args.push(self.rm(a)?);
+                }
+                args.push(self.act(r0));
+                self.launch(KernelKind::PagedAttentionInt8 { scale: *scale }, args)?;
+            }
             Op::PagedAttention { scale } => self.simple(ni, KernelKind::PagedAttention { scale: *scale })?,
             Op::MoeInitRouting { .. } | Op::GroupedMatmul | Op::MoeFinalizeRouting => {
                 bail!("`{}` (a batched MoE op) has no CPU kernel yet; only the interpreter runs it", n.op.mnemonic())
             }
-            Op::Quantize
-            | Op::Dequantize
-            | Op::DynamicQuant
-            | Op::QuantMatMul
-            | Op::QuantMatMulPerToken
-            | Op::GroupedQuantMatMul => {
+            Op::Quantize => self.simple(ni, KernelKind::Quantize)?,
+            Op::Dequantize => self.simple(ni, KernelKind::Dequantize)?,
+            Op::DynamicQuant => self.simple(ni, KernelKind::DynamicQuant)?,
+            Op::QuantMatMul => self.simple(ni, KernelKind::QuantMatMul { per_token: false, bias: false })?,
+            Op::QuantMatMulPerToken => self.simple(ni, KernelKind::QuantMatMul { per_token: true, bias: false })?,
+            Op::GroupedQuantMatMul => {
                 bail!("`{}` (an int8 quantization op) has no kernel yet; only the interpreter runs it", n.op.mnemonic())
             }
         }
@@ -855,7 +1073,7 @@ fn thread_scratch(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
             Extent::of(4 * group, &args[1].shape[..1])
         }
         // A row sees at most its block table's worth of keys.
-        KernelKind::PagedAttention { .. } => {
+        KernelKind::PagedAttention { .. } | KernelKind::PagedAttentionInt8 { .. } => {
             let group = match (args[0].shape[1].as_const(), args[1].shape[2].as_const()) {
                 (Some(hq), Some(hkv)) if hkv > 0 => (hq / hkv) as u64,
                 _ => 1,

@@ -1,0 +1,181 @@
+//! Quantized (msModelSlim) checkpoints compiled for the CPU and run through
+//! the scheduler as a batch: a W8A8_DYNAMIC checkpoint of the bundled tiny
+//! model (what `panguc quantize --scheme w8a8-dynamic` writes), and a
+//! static W8A8 checkpoint of an fp16 tiny model (int64 `deq_scale`, folded
+//! input offsets) with the int8 (C8) KV cache. On each CPU tier the machine
+//! runs, the compiled engine's greedy tokens must equal the paged reference
+//! interpreter's (the int8 sums are exact; the float parts agree to the
+//! backend's tolerance), and the int8 values really are int8 in the
+//! package (weights, quantized activations, the paged KV cache, which is
+//! quantized inside the KV-write kernel and dequantized inside paged
+//! attention).
+
+mod common;
+
+use common::*;
+use panguc::frontend::Checkpoint;
+use panguc::quantize::{write_quantized, QuantizeOptions, Scheme};
+use panguc_ir::DType;
+use panguc_runtime::{BatchEngine, CpuEngine, Generation, Request, Sampling, Scheduler, SchedulerConfig};
+use std::path::Path;
+use std::sync::Arc;
+
+const BLOCK: usize = 4;
+/// max |compiled - interpreter| / max |interpreter logit| of every prompt
+/// row, per tier. The baseline tier's float kernels follow the reference's
+/// order and the int8 sums are exact, so only the last bits can differ
+/// (which a requantized activation can amplify to one int8 step).
+const BASELINE_TOL: f32 = 1e-3;
+/// The AVX-512 tier rounds activations to bf16 in the bf16-weight GEMMs
+/// (router, LM head), as documented for the float model (`cpu_backend.rs`:
+/// 11 x 2^-8 of the largest logit).
+const BF16_TOL: f32 = 11.0 / 256.0;
+
+fn requests() -> Vec<Request> {
+    let greedy = |prompt: Vec<i64>, n: usize| Request {
+        prompt,
+        max_new_tokens: n,
+        sampling: Sampling::default(),
+        stop_tokens: vec![],
+    };
+    vec![
+        greedy((0..11).map(|i| (i * 37 + 5) % 256).collect(), 6),
+        greedy(vec![1, 2, 3], 7),
+        greedy(vec![200, 17], 4),
+        greedy(vec![9, 8, 7, 6, 5, 4, 3], 5),
+    ]
+}
+
+/// All requests as one scheduled batch (small blocks and token budget, so
+/// steps mix prefill chunks and decodes).
+fn run_batch(engine: &mut dyn BatchEngine) -> Vec<Generation> {
+    let cfg = SchedulerConfig { block_size: BLOCK, num_blocks: 24, max_seqs: 4, max_batch_tokens: 8 };
+    Scheduler::run_all(cfg, requests(), engine).unwrap()
+}
+
+fn interp_batch(ckpt: &Checkpoint) -> Vec<Generation> {
+    let m = panguc::commands::import_with(ckpt, panguc::import::KvLayout::Paged { block_size: BLOCK }).unwrap();
+    let cfg = ckpt.config().clone();
+    let interp = panguc_ir::interp::Interpreter::new(&m, ckpt);
+    let mut s = panguc_ir::session::BatchInterpSession::new(
+        interp,
+        cfg.num_hidden_layers,
+        24,
+        BLOCK,
+        [cfg.num_key_value_heads, cfg.head_dim()],
+    );
+    run_batch(&mut s)
+}
+
+/// The batched import fused by the compile pipeline, compiled into `out`.
+fn compile_quantized(ckpt: &Checkpoint, out: &Path) {
+    let imported = panguc::commands::import_with(ckpt, panguc::import::KvLayout::Paged { block_size: BLOCK }).unwrap();
+    let fused = panguc::pipeline::fuse_batched(ckpt, &imported, &Default::default()).expect("fusion");
+    compile(ckpt, &fused, out);
+}
+
+fn tiers() -> Vec<&'static str> {
+    if cpu_has_bf16_tier() {
+        vec![BASELINE, BF16]
+    } else {
+        eprintln!("this CPU cannot run the {BF16} tier: only {BASELINE} is checked");
+        vec![BASELINE]
+    }
+}
+
+/// Compiled (every runnable tier) vs the paged interpreter, as a batch.
+fn check(label: &str, q: &Path, pkg_dir: &Path) {
+    let ckpt = Checkpoint::open(q).unwrap();
+    compile_quantized(&ckpt, pkg_dir);
+    let want = interp_batch(&ckpt);
+    for tier in tiers() {
+        let pkg = Arc::new(open_tier(pkg_dir, tier));
+        let mut e = CpuEngine::batched(pkg, panguc_runtime::thread_pool(2).unwrap(), 24).unwrap();
+        let got = run_batch(&mut e);
+        let tol = if tier == BASELINE { BASELINE_TOL } else { BF16_TOL };
+        let mut worst = 0f32;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.generated, w.generated, "{label} {tier} sequence {i}: greedy tokens");
+            assert_eq!(g.prompt_logits.len(), w.prompt_logits.len());
+            for (x, y) in g.prompt_logits.iter().zip(&w.prompt_logits) {
+                let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let diff = x.iter().zip(y).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                worst = worst.max(diff / scale);
+            }
+        }
+        eprintln!("{label} {tier}: worst max|diff|/max|logit| over the prompt rows = {worst:e} (tolerance {tol:e})");
+        assert!(worst <= tol, "{label} {tier}: {worst} > {tol}");
+        eprintln!("{label} {tier}: {:?}", got.iter().map(|g| g.generated.clone()).collect::<Vec<_>>());
+    }
+}
+
+fn program(pkg_dir: &Path) -> panguc_ir::kernel::KernelProgram {
+    open_tier(pkg_dir, BASELINE).program().clone()
+}
+
+#[test]
+fn w8a8_dynamic_checkpoint_compiles_and_matches_the_interpreter_on_every_tier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("w8a8_dynamic");
+    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: false, calib: vec![], smooth_alpha: None };
+    write_quantized(&checkpoint(), &q, &opts).unwrap();
+    let pkg = tmp.path().join("pkg");
+    check("W8A8_DYNAMIC", &q, &pkg);
+    let p = program(&pkg);
+    let kinds: Vec<&str> = p.kernels.iter().map(|k| k.kind.mnemonic()).collect();
+    for k in ["rms_norm_quant", "quant_matmul_per_token"] {
+        assert!(kinds.contains(&k), "{k} in {kinds:?}");
+    }
+    // Both norms of a layer quantize their rows themselves (the q/k/v
+    // input, the experts' and shared expert's input); dynamic_quant is left
+    // for the o_proj input and the two down projections' inputs.
+    let launches = |kind: &str| p.launches.iter().filter(|l| p.kernels[l.kernel].kind.mnemonic() == kind).count();
+    let layers = 2;
+    assert_eq!(launches("rms_norm_quant"), 2 * layers);
+    assert_eq!(launches("dynamic_quant"), 3 * layers);
+    // The q/k/v bias adds run in the int8 matmuls' epilogues.
+    let biased = p
+        .launches
+        .iter()
+        .filter(|l| matches!(p.kernels[l.kernel].kind, panguc_ir::kernel::KernelKind::QuantMatMul { bias: true, .. }));
+    assert_eq!(biased.count(), 3 * layers);
+    eprintln!("W8A8_DYNAMIC: {} launches: {kinds:?}", p.launches.len());
+    // int8 weights stay int8 in the package.
+    assert!(p.weights.iter().any(|w| w.dtype == DType::I8 && w.name.contains("experts")));
+    // ...and no linear weight of a layer is stored as float (the router,
+    // `mlp.gate`, stays FLOAT by design).
+    let float_linear = |w: &&panguc_ir::kernel::PreparedWeight| {
+        w.group.starts_with("layers.")
+            && w.shape.len() >= 2
+            && w.dtype.is_float()
+            && !w.name.contains("scale")
+            && !w.name.contains("mlp.gate")
+    };
+    let floats: Vec<&str> = p.weights.iter().filter(float_linear).map(|w| w.name.as_str()).collect();
+    assert!(floats.is_empty(), "float layer matrices: {floats:?}");
+}
+
+#[test]
+fn static_w8a8_with_int8_kv_cache_compiles_and_matches_the_interpreter_on_every_tier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let float = tmp.path().join("float");
+    let synth =
+        panguc::synth::SynthOptions { preset: panguc::synth::Preset::Tiny, seed: 7, dtype: DType::F16, force: false };
+    panguc::synth::synth_with(&float, &synth).unwrap();
+    let q = tmp.path().join("w8a8_c8");
+    let calib = vec![(1..40).map(|i| (i * 37) % 256).collect(), (3..30).map(|i| (i * 11 + 5) % 256).collect()];
+    let opts = QuantizeOptions { scheme: Scheme::W8A8, kv_int8: true, calib, smooth_alpha: None };
+    write_quantized(&Checkpoint::open(&float).unwrap(), &q, &opts).unwrap();
+    let pkg = tmp.path().join("pkg");
+    check("W8A8 + C8", &q, &pkg);
+    let p = program(&pkg);
+    // The paged caches are int8: a quarter of the f32 bytes.
+    assert!(p.caches.iter().all(|c| p.buffer(*c).dtype == DType::I8));
+    let kinds: Vec<&str> = p.kernels.iter().map(|k| k.kind.mnemonic()).collect();
+    for k in ["quantize", "quant_matmul", "kv_cache_write_quant", "paged_attention_int8"] {
+        assert!(kinds.contains(&k), "{k} in {kinds:?}");
+    }
+    // The cache is quantized inside the KV write and dequantized inside
+    // attention: no float copy of it is made.
+    assert!(!kinds.contains(&"dequantize"), "{kinds:?}");
+}
