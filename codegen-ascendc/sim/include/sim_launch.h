@@ -47,6 +47,7 @@ struct LaunchStatus {
     bool ok = true;
     std::string message;  // first error, "[block b of n] file:line: what"
     std::vector<std::string> warnings;
+    std::string timing;  // timing model summary (key=value ...), when enabled
 };
 
 namespace detail {
@@ -77,6 +78,7 @@ inline std::unique_ptr<Registered> Register(const ArgBuffer& a) {
         r->buf.lineScalarWriter.assign((n + kGmLine - 1) / kGmLine, -1);
         r->buf.lineWriter.assign((n + kGmLine - 1) / kGmLine, -1);
     }
+    if (timingParams().enabled && a.kind != ArgKind::Tiling && a.kind != ArgKind::Workspace) r->buf.touched.assign(n, 0);
     return r;
 }
 
@@ -102,6 +104,36 @@ inline std::tuple<P...> BindAll(const std::vector<std::unique_ptr<Registered>>& 
 }
 
 }  // namespace detail
+
+// The timing model's figures for the finished launch, as `key=value` pairs:
+// launch_ns (blocks laid out round robin on the kernel's cores, the busiest
+// core's total), the per-pipe busy time of that core (busy_<pipe>_ns), the
+// GM traffic of all DMAs (gm_bytes), the distinct GM bytes of the
+// non-workspace arguments that were touched (compulsory_bytes), cube FLOPs
+// and their fp16-rate equivalent, and the core count used.
+inline std::string SummariseTiming(const std::vector<std::unique_ptr<detail::Registered>>& regs) {
+    const Ctx& c = ctx();
+    const TimingParams& t = timingParams();
+    const LaunchTiming& l = c.launch;
+    const int64_t cores = std::max<int64_t>(1, std::min<int64_t>(c.blockDim, c.usedCube ? t.cubeCores : t.vecCores));
+    std::vector<double> coreNs(cores, 0.0);
+    std::vector<std::vector<double>> coreBusy(cores, std::vector<double>(kPipeCount, 0.0));
+    for (size_t b = 0; b < l.blockNs.size(); ++b) {
+        coreNs[b % cores] += l.blockNs[b];
+        for (int p = 0; p < kPipeCount; ++p) coreBusy[b % cores][p] += l.blockBusy[b][p];
+    }
+    size_t worst = 0;
+    for (size_t i = 1; i < coreNs.size(); ++i) if (coreNs[i] > coreNs[worst]) worst = i;
+    uint64_t compulsory = 0;
+    for (const auto& r : regs) for (uint8_t x : r->buf.touched) compulsory += x;
+    std::ostringstream o;
+    o.precision(17);
+    o << "launch_ns=" << coreNs[worst] << " cores=" << cores << " cube=" << (c.usedCube ? 1 : 0);
+    for (int p = 0; p < kPipeCount; ++p) o << " busy_" << PipeName(static_cast<Pipe>(p)) << "_ns=" << coreBusy[worst][p];
+    o << " gm_bytes=" << l.gmBytes << " compulsory_bytes=" << compulsory << " cube_flops=" << l.cubeFlops
+      << " cube_flops_f16=" << l.cubeFlopsF16 << " vec_bytes=" << l.vecBytes << " instructions=" << l.instructions;
+    return o.str();
+}
 
 // Run `fn` for block indices 0..blockDim-1. Output, InOut and Workspace
 // contents are copied back into `args` (also after a failure, for debugging).
@@ -134,6 +166,7 @@ inline LaunchStatus Launch(uint32_t blockDim, void (*fn)(P...), std::vector<ArgB
             c.usedVector = c.usedCube = false;
             c.atomicAdd = false;
             std::apply(fn, params);
+            timing::EndBlock();
         }
     } catch (const SimError& e) {
         st.ok = false;
@@ -148,13 +181,16 @@ inline LaunchStatus Launch(uint32_t blockDim, void (*fn)(P...), std::vector<ArgB
         }
     }
     st.warnings = c.warnings;
+    if (st.ok && timingParams().enabled) st.timing = SummariseTiming(regs);
     c.inLaunch = false;
     c.gm.clear();
     return st;
 }
 
 // ---------------------------------------------------------------------------
-// Driver for the Rust harness: `prog ARGS_FILE OUT_FILE BLOCK_DIM`.
+// Driver for the Rust harness: `prog ARGS_FILE OUT_FILE BLOCK_DIM [TIMING]`
+// (TIMING: the timing model's parameters, see timing.h; its summary is
+// printed on stderr as `panguc-sim: timing: key=value ...`).
 // Exit status: 0 ok, 3 simulation error (message on stderr), 2 usage/IO error.
 // ---------------------------------------------------------------------------
 namespace detail {
@@ -167,9 +203,16 @@ template <typename T> inline void WritePod(std::ostream& out, const T& v) {
 }  // namespace detail
 
 template <typename... P> inline int DriverMain(int argc, char** argv, void (*fn)(P...)) {
-    if (argc != 4) {
-        std::cerr << "usage: " << argv[0] << " ARGS_FILE OUT_FILE BLOCK_DIM\n";
+    if (argc != 4 && argc != 5) {
+        std::cerr << "usage: " << argv[0] << " ARGS_FILE OUT_FILE BLOCK_DIM [TIMING_PARAMS]\n";
         return 2;
+    }
+    if (argc == 5) {
+        std::string err;
+        if (!ParseTimingParams(argv[4], &err)) {
+            std::cerr << "panguc-sim: " << err << "\n";
+            return 2;
+        }
     }
     std::ifstream in(argv[1], std::ios::binary);
     char magic[8];
@@ -195,6 +238,7 @@ template <typename... P> inline int DriverMain(int argc, char** argv, void (*fn)
     const uint32_t blockDim = static_cast<uint32_t>(std::strtoul(argv[3], nullptr, 10));
     LaunchStatus st = Launch(blockDim, fn, args);
     for (const std::string& w : st.warnings) std::cerr << "panguc-sim: warning: " << w << "\n";
+    if (!st.timing.empty()) std::cerr << "panguc-sim: timing: " << st.timing << "\n";
     if (!st.ok) {
         std::cerr << "panguc-sim: error: " << st.message << "\n";
         return 3;
