@@ -19,6 +19,7 @@ pub mod emit;
 pub mod engine;
 pub mod host;
 pub mod op_host_check;
+pub mod perf;
 pub mod program;
 pub mod project;
 pub mod sim;

@@ -41,7 +41,7 @@
 //! Driver wire format (little-endian), written by [`SimKernel::run`] and read
 //! by `panguc_sim::DriverMain` in `sim_launch.h`: arguments file
 //! `"PGSIMA01"`, u32 count, then per argument u8 kind (1 input, 2 output,
-//! 3 in/out, 4 workspace, 5 tiling), u32 name length, name, u64 byte length,
+//! 3 in/out, 4 workspace, 5 tiling, 6 zero-filled input without bytes), u32 name length, name, u64 byte length,
 //! and the bytes for input / in/out / tiling. Output file `"PGSIMO01"`, u32
 //! count, then per output or in/out argument u64 length and the bytes. Exit
 //! status 0 ok, 3 simulation error (`panguc-sim: error: ...` on stderr),
@@ -137,6 +137,9 @@ pub enum SimArg {
     /// Tiling bytes: either a by-value struct parameter (sizes must match) or
     /// a read-only buffer for a `GM_ADDR tiling` parameter.
     Tiling(Vec<u8>),
+    /// Read-only input of this many zero bytes that the simulation allocates
+    /// lazily (nothing is shipped): for timing shapes too large to fill.
+    Zeroed(usize),
 }
 
 impl SimArg {
@@ -147,18 +150,19 @@ impl SimArg {
             SimArg::InOut(_) => 3,
             SimArg::Workspace(_) => 4,
             SimArg::Tiling(_) => 5,
+            SimArg::Zeroed(_) => 6,
         }
     }
     fn len(&self) -> usize {
         match self {
             SimArg::Input(b) | SimArg::InOut(b) | SimArg::Tiling(b) => b.len(),
-            SimArg::Output(n) | SimArg::Workspace(n) => *n,
+            SimArg::Output(n) | SimArg::Workspace(n) | SimArg::Zeroed(n) => *n,
         }
     }
     fn data(&self) -> &[u8] {
         match self {
             SimArg::Input(b) | SimArg::InOut(b) | SimArg::Tiling(b) => b,
-            SimArg::Output(_) | SimArg::Workspace(_) => &[],
+            SimArg::Output(_) | SimArg::Workspace(_) | SimArg::Zeroed(_) => &[],
         }
     }
     fn is_returned(&self) -> bool {
@@ -267,15 +271,14 @@ impl SimKernel {
         timeout: Duration,
     ) -> Result<(SimRun, SimTiming), SimError> {
         let (run, stderr) = self.run_inner(args, timeout, Some(params))?;
-        let timing = stderr
-            .lines()
-            .find_map(|l| l.strip_prefix("panguc-sim: timing: "))
-            .and_then(SimTiming::parse)
-            .ok_or_else(|| SimError::Crashed {
-                entry: self.entry.clone(),
-                status: "no timing summary".into(),
-                stderr: stderr.clone(),
-            })?;
+        let timing =
+            stderr.lines().find_map(|l| l.strip_prefix("panguc-sim: timing: ")).and_then(SimTiming::parse).ok_or_else(
+                || SimError::Crashed {
+                    entry: self.entry.clone(),
+                    status: "no timing summary".into(),
+                    stderr: stderr.clone(),
+                },
+            )?;
         Ok((run, timing))
     }
 

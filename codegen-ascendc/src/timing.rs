@@ -59,13 +59,20 @@ pub struct TimingParams {
     pub issue_cycles: f64,
     pub cube_cores: u32,
     pub vec_cores: u32,
+    /// Simulation option, not hardware: run only the first `run_blocks`
+    /// blocks and charge every other block their mean (0: run all).
+    pub run_blocks: u32,
+    /// Simulation option: skip the arithmetic of Mmad and elementwise
+    /// vector operations (outputs are garbage, the instruction stream and
+    /// its timing are unchanged) for shapes too large to compute.
+    pub skip_compute: bool,
 }
 
 impl TimingParams {
     /// The table's column for `soc`.
     pub fn for_soc(soc: Soc) -> TimingParams {
-        let common = |clock_ghz: f64, gm_gbps: f64, cap_bytes_per_cycle: f64, cube_cores: u32, vec_cores: u32| {
-            TimingParams {
+        let common =
+            |clock_ghz: f64, gm_gbps: f64, cap_bytes_per_cycle: f64, cube_cores: u32, vec_cores: u32| TimingParams {
                 clock_ghz,
                 gm_gbps,
                 core_gm_cap_gbps: cap_bytes_per_cycle * clock_ghz,
@@ -82,8 +89,9 @@ impl TimingParams {
                 issue_cycles: 1.0,
                 cube_cores,
                 vec_cores,
-            }
-        };
+                run_blocks: 0,
+                skip_compute: false,
+            };
         match soc {
             Soc::Ascend910B => common(1.85, 1420.0, 128.0, 24, 48),
             Soc::Ascend310P => common(1.06, 204.0, 64.0, 8, 8),
@@ -110,6 +118,8 @@ impl TimingParams {
             f("issue_cycles", self.issue_cycles),
             f("cube_cores", self.cube_cores as f64),
             f("vec_cores", self.vec_cores as f64),
+            f("run_blocks", self.run_blocks as f64),
+            f("skip_compute", if self.skip_compute { 1.0 } else { 0.0 }),
         ]
         .join(",")
     }
@@ -143,7 +153,7 @@ pub struct SimTiming {
     /// Bytes every DMA of every block moved between GM and the cores.
     pub gm_bytes: f64,
     /// Distinct GM bytes of the inputs and outputs the launch touched: the
-    /// traffic its shape cannot avoid.
+    /// traffic its shape cannot avoid (0 when only some blocks were run).
     pub compulsory_bytes: f64,
     /// 2*m*n*k over every Mmad.
     pub cube_flops: f64,
@@ -151,6 +161,10 @@ pub struct SimTiming {
     pub cube_flops_f16: f64,
     pub vec_bytes: f64,
     pub instructions: f64,
+    /// Blocks of the launch, and how many of them were simulated (the rest
+    /// are charged their mean; see [`TimingParams::run_blocks`]).
+    pub blocks: u32,
+    pub run_blocks: u32,
 }
 
 impl SimTiming {
@@ -177,6 +191,8 @@ impl SimTiming {
             cube_flops_f16: get("cube_flops_f16")?,
             vec_bytes: get("vec_bytes")?,
             instructions: get("instructions")?,
+            blocks: get("blocks")? as u32,
+            run_blocks: get("run_blocks")? as u32,
         })
     }
 
@@ -204,7 +220,7 @@ mod tests {
     fn summary_line_round_trips() {
         let line = "launch_ns=100 cores=2 cube=1 busy_S_ns=1 busy_V_ns=2 busy_M_ns=3 busy_MTE1_ns=4 busy_MTE2_ns=5 \
                     busy_MTE3_ns=6 busy_FIX_ns=7 gm_bytes=8 compulsory_bytes=9 cube_flops=10 cube_flops_f16=11 \
-                    vec_bytes=12 instructions=13";
+                    vec_bytes=12 instructions=13 blocks=4 run_blocks=1";
         let t = SimTiming::parse(line).unwrap();
         assert_eq!(t.launch_ns, 100.0);
         assert!(t.cube);

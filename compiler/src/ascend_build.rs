@@ -22,6 +22,22 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
+/// Simulated efficiency of every device kernel under the per-pipe timing
+/// model (`panguc_codegen_ascendc::perf`) for a decode step at batch 1 and
+/// batch 64 after a 2048-token context, and a 2048-token prefill. The
+/// program serves one sequence per call, so batch 64 is modelled as 64 new
+/// tokens of one sequence (same GEMM shapes; attention reads one context).
+pub fn timing_report(ap: &AscendProgram) -> Result<serde_json::Value> {
+    use panguc_codegen_ascendc::emit::Env;
+    let workloads = [
+        ("decode_b1", Env::new(1, 2048, 1)),
+        ("decode_b64", Env::new(64, 2048, 1)),
+        ("prefill_2048", Env::new(2048, 0, 1)),
+    ];
+    panguc_codegen_ascendc::perf::report(ap, &workloads)
+        .with_context(|| format!("timing the {} kernels", ap.target.name()))
+}
+
 /// Targets in `targets` that are Ascend targets (others, like `cpu`, are
 /// someone else's); an unknown `ascend*` name is an error.
 pub fn ascend_targets(targets: &[String]) -> Result<Vec<Target>> {
@@ -110,7 +126,11 @@ fn write_targets(
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         }
         set_executable(&dir.join("build.sh"))?;
-        report.insert(ap.target.name().to_string(), memory_report(ap));
+        let mut entry = memory_report(ap);
+        if rank.is_none() {
+            entry["timing"] = timing_report(ap)?;
+        }
+        report.insert(ap.target.name().to_string(), entry);
     }
     if let Some(provider) = weights {
         write_device_weights(staging, program, &emitted, provider)?;

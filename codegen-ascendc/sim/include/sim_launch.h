@@ -30,6 +30,9 @@ struct ArgBuffer {
     ArgKind kind = ArgKind::Input;
     std::string name;
     std::vector<uint8_t> data;  // Input/InOut/Tiling: contents; Output/Workspace: size only (contents ignored)
+    // An Input of this many zero bytes, allocated lazily (pages nobody reads
+    // cost nothing): for timing large shapes without shipping their data.
+    uint64_t zeroLen = 0;
 };
 
 inline ArgBuffer In(std::string name, std::vector<uint8_t> bytes) { return {ArgKind::Input, std::move(name), std::move(bytes)}; }
@@ -55,19 +58,24 @@ namespace detail {
 // GM storage for one argument: 512-byte aligned like device allocations, with
 // at least one byte so that even empty buffers have a unique address.
 struct Registered {
-    std::unique_ptr<uint8_t[]> storage;
+    uint8_t* storage = nullptr;  // calloc'ed: zero pages are mapped on first touch
     GmBuffer buf;
+    Registered() = default;
+    Registered(const Registered&) = delete;
+    Registered& operator=(const Registered&) = delete;
+    ~Registered() { std::free(storage); }
 };
 
 inline std::unique_ptr<Registered> Register(const ArgBuffer& a) {
     auto r = std::make_unique<Registered>();
-    const size_t n = a.data.size();
-    r->storage.reset(new uint8_t[n + 512 + 1]);
-    uint8_t* base = r->storage.get();
+    const size_t n = a.zeroLen ? a.zeroLen : a.data.size();
+    r->storage = static_cast<uint8_t*>(std::calloc(n + 512 + 1, 1));
+    if (!r->storage) throw SimError(Str("cannot allocate ", n, " bytes for argument '", a.name, "'"));
+    uint8_t* base = r->storage;
     base += (512 - reinterpret_cast<uintptr_t>(base) % 512) % 512;
     const bool poison = a.kind == ArgKind::Output || a.kind == ArgKind::Workspace;
     if (poison) std::memset(base, 0xFF, n);  // unwritten output bytes read back as NaN / -1
-    else if (n) std::memcpy(base, a.data.data(), n);
+    else if (n && !a.zeroLen) std::memcpy(base, a.data.data(), n);
     r->buf.name = a.name;
     r->buf.kind = a.kind;
     r->buf.base = base;
@@ -78,7 +86,10 @@ inline std::unique_ptr<Registered> Register(const ArgBuffer& a) {
         r->buf.lineScalarWriter.assign((n + kGmLine - 1) / kGmLine, -1);
         r->buf.lineWriter.assign((n + kGmLine - 1) / kGmLine, -1);
     }
-    if (timingParams().enabled && a.kind != ArgKind::Tiling && a.kind != ArgKind::Workspace) r->buf.touched.assign(n, 0);
+    const bool fullRun = timingParams().runBlocks == 0;
+    if (timingParams().enabled && fullRun && a.kind != ArgKind::Tiling && a.kind != ArgKind::Workspace) {
+        r->buf.touched.assign(n, 0);
+    }
     return r;
 }
 
@@ -118,10 +129,21 @@ inline std::string SummariseTiming(const std::vector<std::unique_ptr<detail::Reg
     const int64_t cores = std::max<int64_t>(1, std::min<int64_t>(c.blockDim, c.usedCube ? t.cubeCores : t.vecCores));
     std::vector<double> coreNs(cores, 0.0);
     std::vector<std::vector<double>> coreBusy(cores, std::vector<double>(kPipeCount, 0.0));
+    // Blocks that were not run (TimingParams::runBlocks) cost the mean of
+    // those that were.
+    const size_t ran = std::max<size_t>(1, l.blockNs.size());
+    double meanNs = 0;
+    std::vector<double> meanBusy(kPipeCount, 0.0);
     for (size_t b = 0; b < l.blockNs.size(); ++b) {
-        coreNs[b % cores] += l.blockNs[b];
-        for (int p = 0; p < kPipeCount; ++p) coreBusy[b % cores][p] += l.blockBusy[b][p];
+        meanNs += l.blockNs[b] / double(ran);
+        for (int p = 0; p < kPipeCount; ++p) meanBusy[p] += l.blockBusy[b][p] / double(ran);
     }
+    for (int64_t b = 0; b < c.blockDim; ++b) {
+        const bool wasRun = size_t(b) < l.blockNs.size();
+        coreNs[b % cores] += wasRun ? l.blockNs[b] : meanNs;
+        for (int p = 0; p < kPipeCount; ++p) coreBusy[b % cores][p] += wasRun ? l.blockBusy[b][p] : meanBusy[p];
+    }
+    const double scale = double(c.blockDim) / double(ran);
     size_t worst = 0;
     for (size_t i = 1; i < coreNs.size(); ++i) if (coreNs[i] > coreNs[worst]) worst = i;
     uint64_t compulsory = 0;
@@ -130,8 +152,9 @@ inline std::string SummariseTiming(const std::vector<std::unique_ptr<detail::Reg
     o.precision(17);
     o << "launch_ns=" << coreNs[worst] << " cores=" << cores << " cube=" << (c.usedCube ? 1 : 0);
     for (int p = 0; p < kPipeCount; ++p) o << " busy_" << PipeName(static_cast<Pipe>(p)) << "_ns=" << coreBusy[worst][p];
-    o << " gm_bytes=" << l.gmBytes << " compulsory_bytes=" << compulsory << " cube_flops=" << l.cubeFlops
-      << " cube_flops_f16=" << l.cubeFlopsF16 << " vec_bytes=" << l.vecBytes << " instructions=" << l.instructions;
+    o << " gm_bytes=" << l.gmBytes * scale << " compulsory_bytes=" << compulsory << " cube_flops=" << l.cubeFlops * scale
+      << " cube_flops_f16=" << l.cubeFlopsF16 * scale << " vec_bytes=" << l.vecBytes * scale
+      << " instructions=" << double(l.instructions) * scale << " blocks=" << c.blockDim << " run_blocks=" << ran;
     return o.str();
 }
 
@@ -159,7 +182,9 @@ inline LaunchStatus Launch(uint32_t blockDim, void (*fn)(P...), std::vector<ArgB
     c.blockDim = blockDim;
     try {
         std::tuple<P...> params = detail::BindAll<P...>(regs, args, std::index_sequence_for<P...>{});
-        for (uint32_t b = 0; b < blockDim; ++b) {
+        const uint32_t sub = timingParams().enabled ? timingParams().runBlocks : 0;
+        const uint32_t run = sub && sub < blockDim ? sub : blockDim;
+        for (uint32_t b = 0; b < run; ++b) {
             c.blockIdx = b;
             ResetCoreMemories();
             c.livePipe = nullptr;
@@ -230,6 +255,11 @@ template <typename... P> inline int DriverMain(int argc, char** argv, void (*fn)
         a.name.resize(nameLen);
         if (nameLen && !in.read(&a.name[0], nameLen)) return 2;
         if (!detail::ReadPod(in, len)) return 2;
+        if (kind == 6) {  // zero-filled input, no bytes in the file
+            a.kind = ArgKind::Input;
+            a.zeroLen = len;
+            continue;
+        }
         a.kind = static_cast<ArgKind>(kind);
         a.data.resize(len);
         const bool hasData = a.kind == ArgKind::Input || a.kind == ArgKind::InOut || a.kind == ArgKind::Tiling;

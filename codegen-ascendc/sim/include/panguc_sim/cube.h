@@ -213,6 +213,10 @@ inline void Mmad(const LocalTensor<T>& dst, const LocalTensor<U>& fm, const Loca
     if (uint64_t(mB) * nB * 256 > dst.GetSize()) {
         Fail(loc, Str("Mmad: result needs ", uint64_t(mB) * nB * 256, " elements but the CO1 tensor has ", dst.GetSize()));
     }
+    if (timingParams().skipCompute) {  // timing only: the result is not computed
+        MarkInit(dst.sim_mem_, dst.sim_addr_, uint64_t(mB) * nB * 256 * sizeof(T));
+        return;
+    }
     auto aIdx = [&](uint32_t i, uint32_t kk) {
         return (uint64_t(i / 16) * kB + kk / C0) * 16 * C0 + (i % 16) * C0 + kk % C0;
     };

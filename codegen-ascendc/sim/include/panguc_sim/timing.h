@@ -45,6 +45,13 @@ struct TimingParams {
     double issueCycles = 1;          // scalar issue slot of every instruction
     int cubeCores = 1;
     int vecCores = 1;
+    // Simulation options (not hardware): run only the first `runBlocks`
+    // blocks and extrapolate the rest from their mean (0: run all), and
+    // skip the arithmetic of Mmad and elementwise vector operations (their
+    // results are left as the destination held; only the instruction stream
+    // is timed), for large shapes where only the timing is wanted.
+    uint32_t runBlocks = 0;
+    bool skipCompute = false;
 };
 inline TimingParams& timingParams() {
     static TimingParams p;
@@ -85,6 +92,8 @@ inline bool ParseTimingParams(const std::string& s, std::string* err) {
         else if (k == "issue_cycles") p.issueCycles = v;
         else if (k == "cube_cores") p.cubeCores = static_cast<int>(v);
         else if (k == "vec_cores") p.vecCores = static_cast<int>(v);
+        else if (k == "run_blocks") p.runBlocks = static_cast<uint32_t>(v);
+        else if (k == "skip_compute") p.skipCompute = v != 0;
         else {
             *err = "unknown timing parameter " + k;
             return false;

@@ -116,7 +116,7 @@ inline void Unary(const char* op, const LocalTensor<T>& dst, const LocalTensor<T
     timing::Vec(uint64_t(n) * sizeof(T), VecPasses(op));
     uint8_t* d = VPtr(dst);
     const uint8_t* s = VPtr(src);
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n && !timingParams().skipCompute; ++i) {
         St<T>(d + i * sizeof(T), Calc<T>::Out(f(Calc<T>::In(Ld<T>(s + i * sizeof(T))))));
     }
     MarkInit(Mem::UB, dst.sim_addr_, uint64_t(n) * sizeof(T));
@@ -132,7 +132,7 @@ inline void Binary(const char* op, const LocalTensor<T>& dst, const LocalTensor<
     uint8_t* d = VPtr(dst);
     const uint8_t* pa = VPtr(a);
     const uint8_t* pb = VPtr(b);
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n && !timingParams().skipCompute; ++i) {
         St<T>(d + i * sizeof(T),
               Calc<T>::Out(f(Calc<T>::In(Ld<T>(pa + i * sizeof(T))), Calc<T>::In(Ld<T>(pb + i * sizeof(T))))));
     }
