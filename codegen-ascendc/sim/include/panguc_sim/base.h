@@ -608,7 +608,7 @@ inline void GmTouch(GmBuffer* b, const uint8_t* p, uint64_t bytes) {
 
 inline void GmRead(GmBuffer* b, const uint8_t* p, uint64_t bytes, const SrcLoc& loc, const char* op) {
     GmTouch(b, p, bytes);
-    if (!b->Writable()) return;
+    if (!b->Writable() || b->writer.empty()) return;  // no race tracking (timing of a block subset)
     const int32_t me = static_cast<int32_t>(ctx().blockIdx);
     const uint64_t off = static_cast<uint64_t>(p - b->base);
     for (uint64_t i = 0; i < bytes; ++i) {
@@ -627,7 +627,7 @@ inline void GmRead(GmBuffer* b, const uint8_t* p, uint64_t bytes, const SrcLoc& 
 // A scalar store (GlobalTensor::SetValue) into a line that another block
 // also writes, in any way, loses one of the writes on hardware.
 inline void GmScalarWrite(GmBuffer* b, const uint8_t* p, uint64_t bytes, const SrcLoc& loc, const char* op) {
-    if (!b->Writable()) return;  // GmWrite reports it
+    if (!b->Writable() || b->writer.empty()) return;  // GmWrite reports it
     const int32_t me = static_cast<int32_t>(ctx().blockIdx);
     const uint64_t off = static_cast<uint64_t>(p - b->base);
     for (uint64_t l = off / kGmLine; l <= (off + bytes - 1) / kGmLine; ++l) {
@@ -648,6 +648,7 @@ inline void GmWrite(GmBuffer* b, const uint8_t* p, uint64_t bytes, const SrcLoc&
         Fail(loc, Str(op, ": writes to read-only ", GmDesc(b), " (declare it as an output or in/out buffer)"));
     }
     GmTouch(b, p, bytes);
+    if (b->writer.empty()) return;  // no race tracking (timing of a block subset)
     const int32_t me = static_cast<int32_t>(ctx().blockIdx);
     const uint64_t off = static_cast<uint64_t>(p - b->base);
     for (uint64_t l = off / kGmLine; bytes > 0 && l <= (off + bytes - 1) / kGmLine; ++l) {

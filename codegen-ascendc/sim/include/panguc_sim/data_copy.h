@@ -134,7 +134,7 @@ template <typename T> inline void GmStore(const GlobalTensor<T>& g, uint64_t off
     GmTouch(b, p, bytes);
     const int32_t me = static_cast<int32_t>(ctx().blockIdx);
     const uint64_t base = static_cast<uint64_t>(p - b->base);
-    for (uint64_t i = 0; i < bytes; ++i) {
+    for (uint64_t i = 0; i < bytes && !b->writer.empty(); ++i) {
         int32_t& w = b->writer[base + i];
         const int32_t r = b->reader[base + i];
         if (w >= 0 && w != me) {
