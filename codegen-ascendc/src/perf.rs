@@ -122,7 +122,7 @@ fn time_kernel(
         CoreType::Cube => params.cube_cores,
         CoreType::Vector => params.vec_cores,
     };
-    let env = Env { core_num: cores as u64, ..env.clone() };
+    let env = Env { core_num: cores as u64, ..*env };
     let l = &ap.program.launches[li];
     let mut args = vec![];
     let mut bytes = 0f64;
