@@ -22,13 +22,16 @@ pub mod emit;
 pub mod engine;
 pub mod host;
 pub mod op_host_check;
+pub mod perf;
 pub mod program;
 pub mod project;
 pub mod sim;
 pub mod target;
+pub mod timing;
 pub mod weights;
 
 pub use emit::{emit_kernel, DeviceKernel, DeviceKernels, EmitOptions, Env, TExpr};
 pub use engine::AscendSimEngine;
 pub use sim::{sim_headers, sim_include_dir, syntax_check, SimArg, SimError, SimKernel, SimRun, Soc};
 pub use target::{DevType, Target};
+pub use timing::{SimTiming, TimingParams};

@@ -41,7 +41,7 @@
 //! Driver wire format (little-endian), written by [`SimKernel::run`] and read
 //! by `panguc_sim::DriverMain` in `sim_launch.h`: arguments file
 //! `"PGSIMA01"`, u32 count, then per argument u8 kind (1 input, 2 output,
-//! 3 in/out, 4 workspace, 5 tiling), u32 name length, name, u64 byte length,
+//! 3 in/out, 4 workspace, 5 tiling, 6 zero-filled input without bytes), u32 name length, name, u64 byte length,
 //! and the bytes for input / in/out / tiling. Output file `"PGSIMO01"`, u32
 //! count, then per output or in/out argument u64 length and the bytes. Exit
 //! status 0 ok, 3 simulation error (`panguc-sim: error: ...` on stderr),
@@ -56,6 +56,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::timing::{SimTiming, TimingParams};
+
 /// The simulation headers, embedded so that a package or an installed binary
 /// can ship them: (path relative to the include directory, contents).
 const SIM_HEADERS: &[(&str, &str)] = &[
@@ -66,6 +68,7 @@ const SIM_HEADERS: &[(&str, &str)] = &[
     ("panguc_sim/data_copy.h", include_str!("../sim/include/panguc_sim/data_copy.h")),
     ("panguc_sim/vector.h", include_str!("../sim/include/panguc_sim/vector.h")),
     ("panguc_sim/cube.h", include_str!("../sim/include/panguc_sim/cube.h")),
+    ("panguc_sim/timing.h", include_str!("../sim/include/panguc_sim/timing.h")),
 ];
 
 /// Bump when the driver template or the wire format changes (part of the
@@ -134,6 +137,9 @@ pub enum SimArg {
     /// Tiling bytes: either a by-value struct parameter (sizes must match) or
     /// a read-only buffer for a `GM_ADDR tiling` parameter.
     Tiling(Vec<u8>),
+    /// Read-only input of this many zero bytes that the simulation allocates
+    /// lazily (nothing is shipped): for timing shapes too large to fill.
+    Zeroed(usize),
 }
 
 impl SimArg {
@@ -144,18 +150,19 @@ impl SimArg {
             SimArg::InOut(_) => 3,
             SimArg::Workspace(_) => 4,
             SimArg::Tiling(_) => 5,
+            SimArg::Zeroed(_) => 6,
         }
     }
     fn len(&self) -> usize {
         match self {
             SimArg::Input(b) | SimArg::InOut(b) | SimArg::Tiling(b) => b.len(),
-            SimArg::Output(n) | SimArg::Workspace(n) => *n,
+            SimArg::Output(n) | SimArg::Workspace(n) | SimArg::Zeroed(n) => *n,
         }
     }
     fn data(&self) -> &[u8] {
         match self {
             SimArg::Input(b) | SimArg::InOut(b) | SimArg::Tiling(b) => b,
-            SimArg::Output(_) | SimArg::Workspace(_) => &[],
+            SimArg::Output(_) | SimArg::Workspace(_) | SimArg::Zeroed(_) => &[],
         }
     }
     fn is_returned(&self) -> bool {
@@ -252,6 +259,35 @@ impl SimKernel {
     /// Launch with named arguments (names appear in error messages) and an
     /// explicit timeout; also returns the simulation's warnings.
     pub fn run_detailed(&self, args: &[(&str, SimArg)], timeout: Duration) -> Result<SimRun, SimError> {
+        Ok(self.run_inner(args, timeout, None)?.0)
+    }
+
+    /// Launch under the per-pipe timing model with `params` (see
+    /// [`crate::timing`]); returns the outputs and the launch's timing.
+    pub fn run_timed(
+        &self,
+        args: &[(&str, SimArg)],
+        params: &TimingParams,
+        timeout: Duration,
+    ) -> Result<(SimRun, SimTiming), SimError> {
+        let (run, stderr) = self.run_inner(args, timeout, Some(params))?;
+        let timing =
+            stderr.lines().find_map(|l| l.strip_prefix("panguc-sim: timing: ")).and_then(SimTiming::parse).ok_or_else(
+                || SimError::Crashed {
+                    entry: self.entry.clone(),
+                    status: "no timing summary".into(),
+                    stderr: stderr.clone(),
+                },
+            )?;
+        Ok((run, timing))
+    }
+
+    fn run_inner(
+        &self,
+        args: &[(&str, SimArg)],
+        timeout: Duration,
+        timing: Option<&TimingParams>,
+    ) -> Result<(SimRun, String), SimError> {
         let exe = self.compile()?;
         let dir = tempfile::Builder::new().prefix("panguc-sim-run").tempdir().map_err(io_err(&std::env::temp_dir()))?;
         let args_path = dir.path().join("args.bin");
@@ -262,6 +298,7 @@ impl SimKernel {
             .arg(&args_path)
             .arg(&out_path)
             .arg(self.block_dim.to_string())
+            .args(timing.map(TimingParams::to_arg))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -315,7 +352,7 @@ impl SimKernel {
                 if !stdout.is_empty() {
                     tracing::debug!(entry = %self.entry, "kernel stdout:\n{stdout}");
                 }
-                Ok(SimRun { outputs, warnings })
+                Ok((SimRun { outputs, warnings }, stderr))
             }
             Some(3) => {
                 let message = parse_error_message(&stderr).unwrap_or_else(|| stderr.trim().to_string());

@@ -22,6 +22,43 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
+/// Simulated efficiency of every device kernel under the per-pipe timing
+/// model (`panguc_codegen_ascendc::perf`) for a decode step at batch 1 and
+/// batch 64 after a 2048-token context, and a 2048-token prefill. The
+/// program serves one sequence per call, so batch 64 is modelled as 64 new
+/// tokens of one sequence (same GEMM shapes; attention reads one context).
+pub fn timing_report(ap: &AscendProgram) -> Result<serde_json::Value> {
+    use panguc_codegen_ascendc::emit::Env;
+    let workloads = [
+        ("decode_b1", Env::new(1, 2048, 1)),
+        ("decode_b64", Env::new(64, 2048, 1)),
+        ("prefill_2048", Env::new(2048, 0, 1)),
+    ];
+    panguc_codegen_ascendc::perf::report(ap, &workloads)
+        .with_context(|| format!("timing the {} kernels", ap.target.name()))
+}
+
+/// Put the cost model's step estimate (the report's `estimates`, profiles
+/// ascend910b1 and ascend310p3, which the timing tables follow) next to the
+/// timing model's step total of each workload, as `cost_model_step_us`.
+/// The cost model adds a launch overhead per kernel and models decode batch
+/// 64 as 64 sequences; the timing model has neither (see [`timing_report`]).
+pub fn attach_cost_model(report: &mut serde_json::Value) {
+    for (target, profile) in [("ascend910b", "ascend910b1"), ("ascend310p", "ascend310p3")] {
+        for (w, key, field) in [
+            ("decode_b1", "decode_batch_1", "ms_per_step"),
+            ("decode_b64", "decode_batch_64", "ms_per_step"),
+            ("prefill_2048", "prefill_2048", "ms"),
+        ] {
+            let ms = report.pointer(&format!("/estimates/profiles/{profile}/{key}/{field}")).and_then(|v| v.as_f64());
+            let wl = report.pointer_mut(&format!("/ascend/{target}/timing/workloads/{w}"));
+            if let (Some(ms), Some(serde_json::Value::Object(wl))) = (ms, wl) {
+                wl.insert("cost_model_step_us".into(), serde_json::json!(ms * 1e3));
+            }
+        }
+    }
+}
+
 /// Targets in `targets` that are Ascend targets (others, like `cpu`, are
 /// someone else's); an unknown `ascend*` name is an error.
 pub fn ascend_targets(targets: &[String]) -> Result<Vec<Target>> {
@@ -110,7 +147,11 @@ fn write_targets(
             std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         }
         set_executable(&dir.join("build.sh"))?;
-        report.insert(ap.target.name().to_string(), memory_report(ap));
+        let mut entry = memory_report(ap);
+        if rank.is_none() {
+            entry["timing"] = timing_report(ap)?;
+        }
+        report.insert(ap.target.name().to_string(), entry);
     }
     if let Some(provider) = weights {
         write_device_weights(staging, program, &emitted, provider)?;
@@ -242,6 +283,41 @@ mod tests {
                 assert!(used <= cap, "{}: {m} {used} > {cap}", k["kernel"]);
             }
         }
+    }
+
+    /// Every target's report has the timing model's figures for the three
+    /// workloads: one entry per distinct device kernel, each with a positive
+    /// simulated time, and efficiency = roofline / simulated.
+    #[test]
+    fn tiny_checkpoint_timing_report() {
+        let ckpt = tiny_checkpoint();
+        let p = program_of(&crate::commands::import(&ckpt).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let report = write_ascend_targets(dir.path(), &p, ckpt.config(), &["ascend910b".into()], None).unwrap();
+        let ap = emit_program(&p, Target::Ascend910B, Target::Ascend910B.default_act()).unwrap();
+        let distinct: std::collections::BTreeSet<&str> =
+            ap.kernels.iter().flat_map(|d| d.kernels.iter()).map(|k| k.entry.as_str()).collect();
+        let timing = &report["ascend910b"]["timing"];
+        assert_eq!(timing["params"]["gm_gbps"], 1420.0);
+        for w in ["decode_b1", "decode_b64", "prefill_2048"] {
+            let wl = &timing["workloads"][w];
+            assert_eq!(wl["failures"].as_array().unwrap().len(), 0, "{w}: {}", wl["failures"]);
+            let ks = wl["kernels"].as_array().unwrap();
+            let names: std::collections::BTreeSet<&str> = ks.iter().map(|k| k["name"].as_str().unwrap()).collect();
+            assert_eq!(names, distinct, "{w}");
+            for k in ks {
+                let (sim, roof, eff) = (
+                    k["simulated_us"].as_f64().unwrap(),
+                    k["roofline_us"].as_f64().unwrap(),
+                    k["efficiency"].as_f64().unwrap(),
+                );
+                assert!(sim > 0.0 && roof > 0.0, "{w}: {k}");
+                assert!((eff - roof / sim).abs() < 1e-9 * eff.max(1.0), "{w}: {k}");
+            }
+        }
+        // A prefill of 2048 tokens takes longer than a decode step.
+        let step = |w: &str| timing["workloads"][w]["step_simulated_us"].as_f64().unwrap();
+        assert!(step("prefill_2048") > step("decode_b64") && step("decode_b64") > step("decode_b1"));
     }
 
     #[test]

@@ -466,6 +466,7 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         } else {
             crate::ascend_build::write_ascend_targets(staging.path(), &program, ckpt.config(), &targets, weights)?
         };
+        crate::ascend_build::attach_cost_model(&mut report);
     }
     if let Some(p) = &partitioned {
         let ascend = crate::ascend_build::ascend_targets(&targets)?;

@@ -364,6 +364,10 @@ struct GmBuffer {
     // block that wrote any of its bytes (-1: none, -2: several).
     std::vector<int32_t> lineScalarWriter;
     std::vector<int32_t> lineWriter;
+    // Bytes any block moved to or from the core (timing model: the launch's
+    // compulsory GM traffic). Empty when timing is off, and for the tiling
+    // and workspace arguments.
+    std::vector<uint8_t> touched;
     bool Writable() const { return kind == ArgKind::Output || kind == ArgKind::InOut || kind == ArgKind::Workspace; }
 };
 
@@ -401,6 +405,11 @@ struct PipeView {
         for (int i = 0; i < kPipeCount; ++i) seen[i] = std::max(seen[i], o.seen[i]);
     }
 };
+}  // namespace panguc_sim
+
+#include "panguc_sim/timing.h"
+
+namespace panguc_sim {
 
 // Per-launch context: the only global state of the simulation.
 struct Ctx {
@@ -424,11 +433,36 @@ struct Ctx {
     std::vector<uint8_t> wpipe[kMemCount];  // writer pipe of every byte
     std::vector<uint32_t> wseq[kMemCount];  // and its instruction number
     std::vector<std::string> warnings;
+    CoreTiming core;      // pipe clocks of the current block (timing.h)
+    LaunchTiming launch;  // per-block times and totals of this launch
 };
 inline Ctx& ctx() {
     static Ctx c;
     return c;
 }
+namespace timing {
+inline CoreTiming& Core() { return ctx().core; }
+inline LaunchTiming& Launch() { return ctx().launch; }
+inline double CoreGmBytesPerNs() {
+    const Ctx& c = ctx();
+    const TimingParams& t = timingParams();
+    const int64_t cores = c.usedCube ? t.cubeCores : t.vecCores;
+    const int64_t active = std::max<int64_t>(1, std::min<int64_t>(c.blockDim, cores));
+    return std::min(t.coreGmCapBytesPerNs, t.gmBytesPerNs / double(active));
+}
+// The current block is done: record its time (its latest pipe, or its GM
+// bytes over the core's bandwidth share if that is longer).
+inline void EndBlock() {
+    if (!timingParams().enabled) return;
+    CoreTiming& core = Core();
+    double end = 0;
+    for (double t : core.clock) end = std::max(end, t);
+    end = std::max(end, core.gmBytes / CoreGmBytesPerNs());
+    Launch().blockNs.push_back(end);
+    Launch().blockBusy.emplace_back(core.busy, core.busy + kPipeCount);
+    core = CoreTiming{};
+}
+}  // namespace timing
 // Fresh per-launch state (a non-template function: g++ 12 crashes on
 // `ctx() = Ctx{}` inside a function template).
 inline void ResetCtx() { ctx() = Ctx(); }
@@ -568,8 +602,13 @@ inline GmBuffer* FindGm(const void* p, uint64_t bytes = 0) {
 
 inline std::string GmDesc(const GmBuffer* b) { return Str(ArgKindName(b->kind), " '", b->name, "'"); }
 
+inline void GmTouch(GmBuffer* b, const uint8_t* p, uint64_t bytes) {
+    if (!b->touched.empty()) std::fill_n(b->touched.begin() + (p - b->base), bytes, uint8_t(1));
+}
+
 inline void GmRead(GmBuffer* b, const uint8_t* p, uint64_t bytes, const SrcLoc& loc, const char* op) {
-    if (!b->Writable()) return;
+    GmTouch(b, p, bytes);
+    if (!b->Writable() || b->writer.empty()) return;  // no race tracking (timing of a block subset)
     const int32_t me = static_cast<int32_t>(ctx().blockIdx);
     const uint64_t off = static_cast<uint64_t>(p - b->base);
     for (uint64_t i = 0; i < bytes; ++i) {
@@ -588,7 +627,7 @@ inline void GmRead(GmBuffer* b, const uint8_t* p, uint64_t bytes, const SrcLoc& 
 // A scalar store (GlobalTensor::SetValue) into a line that another block
 // also writes, in any way, loses one of the writes on hardware.
 inline void GmScalarWrite(GmBuffer* b, const uint8_t* p, uint64_t bytes, const SrcLoc& loc, const char* op) {
-    if (!b->Writable()) return;  // GmWrite reports it
+    if (!b->Writable() || b->writer.empty()) return;  // GmWrite reports it
     const int32_t me = static_cast<int32_t>(ctx().blockIdx);
     const uint64_t off = static_cast<uint64_t>(p - b->base);
     for (uint64_t l = off / kGmLine; l <= (off + bytes - 1) / kGmLine; ++l) {
@@ -608,6 +647,8 @@ inline void GmWrite(GmBuffer* b, const uint8_t* p, uint64_t bytes, const SrcLoc&
     if (!b->Writable()) {
         Fail(loc, Str(op, ": writes to read-only ", GmDesc(b), " (declare it as an output or in/out buffer)"));
     }
+    GmTouch(b, p, bytes);
+    if (b->writer.empty()) return;  // no race tracking (timing of a block subset)
     const int32_t me = static_cast<int32_t>(ctx().blockIdx);
     const uint64_t off = static_cast<uint64_t>(p - b->base);
     for (uint64_t l = off / kGmLine; bytes > 0 && l <= (off + bytes - 1) / kGmLine; ++l) {

@@ -115,6 +115,7 @@ inline void InitConstValue(const LocalTensor<T>& dst, const InitConstValueParams
     if (dst.sim_mem_ != Mem::L1 && dst.sim_mem_ != Mem::L0A && dst.sim_mem_ != Mem::L0B) {
         Fail(loc, Str("InitConstValue: destination must be A1/B1/A2/B2, got TPosition::", PosName(dst.sim_pos_)));
     }
+    timing::Local(ctx().curPipe, uint64_t(p.repeatTimes) * p.blockNum * 32);
     for (uint32_t r = 0; r < p.repeatTimes; ++r) {
         const uint64_t off = uint64_t(r) * (uint64_t(p.blockNum) + p.dstGap) * 32;
         const uint64_t bytes = uint64_t(p.blockNum) * 32;
@@ -144,6 +145,7 @@ inline void LoadData(const LocalTensor<T>& dst, const LocalTensor<T>& src, const
         Fail(loc, Str("LoadData: ifTranspose is only supported for 16-bit types, not ", TypeName<T>(),
                       " (store the matrix transposed in GM instead)"));
     }
+    timing::Local(Pipe::MTE1, uint64_t(p.repeatTimes) * 512);
     for (uint32_t i = 0; i < p.repeatTimes; ++i) {
         const uint64_t s = (uint64_t(p.startIndex) + uint64_t(i) * p.srcStride) * 512;
         const uint64_t d = uint64_t(i) * (1 + uint64_t(p.dstGap)) * 512;
@@ -196,6 +198,7 @@ inline void Mmad(const LocalTensor<T>& dst, const LocalTensor<U>& fm, const Loca
     if (p.m == 0 || p.n == 0 || p.k == 0) Fail(loc, Str("Mmad: m=", p.m, " n=", p.n, " k=", p.k, ": each must be >= 1"));
     if (p.cmatrixSource) Fail(loc, "Mmad: cmatrixSource (initial C from the bias table) is not supported by the simulation");
     const bool accumulate = p.isBias || !p.cmatrixInitVal;
+    timing::Cube(p.m, p.n, p.k, sizeof(U));
     constexpr uint32_t C0 = 32 / sizeof(U);
     const uint32_t m = p.m, n = p.n, k = p.k;
     const uint32_t mB = (m + 15) / 16, nB = (n + 15) / 16, kB = (k + C0 - 1) / C0;
@@ -209,6 +212,10 @@ inline void Mmad(const LocalTensor<T>& dst, const LocalTensor<U>& fm, const Loca
     }
     if (uint64_t(mB) * nB * 256 > dst.GetSize()) {
         Fail(loc, Str("Mmad: result needs ", uint64_t(mB) * nB * 256, " elements but the CO1 tensor has ", dst.GetSize()));
+    }
+    if (timingParams().skipCompute) {  // timing only: the result is not computed
+        MarkInit(dst.sim_mem_, dst.sim_addr_, uint64_t(mB) * nB * 256 * sizeof(T));
+        return;
     }
     auto aIdx = [&](uint32_t i, uint32_t kk) {
         return (uint64_t(i / 16) * kB + kk / C0) * 16 * C0 + (i % 16) * C0 + kk % C0;
@@ -273,6 +280,8 @@ inline void Fixpipe(const GlobalTensor<T>& dst, const LocalTensor<U>& src, const
         Fail(loc, Str("Fixpipe: quantPre=", int(q), " with ", TypeName<U>(), "->", TypeName<T>(),
                       " is not supported (NoQuant same type, F322F16 float->half, F322BF16 float->bfloat16_t)"));
     }
+    timing::Fix(uint64_t(p.ndNum) * p.mSize * ((p.nSize + 15) / 16 * 16) * sizeof(U),
+                uint64_t(p.ndNum) * p.mSize * p.nSize * sizeof(T));
     const uint8_t* sp = sim::LocalPtr(src);
     std::vector<uint8_t> row(uint64_t(p.nSize) * sizeof(T));
     for (uint32_t nd = 0; nd < p.ndNum; ++nd) {

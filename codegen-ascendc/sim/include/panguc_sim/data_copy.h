@@ -131,9 +131,10 @@ template <typename T> inline void GmStore(const GlobalTensor<T>& g, uint64_t off
         return;
     }
     if (!b->Writable()) Fail(loc, Str(op, ": atomic add to read-only ", GmDesc(b)));
+    GmTouch(b, p, bytes);
     const int32_t me = static_cast<int32_t>(ctx().blockIdx);
     const uint64_t base = static_cast<uint64_t>(p - b->base);
-    for (uint64_t i = 0; i < bytes; ++i) {
+    for (uint64_t i = 0; i < bytes && !b->writer.empty(); ++i) {
         int32_t& w = b->writer[base + i];
         const int32_t r = b->reader[base + i];
         if (w >= 0 && w != me) {
@@ -184,6 +185,7 @@ template <typename T> inline void SegGmToLocal(const LocalTensor<T>& dst, uint64
                                                uint64_t soff, uint64_t bytes, const SrcLoc& loc, const char* op) {
     OnPipe mte2(Pipe::MTE2);
     CheckLocalBytes(dst, doff, bytes, loc, op, "destination");
+    timing::Gm(Pipe::MTE2, bytes);
     GmLoad(src, soff, LocalPtr(dst, doff), bytes, loc, op);
     MarkInit(dst.sim_mem_, dst.sim_addr_ + doff, bytes);
 }
@@ -191,6 +193,7 @@ template <typename T> inline void SegLocalToGm(const GlobalTensor<T>& dst, uint6
                                                uint64_t soff, uint64_t bytes, const SrcLoc& loc, const char* op) {
     OnPipe mte3(Pipe::MTE3);
     CheckLocalBytes(src, soff, bytes, loc, op, "source");
+    timing::Gm(Pipe::MTE3, bytes);
     CheckInit(src.sim_mem_, src.sim_addr_ + soff, bytes, loc, op);
     GmStore(dst, doff, LocalPtr(src, soff), bytes, loc, op);
 }
@@ -201,6 +204,7 @@ template <typename T> inline void SegLocalToLocal(const LocalTensor<T>& dst, uin
     // UB -> UB runs on the vector pipe, UB -> L1 (310P) is an MTE3 move and
     // L1 -> L0A/L0B (LoadData) an MTE1 one.
     OnPipe pipe(dst.sim_mem_ == Mem::UB ? Pipe::V : dst.sim_mem_ == Mem::L1 ? Pipe::MTE3 : Pipe::MTE1);
+    if (ctx().curPipe != Pipe::MTE1) timing::Local(ctx().curPipe, bytes);  // LoadData charges once per call
     std::memmove(LocalPtr(dst, doff), LocalPtr(src, soff), bytes);
     CopyInit(dst.sim_mem_, dst.sim_addr_ + doff, src.sim_mem_, src.sim_addr_ + soff, bytes, loc, op);
 }
@@ -334,6 +338,7 @@ inline void DataCopy(const LocalTensor<T>& dst, const LocalTensor<U>& src, const
         } else {
             sim::CheckBlockCount(p.blockCount, loc, "DataCopy");
             const uint64_t n = uint64_t(p.blockLen) * 256;
+            timing::Fix(uint64_t(p.blockCount) * n * sizeof(U), 0);
             for (uint32_t i = 0; i < p.blockCount; ++i) {
                 const uint64_t s0 = i * (uint64_t(p.blockLen) + p.srcStride) * 256;
                 const uint64_t d0 = i * (uint64_t(p.blockLen) + p.dstStride) * 256;
@@ -370,6 +375,16 @@ inline void DataCopy(const LocalTensor<T>& dst, const GlobalTensor<T>& src, cons
     }
     constexpr uint32_t C0 = 32 / sizeof(T);
     const uint32_t nblk = (uint32_t(p.dValue) + C0 - 1) / C0;
+    // One burst per ND row. 310P has no ND->NZ DMA: the conversion is
+    // emulated through UB (an extra vector pass and a UB->L1 move).
+    for (uint32_t nd = 0; nd < p.ndNum; ++nd) {
+        for (uint32_t r = 0; r < p.nValue; ++r) timing::Gm(Pipe::MTE2, uint64_t(p.dValue) * sizeof(T));
+    }
+    if (PANGUC_SIM_310P) {
+        const uint64_t total = uint64_t(p.ndNum) * p.nValue * nblk * 32;
+        timing::Vec(total);
+        timing::Local(Pipe::MTE3, total);
+    }
     for (uint32_t nd = 0; nd < p.ndNum; ++nd) {
         for (uint32_t r = 0; r < p.nValue; ++r) {
             const uint64_t srow = uint64_t(nd) * p.srcNdMatrixStride + uint64_t(r) * p.srcDValue;
@@ -416,6 +431,7 @@ inline void PadIn(const LocalTensor<T>& dst, const GlobalTensor<T>& src, const P
         CheckLocalBytes(dst, doff, rowUb, loc, "DataCopyPad", "destination");
         uint8_t* d = LocalPtr(dst, doff);
         std::memset(d, 0xFF, rowUb);  // alignment filler: undefined on hardware, poison here
+        timing::Gm(Pipe::MTE2, p.blockLen);
         for (uint32_t k = 0; k < left; ++k) if (isPad) St<T>(d + k * sizeof(T), padValue);
         GmLoad(src, soff, d + left * sizeof(T), p.blockLen, loc, "DataCopyPad");
         for (uint32_t k = 0; k < right; ++k) if (isPad) St<T>(d + left * sizeof(T) + p.blockLen + k * sizeof(T), padValue);

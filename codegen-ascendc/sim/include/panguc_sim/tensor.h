@@ -33,6 +33,11 @@ inline void Barrier(pipe_t p) {
     for (auto& v : c.view) {
         for (int w = 0; w < kPipeCount; ++w) v.seen[w] = c.seq;
     }
+    if (timingParams().enabled) {
+        double all = 0;
+        for (double t : c.core.clock) all = std::max(all, t);
+        for (double& t : c.core.clock) t = all;
+    }
 }
 // What pipe `src` has completed, as seen by a pipe that synchronises with it now.
 inline PipeView Snapshot(Pipe src) {
@@ -143,6 +148,7 @@ template <HardEvent event> inline void SetFlag(int32_t id, SrcLoc loc = SrcLoc::
     const int s = static_cast<int>(e.src), d = static_cast<int>(e.dst);
     c.flags[s][d][id] = panguc_sim::Snapshot(e.src);
     c.flagSet[s][d][id] = true;
+    c.core.flagTime[s][d][id] = panguc_sim::timing::ReadyTime(e.src);
 }
 template <HardEvent event> inline void WaitFlag(int32_t id, SrcLoc loc = SrcLoc::Here()) {
     const sim::EventPipes e = sim::PipesOf(event);
@@ -157,6 +163,7 @@ template <HardEvent event> inline void WaitFlag(int32_t id, SrcLoc loc = SrcLoc:
     }
     c.view[d].Merge(c.flags[s][d][id]);
     c.flagSet[s][d][id] = false;
+    panguc_sim::timing::WaitUntil(e.dst, c.core.flagTime[s][d][id]);
 }
 inline void SyncAll() = delete;  // cross-block sync cannot be simulated with sequential blocks
 
@@ -242,6 +249,7 @@ struct BufSlot {
     enum State { Free, Allocated, Queued };
     State state = Free;
     uint32_t gen = 0;
+    double freeAt = 0;  // time (ns) the consumer pipe released it (timing model)
     const void* owner = nullptr;
 };
 }  // namespace sim
@@ -253,6 +261,7 @@ public:
 
     T GetValue(uint32_t index, SrcLoc loc = SrcLoc::Here()) const {
         panguc_sim::OnPipe onS(panguc_sim::Pipe::S);
+        panguc_sim::timing::ScalarUb();
         SimCheckScalar(index, loc, "LocalTensor::GetValue");
         const uint64_t a = sim_addr_ + uint64_t(index) * sizeof(T);
         panguc_sim::CheckInit(sim_mem_, a, sizeof(T), loc, "LocalTensor::GetValue");
@@ -260,6 +269,7 @@ public:
     }
     void SetValue(uint32_t index, const T& value, SrcLoc loc = SrcLoc::Here()) const {
         panguc_sim::OnPipe onS(panguc_sim::Pipe::S);
+        panguc_sim::timing::ScalarUb();
         SimCheckScalar(index, loc, "LocalTensor::SetValue");
         const uint64_t a = sim_addr_ + uint64_t(index) * sizeof(T);
         panguc_sim::St<T>(panguc_sim::MemBase(sim_mem_) + a, value);
@@ -356,12 +366,14 @@ public:
     }
     T GetValue(uint64_t offset, SrcLoc loc = SrcLoc::Here()) const {
         SimCheckRange(offset, 1, loc, "GlobalTensor::GetValue");
+        panguc_sim::timing::ScalarGm();
         const uint8_t* p = reinterpret_cast<const uint8_t*>(sim_ptr_ + offset);
         panguc_sim::GmRead(sim_buf_, p, sizeof(T), loc, "GlobalTensor::GetValue");
         return panguc_sim::Ld<T>(p);
     }
     void SetValue(uint64_t offset, const T& value, SrcLoc loc = SrcLoc::Here()) const {
         SimCheckRange(offset, 1, loc, "GlobalTensor::SetValue");
+        panguc_sim::timing::ScalarGm();
         uint8_t* p = reinterpret_cast<uint8_t*>(sim_ptr_ + offset);
         panguc_sim::GmScalarWrite(sim_buf_, p, sizeof(T), loc, "GlobalTensor::SetValue");
         panguc_sim::GmWrite(sim_buf_, p, sizeof(T), loc, "GlobalTensor::SetValue");
@@ -425,6 +437,9 @@ public:
             sim::BufSlot& s = sim_slots_[i];
             if (s.state == sim::BufSlot::Free) {
                 s.state = sim::BufSlot::Allocated;
+                // The producer may not overwrite the buffer before its last
+                // consumer released it (the sync AllocTensor waits for).
+                panguc_sim::timing::WaitUntil(sim::Producer(srcPos), s.freeAt);
                 sim_next_ = (i + 1) % sim_num_;
                 LocalTensor<T> t;
                 t.sim_mem_ = sim_mem_;
@@ -455,7 +470,8 @@ public:
         }
         t.sim_slot_->state = sim::BufSlot::Queued;
         sim_fifo_.push_back(Entry{static_cast<uint32_t>(t.sim_slot_ - sim_slots_.data()), t.sim_addr_, t.GetLength(),
-                                  panguc_sim::Snapshot(sim::Producer(srcPos))});
+                                  panguc_sim::Snapshot(sim::Producer(srcPos)),
+                                  panguc_sim::timing::ReadyTime(sim::Producer(srcPos))});
         return true;
     }
 
@@ -470,6 +486,7 @@ public:
         // The sync EnQue/DeQue imply on hardware: the consumer pipe waits
         // for the producer pipe of the enqueue.
         panguc_sim::ctx().view[static_cast<int>(sim::Consumer(dstPos))].Merge(e.producer);
+        panguc_sim::timing::WaitUntil(sim::Consumer(dstPos), e.readyAt);
         sim::BufSlot& s = sim_slots_[e.slot];
         s.state = sim::BufSlot::Allocated;
         LocalTensor<T> t;
@@ -496,6 +513,7 @@ public:
             panguc_sim::Fail(loc, "FreeTensor of a tensor that is still enqueued (DeQue it first)");
         }
         s.state = sim::BufSlot::Free;
+        s.freeAt = panguc_sim::timing::ReadyTime(sim::Consumer(dstPos));
         ++s.gen;
     }
 
@@ -513,6 +531,7 @@ public:
         uint32_t addr;
         uint32_t bytes;
         panguc_sim::PipeView producer;  // what the producer pipe had done at EnQue
+        double readyAt;                 // when the producer pipe got there (timing model)
     };
     static constexpr TPosition Pos() { return srcPos == TPosition::GM ? dstPos : srcPos; }
     static constexpr int32_t SimDepth() { return depth < 1 ? 1 : depth; }

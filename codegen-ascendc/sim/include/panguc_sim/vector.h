@@ -98,13 +98,25 @@ inline void VecOperand(const LocalTensor<T>& t, int64_t count, const SrcLoc& loc
 
 template <typename T> inline uint8_t* VPtr(const LocalTensor<T>& t) { return MemBase(Mem::UB) + t.sim_addr_; }
 
+// Cycles per 256-byte repeat of an elementwise operation in the timing
+// model: 1 for the basic instructions; the advanced-API activations are
+// several passes of them (assumed: Silu/Sigmoid exp + add + reciprocal/div +
+// mul; Sin/Cos a range reduction and a polynomial).
+inline double VecPasses(const char* op) {
+    const std::string o(op);
+    if (o == "Silu" || o == "Sigmoid") return 4;
+    if (o == "Sin" || o == "Cos") return 12;
+    return 1;
+}
+
 template <typename T, typename F>
 inline void Unary(const char* op, const LocalTensor<T>& dst, const LocalTensor<T>& src, int64_t n, const SrcLoc& loc, F f) {
     VecOperand(src, n, loc, op, "src", true);
     VecOperand(dst, n, loc, op, "dst", false);
+    timing::Vec(uint64_t(n) * sizeof(T), VecPasses(op));
     uint8_t* d = VPtr(dst);
     const uint8_t* s = VPtr(src);
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n && !timingParams().skipCompute; ++i) {
         St<T>(d + i * sizeof(T), Calc<T>::Out(f(Calc<T>::In(Ld<T>(s + i * sizeof(T))))));
     }
     MarkInit(Mem::UB, dst.sim_addr_, uint64_t(n) * sizeof(T));
@@ -116,10 +128,11 @@ inline void Binary(const char* op, const LocalTensor<T>& dst, const LocalTensor<
     VecOperand(a, n, loc, op, "src0", true);
     VecOperand(b, n, loc, op, "src1", true);
     VecOperand(dst, n, loc, op, "dst", false);
+    timing::Vec(uint64_t(n) * sizeof(T));
     uint8_t* d = VPtr(dst);
     const uint8_t* pa = VPtr(a);
     const uint8_t* pb = VPtr(b);
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n && !timingParams().skipCompute; ++i) {
         St<T>(d + i * sizeof(T),
               Calc<T>::Out(f(Calc<T>::In(Ld<T>(pa + i * sizeof(T))), Calc<T>::In(Ld<T>(pb + i * sizeof(T))))));
     }
@@ -191,6 +204,7 @@ inline void RepeatOp(const char* op, const SrcLoc& loc, const LocalTensor<T>& ds
     VecOperand(dst, 0, loc, op, "dst", false);
     if constexpr (NSrc >= 1) VecOperand(*s0, 0, loc, op, "src0", false);
     if constexpr (NSrc >= 2) VecOperand(*s1, 0, loc, op, "src1", false);
+    timing::VecRepeats(repeat);
     uint8_t* ub = MemBase(Mem::UB);
     std::vector<std::pair<uint64_t, T>> out;
     for (uint64_t r = 0; r < repeat; ++r) {
@@ -338,6 +352,7 @@ inline void Axpy(const LocalTensor<T>& dst, const LocalTensor<U>& src, const U s
                  SrcLoc loc = SrcLoc::Here()) {
     sim::VecOperand(src, calCount, loc, "Axpy", "src", true);
     sim::VecOperand(dst, calCount, loc, "Axpy", "dst", true);
+    panguc_sim::timing::Vec(uint64_t(calCount) * std::max(sizeof(T), sizeof(U)));
     uint8_t* d = sim::VPtr(dst);
     const uint8_t* s = sim::VPtr(src);
     const float k = static_cast<float>(scalarValue);
@@ -354,6 +369,7 @@ inline void Axpy(const LocalTensor<T>& dst, const LocalTensor<U>& src, const U s
 template <typename T>
 inline void Duplicate(const LocalTensor<T>& dst, const T& scalarValue, const int32_t& calCount, SrcLoc loc = SrcLoc::Here()) {
     sim::VecOperand(dst, calCount, loc, "Duplicate", "dst", false);
+    panguc_sim::timing::Vec(uint64_t(calCount) * sizeof(T));
     uint8_t* d = sim::VPtr(dst);
     for (int32_t i = 0; i < calCount; ++i) panguc_sim::St<T>(d + i * sizeof(T), scalarValue);
     panguc_sim::MarkInit(panguc_sim::Mem::UB, dst.sim_addr_, uint64_t(calCount) * sizeof(T));
@@ -439,6 +455,7 @@ inline void Cast(const LocalTensor<T>& dst, const LocalTensor<U>& src, const Rou
     }
     sim::VecOperand(src, calCount, loc, "Cast", "src", true);
     sim::VecOperand(dst, calCount, loc, "Cast", "dst", false);
+    panguc_sim::timing::Vec(uint64_t(calCount) * std::max(sizeof(T), sizeof(U)));
     const auto r = sim::ToRnd(round_mode);
     uint8_t* d = sim::VPtr(dst);
     const uint8_t* s = sim::VPtr(src);
@@ -475,6 +492,7 @@ inline void CompareImpl(const char* op, const LocalTensor<U>& dst, const LocalTe
     const uint64_t mbytes = (uint64_t(count) + 7) / 8;
     VecOperand(dst, 0, loc, op, "dst", false);
     if (mbytes > dst.GetLength()) Fail(loc, Str(op, ": mask of ", mbytes, " bytes exceeds dst of ", dst.GetLength(), " bytes"));
+    timing::Vec(uint64_t(count) * sizeof(T));
     uint8_t* d = VPtr(dst);
     const uint8_t* s = VPtr(src0);
     std::memset(d, 0, mbytes);
@@ -511,6 +529,7 @@ inline void SelectImpl(const LocalTensor<T>& dst, const LocalTensor<U>& selMask,
     const uint64_t mbytes = mode == SELMODE::VSEL_CMPMASK_SPR ? per / 8 : (uint64_t(count) + 7) / 8;
     if (mbytes > selMask.GetLength()) Fail(loc, Str("Select: selMask needs ", mbytes, " bytes but has ", selMask.GetLength()));
     CheckInit(Mem::UB, selMask.sim_addr_, mbytes, loc, "Select(selMask)");
+    timing::Vec(uint64_t(count) * sizeof(T));
     const uint8_t* m = VPtr(selMask);
     const uint8_t* s = VPtr(src0);
     uint8_t* d = VPtr(dst);
@@ -569,6 +588,9 @@ inline void ReduceCheck(const char* op, const LocalTensor<T>& dst, const LocalTe
     }
     std::memset(VPtr(work), 0xFF, need * sizeof(T));
     MarkInit(Mem::UB, work.sim_addr_, need * sizeof(T));
+    // One pass over the repeats, then one instruction across their results.
+    timing::Vec(uint64_t(count) * sizeof(T));
+    timing::VecRepeats(1);
 }
 template <typename T> inline float RoundT(float v) { return static_cast<float>(T(v)); }
 template <typename T> inline float TreeSum(std::vector<float> v) {
