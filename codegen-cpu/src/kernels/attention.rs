@@ -234,8 +234,18 @@ fn attend<'c>(
             // KEYS contiguous elements of each key row, transposed in
             // registers into one vector per dd (one vector load per key
             // and a few shuffles, not one scalar load per element).
+            // The rows are scattered over the paged cache, beyond what the
+            // hardware prefetcher follows: fetch the next block's keys, and
+            // this block's values for the p.v pass, while this block computes.
+            let last = cg.sub(visible, cg.i64c(1));
+            let next: Vec<IntValue> =
+                (0..KEYS).map(|l| kv_row(cg, cg.min(cg.add(j0, cg.i64c((KEYS + l) as i64)), last))).collect();
             cg.for_range(cg.i64c(0), cg.i64c((d / KEYS as usize) as i64), 1, |cg, c| {
                 let d0 = cg.mul(c, cg.i64c(KEYS as i64));
+                for (r, n) in rows.iter().zip(&next) {
+                    cg.prefetch_with(cg.gep(kp, cg.add(*n, d0)), 3);
+                    cg.prefetch_with(cg.gep(vp, cg.add(*r, d0)), 3);
+                }
                 let rows_v: Vec<VectorValue> =
                     rows.iter().map(|r| cg.load_vec(kp, cg.add(*r, d0), a.k.1, KEYS)).collect();
                 for (i, kv) in transpose8(cg, &rows_v).into_iter().enumerate() {
