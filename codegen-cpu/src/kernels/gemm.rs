@@ -566,7 +566,6 @@ pub(crate) fn gemm<'c>(cg: &mut Cg<'c>, k: &Kernel, epilogue: Epilogue) -> Resul
 
 /// Shared shape of the two grouped (per-expert) GEMMs.
 struct Grouped {
-    experts: usize,
     kdim: usize,
     n: usize,
     nr: u32,
@@ -580,8 +579,7 @@ fn grouped_geometry(w: &ArgSpec) -> Result<Grouped> {
         Layout::GateUpPanels { .. } => st(&w.shape[1], "gate_up rows")? / 2,
         _ => st(&w.shape[1], "down rows")?,
     };
-    let experts = st(&w.shape[0], "expert count")?;
-    Ok(Grouped { experts, kdim, n, nr, width })
+    Ok(Grouped { kdim, n, nr, width })
 }
 
 /// The three grouped expert GEMMs; all take `offsets[E+1]` as argument 1
@@ -596,39 +594,7 @@ pub(crate) enum GroupedGemm {
     Down,
 }
 
-/// Split the tile range `begin..end` of a grouped GEMM into one run of
-/// consecutive panels per expert: `body(expert, p_lo, p_hi)`. Tiles are
-/// panel-major (tile `p * experts + e` is panel `p` of expert `e`), so
-/// any range of tiles holds the same share of every expert's panels: a
-/// decode step routes its few rows to a handful of experts anywhere in
-/// `0..experts`, and expert-major chunks would hand one thread most of
-/// the routed experts' weights while another's chunks hold none. Expert
-/// `e`'s tiles in the range are panels `first + (e < e0)` through
-/// `last - (e > e1)`, where `begin` is panel `first` of expert `e0` and
-/// `end - 1` panel `last` of expert `e1`.
-fn expert_runs<'c>(
-    cg: &mut Cg<'c>,
-    experts: usize,
-    body: impl Fn(&mut Cg<'c>, IntValue<'c>, IntValue<'c>, IntValue<'c>) -> Result<()>,
-) -> Result<()> {
-    let (begin, end) = (cg.begin.expect("kernel"), cg.end.expect("kernel"));
-    let ec = cg.i64c(experts as i64);
-    let last_tile = cg.sub(end, cg.i64c(1));
-    let (first, e0) = (cg.div(begin, ec), cg.rem(begin, ec));
-    let (last, e1) = (cg.div(last_tile, ec), cg.rem(last_tile, ec));
-    cg.if_then(cg.lt(begin, end), |cg| {
-        cg.for_range(cg.i64c(0), ec, 1, |cg, e| {
-            let skip_first = cg.b.build_int_z_extend(cg.lt(e, e0), cg.i64t(), "").ok_();
-            let skip_last = cg.b.build_int_z_extend(cg.lt(e1, e), cg.i64t(), "").ok_();
-            let lo = cg.add(first, skip_first);
-            let hi = cg.sub(cg.add(last, cg.i64c(1)), skip_last);
-            cg.if_then(cg.lt(lo, hi), |cg| body(cg, e, lo, hi))
-        })
-    })
-}
-
-/// One tile per (expert, panel) over the expert's sorted rows, panel-major
-/// (see [`expert_runs`]).
+/// One tile per (expert, panel) over the expert's sorted rows.
 pub(crate) fn grouped<'c>(cg: &mut Cg<'c>, k: &Kernel, kind: GroupedGemm) -> Result<()> {
     let nargs = k.args.len();
     let (wi, oi) = (nargs - 2, nargs - 1);
@@ -644,7 +610,7 @@ pub(crate) fn grouped<'c>(cg: &mut Cg<'c>, k: &Kernel, kind: GroupedGemm) -> Res
         GroupedGemm::GateUpSorted => None,
     };
     let (pc, kc, nc) = (cg.i64c(panels as i64), cg.i64c(g.kdim as i64), cg.i64c(g.n as i64));
-    expert_runs(cg, g.experts, |cg, e, p_lo, p_hi| {
+    panel_runs(cg, panels, |cg, e, p_lo, p_hi| {
         let r0 = cg.load_i(offp, e);
         let count = cg.sub(cg.load_i(offp, cg.add(e, cg.i64c(1))), r0);
         cg.if_then(cg.lt(cg.i64c(0), count), |cg| {
