@@ -121,7 +121,7 @@ pub fn decode_step_seconds(
 pub fn profile_lines(kernels: &[KernelTime], steps: usize, step_seconds: f64) -> Vec<String> {
     let per_step = |t: std::time::Duration| t.as_secs_f64() / steps.max(1) as f64;
     let mut rows: Vec<&KernelTime> = kernels.iter().filter(|k| k.launches > 0).collect();
-    rows.sort_by(|a, b| b.time.cmp(&a.time));
+    rows.sort_by_key(|k| std::cmp::Reverse(k.time));
     let mut out = vec![];
     let mut total = 0.0;
     for k in rows {
