@@ -2,56 +2,22 @@
 //! checked against straightforward Rust, plus the vectorisation check on
 //! the emitted assembly.
 
-use panguc_codegen_cpu::{compile, with_jit, HostTarget, KernelFn, Tier, BASELINE_TIER, BF16_TIER};
-use panguc_ir::kernel::{tile_extent, ArgSpec, Epilogue, Extent, Kernel, KernelKind, KernelProgram, Layout};
+use panguc_codegen_cpu::{compile, with_jit, KernelFn, BASELINE_TIER, BF16_TIER};
+use panguc_ir::kernel::{Epilogue, Extent, Kernel, KernelKind, KernelProgram, Layout};
 use panguc_ir::{DType, Dim};
 use rand::{Rng, SeedableRng};
 
-fn spec(dtype: DType, shape: Vec<Dim>, layout: Layout) -> ArgSpec {
-    ArgSpec { dtype, shape, layout }
-}
+mod common;
 
-fn kernel(name: &str, kind: KernelKind, args: Vec<ArgSpec>, scratch: u64) -> Kernel {
-    let tiles = tile_extent(&kind, &args).unwrap();
-    Kernel { name: name.into(), kind, args, tiles, thread_scratch: Extent::constant(scratch) }
-}
+use common::{bf16_bytes, bf16_values, bytes_f32, bytes_i64, f32s, kernel, spec, tier};
 
 fn program(kernels: Vec<Kernel>) -> KernelProgram {
-    KernelProgram {
-        version: panguc_ir::kernel::KERNEL_PROGRAM_VERSION,
-        name: "test".into(),
-        symbols: vec!["tokens".into(), "past".into()],
-        buffers: vec![],
-        weights: vec![],
-        kernels,
-        launches: vec![],
-        inputs: vec![],
-        outputs: vec![],
-        caches: vec![],
-        slots: 0,
-    }
+    common::program("test", &["tokens", "past"], kernels)
 }
 
-fn bf16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()
-}
-
-/// Values exactly representable in bf16, so the reference can use them.
-fn bf16_values(rng: &mut impl Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| half::bf16::from_f32(rng.random_range(-1.0f32..1.0)).to_f32()).collect()
-}
-
-/// Run `f` over all its tiles with the given buffers.
+/// Run `f` over all its tiles (split as threads would) for `tokens` rows.
 fn run(f: KernelFn, bufs: &mut [Vec<u8>], tokens: usize, tiles: u64, scratch: usize) {
-    let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
-    let syms = [tokens as i64, 0];
-    let mut s = vec![0u8; scratch.max(1)];
-    // SAFETY: buffers match the kernel's argument specs.
-    unsafe { f(ptrs.as_ptr(), syms.as_ptr(), 0, tiles as i64, s.as_mut_ptr()) };
-}
-
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    common::run_tiles(f, bufs, &[tokens as i64, 0], tiles, scratch);
 }
 
 /// GEMM with a bias epilogue on bf16 weights: a partial last panel (N = 40
@@ -69,7 +35,8 @@ fn gemm_with_bias_matches_the_reference_exactly() {
         spec(DType::BF16, vec![Dim::c(n)], Layout::RowMajor),
         spec(DType::F32, vec![t, Dim::c(n)], Layout::RowMajor),
     ];
-    let kern = kernel("gemm_bias", KernelKind::Gemm { epilogue: Epilogue::Bias }, args, (k * 16 * 4) as u64);
+    let kern =
+        kernel("gemm_bias", KernelKind::Gemm { epilogue: Epilogue::Bias }, args, Extent::constant((k * 16 * 4) as u64));
     let tiles = kern.tiles.eval(&panguc_ir::shape::bindings(1, 0)).unwrap();
     assert_eq!(tiles, 3);
     let p = program(vec![kern]);
@@ -115,7 +82,8 @@ fn gate_up_swiglu_matches_the_reference_exactly() {
         spec(DType::F16, vec![Dim::c(2 * i), Dim::c(k)], layout),
         spec(DType::F32, vec![t, Dim::c(i)], Layout::RowMajor),
     ];
-    let kern = kernel("gate_up", KernelKind::Gemm { epilogue: Epilogue::SwiGlu }, args, (k * 16 * 4) as u64);
+    let kern =
+        kernel("gate_up", KernelKind::Gemm { epilogue: Epilogue::SwiGlu }, args, Extent::constant((k * 16 * 4) as u64));
     let tiles = kern.tiles.eval(&panguc_ir::shape::bindings(1, 0)).unwrap();
     assert_eq!(tiles, 2);
     let p = program(vec![kern]);
@@ -150,10 +118,6 @@ fn gate_up_swiglu_matches_the_reference_exactly() {
     .unwrap();
 }
 
-fn tier(name: &str) -> HostTarget {
-    Tier::x86(name, &HostTarget::detect().unwrap().triple).expect("known tier").target
-}
-
 /// The assembly of a GEMM uses each tier's vector registers: ymm multiplies
 /// on the baseline (AVX2) tier, zmm BF16 dot products (and no separate
 /// multiplies) on the AVX-512 BF16 tier; every function carries its tier's
@@ -166,7 +130,8 @@ fn each_tier_uses_its_own_vector_instructions() {
         spec(DType::BF16, vec![Dim::c(64), Dim::c(256)], Layout::Panels { nr: 16, kn: false }),
         spec(DType::F32, vec![t, Dim::c(64)], Layout::RowMajor),
     ];
-    let p = program(vec![kernel("gemm", KernelKind::Gemm { epilogue: Epilogue::None }, args, 256 * 64)]);
+    let p =
+        program(vec![kernel("gemm", KernelKind::Gemm { epilogue: Epilogue::None }, args, Extent::constant(256 * 64))]);
     for (name, op, reg) in [(BASELINE_TIER, "vmulps", "%ymm"), (BF16_TIER, "vdpbf16ps", "%zmm")] {
         let target = tier(name);
         let c = compile(&p, &target).unwrap();
@@ -223,7 +188,7 @@ fn gemm_rows_independent_within_tolerance(k: usize, n: usize) {
         spec(DType::F32, vec![t, Dim::c(n)], Layout::RowMajor),
     ];
     let scratch = k * 16 * 4;
-    let kern = kernel("gemm", KernelKind::Gemm { epilogue: Epilogue::None }, args, scratch as u64);
+    let kern = kernel("gemm", KernelKind::Gemm { epilogue: Epilogue::None }, args, Extent::constant(scratch as u64));
     let tiles = kern.tiles.eval(&panguc_ir::shape::bindings(1, 0)).unwrap();
     let p = program(vec![kern]);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
@@ -273,14 +238,6 @@ fn gemm_rows_independent_within_tolerance(k: usize, n: usize) {
     }
 }
 
-fn bytes_i64(v: &[i64]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn bytes_f32(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 /// The batched MoE's kernels in launch order (route, gather each sorted
 /// row once, grouped gate/up GEMM over the contiguous rows, grouped down
 /// GEMM, combine) against the interpreter's named ops (`moe_init_routing`,
@@ -308,7 +265,7 @@ fn batched_moe_kernels_match_the_interpreters_named_ops() {
                 rm(DType::F32, vec![slots.clone()]),
                 rm(DType::I64, vec![slots.clone()]),
             ],
-            0,
+            Extent::constant(0),
         ),
         kernel(
             "gather",
@@ -318,7 +275,7 @@ fn batched_moe_kernels_match_the_interpreters_named_ops() {
                 rm(DType::I64, vec![slots.clone()]),
                 rm(DType::F32, vec![slots.clone(), Dim::c(h)]),
             ],
-            0,
+            Extent::constant(0),
         ),
         kernel(
             "gate_up",
@@ -329,7 +286,7 @@ fn batched_moe_kernels_match_the_interpreters_named_ops() {
                 spec(DType::BF16, vec![Dim::c(e), Dim::c(2 * i), Dim::c(h)], gu_layout),
                 rm(DType::F32, vec![slots.clone(), Dim::c(i)]),
             ],
-            panel_scratch,
+            Extent::constant(panel_scratch),
         ),
         kernel(
             "down",
@@ -341,7 +298,7 @@ fn batched_moe_kernels_match_the_interpreters_named_ops() {
                 spec(DType::BF16, vec![Dim::c(e), Dim::c(h), Dim::c(i)], down_layout),
                 rm(DType::F32, vec![slots.clone(), Dim::c(h)]),
             ],
-            panel_scratch,
+            Extent::constant(panel_scratch),
         ),
         kernel(
             "combine",
@@ -351,7 +308,7 @@ fn batched_moe_kernels_match_the_interpreters_named_ops() {
                 rm(DType::I64, vec![slots]),
                 rm(DType::F32, vec![t, Dim::c(h)]),
             ],
-            0,
+            Extent::constant(0),
         ),
     ];
     let tiles: Vec<Extent> = kernels.iter().map(|k| k.tiles.clone()).collect();

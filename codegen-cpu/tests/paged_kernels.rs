@@ -5,10 +5,10 @@
 //! scattered (non-contiguous, out-of-order) blocks. Attention and the
 //! cache writes do no bf16 arithmetic, so results must be bit-identical.
 
-use panguc_codegen_cpu::{with_jit, HostTarget, KernelFn, Tier, BASELINE_TIER};
+use panguc_codegen_cpu::{with_jit, KernelFn, BASELINE_TIER};
 use panguc_ir::batch::{SeqChunk, StepMetadata};
 use panguc_ir::interp::{batched, eval_pure, rope_table};
-use panguc_ir::kernel::{tile_extent, ArgSpec, Extent, Kernel, KernelKind, KernelProgram, Layout};
+use panguc_ir::kernel::{ArgSpec, Extent, Kernel, KernelKind, KernelProgram, Layout};
 use panguc_ir::op::RopeKind;
 use panguc_ir::shape::{Bindings, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_SEQS, SYM_TOKENS};
 use panguc_ir::{DType, Dim, Op, Tensor};
@@ -20,29 +20,16 @@ const HQ: usize = 4;
 const HKV: usize = 2;
 const D: usize = 8;
 
+mod common;
+
+use common::{bytes_f32, bytes_i64, f32s, kernel};
+
 fn spec(dtype: DType, shape: Vec<Dim>) -> ArgSpec {
-    ArgSpec { dtype, shape, layout: Layout::RowMajor }
+    common::spec(dtype, shape, Layout::RowMajor)
 }
 
 fn program(kernels: Vec<Kernel>) -> KernelProgram {
-    KernelProgram {
-        version: panguc_ir::kernel::KERNEL_PROGRAM_VERSION,
-        name: "paged".into(),
-        symbols: [SYM_TOKENS, SYM_SEQS, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS].iter().map(|s| s.to_string()).collect(),
-        buffers: vec![],
-        weights: vec![],
-        kernels,
-        launches: vec![],
-        inputs: vec![],
-        outputs: vec![],
-        caches: vec![],
-        slots: 0,
-    }
-}
-
-fn kernel(name: &str, kind: KernelKind, args: Vec<ArgSpec>, scratch: Extent) -> Kernel {
-    let tiles = tile_extent(&kind, &args).unwrap();
-    Kernel { name: name.into(), kind, args, tiles, thread_scratch: scratch }
+    common::program("paged", &[SYM_TOKENS, SYM_SEQS, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS], kernels)
 }
 
 /// The step: sequence 0 decodes at position 5 (blocks 7, 2), sequence 1
@@ -69,8 +56,8 @@ fn bindings(m: &StepMetadata) -> Bindings {
     ])
 }
 
-fn tier() -> HostTarget {
-    Tier::x86(BASELINE_TIER, &HostTarget::detect().unwrap().triple).expect("known tier").target
+fn tier() -> panguc_codegen_cpu::HostTarget {
+    common::tier(BASELINE_TIER)
 }
 
 fn random(rng: &mut impl Rng, shape: Vec<usize>) -> Tensor {
@@ -78,28 +65,10 @@ fn random(rng: &mut impl Rng, shape: Vec<usize>) -> Tensor {
     Tensor::f32(shape, (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect())
 }
 
-fn f32_bytes(t: &Tensor) -> Vec<u8> {
-    t.as_f32().iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn i64_bytes(v: &[i32]) -> Vec<u8> {
-    v.iter().flat_map(|x| (*x as i64).to_le_bytes()).collect()
-}
-
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
-
-/// Run `f` over tiles `0..tiles` in two ranges (as two threads would).
+/// Run `f` over all its tiles (split as threads would) for the step `m`.
 fn run(f: KernelFn, bufs: &mut [Vec<u8>], m: &StepMetadata, tiles: u64, scratch: usize) {
-    let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
     let syms = [m.tokens() as i64, m.seqs() as i64, m.max_blocks as i64, NUM_BLOCKS as i64];
-    let mut s = vec![0u8; scratch.max(4)];
-    let mid = tiles as i64 / 2;
-    for (lo, hi) in [(0, mid), (mid, tiles as i64)] {
-        // SAFETY: the buffers match the kernel's argument specs.
-        unsafe { f(ptrs.as_ptr(), syms.as_ptr(), lo, hi, s.as_mut_ptr()) };
-    }
+    common::run_tiles(f, bufs, &syms, tiles, scratch);
 }
 
 fn assert_bits(got: &[f32], want: &[f32], what: &str) {
@@ -146,12 +115,12 @@ fn paged_attention_matches_the_interpreter_bit_for_bit() {
     let scratch = scratch.eval(&b).unwrap() as usize;
     with_jit(&program(vec![k]), &tier(), |get| {
         let mut bufs = vec![
-            f32_bytes(&q),
-            f32_bytes(&kc),
-            f32_bytes(&vc),
-            i64_bytes(&m.block_table),
-            i64_bytes(&m.query_start_loc),
-            i64_bytes(&m.context_lens),
+            bytes_f32(q.as_f32()),
+            bytes_f32(kc.as_f32()),
+            bytes_f32(vc.as_f32()),
+            bytes_i64(&m.block_table),
+            bytes_i64(&m.query_start_loc),
+            bytes_i64(&m.context_lens),
             vec![0u8; q.numel() * 4],
         ];
         run(get("paged_attention").expect("symbol"), &mut bufs, &m, tiles, scratch);
@@ -194,13 +163,13 @@ fn qkv_rope_cache_write_matches_the_interpreter_bit_for_bit() {
     let tiles = k.tiles.eval(&bindings(&m)).unwrap();
     with_jit(&program(vec![k]), &tier(), |get| {
         let mut bufs = vec![
-            f32_bytes(&y),
-            f32_bytes(&cos),
-            f32_bytes(&sin),
-            i64_bytes(&m.slot_mapping),
+            bytes_f32(y.as_f32()),
+            bytes_f32(cos.as_f32()),
+            bytes_f32(sin.as_f32()),
+            bytes_i64(&m.slot_mapping),
             vec![0u8; m.tokens() * HQ * D * 4],
-            f32_bytes(&kc),
-            f32_bytes(&vc),
+            bytes_f32(kc.as_f32()),
+            bytes_f32(vc.as_f32()),
         ];
         run(get("qkv_rope_cache_write").expect("symbol"), &mut bufs, &m, tiles, 0);
         assert_bits(&f32s(&bufs[4]), want[0].as_f32(), "q");
@@ -226,7 +195,7 @@ fn kv_cache_write_matches_the_interpreter() {
     let k = kernel("kv_cache_write", KernelKind::KvCacheWrite, args, Extent::constant(0));
     let tiles = k.tiles.eval(&bindings(&m)).unwrap();
     with_jit(&program(vec![k]), &tier(), |get| {
-        let mut bufs = vec![f32_bytes(&new), i64_bytes(&m.slot_mapping), f32_bytes(&cache)];
+        let mut bufs = vec![bytes_f32(new.as_f32()), bytes_i64(&m.slot_mapping), bytes_f32(cache.as_f32())];
         run(get("kv_cache_write").expect("symbol"), &mut bufs, &m, tiles, 0);
         assert_bits(&f32s(&bufs[2]), want.as_f32(), "cache");
     })

@@ -9,7 +9,7 @@
 //! batched (paged KV cache) one every CPU compile makes. It prints ratios;
 //! nothing asserts on time.
 
-use crate::bench_batch::{decode_step_seconds, roofline_seconds, step_bytes, step_flops, StepDriver};
+use crate::bench_batch::{decode_step_seconds, profile_lines, roofline_seconds, step_bytes, step_flops, StepDriver};
 use crate::frontend::Checkpoint;
 use crate::synth::{synth_with, Preset, SynthOptions};
 use anyhow::{Context, Result};
@@ -68,6 +68,10 @@ pub type Fuse<'a> = &'a dyn Fn(&Checkpoint, &Module) -> Result<Module>;
 pub fn pipeline_fuse(ckpt: &Checkpoint, imported: &Module) -> Result<Module> {
     crate::pipeline::fuse_batched(ckpt, imported, &crate::pipeline::PipelineOptions::default())
 }
+
+/// Set (to anything) to print where each decode measurement's step time
+/// goes, per kernel (every launch is then timed).
+pub const PROFILE_ENV: &str = "PANGUC_BENCH_PROFILE";
 
 /// Batch sizes of the batched decode measurement, and their context.
 const BATCHES: [usize; 4] = [1, 4, 16, 64];
@@ -192,8 +196,16 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
 
     // Compiled decode at batch 1, after a context of 8 tokens.
     let prompt: Vec<i64> = (0..8).map(|i| 100 + 37 * i).collect();
-    let (step1, _) = decode_step_seconds(&pkg, 1, 1, prompt.len(), opts.decode_tokens)?;
-    let (step, mid_meta) = decode_step_seconds(&pkg, threads, 1, prompt.len(), opts.decode_tokens)?;
+    let profile = std::env::var_os(PROFILE_ENV).is_some();
+    let mut profiles: Vec<(String, Vec<String>)> = vec![];
+    let one = decode_step_seconds(&pkg, 1, 1, prompt.len(), opts.decode_tokens, profile)?;
+    let all = decode_step_seconds(&pkg, threads, 1, prompt.len(), opts.decode_tokens, profile)?;
+    for (what, t) in [("decode, batch 1, 1 thread", &one), (&format!("decode, batch 1, {threads} threads"), &all)] {
+        if let Some(k) = &t.kernels {
+            profiles.push((what.to_string(), profile_lines(k, opts.decode_tokens, t.seconds)));
+        }
+    }
+    let (step1, step, mid_meta) = (one.seconds, all.seconds, all.meta);
 
     // Prefill of a long prompt (best of two).
     let long: Vec<i64> = (0..opts.prompt_tokens as i64).map(|i| (i * 7919) % 31000 + 1).collect();
@@ -215,7 +227,12 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     let peak_used = bf16_peak.filter(|_| pkg.tier() == panguc_codegen_cpu::BF16_TIER).unwrap_or(peak);
     let mut batched = vec![];
     for b in BATCHES {
-        let (t, meta) = decode_step_seconds(&pkg, threads, b, BATCH_CONTEXT, opts.batch_decode_steps)?;
+        let timing = decode_step_seconds(&pkg, threads, b, BATCH_CONTEXT, opts.batch_decode_steps, profile)?;
+        let (t, meta) = (timing.seconds, timing.meta);
+        if let Some(k) = &timing.kernels {
+            let what = format!("batched decode, batch {b}, context {BATCH_CONTEXT}, {threads} threads");
+            profiles.push((what, profile_lines(k, opts.batch_decode_steps, t)));
+        }
         let num_blocks = b * (BATCH_CONTEXT + opts.batch_decode_steps + 1).div_ceil(meta.block_size);
         let (bytes, flops) = (step_bytes(program, &meta, groups), step_flops(program, &meta, num_blocks));
         batched.push((b, t, bytes, flops, roofline_seconds(bytes, flops, bw, peak_used)));
@@ -391,6 +408,12 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     if let Some(rss) = peak_rss_bytes() {
         say(format!("peak resident memory including the interpreter: {:.0} MB", rss as f64 / MB));
         put("bf16.peak_rss_mb", (rss as f64 / MB).into());
+    }
+    for (what, lines) in &profiles {
+        say(format!("time per kernel, {what} ({PROFILE_ENV}):"));
+        for l in lines {
+            say(l.clone());
+        }
     }
     if let (Some(a), Some(b)) = (load_before, load_average()) {
         say(format!(

@@ -12,6 +12,7 @@ use anyhow::Result;
 use panguc_ir::batch::{SeqChunk, StepMetadata};
 use panguc_ir::kernel::{BufferKind, Epilogue, KernelKind, KernelProgram};
 use panguc_ir::shape::Bindings;
+use panguc_runtime::engine::KernelTime;
 use panguc_runtime::{BatchEngine, CpuEngine, Package, StepChunk};
 use std::sync::Arc;
 use std::time::Instant;
@@ -73,21 +74,34 @@ impl StepDriver {
     }
 }
 
+/// One decode measurement: seconds per step, the metadata of the middle
+/// step, and (when asked for) where the steps' time went per kernel.
+pub struct DecodeTiming {
+    pub seconds: f64,
+    pub meta: StepMetadata,
+    pub kernels: Option<Vec<KernelTime>>,
+}
+
 /// Seconds per decode step of `batch` sequences at context `context`
 /// (mean over `steps` after one untimed step), and the metadata of the
-/// middle step.
+/// middle step; with `profile`, every launch is timed too (one clock read
+/// before and after each of the step's ~100 launches).
 pub fn decode_step_seconds(
     pkg: &Arc<Package>,
     threads: usize,
     batch: usize,
     context: usize,
     steps: usize,
-) -> Result<(f64, StepMetadata)> {
+    profile: bool,
+) -> Result<DecodeTiming> {
     let mut d = StepDriver::new(pkg.clone(), threads, batch, context + steps + 1)?;
     d.set_context(context);
     let token = |s: usize, i: usize| vec![((s * 31 + i * 13) % 1000 + 3) as i64];
     // One untimed step faults in the decode path's pages.
     d.step(&(0..batch).map(|s| token(s, 0)).collect::<Vec<_>>())?;
+    if profile {
+        d.engine().enable_profiling();
+    }
     let mut mid = None;
     let t0 = Instant::now();
     for i in 0..steps {
@@ -96,7 +110,38 @@ pub fn decode_step_seconds(
             mid = Some(meta);
         }
     }
-    Ok((t0.elapsed().as_secs_f64() / steps.max(1) as f64, mid.expect("at least one step")))
+    let seconds = t0.elapsed().as_secs_f64() / steps.max(1) as f64;
+    Ok(DecodeTiming { seconds, meta: mid.expect("at least one step"), kernels: d.engine().kernel_profile() })
+}
+
+/// Lines of a per-kernel breakdown of `steps` profiled steps of
+/// `step_seconds` each: milliseconds per step and share of the step per
+/// kernel, busiest first, and what the launches leave out (binding,
+/// inputs, logits).
+pub fn profile_lines(kernels: &[KernelTime], steps: usize, step_seconds: f64) -> Vec<String> {
+    let per_step = |t: std::time::Duration| t.as_secs_f64() / steps.max(1) as f64;
+    let mut rows: Vec<&KernelTime> = kernels.iter().filter(|k| k.launches > 0).collect();
+    rows.sort_by_key(|k| std::cmp::Reverse(k.time));
+    let mut out = vec![];
+    let mut total = 0.0;
+    for k in rows {
+        let s = per_step(k.time);
+        total += s;
+        out.push(format!(
+            "    {:<40} {:>3} launches/step {:>8.3} ms/step {:>5.1}%",
+            k.name,
+            k.launches / steps.max(1) as u64,
+            s * 1e3,
+            100.0 * s / step_seconds
+        ));
+    }
+    out.push(format!(
+        "    {:<40} {:>8.3} ms/step {:>5.1}% (outside the launches)",
+        "(rest of the step)",
+        (step_seconds - total) * 1e3,
+        100.0 * (step_seconds - total) / step_seconds
+    ));
+    out
 }
 
 /// The shape symbols of a step of a batched program.

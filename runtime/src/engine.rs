@@ -148,8 +148,8 @@ pub struct CpuEngine {
     ptrs: Vec<*mut u8>,
     /// Per kernel: work of one tile (see `panguc_ir::kernel::tile_cost`).
     tile_cost: Vec<panguc_ir::kernel::Extent>,
-    /// Wall time per kernel kind, when profiling.
-    profile: Option<std::collections::BTreeMap<&'static str, std::time::Duration>>,
+    /// Per kernel: launches and their wall time, when profiling.
+    profile: Option<Vec<(u64, std::time::Duration)>>,
     /// This engine's global rank and the communication library for the
     /// program's collective launches (rank programs of a partitioned
     /// package; `None` for a single-device program).
@@ -282,14 +282,38 @@ impl CpuEngine {
         self.pool.threads()
     }
 
-    /// Start (or restart) timing every launch by kernel kind.
+    /// Start (or restart) timing every launch by kernel.
     pub fn enable_profiling(&mut self) {
-        self.profile = Some(Default::default());
+        self.profile = Some(vec![Default::default(); self.pkg.program().kernels.len()]);
     }
 
     /// Time spent per kernel kind since profiling was enabled.
-    pub fn profile(&self) -> Option<&std::collections::BTreeMap<&'static str, std::time::Duration>> {
-        self.profile.as_ref()
+    pub fn profile(&self) -> Option<std::collections::BTreeMap<&'static str, std::time::Duration>> {
+        let per = self.profile.as_ref()?;
+        let mut by_kind = std::collections::BTreeMap::new();
+        for (k, (_, t)) in self.pkg.program().kernels.iter().zip(per) {
+            *by_kind.entry(k.kind.mnemonic()).or_default() += *t;
+        }
+        Some(by_kind)
+    }
+
+    /// Launches and time spent per kernel (by name, in program order)
+    /// since profiling was enabled: where a step's time goes.
+    pub fn kernel_profile(&self) -> Option<Vec<KernelTime>> {
+        let per = self.profile.as_ref()?;
+        let kernels = &self.pkg.program().kernels;
+        Some(
+            kernels
+                .iter()
+                .zip(per)
+                .map(|(k, &(launches, time))| KernelTime {
+                    name: k.name.clone(),
+                    kind: k.kind.mnemonic(),
+                    launches,
+                    time,
+                })
+                .collect(),
+        )
     }
 
     /// Forget the sequence (the cache is overwritten from position 0).
@@ -469,6 +493,15 @@ fn blocks_to_axis(src: &[f32], dst: &mut [f32], n: usize, outer: usize, block: u
     }
 }
 
+/// One kernel's share of the profiled launches ([`CpuEngine::kernel_profile`]).
+#[derive(Debug, Clone)]
+pub struct KernelTime {
+    pub name: String,
+    pub kind: &'static str,
+    pub launches: u64,
+    pub time: std::time::Duration,
+}
+
 /// A raw pointer the worker threads may use while a launch runs.
 #[derive(Clone, Copy)]
 struct SendPtr<T>(*const T);
@@ -524,7 +557,8 @@ impl CpuEngine {
                 None => self.host_launch(&k.kind, &l.args, b).with_context(|| format!("launch of {}", k.name))?,
             }
             if let (Some(t0), Some(p)) = (t0, self.profile.as_mut()) {
-                *p.entry(k.kind.mnemonic()).or_default() += t0.elapsed();
+                p[l.kernel].0 += 1;
+                p[l.kernel].1 += t0.elapsed();
             }
         }
         let out = program.outputs[0];

@@ -6,10 +6,13 @@
 //! that read that KV head, so each key and value row is loaded once for the
 //! whole group. Scores for the visible keys go to the thread's scratch (one
 //! row per query head), then a softmax in the reference's order, then the
-//! probability-weighted sum of value rows, vectorised over the head dim.
+//! probability-weighted sum of value rows, vectorised over the head dim
+//! (one chunk of it at a time, each head's chunk accumulated in a register
+//! over the keys in order).
 //! The q.k dot products run `KEYS` keys at a time, one key per lane, each
-//! accumulated over the head dim in order, so every step matches the
-//! reference bit for bit.
+//! accumulated over the head dim in order (the keys' rows are loaded
+//! `KEYS` elements at a time and transposed in registers), so every step
+//! matches the reference bit for bit.
 
 use crate::cg::{Cg, Ok_};
 use anyhow::{anyhow, Result};
@@ -197,6 +200,39 @@ pub(crate) fn paged_attention<'c>(cg: &mut Cg<'c>, k: &Kernel, scale: f64, int8:
     Ok(())
 }
 
+/// The 8 x 8 transpose of `v` (eight 8-lane rows): lane `l` of result
+/// `i` is lane `i` of row `l`. Three rounds of two-source shuffles
+/// (interleave pairs of lanes, then pairs of pairs, then 128-bit halves),
+/// which the backend lowers to `vunpck*ps`, `vshufps` and `vperm2f128`.
+fn transpose8<'c>(cg: &Cg<'c>, v: &[VectorValue<'c>]) -> Vec<VectorValue<'c>> {
+    assert_eq!((v.len(), KEYS), (8, 8), "an 8 x 8 transpose");
+    let shuffle = |a: VectorValue<'c>, b: VectorValue<'c>, mask: [u64; 8]| {
+        let m: Vec<IntValue> = mask.iter().map(|&i| cg.i32t().const_int(i, false)).collect();
+        cg.b.build_shuffle_vector(a, b, inkwell::types::VectorType::const_vector(&m), "").ok_()
+    };
+    const LO: [u64; 8] = [0, 8, 1, 9, 4, 12, 5, 13];
+    const HI: [u64; 8] = [2, 10, 3, 11, 6, 14, 7, 15];
+    const LO2: [u64; 8] = [0, 1, 8, 9, 4, 5, 12, 13];
+    const HI2: [u64; 8] = [2, 3, 10, 11, 6, 7, 14, 15];
+    const LO4: [u64; 8] = [0, 1, 2, 3, 8, 9, 10, 11];
+    const HI4: [u64; 8] = [4, 5, 6, 7, 12, 13, 14, 15];
+    // t[2i], t[2i+1]: rows 2i and 2i+1 interleaved (lanes 0,1,4,5 / 2,3,6,7).
+    let t: Vec<VectorValue> =
+        (0..4).flat_map(|i| [shuffle(v[2 * i], v[2 * i + 1], LO), shuffle(v[2 * i], v[2 * i + 1], HI)]).collect();
+    // u[j] (j < 4) holds lanes j and j+4 of rows 0..4; u[4 + j] of rows 4..8.
+    let mut u = vec![];
+    for base in [0, 4] {
+        let (a0, a1, b0, b1) = (t[base], t[base + 1], t[base + 2], t[base + 3]);
+        u.extend([shuffle(a0, b0, LO2), shuffle(a0, b0, HI2), shuffle(a1, b1, LO2), shuffle(a1, b1, HI2)]);
+    }
+    let mut out: Vec<Option<VectorValue>> = vec![None; 8];
+    for j in 0..4 {
+        out[j] = Some(shuffle(u[j], u[4 + j], LO4));
+        out[j + 4] = Some(shuffle(u[j], u[4 + j], HI4));
+    }
+    out.into_iter().map(|x| x.expect("every lane")).collect()
+}
+
 fn static_dim(d: &panguc_ir::Dim) -> Result<usize> {
     d.as_const().ok_or_else(|| anyhow!("attention dim {d} must be static"))
 }
@@ -237,19 +273,49 @@ fn attend<'c>(
         for acc in &accs {
             cg.store_v(*acc, cg.zeros(KEYS));
         }
-        cg.for_range(cg.i64c(0), dc, 1, |cg, dd| {
-            let mut kv = cg.zeros(KEYS);
-            for (l, r) in rows.iter().enumerate() {
-                let x = load_key(cg, a, kp, cg.add(*r, dd), cg.add(chan0, dd));
-                kv = cg.b.build_insert_element(kv, x, cg.i32t().const_int(l as u64, false), "").ok_();
-            }
+        // Lane l of `kv` holds element `dd` of key `j0 + l`: each lane
+        // accumulates its key's dot product over dd in order.
+        let accumulate = |cg: &mut Cg<'c>, dd: IntValue<'c>, kv: VectorValue<'c>| {
             for ((qrow, _), acc) in heads.iter().zip(&accs) {
                 let qv = cg.splat(cg.load_f(qp, cg.add(*qrow, dd), a.q.1), KEYS);
                 let s = cg.fadd(cg.load_v(*acc), cg.fmul(qv.into(), kv.into()));
                 cg.store_v(*acc, s);
             }
-            Ok(())
-        })?;
+        };
+        if d.is_multiple_of(KEYS as usize) && a.kv_dequant.is_none() {
+            // KEYS contiguous elements of each key row, transposed in
+            // registers into one vector per dd (one vector load per key
+            // and a few shuffles, not one scalar load per element).
+            // The rows are scattered over the paged cache, beyond what the
+            // hardware prefetcher follows: fetch the next block's keys, and
+            // this block's values for the p.v pass, while this block computes.
+            let last = cg.sub(visible, cg.i64c(1));
+            let next: Vec<IntValue> =
+                (0..KEYS).map(|l| kv_row(cg, cg.min(cg.add(j0, cg.i64c((KEYS + l) as i64)), last))).collect();
+            cg.for_range(cg.i64c(0), cg.i64c((d / KEYS as usize) as i64), 1, |cg, c| {
+                let d0 = cg.mul(c, cg.i64c(KEYS as i64));
+                for (r, n) in rows.iter().zip(&next) {
+                    cg.prefetch_with(cg.gep(kp, cg.add(*n, d0)), 3);
+                    cg.prefetch_with(cg.gep(vp, cg.add(*r, d0)), 3);
+                }
+                let rows_v: Vec<VectorValue> =
+                    rows.iter().map(|r| cg.load_vec(kp, cg.add(*r, d0), a.k.1, KEYS)).collect();
+                for (i, kv) in transpose8(cg, &rows_v).into_iter().enumerate() {
+                    accumulate(cg, cg.add(d0, cg.i64c(i as i64)), kv);
+                }
+                Ok(())
+            })?;
+        } else {
+            cg.for_range(cg.i64c(0), dc, 1, |cg, dd| {
+                let mut kv = cg.zeros(KEYS);
+                for (l, r) in rows.iter().enumerate() {
+                    let x = load_key(cg, a, kp, cg.add(*r, dd), cg.add(chan0, dd));
+                    kv = cg.b.build_insert_element(kv, x, cg.i32t().const_int(l as u64, false), "").ok_();
+                }
+                accumulate(cg, dd, kv);
+                Ok(())
+            })?;
+        }
         for ((_, srow), acc) in heads.iter().zip(&accs) {
             let sc = cg.fmul(cg.load_v(*acc), cg.splat(scale_v, KEYS).into());
             cg.store_vec(*srow, j0, DType::F32, sc.into_vector_value());
@@ -297,26 +363,26 @@ fn attend<'c>(
         sums.push(cg.load_v(sum));
     }
 
-    // out = sum_j (e_j / sum) * v_j, accumulated in j order per element;
-    // each value row is loaded once for the whole group.
-    for (qrow, _) in &heads {
-        cg.for_range(cg.i64c(0), cg.i64c(chunks), 1, |cg, c| {
-            cg.store_vec(op, cg.add(*qrow, cg.mul(c, lc)), a.out.1, cg.zeros(lanes));
+    // The probabilities e_j / sum, in place of the scores.
+    for ((_, srow), sum) in heads.iter().zip(&sums) {
+        cg.for_range(cg.i64c(0), visible, 1, |cg, j| {
+            let pj = cg.fdiv(cg.load_f(*srow, j, DType::F32).into(), *sum).into_float_value();
+            cg.store_f(*srow, j, DType::F32, pj);
             Ok(())
         })?;
     }
-    cg.for_range(cg.i64c(0), visible, 1, |cg, j| {
-        let ps: Vec<VectorValue> = heads
-            .iter()
-            .zip(&sums)
-            .map(|((_, srow), sum)| {
-                let pj = cg.fdiv(cg.load_f(*srow, j, DType::F32).into(), *sum).into_float_value();
-                cg.splat(pj, lanes)
-            })
-            .collect();
-        let vrow = kv_row(cg, j);
-        cg.for_range(cg.i64c(0), cg.i64c(chunks), 1, |cg, c| {
-            let off = cg.mul(c, lc);
+    // out = sum_j p_j * v_j, accumulated in j order per element from 0:
+    // one `lanes`-wide chunk of the head dim at a time, every head of the
+    // group accumulating in a register over all keys (each value chunk
+    // is loaded once for the group).
+    cg.for_range(cg.i64c(0), cg.i64c(chunks), 1, |cg, c| {
+        let off = cg.mul(c, lc);
+        let accs: Vec<PointerValue> = heads.iter().map(|_| cg.alloca(cg.vec_f32(lanes), "pv")).collect();
+        for acc in &accs {
+            cg.store_v(*acc, cg.zeros(lanes));
+        }
+        cg.for_range(cg.i64c(0), visible, 1, |cg, j| {
+            let vrow = kv_row(cg, j);
             let x = match &a.kv_dequant {
                 Some([_, dv]) if lanes > 1 => dv.lanes(cg, vp, cg.add(vrow, off), cg.add(chan0, off), lanes),
                 Some([_, dv]) => {
@@ -326,13 +392,17 @@ fn attend<'c>(
                 }
                 None => load_lanes(cg, vp, cg.add(vrow, off), a.v.1, lanes),
             };
-            for ((qrow, _), pv) in heads.iter().zip(&ps) {
-                let o = cg.load_vec(op, cg.add(*qrow, off), a.out.1, lanes);
-                let y = cg.fadd(o.into(), cg.fmul((*pv).into(), x.into()));
-                cg.store_vec(op, cg.add(*qrow, off), a.out.1, y.into_vector_value());
+            for ((_, srow), acc) in heads.iter().zip(&accs) {
+                let pv = cg.splat(cg.load_f(*srow, j, DType::F32), lanes);
+                let y = cg.fadd(cg.load_v(*acc), cg.fmul(pv.into(), x.into()));
+                cg.store_v(*acc, y);
             }
             Ok(())
-        })
+        })?;
+        for ((qrow, _), acc) in heads.iter().zip(&accs) {
+            cg.store_vec(op, cg.add(*qrow, off), a.out.1, cg.load_v(*acc).into_vector_value());
+        }
+        Ok(())
     })
 }
 
