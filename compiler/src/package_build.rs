@@ -596,7 +596,10 @@ pub struct PagedCpu {
 
 /// Where a [`PagedCpu`]'s engine comes from.
 enum PagedPrograms {
-    Single { pkg: std::sync::Arc<panguc_runtime::Package>, pool: std::sync::Arc<panguc_runtime::pool::WorkerPool> },
+    Single {
+        pkg: std::sync::Arc<panguc_runtime::Package>,
+        pool: std::sync::Arc<panguc_runtime::pool::WorkerPool>,
+    },
     /// A partitioned package: every rank holds a paged cache of the
     /// scheduler's blocks.
     Ranks(panguc_runtime::RankPackages),

@@ -227,7 +227,8 @@ fn check_cli_mixed_batch(pkg: &str, engine: &[&str], tmp: &Path) -> Vec<Vec<i64>
     let mut generated = vec![];
     for (i, (p, got)) in prompts.iter().zip(seqs).enumerate() {
         let out = tmp.join(format!("alone{i}.json"));
-        let args = [&["run", pkg, "--tokens", p, "--max-new-tokens", "6", "--logits-out", out.to_str().unwrap()][..], engine];
+        let args =
+            [&["run", pkg, "--tokens", p, "--max-new-tokens", "6", "--logits-out", out.to_str().unwrap()][..], engine];
         ok(&panguc(&args.concat()));
         let want = json(&out);
         assert_eq!(got["generated"], want["generated"], "{what} prompt {i}: tokens in the batch vs alone");
