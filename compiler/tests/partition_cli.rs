@@ -199,13 +199,14 @@ fn tiny_on_two_devices_runs_on_cpu_and_simulated_ascend() {
 }
 
 /// Three prompts as one `panguc run` (`--max-seqs 2`: the third joins the
-/// running batch when a sequence finishes; a KV cache of 2 blocks of 16
-/// tokens, which the longest sequence alone fills: sequences are preempted
-/// and recomputed; `--max-batch-tokens 8`: chunked prefill), then each
-/// prompt alone: the same greedy tokens, prompt logits within 1e-5
+/// running batch when a sequence leaves it; a KV cache of 2 blocks of 16
+/// tokens while each sequence grows from one block to two: the younger of
+/// two running sequences is preempted and recomputed; `--max-batch-tokens 8`: chunked prefill), then
+/// each prompt alone: the same greedy tokens, prompt logits within 1e-5
 /// relative. Returns the batch's generated tokens.
 fn check_cli_mixed_batch(pkg: &str, engine: &[&str], tmp: &Path) -> Vec<Vec<i64>> {
-    let prompts = ["3,1,4,1,5,9,2,6,5,3,5,8,9,7,9,3,2,3,8,4", "1,2,3,4", "9,8,7,6,5,4"];
+    let prompts =
+        ["3,1,4,1,5,9,2,6,5,3,5,8,9,7", "1,2,3,4,5,6,7,8,9,10,11,12", "100,200,300,400,500,9,8,7,6,5,4,3,2,1,0"];
     let what = format!("{pkg} {engine:?}");
     let out = tmp.join("batch.json");
     let mut args = vec!["run", pkg, "--max-new-tokens", "6", "--max-seqs", "2", "--kv-cache-mb", "0.016"];
