@@ -9,7 +9,7 @@ mod common;
 
 use common::mixed::{assert_rows_close, check_mixed_batch};
 use common::*;
-use panguc_runtime::CpuEngine;
+use panguc_runtime::{BatchEngine, CpuEngine};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
