@@ -145,6 +145,9 @@ impl AscendSimEngine {
     /// A partitioned package (compiled with `--target cpu` among its
     /// targets) as one engine: every rank's program under the simulation
     /// on its own thread, collectives through one in-process communicator.
+    /// `max_context` as for [`Self::from_package`]: one sequence's context
+    /// for one-sequence rank programs, each rank's KV blocks for batched
+    /// ones (then the engine is a `BatchEngine` for every sequence).
     pub fn multi_rank(
         dir: &Path,
         target: Target,

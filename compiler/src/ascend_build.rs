@@ -204,30 +204,28 @@ pub fn sim_engine_config(engine: &str) -> Result<(Target, DevType)> {
 
 /// `panguc run OUT --engine ascend-sim[-bf16|-f16]` on a package compiled
 /// with `--target cpu` among its targets (its kernel program and prepared
-/// weights are used). A ragged-batch (paged) program runs all sequences
-/// through one engine per step; a one-sequence program one engine per
-/// running sequence.
+/// weights are used; a partitioned package's from every rank, the ranks'
+/// collectives meeting in one in-process communicator). A ragged-batch
+/// (paged) program runs all sequences through one engine per step; a
+/// one-sequence program one engine per running sequence.
 pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
     let (target, act) = sim_engine_config(a.engine.as_deref().unwrap_or("ascend-sim"))?;
     let dir = &a.model;
-    // Each engine compiles the device kernels once; finished sequences
-    // hand their engine on (reset) to the next, so at most --max-seqs exist.
-    if panguc_runtime::multirank::package_ranks(dir)?.is_some() {
-        // Partitioned: every rank's program under the simulation, their
-        // collectives meeting in one in-process communicator.
-        let cfg = panguc_runtime::multirank::rank_dirs(dir)?.model;
-        let prompts = crate::run_batch::prompts(a, &cfg)?;
-        let context = crate::run_batch::max_context(&prompts, a.max_new_tokens);
-        let make: EngineFactory =
-            Box::new(move || Ok(Box::new(AscendSimEngine::multi_rank(dir, target, act, context)?)));
-        return crate::run_batch::generate_and_report(make, a, &cfg, &prompts);
-    }
-    let files = panguc_runtime::package::verify_package(dir)?;
-    let cfg = files.manifest.model.clone();
+    let partitioned = panguc_runtime::multirank::package_ranks(dir)?.is_some();
+    // The manifest (a partitioned package's covers every rank), and the
+    // program whose cache layout decides how the engines run: rank 0's
+    // stands for all (the multi-rank engine checks they agree).
+    let (cfg, program) = if partitioned {
+        let ranks = panguc_runtime::multirank::rank_dirs(dir)?;
+        (ranks.model, panguc_runtime::package::verify_package(&ranks.dirs[0])?.program)
+    } else {
+        let files = panguc_runtime::package::verify_package(dir)?;
+        (files.manifest.model, files.program)
+    };
     let prompts = crate::run_batch::prompts(a, &cfg)?;
-    if let Some(block_size) = files.program.as_ref().and_then(|p| p.kv_block_size()) {
+    if let Some(block_size) = program.as_ref().and_then(|p| p.kv_block_size()) {
         // A ragged-batch program: one engine runs every step over one paged
-        // cache of the scheduler's blocks.
+        // cache (one per rank) of the scheduler's blocks.
         return crate::run_batch::scheduled_run(a, &cfg, &prompts, &mut |s| {
             if s.block_size != block_size {
                 bail!(
@@ -236,11 +234,27 @@ pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
                     s.block_size
                 );
             }
-            Ok(Box::new(AscendSimEngine::from_package(dir, target, act, s.num_blocks)?))
+            let block_bytes = (s.block_size * crate::run_batch::kv_bytes_per_token(&cfg)) as u64;
+            let ranks = if partitioned { panguc_runtime::multirank::rank_dirs(dir)?.dirs.len() as u64 } else { 1 };
+            panguc_runtime::memory::check_fits(
+                &format!("the simulated KV cache of {} blocks of {} tokens per rank", s.num_blocks, s.block_size),
+                (s.num_blocks as u64).checked_mul(block_bytes).and_then(|b| b.checked_mul(ranks)),
+            )?;
+            Ok(if partitioned {
+                Box::new(AscendSimEngine::multi_rank(dir, target, act, s.num_blocks)?)
+            } else {
+                Box::new(AscendSimEngine::from_package(dir, target, act, s.num_blocks)?)
+            })
         });
     }
+    // Each engine compiles the device kernels once; finished sequences
+    // hand their engine on (reset) to the next, so at most --max-seqs exist.
     let context = crate::run_batch::max_context(&prompts, a.max_new_tokens);
-    let make: EngineFactory = Box::new(move || Ok(Box::new(AscendSimEngine::from_package(dir, target, act, context)?)));
+    let make: EngineFactory = if partitioned {
+        Box::new(move || Ok(Box::new(AscendSimEngine::multi_rank(dir, target, act, context)?)))
+    } else {
+        Box::new(move || Ok(Box::new(AscendSimEngine::from_package(dir, target, act, context)?)))
+    };
     crate::run_batch::generate_and_report(make, a, &cfg, &prompts)
 }
 

@@ -171,9 +171,6 @@ pub struct RunArgs {
     /// cache) or compiled (the default for a package).
     #[arg(long)]
     pub engine: Option<String>,
-    /// Worker threads of the compiled engine (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -186,6 +183,16 @@ pub struct RunArgs {
     /// Stop at the config's eos_token_id.
     #[arg(long)]
     pub stop_at_eos: bool,
+    #[command(flatten)]
+    pub engine_args: EngineArgs,
+}
+
+/// The engine and scheduler flags `panguc run` and `panguc serve` share.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Worker threads of the compiled engine (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Package verification on open: `stamp` (hash the small files, trust
     /// the verification stamp for unchanged weight files) or `full` (hash
     /// every byte).
@@ -196,7 +203,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "TIER")]
     pub cpu_tier: Option<String>,
     /// KV cache size in MiB (fractions allowed) shared by all sequences
-    /// (default: enough for every sequence at full length); when it runs
+    /// (default: every running sequence at its longest: its full length for
+    /// `run`, --max-model-len for `serve`); when it runs
     /// out, the youngest sequence is preempted and recomputed later.
     #[arg(long, value_name = "MB")]
     pub kv_cache_mb: Option<f64>,
@@ -440,19 +448,35 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         // Partitioned: one CPU package per rank under ranks/rankN/, run
         // by the multi-rank engine (package_build::write_cpu_rank_packages).
         let plan = p.report["plan"].as_str().unwrap_or("unknown");
-        crate::package_build::write_cpu_rank_packages(staging.path(), &ckpt, &p.parts, &rank_programs, plan, &targets)?;
+        let fuse = panguc_lowering::fuse::FuseOptions::default();
+        let module = batched_cpu_module(&ckpt, &opts)?;
+        let batched =
+            crate::partition_build::partition_batched(&module, crate::import::LAYER_FN, &p.parts.layout, &fuse)?;
+        match &batched {
+            // Batched rank programs: one multi-rank engine runs every step.
+            Some(parts) => {
+                let programs = crate::package_build::schedule_ranks(parts)?;
+                crate::package_build::write_cpu_rank_packages(staging.path(), &ckpt, parts, &programs, plan, &targets)?
+            }
+            None => crate::package_build::write_cpu_rank_packages(
+                staging.path(),
+                &ckpt,
+                &p.parts,
+                &rank_programs,
+                plan,
+                &targets,
+            )?,
+        }
     } else if targets.iter().any(|t| t == "cpu") {
-        let batched = cpu_package_is_batched(&targets);
-        let cpu = if batched { Some(batched_cpu_program(&ckpt, &opts)?) } else { None };
-        let (cpu_module, cpu_program) = match &cpu {
-            Some((m, p)) => (m, p),
-            None => (&piped.module, &program),
-        };
+        // CPU packages run ragged batch steps over a paged KV cache (every
+        // running sequence in one call); the `ascend-sim` engine runs the
+        // same program through the AscendC paged kernels.
+        let (cpu_module, cpu_program) = batched_cpu_program(&ckpt, &opts)?;
         crate::package_build::write_cpu_package_for(
             staging.path(),
             &ckpt,
-            cpu_module,
-            cpu_program,
+            &cpu_module,
+            &cpu_program,
             &targets,
             &serde_json::Value::Null,
         )?;
@@ -509,19 +533,9 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     Ok(())
 }
 
-/// The optimised IR, in canonical text, under `ir/`.
 /// KV-cache block size of batched CPU packages (tokens per block): the
 /// scheduler's default, so `panguc run` needs no `--block-size`.
 pub const CPU_BLOCK_SIZE: usize = panguc_runtime::scheduler::DEFAULT_BLOCK_SIZE;
-
-/// A one-device CPU package runs ragged batch steps over a paged KV cache
-/// (every running sequence in one call). A package that also targets
-/// Ascend keeps the one-sequence program: the `ascend-sim` engine runs the
-/// package's kernel program through the AscendC kernels, which have no
-/// paged attention yet.
-pub fn cpu_package_is_batched(targets: &[String]) -> bool {
-    !targets.iter().any(|t| t.starts_with("ascend"))
-}
 
 /// The batched import (paged KV cache of [`CPU_BLOCK_SIZE`]-token blocks),
 /// fused like the one-sequence module and scheduled into a kernel program.
@@ -529,13 +543,19 @@ pub fn batched_cpu_program(
     ckpt: &Checkpoint,
     opts: &crate::pipeline::PipelineOptions,
 ) -> Result<(Module, KernelProgram)> {
-    let imported = import_with(ckpt, crate::import::KvLayout::Paged { block_size: CPU_BLOCK_SIZE })?;
-    let fused = crate::pipeline::fuse_batched(ckpt, &imported, opts)?;
+    let fused = batched_cpu_module(ckpt, opts)?;
     let program = panguc_lowering::schedule::schedule(&fused, &Default::default())
         .context("scheduling the batched kernel program")?;
     Ok((fused, program))
 }
 
+/// The batched import (paged KV cache of [`CPU_BLOCK_SIZE`]-token blocks), fused.
+pub fn batched_cpu_module(ckpt: &Checkpoint, opts: &crate::pipeline::PipelineOptions) -> Result<Module> {
+    let imported = import_with(ckpt, crate::import::KvLayout::Paged { block_size: CPU_BLOCK_SIZE })?;
+    crate::pipeline::fuse_batched(ckpt, &imported, opts)
+}
+
+/// The optimised IR, in canonical text, under `ir/`.
 fn write_ir_files(staging: &Path, fused: &Module) -> Result<()> {
     let dir = staging.join("ir");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -587,27 +587,44 @@ pub struct PackageEngines<'a> {
 
 /// How a package's engines are made.
 pub enum EngineMaker<'a> {
-    /// A one-sequence program (partitioned packages, CPU programs compiled
-    /// beside an Ascend target): one engine per running sequence, each with
-    /// its own contiguous cache, driven through `PerSequenceEngines`.
+    /// A one-sequence program (partitioned packages whose attention is
+    /// sharded, checkpoints under the interpreter): one engine per running
+    /// sequence, each with its own contiguous cache, driven through
+    /// `PerSequenceEngines`.
     PerSequence(EngineFactory<'a>),
-    /// A batched CPU program: one engine runs every step over one paged
-    /// KV cache whose blocks the scheduler hands out.
+    /// A batched CPU program (one device, or one per rank of a partitioned
+    /// package): one engine runs every step over a paged KV cache whose
+    /// blocks the scheduler hands out.
     Paged(PagedCpu),
 }
 
 /// A batched CPU package opened for [`EngineMaker::Paged`].
 pub struct PagedCpu {
-    pkg: std::sync::Arc<panguc_runtime::Package>,
-    pool: std::sync::Arc<panguc_runtime::pool::WorkerPool>,
+    programs: PagedPrograms,
     dir: std::path::PathBuf,
     /// Tokens per KV block, fixed by the package.
     pub block_size: usize,
 }
 
+/// Where a [`PagedCpu`]'s engine comes from.
+enum PagedPrograms {
+    Single {
+        pkg: std::sync::Arc<panguc_runtime::Package>,
+        pool: std::sync::Arc<panguc_runtime::pool::WorkerPool>,
+    },
+    /// A partitioned package: every rank holds a paged cache of the
+    /// scheduler's blocks.
+    Ranks(panguc_runtime::RankPackages),
+}
+
 impl PagedCpu {
     /// `a` with the package's block size (a different `--block-size` is refused).
     pub fn run_args(&self, a: &crate::commands::RunArgs) -> Result<crate::commands::RunArgs> {
+        Ok(crate::commands::RunArgs { engine_args: self.engine_args(&a.engine_args)?, ..a.clone() })
+    }
+
+    /// `a` with the package's block size (a different `--block-size` is refused).
+    pub fn engine_args(&self, a: &crate::commands::EngineArgs) -> Result<crate::commands::EngineArgs> {
         let block_size = self.block_size;
         if a.block_size.is_some_and(|b| b != block_size) {
             bail!(
@@ -615,46 +632,59 @@ impl PagedCpu {
                 self.dir.display()
             );
         }
-        Ok(crate::commands::RunArgs { block_size: Some(block_size), ..a.clone() })
+        Ok(crate::commands::EngineArgs { block_size: Some(block_size), ..a.clone() })
     }
 
-    /// The engine for the scheduler's limits `s`, once its cache is known to fit in memory.
+    /// The engine for the scheduler's limits `s`, once its cache (on every
+    /// rank of a partitioned package) is known to fit in memory.
     pub fn engine(
         &self,
         cfg: &PanguConfig,
         s: &panguc_runtime::SchedulerConfig,
     ) -> Result<Box<dyn panguc_runtime::BatchEngine + 'static>> {
         let block_bytes = s.block_size * crate::run_batch::kv_bytes_per_token(cfg);
+        let devices = match &self.programs {
+            PagedPrograms::Single { .. } => 1,
+            PagedPrograms::Ranks(r) => r.devices(),
+        };
+        let each = if devices > 1 { format!(" on each of {devices} ranks") } else { String::new() };
         panguc_runtime::memory::check_fits(
             &format!(
-                "the KV cache of {} blocks of {} tokens shared by the running sequences (--kv-cache-mb bounds it)",
+                "the KV cache of {} blocks of {} tokens{each} shared by the running sequences (--kv-cache-mb bounds it)",
                 s.num_blocks, s.block_size
             ),
-            (s.num_blocks as u64).checked_mul(block_bytes as u64),
+            (s.num_blocks as u64).checked_mul(block_bytes as u64).and_then(|b| b.checked_mul(devices as u64)),
         )?;
-        Ok(Box::new(panguc_runtime::CpuEngine::batched(self.pkg.clone(), self.pool.clone(), s.num_blocks)?))
+        Ok(match &self.programs {
+            PagedPrograms::Single { pkg, pool } => {
+                Box::new(panguc_runtime::CpuEngine::batched(pkg.clone(), pool.clone(), s.num_blocks)?)
+            }
+            PagedPrograms::Ranks(ranks) => Box::new(ranks.batched(s.num_blocks)?),
+        })
     }
 }
 
-/// Open the package of `a.model` (verified; partitioned ones as one
-/// multi-rank engine per sequence) and say how its engines are made.
-/// `context` is told the model config once the package is trusted and
-/// returns each one-sequence engine's cache length in tokens.
+/// Open the package of `a.model` (verified) and say how its engines are
+/// made: a batched program (one device, or every rank of a partitioned
+/// package) as one paged engine, a one-sequence program as one engine per
+/// sequence. `context` is told the model config once the package is
+/// trusted and returns each one-sequence engine's cache length in tokens.
 pub fn package_engines<'a>(
     a: &'a crate::commands::RunArgs,
     context: &mut dyn FnMut(&PanguConfig) -> Result<usize>,
 ) -> Result<PackageEngines<'a>> {
-    let threads = a.threads.unwrap_or_else(panguc_runtime::engine::default_threads);
+    let threads = a.engine_args.threads.unwrap_or_else(panguc_runtime::engine::default_threads);
     if panguc_runtime::multirank::package_ranks(&a.model)?.is_some() {
-        // Partitioned over N devices: N rank engines in this process per sequence.
-        let rank0 = panguc_runtime::multirank::rank_dirs(&a.model)?.dirs.remove(0);
-        let tier = tier_line(&rank0, a)?;
-        let cfg = panguc_runtime::package::read_manifest(&a.model)?.model;
-        let context = Some(context(&cfg)?);
-        let options = open_options(a);
-        let make: EngineFactory = Box::new(move || {
-            Ok(Box::new(panguc_runtime::MultiRankEngine::open_with(&a.model, threads, context, &options)?))
-        });
+        // Partitioned over N devices: N rank engines in this process.
+        let ranks = panguc_runtime::RankPackages::open(&a.model, threads, &open_options(a))?;
+        let tier = tier_line(&a.model.join(&ranks.section().dirs[0]), a)?;
+        let cfg = ranks.config().clone();
+        let context = context(&cfg)?;
+        if let Some(block_size) = ranks.block_size()? {
+            let paged = PagedCpu { programs: PagedPrograms::Ranks(ranks), dir: a.model.clone(), block_size };
+            return Ok(PackageEngines { cfg, make: EngineMaker::Paged(paged), tier });
+        }
+        let make: EngineFactory = Box::new(move || Ok(Box::new(ranks.engine(Some(context))?)));
         Ok(PackageEngines { cfg, make: EngineMaker::PerSequence(make), tier })
     } else {
         let pool = panguc_runtime::thread_pool(threads)?;
@@ -665,7 +695,7 @@ pub fn package_engines<'a>(
         let cfg = pkg.config().clone();
         let context = context(&cfg)?;
         if let Some(block_size) = panguc_runtime::CpuEngine::block_size_of(&pkg) {
-            let paged = PagedCpu { pkg, pool, dir: a.model.clone(), block_size };
+            let paged = PagedCpu { programs: PagedPrograms::Single { pkg, pool }, dir: a.model.clone(), block_size };
             return Ok(PackageEngines { cfg, make: EngineMaker::Paged(paged), tier });
         }
         let context = Some(context);
@@ -677,7 +707,7 @@ pub fn package_engines<'a>(
 
 /// How `panguc run` opens a package (`--verify`, `--cpu-tier`).
 fn open_options(a: &crate::commands::RunArgs) -> panguc_runtime::OpenOptions {
-    panguc_runtime::OpenOptions { verify: a.verify, tier: a.cpu_tier.clone() }
+    panguc_runtime::OpenOptions { verify: a.engine_args.verify, tier: a.engine_args.cpu_tier.clone() }
 }
 
 /// The run log's line naming the CPU kernel tier (stderr: stdout holds the
@@ -686,7 +716,7 @@ fn open_options(a: &crate::commands::RunArgs) -> panguc_runtime::OpenOptions {
 fn tier_line(dir: &Path, a: &crate::commands::RunArgs) -> Result<Option<String>> {
     let manifest = panguc_runtime::package::read_manifest(dir)?;
     let Some(cpu) = &manifest.cpu else { return Ok(None) };
-    let t = panguc_runtime::loader::select_tier(cpu, a.cpu_tier.as_deref())?;
+    let t = panguc_runtime::loader::select_tier(cpu, a.engine_args.cpu_tier.as_deref())?;
     let gemms = if t.features.contains("+avx512bf16") { "bf16 dot-product GEMMs" } else { "f32 FMA GEMMs" };
     Ok(Some(format!("panguc: CPU kernel tier {} ({}, {gemms})", t.name, t.cpu)))
 }

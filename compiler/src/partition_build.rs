@@ -298,3 +298,21 @@ pub fn parse_plan(devices: usize, plan: Option<&str>) -> Result<(PlanChoice, boo
         }
     }
 }
+
+/// The batched (ragged-step, paged KV cache) module partitioned with the
+/// same `layout` as the one-sequence module, for the CPU rank packages; or
+/// `None` when the layout shards attention (`attn_tp > 1`): the
+/// attention-tensor-parallel rule rewrites the one-sequence flash attention
+/// only, and a paged cache sharded by heads has no rule yet, so such
+/// packages keep one-sequence rank programs (one engine per sequence).
+pub fn partition_batched(
+    batched_fused: &Module,
+    layer_fn: &str,
+    layout: &Layout,
+    fuse: &FuseOptions,
+) -> Result<Option<Partitioned>> {
+    if layout.attn_tp > 1 {
+        return Ok(None);
+    }
+    partition_module(batched_fused, layer_fn, layout, fuse).context("partitioning the batched module").map(Some)
+}

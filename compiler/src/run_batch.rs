@@ -160,7 +160,7 @@ pub fn kv_bytes_per_token(cfg: &PanguConfig) -> usize {
 
 /// `--block-size`, or the default.
 pub fn block_size(a: &RunArgs) -> Result<usize> {
-    let block_size = a.block_size.unwrap_or(panguc_runtime::scheduler::DEFAULT_BLOCK_SIZE);
+    let block_size = a.engine_args.block_size.unwrap_or(panguc_runtime::scheduler::DEFAULT_BLOCK_SIZE);
     if block_size == 0 {
         bail!("--block-size must be at least 1 token");
     }
@@ -171,7 +171,7 @@ pub fn block_size(a: &RunArgs) -> Result<usize> {
 /// holds every sequence at its longest at once.
 pub fn scheduler_config(a: &RunArgs, cfg: &PanguConfig, requests: &[Request]) -> Result<SchedulerConfig> {
     let mut s = SchedulerConfig::fitting_with(requests, block_size(a)?);
-    if let Some(mb) = a.kv_cache_mb {
+    if let Some(mb) = a.engine_args.kv_cache_mb {
         if !(mb.is_finite() && mb > 0.0) {
             bail!("--kv-cache-mb must be a positive number of MiB, got {mb}");
         }
@@ -185,13 +185,13 @@ pub fn scheduler_config(a: &RunArgs, cfg: &PanguConfig, requests: &[Request]) ->
             );
         }
     }
-    if let Some(n) = a.max_seqs {
+    if let Some(n) = a.engine_args.max_seqs {
         if n == 0 {
             bail!("--max-seqs must be at least 1");
         }
         s.max_seqs = n;
     }
-    if let Some(n) = a.max_batch_tokens {
+    if let Some(n) = a.engine_args.max_batch_tokens {
         if n == 0 {
             bail!("--max-batch-tokens must be at least 1");
         }

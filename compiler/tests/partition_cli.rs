@@ -197,3 +197,76 @@ fn tiny_on_two_devices_runs_on_cpu_and_simulated_ascend() {
         assert!(err.contains("ranks/rank1/weights/layers.000.bin") && !err.contains("panicked"), "{err}");
     }
 }
+
+/// Three prompts as one `panguc run` (`--max-seqs 2`: the third joins the
+/// running batch when a sequence leaves it; a KV cache of 2 blocks of 16
+/// tokens while each sequence grows from one block to two: the younger of
+/// two running sequences is preempted and recomputed; `--max-batch-tokens 8`: chunked prefill), then
+/// each prompt alone: the same greedy tokens, prompt logits within 1e-5
+/// relative. Returns the batch's generated tokens.
+fn check_cli_mixed_batch(pkg: &str, engine: &[&str], tmp: &Path) -> Vec<Vec<i64>> {
+    let prompts =
+        ["3,1,4,1,5,9,2,6,5,3,5,8,9,7", "1,2,3,4,5,6,7,8,9,10,11,12", "100,200,300,400,500,9,8,7,6,5,4,3,2,1,0"];
+    let what = format!("{pkg} {engine:?}");
+    let out = tmp.join("batch.json");
+    let mut args = vec!["run", pkg, "--max-new-tokens", "6", "--max-seqs", "2", "--kv-cache-mb", "0.016"];
+    args.extend(["--max-batch-tokens", "8", "--logits-out", out.to_str().unwrap()]);
+    for p in prompts {
+        args.extend(["--tokens", p]);
+    }
+    args.extend(engine);
+    let o = panguc(&args);
+    ok(&o);
+    let log = String::from_utf8_lossy(&o.stderr);
+    let line = log.lines().find(|l| l.starts_with("run: ")).unwrap_or_else(|| panic!("{what}: no run line in {log}"));
+    assert!(line.contains("KV cache 2 blocks of 16 tokens"), "{what}: {line}");
+    let preemptions: usize = line.rsplit("; ").next().unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(preemptions > 0, "{what}: no sequence was preempted: {line}");
+    let batch = json(&out);
+    let seqs = batch["sequences"].as_array().unwrap();
+    assert_eq!(seqs.len(), prompts.len());
+    let mut generated = vec![];
+    for (i, (p, got)) in prompts.iter().zip(seqs).enumerate() {
+        let out = tmp.join(format!("alone{i}.json"));
+        let args =
+            [&["run", pkg, "--tokens", p, "--max-new-tokens", "6", "--logits-out", out.to_str().unwrap()][..], engine];
+        ok(&panguc(&args.concat()));
+        let want = json(&out);
+        assert_eq!(got["generated"], want["generated"], "{what} prompt {i}: tokens in the batch vs alone");
+        assert_eq!(got["generated"].as_array().unwrap().len(), 6, "{what} prompt {i}");
+        let rows = |v: &serde_json::Value| -> Vec<Vec<f64>> { serde_json::from_value(v["logits"].clone()).unwrap() };
+        let (g, w) = (rows(got), rows(&want));
+        assert_eq!(g.len(), p.split(',').count(), "{what} prompt {i}: one logits row per prompt token");
+        for (r, (x, y)) in g.iter().zip(&w).enumerate() {
+            for (a, b) in x.iter().zip(y) {
+                let rel = (a - b).abs() / a.abs().max(b.abs()).max(1e-3);
+                assert!(rel <= 1e-5, "{what} prompt {i} row {r}: {a} vs {b}");
+            }
+        }
+        generated.push(serde_json::from_value(got["generated"].clone()).unwrap());
+    }
+    generated
+}
+
+/// A package for CPU and 910B: partitioned over 2 devices (both
+/// multi-rank engines run the rank programs batched) and on one device
+/// (the AscendC simulation runs the package's batched program): the mixed
+/// batch through the CLI on each, every engine giving the same tokens.
+#[test]
+fn cli_mixed_batch_on_partitioned_and_ascend_packages() {
+    let dir = tempfile::tempdir().unwrap();
+    let two = dir.path().join("two");
+    let one = dir.path().join("one");
+    let compile = ["compile", &example("tiny-pangu"), "--target", "cpu,ascend910b"];
+    ok(&panguc(&[&compile[..], &["--devices", "2", "--plan", "ep", "-o", two.to_str().unwrap()]].concat()));
+    ok(&panguc(&[&compile[..], &["-o", one.to_str().unwrap()]].concat()));
+    let program = std::fs::read_to_string(two.join("ranks/rank1/ir/kernel_program.txt")).unwrap();
+    assert!(program.contains("paged_attention"), "the rank programs are batched");
+    let reference = check_cli_mixed_batch(one.to_str().unwrap(), &[], dir.path());
+    let runs: [(&Path, &[&str]); 3] =
+        [(&two, &[]), (&two, &["--engine", "ascend-sim"]), (&one, &["--engine", "ascend-sim"])];
+    for (pkg, engine) in runs {
+        let got = check_cli_mixed_batch(pkg.to_str().unwrap(), engine, dir.path());
+        assert_eq!(got, reference, "{} {engine:?}: the single-device CPU package's tokens", pkg.display());
+    }
+}

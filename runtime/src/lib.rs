@@ -26,7 +26,7 @@ pub use batch::{generate_batch, BatchEngine, PerSequenceEngines, SeqId, StepChun
 pub use engine::{thread_pool, CpuEngine, EngineOptions};
 pub use generate::{generate, generate_streaming, Engine, Generation, Sampler, Sampling};
 pub use loader::{open_package, open_package_with, OpenOptions, Package};
-pub use multirank::{MultiRankEngine, RankEngine};
+pub use multirank::{MultiRankEngine, RankEngine, RankPackages};
 pub use package::{is_package, Manifest, PACKAGE_FORMAT_VERSION};
 pub use pool::WorkerPool;
 pub use scheduler::{FinishReason, Request, Scheduler, SchedulerConfig, SchedulerStats};

@@ -9,22 +9,39 @@
 //! interface (a communication library such as HCCL would implement the
 //! same interface with one engine per device process). Every rank computes
 //! the full logits; rank 0's are returned.
+//!
+//! Rank programs are either one-sequence programs (one [`MultiRankEngine`]
+//! per running sequence, each rank with a contiguous cache, as an
+//! [`Engine`]) or batched programs: then one [`MultiRankEngine`] runs every
+//! step of the scheduler as a [`BatchEngine`], each rank with its own paged
+//! cache of the same number of blocks, all indexed by the step's one block
+//! table and slot mapping (the scheduler's), and the collectives carry the
+//! step's T rows.
 
+use crate::batch::{BatchEngine, ChunkLogits, SeqId, StepChunk};
 use crate::collective::{Collective, InProcess};
 use crate::engine::{thread_pool, CpuEngine};
 use crate::generate::Engine;
-use crate::loader::{open_package_with, OpenOptions};
+use crate::loader::{open_package_with, OpenOptions, Package};
 use crate::package::{read_manifest, RanksSection, Verify};
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use panguc_ir::batch::StepMetadata;
 use panguc_ir::multirank::{run_ranks, Communicator};
 use panguc_ir::Tensor;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-/// One rank's engine: anything that runs a rank program with its
-/// collectives through a shared [`Collective`] (the compiled CPU engine
-/// here; the AscendC simulation engine in `panguc_codegen_ascendc`).
-pub type RankEngine = Box<dyn Engine + Send>;
+/// What one rank runs: a one-sequence rank program as an [`Engine`], a
+/// batched one as a [`BatchEngine`] (each engine supports the call its
+/// program was compiled for and refuses the other), its collectives
+/// through a shared [`Collective`]. The compiled CPU engine here; the
+/// AscendC simulation engine in `panguc_codegen_ascendc`.
+pub trait RankRunner: Engine + BatchEngine + Send {}
+
+impl<T: Engine + BatchEngine + Send> RankRunner for T {}
+
+/// One rank's engine.
+pub type RankEngine = Box<dyn RankRunner>;
 
 pub struct MultiRankEngine {
     ranks: Vec<Mutex<RankEngine>>,
@@ -84,9 +101,87 @@ pub fn rank_dirs_with(dir: &Path, mode: Verify) -> Result<RankDirs> {
     Ok(RankDirs { section, model: manifest.model, dirs })
 }
 
+/// A partitioned package's rank packages, opened (verified) once; engines
+/// are made from them ([`RankPackages::engine`] for one-sequence rank
+/// programs, [`RankPackages::batched`] for batched ones).
+pub struct RankPackages {
+    section: RanksSection,
+    pkgs: Vec<Arc<Package>>,
+    /// Kernel threads of each rank's pool.
+    threads_per_rank: usize,
+}
+
+impl RankPackages {
+    /// Open a partitioned package ([`rank_dirs_with`]) and every rank's
+    /// package with `opts`; each rank's engines get `threads / devices`
+    /// (at least 1) kernel threads of their own.
+    pub fn open(dir: &Path, threads: usize, opts: &OpenOptions) -> Result<RankPackages> {
+        let RankDirs { section, model, dirs } = rank_dirs_with(dir, opts.verify)?;
+        let mut pkgs = Vec::with_capacity(section.devices);
+        for (r, rank_dir) in dirs.iter().enumerate() {
+            let pkg =
+                open_package_with(rank_dir, opts).with_context(|| format!("opening rank {r} ({})", section.dirs[r]))?;
+            ensure!(pkg.config() == &model, "rank {r} was compiled for a different model config");
+            pkgs.push(Arc::new(pkg));
+        }
+        let threads_per_rank = (threads / section.devices).max(1);
+        Ok(RankPackages { section, pkgs, threads_per_rank })
+    }
+
+    pub fn devices(&self) -> usize {
+        self.pkgs.len()
+    }
+
+    pub fn section(&self) -> &RanksSection {
+        &self.section
+    }
+
+    /// The model every rank was compiled for.
+    pub fn config(&self) -> &panguc_ir::PanguConfig {
+        self.pkgs[0].config()
+    }
+
+    /// Tokens per KV block of the ranks' batched programs, or `None` when
+    /// they are one-sequence programs. Ranks that disagree are an error (a
+    /// package mixing them cannot share the scheduler's block table).
+    pub fn block_size(&self) -> Result<Option<usize>> {
+        let sizes: Vec<Option<usize>> = self.pkgs.iter().map(|p| CpuEngine::block_size_of(p)).collect();
+        ensure!(
+            sizes.iter().all(|b| *b == sizes[0]),
+            "the rank programs of this package disagree on their KV cache (blocks of {sizes:?} tokens; None: \
+             one-sequence program): recompile it"
+        );
+        Ok(sizes[0])
+    }
+
+    /// One sequence's engine over one-sequence rank programs, each rank
+    /// with a contiguous cache of `max_context` tokens.
+    pub fn engine(&self, max_context: Option<usize>) -> Result<MultiRankEngine> {
+        self.wire(|pkg| CpuEngine::with_pool(pkg, thread_pool(self.threads_per_rank)?, max_context))
+    }
+
+    /// The engine for every sequence of the scheduler over batched rank
+    /// programs: each rank with a paged cache of `num_blocks` blocks.
+    pub fn batched(&self, num_blocks: usize) -> Result<MultiRankEngine> {
+        self.wire(|pkg| CpuEngine::batched(pkg, thread_pool(self.threads_per_rank)?, num_blocks))
+    }
+
+    fn wire(&self, open: impl Fn(Arc<Package>) -> Result<CpuEngine>) -> Result<MultiRankEngine> {
+        let comm = InProcess::new();
+        let mut ranks = Vec::with_capacity(self.pkgs.len());
+        for (r, pkg) in self.pkgs.iter().enumerate() {
+            let mut e = open(pkg.clone()).with_context(|| format!("rank {r} ({})", self.section.dirs[r]))?;
+            e.set_collective(r, Arc::new(comm.clone()) as Arc<dyn Collective>);
+            ranks.push(Box::new(e) as RankEngine);
+        }
+        Ok(MultiRankEngine::from_engines(ranks, comm, self.section.clone()))
+    }
+}
+
 impl MultiRankEngine {
-    /// Open a partitioned package ([`rank_dirs`]), then load each rank's
-    /// package with `threads / devices` (at least 1) kernel threads of its own.
+    /// Open a partitioned package of one-sequence rank programs as one
+    /// sequence's engine ([`RankPackages::engine`]), each rank with
+    /// `threads / devices` (at least 1) kernel threads of its own.
     pub fn open(dir: &Path, threads: usize, max_context: Option<usize>) -> Result<MultiRankEngine> {
         Self::open_with(dir, threads, max_context, &OpenOptions::default())
     }
@@ -99,19 +194,7 @@ impl MultiRankEngine {
         max_context: Option<usize>,
         opts: &OpenOptions,
     ) -> Result<MultiRankEngine> {
-        let RankDirs { section, model, dirs } = rank_dirs_with(dir, opts.verify)?;
-        let comm = InProcess::new();
-        let per_rank = (threads / section.devices).max(1);
-        let mut ranks = Vec::with_capacity(section.devices);
-        for (r, rank_dir) in dirs.iter().enumerate() {
-            let pkg =
-                open_package_with(rank_dir, opts).with_context(|| format!("opening rank {r} ({})", section.dirs[r]))?;
-            ensure!(pkg.config() == &model, "rank {r} was compiled for a different model config");
-            let mut e = CpuEngine::with_pool(Arc::new(pkg), thread_pool(per_rank)?, max_context)?;
-            e.set_collective(r, Arc::new(comm.clone()) as Arc<dyn Collective>);
-            ranks.push(Box::new(e) as RankEngine);
-        }
-        Ok(Self::from_engines(ranks, comm, section))
+        RankPackages::open(dir, threads, opts)?.engine(max_context)
     }
 
     /// Run `ranks` (engine `r` already wired to `comm` as global rank `r`)
@@ -144,5 +227,28 @@ impl Engine for MultiRankEngine {
         // Every rank must reset, or none of this engine is reusable.
         let reset: Vec<bool> = self.ranks.iter_mut().map(|r| r.get_mut().is_ok_and(|e| e.reset())).collect();
         reset.iter().all(|ok| *ok)
+    }
+}
+
+/// Batched rank programs: every rank runs the whole step (the same chunks
+/// and metadata: the scheduler's block table indexes each rank's own
+/// paged cache), its collectives over the step's rows.
+impl BatchEngine for MultiRankEngine {
+    fn step(&mut self, chunks: &[StepChunk<'_>], meta: &StepMetadata) -> Result<Vec<ChunkLogits>> {
+        let ranks = &self.ranks;
+        let comm: &dyn Communicator = &self.comm;
+        let mut outs = run_ranks(ranks.len(), comm, |r| {
+            let mut e = ranks[r].lock().map_err(|_| anyhow!("rank {r} engine poisoned"))?;
+            e.step(chunks, meta)
+        })?;
+        Ok(outs.swap_remove(0))
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        for r in &mut self.ranks {
+            if let Ok(e) = r.get_mut() {
+                e.release(seq);
+            }
+        }
     }
 }

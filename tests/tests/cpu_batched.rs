@@ -7,19 +7,17 @@
 
 mod common;
 
+use common::mixed::{assert_rows_close, check_mixed_batch};
 use common::*;
-use panguc_runtime::{BatchEngine, CpuEngine, FinishReason, Generation, Request, Sampling, Scheduler, SchedulerConfig};
+use panguc_runtime::{BatchEngine, CpuEngine};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 /// Small blocks, so prompts and chunks cross block boundaries.
 const BLOCK: usize = 4;
-/// Batch vs alone: the batch must not change a sequence's numerics.
-const BATCH_TOL: f32 = 1e-5;
 /// Compiled vs interpreter, as in `cpu_backend.rs` (the baseline tier
 /// follows the reference's order, so this holds with room to spare).
 const TOL: f32 = 1e-4;
-const FLOOR: f32 = 1e-3;
 
 fn batched_module(ckpt: &panguc::frontend::Checkpoint) -> panguc_ir::Module {
     panguc::commands::import_with(ckpt, panguc::import::KvLayout::Paged { block_size: BLOCK }).expect("batched import")
@@ -48,72 +46,6 @@ fn package() -> &'static Batched {
 
 fn engine(num_blocks: usize) -> CpuEngine {
     CpuEngine::batched(package().pkg.clone(), panguc_runtime::thread_pool(2).unwrap(), num_blocks).unwrap()
-}
-
-fn greedy(prompt: Vec<i64>, max_new: usize) -> Request {
-    Request { prompt, max_new_tokens: max_new, sampling: Sampling::default(), stop_tokens: vec![] }
-}
-
-/// `r` alone: the scheduler with one sequence (the batch of one).
-fn alone<'a>(make: &mut dyn FnMut(usize) -> Box<dyn BatchEngine + 'a>, r: &Request) -> Generation {
-    let cfg = SchedulerConfig::fitting_with(std::slice::from_ref(r), BLOCK);
-    let mut e = make(cfg.num_blocks);
-    Scheduler::run_all(cfg, vec![r.clone()], e.as_mut()).unwrap().remove(0)
-}
-
-fn assert_rows_close(got: &[Vec<f32>], want: &[Vec<f32>], tol: f32, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: rows");
-    for (row, (x, y)) in got.iter().zip(want).enumerate() {
-        let (x, y) =
-            (panguc_ir::Tensor::f32(vec![x.len()], x.clone()), panguc_ir::Tensor::f32(vec![y.len()], y.clone()));
-        assert_close(&x, &y, tol, FLOOR, &format!("{what} row {row}"));
-    }
-}
-
-fn prompt(len: usize, seed: i64) -> Vec<i64> {
-    (0..len as i64).map(|i| (i * 37 + seed) % 512).collect()
-}
-
-/// A mixed batch through the scheduler on one engine: different prompt
-/// lengths, a prompt prefilled in chunks, a stop token, different finishing
-/// steps, a sequence joining mid-flight and, with 8 blocks of 4 tokens for
-/// ~60 tokens of context, preemption by recompute. Returns each sequence's
-/// generation (in request order) and checks them against each run alone.
-fn check_mixed_batch<'a>(what: &str, make: &mut dyn FnMut(usize) -> Box<dyn BatchEngine + 'a>) -> Vec<Generation> {
-    let mut stopping = greedy(vec![5, 5, 5, 5], 8);
-    stopping.stop_tokens = vec![alone(make, &stopping).generated[2]];
-    let first = vec![greedy(prompt(13, 5), 6), greedy(vec![1, 2, 3], 9), greedy(vec![400, 17], 3), stopping];
-    let late = greedy(vec![9, 8, 7, 6, 5, 4, 3], 5);
-    let cfg = SchedulerConfig { block_size: BLOCK, num_blocks: 8, max_seqs: 4, max_batch_tokens: 8 };
-    let mut s = Scheduler::new(cfg.clone()).unwrap();
-    let mut ids: Vec<_> = first.iter().map(|r| s.add(r.clone()).unwrap()).collect();
-    let mut batch = make(cfg.num_blocks);
-    let (mut steps, mut shared_with_late, mut widest) = (0, false, 0);
-    while let Some(rep) = s.step(batch.as_mut()).unwrap() {
-        steps += 1;
-        if steps == 2 {
-            ids.push(s.add(late.clone()).unwrap());
-        }
-        shared_with_late |= rep.scheduled.len() > 1 && rep.scheduled.iter().any(|c| c.0 == 4);
-        widest = widest.max(rep.scheduled.len());
-        assert!(rep.metadata.tokens() <= 8, "{what}: token budget");
-    }
-    assert!(shared_with_late, "{what}: the late sequence joined a running batch");
-    assert!(widest >= 3, "{what}: steps ran several sequences at once (at most {widest})");
-    assert!(s.stats().preemptions > 0, "{what}: {:?}", s.stats());
-    assert_eq!(s.finish_reason(ids[3]), Some(FinishReason::Stop), "{what}");
-    drop(batch);
-    let requests: Vec<Request> = first.into_iter().chain([late]).collect();
-    let mut out = vec![];
-    for (i, (r, id)) in requests.iter().zip(ids).enumerate() {
-        let got = s.take(id).unwrap();
-        let want = alone(make, r);
-        assert_eq!(got.generated, want.generated, "{what} sequence {i}: tokens");
-        assert_eq!(got.prompt_logits.len(), r.prompt.len());
-        assert_rows_close(&got.prompt_logits, &want.prompt_logits, BATCH_TOL, &format!("{what} sequence {i} prompt"));
-        out.push(got);
-    }
-    out
 }
 
 /// The package is batched: its program runs ragged steps over paged caches
@@ -152,8 +84,8 @@ fn compiled_mixed_batch_matches_each_sequence_alone_and_the_paged_interpreter() 
     let m = batched_module(&ckpt);
     let cfg = ckpt.config().clone();
     let kv = [cfg.num_key_value_heads, cfg.head_dim()];
-    let compiled = check_mixed_batch("compiled batched", &mut |n| Box::new(engine(n)));
-    let interp = check_mixed_batch("paged interpreter", &mut |n| {
+    let compiled = check_mixed_batch("compiled batched", BLOCK, &mut |n| Box::new(engine(n)));
+    let interp = check_mixed_batch("paged interpreter", BLOCK, &mut |n| {
         let interp = panguc_ir::interp::Interpreter::new(&m, &ckpt);
         Box::new(panguc_ir::session::BatchInterpSession::new(interp, cfg.num_hidden_layers, n, BLOCK, kv))
     });

@@ -175,13 +175,15 @@ fn engine_decode_tps(pkg: &std::path::Path, a: &BenchServeArgs) -> Result<f64> {
         served_model_name: None,
         max_model_len: None,
         engine: None,
-        threads: a.threads,
-        verify: panguc_runtime::package::Verify::Stamp,
-        cpu_tier: None,
-        kv_cache_mb: None,
-        max_seqs: Some(a.clients),
-        block_size: None,
-        max_batch_tokens: None,
+        engine_args: crate::commands::EngineArgs {
+            threads: a.threads,
+            verify: panguc_runtime::package::Verify::Stamp,
+            cpu_tier: None,
+            kv_cache_mb: None,
+            max_seqs: Some(a.clients),
+            block_size: None,
+            max_batch_tokens: None,
+        },
     };
     let run = serve_args.run_args();
     let checkpoint = super::open_checkpoint_for(&run)?;

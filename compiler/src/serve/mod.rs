@@ -52,29 +52,8 @@ pub struct ServeArgs {
     /// (the default for a checkpoint directory).
     #[arg(long)]
     pub engine: Option<String>,
-    /// Worker threads of the compiled engine (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Package verification on open: stamp or full.
-    #[arg(long, default_value = "stamp")]
-    pub verify: panguc_runtime::package::Verify,
-    /// CPU kernel tier to load instead of the best this CPU supports.
-    #[arg(long, value_name = "TIER")]
-    pub cpu_tier: Option<String>,
-    /// KV cache size in MiB shared by all sequences (default: every running
-    /// sequence at --max-model-len); when it runs out the youngest sequence
-    /// is preempted and recomputed later.
-    #[arg(long, value_name = "MB")]
-    pub kv_cache_mb: Option<f64>,
-    /// Sequences running at once (default 256).
-    #[arg(long, value_name = "N")]
-    pub max_seqs: Option<usize>,
-    /// Tokens per KV-cache block (default 16).
-    #[arg(long, value_name = "TOKENS")]
-    pub block_size: Option<usize>,
-    /// New tokens per step over all sequences (default 2048).
-    #[arg(long, value_name = "TOKENS")]
-    pub max_batch_tokens: Option<usize>,
+    #[command(flatten)]
+    pub engine_args: crate::commands::EngineArgs,
 }
 
 impl ServeArgs {
@@ -91,18 +70,12 @@ impl ServeArgs {
             max_new_tokens: 0,
             logits_out: None,
             engine: self.engine.clone(),
-            threads: self.threads,
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
             seed: 0,
             stop_at_eos: false,
-            verify: self.verify,
-            cpu_tier: self.cpu_tier.clone(),
-            kv_cache_mb: self.kv_cache_mb,
-            max_seqs: self.max_seqs,
-            block_size: self.block_size,
-            max_batch_tokens: self.max_batch_tokens,
+            engine_args: self.engine_args.clone(),
         }
     }
 }
@@ -124,7 +97,7 @@ fn max_model_len(a: &ServeArgs, cfg: &PanguConfig) -> Result<usize> {
 /// every running sequence at its longest.
 pub fn scheduler_config(run: &RunArgs, cfg: &PanguConfig, max_len: usize) -> Result<SchedulerConfig> {
     let mut s = crate::run_batch::scheduler_config(run, cfg, &[])?;
-    if run.kv_cache_mb.is_none() {
+    if run.engine_args.kv_cache_mb.is_none() {
         s.num_blocks = s.max_seqs.saturating_mul(max_len.div_ceil(s.block_size)).min(i32::MAX as usize);
     }
     Ok(s)
@@ -153,39 +126,24 @@ impl<'a> Served<'a> {
 }
 
 /// Open the package (or checkpoint) of `run.model` for sequences of up to
-/// `max_len(cfg)` tokens and check that `max_seqs` engines' caches fit in memory.
+/// `max_len(cfg)` tokens and size the scheduler once: for a batched
+/// package's block size, or with the check that `max_seqs` one-sequence
+/// engines' contiguous caches fit in memory.
 pub fn open_engines<'a>(
     run: &'a RunArgs,
     ckpt_module: Option<&'a (crate::frontend::Checkpoint, panguc_ir::Module)>,
     max_len: &mut dyn FnMut(&PanguConfig) -> Result<usize>,
 ) -> Result<Served<'a>> {
-    let mut sized = None;
+    let mut len = None;
     let mut context = |cfg: &PanguConfig| -> Result<usize> {
-        let len = max_len(cfg)?;
-        let sched = scheduler_config(run, cfg, len)?;
-        // Each running sequence's engine holds a contiguous cache of len tokens.
-        let bytes = [sched.max_seqs as u64, len as u64, crate::run_batch::kv_bytes_per_token(cfg) as u64]
-            .iter()
-            .try_fold(1u64, |acc, &x| acc.checked_mul(x));
-        let what = format!(
-            "{} running sequences' KV caches ({len} tokens each; --max-seqs and --max-model-len bound them)",
-            sched.max_seqs
-        );
-        panguc_runtime::memory::check_fits(&what, bytes)?;
-        sized = Some((len, sched));
-        Ok(len)
+        let n = max_len(cfg)?;
+        len = Some(n);
+        Ok(n)
     };
     let (cfg, make, tier) = match ckpt_module {
         None => {
             crate::package_build::check_package_engine(run)?;
             let e = crate::package_build::package_engines(run, &mut context)?;
-            if let EngineMaker::Paged(paged) = &e.make {
-                // A batched package fixes the block size: size the
-                // scheduler for it (the cache's bytes are unchanged).
-                let run = paged.run_args(run)?;
-                let len = sized.as_ref().map(|(len, _)| *len).context("the engines were not sized")?;
-                sized = Some((len, scheduler_config(&run, &e.cfg, len)?));
-            }
             (e.cfg, e.make, e.tier)
         }
         Some((ckpt, module)) => {
@@ -200,7 +158,25 @@ pub fn open_engines<'a>(
             (cfg, EngineMaker::PerSequence(make), None)
         }
     };
-    let (max_len, sched) = sized.context("the engines were not sized")?;
+    let max_len = len.context("the engines were not sized")?;
+    let sched = match &make {
+        // A batched package fixes the block size; its cache is checked
+        // when the engine is made.
+        EngineMaker::Paged(paged) => scheduler_config(&paged.run_args(run)?, &cfg, max_len)?,
+        EngineMaker::PerSequence(_) => {
+            let sched = scheduler_config(run, &cfg, max_len)?;
+            // Each running sequence's engine holds a contiguous cache of max_len tokens.
+            let bytes = [sched.max_seqs as u64, max_len as u64, crate::run_batch::kv_bytes_per_token(&cfg) as u64]
+                .iter()
+                .try_fold(1u64, |acc, &x| acc.checked_mul(x));
+            let what = format!(
+                "{} running sequences' KV caches ({max_len} tokens each; --max-seqs and --max-model-len bound them)",
+                sched.max_seqs
+            );
+            panguc_runtime::memory::check_fits(&what, bytes)?;
+            sched
+        }
+    };
     Ok(Served { cfg, max_len, sched, tier, make })
 }
 

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fused;
+pub mod mixed;
 
 use panguc::frontend::Checkpoint;
 use panguc_ir::session::InterpSession;
