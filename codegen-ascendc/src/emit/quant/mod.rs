@@ -33,6 +33,7 @@
 
 mod convert;
 mod gemm;
+pub(crate) mod wire;
 
 pub use convert::{dequantize, dynamic_quant, quantize, rms_norm_dynamic_quant, Granularity};
 pub use gemm::{grouped_quant_matmul, quant_matmul};
