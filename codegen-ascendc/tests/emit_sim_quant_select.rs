@@ -9,7 +9,8 @@ mod common;
 
 use common::{c, env, kernel, targets};
 use panguc_codegen_ascendc::data::{decode, decode_i8, encode, encode_i8, round_through, run_kernels};
-use panguc_codegen_ascendc::emit::{emit_kernel, EmitOptions};
+use panguc_codegen_ascendc::emit::paged::{paged_attention_int8, PagedDims};
+use panguc_codegen_ascendc::emit::{emit_kernel, EmitOptions, TExpr};
 use panguc_codegen_ascendc::target::DevType;
 use panguc_ir::interp::quant as q;
 use panguc_ir::kernel::KernelKind;
@@ -119,6 +120,57 @@ fn quantize_and_dequantize_through_kernel_selection() {
             vec![args[3].clone(), encode(F, &scale), encode(F, &offset), vec![0; m * h * d * act.size() as usize]];
         run_kernels(&dk, target, &env(m as u64, 0), &mut dargs).unwrap();
         exact(&decode(act, &dargs[3]), &round_through(act, back.as_f32()), &format!("{target} dequantize"));
+    }
+}
+
+/// `paged_attention_int8` selected from its program kernel is exactly the
+/// kernel `emit_sim_quant_paged.rs` runs against the interpreter for the
+/// same sizes (the symbolic dims map to the run-time tiling leaves).
+#[test]
+fn paged_attention_int8_selection_maps_dims_and_dtypes() {
+    let (hq, hkv, d, bs) = (4usize, 2usize, 32usize, 16usize);
+    let scale = 1.0 / (d as f64).sqrt();
+    for (target, act) in targets() {
+        let o = EmitOptions::new(target, act).unwrap();
+        let meta = DevType::I32;
+        let cache = vec![Dim::num_blocks(), c(bs), c(hkv), c(d)];
+        let par = vec![c(hkv), c(d)];
+        let k = kernel(
+            "panguc_k007_paged_attention_int8",
+            KernelKind::PagedAttentionInt8 { scale },
+            vec![
+                vec![Dim::tokens(), c(hq), c(d)],
+                cache.clone(),
+                cache,
+                vec![Dim::seqs(), Dim::max_blocks()],
+                vec![Dim::seqs().add(&Dim::c(1))],
+                vec![Dim::seqs()],
+                par.clone(),
+                par.clone(),
+                par.clone(),
+                par,
+                vec![Dim::tokens(), c(hq), c(d)],
+            ],
+        );
+        let dts = [act, I8, I8, meta, meta, meta, F, F, F, F, act];
+        let got = emit_kernel(&k, &dts, &o).unwrap();
+        let dims = PagedDims {
+            q_heads: hq as u64,
+            kv_heads: hkv as u64,
+            head_dim: d as u64,
+            block_size: bs as u64,
+            tokens: TExpr::Tokens,
+            num_blocks: TExpr::NumBlocks,
+            max_blocks: TExpr::MaxBlocks,
+            seqs: TExpr::Seqs,
+        };
+        let want = paged_attention_int8("panguc_k007_paged_attention_int8", &dims, act, meta, scale, &o).unwrap();
+        assert_eq!(got, want, "{target}");
+        // A float cache is the float kernel's job, not this one's.
+        let mut bad = dts;
+        bad[1] = act;
+        let e = emit_kernel(&k, &bad, &o).unwrap_err().to_string();
+        assert!(e.contains("k_cache (argument 1)"), "{e}");
     }
 }
 
