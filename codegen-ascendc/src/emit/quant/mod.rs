@@ -30,6 +30,8 @@
 //! float <-> int8 vector kernels. These emitters take explicit sizes instead of a program kernel so that
 //! the kernel selection (and fused variants such as RmsNorm + quant) can
 //! compose them; argument `i` of the spec is `ArgRef::Orig(i)`.
+//! `wire.rs` is that selection for the kinds that map one to one (see
+//! `emit_kernel`).
 
 mod convert;
 mod gemm;
