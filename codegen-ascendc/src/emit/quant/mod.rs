@@ -30,9 +30,12 @@
 //! float <-> int8 vector kernels. These emitters take explicit sizes instead of a program kernel so that
 //! the kernel selection (and fused variants such as RmsNorm + quant) can
 //! compose them; argument `i` of the spec is `ArgRef::Orig(i)`.
+//! `wire.rs` is that selection for the kinds that map one to one (see
+//! `emit_kernel`).
 
 mod convert;
 mod gemm;
+pub(crate) mod wire;
 
 pub use convert::{dequantize, dynamic_quant, quantize, rms_norm_dynamic_quant, Granularity};
 pub use gemm::{grouped_quant_matmul, quant_matmul};
