@@ -91,6 +91,8 @@ pub struct Operand<'a> {
 pub struct OpWork {
     /// Per sequence.
     pub matmul_flops: f64,
+    /// Int8 x int8 multiply-adds (x2), per sequence, priced at the int8 peak.
+    pub int8_ops: f64,
     /// Per sequence.
     pub vector_flops: f64,
     /// Weight bytes read once per step, shared by all sequences.
@@ -124,8 +126,10 @@ impl OpWork {
     /// Seconds this op takes as one kernel.
     pub fn seconds(&self, w: &Workload, p: &HardwareProfile) -> f64 {
         let seqs = w.copies();
-        let compute =
-            seqs * (self.matmul_flops / (p.matmul_tflops * 1e12) + self.vector_flops / (p.vector_tflops * 1e12));
+        let compute = seqs
+            * (self.matmul_flops / (p.matmul_tflops * 1e12)
+                + self.int8_ops / (p.int8_tops * 1e12)
+                + self.vector_flops / (p.vector_tflops * 1e12));
         let memory = self.bytes(w) / (p.mem_bandwidth_gbs * 1e9) + seqs * self.small_copies * DMA_COPY_SECONDS;
         compute.max(memory) + p.launch_overhead_us * 1e-6
     }
@@ -331,6 +335,34 @@ pub fn op_work(op: &Op, args: &[Operand], results: &[TensorType], w: &Workload, 
             work.small_copies = row_blocks(rows, unique) * (k / CUBE_TILE).ceil() * (n / CUBE_TILE).ceil();
             work.working_set = (2.0 * 16.0 * 16.0 * f32b, 2.0 * 3.0 * 16.0 * 16.0 * 2.0);
         }
+        Op::GroupedQuantMatMul => {
+            // As `GroupedMatmul`, with 1-byte operands (their dtype sizes)
+            // and the per-expert weight scales read for touched experts only.
+            let (rows, k) = (dim(args[0].ty, 0, &b), dim(args[0].ty, 1, &b));
+            let (e, n) = (dim(args[1].ty, 0, &b), dim(args[1].ty, 1, &b));
+            let unique = expected_unique_experts(rows, 1.0, e).min(e);
+            let touched = unique / e.max(1.0);
+            for (i, a) in args.iter().enumerate() {
+                read(&mut work, a, if i == 1 || i == 2 { touched } else { 1.0 }, true);
+            }
+            write_all(&mut work);
+            work.int8_ops = 2.0 * rows * n * k;
+            // Tiles hold the same bytes as 16-bit ones: the K edge doubles.
+            work.small_copies = row_blocks(rows, unique) * (k / (2.0 * CUBE_TILE)).ceil() * (n / CUBE_TILE).ceil();
+            // Per-token and per-channel scale rows beside the int32 tile.
+            work.working_set = (2.0 * 16.0 * 16.0 * f32b + 2.0 * 16.0 * f32b, 2.0 * 3.0 * 16.0 * 32.0);
+        }
+        Op::QuantMatMul | Op::QuantMatMulPerToken => {
+            for a in args {
+                read(&mut work, a, 1.0, true);
+            }
+            write_all(&mut work);
+            let k = args[0].ty.shape.last().and_then(|d| d.eval(&b).ok()).unwrap_or(0) as f64;
+            work.int8_ops = 2.0 * out_numel * k;
+            // Dequant epilogue: convert, then one or two scale multiplies.
+            work.vector_flops = 3.0 * out_numel;
+            work.working_set = (2.0 * 16.0 * 16.0 * f32b + 2.0 * 16.0 * f32b, 2.0 * 3.0 * 16.0 * 32.0);
+        }
         _ => {
             for a in args {
                 read(&mut work, a, 1.0, true);
@@ -400,6 +432,13 @@ fn compute(op: &Op, args: &[Operand], results: &[TensorType], b: &Bindings) -> (
         Op::Reduce { .. } | Op::ArgMax { .. } => (0.0, numel(args[0].ty, b), (0.0, 0.0)),
         Op::RopeTable { .. } => (0.0, 10.0 * out, (0.0, 0.0)),
         Op::OneHot { .. } | Op::Iota { .. } | Op::Scalar { .. } => (0.0, out, (0.0, 0.0)),
+        // |x|, running max, then scale, round and convert per element; the
+        // row (f32) and its int8 image must sit in the vector buffer.
+        Op::DynamicQuant => (0.0, 5.0 * numel(args[0].ty, b), (last(args[0].ty) * (f32b + 1.0), 0.0)),
+        // Divide, add offset, round/convert (clamp folded into the convert).
+        Op::Quantize => (0.0, 3.0 * out, (0.0, 0.0)),
+        // Convert, subtract offset, multiply.
+        Op::Dequantize => (0.0, 3.0 * out, (0.0, 0.0)),
         _ => (0.0, 0.0, (0.0, 0.0)),
     }
 }
@@ -542,5 +581,99 @@ mod tests {
         assert_eq!(work.kv_bytes, 0.0, "the cache itself is neither read nor copied");
         // 4 new rows read and stored, plus 4 i32 slots.
         assert_eq!(work.act_bytes, 2.0 * 4.0 * 32.0 * a + 4.0 * 4.0);
+    }
+
+    fn act(t: &TensorType) -> Operand<'_> {
+        Operand { ty: t, weight_only: false }
+    }
+
+    fn weight(t: &TensorType) -> Operand<'_> {
+        Operand { ty: t, weight_only: true }
+    }
+
+    #[test]
+    fn int8_decode_gemm_reads_one_byte_per_weight() {
+        let p = builtin_profile("ascend910b1").unwrap();
+        let xq = ty(DType::I8, &[Dim::tokens(), Dim::c(5120)]);
+        let wq = ty(DType::I8, &[Dim::c(5120), Dim::c(5120)]);
+        let w_scale = ty(DType::F32, &[Dim::c(5120)]);
+        let x_scale = ty(DType::F32, &[Dim::tokens()]);
+        let out = ty(DType::F32, &[Dim::tokens(), Dim::c(5120)]);
+        let args = [act(&xq), weight(&wq), weight(&w_scale), act(&x_scale)];
+        let w = Workload::decode(2048, 1);
+        let work = op_work(&Op::QuantMatMulPerToken, &args, std::slice::from_ref(&out), &w, &p);
+        // 26 214 400 int8 weight bytes + 20 480 bytes of f32 scales.
+        assert_eq!(work.weight_bytes(&w), 26_234_880.0);
+        assert_eq!(work.int8_ops, 52_428_800.0);
+        assert_eq!(work.matmul_flops, 0.0);
+        // Activations (float ones at the profile's 2 B): 5120 B int8 row
+        // + 2 B token scale read, 5120 x 2 B written.
+        assert_eq!(work.act_bytes, 5120.0 + 2.0 + 10_240.0);
+        let mem = (26_234_880.0 + 15_362.0) / 1.42e12;
+        let t = work.seconds(&w, &p);
+        assert!((t - mem - 5e-6).abs() < 1e-12, "memory-bound: {t} vs {mem}");
+    }
+
+    #[test]
+    fn int8_prefill_gemm_runs_at_twice_the_bf16_cube_rate() {
+        let p = builtin_profile("ascend910b1").unwrap();
+        assert_eq!(p.int8_tops, 728.0);
+        let xq = ty(DType::I8, &[Dim::tokens(), Dim::c(5120)]);
+        let wq = ty(DType::I8, &[Dim::c(5120), Dim::c(5120)]);
+        let w_scale = ty(DType::F32, &[Dim::c(5120)]);
+        let x_scale = ty(DType::F32, &[Dim::tokens()]);
+        let out = ty(DType::F32, &[Dim::tokens(), Dim::c(5120)]);
+        let args = [act(&xq), weight(&wq), weight(&w_scale), act(&x_scale)];
+        let w = Workload::prefill(2048);
+        let work = op_work(&Op::QuantMatMulPerToken, &args, std::slice::from_ref(&out), &w, &p);
+        assert_eq!(work.int8_ops, 2.0 * 2048.0 * 5120.0 * 5120.0);
+        // 107.4 G int8 ops at 728 TOPS: 147.5 us; epilogue 3 x 10.5 M
+        // vector flops at 48 x 64 x 2 x 1.85 GHz = 11.37 TFLOP/s: 2.77 us.
+        let cube = 2.0 * 2048.0 * 5120.0 * 5120.0 / 728e12;
+        let vector = 3.0 * 2048.0 * 5120.0 / (48.0 * 64.0 * 2.0 * 1850e6);
+        let t = work.seconds(&w, &p);
+        assert!((t - (cube + vector) - 5e-6).abs() < 1e-12, "compute-bound: {t} vs {}", cube + vector);
+        // The same GEMM in bf16 is priced at the 364 TFLOP/s cube peak.
+        assert!(((2.0 * 2048.0 * 5120.0 * 5120.0 / 364e12) / cube - 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn grouped_int8_gemm_reads_only_the_touched_expert() {
+        let p = builtin_profile("ascend910b1").unwrap();
+        let (h, n, e) = (5120, 1344, 64);
+        let xq = ty(DType::I8, &[Dim::c(1), Dim::c(h)]);
+        let wq = ty(DType::I8, &[Dim::c(e), Dim::c(n), Dim::c(h)]);
+        let w_scale = ty(DType::F32, &[Dim::c(e), Dim::c(n)]);
+        let x_scale = ty(DType::F32, &[Dim::c(1)]);
+        let counts = ty(DType::I64, &[Dim::c(e)]);
+        let out = ty(DType::F32, &[Dim::c(1), Dim::c(n)]);
+        let args = [act(&xq), weight(&wq), weight(&w_scale), act(&x_scale), act(&counts)];
+        let w = Workload::decode(2048, 1);
+        let work = op_work(&Op::GroupedQuantMatMul, &args, std::slice::from_ref(&out), &w, &p);
+        // One row touches one of 64 experts: 1344 x 5120 B + 1344 x 4 B.
+        assert_eq!(work.weight_bytes(&w), 6_881_280.0 + 5_376.0);
+        assert_eq!(work.int8_ops, 2.0 * 1344.0 * 5120.0);
+        // One row block x ceil(5120 / 256) K tiles x ceil(1344 / 128) N tiles.
+        assert_eq!(work.small_copies, 20.0 * 11.0);
+    }
+
+    #[test]
+    fn quant_conversions_are_vector_work() {
+        let p = builtin_profile("ascend910b1").unwrap();
+        let w = Workload::prefill(16);
+        let x = ty(DType::F32, &[Dim::tokens(), Dim::c(5120)]);
+        let q = ty(DType::I8, &[Dim::tokens(), Dim::c(5120)]);
+        let s = ty(DType::F32, &[Dim::tokens()]);
+        let dynamic = op_work(&Op::DynamicQuant, &[act(&x)], &[q.clone(), s.clone()], &w, &p);
+        assert_eq!(dynamic.vector_flops, 5.0 * 16.0 * 5120.0);
+        assert_eq!((dynamic.matmul_flops, dynamic.int8_ops), (0.0, 0.0));
+        // Read 2 B per element; write 1 B per element and 2 B per scale.
+        assert_eq!(dynamic.act_bytes, 16.0 * 5120.0 * 3.0 + 16.0 * 2.0);
+        assert_eq!(dynamic.working_set, (5120.0 * 5.0, 0.0));
+        let one = ty(DType::F32, &[Dim::c(1)]);
+        let quant = op_work(&Op::Quantize, &[act(&x), act(&one), act(&one)], std::slice::from_ref(&q), &w, &p);
+        assert_eq!(quant.vector_flops, 3.0 * 16.0 * 5120.0);
+        let deq = op_work(&Op::Dequantize, &[act(&q), act(&one), act(&one)], std::slice::from_ref(&x), &w, &p);
+        assert_eq!(deq.vector_flops, 3.0 * 16.0 * 5120.0);
     }
 }

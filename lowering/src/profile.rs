@@ -30,6 +30,9 @@ pub struct HardwareProfile {
     pub kind: String,
     /// Dense matmul peak (cube units at fp16/bf16; CPU: FMA peak), TFLOP/s.
     pub matmul_tflops: f64,
+    /// Dense int8 x int8 -> int32 matmul peak, TOP/s (Ascend cube: twice
+    /// the fp16 rate, docs/ascendc.md; CPU: no int8 speed-up assumed).
+    pub int8_tops: f64,
     /// Elementwise/vector peak at f32, TFLOP/s.
     pub vector_tflops: f64,
     /// Main-memory bandwidth, GB/s (10^9 bytes).
@@ -59,6 +62,9 @@ fn npu(name: &str, cube: f64, vec_cores: f64, mhz: f64, bw: f64, ub: f64, l1: f6
         name: name.into(),
         kind: "npu".into(),
         matmul_tflops: cube,
+        // The cube's int8 fractal is 16x32 against 16x16 for 16-bit
+        // operands: twice the MACs per cycle (the int8 column of the table).
+        int8_tops: 2.0 * cube,
         vector_tflops: ascend_vector_tflops(vec_cores, mhz),
         mem_bandwidth_gbs: bw,
         // Host-side launch of a pre-built kernel through ACL, without graph
@@ -89,6 +95,8 @@ pub fn builtin_profiles() -> Vec<HardwareProfile> {
             // flops x 8 cores x 3e9. Fixed (not probed) so reports are
             // reproducible; override it for the real host.
             matmul_tflops: 0.768,
+            // Int8 GEMMs run on the same FMA units after widening.
+            int8_tops: 0.768,
             vector_tflops: 0.384,
             mem_bandwidth_gbs: 50.0,
             launch_overhead_us: 2.0,
@@ -108,6 +116,7 @@ pub fn builtin_profile(name: &str) -> Option<HardwareProfile> {
 /// Numeric fields, in declaration order, with their minimum legal value.
 const NUMERIC_FIELDS: &[(&str, f64)] = &[
     ("matmul_tflops", f64::MIN_POSITIVE),
+    ("int8_tops", f64::MIN_POSITIVE),
     ("vector_tflops", f64::MIN_POSITIVE),
     ("mem_bandwidth_gbs", f64::MIN_POSITIVE),
     ("launch_overhead_us", 0.0),
@@ -121,6 +130,7 @@ impl HardwareProfile {
     fn field_mut(&mut self, key: &str) -> Option<&mut f64> {
         Some(match key {
             "matmul_tflops" => &mut self.matmul_tflops,
+            "int8_tops" => &mut self.int8_tops,
             "vector_tflops" => &mut self.vector_tflops,
             "mem_bandwidth_gbs" => &mut self.mem_bandwidth_gbs,
             "launch_overhead_us" => &mut self.launch_overhead_us,
@@ -165,7 +175,11 @@ pub fn apply_overrides(
             Some(i) => profiles[i].clone(),
             None => {
                 // A new profile: every field must be given.
-                if let Some((missing, _)) = NUMERIC_FIELDS.iter().find(|(k, _)| !fields.contains_key(*k)) {
+                // `int8_tops` may be left out (files written before it
+                // existed): it then defaults to the profile's matmul peak.
+                if let Some((missing, _)) =
+                    NUMERIC_FIELDS.iter().find(|(k, _)| *k != "int8_tops" && !fields.contains_key(*k))
+                {
                     bail!("{origin}: new profile `{name}` is missing field `{missing}`");
                 }
                 if !fields.contains_key("kind") {
@@ -196,6 +210,9 @@ pub fn apply_overrides(
             }
             *slot = v;
         }
+        if existing.is_none() && !fields.contains_key("int8_tops") {
+            p.int8_tops = p.matmul_tflops;
+        }
         match existing {
             Some(i) => profiles[i] = p,
             None => profiles.push(p),
@@ -220,6 +237,9 @@ mod tests {
     fn builtin_numbers_follow_the_docs() {
         let b1 = builtin_profile("ascend910b1").unwrap();
         assert_eq!(b1.matmul_tflops, 364.0);
+        // ascendc.md: int8 ~727 TOPS (twice the fp16 peak, rounded there).
+        assert_eq!(b1.int8_tops, 728.0);
+        assert_eq!(builtin_profile("ascend310p3").unwrap().int8_tops, 139.0);
         // 48 vector cores x 64 lanes x 2 x 1.85 GHz = 11.4 TFLOP/s.
         assert!((b1.vector_tflops - 11.3664).abs() < 1e-9);
         let names: Vec<String> = builtin_profiles().into_iter().map(|p| p.name).collect();
@@ -264,5 +284,10 @@ mod tests {
         let ps = HardwareProfile::load_overrides(&p).unwrap();
         let b = ps.iter().find(|x| x.name == "board").unwrap();
         assert_eq!((b.kind.as_str(), b.ub_kib), ("npu", 128.0));
+        // No int8 peak given: int8 GEMMs are priced at the matmul peak.
+        assert_eq!(b.int8_tops, 10.0);
+        let p = write("board8.json", r#"{"ascend910b1": {"int8_tops": 600}}"#);
+        let ps = HardwareProfile::load_overrides(&p).unwrap();
+        assert_eq!(ps.iter().find(|x| x.name == "ascend910b1").unwrap().int8_tops, 600.0);
     }
 }
