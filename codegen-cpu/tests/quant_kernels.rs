@@ -3,39 +3,25 @@
 //! (`panguc_ir::interp::quant`): the int32 sums are exact, and the float
 //! epilogues follow the reference's operation order, so nothing differs.
 
-use panguc_codegen_cpu::{compile, with_jit, HostTarget, KernelFn, Tier, BASELINE_TIER, BF16_TIER};
+use panguc_codegen_cpu::{compile, with_jit, KernelFn, BASELINE_TIER, BF16_TIER};
 use panguc_ir::interp::quant;
-use panguc_ir::kernel::{tile_extent, ArgSpec, Extent, Kernel, KernelKind, KernelProgram, Layout};
+use panguc_ir::kernel::{ArgSpec, Extent, Kernel, KernelKind, KernelProgram, Layout};
 use panguc_ir::{DType, Dim, Tensor};
 use rand::{Rng, SeedableRng};
 
+mod common;
+use common::tier;
+
 fn spec(dtype: DType, shape: Vec<Dim>) -> ArgSpec {
-    ArgSpec { dtype, shape, layout: Layout::RowMajor }
+    common::spec(dtype, shape, Layout::RowMajor)
 }
 
 fn kernel(name: &str, kind: KernelKind, args: Vec<ArgSpec>) -> Kernel {
-    let tiles = tile_extent(&kind, &args).unwrap();
-    Kernel { name: name.into(), kind, args, tiles, thread_scratch: Extent::constant(0) }
+    common::kernel(name, kind, args, Extent::constant(0))
 }
 
 fn program(kernels: Vec<Kernel>) -> KernelProgram {
-    KernelProgram {
-        version: panguc_ir::kernel::KERNEL_PROGRAM_VERSION,
-        name: "test".into(),
-        symbols: vec!["tokens".into(), "past".into()],
-        buffers: vec![],
-        weights: vec![],
-        kernels,
-        launches: vec![],
-        inputs: vec![],
-        outputs: vec![],
-        caches: vec![],
-        slots: 0,
-    }
-}
-
-fn tier(name: &str) -> HostTarget {
-    Tier::x86(name, &HostTarget::detect().unwrap().triple).expect("known tier").target
+    common::program("test", &["tokens", "past"], kernels)
 }
 
 /// The tiers this CPU can run (the AVX-512 one needs VNNI and BW).
@@ -72,12 +58,7 @@ fn run(f: KernelFn, bufs: &mut [Vec<u8>], tokens: usize, tiles: u64) {
     unsafe { f(ptrs.as_ptr(), syms.as_ptr(), 0, tiles as i64, s.as_mut_ptr()) };
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
-}
+use common::{bytes_f32 as f32_bytes, f32s};
 fn i8_bytes(v: &[i64]) -> Vec<u8> {
     v.iter().map(|x| *x as i8 as u8).collect()
 }
