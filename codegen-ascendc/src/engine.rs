@@ -25,7 +25,6 @@ use crate::weights::device_weight_bytes;
 use anyhow::{anyhow, bail, Context, Result};
 use panguc_ir::batch::StepMetadata;
 use panguc_ir::kernel::{BufferKind, KernelProgram, PreparedWeight};
-use panguc_ir::shape::{Bindings, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_PAST, SYM_SEQS, SYM_TOKENS};
 use panguc_ir::Tensor;
 use panguc_runtime::batch::{ChunkLogits, StepChunk};
 use panguc_runtime::collective::{Collective, InProcess};
@@ -206,21 +205,16 @@ impl AscendSimEngine {
 
     /// Bytes of buffer `i`'s logical extent in its device dtype.
     fn extent(p: &KernelProgram, ap: &AscendProgram, i: usize, env: &Env) -> Result<usize> {
-        let b = env_bindings(env);
-        let mut n = ap.buffer_dtypes[i].size() as usize;
-        for d in &p.buffers[i].shape {
-            n *= d.eval(&b).map_err(|e| anyhow!("buffer `{}`: {e}", p.buffers[i].name))? as usize;
-        }
-        Ok(n)
+        buffer_extent(p, ap, i, env)
     }
 
     /// Root buffer and byte offset of buffer `id`.
     fn locate(&self, id: panguc_ir::kernel::BufferId, env: &Env) -> Result<(usize, usize)> {
         let (root, offsets) = self.program.root_of(id);
-        let b = env_bindings(env);
+        let b = env.bindings();
         let mut off = 0usize;
         for o in offsets {
-            off += o.eval(&b).map_err(|e| anyhow!("view offset of `{}`: {e}", self.program.buffer(id).name))? as usize;
+            off += o.eval(&b).map_err(|e| anyhow!("view offset of `{}`: {e}", self.program.buffer(id).name))?;
         }
         Ok((root.index(), off * self.ap.buffer_dtypes[root.index()].size() as usize))
     }
@@ -371,20 +365,6 @@ impl panguc_runtime::BatchEngine for AscendSimEngine {
     fn release(&mut self, _seq: panguc_runtime::SeqId) {}
 }
 
-/// Shape-symbol bindings of a call's sizes.
-fn env_bindings(env: &Env) -> Bindings {
-    [
-        (SYM_TOKENS, env.tokens),
-        (SYM_PAST, env.past),
-        (SYM_SEQS, env.seqs),
-        (SYM_MAX_BLOCKS, env.max_blocks),
-        (SYM_NUM_BLOCKS, env.num_blocks),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v as usize))
-    .collect()
-}
-
 /// The host's call of a collective launch (what the host program asks of
 /// HCCL) through a [`Collective`]: `send` and `recv` hold device bytes of
 /// `h.dtype`. The packing kernels already made each member's block
@@ -401,4 +381,15 @@ pub fn host_collective(
     panguc_runtime::engine::run_collective(comm, rank, h.kind, &h.group, 0, &[values.len()], &values, &mut out)?;
     recv.copy_from_slice(&encode(h.dtype, &out));
     Ok(())
+}
+
+/// Bytes of program buffer `i` of `p` at the sizes in `env`, in the
+/// buffer's device dtype of `ap`.
+pub(crate) fn buffer_extent(p: &KernelProgram, ap: &AscendProgram, i: usize, env: &Env) -> Result<usize> {
+    let b = env.bindings();
+    let mut n = ap.buffer_dtypes[i].size() as usize;
+    for d in &p.buffers[i].shape {
+        n *= d.eval(&b).map_err(|e| anyhow!("buffer `{}`: {e}", p.buffers[i].name))?;
+    }
+    Ok(n)
 }

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use panguc_ir::kernel::KernelKind;
-use panguc_ir::shape::{Bindings, SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_PAST, SYM_SEQS, SYM_TOKENS};
+
 use serde::Serialize;
 
 use crate::emit::{ArgRef, CoreType, DeviceKernel, Env, Role};
@@ -196,22 +196,7 @@ fn summarise(
 
 /// Bytes of program buffer `i` at the sizes in `env`.
 fn buffer_bytes(ap: &AscendProgram, i: usize, env: &Env) -> Result<usize> {
-    let b: Bindings = [
-        (SYM_TOKENS, env.tokens),
-        (SYM_PAST, env.past),
-        (SYM_SEQS, env.seqs),
-        (SYM_MAX_BLOCKS, env.max_blocks),
-        (SYM_NUM_BLOCKS, env.num_blocks),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v as usize))
-    .collect();
-    let buf = &ap.program.buffers[i];
-    let mut n = ap.buffer_dtypes[i].size() as usize;
-    for d in &buf.shape {
-        n *= d.eval(&b).map_err(|e| anyhow!("buffer `{}`: {e}", buf.name))? as usize;
-    }
-    Ok(n)
+    crate::engine::buffer_extent(&ap.program, ap, i, env)
 }
 
 /// `n` bytes of `dtype`: small pseudo-random floats (a fixed LCG, so runs are

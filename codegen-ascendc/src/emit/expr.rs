@@ -28,6 +28,20 @@ impl Env {
     pub fn new(tokens: u64, past: u64, core_num: u64) -> Env {
         Env { tokens, past, core_num, ..Env::default() }
     }
+
+    /// The program's shape symbols bound to this call's sizes.
+    pub fn bindings(&self) -> Bindings {
+        [
+            (SYM_TOKENS, self.tokens),
+            (SYM_PAST, self.past),
+            (SYM_SEQS, self.seqs),
+            (SYM_MAX_BLOCKS, self.max_blocks),
+            (SYM_NUM_BLOCKS, self.num_blocks),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v as usize))
+        .collect()
+    }
 }
 
 /// The shape symbols a formula may use, with their [`TExpr`] leaf.

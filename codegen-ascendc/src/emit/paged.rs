@@ -115,6 +115,23 @@ pub struct PagedDims {
     pub seqs: TExpr,
 }
 
+impl PagedDims {
+    /// The sizes of a paged attention program kernel, whose arguments are
+    /// q, k_cache, v_cache, block_table, query_start_loc, context_lens, ...
+    pub(crate) fn of(ctx: &Ctx, q_heads: u64, kv_heads: u64, head_dim: u64, block_size: u64) -> Result<PagedDims> {
+        Ok(PagedDims {
+            q_heads,
+            kv_heads,
+            head_dim,
+            block_size,
+            tokens: ctx.dim(0, 0)?,
+            num_blocks: ctx.dim(1, 0)?,
+            max_blocks: ctx.dim(3, 1)?,
+            seqs: ctx.dim(5, 0)?,
+        })
+    }
+}
+
 /// `PagedAttention (q[T, Hq, D], k_cache[NB, BS, Hkv, D], v_cache[same],
 /// block_table[S, MB], query_start_loc[S+1], context_lens[S], out[T, Hq, D])`;
 /// the metadata are i32 (Ascend's convention) or i64 on the device.
@@ -138,16 +155,7 @@ pub(crate) fn paged_attention(ctx: &Ctx, scale: f64) -> Result<DeviceKernels> {
             bail!("{}: {name} must be i32 or i64 like the block table on the device, found {}", ctx.k.name, ctx.dt[i]);
         }
     }
-    let dims = PagedDims {
-        q_heads: hq,
-        kv_heads: hkv,
-        head_dim: d,
-        block_size,
-        tokens: ctx.dim(0, 0)?,
-        num_blocks: ctx.dim(1, 0)?,
-        max_blocks: ctx.dim(3, 1)?,
-        seqs: ctx.dim(5, 0)?,
-    };
+    let dims = PagedDims::of(ctx, hq, hkv, d, block_size)?;
     let dk = paged_kernel(&ctx.k.name, ctx.target(), &dims, t, meta, scale, false)?;
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }

@@ -159,15 +159,6 @@ pub(crate) fn paged_attention_int8_kernel(ctx: &Ctx, scale: f64) -> Result<Devic
             bail!("{name}: {what} (argument {i}) must have kv_heads * head_dim = {} elements, found {n}", hkv * d);
         }
     }
-    let dims = PagedDims {
-        q_heads: hq,
-        kv_heads: hkv,
-        head_dim: d,
-        block_size,
-        tokens: ctx.dim(0, 0)?,
-        num_blocks: ctx.dim(1, 0)?,
-        max_blocks: ctx.dim(3, 1)?,
-        seqs: ctx.dim(5, 0)?,
-    };
+    let dims = PagedDims::of(ctx, hq, hkv, d, block_size)?;
     paged_attention_int8(name, &dims, act, meta, scale, ctx.o)
 }
