@@ -142,6 +142,9 @@ pub struct CpuEngine {
     kv: Vec<AlignedBuf>,
     arena: AlignedBuf,
     scratch: Vec<AlignedBuf>,
+    /// Each thread's scratch address (worker `w` at `[w]`), refreshed in
+    /// `bind` so a launch hands it to the kernels without allocating.
+    scratch_ptrs: Vec<*mut u8>,
     /// Entry inputs in program order (`ids`, `positions`, and a batched
     /// step's metadata), integers as i64.
     inputs: Vec<Vec<i64>>,
@@ -249,6 +252,7 @@ impl CpuEngine {
             kv,
             arena: AlignedBuf::zeroed(0)?,
             scratch,
+            scratch_ptrs: vec![],
             inputs,
             ptrs: vec![],
             tile_cost,
@@ -362,16 +366,19 @@ impl CpuEngine {
         for s in &mut self.scratch {
             s.ensure(need)?;
         }
+        self.scratch_ptrs.clear();
+        self.scratch_ptrs.extend(self.scratch.iter().map(|s| s.ptr));
         Ok(())
     }
 
     fn launch(&self, f: KernelFn, args: &[*mut u8], syms: &[i64], tiles: u64, parallel: bool) {
         let (args, syms) = (SendPtr(args.as_ptr()), SendPtr(syms.as_ptr()));
-        let scratch: Vec<SendPtr<u8>> = self.scratch.iter().map(|s| SendPtr(s.ptr as *const u8)).collect();
+        let scratch = SendPtr(self.scratch_ptrs.as_ptr());
         let run = |w: usize, lo: i64, hi: i64| {
             // SAFETY: the arguments match the kernel's signature and
-            // buffers, and tile ranges handed to threads are disjoint.
-            unsafe { f(args.get(), syms.get(), lo, hi, scratch[w].mutable()) }
+            // buffers, tile ranges handed to threads are disjoint, and
+            // `scratch_ptrs` has one entry per pool thread (set in `bind`).
+            unsafe { f(args.get(), syms.get(), lo, hi, *scratch.get().add(w)) }
         };
         if parallel {
             self.pool.run(tiles as i64, &run);
@@ -510,9 +517,6 @@ impl<T> SendPtr<T> {
     // Methods (not field access) so closures capture the Sync wrapper.
     fn get(self) -> *const T {
         self.0
-    }
-    fn mutable(self) -> *mut T {
-        self.0 as *mut T
     }
 }
 

@@ -187,13 +187,13 @@ fn dot_microkernels<'c>(cg: &mut Cg<'c>, prefix: &str, k: usize, nr: u32) -> Vec
         let mask: Vec<IntValue> =
             (0..nr).flat_map(|j| [j, nr + j]).map(|x| cg.i32t().const_int(x as u64, false)).collect();
         let mask = inkwell::types::VectorType::const_vector(&mask);
-        // A decode step's few rows stream each panel once (non-temporal);
-        // a prefill block reads the panel again for its next rows.
-        let (ahead, locality) = ((PREFETCH_BYTES / (nr as usize * 2)) as i64, if mr <= 4 { 0 } else { 3 });
+        // Panel rows this far ahead are prefetched, for a decode step's few
+        // rows (each panel streams once) and a prefill block alike.
+        let ahead = (PREFETCH_BYTES / (nr as usize * 2)) as i64;
         let row_pairs = (k / 2) as i64;
         cg.for_range(cg.i64c(0), cg.i64c(row_pairs), 1, |cg, kp| {
             let k0 = cg.mul(kp, cg.i64c(2));
-            cg.prefetch_with(cg.gep(panel, cg.mul(cg.add(k0, cg.i64c(ahead)), cg.i64c(nr as i64))), locality);
+            cg.prefetch(cg.gep(panel, cg.mul(cg.add(k0, cg.i64c(ahead)), cg.i64c(nr as i64))));
             let at = cg.b.build_pointer_cast(cg.gep(panel, cg.mul(k0, cg.i64c(nr as i64))), pair_ty, "").ok_();
             let rows = cg.b.build_load(at, "").ok_();
             rows.as_instruction_value().expect("load").set_alignment(2).ok_();
