@@ -8,9 +8,11 @@
 //! the panel row per k, in f32. A thread's tile range is walked as runs of
 //! consecutive panels: for one register block of rows (decode) each panel
 //! streams once, widened from bf16/f16 in registers, so the weight is read
-//! sequentially at memory speed; for more rows (prefill) blocks of rows
-//! that fit in L2 sweep the run's panels, each panel widened once per
-//! block into the thread's scratch.
+//! sequentially at memory speed; for more rows (batched decode, prefill)
+//! the run's panels are taken in groups that fit in L2 and every block of
+//! rows (that fits in L2 too) sweeps a group before the next, so the weight
+//! still streams from memory once; each panel is widened once per block
+//! into the thread's scratch.
 //!
 //! On the AVX-512 BF16 tier ([`Cg::bf16_dot`]), GEMMs on bf16 weights use
 //! the BF16 dot product instead (`vdpbf16ps`: per f32 lane, the products of
@@ -272,13 +274,15 @@ fn dot_rows_per_block(nr: u32) -> usize {
     2 * nr as usize
 }
 
-/// Bytes of weight panels a row block sweeps on the dot-product path
-/// before the next group: half of a 1 MB L2, the rest left to A and C.
+/// Bytes of weight panels the row blocks sweep before the next group of
+/// panels: half of a 1 MB L2, the rest left to A and C. Every row block
+/// of a step reads a group while it stays in L2, so the weight streams
+/// from memory once per launch whatever the number of rows.
 const B_BLOCK_BYTES: usize = 512 * 1024;
 
-/// Panels per group on the dot-product path (bf16 panels of `k x nr`).
-fn dot_panels_per_block(k: usize, nr: u32) -> usize {
-    (B_BLOCK_BYTES / (k * nr as usize * 2).max(1)).max(1)
+/// Panels per group: stored panels of `k x nr` elements of `b_dtype`.
+fn panels_per_group(k: usize, nr: u32, b_dtype: DType) -> usize {
+    (B_BLOCK_BYTES / (k * nr as usize * b_dtype.size_bytes()).max(1)).max(1)
 }
 
 /// Per-row output callback: `(cg, panel, row, tile vector)`.
@@ -300,7 +304,8 @@ fn rows_per_block(k: usize, a_dtype: DType) -> usize {
 /// `rows` rows of A against panels `p_lo..p_hi`, each output tile handed
 /// to `store`. With a single register block (decode) each panel streams
 /// once in its stored dtype. With more rows, M blocks that fit in L2 sweep
-/// the panels, so A is reused from L2 and each panel from L1/L2; narrow
+/// groups of panels that fit in L2, so A is reused from L2 and each panel,
+/// read from memory once, from L1/L2; narrow
 /// panels are widened once per (M block, panel) into scratch.
 #[allow(clippy::too_many_arguments)]
 fn panel_run<'c>(
@@ -353,7 +358,7 @@ fn panel_run<'c>(
         // Each row block is rounded to bf16 once, then sweeps the panels
         // (a decode step's few rows are one block: panels stream once).
         let mc = dot_rows_per_block(mk.nr);
-        let nc = dot_panels_per_block(mk.k, mk.nr);
+        let nc = panels_per_group(mk.k, mk.nr, DType::BF16);
         let scratch = cg.cast_ptr(cg.scratch.expect("kernel"), DType::BF16);
         let kc = cg.i64c(mk.k as i64);
         // Panel groups that fit in L2 (a wide output such as the LM head
@@ -395,24 +400,32 @@ fn panel_run<'c>(
         },
         |cg| {
             let mc = cg.i64c(rows_per_block(mk.k, a_dtype) as i64);
-            cg.for_range(cg.i64c(0), m, rows_per_block(mk.k, a_dtype) as i64, |cg, m0| {
-                let m1 = cg.min(m, cg.add(m0, mc));
-                cg.for_range(p_lo, p_hi, 1, |cg, p| {
-                    let src = panel(cg, p);
-                    match &mk.widened {
-                        None => blocks(cg, &mk.native, p, src, m0, m1, a_row),
-                        Some(wide) => {
-                            let scratch = cg.cast_ptr(cg.scratch.expect("kernel"), DType::F32);
-                            let nr = cg.i64c(mk.nr as i64);
-                            cg.for_range(cg.i64c(0), cg.i64c(mk.k as i64), 1, |cg, kk| {
-                                let at = cg.mul(kk, nr);
-                                let v = cg.load_vec(src, at, mk.b_dtype, mk.nr);
-                                cg.store_vec(scratch, at, DType::F32, v);
-                                Ok(())
-                            })?;
-                            blocks(cg, wide, p, scratch, m0, m1, a_row)
+            let nc = panels_per_group(mk.k, mk.nr, mk.b_dtype) as i64;
+            // Panel groups outermost (see B_BLOCK_BYTES): with M blocks
+            // outermost a launch with more rows than one block (e.g. a
+            // 64-sequence decode step) would stream its weights from memory
+            // once per block.
+            cg.for_range(p_lo, p_hi, nc, |cg, g0| {
+                let g1 = cg.min(p_hi, cg.add(g0, cg.i64c(nc)));
+                cg.for_range(cg.i64c(0), m, rows_per_block(mk.k, a_dtype) as i64, |cg, m0| {
+                    let m1 = cg.min(m, cg.add(m0, mc));
+                    cg.for_range(g0, g1, 1, |cg, p| {
+                        let src = panel(cg, p);
+                        match &mk.widened {
+                            None => blocks(cg, &mk.native, p, src, m0, m1, a_row),
+                            Some(wide) => {
+                                let scratch = cg.cast_ptr(cg.scratch.expect("kernel"), DType::F32);
+                                let nr = cg.i64c(mk.nr as i64);
+                                cg.for_range(cg.i64c(0), cg.i64c(mk.k as i64), 1, |cg, kk| {
+                                    let at = cg.mul(kk, nr);
+                                    let v = cg.load_vec(src, at, mk.b_dtype, mk.nr);
+                                    cg.store_vec(scratch, at, DType::F32, v);
+                                    Ok(())
+                                })?;
+                                blocks(cg, wide, p, scratch, m0, m1, a_row)
+                            }
                         }
-                    }
+                    })
                 })
             })
         },
