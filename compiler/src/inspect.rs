@@ -73,7 +73,7 @@ fn quant_summary(ckpt: &Checkpoint) -> Option<QuantSummary> {
 
 /// The dtype weights would be stored in according to `torch_dtype`
 /// (bf16 when absent or unrecognised: the released model is bf16).
-fn declared_dtype(config: &PanguConfig) -> DType {
+pub(crate) fn declared_dtype(config: &PanguConfig) -> DType {
     match config.torch_dtype.as_deref() {
         Some("float32") => DType::F32,
         Some("float16") => DType::F16,

@@ -3,13 +3,16 @@
 //! fusion report. Thin glue over `panguc_lowering`; the caller writes the
 //! package, the manifest and `report.json`.
 
+use crate::frontend::quant::QuantType;
 use crate::frontend::Checkpoint;
-use crate::import::LAYER_FN;
+use crate::import::{build_quant_module, KvLayout, QuantPlan, LAYER_FN};
 use anyhow::{anyhow, Context, Result};
 use panguc_ir::text::print_module;
-use panguc_ir::{Module, WeightSource};
+use panguc_ir::{DType, Module, PanguConfig, WeightSource};
 use panguc_lowering::estimate::{estimates, EstimateSpec};
 use panguc_lowering::fuse::{fuse_module, FuseOptions, Limits, DEFAULT_COST_PROFILE};
+use panguc_lowering::profile::ServingParams;
+use panguc_lowering::published::{published_section, QuantProgram};
 use panguc_lowering::report::{build_report, ReportInput};
 use panguc_lowering::validate::{random_weights, validate_session, ValidationReport};
 use panguc_lowering::{builtin_profiles, HardwareProfile};
@@ -127,6 +130,7 @@ pub fn run_pipeline(
     let validation = if opts.validate { Some(validate(ckpt, imported, &fused)?) } else { None };
 
     let estimates = estimates(ckpt.config(), &fused, imported, &profiles, &EstimateSpec::default())?;
+    let published = published(ckpt.config(), &fuse_opts, &profiles)?;
     let (report, summary) = build_report(&ReportInput {
         import_seconds,
         stats: &stats,
@@ -136,7 +140,58 @@ pub fn run_pipeline(
         estimates,
         validation: validation.as_ref(),
     });
+    let mut report = report;
+    report["published"] = published;
     Ok(PipelineOutput { module: fused, report, summary })
+}
+
+/// Tokens per KV block of the program the published figures are estimated
+/// from (vllm-ascend's block size on Ascend).
+const PUBLISHED_BLOCK_SIZE: usize = 128;
+
+/// The W8A8_DYNAMIC program of `cfg` as vllm-ascend deploys it, built from
+/// the config alone: every attention, expert and shared-expert linear int8
+/// with per-channel weight scales and per-token activation scales; the
+/// router, embeddings, norms and lm_head float; the KV cache float (the
+/// published table says W8A8 only, so no C8 is assumed). One ragged batch
+/// step over a paged cache, fused with the options of the main program.
+pub fn published_program(cfg: &PanguConfig, fuse_opts: &FuseOptions) -> Result<Module> {
+    // vllm-ascend keeps the router float: the `quantize` command's default.
+    let techniques = crate::quantize::Techniques::PLAIN;
+    let quantized = |module: &str| crate::quantize::quantized_module(module, &techniques);
+    let float = crate::inspect::declared_dtype(cfg);
+    let dtype_of = |name: &str| match name.rsplit_once('.') {
+        Some((module, "weight")) if quantized(module) => DType::I8,
+        Some((_, "weight_scale" | "weight_offset")) => DType::F32,
+        _ => float,
+    };
+    let linear = |module: &str| if quantized(module) { QuantType::W8A8Dynamic } else { QuantType::Float };
+    let no_tensor = |_: &str| false;
+    let plan = QuantPlan { linear: &linear, kv_int8: false, has_tensor: &no_tensor };
+    let kv = KvLayout::Paged { block_size: PUBLISHED_BLOCK_SIZE };
+    let imported = build_quant_module(cfg, &dtype_of, kv, &plan).context("building the W8A8 program")?;
+    let (fused, _) = fuse_module(&imported, fuse_opts, |_, _| Ok(())).context("fusing the W8A8 program")?;
+    Ok(fused)
+}
+
+/// The report's `published` section: the W8A8 program's estimates beside
+/// the published figures (panguc_lowering::published).
+fn published(cfg: &PanguConfig, fuse_opts: &FuseOptions, profiles: &[HardwareProfile]) -> Result<serde_json::Value> {
+    let fused = published_program(cfg, fuse_opts)?;
+    let program =
+        panguc_lowering::schedule::schedule(&fused, &Default::default()).context("scheduling the W8A8 program")?;
+    let layer = fused.function(LAYER_FN).ok_or_else(|| anyhow!("the W8A8 program has no @{LAYER_FN}"))?;
+    let description = serde_json::json!({
+        "built_from": "the model config alone",
+        "scheme": "W8A8_DYNAMIC (attention, routed and shared experts)",
+        "float": "embeddings, norms, router, lm_head",
+        "kv_cache": "float (activation dtype): the published table states W8A8 only",
+        "kv_block_size": PUBLISHED_BLOCK_SIZE,
+        "kernels_per_decoder_layer": panguc_lowering::kernel_count(layer),
+        "scheduled_launches_per_step": program.launches.len(),
+    });
+    let prog = QuantProgram { module: &fused, block_size: PUBLISHED_BLOCK_SIZE, description };
+    published_section(cfg, &prog, profiles, &ServingParams::default())
 }
 
 /// Writes `NN-<pass>.ir` files into the `--dump-ir` directory.
@@ -204,6 +259,10 @@ mod tests {
         assert!(est["decode_batch_1"]["weight_read_ratio"].as_f64().unwrap() <= 1.05);
         assert!(est["decode_batch_64"]["ms_per_step"].as_f64().unwrap() > 0.0);
         assert!(est["prefill_2048"]["ms"].as_f64().unwrap() > 0.0);
+        // The published section exists for any model; its estimates are of
+        // this model, which is not the published configuration.
+        assert_eq!(r["published"]["model_is_published_config"], false);
+        check_published_section(&r["published"]);
         let files: Vec<String> =
             std::fs::read_dir(&dump).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         for f in ["00-import.ir", "01-fuse-decoder_layer.ir", "02-fuse-main.ir"] {
@@ -243,6 +302,24 @@ mod tests {
         assert!(err.contains("unknown field `hbm`") && err.contains("hw.toml"), "{err}");
     }
 
+    /// Every estimated figure has a positive estimate and the relative error
+    /// of that estimate against the published value.
+    fn check_published_section(published: &serde_json::Value) {
+        assert!(published["parameters"].as_array().unwrap().iter().all(|p| p["provenance"]["kind"].is_string()));
+        assert!(published["program"]["kernels_per_decoder_layer"].as_u64().unwrap() > 0);
+        for f in published["figures"].as_array().unwrap() {
+            if f["estimate"].is_null() {
+                assert!(f["not_estimated"].is_string(), "{f}");
+                continue;
+            }
+            let (est, publ) = (f["estimate"].as_f64().unwrap(), f["published"].as_f64().unwrap());
+            assert!(est > 0.0, "{f}");
+            let want = ((est - publ) / publ * 1e4).round() / 1e4;
+            assert_eq!(f["relative_error"].as_f64().unwrap(), want, "{f}");
+            assert_eq!(f["configuration"]["scheme"], "W8A8_DYNAMIC");
+        }
+    }
+
     #[test]
     fn real_72b_config_fuses_to_at_most_ten_kernels_per_layer() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pangu-pro-moe-72b");
@@ -258,7 +335,32 @@ mod tests {
         let unfused_ratio =
             est["profiles"]["ascend910b1"]["unfused"]["decode_batch_1_weight_read_ratio"].as_f64().unwrap();
         assert!(unfused_ratio > 3.0, "the dense experts read every expert: {unfused_ratio}");
-        assert_eq!(est["published"]["decode_batch_1_tpot_ms_4_cards"], 18.44);
+        let published = &r["published"];
+        assert_eq!(published["model_is_published_config"], true);
+        check_published_section(published);
+        // Every figure of docs/pangu-pro-moe.md but the MTP row is estimated.
+        let figures = published["figures"].as_array().unwrap();
+        let estimated: Vec<&serde_json::Value> = figures.iter().filter(|f| !f["estimate"].is_null()).collect();
+        assert_eq!((figures.len(), estimated.len()), (6, 5));
+        let by_name = |name: &str| figures.iter().find(|f| f["figure"] == name).unwrap_or_else(|| panic!("{name}"));
+        let b1 = by_name("Ascend 800I A2 decode batch 1");
+        assert_eq!((b1["published"].as_f64(), b1["configuration"]["devices"].as_u64()), (Some(18.44), Some(4)));
+        assert_eq!(b1["configuration"]["plan"], "ep");
+        assert_eq!(by_name("Ascend 300I Duo decode batch 80")["configuration"]["devices"], 8);
+        assert_eq!(by_name("Ascend 300I Duo decode batch 80")["configuration"]["plan"], "h2p");
+        // Decode batch 1 on one of 4 cards reads the int8 program's weights:
+        // one byte per attention, shared-expert and routed-expert weight
+        // (the card's own 16 experts: the 2 its groups select when the
+        // program gathers experts, all 16 while it computes them densely),
+        // plus the bf16 lm_head and, within 1%, scales, router and norms.
+        let bytes = b1["breakdown"]["weight_bytes"].as_f64().unwrap();
+        let (attention, shared, expert) = (62_914_560.0, 82_575_360.0, 3.0 * 1344.0 * 5120.0);
+        let lm_head = 2.0 * 153_376.0 * 5120.0;
+        let int8 = |experts: f64| 48.0 * (attention + shared + experts * expert) + lm_head;
+        let close = |want: f64| bytes >= want && bytes <= 1.01 * want;
+        assert!(close(int8(2.0)) || close(int8(16.0)), "{bytes} vs {} / {}", int8(2.0), int8(16.0));
+        let bf16 = est["profiles"]["ascend910b1"]["decode_batch_1"]["weight_bytes"].as_f64().unwrap();
+        assert_ne!(bytes, bf16);
         // Validation of a config-only 72B model would need 72B random weights.
         let opts = PipelineOptions { validate: true, ..PipelineOptions::default() };
         let err = run_pipeline(&ckpt, &m, 0.0, &opts).unwrap_err().to_string();

@@ -356,7 +356,7 @@ fn record_layer(cal: &mut Calibration, cfg: &PanguConfig, l: usize, seen: &[Tens
 
 /// True for the linear modules this writer quantizes: the router only
 /// without router protection.
-fn quantized_module(module: &str, t: &Techniques) -> bool {
+pub(crate) fn quantized_module(module: &str, t: &Techniques) -> bool {
     module.contains(".self_attn.")
         || module.contains(".mlp.experts.")
         || module.contains(".mlp.shared_expert.")

@@ -2,7 +2,7 @@
 //! weights and KV cache read, against the ideal of reading every active
 //! weight exactly once.
 
-use crate::cost::{expected_unique_experts, op_work, Operand, Workload};
+use crate::cost::{expected_unique_experts, op_work, OpWork, Operand, Workload};
 use crate::profile::HardwareProfile;
 use crate::{kernel_nodes, weight_only_values};
 use anyhow::{anyhow, Result};
@@ -38,8 +38,24 @@ impl StepCost {
 
 /// Cost of one call of function `name` of `module` at workload `w`.
 pub fn function_cost(module: &Module, name: &str, w: &Workload, p: &HardwareProfile) -> Result<StepCost> {
+    function_cost_with(module, name, w, p, &|_, _, work| work)
+}
+
+/// The share of a kernel's work one device does: given the function, the
+/// node index of the kernel and its single-device work, the work left.
+pub type KernelShare<'a> = dyn Fn(&panguc_ir::Function, usize, OpWork) -> OpWork + 'a;
+
+/// [`function_cost`] with every kernel's work passed through `share`
+/// first (one device's part of a partitioned step).
+pub fn function_cost_with(
+    module: &Module,
+    name: &str,
+    w: &Workload,
+    p: &HardwareProfile,
+    share: &KernelShare,
+) -> Result<StepCost> {
     let mut memo = HashMap::new();
-    cost_rec(module, name, w, p, &mut memo)
+    cost_rec(module, name, w, p, share, &mut memo)
 }
 
 fn cost_rec(
@@ -47,6 +63,7 @@ fn cost_rec(
     name: &str,
     w: &Workload,
     p: &HardwareProfile,
+    share: &KernelShare,
     memo: &mut HashMap<String, StepCost>,
 ) -> Result<StepCost> {
     if let Some(c) = memo.get(name) {
@@ -55,9 +72,9 @@ fn cost_rec(
     let f = module.function(name).ok_or_else(|| anyhow!("no function @{name}"))?;
     let wo = weight_only_values(f);
     let mut total = StepCost::default();
-    for (n, is_kernel) in f.nodes.iter().zip(kernel_nodes(f)) {
+    for (i, (n, is_kernel)) in f.nodes.iter().zip(kernel_nodes(f)).enumerate() {
         if let Op::Call { func, .. } = &n.op {
-            let c = cost_rec(module, func, w, p, memo)?;
+            let c = cost_rec(module, func, w, p, share, memo)?;
             total.add(&c);
             continue;
         }
@@ -67,7 +84,7 @@ fn cost_rec(
         let operands: Vec<Operand> =
             n.args.iter().map(|a| Operand { ty: f.ty(*a), weight_only: wo[a.index()] }).collect();
         let results: Vec<_> = n.results.iter().map(|r| f.ty(*r).clone()).collect();
-        let work = op_work(&n.op, &operands, &results, w, p);
+        let work = share(f, i, op_work(&n.op, &operands, &results, w, p));
         let seqs = w.copies();
         total.add(&StepCost {
             seconds: work.seconds(w, p),
@@ -75,7 +92,7 @@ fn cost_rec(
             weight_bytes: work.weight_bytes(w),
             kv_bytes: seqs * work.kv_bytes,
             bytes: work.bytes(w),
-            flops: seqs * (work.matmul_flops + work.vector_flops),
+            flops: seqs * (work.matmul_flops + work.int8_ops + work.vector_flops),
             over_capacity: usize::from(!work.fits(p)),
         });
     }
@@ -225,7 +242,7 @@ pub fn estimates_with_batched(
         obj.insert("unfused".into(), Value::Object(unfused_obj));
         per_profile.insert(p.name.clone(), Value::Object(obj));
     }
-    let mut out = json!({
+    let out = json!({
         "context": spec.context,
         "weight_dtype_bytes": wbytes,
         "assumptions": [
@@ -238,44 +255,11 @@ pub fn estimates_with_batched(
         ],
         "profiles": Value::Object(per_profile),
     });
-    if is_pangu_pro_moe_72b(cfg) {
-        if let Some(p) = profiles.iter().find(|p| p.name == "ascend910b1").or_else(|| profiles.first()) {
-            out["published"] = published(fused, p, spec)?;
-        }
-    }
     Ok(out)
 }
 
 fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
-}
-
-/// The published 800I A2 figures next to this estimate, with the scaling
-/// made explicit: W8A8 halves weight bytes and doubles the cube peak, and
-/// four cards split the work (ideal tensor parallelism, communication
-/// ignored); launch overheads do not shrink. The scaled figure is
-/// therefore a lower bound on what the published setup could reach.
-fn published(fused: &Module, p: &HardwareProfile, spec: &EstimateSpec) -> Result<Value> {
-    let launch = p.launch_overhead_us * 1e-6;
-    let decode = function_cost(fused, &fused.entry, &Workload::decode(spec.context, 1), p)?;
-    let prefill2 =
-        function_cost(fused, &fused.entry, &Workload { tokens: 2048, past: 0, seqs: 2, paged_block: None }, p)?;
-    let scale = |c: &StepCost, cards: f64| {
-        let overhead = c.kernels as f64 * launch;
-        (c.seconds - overhead) / (2.0 * cards) + overhead
-    };
-    Ok(json!({
-        "source": "Pangu Pro MoE technical report (arXiv 2505.21411): Ascend 800I A2, W8A8 quantisation",
-        "decode_batch_1_tpot_ms_4_cards": 18.44,
-        "decode_batch_456_tpot_ms_4_cards": 99.31,
-        "prefill_seq_2048_batch_2_ttft_ms": 424.0,
-        "profile": p.name,
-        "estimate_decode_batch_1_ms_bf16_1_device": ms(decode.seconds),
-        "estimate_decode_batch_1_ms_scaled_w8a8_4_devices": ms(scale(&decode, 4.0)),
-        "estimate_prefill_2048_batch_2_ms_bf16_1_device": ms(prefill2.seconds),
-        "estimate_prefill_2048_batch_2_ms_scaled_w8a8_1_device": ms(scale(&prefill2, 1.0)),
-        "note": "the estimates are bf16 on one device without communication; the scaled figures halve memory and compute time for W8A8 and divide by the card count, keeping launch overheads, so they are lower bounds (the published decode includes communication and framework overheads)",
-    }))
 }
 
 #[cfg(test)]

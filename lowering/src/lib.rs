@@ -21,6 +21,7 @@ pub mod fuse;
 pub mod lang;
 pub mod partition;
 pub mod profile;
+pub mod published;
 pub mod report;
 pub mod rules;
 pub mod schedule;

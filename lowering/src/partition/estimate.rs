@@ -3,16 +3,16 @@
 //! the estimated time per decode step (kernels from the fusion cost model,
 //! collectives from an interconnect model), next to the published figures.
 
-use super::{Partitioned, PlanChoice, PlanKind};
-use crate::cost::Workload;
+use super::{Layout, Partitioned, PlanChoice, PlanKind, Residency};
+use crate::cost::{OpWork, Workload};
 use crate::estimate::function_cost;
-use crate::profile::HardwareProfile;
+use crate::profile::{HardwareProfile, LinkParams};
 use crate::weight_only_values;
 use anyhow::{bail, Result};
 use panguc_ir::graph::{Function, Module, ParamKind};
 use panguc_ir::op::CollectiveKind;
 use panguc_ir::shape::bindings;
-use panguc_ir::Op;
+use panguc_ir::{Op, ValueId};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -30,15 +30,23 @@ pub struct Interconnect {
 }
 
 impl Interconnect {
-    /// Atlas 800I A2: eight 910B in an HCCS full mesh (7 links x 56 GB/s
-    /// per direction; about 196 GB/s usable per device by one collective).
+    /// Atlas 800I A2's HCCS full mesh ([`crate::profile::HCCS_800I_A2`]).
     pub fn hccs() -> Interconnect {
-        Interconnect { name: "hccs-800i-a2".into(), bandwidth_gbs: 196.0, latency_us: 10.0, full_mesh: true }
+        Interconnect::from_link("hccs-800i-a2", &crate::profile::HCCS_800I_A2)
     }
 
-    /// Atlas 300I Duo cards over PCIe 4.0 x16 (~25 GB/s effective), ring.
+    /// Atlas 300I Duo cards over PCIe ([`crate::profile::PCIE_300I_DUO`]).
     pub fn pcie() -> Interconnect {
-        Interconnect { name: "pcie-300i-duo".into(), bandwidth_gbs: 25.0, latency_us: 25.0, full_mesh: false }
+        Interconnect::from_link("pcie-300i-duo", &crate::profile::PCIE_300I_DUO)
+    }
+
+    pub fn from_link(name: &str, l: &LinkParams) -> Interconnect {
+        Interconnect {
+            name: name.into(),
+            bandwidth_gbs: l.bandwidth_gbs,
+            latency_us: l.latency_us,
+            full_mesh: l.full_mesh,
+        }
     }
 
     /// The usual links of a hardware profile's machines.
@@ -352,6 +360,138 @@ pub fn partition_report(single: &Module, parts: &Partitioned, spec: &DeviceSpec)
     }))
 }
 
+/// One device's share of the kernels of a single-device program under
+/// `layout`, for programs the partitioning rules do not split (the int8
+/// program): each kernel keeps the part of its weights the device holds
+/// (`Layout::residency` of rank 0, weighted by bytes; ranks are balanced
+/// by construction), and its work and activation traffic shrink by the
+/// device count when it reads sharded weights or the KV cache (attention
+/// heads x data-parallel sequences, expert groups x expert columns, shared
+/// expert columns), else by the attention data-parallel degree (norms,
+/// router, embedding and lm_head run on the sequences of the device's
+/// data-parallel group). Activation-only kernels between the expert GEMMs
+/// are counted as unsharded (1 / DP): an overestimate where TP > 1.
+pub fn kernel_share(layout: &Layout) -> impl Fn(&Function, usize, OpWork) -> OpWork + '_ {
+    move |f: &Function, node: usize, work: OpWork| {
+        let n = &f.nodes[node];
+        // Attention over the cache runs on the device's heads of its
+        // data-parallel group's sequences.
+        let (mut held, mut full, mut sharded) = (0.0, 0.0, work.kv_bytes > 0.0);
+        for src in param_sources(f, &n.args) {
+            let p = &f.params[src];
+            let name = match &p.kind {
+                ParamKind::Weight { tensor } => tensor.as_str(),
+                ParamKind::Input => f.name_of(p.value),
+            };
+            let frac = held_fraction(layout, f, p.value, name);
+            if let ParamKind::Weight { .. } = p.kind {
+                let bytes = value_bytes(f, p.value);
+                held += frac * bytes;
+                full += bytes;
+            }
+            sharded |= frac < 1.0 || name.contains("cache");
+        }
+        let w_frac = if full > 0.0 { held / full } else { 1.0 };
+        let dp = (layout.devices / layout.attn_tp.max(1)).max(1);
+        let c = 1.0 / if sharded { layout.devices.max(1) } else { dp } as f64;
+        OpWork {
+            matmul_flops: work.matmul_flops * c,
+            int8_ops: work.int8_ops * c,
+            vector_flops: work.vector_flops * c,
+            shared_weight_bytes: work.shared_weight_bytes * w_frac,
+            seq_weight_bytes: work.seq_weight_bytes * c,
+            kv_bytes: work.kv_bytes * c,
+            act_bytes: work.act_bytes * c,
+            small_copies: work.small_copies * c,
+            working_set: work.working_set,
+        }
+    }
+}
+
+/// Indices into `f.params` of the parameters the values `args` derive from.
+fn param_sources(f: &Function, args: &[ValueId]) -> Vec<usize> {
+    let definers = f.definers();
+    let wo = weight_only_values(f);
+    let mut param_of = vec![None; f.values.len()];
+    for (i, p) in f.params.iter().enumerate() {
+        param_of[p.value.index()] = Some(i);
+    }
+    let mut seen = vec![false; f.values.len()];
+    let mut stack: Vec<ValueId> = args.to_vec();
+    let mut out = vec![];
+    while let Some(v) = stack.pop() {
+        if std::mem::replace(&mut seen[v.index()], true) {
+            continue;
+        }
+        if let Some(i) = param_of[v.index()] {
+            out.push(i);
+        } else if let Some(d) = definers[v.index()] {
+            // Only values prepared from weights are followed back: a
+            // kernel's activation operands are its own inputs.
+            if wo[v.index()] {
+                stack.extend(f.nodes[d].args.iter().copied());
+            }
+        }
+    }
+    out
+}
+
+fn value_bytes(f: &Function, v: ValueId) -> f64 {
+    let ty = f.ty(v);
+    ty.shape.iter().map(|d| d.as_const().unwrap_or(0)).product::<usize>() as f64 * ty.dtype.size_bytes() as f64
+}
+
+/// Fraction of parameter `name` (value `v`) rank 0 holds under `layout`.
+fn held_fraction(layout: &Layout, f: &Function, v: ValueId, name: &str) -> f64 {
+    match layout.residency(0, name) {
+        Residency::Full => 1.0,
+        Residency::None => 0.0,
+        Residency::Slice { axis, start, end } => {
+            let len = f.ty(v).shape.get(axis).and_then(|d| d.as_const()).unwrap_or(0);
+            if len == 0 {
+                1.0
+            } else {
+                (end - start) as f64 / len as f64
+            }
+        }
+    }
+}
+
+/// Collectives of one forward step of `tokens` rows under `layout`, per
+/// device: (bytes sent, seconds, collectives). Per layer, with attention
+/// TP > 1, the output projection's partial sums are reduce-scattered and
+/// all-gathered within the attention group (rows of the device's
+/// data-parallel group); with more than one device, the MoE input is
+/// all-gathered from every device's rows and its output (routed plus
+/// shared expert partial sums) reduce-scattered back: the published
+/// reduce-scatter + all-gather form of an all-reduce.
+pub fn layout_comm(
+    layout: &Layout,
+    tokens: f64,
+    hidden: f64,
+    act_bytes: f64,
+    layers: f64,
+    link: &Interconnect,
+) -> (f64, f64, usize) {
+    let n = layout.devices;
+    let tp = layout.attn_tp.max(1);
+    let dp = (n / tp).max(1) as f64;
+    let row = hidden * act_bytes;
+    let mut per_layer = vec![];
+    if tp > 1 {
+        let rows = tokens / dp;
+        per_layer.push(link.collective(CollectiveKind::ReduceScatter, tp, rows * row));
+        per_layer.push(link.collective(CollectiveKind::AllGather, tp, rows * row / tp as f64));
+    }
+    if n > 1 {
+        per_layer.push(link.collective(CollectiveKind::AllGather, n, tokens / n as f64 * row));
+        per_layer.push(link.collective(CollectiveKind::ReduceScatter, n, tokens * row));
+    }
+    let bytes: f64 = per_layer.iter().map(|c| c.0).sum();
+    let secs: f64 = per_layer.iter().map(|c| c.1).sum();
+    (layers * bytes, layers * secs, layers as usize * per_layer.len())
+}
+
 /// Resolve `--plan auto`: partition under every valid plan and keep the
 /// fastest decode step among those whose devices fit their memory (the
 /// smallest per-device footprint when none fits).
@@ -390,4 +530,94 @@ pub fn choose_plan(
         candidates.into_iter().filter(|c| c.2 || !any_fits).min_by(|a, b| a.1.total_cmp(&b.1)).expect("non-empty");
     let _ = PlanKind::Single;
     Ok((best.0, json!({ "candidates": why })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use panguc_ir::{DType, Dim, TensorType};
+
+    fn dims() -> super::super::Dims {
+        super::super::Dims {
+            hidden: 8,
+            q_heads: 4,
+            kv_heads: 4,
+            head_dim: 2,
+            experts: 8,
+            groups: 4,
+            moe_intermediate: 4,
+            shared_intermediate: 8,
+        }
+    }
+
+    /// x [tokens, 8]; q_proj [8, 8] bf16; eight experts [4, 8] int8, stacked.
+    fn layer() -> (Function, usize, usize, usize) {
+        let mut f = Function::new("decoder_layer");
+        let x = f.add_input("x", TensorType::new(DType::F32, vec![Dim::tokens(), Dim::c(8)]));
+        let wq = f.add_weight(
+            "self_attn.q_proj.weight",
+            "self_attn.q_proj.weight",
+            TensorType::new(DType::BF16, vec![Dim::c(8), Dim::c(8)]),
+        );
+        let experts: Vec<ValueId> = (0..8)
+            .map(|e| {
+                let name = format!("mlp.experts.{e}.gate_proj.weight");
+                f.add_weight(&name, &name, TensorType::new(DType::I8, vec![Dim::c(4), Dim::c(8)]))
+            })
+            .collect();
+        let stacked = f.op(Op::Stack { axis: 0 }, &experts, "stacked").unwrap();
+        let q = f.op(Op::MatMul { transpose_b: true }, &[x, wq], "q").unwrap();
+        f.op(Op::Cast { dtype: DType::F32 }, &[stacked], "experts_f32").unwrap();
+        f.op(Op::Unary(panguc_ir::op::UnaryOp::Neg), &[q], "neg").unwrap();
+        (f, 1, 2, 3)
+    }
+
+    fn work() -> OpWork {
+        OpWork {
+            matmul_flops: 800.0,
+            vector_flops: 80.0,
+            shared_weight_bytes: 1000.0,
+            act_bytes: 40.0,
+            ..OpWork::default()
+        }
+    }
+
+    #[test]
+    fn a_device_keeps_its_weights_and_its_part_of_the_work() {
+        let (f, matmul, experts, neg) = layer();
+        // ep on 4 devices: attention replicated (DP4), one group of two experts each.
+        let ep = Layout::new(dims(), 4, PlanChoice::Ep).unwrap();
+        let share = kernel_share(&ep);
+        let m = share(&f, matmul, work());
+        assert_eq!((m.shared_weight_bytes, m.matmul_flops, m.act_bytes), (1000.0, 200.0, 10.0));
+        let e = share(&f, experts, work());
+        assert_eq!((e.shared_weight_bytes, e.matmul_flops), (250.0, 200.0), "2 of 8 experts held");
+        // h2p on 8 devices: attention DP2 x TP4; the q projection is split by heads.
+        let h2p = Layout::new(dims(), 8, PlanChoice::H2p).unwrap();
+        assert_eq!(h2p.attn_tp, 4);
+        let share = kernel_share(&h2p);
+        let m = share(&f, matmul, work());
+        assert_eq!((m.shared_weight_bytes, m.matmul_flops), (250.0, 100.0));
+        // An activation-only kernel runs on the sequences of its DP group.
+        let n = share(&f, neg, work());
+        assert_eq!((n.shared_weight_bytes, n.vector_flops), (1000.0, 40.0));
+    }
+
+    #[test]
+    fn layout_collectives_follow_the_plan() {
+        let link = Interconnect { name: "l".into(), bandwidth_gbs: 1.0, latency_us: 10.0, full_mesh: true };
+        // ep on 4 devices, 4 rows of 8 x 2 B: all-gather of each device's
+        // row (3 x 16 B sent) and reduce-scatter of all rows (3/4 x 64 B).
+        let ep = Layout::new(dims(), 4, PlanChoice::Ep).unwrap();
+        let (bytes, secs, count) = layout_comm(&ep, 4.0, 8.0, 2.0, 1.0, &link);
+        assert_eq!((bytes, count), (96.0, 2));
+        assert!((secs - (2.0 * 10e-6 + 96.0 / 1e9)).abs() < 1e-15, "{secs}");
+        // h2p on 8 devices adds the attention group's pair: DP2 x TP4 over
+        // 48 layers, four collectives each.
+        let h2p = Layout::new(dims(), 8, PlanChoice::H2p).unwrap();
+        assert_eq!(layout_comm(&h2p, 8.0, 8.0, 2.0, 48.0, &link).2, 4 * 48);
+        // One device: nothing to send.
+        let one = Layout::new(dims(), 1, PlanChoice::Ep).unwrap();
+        assert_eq!(layout_comm(&one, 8.0, 8.0, 2.0, 48.0, &link), (0.0, 0.0, 0));
+    }
 }
