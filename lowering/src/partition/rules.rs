@@ -35,9 +35,17 @@ impl Applier<TLang, TensorAnalysis> for RankApplier {
     }
 }
 
-fn rewrite(name: &'static str, pattern: &str, cx: &Arc<RankCx>, apply: RankFn) -> Rewrite<TLang, TensorAnalysis> {
+/// The rewrite `variant` (unique for egg's scheduling) of rule `name` (the
+/// name its applications are counted under).
+fn rewrite(
+    name: &'static str,
+    variant: &'static str,
+    pattern: &str,
+    cx: &Arc<RankCx>,
+    apply: RankFn,
+) -> Rewrite<TLang, TensorAnalysis> {
     let pat: Pattern<TLang> = pattern.parse().unwrap_or_else(|e| panic!("rule {name}: bad pattern {pattern}: {e}"));
-    Rewrite::new(name, pat, RankApplier { rule: name, cx: cx.clone(), apply })
+    Rewrite::new(variant, pat, RankApplier { rule: name, cx: cx.clone(), apply })
         .unwrap_or_else(|e| panic!("rule {name}: {e}"))
 }
 
@@ -57,13 +65,26 @@ pub const RULES: &[(&str, &str)] = &[
 /// The rewrites partitioning for `cx.rank`.
 pub fn partition_rules(cx: Arc<RankCx>) -> Vec<Rewrite<TLang, TensorAnalysis>> {
     let mut out = vec![
-        rewrite("slice-pushdown", "(slice ?a ?x)", &cx, slice_pushdown),
-        rewrite("moe-expert-parallel", "(moe_ffn ?x ?w ?ids ?gu ?dn ?sgu ?sdn ?r)", &cx, moe_expert_parallel),
+        rewrite("slice-pushdown", "slice-pushdown", "(slice ?a ?x)", &cx, slice_pushdown),
+        rewrite(
+            "moe-expert-parallel",
+            "moe-expert-parallel",
+            "(moe_ffn ?x ?w ?ids ?gu ?dn ?sgu ?sdn ?r)",
+            &cx,
+            moe_expert_parallel,
+        ),
         // The batched form has the same operands and meaning.
-        rewrite("moe-expert-parallel", "(moe_grouped_ffn ?x ?w ?ids ?gu ?dn ?sgu ?sdn ?r)", &cx, moe_expert_parallel),
+        rewrite(
+            "moe-expert-parallel",
+            "moe-expert-parallel/grouped",
+            "(moe_grouped_ffn ?x ?w ?ids ?gu ?dn ?sgu ?sdn ?r)",
+            &cx,
+            moe_expert_parallel,
+        ),
     ];
     if cx.layout.attn_tp > 1 {
         out.push(rewrite(
+            "attention-tensor-parallel",
             "attention-tensor-parallel",
             "(matmul_bias ?ma (reshape ?ra (flash_attention ?fa (proj 0 ?t) (proj 1 ?t) (proj 2 ?t) ?pos)) ?wo ?bo)",
             &cx,
@@ -73,6 +94,7 @@ pub fn partition_rules(cx: Arc<RankCx>) -> Vec<Rewrite<TLang, TensorAnalysis>> {
         // `qkv_rope_cache_write`, read through the block table.
         out.push(rewrite(
             "attention-tensor-parallel",
+            "attention-tensor-parallel/paged",
             "(matmul_bias ?ma (reshape ?ra (paged_attention ?fa (proj 0 ?t) (proj 1 ?t) (proj 2 ?t) ?bt ?qsl ?cl)) ?wo ?bo)",
             &cx,
             paged_attention_tensor_parallel,
