@@ -206,8 +206,9 @@ pub fn sim_engine_config(engine: &str) -> Result<(Target, DevType)> {
 /// with `--target cpu` among its targets (its kernel program and prepared
 /// weights are used; a partitioned package's from every rank, the ranks'
 /// collectives meeting in one in-process communicator). A ragged-batch
-/// (paged) program runs all sequences through one engine per step; a
-/// one-sequence program one engine per running sequence.
+/// (paged) program runs all sequences through one engine per step (rank
+/// programs are always batched); a one-device one-sequence program one
+/// engine per running sequence.
 pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
     let (target, act) = sim_engine_config(a.engine.as_deref().unwrap_or("ascend-sim"))?;
     let dir = &a.model;
@@ -247,14 +248,17 @@ pub fn run_ascend_sim(a: &crate::commands::RunArgs) -> Result<()> {
             })
         });
     }
+    if partitioned {
+        bail!(
+            "{}: its rank programs run one sequence per call (contiguous KV cache); partitioned packages run \
+             ragged batches over paged caches: recompile it",
+            dir.display()
+        );
+    }
     // Each engine compiles the device kernels once; finished sequences
     // hand their engine on (reset) to the next, so at most --max-seqs exist.
     let context = crate::run_batch::max_context(&prompts, a.max_new_tokens);
-    let make: EngineFactory = if partitioned {
-        Box::new(move || Ok(Box::new(AscendSimEngine::multi_rank(dir, target, act, context)?)))
-    } else {
-        Box::new(move || Ok(Box::new(AscendSimEngine::from_package(dir, target, act, context)?)))
-    };
+    let make: EngineFactory = Box::new(move || Ok(Box::new(AscendSimEngine::from_package(dir, target, act, context)?)));
     crate::run_batch::generate_and_report(make, a, &cfg, &prompts)
 }
 

@@ -438,35 +438,29 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     let t = std::time::Instant::now();
     let program = panguc_lowering::schedule::schedule(&piped.module, &Default::default())
         .context("scheduling the kernel program")?;
-    let rank_programs = match &partitioned {
-        Some(p) => crate::package_build::schedule_ranks(&p.parts)?,
+    // A partitioned package's rank programs, whatever its targets: the
+    // batched import partitioned with the layout chosen above (the
+    // one-sequence partition only feeds the estimates), so one multi-rank
+    // engine runs every scheduler step on all ranks.
+    let rank_parts = match &partitioned {
+        Some(p) => {
+            let fuse = panguc_lowering::fuse::FuseOptions::default();
+            let batched = batched_cpu_module(&ckpt, &opts)?;
+            Some(crate::partition_build::partition_batched(&batched, crate::import::LAYER_FN, &p.parts.layout, &fuse)?)
+        }
+        None => None,
+    };
+    let rank_programs = match &rank_parts {
+        Some(parts) => crate::package_build::schedule_ranks(parts)?,
         None => vec![],
     };
     let scheduling_seconds = t.elapsed().as_secs_f64();
     let codegen_started = std::time::Instant::now();
-    if let (true, Some(p)) = (targets.iter().any(|t| t == "cpu"), &partitioned) {
+    if let (true, Some(p), Some(parts)) = (targets.iter().any(|t| t == "cpu"), &partitioned, &rank_parts) {
         // Partitioned: one CPU package per rank under ranks/rankN/, run
         // by the multi-rank engine (package_build::write_cpu_rank_packages).
         let plan = p.report["plan"].as_str().unwrap_or("unknown");
-        let fuse = panguc_lowering::fuse::FuseOptions::default();
-        let module = batched_cpu_module(&ckpt, &opts)?;
-        let batched =
-            crate::partition_build::partition_batched(&module, crate::import::LAYER_FN, &p.parts.layout, &fuse)?;
-        match &batched {
-            // Batched rank programs: one multi-rank engine runs every step.
-            Some(parts) => {
-                let programs = crate::package_build::schedule_ranks(parts)?;
-                crate::package_build::write_cpu_rank_packages(staging.path(), &ckpt, parts, &programs, plan, &targets)?
-            }
-            None => crate::package_build::write_cpu_rank_packages(
-                staging.path(),
-                &ckpt,
-                &p.parts,
-                &rank_programs,
-                plan,
-                &targets,
-            )?,
-        }
+        crate::package_build::write_cpu_rank_packages(staging.path(), &ckpt, parts, &rank_programs, plan, &targets)?
     } else if targets.iter().any(|t| t == "cpu") {
         // CPU packages run ragged batch steps over a paged KV cache (every
         // running sequence in one call); the `ascend-sim` engine runs the
@@ -492,14 +486,14 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         };
         crate::ascend_build::attach_cost_model(&mut report);
     }
-    if let Some(p) = &partitioned {
+    if let (Some(p), Some(parts)) = (&partitioned, &rank_parts) {
         let ascend = crate::ascend_build::ascend_targets(&targets)?;
         let weight_dtype = module.functions[crate::import::LAYER_FN]
             .weight_params()
             .next()
             .map(|(p, _)| module.functions[crate::import::LAYER_FN].ty(p.value).dtype)
             .unwrap_or(DType::BF16);
-        crate::partition_build::write_rank_programs(staging.path(), p, weight_dtype, &ascend)?;
+        crate::partition_build::write_rank_programs(staging.path(), parts, weight_dtype, &ascend)?;
         report["partition"] = p.report.clone();
     }
     let ranks = partitioned.as_ref().map(|p| {

@@ -587,8 +587,8 @@ pub struct PackageEngines<'a> {
 
 /// How a package's engines are made.
 pub enum EngineMaker<'a> {
-    /// A one-sequence program (partitioned packages whose attention is
-    /// sharded, checkpoints under the interpreter): one engine per running
+    /// A one-sequence program (checkpoints under the interpreter, a
+    /// one-device package of one-sequence programs): one engine per running
     /// sequence, each with its own contiguous cache, driven through
     /// `PerSequenceEngines`.
     PerSequence(EngineFactory<'a>),
@@ -666,8 +666,8 @@ impl PagedCpu {
 
 /// Open the package of `a.model` (verified) and say how its engines are
 /// made: a batched program (one device, or every rank of a partitioned
-/// package) as one paged engine, a one-sequence program as one engine per
-/// sequence. `context` is told the model config once the package is
+/// package, which are always batched) as one paged engine, a one-device
+/// one-sequence program as one engine per sequence. `context` is told the model config once the package is
 /// trusted and returns each one-sequence engine's cache length in tokens.
 pub fn package_engines<'a>(
     a: &'a crate::commands::RunArgs,
@@ -679,13 +679,12 @@ pub fn package_engines<'a>(
         let ranks = panguc_runtime::RankPackages::open(&a.model, threads, &open_options(a))?;
         let tier = tier_line(&a.model.join(&ranks.section().dirs[0]), a)?;
         let cfg = ranks.config().clone();
-        let context = context(&cfg)?;
-        if let Some(block_size) = ranks.block_size()? {
-            let paged = PagedCpu { programs: PagedPrograms::Ranks(ranks), dir: a.model.clone(), block_size };
-            return Ok(PackageEngines { cfg, make: EngineMaker::Paged(paged), tier });
-        }
-        let make: EngineFactory = Box::new(move || Ok(Box::new(ranks.engine(Some(context))?)));
-        Ok(PackageEngines { cfg, make: EngineMaker::PerSequence(make), tier })
+        // The caller reads and sizes its prompts against the trusted config.
+        context(&cfg)?;
+        // Rank programs are batched whatever the plan: one engine for all sequences.
+        let block_size = ranks.block_size()?;
+        let paged = PagedCpu { programs: PagedPrograms::Ranks(ranks), dir: a.model.clone(), block_size };
+        Ok(PackageEngines { cfg, make: EngineMaker::Paged(paged), tier })
     } else {
         let pool = panguc_runtime::thread_pool(threads)?;
         // Opening verifies the package's small files (the tokenizer's

@@ -5,10 +5,11 @@
 //! Package layout added under the package directory:
 //!
 //! ```text
-//! partition.json                   plan, layout, and per rank: program, weights (held shard of each
-//!                                  checkpoint tensor), buffers (KV caches, local shapes), collectives
-//!                                  in program order (HCCL call, group, dtype, element count)
-//! ranks/rank<R>/ir/partitioned.txt the rank's module, canonical text
+//! partition.json                   plan, layout, and per rank (its batched program): program, step
+//!                                  inputs (ids and step metadata), weights (held shard of each
+//!                                  checkpoint tensor), buffers (paged KV caches, local shapes),
+//!                                  collectives in program order (HCCL call, group, dtype, element count)
+//! ranks/rank<R>/ir/partitioned.txt the rank's batched module, canonical text
 //! ranks/rank<R>/ascend/<target>/  (Ascend targets, written by `ascend_build`) the rank's complete CANN
 //!                                  project: its kernels, weights and an ACL host program that joins
 //!                                  the HCCL communicators and issues the collectives in program order
@@ -46,6 +47,10 @@ pub struct PartitionOptions {
 }
 
 pub struct PartitionOutput {
+    /// The one-sequence module partitioned: its layout is the plan, and the
+    /// report's estimates come from its rank modules (the package's rank
+    /// programs are the batched module partitioned with the same layout,
+    /// [`partition_batched`]).
     pub parts: Partitioned,
     /// The report's `partition` section.
     pub report: Value,
@@ -106,17 +111,18 @@ pub fn partition(
     Ok(PartitionOutput { parts, report, summary })
 }
 
-/// Write `partition.json` and `ranks/` into the package staging directory.
-/// `ascend` lists the Ascend targets whose per-rank host programs the
-/// document points to.
+/// Write `partition.json` and `ranks/rank<R>/ir/partitioned.txt` for the
+/// rank programs `parts` (the package's batched ones, [`partition_batched`])
+/// into the package staging directory. `ascend` lists the Ascend targets
+/// whose per-rank host programs the document points to.
 pub fn write_rank_programs(
     staging: &Path,
-    out: &PartitionOutput,
+    parts: &Partitioned,
     weight_dtype: DType,
     ascend: &[panguc_codegen_ascendc::Target],
 ) -> Result<()> {
     let mut ranks = vec![];
-    for r in &out.parts.ranks {
+    for r in &parts.ranks {
         let dir = staging.join(format!("ranks/rank{}", r.rank));
         std::fs::create_dir_all(dir.join("ir")).with_context(|| format!("creating {}", dir.display()))?;
         let ir = format!("ranks/rank{}/ir/partitioned.txt", r.rank);
@@ -131,12 +137,13 @@ pub fn write_rank_programs(
             "rank": r.rank,
             "program": ir,
             "ascend_host": hosts,
+            "inputs": rank_step_inputs(&r.module),
             "weights": rank_weights(&r.module),
             "buffers": rank_buffers(&r.module),
             "collectives": colls,
         }));
     }
-    let l = &out.parts.layout;
+    let l = &parts.layout;
     let doc = json!({
         "plan": l.plan,
         "devices": l.devices,
@@ -186,11 +193,30 @@ fn rank_weights(m: &Module) -> Vec<Value> {
     out
 }
 
-/// The rank's KV-cache buffers (entry inputs after ids and positions).
+/// How many of the entry's inputs lead the KV caches (the token ids and,
+/// for a batched program, the step metadata): the caches are the last
+/// inputs, one per output after the logits.
+fn leading_inputs(f: &Function) -> usize {
+    let inputs = f.input_params().count();
+    inputs.saturating_sub(f.outputs.len().saturating_sub(1))
+}
+
+/// The rank's per-step inputs (token ids, positions and, in a batched
+/// program, the rest of the step metadata), which every rank gets alike.
+fn rank_step_inputs(m: &Module) -> Vec<Value> {
+    let f = m.entry_fn();
+    f.input_params()
+        .take(leading_inputs(f))
+        .map(|p| json!({"name": f.name_of(p.value), "type": f.ty(p.value).to_string()}))
+        .collect()
+}
+
+/// The rank's KV-cache buffers (the entry inputs after the step inputs)
+/// with their local shapes.
 fn rank_buffers(m: &Module) -> Vec<Value> {
     let f = m.entry_fn();
     f.input_params()
-        .skip(2)
+        .skip(leading_inputs(f))
         .map(|p| json!({"name": f.name_of(p.value), "kind": "kv_cache", "type": f.ty(p.value).to_string()}))
         .collect()
 }
@@ -300,19 +326,15 @@ pub fn parse_plan(devices: usize, plan: Option<&str>) -> Result<(PlanChoice, boo
 }
 
 /// The batched (ragged-step, paged KV cache) module partitioned with the
-/// same `layout` as the one-sequence module, for the CPU rank packages; or
-/// `None` when the layout shards attention (`attn_tp > 1`): the
-/// attention-tensor-parallel rule rewrites the one-sequence flash attention
-/// only, and a paged cache sharded by heads has no rule yet, so such
-/// packages keep one-sequence rank programs (one engine per sequence).
+/// `layout` [`partition`] chose: the rank programs of a partitioned
+/// package (CPU rank packages, per-rank CANN projects, `partition.json`).
+/// Every plan partitions it: attention split by heads shards each layer's
+/// paged caches by KV head like the one-sequence caches.
 pub fn partition_batched(
     batched_fused: &Module,
     layer_fn: &str,
     layout: &Layout,
     fuse: &FuseOptions,
-) -> Result<Option<Partitioned>> {
-    if layout.attn_tp > 1 {
-        return Ok(None);
-    }
-    partition_module(batched_fused, layer_fn, layout, fuse).context("partitioning the batched module").map(Some)
+) -> Result<Partitioned> {
+    partition_module(batched_fused, layer_fn, layout, fuse).context("partitioning the batched module")
 }

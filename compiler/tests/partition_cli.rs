@@ -2,8 +2,8 @@
 //! Ascend devices (one CANN project per rank whose host program joins the
 //! HCCL communicators and issues the rank's collectives in program order),
 //! `--plan auto` following the cost model and the interconnect flags, and
-//! the bundled tiny checkpoint compiled for CPU and 910B on 2 devices and
-//! run by both multi-rank engines.
+//! the bundled tiny checkpoint compiled for CPU and 910B on 2 devices (ep)
+//! and 4 (h2p) and run batched by both multi-rank engines.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -248,23 +248,48 @@ fn check_cli_mixed_batch(pkg: &str, engine: &[&str], tmp: &Path) -> Vec<Vec<i64>
     generated
 }
 
-/// A package for CPU and 910B: partitioned over 2 devices (both
-/// multi-rank engines run the rank programs batched) and on one device
-/// (the AscendC simulation runs the package's batched program): the mixed
-/// batch through the CLI on each, every engine giving the same tokens.
+/// A package for CPU and 910B: partitioned over 2 devices (plan ep) and
+/// over 4 (plan h2p: attention split by heads, each rank's paged caches
+/// holding one of the two KV heads), both multi-rank engines running the
+/// rank programs batched, and on one device (the AscendC simulation runs
+/// the package's batched program): the mixed batch through the CLI on
+/// each, every engine giving the same tokens.
 #[test]
 fn cli_mixed_batch_on_partitioned_and_ascend_packages() {
     let dir = tempfile::tempdir().unwrap();
     let two = dir.path().join("two");
+    let four = dir.path().join("four");
     let one = dir.path().join("one");
     let compile = ["compile", &example("tiny-pangu"), "--target", "cpu,ascend910b"];
     ok(&panguc(&[&compile[..], &["--devices", "2", "--plan", "ep", "-o", two.to_str().unwrap()]].concat()));
+    ok(&panguc(&[&compile[..], &["--devices", "4", "--plan", "h2p", "-o", four.to_str().unwrap()]].concat()));
     ok(&panguc(&[&compile[..], &["-o", one.to_str().unwrap()]].concat()));
-    let program = std::fs::read_to_string(two.join("ranks/rank1/ir/kernel_program.txt")).unwrap();
-    assert!(program.contains("paged_attention"), "the rank programs are batched");
+    for (pkg, devices) in [(&two, 2), (&four, 4)] {
+        let doc = json(&pkg.join("partition.json"));
+        for r in 0..devices {
+            // The CPU rank program, the partitioned IR, partition.json and
+            // the rank's CANN project all come from the batched program.
+            let program = std::fs::read_to_string(pkg.join(format!("ranks/rank{r}/ir/kernel_program.txt"))).unwrap();
+            assert!(program.contains("paged_attention"), "{devices} ranks, rank {r}: the rank programs are batched");
+            let ir = std::fs::read_to_string(pkg.join(format!("ranks/rank{r}/ir/partitioned.txt"))).unwrap();
+            assert!(ir.contains("paged_attention(") && !ir.contains("flash_attention("), "{devices} ranks, rank {r}");
+            let kv_heads = if devices == 4 { 1 } else { 2 };
+            let buffer = &doc["ranks"][r]["buffers"][0];
+            assert_eq!(buffer["type"], format!("f32[num_blocks,16,{kv_heads},16]"), "{devices} ranks, rank {r}");
+            assert_eq!(doc["ranks"][r]["inputs"][4]["name"], "block_table");
+            let kernels = std::fs::read_dir(pkg.join(format!("ranks/rank{r}/ascend/ascend910b/op_kernel"))).unwrap();
+            let names: Vec<String> = kernels.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            assert!(names.iter().any(|n| n.contains("paged_attention")), "{devices} ranks, rank {r}: {names:?}");
+        }
+    }
     let reference = check_cli_mixed_batch(one.to_str().unwrap(), &[], dir.path());
-    let runs: [(&Path, &[&str]); 3] =
-        [(&two, &[]), (&two, &["--engine", "ascend-sim"]), (&one, &["--engine", "ascend-sim"])];
+    let runs: [(&Path, &[&str]); 5] = [
+        (&two, &[]),
+        (&two, &["--engine", "ascend-sim"]),
+        (&four, &[]),
+        (&four, &["--engine", "ascend-sim"]),
+        (&one, &["--engine", "ascend-sim"]),
+    ];
     for (pkg, engine) in runs {
         let got = check_cli_mixed_batch(pkg.to_str().unwrap(), engine, dir.path());
         assert_eq!(got, reference, "{} {engine:?}: the single-device CPU package's tokens", pkg.display());

@@ -10,13 +10,14 @@
 //! same interface with one engine per device process). Every rank computes
 //! the full logits; rank 0's are returned.
 //!
-//! Rank programs are either one-sequence programs (one [`MultiRankEngine`]
-//! per running sequence, each rank with a contiguous cache, as an
-//! [`Engine`]) or batched programs: then one [`MultiRankEngine`] runs every
-//! step of the scheduler as a [`BatchEngine`], each rank with its own paged
-//! cache of the same number of blocks, all indexed by the step's one block
-//! table and slot mapping (the scheduler's), and the collectives carry the
-//! step's T rows.
+//! A package's rank programs are batched programs, whatever the plan: one
+//! [`MultiRankEngine`] runs every step of the scheduler as a
+//! [`BatchEngine`], each rank with its own paged cache of the same number
+//! of blocks (of its own KV heads when attention is split by heads), all
+//! indexed by the step's one block table and slot mapping (the
+//! scheduler's), and the collectives carry the step's T rows. Engines of
+//! one-sequence rank programs built in memory (tests of a backend's
+//! one-sequence kernels) run as one sequence's [`Engine`].
 
 use crate::batch::{BatchEngine, ChunkLogits, SeqId, StepChunk};
 use crate::collective::{Collective, InProcess};
@@ -101,9 +102,8 @@ pub fn rank_dirs_with(dir: &Path, mode: Verify) -> Result<RankDirs> {
     Ok(RankDirs { section, model: manifest.model, dirs })
 }
 
-/// A partitioned package's rank packages, opened (verified) once; engines
-/// are made from them ([`RankPackages::engine`] for one-sequence rank
-/// programs, [`RankPackages::batched`] for batched ones).
+/// A partitioned package's rank packages, opened (verified) once; the
+/// batched engine is made from them ([`RankPackages::batched`]).
 pub struct RankPackages {
     section: RanksSection,
     pkgs: Vec<Arc<Package>>,
@@ -141,36 +141,36 @@ impl RankPackages {
         self.pkgs[0].config()
     }
 
-    /// Tokens per KV block of the ranks' batched programs, or `None` when
-    /// they are one-sequence programs. Ranks that disagree are an error (a
-    /// package mixing them cannot share the scheduler's block table).
-    pub fn block_size(&self) -> Result<Option<usize>> {
+    /// Tokens per KV block of the ranks' batched programs. Ranks that
+    /// disagree (a package mixing them cannot share the scheduler's block
+    /// table) or one-sequence rank programs (an older panguc's partitioned
+    /// packages) are an error.
+    pub fn block_size(&self) -> Result<usize> {
         let sizes: Vec<Option<usize>> = self.pkgs.iter().map(|p| CpuEngine::block_size_of(p)).collect();
-        ensure!(
-            sizes.iter().all(|b| *b == sizes[0]),
-            "the rank programs of this package disagree on their KV cache (blocks of {sizes:?} tokens; None: \
-             one-sequence program): recompile it"
-        );
-        Ok(sizes[0])
+        for (r, size) in sizes.iter().enumerate() {
+            let Some(size) = size else {
+                bail!(
+                    "rank {r} ({}) runs one sequence per call (contiguous KV cache); partitioned packages run \
+                     ragged batches over paged caches: recompile it",
+                    self.section.dirs[r]
+                );
+            };
+            ensure!(
+                Some(*size) == sizes[0],
+                "the rank programs of this package disagree on their KV blocks ({sizes:?} tokens): recompile it"
+            );
+        }
+        sizes[0].context("a partitioned package with no ranks")
     }
 
-    /// One sequence's engine over one-sequence rank programs, each rank
-    /// with a contiguous cache of `max_context` tokens.
-    pub fn engine(&self, max_context: Option<usize>) -> Result<MultiRankEngine> {
-        self.wire(|pkg| CpuEngine::with_pool(pkg, thread_pool(self.threads_per_rank)?, max_context))
-    }
-
-    /// The engine for every sequence of the scheduler over batched rank
-    /// programs: each rank with a paged cache of `num_blocks` blocks.
+    /// The engine for every sequence of the scheduler over the batched
+    /// rank programs: each rank with a paged cache of `num_blocks` blocks.
     pub fn batched(&self, num_blocks: usize) -> Result<MultiRankEngine> {
-        self.wire(|pkg| CpuEngine::batched(pkg, thread_pool(self.threads_per_rank)?, num_blocks))
-    }
-
-    fn wire(&self, open: impl Fn(Arc<Package>) -> Result<CpuEngine>) -> Result<MultiRankEngine> {
         let comm = InProcess::new();
         let mut ranks = Vec::with_capacity(self.pkgs.len());
         for (r, pkg) in self.pkgs.iter().enumerate() {
-            let mut e = open(pkg.clone()).with_context(|| format!("rank {r} ({})", self.section.dirs[r]))?;
+            let mut e = CpuEngine::batched(pkg.clone(), thread_pool(self.threads_per_rank)?, num_blocks)
+                .with_context(|| format!("rank {r} ({})", self.section.dirs[r]))?;
             e.set_collective(r, Arc::new(comm.clone()) as Arc<dyn Collective>);
             ranks.push(Box::new(e) as RankEngine);
         }
@@ -179,24 +179,6 @@ impl RankPackages {
 }
 
 impl MultiRankEngine {
-    /// Open a partitioned package of one-sequence rank programs as one
-    /// sequence's engine ([`RankPackages::engine`]), each rank with
-    /// `threads / devices` (at least 1) kernel threads of its own.
-    pub fn open(dir: &Path, threads: usize, max_context: Option<usize>) -> Result<MultiRankEngine> {
-        Self::open_with(dir, threads, max_context, &OpenOptions::default())
-    }
-
-    /// [`MultiRankEngine::open`] with explicit package options (every
-    /// rank's package is opened with them).
-    pub fn open_with(
-        dir: &Path,
-        threads: usize,
-        max_context: Option<usize>,
-        opts: &OpenOptions,
-    ) -> Result<MultiRankEngine> {
-        RankPackages::open(dir, threads, opts)?.engine(max_context)
-    }
-
     /// Run `ranks` (engine `r` already wired to `comm` as global rank `r`)
     /// as one engine.
     pub fn from_engines(ranks: Vec<RankEngine>, comm: InProcess, section: RanksSection) -> MultiRankEngine {

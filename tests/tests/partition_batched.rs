@@ -1,18 +1,22 @@
 //! Partitioned packages on the batched runtime: the tiny checkpoint's
 //! batched import (ragged steps, paged KV cache of 4-token blocks), fused
-//! and partitioned for N ranks (plan ep) as `panguc compile --devices N`
-//! does, one batched CPU package per rank, run as one `MultiRankEngine`
-//! (a `BatchEngine`: every rank runs every step over its own paged cache,
+//! and partitioned for N ranks as `panguc compile --devices N` does, one
+//! batched CPU package per rank, run as one `MultiRankEngine` (a
+//! `BatchEngine`: every rank runs every step over its own paged cache,
 //! indexed by the scheduler's one block table; the collectives carry the
 //! step's rows).
 //!
-//! For N = 2 and 8, the mixed batch of `common::mixed` (different prompt
+//! Plan ep for N = 2 and 8 (whole expert groups per rank, attention
+//! replicated), plan h2p for N = 4 (attention TP2 x DP2: each rank's paged
+//! caches hold its one of the tiny model's two KV heads; routed experts
+//! TP2 x EP2, shared expert TP4) and, behind `--ignored` (8 rank compiles),
+//! N = 8. For each, the mixed batch of `common::mixed` (different prompt
 //! lengths, chunked prefill, different finishing steps, a sequence joining
 //! mid-flight, preemption): each sequence's greedy tokens are those it gets
 //! alone and its logits within 1e-5 relative. Each sequence also gets the
 //! single-device batched package's tokens, with logits within 1e-4 of the
-//! largest logit (partitioning changes the order of the expert sums, as in
-//! `partition_cpu.rs`).
+//! largest logit (partitioning changes the order of the sums over experts
+//! and over heads' output-projection rows).
 
 mod common;
 
@@ -20,7 +24,7 @@ use common::mixed::check_mixed_batch;
 use common::*;
 use panguc_ir::Module;
 use panguc_lowering::fuse::FuseOptions;
-use panguc_lowering::partition::{Dims, Layout, PlanChoice};
+use panguc_lowering::partition::{Dims, Layout, PlanChoice, PlanKind};
 use panguc_runtime::{CpuEngine, Generation, RankPackages};
 use std::sync::{Arc, OnceLock};
 
@@ -64,30 +68,42 @@ fn rel_diff(got: &[f32], want: &[f32]) -> f32 {
     diff / scale
 }
 
-fn check(n: usize) {
+fn check(plan: PlanChoice, n: usize) {
     let s = single();
     let cfg = s.ckpt.config().clone();
-    let layout = Layout::new(Dims::from_config(&cfg), n, PlanChoice::Ep).unwrap();
+    let layout = Layout::new(Dims::from_config(&cfg), n, plan).unwrap();
     let parts = panguc::partition_build::partition_batched(&s.fused, "decoder_layer", &layout, &FuseOptions::default())
-        .unwrap()
-        .expect("plan ep keeps attention whole, so the batched module partitions");
+        .unwrap();
+    let what = format!("{} N={n}", layout.plan);
+    let split_heads = layout.attn_tp > 1;
+    assert_eq!(split_heads, layout.plan == PlanKind::H2p, "{what}: the tiny model's 2 KV heads split in two");
+    for r in &parts.ranks {
+        let fired = r.rules_fired.get("attention-tensor-parallel").copied().unwrap_or(0);
+        assert_eq!(fired > 0, split_heads, "{what} rank {}: {:?}", r.rank, r.rules_fired);
+    }
     let programs = panguc::package_build::schedule_ranks(&parts).unwrap();
+    let kv_heads = cfg.num_key_value_heads / layout.attn_tp;
     for (r, p) in programs.iter().enumerate() {
-        assert_eq!(p.kv_block_size(), Some(BLOCK), "N={n} rank {r}: a batched program");
-        assert!(p.kernels.iter().any(|k| k.kind.is_host()), "N={n} rank {r}: no collective launch");
+        assert_eq!(p.kv_block_size(), Some(BLOCK), "{what} rank {r}: a batched program");
+        assert!(p.kernels.iter().any(|k| k.kind.is_host()), "{what} rank {r}: no collective launch");
+        assert_eq!(p.caches.len(), 2 * cfg.num_hidden_layers);
+        for c in &p.caches {
+            let shape: Vec<_> = p.buffer(*c).shape.iter().map(|d| d.as_const()).collect();
+            let want = [None, Some(BLOCK), Some(kv_heads), Some(cfg.head_dim())];
+            assert_eq!(shape, want, "{what} rank {r}: a paged cache of the rank's KV heads");
+        }
     }
     let dir = tempfile::tempdir().unwrap();
     let targets = ["cpu".to_string()];
-    panguc::package_build::write_cpu_rank_packages(dir.path(), &s.ckpt, &parts, &programs, "ep", &targets).unwrap();
+    let plan_name = layout.plan.to_string();
+    panguc::package_build::write_cpu_rank_packages(dir.path(), &s.ckpt, &parts, &programs, &plan_name, &targets)
+        .unwrap();
     panguc::package_build::finalize_manifest(dir.path(), &cfg, &targets).unwrap();
 
     let ranks = RankPackages::open(dir.path(), 2, &baseline()).unwrap();
     assert_eq!(ranks.devices(), n);
-    assert_eq!(ranks.block_size().unwrap(), Some(BLOCK));
-    let e = ranks.engine(Some(16)).err().expect("batched rank programs refuse one-sequence engines");
-    assert!(format!("{e:#}").contains("ragged batches"), "{e:#}");
+    assert_eq!(ranks.block_size().unwrap(), BLOCK);
 
-    let what = format!("ep N={n}");
     let started = std::time::Instant::now();
     let got = check_mixed_batch(&what, BLOCK, &mut |b| Box::new(ranks.batched(b).unwrap()));
     let mut worst = 0f32;
@@ -104,10 +120,39 @@ fn check(n: usize) {
 
 #[test]
 fn two_rank_batched_package_runs_the_mixed_batch() {
-    check(2);
+    check(PlanChoice::Ep, 2);
 }
 
 #[test]
 fn eight_rank_batched_package_runs_the_mixed_batch() {
-    check(8);
+    check(PlanChoice::Ep, 8);
+}
+
+/// Attention split by heads over paged caches.
+#[test]
+fn four_rank_h2p_batched_package_runs_the_mixed_batch() {
+    check(PlanChoice::H2p, 4);
+}
+
+/// h2p on 8 ranks: attention TP2 x DP4, routed experts TP2 x EP4, shared
+/// expert TP8 (8 rank kernel libraries to compile: `--ignored`).
+#[test]
+#[ignore]
+fn eight_rank_h2p_batched_package_runs_the_mixed_batch() {
+    check(PlanChoice::H2p, 8);
+}
+
+/// A rank program's collectives are host launches, and a rank outside the
+/// device count is refused by the scheduler.
+#[test]
+fn rank_programs_schedule_collectives_as_host_launches() {
+    let s = single();
+    let layout = Layout::new(Dims::from_config(s.ckpt.config()), 2, PlanChoice::Ep).unwrap();
+    let parts = panguc::partition_build::partition_batched(&s.fused, "decoder_layer", &layout, &FuseOptions::default())
+        .unwrap();
+    let sched = panguc_lowering::schedule::ScheduleOptions { ranks: Some((0, 2)), ..Default::default() };
+    let p = panguc_lowering::schedule::schedule(&parts.ranks[0].module, &sched).unwrap();
+    assert!(p.kernels.iter().any(|k| k.kind.is_host()));
+    let sched = panguc_lowering::schedule::ScheduleOptions { ranks: Some((2, 2)), ..Default::default() };
+    assert!(panguc_lowering::schedule::schedule(&parts.ranks[0].module, &sched).is_err());
 }

@@ -66,8 +66,17 @@ fn pangu_72b_for_8_ascend_devices_writes_rank_programs_with_hccl() {
             .unwrap();
     eprintln!("{}", out.summary);
     assert_eq!(out.report["plan"], "h2p");
+    // The package's rank programs: the batched module with the same layout.
+    let batched = panguc::commands::batched_cpu_module(&ckpt, &Default::default()).unwrap();
+    let parts = panguc::partition_build::partition_batched(
+        &batched,
+        "decoder_layer",
+        &out.parts.layout,
+        &FuseOptions::default(),
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    write_rank_programs(dir.path(), &out, DType::BF16, &[panguc_codegen_ascendc::Target::Ascend910B]).unwrap();
+    write_rank_programs(dir.path(), &parts, DType::BF16, &[panguc_codegen_ascendc::Target::Ascend910B]).unwrap();
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("partition.json")).unwrap()).unwrap();
     assert_eq!(doc["ranks"].as_array().unwrap().len(), 8);
@@ -81,7 +90,14 @@ fn pangu_72b_for_8_ascend_devices_writes_rank_programs_with_hccl() {
             rank["collectives"].as_array().unwrap().iter().map(|c| c["hccl"].as_str().unwrap()).collect();
         assert_eq!(calls, ["HcclReduceScatter", "HcclAllGather", "HcclReduceScatter", "HcclAllGather"], "rank {r}");
         assert_eq!(rank["collectives"].as_array().unwrap().len(), 4);
-        assert_eq!(rank["buffers"].as_array().unwrap().len(), 2 * 48);
+        // 48 layers' K and V caches, paged, each rank holding its KV heads
+        // (8 KV heads over attention TP4: two).
+        let buffers = rank["buffers"].as_array().unwrap();
+        assert_eq!(buffers.len(), 2 * 48);
+        assert_eq!(buffers[0]["type"], "f32[num_blocks,16,2,128]", "rank {r}");
+        let inputs: Vec<&str> =
+            rank["inputs"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
+        assert_eq!(inputs, ["ids", "positions", "query_start_loc", "context_lens", "block_table", "slot_mapping"]);
         let w = out.report["per_device"][r]["weight_bytes"].as_f64().unwrap();
         assert!(w < 24e9, "rank {r}: {w}");
     }

@@ -16,7 +16,11 @@
 //! * `attention-tensor-parallel`: the merged QKV projection split by heads
 //!   (column split), the KV cache sharded by KV head, attention on the
 //!   rank's heads, and the output projection split by rows, its partial
-//!   sums combined by `reduce_scatter` + `all_gather`;
+//!   sums combined by `reduce_scatter` + `all_gather`; for the one-sequence
+//!   form (`qkv_rope` + `flash_attention`, contiguous caches `[P, Hkv, D]`)
+//!   and the batched one (`qkv_rope_cache_write` + `paged_attention`, each
+//!   rank holding its KV heads of every block: `[blocks, block_size,
+//!   Hkv / attn_tp, D]`);
 //! * `slice-pushdown`: slices of weight-only values are pushed through
 //!   `concat`, `stack`, `cast` and `slice` down to the checkpoint tensors,
 //!   so that every weight the rank reads is a shard it holds.
@@ -264,8 +268,8 @@ impl Layout {
     }
 
     /// What the checkpoint tensor / cache input `name` (a parameter name of
-    /// the decoder layer) is on rank `r`.
-    pub fn residency(&self, r: usize, name: &str) -> Residency {
+    /// the decoder layer, of `ndim` dimensions) is on rank `r`.
+    pub fn residency(&self, r: usize, name: &str, ndim: usize) -> Residency {
         let d = &self.dims;
         let hd = d.head_dim;
         let ((q0, q1), (k0, k1)) = self.heads(r);
@@ -305,12 +309,24 @@ impl Layout {
                 | "self_attn.v_proj.weight"
                 | "self_attn.v_proj.bias" => return Residency::slice(0, k0 * hd, k1 * hd),
                 "self_attn.o_proj.weight" => return Residency::slice(1, q0 * hd, q1 * hd),
-                "k_cache" | "v_cache" => return Residency::slice(1, k0, k1),
+                "k_cache" | "v_cache" => {
+                    return match kv_head_axis(ndim) {
+                        Some(axis) => Residency::slice(axis, k0, k1),
+                        None => Residency::None,
+                    }
+                }
                 _ => {}
             }
         }
         Residency::Full
     }
+}
+
+/// The KV-head axis of a KV cache of `ndim` dimensions: the second to last
+/// in both the one-sequence layout `[P, Hkv, D]` and the paged layout
+/// `[num_blocks, block_size, Hkv, D]`.
+pub(crate) fn kv_head_axis(ndim: usize) -> Option<usize> {
+    ndim.checked_sub(2).filter(|_| ndim >= 3)
 }
 
 /// Which part of a parameter a rank holds.
@@ -432,9 +448,10 @@ fn residency_of_classes(
     let mut out = HashMap::new();
     for p in &f.params {
         let name = f.name_of(p.value);
+        let ndim = f.ty(p.value).rank();
         let res = match &p.kind {
-            ParamKind::Weight { tensor } => layout.residency(rank, tensor),
-            ParamKind::Input => layout.residency(rank, name),
+            ParamKind::Weight { tensor } => layout.residency(rank, tensor, ndim),
+            ParamKind::Input => layout.residency(rank, name, ndim),
         };
         out.insert(eg.find(value_class[p.value.index()]), res);
     }

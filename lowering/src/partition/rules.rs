@@ -3,7 +3,7 @@
 //! nodes go through [`Cx::add`], so they type-check and are recorded with
 //! the rule that introduced them, like the fusion rules' nodes.
 
-use super::{Layout, PlanKind};
+use super::Layout;
 use crate::analysis::{TensorAnalysis, EG};
 use crate::lang::TLang;
 use crate::rules::Cx;
@@ -35,9 +35,17 @@ impl Applier<TLang, TensorAnalysis> for RankApplier {
     }
 }
 
-fn rewrite(name: &'static str, pattern: &str, cx: &Arc<RankCx>, apply: RankFn) -> Rewrite<TLang, TensorAnalysis> {
+/// The rewrite `variant` (unique for egg's scheduling) of rule `name` (the
+/// name its applications are counted under).
+fn rewrite(
+    name: &'static str,
+    variant: &'static str,
+    pattern: &str,
+    cx: &Arc<RankCx>,
+    apply: RankFn,
+) -> Rewrite<TLang, TensorAnalysis> {
     let pat: Pattern<TLang> = pattern.parse().unwrap_or_else(|e| panic!("rule {name}: bad pattern {pattern}: {e}"));
-    Rewrite::new(name, pat, RankApplier { rule: name, cx: cx.clone(), apply })
+    Rewrite::new(variant, pat, RankApplier { rule: name, cx: cx.clone(), apply })
         .unwrap_or_else(|e| panic!("rule {name}: {e}"))
 }
 
@@ -50,24 +58,46 @@ pub const RULES: &[(&str, &str)] = &[
     ),
     (
         "attention-tensor-parallel",
-        "qkv_rope/flash_attention/o-proj -> the rank's heads (column split, sharded KV cache) + row-split o-proj with reduce_scatter + all_gather",
+        "qkv_rope/flash_attention/o-proj (or qkv_rope_cache_write/paged_attention/o-proj) -> the rank's heads (column split, KV cache sharded by KV head) + row-split o-proj with reduce_scatter + all_gather",
     ),
 ];
 
 /// The rewrites partitioning for `cx.rank`.
 pub fn partition_rules(cx: Arc<RankCx>) -> Vec<Rewrite<TLang, TensorAnalysis>> {
     let mut out = vec![
-        rewrite("slice-pushdown", "(slice ?a ?x)", &cx, slice_pushdown),
-        rewrite("moe-expert-parallel", "(moe_ffn ?x ?w ?ids ?gu ?dn ?sgu ?sdn ?r)", &cx, moe_expert_parallel),
+        rewrite("slice-pushdown", "slice-pushdown", "(slice ?a ?x)", &cx, slice_pushdown),
+        rewrite(
+            "moe-expert-parallel",
+            "moe-expert-parallel",
+            "(moe_ffn ?x ?w ?ids ?gu ?dn ?sgu ?sdn ?r)",
+            &cx,
+            moe_expert_parallel,
+        ),
         // The batched form has the same operands and meaning.
-        rewrite("moe-expert-parallel", "(moe_grouped_ffn ?x ?w ?ids ?gu ?dn ?sgu ?sdn ?r)", &cx, moe_expert_parallel),
+        rewrite(
+            "moe-expert-parallel",
+            "moe-expert-parallel/grouped",
+            "(moe_grouped_ffn ?x ?w ?ids ?gu ?dn ?sgu ?sdn ?r)",
+            &cx,
+            moe_expert_parallel,
+        ),
     ];
     if cx.layout.attn_tp > 1 {
         out.push(rewrite(
             "attention-tensor-parallel",
+            "attention-tensor-parallel",
             "(matmul_bias ?ma (reshape ?ra (flash_attention ?fa (proj 0 ?t) (proj 1 ?t) (proj 2 ?t) ?pos)) ?wo ?bo)",
             &cx,
             attention_tensor_parallel,
+        ));
+        // The batched form: K/V written into the paged caches by
+        // `qkv_rope_cache_write`, read through the block table.
+        out.push(rewrite(
+            "attention-tensor-parallel",
+            "attention-tensor-parallel/paged",
+            "(matmul_bias ?ma (reshape ?ra (paged_attention ?fa (proj 0 ?t) (proj 1 ?t) (proj 2 ?t) ?bt ?qsl ?cl)) ?wo ?bo)",
+            &cx,
+            paged_attention_tensor_parallel,
         ));
     }
     out
@@ -206,25 +236,55 @@ fn all_reduce_rs_ag(cx: &mut Cx, group: Vec<usize>, x: Id) -> Option<Id> {
     coll(cx, CollectiveKind::AllGather, group, axis, rs)
 }
 
-/// Attention on the rank's heads: the merged QKV projection split by
-/// output rows (column-parallel), the KV cache sharded by KV head, the
-/// output projection split by input columns (row-parallel) with its
-/// partial sums combined over the attention TP group.
+/// One-sequence attention (`qkv_rope` + `flash_attention`) on the rank's heads.
 fn attention_tensor_parallel(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
+    let Op::FlashAttention { scale } = cx.attr(cx.var("?fa"))? else { return None };
+    let pos = cx.var("?pos");
+    split_attention_by_heads(cx, rc, &|cx, [q, k, v]| cx.add(Op::FlashAttention { scale }, &[q, k, v, pos]))
+}
+
+/// Batched attention (`qkv_rope_cache_write` + `paged_attention`) on the
+/// rank's heads: every rank keeps its KV heads' slice of every block of
+/// the paged caches, indexed by the step's one block table.
+fn paged_attention_tensor_parallel(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
+    let Op::PagedAttention { scale } = cx.attr(cx.var("?fa"))? else { return None };
+    let meta = [cx.var("?bt"), cx.var("?qsl"), cx.var("?cl")];
+    split_attention_by_heads(cx, rc, &|cx, [q, k, v]| {
+        cx.add(Op::PagedAttention { scale }, &[q, k, v, meta[0], meta[1], meta[2]])
+    })
+}
+
+/// Builds the attention of the rank's (local) q, k and v.
+type AttentionOf<'a> = dyn Fn(&mut Cx, [Id; 3]) -> Option<Id> + 'a;
+
+/// Attention on the rank's heads: the merged QKV projection split by
+/// output rows (column-parallel), the KV caches sharded by KV head (the
+/// second-to-last axis of the contiguous `[P, Hkv, D]` and the paged
+/// `[blocks, block_size, Hkv, D]` layouts alike), attention (`attend`) on
+/// the local heads, and the output projection split by input columns
+/// (row-parallel) with its partial sums combined over the attention TP
+/// group. The full new caches equal the all-gather of the local ones,
+/// which the signature pass turns into local cache outputs.
+fn split_attention_by_heads(cx: &mut Cx, rc: &RankCx, attend: &AttentionOf) -> Option<Vec<(Id, Id)>> {
     let l = &rc.layout;
     let t = cx.find(cx.var("?t"));
-    let Op::FlashAttention { scale } = cx.attr(cx.var("?fa"))? else { return None };
     let Op::Reshape { shape } = cx.attr(cx.var("?ra"))? else { return None };
     let Op::MatMulBias { transpose_b: true } = cx.attr(cx.var("?ma"))? else { return None };
-    let (pos, wo, bo) = (cx.var("?pos"), cx.var("?wo"), cx.var("?bo"));
-    let qkv = cx.eg[t].nodes.iter().find(|n| matches!(n, TLang::QkvRope(_))).cloned()?;
-    let TLang::QkvRope(ch) = qkv else { return None };
-    let Op::QkvRope { q_heads, kv_heads } = cx.attr(ch[0])? else { return None };
-    let [_, x, w, b, cos, sin, kc, vc] = ch;
+    let (wo, bo) = (cx.var("?wo"), cx.var("?bo"));
+    // The projection node and its operands after the attribute:
+    // x, w, b, cos, sin, k_cache, v_cache [, slot_mapping].
+    let (op, ch) = cx.eg[t].nodes.iter().find_map(|n| match n {
+        TLang::QkvRope(ch) => Some((cx.attr(ch[0])?, ch[1..].to_vec())),
+        TLang::QkvRopeCacheWrite(ch) => Some((cx.attr(ch[0])?, ch[1..].to_vec())),
+        _ => None,
+    })?;
+    let (Op::QkvRope { q_heads, kv_heads } | Op::QkvRopeCacheWrite { q_heads, kv_heads }) = op else { return None };
+    let (w, b, kc, vc) = (ch[1], ch[2], ch[5], ch[6]);
     let (hd, tp) = (l.dims.head_dim, l.attn_tp);
     if q_heads != l.dims.q_heads || kv_heads != l.dims.kv_heads || q_heads % tp != 0 || kv_heads % tp != 0 {
         return None;
     }
+    let kv_axis = super::kv_head_axis(cx.ty(kc)?.rank())?;
     let ((q0, q1), (k0, k1)) = l.heads(rc.rank);
     let (qd, kvd) = (q_heads * hd, kv_heads * hd);
     let rows = |cx: &mut Cx, m: Id| -> Option<Id> {
@@ -233,14 +293,19 @@ fn attention_tensor_parallel(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> 
         let v = slice(cx, m, 0, qd + kvd + k0 * hd, qd + kvd + k1 * hd)?;
         cx.add(Op::Concat { axis: 0 }, &[q, k, v])
     };
-    let w_l = rows(cx, w)?;
-    let b_l = rows(cx, b)?;
-    let kc_l = slice(cx, kc, 1, k0, k1)?;
-    let vc_l = slice(cx, vc, 1, k0, k1)?;
-    let op = Op::QkvRope { q_heads: q_heads / tp, kv_heads: kv_heads / tp };
-    let t_l = cx.add(op, &[x, w_l, b_l, cos, sin, kc_l, vc_l])?;
+    let mut args = ch.clone();
+    args[1] = rows(cx, w)?;
+    args[2] = rows(cx, b)?;
+    args[5] = slice(cx, kc, kv_axis, k0, k1)?;
+    args[6] = slice(cx, vc, kv_axis, k0, k1)?;
+    let (lq, lkv) = (q_heads / tp, kv_heads / tp);
+    let local_op = match op {
+        Op::QkvRope { .. } => Op::QkvRope { q_heads: lq, kv_heads: lkv },
+        _ => Op::QkvRopeCacheWrite { q_heads: lq, kv_heads: lkv },
+    };
+    let t_l = cx.add(local_op, &args)?;
     let (q_l, k_l, v_l) = (cx.proj(t_l, 0), cx.proj(t_l, 1), cx.proj(t_l, 2));
-    let ctx = cx.add(Op::FlashAttention { scale }, &[q_l, k_l, v_l, pos])?;
+    let ctx = attend(cx, [q_l, k_l, v_l])?;
     let mut local_shape = shape.clone();
     *local_shape.last_mut()? = panguc_ir::Dim::c((q1 - q0) * hd);
     let ctx2 = cx.add(Op::Reshape { shape: local_shape }, &[ctx])?;
@@ -249,9 +314,8 @@ fn attention_tensor_parallel(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> 
     let group = l.attn_group(rc.rank);
     let summed = all_reduce_rs_ag(cx, group.clone(), partial)?;
     let o = cx.add(Op::Binary(BinaryOp::Add), &[summed, bo])?;
-    let k_all = coll(cx, CollectiveKind::AllGather, group.clone(), 1, k_l)?;
-    let v_all = coll(cx, CollectiveKind::AllGather, group, 1, v_l)?;
+    let k_all = coll(cx, CollectiveKind::AllGather, group.clone(), kv_axis, k_l)?;
+    let v_all = coll(cx, CollectiveKind::AllGather, group, kv_axis, v_l)?;
     let (k_full, v_full) = (cx.proj(t, 1), cx.proj(t, 2));
-    let _ = PlanKind::H2p;
     Some(vec![(cx.root, o), (k_full, k_all), (v_full, v_all)])
 }
