@@ -8,7 +8,8 @@
 //! backend's tolerance), and the int8 values really are int8 in the
 //! package (weights, quantized activations, the paged KV cache, which is
 //! quantized inside the KV-write kernel and dequantized inside paged
-//! attention).
+//! attention). The quantized programs launch no more kernels per decoder
+//! layer than the bf16 one.
 
 mod common;
 
@@ -106,6 +107,63 @@ fn check(label: &str, q: &Path, pkg_dir: &Path) {
         eprintln!("{label} {tier}: worst max|diff|/max|logit| over the prompt rows = {worst:e} (tolerance {tol:e})");
         assert!(worst <= tol, "{label} {tier}: {worst} > {tol}");
         eprintln!("{label} {tier}: {:?}", got.iter().map(|g| g.generated.clone()).collect::<Vec<_>>());
+    }
+}
+
+/// The kernel program `compile_quantized` builds, scheduled alone (no
+/// code generation).
+fn scheduled(ckpt: &Checkpoint) -> panguc_ir::kernel::KernelProgram {
+    let imported = panguc::commands::import_with(ckpt, panguc::import::KvLayout::Paged { block_size: BLOCK }).unwrap();
+    let fused = panguc::pipeline::fuse_batched(ckpt, &imported, &Default::default()).expect("fusion");
+    panguc_lowering::schedule::schedule(&fused, &Default::default()).expect("schedule")
+}
+
+/// Launches per decoder layer: those writing a buffer of layer `L`
+/// (`model.layers.L.*`), by layer.
+fn launches_per_layer(p: &panguc_ir::kernel::KernelProgram) -> std::collections::BTreeMap<usize, usize> {
+    let mut per = std::collections::BTreeMap::new();
+    for l in &p.launches {
+        let k = &p.kernels[l.kernel];
+        let outs = &l.args[l.args.len() - k.kind.num_outputs()..];
+        let layer = outs.iter().find_map(|b| {
+            let name = &p.buffer(*b).name;
+            name.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok()
+        });
+        if let Some(layer) = layer {
+            *per.entry(layer).or_insert(0) += 1;
+        }
+    }
+    per
+}
+
+fn calibration() -> Vec<Vec<i64>> {
+    vec![(1..40).map(|i| (i * 37) % 256).collect(), (3..30).map(|i| (i * 11 + 5) % 256).collect()]
+}
+
+/// Both schemes (and static W8A8 with the int8 KV cache): every decoder
+/// layer of the quantized tiny model takes at most as many launches as
+/// the bf16 program's layer.
+#[test]
+fn quantized_programs_take_no_more_launches_per_layer_than_bf16() {
+    let bf16 = launches_per_layer(&scheduled(&checkpoint()));
+    assert_eq!(bf16.len(), 2, "two decoder layers: {bf16:?}");
+    let tmp = tempfile::tempdir().unwrap();
+    for (label, scheme, kv_int8) in [
+        ("W8A8_DYNAMIC", Scheme::W8A8Dynamic, false),
+        ("W8A8", Scheme::W8A8, false),
+        ("W8A8 + C8", Scheme::W8A8, true),
+    ] {
+        let q = tmp.path().join(label.replace(' ', ""));
+        let opts = QuantizeOptions { scheme, kv_int8, calib: calibration(), smooth_alpha: None };
+        write_quantized(&checkpoint(), &q, &opts).unwrap();
+        let p = scheduled(&Checkpoint::open(&q).unwrap());
+        let quant = launches_per_layer(&p);
+        eprintln!("{label}: launches per layer {quant:?} (bf16 {bf16:?}), {} in all", p.launches.len());
+        assert_eq!(quant.len(), bf16.len(), "{label}");
+        for (layer, n) in &quant {
+            let kinds: Vec<&str> = p.launches.iter().map(|l| p.kernels[l.kernel].kind.mnemonic()).collect();
+            assert!(*n <= bf16[layer], "{label} layer {layer}: {n} launches > bf16's {}: {kinds:?}", bf16[layer]);
+        }
     }
 }
 
