@@ -89,9 +89,8 @@ fn routed_expert_kernels_match_the_reference_chain_bit_for_bit() {
     let xq_rows = eval(Op::DynamicQuant, &[rows]);
     let w3 = |v: &[i64], n: usize, kk: usize| Tensor::i64(vec![e, n, kk], v.to_vec());
     let s2 = |v: &[f32], n: usize| Tensor::f32(vec![e, n], v.to_vec());
-    let gqmm = |q: &[Tensor], w: &Tensor, sc: &Tensor| {
-        eval(Op::GroupedQuantMatMul, &[&q[0], w, sc, &q[1], counts]).remove(0)
-    };
+    let gqmm =
+        |q: &[Tensor], w: &Tensor, sc: &Tensor| eval(Op::GroupedQuantMatMul, &[&q[0], w, sc, &q[1], counts]).remove(0);
     let gate = gqmm(&xq_rows, &w3(&wg, i, h), &s2(&sg, i));
     let up = gqmm(&xq_rows, &w3(&wu, i, h), &s2(&su, i));
     let act = eval(Op::SwiGlu, &[&gate, &up]).remove(0);
@@ -246,6 +245,48 @@ fn shared_gate_up_quant_matches_the_reference_chain_bit_for_bit() {
             run_tiles(get("shared").unwrap(), &mut b, &[t as i64, 0], t as u64, 0);
             assert_eq!(i8s(&b[6]), want[0].as_i64(), "{tier_name}: quantized activations");
             assert_eq!(bits(&f32s(&b[7])), bits(want[1].as_f32()), "{tier_name}: activation scales");
+        })
+        .unwrap();
+    }
+}
+
+/// `dyn_quant_matmul`: `dynamic_quant` then `quant_matmul_per_token` and
+/// the bias add in one kernel; N = 37 (two whole column blocks and a
+/// partial one), K = 72 (a VNNI step and a tail), a zero row.
+#[test]
+fn dyn_quant_matmul_matches_dynamic_quant_then_the_int8_matmul_bit_for_bit() {
+    let (t, kd, n) = (3usize, 72usize, 37usize);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+    let mut x: Vec<f32> = (0..t * kd).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    x[kd..2 * kd].iter_mut().for_each(|v| *v = 0.0);
+    let w = random_i8(&mut rng, n * kd);
+    let ws = scales(&mut rng, n);
+    let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+    let xq = eval(Op::DynamicQuant, &[&Tensor::f32(vec![t, kd], x.clone())]);
+    let (wt, st) = (Tensor::i64(vec![n, kd], w.clone()), Tensor::f32(vec![n], ws.clone()));
+    let y = eval(Op::QuantMatMulPerToken, &[&xq[0], &wt, &st, &xq[1]]).remove(0);
+    let want = eval(Op::Binary(panguc_ir::op::BinaryOp::Add), &[&y, &Tensor::f32(vec![n], bias.clone())]).remove(0);
+
+    let td = Dim::tokens();
+    let k = kernel(
+        "dqmm",
+        KernelKind::DynQuantMatMul { bias: true },
+        vec![
+            spec(DType::F32, vec![td.clone(), Dim::c(kd)]),
+            spec(DType::I8, vec![Dim::c(n), Dim::c(kd)]),
+            spec(DType::F32, vec![Dim::c(n)]),
+            spec(DType::F32, vec![Dim::c(n)]),
+            spec(DType::F32, vec![td.clone(), Dim::c(n)]),
+        ],
+    );
+    let tiles = k.tiles.eval(&panguc_ir::shape::bindings(t, 0)).unwrap();
+    assert_eq!(tiles as usize, n.div_ceil(16));
+    let p = program(vec![k]);
+    for tier_name in runnable_tiers() {
+        with_jit(&p, &tier(tier_name), |get| {
+            let mut b = vec![bytes_f32(&x), i8_bytes(&w), bytes_f32(&ws), bytes_f32(&bias), vec![0u8; t * n * 4]];
+            run_tiles(get("dqmm").unwrap(), &mut b, &[t as i64, 0], tiles, 0);
+            assert_eq!(bits(&f32s(&b[4])), bits(want.as_f32()), "{tier_name}: int8 matmul of the quantized rows");
         })
         .unwrap();
     }

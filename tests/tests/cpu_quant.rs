@@ -148,11 +148,9 @@ fn quantized_programs_take_no_more_launches_per_layer_than_bf16() {
     let bf16 = launches_per_layer(&scheduled(&checkpoint()));
     assert_eq!(bf16.len(), 2, "two decoder layers: {bf16:?}");
     let tmp = tempfile::tempdir().unwrap();
-    for (label, scheme, kv_int8) in [
-        ("W8A8_DYNAMIC", Scheme::W8A8Dynamic, false),
-        ("W8A8", Scheme::W8A8, false),
-        ("W8A8 + C8", Scheme::W8A8, true),
-    ] {
+    for (label, scheme, kv_int8) in
+        [("W8A8_DYNAMIC", Scheme::W8A8Dynamic, false), ("W8A8", Scheme::W8A8, false), ("W8A8 + C8", Scheme::W8A8, true)]
+    {
         let q = tmp.path().join(label.replace(' ', ""));
         let opts = QuantizeOptions { scheme, kv_int8, calib: calibration(), smooth_alpha: None };
         write_quantized(&checkpoint(), &q, &opts).unwrap();

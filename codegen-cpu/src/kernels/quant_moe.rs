@@ -80,7 +80,8 @@ struct GateUpArgs {
 
 /// `MoeGateUpQuant` (`routed`) and `QuantGateUpQuant`: see `KernelKind`.
 pub(crate) fn gate_up_quant(cg: &mut Cg, k: &Kernel, routed: bool) -> Result<()> {
-    let at = if routed { GateUpArgs { w_gate: 4, routing: Some((2, 3)) } } else { GateUpArgs { w_gate: 2, routing: None } };
+    let at =
+        if routed { GateUpArgs { w_gate: 4, routing: Some((2, 3)) } } else { GateUpArgs { w_gate: 2, routing: None } };
     let (x, wg) = (&k.args[0], &k.args[at.w_gate]);
     let (q_out, s_out) = (&k.args[at.w_gate + 4], &k.args[at.w_gate + 5]);
     need_i8(x, "the quantized activation")?;
@@ -92,7 +93,8 @@ pub(crate) fn gate_up_quant(cg: &mut Cg, k: &Kernel, routed: bool) -> Result<()>
     let experts = if routed { st(&wg.shape[0], "expert count")? } else { 1 };
     cg.begin_kernel(&k.name);
     let (xp, xsp) = (cg.arg(0, x.dtype), cg.arg(1, k.args[1].dtype));
-    let w: Vec<(PointerValue, DType)> = (at.w_gate..at.w_gate + 4).map(|j| (cg.arg(j, k.args[j].dtype), k.args[j].dtype)).collect();
+    let w: Vec<(PointerValue, DType)> =
+        (at.w_gate..at.w_gate + 4).map(|j| (cg.arg(j, k.args[j].dtype), k.args[j].dtype)).collect();
     let (gw, gs, uw, us) = (w[0], w[1], w[2], w[3]);
     let (qp, sp) = (cg.arg(at.w_gate + 4, q_out.dtype), cg.arg(at.w_gate + 5, s_out.dtype));
     let routing = at.routing.map(|(o, rows)| (cg.arg(o, DType::I64), cg.arg(rows, DType::I64)));
@@ -133,8 +135,11 @@ pub(crate) fn down_quant(cg: &mut Cg, k: &Kernel) -> Result<()> {
     let (a, wd, ys) = (&k.args[0], &k.args[4], &k.args[6]);
     need_i8(a, "the quantized activation")?;
     need_i8(wd, "the down weight")?;
-    let (experts, h, i) =
-        (st(&wd.shape[0], "expert count")?, st(&wd.shape[1], "hidden size")?, st(&wd.shape[2], "expert intermediate size")?);
+    let (experts, h, i) = (
+        st(&wd.shape[0], "expert count")?,
+        st(&wd.shape[1], "hidden size")?,
+        st(&wd.shape[2], "expert intermediate size")?,
+    );
     cg.begin_kernel(&k.name);
     let (ap, asp, offp, rwp) =
         (cg.arg(0, a.dtype), cg.arg(1, k.args[1].dtype), cg.arg(2, DType::I64), cg.arg(3, k.args[3].dtype));

@@ -449,7 +449,8 @@ mod tests {
         let r = check_rule(g, &rules, 6);
         r.assert_fired("moe-batched-routing-quant");
         r.assert_fired("moe-finalize-skips");
-        let chain = (r.count_op("moe_init_routing"), r.count_op("grouped_quant_matmul"), r.count_op("moe_finalize_routing"));
+        let chain =
+            (r.count_op("moe_init_routing"), r.count_op("grouped_quant_matmul"), r.count_op("moe_finalize_routing"));
         assert_eq!(chain, (1, 3, 1), "init, gate, up, down, finalize:\n{}", r.text);
         assert_eq!(r.count_op("one_hot"), 0, "the dense combine is gone:\n{}", r.text);
         let fin = r.fused.entry_fn().nodes.iter().find(|n| n.op == Op::MoeFinalizeRouting).expect("finalize");

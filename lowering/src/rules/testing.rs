@@ -10,8 +10,8 @@ use egg::{Runner, SimpleScheduler};
 use panguc_ir::shape::bindings;
 use panguc_ir::text::print_module;
 use panguc_ir::verify::verify_module;
-use panguc_ir::{DType, Dim, Function, Module, Op, TensorType, ValueId};
 use panguc_ir::Tensor;
+use panguc_ir::{DType, Dim, Function, Module, Op, TensorType, ValueId};
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -315,7 +315,11 @@ impl Selector<'_> {
     /// The per-token quantization of the MoE input `x`: the buffers of a
     /// `dynamic_quant(x)` already scheduled (the shared expert's, usually
     /// computed by the norm's kernel), else a launch of its own.
-    fn quantized_rows(&mut self, x: usize, name: &str) -> Result<(panguc_ir::kernel::BufferId, panguc_ir::kernel::BufferId)> {
+    fn quantized_rows(
+        &mut self,
+        x: usize,
+        name: &str,
+    ) -> Result<(panguc_ir::kernel::BufferId, panguc_ir::kernel::BufferId)> {
         let g = self.g;
         let done = g.nodes.iter().find(|n| n.op == Op::DynamicQuant && n.args[0] == x).and_then(|n| {
             let (q, s) = (n.results[0], n.results[1]);
