@@ -50,6 +50,9 @@ pub struct Selector<'a> {
     /// Results of int8 KV ops computed inside their one consumer's kernel
     /// ([`Selector::fuse_int8_kv`]): no launch of their own.
     absorbed: Vec<bool>,
+    /// Results a fused launch at an earlier node writes (its buffers are
+    /// set there): their own nodes launch nothing.
+    computed: Vec<bool>,
     /// Norm node -> the `dynamic_quant` of its normalized row, computed by
     /// the norm's kernel ([`Selector::fuse_norm_quant`]).
     norm_quant: BTreeMap<usize, usize>,
@@ -190,6 +193,7 @@ impl<'a> Selector<'a> {
             kv_out: BTreeMap::new(),
             batched,
             absorbed: vec![false; n],
+            computed: vec![false; n],
             norm_quant: BTreeMap::new(),
             quant_moe: BTreeMap::new(),
             quant_gate_up: BTreeMap::new(),
@@ -209,7 +213,7 @@ impl<'a> Selector<'a> {
         self.fuse_norm_quant(&live);
         self.fuse_quant_bias(&live);
         for (ni, node) in g.nodes.iter().enumerate() {
-            if !live[ni] || node.results.iter().all(|r| self.konst[*r] || self.absorbed[*r]) {
+            if !live[ni] || node.results.iter().all(|r| self.konst[*r] || self.absorbed[*r] || self.computed[*r]) {
                 continue;
             }
             let label = || format!("scheduling %{} = {}", g.values[node.results[0]].name, node.op.mnemonic());

@@ -108,6 +108,7 @@ impl Selector<'_> {
                 Op::Split { axis: 1, ref sizes } if sizes.len() == 3 => {
                     if let Some((qkv, inner)) = self.match_qkv_rope_write(ni, &uses, live) {
                         inner.into_iter().for_each(|v| self.absorbed[v] = true);
+                        [qkv.q, qkv.k_all, qkv.v_all].into_iter().for_each(|v| self.computed[v] = true);
                         self.qkv_rope_write.insert(ni, qkv);
                     }
                 }
@@ -168,9 +169,10 @@ impl Selector<'_> {
             q_heads: hq,
             kv_heads: hk,
         };
-        // Everything after the split is this one launch's (q and the
-        // caches get their buffers from it); the split node launches it.
-        let inner = vec![q3, k3, v3, kr, qkv.q, qkv.k_all, qkv.v_all];
+        // Everything after the split is this one launch's; q and the caches
+        // are computed by it (not absorbed: attention reads them as they
+        // are), at the split node.
+        let inner = vec![q3, k3, v3, kr];
         ok.then_some((qkv, inner))
     }
 
