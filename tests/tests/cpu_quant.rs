@@ -196,7 +196,9 @@ fn w8a8_dynamic_checkpoint_compiles_and_matches_the_interpreter_on_every_tier() 
     let layers = 2;
     assert_eq!(launches("rms_norm_quant"), 2 * layers);
     assert_eq!(launches("dynamic_quant"), 0);
-    for fused in ["moe_gate_up_quant", "moe_down_quant", "quant_gate_up_quant", "dyn_quant_matmul", "qkv_rope_cache_write"] {
+    for fused in
+        ["moe_gate_up_quant", "moe_down_quant", "quant_gate_up_quant", "dyn_quant_matmul", "qkv_rope_cache_write"]
+    {
         assert_eq!(launches(fused), layers, "{fused} in {kinds:?}");
     }
     // q/k/v are one int8 matmul with the bias in its epilogue.
