@@ -505,6 +505,38 @@ pub enum KernelKind {
     /// of the rows quantized per channel (`Quantize` semantics) on the way
     /// into the int8 cache. Tile: one token.
     KvCacheWriteQuant,
+    /// Routed W8A8_DYNAMIC experts, first half (`grouped_quant_matmul` of
+    /// the gate and of the up projection, `swiglu`, `dynamic_quant`):
+    /// `(xq i8[T, H], x_scale f32[T], offsets i64[E+1], rows i64[S],
+    /// w_gate i8[E, I, H], gate_scale[E, I], w_up i8[E, I, H], up_scale[E, I],
+    /// q_out i8[S, I], scale_out f32[S])`. Sorted row `r` (of expert `e`:
+    /// `offsets[e] <= r < offsets[e+1]`, as [`KernelKind::MoeRoute`] writes
+    /// them) reads token row `rows[r]`; `g[n] = f32(xq . w_gate[e, n]) *
+    /// gate_scale[e, n] * x_scale`, `u` likewise, `a = silu(g) * u`, and
+    /// `a` is quantized per row into `q_out[r]`, `scale_out[r]`
+    /// (`DynamicQuant`). The int32 sums never leave the kernel. Tile: one
+    /// sorted row.
+    MoeGateUpQuant,
+    /// The shared expert's [`KernelKind::MoeGateUpQuant`] (one expert, no
+    /// routing): `(xq i8[T, H], x_scale f32[T], w_gate i8[I, H],
+    /// gate_scale[I], w_up i8[I, H], up_scale[I], q_out i8[T, I], scale_out
+    /// f32[T])`. Tile: one row.
+    QuantGateUpQuant,
+    /// Routed W8A8_DYNAMIC experts, second half (`grouped_quant_matmul` of
+    /// the down projection, scaled by the routing weight):
+    /// `(aq i8[S, I], a_scale f32[S], offsets i64[E+1], row_weight f32[S],
+    /// w_down i8[E, H, I], down_scale[E, H], ys f32[S, H])`:
+    /// `ys[r, n] = f32(aq[r] . w_down[e, n]) * down_scale[e, n] * a_scale[r]
+    /// * row_weight[r]`. Tile: one sorted row.
+    MoeDownQuant,
+    /// [`KernelKind::QuantMatMul`] (`per_token`) with the `DynamicQuant`
+    /// of its input done inside: `(x f32[M, K], w i8[N, K], w_scale[N],
+    /// [bias[N],] out f32[M, N])`; each row is quantized per token
+    /// (`DynamicQuant` semantics) before its int8 dot products, so the
+    /// int8 row never reaches memory. Tile: as `QuantMatMul` (a block of
+    /// [`QUANT_MATMUL_COLS`] columns over every row; each tile quantizes
+    /// the rows it reads, K work per row against its 16 K of dot products).
+    DynQuantMatMul { bias: bool },
     /// `(in, out)` f32: a collective over the global ranks `group` with the
     /// semantics of `panguc_ir::multirank` (sum reduction; `axis` for the
     /// gathering/scattering kinds). Host-executed: code generators emit no
@@ -550,6 +582,10 @@ impl KernelKind {
             KernelKind::RmsNormQuant { add: true, .. } => "add_rms_norm_quant",
             KernelKind::PagedAttentionInt8 { .. } => "paged_attention_int8",
             KernelKind::KvCacheWriteQuant => "kv_cache_write_quant",
+            KernelKind::MoeGateUpQuant => "moe_gate_up_quant",
+            KernelKind::QuantGateUpQuant => "quant_gate_up_quant",
+            KernelKind::MoeDownQuant => "moe_down_quant",
+            KernelKind::DynQuantMatMul { .. } => "dyn_quant_matmul",
             KernelKind::Dequantize => "dequantize",
             KernelKind::DynamicQuant => "dynamic_quant",
             KernelKind::QuantMatMul { per_token: false, .. } => "quant_matmul",
@@ -572,7 +608,11 @@ impl KernelKind {
     /// Number of trailing arguments that the kernel writes.
     pub fn num_outputs(&self) -> usize {
         match self {
-            KernelKind::AddRmsNorm { .. } | KernelKind::MoeGating { .. } | KernelKind::DynamicQuant => 2,
+            KernelKind::AddRmsNorm { .. }
+            | KernelKind::MoeGating { .. }
+            | KernelKind::DynamicQuant
+            | KernelKind::MoeGateUpQuant
+            | KernelKind::QuantGateUpQuant => 2,
             KernelKind::MoeRoute | KernelKind::RmsNormQuant { add: true, .. } => 4,
             KernelKind::RmsNormQuant { add: false, .. } => 3,
             KernelKind::QkvRopeAppend { .. } | KernelKind::QkvRopeCacheWrite { .. } => 3,
@@ -788,7 +828,7 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
         | KernelKind::MatMul { .. }
         | KernelKind::Quantize
         | KernelKind::Dequantize => rows(&last(0).shape),
-        KernelKind::QuantMatMul { .. } => {
+        KernelKind::QuantMatMul { .. } | KernelKind::DynQuantMatMul { .. } => {
             let out = &last(0).shape;
             let r = out.len();
             let n = cst(&out[r - 1], "int8 matmul N")?;
@@ -796,7 +836,8 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
             e.factor *= n.div_ceil(QUANT_MATMUL_COLS) as u64;
             e
         }
-        KernelKind::DynamicQuant => rows(&args[0].shape),
+        KernelKind::DynamicQuant | KernelKind::QuantGateUpQuant | KernelKind::MoeDownQuant => rows(&args[0].shape),
+        KernelKind::MoeGateUpQuant => Extent::of(1, &args[3].shape[..1]),
         KernelKind::Gather | KernelKind::OneHot { .. } => Extent::of(1, &args[args.len() - 2].shape),
         KernelKind::Gemm { .. } => {
             let out = &last(0).shape;
@@ -867,7 +908,7 @@ pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
         KernelKind::MoeGateUp | KernelKind::MoeGroupedGateUp | KernelKind::MoeDown => {
             panel(&args[args.len() - 2], &args[0].shape[1], &Dim::c(1))
         }
-        KernelKind::QuantMatMul { .. } => {
+        KernelKind::QuantMatMul { .. } | KernelKind::DynQuantMatMul { .. } => {
             // A block of columns over every row: 2 ops per int8 product.
             let (a, out) = (&args[0], args.last().expect("out"));
             Extent::of(2 * QUANT_MATMUL_COLS as u64, &[last(a), out.shape[out.shape.len() - 2].clone()])
@@ -876,6 +917,16 @@ pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
             let a = &args[0];
             let out = args.last().expect("out");
             Extent::of(2, &[last(a), last(out)])
+        }
+        // One row against every column of its expert's weights: 2 ops per
+        // int8 product (two projections for the gate/up kernels).
+        KernelKind::MoeGateUpQuant | KernelKind::QuantGateUpQuant => {
+            let w = &args[args.len() - 6];
+            Extent::of(4, &w.shape[w.shape.len() - 2..])
+        }
+        KernelKind::MoeDownQuant => {
+            let w = &args[4];
+            Extent::of(2, &w.shape[1..])
         }
         KernelKind::Attention { .. } => {
             let (q, k) = (&args[0], &args[1]);

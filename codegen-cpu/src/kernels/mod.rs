@@ -8,6 +8,7 @@ mod gemm;
 mod movement;
 mod norm;
 mod quant;
+mod quant_moe;
 mod reduce;
 
 use crate::cg::Cg;
@@ -51,6 +52,10 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::DynamicQuant => quant::dynamic_quant(cg, k),
         KernelKind::RmsNormQuant { eps, add } => norm::rms_norm_quant(cg, k, *eps, *add),
         KernelKind::QuantMatMul { per_token, bias } => quant::quant_matmul(cg, k, *per_token, *bias),
+        KernelKind::MoeGateUpQuant => quant_moe::gate_up_quant(cg, k, true),
+        KernelKind::QuantGateUpQuant => quant_moe::gate_up_quant(cg, k, false),
+        KernelKind::MoeDownQuant => quant_moe::down_quant(cg, k),
+        KernelKind::DynQuantMatMul { bias } => quant_moe::dyn_quant_matmul(cg, k, *bias),
         // Host-executed by the runtime through its `Collective`.
         KernelKind::Collective { .. } => Ok(()),
     };

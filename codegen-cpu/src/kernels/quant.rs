@@ -37,7 +37,7 @@ pub(crate) fn quantize_value<'c>(cg: &Cg<'c>, v: FloatValue<'c>) -> IntValue<'c>
 
 /// Element `i` of a scale operand as f32: a float buffer, or an i64 word
 /// holding the f32 bits in its low half (msModelSlim's `deq_scale`).
-fn load_scale<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, dtype: DType) -> FloatValue<'c> {
+pub(crate) fn load_scale<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, dtype: DType) -> FloatValue<'c> {
     if dtype.is_float() {
         return cg.load_f(p, i, dtype);
     }
@@ -229,7 +229,7 @@ const VNNI_BYTES: usize = 64;
 
 /// Exact `sum_k x[k] * w[k]` of two int8 rows of static length `len`, as
 /// an i32 (see the module docs for the VNNI form).
-fn dot_i8<'c>(
+pub(crate) fn dot_i8<'c>(
     cg: &mut Cg<'c>,
     x: PointerValue<'c>,
     w: PointerValue<'c>,

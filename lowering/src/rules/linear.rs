@@ -1,4 +1,5 @@
-//! Projections: `matmul-bias`, `merge-qkv`, `swiglu`, `merge-gate-up`.
+//! Projections: `matmul-bias`, `merge-qkv` (and its W8A8_DYNAMIC form
+//! `merge-qkv-quant`), `swiglu`, `merge-gate-up`.
 
 use super::{check, Cx, Rule};
 use egg::Id;
@@ -17,6 +18,14 @@ pub fn rules() -> Vec<Rule> {
             "three biased projections of one input  ->  one matmul_bias on concatenated weights + split",
             "?q = (matmul_bias ?t ?x ?wq ?bq), ?k = (matmul_bias ?t ?x ?wk ?bk), ?v = (matmul_bias ?t ?x ?wv ?bv)",
             merge_qkv,
+        ),
+        Rule::multi(
+            "merge-qkv-quant",
+            "three biased W8A8_DYNAMIC projections of one quantized input  ->  one quant_matmul_per_token on concatenated weights and scales + bias + split",
+            "?q = (add (quant_matmul_per_token ?xq ?wq ?sq ?xs) ?bq), \
+             ?k = (add (quant_matmul_per_token ?xq ?wk ?sk ?xs) ?bk), \
+             ?v = (add (quant_matmul_per_token ?xq ?wv ?sv ?xs) ?bv)",
+            merge_qkv_quant,
         ),
         Rule::patterns("swiglu", "(g * sigmoid(g)) * u  ->  swiglu(g, u)", &["(mul (mul ?g (sigmoid ?g)) ?u)"], swiglu),
         Rule::patterns(
@@ -54,6 +63,31 @@ fn merge_qkv(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
     let y = cx.add_named(Op::MatMulBias { transpose_b: true }, &[x, w, b], Some("qkv"))?;
     let axis = cx.ty(y)?.rank() - 1;
     let s = cx.add_named(Op::Split { axis, sizes: rows }, &[y], Some("qkv_split"))?;
+    let outs = [cx.var("?q"), cx.var("?k"), cx.var("?v")];
+    Some(outs.iter().enumerate().map(|(i, o)| (*o, cx.proj(s, i))).collect())
+}
+
+/// `merge-qkv` for int8 projections sharing one per-token quantized
+/// input: output column `n` of the merged matmul is the dot product with
+/// weight row `n` scaled by that row's scale, exactly as in the projection
+/// it came from. Same guards as `merge-qkv`; the per-channel scales and
+/// the biases are vectors over the output columns.
+fn merge_qkv_quant(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    let ws = [cx.var("?wq"), cx.var("?wk"), cx.var("?wv")].map(|w| cx.find(w));
+    let ss = [cx.var("?sq"), cx.var("?sk"), cx.var("?sv")];
+    let bs = [cx.var("?bq"), cx.var("?bk"), cx.var("?bv")];
+    check(ws[0] < ws[1] && ws[1] < ws[2])?;
+    check(ws.iter().all(|w| cx.is_weight_param(*w)))?;
+    check(ss.iter().chain(&bs).all(|v| cx.weight_only(*v) && cx.ty(*v).is_some_and(|t| t.rank() == 1)))?;
+    let (xq, xs) = (cx.var("?xq"), cx.var("?xs"));
+    check(!cx.weight_only(xq) && cx.ty(xq)?.rank() == 2)?;
+    let rows: Vec<usize> = ws.iter().map(|w| cx.ty(*w)?.shape.first()?.as_const()).collect::<Option<_>>()?;
+    let w = cx.add_named(Op::Concat { axis: 0 }, &ws, Some("qkv_weight"))?;
+    let s = cx.add_named(Op::Concat { axis: 0 }, &ss, Some("qkv_weight_scale"))?;
+    let b = cx.add_named(Op::Concat { axis: 0 }, &bs, Some("qkv_bias"))?;
+    let mm = cx.add_named(Op::QuantMatMulPerToken, &[xq, w, s, xs], Some("qkv_mm"))?;
+    let y = cx.add_named(Op::Binary(panguc_ir::op::BinaryOp::Add), &[mm, b], Some("qkv"))?;
+    let s = cx.add_named(Op::Split { axis: 1, sizes: rows }, &[y], Some("qkv_split"))?;
     let outs = [cx.var("?q"), cx.var("?k"), cx.var("?v")];
     Some(outs.iter().enumerate().map(|(i, o)| (*o, cx.proj(s, i))).collect())
 }
@@ -134,6 +168,28 @@ mod tests {
         assert_eq!(r.count_op("matmul_bias"), 1, "{}", r.text);
         assert_eq!(r.count_op("split"), 1);
         assert_eq!(r.kernels_after, 2, "merged matmul + split:\n{}", r.text);
+    }
+
+    /// The importer's W8A8_DYNAMIC q/k/v: one per-token quantization of the
+    /// input, three int8 projections with per-channel scales and a bias.
+    #[test]
+    fn merge_qkv_quant_fires_once_and_preserves_numbers() {
+        let mut g = G::new();
+        let x = g.input("x", &[tok(), c(8)]);
+        let q = g.ops(Op::DynamicQuant, &[x], 2);
+        for (name, rows) in [("q", 8), ("k", 4), ("v", 4)] {
+            let w = g.weight(&format!("{name}_proj.weight"), DType::I8, &[rows, 8]);
+            let s = g.weight(&format!("{name}_proj.weight_scale"), DType::F32, &[rows]);
+            let b = g.weight(&format!("{name}_proj.bias"), DType::BF16, &[rows]);
+            let mm = g.op(Op::QuantMatMulPerToken, &[q[0], w, s, q[1]]);
+            let bf = g.op(Op::Cast { dtype: DType::F32 }, &[b]);
+            let y = g.op(Op::Binary(BinaryOp::Add), &[mm, bf]);
+            g.output(y);
+        }
+        let r = check_rule(g, &["merge-qkv-quant"], 3);
+        assert_eq!(r.fired("merge-qkv-quant"), 1, "one canonical triple, not six permutations");
+        r.assert_fired("merge-qkv-quant");
+        assert_eq!((r.count_op("quant_matmul_per_token"), r.count_op("split")), (1, 1), "{}", r.text);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Mixture of grouped experts: `moe-gating`, `moe-router`,
 //! `grouped-matmul` and `moe-shared-residual` (routing per row), and the
-//! batched form: `moe-batched-routing` and `moe-grouped-ffn`.
+//! batched form: `moe-batched-routing` and `moe-grouped-ffn`; and the
+//! W8A8_DYNAMIC experts in the batched form: `moe-batched-routing-quant`
+//! and `moe-finalize-skips`.
 
 use super::{check, Cx, Rule};
 use egg::Id;
@@ -48,7 +50,34 @@ pub fn rules() -> Vec<Rule> {
             &[&grouped_chain_pattern()],
             moe_grouped_ffn,
         ),
+        Rule::patterns(
+            "moe-batched-routing-quant",
+            "W8A8_DYNAMIC experts computed densely, combined through one-hot routing weights  ->  moe_init_routing -> dynamic_quant -> grouped_quant_matmul gate, up -> swiglu -> dynamic_quant -> grouped_quant_matmul down -> moe_finalize_routing",
+            &[&dense_quant_experts_pattern()],
+            moe_batched_routing_quant,
+        ),
+        Rule::patterns(
+            "moe-finalize-skips",
+            "r + (moe_finalize_routing(grouped_quant_matmul(..), w, idx) + s)  ->  moe_finalize_routing(.., s, r)",
+            &["(add ?r (add (moe_finalize_routing (grouped_quant_matmul ?aq ?wd ?sd ?as ?counts) ?w ?idx) ?s))"],
+            moe_finalize_skips,
+        ),
     ]
+}
+
+/// The importer's routed W8A8_DYNAMIC experts (`DENSE_EXPERTS` with every
+/// matmul a per-token quantized one): every expert on every row, its
+/// activation quantized per token before each projection.
+fn dense_quant_experts_pattern() -> String {
+    let qmm = |x: &str, w: &str, s: &str| {
+        format!("(quant_matmul_per_token (proj 0 (dynamic_quant {x})) {w} {s} (proj 1 (dynamic_quant {x})))")
+    };
+    let act = format!("(swiglu {} {})", qmm("?x", "?wg", "?sg"), qmm("?x", "?wu", "?su"));
+    format!(
+        "(reduce_sum ?r0 (mul {} \
+         (reshape ?rc (transpose ?tp (reduce_sum ?r1 (mul (one_hot ?oh ?ids) (reshape ?rw ?w)))))))",
+        qmm(&act, "?wd", "?sd")
+    )
 }
 
 /// The importer's routed experts: every expert on every row, weighted by
@@ -121,6 +150,12 @@ struct DenseExperts {
 /// expert weights `[E, I, H]`, a one-hot combine over the same `E`.
 fn dense_experts(cx: &Cx) -> Option<DenseExperts> {
     check(cx.attr(cx.var("?t"))? == Op::MatMul { transpose_b: true })?;
+    dense_combine(cx)
+}
+
+/// [`dense_experts`] without the float matmul's attribute (the W8A8_DYNAMIC
+/// form has none).
+fn dense_combine(cx: &Cx) -> Option<DenseExperts> {
     check(cx.attr(cx.var("?r0"))? == Op::Reduce { op: ReduceOp::Sum, axis: 0, keepdim: false })?;
     check(cx.attr(cx.var("?r1"))? == Op::Reduce { op: ReduceOp::Sum, axis: 1, keepdim: false })?;
     check(cx.attr(cx.var("?tp"))? == Op::Transpose { perm: vec![1, 0] })?;
@@ -154,6 +189,41 @@ fn moe_batched_routing(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
     let y = cx.add(Op::GroupedMatmul, &[act, d.wd, counts])?;
     let out = cx.add(Op::MoeFinalizeRouting, &[y, d.w, row_idx])?;
     Some(vec![(cx.root, out)])
+}
+
+/// The dense W8A8_DYNAMIC experts over a batch in the batched form of
+/// `moe-batched-routing`. Quantization is per row, so quantizing the
+/// gathered rows gives each row the int8 values and scale it has in the
+/// dense form; the per-expert weight scales `[E, N]` are the dense
+/// matmuls' own. Skipped (row, expert) terms are exact zeros there.
+fn moe_batched_routing_quant(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    let d = dense_combine(cx)?;
+    let (sg, su, sd) = (cx.var("?sg"), cx.var("?su"), cx.var("?sd"));
+    check([sg, su, sd].iter().all(|c| cx.weight_only(*c)))?;
+    let init = cx.add(Op::MoeInitRouting { experts: d.experts }, &[d.x, d.ids])?;
+    let (rows, row_idx, counts) = (cx.proj(init, 0), cx.proj(init, 1), cx.proj(init, 2));
+    let xq = cx.add(Op::DynamicQuant, &[rows])?;
+    let (q, s) = (cx.proj(xq, 0), cx.proj(xq, 1));
+    let gate = cx.add(Op::GroupedQuantMatMul, &[q, d.wg, sg, s, counts])?;
+    let up = cx.add(Op::GroupedQuantMatMul, &[q, d.wu, su, s, counts])?;
+    let act = cx.add(Op::SwiGlu, &[gate, up])?;
+    let aq = cx.add(Op::DynamicQuant, &[act])?;
+    let (q, s) = (cx.proj(aq, 0), cx.proj(aq, 1));
+    let y = cx.add(Op::GroupedQuantMatMul, &[q, d.wd, sd, s, counts])?;
+    let out = cx.add(Op::MoeFinalizeRouting, &[y, d.w, row_idx])?;
+    Some(vec![(cx.root, out)])
+}
+
+/// The shared expert `s` and the residual `r` as the finalize's skip terms
+/// (added after the weighted sum, in that order: `(routed + s) + r` is
+/// `r + (routed + s)` exactly). Only the quantized chain's finalize is
+/// extended: the float one is priced as a whole by `moe-grouped-ffn`.
+fn moe_finalize_skips(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    let [aq, wd, sd, x_scale, counts] = ["?aq", "?wd", "?sd", "?as", "?counts"].map(|v| cx.var(v));
+    let y = cx.add(Op::GroupedQuantMatMul, &[aq, wd, sd, x_scale, counts])?;
+    let [w, idx, s, r] = ["?w", "?idx", "?s", "?r"].map(|v| cx.var(v));
+    let n = cx.add(Op::MoeFinalizeRouting, &[y, w, idx, s, r])?;
+    Some(vec![(cx.root, n)])
 }
 
 /// The batched chain plus the shared expert and the residual as one op
@@ -312,6 +382,80 @@ mod tests {
         let chain = (r.count_op("moe_init_routing"), r.count_op("grouped_matmul"), r.count_op("moe_finalize_routing"));
         assert_eq!(chain, (1, 3, 1), "init, gate, up, down, finalize:\n{}", r.text);
         assert_eq!(r.count_op("one_hot"), 0, "the dense combine is gone:\n{}", r.text);
+    }
+
+    /// `moe_block` with W8A8_DYNAMIC linears (the importer's form): every
+    /// projection `quant_matmul_per_token` of a per-token `dynamic_quant`,
+    /// int8 weights stacked per expert, per-channel scales `[E, N]`.
+    fn quant_moe_block(g: &mut G) -> usize {
+        let (h, i, is) = (16, 6, 10);
+        let x = g.input("x", &[tok(), c(h)]);
+        let r = g.input("residual", &[tok(), c(h)]);
+        let logits = router(g, x);
+        let (w, ids) = routing(g, logits);
+        let oh = g.op(Op::OneHot { depth: E }, &[ids]);
+        let w3 = g.op(Op::Reshape { shape: vec![tok(), c(G_), c(1)] }, &[w]);
+        let slots = g.op(Op::Binary(BinaryOp::Mul), &[oh, w3]);
+        let combine = g.op(Op::Reduce { op: ReduceOp::Sum, axis: 1, keepdim: false }, &[slots]);
+        let stack = |g: &mut G, kind: &str, shape: &[usize]| {
+            let ws: Vec<usize> =
+                (0..E).map(|e| g.weight(&format!("experts.{e}.{kind}_proj.weight"), DType::I8, shape)).collect();
+            g.op(Op::Stack { axis: 0 }, &ws)
+        };
+        let qlinear = |g: &mut G, x: usize, w: usize, scale: usize| {
+            let q = g.ops(Op::DynamicQuant, &[x], 2);
+            g.op(Op::QuantMatMulPerToken, &[q[0], w, scale, q[1]])
+        };
+        let mlp = |g: &mut G, x: usize, w: [usize; 6]| {
+            let gate = qlinear(g, x, w[0], w[1]);
+            let up = qlinear(g, x, w[2], w[3]);
+            let s = g.op(Op::Unary(UnaryOp::Sigmoid), &[gate]);
+            let silu = g.op(Op::Binary(BinaryOp::Mul), &[gate, s]);
+            let act = g.op(Op::Binary(BinaryOp::Mul), &[silu, up]);
+            qlinear(g, act, w[4], w[5])
+        };
+        let experts = [
+            stack(g, "gate", &[i, h]),
+            g.weight("experts.gate_scale", DType::F32, &[E, i]),
+            stack(g, "up", &[i, h]),
+            g.weight("experts.up_scale", DType::F32, &[E, i]),
+            stack(g, "down", &[h, i]),
+            g.weight("experts.down_scale", DType::F32, &[E, h]),
+        ];
+        let ey = mlp(g, x, experts);
+        let ct = g.op(Op::Transpose { perm: vec![1, 0] }, &[combine]);
+        let cb = g.op(Op::Reshape { shape: vec![c(E), tok(), c(1)] }, &[ct]);
+        let weighted = g.op(Op::Binary(BinaryOp::Mul), &[ey, cb]);
+        let routed = g.op(Op::Reduce { op: ReduceOp::Sum, axis: 0, keepdim: false }, &[weighted]);
+        let shared = [
+            g.weight("shared.gate_proj.weight", DType::I8, &[is, h]),
+            g.weight("shared.gate_scale", DType::F32, &[is]),
+            g.weight("shared.up_proj.weight", DType::I8, &[is, h]),
+            g.weight("shared.up_scale", DType::F32, &[is]),
+            g.weight("shared.down_proj.weight", DType::I8, &[h, is]),
+            g.weight("shared.down_scale", DType::F32, &[h]),
+        ];
+        let shared = mlp(g, x, shared);
+        let moe = g.op(Op::Binary(BinaryOp::Add), &[routed, shared]);
+        g.op(Op::Binary(BinaryOp::Add), &[r, moe])
+    }
+
+    #[test]
+    fn quantized_experts_take_the_batched_form_with_the_skips_in_the_finalize() {
+        let mut g = G::new();
+        let y = quant_moe_block(&mut g);
+        g.output(y);
+        let rules = ["swiglu", "moe-gating", "moe-router", "moe-batched-routing-quant", "moe-finalize-skips"];
+        let r = check_rule(g, &rules, 6);
+        r.assert_fired("moe-batched-routing-quant");
+        r.assert_fired("moe-finalize-skips");
+        let chain =
+            (r.count_op("moe_init_routing"), r.count_op("grouped_quant_matmul"), r.count_op("moe_finalize_routing"));
+        assert_eq!(chain, (1, 3, 1), "init, gate, up, down, finalize:\n{}", r.text);
+        assert_eq!(r.count_op("one_hot"), 0, "the dense combine is gone:\n{}", r.text);
+        let fin = r.fused.entry_fn().nodes.iter().find(|n| n.op == Op::MoeFinalizeRouting).expect("finalize");
+        assert_eq!(fin.args.len(), 5, "shared expert and residual added in the finalize:\n{}", r.text);
+        assert_eq!(r.count_op("add"), 0, "{}", r.text);
     }
 
     const BATCHED_RULES: [&str; 6] =

@@ -10,7 +10,9 @@ use egg::{Runner, SimpleScheduler};
 use panguc_ir::shape::bindings;
 use panguc_ir::text::print_module;
 use panguc_ir::verify::verify_module;
+use panguc_ir::Tensor;
 use panguc_ir::{DType, Dim, Function, Module, Op, TensorType, ValueId};
+use std::collections::HashMap;
 use std::time::Duration;
 
 pub fn tok() -> Dim {
@@ -53,6 +55,16 @@ impl G {
         let name = format!("v{}", self.f.values.len());
         let args: Vec<ValueId> = args.iter().map(|&a| ValueId(a as u32)).collect();
         self.f.op(op, &args, &name).unwrap_or_else(|e| panic!("test graph does not type: {e}")).index()
+    }
+
+    /// A multi-result op: one value per result.
+    pub fn ops(&mut self, op: Op, args: &[usize], results: usize) -> Vec<usize> {
+        let base = format!("v{}", self.f.values.len());
+        let names: Vec<String> = (0..results).map(|i| format!("{base}_{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let args: Vec<ValueId> = args.iter().map(|&a| ValueId(a as u32)).collect();
+        let ids = self.f.push_node(None, op, &args, &names).unwrap_or_else(|e| panic!("test graph does not type: {e}"));
+        ids.iter().map(|v| v.index()).collect()
     }
 
     pub fn output(&mut self, v: usize) {
@@ -113,7 +125,7 @@ pub fn check_rule_at(g: G, rules: &[&str], points: &[(usize, usize)]) -> RuleChe
     fused.functions.insert("main".into(), f);
     verify_module(&fused).unwrap_or_else(|e| panic!("fused module does not verify: {e}"));
     let text = print_module(&fused);
-    let weights = random_weights(&module, 11, 1 << 24).unwrap();
+    let weights = integer_weights(&module, random_weights(&module, 11, 1 << 24).unwrap());
     let mut rng = Rng::new(5);
     for &(t, past) in points {
         let inputs = random_inputs(&module, &bindings(t, past), &mut rng).unwrap();
@@ -121,6 +133,22 @@ pub fn check_rule_at(g: G, rules: &[&str], points: &[(usize, usize)]) -> RuleChe
             .unwrap_or_else(|e| panic!("{e:#}\nfused:\n{text}"));
     }
     RuleCheck { kernels_before: stats.kernels_before, kernels_after: stats.kernels_after, text, stats, fused }
+}
+
+/// Integer weights (int8 matrices, int32 quant biases) as integers: the
+/// random floats scaled into the int8 range and rounded.
+fn integer_weights(m: &Module, mut w: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    for f in m.functions.values() {
+        for (p, t) in f.weight_params() {
+            let Some(x) = w.get_mut(t) else { continue };
+            if f.ty(p.value).dtype.is_float() || !x.is_f32() {
+                continue;
+            }
+            let ints = x.as_f32().iter().map(|v| ((v * 400.0).round() as i64).clamp(-128, 127)).collect();
+            *x = Tensor::i64(x.shape.clone(), ints);
+        }
+    }
+    w
 }
 
 /// Saturate a test graph with arbitrary rules under small budgets; returns

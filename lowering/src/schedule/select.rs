@@ -13,6 +13,8 @@ use panguc_ir::shape::{SYM_MAX_BLOCKS, SYM_NUM_BLOCKS, SYM_PAST, SYM_SEQS, SYM_T
 use panguc_ir::{DType, Dim, Op, TensorType};
 use std::collections::BTreeMap;
 
+mod quant_fuse;
+
 /// Entry inputs before the KV caches of a one-sequence program: `ids`, `positions`.
 const LEADING_INPUTS: usize = 2;
 /// Entry inputs before the KV caches of a ragged-batch program: `ids` and
@@ -48,9 +50,21 @@ pub struct Selector<'a> {
     /// Results of int8 KV ops computed inside their one consumer's kernel
     /// ([`Selector::fuse_int8_kv`]): no launch of their own.
     absorbed: Vec<bool>,
+    /// Results a fused launch at an earlier node writes (its buffers are
+    /// set there): their own nodes launch nothing.
+    computed: Vec<bool>,
     /// Norm node -> the `dynamic_quant` of its normalized row, computed by
     /// the norm's kernel ([`Selector::fuse_norm_quant`]).
     norm_quant: BTreeMap<usize, usize>,
+    /// `moe_finalize_routing` node -> its fused W8A8_DYNAMIC routed experts
+    /// ([`Selector::fuse_quant_mlps`]).
+    quant_moe: BTreeMap<usize, quant_fuse::QuantMoe>,
+    /// `dynamic_quant` node -> the fused shared-expert gate/up before it.
+    quant_gate_up: BTreeMap<usize, quant_fuse::QuantGateUp>,
+    /// `split` node -> the rope and cache writes of its merged int8 q/k/v.
+    qkv_rope_write: BTreeMap<usize, quant_fuse::QkvRopeWrite>,
+    /// Launching node -> an int8 matmul quantizing its own input.
+    dyn_quant_mm: BTreeMap<usize, quant_fuse::DynQuantMm>,
     p: KernelProgram,
 }
 
@@ -179,7 +193,12 @@ impl<'a> Selector<'a> {
             kv_out: BTreeMap::new(),
             batched,
             absorbed: vec![false; n],
+            computed: vec![false; n],
             norm_quant: BTreeMap::new(),
+            quant_moe: BTreeMap::new(),
+            quant_gate_up: BTreeMap::new(),
+            qkv_rope_write: BTreeMap::new(),
+            dyn_quant_mm: BTreeMap::new(),
             p,
         }
     }
@@ -190,10 +209,11 @@ impl<'a> Selector<'a> {
         self.bind_inputs()?;
         let live = self.live_nodes();
         self.fuse_int8_kv(&live);
+        self.fuse_quant_mlps(&live);
         self.fuse_norm_quant(&live);
         self.fuse_quant_bias(&live);
         for (ni, node) in g.nodes.iter().enumerate() {
-            if !live[ni] || node.results.iter().all(|r| self.konst[*r] || self.absorbed[*r]) {
+            if !live[ni] || node.results.iter().all(|r| self.konst[*r] || self.absorbed[*r] || self.computed[*r]) {
                 continue;
             }
             let label = || format!("scheduling %{} = {}", g.values[node.results[0]].name, node.op.mnemonic());
@@ -296,25 +316,32 @@ impl<'a> Selector<'a> {
         let g = self.g;
         let uses = self.use_counts(live);
         for (ni, n) in g.nodes.iter().enumerate() {
-            if !live[ni] || n.op != Op::Binary(panguc_ir::op::BinaryOp::Add) {
-                continue;
-            }
-            let (y, bias) = (n.args[0], n.args[1]);
-            let Def::Node(mm) = g.values[y].def else { continue };
-            let is_qmm = matches!(g.nodes[mm].op, Op::QuantMatMul | Op::QuantMatMulPerToken);
-            let n_dim = g.values[y].ty.shape.last().cloned();
-            if is_qmm
-                && uses[y] == 1
-                && self.konst[bias]
-                && !self.konst[y]
-                && self.storage[bias].is_float()
-                && g.values[bias].ty.shape.len() == 1
-                && g.values[bias].ty.shape.last().cloned() == n_dim
-                && g.values[n.results[0]].ty == g.values[y].ty
-            {
-                self.absorbed[y] = true;
+            if live[ni] && self.is_quant_bias_add(ni, &uses) {
+                self.absorbed[n.args[0]] = true;
             }
         }
+    }
+
+    /// Node `ni` is `add(y, bias)` with `y` an int8 matmul read only there
+    /// and `bias` a constant float vector over its columns.
+    fn is_quant_bias_add(&self, ni: usize, uses: &[usize]) -> bool {
+        let g = self.g;
+        let n = &g.nodes[ni];
+        if n.op != Op::Binary(panguc_ir::op::BinaryOp::Add) {
+            return false;
+        }
+        let (y, bias) = (n.args[0], n.args[1]);
+        let Def::Node(mm) = g.values[y].def else { return false };
+        let is_qmm = matches!(g.nodes[mm].op, Op::QuantMatMul | Op::QuantMatMulPerToken);
+        let n_dim = g.values[y].ty.shape.last().cloned();
+        is_qmm
+            && uses[y] == 1
+            && self.konst[bias]
+            && !self.konst[y]
+            && self.storage[bias].is_float()
+            && g.values[bias].ty.shape.len() == 1
+            && g.values[bias].ty.shape.last().cloned() == n_dim
+            && g.values[n.results[0]].ty == g.values[y].ty
     }
 
     /// How many live nodes (and entry outputs) read each value.
@@ -662,6 +689,8 @@ impl<'a> Selector<'a> {
             }
             Op::Cast { .. } => self.elementwise(ni, ElemOp::Convert)?,
             Op::Unary(u) => self.elementwise(ni, ElemOp::Unary(*u))?,
+            Op::Binary(_) | Op::QuantMatMulPerToken if self.dyn_quant_mm.contains_key(&ni) => self.dyn_quant_mm(ni)?,
+            Op::Split { .. } if self.qkv_rope_write.contains_key(&ni) => self.qkv_rope_write(ni)?,
             Op::Binary(_)
                 if self.absorbed[arg(0)]
                     && self
@@ -781,11 +810,13 @@ impl<'a> Selector<'a> {
                 self.launch(KernelKind::PagedAttentionInt8 { scale: *scale }, args)?;
             }
             Op::PagedAttention { scale } => self.simple(ni, KernelKind::PagedAttention { scale: *scale })?,
+            Op::MoeFinalizeRouting if self.quant_moe.contains_key(&ni) => self.quant_moe(ni)?,
             Op::MoeInitRouting { .. } | Op::GroupedMatmul | Op::MoeFinalizeRouting => {
                 bail!("`{}` (a batched MoE op) has no CPU kernel yet; only the interpreter runs it", n.op.mnemonic())
             }
             Op::Quantize => self.simple(ni, KernelKind::Quantize)?,
             Op::Dequantize => self.simple(ni, KernelKind::Dequantize)?,
+            Op::DynamicQuant if self.quant_gate_up.contains_key(&ni) => self.quant_gate_up(ni)?,
             Op::DynamicQuant => self.simple(ni, KernelKind::DynamicQuant)?,
             Op::QuantMatMul => self.simple(ni, KernelKind::QuantMatMul { per_token: false, bias: false })?,
             Op::QuantMatMulPerToken => self.simple(ni, KernelKind::QuantMatMul { per_token: true, bias: false })?,

@@ -1,0 +1,293 @@
+//! The fused W8A8_DYNAMIC expert kernels (`moe_gate_up_quant`,
+//! `moe_down_quant`, `quant_gate_up_quant`) compiled through the JIT for
+//! each CPU tier and checked bit for bit against the reference
+//! interpreter's ops they replace: `moe_init_routing -> dynamic_quant ->
+//! grouped_quant_matmul` (gate, up) `-> swiglu -> dynamic_quant ->
+//! grouped_quant_matmul` (down) and the finalize's `weight * y`, and for
+//! the shared expert `quant_matmul_per_token` (gate, up) `-> swiglu ->
+//! dynamic_quant`. The routing (`moe_route`) is the bf16 MoE's kernel.
+
+use panguc_codegen_cpu::{with_jit, BASELINE_TIER, BF16_TIER};
+use panguc_ir::interp::eval_pure;
+use panguc_ir::kernel::{Extent, Kernel, KernelKind, KernelProgram, Layout};
+use panguc_ir::{DType, Dim, Op, Tensor};
+use rand::{Rng, SeedableRng};
+
+mod common;
+use common::{bytes_f32, bytes_i64, f32s, run_tiles, tier};
+
+fn spec(dtype: DType, shape: Vec<Dim>) -> panguc_ir::kernel::ArgSpec {
+    common::spec(dtype, shape, Layout::RowMajor)
+}
+
+fn kernel(name: &str, kind: KernelKind, args: Vec<panguc_ir::kernel::ArgSpec>) -> Kernel {
+    common::kernel(name, kind, args, Extent::constant(0))
+}
+
+fn program(kernels: Vec<Kernel>) -> KernelProgram {
+    common::program("test", &["tokens", "past"], kernels)
+}
+
+/// The tiers this CPU can run (the AVX-512 one needs VNNI and BW).
+fn runnable_tiers() -> Vec<&'static str> {
+    let mut t = vec![BASELINE_TIER];
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512cd")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+    {
+        t.push(BF16_TIER);
+    }
+    t
+}
+
+fn i8_bytes(v: &[i64]) -> Vec<u8> {
+    v.iter().map(|x| *x as i8 as u8).collect()
+}
+fn i8s(b: &[u8]) -> Vec<i64> {
+    b.iter().map(|x| *x as i8 as i64).collect()
+}
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+fn random_i8(rng: &mut impl Rng, n: usize) -> Vec<i64> {
+    (0..n).map(|i| if i % 13 == 0 { -128 } else { rng.random_range(-128..=127) }).collect()
+}
+fn scales(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(0.001f32..0.02)).collect()
+}
+
+fn eval(op: Op, args: &[&Tensor]) -> Vec<Tensor> {
+    eval_pure(&op, args).unwrap_or_else(|e| panic!("{}: {e}", op.mnemonic()))
+}
+
+/// Sizes: H = 72 is one VNNI step plus a tail, I = 6, E = 4 experts of
+/// which one receives no row, k = 2 experts per token, T = 5 tokens (one
+/// of them all zeros: scale 0, quantized to zeros).
+#[test]
+fn routed_expert_kernels_match_the_reference_chain_bit_for_bit() {
+    let (t, h, i, e, k) = (5usize, 72usize, 6usize, 4usize, 2usize);
+    let s = t * k;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut x: Vec<f32> = (0..t * h).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    x[2 * h..3 * h].iter_mut().for_each(|v| *v = 0.0);
+    // Expert 2 is never picked.
+    let ids: Vec<i64> = (0..t).flat_map(|r| if r % 2 == 0 { [0, 3] } else { [1, 3] }).collect();
+    let weights: Vec<f32> = (0..s).map(|_| rng.random_range(0.1f32..1.0)).collect();
+    let (wg, wu, wd) = (random_i8(&mut rng, e * i * h), random_i8(&mut rng, e * i * h), random_i8(&mut rng, e * h * i));
+    let (sg, su, sd) = (scales(&mut rng, e * i), scales(&mut rng, e * i), scales(&mut rng, e * h));
+
+    // The reference chain.
+    let xt = Tensor::f32(vec![t, h], x.clone());
+    let idt = Tensor::i64(vec![t, k], ids.clone());
+    let init = eval(Op::MoeInitRouting { experts: e }, &[&xt, &idt]);
+    let (rows, row_idx, counts) = (&init[0], &init[1], &init[2]);
+    let xq_rows = eval(Op::DynamicQuant, &[rows]);
+    let w3 = |v: &[i64], n: usize, kk: usize| Tensor::i64(vec![e, n, kk], v.to_vec());
+    let s2 = |v: &[f32], n: usize| Tensor::f32(vec![e, n], v.to_vec());
+    let gqmm =
+        |q: &[Tensor], w: &Tensor, sc: &Tensor| eval(Op::GroupedQuantMatMul, &[&q[0], w, sc, &q[1], counts]).remove(0);
+    let gate = gqmm(&xq_rows, &w3(&wg, i, h), &s2(&sg, i));
+    let up = gqmm(&xq_rows, &w3(&wu, i, h), &s2(&su, i));
+    let act = eval(Op::SwiGlu, &[&gate, &up]).remove(0);
+    let aq = eval(Op::DynamicQuant, &[&act]);
+    let y = gqmm(&aq, &w3(&wd, h, i), &s2(&sd, h));
+    // The finalize's `weight * y` per sorted row.
+    let mut want_ys = vec![0f32; s * h];
+    for (p, &r) in row_idx.as_i64().iter().enumerate() {
+        let r = r as usize;
+        for c in 0..h {
+            want_ys[r * h + c] = weights[p] * y.as_f32()[r * h + c];
+        }
+    }
+    let xq_tokens = eval(Op::DynamicQuant, &[&xt]);
+
+    let td = Dim::tokens();
+    let sdim = Dim::tokens().mul(&Dim::c(k)).unwrap();
+    let route = kernel(
+        "route",
+        KernelKind::MoeRoute,
+        vec![
+            spec(DType::F32, vec![td.clone(), Dim::c(k)]),
+            spec(DType::I64, vec![td.clone(), Dim::c(k)]),
+            spec(DType::I64, vec![Dim::c(e + 1)]),
+            spec(DType::I64, vec![sdim.clone()]),
+            spec(DType::F32, vec![sdim.clone()]),
+            spec(DType::I64, vec![sdim.clone()]),
+        ],
+    );
+    let gate_up = kernel(
+        "gate_up",
+        KernelKind::MoeGateUpQuant,
+        vec![
+            spec(DType::I8, vec![td.clone(), Dim::c(h)]),
+            spec(DType::F32, vec![td.clone()]),
+            spec(DType::I64, vec![Dim::c(e + 1)]),
+            spec(DType::I64, vec![sdim.clone()]),
+            spec(DType::I8, vec![Dim::c(e), Dim::c(i), Dim::c(h)]),
+            spec(DType::F32, vec![Dim::c(e), Dim::c(i)]),
+            spec(DType::I8, vec![Dim::c(e), Dim::c(i), Dim::c(h)]),
+            spec(DType::F32, vec![Dim::c(e), Dim::c(i)]),
+            spec(DType::I8, vec![sdim.clone(), Dim::c(i)]),
+            spec(DType::F32, vec![sdim.clone()]),
+        ],
+    );
+    let down = kernel(
+        "down",
+        KernelKind::MoeDownQuant,
+        vec![
+            spec(DType::I8, vec![sdim.clone(), Dim::c(i)]),
+            spec(DType::F32, vec![sdim.clone()]),
+            spec(DType::I64, vec![Dim::c(e + 1)]),
+            spec(DType::F32, vec![sdim.clone()]),
+            spec(DType::I8, vec![Dim::c(e), Dim::c(h), Dim::c(i)]),
+            spec(DType::F32, vec![Dim::c(e), Dim::c(h)]),
+            spec(DType::F32, vec![sdim.clone(), Dim::c(h)]),
+        ],
+    );
+    let syms = [t as i64, 0];
+    let b = panguc_ir::shape::bindings(t, 0);
+    assert_eq!(gate_up.tiles.eval(&b).unwrap() as usize, s, "one tile per sorted row");
+    let p = program(vec![route.clone(), gate_up.clone(), down.clone()]);
+    for tier_name in runnable_tiers() {
+        with_jit(&p, &tier(tier_name), |get| {
+            let mut r = vec![
+                bytes_f32(&weights),
+                bytes_i64(&ids),
+                vec![0u8; (e + 1) * 8],
+                vec![0u8; s * 8],
+                vec![0u8; s * 4],
+                vec![0u8; s * 8],
+            ];
+            run_tiles(get("route").unwrap(), &mut r, &syms, 1, 0);
+            let slot_row: Vec<i64> = r[5].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+            assert_eq!(slot_row, row_idx.as_i64(), "moe_route sorts as moe_init_routing does");
+            let mut g = vec![
+                i8_bytes(xq_tokens[0].as_i64()),
+                bytes_f32(xq_tokens[1].as_f32()),
+                r[2].clone(),
+                r[3].clone(),
+                i8_bytes(&wg),
+                bytes_f32(&sg),
+                i8_bytes(&wu),
+                bytes_f32(&su),
+                vec![0u8; s * i],
+                vec![0u8; s * 4],
+            ];
+            run_tiles(get("gate_up").unwrap(), &mut g, &syms, s as u64, 0);
+            assert_eq!(i8s(&g[8]), aq[0].as_i64(), "{tier_name}: quantized activations");
+            assert_eq!(bits(&f32s(&g[9])), bits(aq[1].as_f32()), "{tier_name}: activation scales");
+            let mut d = vec![
+                g[8].clone(),
+                g[9].clone(),
+                r[2].clone(),
+                r[4].clone(),
+                i8_bytes(&wd),
+                bytes_f32(&sd),
+                vec![0u8; s * h * 4],
+            ];
+            run_tiles(get("down").unwrap(), &mut d, &syms, s as u64, 0);
+            assert_eq!(bits(&f32s(&d[6])), bits(&want_ys), "{tier_name}: weighted expert outputs");
+        })
+        .unwrap();
+    }
+}
+
+/// The shared expert: one expert, every row, no routing; a zero row too.
+#[test]
+fn shared_gate_up_quant_matches_the_reference_chain_bit_for_bit() {
+    let (t, h, i) = (4usize, 130usize, 10usize);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+    let mut x: Vec<f32> = (0..t * h).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    x[h..2 * h].iter_mut().for_each(|v| *v = 0.0);
+    let (wg, wu) = (random_i8(&mut rng, i * h), random_i8(&mut rng, i * h));
+    let (sg, su) = (scales(&mut rng, i), scales(&mut rng, i));
+    let xq = eval(Op::DynamicQuant, &[&Tensor::f32(vec![t, h], x)]);
+    let qmm = |w: &[i64], sc: &[f32]| {
+        let (w, sc) = (Tensor::i64(vec![i, h], w.to_vec()), Tensor::f32(vec![i], sc.to_vec()));
+        eval(Op::QuantMatMulPerToken, &[&xq[0], &w, &sc, &xq[1]]).remove(0)
+    };
+    let act = eval(Op::SwiGlu, &[&qmm(&wg, &sg), &qmm(&wu, &su)]).remove(0);
+    let want = eval(Op::DynamicQuant, &[&act]);
+
+    let td = Dim::tokens();
+    let k = kernel(
+        "shared",
+        KernelKind::QuantGateUpQuant,
+        vec![
+            spec(DType::I8, vec![td.clone(), Dim::c(h)]),
+            spec(DType::F32, vec![td.clone()]),
+            spec(DType::I8, vec![Dim::c(i), Dim::c(h)]),
+            spec(DType::F32, vec![Dim::c(i)]),
+            spec(DType::I8, vec![Dim::c(i), Dim::c(h)]),
+            spec(DType::F32, vec![Dim::c(i)]),
+            spec(DType::I8, vec![td.clone(), Dim::c(i)]),
+            spec(DType::F32, vec![td.clone()]),
+        ],
+    );
+    let p = program(vec![k]);
+    for tier_name in runnable_tiers() {
+        with_jit(&p, &tier(tier_name), |get| {
+            let mut b = vec![
+                i8_bytes(xq[0].as_i64()),
+                bytes_f32(xq[1].as_f32()),
+                i8_bytes(&wg),
+                bytes_f32(&sg),
+                i8_bytes(&wu),
+                bytes_f32(&su),
+                vec![0u8; t * i],
+                vec![0u8; t * 4],
+            ];
+            run_tiles(get("shared").unwrap(), &mut b, &[t as i64, 0], t as u64, 0);
+            assert_eq!(i8s(&b[6]), want[0].as_i64(), "{tier_name}: quantized activations");
+            assert_eq!(bits(&f32s(&b[7])), bits(want[1].as_f32()), "{tier_name}: activation scales");
+        })
+        .unwrap();
+    }
+}
+
+/// `dyn_quant_matmul`: `dynamic_quant` then `quant_matmul_per_token` and
+/// the bias add in one kernel; N = 37 (two whole column blocks and a
+/// partial one), K = 72 (a VNNI step and a tail), a zero row.
+#[test]
+fn dyn_quant_matmul_matches_dynamic_quant_then_the_int8_matmul_bit_for_bit() {
+    let (t, kd, n) = (3usize, 72usize, 37usize);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+    let mut x: Vec<f32> = (0..t * kd).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    x[kd..2 * kd].iter_mut().for_each(|v| *v = 0.0);
+    let w = random_i8(&mut rng, n * kd);
+    let ws = scales(&mut rng, n);
+    let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+    let xq = eval(Op::DynamicQuant, &[&Tensor::f32(vec![t, kd], x.clone())]);
+    let (wt, st) = (Tensor::i64(vec![n, kd], w.clone()), Tensor::f32(vec![n], ws.clone()));
+    let y = eval(Op::QuantMatMulPerToken, &[&xq[0], &wt, &st, &xq[1]]).remove(0);
+    let want = eval(Op::Binary(panguc_ir::op::BinaryOp::Add), &[&y, &Tensor::f32(vec![n], bias.clone())]).remove(0);
+
+    let td = Dim::tokens();
+    let k = kernel(
+        "dqmm",
+        KernelKind::DynQuantMatMul { bias: true },
+        vec![
+            spec(DType::F32, vec![td.clone(), Dim::c(kd)]),
+            spec(DType::I8, vec![Dim::c(n), Dim::c(kd)]),
+            spec(DType::F32, vec![Dim::c(n)]),
+            spec(DType::F32, vec![Dim::c(n)]),
+            spec(DType::F32, vec![td.clone(), Dim::c(n)]),
+        ],
+    );
+    let tiles = k.tiles.eval(&panguc_ir::shape::bindings(t, 0)).unwrap();
+    assert_eq!(tiles as usize, n.div_ceil(16));
+    let p = program(vec![k]);
+    for tier_name in runnable_tiers() {
+        with_jit(&p, &tier(tier_name), |get| {
+            let mut b = vec![bytes_f32(&x), i8_bytes(&w), bytes_f32(&ws), bytes_f32(&bias), vec![0u8; t * n * 4]];
+            run_tiles(get("dqmm").unwrap(), &mut b, &[t as i64, 0], tiles, 0);
+            assert_eq!(bits(&f32s(&b[4])), bits(want.as_f32()), "{tier_name}: int8 matmul of the quantized rows");
+        })
+        .unwrap();
+    }
+}

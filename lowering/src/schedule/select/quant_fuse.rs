@@ -1,0 +1,376 @@
+//! Scheduler fusions of the W8A8_DYNAMIC MLPs: the two int8 GEMMs of the
+//! gate and up projections, the SwiGLU and the per-token quantization of
+//! its result run as one kernel, so a quantized MLP takes as many launches
+//! as the bf16 one (`gemm` with a SwiGLU epilogue):
+//!
+//! - the routed experts in the batched form `moe-batched-routing-quant`
+//!   builds (`moe_init_routing -> dynamic_quant -> grouped_quant_matmul`
+//!   gate, up `-> swiglu -> dynamic_quant -> grouped_quant_matmul` down
+//!   `-> moe_finalize_routing`) become `moe_route`, `moe_gate_up_quant`,
+//!   `moe_down_quant` and `moe_combine`, the bf16 MoE's launches;
+//! - the shared expert's `dynamic_quant(swiglu(quant_matmul_per_token(xq,
+//!   w_gate, ..), quant_matmul_per_token(xq, w_up, ..)))` becomes one
+//!   `quant_gate_up_quant`.
+//!
+//! - the merged int8 q/k/v projection of `merge-qkv-quant`, split, q and k
+//!   roped and k, v written to the paged caches: the `split` and what
+//!   follows become one `qkv_rope_cache_write` (the bf16 kernel) over the
+//!   int8 matmul's output, as `qkv-rope-cache-write` does for bf16;
+//! - a `dynamic_quant` read only by one `quant_matmul_per_token` (the o
+//!   projection's input) is done inside that matmul (`dyn_quant_matmul`).
+//!
+//! Every intermediate value must be read only inside the chain; anything
+//! else keeps the ops' own kernels.
+
+use super::super::flatten::Def;
+use super::{static_shape, Selector};
+use crate::rules::check;
+use anyhow::{anyhow, bail, Result};
+use panguc_ir::kernel::KernelKind;
+use panguc_ir::{DType, Dim, Op};
+
+/// The routed W8A8_DYNAMIC experts ending at a `moe_finalize_routing`.
+pub(super) struct QuantMoe {
+    /// The normalized rows `[T, H]` (f32) and the expert ids `[T, k]`.
+    x: usize,
+    ids: usize,
+    /// Routing weights `[T, k]`.
+    weights: usize,
+    /// Gate, gate scale, up, up scale, down, down scale (weights).
+    w: [usize; 6],
+    /// Skip terms of the finalize (none, or shared expert and residual).
+    skips: Vec<usize>,
+}
+
+/// The rope and paged-cache writes after a merged q/k/v projection split.
+pub(super) struct QkvRopeWrite {
+    /// The merged projection `[T, (Hq+2*Hkv)*D]`, the RoPE tables, the slot mapping.
+    y: usize,
+    cos: usize,
+    sin: usize,
+    slots: usize,
+    /// Roped q, and the k and v caches after the writes.
+    q: usize,
+    k_all: usize,
+    v_all: usize,
+    q_heads: usize,
+    kv_heads: usize,
+}
+
+/// A `quant_matmul_per_token` that quantizes its input itself.
+pub(super) struct DynQuantMm {
+    /// Float input, int8 weight, weight scale, optional bias.
+    x: usize,
+    w: usize,
+    w_scale: usize,
+    bias: Option<usize>,
+}
+
+/// The shared expert's fused gate/up: operands of the two int8 matmuls.
+pub(super) struct QuantGateUp {
+    /// Quantized rows and their scales, then gate, gate scale, up, up scale.
+    args: [usize; 6],
+}
+
+impl Selector<'_> {
+    /// The node defining value `v`, if `v` is result `result` of an `op`
+    /// node.
+    fn defined_by(&self, v: usize, op: fn(&Op) -> bool, result: usize) -> Option<usize> {
+        let Def::Node(ni) = self.g.values[v].def else { return None };
+        let n = &self.g.nodes[ni];
+        (op(&n.op) && n.results.get(result) == Some(&v)).then_some(ni)
+    }
+
+    /// Finds the chains of the module docs among the live nodes; their
+    /// intermediate results are marked absorbed (no launch of their own).
+    pub(super) fn fuse_quant_mlps(&mut self, live: &[bool]) {
+        let uses = self.use_counts(live);
+        for ni in 0..self.g.nodes.len() {
+            if !live[ni] {
+                continue;
+            }
+            match self.g.nodes[ni].op {
+                Op::MoeFinalizeRouting => {
+                    if let Some((moe, inner)) = self.match_quant_moe(ni, &uses) {
+                        inner.into_iter().for_each(|v| self.absorbed[v] = true);
+                        self.quant_moe.insert(ni, moe);
+                    }
+                }
+                Op::DynamicQuant => {
+                    if let Some((gu, inner)) = self.match_quant_gate_up(ni, &uses) {
+                        inner.into_iter().for_each(|v| self.absorbed[v] = true);
+                        self.quant_gate_up.insert(ni, gu);
+                    } else if let Some((at, mm, inner)) = self.match_dyn_quant_mm(ni, &uses, live) {
+                        inner.into_iter().for_each(|v| self.absorbed[v] = true);
+                        self.dyn_quant_mm.insert(at, mm);
+                    }
+                }
+                Op::Split { axis: 1, ref sizes } if sizes.len() == 3 => {
+                    if let Some((qkv, inner)) = self.match_qkv_rope_write(ni, &uses, live) {
+                        inner.into_iter().for_each(|v| self.absorbed[v] = true);
+                        [qkv.q, qkv.k_all, qkv.v_all].into_iter().for_each(|v| self.computed[v] = true);
+                        self.qkv_rope_write.insert(ni, qkv);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The live nodes reading value `v`.
+    fn readers(&self, v: usize, live: &[bool]) -> Vec<usize> {
+        (0..self.g.nodes.len()).filter(|n| live[*n] && self.g.nodes[*n].args.contains(&v)).collect()
+    }
+
+    /// The one live reader of `v` if it is an `op` node reading `v` once.
+    fn only_reader(&self, v: usize, uses: &[usize], live: &[bool], op: fn(&Op) -> bool) -> Option<usize> {
+        check(uses[v] == 1)?;
+        let r = *self.readers(v, live).first()?;
+        op(&self.g.nodes[r].op).then_some(r)
+    }
+
+    /// `split(y)` into q, k, v widths; `reshape -> rope` for q,
+    /// `reshape -> rope -> kv_cache_write` for k, `reshape ->
+    /// kv_cache_write` for v through the same slots, into float caches.
+    fn match_qkv_rope_write(&self, split: usize, uses: &[usize], live: &[bool]) -> Option<(QkvRopeWrite, Vec<usize>)> {
+        let g = self.g;
+        let sp = &g.nodes[split];
+        let [r0, r1, r2] = sp.results[..] else { return None };
+        let reshape = |v: usize| self.only_reader(v, uses, live, |o| matches!(o, Op::Reshape { .. }));
+        let rope = |v: usize| self.only_reader(v, uses, live, |o| *o == Op::Rope);
+        let write = |v: usize| self.only_reader(v, uses, live, |o| *o == Op::KvCacheWrite);
+        let heads = |n: usize| -> Option<(usize, usize)> {
+            let sh = &g.values[g.nodes[n].results[0]].ty.shape;
+            Some((sh.get(1)?.as_const()?, sh.get(2)?.as_const()?))
+        };
+        let (rq, rk, rv) = (reshape(r0)?, reshape(r1)?, reshape(r2)?);
+        let (q3, k3, v3) = (g.nodes[rq].results[0], g.nodes[rk].results[0], g.nodes[rv].results[0]);
+        let (ropeq, ropek) = (&g.nodes[rope(q3)?], &g.nodes[rope(k3)?]);
+        let kr = ropek.results[0];
+        let (kw, vw) = (&g.nodes[write(kr)?], &g.nodes[write(v3)?]);
+        let ((hq, d), (hk, dk), (hv, dv)) = (heads(rq)?, heads(rk)?, heads(rv)?);
+        let ok = ropeq.args[1..] == ropek.args[1..]
+            && kw.args[1] == kr
+            && vw.args[1] == v3
+            && kw.args[2] == vw.args[2]
+            && hk == hv
+            && d == dk
+            && d == dv
+            && matches!(&sp.op, Op::Split { sizes, .. } if *sizes == [hq * d, hk * d, hv * d])
+            && [kw.args[0], vw.args[0]].iter().all(|c| self.storage[*c] == DType::F32);
+        let qkv = QkvRopeWrite {
+            y: sp.args[0],
+            cos: ropeq.args[1],
+            sin: ropeq.args[2],
+            slots: kw.args[2],
+            q: ropeq.results[0],
+            k_all: kw.results[0],
+            v_all: vw.results[0],
+            q_heads: hq,
+            kv_heads: hk,
+        };
+        // Everything after the split is this one launch's; q and the caches
+        // are computed by it (not absorbed: attention reads them as they
+        // are), at the split node.
+        let inner = vec![q3, k3, v3, kr];
+        ok.then_some((qkv, inner))
+    }
+
+    /// The merged q/k/v projection's split and what follows it.
+    pub(super) fn qkv_rope_write(&mut self, split: usize) -> Result<()> {
+        let f = self.qkv_rope_write.remove(&split).ok_or_else(|| anyhow!("no fused rope/cache write here"))?;
+        let args = [f.y, f.cos, f.sin, f.slots].map(|v| self.rm(v));
+        let mut args = args.into_iter().collect::<Result<Vec<_>>>()?;
+        args.push(self.act(f.q));
+        args.push(self.paged_cache_result(f.k_all)?);
+        args.push(self.paged_cache_result(f.v_all)?);
+        self.launch(KernelKind::QkvRopeCacheWrite { q_heads: f.q_heads, kv_heads: f.kv_heads }, args)
+    }
+
+    /// A `dynamic_quant` `dq` of an activation no norm produced, read only
+    /// by one 2-d `quant_matmul_per_token` (and that, if biased, only by its
+    /// fused bias add): returns the node that launches the fused matmul.
+    fn match_dyn_quant_mm(&self, dq: usize, uses: &[usize], live: &[bool]) -> Option<(usize, DynQuantMm, Vec<usize>)> {
+        let g = self.g;
+        let n = &g.nodes[dq];
+        let x = n.args[0];
+        let from_norm = matches!(g.values[x].def, Def::Node(d) if matches!(g.nodes[d].op, Op::RmsNorm { .. } | Op::AddRmsNorm { .. }));
+        let (q, s) = (n.results[0], n.results[1]);
+        let mm = self.only_reader(q, uses, live, |o| *o == Op::QuantMatMulPerToken)?;
+        let m = &g.nodes[mm];
+        let y = m.results[0];
+        let ok = !from_norm
+            && uses[s] == 1
+            && m.args[0] == q
+            && m.args[3] == s
+            && self.konst[m.args[1]]
+            && self.konst[m.args[2]]
+            && g.values[m.args[1]].ty.rank() == 2
+            && g.values[x].ty.rank() == 2
+            && g.values[x].ty.shape[1].as_const().is_some()
+            && n.results.iter().all(|r| !self.absorbed[*r]);
+        check(ok)?;
+        let fused = DynQuantMm { x, w: m.args[1], w_scale: m.args[2], bias: None };
+        // `fuse_quant_bias` runs later: look for its pattern here (the
+        // bias add becomes part of this launch the same way).
+        if self.absorbed[y] {
+            return None;
+        }
+        let bias_add = self.only_reader(y, uses, live, |o| *o == Op::Binary(panguc_ir::op::BinaryOp::Add));
+        match bias_add {
+            Some(add) if g.nodes[add].args[0] == y && self.is_quant_bias_add(add, uses) => {
+                let bias = g.nodes[add].args[1];
+                Some((add, DynQuantMm { bias: Some(bias), ..fused }, vec![q, s, y]))
+            }
+            _ => Some((mm, fused, vec![q, s])),
+        }
+    }
+
+    /// The int8 matmul that quantizes its own input, launched at node `at`
+    /// (the matmul, or its bias add).
+    pub(super) fn dyn_quant_mm(&mut self, at: usize) -> Result<()> {
+        let f = self.dyn_quant_mm.remove(&at).ok_or_else(|| anyhow!("no fused int8 matmul here"))?;
+        let mut args = vec![self.rm(f.x)?, self.rm(f.w)?, self.rm(f.w_scale)?];
+        if let Some(b) = f.bias {
+            args.push(self.rm(b)?);
+        }
+        let out = self.act(self.g.nodes[at].results[0]);
+        args.push(out);
+        self.launch(KernelKind::DynQuantMatMul { bias: f.bias.is_some() }, args)
+    }
+
+    /// `dynamic_quant(swiglu(qmm(xq, wg, sg, xs), qmm(xq, wu, su, xs)))`
+    /// over 2-d weights; returns the operands and the values it absorbs.
+    fn match_quant_gate_up(&self, dq: usize, uses: &[usize]) -> Option<(QuantGateUp, Vec<usize>)> {
+        let g = self.g;
+        let act = g.nodes[dq].args[0];
+        let sw = self.defined_by(act, |o| *o == Op::SwiGlu, 0)?;
+        let qmm = |v: usize| self.defined_by(v, |o| *o == Op::QuantMatMulPerToken, 0);
+        let (gate, up) = (g.nodes[sw].args[0], g.nodes[sw].args[1]);
+        let (gn, un) = (&g.nodes[qmm(gate)?], &g.nodes[qmm(up)?]);
+        let same_input = gn.args[0] == un.args[0] && gn.args[3] == un.args[3];
+        let weights = [gn.args[1], gn.args[2], un.args[1], un.args[2]];
+        let plain = g.values[gn.args[1]].ty.rank() == 2 && g.values[gn.args[0]].ty.rank() == 2;
+        let ok = same_input
+            && plain
+            && weights.iter().all(|w| self.konst[*w])
+            && [act, gate, up].iter().all(|v| uses[*v] == 1)
+            && self.storage[gn.args[0]] == DType::I8
+            && g.nodes[dq].results.iter().all(|r| !self.absorbed[*r]);
+        ok.then(|| {
+            let args = [gn.args[0], gn.args[3], weights[0], weights[1], weights[2], weights[3]];
+            (QuantGateUp { args }, vec![act, gate, up])
+        })
+    }
+
+    /// The routed chain of the module docs ending at finalize node `fin`.
+    fn match_quant_moe(&self, fin: usize, uses: &[usize]) -> Option<(QuantMoe, Vec<usize>)> {
+        let g = self.g;
+        let f = &g.nodes[fin];
+        let gqmm = |v: usize| self.defined_by(v, |o| *o == Op::GroupedQuantMatMul, 0);
+        let dq = |v: usize| self.defined_by(v, |o| *o == Op::DynamicQuant, 0);
+        let (y, skips) = (f.args[0], f.args[3..].to_vec());
+        let down = &g.nodes[gqmm(y)?];
+        let (aq, a_scale, counts) = (down.args[0], down.args[3], down.args[4]);
+        let dq2 = &g.nodes[dq(aq)?];
+        let act = dq2.args[0];
+        let sw = &g.nodes[self.defined_by(act, |o| *o == Op::SwiGlu, 0)?];
+        let (gate, up) = (sw.args[0], sw.args[1]);
+        let (gn, un) = (&g.nodes[gqmm(gate)?], &g.nodes[gqmm(up)?]);
+        let (xq, x_scale) = (gn.args[0], gn.args[3]);
+        let dq1 = &g.nodes[dq(xq)?];
+        let rows = dq1.args[0];
+        let init = &g.nodes[self.defined_by(rows, |o| matches!(o, Op::MoeInitRouting { .. }), 0)?];
+        let chain_ok = dq2.results[1] == a_scale
+            && dq1.results[1] == x_scale
+            && un.args[0] == xq
+            && un.args[3] == x_scale
+            && gn.args[4] == counts
+            && un.args[4] == counts
+            && init.results[2] == counts
+            && init.results[1] == f.args[2];
+        let w = [gn.args[1], gn.args[2], un.args[1], un.args[2], down.args[1], down.args[2]];
+        // Each intermediate read only inside the chain.
+        let once = [y, aq, a_scale, act, gate, up, rows, f.args[2]];
+        let ok = chain_ok
+            && w.iter().all(|v| self.konst[*v])
+            && once.iter().all(|v| uses[*v] == 1)
+            && uses[xq] == 2
+            && uses[x_scale] == 2
+            && uses[counts] == 3
+            && matches!(skips.len(), 0 | 2);
+        let inner = vec![y, aq, a_scale, act, gate, up, xq, x_scale, rows, f.args[2], counts];
+        let moe = QuantMoe { x: init.args[0], ids: init.args[1], weights: f.args[1], w, skips };
+        ok.then_some((moe, inner))
+    }
+
+    /// The shared expert's gate/up/SwiGLU/quant as one launch at its
+    /// `dynamic_quant` node `dq`.
+    pub(super) fn quant_gate_up(&mut self, dq: usize) -> Result<()> {
+        let gu = self.quant_gate_up.remove(&dq).ok_or_else(|| anyhow!("no fused gate/up at this node"))?;
+        let mut args = gu.args.iter().map(|a| self.rm(*a)).collect::<Result<Vec<_>>>()?;
+        let results = self.g.nodes[dq].results.clone();
+        args.extend(results.iter().map(|r| self.act(*r)));
+        self.launch(KernelKind::QuantGateUpQuant, args)
+    }
+
+    /// The per-token quantization of the MoE input `x`: the buffers of a
+    /// `dynamic_quant(x)` already scheduled (the shared expert's, usually
+    /// computed by the norm's kernel), else a launch of its own.
+    fn quantized_rows(
+        &mut self,
+        x: usize,
+        name: &str,
+    ) -> Result<(panguc_ir::kernel::BufferId, panguc_ir::kernel::BufferId)> {
+        let g = self.g;
+        let done = g.nodes.iter().find(|n| n.op == Op::DynamicQuant && n.args[0] == x).and_then(|n| {
+            let (q, s) = (n.results[0], n.results[1]);
+            Some((self.buf[q]?, self.buf[s]?))
+        });
+        if let Some(bufs) = done {
+            return Ok(bufs);
+        }
+        let xs = g.values[x].ty.shape.clone();
+        let xb = self.rm(x)?;
+        let q = self.scratch(format!("{name}.xq"), DType::I8, xs.clone());
+        let s = self.scratch(format!("{name}.x_scale"), DType::F32, xs[..1].to_vec());
+        self.launch(KernelKind::DynamicQuant, vec![xb, q, s])?;
+        Ok((q, s))
+    }
+
+    /// The routed W8A8_DYNAMIC experts at their finalize node `fin`.
+    pub(super) fn quant_moe(&mut self, fin: usize) -> Result<()> {
+        let g = self.g;
+        let moe = self.quant_moe.remove(&fin).ok_or_else(|| anyhow!("no fused MoE at this node"))?;
+        let out_v = g.nodes[fin].results[0];
+        let name = g.values[out_v].name.clone();
+        let (t, h) = (g.values[moe.x].ty.shape[0].clone(), g.values[moe.x].ty.shape[1].clone());
+        let k = g.values[moe.weights].ty.shape[1].clone();
+        let slots = t.mul(&k).ok_or_else(|| anyhow!("symbolic number of experts per token"))?;
+        let gate_shape = static_shape(&g.values[moe.w[0]].ty, "expert gate weights")?;
+        let (e, i) = (gate_shape[0], gate_shape[1]);
+        let (wb, ib) = (self.rm(moe.weights)?, self.rm(moe.ids)?);
+        let (xq, x_scale) = self.quantized_rows(moe.x, &name)?;
+        let w = moe.w.iter().map(|v| self.rm(*v)).collect::<Result<Vec<_>>>()?;
+        let offsets = self.scratch(format!("{name}.offsets"), DType::I64, vec![Dim::c(e + 1)]);
+        let rows = self.scratch(format!("{name}.rows"), DType::I64, vec![slots.clone()]);
+        let row_w = self.scratch(format!("{name}.row_weight"), DType::F32, vec![slots.clone()]);
+        let slot_row = self.scratch(format!("{name}.slot_row"), DType::I64, vec![slots.clone()]);
+        let aq = self.scratch(format!("{name}.act_q"), DType::I8, vec![slots.clone(), Dim::c(i)]);
+        let a_scale = self.scratch(format!("{name}.act_scale"), DType::F32, vec![slots.clone()]);
+        let ys = self.scratch(format!("{name}.ys"), DType::F32, vec![slots, h]);
+        self.launch(KernelKind::MoeRoute, vec![wb, ib, offsets, rows, row_w, slot_row])?;
+        let gate_up = vec![xq, x_scale, offsets, rows, w[0], w[1], w[2], w[3], aq, a_scale];
+        self.launch(KernelKind::MoeGateUpQuant, gate_up)?;
+        self.launch(KernelKind::MoeDownQuant, vec![aq, a_scale, offsets, row_w, w[4], w[5], ys])?;
+        let mut args = vec![ys, slot_row];
+        for s in &moe.skips {
+            args.push(self.rm(*s)?);
+        }
+        args.push(self.act(out_v));
+        if !matches!(moe.skips.len(), 0 | 2) {
+            bail!("moe_finalize_routing with {} skip terms has no fused kernel", moe.skips.len());
+        }
+        self.launch(KernelKind::MoeCombine { shared_residual: moe.skips.len() == 2 }, args)
+    }
+}
