@@ -807,7 +807,7 @@ impl<'a> Selector<'a> {
         let mut args = vec![];
         for (i, a) in operands.iter().enumerate() {
             args.push(if i == 1 && self.konst[*a] {
-                self.weight(*a, Layout::DotPanels { nr: QUANT_MATMUL_COLS as u32, kg: 4 })?
+                self.weight(*a, Layout::DotPanels { nr: panguc_ir::kernel::QUANT_MATMUL_COLS as u32, kg: 4 })?
             } else {
                 self.rm(*a)?
             });
