@@ -109,7 +109,7 @@ fn for_groups<'c>(
 ) -> Result<()> {
     let whole = k / KG;
     cg.for_range(cg.i64c(0), cg.i64c(whole as i64), 1, |cg, g| body(cg, g, 0))?;
-    if k % KG != 0 {
+    if !k.is_multiple_of(KG) {
         body(cg, cg.i64c(whole as i64), k % KG)?;
     }
     Ok(())
