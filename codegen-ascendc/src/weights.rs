@@ -52,6 +52,20 @@ pub fn unpack(layout: Layout, packed: &[u8], shape: &[usize], elem: usize) -> Re
                 }
             }
         }
+        Layout::DotPanels { nr, kg } => {
+            let (nr, kg) = (nr as usize, kg as usize);
+            let (n, k) = (shape[r - 2], shape[r - 1]);
+            let batch: usize = shape[..r - 2].iter().product();
+            let (panels, groups) = (n.div_ceil(nr), k.div_ceil(kg));
+            for b in 0..batch {
+                for col in 0..n {
+                    for kk in 0..k {
+                        let panel = b * panels + col / nr;
+                        put(b * n * k + col * k + kk, ((panel * groups + kk / kg) * nr + col % nr) * kg + kk % kg);
+                    }
+                }
+            }
+        }
     }
     Ok(out)
 }
@@ -90,7 +104,12 @@ mod tests {
     fn unpack_inverts_every_layout() {
         let shape = [2usize, 6, 5];
         let src: Vec<u8> = (0..60u8).collect();
-        for l in [Layout::RowMajor, Layout::Panels { nr: 4, kn: false }, Layout::GateUpPanels { nr: 4 }] {
+        for l in [
+            Layout::RowMajor,
+            Layout::Panels { nr: 4, kn: false },
+            Layout::GateUpPanels { nr: 4 },
+            Layout::DotPanels { nr: 4, kg: 4 },
+        ] {
             assert_eq!(unpack(l, &l.pack(&src, &shape, 1), &shape, 1).unwrap(), src, "{l:?}");
         }
         // kn panels of a logical [K=2, N=3] come out as [N, K].

@@ -81,6 +81,11 @@ impl<'ctx> Cg<'ctx> {
     }
 
     // ---- types ----
+    /// Whether the target's feature string enables `feature` (`avx2`, ...).
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.features.split(',').any(|f| f.strip_prefix('+') == Some(feature))
+    }
+
     pub fn f32t(&self) -> FloatType<'ctx> {
         self.ctx.f32_type()
     }

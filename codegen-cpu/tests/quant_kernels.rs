@@ -84,18 +84,29 @@ fn random_i8(rng: &mut impl Rng, n: usize) -> Vec<i64> {
         .collect()
 }
 
+/// The int8 weight layouts a matmul kernel accepts: row-major, and the
+/// dot-product panels the scheduler packs weights in.
+const DOT_PANELS: Layout = Layout::DotPanels { nr: 16, kg: 4 };
+
+/// `w` (`[.., N, K]` int8 values) stored in `layout`.
+fn weight_bytes(w: &[i64], shape: &[usize], layout: Layout) -> Vec<u8> {
+    layout.pack(&i8_bytes(w), shape, 1)
+}
+
 /// Dynamic per-token quantization, a zero row included, and the W8A8_DYNAMIC
 /// matmul against shared and stacked (per-expert) weights (whole and partial
-/// blocks of 16 output columns per tile), for contraction
-/// lengths with and without a VNNI tail (64 = one step, 200 = 3 steps + 8,
-/// 24 = tail only).
+/// blocks of 16 output columns per tile), row-major and in dot-product
+/// panels, for contraction lengths with and without a VNNI tail (64 = one
+/// step, 200 = 3 steps + 8, 24 = tail only, 203 = a partial 4-k group) and
+/// row counts that fill register blocks or leave a remainder (4, 11).
 #[test]
 fn dynamic_quant_and_per_token_matmul_match_the_reference_bit_for_bit() {
     let t = Dim::tokens();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
     for tier_name in runnable_tiers() {
         // N = 37: two full column blocks and a partial one.
-        for (k, n, experts) in [(64usize, 5usize, 0usize), (200, 37, 3), (24, 3, 2)] {
+        for (k, n, experts, m) in [(64usize, 5usize, 0usize, 4usize), (200, 37, 3, 4), (24, 3, 2, 11), (203, 19, 0, 11)]
+        {
             let dq = kernel(
                 "dq",
                 KernelKind::DynamicQuant,
@@ -113,18 +124,20 @@ fn dynamic_quant_and_per_token_matmul_match_the_reference_bit_for_bit() {
                 sshape.insert(0, Dim::c(experts));
                 oshape.insert(0, Dim::c(experts));
             }
-            let qmm = kernel(
-                "qmm",
-                KernelKind::QuantMatMul { per_token: true, bias: false },
-                vec![
-                    spec(DType::I8, vec![t.clone(), Dim::c(k)]),
-                    spec(DType::I8, wshape.clone()),
-                    spec(DType::F32, sshape.clone()),
-                    spec(DType::F32, vec![t.clone()]),
-                    spec(DType::F32, oshape.clone()),
-                ],
-            );
-            let m = 4;
+            let qmm = |name: &str, layout: Layout| {
+                kernel(
+                    name,
+                    KernelKind::QuantMatMul { per_token: true, bias: false },
+                    vec![
+                        spec(DType::I8, vec![t.clone(), Dim::c(k)]),
+                        common::spec(DType::I8, wshape.clone(), layout),
+                        spec(DType::F32, sshape.clone()),
+                        spec(DType::F32, vec![t.clone()]),
+                        spec(DType::F32, oshape.clone()),
+                    ],
+                )
+            };
+            let (qmm, qmm_panels) = (qmm("qmm", Layout::RowMajor), qmm("qmm_panels", DOT_PANELS));
             let mut x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0f32..3.0)).collect();
             x[k..2 * k].iter_mut().for_each(|v| *v = 0.0);
             // Ties at the rounding boundary: 127 * 0.5 / 127 = 0.5.
@@ -141,24 +154,28 @@ fn dynamic_quant_and_per_token_matmul_match_the_reference_bit_for_bit() {
             let sdims: Vec<usize> = sshape.iter().map(|d| d.as_const().unwrap()).collect();
             let want = quant::quant_matmul_per_token(
                 &want_q[0],
-                &Tensor::i64(wdims, w.clone()),
+                &Tensor::i64(wdims.clone(), w.clone()),
                 &Tensor::f32(sdims, ws.clone()),
                 &want_q[1],
             )
             .unwrap();
 
-            let p = program(vec![dq.clone(), qmm.clone()]);
+            let p = program(vec![dq.clone(), qmm.clone(), qmm_panels]);
             with_jit(&p, &tier(tier_name), |get| {
                 let mut b = vec![f32_bytes(&x), vec![0u8; m * k], vec![0u8; m * 4]];
                 run(get("dq").unwrap(), &mut b, m, m as u64);
                 assert_eq!(i8s(&b[1]), want_q[0].as_i64(), "{tier_name} k={k}: quantized rows");
                 assert_eq!(bits(&f32s(&b[2])), bits(want_q[1].as_f32()), "{tier_name} k={k}: scales");
                 let out_len = batches * m * n;
-                let mut c = vec![b[1].clone(), i8_bytes(&w), f32_bytes(&ws), b[2].clone(), vec![0u8; out_len * 4]];
                 let tiles = qmm.tiles.eval(&panguc_ir::shape::bindings(m, 0)).unwrap();
                 assert_eq!(tiles as usize, batches * n.div_ceil(16));
-                run(get("qmm").unwrap(), &mut c, m, tiles);
-                assert_eq!(bits(&f32s(&c[4])), bits(want.as_f32()), "{tier_name} k={k} experts={experts}: matmul");
+                for (name, layout) in [("qmm", Layout::RowMajor), ("qmm_panels", DOT_PANELS)] {
+                    let wb = weight_bytes(&w, &wdims, layout);
+                    let mut c = vec![b[1].clone(), wb, f32_bytes(&ws), b[2].clone(), vec![0u8; out_len * 4]];
+                    run(get(name).unwrap(), &mut c, m, tiles);
+                    let what = format!("{tier_name} k={k} m={m} experts={experts} {layout:?}: matmul");
+                    assert_eq!(bits(&f32s(&c[4])), bits(want.as_f32()), "{what}");
+                }
             })
             .unwrap();
         }
@@ -172,7 +189,8 @@ fn dynamic_quant_and_per_token_matmul_match_the_reference_bit_for_bit() {
 fn static_quant_matmul_and_kv_quantize_match_the_reference_bit_for_bit() {
     let t = Dim::tokens();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
-    let (k, n, m) = (136usize, 6usize, 3usize);
+    // N = 22: a whole block of 16 columns and a partial one.
+    let (k, n, m) = (136usize, 22usize, 3usize);
     for tier_name in runnable_tiers() {
         let quantize = kernel(
             "quantize",
@@ -184,17 +202,20 @@ fn static_quant_matmul_and_kv_quantize_match_the_reference_bit_for_bit() {
                 spec(DType::I8, vec![t.clone(), Dim::c(k)]),
             ],
         );
-        let qmm = kernel(
-            "qmm",
-            KernelKind::QuantMatMul { per_token: false, bias: false },
-            vec![
-                spec(DType::I8, vec![t.clone(), Dim::c(k)]),
-                spec(DType::I8, vec![Dim::c(n), Dim::c(k)]),
-                spec(DType::I32, vec![Dim::c(n)]),
-                spec(DType::I64, vec![Dim::c(n)]),
-                spec(DType::F32, vec![t.clone(), Dim::c(n)]),
-            ],
-        );
+        let qmm = |name: &str, layout: Layout| {
+            kernel(
+                name,
+                KernelKind::QuantMatMul { per_token: false, bias: false },
+                vec![
+                    spec(DType::I8, vec![t.clone(), Dim::c(k)]),
+                    common::spec(DType::I8, vec![Dim::c(n), Dim::c(k)], layout),
+                    spec(DType::I32, vec![Dim::c(n)]),
+                    spec(DType::I64, vec![Dim::c(n)]),
+                    spec(DType::F32, vec![t.clone(), Dim::c(n)]),
+                ],
+            )
+        };
+        let (qmm, qmm_panels) = (qmm("qmm", Layout::RowMajor), qmm("qmm_panels", DOT_PANELS));
         // Per-channel KV: [T, 2 heads, 4] against scales [2, 4].
         let kvq = kernel(
             "kvq",
@@ -246,16 +267,19 @@ fn static_quant_matmul_and_kv_quantize_match_the_reference_bit_for_bit() {
             |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect() };
 
         let qmm_tiles = qmm.tiles.eval(&panguc_ir::shape::bindings(m, 0)).unwrap();
-        let p = program(vec![quantize, qmm, kvq, kvd]);
+        let p = program(vec![quantize, qmm, qmm_panels, kvq, kvd]);
         with_jit(&p, &tier(tier_name), |get| {
             let mut b = vec![f32_bytes(&x), f32_bytes(&[s]), f32_bytes(&[o]), vec![0u8; m * k]];
             run(get("quantize").unwrap(), &mut b, m, m as u64);
             assert_eq!(i8s(&b[3]), xq.as_i64(), "{tier_name}: static quantize");
             let bias_bytes: Vec<u8> = bias.iter().flat_map(|v| (*v as i32).to_le_bytes()).collect();
             let deq_bytes: Vec<u8> = deq.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let mut c = vec![b[3].clone(), i8_bytes(&w), bias_bytes, deq_bytes, vec![0u8; m * n * 4]];
-            run(get("qmm").unwrap(), &mut c, m, qmm_tiles);
-            assert_eq!(bits(&f32s(&c[4])), bits(want.as_f32()), "{tier_name}: static matmul");
+            for (name, layout) in [("qmm", Layout::RowMajor), ("qmm_panels", DOT_PANELS)] {
+                let wb = weight_bytes(&w, &[n, k], layout);
+                let mut c = vec![b[3].clone(), wb, bias_bytes.clone(), deq_bytes.clone(), vec![0u8; m * n * 4]];
+                run(get(name).unwrap(), &mut c, m, qmm_tiles);
+                assert_eq!(bits(&f32s(&c[4])), bits(want.as_f32()), "{tier_name} {layout:?}: static matmul");
+            }
             let mut d = vec![f32_bytes(&kv), bf_bytes(&kv_s), bf_bytes(&kv_o), vec![0u8; m * 8]];
             run(get("kvq").unwrap(), &mut d, m, (m * 2) as u64);
             assert_eq!(i8s(&d[3]), kv_q.as_i64(), "{tier_name}: KV quantize");

@@ -9,7 +9,10 @@
 //! batched (paged KV cache) one every CPU compile makes. It prints ratios;
 //! nothing asserts on time.
 
-use crate::bench_batch::{decode_step_seconds, profile_lines, roofline_seconds, step_bytes, step_flops, StepDriver};
+use crate::bench_batch::{
+    batched_decode, batched_prefill, decode_step_seconds, profile_lines, step_bytes, Peaks, StepDriver, BATCH_CONTEXT,
+    PREFILL_SEQS,
+};
 use crate::frontend::Checkpoint;
 use crate::synth::{synth_with, Preset, SynthOptions};
 use anyhow::{Context, Result};
@@ -17,8 +20,8 @@ use panguc_ir::kernel::{KernelKind, KernelProgram};
 use panguc_ir::shape::bindings;
 use panguc_ir::{DType, Module};
 use panguc_runtime::bench::{
-    bf16_dot_peak_flops, disk_write_bandwidth, fma_peak_flops, load_average, peak_rss_bytes, reset_peak_rss,
-    stream_read_bandwidth,
+    bf16_dot_peak_flops, disk_write_bandwidth, fma_peak_flops, int8_dot_peak_ops, load_average, peak_rss_bytes,
+    reset_peak_rss, stream_read_bandwidth,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,6 +44,8 @@ pub struct BenchOptions {
     pub batch_decode_steps: usize,
     /// "All cores".
     pub threads: usize,
+    /// Also quantize the checkpoint and measure it beside bf16 (`--quant`).
+    pub quant: Option<crate::bench_quant::QuantBenchOptions>,
 }
 
 impl BenchOptions {
@@ -55,6 +60,7 @@ impl BenchOptions {
             json_file: None,
             batch_decode_steps: 8,
             threads: panguc_runtime::engine::default_threads(),
+            quant: None,
         }
     }
 }
@@ -73,12 +79,6 @@ pub fn pipeline_fuse(ckpt: &Checkpoint, imported: &Module) -> Result<Module> {
 /// goes, per kernel (every launch is then timed).
 pub const PROFILE_ENV: &str = "PANGUC_BENCH_PROFILE";
 
-/// Batch sizes of the batched decode measurement, and their context.
-const BATCHES: [usize; 4] = [1, 4, 16, 64];
-const BATCH_CONTEXT: usize = 512;
-/// The batched prefill: this many prompts of [`BATCH_CONTEXT`] tokens in one step.
-const PREFILL_SEQS: usize = 4;
-
 const GB: f64 = 1e9;
 const MB: f64 = 1e6;
 
@@ -95,28 +95,7 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
             &SynthOptions { preset: Preset::Small, seed: 0, dtype: DType::BF16, force: true },
         )?;
     }
-    // The checkpoint is closed again before the compiled runs, so their
-    // resident memory is the package's alone.
-    let module = {
-        let ckpt = crate::commands::open_checkpoint(&opts.checkpoint, false)?;
-        let kv = crate::import::KvLayout::Paged { block_size: crate::commands::CPU_BLOCK_SIZE };
-        let imported = crate::commands::import_with(&ckpt, kv)?;
-        let module = fuse(&ckpt, &imported)?;
-        if opts.work_dir.exists() {
-            std::fs::remove_dir_all(&opts.work_dir).with_context(|| format!("removing {}", opts.work_dir.display()))?;
-        }
-        std::fs::create_dir_all(&opts.work_dir)?;
-        let t0 = Instant::now();
-        let pack = crate::package_build::write_cpu_package(
-            &opts.work_dir,
-            &ckpt,
-            &module,
-            &["cpu".into()],
-            &serde_json::Value::Null,
-        )?;
-        (module, t0.elapsed().as_secs_f64(), pack)
-    };
-    let (module, compile_s, pack) = module;
+    let (module, compile_s, pack) = compile_package(&opts.checkpoint, &opts.work_dir, fuse)?;
     // The first, full verification (as at the end of `panguc compile`),
     // then an open that trusts the stamp. Files younger than the racy
     // margin are never stamped, so let it pass first.
@@ -138,6 +117,8 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     let peak = fma_peak_flops(threads);
     let bf16_peak1 = bf16_dot_peak_flops(1);
     let bf16_peak = bf16_dot_peak_flops(threads);
+    let int8_peak1 = int8_dot_peak_ops(1);
+    let int8_peak = int8_dot_peak_ops(threads);
     let disk_dir = opts.work_dir.parent().unwrap_or(&opts.work_dir);
     let disk = disk_write_bandwidth(disk_dir, 1 << 30)
         .with_context(|| format!("measuring the disk write bandwidth in {}", disk_dir.display()))?;
@@ -172,6 +153,14 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         )),
         _ => say("compute: no AVX-512 BF16 on this CPU".to_string()),
     }
+    if let (Some((p1, name)), Some((p, _))) = (int8_peak1, int8_peak) {
+        say(format!(
+            "compute: int8 dot-product ({name}) peak {:.1} GOP/s on 1 thread, {:.1} GOP/s on {threads} threads ({:.2}x the FMA peak)",
+            p1 / GB,
+            p / GB,
+            p / peak
+        ));
+    }
     let mut json = serde_json::Map::new();
     let mut put = |k: &str, v: serde_json::Value| {
         json.insert(k.to_string(), v);
@@ -183,6 +172,9 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     put("machine.fma_peak_gflops", (peak / GB).into());
     put("machine.bf16_dot_peak_gflops.1t", bf16_peak1.map(|p| p / GB).into());
     put("machine.bf16_dot_peak_gflops", bf16_peak.map(|p| p / GB).into());
+    put("machine.int8_dot_peak_gops.1t", int8_peak1.map(|p| p.0 / GB).into());
+    put("machine.int8_dot_peak_gops", int8_peak.map(|p| p.0 / GB).into());
+    put("machine.int8_dot_instruction", int8_peak.map(|p| p.1).into());
     put("machine.disk_write_mb_per_s", (disk / MB).into());
     put("bf16.tier", pkg.tier().into());
     put("bf16.compile_s", compile_s.into());
@@ -225,32 +217,15 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     // Batched decode at context 512, and several prompts prefilled in one step.
     let groups = pkg.config().num_groups();
     let peak_used = bf16_peak.filter(|_| pkg.tier() == panguc_codegen_cpu::BF16_TIER).unwrap_or(peak);
-    let mut batched = vec![];
-    for b in BATCHES {
-        let timing = decode_step_seconds(&pkg, threads, b, BATCH_CONTEXT, opts.batch_decode_steps, profile)?;
-        let (t, meta) = (timing.seconds, timing.meta);
-        if let Some(k) = &timing.kernels {
-            let what = format!("batched decode, batch {b}, context {BATCH_CONTEXT}, {threads} threads");
-            profiles.push((what, profile_lines(k, opts.batch_decode_steps, t)));
-        }
-        let num_blocks = b * (BATCH_CONTEXT + opts.batch_decode_steps + 1).div_ceil(meta.block_size);
-        let (bytes, flops) = (step_bytes(program, &meta, groups), step_flops(program, &meta, num_blocks));
-        batched.push((b, t, bytes, flops, roofline_seconds(bytes, flops, bw, peak_used)));
-    }
-    let prompts: Vec<Vec<i64>> = (0..PREFILL_SEQS)
-        .map(|s| (0..BATCH_CONTEXT as i64).map(|i| (i * 7919 + s as i64 * 101) % 31000 + 1).collect())
-        .collect();
-    let mut prefill_best: Option<(f64, f64)> = None;
-    for _ in 0..2 {
-        let mut d = StepDriver::new(pkg.clone(), threads, PREFILL_SEQS, BATCH_CONTEXT)?;
-        let t0 = Instant::now();
-        let meta = d.step(&prompts)?;
-        let t = t0.elapsed().as_secs_f64();
-        let num_blocks = PREFILL_SEQS * BATCH_CONTEXT.div_ceil(meta.block_size);
-        if prefill_best.is_none_or(|(b, _)| t < b) {
-            prefill_best = Some((t, step_flops(program, &meta, num_blocks)));
+    let peaks = Peaks { bandwidth: bw, flops: peak_used, int8_ops: None };
+    let batched = batched_decode(&pkg, threads, opts.batch_decode_steps, &peaks, profile)?;
+    for d in &batched {
+        if let Some(lines) = &d.profile {
+            let what = format!("batched decode, batch {}, context {BATCH_CONTEXT}, {threads} threads", d.batch);
+            profiles.push((what, lines.clone()));
         }
     }
+    let (pt, prefill_cost) = batched_prefill(&pkg, threads)?;
     let compiled_rss = peak_rss_bytes();
     let micro = crate::bench_gemm::gemm_micro(program, pkg.tier(), opts.prompt_tokens, threads)?;
 
@@ -363,37 +338,37 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         bw / GB,
         peak_used / GB
     ));
-    let tps1 = batched.first().map(|(b, t, ..)| *b as f64 / t).unwrap_or(0.0);
-    for &(b, t, bytes, flops, roof) in &batched {
-        let tps = b as f64 / t;
+    let tps1 = batched.first().map(|d| d.tokens_per_s()).unwrap_or(0.0);
+    for d in &batched {
+        let (b, t, tps) = (d.batch, d.seconds, d.tokens_per_s());
         say(format!(
             "  batch {b:>2}: {tps:>8.1} tok/s ({:.1} ms/step; {:.0} MB, {:.2} GFLOP per step); {:.2}x batch 1; roofline {:.2} ms = {:.2} of it (target >= 0.6)",
             t * 1e3,
-            bytes as f64 / MB,
-            flops / GB,
+            d.cost.bytes.total() as f64 / MB,
+            d.cost.flops / GB,
             tps / tps1,
-            roof * 1e3,
-            roof / t
+            d.roofline * 1e3,
+            d.roofline / t
         ));
         put(&format!("bf16.decode.batch_{b}.tokens_per_s"), tps.into());
-        put(&format!("bf16.decode.batch_{b}.roofline_fraction"), (roof / t).into());
+        put(&format!("bf16.decode.batch_{b}.roofline_fraction"), (d.roofline / t).into());
     }
     if let (Some(first), Some(last)) = (batched.first(), batched.last()) {
-        let ratio = (last.0 as f64 / last.1) / (first.0 as f64 / first.1);
-        say(format!("  batch {} aggregate / batch {} = {ratio:.2}x (target >= 8)", last.0, first.0));
+        let ratio = last.tokens_per_s() / first.tokens_per_s();
+        say(format!("  batch {} aggregate / batch {} = {ratio:.2}x (target >= 8)", last.batch, first.batch));
     }
-    let (pt, pflops) = prefill_best.expect("two runs");
     let ptokens = PREFILL_SEQS * BATCH_CONTEXT;
+    let prefill_peak = prefill_cost.compute_seconds(&peaks) / pt;
     say(format!(
         "batched prefill ({PREFILL_SEQS} x {BATCH_CONTEXT} tokens in one step): {:.1} tok/s ({:.2} s); {:.1} GFLOP/s = {:.2} of the {:.1} GFLOP/s peak",
         ptokens as f64 / pt,
         pt,
-        pflops / pt / GB,
-        pflops / pt / peak_used,
+        prefill_cost.flops / pt / GB,
+        prefill_peak,
         peak_used / GB
     ));
     put("bf16.prefill_512.tokens_per_s", (ptokens as f64 / pt).into());
-    put("bf16.prefill_512.peak_fraction", (pflops / pt / peak_used).into());
+    put("bf16.prefill_512.peak_fraction", prefill_peak.into());
     match (compiled_rss, rss_reset) {
         (Some(rss), true) => say(format!(
             "peak resident memory of the compiled runs: {:.0} MB (weights mapped once: {:.0} MB, shared by every engine)",
@@ -422,6 +397,16 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         ));
         put("machine.load_average", serde_json::json!([a, b]));
     }
+    if let Some(q) = &opts.quant {
+        let bf16 = crate::bench_quant::Bf16Figures {
+            decode_tok_per_s: 1.0 / step,
+            prefill_512_tok_per_s: (PREFILL_SEQS * BATCH_CONTEXT) as f64 / pt,
+            batched: &batched,
+            program,
+        };
+        let peaks = Peaks { int8_ops: int8_peak.map(|p| p.0), ..peaks };
+        crate::bench_quant::run_quant_bench(opts, q, fuse, &peaks, &bf16, threads, &say, &mut json)?;
+    }
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(json))?;
     match &opts.json_file {
         Some(f) => std::fs::write(f, text + "\n").with_context(|| format!("writing {}", f.display()))?,
@@ -429,6 +414,29 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         None => {}
     }
     Ok(())
+}
+
+/// Compile the checkpoint in `checkpoint` into a CPU package in `work_dir`
+/// (replaced) from the batched import: the module compiled, the compile's
+/// seconds and the weight packing's figures. The checkpoint is closed again
+/// before returning, so later runs' resident memory is the package's alone.
+pub fn compile_package(
+    checkpoint: &std::path::Path,
+    work_dir: &std::path::Path,
+    fuse: Fuse,
+) -> Result<(Module, f64, crate::package_build::PackStats)> {
+    let ckpt = crate::commands::open_checkpoint(checkpoint, false)?;
+    let kv = crate::import::KvLayout::Paged { block_size: crate::commands::CPU_BLOCK_SIZE };
+    let imported = crate::commands::import_with(&ckpt, kv)?;
+    let module = fuse(&ckpt, &imported)?;
+    if work_dir.exists() {
+        std::fs::remove_dir_all(work_dir).with_context(|| format!("removing {}", work_dir.display()))?;
+    }
+    std::fs::create_dir_all(work_dir)?;
+    let t0 = Instant::now();
+    let pack =
+        crate::package_build::write_cpu_package(work_dir, &ckpt, &module, &["cpu".into()], &serde_json::Value::Null)?;
+    Ok((module, t0.elapsed().as_secs_f64(), pack))
 }
 
 /// Floating-point operations of the GEMM kernels for a `tokens` prompt.

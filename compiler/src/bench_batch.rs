@@ -149,13 +149,34 @@ pub fn step_bindings(meta: &StepMetadata, num_blocks: usize) -> Bindings {
     meta.bindings(num_blocks)
 }
 
-/// Bytes one step must read from memory: every weight once (the embedding
-/// rows of the step's tokens; of the routed experts, the share a step's
-/// rows are expected to select when every row picks one expert per group
-/// uniformly, `groups` groups), and each sequence's cached K and V.
+/// Bytes one step must read from memory, split into the weights and the
+/// KV cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepBytes {
+    pub weights: u64,
+    pub kv: u64,
+}
+
+impl StepBytes {
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv
+    }
+}
+
+/// Bytes one step must read from memory: every weight once, as stored
+/// (int8 weights at one byte, their scales at theirs; the embedding rows
+/// of the step's tokens; of the routed experts, the share a step's rows are
+/// expected to select when every row picks one expert per group
+/// uniformly, `groups` groups), and each sequence's cached K and V in the
+/// cache's dtype.
 pub fn step_bytes(p: &KernelProgram, meta: &StepMetadata, groups: usize) -> u64 {
+    step_bytes_split(p, meta, groups).total()
+}
+
+/// [`step_bytes`], weights and KV cache apart.
+pub fn step_bytes_split(p: &KernelProgram, meta: &StepMetadata, groups: usize) -> StepBytes {
     let mut seen = std::collections::BTreeSet::new();
-    let mut total = 0u64;
+    let mut total = StepBytes::default();
     for l in &p.launches {
         let k = &p.kernels[l.kernel];
         for (i, a) in l.args.iter().enumerate() {
@@ -164,11 +185,11 @@ pub fn step_bytes(p: &KernelProgram, meta: &StepMetadata, groups: usize) -> u64 
                 continue;
             }
             let buf = p.buffer(root);
-            total += match &buf.kind {
+            match &buf.kind {
                 BufferKind::Weight { index } => {
                     let w = &p.weights[*index];
                     let bytes = w.stored_bytes() as u64;
-                    match (&k.kind, i) {
+                    total.weights += match (&k.kind, i) {
                         (KernelKind::MoeGateUp | KernelKind::MoeDown, 3) | (KernelKind::MoeGroupedGateUp, 2) => {
                             let experts = w.shape[0];
                             let per_group = (experts / groups.max(1)).max(1) as f64;
@@ -186,10 +207,10 @@ pub fn step_bytes(p: &KernelProgram, meta: &StepMetadata, groups: usize) -> u64 
                     // One cache of one layer: [num_blocks, block_size, row..].
                     let row: usize = buf.shape[2..].iter().filter_map(|d| d.as_const()).product();
                     let cached: usize = meta.context_lens.iter().map(|&c| c as usize).sum();
-                    (cached * row * buf.dtype.size_bytes()) as u64
+                    total.kv += (cached * row * buf.dtype.size_bytes()) as u64;
                 }
-                _ => 0,
-            };
+                _ => {}
+            }
         }
     }
     total
@@ -235,8 +256,133 @@ pub fn step_flops(p: &KernelProgram, meta: &StepMetadata, num_blocks: usize) -> 
     flops
 }
 
-/// Roofline time of a step: its bytes over the bandwidth or its FLOPs
-/// over the peak, whichever is longer.
-pub fn roofline_seconds(bytes: u64, flops: f64, bandwidth: f64, peak: f64) -> f64 {
-    (bytes as f64 / bandwidth).max(flops / peak)
+/// Int8 multiply-add operations of one step (2 per int8 product): the
+/// int8 matmuls. [`step_flops`] leaves them out.
+pub fn step_int8_ops(p: &KernelProgram, meta: &StepMetadata, num_blocks: usize) -> f64 {
+    let b = step_bindings(meta, num_blocks);
+    let mut ops = 0.0;
+    for l in &p.launches {
+        let k = &p.kernels[l.kernel];
+        if let KernelKind::QuantMatMul { .. } = k.kind {
+            let dims = |i: usize| -> Vec<usize> { k.args[i].shape.iter().map(|d| d.eval(&b).unwrap_or(0)).collect() };
+            let (x, out) = (dims(0), dims(k.args.len() - 1));
+            // Every output element is a K-long int8 dot product.
+            ops += 2.0 * (out.iter().product::<usize>() * x[x.len() - 1]) as f64;
+        }
+    }
+    ops
+}
+
+/// The machine's rates measured in the run, that a step's roofline is
+/// taken against.
+#[derive(Debug, Clone, Copy)]
+pub struct Peaks {
+    /// Streaming read bandwidth, bytes/s.
+    pub bandwidth: f64,
+    /// The float GEMMs' peak (the bf16 dot-product peak on the avx512-bf16
+    /// tier, else the FMA peak), FLOP/s.
+    pub flops: f64,
+    /// The int8 dot-product peak, operations/s (`None`: not measured; then
+    /// int8 work is counted at the float peak).
+    pub int8_ops: Option<f64>,
+}
+
+/// What one step must move and compute.
+#[derive(Debug, Clone, Copy)]
+pub struct StepCost {
+    pub bytes: StepBytes,
+    pub flops: f64,
+    pub int8_ops: f64,
+}
+
+impl StepCost {
+    pub fn of(p: &KernelProgram, meta: &StepMetadata, groups: usize, num_blocks: usize) -> StepCost {
+        StepCost {
+            bytes: step_bytes_split(p, meta, groups),
+            flops: step_flops(p, meta, num_blocks),
+            int8_ops: step_int8_ops(p, meta, num_blocks),
+        }
+    }
+
+    /// The step's compute at the peaks: its float work at the float peak
+    /// plus its int8 work at the int8 peak.
+    pub fn compute_seconds(&self, peaks: &Peaks) -> f64 {
+        self.flops / peaks.flops + self.int8_ops / peaks.int8_ops.unwrap_or(peaks.flops)
+    }
+
+    /// Roofline time: the bytes over the bandwidth or the compute at the
+    /// peaks, whichever is longer.
+    pub fn roofline_seconds(&self, peaks: &Peaks) -> f64 {
+        (self.bytes.total() as f64 / peaks.bandwidth).max(self.compute_seconds(peaks))
+    }
+}
+
+/// Batch sizes of the batched decode measurement, and their context.
+pub const BATCHES: [usize; 4] = [1, 4, 16, 64];
+pub const BATCH_CONTEXT: usize = 512;
+/// The batched prefill: this many prompts of [`BATCH_CONTEXT`] tokens in one step.
+pub const PREFILL_SEQS: usize = 4;
+
+/// One batched decode measurement.
+pub struct BatchedDecode {
+    pub batch: usize,
+    /// Seconds per step.
+    pub seconds: f64,
+    pub cost: StepCost,
+    pub roofline: f64,
+    /// Per-kernel breakdown lines, when profiled.
+    pub profile: Option<Vec<String>>,
+}
+
+impl BatchedDecode {
+    pub fn tokens_per_s(&self) -> f64 {
+        self.batch as f64 / self.seconds
+    }
+}
+
+/// Decode at each of [`BATCHES`] after [`BATCH_CONTEXT`] cached tokens per
+/// sequence, `steps` timed steps each, against each step's roofline.
+pub fn batched_decode(
+    pkg: &Arc<Package>,
+    threads: usize,
+    steps: usize,
+    peaks: &Peaks,
+    profile: bool,
+) -> Result<Vec<BatchedDecode>> {
+    let groups = pkg.config().num_groups();
+    let mut out = vec![];
+    for b in BATCHES {
+        let timing = decode_step_seconds(pkg, threads, b, BATCH_CONTEXT, steps, profile)?;
+        let num_blocks = b * (BATCH_CONTEXT + steps + 1).div_ceil(timing.meta.block_size);
+        let cost = StepCost::of(pkg.program(), &timing.meta, groups, num_blocks);
+        out.push(BatchedDecode {
+            batch: b,
+            seconds: timing.seconds,
+            roofline: cost.roofline_seconds(peaks),
+            cost,
+            profile: timing.kernels.as_ref().map(|k| profile_lines(k, steps, timing.seconds)),
+        });
+    }
+    Ok(out)
+}
+
+/// The batched prefill: [`PREFILL_SEQS`] prompts of [`BATCH_CONTEXT`]
+/// tokens in one step (best of two); seconds and the step's cost.
+pub fn batched_prefill(pkg: &Arc<Package>, threads: usize) -> Result<(f64, StepCost)> {
+    let groups = pkg.config().num_groups();
+    let prompts: Vec<Vec<i64>> = (0..PREFILL_SEQS)
+        .map(|s| (0..BATCH_CONTEXT as i64).map(|i| (i * 7919 + s as i64 * 101) % 31000 + 1).collect())
+        .collect();
+    let mut best: Option<(f64, StepCost)> = None;
+    for _ in 0..2 {
+        let mut d = StepDriver::new(pkg.clone(), threads, PREFILL_SEQS, BATCH_CONTEXT)?;
+        let t0 = Instant::now();
+        let meta = d.step(&prompts)?;
+        let t = t0.elapsed().as_secs_f64();
+        let num_blocks = PREFILL_SEQS * BATCH_CONTEXT.div_ceil(meta.block_size);
+        if best.as_ref().is_none_or(|(b, _)| t < *b) {
+            best = Some((t, StepCost::of(pkg.program(), &meta, groups, num_blocks)));
+        }
+    }
+    Ok(best.expect("two runs"))
 }

@@ -756,7 +756,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
 }
 
 /// `n` deterministic pseudo-random prompts of `len` tokens in `0..vocab`.
-fn synthetic_prompts(n: usize, len: usize, vocab: usize) -> Vec<Vec<i64>> {
+pub fn synthetic_prompts(n: usize, len: usize, vocab: usize) -> Vec<Vec<i64>> {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     (0..n)
         .map(|_| {
@@ -814,6 +814,17 @@ pub struct BenchArgs {
     /// goes to stderr), or with a FILE write it there.
     #[arg(long, value_name = "FILE", num_args = 0..=1)]
     pub json: Option<Option<PathBuf>>,
+    /// Also quantize the checkpoint with this scheme (w8a8-dynamic or
+    /// w8a8; kept in the bench directory until the options change) and
+    /// measure it beside bf16 in the same run.
+    #[arg(long, value_name = "SCHEME")]
+    pub quant: Option<crate::quantize::Scheme>,
+    /// With --quant: quantize the KV cache to int8 (C8) too.
+    #[arg(long, requires = "quant")]
+    pub kv_int8: bool,
+    /// With --quant: synthetic calibration prompts (32 tokens each).
+    #[arg(long, value_name = "N", default_value_t = 2, requires = "quant")]
+    pub calib_synthetic: usize,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -831,6 +842,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     opts.decode_tokens = a.decode_tokens;
     opts.json = a.json.is_some();
     opts.json_file = a.json.flatten();
+    if a.calib_synthetic == 0 {
+        bail!("--calib-synthetic must be at least 1");
+    }
+    opts.quant = a.quant.map(|scheme| crate::bench_quant::QuantBenchOptions {
+        scheme,
+        kv_int8: a.kv_int8,
+        calib_prompts: a.calib_synthetic,
+    });
     crate::bench::run_bench(&opts, &crate::bench::pipeline_fuse)
 }
 

@@ -10,6 +10,8 @@ pub mod bench_batch;
 #[cfg(feature = "driver")]
 pub mod bench_gemm;
 #[cfg(feature = "driver")]
+pub mod bench_quant;
+#[cfg(feature = "driver")]
 pub mod commands;
 pub mod frontend;
 #[cfg(feature = "driver")]

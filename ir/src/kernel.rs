@@ -101,6 +101,13 @@ pub enum Layout {
     /// rows `p*nr/2 ..` followed by the matching up rows, so a SwiGLU epilogue
     /// finds `gate` and `up` of the same output column in one register tile.
     GateUpPanels { nr: u32 },
+    /// An int8 matmul right-hand side `[batch.., N, K]` stored as
+    /// `[batch..][ceil(N/nr)][ceil(K/kg)][nr][kg]`: column panels of `nr`
+    /// output columns, each column's `kg` consecutive k side by side, so
+    /// one `nr * kg`-byte load is the operand of one dot-product
+    /// instruction that adds `kg` products into each of `nr` lanes
+    /// (`vpdpbusd`: nr 16, kg 4). Zero-padded to whole panels and groups.
+    DotPanels { nr: u32, kg: u32 },
 }
 
 impl Layout {
@@ -119,6 +126,11 @@ impl Layout {
                 let half = nr as usize / 2;
                 let batch: usize = shape[..r - 2].iter().product();
                 batch * (two_i / 2).div_ceil(half) * nr as usize * k
+            }
+            Layout::DotPanels { nr, kg } => {
+                let (n, k) = (shape[r - 2], shape[r - 1]);
+                let batch: usize = shape[..r - 2].iter().product();
+                batch * n.div_ceil(nr as usize) * nr as usize * k.div_ceil(kg as usize) * kg as usize
             }
         }
     }
@@ -185,6 +197,25 @@ impl Layout {
                     });
                 }
             }
+            Layout::DotPanels { nr, kg } => {
+                let (nr, kg) = (nr as usize, kg as usize);
+                let (n, k) = (shape[r - 2], shape[r - 1]);
+                let (panels, groups) = (n.div_ceil(nr), k.div_ceil(kg));
+                let panel_len = groups * nr * kg;
+                for (b, dst) in out.chunks_exact_mut(panels * panel_len).enumerate() {
+                    let rows = &src[b * n * k..(b + 1) * n * k];
+                    for (p, panel) in dst.chunks_exact_mut(panel_len).enumerate() {
+                        // Column j's k-group g lands at (g * nr + j) * kg.
+                        for j in 0..nr.min(n.saturating_sub(p * nr)) {
+                            let row = &rows[(p * nr + j) * k..(p * nr + j + 1) * k];
+                            for (g, part) in row.chunks(kg).enumerate() {
+                                let at = (g * nr + j) * kg;
+                                panel[at..at + part.len()].copy_from_slice(part);
+                            }
+                        }
+                    }
+                }
+            }
         }
         out.into_flattened()
     }
@@ -195,6 +226,7 @@ impl Layout {
             Layout::Panels { nr, kn: false } => format!("@panels{nr}"),
             Layout::Panels { nr, kn: true } => format!("@panels{nr}kn"),
             Layout::GateUpPanels { nr } => format!("@gateup{nr}"),
+            Layout::DotPanels { nr, kg } => format!("@dot{nr}x{kg}"),
         }
     }
 }
@@ -846,7 +878,9 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
             let per_panel = match args[1].layout {
                 Layout::Panels { nr, .. } => nr as usize,
                 Layout::GateUpPanels { nr } => nr as usize / 2,
-                Layout::RowMajor => return Err("gemm weight must be packed".into()),
+                Layout::RowMajor | Layout::DotPanels { .. } => {
+                    return Err("gemm weight must be packed in float panels".into())
+                }
             };
             let mut e = prefix(out, r - 2);
             e.factor *= n.div_ceil(per_panel) as u64;
@@ -879,7 +913,9 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
             let (cols, per_panel) = match w.layout {
                 Layout::GateUpPanels { nr } => (cst(&w.shape[1], "gate_up rows")? / 2, nr as usize / 2),
                 Layout::Panels { nr, .. } => (cst(&w.shape[1], "down rows")?, nr as usize),
-                Layout::RowMajor => return Err("expert weights must be packed".into()),
+                Layout::RowMajor | Layout::DotPanels { .. } => {
+                    return Err("expert weights must be packed in float panels".into())
+                }
             };
             Extent::constant((e * cols.div_ceil(per_panel)) as u64)
         }
@@ -895,6 +931,7 @@ pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
     let panel = |w: &ArgSpec, k: &Dim, rows: &Dim| -> Extent {
         let nr = match w.layout {
             Layout::Panels { nr, .. } | Layout::GateUpPanels { nr } => nr as u64,
+            Layout::DotPanels { nr, .. } => nr as u64,
             Layout::RowMajor => 1,
         };
         // Streaming the panel, or 2 flops per weight and row.
@@ -985,6 +1022,25 @@ mod tests {
         // The same matrix stored [K=2, N=3].
         let kn = vec![1, 3, 5, 2, 4, 6];
         assert_eq!(Layout::Panels { nr: 2, kn: true }.pack(&kn, &[2, 3], 1), out);
+    }
+
+    #[test]
+    fn dot_panels_group_k_per_column_and_pad() {
+        // [N=3, K=3], nr = 2, kg = 2: panel 0 = cols 0, 1; k groups {0,1}, {2, pad}.
+        let src: Vec<u8> = (1..=9).collect();
+        let l = Layout::DotPanels { nr: 2, kg: 2 };
+        let out = l.pack(&src, &[3, 3], 1);
+        #[rustfmt::skip]
+        let want = vec![
+            1, 2, 4, 5, /* group 1 */ 3, 0, 6, 0,
+            7, 8, 0, 0, /* group 1 */ 9, 0, 0, 0,
+        ];
+        assert_eq!(out, want);
+        assert_eq!(out.len(), l.stored_len(&[3, 3]));
+        // Two batch entries: each packs alone.
+        let two: Vec<u8> = src.iter().chain(&src).copied().collect();
+        assert_eq!(l.pack(&two, &[2, 3, 3], 1), [want.clone(), want].concat());
+        assert_eq!(Layout::DotPanels { nr: 16, kg: 4 }.stored_len(&[20, 7]), 2 * 16 * 8);
     }
 
     #[test]

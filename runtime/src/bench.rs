@@ -1,5 +1,5 @@
 //! Machine measurements for the benchmark: the memory roofline (streaming
-//! read bandwidth), the fp32 FMA and BF16 dot-product peaks, the disk's
+//! read bandwidth), the fp32 FMA, BF16 and int8 dot-product peaks, the disk's
 //! sequential write bandwidth, and the process's peak resident memory. Each is measured in the same run as the model timings it is
 //! compared with.
 
@@ -134,6 +134,72 @@ unsafe fn dpbf16_loop(iters: u64) -> u64 {
     iters * 10 * 16 * 2 * 2
 }
 
+/// Peak int8 multiply-add rate of `threads` threads, in operations per
+/// second (one int8 x int8 product and its addition count 2, like a FMA's
+/// flops), and the instruction measured. With AVX-512 VNNI it is
+/// `vpdpbusd` on zmm (64 products per instruction), what the int8 GEMMs of
+/// the `avx512-bf16` tier use; otherwise AVX2 `vpmaddwd` on ymm after
+/// widening to i16 (16 exact products per instruction), what the baseline
+/// tier's int8 GEMMs use. `None` without AVX2.
+pub fn int8_dot_peak_ops(threads: usize) -> Option<(f64, &'static str)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let threads = threads.max(1);
+        let (run, name): (unsafe fn(u64) -> u64, &'static str) =
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni") {
+                (dpbusd_loop, "vpdpbusd")
+            } else if is_x86_feature_detected!("avx2") {
+                (pmaddwd_loop, "vpmaddwd")
+            } else {
+                return None;
+            };
+        const ITERS: u64 = 20_000_000;
+        let t0 = Instant::now();
+        let ops: u64 = std::thread::scope(|s| {
+            // SAFETY: `run` needs only the features just detected.
+            let hs: Vec<_> = (0..threads).map(|_| s.spawn(move || unsafe { run(ITERS) })).collect();
+            hs.into_iter().map(|h| h.join().expect("int8 thread")).sum()
+        });
+        Some((ops as f64 / t0.elapsed().as_secs_f64(), name))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn dpbusd_loop(iters: u64) -> u64 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm512_set1_epi8(3), _mm512_set1_epi8(-2));
+    // 10 independent accumulators cover the latency x pipes.
+    let mut acc = [_mm512_setzero_si512(); 10];
+    for _ in 0..iters {
+        for x in &mut acc {
+            *x = _mm512_dpbusd_epi32(*x, a, b);
+        }
+    }
+    std::hint::black_box(acc);
+    iters * 10 * 64 * 2
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pmaddwd_loop(iters: u64) -> u64 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm256_set1_epi16(3), _mm256_set1_epi16(-2));
+    let mut acc = [_mm256_setzero_si256(); 10];
+    for _ in 0..iters {
+        for x in &mut acc {
+            *x = _mm256_add_epi32(*x, _mm256_madd_epi16(a, b));
+        }
+    }
+    std::hint::black_box(acc);
+    iters * 10 * 16 * 2
+}
+
 /// Sequential write bandwidth of the file system holding `dir`: `bytes`
 /// written in 8 MB blocks to a temporary file and synced to the device
 /// (bytes/s). The file is removed.
@@ -185,6 +251,10 @@ mod tests {
     #[test]
     fn measurements_are_positive() {
         assert!(stream_read_bandwidth(1 << 20, 2, 1) > 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            assert!(int8_dot_peak_ops(1).is_some_and(|(ops, _)| ops > 0.0));
+        }
         assert!(peak_rss_bytes().unwrap_or(1) > 0);
         assert_eq!(sum_words(&[1, 2, 3, 4, 5]), 15);
         let dir = tempfile::tempdir().unwrap();

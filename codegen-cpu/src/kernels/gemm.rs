@@ -517,7 +517,7 @@ fn panel_geometry(w: &ArgSpec) -> Result<(u32, u32)> {
     match w.layout {
         Layout::Panels { nr, .. } => Ok((nr, nr)),
         Layout::GateUpPanels { nr } => Ok((nr, nr / 2)),
-        Layout::RowMajor => bail!("packed GEMM needs a packed weight"),
+        Layout::RowMajor | Layout::DotPanels { .. } => bail!("packed GEMM needs a float-panel weight"),
     }
 }
 

@@ -8,6 +8,7 @@ mod gemm;
 mod movement;
 mod norm;
 mod quant;
+mod quant_gemm;
 mod quant_moe;
 mod reduce;
 

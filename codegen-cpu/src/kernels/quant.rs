@@ -17,12 +17,12 @@
 //! `vpmaddwd` (AVX2).
 
 use crate::cg::{Cg, Ok_};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use inkwell::intrinsics::Intrinsic;
 
-use inkwell::values::{BasicValue, BasicValueEnum, FloatValue, IntValue, PointerValue};
+use inkwell::values::{BasicValue, BasicValueEnum, FloatValue, IntValue, PointerValue, VectorValue};
 use inkwell::FloatPredicate;
-use panguc_ir::kernel::{ArgSpec, Kernel, QUANT_MATMUL_COLS};
+use panguc_ir::kernel::{ArgSpec, Kernel, Layout, QUANT_MATMUL_COLS};
 use panguc_ir::{DType, Dim};
 
 /// `clamp(round_half_even(v), -128, 127)` as an i8; NaN gives 0.
@@ -162,24 +162,84 @@ fn matrix(a: &ArgSpec) -> (Dim, Dim, bool) {
     (a.shape[r - 2].clone(), a.shape[r - 1].clone(), r > 2)
 }
 
-/// The int8 matmul with its dequant epilogue (and the linear's bias added
-/// last when `bias`); one tile per output row.
-pub(crate) fn quant_matmul(cg: &mut Cg, k: &Kernel, per_token: bool, bias: bool) -> Result<()> {
-    let out_at = if bias { 5 } else { 4 };
-    let (x, w, a, b, out) = (&k.args[0], &k.args[1], &k.args[2], &k.args[3], &k.args[out_at]);
-    if x.dtype != DType::I8 || w.dtype != DType::I8 {
-        bail!("int8 matmul operands are stored as {} and {}, expected i8", x.dtype, w.dtype);
+/// An int8 matmul kernel's operands: `(x, w, scale_a, scale_b[, bias],
+/// out)`; per token, `scale_a` is the weight scale and `scale_b` the
+/// token scale; static, the int32 quant bias and the dequant scale.
+pub(crate) struct QuantMatMulArgs {
+    pub per_token: bool,
+    pub bias: bool,
+    /// Contraction length and output columns (static).
+    pub k: usize,
+    pub n: usize,
+    m: Dim,
+    pub x_batched: bool,
+    pub w_batched: bool,
+    dtypes: [DType; 6],
+    out_at: usize,
+}
+
+/// The kernel's buffers, typed.
+pub(crate) struct QuantPtrs<'c> {
+    pub x: PointerValue<'c>,
+    pub w: PointerValue<'c>,
+    a: PointerValue<'c>,
+    b: PointerValue<'c>,
+    bias: Option<PointerValue<'c>>,
+    out: PointerValue<'c>,
+}
+
+impl QuantMatMulArgs {
+    fn of(k: &Kernel, per_token: bool, bias: bool) -> Result<QuantMatMulArgs> {
+        let out_at = if bias { 5 } else { 4 };
+        let (x, w) = (&k.args[0], &k.args[1]);
+        if x.dtype != DType::I8 || w.dtype != DType::I8 {
+            bail!("int8 matmul operands are stored as {} and {}, expected i8", x.dtype, w.dtype);
+        }
+        let (m, kd, x_batched) = matrix(x);
+        let (n, _, w_batched) = matrix(w);
+        let k_len = kd.as_const().ok_or_else(|| anyhow!("int8 matmul contraction dim must be static, found {kd}"))?;
+        let n = n.as_const().ok_or_else(|| anyhow!("int8 matmul N must be static, found {n}"))?;
+        let dtype = |i: usize| k.args.get(i).map_or(DType::F32, |a| a.dtype);
+        let dtypes = [dtype(0), dtype(1), dtype(2), dtype(3), if bias { dtype(4) } else { DType::F32 }, dtype(out_at)];
+        Ok(QuantMatMulArgs { per_token, bias, k: k_len, n, m, x_batched, w_batched, dtypes, out_at })
     }
-    let (m, kd, x_batched) = matrix(x);
-    let (n, _, w_batched) = matrix(w);
-    let kc = kd.as_const().ok_or_else(|| anyhow::anyhow!("int8 matmul contraction dim must be static, found {kd}"))?;
+
+    pub fn m<'c>(&self, cg: &Cg<'c>) -> Result<IntValue<'c>> {
+        cg.dim(&self.m)
+    }
+
+    pub fn pointers<'c>(&self, cg: &Cg<'c>) -> QuantPtrs<'c> {
+        let d = &self.dtypes;
+        QuantPtrs {
+            x: cg.arg(0, d[0]),
+            w: cg.arg(1, d[1]),
+            a: cg.arg(2, d[2]),
+            b: cg.arg(3, d[3]),
+            bias: self.bias.then(|| cg.arg(4, d[4])),
+            out: cg.arg(self.out_at, d[5]),
+        }
+    }
+}
+
+/// The int8 matmul with its dequant epilogue (and the linear's bias added
+/// last when `bias`); one tile per block of [`QUANT_MATMUL_COLS`] output
+/// columns over every row. Weights packed in dot-product panels take the
+/// register-blocked kernels of `quant_gemm`; row-major ones one dot
+/// product per output.
+pub(crate) fn quant_matmul(cg: &mut Cg, k: &Kernel, per_token: bool, bias: bool) -> Result<()> {
+    let q = QuantMatMulArgs::of(k, per_token, bias)?;
+    match k.args[1].layout {
+        Layout::DotPanels { nr, kg: 4 } if nr as usize == QUANT_MATMUL_COLS => {
+            return super::quant_gemm::quant_matmul_panels(cg, k, &q)
+        }
+        Layout::RowMajor => {}
+        other => bail!("int8 matmul weights packed as {other:?}: expected row-major or 16 x 4 dot panels"),
+    }
+    let kc = q.k;
     cg.begin_kernel(&k.name);
-    let nc = n.as_const().ok_or_else(|| anyhow::anyhow!("int8 matmul N must be static, found {n}"))?;
-    let blocks = cg.i64c(nc.div_ceil(QUANT_MATMUL_COLS) as i64);
-    let (m, kv, n) = (cg.dim(&m)?, cg.i64c(kc as i64), cg.i64c(nc as i64));
-    let (xp, wp) = (cg.arg(0, x.dtype), cg.arg(1, w.dtype));
-    let (ap, bp, op) = (cg.arg(2, a.dtype), cg.arg(3, b.dtype), cg.arg(out_at, out.dtype));
-    let bias_p = bias.then(|| (cg.arg(4, k.args[4].dtype), k.args[4].dtype));
+    let blocks = cg.i64c(q.n.div_ceil(QUANT_MATMUL_COLS) as i64);
+    let (m, kv, n) = (q.m(cg)?, cg.i64c(kc as i64), cg.i64c(q.n as i64));
+    let ops = q.pointers(cg);
     let vnni = cg.vnni;
     // A tile: one batch entry's block of columns, for every row in turn
     // (the block's weight rows are reused from cache by each row).
@@ -188,40 +248,147 @@ pub(crate) fn quant_matmul(cg: &mut Cg, k: &Kernel, per_token: bool, bias: bool)
         let j0 = cg.mul(blk, cg.i64c(QUANT_MATMUL_COLS as i64));
         let j1 = cg.min(cg.add(j0, cg.i64c(QUANT_MATMUL_COLS as i64)), n);
         // First weight row / per-channel element of this batch entry.
-        let wrow0 = if w_batched { cg.mul(batch, n) } else { cg.i64c(0) };
+        let wrow0 = if q.w_batched { cg.mul(batch, n) } else { cg.i64c(0) };
         cg.for_range(cg.i64c(0), m, 1, |cg, row| {
-            let out_row = cg.add(cg.mul(batch, m), row);
-            let x_row = if x_batched { out_row } else { row };
-            let xbase = cg.mul(x_row, kv);
-            let obase = cg.mul(out_row, n);
-            // The per-token scale is the same for the whole row.
-            let x_scale = per_token.then(|| cg.load_f(bp, x_row, b.dtype));
+            let at = OutputRow::new(cg, &q, batch, row, m).with_scale(cg, &q, &ops);
+            let xbase = cg.mul(at.x_row, kv);
             cg.for_range(j0, j1, 1, |cg, j| {
                 let c = cg.add(wrow0, j);
-                let acc = dot_i8(cg, cg.gep(xp, xbase), cg.gep(wp, cg.mul(c, kv)), kc, vnni)?;
-                let y = match x_scale {
-                    Some(xs) => {
-                        let f = cg.b.build_signed_int_to_float(acc, cg.f32t(), "").ok_();
-                        let ws = load_scale(cg, ap, c, a.dtype);
-                        cg.fmul(cg.fmul(f.into(), ws.into()), xs.into())
-                    }
-                    None => {
-                        let with_bias = cg.b.build_int_add(acc, load_i32(cg, ap, c), "").ok_();
-                        let f = cg.b.build_signed_int_to_float(with_bias, cg.f32t(), "").ok_();
-                        cg.fmul(f.into(), load_scale(cg, bp, c, b.dtype).into())
-                    }
-                };
-                let y = match bias_p {
-                    Some((p, d)) => cg.fadd(y, cg.load_f(p, j, d).into()),
-                    None => y,
-                };
-                cg.store_f(op, cg.add(obase, j), out.dtype, y.into_float_value());
+                let acc = dot_i8(cg, cg.gep(ops.x, xbase), cg.gep(ops.w, cg.mul(c, kv)), kc, vnni)?;
+                scalar_epilogue(cg, &q, &ops, &at, j, c, acc);
                 Ok(())
             })
         })
     })?;
     cg.finish_kernel();
     Ok(())
+}
+
+/// Where one row of the int8 matmul reads its token scale and writes.
+pub(crate) struct OutputRow<'c> {
+    x_row: IntValue<'c>,
+    out_base: IntValue<'c>,
+    /// The per-token scale (per-token kernels).
+    x_scale: Option<FloatValue<'c>>,
+}
+
+impl<'c> OutputRow<'c> {
+    pub fn new(cg: &Cg<'c>, q: &QuantMatMulArgs, batch: IntValue<'c>, row: IntValue<'c>, m: IntValue<'c>) -> Self {
+        let out_row = cg.add(cg.mul(batch, m), row);
+        let x_row = if q.x_batched { out_row } else { row };
+        let out_base = cg.mul(out_row, cg.i64c(q.n as i64));
+        OutputRow { x_row, out_base, x_scale: None }
+    }
+
+    /// [`OutputRow::new`] with its token scale loaded (once per row).
+    pub fn with_scale(mut self, cg: &Cg<'c>, q: &QuantMatMulArgs, ops: &QuantPtrs<'c>) -> Self {
+        self.x_scale = q.per_token.then(|| cg.load_f(ops.b, self.x_row, q.dtypes[3]));
+        self
+    }
+}
+
+/// Output `j` (weight row / channel `c`) of a row from its exact int32 sum:
+/// the reference's float operations in its order.
+fn scalar_epilogue<'c>(
+    cg: &Cg<'c>,
+    q: &QuantMatMulArgs,
+    ops: &QuantPtrs<'c>,
+    at: &OutputRow<'c>,
+    j: IntValue<'c>,
+    c: IntValue<'c>,
+    acc: IntValue<'c>,
+) {
+    let d = &q.dtypes;
+    let y = if q.per_token {
+        let xs = at.x_scale.unwrap_or_else(|| cg.load_f(ops.b, at.x_row, d[3]));
+        let f = cg.b.build_signed_int_to_float(acc, cg.f32t(), "").ok_();
+        let ws = load_scale(cg, ops.a, c, d[2]);
+        cg.fmul(cg.fmul(f.into(), ws.into()), xs.into())
+    } else {
+        let with_bias = cg.b.build_int_add(acc, load_i32(cg, ops.a, c), "").ok_();
+        let f = cg.b.build_signed_int_to_float(with_bias, cg.f32t(), "").ok_();
+        cg.fmul(f.into(), load_scale(cg, ops.b, c, d[3]).into())
+    };
+    let y = match ops.bias {
+        Some(p) => cg.fadd(y, cg.load_f(p, j, d[4]).into()),
+        None => y,
+    };
+    cg.store_f(ops.out, cg.add(at.out_base, j), d[5], y.into_float_value());
+}
+
+/// The epilogue of one row's block of columns `j0..j1` (weight rows /
+/// channels from `c0`) from their exact sums (`<16 x i32>`): 16 columns at
+/// once for a whole block, else column by column; the same float
+/// operations in the same order either way.
+pub(crate) fn matmul_epilogue<'c>(
+    cg: &mut Cg<'c>,
+    q: &QuantMatMulArgs,
+    ops: &QuantPtrs<'c>,
+    at: &OutputRow<'c>,
+    (j0, j1, c0): (IntValue<'c>, IntValue<'c>, IntValue<'c>),
+    sums: VectorValue<'c>,
+) -> Result<()> {
+    const W: u32 = QUANT_MATMUL_COLS as u32;
+    let whole = cg.eq(cg.sub(j1, j0), cg.i64c(W as i64));
+    let lanes = cg.alloca(cg.i32t().vec_type(W), "sums");
+    cg.store_v(lanes, sums);
+    cg.if_else(
+        whole,
+        |cg| {
+            let d = &q.dtypes;
+            let y = if q.per_token {
+                let f = cg.b.build_signed_int_to_float(sums, cg.vec_f32(W), "").ok_();
+                let ws = load_scale_vec(cg, ops.a, c0, d[2], W);
+                let xs = at.x_scale.unwrap_or_else(|| cg.load_f(ops.b, at.x_row, d[3]));
+                cg.fmul(cg.fmul(f.into(), ws.into()), cg.splat(xs, W).into())
+            } else {
+                let with_bias = cg.b.build_int_add(sums, load_i32_vec(cg, ops.a, c0, W), "").ok_();
+                let f = cg.b.build_signed_int_to_float(with_bias, cg.vec_f32(W), "").ok_();
+                cg.fmul(f.into(), load_scale_vec(cg, ops.b, c0, d[3], W).into())
+            };
+            let y = match ops.bias {
+                Some(p) => cg.fadd(y, cg.load_vec(p, j0, d[4], W).into()),
+                None => y,
+            };
+            cg.store_vec(ops.out, cg.add(at.out_base, j0), d[5], y.into_vector_value());
+            Ok(())
+        },
+        |cg| {
+            let lane_p = cg.b.build_pointer_cast(lanes, cg.i32t().ptr_type(Default::default()), "").ok_();
+            cg.for_range(j0, j1, 1, |cg, j| {
+                let i = cg.sub(j, j0);
+                let acc = cg.load_i(lane_p, i);
+                scalar_epilogue(cg, q, ops, at, j, cg.add(c0, i), acc);
+                Ok(())
+            })
+        },
+    )
+}
+
+/// `n` scale operands from element `i` as f32 lanes (see [`load_scale`]).
+fn load_scale_vec<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, dtype: DType, n: u32) -> VectorValue<'c> {
+    if dtype.is_float() {
+        return cg.load_vec(p, i, dtype, n);
+    }
+    let words = load_int_vec(cg, p, i, n);
+    let low = cg.b.build_int_truncate_or_bit_cast(words, cg.i32t().vec_type(n), "").ok_();
+    cg.b.build_bit_cast(low, cg.vec_f32(n), "").ok_().into_vector_value()
+}
+
+/// `n` elements of an integer buffer from element `i` as i32 lanes (see
+/// [`load_i32`]).
+fn load_i32_vec<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, n: u32) -> VectorValue<'c> {
+    let v = load_int_vec(cg, p, i, n);
+    cg.b.build_int_cast_sign_flag(v, cg.i32t().vec_type(n), true, "").ok_()
+}
+
+/// `n` consecutive elements of an integer buffer in its own width.
+fn load_int_vec<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, n: u32) -> VectorValue<'c> {
+    let elem = p.get_type().get_element_type().into_int_type();
+    let vp = cg.b.build_pointer_cast(cg.gep(p, i), elem.vec_type(n).ptr_type(Default::default()), "").ok_();
+    let v = cg.b.build_load(vp, "").ok_();
+    v.as_instruction_value().expect("load").set_alignment(elem.get_bit_width().div_ceil(8)).ok_();
+    v.into_vector_value()
 }
 
 /// Bytes per `vpdpbusd` step (one 512-bit register).

@@ -551,7 +551,7 @@ impl<'a> Selector<'a> {
             }
         }
         let shape = static_shape(&val.ty, &format!("weight %{}", val.name))?;
-        if let Layout::Panels { .. } | Layout::GateUpPanels { .. } = layout {
+        if let Layout::Panels { .. } | Layout::GateUpPanels { .. } | Layout::DotPanels { .. } = layout {
             if shape.len() < 2 {
                 bail!("weight %{} of rank {} cannot be packed for a matmul", val.name, shape.len());
             }
@@ -700,7 +700,7 @@ impl<'a> Selector<'a> {
                 // `quant_matmul + bias` ([`Selector::fuse_quant_bias`]).
                 let mm = self.def_node(arg(0))?;
                 let per_token = mm.op == Op::QuantMatMulPerToken;
-                let mut args = mm.args.iter().map(|a| self.rm(*a)).collect::<Result<Vec<_>>>()?;
+                let mut args = self.quant_matmul_operands(&mm.args)?;
                 args.push(self.rm(arg(1))?);
                 args.push(self.act(r0));
                 self.launch(KernelKind::QuantMatMul { per_token, bias: true }, args)?;
@@ -818,13 +818,32 @@ impl<'a> Selector<'a> {
             Op::Dequantize => self.simple(ni, KernelKind::Dequantize)?,
             Op::DynamicQuant if self.quant_gate_up.contains_key(&ni) => self.quant_gate_up(ni)?,
             Op::DynamicQuant => self.simple(ni, KernelKind::DynamicQuant)?,
-            Op::QuantMatMul => self.simple(ni, KernelKind::QuantMatMul { per_token: false, bias: false })?,
-            Op::QuantMatMulPerToken => self.simple(ni, KernelKind::QuantMatMul { per_token: true, bias: false })?,
+            Op::QuantMatMul | Op::QuantMatMulPerToken => {
+                let mut args = self.quant_matmul_operands(&n.args)?;
+                args.push(self.act(r0));
+                let per_token = n.op == Op::QuantMatMulPerToken;
+                self.launch(KernelKind::QuantMatMul { per_token, bias: false }, args)?;
+            }
             Op::GroupedQuantMatMul => {
                 bail!("`{}` (an int8 quantization op) has no kernel yet; only the interpreter runs it", n.op.mnemonic())
             }
         }
         Ok(())
+    }
+
+    /// The operands of an int8 matmul: a weight right-hand side packed in
+    /// dot-product panels (16 columns x 4 k per 64-byte load), the rest
+    /// row-major.
+    fn quant_matmul_operands(&mut self, operands: &[usize]) -> Result<Vec<BufferId>> {
+        let mut args = vec![];
+        for (i, a) in operands.iter().enumerate() {
+            args.push(if i == 1 && self.konst[*a] {
+                self.weight(*a, Layout::DotPanels { nr: panguc_ir::kernel::QUANT_MATMUL_COLS as u32, kg: 4 })?
+            } else {
+                self.rm(*a)?
+            });
+        }
+        Ok(args)
     }
 
     /// Operands row-major, then one fresh buffer per result.
@@ -1084,7 +1103,7 @@ fn thread_scratch(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
     let panel = |k: &Dim, w: &ArgSpec| -> Extent {
         let nr = match w.layout {
             Layout::Panels { nr, .. } | Layout::GateUpPanels { nr } => nr as u64,
-            Layout::RowMajor => 0,
+            Layout::RowMajor | Layout::DotPanels { .. } => 0,
         };
         match (k.as_const(), w.dtype) {
             (Some(_), DType::F32) | (None, _) => Extent::constant(0),
