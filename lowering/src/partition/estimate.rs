@@ -443,7 +443,7 @@ fn value_bytes(f: &Function, v: ValueId) -> f64 {
 
 /// Fraction of parameter `name` (value `v`) rank 0 holds under `layout`.
 fn held_fraction(layout: &Layout, f: &Function, v: ValueId, name: &str) -> f64 {
-    match layout.residency(0, name) {
+    match layout.residency(0, name, f.ty(v).rank()) {
         Residency::Full => 1.0,
         Residency::None => 0.0,
         Residency::Slice { axis, start, end } => {
