@@ -308,10 +308,11 @@ mod tests {
         assert_eq!(r.kernels_after, 1, "{}", r.text);
     }
 
-    /// The importer's dense routed experts plus the shared expert and the
-    /// residual add.
-    fn moe_block(g: &mut G) -> usize {
-        let (h, i, is) = (16, 6, 10);
+    /// The MoE block's inputs (`x`, `residual`, both `[tokens, h]`) and the
+    /// importer's dense per-expert combine weights `[tokens, E]`: router,
+    /// group top-k, one-hot of the chosen experts times their weights,
+    /// summed over the k slots.
+    fn routed_combine_weights(g: &mut G, h: usize) -> (usize, usize, usize) {
         let x = g.input("x", &[tok(), c(h)]);
         let r = g.input("residual", &[tok(), c(h)]);
         let logits = router(g, x);
@@ -320,6 +321,14 @@ mod tests {
         let w3 = g.op(Op::Reshape { shape: vec![tok(), c(G_), c(1)] }, &[w]);
         let slots = g.op(Op::Binary(BinaryOp::Mul), &[oh, w3]);
         let combine = g.op(Op::Reduce { op: ReduceOp::Sum, axis: 1, keepdim: false }, &[slots]);
+        (x, r, combine)
+    }
+
+    /// The importer's dense routed experts plus the shared expert and the
+    /// residual add.
+    fn moe_block(g: &mut G) -> usize {
+        let (h, i, is) = (16, 6, 10);
+        let (x, r, combine) = routed_combine_weights(g, h);
         let stack = |g: &mut G, kind: &str, shape: &[usize]| {
             let ws: Vec<usize> =
                 (0..E).map(|e| g.weight(&format!("experts.{e}.{kind}_proj.weight"), DType::BF16, shape)).collect();
@@ -389,14 +398,7 @@ mod tests {
     /// int8 weights stacked per expert, per-channel scales `[E, N]`.
     fn quant_moe_block(g: &mut G) -> usize {
         let (h, i, is) = (16, 6, 10);
-        let x = g.input("x", &[tok(), c(h)]);
-        let r = g.input("residual", &[tok(), c(h)]);
-        let logits = router(g, x);
-        let (w, ids) = routing(g, logits);
-        let oh = g.op(Op::OneHot { depth: E }, &[ids]);
-        let w3 = g.op(Op::Reshape { shape: vec![tok(), c(G_), c(1)] }, &[w]);
-        let slots = g.op(Op::Binary(BinaryOp::Mul), &[oh, w3]);
-        let combine = g.op(Op::Reduce { op: ReduceOp::Sum, axis: 1, keepdim: false }, &[slots]);
+        let (x, r, combine) = routed_combine_weights(g, h);
         let stack = |g: &mut G, kind: &str, shape: &[usize]| {
             let ws: Vec<usize> =
                 (0..E).map(|e| g.weight(&format!("experts.{e}.{kind}_proj.weight"), DType::I8, shape)).collect();
