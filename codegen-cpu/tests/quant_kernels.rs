@@ -58,16 +58,7 @@ fn run(f: KernelFn, bufs: &mut [Vec<u8>], tokens: usize, tiles: u64) {
     unsafe { f(ptrs.as_ptr(), syms.as_ptr(), 0, tiles as i64, s.as_mut_ptr()) };
 }
 
-use common::{bytes_f32 as f32_bytes, f32s};
-fn i8_bytes(v: &[i64]) -> Vec<u8> {
-    v.iter().map(|x| *x as i8 as u8).collect()
-}
-fn i8s(b: &[u8]) -> Vec<i64> {
-    b.iter().map(|x| *x as i8 as i64).collect()
-}
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
+use common::{bits, bytes_f32 as f32_bytes, f32s, i8_bytes, i8s};
 
 fn random_i8(rng: &mut impl Rng, n: usize) -> Vec<i64> {
     // Include both clamp bounds: they are where the +128 shift matters.

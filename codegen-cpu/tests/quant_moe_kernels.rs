@@ -14,7 +14,7 @@ use panguc_ir::{DType, Dim, Op, Tensor};
 use rand::{Rng, SeedableRng};
 
 mod common;
-use common::{bytes_f32, bytes_i64, f32s, run_tiles, tier};
+use common::{bits, bytes_f32, bytes_i64, f32s, i8_bytes, i8s, run_tiles, tier};
 
 fn spec(dtype: DType, shape: Vec<Dim>) -> panguc_ir::kernel::ArgSpec {
     common::spec(dtype, shape, Layout::RowMajor)
@@ -45,15 +45,6 @@ fn runnable_tiers() -> Vec<&'static str> {
     t
 }
 
-fn i8_bytes(v: &[i64]) -> Vec<u8> {
-    v.iter().map(|x| *x as i8 as u8).collect()
-}
-fn i8s(b: &[u8]) -> Vec<i64> {
-    b.iter().map(|x| *x as i8 as i64).collect()
-}
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
 fn random_i8(rng: &mut impl Rng, n: usize) -> Vec<i64> {
     (0..n).map(|i| if i % 13 == 0 { -128 } else { rng.random_range(-128..=127) }).collect()
 }

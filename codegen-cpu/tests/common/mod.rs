@@ -51,6 +51,20 @@ pub fn bytes_f32(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// Integers in [-128, 127] as the kernels' int8 bytes.
+pub fn i8_bytes(v: &[i64]) -> Vec<u8> {
+    v.iter().map(|x| *x as i8 as u8).collect()
+}
+
+pub fn i8s(b: &[u8]) -> Vec<i64> {
+    b.iter().map(|x| *x as i8 as i64).collect()
+}
+
+/// Bit patterns, for bit-exact comparisons of floats.
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 /// Integers widened to the kernels' i64.
 pub fn bytes_i64<T: Copy + Into<i64>>(v: &[T]) -> Vec<u8> {
     v.iter().flat_map(|x| (*x).into().to_le_bytes()).collect()
