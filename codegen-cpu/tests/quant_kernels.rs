@@ -10,7 +10,7 @@ use panguc_ir::{DType, Dim, Tensor};
 use rand::{Rng, SeedableRng};
 
 mod common;
-use common::tier;
+use common::{runnable_tiers, tier};
 
 fn spec(dtype: DType, shape: Vec<Dim>) -> ArgSpec {
     common::spec(dtype, shape, Layout::RowMajor)
@@ -22,32 +22,6 @@ fn kernel(name: &str, kind: KernelKind, args: Vec<ArgSpec>) -> Kernel {
 
 fn program(kernels: Vec<Kernel>) -> KernelProgram {
     common::program("test", &["tokens", "past"], kernels)
-}
-
-/// The tiers this CPU can run (the AVX-512 one needs VNNI and BW).
-fn runnable_tiers() -> Vec<&'static str> {
-    let mut t = vec![BASELINE_TIER];
-    if avx512_tier_runs() {
-        t.push(BF16_TIER);
-    } else {
-        eprintln!("this CPU cannot run the {BF16_TIER} tier: only {BASELINE_TIER} is checked");
-    }
-    t
-}
-
-fn avx512_tier_runs() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512cd")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 fn run(f: KernelFn, bufs: &mut [Vec<u8>], tokens: usize, tiles: u64) {

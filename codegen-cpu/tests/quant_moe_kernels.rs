@@ -7,14 +7,14 @@
 //! the shared expert `quant_matmul_per_token` (gate, up) `-> swiglu ->
 //! dynamic_quant`. The routing (`moe_route`) is the bf16 MoE's kernel.
 
-use panguc_codegen_cpu::{with_jit, BASELINE_TIER, BF16_TIER};
+use panguc_codegen_cpu::with_jit;
 use panguc_ir::interp::eval_pure;
 use panguc_ir::kernel::{Extent, Kernel, KernelKind, KernelProgram, Layout};
 use panguc_ir::{DType, Dim, Op, Tensor};
 use rand::{Rng, SeedableRng};
 
 mod common;
-use common::{bits, bytes_f32, bytes_i64, f32s, i8_bytes, i8s, run_tiles, tier};
+use common::{bits, bytes_f32, bytes_i64, f32s, i8_bytes, i8s, run_tiles, runnable_tiers, tier};
 
 fn spec(dtype: DType, shape: Vec<Dim>) -> panguc_ir::kernel::ArgSpec {
     common::spec(dtype, shape, Layout::RowMajor)
@@ -26,23 +26,6 @@ fn kernel(name: &str, kind: KernelKind, args: Vec<panguc_ir::kernel::ArgSpec>) -
 
 fn program(kernels: Vec<Kernel>) -> KernelProgram {
     common::program("test", &["tokens", "past"], kernels)
-}
-
-/// The tiers this CPU can run (the AVX-512 one needs VNNI and BW).
-fn runnable_tiers() -> Vec<&'static str> {
-    let mut t = vec![BASELINE_TIER];
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-        && std::arch::is_x86_feature_detected!("avx512dq")
-        && std::arch::is_x86_feature_detected!("avx512cd")
-        && std::arch::is_x86_feature_detected!("avx512bf16")
-        && std::arch::is_x86_feature_detected!("avx512vnni")
-    {
-        t.push(BF16_TIER);
-    }
-    t
 }
 
 fn random_i8(rng: &mut impl Rng, n: usize) -> Vec<i64> {

@@ -5,7 +5,7 @@
 // Each test binary uses its own subset.
 #![allow(dead_code)]
 
-use panguc_codegen_cpu::{HostTarget, KernelFn, Tier};
+use panguc_codegen_cpu::{HostTarget, KernelFn, Tier, BASELINE_TIER, BF16_TIER};
 use panguc_ir::kernel::{tile_extent, ArgSpec, Extent, Kernel, KernelKind, KernelProgram, Layout};
 use panguc_ir::DType;
 use rand::Rng;
@@ -94,4 +94,30 @@ pub fn run_tiles(f: KernelFn, bufs: &mut [Vec<u8>], syms: &[i64], tiles: u64, sc
             unsafe { f(ptrs.as_ptr(), syms.as_ptr(), lo, hi, s.as_mut_ptr()) };
         }
     }
+}
+
+/// The tiers this CPU can run (the AVX-512 one needs VNNI and BW).
+pub fn runnable_tiers() -> Vec<&'static str> {
+    let mut t = vec![BASELINE_TIER];
+    if avx512_tier_runs() {
+        t.push(BF16_TIER);
+    } else {
+        eprintln!("this CPU cannot run the {BF16_TIER} tier: only {BASELINE_TIER} is checked");
+    }
+    t
+}
+
+fn avx512_tier_runs() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512cd")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
