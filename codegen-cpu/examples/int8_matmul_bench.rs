@@ -68,8 +68,9 @@ fn main() -> anyhow::Result<()> {
     let ws: Vec<u8> = (0..n).flat_map(|i| (0.001f32 + i as f32 * 1e-6).to_le_bytes()).collect();
     for tier_name in [BASELINE_TIER, BF16_TIER] {
         let Some(tier) = Tier::x86(tier_name, &host.triple) else { continue };
-        if tier_name == BF16_TIER && !avx512_runs() {
-            println!("{tier_name}: not runnable here");
+        let missing = panguc_runtime::loader::missing_features(&tier.target.features);
+        if !missing.is_empty() {
+            println!("{tier_name}: not runnable here (lacks {})", missing.join(", "));
             continue;
         }
         with_jit(&program, &tier.target, |get| {
@@ -100,19 +101,4 @@ fn main() -> anyhow::Result<()> {
         })?;
     }
     Ok(())
-}
-
-fn avx512_runs() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512cd")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }

@@ -146,16 +146,6 @@ fn each_tier_uses_its_own_vector_instructions() {
     }
 }
 
-fn cpu_has_bf16_tier() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vl")
-        && std::arch::is_x86_feature_detected!("avx512dq")
-        && std::arch::is_x86_feature_detected!("avx512cd")
-        && std::arch::is_x86_feature_detected!("avx512bf16")
-        && std::arch::is_x86_feature_detected!("avx512vnni")
-}
-
 /// A bf16-weight GEMM on each tier this CPU runs: every row's result is
 /// bit-identical whether the row is launched alone or with others (row
 /// blocks of 1..6 rows on the baseline and 1..12 on the bf16 tier, several
@@ -196,7 +186,7 @@ fn gemm_rows_independent_within_tolerance(k: usize, n: usize) {
     let m_max = 37;
     let a: Vec<f32> = (0..m_max * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
     let mut tiers = vec![(BASELINE_TIER, 0.0f64)];
-    if cpu_has_bf16_tier() {
+    if common::avx512_tier_runs() {
         tiers.push((BF16_TIER, 2f64.powi(-8) + 2.0 * k as f64 * 2f64.powi(-24)));
     } else {
         eprintln!("this CPU has no AVX-512 BF16: only the baseline tier is run");

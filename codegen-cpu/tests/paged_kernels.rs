@@ -88,32 +88,76 @@ fn paged_cache_dims() -> Vec<Dim> {
 
 #[test]
 fn paged_attention_matches_the_interpreter_bit_for_bit() {
-    let m = step();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let q = random(&mut rng, vec![m.tokens(), HQ, D]);
-    let (kc, vc) = (random(&mut rng, cache_shape()), random(&mut rng, cache_shape()));
-    let scale = 1.0 / (D as f64).sqrt();
+    let shape = AttnShape { block: BLOCK, num_blocks: NUM_BLOCKS, hq: HQ, hkv: HKV, d: D };
+    check_paged_attention(&shape, &step(), BASELINE_TIER, 7);
+}
+
+/// Contexts long enough for the kernel's run-wise loops (blocks a multiple
+/// of 16 keys: whole runs of 16 keys, then 8-key vectors, then single keys)
+/// on every tier this CPU runs: decodes after 36, 47 and 0 cached tokens and
+/// a prefill chunk crossing a block boundary, in scattered blocks; the
+/// model's head dim (128, whole cache lines per step) and an odd one (40).
+#[test]
+fn paged_attention_over_long_contexts_matches_the_interpreter_bit_for_bit() {
+    for (block, d) in [(16, 128), (32, 40)] {
+        let blocks = |ids: &[u32]| -> Vec<u32> { ids.iter().map(|b| b % 10).collect() };
+        let (b0, b1, b2, b3) = (blocks(&[7, 2, 9]), blocks(&[1, 8, 4]), blocks(&[5, 0]), blocks(&[3]));
+        let m = StepMetadata::build(
+            block,
+            &[
+                SeqChunk { past: 36, new_tokens: 1, blocks: &b0 },
+                SeqChunk { past: 47, new_tokens: 1, blocks: &b1 },
+                SeqChunk { past: 10, new_tokens: 9, blocks: &b2 },
+                SeqChunk { past: 0, new_tokens: 1, blocks: &b3 },
+            ],
+        )
+        .unwrap();
+        let shape = AttnShape { block, num_blocks: 10, hq: 8, hkv: 2, d };
+        for tier in common::runnable_tiers() {
+            check_paged_attention(&shape, &m, tier, 11);
+        }
+    }
+}
+
+struct AttnShape {
+    block: usize,
+    num_blocks: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+}
+
+/// Paged attention of random q and caches over the step `m`, compiled for
+/// `tier`, against the interpreter bit for bit.
+fn check_paged_attention(s: &AttnShape, m: &StepMetadata, tier: &str, seed: u64) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let q = random(&mut rng, vec![m.tokens(), s.hq, s.d]);
+    let cache = vec![s.num_blocks, s.block, s.hkv, s.d];
+    let (kc, vc) = (random(&mut rng, cache.clone()), random(&mut rng, cache));
+    let scale = 1.0 / (s.d as f64).sqrt();
     let meta = m.tensors();
     let (table, qsl, ctx) = (&meta[3], &meta[1], &meta[2]);
     let want = batched::paged_attention(&[&q, &kc, &vc, table, qsl, ctx], scale as f32).unwrap();
 
     let t = Dim::tokens();
+    let cache_dims = vec![Dim::num_blocks(), Dim::c(s.block), Dim::c(s.hkv), Dim::c(s.d)];
     let args = vec![
-        spec(DType::F32, vec![t.clone(), Dim::c(HQ), Dim::c(D)]),
-        spec(DType::F32, paged_cache_dims()),
-        spec(DType::F32, paged_cache_dims()),
+        spec(DType::F32, vec![t.clone(), Dim::c(s.hq), Dim::c(s.d)]),
+        spec(DType::F32, cache_dims.clone()),
+        spec(DType::F32, cache_dims),
         spec(DType::I64, vec![Dim::seqs(), Dim::max_blocks()]),
         spec(DType::I64, vec![Dim::seqs().add(&Dim::c(1))]),
         spec(DType::I64, vec![Dim::seqs()]),
-        spec(DType::F32, vec![t, Dim::c(HQ), Dim::c(D)]),
+        spec(DType::F32, vec![t, Dim::c(s.hq), Dim::c(s.d)]),
     ];
-    let scratch = Extent::of((4 * (HQ / HKV) * BLOCK) as u64, &[Dim::max_blocks()]);
+    let scratch = Extent::of((4 * (s.hq / s.hkv) * s.block) as u64, &[Dim::max_blocks()]);
     let k = kernel("paged_attention", KernelKind::PagedAttention { scale }, args, scratch.clone());
-    let b = bindings(&m);
+    let mut b = bindings(m);
+    b.insert(SYM_NUM_BLOCKS.to_string(), s.num_blocks);
     let tiles = k.tiles.eval(&b).unwrap();
-    assert_eq!(tiles as usize, m.tokens() * HKV, "one tile per (token, KV head)");
+    assert_eq!(tiles as usize, m.tokens() * s.hkv, "one tile per (token, KV head)");
     let scratch = scratch.eval(&b).unwrap() as usize;
-    with_jit(&program(vec![k]), &tier(), |get| {
+    with_jit(&program(vec![k]), &common::tier(tier), |get| {
         let mut bufs = vec![
             bytes_f32(q.as_f32()),
             bytes_f32(kc.as_f32()),
@@ -123,8 +167,9 @@ fn paged_attention_matches_the_interpreter_bit_for_bit() {
             bytes_i64(&m.context_lens),
             vec![0u8; q.numel() * 4],
         ];
-        run(get("paged_attention").expect("symbol"), &mut bufs, &m, tiles, scratch);
-        assert_bits(&f32s(&bufs[6]), want.as_f32(), "paged attention");
+        let syms = [m.tokens() as i64, m.seqs() as i64, m.max_blocks as i64, s.num_blocks as i64];
+        common::run_tiles(get("paged_attention").expect("symbol"), &mut bufs, &syms, tiles, scratch);
+        assert_bits(&f32s(&bufs[6]), want.as_f32(), &format!("paged attention ({tier}, block {}, D {})", s.block, s.d));
     })
     .unwrap();
 }

@@ -224,9 +224,10 @@ fn shared_gate_up_quant_matches_the_reference_chain_bit_for_bit() {
     }
 }
 
-/// `dyn_quant_matmul`: `dynamic_quant` then `quant_matmul_per_token` and
-/// the bias add in one kernel; N = 37 (two whole column blocks and a
-/// partial one), K = 72 (a VNNI step and a tail), a zero row.
+/// `dyn_quant_matmul`: `dynamic_quant` then `quant_matmul_per_token`, the
+/// bias add and the residual add after it in one kernel, with and without
+/// each add; N = 37 (two whole column blocks and a partial one), K = 72 (a
+/// VNNI step and a tail), a zero row.
 #[test]
 fn dyn_quant_matmul_matches_dynamic_quant_then_the_int8_matmul_bit_for_bit() {
     let (t, kd, n) = (3usize, 72usize, 37usize);
@@ -236,32 +237,60 @@ fn dyn_quant_matmul_matches_dynamic_quant_then_the_int8_matmul_bit_for_bit() {
     let w = random_i8(&mut rng, n * kd);
     let ws = scales(&mut rng, n);
     let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+    // A residual stream much larger than the projection, as after attention,
+    // so the order of the two adds shows in the bits.
+    let residual: Vec<f32> = (0..t * n).map(|_| rng.random_range(-40.0f32..40.0)).collect();
     let xq = eval(Op::DynamicQuant, &[&Tensor::f32(vec![t, kd], x.clone())]);
     let (wt, st) = (Tensor::i64(vec![n, kd], w.clone()), Tensor::f32(vec![n], ws.clone()));
     let y = eval(Op::QuantMatMulPerToken, &[&xq[0], &wt, &st, &xq[1]]).remove(0);
-    let want = eval(Op::Binary(panguc_ir::op::BinaryOp::Add), &[&y, &Tensor::f32(vec![n], bias.clone())]).remove(0);
+    let add = |a: &Tensor, b: &Tensor| eval(Op::Binary(panguc_ir::op::BinaryOp::Add), &[a, b]).remove(0);
+    let (bias_t, res_t) = (Tensor::f32(vec![n], bias.clone()), Tensor::f32(vec![t, n], residual.clone()));
 
     let td = Dim::tokens();
-    let k = kernel(
-        "dqmm",
-        KernelKind::DynQuantMatMul { bias: true },
-        vec![
+    for (with_bias, with_residual) in [(true, false), (true, true), (false, true), (false, false)] {
+        let mut want = y.clone();
+        let mut args = vec![
             spec(DType::F32, vec![td.clone(), Dim::c(kd)]),
             spec(DType::I8, vec![Dim::c(n), Dim::c(kd)]),
             spec(DType::F32, vec![Dim::c(n)]),
-            spec(DType::F32, vec![Dim::c(n)]),
-            spec(DType::F32, vec![td.clone(), Dim::c(n)]),
-        ],
-    );
-    let tiles = k.tiles.eval(&panguc_ir::shape::bindings(t, 0)).unwrap();
-    assert_eq!(tiles as usize, n.div_ceil(16));
-    let p = program(vec![k]);
-    for tier_name in runnable_tiers() {
-        with_jit(&p, &tier(tier_name), |get| {
-            let mut b = vec![bytes_f32(&x), i8_bytes(&w), bytes_f32(&ws), bytes_f32(&bias), vec![0u8; t * n * 4]];
-            run_tiles(get("dqmm").unwrap(), &mut b, &[t as i64, 0], tiles, 0);
-            assert_eq!(bits(&f32s(&b[4])), bits(want.as_f32()), "{tier_name}: int8 matmul of the quantized rows");
-        })
-        .unwrap();
+        ];
+        let mut b = vec![bytes_f32(&x), i8_bytes(&w), bytes_f32(&ws)];
+        if with_bias {
+            want = add(&want, &bias_t);
+            args.push(spec(DType::F32, vec![Dim::c(n)]));
+            b.push(bytes_f32(&bias));
+        }
+        if with_residual {
+            want = add(&want, &res_t);
+            args.push(spec(DType::F32, vec![td.clone(), Dim::c(n)]));
+            b.push(bytes_f32(&residual));
+        }
+        args.push(spec(DType::F32, vec![td.clone(), Dim::c(n)]));
+        b.push(vec![0u8; t * n * 4]);
+        let out = b.len() - 1;
+        let kind = KernelKind::DynQuantMatMul { bias: with_bias, residual: with_residual };
+        let k = kernel("dqmm", kind, args);
+        let tiles = k.tiles.eval(&panguc_ir::shape::bindings(t, 0)).unwrap();
+        assert_eq!(tiles as usize, n.div_ceil(16));
+        let p = program(vec![k]);
+        let label = format!("bias {with_bias}, residual {with_residual}");
+        if with_bias && with_residual {
+            // The other order of the adds gives other bits somewhere: the
+            // check below can tell them apart.
+            let other = add(&y, &add(&res_t, &bias_t));
+            assert_ne!(bits(other.as_f32()), bits(want.as_f32()), "{label}: the data cannot tell the orders apart");
+        }
+        for tier_name in runnable_tiers() {
+            with_jit(&p, &tier(tier_name), |get| {
+                let mut b = b.clone();
+                run_tiles(get("dqmm").unwrap(), &mut b, &[t as i64, 0], tiles, 0);
+                assert_eq!(
+                    bits(&f32s(&b[out])),
+                    bits(want.as_f32()),
+                    "{tier_name} ({label}): int8 matmul of the quantized rows"
+                );
+            })
+            .unwrap();
+        }
     }
 }

@@ -10,8 +10,8 @@
 //! nothing asserts on time.
 
 use crate::bench_batch::{
-    batched_decode, batched_prefill, decode_step_seconds, profile_lines, step_bytes, Peaks, StepDriver, BATCH_CONTEXT,
-    PREFILL_SEQS,
+    batched_decode, batched_prefill, decode_step_seconds, profile_lines, step_bytes, BatchedDecode, Peaks, StepDriver,
+    BATCH_CONTEXT, PREFILL_SEQS,
 };
 use crate::frontend::Checkpoint;
 use crate::synth::{synth_with, Preset, SynthOptions};
@@ -46,6 +46,9 @@ pub struct BenchOptions {
     pub threads: usize,
     /// Also quantize the checkpoint and measure it beside bf16 (`--quant`).
     pub quant: Option<crate::bench_quant::QuantBenchOptions>,
+    /// Measure only the batched decode (and the bandwidth and peak it is
+    /// compared with): a quick loop for tuning its kernels.
+    pub batched_decode_only: bool,
 }
 
 impl BenchOptions {
@@ -61,6 +64,7 @@ impl BenchOptions {
             batch_decode_steps: 8,
             threads: panguc_runtime::engine::default_threads(),
             quant: None,
+            batched_decode_only: false,
         }
     }
 }
@@ -96,6 +100,9 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         )?;
     }
     let (module, compile_s, pack) = compile_package(&opts.checkpoint, &opts.work_dir, fuse)?;
+    if opts.batched_decode_only {
+        return run_batched_decode_only(opts, &say);
+    }
     // The first, full verification (as at the end of `panguc compile`),
     // then an open that trusts the stamp. Files younger than the racy
     // margin are never stamped, so let it pass first.
@@ -333,30 +340,7 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
     put("bf16.prefill.gemm_gflops", (gemm_rate / GB).into());
     put("bf16.prefill.gemm_fraction_of_fma_peak", (gemm_rate / peak).into());
     put("bf16.prefill.gemm_fraction_of_bf16_peak", bf16_peak.map(|p| gemm_rate / p).into());
-    say(format!(
-        "batched decode (context {BATCH_CONTEXT} each, {threads} threads; roofline = max(step bytes / {:.1} GB/s, step FLOPs / {:.1} GFLOP/s)):",
-        bw / GB,
-        peak_used / GB
-    ));
-    let tps1 = batched.first().map(|d| d.tokens_per_s()).unwrap_or(0.0);
-    for d in &batched {
-        let (b, t, tps) = (d.batch, d.seconds, d.tokens_per_s());
-        say(format!(
-            "  batch {b:>2}: {tps:>8.1} tok/s ({:.1} ms/step; {:.0} MB, {:.2} GFLOP per step); {:.2}x batch 1; roofline {:.2} ms = {:.2} of it (target >= 0.6)",
-            t * 1e3,
-            d.cost.bytes.total() as f64 / MB,
-            d.cost.flops / GB,
-            tps / tps1,
-            d.roofline * 1e3,
-            d.roofline / t
-        ));
-        put(&format!("bf16.decode.batch_{b}.tokens_per_s"), tps.into());
-        put(&format!("bf16.decode.batch_{b}.roofline_fraction"), (d.roofline / t).into());
-    }
-    if let (Some(first), Some(last)) = (batched.first(), batched.last()) {
-        let ratio = last.tokens_per_s() / first.tokens_per_s();
-        say(format!("  batch {} aggregate / batch {} = {ratio:.2}x (target >= 8)", last.batch, first.batch));
-    }
+    report_batched_decode(&batched, &peaks, threads, &say, &mut put);
     let ptokens = PREFILL_SEQS * BATCH_CONTEXT;
     let prefill_peak = prefill_cost.compute_seconds(&peaks) / pt;
     say(format!(
@@ -407,13 +391,78 @@ pub fn run_bench(opts: &BenchOptions, fuse: Fuse) -> Result<()> {
         let peaks = Peaks { int8_ops: int8_peak.map(|p| p.0), ..peaks };
         crate::bench_quant::run_quant_bench(opts, q, fuse, &peaks, &bf16, threads, &say, &mut json)?;
     }
-    let text = serde_json::to_string_pretty(&serde_json::Value::Object(json))?;
-    match &opts.json_file {
-        Some(f) => std::fs::write(f, text + "\n").with_context(|| format!("writing {}", f.display()))?,
-        None if opts.json => println!("{text}"),
-        None => {}
+    write_json(opts, json)
+}
+
+/// `--batched-decode-only`: the package just compiled in `opts.work_dir`,
+/// the bandwidth and peak its rooflines take, and the batched decode
+/// alone (profiled with [`PROFILE_ENV`] like the full run).
+fn run_batched_decode_only(opts: &BenchOptions, say: &dyn Fn(String)) -> Result<()> {
+    let pkg = Arc::new(panguc_runtime::open_package(&opts.work_dir)?);
+    let threads = opts.threads.max(1);
+    let bw = stream_read_bandwidth(1usize << 30, threads, 3);
+    let peak = bf16_dot_peak_flops(threads)
+        .filter(|_| pkg.tier() == panguc_codegen_cpu::BF16_TIER)
+        .unwrap_or_else(|| fma_peak_flops(threads));
+    let peaks = Peaks { bandwidth: bw, flops: peak, int8_ops: None };
+    let load_before = load_average();
+    let profile = std::env::var_os(PROFILE_ENV).is_some();
+    let batched = batched_decode(&pkg, threads, opts.batch_decode_steps, &peaks, profile)?;
+    let mut json = serde_json::Map::new();
+    say(format!("== panguc CPU benchmark, batched decode only: small preset (bf16), kernel tier {} ==", pkg.tier()));
+    report_batched_decode(&batched, &peaks, threads, say, &mut |k, v| {
+        json.insert(k.to_string(), v);
+    });
+    for d in &batched {
+        if let Some(lines) = &d.profile {
+            say(format!(
+                "time per kernel, batched decode, batch {}, context {BATCH_CONTEXT} ({PROFILE_ENV}):",
+                d.batch
+            ));
+            for l in lines {
+                say(l.clone());
+            }
+        }
     }
-    Ok(())
+    if let (Some(a), Some(b)) = (load_before, load_average()) {
+        say(format!("machine load average during the run: {a:.1} .. {b:.1}"));
+        json.insert("machine.load_average".into(), serde_json::json!([a, b]));
+    }
+    write_json(opts, json)
+}
+
+/// The batched decode's lines of the report and its JSON figures.
+fn report_batched_decode(
+    batched: &[BatchedDecode],
+    peaks: &Peaks,
+    threads: usize,
+    say: &dyn Fn(String),
+    put: &mut dyn FnMut(&str, serde_json::Value),
+) {
+    say(format!(
+        "batched decode (context {BATCH_CONTEXT} each, {threads} threads; roofline = max(step bytes / {:.1} GB/s, step FLOPs / {:.1} GFLOP/s)):",
+        peaks.bandwidth / GB,
+        peaks.flops / GB
+    ));
+    let tps1 = batched.first().map(|d| d.tokens_per_s()).unwrap_or(0.0);
+    for d in batched {
+        let (b, t, tps) = (d.batch, d.seconds, d.tokens_per_s());
+        say(format!(
+            "  batch {b:>2}: {tps:>8.1} tok/s ({:.1} ms/step; {:.0} MB, {:.2} GFLOP per step); {:.2}x batch 1; roofline {:.2} ms = {:.2} of it (target >= 0.6)",
+            t * 1e3,
+            d.cost.bytes.total() as f64 / MB,
+            d.cost.flops / GB,
+            tps / tps1,
+            d.roofline * 1e3,
+            d.roofline / t
+        ));
+        put(&format!("bf16.decode.batch_{b}.tokens_per_s"), tps.into());
+        put(&format!("bf16.decode.batch_{b}.roofline_fraction"), (d.roofline / t).into());
+    }
+    if let (Some(first), Some(last)) = (batched.first(), batched.last()) {
+        let ratio = last.tokens_per_s() / first.tokens_per_s();
+        say(format!("  batch {} aggregate / batch {} = {ratio:.2}x (target >= 8)", last.batch, first.batch));
+    }
 }
 
 /// Compile the checkpoint in `checkpoint` into a CPU package in `work_dir`
@@ -479,6 +528,17 @@ pub fn gemm_flops_by_kind(p: &KernelProgram, tokens: usize) -> std::collections:
         };
     }
     by_kind
+}
+
+/// `--json`: every figure as one object, on stdout or in the named file.
+fn write_json(opts: &BenchOptions, json: serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(json))?;
+    match &opts.json_file {
+        Some(f) => std::fs::write(f, text + "\n").with_context(|| format!("writing {}", f.display()))?,
+        None if opts.json => println!("{text}"),
+        None => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]

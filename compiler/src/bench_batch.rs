@@ -6,7 +6,10 @@
 //! decodes one token after C cached tokens. Its cache contents do not
 //! matter for the time (attention reads the same bytes whatever they
 //! hold), so the contexts are not prefilled: each sequence simply owns
-//! enough blocks and the step metadata says C tokens are cached.
+//! enough blocks and the step metadata says C tokens are cached. The
+//! cache's pages are written once first (`CpuEngine::commit_kv_cache`):
+//! pages never written all read as one shared zero page, which is not the
+//! memory a filled cache is read from.
 
 use anyhow::Result;
 use panguc_ir::batch::{SeqChunk, StepMetadata};
@@ -31,7 +34,8 @@ impl StepDriver {
         let block_size = CpuEngine::block_size_of(&pkg)
             .ok_or_else(|| anyhow::anyhow!("the bench package's kernel program is not batched"))?;
         let per_seq = max_context.div_ceil(block_size);
-        let engine = CpuEngine::batched(pkg, panguc_runtime::thread_pool(threads)?, batch * per_seq)?;
+        let mut engine = CpuEngine::batched(pkg, panguc_runtime::thread_pool(threads)?, batch * per_seq)?;
+        engine.commit_kv_cache();
         // Sequence s owns blocks s*per_seq.. (any disjoint choice costs the same).
         let seqs = (0..batch).map(|s| (0, (0..per_seq).map(|b| (s * per_seq + b) as u32).collect())).collect();
         Ok(StepDriver { engine, block_size, seqs })

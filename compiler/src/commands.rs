@@ -100,11 +100,28 @@ pub struct DumpIrArgs {
     /// The function `--dot` draws at the import and fused stages.
     #[arg(long, default_value = "decoder_layer", requires = "dot")]
     pub function: String,
+    /// The batched program (ragged steps over a paged KV cache of
+    /// 16-token blocks) that CPU and partitioned packages run, instead of
+    /// the one-sequence program.
+    #[arg(long)]
+    pub batched: bool,
 }
 
 pub fn dump_ir(a: DumpIrArgs) -> Result<()> {
     let ckpt = open_checkpoint(&a.model_dir, a.config_only)?;
-    let module = import(&ckpt)?;
+    let kv = if a.batched {
+        crate::import::KvLayout::Paged { block_size: CPU_BLOCK_SIZE }
+    } else {
+        crate::import::KvLayout::Contiguous
+    };
+    let module = import_with(&ckpt, kv)?;
+    let fused = || -> Result<panguc_ir::Module> {
+        if a.batched {
+            crate::pipeline::fuse_batched(&ckpt, &module, &Default::default())
+        } else {
+            Ok(crate::pipeline::run_pipeline(&ckpt, &module, 0.0, &Default::default())?.module)
+        }
+    };
     let module_text = |m: &panguc_ir::Module| -> Result<String> {
         if !a.dot {
             return Ok(panguc_ir::text::print_module(m));
@@ -117,13 +134,9 @@ pub fn dump_ir(a: DumpIrArgs) -> Result<()> {
     };
     match a.stage.as_str() {
         "import" => emit(&module_text(&module)?),
-        "fused" => {
-            let out = crate::pipeline::run_pipeline(&ckpt, &module, 0.0, &Default::default())?;
-            emit(&module_text(&out.module)?)
-        }
+        "fused" => emit(&module_text(&fused()?)?),
         "kernels" => {
-            let out = crate::pipeline::run_pipeline(&ckpt, &module, 0.0, &Default::default())?;
-            let program = panguc_lowering::schedule::schedule(&out.module, &Default::default())?;
+            let program = panguc_lowering::schedule::schedule(&fused()?, &Default::default())?;
             if a.dot {
                 emit(&panguc_lowering::dataflow::launch_dot(&program).map_err(|e| anyhow::anyhow!(e))?)
             } else {
@@ -423,7 +436,11 @@ pub fn compile(a: CompileArgs) -> Result<()> {
             context: a.context,
         };
         let fuse = panguc_lowering::fuse::FuseOptions::default();
-        Some(crate::partition_build::partition(ckpt.config(), &piped.module, crate::import::LAYER_FN, &popts, &fuse)?)
+        // The package's rank programs and the report's estimates are the
+        // batched import partitioned, so one multi-rank engine runs every
+        // scheduler step on all ranks.
+        let batched = batched_cpu_module(&ckpt, &opts)?;
+        Some(crate::partition_build::partition(ckpt.config(), &batched, crate::import::LAYER_FN, &popts, &fuse)?)
     } else {
         None
     };
@@ -438,25 +455,14 @@ pub fn compile(a: CompileArgs) -> Result<()> {
     let t = std::time::Instant::now();
     let program = panguc_lowering::schedule::schedule(&piped.module, &Default::default())
         .context("scheduling the kernel program")?;
-    // A partitioned package's rank programs, whatever its targets: the
-    // batched import partitioned with the layout chosen above (the
-    // one-sequence partition only feeds the estimates), so one multi-rank
-    // engine runs every scheduler step on all ranks.
-    let rank_parts = match &partitioned {
-        Some(p) => {
-            let fuse = panguc_lowering::fuse::FuseOptions::default();
-            let batched = batched_cpu_module(&ckpt, &opts)?;
-            Some(crate::partition_build::partition_batched(&batched, crate::import::LAYER_FN, &p.parts.layout, &fuse)?)
-        }
-        None => None,
-    };
-    let rank_programs = match &rank_parts {
+    let rank_parts = partitioned.as_ref().map(|p| &p.parts);
+    let rank_programs = match rank_parts {
         Some(parts) => crate::package_build::schedule_ranks(parts)?,
         None => vec![],
     };
     let scheduling_seconds = t.elapsed().as_secs_f64();
     let codegen_started = std::time::Instant::now();
-    if let (true, Some(p), Some(parts)) = (targets.iter().any(|t| t == "cpu"), &partitioned, &rank_parts) {
+    if let (true, Some(p), Some(parts)) = (targets.iter().any(|t| t == "cpu"), &partitioned, rank_parts) {
         // Partitioned: one CPU package per rank under ranks/rankN/, run
         // by the multi-rank engine (package_build::write_cpu_rank_packages).
         let plan = p.report["plan"].as_str().unwrap_or("unknown");
@@ -486,7 +492,7 @@ pub fn compile(a: CompileArgs) -> Result<()> {
         };
         crate::ascend_build::attach_cost_model(&mut report);
     }
-    if let (Some(p), Some(parts)) = (&partitioned, &rank_parts) {
+    if let (Some(p), Some(parts)) = (&partitioned, rank_parts) {
         let ascend = crate::ascend_build::ascend_targets(&targets)?;
         let weight_dtype = module.functions[crate::import::LAYER_FN]
             .weight_params()
@@ -825,6 +831,10 @@ pub struct BenchArgs {
     /// With --quant: synthetic calibration prompts (32 tokens each).
     #[arg(long, value_name = "N", default_value_t = 2, requires = "quant")]
     pub calib_synthetic: usize,
+    /// Measure only the batched decode (batch 1, 4, 16, 64 at context 512)
+    /// and the bandwidth and peak of its rooflines: a quick loop for tuning.
+    #[arg(long, conflicts_with = "quant")]
+    pub batched_decode_only: bool,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
@@ -842,6 +852,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     opts.decode_tokens = a.decode_tokens;
     opts.json = a.json.is_some();
     opts.json_file = a.json.flatten();
+    opts.batched_decode_only = a.batched_decode_only;
     if a.calib_synthetic == 0 {
         bail!("--calib-synthetic must be at least 1");
     }

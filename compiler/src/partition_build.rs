@@ -1,6 +1,7 @@
 //! `panguc compile --devices N --plan ep|h2p|auto`: partition the fused
-//! module into one program per device, and write the per-rank part of the
-//! package (glue over `panguc_lowering::partition`).
+//! batched (ragged-step, paged KV cache) module into one program per
+//! device, estimate them (the report's `partition` section), and write the
+//! per-rank part of the package (glue over `panguc_lowering::partition`).
 //!
 //! Package layout added under the package directory:
 //!
@@ -19,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use panguc_ir::graph::{Function, Module};
 use panguc_ir::op::CollectiveKind;
 use panguc_ir::{DType, Dim, Op, PanguConfig};
+use panguc_lowering::estimate::EstimateSpec;
 use panguc_lowering::fuse::FuseOptions;
 use panguc_lowering::partition::estimate::{choose_plan, partition_report, DeviceSpec, Interconnect};
 use panguc_lowering::partition::{partition_module, Dims, Layout, Partitioned, PlanChoice};
@@ -47,10 +49,9 @@ pub struct PartitionOptions {
 }
 
 pub struct PartitionOutput {
-    /// The one-sequence module partitioned: its layout is the plan, and the
-    /// report's estimates come from its rank modules (the package's rank
-    /// programs are the batched module partitioned with the same layout,
-    /// [`partition_batched`]).
+    /// The batched module partitioned: the package's rank programs (CPU
+    /// rank packages, per-rank CANN projects, `partition.json`), which the
+    /// report's estimates price.
     pub parts: Partitioned,
     /// The report's `partition` section.
     pub report: Value,
@@ -58,25 +59,34 @@ pub struct PartitionOutput {
     pub summary: String,
 }
 
-/// Partition `fused` (the output of the fusion pipeline) for `opts`.
+/// Partition `batched` (the fused batched module,
+/// `commands::batched_cpu_module`) for `opts`.
 pub fn partition(
     cfg: &PanguConfig,
-    fused: &Module,
+    batched: &Module,
     layer_fn: &str,
     opts: &PartitionOptions,
     fuse: &FuseOptions,
 ) -> Result<PartitionOutput> {
     let dims = Dims::from_config(cfg);
     let link = opts.link.clone().unwrap_or_else(|| Interconnect::for_profile(&opts.profile));
-    let spec = DeviceSpec { context: opts.context, prefill_tokens: 2048, profile: opts.profile.clone(), link };
+    let spec = DeviceSpec {
+        context: opts.context,
+        prefill_tokens: 2048,
+        // The batch sizes of the single-device estimates.
+        decode_batches: EstimateSpec::default().decode_batches,
+        profile: opts.profile.clone(),
+        link,
+    };
     let (parts, choice) = if opts.plan == PlanChoice::Auto && opts.plan_by_cost && opts.devices > 1 {
-        let (p, why) = choose_plan(fused, layer_fn, dims, opts.devices, fuse, &spec)?;
+        let (p, why) = choose_plan(batched, layer_fn, dims, opts.devices, fuse, &spec)?;
         (p, Some(why))
     } else {
         let layout = Layout::new(dims, opts.devices, opts.plan)?;
-        (partition_module(fused, layer_fn, &layout, fuse)?, None)
+        let parts = partition_module(batched, layer_fn, &layout, fuse).context("partitioning the batched module")?;
+        (parts, None)
     };
-    let mut report = partition_report(fused, &parts, &spec)?;
+    let mut report = partition_report(batched, &parts, &spec)?;
     if let Some(why) = choice {
         report["auto"] = why;
     }
@@ -101,6 +111,15 @@ pub fn partition(
             d["ms_per_decode_step"].as_f64().unwrap_or(0.0)
         );
     }
+    for b in report["decode_batches"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            summary,
+            "  decode batch {}: {:.2} ms/step (slowest rank), {:.0} tokens/s",
+            b["batch"],
+            b["ms_per_step"].as_f64().unwrap_or(0.0),
+            b["tokens_per_s"].as_f64().unwrap_or(0.0)
+        );
+    }
     let _ = writeln!(
         summary,
         "  published (800I A2, W8A8, 4 cards, batch 1): {} ms TPOT; estimate {:.2} ms on {}",
@@ -112,7 +131,7 @@ pub fn partition(
 }
 
 /// Write `partition.json` and `ranks/rank<R>/ir/partitioned.txt` for the
-/// rank programs `parts` (the package's batched ones, [`partition_batched`])
+/// rank programs `parts` (the package's batched ones, [`partition`])
 /// into the package staging directory. `ascend` lists the Ascend targets
 /// whose per-rank host programs the document points to.
 pub fn write_rank_programs(
@@ -323,18 +342,4 @@ pub fn parse_plan(devices: usize, plan: Option<&str>) -> Result<(PlanChoice, boo
             Ok((c, c == PlanChoice::Auto))
         }
     }
-}
-
-/// The batched (ragged-step, paged KV cache) module partitioned with the
-/// `layout` [`partition`] chose: the rank programs of a partitioned
-/// package (CPU rank packages, per-rank CANN projects, `partition.json`).
-/// Every plan partitions it: attention split by heads shards each layer's
-/// paged caches by KV head like the one-sequence caches.
-pub fn partition_batched(
-    batched_fused: &Module,
-    layer_fn: &str,
-    layout: &Layout,
-    fuse: &FuseOptions,
-) -> Result<Partitioned> {
-    partition_module(batched_fused, layer_fn, layout, fuse).context("partitioning the batched module")
 }

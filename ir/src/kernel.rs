@@ -563,12 +563,14 @@ pub enum KernelKind {
     MoeDownQuant,
     /// [`KernelKind::QuantMatMul`] (`per_token`) with the `DynamicQuant`
     /// of its input done inside: `(x f32[M, K], w i8[N, K], w_scale[N],
-    /// [bias[N],] out f32[M, N])`; each row is quantized per token
-    /// (`DynamicQuant` semantics) before its int8 dot products, so the
-    /// int8 row never reaches memory. Tile: as `QuantMatMul` (a block of
+    /// [bias[N],] [residual f32[M, N],] out f32[M, N])`; each row is
+    /// quantized per token (`DynamicQuant` semantics) before its int8 dot
+    /// products, so the int8 row never reaches memory. With `residual`,
+    /// `out = (y [+ bias]) + residual` (the residual add after the o
+    /// projection, in that order). Tile: as `QuantMatMul` (a block of
     /// [`QUANT_MATMUL_COLS`] columns over every row; each tile quantizes
     /// the rows it reads, K work per row against its 16 K of dot products).
-    DynQuantMatMul { bias: bool },
+    DynQuantMatMul { bias: bool, residual: bool },
     /// `(in, out)` f32: a collective over the global ranks `group` with the
     /// semantics of `panguc_ir::multirank` (sum reduction; `axis` for the
     /// gathering/scattering kinds). Host-executed: code generators emit no

@@ -125,13 +125,21 @@ const CUBE_TILE: f64 = 128.0;
 impl OpWork {
     /// Seconds this op takes as one kernel.
     pub fn seconds(&self, w: &Workload, p: &HardwareProfile) -> f64 {
+        let (compute, memory) = self.compute_and_memory_seconds(w, p);
+        compute.max(memory) + p.launch_overhead_us * 1e-6
+    }
+
+    /// The two terms [`OpWork::seconds`] takes the larger of: compute (cube,
+    /// int8 and vector work at their peaks) and memory (bytes at the
+    /// bandwidth, plus the small copies' fixed costs).
+    pub fn compute_and_memory_seconds(&self, w: &Workload, p: &HardwareProfile) -> (f64, f64) {
         let seqs = w.copies();
         let compute = seqs
             * (self.matmul_flops / (p.matmul_tflops * 1e12)
                 + self.int8_ops / (p.int8_tops * 1e12)
                 + self.vector_flops / (p.vector_tflops * 1e12));
         let memory = self.bytes(w) / (p.mem_bandwidth_gbs * 1e9) + seqs * self.small_copies * DMA_COPY_SECONDS;
-        compute.max(memory) + p.launch_overhead_us * 1e-6
+        (compute, memory)
     }
 
     /// All bytes moved in one step.
@@ -179,6 +187,25 @@ pub fn expected_unique_experts(tokens: f64, groups: f64, per_group: f64) -> f64 
         return groups * per_group.max(0.0);
     }
     groups * per_group * (1.0 - (1.0 - 1.0 / per_group).powf(tokens))
+}
+
+/// Expected distinct experts of `experts` a grouped GEMM over `rows`
+/// (token, expert) rows of one step touches. Its rows come from MoGE
+/// routing (pangu-pro-moe.md): every token picks exactly one expert in each
+/// of G groups, so there are `tokens x G` rows and G = rows / tokens (one
+/// token: exactly G distinct experts, never fewer). Rows that are not a
+/// whole multiple of the step's tokens, or groups that do not divide the
+/// experts, fall back to uniform draws over all experts.
+fn grouped_gemm_experts(rows: f64, experts: f64, w: &Workload) -> f64 {
+    let tokens = w.tokens as f64;
+    let groups = if tokens > 0.0 { (rows / tokens).round() } else { 0.0 };
+    let moge = groups >= 1.0 && groups * tokens == rows && experts % groups == 0.0;
+    let unique = if moge {
+        expected_unique_experts(tokens * w.copies(), groups, experts / groups)
+    } else {
+        expected_unique_experts(rows, 1.0, experts)
+    };
+    unique.min(experts)
 }
 
 /// Blocks of at most one cube tile of rows when `rows` rows are spread
@@ -326,7 +353,7 @@ pub fn op_work(op: &Op, args: &[Operand], results: &[TensorType], w: &Workload, 
             // contiguous per-expert blocks.
             let (rows, k) = (dim(args[0].ty, 0, &b), dim(args[0].ty, 1, &b));
             let (e, n) = (dim(args[1].ty, 0, &b), dim(args[1].ty, 1, &b));
-            let unique = expected_unique_experts(rows, 1.0, e).min(e);
+            let unique = grouped_gemm_experts(rows, e, w);
             read(&mut work, &args[0], 1.0, true);
             read(&mut work, &args[1], unique / e.max(1.0), true);
             read(&mut work, &args[2], 1.0, true);
@@ -340,7 +367,7 @@ pub fn op_work(op: &Op, args: &[Operand], results: &[TensorType], w: &Workload, 
             // and the per-expert weight scales read for touched experts only.
             let (rows, k) = (dim(args[0].ty, 0, &b), dim(args[0].ty, 1, &b));
             let (e, n) = (dim(args[1].ty, 0, &b), dim(args[1].ty, 1, &b));
-            let unique = expected_unique_experts(rows, 1.0, e).min(e);
+            let unique = grouped_gemm_experts(rows, e, w);
             let touched = unique / e.max(1.0);
             for (i, a) in args.iter().enumerate() {
                 read(&mut work, a, if i == 1 || i == 2 { touched } else { 1.0 }, true);
@@ -655,6 +682,33 @@ mod tests {
         assert_eq!(work.int8_ops, 2.0 * 1344.0 * 5120.0);
         // One row block x ceil(5120 / 256) K tiles x ceil(1344 / 128) N tiles.
         assert_eq!(work.small_copies, 20.0 * 11.0);
+    }
+
+    /// The grouped GEMMs of MoGE routing: a token's 8 rows go to one
+    /// expert in each of 8 groups, so one token reads exactly 8 of the 64
+    /// experts (uniform draws over all 64 would expect 7.58).
+    #[test]
+    fn grouped_gemm_reads_one_expert_per_group_per_token() {
+        let p = builtin_profile("ascend910b1").unwrap();
+        let (h, n, e) = (5120, 1344, 64);
+        let wq = ty(DType::I8, &[Dim::c(e), Dim::c(n), Dim::c(h)]);
+        let w_scale = ty(DType::F32, &[Dim::c(e), Dim::c(n)]);
+        let counts = ty(DType::I64, &[Dim::c(e)]);
+        let expert = (n * h + 4 * n) as f64;
+        for tokens in [1usize, 2, 64] {
+            // Per group: 8 experts, each missed by a token with odds 7/8.
+            let want = 64.0 * (1.0 - 0.875f64.powi(tokens as i32));
+            let rows = Dim::tokens().mul(&Dim::c(8)).unwrap();
+            let xq = ty(DType::I8, &[rows.clone(), Dim::c(h)]);
+            let x_scale = ty(DType::F32, std::slice::from_ref(&rows));
+            let out = ty(DType::F32, &[rows, Dim::c(n)]);
+            let args = [act(&xq), weight(&wq), weight(&w_scale), act(&x_scale), act(&counts)];
+            let w = Workload::batched_decode(2048, tokens, 128);
+            let work = op_work(&Op::GroupedQuantMatMul, &args, std::slice::from_ref(&out), &w, &p);
+            let got = work.weight_bytes(&w) / expert;
+            assert!((got - want).abs() < 1e-9, "{tokens} tokens: {got} experts read, want {want}");
+        }
+        assert!((expected_unique_experts(8.0, 1.0, 64.0) - 7.576).abs() < 1e-3);
     }
 
     #[test]

@@ -22,6 +22,11 @@ pub struct StepCost {
     pub flops: f64,
     /// Kernels whose working set does not fit the profile's buffers.
     pub over_capacity: usize,
+    /// `seconds` split: kernels bound by compute (their compute time),
+    /// kernels bound by memory (their memory time), launch overheads.
+    pub compute_bound_seconds: f64,
+    pub memory_bound_seconds: f64,
+    pub launch_seconds: f64,
 }
 
 impl StepCost {
@@ -33,6 +38,9 @@ impl StepCost {
         self.bytes += o.bytes;
         self.flops += o.flops;
         self.over_capacity += o.over_capacity;
+        self.compute_bound_seconds += o.compute_bound_seconds;
+        self.memory_bound_seconds += o.memory_bound_seconds;
+        self.launch_seconds += o.launch_seconds;
     }
 }
 
@@ -86,7 +94,12 @@ fn cost_rec(
         let results: Vec<_> = n.results.iter().map(|r| f.ty(*r).clone()).collect();
         let work = share(f, i, op_work(&n.op, &operands, &results, w, p));
         let seqs = w.copies();
+        let (compute, memory) = work.compute_and_memory_seconds(w, p);
+        let bound = |is: bool, s: f64| if is { s } else { 0.0 };
         total.add(&StepCost {
+            compute_bound_seconds: bound(compute > memory, compute),
+            memory_bound_seconds: bound(compute <= memory, memory),
+            launch_seconds: p.launch_overhead_us * 1e-6,
             seconds: work.seconds(w, p),
             kernels: 1,
             weight_bytes: work.weight_bytes(w),

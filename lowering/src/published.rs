@@ -230,6 +230,9 @@ fn estimate(
         "interconnect": link.name,
         "per_device": {
             "kernels_ms": ms(kernels.seconds),
+            "compute_bound_kernels_ms": ms(kernels.compute_bound_seconds),
+            "memory_bound_kernels_ms": ms(kernels.memory_bound_seconds),
+            "launch_ms": ms(kernels.launch_seconds),
             "collectives_ms": ms(comm_s),
             "step_overhead_ms": ms(overhead_s),
             "kernels": kernels.kernels,

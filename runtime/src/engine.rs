@@ -286,6 +286,22 @@ impl CpuEngine {
         self.pool.threads()
     }
 
+    /// Write every page of the KV cache (with zeros, so its contents stay
+    /// as allocated). The cache is allocated lazily by the OS: until a page
+    /// is written, reading it maps the kernel's one shared zero page, so
+    /// attention over a never-written context reads a single physical page
+    /// through thousands of addresses, nothing like the memory traffic of
+    /// a cache that prefill filled. A benchmark that sets a context without
+    /// prefilling it calls this first.
+    pub fn commit_kv_cache(&mut self) {
+        for b in &mut self.kv {
+            if b.len > 0 {
+                // SAFETY: `ptr` holds `len` bytes owned by this engine.
+                unsafe { std::ptr::write_bytes(b.ptr, 0, b.len) };
+            }
+        }
+    }
+
     /// Start (or restart) timing every launch by kernel.
     pub fn enable_profiling(&mut self) {
         self.profile = Some(vec![Default::default(); self.pkg.program().kernels.len()]);

@@ -14,7 +14,6 @@
 //! kernels and the bias added after the all-gather.
 
 use panguc::frontend::Checkpoint;
-use panguc::partition_build::{partition, PartitionOptions};
 use panguc_codegen_ascendc::engine::AscendSimEngine;
 use panguc_codegen_ascendc::target::{DevType, Target};
 use panguc_ir::interp::Interpreter;
@@ -22,7 +21,7 @@ use panguc_ir::kernel::PreparedWeight;
 use panguc_ir::session::InterpSession;
 use panguc_ir::{Module, Tensor};
 use panguc_lowering::fuse::FuseOptions;
-use panguc_lowering::partition::PlanChoice;
+use panguc_lowering::partition::{partition_module, Dims, Layout, Partitioned, PlanChoice};
 use panguc_runtime::collective::InProcess;
 use panguc_runtime::package::RanksSection;
 use panguc_runtime::{generate, Engine, MultiRankEngine, RankEngine, Sampling};
@@ -69,17 +68,22 @@ fn teacher_forced(e: &mut dyn Engine, tokens: &[i64]) -> Vec<Tensor> {
     out
 }
 
+/// The one-sequence module partitioned for `plan` on `n` devices.
+fn partitioned(plan: PlanChoice, n: usize) -> Partitioned {
+    let s = single();
+    let layout = Layout::new(Dims::from_config(s.ckpt.config()), n, plan).unwrap();
+    partition_module(&s.fused, "decoder_layer", &layout, &FuseOptions::default()).unwrap()
+}
+
 /// N rank engines under the simulation, wired to one communicator (what
 /// `AscendSimEngine::multi_rank` does for a package on disk).
 fn rank_engines(plan: PlanChoice, n: usize, act: DevType) -> MultiRankEngine {
     let s = single();
-    let profile = panguc_lowering::builtin_profiles().into_iter().find(|p| p.name == "ascend910b1").unwrap();
-    let popts = PartitionOptions { devices: n, plan, plan_by_cost: false, profile, link: None, context: 2048 };
-    let out = partition(s.ckpt.config(), &s.fused, "decoder_layer", &popts, &FuseOptions::default()).unwrap();
+    let parts = partitioned(plan, n);
     let provider = |w: &PreparedWeight| panguc::package_build::prepared_bytes(&s.ckpt, w);
     let comm = InProcess::new();
     let mut engines: Vec<RankEngine> = vec![];
-    for (r, program) in panguc::package_build::schedule_ranks(&out.parts).unwrap().into_iter().enumerate() {
+    for (r, program) in panguc::package_build::schedule_ranks(&parts).unwrap().into_iter().enumerate() {
         assert!(program.kernels.iter().any(|k| k.kind.is_host()), "{plan:?} N={n} rank {r}: no collective");
         let mut e = AscendSimEngine::new(program, Target::Ascend910B, act, &provider, CONTEXT).unwrap();
         e.set_collective(r, Arc::new(comm.clone()));
@@ -121,11 +125,7 @@ fn h2p_on_four_simulated_ascend_devices_matches_the_interpreter() {
 #[test]
 fn h2p_on_two_simulated_ascend_devices_splits_kernels_by_device_dtype() {
     let s = single();
-    let profile = panguc_lowering::builtin_profiles().into_iter().find(|p| p.name == "ascend910b1").unwrap();
-    let popts =
-        PartitionOptions { devices: 2, plan: PlanChoice::H2p, plan_by_cost: false, profile, link: None, context: 2048 };
-    let out = partition(s.ckpt.config(), &s.fused, "decoder_layer", &popts, &FuseOptions::default()).unwrap();
-    let program = panguc::package_build::schedule_ranks(&out.parts).unwrap().remove(0);
+    let program = panguc::package_build::schedule_ranks(&partitioned(PlanChoice::H2p, 2)).unwrap().remove(0);
     let ap = panguc_codegen_ascendc::program::emit_program(&program, Target::Ascend910B, DevType::BF16).unwrap();
     assert!(ap.program.kernels.len() > program.kernels.len(), "no kernel was split");
     assert!(ap.program.kernels.iter().any(|k| k.name.ends_with("_v1")));

@@ -24,7 +24,7 @@ use common::mixed::check_mixed_batch;
 use common::*;
 use panguc_ir::Module;
 use panguc_lowering::fuse::FuseOptions;
-use panguc_lowering::partition::{Dims, Layout, PlanChoice, PlanKind};
+use panguc_lowering::partition::{partition_module, Dims, Layout, PlanChoice, PlanKind};
 use panguc_runtime::{CpuEngine, Generation, RankPackages};
 use std::sync::{Arc, OnceLock};
 
@@ -72,8 +72,7 @@ fn check(plan: PlanChoice, n: usize) {
     let s = single();
     let cfg = s.ckpt.config().clone();
     let layout = Layout::new(Dims::from_config(&cfg), n, plan).unwrap();
-    let parts = panguc::partition_build::partition_batched(&s.fused, "decoder_layer", &layout, &FuseOptions::default())
-        .unwrap();
+    let parts = partition_module(&s.fused, "decoder_layer", &layout, &FuseOptions::default()).unwrap();
     let what = format!("{} N={n}", layout.plan);
     let split_heads = layout.attn_tp > 1;
     assert_eq!(split_heads, layout.plan == PlanKind::H2p, "{what}: the tiny model's 2 KV heads split in two");
@@ -148,8 +147,7 @@ fn eight_rank_h2p_batched_package_runs_the_mixed_batch() {
 fn rank_programs_schedule_collectives_as_host_launches() {
     let s = single();
     let layout = Layout::new(Dims::from_config(s.ckpt.config()), 2, PlanChoice::Ep).unwrap();
-    let parts = panguc::partition_build::partition_batched(&s.fused, "decoder_layer", &layout, &FuseOptions::default())
-        .unwrap();
+    let parts = partition_module(&s.fused, "decoder_layer", &layout, &FuseOptions::default()).unwrap();
     let sched = panguc_lowering::schedule::ScheduleOptions { ranks: Some((0, 2)), ..Default::default() };
     let p = panguc_lowering::schedule::schedule(&parts.ranks[0].module, &sched).unwrap();
     assert!(p.kernels.iter().any(|k| k.kind.is_host()));

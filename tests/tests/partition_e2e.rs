@@ -1,8 +1,10 @@
 //! End to end through the compiler's pipeline: the bundled tiny checkpoint
 //! fused, partitioned for 2/4/8 devices (ep and h2p), run as N ranks in one
-//! process: the same greedy tokens and logits (1e-5 relative) as one
-//! device. And the real 72B config for 8 devices: per-rank programs, their
-//! collectives in program order, and the per-device report.
+//! process by the one-sequence multi-rank interpreter: the same greedy
+//! tokens and logits (1e-5 relative) as one device. And the real 72B config
+//! for 8 devices as `panguc compile` partitions it: per-rank batched
+//! programs, their collectives in program order, and the per-device report
+//! priced from those programs.
 
 use panguc::frontend::Checkpoint;
 use panguc::partition_build::{partition, write_rank_programs, PartitionOptions};
@@ -12,7 +14,7 @@ use panguc_ir::session::InterpSession;
 use panguc_ir::DType;
 use panguc_lowering::builtin_profiles;
 use panguc_lowering::fuse::FuseOptions;
-use panguc_lowering::partition::PlanChoice;
+use panguc_lowering::partition::{partition_module, Dims, Layout, PlanChoice};
 use panguc_runtime::{generate, Sampling};
 use std::path::Path;
 
@@ -41,8 +43,9 @@ fn tiny_checkpoint_generates_the_same_tokens_on_n_devices() {
     let want = generate(&mut single, &prompt, 8, &greedy, None).unwrap();
     for plan in [PlanChoice::Ep, PlanChoice::H2p] {
         for n in [2, 4, 8] {
-            let out = partition(&cfg, &fused, "decoder_layer", &opts(n, plan, "cpu"), &FuseOptions::default()).unwrap();
-            let modules: Vec<_> = out.parts.ranks.iter().map(|r| r.module.clone()).collect();
+            let layout = Layout::new(Dims::from_config(&cfg), n, plan).unwrap();
+            let parts = partition_module(&fused, "decoder_layer", &layout, &FuseOptions::default()).unwrap();
+            let modules: Vec<_> = parts.ranks.iter().map(|r| r.module.clone()).collect();
             let mut s = MultiRankSession::new(&modules, &ckpt).unwrap();
             let got = generate(&mut s, &prompt, 8, &greedy, None).unwrap();
             assert_eq!(got.generated, want.generated, "{plan:?} N={n}");
@@ -59,24 +62,16 @@ fn tiny_checkpoint_generates_the_same_tokens_on_n_devices() {
 fn pangu_72b_for_8_ascend_devices_writes_rank_programs_with_hccl() {
     let ckpt = Checkpoint::open(&examples("pangu-pro-moe-72b")).unwrap();
     let cfg = ckpt.config().clone();
-    let imported = panguc::commands::import(&ckpt).unwrap();
-    let fused = panguc::pipeline::run_pipeline(&ckpt, &imported, 0.0, &Default::default()).unwrap().module;
+    let batched = panguc::commands::batched_cpu_module(&ckpt, &Default::default()).unwrap();
     let out =
-        partition(&cfg, &fused, "decoder_layer", &opts(8, PlanChoice::Auto, "ascend910b1"), &FuseOptions::default())
+        partition(&cfg, &batched, "decoder_layer", &opts(8, PlanChoice::Auto, "ascend910b1"), &FuseOptions::default())
             .unwrap();
     eprintln!("{}", out.summary);
     assert_eq!(out.report["plan"], "h2p");
-    // The package's rank programs: the batched module with the same layout.
-    let batched = panguc::commands::batched_cpu_module(&ckpt, &Default::default()).unwrap();
-    let parts = panguc::partition_build::partition_batched(
-        &batched,
-        "decoder_layer",
-        &out.parts.layout,
-        &FuseOptions::default(),
-    )
-    .unwrap();
+    assert_eq!(out.report["program"], "batched");
+    assert_eq!(out.report["block_size"], panguc::commands::CPU_BLOCK_SIZE);
     let dir = tempfile::tempdir().unwrap();
-    write_rank_programs(dir.path(), &parts, DType::BF16, &[panguc_codegen_ascendc::Target::Ascend910B]).unwrap();
+    write_rank_programs(dir.path(), &out.parts, DType::BF16, &[panguc_codegen_ascendc::Target::Ascend910B]).unwrap();
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("partition.json")).unwrap()).unwrap();
     assert_eq!(doc["ranks"].as_array().unwrap().len(), 8);
@@ -98,13 +93,30 @@ fn pangu_72b_for_8_ascend_devices_writes_rank_programs_with_hccl() {
         let inputs: Vec<&str> =
             rank["inputs"].as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap()).collect();
         assert_eq!(inputs, ["ids", "positions", "query_start_loc", "context_lens", "block_table", "slot_mapping"]);
-        let w = out.report["per_device"][r]["weight_bytes"].as_f64().unwrap();
+        // The report prices these programs: the rank's weights, and its
+        // paged caches of two KV heads (48 layers x K and V x 2 heads x 128
+        // x 2048 positions at the 910B's 2-byte activations).
+        let d = &out.report["per_device"][r];
+        let w = d["weight_bytes"].as_f64().unwrap();
         assert!(w < 24e9, "rank {r}: {w}");
+        assert_eq!(d["kv_cache_bytes"].as_f64().unwrap(), 48.0 * 2.0 * 2.0 * 128.0 * 2048.0 * 2.0, "rank {r}");
+        assert_eq!(d["collectives_per_step"], 48 * 4, "rank {r}");
+        // Batch 64 reads the same weights' shards as batch 1 plus more
+        // experts, in one step much shorter than 64 batch-1 steps.
+        let b = d["decode_batches"].as_array().unwrap();
+        assert_eq!((b[0]["batch"].as_u64(), b[1]["batch"].as_u64()), (Some(1), Some(64)), "rank {r}");
+        let (t1, t64) = (b[0]["ms_per_step"].as_f64().unwrap(), b[1]["ms_per_step"].as_f64().unwrap());
+        assert_eq!(t1, d["ms_per_decode_step"].as_f64().unwrap(), "rank {r}");
+        assert!(t64 > t1 && t64 < 8.0 * t1, "rank {r}: batch 64 {t64} ms vs batch 1 {t1} ms");
+        let (kv1, kv64) = (b[0]["kv_bytes_read"].as_f64().unwrap(), b[1]["kv_bytes_read"].as_f64().unwrap());
+        assert!((kv64 / kv1 - 64.0).abs() < 0.1, "rank {r}: KV bytes {kv1} at batch 1, {kv64} at batch 64");
     }
+    let batches = out.report["decode_batches"].as_array().unwrap();
+    assert!(batches[1]["tokens_per_s"].as_f64().unwrap() > 8.0 * batches[0]["tokens_per_s"].as_f64().unwrap());
     assert_eq!(out.report["weight_bytes"]["union_of_devices"], out.report["weight_bytes"]["single_device"]);
     // An invalid device count is a clear error.
     let err =
-        partition(&cfg, &fused, "decoder_layer", &opts(3, PlanChoice::Ep, "ascend910b1"), &FuseOptions::default())
+        partition(&cfg, &batched, "decoder_layer", &opts(3, PlanChoice::Ep, "ascend910b1"), &FuseOptions::default())
             .err()
             .unwrap()
             .to_string();

@@ -21,8 +21,17 @@ use inkwell::AddressSpace;
 use panguc_ir::kernel::Kernel;
 use panguc_ir::DType;
 
-/// Keys scored per step of the q.k loop.
+/// Keys scored per vector of the q.k loop.
 const KEYS: u32 = 8;
+
+/// Keys per step of the run-wise loops (see [`TileKeys::linear_stride`]):
+/// q.k scores two vectors of [`KEYS`] keys at once on AVX-512 (twice the
+/// independent accumulators, so the adds' latency is hidden), and p.v
+/// computes one address per run.
+const STEP_KEYS: usize = 16;
+
+/// Bytes of a cache line (prefetches are issued once per line).
+const LINE: usize = 64;
 
 /// Widest of 16/8/4 lanes dividing `d` (1 = scalar).
 pub(crate) fn lanes_for(d: usize) -> u32 {
@@ -44,6 +53,12 @@ fn load_lanes<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, dt: DType, 
 struct TileKeys<'c, 'a> {
     visible: IntValue<'c>,
     row: &'a dyn Fn(&Cg<'c>, IntValue<'c>) -> IntValue<'c>,
+    /// When every aligned run of [`STEP_KEYS`] keys lies in consecutive
+    /// slots (a contiguous cache, or cache blocks a multiple of
+    /// `STEP_KEYS` long), the element stride between consecutive keys'
+    /// rows: a run's rows are then `row(j0) + l * stride`, one address
+    /// computation (one block-table read) per run instead of per key.
+    linear_stride: Option<i64>,
 }
 
 /// Per-channel dequantization of an int8 cache: `(q - offset) * scale`
@@ -118,7 +133,7 @@ pub(crate) fn attention<'c>(cg: &mut Cg<'c>, k: &Kernel, scale: f64) -> Result<(
         let p = cg.load_i(pp, ti);
         let visible = cg.min(cg.max(cg.add(p, cg.i64c(1)), cg.i64c(0)), keys);
         let row = |cg: &Cg<'c>, j: IntValue<'c>| cg.mul(cg.add(cg.mul(j, hkvc), kh), dc);
-        attend(cg, &a, ti, kh, TileKeys { visible, row: &row })
+        attend(cg, &a, ti, kh, TileKeys { visible, row: &row, linear_stride: Some((hkv * d) as i64) })
     })?;
     cg.finish_kernel();
     Ok(())
@@ -194,7 +209,8 @@ pub(crate) fn paged_attention<'c>(cg: &mut Cg<'c>, k: &Kernel, scale: f64, int8:
             let slot = cg.add(cg.mul(block, bsc), cg.rem(j, bsc));
             cg.mul(cg.add(cg.mul(slot, hkvc), kh), dc)
         };
-        attend(cg, &a, ti, kh, TileKeys { visible, row: &row })
+        let linear_stride = bs.is_multiple_of(STEP_KEYS).then_some((hkv * d) as i64);
+        attend(cg, &a, ti, kh, TileKeys { visible, row: &row, linear_stride })
     })?;
     cg.finish_kernel();
     Ok(())
@@ -245,14 +261,14 @@ fn attend<'c>(
     kh: IntValue<'c>,
     keys: TileKeys<'c, '_>,
 ) -> Result<()> {
-    let (qp, kp, vp, op) = (a.q.0, a.k.0, a.v.0, a.out.0);
+    let (qp, kp, vp) = (a.q.0, a.k.0, a.v.0);
     let (d, group) = (a.d, a.group);
-    let lanes = lanes_for(d);
-    let chunks = (d / lanes as usize) as i64;
     let scratch = cg.cast_ptr(cg.scratch.expect("kernel"), DType::F32);
-    let (dc, hqc, lc) = (cg.i64c(d as i64), cg.i64c(a.hq as i64), cg.i64c(lanes as i64));
+    let (dc, hqc) = (cg.i64c(d as i64), cg.i64c(a.hq as i64));
     let scale_v = cg.f32c(a.scale as f32);
     let (visible, kv_row) = (keys.visible, keys.row);
+    // AVX-512 has the registers for twice the accumulators.
+    let wide = cg.has_feature("avx512f");
     // First per-channel scale element of this KV head (int8 caches).
     let chan0 = cg.mul(kh, dc);
     // Per query head of the group: its q/out row and its score row.
@@ -264,25 +280,22 @@ fn attend<'c>(
         })
         .collect();
 
-    // Scores, KEYS keys per step (one per lane) for every head.
-    let kblocks = cg.div(visible, cg.i64c(KEYS as i64));
+    // Scores: whole runs of keys first where their rows are linear, then
+    // KEYS keys per step (one per lane) for every head, then one by one.
+    let transposed = d.is_multiple_of(KEYS as usize) && a.kv_dequant.is_none();
+    let first = match keys.linear_stride {
+        Some(stride) if transposed => score_runs(cg, a, &heads, visible, kv_row, stride, wide)?,
+        _ => cg.i64c(0),
+    };
+    let kblocks = cg.div(cg.sub(visible, first), cg.i64c(KEYS as i64));
     cg.for_range(cg.i64c(0), kblocks, 1, |cg, blk| {
-        let j0 = cg.mul(blk, cg.i64c(KEYS as i64));
+        let j0 = cg.add(first, cg.mul(blk, cg.i64c(KEYS as i64)));
         let rows: Vec<IntValue> = (0..KEYS).map(|l| kv_row(cg, cg.add(j0, cg.i64c(l as i64)))).collect();
         let accs: Vec<PointerValue> = (0..group).map(|_| cg.alloca(cg.vec_f32(KEYS), "dot")).collect();
         for acc in &accs {
             cg.store_v(*acc, cg.zeros(KEYS));
         }
-        // Lane l of `kv` holds element `dd` of key `j0 + l`: each lane
-        // accumulates its key's dot product over dd in order.
-        let accumulate = |cg: &mut Cg<'c>, dd: IntValue<'c>, kv: VectorValue<'c>| {
-            for ((qrow, _), acc) in heads.iter().zip(&accs) {
-                let qv = cg.splat(cg.load_f(qp, cg.add(*qrow, dd), a.q.1), KEYS);
-                let s = cg.fadd(cg.load_v(*acc), cg.fmul(qv.into(), kv.into()));
-                cg.store_v(*acc, s);
-            }
-        };
-        if d.is_multiple_of(KEYS as usize) && a.kv_dequant.is_none() {
+        if transposed {
             // KEYS contiguous elements of each key row, transposed in
             // registers into one vector per dd (one vector load per key
             // and a few shuffles, not one scalar load per element).
@@ -301,7 +314,7 @@ fn attend<'c>(
                 let rows_v: Vec<VectorValue> =
                     rows.iter().map(|r| cg.load_vec(kp, cg.add(*r, d0), a.k.1, KEYS)).collect();
                 for (i, kv) in transpose8(cg, &rows_v).into_iter().enumerate() {
-                    accumulate(cg, cg.add(d0, cg.i64c(i as i64)), kv);
+                    accumulate_scores(cg, a, &heads, &accs, cg.add(d0, cg.i64c(i as i64)), kv);
                 }
                 Ok(())
             })?;
@@ -312,7 +325,7 @@ fn attend<'c>(
                     let x = load_key(cg, a, kp, cg.add(*r, dd), cg.add(chan0, dd));
                     kv = cg.b.build_insert_element(kv, x, cg.i32t().const_int(l as u64, false), "").ok_();
                 }
-                accumulate(cg, dd, kv);
+                accumulate_scores(cg, a, &heads, &accs, dd, kv);
                 Ok(())
             })?;
         }
@@ -322,7 +335,7 @@ fn attend<'c>(
         }
         Ok(())
     })?;
-    cg.for_range(cg.mul(kblocks, cg.i64c(KEYS as i64)), visible, 1, |cg, j| {
+    cg.for_range(cg.add(first, cg.mul(kblocks, cg.i64c(KEYS as i64))), visible, 1, |cg, j| {
         let krow = kv_row(cg, j);
         for (qrow, srow) in &heads {
             let acc = cg.alloca(cg.f32t(), "dot1");
@@ -340,67 +353,261 @@ fn attend<'c>(
         Ok(())
     })?;
 
-    // Softmax of each head's scores: max, exp(s - max) and their sum.
-    let mut sums = vec![];
+    // Softmax of each head's scores: max, exp(s - max) and their sum (in
+    // key order, as the reference adds them), then the probabilities
+    // e_j / sum in place of the scores.
     for (_, srow) in &heads {
-        let m = cg.alloca(cg.f32t(), "m");
-        cg.store_v(m, cg.f32c(f32::NEG_INFINITY));
-        cg.for_range(cg.i64c(0), visible, 1, |cg, j| {
-            let mx = cg.fmax(cg.load_v(m), cg.load_f(*srow, j, DType::F32).into());
-            cg.store_v(m, mx);
-            Ok(())
-        })?;
-        let mv = cg.load_v(m);
+        let mv = max_of(cg, *srow, visible)?;
         let sum = cg.alloca(cg.f32t(), "sum");
         cg.store_v(sum, cg.f32c(0.0));
         cg.for_range(cg.i64c(0), visible, 1, |cg, j| {
-            let e = cg.exp(cg.fsub(cg.load_f(*srow, j, DType::F32).into(), mv));
+            let e = cg.exp(cg.fsub(cg.load_f(*srow, j, DType::F32).into(), mv.into()));
             cg.store_f(*srow, j, DType::F32, e.into_float_value());
             let s = cg.fadd(cg.load_v(sum), e);
             cg.store_v(sum, s);
             Ok(())
         })?;
-        sums.push(cg.load_v(sum));
+        let sum = cg.load_v(sum).into_float_value();
+        divide_by(cg, *srow, visible, sum)?;
     }
+    weighted_values(cg, a, &heads, keys, chan0, wide)
+}
 
-    // The probabilities e_j / sum, in place of the scores.
-    for ((_, srow), sum) in heads.iter().zip(&sums) {
-        cg.for_range(cg.i64c(0), visible, 1, |cg, j| {
-            let pj = cg.fdiv(cg.load_f(*srow, j, DType::F32).into(), *sum).into_float_value();
-            cg.store_f(*srow, j, DType::F32, pj);
-            Ok(())
-        })?;
+/// `acc[h] += q[h][dd] * kv` for every head of the group (lane l of `kv`
+/// holds element `dd` of key l, so each lane accumulates its key's dot
+/// product over dd in order).
+fn accumulate_scores<'c>(
+    cg: &Cg<'c>,
+    a: &AttnArgs<'c>,
+    heads: &[(IntValue<'c>, PointerValue<'c>)],
+    accs: &[PointerValue<'c>],
+    dd: IntValue<'c>,
+    kv: VectorValue<'c>,
+) {
+    for ((qrow, _), acc) in heads.iter().zip(accs) {
+        let qv = cg.splat(cg.load_f(a.q.0, cg.add(*qrow, dd), a.q.1), KEYS);
+        let s = cg.fadd(cg.load_v(*acc), cg.fmul(qv.into(), kv.into()));
+        cg.store_v(*acc, s);
     }
-    // out = sum_j p_j * v_j, accumulated in j order per element from 0:
-    // one `lanes`-wide chunk of the head dim at a time, every head of the
-    // group accumulating in a register over all keys (each value chunk
-    // is loaded once for the group).
-    cg.for_range(cg.i64c(0), cg.i64c(chunks), 1, |cg, c| {
-        let off = cg.mul(c, lc);
-        let accs: Vec<PointerValue> = heads.iter().map(|_| cg.alloca(cg.vec_f32(lanes), "pv")).collect();
-        for acc in &accs {
-            cg.store_v(*acc, cg.zeros(lanes));
-        }
-        cg.for_range(cg.i64c(0), visible, 1, |cg, j| {
-            let vrow = kv_row(cg, j);
-            let x = match &a.kv_dequant {
-                Some([_, dv]) if lanes > 1 => dv.lanes(cg, vp, cg.add(vrow, off), cg.add(chan0, off), lanes),
-                Some([_, dv]) => {
-                    let x = dv.scalar(cg, vp, cg.add(vrow, off), cg.add(chan0, off));
-                    let undef = cg.vec_f32(1).get_undef();
-                    cg.b.build_insert_element(undef, x, cg.i32t().const_zero(), "").ok_()
+}
+
+/// q.k over the whole runs of [`STEP_KEYS`] keys below `visible`, whose
+/// rows are `row(j0) + l * stride`; returns the first key left to score.
+/// Each step transposes [`KEYS`] keys at a time as the per-block loop does
+/// (so every score is computed by the same operations in the same order)
+/// but scores two such vectors together on AVX-512, and issues one
+/// prefetch per cache line: the keys of the run two ahead, and this run's
+/// values for the p.v pass.
+#[allow(clippy::too_many_arguments)]
+fn score_runs<'c>(
+    cg: &mut Cg<'c>,
+    a: &AttnArgs<'c>,
+    heads: &[(IntValue<'c>, PointerValue<'c>)],
+    visible: IntValue<'c>,
+    kv_row: &dyn Fn(&Cg<'c>, IntValue<'c>) -> IntValue<'c>,
+    stride: i64,
+    wide: bool,
+) -> Result<IntValue<'c>> {
+    let (kp, vp, d) = (a.k.0, a.v.0, a.d);
+    let keys = KEYS as usize;
+    // Elements per iteration: whole cache lines when the head dim allows.
+    let per_line = (LINE / (keys * a.k.1.size_bytes())).max(1);
+    let sub = if d.is_multiple_of(keys * per_line) { per_line } else { 1 };
+    let span = keys * sub;
+    let vectors = STEP_KEYS / keys;
+    let together = if wide { vectors } else { 1 };
+    let scale_v = cg.f32c(a.scale as f32);
+    let runs = cg.div(visible, cg.i64c(STEP_KEYS as i64));
+    let last_run = cg.sub(runs, cg.i64c(1));
+    cg.for_range(cg.i64c(0), runs, 1, |cg, r| {
+        let j0 = cg.mul(r, cg.i64c(STEP_KEYS as i64));
+        let base = kv_row(cg, j0);
+        let ahead = kv_row(cg, cg.mul(cg.min(cg.add(r, cg.i64c(2)), last_run), cg.i64c(STEP_KEYS as i64)));
+        for g0 in (0..vectors).step_by(together) {
+            let accs: Vec<Vec<PointerValue>> = (0..together)
+                .map(|_| {
+                    heads
+                        .iter()
+                        .map(|_| {
+                            let acc = cg.alloca(cg.vec_f32(KEYS), "dot");
+                            cg.store_v(acc, cg.zeros(KEYS));
+                            acc
+                        })
+                        .collect()
+                })
+                .collect();
+            cg.for_range(cg.i64c(0), cg.i64c((d / span) as i64), 1, |cg, c| {
+                let d0 = cg.mul(c, cg.i64c(span as i64));
+                if g0 == 0 {
+                    for l in 0..STEP_KEYS as i64 {
+                        let off = cg.add(d0, cg.i64c(l * stride));
+                        cg.prefetch_with(cg.gep(kp, cg.add(ahead, off)), 3);
+                        // Values wait for the p.v pass in L2 (the tile's
+                        // values outgrow L1, where they would evict keys
+                        // prefetched for the next runs).
+                        cg.prefetch_with(cg.gep(vp, cg.add(base, off)), 2);
+                    }
                 }
-                None => load_lanes(cg, vp, cg.add(vrow, off), a.v.1, lanes),
-            };
-            for ((_, srow), acc) in heads.iter().zip(&accs) {
-                let pv = cg.splat(cg.load_f(*srow, j, DType::F32), lanes);
-                let y = cg.fadd(cg.load_v(*acc), cg.fmul(pv.into(), x.into()));
-                cg.store_v(*acc, y);
+                for u in 0..sub {
+                    let dd0 = cg.add(d0, cg.i64c((u * keys) as i64));
+                    for (gi, acc) in accs.iter().enumerate() {
+                        let first = ((g0 + gi) * keys) as i64;
+                        let rows_v: Vec<VectorValue> = (0..keys as i64)
+                            .map(|i| {
+                                let at = cg.add(base, cg.add(dd0, cg.i64c((first + i) * stride)));
+                                cg.load_vec(kp, at, a.k.1, KEYS)
+                            })
+                            .collect();
+                        for (i, kv) in transpose8(cg, &rows_v).into_iter().enumerate() {
+                            accumulate_scores(cg, a, heads, acc, cg.add(dd0, cg.i64c(i as i64)), kv);
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+            for (gi, acc) in accs.iter().enumerate() {
+                let at = cg.add(j0, cg.i64c(((g0 + gi) * keys) as i64));
+                for ((_, srow), x) in heads.iter().zip(acc) {
+                    let sc = cg.fmul(cg.load_v(*x), cg.splat(scale_v, KEYS).into());
+                    cg.store_vec(*srow, at, DType::F32, sc.into_vector_value());
+                }
             }
+        }
+        Ok(())
+    })?;
+    Ok(cg.mul(runs, cg.i64c(STEP_KEYS as i64)))
+}
+
+/// Lanes of the vectorised softmax passes.
+const SOFTMAX_LANES: u32 = 16;
+
+/// The largest of the `n` scores at `p` (NaNs ignored, -inf when none),
+/// 16 lanes at a time. The maximum of a set does not depend on the order
+/// it is taken in (except which of +0 and -0 wins a tie, and `s - m` is
+/// the same for either), so this equals the reference's sequential fold.
+fn max_of<'c>(cg: &mut Cg<'c>, p: PointerValue<'c>, n: IntValue<'c>) -> Result<FloatValue<'c>> {
+    let w = SOFTMAX_LANES;
+    let lanes = cg.alloca(cg.vec_f32(w), "maxv");
+    cg.store_v(lanes, cg.splat(cg.f32c(f32::NEG_INFINITY), w));
+    let full = cg.div(n, cg.i64c(w as i64));
+    cg.for_range(cg.i64c(0), full, 1, |cg, c| {
+        let x = cg.load_vec(p, cg.mul(c, cg.i64c(w as i64)), DType::F32, w);
+        let m = cg.fmax(cg.load_v(lanes), x.into());
+        cg.store_v(lanes, m);
+        Ok(())
+    })?;
+    let v = cg.load_v(lanes).into_vector_value();
+    let mut folded: FloatValue = cg.f32c(f32::NEG_INFINITY);
+    for l in 0..w {
+        folded = cg.fmax(folded.into(), cg.lane(v, l).into()).into_float_value();
+    }
+    let m = cg.alloca(cg.f32t(), "m");
+    cg.store_v(m, folded);
+    cg.for_range(cg.mul(full, cg.i64c(w as i64)), n, 1, |cg, j| {
+        let mx = cg.fmax(cg.load_v(m), cg.load_f(p, j, DType::F32).into());
+        cg.store_v(m, mx);
+        Ok(())
+    })?;
+    Ok(cg.load_v(m).into_float_value())
+}
+
+/// `p[j] /= sum` for `j < n`, 16 lanes at a time (each quotient is the
+/// one IEEE division, in any order).
+fn divide_by<'c>(cg: &mut Cg<'c>, p: PointerValue<'c>, n: IntValue<'c>, sum: FloatValue<'c>) -> Result<()> {
+    let w = SOFTMAX_LANES;
+    let full = cg.div(n, cg.i64c(w as i64));
+    let sv = cg.splat(sum, w);
+    cg.for_range(cg.i64c(0), full, 1, |cg, c| {
+        let at = cg.mul(c, cg.i64c(w as i64));
+        let q = cg.fdiv(cg.load_vec(p, at, DType::F32, w).into(), sv.into());
+        cg.store_vec(p, at, DType::F32, q.into_vector_value());
+        Ok(())
+    })?;
+    cg.for_range(cg.mul(full, cg.i64c(w as i64)), n, 1, |cg, j| {
+        let q = cg.fdiv(cg.load_f(p, j, DType::F32).into(), sum.into()).into_float_value();
+        cg.store_f(p, j, DType::F32, q);
+        Ok(())
+    })
+}
+
+/// out = sum_j p_j * v_j, accumulated in j order per element from 0: a
+/// few `lanes`-wide chunks of the head dim per pass over the keys, every
+/// head of the group accumulating each chunk in a register (each value
+/// chunk is loaded once for the group, and a key's row address is found
+/// once per pass, once per run of keys where they are linear).
+fn weighted_values<'c>(
+    cg: &mut Cg<'c>,
+    a: &AttnArgs<'c>,
+    heads: &[(IntValue<'c>, PointerValue<'c>)],
+    keys: TileKeys<'c, '_>,
+    chan0: IntValue<'c>,
+    wide: bool,
+) -> Result<()> {
+    let (vp, op) = (a.v.0, a.out.0);
+    let lanes = lanes_for(a.d);
+    let chunks = a.d / lanes as usize;
+    // Accumulators per pass: heads x chunks of the 32 (16) vector registers.
+    let per_pass = [if wide { 4 } else { 2 }, 2, 1].into_iter().find(|c| chunks.is_multiple_of(*c)).unwrap_or(1);
+    let (visible, kv_row) = (keys.visible, keys.row);
+    cg.for_range(cg.i64c(0), cg.i64c((chunks / per_pass) as i64), 1, |cg, pass| {
+        let off0 = cg.mul(pass, cg.i64c((per_pass * lanes as usize) as i64));
+        let accs: Vec<Vec<PointerValue>> = heads
+            .iter()
+            .map(|_| {
+                (0..per_pass)
+                    .map(|_| {
+                        let acc = cg.alloca(cg.vec_f32(lanes), "pv");
+                        cg.store_v(acc, cg.zeros(lanes));
+                        acc
+                    })
+                    .collect()
+            })
+            .collect();
+        // Key `j` with its value row at `vrow`.
+        let key = |cg: &mut Cg<'c>, j: IntValue<'c>, vrow: IntValue<'c>| {
+            for c in 0..per_pass {
+                let off = cg.add(off0, cg.i64c((c * lanes as usize) as i64));
+                let x = match &a.kv_dequant {
+                    Some([_, dv]) if lanes > 1 => dv.lanes(cg, vp, cg.add(vrow, off), cg.add(chan0, off), lanes),
+                    Some([_, dv]) => {
+                        let x = dv.scalar(cg, vp, cg.add(vrow, off), cg.add(chan0, off));
+                        let undef = cg.vec_f32(1).get_undef();
+                        cg.b.build_insert_element(undef, x, cg.i32t().const_zero(), "").ok_()
+                    }
+                    None => load_lanes(cg, vp, cg.add(vrow, off), a.v.1, lanes),
+                };
+                for ((_, srow), acc) in heads.iter().zip(&accs) {
+                    let pv = cg.splat(cg.load_f(*srow, j, DType::F32), lanes);
+                    let y = cg.fadd(cg.load_v(acc[c]), cg.fmul(pv.into(), x.into()));
+                    cg.store_v(acc[c], y);
+                }
+            }
+        };
+        let first = match keys.linear_stride {
+            Some(stride) => {
+                let runs = cg.div(visible, cg.i64c(STEP_KEYS as i64));
+                cg.for_range(cg.i64c(0), runs, 1, |cg, r| {
+                    let j0 = cg.mul(r, cg.i64c(STEP_KEYS as i64));
+                    let base = kv_row(cg, j0);
+                    for l in 0..STEP_KEYS as i64 {
+                        key(cg, cg.add(j0, cg.i64c(l)), cg.add(base, cg.i64c(l * stride)));
+                    }
+                    Ok(())
+                })?;
+                cg.mul(runs, cg.i64c(STEP_KEYS as i64))
+            }
+            None => cg.i64c(0),
+        };
+        cg.for_range(first, visible, 1, |cg, j| {
+            let vrow = kv_row(cg, j);
+            key(cg, j, vrow);
             Ok(())
         })?;
         for ((qrow, _), acc) in heads.iter().zip(&accs) {
-            cg.store_vec(op, cg.add(*qrow, off), a.out.1, cg.load_v(*acc).into_vector_value());
+            for (c, x) in acc.iter().enumerate() {
+                let off = cg.add(off0, cg.i64c((c * lanes as usize) as i64));
+                cg.store_vec(op, cg.add(*qrow, off), a.out.1, cg.load_v(*x).into_vector_value());
+            }
         }
         Ok(())
     })

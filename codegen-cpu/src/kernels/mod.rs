@@ -56,7 +56,7 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::MoeGateUpQuant => quant_moe::gate_up_quant(cg, k, true),
         KernelKind::QuantGateUpQuant => quant_moe::gate_up_quant(cg, k, false),
         KernelKind::MoeDownQuant => quant_moe::down_quant(cg, k),
-        KernelKind::DynQuantMatMul { bias } => quant_moe::dyn_quant_matmul(cg, k, *bias),
+        KernelKind::DynQuantMatMul { bias, residual } => quant_moe::dyn_quant_matmul(cg, k, *bias, *residual),
         // Host-executed by the runtime through its `Collective`.
         KernelKind::Collective { .. } => Ok(()),
     };

@@ -13,7 +13,8 @@
 //! thread, so an expert's weights are read from cache after the first row.
 //!
 //! `DynQuantMatMul`: the per-token quantization of a projection's input
-//! done by the int8 matmul itself (the o projection after attention).
+//! done by the int8 matmul itself (the o projection after attention), with
+//! its bias and the residual add after it in the epilogue.
 
 use super::quant::{dot_i8, load_scale, quantize_row};
 use crate::cg::{Cg, Ok_};
@@ -164,9 +165,19 @@ pub(crate) fn down_quant(cg: &mut Cg, k: &Kernel) -> Result<()> {
 }
 
 /// `DynQuantMatMul`: see `KernelKind`. A tile quantizes each row into a
-/// stack copy (K static) before its block of columns.
-pub(crate) fn dyn_quant_matmul(cg: &mut Cg, k: &Kernel, bias: bool) -> Result<()> {
-    let out_at = if bias { 4 } else { 3 };
+/// stack copy (K static) before its block of columns; the optional bias
+/// and residual follow the weight scale, in that order.
+pub(crate) fn dyn_quant_matmul(cg: &mut Cg, k: &Kernel, bias: bool, residual: bool) -> Result<()> {
+    let bias_at = bias.then_some(3);
+    let res_at = residual.then_some(3 + usize::from(bias));
+    let out_at = 3 + usize::from(bias) + usize::from(residual);
+    if k.args.len() != out_at + 1 {
+        bail!(
+            "dyn_quant_matmul (bias {bias}, residual {residual}) takes {} arguments, found {}",
+            out_at + 1,
+            k.args.len()
+        );
+    }
     let (x, w, ws, out) = (&k.args[0], &k.args[1], &k.args[2], &k.args[out_at]);
     need_i8(w, "the int8 weight")?;
     if x.shape.len() != 2 || w.shape.len() != 2 {
@@ -177,7 +188,8 @@ pub(crate) fn dyn_quant_matmul(cg: &mut Cg, k: &Kernel, bias: bool) -> Result<()
     let m = cg.dim(&x.shape[0])?;
     let (xp, wp, op) = (cg.arg(0, x.dtype), cg.arg(1, w.dtype), cg.arg(out_at, out.dtype));
     let wsp = (cg.arg(2, ws.dtype), ws.dtype);
-    let bias_p = bias.then(|| (cg.arg(3, k.args[3].dtype), k.args[3].dtype));
+    let bias_p = bias_at.map(|i| (cg.arg(i, k.args[i].dtype), k.args[i].dtype));
+    let res_p = res_at.map(|i| (cg.arg(i, k.args[i].dtype), k.args[i].dtype));
     let row_ty = cg.ctx.i8_type().array_type(kc as u32);
     let xq = cg.alloca(row_ty, "xq");
     let xq = cg.b.build_pointer_cast(xq, cg.ctx.i8_type().ptr_type(AddressSpace::default()), "").ok_();
@@ -193,12 +205,16 @@ pub(crate) fn dyn_quant_matmul(cg: &mut Cg, k: &Kernel, bias: bool) -> Result<()
             let xs = cg.load_v(x_scale).into_float_value();
             let obase = cg.mul(row, n);
             cg.for_range(j0, j1, 1, |cg, j| {
-                let y = dequant_dot(cg, xq, wp, j, kc, wsp, xs)?;
-                let y = match bias_p {
-                    Some((p, d)) => cg.fadd(y.into(), cg.load_f(p, j, d).into()).into_float_value(),
-                    None => y,
-                };
-                cg.store_f(op, cg.add(obase, j), out.dtype, y);
+                let mut y = dequant_dot(cg, xq, wp, j, kc, wsp, xs)?;
+                // The reference's adds in its order: `(y + bias) + residual`.
+                if let Some((p, d)) = bias_p {
+                    y = cg.fadd(y.into(), cg.load_f(p, j, d).into()).into_float_value();
+                }
+                let at = cg.add(obase, j);
+                if let Some((p, d)) = res_p {
+                    y = cg.fadd(y.into(), cg.load_f(p, at, d).into()).into_float_value();
+                }
+                cg.store_f(op, at, out.dtype, y);
                 Ok(())
             })
         })

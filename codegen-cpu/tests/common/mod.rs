@@ -107,17 +107,10 @@ pub fn runnable_tiers() -> Vec<&'static str> {
     t
 }
 
-fn avx512_tier_runs() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512cd")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+/// True when this CPU runs the AVX-512 BF16 tier: the runtime loader's
+/// check of that tier's features.
+pub fn avx512_tier_runs() -> bool {
+    let host = HostTarget::detect().expect("host target");
+    let tier = Tier::x86(BF16_TIER, &host.triple).expect("known tier");
+    panguc_runtime::loader::missing_features(&tier.target.features).is_empty()
 }

@@ -1,7 +1,13 @@
 //! Per-device figures of a partitioned program: weight, KV-cache and peak
 //! activation bytes, communication per decode step and per prefill, and
-//! the estimated time per decode step (kernels from the fusion cost model,
-//! collectives from an interconnect model), next to the published figures.
+//! the estimated time per decode step at batch 1 and batch B (kernels from
+//! the fusion cost model, collectives from an interconnect model), next to
+//! the published figures.
+//!
+//! The programs priced are the package's rank programs: the batched
+//! (ragged-step, paged KV cache) module partitioned. A decode step of
+//! batch B is one run of the rank program over B rows, as the runtime
+//! executes it, not B runs of a one-sequence program.
 
 use super::{Layout, Partitioned, PlanChoice, PlanKind, Residency};
 use crate::cost::{OpWork, Workload};
@@ -11,8 +17,8 @@ use crate::weight_only_values;
 use anyhow::{bail, Result};
 use panguc_ir::graph::{Function, Module, ParamKind};
 use panguc_ir::op::CollectiveKind;
-use panguc_ir::shape::bindings;
-use panguc_ir::{Op, ValueId};
+use panguc_ir::shape::SYM_NUM_BLOCKS;
+use panguc_ir::{DType, Op, ValueId};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -91,7 +97,22 @@ pub struct DeviceReport {
     pub kernel_ms_decode_step: f64,
     pub comm_ms_decode_step: f64,
     pub ms_per_decode_step: f64,
+    /// One decode step of each of [`DeviceSpec::decode_batches`].
+    pub decode_batches: Vec<BatchStep>,
     pub fits_memory: bool,
+}
+
+/// One decode step of `batch` sequences (one new token each, `context`
+/// cached tokens each) on one device.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchStep {
+    pub batch: usize,
+    pub kernel_ms: f64,
+    pub comm_ms: f64,
+    pub ms_per_step: f64,
+    pub comm_bytes: f64,
+    pub weight_bytes_read: f64,
+    pub kv_bytes_read: f64,
 }
 
 /// What to estimate at.
@@ -99,6 +120,8 @@ pub struct DeviceReport {
 pub struct DeviceSpec {
     pub context: usize,
     pub prefill_tokens: usize,
+    /// Sequences per decode step of the batch-B estimates.
+    pub decode_batches: Vec<usize>,
     pub profile: HardwareProfile,
     pub link: Interconnect,
 }
@@ -220,17 +243,27 @@ pub fn union_weight_bytes(ranks: &[&Module]) -> f64 {
     total
 }
 
-/// Communication of one call of the entry at `w`: (bytes sent, seconds, collectives).
+/// Bytes of one element of a value in device memory: floats at the
+/// profile's activation width, integers (int8 KV caches, ids) as stored.
+fn stored_elem_bytes(dtype: DType, p: &HardwareProfile) -> f64 {
+    if dtype.is_float() {
+        p.activation_bytes
+    } else {
+        dtype.size_bytes() as f64
+    }
+}
+
+/// Communication of one step at `w`: (bytes sent, seconds, collectives).
 fn comm(m: &Module, w: &Workload, p: &HardwareProfile, link: &Interconnect) -> (f64, f64, usize) {
-    let b = bindings(w.tokens, w.past);
+    let b = w.bindings();
     let (mut bytes, mut secs, mut count) = (0.0, 0.0, 0);
     for (f, calls) in call_counts(m) {
         for n in &f.nodes {
             if let Op::Collective { kind, group, .. } = &n.op {
                 let ty = f.ty(n.args[0]);
                 let numel = ty.concrete_shape(&b).map(|s| s.iter().product::<usize>()).unwrap_or(0) as f64;
-                let elem = if ty.dtype.is_float() { p.activation_bytes } else { ty.dtype.size_bytes() as f64 };
-                let (sent, t) = link.collective(*kind, group.len(), numel * elem * w.seqs as f64);
+                let operand = numel * stored_elem_bytes(ty.dtype, p) * w.copies();
+                let (sent, t) = link.collective(*kind, group.len(), operand);
                 bytes += calls * sent;
                 secs += calls * t;
                 count += calls as usize;
@@ -243,7 +276,7 @@ fn comm(m: &Module, w: &Workload, p: &HardwareProfile, link: &Interconnect) -> (
 /// Largest sum of live activation bytes over the nodes of the decoder
 /// layer (or entry) at `w` (weights and weight-only values excluded).
 fn activation_peak(m: &Module, w: &Workload, p: &HardwareProfile) -> f64 {
-    let b = bindings(w.tokens, w.past);
+    let b = w.bindings();
     let mut peak: f64 = 0.0;
     for (f, _) in call_counts(m) {
         let wo = weight_only_values(f);
@@ -253,7 +286,7 @@ fn activation_peak(m: &Module, w: &Workload, p: &HardwareProfile) -> f64 {
             }
             let ty = f.ty(v);
             let n = ty.concrete_shape(&b).map(|s| s.iter().product::<usize>()).unwrap_or(0) as f64;
-            n * if ty.dtype.is_float() { p.activation_bytes } else { ty.dtype.size_bytes() as f64 }
+            n * stored_elem_bytes(ty.dtype, p)
         };
         let mut remaining = f.use_counts();
         let mut live: f64 = f.params.iter().filter(|q| q.kind == ParamKind::Input).map(|q| bytes(q.value)).sum();
@@ -274,25 +307,89 @@ fn activation_peak(m: &Module, w: &Workload, p: &HardwareProfile) -> f64 {
     peak
 }
 
-/// The report of one rank's module.
-pub fn device_report(rank: usize, m: &Module, spec: &DeviceSpec) -> Result<DeviceReport> {
-    let p = &spec.profile;
-    let decode = Workload::decode(spec.context, 1);
-    let prefill = Workload::prefill(spec.prefill_tokens);
-    let weight_bytes = module_weight_bytes(m);
+/// The paged KV-cache inputs of a batched program's entry
+/// (`[num_blocks, block_size, kv_heads, head_dim]`) and their block size.
+fn paged_caches(m: &Module) -> Result<(Vec<ValueId>, usize)> {
     let entry = m.entry_fn();
-    let kv_per_pos: f64 = entry
+    let caches: Vec<ValueId> = entry
         .input_params()
-        .skip(2)
-        .map(|q| entry.ty(q.value).shape[1..].iter().map(|d| d.as_const().unwrap_or(0)).product::<usize>() as f64)
-        .sum::<f64>()
-        * p.activation_bytes;
-    let kv_cache_bytes = kv_per_pos * spec.context as f64;
-    let (comm_decode, comm_secs, collectives) = comm(m, &decode, p, &spec.link);
-    let (comm_prefill, _, _) = comm(m, &prefill, p, &spec.link);
-    let kernels = function_cost(m, &m.entry, &decode, p)?;
+        .map(|q| q.value)
+        .filter(|v| entry.ty(*v).shape.first().is_some_and(|d| d.symbols().any(|s| s == SYM_NUM_BLOCKS)))
+        .collect();
+    let block = caches.first().and_then(|v| entry.ty(*v).shape.get(1)?.as_const());
+    match block {
+        Some(b) if b > 0 => Ok((caches, b)),
+        _ => bail!(
+            "@{} has no paged KV-cache input [num_blocks, block_size, kv_heads, head_dim]: the partition report prices \
+             batched rank programs",
+            entry.name
+        ),
+    }
+}
+
+/// Kernel seconds (collectives excluded), communication and the cost
+/// model's totals of one step of rank program `m` at `w`.
+struct Step {
+    kernel_secs: f64,
+    comm_bytes: f64,
+    comm_secs: f64,
+    collectives: usize,
+    weight_bytes: f64,
+    kv_bytes: f64,
+}
+
+fn step(m: &Module, w: &Workload, spec: &DeviceSpec) -> Result<Step> {
+    let p = &spec.profile;
+    let (comm_bytes, comm_secs, collectives) = comm(m, w, p, &spec.link);
+    let kernels = function_cost(m, &m.entry, w, p)?;
     // The cost model prices a collective as a launch; the link model replaces it.
     let kernel_secs = kernels.seconds - collectives as f64 * p.launch_overhead_us * 1e-6;
+    Ok(Step {
+        kernel_secs,
+        comm_bytes,
+        comm_secs,
+        collectives,
+        weight_bytes: kernels.weight_bytes,
+        kv_bytes: kernels.kv_bytes,
+    })
+}
+
+/// The report of one rank's batched program.
+pub fn device_report(rank: usize, m: &Module, spec: &DeviceSpec) -> Result<DeviceReport> {
+    let p = &spec.profile;
+    let (caches, block) = paged_caches(m)?;
+    let prefill = Workload { tokens: spec.prefill_tokens, past: 0, seqs: 1, paged_block: Some(block) };
+    let weight_bytes = module_weight_bytes(m);
+    let entry = m.entry_fn();
+    // Bytes of one cached position: the cache's [kv_heads, head_dim] (the
+    // rank's KV heads) of every layer's K and V, in the cache's dtype.
+    let kv_per_pos: f64 = caches
+        .iter()
+        .map(|v| {
+            let ty = entry.ty(*v);
+            let row = ty.shape[2..].iter().map(|d| d.as_const().unwrap_or(0)).product::<usize>() as f64;
+            row * stored_elem_bytes(ty.dtype, p)
+        })
+        .sum();
+    let kv_cache_bytes = kv_per_pos * spec.context as f64;
+    let one = step(m, &Workload::batched_decode(spec.context, 1, block), spec)?;
+    let (comm_prefill, _, _) = comm(m, &prefill, p, &spec.link);
+    let decode_batches = spec
+        .decode_batches
+        .iter()
+        .map(|&b| {
+            let s = step(m, &Workload::batched_decode(spec.context, b, block), spec)?;
+            Ok(BatchStep {
+                batch: b,
+                kernel_ms: s.kernel_secs * 1e3,
+                comm_ms: s.comm_secs * 1e3,
+                ms_per_step: (s.kernel_secs + s.comm_secs) * 1e3,
+                comm_bytes: s.comm_bytes,
+                weight_bytes_read: s.weight_bytes,
+                kv_bytes_read: s.kv_bytes,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let activation_peak_bytes = activation_peak(m, &prefill, p);
     let total = weight_bytes + kv_cache_bytes + activation_peak_bytes;
     Ok(DeviceReport {
@@ -300,19 +397,32 @@ pub fn device_report(rank: usize, m: &Module, spec: &DeviceSpec) -> Result<Devic
         weight_bytes,
         kv_cache_bytes,
         activation_peak_bytes,
-        comm_bytes_decode_step: comm_decode,
+        comm_bytes_decode_step: one.comm_bytes,
         comm_bytes_prefill: comm_prefill,
-        collectives_per_step: collectives,
-        kernel_ms_decode_step: kernel_secs * 1e3,
-        comm_ms_decode_step: comm_secs * 1e3,
-        ms_per_decode_step: (kernel_secs + comm_secs) * 1e3,
+        collectives_per_step: one.collectives,
+        kernel_ms_decode_step: one.kernel_secs * 1e3,
+        comm_ms_decode_step: one.comm_secs * 1e3,
+        ms_per_decode_step: (one.kernel_secs + one.comm_secs) * 1e3,
+        decode_batches,
         fits_memory: total <= p.memory_gib * (1u64 << 30) as f64,
     })
 }
 
-/// The `partition` section of the report.
+/// The `partition` section of the report: `parts` are the rank programs
+/// of the batched module `single` (the unpartitioned program).
 pub fn partition_report(single: &Module, parts: &Partitioned, spec: &DeviceSpec) -> Result<Value> {
     let devices = parts.ranks.iter().map(|r| device_report(r.rank, &r.module, spec)).collect::<Result<Vec<_>>>()?;
+    let (_, block_size) = paged_caches(single)?;
+    // A step ends when the slowest rank's part (and its collectives) ends.
+    let batches: Vec<Value> = spec
+        .decode_batches
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            let worst = devices.iter().map(|d| d.decode_batches[i].ms_per_step).fold(0.0, f64::max);
+            json!({"batch": b, "ms_per_step": worst, "tokens_per_s": b as f64 / (worst * 1e-3)})
+        })
+        .collect();
     let modules: Vec<&Module> = parts.ranks.iter().map(|r| &r.module).collect();
     let single_bytes = module_weight_bytes(single);
     let union = union_weight_bytes(&modules);
@@ -341,9 +451,12 @@ pub fn partition_report(single: &Module, parts: &Partitioned, spec: &DeviceSpec)
         },
         "profile": spec.profile.name,
         "interconnect": spec.link,
+        "program": "batched",
+        "block_size": block_size,
         "context": spec.context,
         "prefill_tokens": spec.prefill_tokens,
         "per_device": devices,
+        "decode_batches": batches,
         "weight_bytes": {
             "single_device": single_bytes,
             "union_of_devices": union,
@@ -448,7 +561,10 @@ fn held_fraction(layout: &Layout, f: &Function, v: ValueId, name: &str) -> f64 {
         Residency::None => 0.0,
         Residency::Slice { axis, start, end } => {
             let len = f.ty(v).shape.get(axis).and_then(|d| d.as_const()).unwrap_or(0);
-            if len == 0 {
+            // A slice past the axis' end means the axis is not the split
+            // one (a broadcast axis of 1: the per-output-channel scale
+            // `[H, 1]` of a column-split down projection is held whole).
+            if len == 0 || end > len {
                 1.0
             } else {
                 (end - start) as f64 / len as f64
@@ -601,6 +717,32 @@ mod tests {
         // An activation-only kernel runs on the sequences of its DP group.
         let n = share(&f, neg, work());
         assert_eq!((n.shared_weight_bytes, n.vector_flops), (1000.0, 40.0));
+    }
+
+    /// A column-split down projection's per-output-channel scale `[H, 1]`
+    /// is held whole: only the int8 weight's columns are split.
+    #[test]
+    fn down_projection_scales_are_not_split_with_the_columns() {
+        let mut f = Function::new("decoder_layer");
+        let mut parts = vec![];
+        for e in 0..8 {
+            let (w, s) =
+                (format!("mlp.experts.{e}.down_proj.weight"), format!("mlp.experts.{e}.down_proj.weight_scale"));
+            parts.push(f.add_weight(&w, &w, TensorType::new(DType::I8, vec![Dim::c(8), Dim::c(4)])));
+            parts.push(f.add_weight(&s, &s, TensorType::new(DType::F32, vec![Dim::c(8), Dim::c(1)])));
+        }
+        let (w, s): (Vec<ValueId>, Vec<ValueId>) = parts.chunks(2).map(|p| (p[0], p[1])).unzip();
+        let sw = f.op(Op::Stack { axis: 0 }, &w, "w").unwrap();
+        let ss = f.op(Op::Stack { axis: 0 }, &s, "s").unwrap();
+        let wf = f.op(Op::Cast { dtype: DType::F32 }, &[sw], "w_f32").unwrap();
+        f.op(Op::Binary(panguc_ir::op::BinaryOp::Mul), &[wf, ss], "scaled").unwrap();
+        // h2p on 8 devices: experts TP2 x EP4, so 2 experts of 8 with half
+        // of each weight's 4 columns (2 x 16 B) and all of its scale (2 x 32 B)
+        // out of 8 x (32 + 32) B.
+        let h2p = Layout::new(dims(), 8, PlanChoice::H2p).unwrap();
+        let kernel = f.nodes.len() - 1;
+        let got = kernel_share(&h2p)(&f, kernel, work()).shared_weight_bytes;
+        assert_eq!(got, 1000.0 * (2.0 * 16.0 + 2.0 * 32.0) / 512.0);
     }
 
     #[test]

@@ -411,23 +411,39 @@ fn partition_rank(
     let eg = runner.egraph;
     let resident = residency_of_classes(&eg, f, &loaded.value_class, layout, rank);
     let (profile, points) = (&opts.profile, &opts.points);
+    let rules_fired: BTreeMap<String, usize> = eg.analysis.fired.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    // Every program reads a weight (or KV cache) the rank does not hold
+    // whole when some op reading it has no partitioning rule.
+    let uncovered = || {
+        let fired: Vec<String> =
+            rules::RULES.iter().map(|(r, _)| format!("{r} x{}", rules_fired.get(*r).copied().unwrap_or(0))).collect();
+        anyhow!(
+            "rank {rank}: no program of @{layer_fn} reads only the weights the rank holds under plan {} (attention TP{}, \
+             routed experts TP{} x EP{}, shared expert TP{}): some op reading a sharded weight has no partitioning rule \
+             (partitioning rules applied: {}). Covered: the float MoE and attention, and for W8A8_DYNAMIC checkpoints \
+             the routed experts with whole expert groups per rank (plan ep)",
+            layout.plan,
+            layout.attn_tp,
+            layout.expert_tp,
+            layout.expert_ep(),
+            layout.shared_tp,
+            fired.join(", ")
+        )
+    };
     let extraction = extract_dag(&eg, loaded.root, |eg, class, node| {
         if !reads_only_resident(eg, node, &resident) {
             return f64::INFINITY;
         }
         enode_cost(eg, class, node, points, profile)
     })
-    .map_err(|e| anyhow!("extracting rank {rank}'s @{layer_fn}: {e}"))?;
+    .map_err(|e| uncovered().context(format!("extracting rank {rank}'s @{layer_fn}: {e}")))?;
     if !extraction.cost.is_finite() {
-        bail!(
-            "rank {rank}: no program of @{layer_fn} reads only the weights the rank holds (a partitioning rule did not apply)"
-        );
+        return Err(uncovered());
     }
     let rebuilt = rebuild_function(&eg, loaded.root, &extraction.choice, f, &loaded.value_class)
         .map_err(|e| anyhow!("rebuilding rank {rank}'s @{layer_fn}: {e}"))?;
     let module = signature::localize(fused, layer_fn, rebuilt).context("giving the rank its local signature")?;
     verify_module(&module).map_err(|e| anyhow!("rank {rank}'s module fails verification: {e}"))?;
-    let rules_fired = eg.analysis.fired.iter().map(|(k, v)| (k.to_string(), *v)).collect();
     Ok(RankModule {
         rank,
         module,

@@ -54,7 +54,7 @@ pub const RULES: &[(&str, &str)] = &[
     ("slice-pushdown", "slice(concat|stack|cast|slice(..)) of weights -> the same over slices of the parts"),
     (
         "moe-expert-parallel",
-        "moe_ffn (or moe_grouped_ffn) over all groups -> residual + collective-sum(grouped_matmul_moe over the rank's groups [+ shared-expert TP shard])",
+        "moe_ffn (or moe_grouped_ffn) over all groups -> residual + collective-sum(grouped_matmul_moe over the rank's groups [+ shared-expert TP shard]); the W8A8_DYNAMIC routed experts (moe_init_routing .. grouped_quant_matmul .. moe_finalize_routing) -> all_reduce(the same chain over the rank's groups)",
     ),
     (
         "attention-tensor-parallel",
@@ -80,6 +80,26 @@ pub fn partition_rules(cx: Arc<RankCx>) -> Vec<Rewrite<TLang, TensorAnalysis>> {
             "(moe_grouped_ffn ?x ?w ?ids ?gu ?dn ?sgu ?sdn ?r)",
             &cx,
             moe_expert_parallel,
+        ),
+        // The W8A8_DYNAMIC routed experts (shared expert and residual
+        // outside, replicated): whole expert groups per rank only, since
+        // splitting an expert's intermediate dimension would quantize each
+        // half of the down projection's input with its own per-token scale.
+        rewrite(
+            "moe-expert-parallel",
+            "moe-expert-parallel/quant",
+            &quant_routed_pattern(""),
+            &cx,
+            moe_expert_parallel_quant,
+        ),
+        // With the shared expert and the residual as the finalize's skip
+        // terms (`moe-finalize-skips`), as the fused module has it.
+        rewrite(
+            "moe-expert-parallel",
+            "moe-expert-parallel/quant-skips",
+            &quant_routed_pattern(" ?s ?r"),
+            &cx,
+            moe_expert_parallel_quant,
         ),
     ];
     if cx.layout.attn_tp > 1 {
@@ -123,6 +143,7 @@ fn coll(cx: &mut Cx, kind: CollectiveKind, group: Vec<usize>, axis: usize, x: Id
 /// same op over slices of its operands, so slices reach the checkpoint
 /// tensors and a rank reads only its shard.
 fn slice_pushdown(cx: &mut Cx, _: &RankCx) -> Option<Vec<(Id, Id)>> {
+    let root_ty = cx.ty(cx.root)?;
     let Op::Slice { axis, start, end } = cx.attr(cx.var("?a"))? else { return None };
     let x = cx.var("?x");
     if !cx.weight_only(x) {
@@ -166,6 +187,16 @@ fn slice_pushdown(cx: &mut Cx, _: &RankCx) -> Option<Vec<(Id, Id)>> {
                 cx.add(Op::Cast { dtype }, &[s])?
             }
             Op::Slice { axis: b, start: s0, .. } if b == axis => slice(cx, args[0], axis, s0 + start, s0 + end)?,
+            // A reshape that keeps the dimensions up to the sliced one
+            // (stacked per-channel scales `[E, N, 1] -> [E, N]`).
+            Op::Reshape { shape } => {
+                let from = cx.ty(args[0])?.shape.clone();
+                if from.len() <= axis || shape.len() <= axis || from[..=axis] != shape[..=axis] {
+                    continue;
+                }
+                let part = slice(cx, args[0], axis, start, end)?;
+                cx.add(Op::Reshape { shape: root_ty.shape.clone() }, &[part])?
+            }
             _ => continue,
         };
         pairs.push((cx.root, alt));
@@ -187,16 +218,8 @@ fn moe_expert_parallel(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
         return None;
     }
     let r = rc.rank;
-    let (g0, g1) = l.local_groups(r);
     let (e0, e1) = l.local_experts(r);
-    let w_l = slice(cx, w, 1, g0, g1)?;
-    let ids_s = slice(cx, ids, 1, g0, g1)?;
-    let ids_l = if e0 == 0 {
-        ids_s
-    } else {
-        let off = cx.add(Op::Scalar { value: e0 as f64, dtype: DType::I64 }, &[])?;
-        cx.add(Op::Binary(BinaryOp::Sub), &[ids_s, off])?
-    };
+    let (w_l, ids_l) = local_routing(cx, rc, w, ids)?;
     let gu_e = slice(cx, gu, 0, e0, e1)?;
     let dn_e = slice(cx, dn, 0, e0, e1)?;
     let (gu_l, dn_l) = if l.expert_tp > 1 {
@@ -226,6 +249,79 @@ fn moe_expert_parallel(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
         all_reduce_rs_ag(cx, l.all(), partial)?
     };
     let out = cx.add(Op::Binary(BinaryOp::Add), &[res, moe])?;
+    Some(vec![(cx.root, out)])
+}
+
+/// The routing weights and expert ids `[T, G]` of the rank's groups, the
+/// ids rebased to its shard of the stacked experts.
+fn local_routing(cx: &mut Cx, rc: &RankCx, w: Id, ids: Id) -> Option<(Id, Id)> {
+    let (g0, g1) = rc.layout.local_groups(rc.rank);
+    let (e0, _) = rc.layout.local_experts(rc.rank);
+    let w_l = slice(cx, w, 1, g0, g1)?;
+    let ids_s = slice(cx, ids, 1, g0, g1)?;
+    let ids_l = if e0 == 0 {
+        ids_s
+    } else {
+        let off = cx.add(Op::Scalar { value: e0 as f64, dtype: DType::I64 }, &[])?;
+        cx.add(Op::Binary(BinaryOp::Sub), &[ids_s, off])?
+    };
+    Some((w_l, ids_l))
+}
+
+/// The routed W8A8_DYNAMIC experts as fusion builds them
+/// (`moe-batched-routing-quant`): rows sorted by expert, quantized per
+/// token, grouped int8 gate and up projections, SwiGLU, quantized again,
+/// grouped int8 down projection, weighted combine (then the `skips`
+/// operands of the finalize).
+fn quant_routed_pattern(skips: &str) -> String {
+    let init = "(moe_init_routing ?ie ?x ?ids)";
+    let counts = format!("(proj 2 {init})");
+    let gqmm =
+        |xq: &str, w: &str, s: &str| format!("(grouped_quant_matmul (proj 0 {xq}) {w} {s} (proj 1 {xq}) {counts})");
+    let xq = format!("(dynamic_quant (proj 0 {init}))");
+    let aq = format!("(dynamic_quant (swiglu {} {}))", gqmm(&xq, "?wg", "?sg"), gqmm(&xq, "?wu", "?su"));
+    format!("(moe_finalize_routing {} ?w (proj 1 {init}){skips})", gqmm(&aq, "?wd", "?sd"))
+}
+
+/// The routed W8A8_DYNAMIC experts = the all-reduce over ranks of the same
+/// chain over each rank's expert groups (rows routed to other groups are
+/// not gathered, so each rank quantizes exactly the rows the single-device
+/// chain quantizes for its experts, with the same per-row scales). With
+/// skip terms `?s` (shared expert) and `?r` (residual), replicated on
+/// every rank, they are added after the sum, in the finalize's order.
+fn moe_expert_parallel_quant(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
+    let l = &rc.layout;
+    if l.expert_tp != 1 {
+        return None;
+    }
+    let [x, w, ids, wg, sg, wu, su, wd, sd] =
+        ["?x", "?w", "?ids", "?wg", "?sg", "?wu", "?su", "?wd", "?sd"].map(|v| cx.var(v));
+    let (groups, experts) = (dim(cx, w, 1)?, dim(cx, wg, 0)?);
+    if groups != l.dims.groups
+        || experts != l.dims.experts
+        || cx.attr(cx.var("?ie"))? != (Op::MoeInitRouting { experts })
+    {
+        return None;
+    }
+    let (e0, e1) = l.local_experts(rc.rank);
+    let (w_l, ids_l) = local_routing(cx, rc, w, ids)?;
+    let init = cx.add(Op::MoeInitRouting { experts: e1 - e0 }, &[x, ids_l])?;
+    let (rows, row_idx, counts) = (cx.proj(init, 0), cx.proj(init, 1), cx.proj(init, 2));
+    let experts_of = |cx: &mut Cx, v: Id| slice(cx, v, 0, e0, e1);
+    let [wg, sg, wu, su, wd, sd] = [wg, sg, wu, su, wd, sd].map(|v| experts_of(cx, v));
+    let xq = cx.add(Op::DynamicQuant, &[rows])?;
+    let (q, s) = (cx.proj(xq, 0), cx.proj(xq, 1));
+    let gate = cx.add(Op::GroupedQuantMatMul, &[q, wg?, sg?, s, counts])?;
+    let up = cx.add(Op::GroupedQuantMatMul, &[q, wu?, su?, s, counts])?;
+    let act = cx.add(Op::SwiGlu, &[gate, up])?;
+    let aq = cx.add(Op::DynamicQuant, &[act])?;
+    let (q, s) = (cx.proj(aq, 0), cx.proj(aq, 1));
+    let y = cx.add(Op::GroupedQuantMatMul, &[q, wd?, sd?, s, counts])?;
+    let part = cx.add(Op::MoeFinalizeRouting, &[y, w_l, row_idx])?;
+    let mut out = coll(cx, CollectiveKind::AllReduce, l.all(), 0, part)?;
+    for skip in ["?s", "?r"].into_iter().filter_map(|v| cx.subst.get(v.parse().ok()?).copied()) {
+        out = cx.add(Op::Binary(BinaryOp::Add), &[out, skip])?;
+    }
     Some(vec![(cx.root, out)])
 }
 

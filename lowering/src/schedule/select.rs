@@ -333,15 +333,20 @@ impl<'a> Selector<'a> {
         let (y, bias) = (n.args[0], n.args[1]);
         let Def::Node(mm) = g.values[y].def else { return false };
         let is_qmm = matches!(g.nodes[mm].op, Op::QuantMatMul | Op::QuantMatMulPerToken);
-        let n_dim = g.values[y].ty.shape.last().cloned();
         is_qmm
             && uses[y] == 1
-            && self.konst[bias]
             && !self.konst[y]
-            && self.storage[bias].is_float()
-            && g.values[bias].ty.shape.len() == 1
-            && g.values[bias].ty.shape.last().cloned() == n_dim
+            && self.is_column_bias(y, bias)
             && g.values[n.results[0]].ty == g.values[y].ty
+    }
+
+    /// `bias` is a constant float vector over the columns of `y`.
+    fn is_column_bias(&self, y: usize, bias: usize) -> bool {
+        let ty = &self.g.values[bias].ty;
+        self.konst[bias]
+            && self.storage[bias].is_float()
+            && ty.shape.len() == 1
+            && ty.shape.last() == self.g.values[y].ty.shape.last()
     }
 
     /// How many live nodes (and entry outputs) read each value.
@@ -689,7 +694,11 @@ impl<'a> Selector<'a> {
             }
             Op::Cast { .. } => self.elementwise(ni, ElemOp::Convert)?,
             Op::Unary(u) => self.elementwise(ni, ElemOp::Unary(*u))?,
-            Op::Binary(_) | Op::QuantMatMulPerToken if self.dyn_quant_mm.contains_key(&ni) => self.dyn_quant_mm(ni)?,
+            Op::Binary(_) | Op::QuantMatMulPerToken | Op::FusedElementwise { .. }
+                if self.dyn_quant_mm.contains_key(&ni) =>
+            {
+                self.dyn_quant_mm(ni)?
+            }
             Op::Split { .. } if self.qkv_rope_write.contains_key(&ni) => self.qkv_rope_write(ni)?,
             Op::Binary(_)
                 if self.absorbed[arg(0)]

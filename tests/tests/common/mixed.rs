@@ -18,6 +18,17 @@ pub fn greedy(prompt: Vec<i64>, max_new: usize) -> Request {
     Request { prompt, max_new_tokens: max_new, sampling: Sampling::default(), stop_tokens: vec![] }
 }
 
+/// Four greedy prompts of different lengths (3 to 11 tokens, ids below 256)
+/// with different token budgets: the batch the quantized-package tests run.
+pub fn four_prompts() -> Vec<Request> {
+    vec![
+        greedy((0..11).map(|i| (i * 37 + 5) % 256).collect(), 6),
+        greedy(vec![1, 2, 3], 7),
+        greedy(vec![200, 17], 4),
+        greedy(vec![9, 8, 7, 6, 5, 4, 3], 5),
+    ]
+}
+
 /// `r` alone: the scheduler with one sequence (the batch of one).
 pub fn alone(make: MakeEngine<'_, '_>, block: usize, r: &Request) -> Generation {
     let cfg = SchedulerConfig::fitting_with(std::slice::from_ref(r), block);

@@ -154,18 +154,9 @@ pub fn open_tier(dir: &Path, tier: &str) -> panguc_runtime::Package {
 /// True when this CPU runs the AVX-512 BF16 tier (tests of that tier are
 /// skipped, with a message, elsewhere).
 pub fn cpu_has_bf16_tier() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512cd")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    let Ok(host) = panguc_codegen_cpu::HostTarget::detect() else { return false };
+    let Some(tier) = panguc_codegen_cpu::Tier::x86(BF16, &host.triple) else { return false };
+    panguc_runtime::loader::missing_features(&tier.target.features).is_empty()
 }
 
 impl Fixture {

@@ -17,7 +17,11 @@
 //!   follows become one `qkv_rope_cache_write` (the bf16 kernel) over the
 //!   int8 matmul's output, as `qkv-rope-cache-write` does for bf16;
 //! - a `dynamic_quant` read only by one `quant_matmul_per_token` (the o
-//!   projection's input) is done inside that matmul (`dyn_quant_matmul`).
+//!   projection's input) is done inside that matmul (`dyn_quant_matmul`),
+//!   with the projection's bias add and the residual add after it (as an
+//!   `add` or the elementwise-chain rule's `fused_elementwise` of both) in
+//!   its epilogue: the bf16 program adds the residual inside `add_rms_norm`,
+//!   which the chain hides from `add-rmsnorm` here.
 //!
 //! Every intermediate value must be read only inside the chain; anything
 //! else keeps the ops' own kernels.
@@ -27,6 +31,7 @@ use super::{static_shape, Selector};
 use crate::rules::check;
 use anyhow::{anyhow, bail, Result};
 use panguc_ir::kernel::KernelKind;
+use panguc_ir::op::{BinaryOp, EwToken};
 use panguc_ir::{DType, Dim, Op};
 
 /// The routed W8A8_DYNAMIC experts ending at a `moe_finalize_routing`.
@@ -59,11 +64,13 @@ pub(super) struct QkvRopeWrite {
 
 /// A `quant_matmul_per_token` that quantizes its input itself.
 pub(super) struct DynQuantMm {
-    /// Float input, int8 weight, weight scale, optional bias.
+    /// Float input, int8 weight, weight scale, optional bias, optional
+    /// residual added after the bias.
     x: usize,
     w: usize,
     w_scale: usize,
     bias: Option<usize>,
+    residual: Option<usize>,
 }
 
 /// The shared expert's fused gate/up: operands of the two int8 matmuls.
@@ -210,33 +217,87 @@ impl Selector<'_> {
             && g.values[x].ty.shape[1].as_const().is_some()
             && n.results.iter().all(|r| !self.absorbed[*r]);
         check(ok)?;
-        let fused = DynQuantMm { x, w: m.args[1], w_scale: m.args[2], bias: None };
+        let fused = DynQuantMm { x, w: m.args[1], w_scale: m.args[2], bias: None, residual: None };
         // `fuse_quant_bias` runs later: look for its pattern here (the
         // bias add becomes part of this launch the same way).
         if self.absorbed[y] {
             return None;
         }
-        let bias_add = self.only_reader(y, uses, live, |o| *o == Op::Binary(panguc_ir::op::BinaryOp::Add));
-        match bias_add {
+        let bias_add = self.only_reader(y, uses, live, |o| *o == Op::Binary(BinaryOp::Add));
+        let (at, fused, mut inner) = match bias_add {
             Some(add) if g.nodes[add].args[0] == y && self.is_quant_bias_add(add, uses) => {
                 let bias = g.nodes[add].args[1];
-                Some((add, DynQuantMm { bias: Some(bias), ..fused }, vec![q, s, y]))
+                (add, DynQuantMm { bias: Some(bias), ..fused }, vec![q, s, y])
             }
-            _ => Some((mm, fused, vec![q, s])),
+            _ => (mm, fused, vec![q, s]),
+        };
+        // Then the residual add after it, as a plain `add` of what `at`
+        // computes, or (no bias add found) both adds in one expression.
+        let sum = g.nodes[at].results[0];
+        if let Some((radd, residual)) = self.residual_add(sum, uses, live) {
+            inner.push(sum);
+            return Some((radd, DynQuantMm { residual: Some(residual), ..fused }, inner));
         }
+        if fused.bias.is_none() {
+            if let Some((e, bias, residual)) = self.bias_residual_expr(y, uses, live) {
+                inner.push(y);
+                return Some((e, DynQuantMm { bias: Some(bias), residual: Some(residual), ..fused }, inner));
+            }
+        }
+        Some((at, fused, inner))
+    }
+
+    /// A float activation `r` that can be added to `v` elementwise: same
+    /// type, not a constant.
+    fn is_residual_for(&self, v: usize, r: usize) -> bool {
+        r != v && !self.konst[r] && self.storage[r].is_float() && self.g.values[r].ty == self.g.values[v].ty
+    }
+
+    /// The one live reader of `v` when it is `add(v, r)` or `add(r, v)` of
+    /// a residual `r` ([`Self::is_residual_for`]): the add node and `r`.
+    fn residual_add(&self, v: usize, uses: &[usize], live: &[bool]) -> Option<(usize, usize)> {
+        let add = self.only_reader(v, uses, live, |o| *o == Op::Binary(BinaryOp::Add))?;
+        let n = &self.g.nodes[add];
+        let r = if n.args[0] == v { n.args[1] } else { n.args[0] };
+        let ok = self.is_residual_for(v, r) && self.g.values[n.results[0]].ty == self.g.values[v].ty;
+        ok.then_some((add, r))
+    }
+
+    /// The one live reader of the int8 matmul output `y` when it is a
+    /// `fused_elementwise` computing `(y + bias) + r` (operands of each add
+    /// in either order: float adds commute exactly) with `bias` a column
+    /// bias of `y` and `r` a residual: the node, `bias` and `r`.
+    fn bias_residual_expr(&self, y: usize, uses: &[usize], live: &[bool]) -> Option<(usize, usize, usize)> {
+        let g = self.g;
+        let e = self.only_reader(y, uses, live, |o| matches!(o, Op::FusedElementwise { .. }))?;
+        let n = &g.nodes[e];
+        let Op::FusedElementwise { expr } = &n.op else { return None };
+        let tokens = panguc_ir::op::parse_elementwise(expr, n.args.len()).ok()?;
+        let (pair, r) = add_of_add(&tokens)?;
+        let (a, b) = (n.args[pair[0]], n.args[pair[1]]);
+        let bias = if a == y { b } else { a };
+        let r = n.args[r];
+        let ok = (a == y) != (b == y)
+            && self.is_column_bias(y, bias)
+            && self.is_residual_for(y, r)
+            && g.values[n.results[0]].ty == g.values[y].ty;
+        ok.then_some((e, bias, r))
     }
 
     /// The int8 matmul that quantizes its own input, launched at node `at`
-    /// (the matmul, or its bias add).
+    /// (the matmul, its bias add, or the residual add after them).
     pub(super) fn dyn_quant_mm(&mut self, at: usize) -> Result<()> {
         let f = self.dyn_quant_mm.remove(&at).ok_or_else(|| anyhow!("no fused int8 matmul here"))?;
         let mut args = vec![self.rm(f.x)?, self.rm(f.w)?, self.rm(f.w_scale)?];
         if let Some(b) = f.bias {
             args.push(self.rm(b)?);
         }
+        if let Some(r) = f.residual {
+            args.push(self.rm(r)?);
+        }
         let out = self.act(self.g.nodes[at].results[0]);
         args.push(out);
-        self.launch(KernelKind::DynQuantMatMul { bias: f.bias.is_some() }, args)
+        self.launch(KernelKind::DynQuantMatMul { bias: f.bias.is_some(), residual: f.residual.is_some() }, args)
     }
 
     /// `dynamic_quant(swiglu(qmm(xq, wg, sg, xs), qmm(xq, wu, su, xs)))`
@@ -372,5 +433,16 @@ impl Selector<'_> {
             bail!("moe_finalize_routing with {} skip terms has no fused kernel", moe.skips.len());
         }
         self.launch(KernelKind::MoeCombine { shared_residual: moe.skips.len() == 2 }, args)
+    }
+}
+
+/// `(a + b) + c` or `c + (a + b)` over three operands, as postfix tokens:
+/// the operand indices `[a, b]` of the inner add and `c`.
+fn add_of_add(tokens: &[EwToken]) -> Option<([usize; 2], usize)> {
+    use EwToken::{Binary as B, Operand as O};
+    match tokens {
+        [O(a), O(b), B(BinaryOp::Add), O(c), B(BinaryOp::Add)]
+        | [O(c), O(a), O(b), B(BinaryOp::Add), B(BinaryOp::Add)] => Some(([*a, *b], *c)),
+        _ => None,
     }
 }
