@@ -292,11 +292,15 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
         KernelKind::Dequantize => quant::wire::dequantize(&ctx)?,
         KernelKind::QuantMatMul { per_token, bias } => quant::wire::quant_matmul(&ctx, *per_token, *bias)?,
         KernelKind::PagedAttentionInt8 { scale } => quant::wire::paged_attention_int8_kernel(&ctx, *scale)?,
+        KernelKind::MoeGateUpQuant => quant::experts::moe_gate_up_quant(&ctx)?,
+        KernelKind::QuantGateUpQuant => quant::experts::quant_gate_up_quant(&ctx)?,
+        KernelKind::MoeDownQuant => quant::experts::moe_down_quant(&ctx)?,
         other => bail!(
             "{}: kernel kind `{}` has no AscendC implementation yet (supported: rms_norm, add_rms_norm, gather, \
              elementwise, rope, rope_table, qkv_rope_append, qkv_rope_cache_write, attention, paged_attention, moe_gating, gemm, matmul(transposed b), \
              moe_route, moe_gate_up, moe_down, moe_combine, slice, collectives, dynamic_quant, quantize, dequantize, \
-             quant_matmul without bias, paged_attention_int8)",
+             quant_matmul without bias, paged_attention_int8, moe_gate_up_quant, quant_gate_up_quant, \
+             moe_down_quant)",
             k.name,
             other.mnemonic()
         ),

@@ -337,6 +337,17 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR table, GM_ADDR idx, GM_A
 "#;
 
 /// `Gather (table[R, W], idx[..] i64, out[.., W])`.
+/// `out[i, :] = table[idx[i], :]` for `tiles` i64 indices into a
+/// `[rows, cols]` table of `t` (rows of whole 32-byte blocks); the caller
+/// sets the parameters `(table, idx, out)`.
+pub(crate) fn gather_kernel(entry: String, rows: TExpr, cols: u64, t: DevType, tiles: &TExpr) -> DeviceKernel {
+    let src = vector_source(&entry, "Gather (embedding lookup).", GATHER, &[("T", t.cpp().into())]);
+    let mut fields = tiles_fields(tiles);
+    fields.push(TilingField::u32("rows", rows));
+    fields.push(TilingField::u32("cols", TExpr::c(cols)));
+    vector_kernel(entry, src, fields, tiles, 2 * r32(cols * t.size()))
+}
+
 pub(crate) fn gather(ctx: &Ctx) -> Result<DeviceKernels> {
     if ctx.rank(0) != 2 {
         bail!("{}: gather tables must be 2-D", ctx.k.name);
@@ -350,12 +361,7 @@ pub(crate) fn gather(ctx: &Ctx) -> Result<DeviceKernels> {
     }
     need_aligned(ctx, "a table row", cols, t)?;
     let tiles = ctx.dims(1, 0, ctx.rank(1))?;
-    let entry = ctx.entry("");
-    let src = vector_source(&entry, "Gather (embedding lookup).", GATHER, &[("T", t.cpp().into())]);
-    let mut fields = tiles_fields(&tiles);
-    fields.push(TilingField::u32("rows", rows));
-    fields.push(TilingField::u32("cols", TExpr::c(cols)));
-    let mut dk = vector_kernel(entry, src, fields, &tiles, 2 * r32(cols * t.size()));
+    let mut dk = gather_kernel(ctx.entry(""), rows, cols, t, &tiles);
     dk.params =
         vec![ctx.param("table", 0, Role::Input), ctx.param("idx", 1, Role::Input), ctx.param("out", 2, Role::Output)];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })

@@ -14,7 +14,7 @@ const DQ_QUANT_ROWS: u64 = 16;
 
 /// The float -> int8 tail shared by the quantizing kernels: `xf` (f32,
 /// already `x / s (+ o)`) -> `q` (int8) through int32 and half.
-const TO_INT8: &str = "        LocalTensor<int32_t> xi = iBuf.Get<int32_t>();
+pub(super) const TO_INT8: &str = "        LocalTensor<int32_t> xi = iBuf.Get<int32_t>();
         Cast(xi, xf, RoundMode::CAST_RINT, cols);
         PipeBarrier<PIPE_V>();
         Maxs(xi, xi, static_cast<int32_t>(-128), cols);
@@ -80,19 +80,7 @@ private:
         ToFloat(xf, x, cols);
         inX.FreeTensor(x);
         PipeBarrier<PIPE_V>();
-{{NORM}}        Abs(ab, xf, cols);
-        PipeBarrier<PIPE_V>();
-        ReduceMax(red, ab, workBuf.Get<float>(), cols);
-        event_t v2s = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::V_S));
-        SetFlag<HardEvent::V_S>(v2s);
-        WaitFlag<HardEvent::V_S>(v2s);
-        const float s = red.GetValue(0) / 127.0f;
-        sGm.SetValue(r, s);
-        Duplicate(ab, s, cols);
-        PipeBarrier<PIPE_V>();
-        Div(xf, xf, ab, cols);
-        PipeBarrier<PIPE_V>();
-{{TO_INT8}}    }
+{{NORM}}{{DYN_SCALE}}{{TO_INT8}}    }
 
     TPipe pipe;
     TQue<TPosition::VECIN, 2> inX;
@@ -114,8 +102,33 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR x, {{NORM_PARAM}}GM_ADDR
 }
 "#;
 
+/// The per-row scale of dynamic quantization, shared by the quantizing
+/// kernels: from `xf` (f32 row of `cols`), `s = max|x| / 127` (scalar f32
+/// division, as the reference) stored at `sGm[r]`, then `xf = xf / s`;
+/// `ab`, `red` (32 B) and `workBuf` ([`reduce_max_work`]) are scratch.
+pub(super) const DYN_SCALE: &str = "        Abs(ab, xf, cols);
+        PipeBarrier<PIPE_V>();
+        ReduceMax(red, ab, workBuf.Get<float>(), cols);
+        event_t v2s = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::V_S));
+        SetFlag<HardEvent::V_S>(v2s);
+        WaitFlag<HardEvent::V_S>(v2s);
+        const float s = red.GetValue(0) / 127.0f;
+        sGm.SetValue(r, s);
+        Duplicate(ab, s, cols);
+        PipeBarrier<PIPE_V>();
+        Div(xf, xf, ab, cols);
+        PipeBarrier<PIPE_V>();
+";
+
+/// Bytes of `workBuf` for [`DYN_SCALE`]'s ReduceMax over `cols` f32: its
+/// first pass leaves a (value, index) pair per 256-byte repeat (more than
+/// ReduceSum's one value).
+pub(super) fn reduce_max_work(cols: u64) -> u64 {
+    r32((cols * 4).div_ceil(256) * 2 * 4).max(32)
+}
+
 /// Rows of `cols` elements must be whole 32-byte blocks of `t` and of int8.
-fn need_row_blocks(name: &str, cols: u64, t: DevType) -> Result<()> {
+pub(super) fn need_row_blocks(name: &str, cols: u64, t: DevType) -> Result<()> {
     if !cols.is_multiple_of(32) || !(cols * t.size()).is_multiple_of(32) {
         bail!("{name}: cannot be tiled: rows of {cols} elements must be a multiple of 32 (int8 32-byte blocks)");
     }
@@ -190,9 +203,7 @@ fn dynamic_quant_kernel(
         need_row_blocks(name, cols, w)?;
         need_out(name, o, w)?;
     }
-    // ReduceMax's first pass leaves a (value, index) pair per 256-byte
-    // repeat (more than ReduceSum's one value).
-    let work = r32((cols * 4).div_ceil(256) * 2 * 4).max(32);
+    let work = reduce_max_work(cols);
     let w_t = norm.map(|(_, w)| w).unwrap_or(x);
     let on = |s: &str| if norm.is_some() { s.to_string() } else { String::new() };
     let src = vector_source(
@@ -203,6 +214,7 @@ fn dynamic_quant_kernel(
             ("T", x.cpp().into()),
             ("WORK", work.to_string()),
             ("TO_INT8", TO_INT8.into()),
+            ("DYN_SCALE", DYN_SCALE.into()),
             ("NORM_WHAT", on(" of rms_norm(x, w)")),
             ("NORM_PARAM", on("GM_ADDR w, ")),
             ("NORM_ARG", on("w, ")),

@@ -51,6 +51,7 @@ pub fn quant_matmul(s: &QuantMatMulSpec, o: &EmitOptions) -> Result<DeviceKernel
             rows: s.m.clone(),
             n: s.n,
             out: s.out,
+            row_weight: false,
         },
         vec![acc_param(Role::Input), a, b, orig("y", s.out, Role::Output, 4)],
     )?;
@@ -78,34 +79,23 @@ pub fn grouped_quant_matmul(s: &GroupedQuantMatMulSpec, o: &EmitOptions) -> Resu
         bail!("{}: expert counts must be i64 or i32 on the device, not {}", s.name, s.counts);
     }
     let offsets = offsets_kernel(&s.name, s.experts, s.rows.clone(), s.counts)?;
-    let base = BaseTile::for_type(DevType::I8);
-    let entry = format!("{}_cube", s.name);
-    let src = grouped_cube_source(&entry, "routed experts, int8", DevType::I8, false);
-    let fields = grouped_cube_fields(&base, s.experts, s.rows.clone(), s.rows.clone(), s.n, s.k);
-    let tiles = TExpr::c(s.experts * s.n.div_ceil(base.n));
     let off = |role| Param { name: "offsets".into(), dtype: DevType::I64, role, arg: ArgRef::Temp(1) };
-    let cube = cube_device_kernel(
-        entry,
-        src,
-        fields,
-        &tiles,
-        vec![
+    let cube = grouped_int8_cube(
+        &format!("{}_cube", s.name),
+        GroupedDims { experts: s.experts, rows: s.rows.clone(), n: s.n, k: s.k },
+        [
             orig("a", DevType::I8, Role::Input, 0),
             off(Role::Input),
             orig("w", DevType::I8, Role::Input, 1),
             acc_param(Role::Output),
         ],
-        base.mem(DevType::I8, o.target),
+        o,
     );
-    let epi = dequant_kernel(
-        DequantSpec {
-            entry: format!("{}_dequant", s.name),
-            dequant: Dequant::PerToken,
-            grouped: Some(s.experts),
-            rows: s.rows.clone(),
-            n: s.n,
-            out: s.out,
-        },
+    let epi = grouped_dequant_kernel(
+        &format!("{}_dequant", s.name),
+        GroupedDims { experts: s.experts, rows: s.rows.clone(), n: s.n, k: s.k },
+        s.out,
+        false,
         vec![
             acc_param(Role::Input),
             orig("ws", DevType::F32, Role::Input, 2),
@@ -128,6 +118,50 @@ pub fn grouped_quant_matmul(s: &GroupedQuantMatMulSpec, o: &EmitOptions) -> Resu
         host: None,
     };
     checked(dks, o, &s.name)
+}
+
+/// Sizes of a grouped expert GEMM: `rows` expert-sorted rows of K int8
+/// against `experts` weights `[N, K]`.
+#[derive(Debug, Clone)]
+pub(super) struct GroupedDims {
+    pub experts: u64,
+    pub rows: TExpr,
+    pub n: u64,
+    pub k: u64,
+}
+
+/// The grouped int8 cube GEMM of `moe.rs` over rows already contiguous per
+/// expert (A fetched as row blocks, never one row per K step): parameters
+/// `[a i8[rows, K], offsets i64[E+1], w i8[E, N, K], acc i32[rows, N]]`.
+pub(super) fn grouped_int8_cube(entry: &str, d: GroupedDims, params: [Param; 4], o: &EmitOptions) -> DeviceKernel {
+    let base = BaseTile::for_type(DevType::I8);
+    let src = grouped_cube_source(entry, "routed experts, int8", DevType::I8, false);
+    let fields = grouped_cube_fields(&base, d.experts, d.rows.clone(), d.rows, d.n, d.k);
+    let tiles = TExpr::c(d.experts * d.n.div_ceil(base.n));
+    cube_device_kernel(entry.to_string(), src, fields, &tiles, params.into(), base.mem(DevType::I8, o.target))
+}
+
+/// The grouped per-token dequant epilogue `y = f32(acc) * w_scale[e(r), n]
+/// * x_scale[r]` (then `* row_weight[r]` with `row_weight`): parameters
+/// `[acc, w_scale f32[E, N], x_scale f32[rows], offsets i64[E+1],
+/// (row_weight f32[rows],) y]`.
+pub(super) fn grouped_dequant_kernel(
+    entry: &str,
+    d: GroupedDims,
+    out: DevType,
+    row_weight: bool,
+    params: Vec<Param>,
+) -> Result<DeviceKernel> {
+    let spec = DequantSpec {
+        entry: entry.to_string(),
+        dequant: Dequant::PerToken,
+        grouped: Some(d.experts),
+        rows: d.rows,
+        n: d.n,
+        out,
+        row_weight,
+    };
+    dequant_kernel(spec, params)
 }
 
 const OFFSETS: &str = r#"
@@ -189,6 +223,18 @@ fn offsets_kernel(name: &str, experts: u64, rows: TExpr, counts: DevType) -> Res
     Ok(vector_kernel(entry, src, fields, &tiles, 0))
 }
 
+/// `ExpertOf(r)`: the expert whose `offGm` range holds sorted row `r`, for
+/// a kernel with members `offGm` (i64 `[E+1]`), `experts` and `cursor`
+/// (start 0). Rows of a block come in increasing order, so the cursor only
+/// moves forward (rows past the last offset keep the last expert).
+pub(super) const EXPERT_OF: &str = "    __aicore__ inline int64_t ExpertOf(uint32_t r)
+    {
+        if (cursor > 0 && static_cast<int64_t>(r) < offGm.GetValue(cursor)) cursor = 0;
+        while (cursor + 1 < static_cast<int64_t>(experts) && static_cast<int64_t>(r) >= offGm.GetValue(cursor + 1)) cursor++;
+        return cursor;
+    }
+";
+
 /// The dequant epilogue of the int8 GEMMs.
 struct DequantSpec {
     entry: String,
@@ -198,6 +244,9 @@ struct DequantSpec {
     rows: TExpr,
     n: u64,
     out: DevType,
+    /// Grouped only: `* row_weight[r]` last (MoeDownQuant's routing
+    /// weight), an extra parameter right after `offsets`.
+    row_weight: bool,
 }
 
 /// Rows of one epilogue tile: the column scales are loaded once per tile.
@@ -322,10 +371,16 @@ const DECODE_I64: &str = "        event_t m2s = static_cast<event_t>(GetTPipePtr
 ";
 
 fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
-    let DequantSpec { entry, dequant, grouped, rows, n, out } = s;
+    let DequantSpec { entry, dequant, grouped, rows, n, out, row_weight } = s;
+    if row_weight && grouped.is_none() {
+        bail!("{entry}: a row-weighted dequant epilogue must be grouped");
+    }
     let n_tile = DQ_COLS.min(n);
     let (d, what) = match dequant {
         Dequant::Static { deq } => (deq, "y = f32(acc + quant_bias[n]) * deq_scale[n]"),
+        Dequant::PerToken if row_weight => {
+            (DevType::F32, "y = f32(acc) * w_scale[e(r), n] * x_scale[r] * row_weight[r]")
+        }
         Dequant::PerToken if grouped.is_some() => (DevType::F32, "y = f32(acc) * w_scale[e(r), n] * x_scale[r]"),
         Dequant::PerToken => (DevType::F32, "y = f32(acc) * w_scale[n] * x_scale[r]"),
     };
@@ -345,22 +400,10 @@ fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
             "        offGm.SetGlobalBuffer((__gm__ int64_t*)offsets, t.experts + 1);\n        experts = t.experts;\n";
         members += "    GlobalTensor<int64_t> offGm;\n    uint32_t experts = 0;\n    int64_t cursor = 0;\n";
     }
-    // Rows of a block come in increasing order: the expert cursor only
-    // moves forward (rows past the last offset keep the last expert).
     let expert_of = if grouped.is_some() { "ExpertOf(r)" } else { "0" };
     let mut template = DEQUANT.to_string();
     if grouped.is_some() {
-        template = template.replace(
-            "    TPipe pipe;\n",
-            "    __aicore__ inline int64_t ExpertOf(uint32_t r)
-    {
-        if (cursor > 0 && static_cast<int64_t>(r) < offGm.GetValue(cursor)) cursor = 0;
-        while (cursor + 1 < static_cast<int64_t>(experts) && static_cast<int64_t>(r) >= offGm.GetValue(cursor + 1)) cursor++;
-        return cursor;
-    }
-
-    TPipe pipe;\n",
-        );
+        template = template.replace("    TPipe pipe;\n", &format!("{EXPERT_OF}\n    TPipe pipe;\n"));
     }
     let load_bias = if stat {
         "        LocalTensor<int32_t> b = inBias.AllocTensor<int32_t>();
@@ -376,8 +419,21 @@ fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
     };
     let add_bias =
         if stat { "        Add(a, a, biasBuf.Get<int32_t>(), len);\n        PipeBarrier<PIPE_V>();\n" } else { "" };
-    let row_scale =
-        if stat { "" } else { "        Muls(x, x, xsGm.GetValue(r), len);\n        PipeBarrier<PIPE_V>();\n" };
+    let mut row_scale = if stat {
+        String::new()
+    } else {
+        "        Muls(x, x, xsGm.GetValue(r), len);\n        PipeBarrier<PIPE_V>();\n".into()
+    };
+    let mut off_param = if grouped.is_some() { "GM_ADDR offsets, " } else { "" }.to_string();
+    let mut off_arg = if grouped.is_some() { "offsets, " } else { "" }.to_string();
+    if row_weight {
+        // After the per-token scale, as the reference's `weight * y`.
+        row_scale += "        Muls(x, x, rwGm.GetValue(r), len);\n        PipeBarrier<PIPE_V>();\n";
+        off_param += "GM_ADDR rowW, ";
+        off_arg += "rowW, ";
+        init += "        rwGm.SetGlobalBuffer((__gm__ float*)rowW, rows);\n";
+        members += "    GlobalTensor<float> rwGm;\n";
+    }
     let src = vector_source(
         &entry,
         &format!("Int8 GEMM dequant epilogue: {what}."),
@@ -386,15 +442,15 @@ fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
             ("O", out.cpp().into()),
             ("D", d.cpp().into()),
             ("WHAT", what.into()),
-            ("OFF_PARAM", if grouped.is_some() { "GM_ADDR offsets, " } else { "" }.into()),
-            ("OFF_ARG", if grouped.is_some() { "offsets, " } else { "" }.into()),
+            ("OFF_PARAM", off_param),
+            ("OFF_ARG", off_arg),
             ("INIT", init),
             ("MEMBERS", members),
             ("EXPERT_OF", expert_of.into()),
             ("DECODE", if d == DevType::I64 { DECODE_I64 } else { DECODE_F32 }.into()),
             ("LOAD_BIAS", load_bias.into()),
             ("ADD_BIAS", add_bias.into()),
-            ("ROW_SCALE", row_scale.into()),
+            ("ROW_SCALE", row_scale),
             ("BIAS_BUF", if stat { ", biasBuf" } else { "" }.into()),
         ],
     );

@@ -31,9 +31,11 @@
 //! the kernel selection (and fused variants such as RmsNorm + quant) can
 //! compose them; argument `i` of the spec is `ArgRef::Orig(i)`.
 //! `wire.rs` is that selection for the kinds that map one to one (see
-//! `emit_kernel`).
+//! `emit_kernel`); `experts.rs` composes the fused W8A8_DYNAMIC expert
+//! kinds from the GEMMs and the quantization tail.
 
 mod convert;
+pub(crate) mod experts;
 mod gemm;
 pub(crate) mod wire;
 

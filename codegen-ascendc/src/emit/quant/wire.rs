@@ -11,7 +11,7 @@ use crate::target::DevType;
 use anyhow::{bail, Result};
 
 /// Argument `arg` must have device dtype `want`.
-fn need_dt(ctx: &Ctx, arg: usize, what: &str, want: DevType) -> Result<()> {
+pub(super) fn need_dt(ctx: &Ctx, arg: usize, what: &str, want: DevType) -> Result<()> {
     if ctx.dt[arg] != want {
         bail!("{}: {what} (argument {arg}) must be {want} on the device, found {}", ctx.k.name, ctx.dt[arg]);
     }
