@@ -141,10 +141,10 @@ pub(super) fn grouped_int8_cube(entry: &str, d: GroupedDims, params: [Param; 4],
     cube_device_kernel(entry.to_string(), src, fields, &tiles, params.into(), base.mem(DevType::I8, o.target))
 }
 
-/// The grouped per-token dequant epilogue `y = f32(acc) * w_scale[e(r), n]
-/// * x_scale[r]` (then `* row_weight[r]` with `row_weight`): parameters
-/// `[acc, w_scale f32[E, N], x_scale f32[rows], offsets i64[E+1],
-/// (row_weight f32[rows],) y]`.
+/// The grouped per-token dequant epilogue, `y = f32(acc) *
+/// w_scale[e(r), n] * x_scale[r]`, then `* row_weight[r]` with
+/// `row_weight`; parameters `[acc, w_scale f32[E, N], x_scale f32[rows],
+/// offsets i64[E+1], (row_weight f32[rows],) y]`.
 pub(super) fn grouped_dequant_kernel(
     entry: &str,
     d: GroupedDims,
