@@ -14,7 +14,7 @@ use panguc_codegen_ascendc::data::{
 };
 use panguc_codegen_ascendc::emit::quant::{
     dequantize, dynamic_quant, grouped_quant_matmul, quant_matmul, quantize, rms_norm_dynamic_quant, Dequant,
-    Granularity, GroupedQuantMatMulSpec, QuantMatMulSpec,
+    Granularity, GroupedQuantMatMulSpec, NormQuant, QuantMatMulSpec,
 };
 use panguc_codegen_ascendc::emit::{EmitOptions, TExpr};
 use panguc_codegen_ascendc::sim::SimArg;
@@ -281,18 +281,19 @@ fn rms_norm_fused_dynamic_quant_matches_interpreter() {
     for (target, act) in targets() {
         let o = opts(target, act);
         for cols in [64usize, 2048] {
-            let dks =
-                rms_norm_dynamic_quant("panguc_k008_rms_norm_quant", TExpr::Tokens, cols as u64, eps, act, act, &o)
-                    .unwrap();
+            let norm = NormQuant { eps, add: false, w: act };
+            let dks = rms_norm_dynamic_quant("panguc_k008_rms_norm_quant", TExpr::Tokens, cols as u64, norm, act, &o)
+                .unwrap();
             for t in [1usize, 7, 33] {
                 let x = round_through(act, &rand_f(&mut rng, t * cols, -3.0, 3.0));
                 let w = round_through(act, &rand_f(&mut rng, cols, 0.5, 1.5));
-                let mut args = vec![encode(act, &x), encode(act, &w), vec![0; t * cols], vec![0; t * 4]];
+                let norm_out = vec![0; t * cols * act.size() as usize];
+                let mut args = vec![encode(act, &x), encode(act, &w), norm_out, vec![0; t * cols], vec![0; t * 4]];
                 run_kernels(&dks, target, &env(t as u64, 0), &mut args).unwrap();
                 let normed = interp::rms_norm(&Tensor::f32(vec![t, cols], x), &Tensor::f32(vec![cols], w), eps);
                 let want = q::dynamic_quant(&normed).unwrap();
                 let what = format!("{target} T={t} K={cols}");
-                let (gq, gs) = (decode_i8(&args[2]), decode(F, &args[3]));
+                let (gq, gs) = (decode_i8(&args[3]), decode(F, &args[4]));
                 for (i, (g, w)) in gs.iter().zip(want[1].as_f32()).enumerate() {
                     let lim = cols as f32 * f32::EPSILON * w.abs();
                     assert!((g - w).abs() <= lim, "scale {what} row {i}: got {g}, want {w}");

@@ -181,13 +181,14 @@ fn unmappable_int8_kernels_are_clear_errors() {
     let (target, act) = targets()[0];
     let o = EmitOptions::new(target, act).unwrap();
     let t = Dim::tokens;
-    let bias = kernel(
+    // Batch dims (a batched int8 matmul) have no AscendC int8 GEMM.
+    let batched = kernel(
         "panguc_k005_quant_matmul_per_token",
-        KernelKind::QuantMatMul { per_token: true, bias: true },
-        vec![vec![t(), c(64)], vec![c(32), c(64)], vec![c(32)], vec![t()], vec![c(32)], vec![t(), c(32)]],
+        KernelKind::QuantMatMul { per_token: true, bias: false },
+        vec![vec![c(2), t(), c(64)], vec![c(32), c(64)], vec![c(32)], vec![c(2), t()], vec![c(2), t(), c(32)]],
     );
-    let e = emit_kernel(&bias, &[I8, I8, F, F, act, act], &o).unwrap_err().to_string();
-    assert!(e.contains("panguc_k005_quant_matmul_per_token") && e.contains("bias"), "{e}");
+    let e = emit_kernel(&batched, &[I8, I8, F, F, act], &o).unwrap_err().to_string();
+    assert!(e.contains("panguc_k005_quant_matmul_per_token") && e.contains("no batch dims"), "{e}");
     let dq = kernel(
         "panguc_k006_dynamic_quant",
         KernelKind::DynamicQuant,

@@ -288,9 +288,12 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
         KernelKind::Slice { axis, start } => layout::slice(&ctx, *axis, *start)?,
         KernelKind::Collective { kind, group, axis } => layout::collective(&ctx, *kind, group, *axis)?,
         KernelKind::DynamicQuant => quant::wire::dynamic_quant(&ctx)?,
+        KernelKind::RmsNormQuant { eps, add } => quant::wire::rms_norm_quant(&ctx, *eps, *add)?,
         KernelKind::Quantize => quant::wire::quantize(&ctx)?,
         KernelKind::Dequantize => quant::wire::dequantize(&ctx)?,
         KernelKind::QuantMatMul { per_token, bias } => quant::wire::quant_matmul(&ctx, *per_token, *bias)?,
+        KernelKind::DynQuantMatMul { bias, residual } => quant::wire::dyn_quant_matmul(&ctx, *bias, *residual)?,
+        KernelKind::KvCacheWriteQuant => quant::wire::kv_cache_write_quant(&ctx)?,
         KernelKind::PagedAttentionInt8 { scale } => quant::wire::paged_attention_int8_kernel(&ctx, *scale)?,
         KernelKind::MoeGateUpQuant => quant::experts::moe_gate_up_quant(&ctx)?,
         KernelKind::QuantGateUpQuant => quant::experts::quant_gate_up_quant(&ctx)?,
@@ -299,8 +302,8 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
             "{}: kernel kind `{}` has no AscendC implementation yet (supported: rms_norm, add_rms_norm, gather, \
              elementwise, rope, rope_table, qkv_rope_append, qkv_rope_cache_write, attention, paged_attention, moe_gating, gemm, matmul(transposed b), \
              moe_route, moe_gate_up, moe_down, moe_combine, slice, collectives, dynamic_quant, quantize, dequantize, \
-             quant_matmul without bias, paged_attention_int8, moe_gate_up_quant, quant_gate_up_quant, \
-             moe_down_quant)",
+             rms_norm_quant, add_rms_norm_quant, quant_matmul, dyn_quant_matmul, kv_cache_write_quant, \
+             paged_attention_int8, moe_gate_up_quant, quant_gate_up_quant, moe_down_quant)",
             k.name,
             other.mnemonic()
         ),

@@ -13,7 +13,8 @@ use anyhow::{bail, Result};
 const DQ_QUANT_ROWS: u64 = 16;
 
 /// The float -> int8 tail shared by the quantizing kernels: `xf` (f32,
-/// already `x / s (+ o)`) -> `q` (int8) through int32 and half.
+/// already `x / s (+ o)`) -> `q` (int8) through int32 and half, stored at
+/// row `r` of `qGm` (see [`to_int8`]).
 pub(super) const TO_INT8: &str = "        LocalTensor<int32_t> xi = iBuf.Get<int32_t>();
         Cast(xi, xf, RoundMode::CAST_RINT, cols);
         PipeBarrier<PIPE_V>();
@@ -31,6 +32,11 @@ pub(super) const TO_INT8: &str = "        LocalTensor<int32_t> xi = iBuf.Get<int
         DataCopy(qGm[r * cols], q, cols);
         outQ.FreeTensor(q);
 ";
+
+/// [`TO_INT8`] storing at row `row` (a C++ expression) of `qGm`.
+fn to_int8(row: &str) -> String {
+    TO_INT8.replace("qGm[r * cols]", &format!("qGm[{row} * cols]"))
+}
 
 const DYNAMIC_QUANT: &str = r#"
 using T = {{T}};
@@ -68,7 +74,7 @@ public:
     }
 
 private:
-    __aicore__ inline void Row(uint32_t r)
+{{STORE_ROW}}    __aicore__ inline void Row(uint32_t r)
     {
         LocalTensor<T> x = inX.AllocTensor<T>();
         DataCopy(x, xGm[r * cols], cols);
@@ -80,7 +86,7 @@ private:
         ToFloat(xf, x, cols);
         inX.FreeTensor(x);
         PipeBarrier<PIPE_V>();
-{{NORM}}{{DYN_SCALE}}{{TO_INT8}}    }
+{{RES_ADD}}{{NORM}}{{DYN_SCALE}}{{TO_INT8}}    }
 
     TPipe pipe;
     TQue<TPosition::VECIN, 2> inX;
@@ -137,7 +143,8 @@ pub(super) fn need_row_blocks(name: &str, cols: u64, t: DevType) -> Result<()> {
 
 /// The RmsNorm in front of the fused variant, with the rms_norm kernel's
 /// arithmetic: `x * (1 / sqrt(sum(x^2) / cols + eps)) * w`, kept in f32
-/// for the quantization (no round trip through the activation dtype).
+/// for the quantization (no round trip through the activation dtype); the
+/// float row is also stored (`norm_out`, read by the router).
 const NORM: &str = "        Mul(ab, xf, xf, cols);
         PipeBarrier<PIPE_V>();
         ReduceSum(red, ab, workBuf.Get<float>(), cols);
@@ -156,6 +163,34 @@ const NORM: &str = "        Mul(ab, xf, xf, cols);
         PipeBarrier<PIPE_V>();
         Mul(xf, xf, wBuf.Get<float>(), cols);
         PipeBarrier<PIPE_V>();
+        StoreRow(nGm, xf, r);
+";
+
+/// `add`: `x + residual` in f32 (as `AddRmsNorm`), stored as `sum_out`,
+/// then normalized from the f32 sum.
+const RES_ADD: &str = "        LocalTensor<T> rl = inX.AllocTensor<T>();
+        DataCopy(rl, rGm[r * cols], cols);
+        inX.EnQue(rl);
+        rl = inX.DeQue<T>();
+        ToFloat(ab, rl, cols);
+        inX.FreeTensor(rl);
+        PipeBarrier<PIPE_V>();
+        Add(xf, xf, ab, cols);
+        PipeBarrier<PIPE_V>();
+        StoreRow(sumGm, xf, r);
+";
+
+/// Stores an f32 row in the activation dtype (`sum_out`, `norm_out`).
+const STORE_ROW: &str =
+    "    __aicore__ inline void StoreRow(GlobalTensor<T>& g, const LocalTensor<float>& src, uint32_t r)
+    {
+        LocalTensor<T> y = outF.AllocTensor<T>();
+        FromFloat(y, src, cols);
+        outF.EnQue(y);
+        y = outF.DeQue<T>();
+        DataCopy(g[r * cols], y, cols);
+        outF.FreeTensor(y);
+    }
 ";
 
 const NORM_LOAD: &str = "        if (start < end) {
@@ -169,24 +204,65 @@ const NORM_LOAD: &str = "        if (start < end) {
         }
 ";
 
+/// The norm in front of a fused [`rms_norm_dynamic_quant`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormQuant {
+    pub eps: f64,
+    /// With the residual add of `AddRmsNorm` (`sum_out` written too).
+    pub add: bool,
+    /// Device dtype of the norm weight.
+    pub w: DevType,
+}
+
 /// `DynamicQuant (x[R, K] of dtype x, q_out i8[R, K], scale_out f32[R])`.
 pub fn dynamic_quant(name: &str, rows: TExpr, cols: u64, x: DevType, o: &EmitOptions) -> Result<DeviceKernels> {
     dynamic_quant_kernel(name, rows, cols, x, None, o)
 }
 
-/// The fused `RmsNorm` + `DynamicQuant` (the quantized import's input
-/// norms): `(x[R, K], w[K] of dtype w, q_out i8[R, K], scale_out f32[R])`,
-/// quantizing `rms_norm(x, w, eps)` without storing it.
+/// `RmsNormQuant`: the norm (`add`: `AddRmsNorm`) fused with
+/// `DynamicQuant` of its f32 result: `(x[R, K], [residual[R, K],] w[K],
+/// [sum_out[R, K],] norm_out[R, K], q_out i8[R, K], scale_out f32[R])`,
+/// the float rows in dtype `x`, `w` of dtype `norm.w`.
 pub fn rms_norm_dynamic_quant(
     name: &str,
     rows: TExpr,
     cols: u64,
-    eps: f64,
+    norm: NormQuant,
     x: DevType,
-    w: DevType,
     o: &EmitOptions,
 ) -> Result<DeviceKernels> {
-    dynamic_quant_kernel(name, rows, cols, x, Some((eps, w)), o)
+    dynamic_quant_kernel(name, rows, cols, x, Some(norm), o)
+}
+
+/// The kernel-parameter list, init code and members of the fused norm.
+fn norm_parts(norm: &NormQuant) -> [(&'static str, String); 5] {
+    let add = norm.add;
+    let on = |s: &str| if add { s.to_string() } else { String::new() };
+    let param = format!("{}GM_ADDR w, {}GM_ADDR normOut, ", on("GM_ADDR res, "), on("GM_ADDR sumOut, "));
+    let arg = format!("{}w, {}normOut, ", on("res, "), on("sumOut, "));
+    let init = format!(
+        "        eps = t.eps;
+        wGm.SetGlobalBuffer((__gm__ W*)w, cols);
+        nGm.SetGlobalBuffer((__gm__ T*)normOut, rows * cols);
+        pipe.InitBuffer(wIn, 1, cols * sizeof(W));
+        pipe.InitBuffer(wBuf, cols * sizeof(float));
+        pipe.InitBuffer(outF, 2, cols * sizeof(T));
+{}",
+        on("        rGm.SetGlobalBuffer((__gm__ T*)res, rows * cols);\n        sumGm.SetGlobalBuffer((__gm__ T*)sumOut, rows * cols);\n")
+    );
+    let members = format!(
+        "    using W = {};
+    TQue<TPosition::VECIN, 1> wIn;
+    TQue<TPosition::VECOUT, 2> outF;
+    TBuf<TPosition::VECCALC> wBuf;
+    GlobalTensor<W> wGm;
+    GlobalTensor<T> nGm{};
+    float eps = 0.0f;
+",
+        norm.w.cpp(),
+        if add { ", rGm, sumGm" } else { "" }
+    );
+    [("NORM_PARAM", param), ("NORM_ARG", arg), ("NORM_INIT", init), ("NORM_MEMBERS", members), ("RES_ADD", on(RES_ADD))]
 }
 
 fn dynamic_quant_kernel(
@@ -194,42 +270,39 @@ fn dynamic_quant_kernel(
     rows: TExpr,
     cols: u64,
     x: DevType,
-    norm: Option<(f64, DevType)>,
+    norm: Option<NormQuant>,
     o: &EmitOptions,
 ) -> Result<DeviceKernels> {
     need_row_blocks(name, cols, x)?;
     need_out(name, o, x)?;
-    if let Some((_, w)) = norm {
-        need_row_blocks(name, cols, w)?;
-        need_out(name, o, w)?;
+    if let Some(n) = norm {
+        need_row_blocks(name, cols, n.w)?;
+        need_out(name, o, n.w)?;
     }
     let work = reduce_max_work(cols);
-    let w_t = norm.map(|(_, w)| w).unwrap_or(x);
     let on = |s: &str| if norm.is_some() { s.to_string() } else { String::new() };
-    let src = vector_source(
-        name,
-        if norm.is_some() { "RmsNorm fused with dynamic per-token int8 quantization." } else { "Dynamic per-token int8 quantization." },
-        DYNAMIC_QUANT,
-        &[
-            ("T", x.cpp().into()),
-            ("WORK", work.to_string()),
-            ("TO_INT8", TO_INT8.into()),
-            ("DYN_SCALE", DYN_SCALE.into()),
-            ("NORM_WHAT", on(" of rms_norm(x, w)")),
-            ("NORM_PARAM", on("GM_ADDR w, ")),
-            ("NORM_ARG", on("w, ")),
-            (
-                "NORM_INIT",
-                on("        eps = t.eps;\n        wGm.SetGlobalBuffer((__gm__ W*)w, cols);\n        pipe.InitBuffer(wIn, 1, cols * sizeof(W));\n        pipe.InitBuffer(wBuf, cols * sizeof(float));\n"),
-            ),
-            ("NORM_LOAD", on(NORM_LOAD)),
-            ("NORM", on(NORM)),
-            (
-                "NORM_MEMBERS",
-                on(&format!("    using W = {};\n    TQue<TPosition::VECIN, 1> wIn;\n    TBuf<TPosition::VECCALC> wBuf;\n    GlobalTensor<W> wGm;\n    float eps = 0.0f;\n", w_t.cpp())),
-            ),
-        ],
-    );
+    let mut vars = vec![
+        ("T", x.cpp().into()),
+        ("WORK", work.to_string()),
+        ("TO_INT8", to_int8("r")),
+        ("DYN_SCALE", DYN_SCALE.into()),
+        ("NORM_WHAT", on(" of rms_norm(x, w)")),
+        ("NORM_LOAD", on(NORM_LOAD)),
+        ("NORM", on(NORM)),
+        ("STORE_ROW", on(STORE_ROW)),
+    ];
+    match &norm {
+        Some(n) => vars.extend(norm_parts(n)),
+        None => {
+            vars.extend(["NORM_PARAM", "NORM_ARG", "NORM_INIT", "NORM_MEMBERS", "RES_ADD"].map(|k| (k, String::new())))
+        }
+    }
+    let what = match norm {
+        None => "Dynamic per-token int8 quantization.",
+        Some(NormQuant { add: false, .. }) => "RmsNorm fused with dynamic per-token int8 quantization.",
+        Some(NormQuant { add: true, .. }) => "AddRmsNorm fused with dynamic per-token int8 quantization.",
+    };
+    let src = vector_source(name, what, DYNAMIC_QUANT, &vars);
     let tiles = rows.clone().ceil_div(TExpr::c(DQ_QUANT_ROWS));
     let mut fields = tiles_fields(&tiles);
     fields.extend([
@@ -237,17 +310,25 @@ fn dynamic_quant_kernel(
         TilingField::u32("rows", rows),
         TilingField::u32("rowsPerTile", TExpr::c(DQ_QUANT_ROWS)),
     ]);
-    if let Some((eps, _)) = norm {
-        fields.push(TilingField::f32("eps", eps));
+    if let Some(n) = norm {
+        fields.push(TilingField::f32("eps", n.eps));
     }
     let mut ub = 2 * r32(cols * x.size()) + 2 * r32(cols) + 3 * r32(cols * 4) + r32(cols * 2) + work + 32;
-    if norm.is_some() {
-        ub += r32(cols * w_t.size()) + r32(cols * 4);
+    if let Some(n) = norm {
+        ub += r32(cols * n.w.size()) + r32(cols * 4) + 2 * r32(cols * x.size());
     }
     let mut dk = vector_kernel(name.to_string(), src, fields, &tiles, ub);
     let mut params = vec![orig("x", x, Role::Input, 0)];
-    if norm.is_some() {
-        params.push(orig("w", w_t, Role::Input, 1));
+    if let Some(n) = norm {
+        if n.add {
+            params.push(orig("res", x, Role::Input, 1));
+        }
+        let w_at = params.len();
+        params.push(orig("w", n.w, Role::Input, w_at));
+        if n.add {
+            params.push(orig("sumOut", x, Role::Output, w_at + 1));
+        }
+        params.push(orig("normOut", x, Role::Output, params.len()));
     }
     let base = params.len();
     params.push(orig("q", DevType::I8, Role::Output, base));
@@ -273,15 +354,15 @@ using T = {{T}};
 class {{CLASS}} {
 public:
     __aicore__ inline {{CLASS}}() {}
-    __aicore__ inline void Init(GM_ADDR x, GM_ADDR scale, GM_ADDR offset, GM_ADDR q, const {{TILING}}& t)
+    __aicore__ inline void Init(GM_ADDR x, {{SLOT_PARAM}}GM_ADDR scale, GM_ADDR offset, GM_ADDR q, const {{TILING}}& t)
     {
         cols = t.cols;
         params = t.params;
 {{RANGE}}
-        xGm.SetGlobalBuffer((__gm__ {{IN}}*)x, t.tiles * cols);
+{{SLOT_INIT}}        xGm.SetGlobalBuffer((__gm__ {{IN}}*)x, t.tiles * cols);
         scGm.SetGlobalBuffer((__gm__ float*)scale, params);
         ofGm.SetGlobalBuffer((__gm__ float*)offset, params);
-        qGm.SetGlobalBuffer((__gm__ {{OUT}}*)q, t.tiles * cols);
+        qGm.SetGlobalBuffer((__gm__ {{OUT}}*)q, {{Q_ROWS}} * cols);
         pipe.InitBuffer(inX, 2, cols * sizeof({{IN}}));
         pipe.InitBuffer(outQ, 2, cols * sizeof({{OUT}}));
         pipe.InitBuffer(inP, 1, cols * sizeof(float));
@@ -316,7 +397,7 @@ private:
     }
     __aicore__ inline void Row(uint32_t r)
     {
-        LocalTensor<{{IN}}> x = inX.AllocTensor<{{IN}}>();
+{{ROW_HEAD}}        LocalTensor<{{IN}}> x = inX.AllocTensor<{{IN}}>();
         DataCopy(x, xGm[r * cols], cols);
         inX.EnQue(x);
         x = inX.DeQue<{{IN}}>();
@@ -333,15 +414,15 @@ private:
     GlobalTensor<{{IN}}> xGm;
     GlobalTensor<float> scGm, ofGm;
     GlobalTensor<{{OUT}}> qGm;
-    uint32_t cols = 0, params = 1, start = 0, end = 0;
+{{SLOT_MEMBER}}    uint32_t cols = 0, params = 1, start = 0, end = 0;
 };
 
-extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR x, GM_ADDR scale, GM_ADDR offset, GM_ADDR q, GM_ADDR workspace, GM_ADDR tiling)
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR x, {{SLOT_PARAM}}GM_ADDR scale, GM_ADDR offset, GM_ADDR q, GM_ADDR workspace, GM_ADDR tiling)
 {
     REGISTER_TILING_DEFAULT({{TILING}});
     GET_TILING_DATA(t, tiling);
     {{CLASS}} op;
-    op.Init(x, scale, offset, q, t);
+    op.Init(x, {{SLOT_ARG}}scale, offset, q, t);
     op.Process();
 }
 "#;
@@ -397,7 +478,7 @@ pub fn quantize(
     need_row_blocks(name, cols, x)?;
     need_out(name, o, x)?;
     let what = "Static int8 quantization q = clamp(rint(x / scale + offset), -128, 127)";
-    let body = QUANTIZE_BODY.to_string() + TO_INT8;
+    let body = QUANTIZE_BODY.to_string() + &to_int8("r");
     let src = vector_source(
         name,
         &format!("{what}."),
@@ -411,7 +492,10 @@ pub fn quantize(
             ("EXTRA_BUFS", "        pipe.InitBuffer(iBuf, cols * sizeof(int32_t));\n        pipe.InitBuffer(hBuf, cols * sizeof(half));\n".into()),
             ("EXTRA_MEMBERS", ", iBuf, hBuf".into()),
             ("BODY", body),
-        ],
+        ]
+        .into_iter()
+        .chain(no_slots())
+        .collect::<Vec<_>>(),
     );
     let (tiles, fields) = scale_tiling(rows, cols, g);
     let ub = 2 * r32(cols * x.size()) + 2 * r32(cols) + 4 * r32(cols * 4) + r32(cols * 4) + r32(cols * 2);
@@ -451,7 +535,10 @@ pub fn dequantize(
             ("EXTRA_BUFS", "        pipe.InitBuffer(hBuf, cols * sizeof(half));\n".into()),
             ("EXTRA_MEMBERS", ", hBuf".into()),
             ("BODY", DEQUANTIZE_BODY.into()),
-        ],
+        ]
+        .into_iter()
+        .chain(no_slots())
+        .collect::<Vec<_>>(),
     );
     let (tiles, fields) = scale_tiling(rows, cols, g);
     let ub = 2 * r32(cols) + 2 * r32(cols * y.size()) + 4 * r32(cols * 4) + r32(cols * 2);
@@ -461,6 +548,79 @@ pub fn dequantize(
         orig("scale", DevType::F32, Role::Input, 1),
         orig("offset", DevType::F32, Role::Input, 2),
         orig("y", y, Role::Output, 3),
+    ];
+    checked(DeviceKernels { kernels: vec![dk], temps: vec![], host: None }, o, name)
+}
+
+/// The [`QUANTIZE`] template's slot-mapping pieces for a kernel that
+/// stores row `r` at row `r` of its output.
+fn no_slots() -> Vec<(&'static str, String)> {
+    let mut v: Vec<(&'static str, String)> =
+        ["SLOT_PARAM", "SLOT_ARG", "SLOT_INIT", "SLOT_MEMBER", "ROW_HEAD"].map(|k| (k, String::new())).into();
+    v.push(("Q_ROWS", "t.tiles".into()));
+    v
+}
+
+/// `KvCacheWriteQuant (new[T, C] of dtype x, slots[T] of dtype `slots`,
+/// scale f32[C], offset f32[C], cache i8[cache_slots, C])` (C = kv_heads *
+/// head_dim, one cache slot a row): each new row quantized per channel
+/// (`Quantize`) into its slot of the paged int8 cache, in place. No other
+/// slot is touched; a slot outside the cache (the runtime never sends one;
+/// the interpreter rejects it) stores nothing.
+pub fn kv_cache_write_quant(
+    name: &str,
+    tokens: TExpr,
+    cols: u64,
+    cache_slots: TExpr,
+    slots: DevType,
+    x: DevType,
+    o: &EmitOptions,
+) -> Result<DeviceKernels> {
+    need_row_blocks(name, cols, x)?;
+    need_out(name, o, x)?;
+    if !matches!(slots, DevType::I32 | DevType::I64) {
+        bail!("{name}: slot_mapping must be i32 or i64 on the device, found {slots}");
+    }
+    let what = "Int8 KV-cache write: cache[slot[r]] = clamp(rint(x[r] / scale + offset), -128, 127)";
+    let body = QUANTIZE_BODY.to_string() + &to_int8("static_cast<uint32_t>(slot)");
+    let s_t = slots.cpp();
+    let src = vector_source(
+        name,
+        &format!("{what}, per channel."),
+        QUANTIZE,
+        &[
+            ("T", x.cpp().into()),
+            ("IN", x.cpp().into()),
+            ("OUT", "int8_t".into()),
+            ("WHAT", what.into()),
+            ("GRAN", "PerChannel".into()),
+            ("EXTRA_BUFS", "        pipe.InitBuffer(iBuf, cols * sizeof(int32_t));\n        pipe.InitBuffer(hBuf, cols * sizeof(half));\n".into()),
+            ("EXTRA_MEMBERS", ", iBuf, hBuf".into()),
+            ("BODY", body),
+            ("SLOT_PARAM", "GM_ADDR slots, ".into()),
+            ("SLOT_ARG", "slots, ".into()),
+            (
+                "SLOT_INIT",
+                format!("        cacheSlots = t.cacheSlots;\n        slotGm.SetGlobalBuffer((__gm__ {s_t}*)slots, t.tiles);\n"),
+            ),
+            ("SLOT_MEMBER", format!("    GlobalTensor<{s_t}> slotGm;\n    uint32_t cacheSlots = 0;\n")),
+            (
+                "ROW_HEAD",
+                "        const int64_t slot = static_cast<int64_t>(slotGm.GetValue(r));\n        if (slot < 0 || slot >= static_cast<int64_t>(cacheSlots)) return;\n".into(),
+            ),
+            ("Q_ROWS", "cacheSlots".into()),
+        ],
+    );
+    let (tiles, mut fields) = scale_tiling(tokens, cols, Granularity::PerChannel);
+    fields.push(TilingField::u32("cacheSlots", cache_slots));
+    let ub = 2 * r32(cols * x.size()) + 2 * r32(cols) + 4 * r32(cols * 4) + r32(cols * 4) + r32(cols * 2);
+    let mut dk = vector_kernel(name.to_string(), src, fields, &tiles, ub);
+    dk.params = vec![
+        orig("x", x, Role::Input, 0),
+        orig("slots", slots, Role::Input, 1),
+        orig("scale", DevType::F32, Role::Input, 2),
+        orig("offset", DevType::F32, Role::Input, 3),
+        orig("cache", DevType::I8, Role::InOut, 4),
     ];
     checked(DeviceKernels { kernels: vec![dk], temps: vec![], host: None }, o, name)
 }

@@ -16,6 +16,23 @@ use anyhow::{bail, Result};
 /// Static or per-token int8 matmul: cube kernel (int32 to a workspace) and
 /// the dequant epilogue.
 pub fn quant_matmul(s: &QuantMatMulSpec, o: &EmitOptions) -> Result<DeviceKernels> {
+    quant_matmul_with(s, EpilogueAdds::default(), o)
+}
+
+/// Float terms the dequant epilogue adds to the dequantized f32 value, in
+/// this order (the reference's `(y + bias) + residual`), each of the given
+/// device dtype; `None` leaves the term out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EpilogueAdds {
+    /// A column vector `bias[N]` (the linear's bias).
+    pub bias: Option<DevType>,
+    /// A row-major `residual[M, N]` (the residual add after the projection).
+    pub residual: Option<DevType>,
+}
+
+/// [`quant_matmul`] with fused epilogue adds: arguments `(xq, w, a, b,
+/// [bias,] [residual,] out)`.
+pub fn quant_matmul_with(s: &QuantMatMulSpec, adds: EpilogueAdds, o: &EmitOptions) -> Result<DeviceKernels> {
     need_int8_dims(&s.name, s.n, s.k)?;
     need_out(&s.name, o, s.out)?;
     let cube = cube_kernel_for(
@@ -52,14 +69,75 @@ pub fn quant_matmul(s: &QuantMatMulSpec, o: &EmitOptions) -> Result<DeviceKernel
             n: s.n,
             out: s.out,
             row_weight: false,
+            adds,
         },
-        vec![acc_param(Role::Input), a, b, orig("y", s.out, Role::Output, 4)],
+        epilogue_params(vec![acc_param(Role::Input), a, b], adds, s.out),
     )?;
     checked(
         DeviceKernels { kernels: vec![cube, epi], temps: vec![acc_temp(&s.name, &s.m, s.n)], host: None },
         o,
         &s.name,
     )
+}
+
+/// `DynQuantMatMul (x[M, K] of dtype x, w i8[N, K], w_scale f32[N],
+/// [bias[N],] [residual[M, N],] out[M, N])` (`s.dequant` per token): the
+/// `dynamic_quant` kernel writes the int8 rows and their scales to
+/// temporaries, then [`quant_matmul_with`] runs on them. The int8 rows do
+/// reach GM here (unlike the CPU kernel's): the cube unit reads its A
+/// operand from GM, and M x K int8 bytes are a quarter of the f32 input.
+pub fn dyn_quant_matmul(s: &QuantMatMulSpec, x: DevType, adds: EpilogueAdds, o: &EmitOptions) -> Result<DeviceKernels> {
+    if s.dequant != Dequant::PerToken {
+        bail!("{}: dyn_quant_matmul dequantizes per token", s.name);
+    }
+    let mut quant = super::dynamic_quant(&format!("{}_quant", s.name), s.m.clone(), s.k, x, o)?;
+    let mut mm = quant_matmul_with(s, adds, o)?;
+    // Temps: the GEMM's accumulators (0), then the int8 rows (1) and their
+    // scales (2).
+    let (xq, xs) = (ArgRef::Temp(1), ArgRef::Temp(2));
+    remap(&mut quant, |a| match a {
+        ArgRef::Orig(1) => xq.clone(),
+        ArgRef::Orig(2) => xs.clone(),
+        other => other.clone(),
+    });
+    // The GEMM's arguments (xq, w, w_scale, x_scale, [adds..], out) against
+    // the program kernel's (x, w, w_scale, [adds..], out).
+    remap(&mut mm, |a| match a {
+        ArgRef::Orig(0) => xq.clone(),
+        ArgRef::Orig(3) => xs.clone(),
+        ArgRef::Orig(i) if *i > 3 => ArgRef::Orig(i - 1),
+        other => other.clone(),
+    });
+    let temps = |name: &str, dtype, shape: Vec<TExpr>| {
+        let elems = shape.iter().cloned().fold(TExpr::c(1), TExpr::times);
+        TempBuf { name: format!("{}.{name}", s.name), dtype, shape, elems }
+    };
+    mm.temps.push(temps("xq", DevType::I8, vec![s.m.clone(), TExpr::c(s.k)]));
+    mm.temps.push(temps("xs", DevType::F32, vec![s.m.clone()]));
+    let mut kernels = quant.kernels;
+    kernels.extend(mm.kernels);
+    checked(DeviceKernels { kernels, temps: mm.temps, host: None }, o, &s.name)
+}
+
+/// Points every device-kernel parameter at `f(its argument)`.
+fn remap(dks: &mut DeviceKernels, f: impl Fn(&ArgRef) -> ArgRef) {
+    for p in dks.kernels.iter_mut().flat_map(|k| k.params.iter_mut()) {
+        p.arg = f(&p.arg);
+    }
+}
+
+/// The epilogue's parameters after `(acc, a, b)`: the adds, then `y`;
+/// program arguments from 4 on, in that order.
+fn epilogue_params(mut params: Vec<Param>, adds: EpilogueAdds, out: DevType) -> Vec<Param> {
+    let mut next = 4;
+    for (name, t) in [("fb", adds.bias), ("res", adds.residual)] {
+        if let Some(t) = t {
+            params.push(orig(name, t, Role::Input, next));
+            next += 1;
+        }
+    }
+    params.push(orig("y", out, Role::Output, next));
+    params
 }
 
 fn need_scale_dtype(name: &str, what: &str, t: DevType, i64_ok: bool) -> Result<()> {
@@ -160,6 +238,7 @@ pub(super) fn grouped_dequant_kernel(
         n: d.n,
         out,
         row_weight,
+        adds: EpilogueAdds::default(),
     };
     dequant_kernel(spec, params)
 }
@@ -247,6 +326,7 @@ struct DequantSpec {
     /// Grouped only: `* row_weight[r]` last (MoeDownQuant's routing
     /// weight), an extra parameter right after `offsets`.
     row_weight: bool,
+    adds: EpilogueAdds,
 }
 
 /// Rows of one epilogue tile: the column scales are loaded once per tile.
@@ -264,7 +344,7 @@ using D = {{D}};
 class {{CLASS}} {
 public:
     __aicore__ inline {{CLASS}}() {}
-    __aicore__ inline void Init(GM_ADDR acc, GM_ADDR colA, GM_ADDR colB, {{OFF_PARAM}}GM_ADDR y, const {{TILING}}& t)
+    __aicore__ inline void Init(GM_ADDR acc, GM_ADDR colA, GM_ADDR colB, {{OFF_PARAM}}{{ADD_PARAM}}GM_ADDR y, const {{TILING}}& t)
     {
         n = t.n;
         nTile = t.nTile;
@@ -279,7 +359,7 @@ public:
         pipe.InitBuffer(inCol, 1, nTile * sizeof(D));
         pipe.InitBuffer(scBuf, nTile * sizeof(float));
         pipe.InitBuffer(xBuf, nTile * sizeof(float));
-    }
+{{ADD_INIT}}    }
     __aicore__ inline void Process()
     {
         for (uint32_t tile = start; tile < end; tile++) {
@@ -309,7 +389,7 @@ private:
         inCol.EnQue(raw);
         raw = inCol.DeQue<D>();
 {{DECODE}}        inCol.FreeTensor(raw);
-{{LOAD_BIAS}}    }
+{{LOAD_BIAS}}{{LOAD_FB}}    }
     __aicore__ inline void Row(uint32_t r, uint32_t c0, uint32_t len)
     {
         LocalTensor<int32_t> a = inAcc.AllocTensor<int32_t>();
@@ -323,7 +403,7 @@ private:
         PipeBarrier<PIPE_V>();
         Mul(x, x, sc, len);
         PipeBarrier<PIPE_V>();
-{{ROW_SCALE}}        LocalTensor<O> y = outY.AllocTensor<O>();
+{{ROW_SCALE}}{{ROW_ADDS}}        LocalTensor<O> y = outY.AllocTensor<O>();
         FromFloat(y, x, len);
         outY.EnQue(y);
         y = outY.DeQue<O>();
@@ -339,15 +419,15 @@ private:
     GlobalTensor<int32_t> accGm;
     GlobalTensor<D> scaleGm;
     GlobalTensor<O> yGm;
-{{MEMBERS}}    uint32_t n = 0, nTile = 0, rows = 0, rowsPerTile = 0, chunks = 1, start = 0, end = 0;
+{{MEMBERS}}{{ADD_MEMBERS}}    uint32_t n = 0, nTile = 0, rows = 0, rowsPerTile = 0, chunks = 1, start = 0, end = 0;
 };
 
-extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR acc, GM_ADDR colA, GM_ADDR colB, {{OFF_PARAM}}GM_ADDR y, GM_ADDR workspace, GM_ADDR tiling)
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR acc, GM_ADDR colA, GM_ADDR colB, {{OFF_PARAM}}{{ADD_PARAM}}GM_ADDR y, GM_ADDR workspace, GM_ADDR tiling)
 {
     REGISTER_TILING_DEFAULT({{TILING}});
     GET_TILING_DATA(t, tiling);
     {{CLASS}} op;
-    op.Init(acc, colA, colB, {{OFF_ARG}}y, t);
+    op.Init(acc, colA, colB, {{OFF_ARG}}{{ADD_ARG}}y, t);
     op.Process();
 }
 "#;
@@ -371,7 +451,7 @@ const DECODE_I64: &str = "        event_t m2s = static_cast<event_t>(GetTPipePtr
 ";
 
 fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
-    let DequantSpec { entry, dequant, grouped, rows, n, out, row_weight } = s;
+    let DequantSpec { entry, dequant, grouped, rows, n, out, row_weight, adds } = s;
     if row_weight && grouped.is_none() {
         bail!("{entry}: a row-weighted dequant epilogue must be grouped");
     }
@@ -384,6 +464,11 @@ fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
         Dequant::PerToken if grouped.is_some() => (DevType::F32, "y = f32(acc) * w_scale[e(r), n] * x_scale[r]"),
         Dequant::PerToken => (DevType::F32, "y = f32(acc) * w_scale[n] * x_scale[r]"),
     };
+    let what = format!(
+        "{what}{}{}",
+        if adds.bias.is_some() { ", + bias[n]" } else { "" },
+        if adds.residual.is_some() { ", + residual[r, n]" } else { "" }
+    );
     let experts = grouped.unwrap_or(1);
     let stat = matches!(dequant, Dequant::Static { .. });
     let mut init = String::new();
@@ -441,7 +526,7 @@ fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
         &[
             ("O", out.cpp().into()),
             ("D", d.cpp().into()),
-            ("WHAT", what.into()),
+            ("WHAT", what.clone()),
             ("OFF_PARAM", off_param),
             ("OFF_ARG", off_arg),
             ("INIT", init),
@@ -452,7 +537,10 @@ fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
             ("ADD_BIAS", add_bias.into()),
             ("ROW_SCALE", row_scale),
             ("BIAS_BUF", if stat { ", biasBuf" } else { "" }.into()),
-        ],
+        ]
+        .into_iter()
+        .chain(adds_vars(adds))
+        .collect::<Vec<_>>(),
     );
     let tiles = rows.clone().ceil_div(TExpr::c(DQ_ROWS)).times(TExpr::c(n.div_ceil(n_tile)));
     let mut fields = tiles_fields(&tiles);
@@ -467,7 +555,64 @@ fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
     if stat {
         ub += 2 * r32(n_tile * 4);
     }
+    if let Some(b) = adds.bias {
+        ub += r32(n_tile * b.size()) + r32(n_tile * 4);
+    }
+    if let Some(r) = adds.residual {
+        ub += 2 * r32(n_tile * r.size()) + r32(n_tile * 4);
+    }
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = params;
     Ok(dk)
+}
+
+/// Template pieces of the epilogue adds: the bias chunk is loaded (as f32)
+/// with the column scales, the residual row chunk with each row.
+fn adds_vars(adds: EpilogueAdds) -> Vec<(&'static str, String)> {
+    let mut param = String::new();
+    let mut arg = String::new();
+    let mut init = String::new();
+    let mut members = String::new();
+    let mut load = String::new();
+    let mut row = String::new();
+    if let Some(b) = adds.bias {
+        param += "GM_ADDR fb, ";
+        arg += "fb, ";
+        init += "        fbGm.SetGlobalBuffer((__gm__ B*)fb, n);\n        pipe.InitBuffer(inFb, 1, nTile * sizeof(B));\n        pipe.InitBuffer(fbBuf, nTile * sizeof(float));\n";
+        members += &format!("    using B = {};\n    TQue<TPosition::VECIN, 1> inFb;\n    TBuf<TPosition::VECCALC> fbBuf;\n    GlobalTensor<B> fbGm;\n", b.cpp());
+        load += "        LocalTensor<B> fbl = inFb.AllocTensor<B>();
+        DataCopy(fbl, fbGm[c0], len);
+        inFb.EnQue(fbl);
+        fbl = inFb.DeQue<B>();
+        ToFloat(fbBuf.Get<float>(), fbl, len);
+        inFb.FreeTensor(fbl);
+        PipeBarrier<PIPE_V>();
+";
+        row += "        Add(x, x, fbBuf.Get<float>(), len);\n        PipeBarrier<PIPE_V>();\n";
+    }
+    if let Some(r) = adds.residual {
+        param += "GM_ADDR res, ";
+        arg += "res, ";
+        init += "        resGm.SetGlobalBuffer((__gm__ RT*)res, rows * n);\n        pipe.InitBuffer(inRes, 2, nTile * sizeof(RT));\n        pipe.InitBuffer(resBuf, nTile * sizeof(float));\n";
+        members += &format!("    using RT = {};\n    TQue<TPosition::VECIN, 2> inRes;\n    TBuf<TPosition::VECCALC> resBuf;\n    GlobalTensor<RT> resGm;\n", r.cpp());
+        row += "        LocalTensor<RT> rl = inRes.AllocTensor<RT>();
+        DataCopy(rl, resGm[r * n + c0], len);
+        inRes.EnQue(rl);
+        rl = inRes.DeQue<RT>();
+        LocalTensor<float> rf = resBuf.Get<float>();
+        ToFloat(rf, rl, len);
+        inRes.FreeTensor(rl);
+        PipeBarrier<PIPE_V>();
+        Add(x, x, rf, len);
+        PipeBarrier<PIPE_V>();
+";
+    }
+    vec![
+        ("ADD_PARAM", param),
+        ("ADD_ARG", arg),
+        ("ADD_INIT", init),
+        ("ADD_MEMBERS", members),
+        ("LOAD_FB", load),
+        ("ROW_ADDS", row),
+    ]
 }

@@ -39,8 +39,10 @@ pub(crate) mod experts;
 mod gemm;
 pub(crate) mod wire;
 
-pub use convert::{dequantize, dynamic_quant, quantize, rms_norm_dynamic_quant, Granularity};
-pub use gemm::{grouped_quant_matmul, quant_matmul};
+pub use convert::{
+    dequantize, dynamic_quant, kv_cache_write_quant, quantize, rms_norm_dynamic_quant, Granularity, NormQuant,
+};
+pub use gemm::{dyn_quant_matmul, grouped_quant_matmul, quant_matmul, quant_matmul_with, EpilogueAdds};
 
 use super::{ArgRef, DeviceKernels, EmitOptions, Param, Role, TExpr, TempBuf};
 use crate::target::DevType;

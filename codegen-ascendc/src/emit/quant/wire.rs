@@ -4,7 +4,7 @@
 //! dims, a dtype the emitter has no variant for) is an error naming the
 //! kernel and the argument, never a silently different kernel.
 
-use super::{Dequant, Granularity, QuantMatMulSpec};
+use super::{Dequant, EpilogueAdds, Granularity, NormQuant, QuantMatMulSpec};
 use crate::emit::paged::{paged_attention_int8, PagedDims};
 use crate::emit::{Ctx, DeviceKernels};
 use crate::target::DevType;
@@ -34,6 +34,35 @@ pub(crate) fn dynamic_quant(ctx: &Ctx) -> Result<DeviceKernels> {
     need_dt(ctx, 1, "q_out", DevType::I8)?;
     need_dt(ctx, 2, "scale_out", DevType::F32)?;
     super::dynamic_quant(&ctx.k.name, rows, cols, ctx.dt[0], ctx.o)
+}
+
+/// `RmsNormQuant (x, [residual,] w, [sum_out,] norm_out, q_out i8, scale_out f32)`:
+/// the float rows share x's device dtype, `w` is `[K]`.
+pub(crate) fn rms_norm_quant(ctx: &Ctx, eps: f64, add: bool) -> Result<DeviceKernels> {
+    let name = &ctx.k.name;
+    let n = ctx.k.args.len();
+    let want = if add { 7 } else { 5 };
+    if n != want {
+        bail!("{name}: rms_norm_quant (add {add}) takes {want} arguments, found {n}");
+    }
+    let (rows, cols) = rows_cols(ctx, 0)?;
+    let w = if add { 2 } else { 1 };
+    let mut rows_like = vec![(n - 3, "norm_out")];
+    if add {
+        rows_like.extend([(1, "residual"), (3, "sum_out")]);
+    }
+    for (arg, what) in rows_like {
+        same_shape(ctx, arg, 0)?;
+        need_dt(ctx, arg, what, ctx.dt[0])?;
+    }
+    same_shape(ctx, n - 2, 0)?;
+    need_dt(ctx, n - 2, "q_out", DevType::I8)?;
+    need_dt(ctx, n - 1, "scale_out", DevType::F32)?;
+    if ctx.rank(w) != 1 || ctx.cdim(w, 0, "norm weight")? != cols {
+        bail!("{name}: the norm weight (argument {w}) must be [{cols}]");
+    }
+    let norm = NormQuant { eps, add, w: ctx.dt[w] };
+    super::rms_norm_dynamic_quant(name, rows, cols, norm, ctx.dt[0], ctx.o)
 }
 
 /// Rows, row length and granularity of a `Quantize`/`Dequantize` whose
@@ -97,22 +126,23 @@ fn same_shape(ctx: &Ctx, a: usize, b: usize) -> Result<()> {
     Ok(())
 }
 
-/// `QuantMatMul (xq i8[M, K], w i8[N, K], a[N], b, out[M, N])`; the
-/// emitter has no batch dims and no fused float bias.
+/// `QuantMatMul (xq i8[M, K], w i8[N, K], a[N], b, [bias[N],] out[M, N])`;
+/// the emitter has no batch dims.
 pub(crate) fn quant_matmul(ctx: &Ctx, per_token: bool, bias: bool) -> Result<DeviceKernels> {
     let name = &ctx.k.name;
-    if bias {
-        bail!("{name}: kernel kind `quant_matmul` with a fused float bias has no AscendC implementation yet");
+    let out = 4 + usize::from(bias);
+    if ctx.k.args.len() != out + 1 {
+        bail!("{name}: quant_matmul (bias {bias}) takes {} arguments, found {}", out + 1, ctx.k.args.len());
     }
-    if ctx.rank(0) != 2 || ctx.rank(1) != 2 || ctx.rank(4) != 2 {
+    if ctx.rank(0) != 2 || ctx.rank(1) != 2 || ctx.rank(out) != 2 {
         bail!("{name}: the AscendC int8 matmul takes xq [M, K], w [N, K] and out [M, N] (no batch dims)");
     }
     need_dt(ctx, 0, "xq", DevType::I8)?;
     need_dt(ctx, 1, "w", DevType::I8)?;
     let k = ctx.cdim(0, 1, "K")?;
-    let n = ctx.cdim(1, 0, "N")?;
-    if ctx.cdim(1, 1, "w K")? != k {
-        bail!("{name}: w has K = {} but xq has K = {k}", ctx.cdim(1, 1, "w K")?);
+    let (n, w_k) = int8_weight(ctx)?;
+    if w_k != k {
+        bail!("{name}: w has K = {w_k} but xq has K = {k}");
     }
     let dequant = if per_token {
         need_dt(ctx, 2, "w_scale", DevType::F32)?;
@@ -125,8 +155,90 @@ pub(crate) fn quant_matmul(ctx: &Ctx, per_token: bool, bias: bool) -> Result<Dev
         }
         Dequant::Static { deq: ctx.dt[3] }
     };
-    let spec = QuantMatMulSpec { name: name.clone(), m: ctx.dim(0, 0)?, n, k, dequant, out: ctx.dt[4] };
-    super::quant_matmul(&spec, ctx.o)
+    let adds = EpilogueAdds { bias: if bias { Some(float_bias(ctx, 4, n)?) } else { None }, residual: None };
+    let spec = QuantMatMulSpec { name: name.clone(), m: ctx.dim(0, 0)?, n, k, dequant, out: ctx.dt[out] };
+    super::quant_matmul_with(&spec, adds, ctx.o)
+}
+
+/// `(N, K)` of the int8 weight `w [N, K]` (argument 1).
+fn int8_weight(ctx: &Ctx) -> Result<(u64, u64)> {
+    Ok((ctx.cdim(1, 0, "N")?, ctx.cdim(1, 1, "w K")?))
+}
+
+fn is_float(t: DevType) -> bool {
+    matches!(t, DevType::F32 | DevType::F16 | DevType::BF16)
+}
+
+/// The fused float bias `[N]` at argument `arg`: its device dtype.
+fn float_bias(ctx: &Ctx, arg: usize, n: u64) -> Result<DevType> {
+    if ctx.rank(arg) != 1 || ctx.cdim(arg, 0, "bias")? != n {
+        bail!("{}: the bias (argument {arg}) must be [{n}]", ctx.k.name);
+    }
+    if !is_float(ctx.dt[arg]) {
+        bail!("{}: the bias (argument {arg}) must be a float on the device, found {}", ctx.k.name, ctx.dt[arg]);
+    }
+    Ok(ctx.dt[arg])
+}
+
+/// `DynQuantMatMul (x[M, K], w i8[N, K], w_scale f32[N], [bias[N],]
+/// [residual[M, N],] out[M, N])`.
+pub(crate) fn dyn_quant_matmul(ctx: &Ctx, bias: bool, residual: bool) -> Result<DeviceKernels> {
+    let name = &ctx.k.name;
+    let out = 3 + usize::from(bias) + usize::from(residual);
+    if ctx.k.args.len() != out + 1 {
+        bail!(
+            "{name}: dyn_quant_matmul (bias {bias}, residual {residual}) takes {} arguments, found {}",
+            out + 1,
+            ctx.k.args.len()
+        );
+    }
+    if ctx.rank(0) != 2 || ctx.rank(1) != 2 || ctx.rank(out) != 2 {
+        bail!("{name}: the AscendC int8 matmul takes x [M, K], w [N, K] and out [M, N] (no batch dims)");
+    }
+    need_dt(ctx, 1, "w", DevType::I8)?;
+    need_dt(ctx, 2, "w_scale", DevType::F32)?;
+    let k = ctx.cdim(0, 1, "K")?;
+    let (n, w_k) = int8_weight(ctx)?;
+    if w_k != k || ctx.cdim(out, 1, "out N")? != n {
+        bail!("{name}: w is [{n}, {w_k}], so x must be [M, {w_k}] and out [M, {n}]");
+    }
+    let mut adds = EpilogueAdds::default();
+    if bias {
+        adds.bias = Some(float_bias(ctx, 3, n)?);
+    }
+    if residual {
+        let r = out - 1;
+        same_shape(ctx, r, out)?;
+        if !is_float(ctx.dt[r]) {
+            bail!("{name}: the residual (argument {r}) must be a float on the device, found {}", ctx.dt[r]);
+        }
+        adds.residual = Some(ctx.dt[r]);
+    }
+    let spec =
+        QuantMatMulSpec { name: name.clone(), m: ctx.dim(0, 0)?, n, k, dequant: Dequant::PerToken, out: ctx.dt[out] };
+    super::dyn_quant_matmul(&spec, ctx.dt[0], adds, ctx.o)
+}
+
+/// `KvCacheWriteQuant (new[T, Hkv, D], slots[T], scale[Hkv, D],
+/// offset[Hkv, D], cache i8[num_blocks, block_size, Hkv, D])`.
+pub(crate) fn kv_cache_write_quant(ctx: &Ctx) -> Result<DeviceKernels> {
+    let name = &ctx.k.name;
+    if ctx.k.args.len() != 5 || ctx.rank(4) != 4 || ctx.rank(0) != 3 {
+        bail!("{name}: kv_cache_write_quant takes new [T, Hkv, D], slots, scale, offset and an int8 cache [num_blocks, block_size, Hkv, D]");
+    }
+    let (hkv, d) = (ctx.cdim(4, 2, "kv heads")?, ctx.cdim(4, 3, "head_dim")?);
+    if ctx.cdim(0, 1, "new kv heads")? != hkv || ctx.cdim(0, 2, "new head_dim")? != d {
+        bail!("{name}: the new rows must be [T, {hkv}, {d}] like the cache's");
+    }
+    need_dt(ctx, 4, "cache", DevType::I8)?;
+    for (i, what) in [(2, "scale"), (3, "offset")] {
+        need_dt(ctx, i, what, DevType::F32)?;
+        if ctx.k.args[i].shape[..] != ctx.k.args[4].shape[2..] {
+            bail!("{name}: {what} (argument {i}) must be per channel, [{hkv}, {d}]");
+        }
+    }
+    let cache_slots = ctx.dim(4, 0)?.times(crate::emit::TExpr::c(ctx.cdim(4, 1, "block size")?));
+    super::kv_cache_write_quant(name, ctx.dim(0, 0)?, hkv * d, cache_slots, ctx.dt[1], ctx.dt[0], ctx.o)
 }
 
 /// `PagedAttentionInt8 (q, k_cache i8, v_cache i8, block_table,
