@@ -9,7 +9,8 @@ use panguc_ir::DType;
 use sha2::{Digest, Sha256};
 
 /// Device dtype of every buffer: integers are i64, except the i32 step
-/// metadata of a ragged batch (positions, block table, ...); the router's logits,
+/// metadata of a ragged batch (positions, block table, ...) and int32
+/// quant biases, and int8 buffers (stored as bytes); the router's logits,
 /// scales and routing weights stay f32 (the reference's softmax_f32);
 /// every other float buffer (activations, weights, KV caches) is `act`.
 pub fn device_dtypes(p: &KernelProgram, act: DevType) -> Vec<DevType> {
@@ -25,6 +26,16 @@ pub fn device_dtypes(p: &KernelProgram, act: DevType) -> Vec<DevType> {
             KernelKind::MoeGating { .. } => &[0, 1, 2],
             KernelKind::MoeRoute => &[0, 4],
             KernelKind::MoeDown => &[2],
+            // Quantization scales and offsets stay f32 (the interpreter's
+            // arithmetic; the int8 kernels read them as f32).
+            KernelKind::DynamicQuant | KernelKind::DynQuantMatMul { .. } => &[2],
+            KernelKind::RmsNormQuant { add: false, .. } => &[4],
+            KernelKind::RmsNormQuant { add: true, .. } => &[6],
+            KernelKind::QuantMatMul { per_token: true, .. } => &[2, 3],
+            KernelKind::QuantMatMul { per_token: false, .. } => &[3],
+            KernelKind::Quantize | KernelKind::Dequantize => &[1, 2],
+            KernelKind::KvCacheWriteQuant => &[2, 3],
+            KernelKind::PagedAttentionInt8 { .. } => &[6, 7, 8, 9],
             _ => &[],
         };
         for &i in f32_args {
@@ -34,6 +45,10 @@ pub fn device_dtypes(p: &KernelProgram, act: DevType) -> Vec<DevType> {
     for (i, b) in p.buffers.iter().enumerate() {
         if b.dtype == DType::I32 {
             dt[i] = DevType::I32;
+        } else if b.dtype == DType::I8 {
+            // Int8 weights, quantized activations and the int8 KV cache: the
+            // int8 kernels read and write them as bytes.
+            dt[i] = DevType::I8;
         } else if b.dtype == DType::I64 || !b.dtype.is_float() {
             dt[i] = DevType::I64;
         }
@@ -195,4 +210,50 @@ pub fn weight_buffers(p: &KernelProgram, ap: &AscendProgram) -> Vec<(usize, usiz
         })
         .filter(|(i, _)| ap.buffer_dtypes.len() > *i)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use panguc_ir::kernel::{tile_extent, ArgSpec, Buffer, BufferId, BufferKind, Extent, Kernel, Launch, Layout};
+    use panguc_ir::Dim;
+
+    /// An int8 program's buffers: the int8 rows stay bytes and the
+    /// per-token scales f32, whatever the activation dtype.
+    #[test]
+    fn int8_buffers_are_bytes_and_quant_scales_f32() {
+        let row = vec![Dim::tokens(), Dim::c(64)];
+        let shapes = [(DType::F32, row.clone()), (DType::I8, row), (DType::F32, vec![Dim::tokens()])];
+        let buffers: Vec<Buffer> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (dtype, shape))| Buffer {
+                name: format!("b{i}"),
+                dtype: *dtype,
+                shape: shape.clone(),
+                kind: BufferKind::Activation { slot: i },
+            })
+            .collect();
+        let args: Vec<ArgSpec> = shapes
+            .iter()
+            .map(|(dtype, shape)| ArgSpec { dtype: *dtype, shape: shape.clone(), layout: Layout::RowMajor })
+            .collect();
+        let kind = KernelKind::DynamicQuant;
+        let tiles = tile_extent(&kind, &args).unwrap();
+        let k = Kernel { name: "k".into(), kind, args, tiles, thread_scratch: Extent::constant(0) };
+        let p = KernelProgram {
+            version: panguc_ir::kernel::KERNEL_PROGRAM_VERSION,
+            name: "t".into(),
+            symbols: vec![],
+            buffers,
+            weights: vec![],
+            kernels: vec![k],
+            launches: vec![Launch { kernel: 0, args: (0..3).map(BufferId).collect() }],
+            inputs: vec![],
+            outputs: vec![],
+            caches: vec![],
+            slots: 3,
+        };
+        assert_eq!(device_dtypes(&p, DevType::BF16), vec![DevType::BF16, DevType::I8, DevType::F32]);
+    }
 }
