@@ -23,6 +23,11 @@
 //!   its epilogue: the bf16 program adds the residual inside `add_rms_norm`,
 //!   which the chain hides from `add-rmsnorm` here.
 //!
+//! - static W8A8: a `quantize` with a per-tensor (one element) scale and
+//!   offset read only by one 2-d `quant_matmul` (every projection's input)
+//!   is done inside that matmul (`static_quant_matmul`); static W8A8's
+//!   routed experts are fused in `static_moe`.
+//!
 //! Every intermediate value must be read only inside the chain; anything
 //! else keeps the ops' own kernels.
 
@@ -31,7 +36,7 @@ use super::{static_shape, Selector};
 use crate::rules::check;
 use anyhow::{anyhow, bail, Result};
 use panguc_ir::kernel::KernelKind;
-use panguc_ir::op::{BinaryOp, EwToken};
+use panguc_ir::op::{BinaryOp, EwToken, ReduceOp};
 use panguc_ir::{DType, Dim, Op};
 
 /// The routed W8A8_DYNAMIC experts ending at a `moe_finalize_routing`.
@@ -73,6 +78,13 @@ pub(super) struct DynQuantMm {
     residual: Option<usize>,
 }
 
+/// A static `quant_matmul` that quantizes its input itself.
+pub(super) struct StaticQuantMm {
+    /// Float input, per-tensor input scale and offset, int8 weight,
+    /// quant bias, deq scale.
+    args: [usize; 6],
+}
+
 /// The shared expert's fused gate/up: operands of the two int8 matmuls.
 pub(super) struct QuantGateUp {
     /// Quantized rows and their scales, then gate, gate scale, up, up scale.
@@ -110,6 +122,18 @@ impl Selector<'_> {
                     } else if let Some((at, mm, inner)) = self.match_dyn_quant_mm(ni, &uses, live) {
                         inner.into_iter().for_each(|v| self.absorbed[v] = true);
                         self.dyn_quant_mm.insert(at, mm);
+                    }
+                }
+                Op::Reduce { op: ReduceOp::Sum, axis: 0, .. } => {
+                    if let Some((moe, inner)) = self.match_static_moe(ni, &uses) {
+                        inner.into_iter().for_each(|v| self.absorbed[v] = true);
+                        self.static_moe.insert(ni, moe);
+                    }
+                }
+                Op::Quantize => {
+                    if let Some((mm, fused, q)) = self.match_static_quant_mm(ni, &uses, live) {
+                        self.absorbed[q] = true;
+                        self.static_quant_mm.insert(mm, fused);
                     }
                 }
                 Op::Split { axis: 1, ref sizes } if sizes.len() == 3 => {
@@ -298,6 +322,40 @@ impl Selector<'_> {
         let out = self.act(self.g.nodes[at].results[0]);
         args.push(out);
         self.launch(KernelKind::DynQuantMatMul { bias: f.bias.is_some(), residual: f.residual.is_some() }, args)
+    }
+
+    /// A `quantize` node `qn` of a float 2-d activation with a constant
+    /// one-element scale and offset, read only by one `quant_matmul` of a
+    /// constant 2-d weight: the matmul node, the fused operands and the
+    /// int8 value it absorbs.
+    fn match_static_quant_mm(&self, qn: usize, uses: &[usize], live: &[bool]) -> Option<(usize, StaticQuantMm, usize)> {
+        let g = self.g;
+        let n = &g.nodes[qn];
+        let (x, q) = (n.args[0], n.results[0]);
+        let mm = self.only_reader(q, uses, live, |o| *o == Op::QuantMatMul)?;
+        let m = &g.nodes[mm];
+        let one = |v: usize| {
+            self.konst[v] && g.values[v].ty.shape.iter().map(|d| d.as_const()).product::<Option<usize>>() == Some(1)
+        };
+        let ok = m.args[0] == q
+            && !self.absorbed[q]
+            && one(n.args[1])
+            && one(n.args[2])
+            && m.args[1..].iter().all(|a| self.konst[*a])
+            && g.values[m.args[1]].ty.rank() == 2
+            && g.values[x].ty.rank() == 2
+            && g.values[x].ty.shape[1].as_const().is_some()
+            && self.storage[x].is_float();
+        let args = [x, n.args[1], n.args[2], m.args[1], m.args[2], m.args[3]];
+        ok.then_some((mm, StaticQuantMm { args }, q))
+    }
+
+    /// The static int8 matmul that quantizes its own input, at its node `mm`.
+    pub(super) fn static_quant_mm(&mut self, mm: usize) -> Result<()> {
+        let f = self.static_quant_mm.remove(&mm).ok_or_else(|| anyhow!("no fused static int8 matmul here"))?;
+        let mut args = f.args.iter().map(|a| self.rm(*a)).collect::<Result<Vec<_>>>()?;
+        args.push(self.act(self.g.nodes[mm].results[0]));
+        self.launch(KernelKind::StaticQuantMatMul, args)
     }
 
     /// `dynamic_quant(swiglu(qmm(xq, wg, sg, xs), qmm(xq, wu, su, xs)))`
