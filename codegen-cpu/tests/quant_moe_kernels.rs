@@ -322,7 +322,7 @@ fn static_quant_matmul_matches_quantize_then_the_static_int8_matmul_bit_for_bit(
         &[&Tensor::f32(vec![t, kd], x.clone()), &Tensor::f32(vec![1], vec![s]), &Tensor::f32(vec![1], vec![o])],
     )
     .remove(0);
-    assert!(xq.as_i64().iter().any(|v| *v == 127), "some inputs clamp");
+    assert!(xq.as_i64().contains(&127), "some inputs clamp");
     let wt = Tensor::i64(vec![n, kd], w.clone());
     let want =
         eval(Op::QuantMatMul, &[&xq, &wt, &Tensor::i64(vec![n], qbias.clone()), &Tensor::i64(vec![n], deq.clone())])

@@ -595,9 +595,9 @@ pub enum KernelKind {
     MoeGateUpStatic,
     /// Routed static W8A8 experts, second half: `(aq i8[S, I], offsets
     /// i64[E+1], row_weight f32[S], w_down i8[E, H, I], down_qbias[E, H],
-    /// down_deq[E, H], ys f32[S, H])`: `ys[r, n] = f32(aq[r] . w_down[e, n]
-    /// + down_qbias[e, n]) * down_deq[e, n] * row_weight[r]`. Tile: one
-    /// sorted row.
+    /// down_deq[E, H], ys f32[S, H])`: `ys[r, n] =
+    /// f32(aq[r] . w_down[e, n] + down_qbias[e, n]) * down_deq[e, n] *
+    /// row_weight[r]`. Tile: one sorted row.
     MoeDownStatic,
     /// `(in, out)` f32: a collective over the global ranks `group` with the
     /// semantics of `panguc_ir::multirank` (sum reduction; `axis` for the
