@@ -704,6 +704,7 @@ impl<'a> Selector<'a> {
             }
             Op::Cast { .. } => self.elementwise(ni, ElemOp::Convert)?,
             Op::Unary(u) => self.elementwise(ni, ElemOp::Unary(*u))?,
+            Op::FusedElementwise { .. } if self.static_moe.contains_key(&ni) => self.static_moe(ni)?,
             Op::Binary(_) | Op::QuantMatMulPerToken | Op::FusedElementwise { .. }
                 if self.dyn_quant_mm.contains_key(&ni) =>
             {

@@ -125,9 +125,19 @@ impl Selector<'_> {
                     }
                 }
                 Op::Reduce { op: ReduceOp::Sum, axis: 0, .. } => {
-                    if let Some((moe, inner)) = self.match_static_moe(ni, &uses) {
+                    if let Some((mut moe, inner)) = self.match_static_moe(ni, &uses) {
                         inner.into_iter().for_each(|v| self.absorbed[v] = true);
-                        self.static_moe.insert(ni, moe);
+                        let routed = self.g.nodes[ni].results[0];
+                        match self.match_static_moe_skips(routed, &uses, live) {
+                            Some((at, skips)) => {
+                                self.absorbed[routed] = true;
+                                moe.skips = Some(skips);
+                                self.static_moe.insert(at, moe);
+                            }
+                            None => {
+                                self.static_moe.insert(ni, moe);
+                            }
+                        }
                     }
                 }
                 Op::Quantize => {
@@ -154,7 +164,7 @@ impl Selector<'_> {
     }
 
     /// The one live reader of `v` if it is an `op` node reading `v` once.
-    fn only_reader(&self, v: usize, uses: &[usize], live: &[bool], op: fn(&Op) -> bool) -> Option<usize> {
+    pub(super) fn only_reader(&self, v: usize, uses: &[usize], live: &[bool], op: fn(&Op) -> bool) -> Option<usize> {
         check(uses[v] == 1)?;
         let r = *self.readers(v, live).first()?;
         op(&self.g.nodes[r].op).then_some(r)

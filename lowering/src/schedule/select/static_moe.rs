@@ -5,7 +5,8 @@
 //! routing weights (`one_hot`, `mul`, `reduce_sum`, `transpose`, `mul`,
 //! `reduce_sum` over the experts). Here that becomes the bf16 MoE's
 //! launches over the selected (token, expert) pairs only: `moe_route`,
-//! `moe_gate_up_static`, `moe_down_static`, `moe_combine`. The skipped
+//! `moe_gate_up_static`, `moe_down_static`, `moe_combine` (which also does
+//! the layer's residual sum after it, when that follows). The skipped
 //! pairs are exact zeros in the dense form, so the two agree up to the f32
 //! order of the sum over the selected experts (group order here, expert
 //! order there).
@@ -32,6 +33,9 @@ pub(super) struct StaticMoe {
     gate_up: [usize; 12],
     /// Down weight, quant bias, deq scale.
     down: [usize; 3],
+    /// The shared expert's output and the residual stream the layer adds
+    /// after the routed sum (`moe_combine`'s skip terms), if fused.
+    pub(super) skips: Option<(usize, usize)>,
 }
 
 impl Selector<'_> {
@@ -122,14 +126,48 @@ impl Selector<'_> {
             gn.args[0],
             un.args[0],
         ];
-        ok.then_some((StaticMoe { x, weights, ids, gate_up, down: down_w }, inner))
+        check(ok)?;
+        Some((StaticMoe { x, weights, ids, gate_up, down: down_w, skips: None }, inner))
     }
 
-    /// The routed static experts at their `reduce_sum` node `red`.
-    pub(super) fn static_moe(&mut self, red: usize) -> Result<()> {
+    /// The layer's residual sum after the routed experts' `routed`:
+    /// `fused_elementwise((h + o) + (routed + shared))` where `h + o` is
+    /// what an `add_rms_norm(h, o)` already wrote as its sum (the same f32
+    /// add), so `moe_combine` computes it as `sum + (routed + shared)`:
+    /// the elementwise node, `shared` and that sum.
+    pub(super) fn match_static_moe_skips(
+        &self,
+        routed: usize,
+        uses: &[usize],
+        live: &[bool],
+    ) -> Option<(usize, (usize, usize))> {
+        use panguc_ir::op::EwToken::{Binary as B, Operand as O};
         let g = self.g;
-        let moe = self.static_moe.remove(&red).ok_or_else(|| anyhow!("no fused static MoE at this node"))?;
-        let out_v = g.nodes[red].results[0];
+        let e = self.only_reader(routed, uses, live, |o| matches!(o, Op::FusedElementwise { .. }))?;
+        let n = &g.nodes[e];
+        let Op::FusedElementwise { expr } = &n.op else { return None };
+        let tokens = panguc_ir::op::parse_elementwise(expr, n.args.len()).ok()?;
+        let add = B(BinaryOp::Add);
+        let [O(a), O(b), ref a1, O(c), O(d), ref a2, ref a3] = tokens[..] else { return None };
+        check([a1, a2, a3].iter().all(|t| **t == add) && n.args.get(c) == Some(&routed))?;
+        let (h, o, shared) = (n.args[a], n.args[b], n.args[d]);
+        let norm = (0..g.nodes.len())
+            .find(|m| live[*m] && matches!(g.nodes[*m].op, Op::AddRmsNorm { .. }) && g.nodes[*m].args[..2] == [h, o])?;
+        let sum = g.nodes[norm].results[0];
+        let ty = &g.values[routed].ty;
+        let ok = [sum, shared].iter().all(|v| self.storage[*v] == DType::F32 && g.values[*v].ty == *ty)
+            && self.storage[n.results[0]] == DType::F32
+            && g.values[n.results[0]].ty == *ty
+            && shared != routed;
+        ok.then_some((e, (shared, sum)))
+    }
+
+    /// The routed static experts at node `at`: their `reduce_sum`, or the
+    /// residual sum after it when the skips are fused.
+    pub(super) fn static_moe(&mut self, at: usize) -> Result<()> {
+        let g = self.g;
+        let moe = self.static_moe.remove(&at).ok_or_else(|| anyhow!("no fused static MoE at this node"))?;
+        let out_v = g.nodes[at].results[0];
         let name = g.values[out_v].name.clone();
         let (t, h) = (g.values[moe.x].ty.shape[0].clone(), g.values[moe.x].ty.shape[1].clone());
         let k = g.values[moe.weights].ty.shape[1].clone();
@@ -151,7 +189,11 @@ impl Selector<'_> {
         args.push(aq);
         self.launch(KernelKind::MoeGateUpStatic, args)?;
         self.launch(KernelKind::MoeDownStatic, vec![aq, offsets, row_w, down[0], down[1], down[2], ys])?;
-        let out = self.act(out_v);
-        self.launch(KernelKind::MoeCombine { shared_residual: false }, vec![ys, slot_row, out])
+        let mut args = vec![ys, slot_row];
+        if let Some((shared, sum)) = moe.skips {
+            args.extend([self.rm(shared)?, self.rm(sum)?]);
+        }
+        args.push(self.act(out_v));
+        self.launch(KernelKind::MoeCombine { shared_residual: moe.skips.is_some() }, args)
     }
 }
