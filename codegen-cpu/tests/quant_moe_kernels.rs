@@ -491,3 +491,60 @@ fn routed_static_expert_kernels_match_the_dense_reference_bit_for_bit() {
         .unwrap();
     }
 }
+
+/// `quant_gate_up_static`: the shared expert's static gate and up (each
+/// quantizing the input with its own per-tensor scale and offset) and the
+/// SwiGLU, against `quantize -> quant_matmul` twice and `swiglu`.
+#[test]
+fn shared_static_gate_up_matches_the_reference_chain_bit_for_bit() {
+    let (t, h, i) = (4usize, 130usize, 10usize);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let x: Vec<f32> = (0..t * h).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+    let (wg, wu) = (random_i8(&mut rng, i * h), random_i8(&mut rng, i * h));
+    let ints =
+        |rng: &mut rand_chacha::ChaCha8Rng| -> Vec<i64> { (0..i).map(|_| rng.random_range(-3000..3000)).collect() };
+    let (qbg, qbu) = (ints(&mut rng), ints(&mut rng));
+    let (dqg, dqu) = (scales(&mut rng, i), scales(&mut rng, i));
+    let ((gs, go), (us, uo)) = ((0.02f32, -1.0f32), (0.017f32, 2.0f32));
+    let xt = Tensor::f32(vec![t, h], x.clone());
+    let proj = |sc: f32, off: f32, w: &[i64], qb: &[i64], dq: &[f32]| {
+        let one = |v: f32| Tensor::f32(vec![1], vec![v]);
+        let xq = eval(Op::Quantize, &[&xt, &one(sc), &one(off)]).remove(0);
+        let (w, qb, dq) =
+            (Tensor::i64(vec![i, h], w.to_vec()), Tensor::i64(vec![i], qb.to_vec()), Tensor::f32(vec![i], dq.to_vec()));
+        eval(Op::QuantMatMul, &[&xq, &w, &qb, &dq]).remove(0)
+    };
+    let want = eval(Op::SwiGlu, &[&proj(gs, go, &wg, &qbg, &dqg), &proj(us, uo, &wu, &qbu, &dqu)]).remove(0);
+
+    let td = Dim::tokens();
+    let one = || spec(DType::F32, vec![Dim::c(1)]);
+    let weights = || {
+        vec![
+            one(),
+            one(),
+            spec(DType::I8, vec![Dim::c(i), Dim::c(h)]),
+            spec(DType::I32, vec![Dim::c(i)]),
+            spec(DType::F32, vec![Dim::c(i)]),
+        ]
+    };
+    let mut args = vec![spec(DType::F32, vec![td.clone(), Dim::c(h)])];
+    args.extend(weights());
+    args.extend(weights());
+    args.push(spec(DType::F32, vec![td, Dim::c(i)]));
+    let k = kernel("shared", KernelKind::QuantGateUpStatic, args);
+    assert_eq!(k.tiles.eval(&panguc_ir::shape::bindings(t, 0)).unwrap() as usize, t, "one tile per row");
+    let i32_bytes = |v: &[i64]| -> Vec<u8> { v.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect() };
+    let p = program(vec![k]);
+    for tier_name in runnable_tiers() {
+        with_jit(&p, &tier(tier_name), |get| {
+            let mut b = vec![bytes_f32(&x)];
+            for (sc, off, w, qb, dq) in [(gs, go, &wg, &qbg, &dqg), (us, uo, &wu, &qbu, &dqu)] {
+                b.extend([bytes_f32(&[sc]), bytes_f32(&[off]), i8_bytes(w), i32_bytes(qb), bytes_f32(dq)]);
+            }
+            b.push(vec![0u8; t * i * 4]);
+            run_tiles(get("shared").unwrap(), &mut b, &[t as i64, 0], t as u64, 0);
+            assert_eq!(bits(&f32s(&b[11])), bits(want.as_f32()), "{tier_name}: shared expert activation");
+        })
+        .unwrap();
+    }
+}

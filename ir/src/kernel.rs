@@ -593,6 +593,13 @@ pub enum KernelKind {
     /// `u` likewise, `a = silu(g) * u`, and `q_out[r] = quantize(a,
     /// down_scale[e], down_offset[e])`. Tile: one sorted row.
     MoeGateUpStatic,
+    /// The shared expert's gate, up and SwiGLU under static W8A8 (two
+    /// [`KernelKind::StaticQuantMatMul`]s of one input, then `swiglu`):
+    /// `(x f32[T, H], gate_scale[1], gate_offset[1], w_gate i8[I, H],
+    /// gate_qbias[I], gate_deq[I], up_scale[1], up_offset[1], w_up i8[I, H],
+    /// up_qbias[I], up_deq[I], act_out f32[T, I])`: `act = silu(g) * u`.
+    /// Tile: one row.
+    QuantGateUpStatic,
     /// Routed static W8A8 experts, second half: `(aq i8[S, I], offsets
     /// i64[E+1], row_weight f32[S], w_down i8[E, H, I], down_qbias[E, H],
     /// down_deq[E, H], ys f32[S, H])`: `ys[r, n] =
@@ -650,6 +657,7 @@ impl KernelKind {
             KernelKind::DynQuantMatMul { .. } => "dyn_quant_matmul",
             KernelKind::StaticQuantMatMul => "static_quant_matmul",
             KernelKind::MoeGateUpStatic => "moe_gate_up_static",
+            KernelKind::QuantGateUpStatic => "quant_gate_up_static",
             KernelKind::MoeDownStatic => "moe_down_static",
             KernelKind::Dequantize => "dequantize",
             KernelKind::DynamicQuant => "dynamic_quant",
@@ -904,7 +912,8 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
         KernelKind::DynamicQuant
         | KernelKind::QuantGateUpQuant
         | KernelKind::MoeDownQuant
-        | KernelKind::MoeDownStatic => rows(&args[0].shape),
+        | KernelKind::MoeDownStatic
+        | KernelKind::QuantGateUpStatic => rows(&args[0].shape),
         KernelKind::MoeGateUpQuant => Extent::of(1, &args[3].shape[..1]),
         KernelKind::MoeGateUpStatic => Extent::of(1, &args[2].shape[..1]),
         KernelKind::Gather | KernelKind::OneHot { .. } => Extent::of(1, &args[args.len() - 2].shape),
@@ -1006,6 +1015,7 @@ pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
             let w = &args[5];
             Extent::of(4, &w.shape[1..])
         }
+        KernelKind::QuantGateUpStatic => Extent::of(4, &args[3].shape),
         KernelKind::MoeDownStatic => {
             let w = &args[3];
             Extent::of(2, &w.shape[1..])

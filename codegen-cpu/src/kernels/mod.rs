@@ -61,6 +61,7 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::StaticQuantMatMul => quant_static::static_quant_matmul(cg, k),
         KernelKind::MoeGateUpStatic => quant_static::moe_gate_up(cg, k),
         KernelKind::MoeDownStatic => quant_static::moe_down(cg, k),
+        KernelKind::QuantGateUpStatic => quant_static::shared_gate_up(cg, k),
         // Host-executed by the runtime through its `Collective`.
         KernelKind::Collective { .. } => Ok(()),
     };

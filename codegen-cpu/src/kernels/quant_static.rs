@@ -10,7 +10,8 @@
 //!   `MoeRoute` sorted by expert (the dense form computes every expert on
 //!   every token): each expert quantizes its rows with its own input scale
 //!   and offset, and the float gate/up activation never leaves the kernel.
-//!   A tile is one sorted row against every column of its expert.
+//!   A tile is one sorted row against every column of its expert;
+//! - `QuantGateUpStatic`: the shared expert's gate, up and SwiGLU.
 
 use super::quant::{dot_i8, load_i32, load_scale, quantize_row_static, quantize_value};
 use super::quant_moe::{expert_of, need_i8, st};
@@ -179,6 +180,49 @@ pub(crate) fn moe_down(cg: &mut Cg, k: &Kernel) -> Result<()> {
             // The dense form's `y * combine` (the routing weight).
             let v = cg.fmul(y.into(), row_w.into()).into_float_value();
             cg.store_f(yp, cg.add(obase, n), ys.dtype, v);
+            Ok(())
+        })
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}
+
+/// `QuantGateUpStatic`: see `KernelKind`.
+pub(crate) fn shared_gate_up(cg: &mut Cg, k: &Kernel) -> Result<()> {
+    if k.args.len() != 12 {
+        bail!("quant_gate_up_static takes 12 arguments, found {}", k.args.len());
+    }
+    let (x, wg, act) = (&k.args[0], &k.args[3], &k.args[11]);
+    need_i8(wg, "the gate weight")?;
+    need_i8(&k.args[8], "the up weight")?;
+    if x.shape.len() != 2 || wg.shape.len() != 2 || k.args[8].shape != wg.shape {
+        bail!("quant_gate_up_static takes a [T, H] activation and gate and up weights of one [I, H] shape");
+    }
+    if ![1, 2, 6, 7].iter().all(|j| one_element(&k.args[*j])) {
+        bail!("quant_gate_up_static takes per-tensor (one element) input scales and offsets");
+    }
+    let (i, h) = (st(&wg.shape[0], "shared expert intermediate size")?, st(&wg.shape[1], "hidden size")?);
+    cg.begin_kernel(&k.name);
+    let xp = cg.arg(0, x.dtype);
+    // Scale, offset, weight, quant bias, deq scale of the gate and the up projection.
+    let gate: Vec<Arg> = (1..6).map(|j| arg(cg, k, j)).collect();
+    let up: Vec<Arg> = (6..11).map(|j| arg(cg, k, j)).collect();
+    let ap = cg.arg(11, act.dtype);
+    let (gs, go) = (cg.load_f(gate[0].0, cg.i64c(0), gate[0].1), cg.load_f(gate[1].0, cg.i64c(0), gate[1].1));
+    let (us, uo) = (cg.load_f(up[0].0, cg.i64c(0), up[0].1), cg.load_f(up[1].0, cg.i64c(0), up[1].1));
+    let (xg, xu) = (stack_row(cg, h, "xg"), stack_row(cg, h, "xu"));
+    let (ic, hc) = (cg.i64c(i as i64), cg.i64c(h as i64));
+    cg.for_tiles(|cg, t| {
+        let xbase = cg.mul(t, hc);
+        quantize_row_static(cg, (xp, x.dtype), xbase, hc, gs, go, xg)?;
+        quantize_row_static(cg, (xp, x.dtype), xbase, hc, us, uo, xu)?;
+        let obase = cg.mul(t, ic);
+        cg.for_range(cg.i64c(0), ic, 1, |cg, n| {
+            let g = static_dot(cg, (xg, gate[2].0), n, h, gate[3], gate[4])?;
+            let u = static_dot(cg, (xu, up[2].0), n, h, up[3], up[4])?;
+            let silu = cg.fmul(g.into(), cg.sigmoid(g.into()));
+            let a = cg.fmul(silu, u.into()).into_float_value();
+            cg.store_f(ap, cg.add(obase, n), act.dtype, a);
             Ok(())
         })
     })?;

@@ -71,6 +71,9 @@ pub struct Selector<'a> {
     /// `reduce_sum` over the experts -> the routed static W8A8 experts
     /// computed densely before it.
     static_moe: BTreeMap<usize, static_moe::StaticMoe>,
+    /// `swiglu` node -> the static gate and up matmuls before it (input,
+    /// then scale, offset, weight, quant bias, deq scale of each).
+    static_gate_up: BTreeMap<usize, [usize; 11]>,
     p: KernelProgram,
 }
 
@@ -207,6 +210,7 @@ impl<'a> Selector<'a> {
             dyn_quant_mm: BTreeMap::new(),
             static_quant_mm: BTreeMap::new(),
             static_moe: BTreeMap::new(),
+            static_gate_up: BTreeMap::new(),
             p,
         }
     }
@@ -726,6 +730,7 @@ impl<'a> Selector<'a> {
                 self.launch(KernelKind::QuantMatMul { per_token, bias: true }, args)?;
             }
             Op::Binary(b) => self.elementwise(ni, ElemOp::Binary(*b))?,
+            Op::SwiGlu if self.static_gate_up.contains_key(&ni) => self.static_gate_up(ni)?,
             Op::SwiGlu => self.elementwise(ni, ElemOp::SwiGlu)?,
             Op::Gather => self.simple(ni, KernelKind::Gather)?,
             Op::MatMul { transpose_b } => self.matmul(ni, *transpose_b, None)?,

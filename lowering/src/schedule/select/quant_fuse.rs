@@ -146,6 +146,7 @@ impl Selector<'_> {
                         self.static_quant_mm.insert(mm, fused);
                     }
                 }
+                Op::SwiGlu => self.match_static_gate_up(ni, &uses),
                 Op::Split { axis: 1, ref sizes } if sizes.len() == 3 => {
                     if let Some((qkv, inner)) = self.match_qkv_rope_write(ni, &uses, live) {
                         inner.into_iter().for_each(|v| self.absorbed[v] = true);
@@ -358,6 +359,37 @@ impl Selector<'_> {
             && self.storage[x].is_float();
         let args = [x, n.args[1], n.args[2], m.args[1], m.args[2], m.args[3]];
         ok.then_some((mm, StaticQuantMm { args }, q))
+    }
+
+    /// `swiglu(g, u)` of two static int8 matmuls of one input, each
+    /// quantizing it itself (already matched) and read only here: one
+    /// `quant_gate_up_static` at the `swiglu` node (the shared expert).
+    fn match_static_gate_up(&mut self, sw: usize, uses: &[usize]) {
+        let g = self.g;
+        let (gate, up) = (g.nodes[sw].args[0], g.nodes[sw].args[1]);
+        let mm = |v: usize| self.defined_by(v, |o| *o == Op::QuantMatMul, 0);
+        let (Some(gm), Some(um)) = (mm(gate), mm(up)) else { return };
+        let (Some(gf), Some(uf)) = (self.static_quant_mm.get(&gm), self.static_quant_mm.get(&um)) else { return };
+        if gate == up || uses[gate] != 1 || uses[up] != 1 || gf.args[0] != uf.args[0] {
+            return;
+        }
+        let mut args = [0usize; 11];
+        args[0] = gf.args[0];
+        args[1..6].copy_from_slice(&gf.args[1..]);
+        args[6..].copy_from_slice(&uf.args[1..]);
+        self.static_quant_mm.remove(&gm);
+        self.static_quant_mm.remove(&um);
+        self.absorbed[gate] = true;
+        self.absorbed[up] = true;
+        self.static_gate_up.insert(sw, args);
+    }
+
+    /// The shared expert's static gate/up/SwiGLU at its `swiglu` node.
+    pub(super) fn static_gate_up(&mut self, sw: usize) -> Result<()> {
+        let a = self.static_gate_up.remove(&sw).ok_or_else(|| anyhow!("no fused static gate/up here"))?;
+        let mut args = a.iter().map(|v| self.rm(*v)).collect::<Result<Vec<_>>>()?;
+        args.push(self.act(self.g.nodes[sw].results[0]));
+        self.launch(KernelKind::QuantGateUpStatic, args)
     }
 
     /// The static int8 matmul that quantizes its own input, at its node `mm`.
