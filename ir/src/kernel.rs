@@ -571,6 +571,41 @@ pub enum KernelKind {
     /// [`QUANT_MATMUL_COLS`] columns over every row; each tile quantizes
     /// the rows it reads, K work per row against its 16 K of dot products).
     DynQuantMatMul { bias: bool, residual: bool },
+    /// Static W8A8's [`KernelKind::Quantize`] of a projection's input done
+    /// by its [`KernelKind::QuantMatMul`] (not `per_token`): `(x f32[M, K],
+    /// in_scale[1], in_offset[1], w i8[N, K], quant_bias[N], deq_scale[N],
+    /// out f32[M, N])`; each row is quantized with the per-tensor scale and
+    /// offset (`Quantize` semantics) before its int8 dot products, `out =
+    /// f32(acc + quant_bias[n]) * deq_scale[n]`, so the int8 row never
+    /// reaches memory. Tile: as `QuantMatMul`.
+    StaticQuantMatMul,
+    /// Routed static W8A8 experts, first half (the dense form's per-expert
+    /// `quantize` and `quant_matmul` of the gate and of the up projection,
+    /// `swiglu`, and the down projection's `quantize`, for the selected
+    /// (token, expert) pairs only): `(x f32[T, H], offsets i64[E+1],
+    /// rows i64[S], gate_scale[E], gate_offset[E], w_gate i8[E, I, H],
+    /// gate_qbias[E, I], gate_deq[E, I], up_scale[E], up_offset[E],
+    /// w_up i8[E, I, H], up_qbias[E, I], up_deq[E, I], down_scale[E],
+    /// down_offset[E], q_out i8[S, I])`. Sorted row `r` of expert `e` (as
+    /// [`KernelKind::MoeRoute`] writes them) quantizes token row `rows[r]`
+    /// with each projection's per-tensor scale and offset (`Quantize`),
+    /// `g[n] = f32(xg . w_gate[e, n] + gate_qbias[e, n]) * gate_deq[e, n]`,
+    /// `u` likewise, `a = silu(g) * u`, and `q_out[r] = quantize(a,
+    /// down_scale[e], down_offset[e])`. Tile: one sorted row.
+    MoeGateUpStatic,
+    /// The shared expert's gate, up and SwiGLU under static W8A8 (two
+    /// [`KernelKind::StaticQuantMatMul`]s of one input, then `swiglu`):
+    /// `(x f32[T, H], gate_scale[1], gate_offset[1], w_gate i8[I, H],
+    /// gate_qbias[I], gate_deq[I], up_scale[1], up_offset[1], w_up i8[I, H],
+    /// up_qbias[I], up_deq[I], act_out f32[T, I])`: `act = silu(g) * u`.
+    /// Tile: one row.
+    QuantGateUpStatic,
+    /// Routed static W8A8 experts, second half: `(aq i8[S, I], offsets
+    /// i64[E+1], row_weight f32[S], w_down i8[E, H, I], down_qbias[E, H],
+    /// down_deq[E, H], ys f32[S, H])`: `ys[r, n] =
+    /// f32(aq[r] . w_down[e, n] + down_qbias[e, n]) * down_deq[e, n] *
+    /// row_weight[r]`. Tile: one sorted row.
+    MoeDownStatic,
     /// `(in, out)` f32: a collective over the global ranks `group` with the
     /// semantics of `panguc_ir::multirank` (sum reduction; `axis` for the
     /// gathering/scattering kinds). Host-executed: code generators emit no
@@ -620,6 +655,10 @@ impl KernelKind {
             KernelKind::QuantGateUpQuant => "quant_gate_up_quant",
             KernelKind::MoeDownQuant => "moe_down_quant",
             KernelKind::DynQuantMatMul { .. } => "dyn_quant_matmul",
+            KernelKind::StaticQuantMatMul => "static_quant_matmul",
+            KernelKind::MoeGateUpStatic => "moe_gate_up_static",
+            KernelKind::QuantGateUpStatic => "quant_gate_up_static",
+            KernelKind::MoeDownStatic => "moe_down_static",
             KernelKind::Dequantize => "dequantize",
             KernelKind::DynamicQuant => "dynamic_quant",
             KernelKind::QuantMatMul { per_token: false, .. } => "quant_matmul",
@@ -862,7 +901,7 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
         | KernelKind::MatMul { .. }
         | KernelKind::Quantize
         | KernelKind::Dequantize => rows(&last(0).shape),
-        KernelKind::QuantMatMul { .. } | KernelKind::DynQuantMatMul { .. } => {
+        KernelKind::QuantMatMul { .. } | KernelKind::DynQuantMatMul { .. } | KernelKind::StaticQuantMatMul => {
             let out = &last(0).shape;
             let r = out.len();
             let n = cst(&out[r - 1], "int8 matmul N")?;
@@ -870,8 +909,13 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
             e.factor *= n.div_ceil(QUANT_MATMUL_COLS) as u64;
             e
         }
-        KernelKind::DynamicQuant | KernelKind::QuantGateUpQuant | KernelKind::MoeDownQuant => rows(&args[0].shape),
+        KernelKind::DynamicQuant
+        | KernelKind::QuantGateUpQuant
+        | KernelKind::MoeDownQuant
+        | KernelKind::MoeDownStatic
+        | KernelKind::QuantGateUpStatic => rows(&args[0].shape),
         KernelKind::MoeGateUpQuant => Extent::of(1, &args[3].shape[..1]),
+        KernelKind::MoeGateUpStatic => Extent::of(1, &args[2].shape[..1]),
         KernelKind::Gather | KernelKind::OneHot { .. } => Extent::of(1, &args[args.len() - 2].shape),
         KernelKind::Gemm { .. } => {
             let out = &last(0).shape;
@@ -947,7 +991,7 @@ pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
         KernelKind::MoeGateUp | KernelKind::MoeGroupedGateUp | KernelKind::MoeDown => {
             panel(&args[args.len() - 2], &args[0].shape[1], &Dim::c(1))
         }
-        KernelKind::QuantMatMul { .. } | KernelKind::DynQuantMatMul { .. } => {
+        KernelKind::QuantMatMul { .. } | KernelKind::DynQuantMatMul { .. } | KernelKind::StaticQuantMatMul => {
             // A block of columns over every row: 2 ops per int8 product.
             let (a, out) = (&args[0], args.last().expect("out"));
             Extent::of(2 * QUANT_MATMUL_COLS as u64, &[last(a), out.shape[out.shape.len() - 2].clone()])
@@ -965,6 +1009,15 @@ pub fn tile_cost(kind: &KernelKind, args: &[ArgSpec]) -> Extent {
         }
         KernelKind::MoeDownQuant => {
             let w = &args[4];
+            Extent::of(2, &w.shape[1..])
+        }
+        KernelKind::MoeGateUpStatic => {
+            let w = &args[5];
+            Extent::of(4, &w.shape[1..])
+        }
+        KernelKind::QuantGateUpStatic => Extent::of(4, &args[3].shape),
+        KernelKind::MoeDownStatic => {
+            let w = &args[3];
             Extent::of(2, &w.shape[1..])
         }
         KernelKind::Attention { .. } => {

@@ -10,6 +10,7 @@ mod norm;
 mod quant;
 mod quant_gemm;
 mod quant_moe;
+mod quant_static;
 mod reduce;
 
 use crate::cg::Cg;
@@ -57,6 +58,10 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::QuantGateUpQuant => quant_moe::gate_up_quant(cg, k, false),
         KernelKind::MoeDownQuant => quant_moe::down_quant(cg, k),
         KernelKind::DynQuantMatMul { bias, residual } => quant_moe::dyn_quant_matmul(cg, k, *bias, *residual),
+        KernelKind::StaticQuantMatMul => quant_static::static_quant_matmul(cg, k),
+        KernelKind::MoeGateUpStatic => quant_static::moe_gate_up(cg, k),
+        KernelKind::MoeDownStatic => quant_static::moe_down(cg, k),
+        KernelKind::QuantGateUpStatic => quant_static::shared_gate_up(cg, k),
         // Host-executed by the runtime through its `Collective`.
         KernelKind::Collective { .. } => Ok(()),
     };

@@ -48,7 +48,7 @@ pub(crate) fn load_scale<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, 
 
 /// Element `i` of an integer buffer of any width as i32 (sign-extended or
 /// truncated; quant biases are int32 values).
-fn load_i32<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>) -> IntValue<'c> {
+pub(crate) fn load_i32<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>) -> IntValue<'c> {
     let v = cg.load_i(p, i);
     cg.b.build_int_cast_sign_flag(v, cg.i32t(), true, "").ok_()
 }
@@ -120,6 +120,27 @@ pub(crate) fn dynamic_quant(cg: &mut Cg, k: &Kernel) -> Result<()> {
     })?;
     cg.finish_kernel();
     Ok(())
+}
+
+/// Static `quantize` of elements `base..base + len` of `x` into `q[0..len]`
+/// with one scale and offset: `x / scale + offset` in f32, as the
+/// reference.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quantize_row_static<'c>(
+    cg: &mut Cg<'c>,
+    x: (PointerValue<'c>, DType),
+    base: IntValue<'c>,
+    len: IntValue<'c>,
+    scale: FloatValue<'c>,
+    offset: FloatValue<'c>,
+    q: PointerValue<'c>,
+) -> Result<()> {
+    cg.for_range(cg.i64c(0), len, 1, |cg, i| {
+        let v = cg.load_f(x.0, cg.add(base, i), x.1);
+        let y = cg.fadd(cg.fdiv(v.into(), scale.into()), offset.into());
+        cg.store_i(q, i, quantize_value(cg, y.into_float_value()));
+        Ok(())
+    })
 }
 
 /// `dynamic_quant` of row `row` (elements `base..base + len` of `x` and

@@ -15,6 +15,7 @@
 //! `DynQuantMatMul`: the per-token quantization of a projection's input
 //! done by the int8 matmul itself (the o projection after attention), with
 //! its bias and the residual add after it in the epilogue.
+//! Static W8A8's fused kernels are in `quant_static`.
 
 use super::quant::{dot_i8, load_scale, quantize_row};
 use crate::cg::{Cg, Ok_};
@@ -24,11 +25,11 @@ use inkwell::AddressSpace;
 use panguc_ir::kernel::{ArgSpec, Kernel, QUANT_MATMUL_COLS};
 use panguc_ir::{DType, Dim};
 
-fn st(d: &Dim, what: &str) -> Result<usize> {
+pub(super) fn st(d: &Dim, what: &str) -> Result<usize> {
     d.as_const().ok_or_else(|| anyhow!("{what} must be static, found {d}"))
 }
 
-fn need_i8(a: &ArgSpec, what: &str) -> Result<()> {
+pub(super) fn need_i8(a: &ArgSpec, what: &str) -> Result<()> {
     if a.dtype != DType::I8 {
         bail!("{what} is stored as {}, expected i8", a.dtype);
     }
@@ -37,7 +38,12 @@ fn need_i8(a: &ArgSpec, what: &str) -> Result<()> {
 
 /// The expert of sorted row `r`: how many experts' blocks end at or before
 /// it (`offsets[e + 1] <= r`), given `offsets[E+1]` of `MoeRoute`.
-fn expert_of<'c>(cg: &mut Cg<'c>, offsets: PointerValue<'c>, experts: usize, r: IntValue<'c>) -> Result<IntValue<'c>> {
+pub(super) fn expert_of<'c>(
+    cg: &mut Cg<'c>,
+    offsets: PointerValue<'c>,
+    experts: usize,
+    r: IntValue<'c>,
+) -> Result<IntValue<'c>> {
     let e = cg.alloca(cg.i64t(), "expert");
     cg.store_v(e, cg.i64c(0));
     // The last expert's block ends at S > r: only E - 1 ends can be passed.

@@ -14,6 +14,7 @@ use panguc_ir::{DType, Dim, Op, TensorType};
 use std::collections::BTreeMap;
 
 mod quant_fuse;
+mod static_moe;
 
 /// Entry inputs before the KV caches of a one-sequence program: `ids`, `positions`.
 const LEADING_INPUTS: usize = 2;
@@ -65,6 +66,14 @@ pub struct Selector<'a> {
     qkv_rope_write: BTreeMap<usize, quant_fuse::QkvRopeWrite>,
     /// Launching node -> an int8 matmul quantizing its own input.
     dyn_quant_mm: BTreeMap<usize, quant_fuse::DynQuantMm>,
+    /// Static `quant_matmul` node -> its fused input `quantize`.
+    static_quant_mm: BTreeMap<usize, quant_fuse::StaticQuantMm>,
+    /// `reduce_sum` over the experts -> the routed static W8A8 experts
+    /// computed densely before it.
+    static_moe: BTreeMap<usize, static_moe::StaticMoe>,
+    /// `swiglu` node -> the static gate and up matmuls before it (input,
+    /// then scale, offset, weight, quant bias, deq scale of each).
+    static_gate_up: BTreeMap<usize, [usize; 11]>,
     p: KernelProgram,
 }
 
@@ -199,6 +208,9 @@ impl<'a> Selector<'a> {
             quant_gate_up: BTreeMap::new(),
             qkv_rope_write: BTreeMap::new(),
             dyn_quant_mm: BTreeMap::new(),
+            static_quant_mm: BTreeMap::new(),
+            static_moe: BTreeMap::new(),
+            static_gate_up: BTreeMap::new(),
             p,
         }
     }
@@ -332,7 +344,9 @@ impl<'a> Selector<'a> {
         }
         let (y, bias) = (n.args[0], n.args[1]);
         let Def::Node(mm) = g.values[y].def else { return false };
-        let is_qmm = matches!(g.nodes[mm].op, Op::QuantMatMul | Op::QuantMatMulPerToken);
+        // A static matmul quantizing its own input has no bias epilogue.
+        let is_qmm = matches!(g.nodes[mm].op, Op::QuantMatMul | Op::QuantMatMulPerToken)
+            && !self.static_quant_mm.contains_key(&mm);
         is_qmm
             && uses[y] == 1
             && !self.konst[y]
@@ -694,6 +708,7 @@ impl<'a> Selector<'a> {
             }
             Op::Cast { .. } => self.elementwise(ni, ElemOp::Convert)?,
             Op::Unary(u) => self.elementwise(ni, ElemOp::Unary(*u))?,
+            Op::FusedElementwise { .. } if self.static_moe.contains_key(&ni) => self.static_moe(ni)?,
             Op::Binary(_) | Op::QuantMatMulPerToken | Op::FusedElementwise { .. }
                 if self.dyn_quant_mm.contains_key(&ni) =>
             {
@@ -715,11 +730,13 @@ impl<'a> Selector<'a> {
                 self.launch(KernelKind::QuantMatMul { per_token, bias: true }, args)?;
             }
             Op::Binary(b) => self.elementwise(ni, ElemOp::Binary(*b))?,
+            Op::SwiGlu if self.static_gate_up.contains_key(&ni) => self.static_gate_up(ni)?,
             Op::SwiGlu => self.elementwise(ni, ElemOp::SwiGlu)?,
             Op::Gather => self.simple(ni, KernelKind::Gather)?,
             Op::MatMul { transpose_b } => self.matmul(ni, *transpose_b, None)?,
             Op::MatMulBias { transpose_b } => self.matmul(ni, *transpose_b, Some(arg(2)))?,
             Op::GateUpSwiGlu => self.gate_up(ni)?,
+            Op::Reduce { .. } if self.static_moe.contains_key(&ni) => self.static_moe(ni)?,
             Op::Reduce { op, axis, .. } => self.simple(ni, KernelKind::Reduce { op: *op, axis: *axis })?,
             Op::ArgMax { axis, .. } => self.simple(ni, KernelKind::ArgMax { axis: *axis })?,
             Op::Softmax { axis } => self.simple(ni, KernelKind::Softmax { axis: *axis })?,
@@ -827,6 +844,7 @@ impl<'a> Selector<'a> {
             Op::Dequantize => self.simple(ni, KernelKind::Dequantize)?,
             Op::DynamicQuant if self.quant_gate_up.contains_key(&ni) => self.quant_gate_up(ni)?,
             Op::DynamicQuant => self.simple(ni, KernelKind::DynamicQuant)?,
+            Op::QuantMatMul if self.static_quant_mm.contains_key(&ni) => self.static_quant_mm(ni)?,
             Op::QuantMatMul | Op::QuantMatMulPerToken => {
                 let mut args = self.quant_matmul_operands(&n.args)?;
                 args.push(self.act(r0));

@@ -23,6 +23,11 @@
 //!   its epilogue: the bf16 program adds the residual inside `add_rms_norm`,
 //!   which the chain hides from `add-rmsnorm` here.
 //!
+//! - static W8A8: a `quantize` with a per-tensor (one element) scale and
+//!   offset read only by one 2-d `quant_matmul` (every projection's input)
+//!   is done inside that matmul (`static_quant_matmul`); static W8A8's
+//!   routed experts are fused in `static_moe`.
+//!
 //! Every intermediate value must be read only inside the chain; anything
 //! else keeps the ops' own kernels.
 
@@ -31,7 +36,7 @@ use super::{static_shape, Selector};
 use crate::rules::check;
 use anyhow::{anyhow, bail, Result};
 use panguc_ir::kernel::KernelKind;
-use panguc_ir::op::{BinaryOp, EwToken};
+use panguc_ir::op::{BinaryOp, EwToken, ReduceOp};
 use panguc_ir::{DType, Dim, Op};
 
 /// The routed W8A8_DYNAMIC experts ending at a `moe_finalize_routing`.
@@ -73,6 +78,13 @@ pub(super) struct DynQuantMm {
     residual: Option<usize>,
 }
 
+/// A static `quant_matmul` that quantizes its input itself.
+pub(super) struct StaticQuantMm {
+    /// Float input, per-tensor input scale and offset, int8 weight,
+    /// quant bias, deq scale.
+    args: [usize; 6],
+}
+
 /// The shared expert's fused gate/up: operands of the two int8 matmuls.
 pub(super) struct QuantGateUp {
     /// Quantized rows and their scales, then gate, gate scale, up, up scale.
@@ -112,6 +124,29 @@ impl Selector<'_> {
                         self.dyn_quant_mm.insert(at, mm);
                     }
                 }
+                Op::Reduce { op: ReduceOp::Sum, axis: 0, .. } => {
+                    if let Some((mut moe, inner)) = self.match_static_moe(ni, &uses) {
+                        inner.into_iter().for_each(|v| self.absorbed[v] = true);
+                        let routed = self.g.nodes[ni].results[0];
+                        match self.match_static_moe_skips(routed, &uses, live) {
+                            Some((at, skips)) => {
+                                self.absorbed[routed] = true;
+                                moe.skips = Some(skips);
+                                self.static_moe.insert(at, moe);
+                            }
+                            None => {
+                                self.static_moe.insert(ni, moe);
+                            }
+                        }
+                    }
+                }
+                Op::Quantize => {
+                    if let Some((mm, fused, q)) = self.match_static_quant_mm(ni, &uses, live) {
+                        self.absorbed[q] = true;
+                        self.static_quant_mm.insert(mm, fused);
+                    }
+                }
+                Op::SwiGlu => self.match_static_gate_up(ni, &uses),
                 Op::Split { axis: 1, ref sizes } if sizes.len() == 3 => {
                     if let Some((qkv, inner)) = self.match_qkv_rope_write(ni, &uses, live) {
                         inner.into_iter().for_each(|v| self.absorbed[v] = true);
@@ -130,7 +165,7 @@ impl Selector<'_> {
     }
 
     /// The one live reader of `v` if it is an `op` node reading `v` once.
-    fn only_reader(&self, v: usize, uses: &[usize], live: &[bool], op: fn(&Op) -> bool) -> Option<usize> {
+    pub(super) fn only_reader(&self, v: usize, uses: &[usize], live: &[bool], op: fn(&Op) -> bool) -> Option<usize> {
         check(uses[v] == 1)?;
         let r = *self.readers(v, live).first()?;
         op(&self.g.nodes[r].op).then_some(r)
@@ -298,6 +333,71 @@ impl Selector<'_> {
         let out = self.act(self.g.nodes[at].results[0]);
         args.push(out);
         self.launch(KernelKind::DynQuantMatMul { bias: f.bias.is_some(), residual: f.residual.is_some() }, args)
+    }
+
+    /// A `quantize` node `qn` of a float 2-d activation with a constant
+    /// one-element scale and offset, read only by one `quant_matmul` of a
+    /// constant 2-d weight: the matmul node, the fused operands and the
+    /// int8 value it absorbs.
+    fn match_static_quant_mm(&self, qn: usize, uses: &[usize], live: &[bool]) -> Option<(usize, StaticQuantMm, usize)> {
+        let g = self.g;
+        let n = &g.nodes[qn];
+        let (x, q) = (n.args[0], n.results[0]);
+        let mm = self.only_reader(q, uses, live, |o| *o == Op::QuantMatMul)?;
+        let m = &g.nodes[mm];
+        let one = |v: usize| {
+            self.konst[v] && g.values[v].ty.shape.iter().map(|d| d.as_const()).product::<Option<usize>>() == Some(1)
+        };
+        let ok = m.args[0] == q
+            && !self.absorbed[q]
+            && one(n.args[1])
+            && one(n.args[2])
+            && m.args[1..].iter().all(|a| self.konst[*a])
+            && g.values[m.args[1]].ty.rank() == 2
+            && g.values[x].ty.rank() == 2
+            && g.values[x].ty.shape[1].as_const().is_some()
+            && self.storage[x].is_float();
+        let args = [x, n.args[1], n.args[2], m.args[1], m.args[2], m.args[3]];
+        ok.then_some((mm, StaticQuantMm { args }, q))
+    }
+
+    /// `swiglu(g, u)` of two static int8 matmuls of one input, each
+    /// quantizing it itself (already matched) and read only here: one
+    /// `quant_gate_up_static` at the `swiglu` node (the shared expert).
+    fn match_static_gate_up(&mut self, sw: usize, uses: &[usize]) {
+        let g = self.g;
+        let (gate, up) = (g.nodes[sw].args[0], g.nodes[sw].args[1]);
+        let mm = |v: usize| self.defined_by(v, |o| *o == Op::QuantMatMul, 0);
+        let (Some(gm), Some(um)) = (mm(gate), mm(up)) else { return };
+        let (Some(gf), Some(uf)) = (self.static_quant_mm.get(&gm), self.static_quant_mm.get(&um)) else { return };
+        if gate == up || uses[gate] != 1 || uses[up] != 1 || gf.args[0] != uf.args[0] {
+            return;
+        }
+        let mut args = [0usize; 11];
+        args[0] = gf.args[0];
+        args[1..6].copy_from_slice(&gf.args[1..]);
+        args[6..].copy_from_slice(&uf.args[1..]);
+        self.static_quant_mm.remove(&gm);
+        self.static_quant_mm.remove(&um);
+        self.absorbed[gate] = true;
+        self.absorbed[up] = true;
+        self.static_gate_up.insert(sw, args);
+    }
+
+    /// The shared expert's static gate/up/SwiGLU at its `swiglu` node.
+    pub(super) fn static_gate_up(&mut self, sw: usize) -> Result<()> {
+        let a = self.static_gate_up.remove(&sw).ok_or_else(|| anyhow!("no fused static gate/up here"))?;
+        let mut args = a.iter().map(|v| self.rm(*v)).collect::<Result<Vec<_>>>()?;
+        args.push(self.act(self.g.nodes[sw].results[0]));
+        self.launch(KernelKind::QuantGateUpStatic, args)
+    }
+
+    /// The static int8 matmul that quantizes its own input, at its node `mm`.
+    pub(super) fn static_quant_mm(&mut self, mm: usize) -> Result<()> {
+        let f = self.static_quant_mm.remove(&mm).ok_or_else(|| anyhow!("no fused static int8 matmul here"))?;
+        let mut args = f.args.iter().map(|a| self.rm(*a)).collect::<Result<Vec<_>>>()?;
+        args.push(self.act(self.g.nodes[mm].results[0]));
+        self.launch(KernelKind::StaticQuantMatMul, args)
     }
 
     /// `dynamic_quant(swiglu(qmm(xq, wg, sg, xs), qmm(xq, wu, su, xs)))`

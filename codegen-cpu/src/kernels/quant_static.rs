@@ -1,0 +1,231 @@
+//! Fused static W8A8 kernels (per-tensor activation scale and offset,
+//! `quant_bias` + `deq_scale` epilogue; docs/quantization.md), with the
+//! reference's arithmetic (`panguc_ir::interp::quant`): `quantize` as
+//! `x / scale + offset` in f32, exact int8 dot products
+//! ([`quant::dot_i8`]), `f32(acc + quant_bias) * deq_scale`.
+//!
+//! - `StaticQuantMatMul`: a projection that quantizes its own input, so
+//!   the int8 row never reaches memory;
+//! - `MoeGateUpStatic` / `MoeDownStatic`: the routed experts over the rows
+//!   `MoeRoute` sorted by expert (the dense form computes every expert on
+//!   every token): each expert quantizes its rows with its own input scale
+//!   and offset, and the float gate/up activation never leaves the kernel.
+//!   A tile is one sorted row against every column of its expert;
+//! - `QuantGateUpStatic`: the shared expert's gate, up and SwiGLU.
+
+use super::quant::{dot_i8, load_i32, load_scale, quantize_row_static, quantize_value};
+use super::quant_moe::{expert_of, need_i8, st};
+use crate::cg::{Cg, Ok_};
+use anyhow::{bail, Result};
+use inkwell::values::{FloatValue, IntValue, PointerValue};
+use inkwell::AddressSpace;
+use panguc_ir::kernel::{ArgSpec, Kernel, QUANT_MATMUL_COLS};
+use panguc_ir::DType;
+
+/// A pointer argument with its dtype.
+type Arg<'c> = (PointerValue<'c>, DType);
+
+fn arg<'c>(cg: &Cg<'c>, k: &Kernel, i: usize) -> Arg<'c> {
+    (cg.arg(i, k.args[i].dtype), k.args[i].dtype)
+}
+
+/// An i8 row of `len` (static) bytes on the stack.
+fn stack_row<'c>(cg: &mut Cg<'c>, len: usize, name: &str) -> PointerValue<'c> {
+    let p = cg.alloca(cg.ctx.i8_type().array_type(len as u32), name);
+    cg.b.build_pointer_cast(p, cg.ctx.i8_type().ptr_type(AddressSpace::default()), "").ok_()
+}
+
+/// `f32(xq . w[row c] + quant_bias[c]) * deq_scale[c]`: the static dequant
+/// of one int8 dot product of `k` elements.
+fn static_dot<'c>(
+    cg: &mut Cg<'c>,
+    (x, w): (PointerValue<'c>, PointerValue<'c>),
+    c: IntValue<'c>,
+    k: usize,
+    qbias: Arg<'c>,
+    deq: Arg<'c>,
+) -> Result<FloatValue<'c>> {
+    let wrow = cg.gep(w, cg.mul(c, cg.i64c(k as i64)));
+    let vnni = cg.vnni;
+    let acc = dot_i8(cg, x, wrow, k, vnni)?;
+    let with_bias = cg.b.build_int_add(acc, load_i32(cg, qbias.0, c), "").ok_();
+    let f = cg.b.build_signed_int_to_float(with_bias, cg.f32t(), "").ok_();
+    Ok(cg.fmul(f.into(), load_scale(cg, deq.0, c, deq.1).into()).into_float_value())
+}
+
+fn one_element(a: &ArgSpec) -> bool {
+    a.shape.iter().map(|d| d.as_const()).product::<Option<usize>>() == Some(1)
+}
+
+/// `StaticQuantMatMul`: see `KernelKind`. As `DynQuantMatMul`, a tile
+/// quantizes each row into a stack copy (K static), here with the
+/// per-tensor scale and offset, before its block of columns.
+pub(crate) fn static_quant_matmul(cg: &mut Cg, k: &Kernel) -> Result<()> {
+    if k.args.len() != 7 {
+        bail!("static_quant_matmul takes 7 arguments, found {}", k.args.len());
+    }
+    let (x, w, out) = (&k.args[0], &k.args[3], &k.args[6]);
+    need_i8(w, "the int8 weight")?;
+    if x.shape.len() != 2 || w.shape.len() != 2 {
+        bail!("static_quant_matmul takes a [M, K] activation and an [N, K] weight");
+    }
+    if !one_element(&k.args[1]) || !one_element(&k.args[2]) {
+        bail!("static_quant_matmul takes a per-tensor (one element) input scale and offset");
+    }
+    let (kc, nc) = (st(&x.shape[1], "int8 matmul K")?, st(&w.shape[0], "int8 matmul N")?);
+    cg.begin_kernel(&k.name);
+    let m = cg.dim(&x.shape[0])?;
+    let (xp, wp, op) = (cg.arg(0, x.dtype), cg.arg(3, w.dtype), cg.arg(6, out.dtype));
+    let (qb, deq) = (arg(cg, k, 4), arg(cg, k, 5));
+    let (sp, offp) = (arg(cg, k, 1), arg(cg, k, 2));
+    let s = cg.load_f(sp.0, cg.i64c(0), sp.1);
+    let o = cg.load_f(offp.0, cg.i64c(0), offp.1);
+    let xq = stack_row(cg, kc, "xq");
+    let cols = QUANT_MATMUL_COLS as i64;
+    let (kv, n) = (cg.i64c(kc as i64), cg.i64c(nc as i64));
+    cg.for_tiles(|cg, t| {
+        let j0 = cg.mul(t, cg.i64c(cols));
+        let j1 = cg.min(cg.add(j0, cg.i64c(cols)), n);
+        cg.for_range(cg.i64c(0), m, 1, |cg, row| {
+            quantize_row_static(cg, (xp, x.dtype), cg.mul(row, kv), kv, s, o, xq)?;
+            let obase = cg.mul(row, n);
+            cg.for_range(j0, j1, 1, |cg, j| {
+                let y = static_dot(cg, (xq, wp), j, kc, qb, deq)?;
+                cg.store_f(op, cg.add(obase, j), out.dtype, y);
+                Ok(())
+            })
+        })
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}
+
+/// `MoeGateUpStatic`: see `KernelKind`.
+pub(crate) fn moe_gate_up(cg: &mut Cg, k: &Kernel) -> Result<()> {
+    if k.args.len() != 16 {
+        bail!("moe_gate_up_static takes 16 arguments, found {}", k.args.len());
+    }
+    let (x, wg, q_out) = (&k.args[0], &k.args[5], &k.args[15]);
+    need_i8(wg, "the gate weight")?;
+    need_i8(&k.args[10], "the up weight")?;
+    need_i8(q_out, "the quantized output")?;
+    if wg.shape.len() != 3 || k.args[10].shape != wg.shape {
+        bail!("moe_gate_up_static takes gate and up weights of one [E, I, H] shape");
+    }
+    let experts = st(&wg.shape[0], "expert count")?;
+    let (i, h) = (st(&wg.shape[1], "expert intermediate size")?, st(&wg.shape[2], "hidden size")?);
+    cg.begin_kernel(&k.name);
+    let xp = cg.arg(0, x.dtype);
+    let (offsets, rows) = (cg.arg(1, DType::I64), cg.arg(2, DType::I64));
+    // Scale, offset, weight, quant bias, deq scale of the gate and the up
+    // projection; then the down projection's input scale and offset.
+    let gate: Vec<Arg> = (3..8).map(|j| arg(cg, k, j)).collect();
+    let up: Vec<Arg> = (8..13).map(|j| arg(cg, k, j)).collect();
+    let (ds, dof) = (arg(cg, k, 13), arg(cg, k, 14));
+    let qp = cg.arg(15, q_out.dtype);
+    let (xg, xu) = (stack_row(cg, h, "xg"), stack_row(cg, h, "xu"));
+    let (ic, hc) = (cg.i64c(i as i64), cg.i64c(h as i64));
+    cg.for_tiles(|cg, r| {
+        let e = expert_of(cg, offsets, experts, r)?;
+        let xbase = cg.mul(cg.load_i(rows, r), hc);
+        let (gs, go) = (cg.load_f(gate[0].0, e, gate[0].1), cg.load_f(gate[1].0, e, gate[1].1));
+        let (us, uo) = (cg.load_f(up[0].0, e, up[0].1), cg.load_f(up[1].0, e, up[1].1));
+        let (dsv, dov) = (cg.load_f(ds.0, e, ds.1), cg.load_f(dof.0, e, dof.1));
+        quantize_row_static(cg, (xp, x.dtype), xbase, hc, gs, go, xg)?;
+        quantize_row_static(cg, (xp, x.dtype), xbase, hc, us, uo, xu)?;
+        let (wrow0, qbase) = (cg.mul(e, ic), cg.mul(r, ic));
+        cg.for_range(cg.i64c(0), ic, 1, |cg, n| {
+            let c = cg.add(wrow0, n);
+            let g = static_dot(cg, (xg, gate[2].0), c, h, gate[3], gate[4])?;
+            let u = static_dot(cg, (xu, up[2].0), c, h, up[3], up[4])?;
+            let silu = cg.fmul(g.into(), cg.sigmoid(g.into()));
+            let a = cg.fmul(silu, u.into());
+            // The down projection's `quantize` of the activation.
+            let y = cg.fadd(cg.fdiv(a, dsv.into()), dov.into());
+            cg.store_i(qp, cg.add(qbase, n), quantize_value(cg, y.into_float_value()));
+            Ok(())
+        })
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}
+
+/// `MoeDownStatic`: see `KernelKind`.
+pub(crate) fn moe_down(cg: &mut Cg, k: &Kernel) -> Result<()> {
+    if k.args.len() != 7 {
+        bail!("moe_down_static takes 7 arguments, found {}", k.args.len());
+    }
+    let (a, wd, ys) = (&k.args[0], &k.args[3], &k.args[6]);
+    need_i8(a, "the quantized activation")?;
+    need_i8(wd, "the down weight")?;
+    if wd.shape.len() != 3 {
+        bail!("moe_down_static takes an [E, H, I] down weight");
+    }
+    let (experts, h, i) = (
+        st(&wd.shape[0], "expert count")?,
+        st(&wd.shape[1], "hidden size")?,
+        st(&wd.shape[2], "expert intermediate size")?,
+    );
+    cg.begin_kernel(&k.name);
+    let (ap, offp, rw) = (cg.arg(0, a.dtype), cg.arg(1, DType::I64), arg(cg, k, 2));
+    let (wp, qb, deq, yp) = (cg.arg(3, wd.dtype), arg(cg, k, 4), arg(cg, k, 5), cg.arg(6, ys.dtype));
+    let hc = cg.i64c(h as i64);
+    cg.for_tiles(|cg, r| {
+        let e = expert_of(cg, offp, experts, r)?;
+        let arow = cg.gep(ap, cg.mul(r, cg.i64c(i as i64)));
+        let row_w = cg.load_f(rw.0, r, rw.1);
+        let (wrow0, obase) = (cg.mul(e, hc), cg.mul(r, hc));
+        cg.for_range(cg.i64c(0), hc, 1, |cg, n| {
+            let y = static_dot(cg, (arow, wp), cg.add(wrow0, n), i, qb, deq)?;
+            // The dense form's `y * combine` (the routing weight).
+            let v = cg.fmul(y.into(), row_w.into()).into_float_value();
+            cg.store_f(yp, cg.add(obase, n), ys.dtype, v);
+            Ok(())
+        })
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}
+
+/// `QuantGateUpStatic`: see `KernelKind`.
+pub(crate) fn shared_gate_up(cg: &mut Cg, k: &Kernel) -> Result<()> {
+    if k.args.len() != 12 {
+        bail!("quant_gate_up_static takes 12 arguments, found {}", k.args.len());
+    }
+    let (x, wg, act) = (&k.args[0], &k.args[3], &k.args[11]);
+    need_i8(wg, "the gate weight")?;
+    need_i8(&k.args[8], "the up weight")?;
+    if x.shape.len() != 2 || wg.shape.len() != 2 || k.args[8].shape != wg.shape {
+        bail!("quant_gate_up_static takes a [T, H] activation and gate and up weights of one [I, H] shape");
+    }
+    if ![1, 2, 6, 7].iter().all(|j| one_element(&k.args[*j])) {
+        bail!("quant_gate_up_static takes per-tensor (one element) input scales and offsets");
+    }
+    let (i, h) = (st(&wg.shape[0], "shared expert intermediate size")?, st(&wg.shape[1], "hidden size")?);
+    cg.begin_kernel(&k.name);
+    let xp = cg.arg(0, x.dtype);
+    // Scale, offset, weight, quant bias, deq scale of the gate and the up projection.
+    let gate: Vec<Arg> = (1..6).map(|j| arg(cg, k, j)).collect();
+    let up: Vec<Arg> = (6..11).map(|j| arg(cg, k, j)).collect();
+    let ap = cg.arg(11, act.dtype);
+    let (gs, go) = (cg.load_f(gate[0].0, cg.i64c(0), gate[0].1), cg.load_f(gate[1].0, cg.i64c(0), gate[1].1));
+    let (us, uo) = (cg.load_f(up[0].0, cg.i64c(0), up[0].1), cg.load_f(up[1].0, cg.i64c(0), up[1].1));
+    let (xg, xu) = (stack_row(cg, h, "xg"), stack_row(cg, h, "xu"));
+    let (ic, hc) = (cg.i64c(i as i64), cg.i64c(h as i64));
+    cg.for_tiles(|cg, t| {
+        let xbase = cg.mul(t, hc);
+        quantize_row_static(cg, (xp, x.dtype), xbase, hc, gs, go, xg)?;
+        quantize_row_static(cg, (xp, x.dtype), xbase, hc, us, uo, xu)?;
+        let obase = cg.mul(t, ic);
+        cg.for_range(cg.i64c(0), ic, 1, |cg, n| {
+            let g = static_dot(cg, (xg, gate[2].0), n, h, gate[3], gate[4])?;
+            let u = static_dot(cg, (xu, up[2].0), n, h, up[3], up[4])?;
+            let silu = cg.fmul(g.into(), cg.sigmoid(g.into()));
+            let a = cg.fmul(silu, u.into()).into_float_value();
+            cg.store_f(ap, cg.add(obase, n), act.dtype, a);
+            Ok(())
+        })
+    })?;
+    cg.finish_kernel();
+    Ok(())
+}
