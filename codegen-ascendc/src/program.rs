@@ -36,6 +36,9 @@ pub fn device_dtypes(p: &KernelProgram, act: DevType) -> Vec<DevType> {
             KernelKind::Quantize | KernelKind::Dequantize => &[1, 2],
             KernelKind::KvCacheWriteQuant => &[2, 3],
             KernelKind::PagedAttentionInt8 { .. } => &[6, 7, 8, 9],
+            KernelKind::MoeGateUpQuant => &[1, 5, 7, 9],
+            KernelKind::QuantGateUpQuant => &[1, 3, 5, 7],
+            KernelKind::MoeDownQuant => &[1, 3, 5],
             _ => &[],
         };
         for &i in f32_args {

@@ -77,6 +77,8 @@ fn storage(d: DType) -> Result<DevType> {
         DType::F16 => DevType::F16,
         DType::BF16 => DevType::BF16,
         DType::I64 => DevType::I64,
+        DType::I32 => DevType::I32,
+        DType::I8 => DevType::I8,
         other => bail!("weights of dtype {other} have no device encoding"),
     })
 }
@@ -90,7 +92,10 @@ pub fn device_weight_bytes(w: &PreparedWeight, prepared: &[u8], dev: DevType) ->
     if st == dev {
         return Ok(rm);
     }
-    if st == DevType::I64 || dev == DevType::I64 {
+    // Integers (int64 indices, int8 weights, int32 quant biases) are
+    // stored as they are: a conversion would change their meaning.
+    let integer = |t: DevType| matches!(t, DevType::I64 | DevType::I32 | DevType::I8);
+    if integer(st) || integer(dev) {
         bail!("weight `{}`: cannot convert {st} to {dev}", w.name);
     }
     Ok(encode(dev, &decode(st, &rm)))
