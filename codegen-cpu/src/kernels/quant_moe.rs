@@ -137,6 +137,46 @@ pub(crate) fn gate_up_quant(cg: &mut Cg, k: &Kernel, routed: bool) -> Result<()>
     Ok(())
 }
 
+/// The routed down projection's rows (`MoeDownQuant`, `MoeDownStatic`):
+/// sorted row `r` of the int8 activation `a` (`[S, I]`) against each of
+/// its expert's `h` weight rows, times the row's routing weight, into `y`
+/// (`[S, H]`). The weight rows of expert `e` start at row `e * h`.
+pub(super) struct DownRows<'c> {
+    pub offsets: PointerValue<'c>,
+    pub experts: usize,
+    pub h: usize,
+    pub i: usize,
+    pub a: PointerValue<'c>,
+    pub routing_weight: (PointerValue<'c>, DType),
+    pub y: (PointerValue<'c>, DType),
+}
+
+/// One tile per sorted row: `per_row` loads what the row's dequant needs
+/// (once per row, not per column), `dot` is the dequantized dot product of
+/// the activation row with weight row `c`; each result is scaled by the
+/// routing weight (the finalize's `weight * y`, commutative, so exact).
+pub(super) fn weighted_down_rows<'c, R>(
+    cg: &mut Cg<'c>,
+    rows: DownRows<'c>,
+    per_row: impl FnOnce(&mut Cg<'c>, IntValue<'c>) -> R,
+    dot: impl FnOnce(&mut Cg<'c>, R, PointerValue<'c>, IntValue<'c>) -> Result<FloatValue<'c>>,
+) -> Result<()> {
+    let hc = cg.i64c(rows.h as i64);
+    cg.for_tiles(|cg, r| {
+        let e = expert_of(cg, rows.offsets, rows.experts, r)?;
+        let arow = cg.gep(rows.a, cg.mul(r, cg.i64c(rows.i as i64)));
+        let row_w = cg.load_f(rows.routing_weight.0, r, rows.routing_weight.1);
+        let row = per_row(cg, r);
+        let (wrow0, obase) = (cg.mul(e, hc), cg.mul(r, hc));
+        cg.for_range(cg.i64c(0), hc, 1, |cg, n| {
+            let y = dot(cg, row, arow, cg.add(wrow0, n))?;
+            let v = cg.fmul(y.into(), row_w.into()).into_float_value();
+            cg.store_f(rows.y.0, cg.add(obase, n), rows.y.1, v);
+            Ok(())
+        })
+    })
+}
+
 /// `MoeDownQuant`: see `KernelKind`.
 pub(crate) fn down_quant(cg: &mut Cg, k: &Kernel) -> Result<()> {
     let (a, wd, ys) = (&k.args[0], &k.args[4], &k.args[6]);
@@ -148,24 +188,23 @@ pub(crate) fn down_quant(cg: &mut Cg, k: &Kernel) -> Result<()> {
         st(&wd.shape[2], "expert intermediate size")?,
     );
     cg.begin_kernel(&k.name);
-    let (ap, asp, offp, rwp) =
-        (cg.arg(0, a.dtype), cg.arg(1, k.args[1].dtype), cg.arg(2, DType::I64), cg.arg(3, k.args[3].dtype));
-    let (wp, ws, yp) = (cg.arg(4, wd.dtype), (cg.arg(5, k.args[5].dtype), k.args[5].dtype), cg.arg(6, ys.dtype));
-    let hc = cg.i64c(h as i64);
-    cg.for_tiles(|cg, r| {
-        let e = expert_of(cg, offp, experts, r)?;
-        let arow = cg.gep(ap, cg.mul(r, cg.i64c(i as i64)));
-        let a_scale = cg.load_f(asp, r, k.args[1].dtype);
-        let row_w = cg.load_f(rwp, r, k.args[3].dtype);
-        let (wrow0, obase) = (cg.mul(e, hc), cg.mul(r, hc));
-        cg.for_range(cg.i64c(0), hc, 1, |cg, n| {
-            let y = dequant_dot(cg, arow, wp, cg.add(wrow0, n), i, ws, a_scale)?;
-            // The finalize's `weight * y` (commutative, so exact).
-            let v = cg.fmul(y.into(), row_w.into()).into_float_value();
-            cg.store_f(yp, cg.add(obase, n), ys.dtype, v);
-            Ok(())
-        })
-    })?;
+    let (ap, asp, offsets) = (cg.arg(0, a.dtype), cg.arg(1, k.args[1].dtype), cg.arg(2, DType::I64));
+    let rows = DownRows {
+        offsets,
+        experts,
+        h,
+        i,
+        a: ap,
+        routing_weight: (cg.arg(3, k.args[3].dtype), k.args[3].dtype),
+        y: (cg.arg(6, ys.dtype), ys.dtype),
+    };
+    let (wp, ws) = (cg.arg(4, wd.dtype), (cg.arg(5, k.args[5].dtype), k.args[5].dtype));
+    weighted_down_rows(
+        cg,
+        rows,
+        |cg, r| cg.load_f(asp, r, k.args[1].dtype),
+        |cg, a_scale, arow, c| dequant_dot(cg, arow, wp, c, i, ws, a_scale),
+    )?;
     cg.finish_kernel();
     Ok(())
 }

@@ -14,7 +14,7 @@
 //! - `QuantGateUpStatic`: the shared expert's gate, up and SwiGLU.
 
 use super::quant::{dot_i8, load_i32, load_scale, quantize_row_static, quantize_value};
-use super::quant_moe::{expert_of, need_i8, st};
+use super::quant_moe::{expert_of, need_i8, st, weighted_down_rows, DownRows};
 use crate::cg::{Cg, Ok_};
 use anyhow::{bail, Result};
 use inkwell::values::{FloatValue, IntValue, PointerValue};
@@ -155,7 +155,7 @@ pub(crate) fn moe_down(cg: &mut Cg, k: &Kernel) -> Result<()> {
     if k.args.len() != 7 {
         bail!("moe_down_static takes 7 arguments, found {}", k.args.len());
     }
-    let (a, wd, ys) = (&k.args[0], &k.args[3], &k.args[6]);
+    let (a, wd) = (&k.args[0], &k.args[3]);
     need_i8(a, "the quantized activation")?;
     need_i8(wd, "the down weight")?;
     if wd.shape.len() != 3 {
@@ -167,22 +167,17 @@ pub(crate) fn moe_down(cg: &mut Cg, k: &Kernel) -> Result<()> {
         st(&wd.shape[2], "expert intermediate size")?,
     );
     cg.begin_kernel(&k.name);
-    let (ap, offp, rw) = (cg.arg(0, a.dtype), cg.arg(1, DType::I64), arg(cg, k, 2));
-    let (wp, qb, deq, yp) = (cg.arg(3, wd.dtype), arg(cg, k, 4), arg(cg, k, 5), cg.arg(6, ys.dtype));
-    let hc = cg.i64c(h as i64);
-    cg.for_tiles(|cg, r| {
-        let e = expert_of(cg, offp, experts, r)?;
-        let arow = cg.gep(ap, cg.mul(r, cg.i64c(i as i64)));
-        let row_w = cg.load_f(rw.0, r, rw.1);
-        let (wrow0, obase) = (cg.mul(e, hc), cg.mul(r, hc));
-        cg.for_range(cg.i64c(0), hc, 1, |cg, n| {
-            let y = static_dot(cg, (arow, wp), cg.add(wrow0, n), i, qb, deq)?;
-            // The dense form's `y * combine` (the routing weight).
-            let v = cg.fmul(y.into(), row_w.into()).into_float_value();
-            cg.store_f(yp, cg.add(obase, n), ys.dtype, v);
-            Ok(())
-        })
-    })?;
+    let rows = DownRows {
+        offsets: cg.arg(1, DType::I64),
+        experts,
+        h,
+        i,
+        a: cg.arg(0, a.dtype),
+        routing_weight: arg(cg, k, 2),
+        y: arg(cg, k, 6),
+    };
+    let (wp, qb, deq) = (cg.arg(3, wd.dtype), arg(cg, k, 4), arg(cg, k, 5));
+    weighted_down_rows(cg, rows, |_, _| (), |cg, (), arow, c| static_dot(cg, (arow, wp), c, i, qb, deq))?;
     cg.finish_kernel();
     Ok(())
 }
