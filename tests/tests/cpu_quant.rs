@@ -242,11 +242,11 @@ fn static_w8a8_with_int8_kv_cache_compiles_and_matches_the_interpreter_on_every_
     for k in ["static_quant_matmul", "kv_cache_write_quant", "paged_attention_int8"] {
         assert!(kinds.contains(&k), "{k} in {kinds:?}");
     }
-    // Every other 2-d projection (q, k, v, o and the shared expert's down)
-    // quantizes its own input inside its int8 matmul.
+    // Every other 2-d projection (q, k and v merged into one, o and the
+    // shared expert's down) quantizes its own input inside its int8 matmul.
     let launches = |kind: &str| p.launches.iter().filter(|l| p.kernels[l.kernel].kind.mnemonic() == kind).count();
     let layers = 2;
-    assert_eq!(launches("static_quant_matmul"), 5 * layers, "{kinds:?}");
+    assert_eq!(launches("static_quant_matmul"), 3 * layers, "{kinds:?}");
     // The shared expert's gate, up and SwiGLU are one launch.
     assert_eq!(launches("quant_gate_up_static"), layers, "{kinds:?}");
     // The routed experts run over the selected (token, expert) pairs only,

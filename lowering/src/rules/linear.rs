@@ -1,5 +1,6 @@
-//! Projections: `matmul-bias`, `merge-qkv` (and its W8A8_DYNAMIC form
-//! `merge-qkv-quant`), `swiglu`, `merge-gate-up`.
+//! Projections: `matmul-bias`, `merge-qkv` (and its W8A8_DYNAMIC and
+//! static W8A8 forms `merge-qkv-quant`, `merge-qkv-static`), `swiglu`,
+//! `merge-gate-up`.
 
 use super::{check, Cx, Rule};
 use egg::Id;
@@ -26,6 +27,14 @@ pub fn rules() -> Vec<Rule> {
              ?k = (add (quant_matmul_per_token ?xq ?wk ?sk ?xs) ?bk), \
              ?v = (add (quant_matmul_per_token ?xq ?wv ?sv ?xs) ?bv)",
             merge_qkv_quant,
+        ),
+        Rule::multi(
+            "merge-qkv-static",
+            "three static W8A8 projections of one quantized input  ->  one quant_matmul on concatenated weights, quant biases and deq scales + split",
+            "?q = (quant_matmul ?xq ?wq ?bq ?dq), \
+             ?k = (quant_matmul ?xq ?wk ?bk ?dk), \
+             ?v = (quant_matmul ?xq ?wv ?bv ?dv)",
+            merge_qkv_static,
         ),
         Rule::patterns("swiglu", "(g * sigmoid(g)) * u  ->  swiglu(g, u)", &["(mul (mul ?g (sigmoid ?g)) ?u)"], swiglu),
         Rule::patterns(
@@ -87,6 +96,31 @@ fn merge_qkv_quant(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
     let b = cx.add_named(Op::Concat { axis: 0 }, &bs, Some("qkv_bias"))?;
     let mm = cx.add_named(Op::QuantMatMulPerToken, &[xq, w, s, xs], Some("qkv_mm"))?;
     let y = cx.add_named(Op::Binary(panguc_ir::op::BinaryOp::Add), &[mm, b], Some("qkv"))?;
+    let s = cx.add_named(Op::Split { axis: 1, sizes: rows }, &[y], Some("qkv_split"))?;
+    let outs = [cx.var("?q"), cx.var("?k"), cx.var("?v")];
+    Some(outs.iter().enumerate().map(|(i, o)| (*o, cx.proj(s, i))).collect())
+}
+
+/// `merge-qkv` for static W8A8 projections reading one quantized input
+/// (the importer quantizes the row once when q, k and v share their input
+/// scale and offset): output column `n` of the merged matmul is
+/// `f32(acc + quant_bias[n]) * deq_scale[n]` of weight row `n`, exactly
+/// as in the projection it came from. Same guards as `merge-qkv-quant`;
+/// quant biases and deq scales are vectors over the output columns.
+fn merge_qkv_static(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    let ws = [cx.var("?wq"), cx.var("?wk"), cx.var("?wv")].map(|w| cx.find(w));
+    let bs = [cx.var("?bq"), cx.var("?bk"), cx.var("?bv")];
+    let ds = [cx.var("?dq"), cx.var("?dk"), cx.var("?dv")];
+    check(ws[0] < ws[1] && ws[1] < ws[2])?;
+    check(ws.iter().all(|w| cx.is_weight_param(*w) && cx.ty(*w).is_some_and(|t| t.rank() == 2)))?;
+    check(bs.iter().chain(&ds).all(|v| cx.weight_only(*v) && cx.ty(*v).is_some_and(|t| t.rank() == 1)))?;
+    let xq = cx.var("?xq");
+    check(!cx.weight_only(xq) && cx.ty(xq)?.rank() == 2)?;
+    let rows: Vec<usize> = ws.iter().map(|w| cx.ty(*w)?.shape.first()?.as_const()).collect::<Option<_>>()?;
+    let w = cx.add_named(Op::Concat { axis: 0 }, &ws, Some("qkv_weight"))?;
+    let b = cx.add_named(Op::Concat { axis: 0 }, &bs, Some("qkv_quant_bias"))?;
+    let d = cx.add_named(Op::Concat { axis: 0 }, &ds, Some("qkv_deq_scale"))?;
+    let y = cx.add_named(Op::QuantMatMul, &[xq, w, b, d], Some("qkv"))?;
     let s = cx.add_named(Op::Split { axis: 1, sizes: rows }, &[y], Some("qkv_split"))?;
     let outs = [cx.var("?q"), cx.var("?k"), cx.var("?v")];
     Some(outs.iter().enumerate().map(|(i, o)| (*o, cx.proj(s, i))).collect())
