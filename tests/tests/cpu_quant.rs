@@ -8,8 +8,8 @@
 //! backend's tolerance), and the int8 values really are int8 in the
 //! package (weights, quantized activations, the paged KV cache, which is
 //! quantized inside the KV-write kernel and dequantized inside paged
-//! attention). The W8A8_DYNAMIC program launches no more kernels per
-//! decoder layer than the bf16 one (static W8A8 does not yet).
+//! attention). The W8A8_DYNAMIC and static W8A8 programs launch no more
+//! kernels per decoder layer than the bf16 one.
 
 mod common;
 
@@ -156,15 +156,15 @@ fn w8a8_dynamic_program_takes_no_more_launches_per_layer_than_bf16() {
     assert_no_more_launches_per_layer_than_bf16(&[("W8A8_DYNAMIC", Scheme::W8A8Dynamic, false)]);
 }
 
-/// Static W8A8 (with and without the int8 KV cache). Not met yet (issue 11
-/// item 5): the projections quantize their own input
-/// (`static_quant_matmul`) and the routed experts take the bf16 MoE's
-/// launches (the residual sum inside `moe_combine`) and the shared
-/// expert's gate/up/SwiGLU is one launch, but q, k, v are three int8
-/// matmuls with their ropes and cache writes as separate launches: 19
-/// launches per layer against bf16's 14.
+/// Static W8A8 (with and without the int8 KV cache): the projections
+/// quantize their own input (`static_quant_matmul`), q, k and v (one
+/// quantized input: equal input scales and offsets) are one int8 matmul
+/// followed by one rope + cache-write launch (`qkv_rope_cache_write`, or
+/// `qkv_rope_cache_write_quant` into the int8 caches), the shared
+/// expert's gate/up/SwiGLU is one launch and the routed experts take the
+/// bf16 MoE's launches (the residual sum inside `moe_combine`): 14
+/// launches per layer, as bf16.
 #[test]
-#[ignore = "not met yet: static W8A8's q/k/v, ropes and cache writes are separate launches (19 per layer vs bf16 14)"]
 fn static_w8a8_programs_take_no_more_launches_per_layer_than_bf16() {
     assert_no_more_launches_per_layer_than_bf16(&[("W8A8", Scheme::W8A8, false), ("W8A8 + C8", Scheme::W8A8, true)]);
 }
@@ -239,7 +239,7 @@ fn static_w8a8_with_int8_kv_cache_compiles_and_matches_the_interpreter_on_every_
     // The paged caches are int8: a quarter of the f32 bytes.
     assert!(p.caches.iter().all(|c| p.buffer(*c).dtype == DType::I8));
     let kinds: Vec<&str> = p.kernels.iter().map(|k| k.kind.mnemonic()).collect();
-    for k in ["static_quant_matmul", "kv_cache_write_quant", "paged_attention_int8"] {
+    for k in ["static_quant_matmul", "qkv_rope_cache_write_quant", "paged_attention_int8"] {
         assert!(kinds.contains(&k), "{k} in {kinds:?}");
     }
     // Every other 2-d projection (q, k and v merged into one, o and the
@@ -247,6 +247,12 @@ fn static_w8a8_with_int8_kv_cache_compiles_and_matches_the_interpreter_on_every_
     let launches = |kind: &str| p.launches.iter().filter(|l| p.kernels[l.kernel].kind.mnemonic() == kind).count();
     let layers = 2;
     assert_eq!(launches("static_quant_matmul"), 3 * layers, "{kinds:?}");
+    // k roped and v quantized per channel into the int8 caches by the
+    // launch that ropes q: no separate rope or cache write.
+    assert_eq!(launches("qkv_rope_cache_write_quant"), layers, "{kinds:?}");
+    for separate in ["rope", "kv_cache_write_quant", "kv_cache_write"] {
+        assert_eq!(launches(separate), 0, "{separate} in {kinds:?}");
+    }
     // The shared expert's gate, up and SwiGLU are one launch.
     assert_eq!(launches("quant_gate_up_static"), layers, "{kinds:?}");
     // The routed experts run over the selected (token, expert) pairs only,
