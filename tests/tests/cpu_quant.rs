@@ -173,6 +173,62 @@ fn program(pkg_dir: &Path) -> panguc_ir::kernel::KernelProgram {
     open_tier(pkg_dir, BASELINE).program().clone()
 }
 
+/// How many launches of `p` run a kernel of kind `mnemonic`.
+fn launches_of(p: &panguc_ir::kernel::KernelProgram, mnemonic: &str) -> usize {
+    p.launches.iter().filter(|l| p.kernels[l.kernel].kind.mnemonic() == mnemonic).count()
+}
+
+/// Overwrites the one-element f32 tensor `name` of a single-file
+/// safetensors checkpoint in place (the file's JSON header gives its byte
+/// range after the header).
+fn set_f32_scalar(dir: &Path, name: &str, value: f32) {
+    let (dtype, shape, file) = Checkpoint::open(dir).unwrap().tensor_info(name).unwrap();
+    assert_eq!((dtype, shape), (DType::F32, vec![1]), "{name}");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let at = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(&file, bytes).unwrap();
+}
+
+/// Static W8A8 (no C8) of the tiny model: calibration gives q, k and v one
+/// input range, so the normed row is quantized once and the three
+/// projections are one int8 matmul and one rope + cache-write launch.
+/// With layer 1's k input scale changed (as a checkpoint calibrated per
+/// module could store), the layer function quantizes the row per
+/// projection again: three int8 matmuls with their own ropes and cache
+/// writes. Both compile to what the interpreter computes.
+#[test]
+fn static_w8a8_merges_q_k_v_only_when_their_input_scales_are_equal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("w8a8");
+    let opts = QuantizeOptions { scheme: Scheme::W8A8, kv_int8: false, calib: calibration(), smooth_alpha: None };
+    write_quantized(&checkpoint(), &q, &opts).unwrap();
+    let layers = 2;
+    let pkg = tmp.path().join("pkg");
+    check("W8A8", &q, &pkg);
+    let p = program(&pkg);
+    // q/k/v, o and the shared expert's down.
+    assert_eq!(launches_of(&p, "static_quant_matmul"), 3 * layers);
+    assert_eq!(launches_of(&p, "qkv_rope_cache_write"), layers);
+    for separate in ["rope", "kv_cache_write", "quantize"] {
+        assert_eq!(launches_of(&p, separate), 0, "{separate}");
+    }
+
+    use panguc_ir::WeightSource;
+    let name = "model.layers.1.self_attn.k_proj.input_scale";
+    let scale = Checkpoint::open(&q).unwrap().load_f32(name, &[1]).unwrap().as_f32()[0];
+    set_f32_scalar(&q, name, scale * 1.25);
+    let pkg = tmp.path().join("pkg_unequal");
+    check("W8A8 with unequal q/k/v input scales", &q, &pkg);
+    let p = program(&pkg);
+    assert_eq!(launches_of(&p, "static_quant_matmul"), 5 * layers);
+    assert_eq!(launches_of(&p, "rope"), 2 * layers);
+    assert_eq!(launches_of(&p, "kv_cache_write"), 2 * layers);
+    assert_eq!(launches_of(&p, "qkv_rope_cache_write"), 0);
+}
+
 #[test]
 fn w8a8_dynamic_checkpoint_compiles_and_matches_the_interpreter_on_every_tier() {
     let tmp = tempfile::tempdir().unwrap();
