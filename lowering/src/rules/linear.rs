@@ -226,6 +226,46 @@ mod tests {
         assert_eq!((r.count_op("quant_matmul_per_token"), r.count_op("split")), (1, 1), "{}", r.text);
     }
 
+    /// The importer's static W8A8 q/k/v: the input quantized with one
+    /// per-tensor scale and offset (shared: a scale per projection, as
+    /// `shared` false builds, is three quantizations the rule leaves
+    /// alone), three int8 projections with quant biases and deq scales.
+    fn static_qkv_graph(shared: bool) -> G {
+        let mut g = G::new();
+        let x = g.input("x", &[tok(), c(8)]);
+        let quantized = |g: &mut G, name: &str| {
+            let s = g.weight(&format!("{name}.input_scale"), DType::F32, &[1]);
+            let o = g.weight(&format!("{name}.input_offset"), DType::F32, &[1]);
+            g.op(Op::Quantize, &[x, s, o])
+        };
+        let xq = quantized(&mut g, "q_proj");
+        for (name, rows) in [("q", 8), ("k", 4), ("v", 4)] {
+            let module = format!("{name}_proj");
+            let xq = if shared || name == "q" { xq } else { quantized(&mut g, &module) };
+            let w = g.weight(&format!("{module}.weight"), DType::I8, &[rows, 8]);
+            let b = g.weight(&format!("{module}.quant_bias"), DType::I32, &[rows]);
+            let d = g.weight(&format!("{module}.deq_scale"), DType::F32, &[rows]);
+            let y = g.op(Op::QuantMatMul, &[xq, w, b, d]);
+            g.output(y);
+        }
+        g
+    }
+
+    #[test]
+    fn merge_qkv_static_fires_once_and_preserves_numbers() {
+        let r = check_rule(static_qkv_graph(true), &["merge-qkv-static"], 3);
+        assert_eq!(r.fired("merge-qkv-static"), 1, "one canonical triple, not six permutations");
+        r.assert_fired("merge-qkv-static");
+        assert_eq!((r.count_op("quant_matmul"), r.count_op("split"), r.count_op("quantize")), (1, 1, 1), "{}", r.text);
+    }
+
+    #[test]
+    fn merge_qkv_static_needs_one_quantized_input() {
+        let r = check_rule(static_qkv_graph(false), &["merge-qkv-static"], 3);
+        assert_eq!(r.fired("merge-qkv-static"), 0, "{}", r.text);
+        assert_eq!((r.count_op("quant_matmul"), r.count_op("quantize")), (3, 3), "{}", r.text);
+    }
+
     #[test]
     fn merge_qkv_without_its_guards_blows_up() {
         // The same multi-pattern with the ordering and "checkpoint weight"
