@@ -150,10 +150,14 @@ fn assert_no_more_launches_per_layer_than_bf16(schemes: &[(&str, Scheme, bool)])
 /// W8A8_DYNAMIC: the o projection's int8 matmul quantizes its input and
 /// adds its bias and the residual itself (`dyn_quant_matmul`), so the next
 /// norm is one `rms_norm_quant` where bf16 has `add_rms_norm`: 14 launches
-/// per layer, as bf16.
+/// per layer, as bf16. With the int8 KV cache too: the merged q/k/v's
+/// ropes and quantizing cache writes are one `qkv_rope_cache_write_quant`.
 #[test]
 fn w8a8_dynamic_program_takes_no_more_launches_per_layer_than_bf16() {
-    assert_no_more_launches_per_layer_than_bf16(&[("W8A8_DYNAMIC", Scheme::W8A8Dynamic, false)]);
+    assert_no_more_launches_per_layer_than_bf16(&[
+        ("W8A8_DYNAMIC", Scheme::W8A8Dynamic, false),
+        ("W8A8_DYNAMIC + C8", Scheme::W8A8Dynamic, true),
+    ]);
 }
 
 /// Static W8A8 (with and without the int8 KV cache): the projections
