@@ -22,7 +22,7 @@ const D: usize = 8;
 
 mod common;
 
-use common::{bytes_f32, bytes_i64, f32s, kernel};
+use common::{bytes_f32, bytes_i64, f32s, i8_bytes, i8s, kernel};
 
 fn spec(dtype: DType, shape: Vec<Dim>) -> ArgSpec {
     common::spec(dtype, shape, Layout::RowMajor)
@@ -221,6 +221,82 @@ fn qkv_rope_cache_write_matches_the_interpreter_bit_for_bit() {
         // Untouched slots keep their old contents in both.
         assert_bits(&f32s(&bufs[5]), want[1].as_f32(), "k cache");
         assert_bits(&f32s(&bufs[6]), want[2].as_f32(), "v cache");
+    })
+    .unwrap();
+}
+
+/// The int8 (C8) form: k roped, then k and v quantized per channel into
+/// int8 caches; the interpreter's `qkv_rope` (over empty caches: just the
+/// new rows), `quantize` and `kv_cache_write` give the reference. The
+/// scales make some values clamp at the int8 range.
+#[test]
+fn qkv_rope_cache_write_quant_matches_the_interpreter_exactly() {
+    let m = step();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
+    let width = (HQ + 2 * HKV) * D;
+    let y = random(&mut rng, vec![m.tokens(), width]);
+    let eye =
+        Tensor::f32(vec![width, width], (0..width * width).map(|i| (i / width == i % width) as u8 as f32).collect());
+    let zero = Tensor::zeros(vec![width]);
+    let pos = Tensor::i64(vec![m.tokens()], m.positions.iter().map(|&p| p as i64).collect());
+    let (cos, sin) = (rope_table(&pos, RopeKind::Cos, 10000.0, D), rope_table(&pos, RopeKind::Sin, 10000.0, D));
+    let empty = Tensor::zeros(vec![0, HKV, D]);
+    let op = Op::QkvRope { q_heads: HQ, kv_heads: HKV };
+    let rows = eval_pure(&op, &[&y, &eye, &zero, &cos, &sin, &empty, &empty]).unwrap();
+    let per_channel = |rng: &mut rand_chacha::ChaCha8Rng, lo: f32, hi: f32| {
+        Tensor::f32(vec![HKV, D], (0..HKV * D).map(|_| rng.random_range(lo..hi)).collect())
+    };
+    let (ks, ko) = (per_channel(&mut rng, 0.004, 0.02), per_channel(&mut rng, -3.0, 3.0));
+    let (vs, vo) = (per_channel(&mut rng, 0.004, 0.02), per_channel(&mut rng, -3.0, 3.0));
+    let old_cache = |rng: &mut rand_chacha::ChaCha8Rng| {
+        let n = cache_shape().iter().product();
+        Tensor::i64(cache_shape(), (0..n).map(|_| rng.random_range(-128i64..128)).collect())
+    };
+    let (kc, vc) = (old_cache(&mut rng), old_cache(&mut rng));
+    let slots = &m.tensors()[4];
+    let quantized = |x: &Tensor, s: &Tensor, o: &Tensor| eval_pure(&Op::Quantize, &[x, s, o]).unwrap().remove(0);
+    let want_k = batched::kv_cache_write(&kc, &quantized(&rows[1], &ks, &ko), slots).unwrap();
+    let want_v = batched::kv_cache_write(&vc, &quantized(&rows[2], &vs, &vo), slots).unwrap();
+    let clamped = want_k.as_i64().iter().chain(want_v.as_i64()).filter(|v| v.abs() >= 127).count();
+    assert!(clamped > 0, "no value reaches the int8 range: the clamp is untested");
+
+    let t = Dim::tokens();
+    let channel = || spec(DType::F32, vec![Dim::c(HKV), Dim::c(D)]);
+    let args = vec![
+        spec(DType::F32, vec![t.clone(), Dim::c(width)]),
+        spec(DType::F32, vec![t.clone(), Dim::c(D)]),
+        spec(DType::F32, vec![t.clone(), Dim::c(D)]),
+        spec(DType::I64, vec![t.clone()]),
+        channel(),
+        channel(),
+        channel(),
+        channel(),
+        spec(DType::F32, vec![t, Dim::c(HQ), Dim::c(D)]),
+        spec(DType::I8, paged_cache_dims()),
+        spec(DType::I8, paged_cache_dims()),
+    ];
+    let kind = KernelKind::QkvRopeCacheWriteQuant { q_heads: HQ, kv_heads: HKV };
+    let k = kernel("qkv_rope_cache_write_quant", kind, args, Extent::constant(0));
+    let tiles = k.tiles.eval(&bindings(&m)).unwrap();
+    with_jit(&program(vec![k]), &tier(), |get| {
+        let mut bufs = vec![
+            bytes_f32(y.as_f32()),
+            bytes_f32(cos.as_f32()),
+            bytes_f32(sin.as_f32()),
+            bytes_i64(&m.slot_mapping),
+            bytes_f32(ks.as_f32()),
+            bytes_f32(ko.as_f32()),
+            bytes_f32(vs.as_f32()),
+            bytes_f32(vo.as_f32()),
+            vec![0u8; m.tokens() * HQ * D * 4],
+            i8_bytes(kc.as_i64()),
+            i8_bytes(vc.as_i64()),
+        ];
+        run(get("qkv_rope_cache_write_quant").expect("symbol"), &mut bufs, &m, tiles, 0);
+        assert_bits(&f32s(&bufs[8]), rows[0].as_f32(), "q");
+        // Untouched slots keep their old contents in both.
+        assert_eq!(i8s(&bufs[9]), want_k.as_i64(), "k cache");
+        assert_eq!(i8s(&bufs[10]), want_v.as_i64(), "v cache");
     })
     .unwrap();
 }

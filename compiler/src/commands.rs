@@ -651,8 +651,36 @@ fn import_quantized(
         }
     }
     let has_tensor = |name: &str| ckpt.has_tensor(name);
-    let plan = crate::import::QuantPlan { linear: &linear, kv_int8: quant.kv_int8, has_tensor: &has_tensor };
+    let plan = crate::import::QuantPlan {
+        linear: &linear,
+        kv_int8: quant.kv_int8,
+        has_tensor: &has_tensor,
+        shared_qkv_input: shared_qkv_input(ckpt, &linear),
+    };
     crate::import::build_quant_module(cfg, dtype_of, kv, &plan)
+}
+
+/// True when every layer's q, k and v projections are static W8A8 with
+/// bitwise equal `input_scale` and `input_offset` tensors (see
+/// `QuantPlan::shared_qkv_input`); a missing or unreadable tensor counts
+/// as not shared (the import then reports it where it is read).
+fn shared_qkv_input(ckpt: &Checkpoint, linear: &dyn Fn(&str) -> crate::frontend::quant::QuantType) -> bool {
+    let cfg = ckpt.config();
+    (0..cfg.num_hidden_layers).all(|l| {
+        let module = |p: &str| format!("model.layers.{l}.self_attn.{p}_proj");
+        let modules = ["q", "k", "v"].map(module);
+        let all_static = modules.iter().all(|m| linear(m) == crate::frontend::quant::QuantType::W8A8);
+        all_static
+            && ["input_scale", "input_offset"].iter().all(|what| {
+                let info = |m: &String| {
+                    let name = format!("{m}.{what}");
+                    let (dtype, shape, _) = ckpt.tensor_info(&name)?;
+                    Some((dtype, shape, ckpt.tensor_bytes(&name).ok()?.to_vec()))
+                };
+                let first = info(&modules[0]);
+                first.is_some() && modules[1..].iter().all(|m| info(m) == first)
+            })
+    })
 }
 
 #[derive(Args, Debug, Clone)]

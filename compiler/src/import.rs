@@ -60,6 +60,12 @@ pub struct QuantPlan<'a> {
     pub kv_int8: bool,
     /// Whether a tensor is stored (a smoothed norm's optional bias).
     pub has_tensor: &'a dyn Fn(&str) -> bool,
+    /// Every layer's static W8A8 q, k and v projections carry bitwise
+    /// equal `input_scale` and `input_offset` (they read the same normed
+    /// row, so a calibration gives them one range): the row is quantized
+    /// once and read by all three int8 matmuls, which `merge-qkv-static`
+    /// can then merge into one. Otherwise each quantizes it itself.
+    pub shared_qkv_input: bool,
 }
 
 /// Build the module of a quantized checkpoint: every W8A8 / W8A8_DYNAMIC
@@ -216,19 +222,58 @@ impl B<'_> {
                 self.op(Op::QuantMatMulPerToken, &[q[0], w, scale, q[1]], name)
             }
             QuantType::W8A8 => {
-                // Per-tensor activation scale, [E, 1, 1] per expert when stacked
-                // (one quantized copy of the activation per expert).
-                let act_shape = if stacked { vec![Dim::c(parts.len()), Dim::c(1), Dim::c(1)] } else { vec![Dim::c(1)] };
-                let s = self.per_module(&modules, "input_scale", &[1], &format!("{name}_iscale_stack"))?;
-                let s = self.reshape(s, act_shape.clone(), &format!("{name}_iscale"))?;
-                let o = self.per_module(&modules, "input_offset", &[1], &format!("{name}_ioffset_stack"))?;
-                let o = self.reshape(o, act_shape, &format!("{name}_ioffset"))?;
-                let xq = self.op(Op::Quantize, &[x, s, o], &format!("{name}_xq"))?;
-                let qb = self.per_module(&modules, "quant_bias", &[n], &format!("{name}_qbias"))?;
-                let deq = self.per_module(&modules, "deq_scale", &[n], &format!("{name}_deq"))?;
-                self.op(Op::QuantMatMul, &[xq, w, qb, deq], name)
+                let xq = self.static_quantize(x, &modules, name)?;
+                self.static_matmul(xq, w, &modules, n, name)
             }
         }
+    }
+    /// Static W8A8 input quantization of `x` with the per-tensor
+    /// `input_scale`/`input_offset` of `modules`, `[E, 1, 1]` per expert
+    /// when there are several (one quantized copy of the activation per
+    /// expert).
+    fn static_quantize(&mut self, x: ValueId, modules: &[String], name: &str) -> R<ValueId> {
+        let act_shape =
+            if modules.len() > 1 { vec![Dim::c(modules.len()), Dim::c(1), Dim::c(1)] } else { vec![Dim::c(1)] };
+        let s = self.per_module(modules, "input_scale", &[1], &format!("{name}_iscale_stack"))?;
+        let s = self.reshape(s, act_shape.clone(), &format!("{name}_iscale"))?;
+        let o = self.per_module(modules, "input_offset", &[1], &format!("{name}_ioffset_stack"))?;
+        let o = self.reshape(o, act_shape, &format!("{name}_ioffset"))?;
+        self.op(Op::Quantize, &[x, s, o], &format!("{name}_xq"))
+    }
+    /// Static W8A8 int8 matmul of the quantized `xq` by `w` (`n` rows per
+    /// module) with the `quant_bias` and `deq_scale` of `modules`.
+    fn static_matmul(&mut self, xq: ValueId, w: ValueId, modules: &[String], n: usize, name: &str) -> R<ValueId> {
+        let qb = self.per_module(modules, "quant_bias", &[n], &format!("{name}_qbias"))?;
+        let deq = self.per_module(modules, "deq_scale", &[n], &format!("{name}_deq"))?;
+        self.op(Op::QuantMatMul, &[xq, w, qb, deq], name)
+    }
+    /// The q, k and v projections of the normed row `a`. With
+    /// [`QuantPlan::shared_qkv_input`] and static W8A8 projections the row
+    /// is quantized once (with q's scale and offset, equal to k's and v's)
+    /// for the three int8 matmuls; otherwise as three [`B::any_linear_bias`].
+    fn qkv(&mut self, a: ValueId, ws: [ValueId; 3], biases: [ValueId; 3]) -> R<[ValueId; 3]> {
+        let names = ["q", "k", "v"];
+        let mut modules = vec![];
+        let mut all_static = true;
+        for w in ws {
+            let (scheme, mut m) = self.scheme(&[w])?;
+            all_static &= scheme == QuantType::W8A8;
+            modules.append(&mut m);
+        }
+        if !(all_static && self.quant.is_some_and(|q| q.shared_qkv_input)) {
+            let mut out = [a; 3];
+            for i in 0..3 {
+                out[i] = self.any_linear_bias(a, ws[i], biases[i], names[i])?;
+            }
+            return Ok(out);
+        }
+        let xq = self.static_quantize(a, &modules[..1], "qkv")?;
+        let mut out = [a; 3];
+        for i in 0..3 {
+            let n = self.f.ty(ws[i]).shape[0].as_const().ok_or("symbolic linear weight rows")?;
+            out[i] = self.static_matmul(xq, ws[i], &modules[i..=i], n, names[i])?;
+        }
+        Ok(out)
     }
     /// [`B::any_linear`] of one weight plus a float bias; a static W8A8
     /// module's bias is already folded into its quant_bias.
@@ -431,9 +476,7 @@ fn build_layer(
 
     // ---- attention ----
     let a = b.norm(x, ln1, eps, "attn_norm")?;
-    let q = b.any_linear_bias(a, wq, bq, "q")?;
-    let k = b.any_linear_bias(a, wk, bk, "k")?;
-    let v = b.any_linear_bias(a, wv, bv, "v")?;
+    let [q, k, v] = b.qkv(a, [wq, wk, wv], [bq, bk, bv])?;
     let q3 = b.reshape(q, vec![t.clone(), Dim::c(nh), Dim::c(d)], "q_heads")?;
     let k3 = b.reshape(k, vec![t.clone(), Dim::c(kvh), Dim::c(d)], "k_heads")?;
     let v3 = b.reshape(v, vec![t.clone(), Dim::c(kvh), Dim::c(d)], "v_heads")?;

@@ -167,7 +167,7 @@ pub fn published_program(cfg: &PanguConfig, fuse_opts: &FuseOptions) -> Result<M
     };
     let linear = |module: &str| if quantized(module) { QuantType::W8A8Dynamic } else { QuantType::Float };
     let no_tensor = |_: &str| false;
-    let plan = QuantPlan { linear: &linear, kv_int8: false, has_tensor: &no_tensor };
+    let plan = QuantPlan { linear: &linear, kv_int8: false, has_tensor: &no_tensor, shared_qkv_input: false };
     let kv = KvLayout::Paged { block_size: PUBLISHED_BLOCK_SIZE };
     let imported = build_quant_module(cfg, &dtype_of, kv, &plan).context("building the W8A8 program")?;
     let (fused, _) = fuse_module(&imported, fuse_opts, |_, _| Ok(())).context("fusing the W8A8 program")?;

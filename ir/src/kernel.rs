@@ -486,6 +486,14 @@ pub enum KernelKind {
     /// k roped and v copied into the caches at slot `slots[t]` (in place).
     /// Tile: one token.
     QkvRopeCacheWrite { q_heads: usize, kv_heads: usize },
+    /// [`KernelKind::QkvRopeCacheWrite`] into int8 (C8) caches: `(y[T,
+    /// (Hq+2*Hkv)*D], cos[T, D], sin[T, D], slots[T] i64, k_scale[Hkv, D],
+    /// k_offset[Hkv, D], v_scale[Hkv, D], v_offset[Hkv, D], q_out[T, Hq, D],
+    /// k_cache i8[num_blocks, block_size, Hkv, D], v_cache i8[same])`: the
+    /// roped k row and the v row are quantized per channel (`Quantize`
+    /// semantics, as [`KernelKind::KvCacheWriteQuant`]) on the way into
+    /// their slot. Tile: one token.
+    QkvRopeCacheWriteQuant { q_heads: usize, kv_heads: usize },
     /// `(q[T, Hq, D], k_cache[num_blocks, block_size, Hkv, D], v_cache[same],
     /// block_table[S, max_blocks] i64, query_start_loc[S+1] i64,
     /// context_lens[S] i64, out[T, Hq, D])`: causal GQA attention of each
@@ -645,6 +653,7 @@ impl KernelKind {
             KernelKind::QkvRopeAppend { .. } => "qkv_rope_append",
             KernelKind::KvCacheWrite => "kv_cache_write",
             KernelKind::QkvRopeCacheWrite { .. } => "qkv_rope_cache_write",
+            KernelKind::QkvRopeCacheWriteQuant { .. } => "qkv_rope_cache_write_quant",
             KernelKind::PagedAttention { .. } => "paged_attention",
             KernelKind::Quantize => "quantize",
             KernelKind::RmsNormQuant { add: false, .. } => "rms_norm_quant",
@@ -688,7 +697,9 @@ impl KernelKind {
             | KernelKind::QuantGateUpQuant => 2,
             KernelKind::MoeRoute | KernelKind::RmsNormQuant { add: true, .. } => 4,
             KernelKind::RmsNormQuant { add: false, .. } => 3,
-            KernelKind::QkvRopeAppend { .. } | KernelKind::QkvRopeCacheWrite { .. } => 3,
+            KernelKind::QkvRopeAppend { .. }
+            | KernelKind::QkvRopeCacheWrite { .. }
+            | KernelKind::QkvRopeCacheWriteQuant { .. } => 3,
             _ => 1,
         }
     }
@@ -946,6 +957,7 @@ pub fn tile_extent(kind: &KernelKind, args: &[ArgSpec]) -> Result<Extent, String
         KernelKind::MoeGating { .. } | KernelKind::MoeCombine { .. } => Extent::of(1, &last(0).shape[..1]),
         KernelKind::QkvRopeAppend { .. }
         | KernelKind::QkvRopeCacheWrite { .. }
+        | KernelKind::QkvRopeCacheWriteQuant { .. }
         | KernelKind::KvCacheWrite
         | KernelKind::KvCacheWriteQuant => Extent::of(1, &args[0].shape[..1]),
         KernelKind::PagedAttention { .. } | KernelKind::PagedAttentionInt8 { .. } => {

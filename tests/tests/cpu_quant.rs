@@ -8,8 +8,8 @@
 //! backend's tolerance), and the int8 values really are int8 in the
 //! package (weights, quantized activations, the paged KV cache, which is
 //! quantized inside the KV-write kernel and dequantized inside paged
-//! attention). The W8A8_DYNAMIC program launches no more kernels per
-//! decoder layer than the bf16 one (static W8A8 does not yet).
+//! attention). The W8A8_DYNAMIC and static W8A8 programs launch no more
+//! kernels per decoder layer than the bf16 one.
 
 mod common;
 
@@ -150,27 +150,87 @@ fn assert_no_more_launches_per_layer_than_bf16(schemes: &[(&str, Scheme, bool)])
 /// W8A8_DYNAMIC: the o projection's int8 matmul quantizes its input and
 /// adds its bias and the residual itself (`dyn_quant_matmul`), so the next
 /// norm is one `rms_norm_quant` where bf16 has `add_rms_norm`: 14 launches
-/// per layer, as bf16.
+/// per layer, as bf16. With the int8 KV cache too: the merged q/k/v's
+/// ropes and quantizing cache writes are one `qkv_rope_cache_write_quant`.
 #[test]
 fn w8a8_dynamic_program_takes_no_more_launches_per_layer_than_bf16() {
-    assert_no_more_launches_per_layer_than_bf16(&[("W8A8_DYNAMIC", Scheme::W8A8Dynamic, false)]);
+    assert_no_more_launches_per_layer_than_bf16(&[
+        ("W8A8_DYNAMIC", Scheme::W8A8Dynamic, false),
+        ("W8A8_DYNAMIC + C8", Scheme::W8A8Dynamic, true),
+    ]);
 }
 
-/// Static W8A8 (with and without the int8 KV cache). Not met yet (issue 11
-/// item 5): the projections quantize their own input
-/// (`static_quant_matmul`) and the routed experts take the bf16 MoE's
-/// launches (the residual sum inside `moe_combine`) and the shared
-/// expert's gate/up/SwiGLU is one launch, but q, k, v are three int8
-/// matmuls with their ropes and cache writes as separate launches: 19
-/// launches per layer against bf16's 14.
+/// Static W8A8 (with and without the int8 KV cache): the projections
+/// quantize their own input (`static_quant_matmul`), q, k and v (one
+/// quantized input: equal input scales and offsets) are one int8 matmul
+/// followed by one rope + cache-write launch (`qkv_rope_cache_write`, or
+/// `qkv_rope_cache_write_quant` into the int8 caches), the shared
+/// expert's gate/up/SwiGLU is one launch and the routed experts take the
+/// bf16 MoE's launches (the residual sum inside `moe_combine`): 14
+/// launches per layer, as bf16.
 #[test]
-#[ignore = "not met yet: static W8A8's q/k/v, ropes and cache writes are separate launches (19 per layer vs bf16 14)"]
 fn static_w8a8_programs_take_no_more_launches_per_layer_than_bf16() {
     assert_no_more_launches_per_layer_than_bf16(&[("W8A8", Scheme::W8A8, false), ("W8A8 + C8", Scheme::W8A8, true)]);
 }
 
 fn program(pkg_dir: &Path) -> panguc_ir::kernel::KernelProgram {
     open_tier(pkg_dir, BASELINE).program().clone()
+}
+
+/// How many launches of `p` run a kernel of kind `mnemonic`.
+fn launches_of(p: &panguc_ir::kernel::KernelProgram, mnemonic: &str) -> usize {
+    p.launches.iter().filter(|l| p.kernels[l.kernel].kind.mnemonic() == mnemonic).count()
+}
+
+/// Overwrites the one-element f32 tensor `name` of a single-file
+/// safetensors checkpoint in place (the file's JSON header gives its byte
+/// range after the header).
+fn set_f32_scalar(dir: &Path, name: &str, value: f32) {
+    let (dtype, shape, file) = Checkpoint::open(dir).unwrap().tensor_info(name).unwrap();
+    assert_eq!((dtype, shape), (DType::F32, vec![1]), "{name}");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let at = 8 + n + header[name]["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(&file, bytes).unwrap();
+}
+
+/// Static W8A8 (no C8) of the tiny model: calibration gives q, k and v one
+/// input range, so the normed row is quantized once and the three
+/// projections are one int8 matmul and one rope + cache-write launch.
+/// With layer 1's k input scale changed (as a checkpoint calibrated per
+/// module could store), the layer function quantizes the row per
+/// projection again: three int8 matmuls with their own ropes and cache
+/// writes. Both compile to what the interpreter computes.
+#[test]
+fn static_w8a8_merges_q_k_v_only_when_their_input_scales_are_equal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let q = tmp.path().join("w8a8");
+    let opts = QuantizeOptions { scheme: Scheme::W8A8, kv_int8: false, calib: calibration(), smooth_alpha: None };
+    write_quantized(&checkpoint(), &q, &opts).unwrap();
+    let layers = 2;
+    let pkg = tmp.path().join("pkg");
+    check("W8A8", &q, &pkg);
+    let p = program(&pkg);
+    // q/k/v, o and the shared expert's down.
+    assert_eq!(launches_of(&p, "static_quant_matmul"), 3 * layers);
+    assert_eq!(launches_of(&p, "qkv_rope_cache_write"), layers);
+    for separate in ["rope", "kv_cache_write", "quantize"] {
+        assert_eq!(launches_of(&p, separate), 0, "{separate}");
+    }
+
+    use panguc_ir::WeightSource;
+    let name = "model.layers.1.self_attn.k_proj.input_scale";
+    let scale = Checkpoint::open(&q).unwrap().load_f32(name, &[1]).unwrap().as_f32()[0];
+    set_f32_scalar(&q, name, scale * 1.25);
+    let pkg = tmp.path().join("pkg_unequal");
+    check("W8A8 with unequal q/k/v input scales", &q, &pkg);
+    let p = program(&pkg);
+    assert_eq!(launches_of(&p, "static_quant_matmul"), 5 * layers);
+    assert_eq!(launches_of(&p, "rope"), 2 * layers);
+    assert_eq!(launches_of(&p, "kv_cache_write"), 2 * layers);
+    assert_eq!(launches_of(&p, "qkv_rope_cache_write"), 0);
 }
 
 #[test]
@@ -239,14 +299,20 @@ fn static_w8a8_with_int8_kv_cache_compiles_and_matches_the_interpreter_on_every_
     // The paged caches are int8: a quarter of the f32 bytes.
     assert!(p.caches.iter().all(|c| p.buffer(*c).dtype == DType::I8));
     let kinds: Vec<&str> = p.kernels.iter().map(|k| k.kind.mnemonic()).collect();
-    for k in ["static_quant_matmul", "kv_cache_write_quant", "paged_attention_int8"] {
+    for k in ["static_quant_matmul", "qkv_rope_cache_write_quant", "paged_attention_int8"] {
         assert!(kinds.contains(&k), "{k} in {kinds:?}");
     }
-    // Every other 2-d projection (q, k, v, o and the shared expert's down)
-    // quantizes its own input inside its int8 matmul.
+    // Every other 2-d projection (q, k and v merged into one, o and the
+    // shared expert's down) quantizes its own input inside its int8 matmul.
     let launches = |kind: &str| p.launches.iter().filter(|l| p.kernels[l.kernel].kind.mnemonic() == kind).count();
     let layers = 2;
-    assert_eq!(launches("static_quant_matmul"), 5 * layers, "{kinds:?}");
+    assert_eq!(launches("static_quant_matmul"), 3 * layers, "{kinds:?}");
+    // k roped and v quantized per channel into the int8 caches by the
+    // launch that ropes q: no separate rope or cache write.
+    assert_eq!(launches("qkv_rope_cache_write_quant"), layers, "{kinds:?}");
+    for separate in ["rope", "kv_cache_write_quant", "kv_cache_write"] {
+        assert_eq!(launches(separate), 0, "{separate} in {kinds:?}");
+    }
     // The shared expert's gate, up and SwiGLU are one launch.
     assert_eq!(launches("quant_gate_up_static"), layers, "{kinds:?}");
     // The routed experts run over the selected (token, expert) pairs only,

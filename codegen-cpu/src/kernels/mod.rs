@@ -39,6 +39,9 @@ pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
         KernelKind::QkvRopeAppend { q_heads, kv_heads } => norm::qkv_rope_append(cg, k, *q_heads, *kv_heads),
         KernelKind::Attention { scale } => attention::attention(cg, k, *scale),
         KernelKind::QkvRopeCacheWrite { q_heads, kv_heads } => norm::qkv_rope_cache_write(cg, k, *q_heads, *kv_heads),
+        KernelKind::QkvRopeCacheWriteQuant { q_heads, kv_heads } => {
+            norm::qkv_rope_cache_write_quant(cg, k, *q_heads, *kv_heads)
+        }
         KernelKind::KvCacheWrite => movement::kv_cache_write(cg, k),
         KernelKind::PagedAttention { scale } => attention::paged_attention(cg, k, *scale, false),
         KernelKind::PagedAttentionInt8 { scale } => attention::paged_attention(cg, k, *scale, true),

@@ -4,8 +4,9 @@
 //! order exactly.
 
 use crate::cg::{Cg, Ok_};
+use crate::kernels::quant::quantize_value;
 use anyhow::Result;
-use inkwell::values::{IntValue, PointerValue};
+use inkwell::values::{FloatValue, IntValue, PointerValue};
 use panguc_ir::kernel::Kernel;
 use panguc_ir::DType;
 
@@ -84,13 +85,27 @@ fn rope_head<'c>(
     out: (PointerValue<'c>, IntValue<'c>, DType),
     d: usize,
 ) -> Result<()> {
+    let store = |cg: &Cg<'c>, i, y| cg.store_f(out.0, cg.add(out.1, i), out.2, y);
+    rope_head_into(cg, x, cos, sin, trow, d, &store)
+}
+
+/// [`rope_head`] handing element `i` of the roped head to `store`.
+fn rope_head_into<'c>(
+    cg: &mut Cg<'c>,
+    x: (PointerValue<'c>, IntValue<'c>, DType),
+    cos: (PointerValue<'c>, DType),
+    sin: (PointerValue<'c>, DType),
+    trow: IntValue<'c>,
+    d: usize,
+    store: &dyn Fn(&Cg<'c>, IntValue<'c>, FloatValue<'c>),
+) -> Result<()> {
     let half = cg.i64c(d as i64 / 2);
     let ld = |cg: &Cg<'c>, i| cg.load_f(x.0, cg.add(x.1, i), x.2);
-    let body = |cg: &mut Cg<'c>, i: IntValue<'c>, rot: inkwell::values::FloatValue<'c>| {
+    let body = |cg: &mut Cg<'c>, i: IntValue<'c>, rot: FloatValue<'c>| {
         let c = cg.load_f(cos.0, cg.add(trow, i), cos.1);
         let s = cg.load_f(sin.0, cg.add(trow, i), sin.1);
         let y = cg.fadd(cg.fmul(ld(cg, i).into(), c.into()), cg.fmul(rot.into(), s.into()));
-        cg.store_f(out.0, cg.add(out.1, i), out.2, y.into_float_value());
+        store(cg, i, y.into_float_value());
     };
     cg.for_range(cg.i64c(0), half, 1, |cg, i| {
         let rot = cg.fneg(ld(cg, cg.add(i, half)).into()).into_float_value();
@@ -131,7 +146,7 @@ pub(crate) fn qkv_rope_append(cg: &mut Cg, k: &Kernel, q_heads: usize, kv_heads:
     let tokens = cg.dim(&k.args[0].shape[0])?;
     let kv_len = cg.dim(&k.args[4].shape[0])?;
     let past = cg.sub(kv_len, tokens);
-    qkv_rope_rows(cg, k, q_heads, kv_heads, 3, &|cg, t| cg.add(past, t))?;
+    qkv_rope_rows(cg, k, q_heads, kv_heads, 3, None, &|cg, t| cg.add(past, t))?;
     cg.finish_kernel();
     Ok(())
 }
@@ -142,27 +157,48 @@ pub(crate) fn qkv_rope_append(cg: &mut Cg, k: &Kernel, q_heads: usize, kv_heads:
 pub(crate) fn qkv_rope_cache_write(cg: &mut Cg, k: &Kernel, q_heads: usize, kv_heads: usize) -> Result<()> {
     cg.begin_kernel(&k.name);
     let slots = cg.arg(3, DType::I64);
-    qkv_rope_rows(cg, k, q_heads, kv_heads, 4, &|cg, t| cg.load_i(slots, t))?;
+    qkv_rope_rows(cg, k, q_heads, kv_heads, 4, None, &|cg, t| cg.load_i(slots, t))?;
+    cg.finish_kernel();
+    Ok(())
+}
+
+/// The paged form into int8 (C8) caches: arguments 4..8 are the per-channel
+/// k scale, k offset, v scale and v offset `[Hkv, D]`; the roped k row and
+/// the v row are quantized as `kv_cache_write_quant` does on their way in.
+pub(crate) fn qkv_rope_cache_write_quant(cg: &mut Cg, k: &Kernel, q_heads: usize, kv_heads: usize) -> Result<()> {
+    let caches = k.args.get(9..).unwrap_or_default();
+    if caches.len() != 2 || caches.iter().any(|c| c.dtype != DType::I8) {
+        anyhow::bail!("{}: the int8 QKV cache write needs two int8 caches as its last arguments", k.name);
+    }
+    cg.begin_kernel(&k.name);
+    let slots = cg.arg(3, DType::I64);
+    qkv_rope_rows(cg, k, q_heads, kv_heads, 8, Some(4), &|cg, t| cg.load_i(slots, t))?;
     cg.finish_kernel();
     Ok(())
 }
 
 /// Body shared by the QKV + RoPE + cache-store kernels: arguments `y, cos,
 /// sin` first and `q_out, k_cache, v_cache` from `q_arg` on; token `t`'s k
-/// and v rows go to cache row `cache_row(t)`.
+/// and v rows go to cache row `cache_row(t)`. With `quant` (the argument
+/// index of k scale, k offset, v scale, v offset) the caches are int8 and
+/// each element is quantized per channel on the way in.
 fn qkv_rope_rows<'c>(
     cg: &mut Cg<'c>,
     k: &Kernel,
     q_heads: usize,
     kv_heads: usize,
     q_arg: usize,
+    quant: Option<usize>,
     cache_row: &dyn Fn(&Cg<'c>, IntValue<'c>) -> IntValue<'c>,
 ) -> Result<()> {
     let (y, cos, sin, q) = (&k.args[0], &k.args[1], &k.args[2], &k.args[q_arg]);
     let d = static_dim(&cos.shape[1], "rope head_dim")?;
     let width = static_dim(&y.shape[1], "qkv width")?;
     let (yp, cp, sp) = (cg.arg(0, y.dtype), cg.arg(1, cos.dtype), cg.arg(2, sin.dtype));
-    let (qp, kp, vp) = (cg.arg(q_arg, q.dtype), cg.arg(q_arg + 1, DType::F32), cg.arg(q_arg + 2, DType::F32));
+    let cache_dtype = if quant.is_some() { DType::I8 } else { DType::F32 };
+    let (qp, kp, vp) = (cg.arg(q_arg, q.dtype), cg.arg(q_arg + 1, cache_dtype), cg.arg(q_arg + 2, cache_dtype));
+    // (scale, offset) pointers and dtypes of k, then of v.
+    let params = quant.map(|a| [0, 1, 2, 3].map(|j| (cg.arg(a + j, k.args[a + j].dtype), k.args[a + j].dtype)));
     let dc = cg.i64c(d as i64);
     cg.for_tiles(|cg, t| {
         let yrow = cg.mul(t, cg.i64c(width as i64));
@@ -176,12 +212,42 @@ fn qkv_rope_rows<'c>(
         for h in 0..kv_heads {
             let src = cg.add(yrow, cg.i64c(((q_heads + h) * d) as i64));
             let dst = cg.add(cache_row, cg.i64c((h * d) as i64));
-            rope_head(cg, (yp, src, y.dtype), (cp, cos.dtype), (sp, sin.dtype), trow, (kp, dst, DType::F32), d)?;
             let vsrc = cg.add(yrow, cg.i64c(((q_heads + kv_heads + h) * d) as i64));
-            super::movement::copy(cg, (yp, vsrc, y.dtype), (vp, dst, DType::F32), dc)?;
+            let Some([ks, ko, vs, vo]) = params else {
+                rope_head(cg, (yp, src, y.dtype), (cp, cos.dtype), (sp, sin.dtype), trow, (kp, dst, DType::F32), d)?;
+                super::movement::copy(cg, (yp, vsrc, y.dtype), (vp, dst, DType::F32), dc)?;
+                continue;
+            };
+            // Element `i` of the head is channel `h*d + i` of the scales.
+            let chan = cg.i64c((h * d) as i64);
+            let store_k = |cg: &Cg<'c>, i, x| store_quantized(cg, (kp, dst), ks, ko, cg.add(chan, i), i, x);
+            rope_head_into(cg, (yp, src, y.dtype), (cp, cos.dtype), (sp, sin.dtype), trow, d, &store_k)?;
+            cg.for_range(cg.i64c(0), dc, 1, |cg, i| {
+                let x = cg.load_f(yp, cg.add(vsrc, i), y.dtype);
+                store_quantized(cg, (vp, dst), vs, vo, cg.add(chan, i), i, x);
+                Ok(())
+            })?;
         }
         Ok(())
     })
+}
+
+/// Element `i` of a cache row at `cache.1`: `x` quantized with channel
+/// `c` of the per-channel scale and offset (`quantize` semantics:
+/// `x / scale + offset`, rounded half to even, clamped to int8).
+fn store_quantized<'c>(
+    cg: &Cg<'c>,
+    cache: (PointerValue<'c>, IntValue<'c>),
+    scale: (PointerValue<'c>, DType),
+    offset: (PointerValue<'c>, DType),
+    c: IntValue<'c>,
+    i: IntValue<'c>,
+    x: FloatValue<'c>,
+) {
+    let s = cg.load_f(scale.0, c, scale.1);
+    let o = cg.load_f(offset.0, c, offset.1);
+    let v = cg.fadd(cg.fdiv(x.into(), s.into()), o.into());
+    cg.store_i(cache.0, cg.add(cache.1, i), quantize_value(cg, v.into_float_value()));
 }
 
 /// RMSNorm (with the residual add when `add`) and the per-token int8

@@ -1,5 +1,6 @@
-//! Projections: `matmul-bias`, `merge-qkv` (and its W8A8_DYNAMIC form
-//! `merge-qkv-quant`), `swiglu`, `merge-gate-up`.
+//! Projections: `matmul-bias`, `merge-qkv` (and its W8A8_DYNAMIC and
+//! static W8A8 forms `merge-qkv-quant`, `merge-qkv-static`), `swiglu`,
+//! `merge-gate-up`.
 
 use super::{check, Cx, Rule};
 use egg::Id;
@@ -26,6 +27,14 @@ pub fn rules() -> Vec<Rule> {
              ?k = (add (quant_matmul_per_token ?xq ?wk ?sk ?xs) ?bk), \
              ?v = (add (quant_matmul_per_token ?xq ?wv ?sv ?xs) ?bv)",
             merge_qkv_quant,
+        ),
+        Rule::multi(
+            "merge-qkv-static",
+            "three static W8A8 projections of one quantized input  ->  one quant_matmul on concatenated weights, quant biases and deq scales + split",
+            "?q = (quant_matmul ?xq ?wq ?bq ?dq), \
+             ?k = (quant_matmul ?xq ?wk ?bk ?dk), \
+             ?v = (quant_matmul ?xq ?wv ?bv ?dv)",
+            merge_qkv_static,
         ),
         Rule::patterns("swiglu", "(g * sigmoid(g)) * u  ->  swiglu(g, u)", &["(mul (mul ?g (sigmoid ?g)) ?u)"], swiglu),
         Rule::patterns(
@@ -87,6 +96,31 @@ fn merge_qkv_quant(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
     let b = cx.add_named(Op::Concat { axis: 0 }, &bs, Some("qkv_bias"))?;
     let mm = cx.add_named(Op::QuantMatMulPerToken, &[xq, w, s, xs], Some("qkv_mm"))?;
     let y = cx.add_named(Op::Binary(panguc_ir::op::BinaryOp::Add), &[mm, b], Some("qkv"))?;
+    let s = cx.add_named(Op::Split { axis: 1, sizes: rows }, &[y], Some("qkv_split"))?;
+    let outs = [cx.var("?q"), cx.var("?k"), cx.var("?v")];
+    Some(outs.iter().enumerate().map(|(i, o)| (*o, cx.proj(s, i))).collect())
+}
+
+/// `merge-qkv` for static W8A8 projections reading one quantized input
+/// (the importer quantizes the row once when q, k and v share their input
+/// scale and offset): output column `n` of the merged matmul is
+/// `f32(acc + quant_bias[n]) * deq_scale[n]` of weight row `n`, exactly
+/// as in the projection it came from. Same guards as `merge-qkv-quant`;
+/// quant biases and deq scales are vectors over the output columns.
+fn merge_qkv_static(cx: &mut Cx) -> Option<Vec<(Id, Id)>> {
+    let ws = [cx.var("?wq"), cx.var("?wk"), cx.var("?wv")].map(|w| cx.find(w));
+    let bs = [cx.var("?bq"), cx.var("?bk"), cx.var("?bv")];
+    let ds = [cx.var("?dq"), cx.var("?dk"), cx.var("?dv")];
+    check(ws[0] < ws[1] && ws[1] < ws[2])?;
+    check(ws.iter().all(|w| cx.is_weight_param(*w) && cx.ty(*w).is_some_and(|t| t.rank() == 2)))?;
+    check(bs.iter().chain(&ds).all(|v| cx.weight_only(*v) && cx.ty(*v).is_some_and(|t| t.rank() == 1)))?;
+    let xq = cx.var("?xq");
+    check(!cx.weight_only(xq) && cx.ty(xq)?.rank() == 2)?;
+    let rows: Vec<usize> = ws.iter().map(|w| cx.ty(*w)?.shape.first()?.as_const()).collect::<Option<_>>()?;
+    let w = cx.add_named(Op::Concat { axis: 0 }, &ws, Some("qkv_weight"))?;
+    let b = cx.add_named(Op::Concat { axis: 0 }, &bs, Some("qkv_quant_bias"))?;
+    let d = cx.add_named(Op::Concat { axis: 0 }, &ds, Some("qkv_deq_scale"))?;
+    let y = cx.add_named(Op::QuantMatMul, &[xq, w, b, d], Some("qkv"))?;
     let s = cx.add_named(Op::Split { axis: 1, sizes: rows }, &[y], Some("qkv_split"))?;
     let outs = [cx.var("?q"), cx.var("?k"), cx.var("?v")];
     Some(outs.iter().enumerate().map(|(i, o)| (*o, cx.proj(s, i))).collect())
@@ -190,6 +224,46 @@ mod tests {
         assert_eq!(r.fired("merge-qkv-quant"), 1, "one canonical triple, not six permutations");
         r.assert_fired("merge-qkv-quant");
         assert_eq!((r.count_op("quant_matmul_per_token"), r.count_op("split")), (1, 1), "{}", r.text);
+    }
+
+    /// The importer's static W8A8 q/k/v: the input quantized with one
+    /// per-tensor scale and offset (shared: a scale per projection, as
+    /// `shared` false builds, is three quantizations the rule leaves
+    /// alone), three int8 projections with quant biases and deq scales.
+    fn static_qkv_graph(shared: bool) -> G {
+        let mut g = G::new();
+        let x = g.input("x", &[tok(), c(8)]);
+        let quantized = |g: &mut G, name: &str| {
+            let s = g.weight(&format!("{name}.input_scale"), DType::F32, &[1]);
+            let o = g.weight(&format!("{name}.input_offset"), DType::F32, &[1]);
+            g.op(Op::Quantize, &[x, s, o])
+        };
+        let xq = quantized(&mut g, "q_proj");
+        for (name, rows) in [("q", 8), ("k", 4), ("v", 4)] {
+            let module = format!("{name}_proj");
+            let xq = if shared || name == "q" { xq } else { quantized(&mut g, &module) };
+            let w = g.weight(&format!("{module}.weight"), DType::I8, &[rows, 8]);
+            let b = g.weight(&format!("{module}.quant_bias"), DType::I32, &[rows]);
+            let d = g.weight(&format!("{module}.deq_scale"), DType::F32, &[rows]);
+            let y = g.op(Op::QuantMatMul, &[xq, w, b, d]);
+            g.output(y);
+        }
+        g
+    }
+
+    #[test]
+    fn merge_qkv_static_fires_once_and_preserves_numbers() {
+        let r = check_rule(static_qkv_graph(true), &["merge-qkv-static"], 3);
+        assert_eq!(r.fired("merge-qkv-static"), 1, "one canonical triple, not six permutations");
+        r.assert_fired("merge-qkv-static");
+        assert_eq!((r.count_op("quant_matmul"), r.count_op("split"), r.count_op("quantize")), (1, 1, 1), "{}", r.text);
+    }
+
+    #[test]
+    fn merge_qkv_static_needs_one_quantized_input() {
+        let r = check_rule(static_qkv_graph(false), &["merge-qkv-static"], 3);
+        assert_eq!(r.fired("merge-qkv-static"), 0, "{}", r.text);
+        assert_eq!((r.count_op("quant_matmul"), r.count_op("quantize")), (3, 3), "{}", r.text);
     }
 
     #[test]

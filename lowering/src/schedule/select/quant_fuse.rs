@@ -12,10 +12,13 @@
 //!   w_gate, ..), quant_matmul_per_token(xq, w_up, ..)))` becomes one
 //!   `quant_gate_up_quant`.
 //!
-//! - the merged int8 q/k/v projection of `merge-qkv-quant`, split, q and k
-//!   roped and k, v written to the paged caches: the `split` and what
-//!   follows become one `qkv_rope_cache_write` (the bf16 kernel) over the
-//!   int8 matmul's output, as `qkv-rope-cache-write` does for bf16;
+//! - the merged int8 q/k/v projection of `merge-qkv-quant` (or of
+//!   `merge-qkv-static`), split, q and k roped and k, v written to the
+//!   paged caches: the `split` and what follows become one
+//!   `qkv_rope_cache_write` (the bf16 kernel) over the int8 matmul's
+//!   output, as `qkv-rope-cache-write` does for bf16; with int8 (C8)
+//!   caches, whose writes quantize k and v per channel,
+//!   `qkv_rope_cache_write_quant`;
 //! - a `dynamic_quant` read only by one `quant_matmul_per_token` (the o
 //!   projection's input) is done inside that matmul (`dyn_quant_matmul`),
 //!   with the projection's bias add and the residual add after it (as an
@@ -65,6 +68,9 @@ pub(super) struct QkvRopeWrite {
     v_all: usize,
     q_heads: usize,
     kv_heads: usize,
+    /// Int8 (C8) caches: the per-channel k scale, k offset, v scale and v
+    /// offset the rows are quantized with on the way in.
+    quant: Option<[usize; 4]>,
 }
 
 /// A `quant_matmul_per_token` that quantizes its input itself.
@@ -173,7 +179,9 @@ impl Selector<'_> {
 
     /// `split(y)` into q, k, v widths; `reshape -> rope` for q,
     /// `reshape -> rope -> kv_cache_write` for k, `reshape ->
-    /// kv_cache_write` for v through the same slots, into float caches.
+    /// kv_cache_write` for v through the same slots, into float caches, or
+    /// into int8 caches with a per-channel `quantize` before each write
+    /// (which `fuse_int8_kv` has already given to the write).
     fn match_qkv_rope_write(&self, split: usize, uses: &[usize], live: &[bool]) -> Option<(QkvRopeWrite, Vec<usize>)> {
         let g = self.g;
         let sp = &g.nodes[split];
@@ -181,6 +189,7 @@ impl Selector<'_> {
         let reshape = |v: usize| self.only_reader(v, uses, live, |o| matches!(o, Op::Reshape { .. }));
         let rope = |v: usize| self.only_reader(v, uses, live, |o| *o == Op::Rope);
         let write = |v: usize| self.only_reader(v, uses, live, |o| *o == Op::KvCacheWrite);
+        let quantize = |v: usize| self.only_reader(v, uses, live, |o| *o == Op::Quantize);
         let heads = |n: usize| -> Option<(usize, usize)> {
             let sh = &g.values[g.nodes[n].results[0]].ty.shape;
             Some((sh.get(1)?.as_const()?, sh.get(2)?.as_const()?))
@@ -189,17 +198,28 @@ impl Selector<'_> {
         let (q3, k3, v3) = (g.nodes[rq].results[0], g.nodes[rk].results[0], g.nodes[rv].results[0]);
         let (ropeq, ropek) = (&g.nodes[rope(q3)?], &g.nodes[rope(k3)?]);
         let kr = ropek.results[0];
-        let (kw, vw) = (&g.nodes[write(kr)?], &g.nodes[write(v3)?]);
+        // The rows the writes store: k and v themselves, or their
+        // absorbed per-channel quantizations into int8 caches.
+        let (mut k_new, mut v_new, mut quant) = (kr, v3, None);
+        if let (Some(kq), Some(vq)) = (quantize(kr), quantize(v3)) {
+            let (kq, vq) = (&g.nodes[kq], &g.nodes[vq]);
+            let int8 = [kq.results[0], vq.results[0]].iter().all(|v| self.absorbed[*v]);
+            check(int8 && kq.args[0] == kr && vq.args[0] == v3)?;
+            (k_new, v_new) = (kq.results[0], vq.results[0]);
+            quant = Some([kq.args[1], kq.args[2], vq.args[1], vq.args[2]]);
+        }
+        let (kw, vw) = (&g.nodes[write(k_new)?], &g.nodes[write(v_new)?]);
         let ((hq, d), (hk, dk), (hv, dv)) = (heads(rq)?, heads(rk)?, heads(rv)?);
+        let cache_dtype = if quant.is_some() { DType::I8 } else { DType::F32 };
         let ok = ropeq.args[1..] == ropek.args[1..]
-            && kw.args[1] == kr
-            && vw.args[1] == v3
+            && kw.args[1] == k_new
+            && vw.args[1] == v_new
             && kw.args[2] == vw.args[2]
             && hk == hv
             && d == dk
             && d == dv
             && matches!(&sp.op, Op::Split { sizes, .. } if *sizes == [hq * d, hk * d, hv * d])
-            && [kw.args[0], vw.args[0]].iter().all(|c| self.storage[*c] == DType::F32);
+            && [kw.args[0], vw.args[0]].iter().all(|c| self.storage[*c] == cache_dtype);
         let qkv = QkvRopeWrite {
             y: sp.args[0],
             cos: ropeq.args[1],
@@ -210,6 +230,7 @@ impl Selector<'_> {
             v_all: vw.results[0],
             q_heads: hq,
             kv_heads: hk,
+            quant,
         };
         // Everything after the split is this one launch's; q and the caches
         // are computed by it (not absorbed: attention reads them as they
@@ -221,12 +242,19 @@ impl Selector<'_> {
     /// The merged q/k/v projection's split and what follows it.
     pub(super) fn qkv_rope_write(&mut self, split: usize) -> Result<()> {
         let f = self.qkv_rope_write.remove(&split).ok_or_else(|| anyhow!("no fused rope/cache write here"))?;
-        let args = [f.y, f.cos, f.sin, f.slots].map(|v| self.rm(v));
-        let mut args = args.into_iter().collect::<Result<Vec<_>>>()?;
+        let (q_heads, kv_heads) = (f.q_heads, f.kv_heads);
+        let mut args = vec![];
+        for v in [f.y, f.cos, f.sin, f.slots].into_iter().chain(f.quant.into_iter().flatten()) {
+            args.push(self.rm(v)?);
+        }
         args.push(self.act(f.q));
         args.push(self.paged_cache_result(f.k_all)?);
         args.push(self.paged_cache_result(f.v_all)?);
-        self.launch(KernelKind::QkvRopeCacheWrite { q_heads: f.q_heads, kv_heads: f.kv_heads }, args)
+        let kind = match f.quant {
+            Some(_) => KernelKind::QkvRopeCacheWriteQuant { q_heads, kv_heads },
+            None => KernelKind::QkvRopeCacheWrite { q_heads, kv_heads },
+        };
+        self.launch(kind, args)
     }
 
     /// A `dynamic_quant` `dq` of an activation no norm produced, read only
