@@ -189,6 +189,7 @@ fn summarise(
                 | KernelKind::MoeCombine { .. }
                 | KernelKind::PagedAttention { .. }
                 | KernelKind::QkvRopeCacheWrite { .. }
+                | KernelKind::QkvRopeCacheWriteQuant { .. }
         ),
         computed,
     }

@@ -35,6 +35,7 @@ pub fn device_dtypes(p: &KernelProgram, act: DevType) -> Vec<DevType> {
             KernelKind::QuantMatMul { per_token: false, .. } => &[3],
             KernelKind::Quantize | KernelKind::Dequantize => &[1, 2],
             KernelKind::KvCacheWriteQuant => &[2, 3],
+            KernelKind::QkvRopeCacheWriteQuant { .. } => &[4, 5, 6, 7],
             KernelKind::PagedAttentionInt8 { .. } => &[6, 7, 8, 9],
             KernelKind::MoeGateUpQuant => &[1, 5, 7, 9],
             KernelKind::QuantGateUpQuant => &[1, 3, 5, 7],

@@ -232,3 +232,113 @@ fn qkv_rope_cache_write_through_slots() {
         }
     }
 }
+
+/// The int8 (C8) form: each written slot's k and v rows are quantized per
+/// channel on their way into int8 caches. Reference: the interpreter's
+/// float `qkv_rope_cache_write`, its roped k rounded to the activation
+/// dtype (what the unfused rope stores), then its `quantize` with the same
+/// scales and offsets. Some channels' scales are small enough to clamp.
+/// Both must be equal byte for byte: the kernel's f32 RoPE computes what
+/// the float kernel stores (checked within `tol` above), and after the
+/// rounding to the activation dtype the quantization is exact.
+#[test]
+fn qkv_rope_cache_write_quant_through_slots() {
+    use panguc_codegen_ascendc::data::{decode_i8, encode_i8};
+    use panguc_ir::interp::quant::quantize;
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let w = (HQ + 2 * HKV) * D;
+    let row = HKV * D;
+    for ((target, act), meta_t) in targets().into_iter().flat_map(|t| META_TYPES.map(|m| (t, m))) {
+        for case in cases() {
+            let m = step(&case);
+            let chan = vec![c(HKV), c(D)];
+            let k = kernel(
+                "panguc_k033_qkv_rope_cache_write_quant",
+                KernelKind::QkvRopeCacheWriteQuant { q_heads: HQ, kv_heads: HKV },
+                vec![
+                    vec![Dim::tokens(), c(w)],
+                    vec![Dim::tokens(), c(D)],
+                    vec![Dim::tokens(), c(D)],
+                    vec![Dim::tokens()],
+                    chan.clone(),
+                    chan.clone(),
+                    chan.clone(),
+                    chan,
+                    vec![Dim::tokens(), c(HQ), c(D)],
+                    cache_dims(case.block_size),
+                    cache_dims(case.block_size),
+                ],
+            );
+            let f = DevType::F32;
+            let i8t = DevType::I8;
+            let dk = emit(&k, &[act, act, act, meta_t, f, f, f, f, act, i8t, i8t], target, act);
+            let tu = m.tokens();
+            let y = round_through(act, &rand_vec(&mut rng, tu * w));
+            let pos = Tensor::i64(vec![tu], m.positions.iter().map(|&p| p as i64).collect());
+            let cos = round_through(act, interp::rope_table(&pos, RopeKind::Cos, 10000.0, D).as_f32());
+            let sin = round_through(act, interp::rope_table(&pos, RopeKind::Sin, 10000.0, D).as_f32());
+            // Per-channel scales: every fourth channel clamps (|x| / 0.004 > 127).
+            let scale = |rng: &mut ChaCha8Rng| -> Vec<f32> {
+                (0..row).map(|i| if i % 4 == 0 { 0.004 } else { rng.random_range(0.01f32..0.03) }).collect()
+            };
+            let offset =
+                |rng: &mut ChaCha8Rng| -> Vec<f32> { (0..row).map(|_| rng.random_range(-3.0f32..3.0)).collect() };
+            let (ks, ko, vs, vo) = (scale(&mut rng), offset(&mut rng), scale(&mut rng), offset(&mut rng));
+            let cache_len = case.num_blocks * case.block_size * row;
+            let kc: Vec<i64> = (0..cache_len).map(|_| rng.random_range(-128i64..128)).collect();
+            let vc: Vec<i64> = (0..cache_len).map(|_| rng.random_range(-128i64..128)).collect();
+            let sz = act.size() as usize;
+            let mut args = vec![
+                encode(act, &y),
+                encode(act, &cos),
+                encode(act, &sin),
+                ints(meta_t, &m.slot_mapping),
+                encode(f, &ks),
+                encode(f, &ko),
+                encode(f, &vs),
+                encode(f, &vo),
+                vec![0; tu * HQ * D * sz],
+                encode_i8(&kc),
+                encode_i8(&vc),
+            ];
+            run_kernels(&dk, target, &env(&m, case.num_blocks), &mut args).unwrap();
+            let ident: Vec<f32> = (0..w * w).map(|i| if i / w == i % w { 1.0 } else { 0.0 }).collect();
+            let cache_shape = vec![case.num_blocks, case.block_size, HKV, D];
+            let zeros = vec![0.0; cache_len];
+            let want = eval_pure(
+                &Op::QkvRopeCacheWrite { q_heads: HQ, kv_heads: HKV },
+                &[
+                    &Tensor::f32(vec![tu, w], y.clone()),
+                    &Tensor::f32(vec![w, w], ident),
+                    &Tensor::f32(vec![w], vec![0.0; w]),
+                    &Tensor::f32(vec![tu, D], cos),
+                    &Tensor::f32(vec![tu, D], sin),
+                    &Tensor::f32(cache_shape.clone(), zeros.clone()),
+                    &Tensor::f32(cache_shape, zeros),
+                    &m.tensors()[4],
+                ],
+            )
+            .unwrap();
+            let what = format!("{target} {meta_t} block_size={} seqs={}", case.block_size, m.seqs());
+            assert_close(&decode(act, &args[8]), want[0].as_f32(), tol(act), 0.1, &format!("q {what}"));
+            let (kg, vg) = (decode_i8(&args[9]), decode_i8(&args[10]));
+            let quant = |x: &[f32], s: &[f32], o: &[f32]| -> Vec<i64> {
+                let t = |v: &[f32]| Tensor::f32(vec![row], v.to_vec());
+                quantize(&t(x), &t(s), &t(o)).unwrap().as_i64().to_vec()
+            };
+            for slot in 0..case.num_blocks * case.block_size {
+                let r = slot * row..(slot + 1) * row;
+                if !m.slot_mapping.contains(&(slot as i32)) {
+                    assert_eq!(&kg[r.clone()], &kc[r.clone()], "untouched k slot {slot} {what}");
+                    assert_eq!(&vg[r.clone()], &vc[r], "untouched v slot {slot} {what}");
+                    continue;
+                }
+                let k_want = quant(&round_through(act, &want[1].as_f32()[r.clone()]), &ks, &ko);
+                let v_want = quant(&want[2].as_f32()[r.clone()], &vs, &vo);
+                assert_eq!(&vg[r.clone()], &v_want[..], "v slot {slot} {what}");
+                assert_eq!(&kg[r], &k_want[..], "k slot {slot} {what}");
+            }
+        }
+    }
+}

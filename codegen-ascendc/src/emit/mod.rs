@@ -279,6 +279,9 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
         KernelKind::RopeTable { kind, theta, head_dim } => rope::rope_table(&ctx, *kind, *theta, *head_dim)?,
         KernelKind::QkvRopeAppend { q_heads, kv_heads } => rope::qkv_rope_append(&ctx, *q_heads, *kv_heads)?,
         KernelKind::QkvRopeCacheWrite { q_heads, kv_heads } => rope::qkv_rope_cache_write(&ctx, *q_heads, *kv_heads)?,
+        KernelKind::QkvRopeCacheWriteQuant { q_heads, kv_heads } => {
+            rope::qkv_rope_cache_write_quant(&ctx, *q_heads, *kv_heads)?
+        }
         KernelKind::PagedAttention { scale } => paged::paged_attention(&ctx, *scale)?,
         KernelKind::MoeRoute => moe::route(&ctx)?,
         KernelKind::MoeGateUp => moe::gate_up(&ctx)?,
@@ -300,7 +303,7 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
         KernelKind::MoeDownQuant => quant::experts::moe_down_quant(&ctx)?,
         other => bail!(
             "{}: kernel kind `{}` has no AscendC implementation yet (supported: rms_norm, add_rms_norm, gather, \
-             elementwise, rope, rope_table, qkv_rope_append, qkv_rope_cache_write, attention, paged_attention, moe_gating, gemm, matmul(transposed b), \
+             elementwise, rope, rope_table, qkv_rope_append, qkv_rope_cache_write, qkv_rope_cache_write_quant, attention, paged_attention, moe_gating, gemm, matmul(transposed b), \
              moe_route, moe_gate_up, moe_down, moe_combine, slice, collectives, dynamic_quant, quantize, dequantize, \
              rms_norm_quant, add_rms_norm_quant, quant_matmul, dyn_quant_matmul, kv_cache_write_quant, \
              paged_attention_int8, moe_gate_up_quant, quant_gate_up_quant, moe_down_quant)",

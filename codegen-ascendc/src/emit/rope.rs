@@ -116,10 +116,11 @@ pub(crate) fn rope_table(ctx: &Ctx, kind: RopeKind, theta: f64, head_dim: usize)
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
-/// RoPE (NeoX rotate-half) of one head of the merged QKV row at `src`,
-/// stored at `dst[dstOff]`; shared by the contiguous and the paged KV write.
+/// RoPE (NeoX rotate-half) of one head of the merged QKV row at `src`
+/// into `xf` (f32), and `RopeHead` storing it at `dst[dstOff]` in the
+/// activation dtype; shared by the contiguous, paged and int8 KV writes.
 /// `csf` holds the token's cos then sin row in f32.
-pub(crate) const ROPE_HEAD: &str = r#"    __aicore__ inline void RopeHead(uint32_t src, const GlobalTensor<T>& dst, uint32_t dstOff, const LocalTensor<float>& csf)
+pub(crate) const ROPE_HEAD: &str = r#"    __aicore__ inline void RopeF32(uint32_t src, const LocalTensor<float>& csf)
     {
         const uint32_t half = d / 2;
         LocalTensor<T> x = inX.AllocTensor<T>();
@@ -139,12 +140,64 @@ pub(crate) const ROPE_HEAD: &str = r#"    __aicore__ inline void RopeHead(uint32
         PipeBarrier<PIPE_V>();
         Add(xf, xf, rot, d);
         PipeBarrier<PIPE_V>();
+    }
+    __aicore__ inline void RopeHead(uint32_t src, const GlobalTensor<T>& dst, uint32_t dstOff, const LocalTensor<float>& csf)
+    {
+        RopeF32(src, csf);
+        LocalTensor<float> xf = xBuf.Get<float>();
         LocalTensor<T> y = outY.AllocTensor<T>();
         FromFloat(y, xf, d);
         outY.EnQue(y);
         y = outY.DeQue<T>();
         DataCopy(dst[dstOff], y, d);
         outY.FreeTensor(y);
+    }
+"#;
+
+/// The int8 (C8) cache write of one token's k and v rows (all KV heads,
+/// contiguous in a slot): the roped k heads are rounded to the activation
+/// dtype (what the unfused rope stores) and gathered into `kvf`, then each
+/// row is quantized per channel, `clamp(rint(x / scale + offset))`, with
+/// the scales loaded once per block.
+const INT8_KV_STORE: &str = r#"    __aicore__ inline void LoadChannels(const GlobalTensor<float>& g, const LocalTensor<float>& dst)
+    {
+        LocalTensor<float> p = inP.AllocTensor<float>();
+        DataCopy(p, g, kvHeads * d);
+        inP.EnQue(p);
+        p = inP.DeQue<float>();
+        DataCopy(dst, p, kvHeads * d);
+        inP.FreeTensor(p);
+        PipeBarrier<PIPE_V>();
+    }
+    __aicore__ inline void QuantStore(const LocalTensor<float>& xf, const LocalTensor<float>& sc, const LocalTensor<float>& of, const GlobalTensor<int8_t>& dst, uint32_t off)
+    {
+        const uint32_t cols = kvHeads * d;
+        Div(xf, xf, sc, cols);
+        PipeBarrier<PIPE_V>();
+        Add(xf, xf, of, cols);
+        PipeBarrier<PIPE_V>();
+{{TO_INT8}}    }
+    __aicore__ inline void StoreKv(uint32_t row, uint32_t cacheRow, const LocalTensor<float>& csf)
+    {
+        LocalTensor<float> kvf = kvBuf.Get<float>();
+        LocalTensor<float> xf = xBuf.Get<float>();
+        LocalTensor<T> rt = rtBuf.Get<T>();
+        for (uint32_t h = 0; h < kvHeads; h++) {
+            RopeF32(row + (qHeads + h) * d, csf);
+            FromFloat(rt, xf, d);
+            PipeBarrier<PIPE_V>();
+            ToFloat(kvf[h * d], rt, d);
+            PipeBarrier<PIPE_V>();
+        }
+        QuantStore(kvf, kScBuf.Get<float>(), kOfBuf.Get<float>(), kGm, cacheRow);
+        LocalTensor<T> v = inV.AllocTensor<T>();
+        DataCopy(v, yGm[row + (qHeads + kvHeads) * d], kvHeads * d);
+        inV.EnQue(v);
+        v = inV.DeQue<T>();
+        ToFloat(kvf, v, kvHeads * d);
+        inV.FreeTensor(v);
+        PipeBarrier<PIPE_V>();
+        QuantStore(kvf, vScBuf.Get<float>(), vOfBuf.Get<float>(), vGm, cacheRow);
     }
 "#;
 
@@ -167,8 +220,8 @@ public:
         yGm.SetGlobalBuffer((__gm__ T*)y, t.tiles * width);
         cosGm.SetGlobalBuffer((__gm__ C*)cosT, t.tiles * d);
         sinGm.SetGlobalBuffer((__gm__ C*)sinT, t.tiles * d);
-        kGm.SetGlobalBuffer((__gm__ T*)kCache, {{CACHE_ROWS}} * kvHeads * d);
-        vGm.SetGlobalBuffer((__gm__ T*)vCache, {{CACHE_ROWS}} * kvHeads * d);
+        kGm.SetGlobalBuffer((__gm__ {{KV}}*)kCache, {{CACHE_ROWS}} * kvHeads * d);
+        vGm.SetGlobalBuffer((__gm__ {{KV}}*)vCache, {{CACHE_ROWS}} * kvHeads * d);
         qGm.SetGlobalBuffer((__gm__ T*)qOut, t.tiles * qHeads * d);
 {{SLOT_GM}}        pipe.InitBuffer(inX, 2, d * sizeof(T));
         pipe.InitBuffer(inCS, 1, 2 * d * sizeof(C));
@@ -177,10 +230,10 @@ public:
         pipe.InitBuffer(xBuf, d * sizeof(float));
         pipe.InitBuffer(rotBuf, d * sizeof(float));
         pipe.InitBuffer(csBuf, 2 * d * sizeof(float));
-    }
+{{KV_INIT}}    }
     __aicore__ inline void Process()
     {
-        for (uint32_t tok = start; tok < end; tok++) {
+{{PROCESS_HEAD}}        for (uint32_t tok = start; tok < end; tok++) {
             LocalTensor<C> cs = inCS.AllocTensor<C>();
             DataCopy(cs, cosGm[tok * d], d);
             DataCopy(cs[d], sinGm[tok * d], d);
@@ -191,29 +244,21 @@ public:
             inCS.FreeTensor(cs);
             const uint32_t row = tok * width;
             for (uint32_t h = 0; h < qHeads; h++) RopeHead(row + h * d, qGm, (tok * qHeads + h) * d, csf);
-{{CACHE_ROW}}            for (uint32_t h = 0; h < kvHeads; h++) {
-                RopeHead(row + (qHeads + h) * d, kGm, cacheRow + h * d, csf);
-                LocalTensor<T> v = vQue.AllocTensor<T>();
-                DataCopy(v, yGm[row + (qHeads + kvHeads + h) * d], d);
-                vQue.EnQue(v);
-                v = vQue.DeQue<T>();
-                DataCopy(vGm[cacheRow + h * d], v, d);
-                vQue.FreeTensor(v);
-            }
-        }
+{{CACHE_ROW}}{{KV_STORE}}        }
     }
 
 private:
-{{ROPE_HEAD}}
+{{ROPE_HEAD}}{{KV_HELPERS}}
     TPipe pipe;
     TQue<TPosition::VECIN, 2> inX;
     TQue<TPosition::VECIN, 1> inCS;
     TQue<TPosition::VECOUT, 2> outY;
     TQueBind<TPosition::VECIN, TPosition::VECOUT, 2> vQue;
     TBuf<TPosition::VECCALC> xBuf, rotBuf, csBuf;
-    GlobalTensor<T> yGm, kGm, vGm, qGm;
+    GlobalTensor<T> yGm, qGm;
+    GlobalTensor<{{KV}}> kGm, vGm;
     GlobalTensor<C> cosGm, sinGm;
-{{SLOT_MEMBER}}    uint32_t d = 0, qHeads = 0, kvHeads = 0, {{CACHE_VAR}} = 0, width = 0, start = 0, end = 0;
+{{KV_MEMBERS}}{{SLOT_MEMBER}}    uint32_t d = 0, qHeads = 0, kvHeads = 0, {{CACHE_VAR}} = 0, width = 0, start = 0, end = 0;
 };
 
 extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR y, GM_ADDR cosT, GM_ADDR sinT, {{SLOT_PARAM}}GM_ADDR kCache, GM_ADDR vCache, GM_ADDR qOut, GM_ADDR workspace, GM_ADDR tiling)
@@ -242,6 +287,15 @@ pub(crate) fn qkv_rope_cache_write(ctx: &Ctx, q_heads: usize, kv_heads: usize) -
     qkv_rope_kv_write(ctx, q_heads, kv_heads, KvWrite::Paged)
 }
 
+/// `QkvRopeCacheWriteQuant (y, cos, sin, slot_mapping, k_scale[Hkv, D],
+/// k_offset, v_scale, v_offset (f32), q_out, k_cache i8[NB, BS, Hkv, D],
+/// v_cache i8[same])`: the paged write into int8 (C8) caches, each slot's
+/// k and v rows quantized per channel on the way in. Device parameters:
+/// the inputs, the slots, the four scale rows, the caches, `q_out`.
+pub(crate) fn qkv_rope_cache_write_quant(ctx: &Ctx, q_heads: usize, kv_heads: usize) -> Result<DeviceKernels> {
+    qkv_rope_kv_write(ctx, q_heads, kv_heads, KvWrite::PagedInt8)
+}
+
 /// Where the fused QKV kernel stores the new k and v rows.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum KvWrite {
@@ -249,13 +303,100 @@ enum KvWrite {
     Append,
     /// Paged caches, row `t` at slot `slot_mapping[t]`.
     Paged,
+    /// Paged int8 caches, quantized per channel.
+    PagedInt8,
+}
+
+/// Argument indices of a fused QKV kernel: `y, cos, sin, [slots], [k_scale,
+/// k_offset, v_scale, v_offset], q_out, k_cache, v_cache`.
+struct QkvArgs {
+    slots: Option<usize>,
+    scales: Option<usize>,
+    q_out: usize,
+    k_cache: usize,
+    v_cache: usize,
+}
+
+impl QkvArgs {
+    fn of(how: KvWrite) -> QkvArgs {
+        let (slots, scales, q_out) = match how {
+            KvWrite::Append => (None, None, 3),
+            KvWrite::Paged => (Some(3), None, 4),
+            KvWrite::PagedInt8 => (Some(3), Some(4), 8),
+        };
+        QkvArgs { slots, scales, q_out, k_cache: q_out + 1, v_cache: q_out + 2 }
+    }
+}
+
+/// The int8 write's template pieces (empty for the float caches).
+fn int8_kv_vars(int8: bool) -> Vec<(&'static str, String)> {
+    if !int8 {
+        return ["KV_INIT", "PROCESS_HEAD", "KV_HELPERS", "KV_MEMBERS"]
+            .map(|k| (k, String::new()))
+            .into_iter()
+            .chain([
+                ("KV", "T".into()),
+                (
+                    "KV_STORE",
+                    "            for (uint32_t h = 0; h < kvHeads; h++) {
+                RopeHead(row + (qHeads + h) * d, kGm, cacheRow + h * d, csf);
+                LocalTensor<T> v = vQue.AllocTensor<T>();
+                DataCopy(v, yGm[row + (qHeads + kvHeads + h) * d], d);
+                vQue.EnQue(v);
+                v = vQue.DeQue<T>();
+                DataCopy(vGm[cacheRow + h * d], v, d);
+                vQue.FreeTensor(v);
+            }
+"
+                    .into(),
+                ),
+            ])
+            .collect();
+    }
+    let init = "        const uint32_t cols = kvHeads * d;
+        kScGm.SetGlobalBuffer((__gm__ float*)kScale, cols);
+        kOfGm.SetGlobalBuffer((__gm__ float*)kOffset, cols);
+        vScGm.SetGlobalBuffer((__gm__ float*)vScale, cols);
+        vOfGm.SetGlobalBuffer((__gm__ float*)vOffset, cols);
+        pipe.InitBuffer(inP, 1, cols * sizeof(float));
+        pipe.InitBuffer(inV, 2, cols * sizeof(T));
+        pipe.InitBuffer(outQ, 2, cols * sizeof(int8_t));
+        pipe.InitBuffer(kvBuf, cols * sizeof(float));
+        pipe.InitBuffer(rtBuf, d * sizeof(T));
+        pipe.InitBuffer(kScBuf, cols * sizeof(float));
+        pipe.InitBuffer(kOfBuf, cols * sizeof(float));
+        pipe.InitBuffer(vScBuf, cols * sizeof(float));
+        pipe.InitBuffer(vOfBuf, cols * sizeof(float));
+        pipe.InitBuffer(iBuf, cols * sizeof(int32_t));
+        pipe.InitBuffer(hBuf, cols * sizeof(half));
+";
+    let head = "        if (start >= end) return;
+        LoadChannels(kScGm, kScBuf.Get<float>());
+        LoadChannels(kOfGm, kOfBuf.Get<float>());
+        LoadChannels(vScGm, vScBuf.Get<float>());
+        LoadChannels(vOfGm, vOfBuf.Get<float>());
+";
+    let members = "    TQue<TPosition::VECIN, 1> inP;
+    TQue<TPosition::VECIN, 2> inV;
+    TQue<TPosition::VECOUT, 2> outQ;
+    TBuf<TPosition::VECCALC> kvBuf, rtBuf, kScBuf, kOfBuf, vScBuf, vOfBuf, iBuf, hBuf;
+    GlobalTensor<float> kScGm, kOfGm, vScGm, vOfGm;
+";
+    let to_int8 = super::quant::TO_INT8.replace("qGm[r * cols]", "dst[off]");
+    vec![
+        ("KV", "int8_t".into()),
+        ("KV_INIT", init.into()),
+        ("PROCESS_HEAD", head.into()),
+        ("KV_HELPERS", INT8_KV_STORE.replace("{{TO_INT8}}", &to_int8)),
+        ("KV_MEMBERS", members.into()),
+        ("KV_STORE", "            StoreKv(row, cacheRow, csf);\n".into()),
+    ]
 }
 
 fn qkv_rope_kv_write(ctx: &Ctx, q_heads: usize, kv_heads: usize, how: KvWrite) -> Result<DeviceKernels> {
-    let paged = how == KvWrite::Paged;
-    // Argument indices: y, cos, sin, [slots], q_out, k_cache, v_cache.
-    let (slots, q_out) = if paged { (Some(3), 4) } else { (None, 3) };
-    let (k_cache, v_cache) = (q_out + 1, q_out + 2);
+    let paged = how != KvWrite::Append;
+    let int8 = how == KvWrite::PagedInt8;
+    let QkvArgs { slots, scales, q_out, k_cache, v_cache } = QkvArgs::of(how);
     let d = ctx.cdim(1, 1, "head_dim")?;
     let width = ctx.cdim(0, 1, "qkv width")?;
     let (hq, hkv) = (q_heads as u64, kv_heads as u64);
@@ -263,8 +404,9 @@ fn qkv_rope_kv_write(ctx: &Ctx, q_heads: usize, kv_heads: usize, how: KvWrite) -
         bail!("{}: qkv width {width} is not ({hq} + 2*{hkv}) * {d} with an even head_dim", ctx.k.name);
     }
     let (t, c) = (ctx.dt[0], ctx.dt[1]);
-    if ctx.dt[q_out] != t || ctx.dt[k_cache] != t || ctx.dt[v_cache] != t || ctx.dt[2] != c {
-        bail!("{}: y, q and the caches must share one dtype, cos and sin another", ctx.k.name);
+    let kv = if int8 { DevType::I8 } else { t };
+    if ctx.dt[q_out] != t || ctx.dt[k_cache] != kv || ctx.dt[v_cache] != kv || ctx.dt[2] != c {
+        bail!("{}: y and q must share one dtype, the caches {kv}, cos and sin another", ctx.k.name);
     }
     if let Some(s) = slots {
         if !matches!(ctx.dt[s], DevType::I32 | DevType::I64) {
@@ -275,6 +417,16 @@ fn qkv_rope_kv_write(ctx: &Ctx, q_heads: usize, kv_heads: usize, how: KvWrite) -
             bail!("{}: the paged caches must be [num_blocks, block_size, {hkv}, {d}]", ctx.k.name);
         }
     }
+    if let Some(first) = scales {
+        for (i, what) in (first..first + 4).zip(["k_scale", "k_offset", "v_scale", "v_offset"]) {
+            if ctx.dt[i] != DevType::F32 || ctx.k.args[i].shape[..] != ctx.k.args[k_cache].shape[2..] {
+                bail!("{}: {what} (argument {i}) must be f32 per channel, [{hkv}, {d}]", ctx.k.name);
+            }
+        }
+        // One slot's k (or v) row is stored as one int8 block run.
+        need_aligned(ctx, "a slot's int8 row", hkv * d, DevType::I8)?;
+        need_aligned(ctx, "a slot's row", hkv * d, t)?;
+    }
     need_aligned(ctx, "half a head", d / 2, DevType::F32)?;
     need_aligned(ctx, "a head", d, t)?;
     need_aligned(ctx, "a cos/sin row", d, c)?;
@@ -282,7 +434,17 @@ fn qkv_rope_kv_write(ctx: &Ctx, q_heads: usize, kv_heads: usize, how: KvWrite) -
     let entry = ctx.entry("");
     let text = |on: &str, off: &str| if paged { on.to_string() } else { off.to_string() };
     let slot_t = slots.map_or("int32_t", |s| ctx.dt[s].cpp());
-    let vars = [
+    let slot_param = match how {
+        KvWrite::Append => "",
+        KvWrite::Paged => "GM_ADDR slots, ",
+        KvWrite::PagedInt8 => "GM_ADDR slots, GM_ADDR kScale, GM_ADDR kOffset, GM_ADDR vScale, GM_ADDR vOffset, ",
+    };
+    let slot_arg = match how {
+        KvWrite::Append => "",
+        KvWrite::Paged => "slots, ",
+        KvWrite::PagedInt8 => "slots, kScale, kOffset, vScale, vOffset, ",
+    };
+    let mut vars = vec![
         ("T", t.cpp().into()),
         ("C", c.cpp().into()),
         ("ROPE_HEAD", ROPE_HEAD.into()),
@@ -295,8 +457,8 @@ fn qkv_rope_kv_write(ctx: &Ctx, q_heads: usize, kv_heads: usize, how: KvWrite) -
                 "// caches at row past + token. Cache rows 0..past are never touched.\n",
             ),
         ),
-        ("SLOT_PARAM", text("GM_ADDR slots, ", "")),
-        ("SLOT_ARG", text("slots, ", "")),
+        ("SLOT_PARAM", slot_param.into()),
+        ("SLOT_ARG", slot_arg.into()),
         ("CACHE_SIZE", text("        cacheSlots = t.numBlocks * t.blockSize;\n", "        past = t.past;\n")),
         ("CACHE_ROWS", text("cacheSlots", "(past + t.tiles)")),
         ("SLOT_GM", text(&format!("        slotGm.SetGlobalBuffer((__gm__ {slot_t}*)slots, t.tiles);\n"), "")),
@@ -312,10 +474,13 @@ fn qkv_rope_kv_write(ctx: &Ctx, q_heads: usize, kv_heads: usize, how: KvWrite) -
         ("CACHE_VAR", text("cacheSlots", "past")),
         ("SLOT_MEMBER", text(&format!("    GlobalTensor<{slot_t}> slotGm;\n"), "")),
     ];
-    let what = if paged {
-        "QKV split + RoPE (NeoX) + paged KV-cache write through the slot mapping, in f32."
-    } else {
-        "QKV split + RoPE (NeoX) + KV-cache append, in f32."
+    vars.extend(int8_kv_vars(int8));
+    let what = match how {
+        KvWrite::Paged => "QKV split + RoPE (NeoX) + paged KV-cache write through the slot mapping, in f32.",
+        KvWrite::PagedInt8 => {
+            "QKV split + RoPE (NeoX) in f32 + per-channel int8 quantization into the paged (C8) KV caches through the slot mapping."
+        }
+        KvWrite::Append => "QKV split + RoPE (NeoX) + KV-cache append, in f32.",
     };
     let src = vector_source(&entry, what, QKV_ROPE_KV_WRITE, &vars);
     let mut fields = tiles_fields(&tiles);
@@ -328,12 +493,22 @@ fn qkv_rope_kv_write(ctx: &Ctx, q_heads: usize, kv_heads: usize, how: KvWrite) -
     } else {
         fields.push(TilingField::u32("past", TExpr::Past));
     }
-    let ub = 6 * r32(d * t.size()) + r32(2 * d * c.size()) + 4 * r32(d * 4);
+    let mut ub = 6 * r32(d * t.size()) + r32(2 * d * c.size()) + 4 * r32(d * 4);
+    if int8 {
+        let cols = hkv * d;
+        // inP, kvBuf, four scale rows, iBuf (f32/i32); inV x2; hBuf; outQ x2; rtBuf.
+        ub += 7 * r32(cols * 4) + 2 * r32(cols * t.size()) + r32(cols * 2) + 2 * r32(cols) + r32(d * t.size());
+    }
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params =
         vec![ctx.param("y", 0, Role::Input), ctx.param("cosT", 1, Role::Input), ctx.param("sinT", 2, Role::Input)];
     if let Some(s) = slots {
         dk.params.push(ctx.param("slots", s, Role::Input));
+    }
+    if let Some(first) = scales {
+        for (i, name) in (first..first + 4).zip(["kScale", "kOffset", "vScale", "vOffset"]) {
+            dk.params.push(ctx.param(name, i, Role::Input));
+        }
     }
     dk.params.extend([
         ctx.param("kCache", k_cache, Role::InOut),

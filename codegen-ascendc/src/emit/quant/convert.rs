@@ -15,7 +15,7 @@ const DQ_QUANT_ROWS: u64 = 16;
 /// The float -> int8 tail shared by the quantizing kernels: `xf` (f32,
 /// already `x / s (+ o)`) -> `q` (int8) through int32 and half, stored at
 /// row `r` of `qGm` (see [`to_int8`]).
-pub(super) const TO_INT8: &str = "        LocalTensor<int32_t> xi = iBuf.Get<int32_t>();
+pub(crate) const TO_INT8: &str = "        LocalTensor<int32_t> xi = iBuf.Get<int32_t>();
         Cast(xi, xf, RoundMode::CAST_RINT, cols);
         PipeBarrier<PIPE_V>();
         Maxs(xi, xi, static_cast<int32_t>(-128), cols);

@@ -39,6 +39,7 @@ pub(crate) mod experts;
 mod gemm;
 pub(crate) mod wire;
 
+pub(crate) use convert::TO_INT8;
 pub use convert::{
     dequantize, dynamic_quant, kv_cache_write_quant, quantize, rms_norm_dynamic_quant, Granularity, NormQuant,
 };
