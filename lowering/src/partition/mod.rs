@@ -34,6 +34,7 @@
 //! drops weights the rank does not use.
 
 pub mod estimate;
+pub mod quant;
 pub mod rules;
 pub mod signature;
 
@@ -246,6 +247,13 @@ impl Layout {
         (g0 * per, g1 * per)
     }
 
+    /// The ranks holding the same expert groups as rank `r` (its expert TP
+    /// group), in TP-index order.
+    pub fn expert_tp_group(&self, r: usize) -> Vec<usize> {
+        let start = r / self.expert_tp * self.expert_tp;
+        (start..start + self.expert_tp).collect()
+    }
+
     /// Slice `[i0, i1)` of each routed expert's intermediate dimension.
     pub fn expert_cols(&self, r: usize) -> (usize, usize) {
         let w = self.dims.moe_intermediate / self.expert_tp;
@@ -280,45 +288,58 @@ impl Layout {
             if !(e0..e1).contains(&e) {
                 return Residency::None;
             }
-            let (i0, i1) = self.expert_cols(r);
             if self.expert_tp == 1 {
                 return Residency::Full;
             }
-            return if tensor.starts_with("down_proj") {
-                Residency::slice(1, i0, i1)
-            } else {
-                Residency::slice(0, i0, i1)
-            };
+            let (i0, i1) = self.expert_cols(r);
+            return linear_shard(tensor, "down_proj", i0, i1);
         }
         if let Some(tensor) = name.strip_prefix("mlp.shared_expert.") {
             if self.shared_tp == 1 {
                 return Residency::Full;
             }
             let (j0, j1) = self.shared_cols(r);
-            return if tensor.starts_with("down_proj") {
-                Residency::slice(1, j0, j1)
-            } else {
-                Residency::slice(0, j0, j1)
-            };
+            return linear_shard(tensor, "down_proj", j0, j1);
         }
         if self.attn_tp > 1 {
-            match name {
-                "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => return Residency::slice(0, q0 * hd, q1 * hd),
-                "self_attn.k_proj.weight"
-                | "self_attn.k_proj.bias"
-                | "self_attn.v_proj.weight"
-                | "self_attn.v_proj.bias" => return Residency::slice(0, k0 * hd, k1 * hd),
-                "self_attn.o_proj.weight" => return Residency::slice(1, q0 * hd, q1 * hd),
-                "k_cache" | "v_cache" => {
-                    return match kv_head_axis(ndim) {
-                        Some(axis) => Residency::slice(axis, k0, k1),
-                        None => Residency::None,
-                    }
+            if let Some(tensor) = name.strip_prefix("self_attn.") {
+                let (proj, part) = tensor.split_once('.').unwrap_or((tensor, ""));
+                let (s, e) = match proj {
+                    "q_proj" => (q0 * hd, q1 * hd),
+                    "k_proj" | "v_proj" => (k0 * hd, k1 * hd),
+                    _ => (q0 * hd, q1 * hd),
+                };
+                if matches!(proj, "q_proj" | "k_proj" | "v_proj" | "o_proj") {
+                    return linear_shard(&format!("{proj}.{part}"), "o_proj", s, e);
                 }
-                _ => {}
+            }
+            if name == "k_cache" || name == "v_cache" {
+                return match kv_head_axis(ndim) {
+                    Some(axis) => Residency::slice(axis, k0, k1),
+                    None => Residency::None,
+                };
             }
         }
         Residency::Full
+    }
+}
+
+/// The shard `[s, e)` of tensor `tensor` (`<proj>.<part>`) of a linear split
+/// by tensor parallelism: the row-parallel projection `row_proj` holds
+/// input channels (axis 1 of its weight `[N, K]`) and every per-output
+/// tensor whole; the column-parallel ones hold output channels: the rows of
+/// the weight and of every per-output-channel tensor (float bias, int8
+/// `weight_scale` / `weight_offset`, static W8A8 `quant_bias` / `deq_scale`).
+/// Per-tensor activation quantization parameters (`input_scale`,
+/// `input_offset`) and the int8 KV cache's per-channel `kv_cache_scale` /
+/// `kv_cache_offset` (read through a reshape to `[Hkv, D]`) stay whole.
+fn linear_shard(tensor: &str, row_proj: &str, s: usize, e: usize) -> Residency {
+    let (proj, part) = tensor.split_once('.').unwrap_or((tensor, ""));
+    match part {
+        "weight" if proj == row_proj => Residency::slice(1, s, e),
+        _ if proj == row_proj => Residency::Full,
+        "weight" | "bias" | "weight_scale" | "weight_offset" | "quant_bias" | "deq_scale" => Residency::slice(0, s, e),
+        _ => Residency::Full,
     }
 }
 
@@ -420,8 +441,8 @@ fn partition_rank(
         anyhow!(
             "rank {rank}: no program of @{layer_fn} reads only the weights the rank holds under plan {} (attention TP{}, \
              routed experts TP{} x EP{}, shared expert TP{}): some op reading a sharded weight has no partitioning rule \
-             (partitioning rules applied: {}). Covered: the float MoE and attention, and for W8A8_DYNAMIC checkpoints \
-             the routed experts with whole expert groups per rank (plan ep)",
+             (partitioning rules applied: {}). Covered: the float MoE and attention; W8A8_DYNAMIC and static W8A8 \
+             attention with an int8 (C8) KV cache, shared expert and routed experts",
             layout.plan,
             layout.attn_tp,
             layout.expert_tp,
