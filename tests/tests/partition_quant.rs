@@ -90,6 +90,12 @@ fn check_plan(ckpt: &Checkpoint, fused: &Module, one: &OneDevice, plan: PlanChoi
     let what = format!("{} + C8, {} N={n}", scheme_of(fused), layout.plan);
     let parts = partition_module(fused, "decoder_layer", &layout, &FuseOptions::default())
         .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    // The layout the ranks were partitioned for (a W8A8_DYNAMIC module's
+    // routed experts take whole expert groups per device under h2p too).
+    let layout = parts.layout.clone();
+    if scheme_of(fused) == "W8A8_DYNAMIC" {
+        assert_eq!(layout.expert_tp, 1, "{what}");
+    }
     for r in &parts.ranks {
         let fired = |rule: &str| r.rules_fired.get(rule).copied().unwrap_or(0);
         assert!(fired("moe-expert-parallel") > 0, "{what}: {:?}", r.rules_fired);

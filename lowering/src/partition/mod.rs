@@ -391,6 +391,7 @@ pub struct Partitioned {
 /// Partition the fused module for `layout`: one module per rank. With one
 /// device the module is returned unchanged.
 pub fn partition_module(fused: &Module, layer_fn: &str, layout: &Layout, opts: &FuseOptions) -> Result<Partitioned> {
+    let layout = &int8_routed_layout(fused, layer_fn, layout)?;
     let mut ranks = vec![];
     for r in 0..layout.devices {
         if layout.plan == PlanKind::Single {
@@ -406,6 +407,31 @@ pub fn partition_module(fused: &Module, layer_fn: &str, layout: &Layout, opts: &
         ranks.push(partition_rank(fused, layer_fn, layout, r, opts).with_context(|| format!("partitioning rank {r}"))?);
     }
     Ok(Partitioned { layout: layout.clone(), ranks })
+}
+
+/// `layout`, with whole expert groups per device when the module's routed
+/// experts are the W8A8_DYNAMIC chain (init routing, int8 gate/up GEMMs,
+/// SwiGLU, per-row requantization, int8 down GEMM, combine). Splitting an
+/// expert's intermediate channels (h2p's expert TP2) would need the whole
+/// SwiGLU rows on each rank before the requantization, a collective inside
+/// the chain that the backends run as one fused launch; whole groups per
+/// device keep every row's quantization exactly the single device's with
+/// the one all-reduce after the chain (the same expert bytes per device).
+fn int8_routed_layout(fused: &Module, layer_fn: &str, layout: &Layout) -> Result<Layout> {
+    let f = fused.function(layer_fn).ok_or_else(|| anyhow!("no function @{layer_fn} to partition"))?;
+    if layout.expert_tp == 1 || !f.nodes.iter().any(|n| matches!(n.op, Op::GroupedQuantMatMul)) {
+        return Ok(layout.clone());
+    }
+    let (n, g) = (layout.devices, layout.dims.groups);
+    if !g.is_multiple_of(n) {
+        bail!(
+            "plan {}: a W8A8_DYNAMIC module's routed experts are placed as whole expert groups per device (expert TP \
+             would split the per-row requantization between the gate/up and down GEMMs), and --devices {n} does not \
+             divide the model's {g} expert groups",
+            layout.plan
+        );
+    }
+    Ok(Layout { expert_tp: 1, ..layout.clone() })
 }
 
 fn partition_rank(

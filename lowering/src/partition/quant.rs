@@ -100,7 +100,8 @@ fn match_node(eg: &EG, ast: &[ENodeOrVar<TLang>], at: usize, class: Id, subst: &
                 return false;
             }
             let saved = subst.clone();
-            let ok = p.children().iter().zip(n.children()).all(|(pc, nc)| match_node(eg, ast, usize::from(*pc), *nc, subst));
+            let ok =
+                p.children().iter().zip(n.children()).all(|(pc, nc)| match_node(eg, ast, usize::from(*pc), *nc, subst));
             if !ok {
                 *subst = saved;
             }
@@ -177,8 +178,7 @@ fn zeros_like(cx: &mut Cx, b: Id) -> Option<Id> {
 fn local_attention(cx: &mut Cx, rc: &RankCx, ctx2d: Id) -> Option<(Id, Vec<(Id, Id)>)> {
     let l = &rc.layout;
     let s = match_at(cx, "(reshape ?ra (paged_attention ?pa ?q ?kr ?vr ?bt ?qsl ?cl))", ctx2d)?;
-    let [ra, pa, q, kr, vr, bt, qsl, cl] =
-        ["?ra", "?pa", "?q", "?kr", "?vr", "?bt", "?qsl", "?cl"].map(|v| get(&s, v));
+    let [ra, pa, q, kr, vr, bt, qsl, cl] = ["?ra", "?pa", "?q", "?kr", "?vr", "?bt", "?qsl", "?cl"].map(|v| get(&s, v));
     let Op::PagedAttention { scale } = cx.attr(pa?)? else { return None };
     let Op::Reshape { shape: ctx_shape } = cx.attr(ra?)? else { return None };
     let hd = l.dims.head_dim;

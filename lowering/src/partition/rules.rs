@@ -54,7 +54,7 @@ pub const RULES: &[(&str, &str)] = &[
     ("slice-pushdown", "slice(concat|stack|cast|slice(..)) of weights -> the same over slices of the parts"),
     (
         "moe-expert-parallel",
-        "moe_ffn (or moe_grouped_ffn) over all groups -> residual + collective-sum(grouped_matmul_moe over the rank's groups [+ shared-expert TP shard]); the W8A8_DYNAMIC routed experts (moe_init_routing .. grouped_quant_matmul .. moe_finalize_routing) -> all_reduce(the same chain over the rank's groups, with expert TP the SwiGLU output all-gathered before its quantization); the static W8A8 dense experts -> all_reduce(the rank's experts and channels); the int8 shared expert -> its TP shard (row-parallel down projection on all-gathered, whole-row quantized input for W8A8_DYNAMIC)",
+        "moe_ffn (or moe_grouped_ffn) over all groups -> residual + collective-sum(grouped_matmul_moe over the rank's groups [+ shared-expert TP shard]); the W8A8_DYNAMIC routed experts (moe_init_routing .. grouped_quant_matmul .. moe_finalize_routing) -> all_reduce(the same chain over the rank's groups,); the static W8A8 dense experts -> all_reduce(the rank's experts and channels); the int8 shared expert -> its TP shard (row-parallel down projection on all-gathered, whole-row quantized input for W8A8_DYNAMIC)",
     ),
     (
         "attention-tensor-parallel",
@@ -283,58 +283,40 @@ fn quant_routed_pattern(skips: &str) -> String {
 }
 
 /// The routed W8A8_DYNAMIC experts = the all-reduce over ranks of the same
-/// chain over each rank's expert groups (rows routed to other groups are
+/// chain over each rank's expert groups (whole groups: [`super::partition_module`]
+/// gives an int8 module no expert TP) (rows routed to other groups are
 /// not gathered, so each rank quantizes exactly the rows the single-device
 /// chain quantizes for its experts, with the same per-row scales). With
-/// expert TP (plan h2p) each rank of an expert's TP group computes its
-/// slice of the gate and up outputs (column-parallel); the SwiGLU output is
-/// all-gathered over that group before the second dynamic quantization, so
-/// every row is quantized whole with the single-device per-row scale, and
-/// the rank's int8 columns of it meet its slice of the down projection's
-/// input channels (row-parallel, summed by the all-reduce). With skip terms
-/// `?s` (shared expert) and `?r` (residual) they are added after the sum,
-/// in the finalize's order.
+/// skip terms `?s` (shared expert) and `?r` (residual), replicated on
+/// every rank, they are added after the sum, in the finalize's order.
 fn moe_expert_parallel_quant(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
     let l = &rc.layout;
+    if l.expert_tp != 1 {
+        return None;
+    }
     let [x, w, ids, wg, sg, wu, su, wd, sd] =
         ["?x", "?w", "?ids", "?wg", "?sg", "?wu", "?su", "?wd", "?sd"].map(|v| cx.var(v));
-    let (groups, experts, inter) = (dim(cx, w, 1)?, dim(cx, wg, 0)?, dim(cx, wg, 1)?);
+    let (groups, experts) = (dim(cx, w, 1)?, dim(cx, wg, 0)?);
     if groups != l.dims.groups
         || experts != l.dims.experts
-        || inter != l.dims.moe_intermediate
         || cx.attr(cx.var("?ie"))? != (Op::MoeInitRouting { experts })
     {
         return None;
     }
     let (e0, e1) = l.local_experts(rc.rank);
-    let (i0, i1) = l.expert_cols(rc.rank);
     let (w_l, ids_l) = local_routing(cx, rc, w, ids)?;
     let init = cx.add(Op::MoeInitRouting { experts: e1 - e0 }, &[x, ids_l])?;
     let (rows, row_idx, counts) = (cx.proj(init, 0), cx.proj(init, 1), cx.proj(init, 2));
-    // The rank's experts, and of their gate/up outputs (axis 1 of `[E, I, H]`
-    // and of the scales `[E, I]`) and down inputs (axis 2 of `[E, H, I]`)
-    // its TP slice.
-    let local = |cx: &mut Cx, v: Id, axis: Option<usize>| {
-        let e = slice(cx, v, 0, e0, e1)?;
-        match axis {
-            Some(a) => slice(cx, e, a, i0, i1),
-            None => Some(e),
-        }
-    };
-    let [wg, sg, wu, su] = [wg, sg, wu, su].map(|v| local(cx, v, Some(1)));
-    let (wd, sd) = (local(cx, wd, Some(2))?, local(cx, sd, None)?);
+    let experts_of = |cx: &mut Cx, v: Id| slice(cx, v, 0, e0, e1);
+    let [wg, sg, wu, su, wd, sd] = [wg, sg, wu, su, wd, sd].map(|v| experts_of(cx, v));
     let xq = cx.add(Op::DynamicQuant, &[rows])?;
     let (q, s) = (cx.proj(xq, 0), cx.proj(xq, 1));
     let gate = cx.add(Op::GroupedQuantMatMul, &[q, wg?, sg?, s, counts])?;
     let up = cx.add(Op::GroupedQuantMatMul, &[q, wu?, su?, s, counts])?;
-    let mut act = cx.add(Op::SwiGlu, &[gate, up])?;
-    if l.expert_tp > 1 {
-        act = coll(cx, CollectiveKind::AllGather, l.expert_tp_group(rc.rank), 1, act)?;
-    }
+    let act = cx.add(Op::SwiGlu, &[gate, up])?;
     let aq = cx.add(Op::DynamicQuant, &[act])?;
     let (q, s) = (cx.proj(aq, 0), cx.proj(aq, 1));
-    let q = slice(cx, q, 1, i0, i1)?;
-    let y = cx.add(Op::GroupedQuantMatMul, &[q, wd, sd, s, counts])?;
+    let y = cx.add(Op::GroupedQuantMatMul, &[q, wd?, sd?, s, counts])?;
     let part = cx.add(Op::MoeFinalizeRouting, &[y, w_l, row_idx])?;
     let mut out = coll(cx, CollectiveKind::AllReduce, l.all(), 0, part)?;
     for skip in ["?s", "?r"].into_iter().filter_map(|v| cx.subst.get(v.parse().ok()?).copied()) {
