@@ -19,6 +19,7 @@ mod common;
 use common::*;
 use panguc::frontend::Checkpoint;
 use panguc::quantize::{write_quantized, QuantizeOptions, Scheme};
+use panguc_ir::graph::ParamKind;
 use panguc_ir::{DType, Module, Op};
 use panguc_lowering::fuse::FuseOptions;
 use panguc_lowering::partition::{partition_module, Dims, Layout, PlanChoice};
@@ -115,6 +116,33 @@ fn check_plan(ckpt: &Checkpoint, fused: &Module, one: &OneDevice, plan: PlanChoi
                 assert_eq!(w.shape[i].as_const(), Some(inter), "{what} rank {}: {w}", r.rank);
             }
         }
+        // Attention and shared-expert int8 weights: the rank reads only its
+        // TP shard (through slices of the checkpoint tensor, which the rank
+        // package stores alone).
+        let shapes_read = |tensor: &str| -> Vec<Vec<Option<usize>>> {
+            let p = layer.params.iter().find(|p| matches!(&p.kind, ParamKind::Weight { tensor: t } if t == tensor));
+            let p = p.unwrap_or_else(|| panic!("{what} rank {}: no weight {tensor}", r.rank)).value;
+            let readers = layer.nodes.iter().filter(|n| n.args.contains(&p));
+            let read = readers.map(|n| if matches!(n.op, Op::Slice { .. }) { n.results[0] } else { p });
+            read.map(|v| layer.ty(v).shape.iter().map(|d| d.as_const()).collect()).collect()
+        };
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let sharded = [
+            ("self_attn.q_proj.weight", vec![cfg.num_attention_heads * hd / layout.attn_tp, h]),
+            ("self_attn.k_proj.weight", vec![cfg.num_key_value_heads * hd / layout.attn_tp, h]),
+            ("self_attn.o_proj.weight", vec![h, cfg.num_attention_heads * hd / layout.attn_tp]),
+            ("mlp.shared_expert.gate_proj.weight", vec![cfg.shared_expert_intermediate_size / layout.shared_tp, h]),
+            ("mlp.shared_expert.down_proj.weight", vec![h, cfg.shared_expert_intermediate_size / layout.shared_tp]),
+        ];
+        for (tensor, want) in sharded {
+            let want: Vec<Option<usize>> = want.into_iter().map(Some).collect();
+            let read = shapes_read(tensor);
+            assert!(
+                !read.is_empty() && read.iter().all(|s| *s == want),
+                "{what} rank {}: {tensor} read as {read:?}",
+                r.rank
+            );
+        }
         assert!(layer.nodes.iter().any(|x| matches!(x.op, Op::Collective { .. })), "{what} rank {}", r.rank);
     }
     let programs = panguc::package_build::schedule_ranks(&parts).unwrap();
@@ -187,4 +215,24 @@ fn static_w8a8_int8_kv_on_partitioned_ranks_matches_one_device() {
     for (plan, n) in [(PlanChoice::Ep, 2), (PlanChoice::Ep, 4), (PlanChoice::H2p, 4)] {
         check_plan(&ckpt, &fused, &one, plan, n);
     }
+}
+
+/// What is not covered is a clear error, not a panic or a wrong program:
+/// a W8A8_DYNAMIC module's routed experts take whole expert groups per
+/// device under h2p (its fused routed chain cannot be split at the
+/// requantization), so h2p on more devices than expert groups is refused.
+#[test]
+fn w8a8_dynamic_h2p_beyond_whole_expert_groups_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ckpt, _, fused) = quantized(tmp.path(), Scheme::W8A8Dynamic);
+    let cfg = ckpt.config();
+    let n = 2 * cfg.num_groups();
+    let layout = Layout::new(Dims::from_config(cfg), n, PlanChoice::H2p).unwrap();
+    let err = partition_module(&fused, "decoder_layer", &layout, &FuseOptions::default()).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("plan h2p") && msg.contains("whole expert groups per device"), "{msg}");
+    assert!(
+        msg.contains(&format!("--devices {n} does not divide the model's {} expert groups", cfg.num_groups())),
+        "{msg}"
+    );
 }

@@ -262,7 +262,7 @@ fn attention_static(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
     let ((q0, q1), _) = l.heads(rc.rank);
     let hd = l.dims.head_dim;
     let group = l.attn_group(rc.rank);
-    let first = rc.rank % l.attn_tp == 0;
+    let first = rc.rank.is_multiple_of(l.attn_tp);
     let partial = row_parallel_static(cx, ctx2, None, (q0 * hd, q1 * hd), first)?;
     let o = all_reduce_rs_ag(cx, group, partial)?;
     Some([(cx.root, o)].into_iter().chain(caches).collect())
@@ -346,7 +346,7 @@ fn shared_static(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
     let cols = l.shared_cols(rc.rank);
     let (g, u) = (col_shard(cx, g, cols)?, col_shard(cx, u, cols)?);
     let act = cx.add(Op::SwiGlu, &[g, u])?;
-    let partial = row_parallel_static(cx, act, None, cols, rc.rank % l.shared_tp == 0)?;
+    let partial = row_parallel_static(cx, act, None, cols, rc.rank.is_multiple_of(l.shared_tp))?;
     Some(vec![(cx.root, all_reduce_rs_ag(cx, l.all(), partial)?)])
 }
 
@@ -382,7 +382,7 @@ fn routed_static(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
     let cols = l.expert_cols(rc.rank);
     let (g, u) = (stacked_col_shard(cx, g, ex, cols)?, stacked_col_shard(cx, u, ex, cols)?);
     let act = cx.add(Op::SwiGlu, &[g, u])?;
-    let y = row_parallel_static(cx, act, Some(ex), cols, rc.rank % l.expert_tp == 0)?;
+    let y = row_parallel_static(cx, act, Some(ex), cols, rc.rank.is_multiple_of(l.expert_tp))?;
     let cb = slice(cx, cb, 0, ex.0, ex.1)?;
     let weighted = cx.add(Op::Binary(BinaryOp::Mul), &[y, cb])?;
     let part = cx.add(Op::Reduce { op: panguc_ir::op::ReduceOp::Sum, axis: 0, keepdim: false }, &[weighted])?;
