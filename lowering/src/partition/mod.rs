@@ -21,6 +21,12 @@
 //!   and the batched one (`qkv_rope_cache_write` + `paged_attention`, each
 //!   rank holding its KV heads of every block: `[blocks, block_size,
 //!   Hkv / attn_tp, D]`);
+//! * the int8 forms of both ([`quant`]; W8A8_DYNAMIC and static W8A8 with
+//!   the int8 KV cache): column-parallel int8 projections split their
+//!   weight rows and per-channel scales, row-parallel ones quantize their
+//!   input exactly as one device does (all-gathered whole rows for the
+//!   per-token scales of W8A8_DYNAMIC; the rank's own columns for static
+//!   per-tensor scales, `quant_bias` on the group's first rank);
 //! * `slice-pushdown`: slices of weight-only values are pushed through
 //!   `concat`, `stack`, `cast` and `slice` down to the checkpoint tensors,
 //!   so that every weight the rank reads is a shard it holds.
@@ -247,13 +253,6 @@ impl Layout {
         (g0 * per, g1 * per)
     }
 
-    /// The ranks holding the same expert groups as rank `r` (its expert TP
-    /// group), in TP-index order.
-    pub fn expert_tp_group(&self, r: usize) -> Vec<usize> {
-        let start = r / self.expert_tp * self.expert_tp;
-        (start..start + self.expert_tp).collect()
-    }
-
     /// Slice `[i0, i1)` of each routed expert's intermediate dimension.
     pub fn expert_cols(&self, r: usize) -> (usize, usize) {
         let w = self.dims.moe_intermediate / self.expert_tp;
@@ -303,14 +302,14 @@ impl Layout {
         }
         if self.attn_tp > 1 {
             if let Some(tensor) = name.strip_prefix("self_attn.") {
-                let (proj, part) = tensor.split_once('.').unwrap_or((tensor, ""));
-                let (s, e) = match proj {
-                    "q_proj" => (q0 * hd, q1 * hd),
-                    "k_proj" | "v_proj" => (k0 * hd, k1 * hd),
-                    _ => (q0 * hd, q1 * hd),
+                let proj = tensor.split_once('.').map_or(tensor, |(p, _)| p);
+                let shard = match proj {
+                    "q_proj" | "o_proj" => Some((q0 * hd, q1 * hd)),
+                    "k_proj" | "v_proj" => Some((k0 * hd, k1 * hd)),
+                    _ => None,
                 };
-                if matches!(proj, "q_proj" | "k_proj" | "v_proj" | "o_proj") {
-                    return linear_shard(&format!("{proj}.{part}"), "o_proj", s, e);
+                if let Some((s, e)) = shard {
+                    return linear_shard(tensor, "o_proj", s, e);
                 }
             }
             if name == "k_cache" || name == "v_cache" {
