@@ -143,7 +143,16 @@ fn check_plan(ckpt: &Checkpoint, fused: &Module, one: &OneDevice, plan: PlanChoi
                 r.rank
             );
         }
-        assert!(layer.nodes.iter().any(|x| matches!(x.op, Op::Collective { .. })), "{what} rank {}", r.rank);
+        let colls: Vec<String> = layer
+            .nodes
+            .iter()
+            .filter_map(|x| match &x.op {
+                Op::Collective { kind, group, .. } => Some(format!("{kind:?}{group:?}")),
+                _ => None,
+            })
+            .collect();
+        eprintln!("{what} rank {}: collectives per layer {colls:?}", r.rank);
+        assert!(!colls.is_empty(), "{what} rank {}", r.rank);
     }
     let programs = panguc::package_build::schedule_ranks(&parts).unwrap();
     for (r, p) in programs.iter().enumerate() {
