@@ -1,22 +1,25 @@
 //! Quantized checkpoints on partitioned packages: the bundled tiny model
-//! quantized W8A8_DYNAMIC with the int8 (C8) KV cache (what `panguc
-//! quantize --scheme w8a8-dynamic --kv-int8` writes), its batched import
-//! fused and partitioned as `panguc compile --devices N` does, one batched
-//! CPU package per rank, run as one `MultiRankEngine` through the
-//! scheduler (a batch mixing prefill chunks and decodes).
+//! quantized W8A8_DYNAMIC or static W8A8, each with the int8 (C8) KV cache
+//! (what `panguc quantize --scheme w8a8-dynamic|w8a8 --kv-int8` writes), its
+//! batched import fused and partitioned as `panguc compile --devices N`
+//! does, one batched CPU package per rank, run as one `MultiRankEngine`
+//! through the scheduler (a batch mixing prefill chunks and decodes).
 //!
 //! Plan ep on 2 and 4 ranks (whole expert groups per rank: each rank runs the
-//! int8 routed-expert chain over its groups' rows and the partial sums are
-//! all-reduced; attention, its int8 paged caches and the shared expert are
-//! replicated). Each sequence's greedy tokens must equal the single-device
-//! quantized package's and the paged reference interpreter's on the
-//! single-device module.
+//! int8 routed experts of its groups and the partial sums are all-reduced;
+//! attention, its int8 paged caches and the shared expert are replicated),
+//! and plan h2p on 4 ranks (attention TP2 with the int8 caches sharded by KV
+//! head, routed experts TP2 x EP2, shared expert TP4: row-parallel int8
+//! projections quantize exactly the single-device rows). Each sequence's
+//! greedy tokens must equal the single-device quantized package's and the
+//! paged reference interpreter's on the single-device module.
 
 mod common;
 
 use common::*;
 use panguc::frontend::Checkpoint;
 use panguc::quantize::{write_quantized, QuantizeOptions, Scheme};
+use panguc_ir::graph::ParamKind;
 use panguc_ir::{DType, Module, Op};
 use panguc_lowering::fuse::FuseOptions;
 use panguc_lowering::partition::{partition_module, Dims, Layout, PlanChoice};
@@ -85,19 +88,71 @@ fn check_plan(ckpt: &Checkpoint, fused: &Module, one: &OneDevice, plan: PlanChoi
     let cfg = ckpt.config().clone();
     let tmp = tempfile::tempdir().unwrap();
     let layout = Layout::new(Dims::from_config(&cfg), n, plan).unwrap();
-    let what = format!("W8A8_DYNAMIC + C8, {} N={n}", layout.plan);
+    let what = format!("{} + C8, {} N={n}", scheme_of(fused), layout.plan);
     let parts = partition_module(fused, "decoder_layer", &layout, &FuseOptions::default())
         .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    // The layout the ranks were partitioned for (a W8A8_DYNAMIC module's
+    // routed experts take whole expert groups per device under h2p too).
+    let layout = parts.layout.clone();
+    if scheme_of(fused) == "W8A8_DYNAMIC" {
+        assert_eq!(layout.expert_tp, 1, "{what}");
+    }
     for r in &parts.ranks {
-        assert!(r.rules_fired.get("moe-expert-parallel").copied().unwrap_or(0) > 0, "{what}: {:?}", r.rules_fired);
+        let fired = |rule: &str| r.rules_fired.get(rule).copied().unwrap_or(0);
+        assert!(fired("moe-expert-parallel") > 0, "{what}: {:?}", r.rules_fired);
+        assert_eq!(fired("attention-tensor-parallel") > 0, layout.attn_tp > 1, "{what}: {:?}", r.rules_fired);
         let layer = r.module.function("decoder_layer").unwrap();
-        // The rank's grouped int8 GEMMs read its experts only, stored int8.
+        // The rank's routed int8 GEMMs (grouped, or dense over stacked
+        // experts for static W8A8) read its experts only, stored int8, and
+        // with expert TP its half of each expert's intermediate channels.
         let (e0, e1) = layout.local_experts(r.rank);
-        for g in layer.nodes.iter().filter(|x| matches!(x.op, Op::GroupedQuantMatMul)) {
+        let inter = cfg.moe_intermediate_size / layout.expert_tp;
+        for g in layer.nodes.iter().filter(|x| matches!(x.op, Op::GroupedQuantMatMul | Op::QuantMatMul)) {
             let w = layer.ty(g.args[1]);
-            assert_eq!((w.dtype, w.shape[0].as_const()), (DType::I8, Some(e1 - e0)), "{what} rank {}", r.rank);
+            assert_eq!(w.dtype, DType::I8, "{what} rank {}", r.rank);
+            if w.rank() == 3 {
+                assert_eq!(w.shape[0].as_const(), Some(e1 - e0), "{what} rank {}", r.rank);
+                let i = if w.shape[1].as_const() == Some(cfg.hidden_size) { 2 } else { 1 };
+                assert_eq!(w.shape[i].as_const(), Some(inter), "{what} rank {}: {w}", r.rank);
+            }
         }
-        assert!(layer.nodes.iter().any(|x| matches!(x.op, Op::Collective { .. })), "{what} rank {}", r.rank);
+        // Attention and shared-expert int8 weights: the rank reads only its
+        // TP shard (through slices of the checkpoint tensor, which the rank
+        // package stores alone).
+        let shapes_read = |tensor: &str| -> Vec<Vec<Option<usize>>> {
+            let p = layer.params.iter().find(|p| matches!(&p.kind, ParamKind::Weight { tensor: t } if t == tensor));
+            let p = p.unwrap_or_else(|| panic!("{what} rank {}: no weight {tensor}", r.rank)).value;
+            let readers = layer.nodes.iter().filter(|n| n.args.contains(&p));
+            let read = readers.map(|n| if matches!(n.op, Op::Slice { .. }) { n.results[0] } else { p });
+            read.map(|v| layer.ty(v).shape.iter().map(|d| d.as_const()).collect()).collect()
+        };
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let sharded = [
+            ("self_attn.q_proj.weight", vec![cfg.num_attention_heads * hd / layout.attn_tp, h]),
+            ("self_attn.k_proj.weight", vec![cfg.num_key_value_heads * hd / layout.attn_tp, h]),
+            ("self_attn.o_proj.weight", vec![h, cfg.num_attention_heads * hd / layout.attn_tp]),
+            ("mlp.shared_expert.gate_proj.weight", vec![cfg.shared_expert_intermediate_size / layout.shared_tp, h]),
+            ("mlp.shared_expert.down_proj.weight", vec![h, cfg.shared_expert_intermediate_size / layout.shared_tp]),
+        ];
+        for (tensor, want) in sharded {
+            let want: Vec<Option<usize>> = want.into_iter().map(Some).collect();
+            let read = shapes_read(tensor);
+            assert!(
+                !read.is_empty() && read.iter().all(|s| *s == want),
+                "{what} rank {}: {tensor} read as {read:?}",
+                r.rank
+            );
+        }
+        let colls: Vec<String> = layer
+            .nodes
+            .iter()
+            .filter_map(|x| match &x.op {
+                Op::Collective { kind, group, .. } => Some(format!("{kind:?}{group:?}")),
+                _ => None,
+            })
+            .collect();
+        eprintln!("{what} rank {}: collectives per layer {colls:?}", r.rank);
+        assert!(!colls.is_empty(), "{what} rank {}", r.rank);
     }
     let programs = panguc::package_build::schedule_ranks(&parts).unwrap();
     for (r, p) in programs.iter().enumerate() {
@@ -130,10 +185,20 @@ fn check_plan(ckpt: &Checkpoint, fused: &Module, one: &OneDevice, plan: PlanChoi
     eprintln!("{what}: {:?}; worst vs single device {worst:e}", got.iter().map(|g| &g.generated).collect::<Vec<_>>());
 }
 
+/// The scheme of a fused quantized module, for messages.
+fn scheme_of(fused: &Module) -> &'static str {
+    let layer = fused.function("decoder_layer").unwrap();
+    if layer.nodes.iter().any(|n| matches!(n.op, Op::DynamicQuant)) {
+        "W8A8_DYNAMIC"
+    } else {
+        "W8A8"
+    }
+}
+
 /// The quantized checkpoint, its batched import and the fused import.
-fn quantized(dir: &Path) -> (Checkpoint, Module, Module) {
-    let q = dir.join("w8a8_dynamic_c8");
-    let opts = QuantizeOptions { scheme: Scheme::W8A8Dynamic, kv_int8: true, calib: calibration(), smooth_alpha: None };
+fn quantized(dir: &Path, scheme: Scheme) -> (Checkpoint, Module, Module) {
+    let q = dir.join("quantized_c8");
+    let opts = QuantizeOptions { scheme, kv_int8: true, calib: calibration(), smooth_alpha: None };
     write_quantized(&checkpoint(), &q, &opts).unwrap();
     let ckpt = Checkpoint::open(&q).unwrap();
     let imported = panguc::commands::import_with(&ckpt, panguc::import::KvLayout::Paged { block_size: BLOCK }).unwrap();
@@ -142,27 +207,41 @@ fn quantized(dir: &Path) -> (Checkpoint, Module, Module) {
 }
 
 #[test]
-fn w8a8_dynamic_int8_kv_on_expert_parallel_ranks_matches_one_device() {
+fn w8a8_dynamic_int8_kv_on_partitioned_ranks_matches_one_device() {
     let tmp = tempfile::tempdir().unwrap();
-    let (ckpt, imported, fused) = quantized(tmp.path());
+    let (ckpt, imported, fused) = quantized(tmp.path(), Scheme::W8A8Dynamic);
     let one = one_device(&ckpt, &imported, &fused, tmp.path());
-    for n in [2, 4] {
-        check_plan(&ckpt, &fused, &one, PlanChoice::Ep, n);
+    for (plan, n) in [(PlanChoice::Ep, 2), (PlanChoice::Ep, 4), (PlanChoice::H2p, 4)] {
+        check_plan(&ckpt, &fused, &one, plan, n);
     }
 }
 
-/// What is not covered yet is a clear error, not a panic or a wrong
-/// program: h2p splits each expert's intermediate dimension, the shared
-/// expert and the attention heads, whose int8 forms have no partitioning
-/// rule (each half of a split projection input would be quantized with
-/// its own per-token scale).
 #[test]
-fn w8a8_dynamic_under_h2p_is_a_clear_error() {
+fn static_w8a8_int8_kv_on_partitioned_ranks_matches_one_device() {
     let tmp = tempfile::tempdir().unwrap();
-    let (ckpt, _, fused) = quantized(tmp.path());
-    let layout = Layout::new(Dims::from_config(ckpt.config()), 4, PlanChoice::H2p).unwrap();
+    let (ckpt, imported, fused) = quantized(tmp.path(), Scheme::W8A8);
+    let one = one_device(&ckpt, &imported, &fused, tmp.path());
+    for (plan, n) in [(PlanChoice::Ep, 2), (PlanChoice::Ep, 4), (PlanChoice::H2p, 4)] {
+        check_plan(&ckpt, &fused, &one, plan, n);
+    }
+}
+
+/// What is not covered is a clear error, not a panic or a wrong program:
+/// a W8A8_DYNAMIC module's routed experts take whole expert groups per
+/// device under h2p (its fused routed chain cannot be split at the
+/// requantization), so h2p on more devices than expert groups is refused.
+#[test]
+fn w8a8_dynamic_h2p_beyond_whole_expert_groups_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ckpt, _, fused) = quantized(tmp.path(), Scheme::W8A8Dynamic);
+    let cfg = ckpt.config();
+    let n = 2 * cfg.num_groups();
+    let layout = Layout::new(Dims::from_config(cfg), n, PlanChoice::H2p).unwrap();
     let err = partition_module(&fused, "decoder_layer", &layout, &FuseOptions::default()).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("partitioning rank 0") && msg.contains("under plan h2p"), "{msg}");
-    assert!(msg.contains("routed experts TP2 x EP2") && msg.contains("(plan ep)"), "{msg}");
+    assert!(msg.contains("plan h2p") && msg.contains("whole expert groups per device"), "{msg}");
+    assert!(
+        msg.contains(&format!("--devices {n} does not divide the model's {} expert groups", cfg.num_groups())),
+        "{msg}"
+    );
 }

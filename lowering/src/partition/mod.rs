@@ -21,6 +21,12 @@
 //!   and the batched one (`qkv_rope_cache_write` + `paged_attention`, each
 //!   rank holding its KV heads of every block: `[blocks, block_size,
 //!   Hkv / attn_tp, D]`);
+//! * the int8 forms of both ([`quant`]; W8A8_DYNAMIC and static W8A8 with
+//!   the int8 KV cache): column-parallel int8 projections split their
+//!   weight rows and per-channel scales, row-parallel ones quantize their
+//!   input exactly as one device does (all-gathered whole rows for the
+//!   per-token scales of W8A8_DYNAMIC; the rank's own columns for static
+//!   per-tensor scales, `quant_bias` on the group's first rank);
 //! * `slice-pushdown`: slices of weight-only values are pushed through
 //!   `concat`, `stack`, `cast` and `slice` down to the checkpoint tensors,
 //!   so that every weight the rank reads is a shard it holds.
@@ -34,6 +40,7 @@
 //! drops weights the rank does not use.
 
 pub mod estimate;
+pub mod quant;
 pub mod rules;
 pub mod signature;
 
@@ -280,45 +287,58 @@ impl Layout {
             if !(e0..e1).contains(&e) {
                 return Residency::None;
             }
-            let (i0, i1) = self.expert_cols(r);
             if self.expert_tp == 1 {
                 return Residency::Full;
             }
-            return if tensor.starts_with("down_proj") {
-                Residency::slice(1, i0, i1)
-            } else {
-                Residency::slice(0, i0, i1)
-            };
+            let (i0, i1) = self.expert_cols(r);
+            return linear_shard(tensor, "down_proj", i0, i1);
         }
         if let Some(tensor) = name.strip_prefix("mlp.shared_expert.") {
             if self.shared_tp == 1 {
                 return Residency::Full;
             }
             let (j0, j1) = self.shared_cols(r);
-            return if tensor.starts_with("down_proj") {
-                Residency::slice(1, j0, j1)
-            } else {
-                Residency::slice(0, j0, j1)
-            };
+            return linear_shard(tensor, "down_proj", j0, j1);
         }
         if self.attn_tp > 1 {
-            match name {
-                "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => return Residency::slice(0, q0 * hd, q1 * hd),
-                "self_attn.k_proj.weight"
-                | "self_attn.k_proj.bias"
-                | "self_attn.v_proj.weight"
-                | "self_attn.v_proj.bias" => return Residency::slice(0, k0 * hd, k1 * hd),
-                "self_attn.o_proj.weight" => return Residency::slice(1, q0 * hd, q1 * hd),
-                "k_cache" | "v_cache" => {
-                    return match kv_head_axis(ndim) {
-                        Some(axis) => Residency::slice(axis, k0, k1),
-                        None => Residency::None,
-                    }
+            if let Some(tensor) = name.strip_prefix("self_attn.") {
+                let proj = tensor.split_once('.').map_or(tensor, |(p, _)| p);
+                let shard = match proj {
+                    "q_proj" | "o_proj" => Some((q0 * hd, q1 * hd)),
+                    "k_proj" | "v_proj" => Some((k0 * hd, k1 * hd)),
+                    _ => None,
+                };
+                if let Some((s, e)) = shard {
+                    return linear_shard(tensor, "o_proj", s, e);
                 }
-                _ => {}
+            }
+            if name == "k_cache" || name == "v_cache" {
+                return match kv_head_axis(ndim) {
+                    Some(axis) => Residency::slice(axis, k0, k1),
+                    None => Residency::None,
+                };
             }
         }
         Residency::Full
+    }
+}
+
+/// The shard `[s, e)` of tensor `tensor` (`<proj>.<part>`) of a linear split
+/// by tensor parallelism: the row-parallel projection `row_proj` holds
+/// input channels (axis 1 of its weight `[N, K]`) and every per-output
+/// tensor whole; the column-parallel ones hold output channels: the rows of
+/// the weight and of every per-output-channel tensor (float bias, int8
+/// `weight_scale` / `weight_offset`, static W8A8 `quant_bias` / `deq_scale`).
+/// Per-tensor activation quantization parameters (`input_scale`,
+/// `input_offset`) and the int8 KV cache's per-channel `kv_cache_scale` /
+/// `kv_cache_offset` (read through a reshape to `[Hkv, D]`) stay whole.
+fn linear_shard(tensor: &str, row_proj: &str, s: usize, e: usize) -> Residency {
+    let (proj, part) = tensor.split_once('.').unwrap_or((tensor, ""));
+    match part {
+        "weight" if proj == row_proj => Residency::slice(1, s, e),
+        _ if proj == row_proj => Residency::Full,
+        "weight" | "bias" | "weight_scale" | "weight_offset" | "quant_bias" | "deq_scale" => Residency::slice(0, s, e),
+        _ => Residency::Full,
     }
 }
 
@@ -370,6 +390,7 @@ pub struct Partitioned {
 /// Partition the fused module for `layout`: one module per rank. With one
 /// device the module is returned unchanged.
 pub fn partition_module(fused: &Module, layer_fn: &str, layout: &Layout, opts: &FuseOptions) -> Result<Partitioned> {
+    let layout = &int8_routed_layout(fused, layer_fn, layout)?;
     let mut ranks = vec![];
     for r in 0..layout.devices {
         if layout.plan == PlanKind::Single {
@@ -385,6 +406,31 @@ pub fn partition_module(fused: &Module, layer_fn: &str, layout: &Layout, opts: &
         ranks.push(partition_rank(fused, layer_fn, layout, r, opts).with_context(|| format!("partitioning rank {r}"))?);
     }
     Ok(Partitioned { layout: layout.clone(), ranks })
+}
+
+/// `layout`, with whole expert groups per device when the module's routed
+/// experts are the W8A8_DYNAMIC chain (init routing, int8 gate/up GEMMs,
+/// SwiGLU, per-row requantization, int8 down GEMM, combine). Splitting an
+/// expert's intermediate channels (h2p's expert TP2) would need the whole
+/// SwiGLU rows on each rank before the requantization, a collective inside
+/// the chain that the backends run as one fused launch; whole groups per
+/// device keep every row's quantization exactly the single device's with
+/// the one all-reduce after the chain (the same expert bytes per device).
+fn int8_routed_layout(fused: &Module, layer_fn: &str, layout: &Layout) -> Result<Layout> {
+    let f = fused.function(layer_fn).ok_or_else(|| anyhow!("no function @{layer_fn} to partition"))?;
+    if layout.expert_tp == 1 || !f.nodes.iter().any(|n| matches!(n.op, Op::GroupedQuantMatMul)) {
+        return Ok(layout.clone());
+    }
+    let (n, g) = (layout.devices, layout.dims.groups);
+    if !g.is_multiple_of(n) {
+        bail!(
+            "plan {}: a W8A8_DYNAMIC module's routed experts are placed as whole expert groups per device (expert TP \
+             would split the per-row requantization between the gate/up and down GEMMs), and --devices {n} does not \
+             divide the model's {g} expert groups",
+            layout.plan
+        );
+    }
+    Ok(Layout { expert_tp: 1, ..layout.clone() })
 }
 
 fn partition_rank(
@@ -420,8 +466,8 @@ fn partition_rank(
         anyhow!(
             "rank {rank}: no program of @{layer_fn} reads only the weights the rank holds under plan {} (attention TP{}, \
              routed experts TP{} x EP{}, shared expert TP{}): some op reading a sharded weight has no partitioning rule \
-             (partitioning rules applied: {}). Covered: the float MoE and attention, and for W8A8_DYNAMIC checkpoints \
-             the routed experts with whole expert groups per rank (plan ep)",
+             (partitioning rules applied: {}). Covered: the float MoE and attention; W8A8_DYNAMIC and static W8A8 \
+             attention with an int8 (C8) KV cache, shared expert and routed experts",
             layout.plan,
             layout.attn_tp,
             layout.expert_tp,

@@ -19,7 +19,7 @@ pub struct RankCx {
     pub rank: usize,
 }
 
-type RankFn = fn(&mut Cx, &RankCx) -> Option<Vec<(Id, Id)>>;
+pub(super) type RankFn = fn(&mut Cx, &RankCx) -> Option<Vec<(Id, Id)>>;
 
 struct RankApplier {
     rule: &'static str,
@@ -37,7 +37,7 @@ impl Applier<TLang, TensorAnalysis> for RankApplier {
 
 /// The rewrite `variant` (unique for egg's scheduling) of rule `name` (the
 /// name its applications are counted under).
-fn rewrite(
+pub(super) fn rewrite(
     name: &'static str,
     variant: &'static str,
     pattern: &str,
@@ -54,17 +54,18 @@ pub const RULES: &[(&str, &str)] = &[
     ("slice-pushdown", "slice(concat|stack|cast|slice(..)) of weights -> the same over slices of the parts"),
     (
         "moe-expert-parallel",
-        "moe_ffn (or moe_grouped_ffn) over all groups -> residual + collective-sum(grouped_matmul_moe over the rank's groups [+ shared-expert TP shard]); the W8A8_DYNAMIC routed experts (moe_init_routing .. grouped_quant_matmul .. moe_finalize_routing) -> all_reduce(the same chain over the rank's groups)",
+        "moe_ffn (or moe_grouped_ffn) over all groups -> residual + collective-sum(grouped_matmul_moe over the rank's groups [+ shared-expert TP shard]); the W8A8_DYNAMIC routed experts (moe_init_routing .. grouped_quant_matmul .. moe_finalize_routing) -> all_reduce(the same chain over the rank's groups,); the static W8A8 dense experts -> all_reduce(the rank's experts and channels); the int8 shared expert -> its TP shard (row-parallel down projection on all-gathered, whole-row quantized input for W8A8_DYNAMIC)",
     ),
     (
         "attention-tensor-parallel",
-        "qkv_rope/flash_attention/o-proj (or qkv_rope_cache_write/paged_attention/o-proj) -> the rank's heads (column split, KV cache sharded by KV head) + row-split o-proj with reduce_scatter + all_gather",
+        "qkv_rope/flash_attention/o-proj (or qkv_rope_cache_write/paged_attention/o-proj) -> the rank's heads (column split, KV cache sharded by KV head) + row-split o-proj with reduce_scatter + all_gather; the int8 forms (quant_matmul(_per_token) projections, C8 caches) alike, the W8A8_DYNAMIC o-proj quantizing the all-gathered context",
     ),
 ];
 
 /// The rewrites partitioning for `cx.rank`.
 pub fn partition_rules(cx: Arc<RankCx>) -> Vec<Rewrite<TLang, TensorAnalysis>> {
-    let mut out = vec![
+    let mut out = super::quant::quant_rules(&cx);
+    out.extend([
         rewrite("slice-pushdown", "slice-pushdown", "(slice ?a ?x)", &cx, slice_pushdown),
         rewrite(
             "moe-expert-parallel",
@@ -82,9 +83,7 @@ pub fn partition_rules(cx: Arc<RankCx>) -> Vec<Rewrite<TLang, TensorAnalysis>> {
             moe_expert_parallel,
         ),
         // The W8A8_DYNAMIC routed experts (shared expert and residual
-        // outside, replicated): whole expert groups per rank only, since
-        // splitting an expert's intermediate dimension would quantize each
-        // half of the down projection's input with its own per-token scale.
+        // outside, partitioned by their own rules).
         rewrite(
             "moe-expert-parallel",
             "moe-expert-parallel/quant",
@@ -101,7 +100,7 @@ pub fn partition_rules(cx: Arc<RankCx>) -> Vec<Rewrite<TLang, TensorAnalysis>> {
             &cx,
             moe_expert_parallel_quant,
         ),
-    ];
+    ]);
     if cx.layout.attn_tp > 1 {
         out.push(rewrite(
             "attention-tensor-parallel",
@@ -123,19 +122,19 @@ pub fn partition_rules(cx: Arc<RankCx>) -> Vec<Rewrite<TLang, TensorAnalysis>> {
     out
 }
 
-fn dim(cx: &Cx, id: Id, axis: usize) -> Option<usize> {
+pub(super) fn dim(cx: &Cx, id: Id, axis: usize) -> Option<usize> {
     cx.ty(id)?.shape.get(axis)?.as_const()
 }
 
 /// `x[.., s:e, ..]` along `axis` (the value itself for the full range).
-fn slice(cx: &mut Cx, x: Id, axis: usize, s: usize, e: usize) -> Option<Id> {
+pub(super) fn slice(cx: &mut Cx, x: Id, axis: usize, s: usize, e: usize) -> Option<Id> {
     if s == 0 && dim(cx, x, axis)? == e {
         return Some(x);
     }
     cx.add(Op::Slice { axis, start: s, end: e }, &[x])
 }
 
-fn coll(cx: &mut Cx, kind: CollectiveKind, group: Vec<usize>, axis: usize, x: Id) -> Option<Id> {
+pub(super) fn coll(cx: &mut Cx, kind: CollectiveKind, group: Vec<usize>, axis: usize, x: Id) -> Option<Id> {
     cx.add(Op::Collective { kind, group, axis }, &[x])
 }
 
@@ -254,7 +253,7 @@ fn moe_expert_parallel(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
 
 /// The routing weights and expert ids `[T, G]` of the rank's groups, the
 /// ids rebased to its shard of the stacked experts.
-fn local_routing(cx: &mut Cx, rc: &RankCx, w: Id, ids: Id) -> Option<(Id, Id)> {
+pub(super) fn local_routing(cx: &mut Cx, rc: &RankCx, w: Id, ids: Id) -> Option<(Id, Id)> {
     let (g0, g1) = rc.layout.local_groups(rc.rank);
     let (e0, _) = rc.layout.local_experts(rc.rank);
     let w_l = slice(cx, w, 1, g0, g1)?;
@@ -284,7 +283,8 @@ fn quant_routed_pattern(skips: &str) -> String {
 }
 
 /// The routed W8A8_DYNAMIC experts = the all-reduce over ranks of the same
-/// chain over each rank's expert groups (rows routed to other groups are
+/// chain over each rank's expert groups (whole groups: [`super::partition_module`]
+/// gives an int8 module no expert TP) (rows routed to other groups are
 /// not gathered, so each rank quantizes exactly the rows the single-device
 /// chain quantizes for its experts, with the same per-row scales). With
 /// skip terms `?s` (shared expert) and `?r` (residual), replicated on
@@ -326,7 +326,7 @@ fn moe_expert_parallel_quant(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> 
 }
 
 /// An all-reduce over the hidden (last) axis as reduce-scatter + all-gather.
-fn all_reduce_rs_ag(cx: &mut Cx, group: Vec<usize>, x: Id) -> Option<Id> {
+pub(super) fn all_reduce_rs_ag(cx: &mut Cx, group: Vec<usize>, x: Id) -> Option<Id> {
     let axis = cx.ty(x)?.rank().checked_sub(1)?;
     let rs = coll(cx, CollectiveKind::ReduceScatter, group.clone(), axis, x)?;
     coll(cx, CollectiveKind::AllGather, group, axis, rs)
