@@ -500,7 +500,9 @@ fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
         Dequant::Static { deq } if row_weight => {
             (deq, "y = f32(acc + quant_bias[e(r), n]) * deq_scale[e(r), n] * row_weight[r]")
         }
-        Dequant::Static { deq } if grouped.is_some() => (deq, "y = f32(acc + quant_bias[e(r), n]) * deq_scale[e(r), n]"),
+        Dequant::Static { deq } if grouped.is_some() => {
+            (deq, "y = f32(acc + quant_bias[e(r), n]) * deq_scale[e(r), n]")
+        }
         Dequant::Static { deq } => (deq, "y = f32(acc + quant_bias[n]) * deq_scale[n]"),
         Dequant::PerToken if row_weight => {
             (DevType::F32, "y = f32(acc) * w_scale[e(r), n] * x_scale[r] * row_weight[r]")

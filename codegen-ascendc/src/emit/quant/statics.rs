@@ -47,8 +47,14 @@ pub(crate) fn static_quant_matmul(ctx: &Ctx) -> Result<DeviceKernels> {
     }
     let deq = static_columns(ctx, 4, 5, &[n])?;
     need_row_blocks(name, k, ctx.dt[0])?;
-    let spec =
-        QuantMatMulSpec { name: name.clone(), m: ctx.dim(0, 0)?, n, k, dequant: Dequant::Static { deq }, out: ctx.dt[6] };
+    let spec = QuantMatMulSpec {
+        name: name.clone(),
+        m: ctx.dim(0, 0)?,
+        n,
+        k,
+        dequant: Dequant::Static { deq },
+        out: ctx.dt[6],
+    };
     super::gemm::static_quant_matmul(&spec, ctx.dt[0], ctx.o)
 }
 
@@ -76,8 +82,7 @@ fn static_columns(ctx: &Ctx, qbias: usize, deq: usize, dims: &[u64]) -> Result<D
         bail!("{name}: deq_scale (argument {deq}) must be f32 or i64 on the device, found {}", ctx.dt[deq]);
     }
     for (arg, what) in [(qbias, "quant_bias"), (deq, "deq_scale")] {
-        let got: Vec<u64> =
-            (0..ctx.rank(arg)).map(|d| ctx.cdim(arg, d, what)).collect::<Result<_>>()?;
+        let got: Vec<u64> = (0..ctx.rank(arg)).map(|d| ctx.cdim(arg, d, what)).collect::<Result<_>>()?;
         if got != dims {
             bail!("{name}: {what} (argument {arg}) must be {dims:?}, found {got:?}");
         }
@@ -212,7 +217,12 @@ pub(crate) fn quant_gate_up_static(ctx: &Ctx) -> Result<DeviceKernels> {
         bail!("{name}: act_out (argument 11) must be [T, {i}]");
     }
     need_row_blocks(name, i, out)?;
-    let quant = static_rows_kernel(ctx, RowsDims { routed: false, experts: 1, cols: h, rows: t.clone(), x_rows: t.clone() }, gate, up);
+    let quant = static_rows_kernel(
+        ctx,
+        RowsDims { routed: false, experts: 1, cols: h, rows: t.clone(), x_rows: t.clone() },
+        gate,
+        up,
+    );
     let mut kernels = vec![quant];
     for (proj, a, w, acc) in [("gate", 0, 3, 2), ("up", 1, 8, 3)] {
         kernels.push(cube_kernel_for(
