@@ -1,5 +1,6 @@
 //! The fused static W8A8 kinds (`static_quant_matmul`, `moe_gate_up_static`,
-//! `quant_gate_up_static`, `moe_down_static`) and `copy_into`, reached
+//! `quant_gate_up_static`, `moe_down_static`), `copy_into` and the float
+//! `kv_cache_write` the static program launches, reached
 //! through `emit_kernel` from program kernels with symbolic token dims, run
 //! under the simulation for both targets and compared bit for bit with the
 //! interpreter's unfused static ops they replace: `quantize` with the
@@ -375,6 +376,46 @@ fn copy_into_writes_only_its_slice() {
                 let mut args = vec![encode(act, &src), encode(act, &dst)];
                 run_kernels(&dks, target, &env(tok as u64, past as u64), &mut args).unwrap();
                 exact(&decode(act, &args[1]), &want, &format!("{target} {what} T={tok} past={past}"));
+            }
+        }
+    }
+}
+
+/// `kv_cache_write` (the float paged cache write of the static program,
+/// whose q/k/v projections are not merged): against the interpreter's
+/// `kv_cache_write`, slots as i64 and i32, every other slot untouched.
+#[test]
+fn kv_cache_write_matches_the_interpreter() {
+    let mut rng = ChaCha8Rng::seed_from_u64(35);
+    let (nb, bs, hkv, d) = (6usize, 4usize, 2usize, 16usize);
+    let kk = kernel(
+        "panguc_k035_kv_cache_write",
+        KernelKind::KvCacheWrite,
+        vec![vec![Dim::tokens(), c(hkv), c(d)], vec![Dim::tokens()], vec![c(nb), c(bs), c(hkv), c(d)]],
+    );
+    for (target, act) in targets() {
+        let o = EmitOptions::new(target, act).unwrap();
+        for slot_t in [I64, I32] {
+            let dks = emit_kernel(&kk, &[act, slot_t, act], &o).unwrap();
+            for tok in [1usize, 7, 13] {
+                let new = round_through(act, &rand_f(&mut rng, tok * hkv * d, -2.0, 2.0));
+                let cache = round_through(act, &rand_f(&mut rng, nb * bs * hkv * d, -2.0, 2.0));
+                // Distinct slots in a scrambled order.
+                let mut slots: Vec<i64> = (0..(nb * bs) as i64).collect();
+                for i in (1..slots.len()).rev() {
+                    slots.swap(i, rng.random_range(0..=i));
+                }
+                slots.truncate(tok);
+                let want = panguc_ir::interp::batched::kv_cache_write(
+                    &Tensor::f32(vec![nb, bs, hkv, d], cache.clone()),
+                    &Tensor::f32(vec![tok, hkv, d], new.clone()),
+                    &Tensor::i64(vec![tok], slots.clone()),
+                )
+                .unwrap();
+                let slot_bytes = if slot_t == I64 { encode_i64(&slots) } else { i32s(&slots) };
+                let mut args = vec![encode(act, &new), slot_bytes, encode(act, &cache)];
+                run_kernels(&dks, target, &env(tok as u64, 0), &mut args).unwrap();
+                exact(&decode(act, &args[2]), want.as_f32(), &format!("{target} slots {slot_t} T={tok}"));
             }
         }
     }
