@@ -73,6 +73,20 @@ fn per_tensor(ctx: &Ctx, args: &[(usize, &str)]) -> Result<()> {
     Ok(())
 }
 
+/// An f32 argument of one value per expert (`[E]`, or msModelSlim's
+/// stacked per-tensor `[E, 1]`).
+fn per_expert(ctx: &Ctx, arg: usize, what: &str, e: u64) -> Result<()> {
+    need_dt(ctx, arg, what, DevType::F32)?;
+    let mut n = 1;
+    for d in 0..ctx.rank(arg) {
+        n *= ctx.cdim(arg, d, what)?;
+    }
+    if n != e {
+        bail!("{}: {what} (argument {arg}) must hold one value per expert ({e}), found {n}", ctx.k.name);
+    }
+    Ok(())
+}
+
 /// `quant_bias i32` and `deq_scale` (f32 or msModelSlim's i64) of shape
 /// `dims`; returns the deq_scale's device dtype.
 fn static_columns(ctx: &Ctx, qbias: usize, deq: usize, dims: &[u64]) -> Result<DevType> {
@@ -81,10 +95,16 @@ fn static_columns(ctx: &Ctx, qbias: usize, deq: usize, dims: &[u64]) -> Result<D
     if !matches!(ctx.dt[deq], DevType::F32 | DevType::I64) {
         bail!("{name}: deq_scale (argument {deq}) must be f32 or i64 on the device, found {}", ctx.dt[deq]);
     }
+    // Read flat, row `e` of expert `e` (the CPU kernel's `e * N + n`), so
+    // any shape with these elements in that order fits (`[E, N]`, `[E, N, 1]`).
+    let want: u64 = dims.iter().product();
     for (arg, what) in [(qbias, "quant_bias"), (deq, "deq_scale")] {
-        let got: Vec<u64> = (0..ctx.rank(arg)).map(|d| ctx.cdim(arg, d, what)).collect::<Result<_>>()?;
-        if got != dims {
-            bail!("{name}: {what} (argument {arg}) must be {dims:?}, found {got:?}");
+        let mut n = 1;
+        for d in 0..ctx.rank(arg) {
+            n *= ctx.cdim(arg, d, what)?;
+        }
+        if n != want || ctx.cdim(arg, 0, what)? != dims[0] {
+            bail!("{name}: {what} (argument {arg}) must be {dims:?} ({want} elements), found {n} elements");
         }
     }
     Ok(ctx.dt[deq])
@@ -109,11 +129,7 @@ fn static_gate_up(ctx: &Ctx, gate: Proj, up: Proj, routed: bool) -> Result<(u64,
         }
         if routed {
             for (arg, w) in [(p[0], "scale"), (p[1], "offset")] {
-                let what = format!("{what}_{w}");
-                need_dt(ctx, arg, &what, DevType::F32)?;
-                if shape(ctx, arg, &what, &["E"])? != [e] {
-                    bail!("{name}: {what} (argument {arg}) must be [{e}] (one per expert)");
-                }
+                per_expert(ctx, arg, &format!("{what}_{w}"), e)?;
             }
         } else {
             per_tensor(ctx, &[(p[0], "input scale"), (p[1], "input offset")])?;
@@ -147,10 +163,7 @@ pub(crate) fn moe_gate_up_static(ctx: &Ctx) -> Result<DeviceKernels> {
         bail!("{name}: rows (argument 2) must be [S]");
     }
     for (arg, what) in [(13, "down_scale"), (14, "down_offset")] {
-        need_dt(ctx, arg, what, DevType::F32)?;
-        if shape(ctx, arg, what, &["E"])? != [e] {
-            bail!("{name}: {what} (argument {arg}) must be [{e}] (one per expert)");
-        }
+        per_expert(ctx, arg, what, e)?;
     }
     need_dt(ctx, 15, "q_out", DevType::I8)?;
     let r = &ctx.k.args[2].shape[0];
