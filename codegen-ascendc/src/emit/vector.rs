@@ -289,7 +289,8 @@ const ROW_MOVE: &str = r#"
 using T = {{T}};
 using I = {{I}};
 
-// {{WHAT}}; one index per tile. {{BAD_DOC}}
+// {{WHAT}}; one index per tile.
+// {{BAD_DOC}}
 class {{CLASS}} {
 public:
     __aicore__ inline {{CLASS}}() {}
