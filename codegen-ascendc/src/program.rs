@@ -40,6 +40,12 @@ pub fn device_dtypes(p: &KernelProgram, act: DevType) -> Vec<DevType> {
             KernelKind::MoeGateUpQuant => &[1, 5, 7, 9],
             KernelKind::QuantGateUpQuant => &[1, 3, 5, 7],
             KernelKind::MoeDownQuant => &[1, 3, 5],
+            // Static W8A8: input scales and offsets, deq scales (an i64
+            // deq_scale stays i64 below), routing weights.
+            KernelKind::StaticQuantMatMul => &[1, 2, 5],
+            KernelKind::MoeGateUpStatic => &[3, 4, 7, 8, 9, 12, 13, 14],
+            KernelKind::QuantGateUpStatic => &[1, 2, 5, 6, 7, 10],
+            KernelKind::MoeDownStatic => &[2, 5],
             _ => &[],
         };
         for &i in f32_args {

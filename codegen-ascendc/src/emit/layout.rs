@@ -1,25 +1,28 @@
-//! Data-movement kernels: `slice` along an axis, and the collectives of a
+//! Data-movement kernels: `slice` along an axis, `copy_into` (a tensor
+//! written into a slice of a bigger one), and the collectives of a
 //! partitioned program (the HCCL call on the host, with the packing
 //! kernels that turn chunks along an inner axis into the contiguous
 //! per-member blocks HCCL sends and receives).
 //!
-//! Both are one device kernel, the strided row copy: tile `(s, r)` copies
+//! All are one device kernel, the strided row copy: tile `(s, r)` copies
 //! `width` elements from `src[srcBase + s*srcSeg + r*srcRow]` to
-//! `dst[s*dstSeg + r*dstRow]`. A slice is one segment; packing for `n`
-//! members is `n` segments.
+//! `dst[dstBase + s*dstSeg + r*dstRow]`. A slice is one segment (and
+//! `copy_into`, its inverse, one segment with a destination base); packing
+//! for `n` members is `n` segments.
 
 use super::vector::{tiles_fields, vector_kernel, vector_source};
 use super::{ArgRef, Ctx, DeviceKernel, DeviceKernels, HostCollective, Param, Role, TExpr, TempBuf, TilingField};
 use crate::target::{DevType, Target};
 use anyhow::{bail, Result};
 use panguc_ir::op::CollectiveKind;
+use panguc_ir::Dim;
 
 const ROW_COPY: &str = r#"
 using T = {{T}};
 
 // {{WHAT}}
 // Tile (s, r) copies `width` elements from src[srcBase + s*srcSeg + r*srcRow]
-// to dst[s*dstSeg + r*dstRow] through the UB, `chunk` elements at a time.
+// to dst[dstBase + s*dstSeg + r*dstRow] through the UB, `chunk` elements at a time.
 // Rows need not be whole 32-byte blocks: {{TAIL_DOC}}
 class {{CLASS}} {
 public:
@@ -32,6 +35,7 @@ public:
         srcBase = t.srcBase;
         srcSeg = t.srcSeg;
         srcRow = t.srcRow;
+        dstBase = t.dstBase;
         dstSeg = t.dstSeg;
         dstRow = t.dstRow;
 {{RANGE}}
@@ -44,7 +48,7 @@ public:
     {
         for (uint32_t tile = start; tile < end; tile++) {
             const uint32_t s = tile / rows, r = tile % rows;
-            const uint32_t from = srcBase + s * srcSeg + r * srcRow, to = s * dstSeg + r * dstRow;
+            const uint32_t from = srcBase + s * srcSeg + r * srcRow, to = dstBase + s * dstSeg + r * dstRow;
             // `c`: elements of this row already copied by this core.
             for (uint32_t c = 0; c < width; c += chunk) Copy(from + c, to + c, MinU(chunk, width - c), c);
         }
@@ -56,7 +60,7 @@ private:
     TQue<TPosition::VECIN, 2> inQ;
     TQue<TPosition::VECOUT, 2> outQ;
     GlobalTensor<T> srcGm, dstGm;
-    uint32_t rows = 0, width = 0, chunk = 0, srcBase = 0, srcSeg = 0, srcRow = 0, dstSeg = 0, dstRow = 0;
+    uint32_t rows = 0, width = 0, chunk = 0, srcBase = 0, srcSeg = 0, srcRow = 0, dstBase = 0, dstSeg = 0, dstRow = 0;
     uint32_t start = 0, end = 0;
 };
 
@@ -141,6 +145,7 @@ pub(crate) struct RowCopy {
     pub src_base: TExpr,
     pub src_seg: TExpr,
     pub src_row: TExpr,
+    pub dst_base: TExpr,
     pub dst_seg: TExpr,
     pub dst_row: TExpr,
     pub src_len: TExpr,
@@ -188,6 +193,7 @@ pub(crate) fn row_copy_kernel(entry: String, what: &str, t: DevType, target: Tar
         ("srcBase", c.src_base),
         ("srcSeg", c.src_seg),
         ("srcRow", c.src_row),
+        ("dstBase", c.dst_base),
         ("dstSeg", c.dst_seg),
         ("dstRow", c.dst_row),
         ("srcLen", c.src_len),
@@ -231,6 +237,7 @@ pub(crate) fn slice(ctx: &Ctx, axis: usize, start: usize) -> Result<DeviceKernel
         src_base: TExpr::c(start as u64).times(inner.clone()),
         src_seg: TExpr::c(0),
         src_row: len_in.clone().times(inner.clone()),
+        dst_base: TExpr::c(0),
         dst_seg: TExpr::c(0),
         dst_row: width.clone(),
         src_len: outer.clone().times(len_in).times(inner),
@@ -240,6 +247,41 @@ pub(crate) fn slice(ctx: &Ctx, axis: usize, start: usize) -> Result<DeviceKernel
     let what = format!("Slice along axis {axis} from {start}.");
     let mut dk = row_copy_kernel(ctx.entry(""), &what, t, ctx.target(), copy);
     dk.params = vec![ctx.param("src", 0, Role::Input), ctx.param("dst", 1, Role::Output)];
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
+}
+
+/// `CopyInto (in, out)`: `out[.., offset..offset+len_in, ..] = in` along
+/// `axis` (one part of a concat, or new rows appended to a contiguous KV
+/// cache at `past`); the rest of `out` is not touched, so it is read-write.
+pub(crate) fn copy_into(ctx: &Ctx, axis: usize, offset: &Dim) -> Result<DeviceKernels> {
+    let t = ctx.dt[0];
+    if ctx.dt[1] != t {
+        bail!("{}: copy_into output dtype {} differs from the input's {t}", ctx.k.name, ctx.dt[1]);
+    }
+    let (outer, len_in, inner) = split_at_axis(ctx, 0, axis)?;
+    let (outer_out, len_out, inner_out) = split_at_axis(ctx, 1, axis)?;
+    if outer != outer_out || inner != inner_out {
+        bail!("{}: copy_into input and output must agree on every dim but axis {axis}", ctx.k.name);
+    }
+    let offset = TExpr::from_dim(offset).map_err(|e| anyhow::anyhow!("{}: copy_into offset: {e}", ctx.k.name))?;
+    let width = len_in.clone().times(inner.clone());
+    let dst_row = len_out.times(inner.clone());
+    let copy = RowCopy {
+        segs: TExpr::c(1),
+        rows: outer.clone(),
+        src_base: TExpr::c(0),
+        src_seg: TExpr::c(0),
+        src_row: width.clone(),
+        dst_base: offset.times(inner),
+        dst_seg: TExpr::c(0),
+        dst_row: dst_row.clone(),
+        src_len: outer.clone().times(width.clone()),
+        dst_len: outer.times(dst_row),
+        width,
+    };
+    let what = format!("Copy into a slice along axis {axis}.");
+    let mut dk = row_copy_kernel(ctx.entry(""), &what, t, ctx.target(), copy);
+    dk.params = vec![ctx.param("src", 0, Role::Input), ctx.param("dst", 1, Role::InOut)];
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
@@ -295,6 +337,7 @@ pub(crate) fn collective(ctx: &Ctx, kind: CollectiveKind, group: &[usize], axis:
         src_base: TExpr::c(0),
         src_seg: chunk.clone(),
         src_row: TExpr::c(n).times(chunk.clone()),
+        dst_base: TExpr::c(0),
         dst_seg: outer.clone().times(chunk.clone()),
         dst_row: chunk,
         src_len: total.clone(),
@@ -308,6 +351,7 @@ pub(crate) fn collective(ctx: &Ctx, kind: CollectiveKind, group: &[usize], axis:
         src_base: TExpr::c(0),
         src_seg: outer.clone().times(chunk.clone()),
         src_row: chunk.clone(),
+        dst_base: TExpr::c(0),
         dst_seg: chunk.clone(),
         dst_row: TExpr::c(n).times(chunk),
         src_len: total.clone(),

@@ -289,6 +289,8 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
         KernelKind::MoeDown => moe::down(&ctx)?,
         KernelKind::MoeCombine { shared_residual } => moe::combine(&ctx, *shared_residual)?,
         KernelKind::Slice { axis, start } => layout::slice(&ctx, *axis, *start)?,
+        KernelKind::CopyInto { axis, offset } => layout::copy_into(&ctx, *axis, offset)?,
+        KernelKind::KvCacheWrite => vector::kv_cache_write(&ctx)?,
         KernelKind::Collective { kind, group, axis } => layout::collective(&ctx, *kind, group, *axis)?,
         KernelKind::DynamicQuant => quant::wire::dynamic_quant(&ctx)?,
         KernelKind::RmsNormQuant { eps, add } => quant::wire::rms_norm_quant(&ctx, *eps, *add)?,
@@ -301,12 +303,17 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
         KernelKind::MoeGateUpQuant => quant::experts::moe_gate_up_quant(&ctx)?,
         KernelKind::QuantGateUpQuant => quant::experts::quant_gate_up_quant(&ctx)?,
         KernelKind::MoeDownQuant => quant::experts::moe_down_quant(&ctx)?,
+        KernelKind::StaticQuantMatMul => quant::statics::static_quant_matmul(&ctx)?,
+        KernelKind::MoeGateUpStatic => quant::statics::moe_gate_up_static(&ctx)?,
+        KernelKind::QuantGateUpStatic => quant::statics::quant_gate_up_static(&ctx)?,
+        KernelKind::MoeDownStatic => quant::statics::moe_down_static(&ctx)?,
         other => bail!(
             "{}: kernel kind `{}` has no AscendC implementation yet (supported: rms_norm, add_rms_norm, gather, \
-             elementwise, rope, rope_table, qkv_rope_append, qkv_rope_cache_write, qkv_rope_cache_write_quant, attention, paged_attention, moe_gating, gemm, matmul(transposed b), \
-             moe_route, moe_gate_up, moe_down, moe_combine, slice, collectives, dynamic_quant, quantize, dequantize, \
-             rms_norm_quant, add_rms_norm_quant, quant_matmul, dyn_quant_matmul, kv_cache_write_quant, \
-             paged_attention_int8, moe_gate_up_quant, quant_gate_up_quant, moe_down_quant)",
+             elementwise, rope, rope_table, qkv_rope_append, qkv_rope_cache_write, qkv_rope_cache_write_quant, kv_cache_write, attention, paged_attention, moe_gating, gemm, matmul(transposed b), \
+             moe_route, moe_gate_up, moe_down, moe_combine, slice, copy_into, collectives, dynamic_quant, quantize, \
+             dequantize, rms_norm_quant, add_rms_norm_quant, quant_matmul, dyn_quant_matmul, kv_cache_write_quant, \
+             paged_attention_int8, moe_gate_up_quant, quant_gate_up_quant, moe_down_quant, static_quant_matmul, \
+             moe_gate_up_static, quant_gate_up_static, moe_down_static)",
             k.name,
             other.mnemonic()
         ),

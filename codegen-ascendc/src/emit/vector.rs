@@ -285,11 +285,12 @@ pub(crate) fn rms_norm(ctx: &Ctx, eps: f64, add: bool) -> Result<DeviceKernels> 
     Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
-const GATHER: &str = r#"
+const ROW_MOVE: &str = r#"
 using T = {{T}};
+using I = {{I}};
 
-// Embedding gather: out[i, :] = table[idx[i], :]; one index per tile. An
-// index outside the table reads row 0 (the runtime validates token ids).
+// {{WHAT}}; one index per tile.
+// {{BAD_DOC}}
 class {{CLASS}} {
 public:
     __aicore__ inline {{CLASS}}() {}
@@ -298,21 +299,21 @@ public:
         cols = t.cols;
         rows = t.rows;
 {{RANGE}}
-        tableGm.SetGlobalBuffer((__gm__ T*)table, rows * cols);
-        idxGm.SetGlobalBuffer((__gm__ int64_t*)idx, t.tiles);
-        outGm.SetGlobalBuffer((__gm__ T*)out, t.tiles * cols);
+        tableGm.SetGlobalBuffer((__gm__ T*)table, {{TABLE_ROWS}} * cols);
+        idxGm.SetGlobalBuffer((__gm__ I*)idx, t.tiles);
+        outGm.SetGlobalBuffer((__gm__ T*)out, {{OUT_ROWS}} * cols);
         pipe.InitBuffer(que, 2, cols * sizeof(T));
     }
     __aicore__ inline void Process()
     {
         for (uint32_t i = start; i < end; i++) {
-            int64_t id = idxGm.GetValue(i);
-            if (id < 0 || id >= static_cast<int64_t>(rows)) id = 0;
+            int64_t id = static_cast<int64_t>(idxGm.GetValue(i));
+            if (id < 0 || id >= static_cast<int64_t>(rows)) {{BAD}}
             LocalTensor<T> row = que.AllocTensor<T>();
-            DataCopy(row, tableGm[static_cast<uint64_t>(id) * cols], cols);
+            DataCopy(row, tableGm[{{SRC_ROW}} * cols], cols);
             que.EnQue(row);
             row = que.DeQue<T>();
-            DataCopy(outGm[i * cols], row, cols);
+            DataCopy(outGm[{{DST_ROW}} * cols], row, cols);
             que.FreeTensor(row);
         }
     }
@@ -322,7 +323,7 @@ private:
     // VECIN -> GM directly: no compute, so one queue carries the row.
     TQueBind<TPosition::VECIN, TPosition::VECOUT, 2> que;
     GlobalTensor<T> tableGm, outGm;
-    GlobalTensor<int64_t> idxGm;
+    GlobalTensor<I> idxGm;
     uint32_t cols = 0, rows = 0, start = 0, end = 0;
 };
 
@@ -341,11 +342,79 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR table, GM_ADDR idx, GM_A
 /// `[rows, cols]` table of `t` (rows of whole 32-byte blocks); the caller
 /// sets the parameters `(table, idx, out)`.
 pub(crate) fn gather_kernel(entry: String, rows: TExpr, cols: u64, t: DevType, tiles: &TExpr) -> DeviceKernel {
-    let src = vector_source(&entry, "Gather (embedding lookup).", GATHER, &[("T", t.cpp().into())]);
+    let vars = [
+        ("T", t.cpp().into()),
+        ("I", "int64_t".into()),
+        ("WHAT", "Embedding gather: out[i, :] = table[idx[i], :]".into()),
+        ("BAD_DOC", "An index outside the table reads row 0 (the runtime validates token ids).".into()),
+        ("BAD", "id = 0;".into()),
+        ("TABLE_ROWS", "rows".into()),
+        ("OUT_ROWS", "t.tiles".into()),
+        ("SRC_ROW", "static_cast<uint64_t>(id)".into()),
+        ("DST_ROW", "i".into()),
+    ];
+    let src = vector_source(&entry, "Gather (embedding lookup).", ROW_MOVE, &vars);
+    row_move_kernel(entry, src, rows, cols, t, tiles)
+}
+
+/// The scatter counterpart of [`gather_kernel`]: `out[idx[i], :] = in[i, :]`
+/// for `tiles` indices of dtype `idx` into an `[rows, cols]` output of `t`,
+/// written in place (other rows untouched; an index outside it stores
+/// nothing). The caller sets the parameters `(in, idx, out)`.
+pub(crate) fn scatter_kernel(
+    entry: String,
+    rows: TExpr,
+    cols: u64,
+    t: DevType,
+    idx: DevType,
+    tiles: &TExpr,
+) -> DeviceKernel {
+    let vars = [
+        ("T", t.cpp().into()),
+        ("I", idx.cpp().into()),
+        ("WHAT", "Row scatter: out[idx[i], :] = in[i, :]".into()),
+        ("BAD_DOC", "An index outside the output stores nothing.".into()),
+        ("BAD", "continue;".into()),
+        ("TABLE_ROWS", "t.tiles".into()),
+        ("OUT_ROWS", "rows".into()),
+        ("SRC_ROW", "i".into()),
+        ("DST_ROW", "static_cast<uint64_t>(id)".into()),
+    ];
+    let src = vector_source(&entry, "Row scatter (paged KV-cache write).", ROW_MOVE, &vars);
+    row_move_kernel(entry, src, rows, cols, t, tiles)
+}
+
+fn row_move_kernel(entry: String, src: String, rows: TExpr, cols: u64, t: DevType, tiles: &TExpr) -> DeviceKernel {
     let mut fields = tiles_fields(tiles);
     fields.push(TilingField::u32("rows", rows));
     fields.push(TilingField::u32("cols", TExpr::c(cols)));
     vector_kernel(entry, src, fields, tiles, 2 * r32(cols * t.size()))
+}
+
+/// `KvCacheWrite (new[T, Hkv, D], slots[T], cache[num_blocks, block_size,
+/// Hkv, D])`: row `t` of `new` stored at cache slot `slots[t]`, in place.
+pub(crate) fn kv_cache_write(ctx: &Ctx) -> Result<DeviceKernels> {
+    let name = &ctx.k.name;
+    if ctx.k.args.len() != 3 || ctx.rank(0) != 3 || ctx.rank(2) != 4 {
+        bail!("{name}: kv_cache_write takes new [T, Hkv, D], slots [T] and a cache [num_blocks, block_size, Hkv, D]");
+    }
+    let (hkv, d) = (ctx.cdim(2, 2, "kv heads")?, ctx.cdim(2, 3, "head_dim")?);
+    if ctx.cdim(0, 1, "new kv heads")? != hkv || ctx.cdim(0, 2, "new head_dim")? != d {
+        bail!("{name}: the new rows must be [T, {hkv}, {d}] like the cache's");
+    }
+    let t = ctx.dt[2];
+    if ctx.dt[0] != t {
+        bail!("{name}: the new rows' dtype {} differs from the cache's {t}", ctx.dt[0]);
+    }
+    if !matches!(ctx.dt[1], DevType::I32 | DevType::I64) {
+        bail!("{name}: slots (argument 1) must be i32 or i64 on the device, found {}", ctx.dt[1]);
+    }
+    need_aligned(ctx, "a cache row", hkv * d, t)?;
+    let slots = ctx.dim(2, 0)?.times(TExpr::c(ctx.cdim(2, 1, "block size")?));
+    let mut dk = scatter_kernel(ctx.entry(""), slots, hkv * d, t, ctx.dt[1], &ctx.dim(0, 0)?);
+    dk.params =
+        vec![ctx.param("new", 0, Role::Input), ctx.param("slots", 1, Role::Input), ctx.param("cache", 2, Role::InOut)];
+    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
 pub(crate) fn gather(ctx: &Ctx) -> Result<DeviceKernels> {

@@ -32,13 +32,13 @@ use anyhow::{bail, Result};
 const ROWS_PER_TILE: u64 = 16;
 
 /// A device-kernel parameter bound to temp `j`.
-fn temp(name: &str, dtype: DevType, role: Role, j: usize) -> Param {
+pub(super) fn temp(name: &str, dtype: DevType, role: Role, j: usize) -> Param {
     Param { name: name.into(), dtype, role, arg: ArgRef::Temp(j) }
 }
 
 /// Static shape of argument `arg`, which must have rank `want.len()`;
 /// `want` names the dims for the error.
-fn shape(ctx: &Ctx, arg: usize, what: &str, want: &[&str]) -> Result<Vec<u64>> {
+pub(super) fn shape(ctx: &Ctx, arg: usize, what: &str, want: &[&str]) -> Result<Vec<u64>> {
     if ctx.rank(arg) != want.len() {
         bail!("{}: {what} (argument {arg}) must be [{}]", ctx.k.name, want.join(", "));
     }
@@ -102,7 +102,7 @@ fn quantized_out(ctx: &Ctx, i: u64, rows_arg: usize) -> Result<TExpr> {
 }
 
 /// `offsets i64[E+1]` at argument `arg`.
-fn offsets(ctx: &Ctx, arg: usize, e: u64) -> Result<()> {
+pub(super) fn offsets(ctx: &Ctx, arg: usize, e: u64) -> Result<()> {
     need_dt(ctx, arg, "offsets", DevType::I64)?;
     if shape(ctx, arg, "offsets", &["E + 1"])?[0] != e + 1 {
         bail!("{}: offsets (argument {arg}) must have experts + 1 = {} entries", ctx.k.name, e + 1);
@@ -152,7 +152,7 @@ pub(crate) fn moe_gate_up_quant(ctx: &Ctx) -> Result<DeviceKernels> {
         )
     };
     let (gate, up) = (cube("gate", 4, 1), cube("up", 6, 2));
-    let epi = gate_up_epilogue(ctx, true, e, i, slots.clone())?;
+    let epi = dynamic_gate_up_epilogue(ctx, true, e, i, slots.clone())?;
     let temps = vec![xs, acc_temp(&format!("{name}.gate"), &slots, i), acc_temp(&format!("{name}.up"), &slots, i)];
     Ok(DeviceKernels { kernels: vec![gather, gate, up, epi], temps, host: None })
 }
@@ -186,7 +186,7 @@ pub(crate) fn quant_gate_up_quant(ctx: &Ctx) -> Result<DeviceKernels> {
             },
         )?);
     }
-    kernels.push(gate_up_epilogue(ctx, false, 1, i, tokens.clone())?);
+    kernels.push(dynamic_gate_up_epilogue(ctx, false, 1, i, tokens.clone())?);
     let temps = vec![acc_temp(&format!("{name}.gate"), &tokens, i), acc_temp(&format!("{name}.up"), &tokens, i)];
     Ok(DeviceKernels { kernels, temps, host: None })
 }
@@ -237,6 +237,7 @@ pub(crate) fn moe_down_quant(ctx: &Ctx) -> Result<DeviceKernels> {
     let epi = grouped_dequant_kernel(
         &format!("{name}_dequant"),
         dims,
+        super::Dequant::PerToken,
         out,
         true,
         vec![
@@ -251,17 +252,18 @@ pub(crate) fn moe_down_quant(ctx: &Ctx) -> Result<DeviceKernels> {
     Ok(DeviceKernels { kernels: vec![cube, epi], temps: vec![acc_temp(name, &slots, h)], host: None })
 }
 
-const GATE_UP_QUANT: &str = r#"
-// Fused tail of the W8A8_DYNAMIC {{WHAT}} gate/up projections, rowsPerTile
-// rows per tile, each row whole: g = f32(accG[r]) * gScale[{{E}}] * xScale[{{TOK}}],
-// u likewise, a = (g * sigmoid(g)) * u (the reference's silu(g) * u), then
-// the dynamic per-row quantization of a (s = max|a| / 127, q = clamp(rint(a / s))).
-// The column scales are loaded once per tile, and again only when the
+const GATE_UP: &str = r#"
+using O = {{OUT_T}};
+
+// Fused tail of the {{WHAT}} gate/up projections, rowsPerTile rows per
+// tile, each row whole: {{DEQ_DOC}}, a = (g * sigmoid(g)) * u (the
+// reference's silu(g) * u), then {{TAIL_DOC}}.
+// The column vectors are loaded once per tile, and again only when the
 // tile's rows cross into the next expert.
 class {{CLASS}} {
 public:
     __aicore__ inline {{CLASS}}() {}
-    __aicore__ inline void Init(GM_ADDR accG, GM_ADDR accU, GM_ADDR gScale, GM_ADDR uScale, GM_ADDR xScale, {{ROUTE_PARAM}}GM_ADDR q, GM_ADDR scale, const {{TILING}}& t)
+    __aicore__ inline void Init(GM_ADDR accG, GM_ADDR accU, GM_ADDR gScale, GM_ADDR uScale, {{IN_PARAM}}{{ROUTE_PARAM}}{{OUT_PARAM}}, const {{TILING}}& t)
     {
         cols = t.cols;
         rows = t.rows;
@@ -273,12 +275,9 @@ public:
         uGm.SetGlobalBuffer((__gm__ int32_t*)accU, rows * cols);
         gsGm.SetGlobalBuffer((__gm__ float*)gScale, experts * cols);
         usGm.SetGlobalBuffer((__gm__ float*)uScale, experts * cols);
-        xsGm.SetGlobalBuffer((__gm__ float*)xScale, xRows);
-        qGm.SetGlobalBuffer((__gm__ int8_t*)q, rows * cols);
-        sGm.SetGlobalBuffer((__gm__ float*)scale, rows);
-{{ROUTE_INIT}}        pipe.InitBuffer(inAcc, 2, 2 * cols * sizeof(int32_t));
+{{IN_INIT}}{{ROUTE_INIT}}{{OUT_INIT}}        pipe.InitBuffer(inAcc, 2, 2 * cols * sizeof(int32_t));
         pipe.InitBuffer(inCol, 1, cols * sizeof(float));
-        pipe.InitBuffer(outQ, 2, cols * sizeof(int8_t));
+        pipe.InitBuffer(outQ, 2, cols * sizeof(O));
         pipe.InitBuffer(gsBuf, cols * sizeof(float));
         pipe.InitBuffer(usBuf, cols * sizeof(float));
         pipe.InitBuffer(xBuf, cols * sizeof(float));
@@ -288,7 +287,7 @@ public:
         pipe.InitBuffer(hBuf, cols * sizeof(half));
         pipe.InitBuffer(workBuf, {{WORK}});
         pipe.InitBuffer(redBuf, 32);
-    }
+{{BIAS_BUFS}}    }
     __aicore__ inline void Process()
     {
         for (uint32_t tile = start; tile < end; tile++) {
@@ -299,29 +298,31 @@ public:
                 if (e != loaded) {
                     LoadCols(gsGm, gsBuf.Get<float>(), e);
                     LoadCols(usGm, usBuf.Get<float>(), e);
-                    loaded = e;
+{{LOAD_BIAS}}                    loaded = e;
                 }
-                Row(r);
+                Row(r, e);
             }
         }
     }
 
 private:
-{{EXPERT_OF}}    // The token row whose x_scale row r uses.
+{{EXPERT_OF}}    // The token row whose per-token values row r uses.
     __aicore__ inline uint32_t TokenOf(uint32_t r)
     {
 {{TOKEN_OF}}    }
-    __aicore__ inline void LoadCols(GlobalTensor<float>& g, const LocalTensor<float>& dst, int64_t e)
+    // Expert e's row of a column vector (f32 scales, int32 biases).
+    template <typename C>
+    __aicore__ inline void LoadCols(GlobalTensor<C>& g, const LocalTensor<C>& dst, int64_t e)
     {
-        LocalTensor<float> raw = inCol.AllocTensor<float>();
+        LocalTensor<C> raw = inCol.AllocTensor<C>();
         DataCopy(raw, g[static_cast<uint64_t>(e) * cols], cols);
         inCol.EnQue(raw);
-        raw = inCol.DeQue<float>();
+        raw = inCol.DeQue<C>();
         DataCopy(dst, raw, cols);
         inCol.FreeTensor(raw);
         PipeBarrier<PIPE_V>();
     }
-    __aicore__ inline void Row(uint32_t r)
+    __aicore__ inline void Row(uint32_t r, int64_t e)
     {
         LocalTensor<int32_t> a = inAcc.AllocTensor<int32_t>();
         DataCopy(a, gGm[r * cols], cols);
@@ -332,24 +333,20 @@ private:
         LocalTensor<float> uf = uBuf.Get<float>();
         LocalTensor<float> ab = absBuf.Get<float>();
         LocalTensor<float> red = redBuf.Get<float>();
-        Cast(xf, a, RoundMode::CAST_NONE, cols);
+{{ADD_BIAS}}        Cast(xf, a, RoundMode::CAST_NONE, cols);
         Cast(uf, a[cols], RoundMode::CAST_NONE, cols);
         inAcc.FreeTensor(a);
         PipeBarrier<PIPE_V>();
         Mul(xf, xf, gsBuf.Get<float>(), cols);
         Mul(uf, uf, usBuf.Get<float>(), cols);
         PipeBarrier<PIPE_V>();
-        const float xs = xsGm.GetValue(TokenOf(r));
-        Muls(xf, xf, xs, cols);
-        Muls(uf, uf, xs, cols);
-        PipeBarrier<PIPE_V>();
-        Sigmoid(ab, xf, cols);
+{{ROW_SCALE}}        Sigmoid(ab, xf, cols);
         PipeBarrier<PIPE_V>();
         Mul(xf, xf, ab, cols);
         PipeBarrier<PIPE_V>();
         Mul(xf, xf, uf, cols);
         PipeBarrier<PIPE_V>();
-{{DYN_SCALE}}{{TO_INT8}}    }
+{{TAIL}}    }
 
     TPipe pipe;
     TQue<TPosition::VECIN, 2> inAcc;
@@ -357,74 +354,222 @@ private:
     TQue<TPosition::VECOUT, 2> outQ;
     TBuf<TPosition::VECCALC> gsBuf, usBuf, xBuf, uBuf, absBuf, iBuf, hBuf, workBuf, redBuf;
     GlobalTensor<int32_t> gGm, uGm;
-    GlobalTensor<float> gsGm, usGm, xsGm, sGm;
-    GlobalTensor<int8_t> qGm;
-{{ROUTE_MEMBERS}}    uint32_t cols = 0, rows = 0, rowsPerTile = 0, experts = 1, xRows = 0, start = 0, end = 0;
+    GlobalTensor<float> gsGm, usGm;
+{{MEMBERS}}{{ROUTE_MEMBERS}}    uint32_t cols = 0, rows = 0, rowsPerTile = 0, experts = 1, xRows = 0, start = 0, end = 0;
 };
 
-extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR accG, GM_ADDR accU, GM_ADDR gScale, GM_ADDR uScale, GM_ADDR xScale, {{ROUTE_PARAM}}GM_ADDR q, GM_ADDR scale, GM_ADDR workspace, GM_ADDR tiling)
+extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR accG, GM_ADDR accU, GM_ADDR gScale, GM_ADDR uScale, {{IN_PARAM}}{{ROUTE_PARAM}}{{OUT_PARAM}}, GM_ADDR workspace, GM_ADDR tiling)
 {
     REGISTER_TILING_DEFAULT({{TILING}});
     GET_TILING_DATA(t, tiling);
     {{CLASS}} op;
-    op.Init(accG, accU, gScale, uScale, xScale, {{ROUTE_ARG}}q, scale, t);
+    op.Init(accG, accU, gScale, uScale, {{IN_ARG}}{{ROUTE_ARG}}{{OUT_ARG}}, t);
     op.Process();
 }
 "#;
 
-/// The gate/up epilogue over temps 1, 2 (routed) or 0, 1 (shared):
-/// `(accG, accU, gate_scale, up_scale, x_scale, [offsets, rows,] q_out,
-/// scale_out)`.
-fn gate_up_epilogue(ctx: &Ctx, routed: bool, experts: u64, cols: u64, rows: TExpr) -> Result<DeviceKernel> {
-    let name = &ctx.k.name;
+/// What the gate/up epilogue does after the dequant of its int32 sums
+/// (and with which per-row or per-column inputs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum GateUpTail {
+    /// W8A8_DYNAMIC: `f32(acc) * scale[n] * x_scale[tok]`, then the dynamic
+    /// per-row int8 quantization of `a`: `(.., x_scale, [route,] q, scale_out)`.
+    Dynamic,
+    /// Static W8A8: `f32(acc + quant_bias[n]) * deq_scale[n]`, then `a`
+    /// quantized with the down projection's per-expert scale and offset:
+    /// `(.., gate_qbias, up_qbias, [route,] down_scale, down_offset, q)`.
+    StaticQuant,
+    /// Static W8A8 as above, `a` stored as floats of dtype `out`:
+    /// `(.., gate_qbias, up_qbias, [route,] act)`.
+    StaticFloat { out: DevType },
+}
+
+/// Static quantization of f32 row `src` into `xf` (may be the same
+/// tensor) with the scalar `scale` and `offset` (C++ expressions): the
+/// reference's `x / scale + offset` in f32, `ab` scratch; [`TO_INT8`]
+/// finishes it.
+pub(super) fn static_quant(src: &str, scale: &str, offset: &str) -> String {
+    format!(
+        "        Duplicate(ab, {scale}, cols);
+        PipeBarrier<PIPE_V>();
+        Div(xf, {src}, ab, cols);
+        PipeBarrier<PIPE_V>();
+        Adds(xf, xf, {offset}, cols);
+        PipeBarrier<PIPE_V>();
+"
+    )
+}
+
+/// `a` stored in the output dtype.
+const STORE_ACT: &str = "        LocalTensor<O> y = outQ.AllocTensor<O>();
+        FromFloat(y, xf, cols);
+        outQ.EnQue(y);
+        y = outQ.DeQue<O>();
+        DataCopy(qGm[r * cols], y, cols);
+        outQ.FreeTensor(y);
+";
+
+/// Template variables of [`GATE_UP`] for `tail`.
+fn tail_vars(tail: GateUpTail) -> Vec<(&'static str, String)> {
+    let stat = tail != GateUpTail::Dynamic;
+    let bias = |s: &str| if stat { s.to_string() } else { String::new() };
+    let (out_t, out_param, out_arg, out_init, members, tail_code, tail_doc) = match tail {
+        GateUpTail::Dynamic => (
+            "int8_t".to_string(),
+            "GM_ADDR q, GM_ADDR scale",
+            "q, scale",
+            "        qGm.SetGlobalBuffer((__gm__ int8_t*)q, rows * cols);\n        sGm.SetGlobalBuffer((__gm__ float*)scale, rows);\n",
+            "    GlobalTensor<float> xsGm, sGm;\n    GlobalTensor<O> qGm;\n",
+            format!("{DYN_SCALE}{TO_INT8}"),
+            "the dynamic per-row int8 quantization of a (s = max|a| / 127, q = clamp(rint(a / s)))",
+        ),
+        GateUpTail::StaticQuant => (
+            "int8_t".to_string(),
+            "GM_ADDR downScale, GM_ADDR downOffset, GM_ADDR q",
+            "downScale, downOffset, q",
+            "        dsGm.SetGlobalBuffer((__gm__ float*)downScale, experts);\n        doGm.SetGlobalBuffer((__gm__ float*)downOffset, experts);\n        qGm.SetGlobalBuffer((__gm__ int8_t*)q, rows * cols);\n",
+            "    TBuf<TPosition::VECCALC> gbBuf, ubBuf;\n    GlobalTensor<int32_t> gbGm, ubGm;\n    GlobalTensor<float> dsGm, doGm;\n    GlobalTensor<O> qGm;\n",
+            format!("{}{TO_INT8}", static_quant("xf", "dsGm.GetValue(e)", "doGm.GetValue(e)")),
+            "the down projection's static quantization q = clamp(rint(a / scale[e] + offset[e]))",
+        ),
+        GateUpTail::StaticFloat { out } => (
+            out.cpp().to_string(),
+            "GM_ADDR act",
+            "act",
+            "        qGm.SetGlobalBuffer((__gm__ O*)act, rows * cols);\n",
+            "    TBuf<TPosition::VECCALC> gbBuf, ubBuf;\n    GlobalTensor<int32_t> gbGm, ubGm;\n    GlobalTensor<O> qGm;\n",
+            STORE_ACT.to_string(),
+            "a stored",
+        ),
+    };
+    vec![
+        ("OUT_T", out_t),
+        ("WHAT", if stat { "static W8A8" } else { "W8A8_DYNAMIC" }.into()),
+        (
+            "DEQ_DOC",
+            if stat {
+                "g = f32(accG[r] + gBias[e]) * gDeq[e], u likewise"
+            } else {
+                "g = f32(accG[r]) * gScale[e] * xScale[tok], u likewise"
+            }
+            .into(),
+        ),
+        ("TAIL_DOC", tail_doc.into()),
+        ("IN_PARAM", if stat { "GM_ADDR gBias, GM_ADDR uBias, " } else { "GM_ADDR xScale, " }.into()),
+        ("IN_ARG", if stat { "gBias, uBias, " } else { "xScale, " }.into()),
+        (
+            "IN_INIT",
+            if stat {
+                "        gbGm.SetGlobalBuffer((__gm__ int32_t*)gBias, experts * cols);\n        ubGm.SetGlobalBuffer((__gm__ int32_t*)uBias, experts * cols);\n"
+            } else {
+                "        xsGm.SetGlobalBuffer((__gm__ float*)xScale, xRows);\n"
+            }
+            .into(),
+        ),
+        ("OUT_PARAM", out_param.into()),
+        ("OUT_ARG", out_arg.into()),
+        ("OUT_INIT", out_init.into()),
+        ("MEMBERS", members.into()),
+        (
+            "BIAS_BUFS",
+            bias("        pipe.InitBuffer(gbBuf, cols * sizeof(int32_t));\n        pipe.InitBuffer(ubBuf, cols * sizeof(int32_t));\n"),
+        ),
+        (
+            "LOAD_BIAS",
+            bias("                    LoadCols(gbGm, gbBuf.Get<int32_t>(), e);\n                    LoadCols(ubGm, ubBuf.Get<int32_t>(), e);\n"),
+        ),
+        (
+            "ADD_BIAS",
+            bias("        Add(a, a, gbBuf.Get<int32_t>(), cols);\n        Add(a[cols], a[cols], ubBuf.Get<int32_t>(), cols);\n        PipeBarrier<PIPE_V>();\n"),
+        ),
+        (
+            "ROW_SCALE",
+            if stat {
+                String::new()
+            } else {
+                "        const float xs = xsGm.GetValue(TokenOf(r));\n        Muls(xf, xf, xs, cols);\n        Muls(uf, uf, xs, cols);\n        PipeBarrier<PIPE_V>();\n".into()
+            },
+        ),
+        ("TAIL", tail_code),
+    ]
+}
+
+/// Shape of a gate/up epilogue: `rows` rows of `cols` over `experts`
+/// column vectors; `routed` reads `(offsets, sortedRows)` after its inputs.
+pub(super) struct GateUpDims {
+    pub routed: bool,
+    pub experts: u64,
+    pub cols: u64,
+    pub rows: TExpr,
+    /// Rows of the per-token input (`xRows`, the clamp of a routed row's token).
+    pub x_rows: TExpr,
+}
+
+/// The gate/up epilogue `{name}_epilogue`: parameters `(accG, accU,
+/// gScale, uScale, <tail inputs>, [offsets, sortedRows,] <tail outputs>)`
+/// as [`GateUpTail`] says, given by the caller.
+pub(super) fn gate_up_epilogue(name: &str, d: GateUpDims, tail: GateUpTail, params: Vec<Param>) -> DeviceKernel {
+    let routed = d.routed;
     let entry = format!("{name}_epilogue");
     let on = |s: &str| if routed { s.to_string() } else { String::new() };
-    let work = reduce_max_work(cols);
-    let src = vector_source(
-        &entry,
-        "W8A8_DYNAMIC expert gate/up: dequant, silu(g) * u, dynamic per-row int8 quant.",
-        GATE_UP_QUANT,
-        &[
-            ("WHAT", if routed { "routed-expert" } else { "shared-expert" }.into()),
-            ("E", if routed { "e(r)" } else { "0" }.into()),
-            ("TOK", if routed { "rows[r]" } else { "r" }.into()),
-            ("ROUTE_PARAM", on("GM_ADDR offsets, GM_ADDR sortedRows, ")),
-            ("ROUTE_ARG", on("offsets, sortedRows, ")),
-            (
-                "ROUTE_INIT",
-                on("        offGm.SetGlobalBuffer((__gm__ int64_t*)offsets, experts + 1);\n        rowsGm.SetGlobalBuffer((__gm__ int64_t*)sortedRows, rows);\n"),
-            ),
-            ("ROUTE_MEMBERS", on("    GlobalTensor<int64_t> offGm, rowsGm;\n    int64_t cursor = 0;\n")),
-            ("EXPERT_OF", on(EXPERT_OF)),
-            ("EXPERT_OF_ROW", if routed { "ExpertOf(r)" } else { "0" }.into()),
-            (
-                "TOKEN_OF",
-                if routed {
-                    // The routing only writes valid token rows; clamping keeps
-                    // memory safe anyway.
-                    "        const int64_t tok = rowsGm.GetValue(r);\n        return tok < 0 || tok >= static_cast<int64_t>(xRows) ? 0 : static_cast<uint32_t>(tok);\n"
-                } else {
-                    "        return r;\n"
-                }
-                .into(),
-            ),
-            ("WORK", work.to_string()),
-            ("DYN_SCALE", DYN_SCALE.into()),
-            ("TO_INT8", TO_INT8.into()),
-        ],
-    );
-    let tiles = rows.clone().ceil_div(TExpr::c(ROWS_PER_TILE));
+    let work = reduce_max_work(d.cols);
+    let what = match tail {
+        GateUpTail::Dynamic => "W8A8_DYNAMIC expert gate/up: dequant, silu(g) * u, dynamic per-row int8 quant.",
+        GateUpTail::StaticQuant => "Static W8A8 expert gate/up: dequant, silu(g) * u, static int8 quant.",
+        GateUpTail::StaticFloat { .. } => "Static W8A8 expert gate/up: dequant, silu(g) * u.",
+    };
+    let mut vars = vec![
+        ("ROUTE_PARAM", on("GM_ADDR offsets, GM_ADDR sortedRows, ")),
+        ("ROUTE_ARG", on("offsets, sortedRows, ")),
+        (
+            "ROUTE_INIT",
+            on("        offGm.SetGlobalBuffer((__gm__ int64_t*)offsets, experts + 1);\n        rowsGm.SetGlobalBuffer((__gm__ int64_t*)sortedRows, rows);\n"),
+        ),
+        ("ROUTE_MEMBERS", on("    GlobalTensor<int64_t> offGm, rowsGm;\n    int64_t cursor = 0;\n")),
+        ("EXPERT_OF", on(EXPERT_OF)),
+        ("EXPERT_OF_ROW", if routed { "ExpertOf(r)" } else { "0" }.into()),
+        (
+            "TOKEN_OF",
+            if routed {
+                // The routing only writes valid token rows; clamping keeps
+                // memory safe anyway.
+                "        const int64_t tok = rowsGm.GetValue(r);\n        return tok < 0 || tok >= static_cast<int64_t>(xRows) ? 0 : static_cast<uint32_t>(tok);\n"
+            } else {
+                "        return r;\n"
+            }
+            .into(),
+        ),
+        ("WORK", work.to_string()),
+    ];
+    vars.extend(tail_vars(tail));
+    let src = vector_source(&entry, what, GATE_UP, &vars);
+    let tiles = d.rows.clone().ceil_div(TExpr::c(ROWS_PER_TILE));
     let mut fields = tiles_fields(&tiles);
     fields.extend([
-        TilingField::u32("cols", TExpr::c(cols)),
-        TilingField::u32("rows", rows),
+        TilingField::u32("cols", TExpr::c(d.cols)),
+        TilingField::u32("rows", d.rows),
         TilingField::u32("rowsPerTile", TExpr::c(ROWS_PER_TILE)),
-        TilingField::u32("experts", TExpr::c(experts)),
-        TilingField::u32("xRows", ctx.dim(0, 0)?),
+        TilingField::u32("experts", TExpr::c(d.experts)),
+        TilingField::u32("xRows", d.x_rows),
     ]);
-    let f = r32(cols * 4);
-    let ub = 2 * r32(2 * cols * 4) + f + 2 * r32(cols) + 6 * f + r32(cols * 2) + work + 32;
+    let f = r32(d.cols * 4);
+    let out_size = match tail {
+        GateUpTail::StaticFloat { out } => out.size(),
+        _ => 1,
+    };
+    let mut ub = 2 * r32(2 * d.cols * 4) + f + 2 * r32(d.cols * out_size) + 6 * f + r32(d.cols * 2) + work + 32;
+    if tail != GateUpTail::Dynamic {
+        ub += 2 * f;
+    }
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
+    dk.params = params;
+    dk
+}
+
+/// The dynamic gate/up epilogue over temps 1, 2 (routed) or 0, 1
+/// (shared): `(accG, accU, gate_scale, up_scale, x_scale, [offsets,
+/// rows,] q_out, scale_out)`.
+fn dynamic_gate_up_epilogue(ctx: &Ctx, routed: bool, experts: u64, cols: u64, rows: TExpr) -> Result<DeviceKernel> {
     let (g, u) = if routed { (1, 2) } else { (0, 1) };
     let (gs, us) = if routed { (5, 7) } else { (3, 5) };
     let mut params = vec![
@@ -441,6 +586,6 @@ fn gate_up_epilogue(ctx: &Ctx, routed: bool, experts: u64, cols: u64, rows: TExp
     let n = ctx.k.args.len();
     params.push(ctx.param("q", n - 2, Role::Output));
     params.push(ctx.param("scale", n - 1, Role::Output));
-    dk.params = params;
-    Ok(dk)
+    let d = GateUpDims { routed, experts, cols, rows, x_rows: ctx.dim(0, 0)? };
+    Ok(gate_up_epilogue(&ctx.k.name, d, GateUpTail::Dynamic, params))
 }

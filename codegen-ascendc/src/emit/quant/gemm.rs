@@ -2,7 +2,8 @@
 //! dequant epilogue.
 
 use super::{
-    acc_param, acc_temp, checked, need_int8_dims, need_out, orig, Dequant, GroupedQuantMatMulSpec, QuantMatMulSpec,
+    acc_param, acc_temp, checked, need_int8_dims, need_out, orig, Dequant, Granularity, GroupedQuantMatMulSpec,
+    QuantMatMulSpec,
 };
 use crate::emit::cube::{cube_device_kernel, cube_kernel_for, BaseTile, CubeSpec};
 use crate::emit::moe::{grouped_cube_fields, grouped_cube_source};
@@ -90,30 +91,63 @@ pub fn dyn_quant_matmul(s: &QuantMatMulSpec, x: DevType, adds: EpilogueAdds, o: 
     if s.dequant != Dequant::PerToken {
         bail!("{}: dyn_quant_matmul dequantizes per token", s.name);
     }
-    let mut quant = super::dynamic_quant(&format!("{}_quant", s.name), s.m.clone(), s.k, x, o)?;
+    let quant = super::dynamic_quant(&format!("{}_quant", s.name), s.m.clone(), s.k, x, o)?;
+    // The quant kernel's (x, q_out, scale_out) against the program kernel's
+    // (x, w, w_scale, [adds..], out); the GEMM's (xq, w, w_scale, x_scale,
+    // [adds..], out) likewise.
+    let mm_arg = |i: usize| if i > 3 { ArgRef::Orig(i - 1) } else { ArgRef::Orig(i) };
+    let temps = vec![("xq", DevType::I8, vec![s.m.clone(), TExpr::c(s.k)]), ("xs", DevType::F32, vec![s.m.clone()])];
+    quantized_input(s, quant, &[(1, 0), (2, 1)], &[(0, 0), (3, 1)], mm_arg, temps, adds, o)
+}
+
+/// `StaticQuantMatMul (x[M, K] of dtype x, in_scale f32[1], in_offset
+/// f32[1], w i8[N, K], quant_bias i32[N], deq_scale[N], out[M, N])`
+/// (`s.dequant` static): the per-tensor `quantize` kernel writes the int8
+/// rows to a temporary (GM, as in [`dyn_quant_matmul`]), then
+/// [`quant_matmul`] runs on them.
+pub fn static_quant_matmul(s: &QuantMatMulSpec, x: DevType, o: &EmitOptions) -> Result<DeviceKernels> {
+    if !matches!(s.dequant, Dequant::Static { .. }) {
+        bail!("{}: static_quant_matmul dequantizes with quant_bias and deq_scale", s.name);
+    }
+    let quant = super::quantize(&format!("{}_quant", s.name), s.m.clone(), s.k, Granularity::PerTensor, x, o)?;
+    // The quant kernel's (x, scale, offset, q_out) against the program
+    // kernel's (x, scale, offset, w, quant_bias, deq_scale, out); the GEMM's
+    // (xq, w, quant_bias, deq_scale, out) are its arguments 3.. .
+    let temps = vec![("xq", DevType::I8, vec![s.m.clone(), TExpr::c(s.k)])];
+    quantized_input(s, quant, &[(3, 0)], &[(0, 0)], |i| ArgRef::Orig(i + 2), temps, EpilogueAdds::default(), o)
+}
+
+/// A quantizing kernel followed by [`quant_matmul_with`] over what it
+/// wrote: `quant_out` maps the quant kernel's output arguments and
+/// `mm_in` the GEMM's quantized inputs to temps (indices into `temps`,
+/// after the GEMM's own accumulator temp); the GEMM's other arguments map
+/// through `mm_arg`.
+#[allow(clippy::too_many_arguments)]
+fn quantized_input(
+    s: &QuantMatMulSpec,
+    mut quant: DeviceKernels,
+    quant_out: &[(usize, usize)],
+    mm_in: &[(usize, usize)],
+    mm_arg: impl Fn(usize) -> ArgRef,
+    temps: Vec<(&str, DevType, Vec<TExpr>)>,
+    adds: EpilogueAdds,
+    o: &EmitOptions,
+) -> Result<DeviceKernels> {
     let mut mm = quant_matmul_with(s, adds, o)?;
-    // Temps: the GEMM's accumulators (0), then the int8 rows (1) and their
-    // scales (2).
-    let (xq, xs) = (ArgRef::Temp(1), ArgRef::Temp(2));
+    // Temps: the GEMM's accumulators (0), then `temps`.
+    let lookup = |map: &[(usize, usize)], i: usize| map.iter().find(|(a, _)| *a == i).map(|(_, t)| ArgRef::Temp(t + 1));
     remap(&mut quant, |a| match a {
-        ArgRef::Orig(1) => xq.clone(),
-        ArgRef::Orig(2) => xs.clone(),
+        ArgRef::Orig(i) => lookup(quant_out, *i).unwrap_or(ArgRef::Orig(*i)),
         other => other.clone(),
     });
-    // The GEMM's arguments (xq, w, w_scale, x_scale, [adds..], out) against
-    // the program kernel's (x, w, w_scale, [adds..], out).
     remap(&mut mm, |a| match a {
-        ArgRef::Orig(0) => xq.clone(),
-        ArgRef::Orig(3) => xs.clone(),
-        ArgRef::Orig(i) if *i > 3 => ArgRef::Orig(i - 1),
+        ArgRef::Orig(i) => lookup(mm_in, *i).unwrap_or_else(|| mm_arg(*i)),
         other => other.clone(),
     });
-    let temps = |name: &str, dtype, shape: Vec<TExpr>| {
+    for (name, dtype, shape) in temps {
         let elems = shape.iter().cloned().fold(TExpr::c(1), TExpr::times);
-        TempBuf { name: format!("{}.{name}", s.name), dtype, shape, elems }
-    };
-    mm.temps.push(temps("xq", DevType::I8, vec![s.m.clone(), TExpr::c(s.k)]));
-    mm.temps.push(temps("xs", DevType::F32, vec![s.m.clone()]));
+        mm.temps.push(TempBuf { name: format!("{}.{name}", s.name), dtype, shape, elems });
+    }
     let mut kernels = quant.kernels;
     kernels.extend(mm.kernels);
     checked(DeviceKernels { kernels, temps: mm.temps, host: None }, o, &s.name)
@@ -172,6 +206,7 @@ pub fn grouped_quant_matmul(s: &GroupedQuantMatMulSpec, o: &EmitOptions) -> Resu
     let epi = grouped_dequant_kernel(
         &format!("{}_dequant", s.name),
         GroupedDims { experts: s.experts, rows: s.rows.clone(), n: s.n, k: s.k },
+        Dequant::PerToken,
         s.out,
         false,
         vec![
@@ -219,20 +254,25 @@ pub(super) fn grouped_int8_cube(entry: &str, d: GroupedDims, params: [Param; 4],
     cube_device_kernel(entry.to_string(), src, fields, &tiles, params.into(), base.mem(DevType::I8, o.target))
 }
 
-/// The grouped per-token dequant epilogue, `y = f32(acc) *
-/// w_scale[e(r), n] * x_scale[r]`, then `* row_weight[r]` with
-/// `row_weight`; parameters `[acc, w_scale f32[E, N], x_scale f32[rows],
-/// offsets i64[E+1], (row_weight f32[rows],) y]`.
+/// The grouped dequant epilogue, per token `y = f32(acc) *
+/// w_scale[e(r), n] * x_scale[r]` or static `y = f32(acc + quant_bias[e(r),
+/// n]) * deq_scale[e(r), n]`, then `* row_weight[r]` with `row_weight`;
+/// parameters `[acc, w_scale f32[E, N] | quant_bias i32[E, N], x_scale
+/// f32[rows] | deq_scale[E, N], offsets i64[E+1], (row_weight f32[rows],) y]`.
 pub(super) fn grouped_dequant_kernel(
     entry: &str,
     d: GroupedDims,
+    dequant: Dequant,
     out: DevType,
     row_weight: bool,
     params: Vec<Param>,
 ) -> Result<DeviceKernel> {
+    if let Dequant::Static { deq } = dequant {
+        need_scale_dtype(entry, "deq_scale", deq, true)?;
+    }
     let spec = DequantSpec {
         entry: entry.to_string(),
-        dequant: Dequant::PerToken,
+        dequant,
         grouped: Some(d.experts),
         rows: d.rows,
         n: d.n,
@@ -457,6 +497,12 @@ fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
     }
     let n_tile = DQ_COLS.min(n);
     let (d, what) = match dequant {
+        Dequant::Static { deq } if row_weight => {
+            (deq, "y = f32(acc + quant_bias[e(r), n]) * deq_scale[e(r), n] * row_weight[r]")
+        }
+        Dequant::Static { deq } if grouped.is_some() => {
+            (deq, "y = f32(acc + quant_bias[e(r), n]) * deq_scale[e(r), n]")
+        }
         Dequant::Static { deq } => (deq, "y = f32(acc + quant_bias[n]) * deq_scale[n]"),
         Dequant::PerToken if row_weight => {
             (DevType::F32, "y = f32(acc) * w_scale[e(r), n] * x_scale[r] * row_weight[r]")
@@ -474,7 +520,7 @@ fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
     let mut init = String::new();
     let mut members = String::new();
     if stat {
-        init += "        biasGm.SetGlobalBuffer((__gm__ int32_t*)colA, n);\n        scaleGm.SetGlobalBuffer((__gm__ D*)colB, n);\n        pipe.InitBuffer(inBias, 1, nTile * sizeof(int32_t));\n        pipe.InitBuffer(biasBuf, nTile * sizeof(int32_t));\n";
+        init += "        biasGm.SetGlobalBuffer((__gm__ int32_t*)colA, t.experts * n);\n        scaleGm.SetGlobalBuffer((__gm__ D*)colB, t.experts * n);\n        pipe.InitBuffer(inBias, 1, nTile * sizeof(int32_t));\n        pipe.InitBuffer(biasBuf, nTile * sizeof(int32_t));\n";
         members += "    TQue<TPosition::VECIN, 1> inBias;\n    GlobalTensor<int32_t> biasGm;\n";
     } else {
         init += "        scaleGm.SetGlobalBuffer((__gm__ D*)colA, t.experts * n);\n        xsGm.SetGlobalBuffer((__gm__ float*)colB, rows);\n";
@@ -492,7 +538,7 @@ fn dequant_kernel(s: DequantSpec, params: Vec<Param>) -> Result<DeviceKernel> {
     }
     let load_bias = if stat {
         "        LocalTensor<int32_t> b = inBias.AllocTensor<int32_t>();
-        DataCopy(b, biasGm[c0], len);
+        DataCopy(b, biasGm[e * n + c0], len);
         inBias.EnQue(b);
         b = inBias.DeQue<int32_t>();
         DataCopy(biasBuf.Get<int32_t>(), b, len);

@@ -32,18 +32,22 @@
 //! compose them; argument `i` of the spec is `ArgRef::Orig(i)`.
 //! `wire.rs` is that selection for the kinds that map one to one (see
 //! `emit_kernel`); `experts.rs` composes the fused W8A8_DYNAMIC expert
-//! kinds from the GEMMs and the quantization tail.
+//! kinds from the GEMMs and the quantization tail, `statics.rs` the fused
+//! static W8A8 kinds from the same pieces.
 
 mod convert;
 pub(crate) mod experts;
 mod gemm;
+pub(crate) mod statics;
 pub(crate) mod wire;
 
 pub(crate) use convert::TO_INT8;
 pub use convert::{
     dequantize, dynamic_quant, kv_cache_write_quant, quantize, rms_norm_dynamic_quant, Granularity, NormQuant,
 };
-pub use gemm::{dyn_quant_matmul, grouped_quant_matmul, quant_matmul, quant_matmul_with, EpilogueAdds};
+pub use gemm::{
+    dyn_quant_matmul, grouped_quant_matmul, quant_matmul, quant_matmul_with, static_quant_matmul, EpilogueAdds,
+};
 
 use super::{ArgRef, DeviceKernels, EmitOptions, Param, Role, TExpr, TempBuf};
 use crate::target::DevType;
