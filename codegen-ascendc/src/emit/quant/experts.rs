@@ -191,31 +191,35 @@ pub(crate) fn quant_gate_up_quant(ctx: &Ctx) -> Result<DeviceKernels> {
     Ok(DeviceKernels { kernels, temps, host: None })
 }
 
-/// `MoeDownQuant (aq i8[S, I], a_scale f32[S], offsets i64[E+1],
-/// row_weight f32[S], w_down i8[E, H, I], down_scale[E, H], ys[S, H])`:
-/// grouped GEMM, then the grouped dequant times the row weight.
-pub(crate) fn moe_down_quant(ctx: &Ctx) -> Result<DeviceKernels> {
+/// Argument indices of a routed down projection (`MoeDownQuant`,
+/// `MoeDownStatic`); `aq` is argument 0 and `ys` argument 6 in both.
+pub(super) struct DownArgs {
+    pub offsets: usize,
+    pub row_weight: usize,
+    pub w: usize,
+}
+
+/// The routed down projection over `aq i8[S, I]` and `w i8[E, H, I]`:
+/// checks the operands both forms share, then the grouped int8 cube GEMM
+/// into an int32 accumulator and the grouped dequant epilogue (`dequant`,
+/// reading the accumulator and then `epilogue`) times the row weight.
+pub(super) fn grouped_down(
+    ctx: &Ctx,
+    at: DownArgs,
+    [e, h, i]: [u64; 3],
+    dequant: super::Dequant,
+    epilogue: Vec<Param>,
+) -> Result<DeviceKernels> {
     let name = &ctx.k.name;
-    let s = shape(ctx, 4, "w_down", &["E", "H", "I"])?;
-    let (e, h, i) = (s[0], s[1], s[2]);
-    need_dt(ctx, 4, "w_down", DevType::I8)?;
-    need_dt(ctx, 5, "down_scale", DevType::F32)?;
-    if shape(ctx, 5, "down_scale", &["E", "H"])? != [e, h] {
-        bail!("{name}: down_scale (argument 5) must be [{e}, {h}]");
-    }
+    need_dt(ctx, at.w, "w_down", DevType::I8)?;
     need_int8_dims(name, h, i)?;
     need_dt(ctx, 0, "aq", DevType::I8)?;
     if ctx.rank(0) != 2 || ctx.cdim(0, 1, "aq I")? != i {
         bail!("{name}: aq (argument 0) must be [S, {i}]");
     }
+    per_row(ctx, at.row_weight, "row_weight")?;
+    offsets(ctx, at.offsets, e)?;
     let rows = &ctx.k.args[0].shape[0];
-    for (arg, what) in [(1, "a_scale"), (3, "row_weight")] {
-        need_dt(ctx, arg, what, DevType::F32)?;
-        if ctx.rank(arg) != 1 || ctx.k.args[arg].shape[0] != *rows {
-            bail!("{name}: {what} (argument {arg}) must have one element per aq row");
-        }
-    }
-    offsets(ctx, 2, e)?;
     let out = ctx.dt[6];
     need_out(name, ctx.o, out)?;
     if ctx.rank(6) != 2 || ctx.k.args[6].shape[0] != *rows || ctx.cdim(6, 1, "ys H")? != h {
@@ -228,28 +232,46 @@ pub(crate) fn moe_down_quant(ctx: &Ctx) -> Result<DeviceKernels> {
         dims.clone(),
         [
             ctx.param("a", 0, Role::Input),
-            ctx.param("offsets", 2, Role::Input),
-            ctx.param("w", 4, Role::Input),
+            ctx.param("offsets", at.offsets, Role::Input),
+            ctx.param("w", at.w, Role::Input),
             acc_param(Role::Output),
         ],
         ctx.o,
     );
-    let epi = grouped_dequant_kernel(
-        &format!("{name}_dequant"),
-        dims,
-        super::Dequant::PerToken,
-        out,
-        true,
-        vec![
-            acc_param(Role::Input),
-            ctx.param("ws", 5, Role::Input),
-            ctx.param("xs", 1, Role::Input),
-            ctx.param("offsets", 2, Role::Input),
-            ctx.param("rowW", 3, Role::Input),
-            ctx.param("y", 6, Role::Output),
-        ],
-    )?;
+    let params = std::iter::once(acc_param(Role::Input)).chain(epilogue).collect();
+    let epi = grouped_dequant_kernel(&format!("{name}_dequant"), dims, dequant, out, true, params)?;
     Ok(DeviceKernels { kernels: vec![cube, epi], temps: vec![acc_temp(name, &slots, h)], host: None })
+}
+
+/// Argument `arg` (`what`) must be f32 with one element per `aq` row.
+pub(super) fn per_row(ctx: &Ctx, arg: usize, what: &str) -> Result<()> {
+    need_dt(ctx, arg, what, DevType::F32)?;
+    if ctx.rank(arg) != 1 || ctx.k.args[arg].shape[0] != ctx.k.args[0].shape[0] {
+        bail!("{}: {what} (argument {arg}) must have one element per aq row", ctx.k.name);
+    }
+    Ok(())
+}
+
+/// `MoeDownQuant (aq i8[S, I], a_scale f32[S], offsets i64[E+1],
+/// row_weight f32[S], w_down i8[E, H, I], down_scale[E, H], ys[S, H])`:
+/// grouped GEMM, then the grouped dequant times the row weight.
+pub(crate) fn moe_down_quant(ctx: &Ctx) -> Result<DeviceKernels> {
+    let name = &ctx.k.name;
+    let s = shape(ctx, 4, "w_down", &["E", "H", "I"])?;
+    let (e, h, i) = (s[0], s[1], s[2]);
+    need_dt(ctx, 5, "down_scale", DevType::F32)?;
+    if shape(ctx, 5, "down_scale", &["E", "H"])? != [e, h] {
+        bail!("{name}: down_scale (argument 5) must be [{e}, {h}]");
+    }
+    per_row(ctx, 1, "a_scale")?;
+    let epilogue = vec![
+        ctx.param("ws", 5, Role::Input),
+        ctx.param("xs", 1, Role::Input),
+        ctx.param("offsets", 2, Role::Input),
+        ctx.param("rowW", 3, Role::Input),
+        ctx.param("y", 6, Role::Output),
+    ];
+    grouped_down(ctx, DownArgs { offsets: 2, row_weight: 3, w: 4 }, [e, h, i], super::Dequant::PerToken, epilogue)
 }
 
 const GATE_UP: &str = r#"

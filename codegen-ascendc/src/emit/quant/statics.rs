@@ -19,10 +19,12 @@
 //! simulation matches the interpreter bit for bit.
 
 use super::convert::{need_row_blocks, TO_INT8};
-use super::experts::{gate_up_epilogue, offsets, shape, static_quant, temp, GateUpDims, GateUpTail};
-use super::gemm::{grouped_dequant_kernel, grouped_int8_cube, GroupedDims, EXPERT_OF};
+use super::experts::{
+    gate_up_epilogue, grouped_down, offsets, shape, static_quant, temp, DownArgs, GateUpDims, GateUpTail,
+};
+use super::gemm::{grouped_int8_cube, GroupedDims, EXPERT_OF};
 use super::wire::need_dt;
-use super::{acc_param, acc_temp, need_int8_dims, need_out, Dequant, QuantMatMulSpec};
+use super::{acc_temp, need_int8_dims, need_out, Dequant, QuantMatMulSpec};
 use crate::emit::cube::{cube_kernel_for, CubeSpec};
 use crate::emit::vector::{tiles_fields, vector_kernel, vector_source};
 use crate::emit::{r32, Ctx, DeviceKernel, DeviceKernels, Param, Role, TExpr, TempBuf, TilingField};
@@ -286,53 +288,15 @@ pub(crate) fn moe_down_static(ctx: &Ctx) -> Result<DeviceKernels> {
     }
     let s = shape(ctx, 3, "w_down", &["E", "H", "I"])?;
     let (e, h, i) = (s[0], s[1], s[2]);
-    need_dt(ctx, 3, "w_down", DevType::I8)?;
     let deq = static_columns(ctx, 4, 5, &[e, h])?;
-    need_int8_dims(name, h, i)?;
-    need_dt(ctx, 0, "aq", DevType::I8)?;
-    if ctx.rank(0) != 2 || ctx.cdim(0, 1, "aq I")? != i {
-        bail!("{name}: aq (argument 0) must be [S, {i}]");
-    }
-    let rows = &ctx.k.args[0].shape[0];
-    need_dt(ctx, 2, "row_weight", DevType::F32)?;
-    if ctx.rank(2) != 1 || ctx.k.args[2].shape[0] != *rows {
-        bail!("{name}: row_weight (argument 2) must have one element per aq row");
-    }
-    offsets(ctx, 1, e)?;
-    let out = ctx.dt[6];
-    need_out(name, ctx.o, out)?;
-    if ctx.rank(6) != 2 || ctx.k.args[6].shape[0] != *rows || ctx.cdim(6, 1, "ys H")? != h {
-        bail!("{name}: ys (argument 6) must be [{rows}, {h}]");
-    }
-    let slots = ctx.dim(0, 0)?;
-    let dims = GroupedDims { experts: e, rows: slots.clone(), n: h, k: i };
-    let cube = grouped_int8_cube(
-        &format!("{name}_cube"),
-        dims.clone(),
-        [
-            ctx.param("a", 0, Role::Input),
-            ctx.param("offsets", 1, Role::Input),
-            ctx.param("w", 3, Role::Input),
-            acc_param(Role::Output),
-        ],
-        ctx.o,
-    );
-    let epi = grouped_dequant_kernel(
-        &format!("{name}_dequant"),
-        dims,
-        Dequant::Static { deq },
-        out,
-        true,
-        vec![
-            acc_param(Role::Input),
-            ctx.param("bias", 4, Role::Input),
-            ctx.param("deq", 5, Role::Input),
-            ctx.param("offsets", 1, Role::Input),
-            ctx.param("rowW", 2, Role::Input),
-            ctx.param("y", 6, Role::Output),
-        ],
-    )?;
-    Ok(DeviceKernels { kernels: vec![cube, epi], temps: vec![acc_temp(name, &slots, h)], host: None })
+    let epilogue = vec![
+        ctx.param("bias", 4, Role::Input),
+        ctx.param("deq", 5, Role::Input),
+        ctx.param("offsets", 1, Role::Input),
+        ctx.param("rowW", 2, Role::Input),
+        ctx.param("y", 6, Role::Output),
+    ];
+    grouped_down(ctx, DownArgs { offsets: 1, row_weight: 2, w: 3 }, [e, h, i], Dequant::Static { deq }, epilogue)
 }
 
 /// `x [T, H]` (argument 0) in a float device dtype; returns T.
