@@ -193,8 +193,15 @@ pub fn step_bytes_split(p: &KernelProgram, meta: &StepMetadata, groups: usize) -
                 BufferKind::Weight { index } => {
                     let w = &p.weights[*index];
                     let bytes = w.stored_bytes() as u64;
+                    let routed = match (&k.kind, i) {
+                        (KernelKind::MoeGateUp | KernelKind::MoeDown, 3) | (KernelKind::MoeGroupedGateUp, 2) => true,
+                        // The int8 expert kernels' weights and per-channel
+                        // scales, `[E, ..]` (their per-expert `[E]` input
+                        // scales are counted whole: a few bytes).
+                        (kind, _) => int8_routed(kind) && w.shape.len() >= 2,
+                    };
                     total.weights += match (&k.kind, i) {
-                        (KernelKind::MoeGateUp | KernelKind::MoeDown, 3) | (KernelKind::MoeGroupedGateUp, 2) => {
+                        _ if routed => {
                             let experts = w.shape[0];
                             let per_group = (experts / groups.max(1)).max(1) as f64;
                             let untouched = (1.0 - 1.0 / per_group).powi(meta.tokens() as i32);
@@ -260,19 +267,44 @@ pub fn step_flops(p: &KernelProgram, meta: &StepMetadata, num_blocks: usize) -> 
     flops
 }
 
+/// The int8 routed-expert kernels: each reads only the experts its rows
+/// were routed to.
+fn int8_routed(kind: &KernelKind) -> bool {
+    matches!(
+        kind,
+        KernelKind::MoeGateUpQuant | KernelKind::MoeDownQuant | KernelKind::MoeGateUpStatic | KernelKind::MoeDownStatic
+    )
+}
+
 /// Int8 multiply-add operations of one step (2 per int8 product): the
-/// int8 matmuls. [`step_flops`] leaves them out.
+/// int8 matmuls, plain and fused (the projections that quantize their own
+/// input, the shared expert's gate/up, and the routed experts at one row
+/// per routed slot). [`step_flops`] leaves them out.
 pub fn step_int8_ops(p: &KernelProgram, meta: &StepMetadata, num_blocks: usize) -> f64 {
     let b = step_bindings(meta, num_blocks);
     let mut ops = 0.0;
     for l in &p.launches {
         let k = &p.kernels[l.kernel];
-        if let KernelKind::QuantMatMul { .. } = k.kind {
-            let dims = |i: usize| -> Vec<usize> { k.args[i].shape.iter().map(|d| d.eval(&b).unwrap_or(0)).collect() };
-            let (x, out) = (dims(0), dims(k.args.len() - 1));
-            // Every output element is a K-long int8 dot product.
-            ops += 2.0 * (out.iter().product::<usize>() * x[x.len() - 1]) as f64;
-        }
+        let dims = |i: usize| -> Vec<usize> { k.args[i].shape.iter().map(|d| d.eval(&b).unwrap_or(0)).collect() };
+        // (rows, int8 weight argument, weights of that shape): every row
+        // takes a K-long dot product with each of the weights' N rows.
+        // A dense kernel's rows: every row of its input (batch dims too).
+        let x_rows = || dims(0).iter().rev().skip(1).product::<usize>();
+        let (rows, w, count) = match k.kind {
+            KernelKind::QuantMatMul { .. } | KernelKind::DynQuantMatMul { .. } => (x_rows(), 1, 1),
+            KernelKind::StaticQuantMatMul => (x_rows(), 3, 1),
+            KernelKind::QuantGateUpQuant => (x_rows(), 2, 2),
+            KernelKind::QuantGateUpStatic => (x_rows(), 3, 2),
+            // Routed: the rows are the sorted slots (the int8 output's rows).
+            KernelKind::MoeGateUpQuant => (dims(8)[0], 4, 2),
+            KernelKind::MoeGateUpStatic => (dims(15)[0], 5, 2),
+            KernelKind::MoeDownQuant => (dims(0)[0], 4, 1),
+            KernelKind::MoeDownStatic => (dims(0)[0], 3, 1),
+            _ => continue,
+        };
+        let wd = dims(w);
+        let (n, kk) = (wd[wd.len() - 2], wd[wd.len() - 1]);
+        ops += 2.0 * (rows * count * n * kk) as f64;
     }
     ops
 }
@@ -389,4 +421,71 @@ pub fn batched_prefill(pkg: &Arc<Package>, threads: usize) -> Result<(f64, StepC
         }
     }
     Ok(best.expect("two runs"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frontend::Checkpoint;
+    use crate::quantize::{write_quantized, QuantizeOptions, Scheme};
+
+    /// The batched program of the bundled tiny model quantized with `scheme`.
+    fn quantized_program(scheme: Scheme, dir: &std::path::Path) -> (KernelProgram, panguc_ir::config::PanguConfig) {
+        let tiny_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/tiny-pangu");
+        let tiny = Checkpoint::open(&tiny_dir).unwrap();
+        let calib = vec![(1..30).map(|i| (i * 37) % 256).collect()];
+        let q = dir.join(scheme.quant_type().name());
+        write_quantized(&tiny, &q, &QuantizeOptions { scheme, kv_int8: false, calib, smooth_alpha: None }).unwrap();
+        let ckpt = Checkpoint::open(&q).unwrap();
+        let imported = crate::commands::import_with(&ckpt, crate::import::KvLayout::Paged { block_size: 4 }).unwrap();
+        let fused = crate::pipeline::fuse_batched(&ckpt, &imported, &Default::default()).unwrap();
+        (panguc_lowering::schedule::schedule(&fused, &Default::default()).unwrap(), ckpt.config().clone())
+    }
+
+    /// Int8 work of a step, by hand from the config: per layer q/k/v, o,
+    /// the shared expert's gate/up and down, and the routed experts at
+    /// one row per (token, expert) slot; and of the routed experts' bytes
+    /// only the share a step selects, so one decode row reads far fewer
+    /// int8 weight bytes than the package holds.
+    #[test]
+    fn int8_step_cost_counts_fused_kernels_and_the_routed_share() {
+        let dir = tempfile::tempdir().unwrap();
+        for scheme in [Scheme::W8A8Dynamic, Scheme::W8A8] {
+            let (p, c) = quantized_program(scheme, dir.path());
+            let tokens = 3;
+            let chunk = SeqChunk { past: 0, new_tokens: tokens, blocks: &[0] };
+            let meta = StepMetadata::build(4, &[chunk]).unwrap();
+            let (h, d) = (c.hidden_size, c.head_dim());
+            let qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * d;
+            let shared = c.shared_expert_intermediate_size;
+            let slots = tokens * c.num_experts_per_tok;
+            let per_layer = 2 * tokens * h * (qkv + c.num_attention_heads * d + 3 * shared)
+                + 2 * slots * 3 * c.moe_intermediate_size * h;
+            let want = (per_layer * c.num_hidden_layers) as f64;
+            assert_eq!(step_int8_ops(&p, &meta, 1), want, "{scheme:?}");
+            // Routed int8 experts: each token picks one expert per group.
+            let one = SeqChunk { past: 0, new_tokens: 1, blocks: &[0] };
+            let meta1 = StepMetadata::build(4, &[one]).unwrap();
+            let read = step_bytes_split(&p, &meta1, c.num_groups()).weights;
+            let share = 1.0 / (c.num_experts / c.num_groups()) as f64;
+            // Every weight whole but the routed experts (their share) and
+            // the embedding table (the one token's row).
+            let want_read: f64 = p
+                .weights
+                .iter()
+                .map(|w| {
+                    let bytes = w.stored_bytes() as f64;
+                    if w.name.contains(".experts_") {
+                        bytes * share
+                    } else if w.name.contains("embed_tokens") {
+                        bytes / w.shape[0] as f64
+                    } else {
+                        bytes
+                    }
+                })
+                .sum();
+            let rel = (read as f64 - want_read).abs() / want_read;
+            assert!(rel < 0.05, "{scheme:?}: {read} bytes read, about {want_read} expected");
+        }
+    }
 }
