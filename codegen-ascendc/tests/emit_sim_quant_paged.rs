@@ -21,9 +21,10 @@ use panguc_ir::{Op, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// (query heads, KV heads, head_dim): int8 heads must be whole 32-byte
-/// blocks (so not the tiny preset's 16), and the small preset's heads.
-const HEADS: [(usize, usize, usize); 2] = [(4, 2, 32), (8, 2, 128)];
+/// (query heads, KV heads, head_dim): the tiny preset's 16-byte int8 heads
+/// (moved as whole slot rows), whole 32-byte heads, and the small
+/// preset's heads.
+const HEADS: [(usize, usize, usize); 3] = [(4, 2, 16), (4, 2, 32), (8, 2, 128)];
 
 /// One step: block size, cache blocks, and each sequence's (past, new
 /// tokens, blocks).

@@ -202,9 +202,31 @@ const ANTIQUANT: &str = r#"    __aicore__ inline void Antiquant(const LocalTenso
     }
 "#;
 
+/// [`ANTIQUANT`] for heads shorter than a 32-byte int8 block: the chunk
+/// holds whole slot rows (every KV head, `kvHeads * d` bytes each); all of
+/// it is widened, then head `kh`'s part of each row is dequantised into
+/// row `j` of `dst`.
+const ANTIQUANT_ROWS: &str = r#"    __aicore__ inline void Antiquant(const LocalTensor<float>& dst, const LocalTensor<KV>& src, uint32_t n, uint32_t kh,
+                                     const LocalTensor<float>& sc, const LocalTensor<float>& of)
+    {
+        const uint32_t row = kvHeads * d;
+        LocalTensor<half> h = aqHalfBuf.Get<half>();
+        LocalTensor<float> wide = aqWideBuf.Get<float>();
+        Cast(h, src, RoundMode::CAST_NONE, n * row);
+        PipeBarrier<PIPE_V>();
+        Cast(wide, h, RoundMode::CAST_NONE, n * row);
+        PipeBarrier<PIPE_V>();
+        for (uint32_t j = 0; j < n; j++) {
+            Sub(dst[j * d], wide[j * row + kh * d], of[kh * d], d);
+            PipeBarrier<PIPE_V>();
+            Mul(dst[j * d], dst[j * d], sc[kh * d], d);
+            PipeBarrier<PIPE_V>();
+        }
+    }
+"#;
+
 const AQ_INIT: &str = r#"        // Per-channel K/V antiquant parameters, [kvHeads * d] each, loaded once.
-        pipe.InitBuffer(aqHalfBuf, kvTile * d * sizeof(half));
-        pipe.InitBuffer(inAq, 1, kvHeads * d * sizeof(float));
+{{AQ_STAGE}}        pipe.InitBuffer(inAq, 1, kvHeads * d * sizeof(float));
         pipe.InitBuffer(aqBuf, 4 * kvHeads * d * sizeof(float));
         GM_ADDR aq[4] = {kS, kO, vS, vO};
         LocalTensor<float> all = aqBuf.Get<float>();
@@ -227,13 +249,15 @@ const AQ_INIT: &str = r#"        // Per-channel K/V antiquant parameters, [kvHea
 
 const AQ_MEMBERS: &str = "    GlobalTensor<KV> kGm, vGm;
     TQue<TPosition::VECIN, 1> inAq;
-    TBuf<TPosition::VECCALC> aqHalfBuf, aqBuf;
+    TBuf<TPosition::VECCALC> aqHalfBuf, aqBuf{{AQ_WIDE}};
     LocalTensor<float> kSc, kOf, vSc, vOf;
 ";
 
 /// The flash pieces for an int8 cache: K/V chunks move as int8 and are
 /// dequantised by [`ANTIQUANT`] instead of widened by `ToFloat`.
-fn flash_vars_int8(plan: &FlashTile) -> Vec<(&'static str, String)> {
+/// With `whole_rows` (int8 heads shorter than a 32-byte block) each chunk
+/// moves whole slot rows in one DMA and [`ANTIQUANT_ROWS`] picks the head.
+fn flash_vars_int8(plan: &FlashTile, whole_rows: bool) -> Vec<(&'static str, String)> {
     let swap = |s: &str, reps: &[(&str, &str)]| {
         let mut s = s.to_string();
         for (a, b) in reps {
@@ -246,6 +270,19 @@ fn flash_vars_int8(plan: &FlashTile) -> Vec<(&'static str, String)> {
         .into_iter()
         .map(|(k, v)| {
             let v = match k {
+                "FLASH_HELPERS" if whole_rows => {
+                    swap(
+                        &v,
+                        &[
+                            ("const GlobalTensor<T>& g", "const GlobalTensor<KV>& g"),
+                            ("LocalTensor<T> x = que.AllocTensor<T>();", "LocalTensor<KV> x = que.AllocTensor<KV>();"),
+                            ("cp.blockCount = n;", "cp.blockCount = 1;"),
+                            ("cp.blockLen = d * sizeof(T) / 32;", "cp.blockLen = n * kvHeads * d * sizeof(KV) / 32;"),
+                            ("cp.srcStride = (kvHeads - 1) * d * sizeof(T) / 32;", "cp.srcStride = 0;"),
+                            ("g[(j0 * kvHeads + kh) * d]", "g[j0 * kvHeads * d]"),
+                        ],
+                    ) + ANTIQUANT_ROWS
+                }
                 "FLASH_HELPERS" => {
                     swap(
                         &v,
@@ -260,6 +297,13 @@ fn flash_vars_int8(plan: &FlashTile) -> Vec<(&'static str, String)> {
                         ],
                     ) + ANTIQUANT
                 }
+                "FLASH_BUFFERS" if whole_rows => swap(
+                    &v,
+                    &[
+                        ("inK, 2, kvTile * d * sizeof(KV)", "inK, 2, kvTile * kvHeads * d * sizeof(KV)"),
+                        ("inV, 2, kvTile * d * sizeof(KV)", "inV, 2, kvTile * kvHeads * d * sizeof(KV)"),
+                    ],
+                ),
                 "FLASH_STEP" => swap(
                     &v,
                     &[
@@ -298,16 +342,34 @@ fn paged_kernel(
         bail!("{name}: the block size must be positive");
     }
     let kv_t = if int8 { DevType::I8 } else { t };
-    if int8 {
-        need_aligned_for(name, "an int8 head", d, DevType::I8)?;
+    // Int8 heads shorter than a 32-byte block (the tiny preset's 16) move
+    // as whole slot rows, which must be whole blocks, and each head's f32
+    // part of a widened row must start on a block.
+    let whole_rows = int8 && !d.is_multiple_of(32);
+    if whole_rows {
+        need_aligned_for(name, "an int8 slot row (every KV head)", hkv * d, DevType::I8)?;
+        need_aligned_for(name, "an int8 head widened to f32", d, DevType::F32)?;
     }
-    // int8: the half staging buffer of a chunk and the four parameter rows.
-    let extra = |kv: u64| if int8 { r32(kv * d * 2) + r32(hkv * d * 4) + r32(4 * hkv * d * 4) } else { 0 };
+    // int8: the half staging buffer of a chunk and the four parameter rows;
+    // whole rows: the K/V chunks' other heads and the f32 widened chunk.
+    let extra = |kv: u64| match (int8, whole_rows) {
+        (false, _) => 0,
+        (true, false) => r32(kv * d * 2) + r32(hkv * d * 4) + r32(4 * hkv * d * 4),
+        (true, true) => {
+            let row = hkv * d;
+            4 * (r32(kv * row) - r32(kv * d)) + r32(kv * row * 2) + r32(kv * row * 4) + r32(row * 4) + r32(4 * row * 4)
+        }
+    };
     let plan = flash_tile(name, target, d, t, kv_t, extra, 128)?;
     let tiles = dims.tokens.clone().times(TExpr::c(hq));
     let entry = name.to_string();
     let on = |s: &str, f: &str| if int8 { s.to_string() } else { f.to_string() };
-    let flash = if int8 { flash_vars_int8(&plan) } else { flash_vars("T", &plan) };
+    let flash = if int8 { flash_vars_int8(&plan, whole_rows) } else { flash_vars("T", &plan) };
+    let aq_stage = if whole_rows {
+        "        pipe.InitBuffer(aqHalfBuf, kvTile * kvHeads * d * sizeof(half));\n        pipe.InitBuffer(aqWideBuf, kvTile * kvHeads * d * sizeof(float));\n"
+    } else {
+        "        pipe.InitBuffer(aqHalfBuf, kvTile * d * sizeof(half));\n"
+    };
     let what = if int8 {
         "PagedAttention (ragged batch, paged int8 KV cache with per-channel antiquant, flash online softmax, GQA), in f32."
     } else {
@@ -325,9 +387,9 @@ fn paged_kernel(
                 ("KVT", on("KV", "T")),
                 ("AQ_PARAM", on("GM_ADDR kS, GM_ADDR kO, GM_ADDR vS, GM_ADDR vO, ", "")),
                 ("AQ_ARG", on("kS, kO, vS, vO, ", "")),
-                ("AQ_INIT", on(AQ_INIT, "")),
+                ("AQ_INIT", on(&AQ_INIT.replace("{{AQ_STAGE}}", aq_stage), "")),
                 ("KV_GM", on("", "kGm, vGm, ")),
-                ("AQ_MEMBERS", on(AQ_MEMBERS, "")),
+                ("AQ_MEMBERS", on(&AQ_MEMBERS.replace("{{AQ_WIDE}}", if whole_rows { ", aqWideBuf" } else { "" }), "")),
             ][..],
             &flash,
         ]
