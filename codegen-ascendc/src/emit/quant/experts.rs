@@ -516,31 +516,12 @@ fn tail_vars(tail: GateUpTail) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Shape of a gate/up epilogue: `rows` rows of `cols` over `experts`
-/// column vectors; `routed` reads `(offsets, sortedRows)` after its inputs.
-pub(super) struct GateUpDims {
-    pub routed: bool,
-    pub experts: u64,
-    pub cols: u64,
-    pub rows: TExpr,
-    /// Rows of the per-token input (`xRows`, the clamp of a routed row's token).
-    pub x_rows: TExpr,
-}
-
-/// The gate/up epilogue `{name}_epilogue`: parameters `(accG, accU,
-/// gScale, uScale, <tail inputs>, [offsets, sortedRows,] <tail outputs>)`
-/// as [`GateUpTail`] says, given by the caller.
-pub(super) fn gate_up_epilogue(name: &str, d: GateUpDims, tail: GateUpTail, params: Vec<Param>) -> DeviceKernel {
-    let routed = d.routed;
-    let entry = format!("{name}_epilogue");
+/// The template pieces of a kernel over expert-sorted rows (`routed`:
+/// `offsets` and `sortedRows` parameters, `ExpertOf(r)`, and `TokenOf(r)`
+/// reading the token row) or over token rows (expert 0, row r).
+pub(super) fn routing_vars(routed: bool) -> Vec<(&'static str, String)> {
     let on = |s: &str| if routed { s.to_string() } else { String::new() };
-    let work = reduce_max_work(d.cols);
-    let what = match tail {
-        GateUpTail::Dynamic => "W8A8_DYNAMIC expert gate/up: dequant, silu(g) * u, dynamic per-row int8 quant.",
-        GateUpTail::StaticQuant => "Static W8A8 expert gate/up: dequant, silu(g) * u, static int8 quant.",
-        GateUpTail::StaticFloat { .. } => "Static W8A8 expert gate/up: dequant, silu(g) * u.",
-    };
-    let mut vars = vec![
+    vec![
         ("ROUTE_PARAM", on("GM_ADDR offsets, GM_ADDR sortedRows, ")),
         ("ROUTE_ARG", on("offsets, sortedRows, ")),
         (
@@ -561,8 +542,34 @@ pub(super) fn gate_up_epilogue(name: &str, d: GateUpDims, tail: GateUpTail, para
             }
             .into(),
         ),
-        ("WORK", work.to_string()),
-    ];
+    ]
+}
+
+/// Shape of a gate/up epilogue: `rows` rows of `cols` over `experts`
+/// column vectors; `routed` reads `(offsets, sortedRows)` after its inputs.
+pub(super) struct GateUpDims {
+    pub routed: bool,
+    pub experts: u64,
+    pub cols: u64,
+    pub rows: TExpr,
+    /// Rows of the per-token input (`xRows`, the clamp of a routed row's token).
+    pub x_rows: TExpr,
+}
+
+/// The gate/up epilogue `{name}_epilogue`: parameters `(accG, accU,
+/// gScale, uScale, <tail inputs>, [offsets, sortedRows,] <tail outputs>)`
+/// as [`GateUpTail`] says, given by the caller.
+pub(super) fn gate_up_epilogue(name: &str, d: GateUpDims, tail: GateUpTail, params: Vec<Param>) -> DeviceKernel {
+    let routed = d.routed;
+    let entry = format!("{name}_epilogue");
+    let work = reduce_max_work(d.cols);
+    let what = match tail {
+        GateUpTail::Dynamic => "W8A8_DYNAMIC expert gate/up: dequant, silu(g) * u, dynamic per-row int8 quant.",
+        GateUpTail::StaticQuant => "Static W8A8 expert gate/up: dequant, silu(g) * u, static int8 quant.",
+        GateUpTail::StaticFloat { .. } => "Static W8A8 expert gate/up: dequant, silu(g) * u.",
+    };
+    let mut vars = routing_vars(routed);
+    vars.push(("WORK", work.to_string()));
     vars.extend(tail_vars(tail));
     let src = vector_source(&entry, what, GATE_UP, &vars);
     let tiles = d.rows.clone().ceil_div(TExpr::c(ROWS_PER_TILE));

@@ -20,9 +20,9 @@
 
 use super::convert::{need_row_blocks, TO_INT8};
 use super::experts::{
-    gate_up_epilogue, grouped_down, offsets, shape, static_quant, temp, DownArgs, GateUpDims, GateUpTail,
+    gate_up_epilogue, grouped_down, offsets, routing_vars, shape, static_quant, temp, DownArgs, GateUpDims, GateUpTail,
 };
-use super::gemm::{grouped_int8_cube, GroupedDims, EXPERT_OF};
+use super::gemm::{grouped_int8_cube, GroupedDims};
 use super::wire::need_dt;
 use super::{acc_temp, need_int8_dims, need_out, Dequant, QuantMatMulSpec};
 use crate::emit::cube::{cube_kernel_for, CubeSpec};
@@ -414,37 +414,19 @@ fn static_rows_kernel(ctx: &Ctx, d: RowsDims, gate: Proj, up: Proj) -> DeviceKer
     let name = &ctx.k.name;
     let entry = format!("{name}_quant");
     let routed = d.routed;
-    let on = |s: &str| if routed { s.to_string() } else { String::new() };
     let x = ctx.dt[0];
+    let mut vars = routing_vars(routed);
+    vars.extend([
+        ("T", x.cpp().into()),
+        ("WHAT", if routed { "expert-sorted" } else { "token" }.into()),
+        ("QUANT", static_quant("src", "scale", "offset")),
+        ("TO_INT8", TO_INT8.into()),
+    ]);
     let src = vector_source(
         &entry,
         "Static W8A8 gate/up input quantization (per-tensor scale and offset of each projection).",
         STATIC_ROWS,
-        &[
-            ("T", x.cpp().into()),
-            ("WHAT", if routed { "expert-sorted" } else { "token" }.into()),
-            ("ROUTE_PARAM", on("GM_ADDR offsets, GM_ADDR sortedRows, ")),
-            ("ROUTE_ARG", on("offsets, sortedRows, ")),
-            (
-                "ROUTE_INIT",
-                on("        offGm.SetGlobalBuffer((__gm__ int64_t*)offsets, experts + 1);\n        rowsGm.SetGlobalBuffer((__gm__ int64_t*)sortedRows, rows);\n"),
-            ),
-            ("ROUTE_MEMBERS", on("    GlobalTensor<int64_t> offGm, rowsGm;\n    int64_t cursor = 0;\n")),
-            ("EXPERT_OF", on(EXPERT_OF)),
-            ("EXPERT_OF_ROW", if routed { "ExpertOf(r)" } else { "0" }.into()),
-            (
-                "TOKEN_OF",
-                if routed {
-                    // As the gate/up epilogue: the routing writes valid rows.
-                    "        const int64_t tok = rowsGm.GetValue(r);\n        return tok < 0 || tok >= static_cast<int64_t>(xRows) ? 0 : static_cast<uint32_t>(tok);\n"
-                } else {
-                    "        return r;\n"
-                }
-                .into(),
-            ),
-            ("QUANT", static_quant("src", "scale", "offset")),
-            ("TO_INT8", TO_INT8.into()),
-        ],
+        &vars,
     );
     let tiles = d.rows.clone();
     let mut fields = tiles_fields(&tiles);
