@@ -167,28 +167,39 @@ pub(crate) fn quant_gate_up_quant(ctx: &Ctx) -> Result<DeviceKernels> {
     quantized_out(ctx, i, 0)?;
     let mut kernels = Vec::new();
     for (proj, w, acc) in [("gate", 2, 0), ("up", 4, 1)] {
-        kernels.push(cube_kernel_for(
-            name,
-            ctx.target(),
-            CubeSpec {
-                entry: format!("{name}_{proj}"),
-                what: "int8 x int8 to an int32 workspace",
-                t: DevType::I8,
-                out: DevType::I32,
-                m: tokens.clone(),
-                n: i,
-                k: h,
-                params: vec![
-                    ctx.param("a", 0, Role::Input),
-                    ctx.param("w", w, Role::Input),
-                    temp("acc", DevType::I32, Role::Output, acc),
-                ],
-            },
-        )?);
+        kernels.push(dense_int8_cube(ctx, proj, ctx.param("a", 0, Role::Input), w, acc, (tokens.clone(), i, h))?);
     }
     kernels.push(dynamic_gate_up_epilogue(ctx, false, 1, i, tokens.clone())?);
     let temps = vec![acc_temp(&format!("{name}.gate"), &tokens, i), acc_temp(&format!("{name}.up"), &tokens, i)];
     Ok(DeviceKernels { kernels, temps, host: None })
+}
+
+/// One dense gate/up projection's int8 cube GEMM, `{name}_{proj}`: the
+/// int8 rows `a` (`[m, k]`) times weight argument `w` (`[n, k]`) into the
+/// int32 workspace temp `acc`.
+pub(super) fn dense_int8_cube(
+    ctx: &Ctx,
+    proj: &str,
+    a: Param,
+    w: usize,
+    acc: usize,
+    (m, n, k): (TExpr, u64, u64),
+) -> Result<DeviceKernel> {
+    let name = &ctx.k.name;
+    cube_kernel_for(
+        name,
+        ctx.target(),
+        CubeSpec {
+            entry: format!("{name}_{proj}"),
+            what: "int8 x int8 to an int32 workspace",
+            t: DevType::I8,
+            out: DevType::I32,
+            m,
+            n,
+            k,
+            params: vec![a, ctx.param("w", w, Role::Input), temp("acc", DevType::I32, Role::Output, acc)],
+        },
+    )
 }
 
 /// Argument indices of a routed down projection (`MoeDownQuant`,

@@ -20,12 +20,12 @@
 
 use super::convert::{need_row_blocks, TO_INT8};
 use super::experts::{
-    gate_up_epilogue, grouped_down, offsets, routing_vars, shape, static_quant, temp, DownArgs, GateUpDims, GateUpTail,
+    dense_int8_cube, gate_up_epilogue, grouped_down, offsets, routing_vars, shape, static_quant, temp, DownArgs,
+    GateUpDims, GateUpTail,
 };
 use super::gemm::{grouped_int8_cube, GroupedDims};
 use super::wire::need_dt;
 use super::{acc_temp, need_int8_dims, need_out, Dequant, QuantMatMulSpec};
-use crate::emit::cube::{cube_kernel_for, CubeSpec};
 use crate::emit::vector::{tiles_fields, vector_kernel, vector_source};
 use crate::emit::{r32, Ctx, DeviceKernel, DeviceKernels, Param, Role, TExpr, TempBuf, TilingField};
 use crate::target::DevType;
@@ -240,24 +240,8 @@ pub(crate) fn quant_gate_up_static(ctx: &Ctx) -> Result<DeviceKernels> {
     );
     let mut kernels = vec![quant];
     for (proj, a, w, acc) in [("gate", 0, 3, 2), ("up", 1, 8, 3)] {
-        kernels.push(cube_kernel_for(
-            name,
-            ctx.target(),
-            CubeSpec {
-                entry: format!("{name}_{proj}"),
-                what: "int8 x int8 to an int32 workspace",
-                t: DevType::I8,
-                out: DevType::I32,
-                m: t.clone(),
-                n: i,
-                k: h,
-                params: vec![
-                    temp("a", DevType::I8, Role::Input, a),
-                    ctx.param("w", w, Role::Input),
-                    temp("acc", DevType::I32, Role::Output, acc),
-                ],
-            },
-        )?);
+        let rows = temp("a", DevType::I8, Role::Input, a);
+        kernels.push(dense_int8_cube(ctx, proj, rows, w, acc, (t.clone(), i, h))?);
     }
     let params = vec![
         temp("accG", DevType::I32, Role::Input, 2),
