@@ -321,9 +321,14 @@ fn row_parallel_static(
     cx.add(Op::QuantMatMul, &[xq, w, qb, dq?])
 }
 
-/// The W8A8_DYNAMIC shared expert split by its intermediate channels over
-/// all devices: gate and up column-parallel, down row-parallel.
-fn shared_dynamic(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
+/// A shared expert split by its intermediate channels over all devices:
+/// gate and up column-parallel, SwiGLU, then the down projection
+/// row-parallel on the rank's columns (`down`, per scheme) and reduced.
+fn shared_split(
+    cx: &mut Cx,
+    rc: &RankCx,
+    down: impl FnOnce(&mut Cx, Id, (usize, usize)) -> Option<Id>,
+) -> Option<Vec<(Id, Id)>> {
     let l = &rc.layout;
     let (g, u, wd) = (cx.var("?g"), cx.var("?u"), cx.var("?wd"));
     if cx.ty(wd)?.rank() != 2 || dim(cx, g, 1)? != l.dims.shared_intermediate {
@@ -332,22 +337,23 @@ fn shared_dynamic(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
     let cols = l.shared_cols(rc.rank);
     let (g, u) = (col_shard(cx, g, cols)?, col_shard(cx, u, cols)?);
     let act = cx.add(Op::SwiGlu, &[g, u])?;
-    let partial = row_parallel_dynamic(cx, act, l.all(), cols, wd, cx.var("?sd"))?;
+    let partial = down(cx, act, cols)?;
     Some(vec![(cx.root, all_reduce_rs_ag(cx, l.all(), partial)?)])
 }
 
-/// The static W8A8 shared expert split like [`shared_dynamic`].
+/// The W8A8_DYNAMIC shared expert ([`shared_split`]).
+fn shared_dynamic(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
+    shared_split(cx, rc, |cx, act, cols| {
+        let (wd, sd) = (cx.var("?wd"), cx.var("?sd"));
+        row_parallel_dynamic(cx, act, rc.layout.all(), cols, wd, sd)
+    })
+}
+
+/// The static W8A8 shared expert ([`shared_split`]); the first rank of
+/// each shared-TP group adds the quant bias.
 fn shared_static(cx: &mut Cx, rc: &RankCx) -> Option<Vec<(Id, Id)>> {
-    let l = &rc.layout;
-    let (g, u, wd) = (cx.var("?g"), cx.var("?u"), cx.var("?wd"));
-    if cx.ty(wd)?.rank() != 2 || dim(cx, g, 1)? != l.dims.shared_intermediate {
-        return None;
-    }
-    let cols = l.shared_cols(rc.rank);
-    let (g, u) = (col_shard(cx, g, cols)?, col_shard(cx, u, cols)?);
-    let act = cx.add(Op::SwiGlu, &[g, u])?;
-    let partial = row_parallel_static(cx, act, None, cols, rc.rank.is_multiple_of(l.shared_tp))?;
-    Some(vec![(cx.root, all_reduce_rs_ag(cx, l.all(), partial)?)])
+    let first = rc.rank.is_multiple_of(rc.layout.shared_tp);
+    shared_split(cx, rc, |cx, act, cols| row_parallel_static(cx, act, None, cols, first))
 }
 
 /// A stacked static W8A8 projection `quant_matmul(quantize(x, is[E,1,1],
