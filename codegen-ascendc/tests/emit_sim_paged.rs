@@ -154,6 +154,46 @@ fn paged_attention_ragged_steps() {
     }
 }
 
+/// A step's projected q/k/v rows and its RoPE tables, each rounded to the
+/// activation dtype.
+fn qkv_inputs(rng: &mut ChaCha8Rng, act: DevType, m: &StepMetadata) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let tu = m.tokens();
+    let y = round_through(act, &rand_vec(rng, tu * (HQ + 2 * HKV) * D));
+    let pos = Tensor::i64(vec![tu], m.positions.iter().map(|&p| p as i64).collect());
+    let cos = round_through(act, interp::rope_table(&pos, RopeKind::Cos, 10000.0, D).as_f32());
+    let sin = round_through(act, interp::rope_table(&pos, RopeKind::Sin, 10000.0, D).as_f32());
+    (y, cos, sin)
+}
+
+/// The interpreter's `qkv_rope_cache_write` on the projected rows `y`
+/// (identity weight, zero bias, so split, RoPE and slot writes are the
+/// op's own) over the float caches `kc`, `vc`: `[q, k cache, v cache]`.
+fn qkv_reference(
+    m: &StepMetadata,
+    case: &Case,
+    (y, cos, sin): (Vec<f32>, Vec<f32>, Vec<f32>),
+    kc: Vec<f32>,
+    vc: Vec<f32>,
+) -> Vec<Tensor> {
+    let (tu, w) = (m.tokens(), (HQ + 2 * HKV) * D);
+    let ident: Vec<f32> = (0..w * w).map(|i| if i / w == i % w { 1.0 } else { 0.0 }).collect();
+    let cache_shape = vec![case.num_blocks, case.block_size, HKV, D];
+    eval_pure(
+        &Op::QkvRopeCacheWrite { q_heads: HQ, kv_heads: HKV },
+        &[
+            &Tensor::f32(vec![tu, w], y),
+            &Tensor::f32(vec![w, w], ident),
+            &Tensor::f32(vec![w], vec![0.0; w]),
+            &Tensor::f32(vec![tu, D], cos),
+            &Tensor::f32(vec![tu, D], sin),
+            &Tensor::f32(cache_shape.clone(), kc),
+            &Tensor::f32(cache_shape, vc),
+            &m.tensors()[4],
+        ],
+    )
+    .unwrap()
+}
+
 #[test]
 fn qkv_rope_cache_write_through_slots() {
     let mut rng = ChaCha8Rng::seed_from_u64(22);
@@ -176,10 +216,7 @@ fn qkv_rope_cache_write_through_slots() {
             );
             let dk = emit(&k, &[act, act, act, meta_t, act, act, act], target, act);
             let tu = m.tokens();
-            let y = round_through(act, &rand_vec(&mut rng, tu * w));
-            let pos = Tensor::i64(vec![tu], m.positions.iter().map(|&p| p as i64).collect());
-            let cos = round_through(act, interp::rope_table(&pos, RopeKind::Cos, 10000.0, D).as_f32());
-            let sin = round_through(act, interp::rope_table(&pos, RopeKind::Sin, 10000.0, D).as_f32());
+            let (y, cos, sin) = qkv_inputs(&mut rng, act, &m);
             let cache_len = case.num_blocks * case.block_size * HKV * D;
             let kc = round_through(act, &rand_vec(&mut rng, cache_len));
             let vc = round_through(act, &rand_vec(&mut rng, cache_len));
@@ -194,24 +231,7 @@ fn qkv_rope_cache_write_through_slots() {
                 encode(act, &vc),
             ];
             run_kernels(&dk, target, &env(&m, case.num_blocks), &mut args).unwrap();
-            // Reference: the interpreter's op on the projected row (identity
-            // weight, zero bias), so split, RoPE and slot writes are its own.
-            let ident: Vec<f32> = (0..w * w).map(|i| if i / w == i % w { 1.0 } else { 0.0 }).collect();
-            let cache_shape = vec![case.num_blocks, case.block_size, HKV, D];
-            let want = eval_pure(
-                &Op::QkvRopeCacheWrite { q_heads: HQ, kv_heads: HKV },
-                &[
-                    &Tensor::f32(vec![tu, w], y.clone()),
-                    &Tensor::f32(vec![w, w], ident),
-                    &Tensor::f32(vec![w], vec![0.0; w]),
-                    &Tensor::f32(vec![tu, D], cos),
-                    &Tensor::f32(vec![tu, D], sin),
-                    &Tensor::f32(cache_shape.clone(), kc.clone()),
-                    &Tensor::f32(cache_shape, vc.clone()),
-                    &m.tensors()[4],
-                ],
-            )
-            .unwrap();
+            let want = qkv_reference(&m, &case, (y, cos, sin), kc.clone(), vc.clone());
             let what = format!("{target} {meta_t} block_size={} seqs={}", case.block_size, m.seqs());
             assert_close(&decode(act, &args[4]), want[0].as_f32(), tol(act), 0.1, &format!("q {what}"));
             let (kg, vg) = (decode(act, &args[5]), decode(act, &args[6]));
@@ -274,10 +294,7 @@ fn qkv_rope_cache_write_quant_through_slots() {
             let i8t = DevType::I8;
             let dk = emit(&k, &[act, act, act, meta_t, f, f, f, f, act, i8t, i8t], target, act);
             let tu = m.tokens();
-            let y = round_through(act, &rand_vec(&mut rng, tu * w));
-            let pos = Tensor::i64(vec![tu], m.positions.iter().map(|&p| p as i64).collect());
-            let cos = round_through(act, interp::rope_table(&pos, RopeKind::Cos, 10000.0, D).as_f32());
-            let sin = round_through(act, interp::rope_table(&pos, RopeKind::Sin, 10000.0, D).as_f32());
+            let (y, cos, sin) = qkv_inputs(&mut rng, act, &m);
             // Per-channel scales: every fourth channel clamps (|x| / 0.004 > 127).
             let scale = |rng: &mut ChaCha8Rng| -> Vec<f32> {
                 (0..row).map(|i| if i % 4 == 0 { 0.004 } else { rng.random_range(0.01f32..0.03) }).collect()
@@ -303,23 +320,8 @@ fn qkv_rope_cache_write_quant_through_slots() {
                 encode_i8(&vc),
             ];
             run_kernels(&dk, target, &env(&m, case.num_blocks), &mut args).unwrap();
-            let ident: Vec<f32> = (0..w * w).map(|i| if i / w == i % w { 1.0 } else { 0.0 }).collect();
-            let cache_shape = vec![case.num_blocks, case.block_size, HKV, D];
             let zeros = vec![0.0; cache_len];
-            let want = eval_pure(
-                &Op::QkvRopeCacheWrite { q_heads: HQ, kv_heads: HKV },
-                &[
-                    &Tensor::f32(vec![tu, w], y.clone()),
-                    &Tensor::f32(vec![w, w], ident),
-                    &Tensor::f32(vec![w], vec![0.0; w]),
-                    &Tensor::f32(vec![tu, D], cos),
-                    &Tensor::f32(vec![tu, D], sin),
-                    &Tensor::f32(cache_shape.clone(), zeros.clone()),
-                    &Tensor::f32(cache_shape, zeros),
-                    &m.tensors()[4],
-                ],
-            )
-            .unwrap();
+            let want = qkv_reference(&m, &case, (y, cos, sin), zeros.clone(), zeros);
             let what = format!("{target} {meta_t} block_size={} seqs={}", case.block_size, m.seqs());
             assert_close(&decode(act, &args[8]), want[0].as_f32(), tol(act), 0.1, &format!("q {what}"));
             let (kg, vg) = (decode_i8(&args[9]), decode_i8(&args[10]));

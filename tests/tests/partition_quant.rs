@@ -12,7 +12,8 @@
 //! head, routed experts TP2 x EP2, shared expert TP4: row-parallel int8
 //! projections quantize exactly the single-device rows). Each sequence's
 //! greedy tokens must equal the single-device quantized package's and the
-//! paged reference interpreter's on the single-device module.
+//! paged reference interpreter's on the single-device module. W8A8_DYNAMIC
+//! over a float KV cache runs on h2p 4 too (float caches sharded by KV head).
 
 mod common;
 
@@ -84,11 +85,15 @@ fn one_device(ckpt: &Checkpoint, imported: &Module, fused: &Module, tmp: &Path) 
     OneDevice { reference, single }
 }
 
-fn check_plan(ckpt: &Checkpoint, fused: &Module, one: &OneDevice, plan: PlanChoice, n: usize) {
+/// Partition `fused` for `plan` on `n` ranks, check what each rank reads
+/// and that its KV caches are stored as `kv` (int8 with C8), and run the
+/// ranks against the single-device package and the interpreter.
+fn check_plan(ckpt: &Checkpoint, fused: &Module, one: &OneDevice, plan: PlanChoice, n: usize, kv: DType) {
     let cfg = ckpt.config().clone();
     let tmp = tempfile::tempdir().unwrap();
     let layout = Layout::new(Dims::from_config(&cfg), n, plan).unwrap();
-    let what = format!("{} + C8, {} N={n}", scheme_of(fused), layout.plan);
+    let cache = if kv == DType::I8 { "C8" } else { "float KV cache" };
+    let what = format!("{} + {cache}, {} N={n}", scheme_of(fused), layout.plan);
     let parts = partition_module(fused, "decoder_layer", &layout, &FuseOptions::default())
         .unwrap_or_else(|e| panic!("{what}: {e:#}"));
     // The layout the ranks were partitioned for (a W8A8_DYNAMIC module's
@@ -158,7 +163,7 @@ fn check_plan(ckpt: &Checkpoint, fused: &Module, one: &OneDevice, plan: PlanChoi
     for (r, p) in programs.iter().enumerate() {
         assert_eq!(p.kv_block_size(), Some(BLOCK), "{what} rank {r}");
         for c in &p.caches {
-            assert_eq!(p.buffer(*c).dtype, DType::I8, "{what} rank {r}: the int8 KV cache");
+            assert_eq!(p.buffer(*c).dtype, kv, "{what} rank {r}: the KV cache's dtype");
         }
     }
     let dir = tmp.path().join("ranks");
@@ -196,9 +201,9 @@ fn scheme_of(fused: &Module) -> &'static str {
 }
 
 /// The quantized checkpoint, its batched import and the fused import.
-fn quantized(dir: &Path, scheme: Scheme) -> (Checkpoint, Module, Module) {
-    let q = dir.join("quantized_c8");
-    let opts = QuantizeOptions { scheme, kv_int8: true, calib: calibration(), smooth_alpha: None };
+fn quantized(dir: &Path, scheme: Scheme, kv_int8: bool) -> (Checkpoint, Module, Module) {
+    let q = dir.join(if kv_int8 { "quantized_c8" } else { "quantized" });
+    let opts = QuantizeOptions { scheme, kv_int8, calib: calibration(), smooth_alpha: None };
     write_quantized(&checkpoint(), &q, &opts).unwrap();
     let ckpt = Checkpoint::open(&q).unwrap();
     let imported = panguc::commands::import_with(&ckpt, panguc::import::KvLayout::Paged { block_size: BLOCK }).unwrap();
@@ -209,21 +214,31 @@ fn quantized(dir: &Path, scheme: Scheme) -> (Checkpoint, Module, Module) {
 #[test]
 fn w8a8_dynamic_int8_kv_on_partitioned_ranks_matches_one_device() {
     let tmp = tempfile::tempdir().unwrap();
-    let (ckpt, imported, fused) = quantized(tmp.path(), Scheme::W8A8Dynamic);
+    let (ckpt, imported, fused) = quantized(tmp.path(), Scheme::W8A8Dynamic, true);
     let one = one_device(&ckpt, &imported, &fused, tmp.path());
     for (plan, n) in [(PlanChoice::Ep, 2), (PlanChoice::Ep, 4), (PlanChoice::H2p, 4)] {
-        check_plan(&ckpt, &fused, &one, plan, n);
+        check_plan(&ckpt, &fused, &one, plan, n, DType::I8);
     }
 }
 
 #[test]
 fn static_w8a8_int8_kv_on_partitioned_ranks_matches_one_device() {
     let tmp = tempfile::tempdir().unwrap();
-    let (ckpt, imported, fused) = quantized(tmp.path(), Scheme::W8A8);
+    let (ckpt, imported, fused) = quantized(tmp.path(), Scheme::W8A8, true);
     let one = one_device(&ckpt, &imported, &fused, tmp.path());
     for (plan, n) in [(PlanChoice::Ep, 2), (PlanChoice::Ep, 4), (PlanChoice::H2p, 4)] {
-        check_plan(&ckpt, &fused, &one, plan, n);
+        check_plan(&ckpt, &fused, &one, plan, n, DType::I8);
     }
+}
+
+/// Int8 weights over a float KV cache: the float caches are sharded by KV
+/// head under h2p like the C8 ones, without the per-channel quantization.
+#[test]
+fn w8a8_dynamic_float_kv_on_h2p_ranks_matches_one_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ckpt, imported, fused) = quantized(tmp.path(), Scheme::W8A8Dynamic, false);
+    let one = one_device(&ckpt, &imported, &fused, tmp.path());
+    check_plan(&ckpt, &fused, &one, PlanChoice::H2p, 4, DType::F32);
 }
 
 /// What is not covered is a clear error, not a panic or a wrong program:
@@ -233,7 +248,7 @@ fn static_w8a8_int8_kv_on_partitioned_ranks_matches_one_device() {
 #[test]
 fn w8a8_dynamic_h2p_beyond_whole_expert_groups_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let (ckpt, _, fused) = quantized(tmp.path(), Scheme::W8A8Dynamic);
+    let (ckpt, _, fused) = quantized(tmp.path(), Scheme::W8A8Dynamic, true);
     let cfg = ckpt.config();
     let n = 2 * cfg.num_groups();
     let layout = Layout::new(Dims::from_config(cfg), n, PlanChoice::H2p).unwrap();

@@ -467,7 +467,7 @@ fn partition_rank(
             "rank {rank}: no program of @{layer_fn} reads only the weights the rank holds under plan {} (attention TP{}, \
              routed experts TP{} x EP{}, shared expert TP{}): some op reading a sharded weight has no partitioning rule \
              (partitioning rules applied: {}). Covered: the float MoE and attention; W8A8_DYNAMIC and static W8A8 \
-             attention with an int8 (C8) KV cache, shared expert and routed experts",
+             attention (float or int8 C8 KV cache), shared expert and routed experts",
             layout.plan,
             layout.attn_tp,
             layout.expert_tp,

@@ -172,7 +172,8 @@ fn zeros_like(cx: &mut Cx, b: Id) -> Option<Id> {
 
 /// The rank's attention context `[T, Hq / tp * D]` from the single-device
 /// `paged_attention` class `pa`: q, k and v from the rank's output channels
-/// of their projections, the (int8) paged caches sharded by KV head.
+/// of their projections, the paged caches (float, or int8 with C8) sharded
+/// by KV head.
 /// Also returns the pairs (single-device new cache, all-gather of the
 /// rank's) that the signature pass turns into local cache outputs.
 fn local_attention(cx: &mut Cx, rc: &RankCx, ctx2d: Id) -> Option<(Id, Vec<(Id, Id)>)> {
@@ -193,20 +194,29 @@ fn local_attention(cx: &mut Cx, rc: &RankCx, ctx2d: Id) -> Option<(Id, Vec<(Id, 
     let yq = col_shard(cx, get(&sq, "?y")?, (q0 * hd, q1 * hd))?;
     let qh = reshape_local(cx, &q_shape, 1, q1 - q0, yq)?;
     let q_l = cx.add(Op::Rope, &[qh, get(&sq, "?cos")?, get(&sq, "?sin")?])?;
-    // k and v: (rope of) reshape(y, [T, Hkv, D]), quantized per channel,
-    // written into the paged cache, read back dequantized.
+    // k and v: (rope of) reshape(y, [T, Hkv, D]), written into the paged
+    // cache and read back; with an int8 (C8) cache quantized per channel on
+    // the way in and dequantized on the way out.
     let mut caches = vec![];
     let mut read = vec![];
     for c in [kr?, vr?] {
-        let sd = match_at(cx, "(dequantize ?w ?cs ?co)", c)?;
-        let [full, cs, co] = ["?w", "?cs", "?co"].map(|v| get(&sd, v));
-        let full = full?;
-        let sw = match_at(cx, "(kv_cache_write ?cache (quantize ?x ?cs ?co) ?slot)", full)?;
-        let (cache, x, slot) = (get(&sw, "?cache")?, get(&sw, "?x")?, get(&sw, "?slot")?);
-        let (cs, co) = (cs?, co?);
-        if get(&sw, "?cs")? != cx.find(cs) || get(&sw, "?co")? != cx.find(co) {
-            return None;
-        }
+        let (full, c8) = match match_at(cx, "(dequantize ?w ?cs ?co)", c) {
+            Some(sd) => (get(&sd, "?w")?, Some((get(&sd, "?cs")?, get(&sd, "?co")?))),
+            None => (c, None),
+        };
+        let (cache, x, slot) = match c8 {
+            Some((cs, co)) => {
+                let sw = match_at(cx, "(kv_cache_write ?cache (quantize ?x ?cs ?co) ?slot)", full)?;
+                if get(&sw, "?cs")? != cx.find(cs) || get(&sw, "?co")? != cx.find(co) {
+                    return None;
+                }
+                (get(&sw, "?cache")?, get(&sw, "?x")?, get(&sw, "?slot")?)
+            }
+            None => {
+                let sw = match_at(cx, "(kv_cache_write ?cache ?x ?slot)", full)?;
+                (get(&sw, "?cache")?, get(&sw, "?x")?, get(&sw, "?slot")?)
+            }
+        };
         let axis = super::kv_head_axis(cx.ty(cache)?.rank())?;
         // `x` is rope(reshape(y_k)) for k, reshape(y_v) for v.
         let rope = match_at(cx, "(rope ?h ?cos ?sin)", x);
@@ -225,14 +235,22 @@ fn local_attention(cx: &mut Cx, rc: &RankCx, ctx2d: Id) -> Option<(Id, Vec<(Id, 
             x_l = cx.add(Op::Rope, &[x_l, get(sr, "?cos")?, get(sr, "?sin")?])?;
         }
         // Per-channel cache scales `[Hkv, D]`: the rank's heads.
-        let cs = slice(cx, cs, 0, k0, k1)?;
-        let co = slice(cx, co, 0, k0, k1)?;
-        let xq = cx.add(Op::Quantize, &[x_l, cs, co])?;
+        let c8 = match c8 {
+            Some((cs, co)) => Some((slice(cx, cs, 0, k0, k1)?, slice(cx, co, 0, k0, k1)?)),
+            None => None,
+        };
+        let stored = match c8 {
+            Some((cs, co)) => cx.add(Op::Quantize, &[x_l, cs, co])?,
+            None => x_l,
+        };
         let cache_l = slice(cx, cache, axis, k0, k1)?;
-        let written = cx.add(Op::KvCacheWrite, &[cache_l, xq, slot])?;
+        let written = cx.add(Op::KvCacheWrite, &[cache_l, stored, slot])?;
         let all = coll(cx, CollectiveKind::AllGather, group.clone(), axis, written)?;
         caches.push((full, all));
-        read.push(cx.add(Op::Dequantize, &[written, cs, co])?);
+        read.push(match c8 {
+            Some((cs, co)) => cx.add(Op::Dequantize, &[written, cs, co])?,
+            None => written,
+        });
     }
     let ctx = cx.add(Op::PagedAttention { scale }, &[q_l, read[0], read[1], bt?, qsl?, cl?])?;
     let last = ctx_shape.len().checked_sub(1)?;
