@@ -174,20 +174,34 @@ fn check_paged_attention(s: &AttnShape, m: &StepMetadata, tier: &str, seed: u64)
     .unwrap();
 }
 
-#[test]
-fn qkv_rope_cache_write_matches_the_interpreter_bit_for_bit() {
-    let m = step();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+/// The fused q/k/v kernels take the projection `y`; the interpreter's ops
+/// project `x` themselves, so `x = y` with an identity weight and a zero
+/// bias gives them exactly the same `y` (x * 1 + 0 * ... is exact).
+struct QkvInputs {
+    width: usize,
+    y: Tensor,
+    eye: Tensor,
+    zero: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+fn qkv_inputs(m: &StepMetadata, rng: &mut rand_chacha::ChaCha8Rng) -> QkvInputs {
     let width = (HQ + 2 * HKV) * D;
-    // The kernel takes the projection `y`; the interpreter's op projects
-    // `x` itself, so `x = y` with an identity weight and a zero bias gives
-    // it exactly the same `y` (x * 1 + 0 * ... is exact).
-    let y = random(&mut rng, vec![m.tokens(), width]);
+    let y = random(rng, vec![m.tokens(), width]);
     let eye =
         Tensor::f32(vec![width, width], (0..width * width).map(|i| (i / width == i % width) as u8 as f32).collect());
     let zero = Tensor::zeros(vec![width]);
     let pos = Tensor::i64(vec![m.tokens()], m.positions.iter().map(|&p| p as i64).collect());
     let (cos, sin) = (rope_table(&pos, RopeKind::Cos, 10000.0, D), rope_table(&pos, RopeKind::Sin, 10000.0, D));
+    QkvInputs { width, y, eye, zero, cos, sin }
+}
+
+#[test]
+fn qkv_rope_cache_write_matches_the_interpreter_bit_for_bit() {
+    let m = step();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+    let QkvInputs { width, y, eye, zero, cos, sin } = qkv_inputs(&m, &mut rng);
     let (kc, vc) = (random(&mut rng, cache_shape()), random(&mut rng, cache_shape()));
     let slots = &m.tensors()[4];
     let op = Op::QkvRopeCacheWrite { q_heads: HQ, kv_heads: HKV };
@@ -233,13 +247,7 @@ fn qkv_rope_cache_write_matches_the_interpreter_bit_for_bit() {
 fn qkv_rope_cache_write_quant_matches_the_interpreter_exactly() {
     let m = step();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(10);
-    let width = (HQ + 2 * HKV) * D;
-    let y = random(&mut rng, vec![m.tokens(), width]);
-    let eye =
-        Tensor::f32(vec![width, width], (0..width * width).map(|i| (i / width == i % width) as u8 as f32).collect());
-    let zero = Tensor::zeros(vec![width]);
-    let pos = Tensor::i64(vec![m.tokens()], m.positions.iter().map(|&p| p as i64).collect());
-    let (cos, sin) = (rope_table(&pos, RopeKind::Cos, 10000.0, D), rope_table(&pos, RopeKind::Sin, 10000.0, D));
+    let QkvInputs { width, y, eye, zero, cos, sin } = qkv_inputs(&m, &mut rng);
     let empty = Tensor::zeros(vec![0, HKV, D]);
     let op = Op::QkvRope { q_heads: HQ, kv_heads: HKV };
     let rows = eval_pure(&op, &[&y, &eye, &zero, &cos, &sin, &empty, &empty]).unwrap();
