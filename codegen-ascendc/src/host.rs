@@ -47,6 +47,10 @@ fn lin_dim(d: &Dim) -> Result<String> {
     lin(&TExpr::from_dim(d)?)
 }
 
+/// Most tensor parameters of one device-kernel launch (the static W8A8
+/// routed gate/up epilogue takes 11).
+const MAX_ARGS: usize = 16;
+
 const ZERO_LIN: &str = "{0, 0, 0, 0, 0, 0}";
 
 const RUNTIME: &str = r#"
@@ -94,7 +98,7 @@ struct Buf {
 struct Step {
     int op;
     int nargs;
-    int args[8];
+    int args[kMaxArgs];
 };
 
 float HalfToFloat(uint16_t h)
@@ -537,8 +541,8 @@ pub fn host_files(ap: &AscendProgram) -> Result<Vec<(String, String)>> {
             }
             let Some((dk, op)) = step else { continue };
             let args: Vec<String> = dk.params.iter().map(|pa| arg_buf(l, &pa.arg).to_string()).collect();
-            if args.len() > 8 {
-                bail!("{}: more than 8 parameters", dk.entry);
+            if args.len() > MAX_ARGS {
+                bail!("{}: {} parameters, more than the host program's {MAX_ARGS}", dk.entry, args.len());
             }
             let _ = writeln!(steps, "    {{{op}, {}, {{{}}}}},", args.len(), args.join(", "));
         }
@@ -555,6 +559,7 @@ pub fn host_files(ap: &AscendProgram) -> Result<Vec<(String, String)>> {
     } else {
         s += "#define PANGUC_PARTITIONED 0\nconstexpr int kRank = 0;\nconstexpr int kDevices = 1;\n";
     }
+    let _ = writeln!(s, "// Most tensor parameters of one kernel launch.\nconstexpr int kMaxArgs = {MAX_ARGS};");
     s += types;
     let weight_names: Vec<String> = p.weights.iter().map(|w| format!("    \"{}\",", w.name)).collect();
     let inputs: Vec<String> = p.inputs.iter().map(|b| b.0.to_string()).collect();
@@ -589,7 +594,7 @@ pub fn host_files(ap: &AscendProgram) -> Result<Vec<(String, String)>> {
     if ap.rank.is_some() {
         s += "    if (s.op >= kNumOps) {\n        RunCollective(s);\n        return;\n    }\n";
     }
-    s += "    aclTensor* t[8] = {};\n    for (int i = 0; i < s.nargs; i++) t[i] = Tensor(s.args[i]);\n    uint64_t ws = 0;\n    aclOpExecutor* ex = nullptr;\n    switch (s.op) {\n";
+    s += "    aclTensor* t[kMaxArgs] = {};\n    for (int i = 0; i < s.nargs; i++) t[i] = Tensor(s.args[i]);\n    uint64_t ws = 0;\n    aclOpExecutor* ex = nullptr;\n    switch (s.op) {\n";
     for (i, (op, n)) in ops.iter().enumerate() {
         let ts: Vec<String> = (0..*n).map(|j| format!("t[{j}]")).collect();
         let _ = writeln!(

@@ -83,6 +83,15 @@ impl Proj {
 
     /// The interpreter's `quant_matmul(quantize(x, scale, offset), w, ..)`
     /// of `x [M, K]`.
+    /// `deq_scale` as f32, or as msModelSlim's int64 words (the f32 bits
+    /// in the low word).
+    fn deq_bytes(&self, t: DevType) -> Vec<u8> {
+        match t {
+            F => encode(F, &self.deq),
+            _ => encode_i64(&self.deq.iter().map(|d| i64::from(d.to_bits())).collect::<Vec<_>>()),
+        }
+    }
+
     fn reference(&self, x: &[f32], m: usize, k: usize) -> Tensor {
         let n = self.deq.len();
         let xq = q::quantize(
@@ -121,18 +130,13 @@ fn static_quant_matmul_is_exact() {
                 let p = Proj::random(&mut rng, n, k);
                 let x = round_through(act, &rand_f(&mut rng, m * k, -3.0, 3.0));
                 let want = p.reference(&x, m, k);
-                let deq_bytes = if deq_t == F {
-                    encode(F, &p.deq)
-                } else {
-                    encode_i64(&p.deq.iter().map(|d| i64::from(d.to_bits())).collect::<Vec<_>>())
-                };
                 let mut args = vec![
                     encode(act, &x),
                     encode(F, &[p.scale]),
                     encode(F, &[p.offset]),
                     encode_i8(&p.w),
                     i32s(&p.qbias),
-                    deq_bytes,
+                    p.deq_bytes(deq_t),
                     zeros(m * n, out),
                 ];
                 run_kernels(&dks, target, &env(m as u64, 0), &mut args).unwrap();
@@ -170,9 +174,9 @@ fn quant_gate_up_static_is_exact() {
             vec![t(), c(i)],
         ],
     );
-    for (target, act) in targets() {
+    for ((target, act), deq_t) in targets().into_iter().flat_map(|t| [F, I64].map(|d| (t, d))) {
         let o = EmitOptions::new(target, act).unwrap();
-        let dks = emit_kernel(&kk, &[act, F, F, I8, I32, F, F, F, I8, I32, F, act], &o).unwrap();
+        let dks = emit_kernel(&kk, &[act, F, F, I8, I32, deq_t, F, F, I8, I32, deq_t, act], &o).unwrap();
         assert_eq!(dks.kernels.len(), 4, "{target}: input quant, gate GEMM, up GEMM, epilogue");
         for m in [1usize, 7, 33] {
             let (g, u) = (Proj::random(&mut rng, i, h), Proj::random(&mut rng, i, h));
@@ -185,12 +189,13 @@ fn quant_gate_up_static_is_exact() {
                     encode(F, &[p.offset]),
                     encode_i8(&p.w),
                     i32s(&p.qbias),
-                    encode(F, &p.deq),
+                    p.deq_bytes(deq_t),
                 ]);
             }
             args.push(zeros(m * i, act));
             run_kernels(&dks, target, &env(m as u64, 0), &mut args).unwrap();
-            exact(&decode(act, &args[11]), &round_through(act, want.as_f32()), &format!("{target} T={m}"));
+            let what = format!("{target} deq {deq_t} T={m}");
+            exact(&decode(act, &args[11]), &round_through(act, want.as_f32()), &what);
         }
     }
 }
@@ -272,14 +277,16 @@ fn routed_static_expert_kernels_are_exact() {
     let cat = |ps: &[Proj], f: &dyn Fn(&Proj) -> Vec<u8>| ps.iter().flat_map(f).collect::<Vec<u8>>();
     for (target, act) in targets() {
         let o = EmitOptions::new(target, act).unwrap();
-        let gdts = [act, I64, I64, F, F, I8, I32, F, F, F, I8, I32, F, F, F, I8];
-        let gu = emit_kernel(&gate_up, &gdts, &o).unwrap();
-        assert_eq!(gu.kernels.len(), 4, "{target}: input quant, gate GEMM, up GEMM, epilogue");
-        for out in [F, act] {
-            let dn = emit_kernel(&down, &[I8, I64, F, I8, I32, F, out], &o).unwrap();
+        // f32 deq scales with f32 ys, msModelSlim's int64 ones with ys in
+        // the activation dtype.
+        for (out, deq_t) in [(F, F), (act, I64)] {
+            let gdts = [act, I64, I64, F, F, I8, I32, deq_t, F, F, I8, I32, deq_t, F, F, I8];
+            let gu = emit_kernel(&gate_up, &gdts, &o).unwrap();
+            assert_eq!(gu.kernels.len(), 4, "{target}: input quant, gate GEMM, up GEMM, epilogue");
+            let dn = emit_kernel(&down, &[I8, I64, F, I8, I32, deq_t, out], &o).unwrap();
             for tok in [1usize, 7, 33] {
                 let sr = tok * g;
-                let what = format!("{target} T={tok} ys {out}");
+                let what = format!("{target} T={tok} deq {deq_t} ys {out}");
                 let x = round_through(act, &rand_f(&mut rng, tok * h, -3.0, 3.0));
                 let (offsets, rows) = routing(&mut rng, tok, sr, e);
                 let row_w = rand_f(&mut rng, sr, 0.1, 1.0);
@@ -310,7 +317,7 @@ fn routed_static_expert_kernels_are_exact() {
                         encode(F, &ps.iter().map(|p| p.offset).collect::<Vec<_>>()),
                         cat(ps, &|p| encode_i8(&p.w)),
                         cat(ps, &|p| i32s(&p.qbias)),
-                        cat(ps, &|p| encode(F, &p.deq)),
+                        cat(ps, &|p| p.deq_bytes(deq_t)),
                     ]);
                 }
                 gargs.push(encode(F, &down_in.iter().map(|d| d.0).collect::<Vec<_>>()));
@@ -325,7 +332,7 @@ fn routed_static_expert_kernels_are_exact() {
                     encode(F, &row_w),
                     cat(&downs, &|p| encode_i8(&p.w)),
                     cat(&downs, &|p| i32s(&p.qbias)),
-                    cat(&downs, &|p| encode(F, &p.deq)),
+                    cat(&downs, &|p| p.deq_bytes(deq_t)),
                     zeros(sr * h, out),
                 ];
                 run_kernels(&dn, target, &env(tok as u64, 0), &mut dargs).unwrap();

@@ -16,7 +16,8 @@ use panguc::frontend::Checkpoint;
 use panguc::quantize::{write_quantized, QuantizeOptions, Scheme};
 use panguc_codegen_ascendc::engine::AscendSimEngine;
 use panguc_codegen_ascendc::target::{DevType, Target};
-use panguc_ir::kernel::PreparedWeight;
+use panguc_ir::kernel::{KernelProgram, PreparedWeight};
+use panguc_ir::Module;
 use panguc_runtime::{BatchEngine, Generation, Request, Scheduler, SchedulerConfig};
 
 const BLOCK: usize = 4;
@@ -31,6 +32,18 @@ fn calibration() -> Vec<Vec<i64>> {
     vec![(1..40).map(|i| (i * 37) % 256).collect(), (3..30).map(|i| (i * 11 + 5) % 256).collect()]
 }
 
+/// `float` quantized into `dir` with `opts`: the checkpoint, its paged
+/// import and the fused, scheduled kernel program.
+fn scheduled(float: &Checkpoint, dir: &std::path::Path, opts: &QuantizeOptions) -> (Checkpoint, Module, KernelProgram) {
+    let q = dir.join("quantized");
+    write_quantized(float, &q, opts).unwrap();
+    let ckpt = Checkpoint::open(&q).unwrap();
+    let imported = panguc::commands::import_with(&ckpt, panguc::import::KvLayout::Paged { block_size: BLOCK }).unwrap();
+    let fused_module = panguc::pipeline::fuse_batched(&ckpt, &imported, &Default::default()).expect("fusion");
+    let program = panguc_lowering::schedule::schedule(&fused_module, &Default::default()).expect("schedule");
+    (ckpt, imported, program)
+}
+
 /// One quantized model on ascend-sim against the paged interpreter: `runs`
 /// gives each target, activation dtype and logit tolerance (relative to the
 /// largest logit); with f32 activations the greedy tokens must be equal.
@@ -42,11 +55,8 @@ fn check_on_ascend_sim(
     runs: &[(Target, DevType, f32)],
 ) {
     let tmp = tempfile::tempdir().unwrap();
-    let q = tmp.path().join("quantized");
-    write_quantized(&checkpoint(), &q, opts).unwrap();
-    let ckpt = Checkpoint::open(&q).unwrap();
+    let (ckpt, imported, program) = scheduled(&checkpoint(), tmp.path(), opts);
     let cfg = ckpt.config().clone();
-    let imported = panguc::commands::import_with(&ckpt, panguc::import::KvLayout::Paged { block_size: BLOCK }).unwrap();
 
     // The reference: the paged interpreter on the imported (unfused) module.
     let want = {
@@ -61,8 +71,6 @@ fn check_on_ascend_sim(
         run_batch(&mut s, requests.clone())
     };
 
-    let fused_module = panguc::pipeline::fuse_batched(&ckpt, &imported, &Default::default()).expect("fusion");
-    let program = panguc_lowering::schedule::schedule(&fused_module, &Default::default()).expect("schedule");
     let kinds: Vec<&str> = program.kernels.iter().map(|k| k.kind.mnemonic()).collect();
     for fused_kind in fused {
         assert!(kinds.contains(fused_kind), "the {:?} program has {fused_kind}: {kinds:?}", opts.scheme);
@@ -130,4 +138,36 @@ fn static_w8a8_int8_kv_tiny_model_on_ascend_sim_matches_the_interpreter() {
     let fused = ["static_quant_matmul", "qkv_rope_cache_write_quant", "paged_attention_int8", "moe_down_static"];
     let opts = QuantizeOptions { scheme: Scheme::W8A8, kv_int8: true, calib: calibration(), smooth_alpha: None };
     check_on_ascend_sim(&opts, mixed::four_prompts()[..3].to_vec(), &fused, &[F32_910B]);
+}
+
+/// The package writer takes every quantized kernel, on both targets: each
+/// launch's parameters fit the host program's table (the static routed
+/// gate/up epilogue takes 11), and an fp16 checkpoint's int64 `deq_scale`
+/// reaches the fused static gate/up kernels as it is stored.
+#[test]
+fn quantized_tiny_models_write_their_cann_projects() {
+    use panguc::synth::{synth_with, Preset, SynthOptions};
+    use panguc_codegen_ascendc::{program::emit_program, project::project_files};
+    let tmp = tempfile::tempdir().unwrap();
+    let f16 = tmp.path().join("f16");
+    synth_with(&f16, &SynthOptions { preset: Preset::Tiny, seed: 7, dtype: panguc_ir::DType::F16, force: false })
+        .unwrap();
+    let f16 = Checkpoint::open(&f16).unwrap();
+    for (float, scheme, kv_int8) in
+        [(&checkpoint(), Scheme::W8A8Dynamic, true), (&checkpoint(), Scheme::W8A8, false), (&f16, Scheme::W8A8, true)]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = QuantizeOptions { scheme, kv_int8, calib: calibration(), smooth_alpha: None };
+        let (ckpt, _, program) = scheduled(float, dir.path(), &opts);
+        let dtype = ckpt.config().torch_dtype.clone().unwrap_or_default();
+        for target in [Target::Ascend910B, Target::Ascend310P] {
+            let what = format!("{scheme:?} kv_int8={kv_int8} {dtype} on {target}");
+            let ap = emit_program(&program, target, target.default_act()).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+            let files = project_files(&ap).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+            let device_kernels: usize = ap.kernels.iter().map(|d| d.kernels.len()).sum();
+            let sources = files.keys().filter(|f| f.starts_with("op_kernel/") && !f.ends_with("_tiling.h")).count();
+            assert_eq!(sources, device_kernels + 1, "{what}: a source per device kernel and the CMakeLists.txt");
+            assert!(files.contains_key("host/panguc_host.cpp"), "{what}");
+        }
+    }
 }

@@ -18,7 +18,7 @@
 //! `dynamic_quant` rule), so the simulation matches it bit for bit.
 
 use super::convert::{need_row_blocks, reduce_max_work, DYN_SCALE, TO_INT8};
-use super::gemm::{grouped_dequant_kernel, grouped_int8_cube, GroupedDims, EXPERT_OF};
+use super::gemm::{grouped_dequant_kernel, grouped_int8_cube, GroupedDims, DECODE_I64, EXPERT_OF};
 use super::wire::need_dt;
 use super::{acc_param, acc_temp, need_int8_dims, need_out};
 use crate::emit::cube::{cube_kernel_for, CubeSpec};
@@ -306,10 +306,10 @@ public:
 {{RANGE}}
         gGm.SetGlobalBuffer((__gm__ int32_t*)accG, rows * cols);
         uGm.SetGlobalBuffer((__gm__ int32_t*)accU, rows * cols);
-        gsGm.SetGlobalBuffer((__gm__ float*)gScale, experts * cols);
-        usGm.SetGlobalBuffer((__gm__ float*)uScale, experts * cols);
+        gsGm.SetGlobalBuffer((__gm__ float*)gScale, {{SCALE_ELEMS}});
+        usGm.SetGlobalBuffer((__gm__ float*)uScale, {{SCALE_ELEMS}});
 {{IN_INIT}}{{ROUTE_INIT}}{{OUT_INIT}}        pipe.InitBuffer(inAcc, 2, 2 * cols * sizeof(int32_t));
-        pipe.InitBuffer(inCol, 1, cols * sizeof(float));
+        pipe.InitBuffer(inCol, 1, {{COL_BYTES}});
         pipe.InitBuffer(outQ, 2, cols * sizeof(O));
         pipe.InitBuffer(gsBuf, cols * sizeof(float));
         pipe.InitBuffer(usBuf, cols * sizeof(float));
@@ -329,8 +329,8 @@ public:
             for (uint32_t r = tile * rowsPerTile; r < r1; r++) {
                 const int64_t e = {{EXPERT_OF_ROW}};
                 if (e != loaded) {
-                    LoadCols(gsGm, gsBuf.Get<float>(), e);
-                    LoadCols(usGm, usBuf.Get<float>(), e);
+                    {{LOAD_SCALE}}(gsGm, gsBuf.Get<float>(), e);
+                    {{LOAD_SCALE}}(usGm, usBuf.Get<float>(), e);
 {{LOAD_BIAS}}                    loaded = e;
                 }
                 Row(r, e);
@@ -355,7 +355,7 @@ private:
         inCol.FreeTensor(raw);
         PipeBarrier<PIPE_V>();
     }
-    __aicore__ inline void Row(uint32_t r, int64_t e)
+{{SCALE_METHOD}}    __aicore__ inline void Row(uint32_t r, int64_t e)
     {
         LocalTensor<int32_t> a = inAcc.AllocTensor<int32_t>();
         DataCopy(a, gGm[r * cols], cols);
@@ -400,6 +400,36 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR accG, GM_ADDR accU, GM_A
     op.Process();
 }
 "#;
+
+/// Expert e's row of msModelSlim's int64 `deq_scale` (f32 bits in the low
+/// word of each int64) decoded into the f32 column vector `sc`; the f32
+/// form loads with `LoadCols`.
+fn load_i64_scale() -> String {
+    format!(
+        "    __aicore__ inline void LoadI64Scale(GlobalTensor<float>& g, const LocalTensor<float>& sc, int64_t e)
+    {{
+        const uint32_t len = cols;
+        LocalTensor<float> raw = inCol.AllocTensor<float>();
+        DataCopy(raw, g[static_cast<uint64_t>(e) * 2 * len], 2 * len);
+        inCol.EnQue(raw);
+        raw = inCol.DeQue<float>();
+{DECODE_I64}        inCol.FreeTensor(raw);
+    }}
+"
+    )
+}
+
+/// Template variables of [`GATE_UP`] for the device dtype of the gate and
+/// up column scales: f32, or i64 (a static checkpoint's int64 deq_scale).
+fn scale_vars(scales: DevType) -> Vec<(&'static str, String)> {
+    let i64 = scales == DevType::I64;
+    vec![
+        ("SCALE_ELEMS", if i64 { "2 * experts * cols" } else { "experts * cols" }.into()),
+        ("COL_BYTES", if i64 { "2 * cols * sizeof(float)" } else { "cols * sizeof(float)" }.into()),
+        ("LOAD_SCALE", if i64 { "LoadI64Scale" } else { "LoadCols" }.into()),
+        ("SCALE_METHOD", if i64 { load_i64_scale() } else { String::new() }),
+    ]
+}
 
 /// What the gate/up epilogue does after the dequant of its int32 sums
 /// (and with which per-row or per-column inputs).
@@ -565,6 +595,9 @@ pub(super) struct GateUpDims {
     pub rows: TExpr,
     /// Rows of the per-token input (`xRows`, the clamp of a routed row's token).
     pub x_rows: TExpr,
+    /// Device dtype of the gate and up column scales: f32, or i64 for a
+    /// static checkpoint's int64 `deq_scale`.
+    pub scales: DevType,
 }
 
 /// The gate/up epilogue `{name}_epilogue`: parameters `(accG, accU,
@@ -582,6 +615,7 @@ pub(super) fn gate_up_epilogue(name: &str, d: GateUpDims, tail: GateUpTail, para
     let mut vars = routing_vars(routed);
     vars.push(("WORK", work.to_string()));
     vars.extend(tail_vars(tail));
+    vars.extend(scale_vars(d.scales));
     let src = vector_source(&entry, what, GATE_UP, &vars);
     let tiles = d.rows.clone().ceil_div(TExpr::c(ROWS_PER_TILE));
     let mut fields = tiles_fields(&tiles);
@@ -600,6 +634,9 @@ pub(super) fn gate_up_epilogue(name: &str, d: GateUpDims, tail: GateUpTail, para
     let mut ub = 2 * r32(2 * d.cols * 4) + f + 2 * r32(d.cols * out_size) + 6 * f + r32(d.cols * 2) + work + 32;
     if tail != GateUpTail::Dynamic {
         ub += 2 * f;
+    }
+    if d.scales == DevType::I64 {
+        ub += f;
     }
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = params;
@@ -626,6 +663,6 @@ fn dynamic_gate_up_epilogue(ctx: &Ctx, routed: bool, experts: u64, cols: u64, ro
     let n = ctx.k.args.len();
     params.push(ctx.param("q", n - 2, Role::Output));
     params.push(ctx.param("scale", n - 1, Role::Output));
-    let d = GateUpDims { routed, experts, cols, rows, x_rows: ctx.dim(0, 0)? };
+    let d = GateUpDims { routed, experts, cols, rows, x_rows: ctx.dim(0, 0)?, scales: DevType::F32 };
     Ok(gate_up_epilogue(&ctx.k.name, d, GateUpTail::Dynamic, params))
 }

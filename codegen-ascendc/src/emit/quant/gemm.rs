@@ -473,13 +473,14 @@ extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR acc, GM_ADDR colA, GM_AD
 "#;
 
 /// f32 scales: a UB copy into the scale buffer.
-const DECODE_F32: &str = "        DataCopy(sc, raw, len);
+pub(super) const DECODE_F32: &str = "        DataCopy(sc, raw, len);
         PipeBarrier<PIPE_V>();
 ";
 /// msModelSlim's int64 `deq_scale`: the f32 bits are the low (first,
 /// little-endian) word of each int64; picked by the scalar unit once per
 /// tile (the vector unit has no stride-2 element move in our API subset).
-const DECODE_I64: &str = "        event_t m2s = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::MTE2_S));
+pub(super) const DECODE_I64: &str =
+    "        event_t m2s = static_cast<event_t>(GetTPipePtr()->FetchEventID(HardEvent::MTE2_S));
         SetFlag<HardEvent::MTE2_S>(m2s);
         WaitFlag<HardEvent::MTE2_S>(m2s);
         LocalTensor<uint32_t> words = raw.ReinterpretCast<uint32_t>();

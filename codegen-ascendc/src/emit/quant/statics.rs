@@ -117,9 +117,9 @@ fn static_columns(ctx: &Ctx, qbias: usize, deq: usize, dims: &[u64]) -> Result<D
 type Proj = [usize; 5];
 
 /// Checks both projections' arguments (weights `[E, I, H]` routed or
-/// `[I, H]` shared, the fused epilogue reads f32 deq scales); returns
-/// `(E, I, H)`.
-fn static_gate_up(ctx: &Ctx, gate: Proj, up: Proj, routed: bool) -> Result<(u64, u64, u64)> {
+/// `[I, H]` shared, deq scales f32 or int64 alike); returns `(E, I, H)`
+/// and the deq scales' device dtype.
+fn static_gate_up(ctx: &Ctx, gate: Proj, up: Proj, routed: bool) -> Result<((u64, u64, u64), DevType)> {
     let name = &ctx.k.name;
     let dims: &[&str] = if routed { &["E", "I", "H"] } else { &["I", "H"] };
     let s = shape(ctx, gate[2], "w_gate", dims)?;
@@ -137,14 +137,14 @@ fn static_gate_up(ctx: &Ctx, gate: Proj, up: Proj, routed: bool) -> Result<(u64,
             per_tensor(ctx, &[(p[0], "input scale"), (p[1], "input offset")])?;
         }
         let cols = &s[..s.len() - 1];
-        if static_columns(ctx, p[3], p[4], cols)? != DevType::F32 {
-            bail!("{name}: the {what} deq_scale (argument {}) must be f32 on the device (the fused gate/up epilogue reads f32 columns)", p[4]);
+        if static_columns(ctx, p[3], p[4], cols)? != static_columns(ctx, gate[3], gate[4], cols)? {
+            bail!("{name}: the {what} deq_scale (argument {}) must have the gate's device dtype", p[4]);
         }
     }
     need_int8_dims(name, i, h)?;
     need_row_blocks(name, h, ctx.dt[0])?;
     need_row_blocks(name, i, DevType::I8)?;
-    Ok((e, i, h))
+    Ok(((e, i, h), ctx.dt[gate[4]]))
 }
 
 /// `MoeGateUpStatic (x[T, H], offsets i64[E+1], rows i64[S], gate: scale[E],
@@ -157,7 +157,7 @@ pub(crate) fn moe_gate_up_static(ctx: &Ctx) -> Result<DeviceKernels> {
         bail!("{name}: moe_gate_up_static takes 16 arguments, found {}", ctx.k.args.len());
     }
     let (gate, up) = ([3, 4, 5, 6, 7], [8, 9, 10, 11, 12]);
-    let (e, i, h) = static_gate_up(ctx, gate, up, true)?;
+    let ((e, i, h), scales) = static_gate_up(ctx, gate, up, true)?;
     tokens(ctx, h)?;
     offsets(ctx, 1, e)?;
     need_dt(ctx, 2, "rows", DevType::I64)?;
@@ -205,7 +205,7 @@ pub(crate) fn moe_gate_up_static(ctx: &Ctx) -> Result<DeviceKernels> {
         ctx.param("downOffset", 14, Role::Input),
         ctx.param("q", 15, Role::Output),
     ];
-    let d = GateUpDims { routed: true, experts: e, cols: i, rows: slots.clone(), x_rows: ctx.dim(0, 0)? };
+    let d = GateUpDims { routed: true, experts: e, cols: i, rows: slots.clone(), x_rows: ctx.dim(0, 0)?, scales };
     let epi = gate_up_epilogue(name, d, GateUpTail::StaticQuant, params);
     let temps = vec![
         int8_rows(&format!("{name}.xg"), &slots, h),
@@ -224,7 +224,7 @@ pub(crate) fn quant_gate_up_static(ctx: &Ctx) -> Result<DeviceKernels> {
         bail!("{name}: quant_gate_up_static takes 12 arguments, found {}", ctx.k.args.len());
     }
     let (gate, up) = ([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]);
-    let (_, i, h) = static_gate_up(ctx, gate, up, false)?;
+    let ((_, i, h), scales) = static_gate_up(ctx, gate, up, false)?;
     let t = tokens(ctx, h)?;
     let out = ctx.dt[11];
     need_out(name, ctx.o, out)?;
@@ -252,7 +252,7 @@ pub(crate) fn quant_gate_up_static(ctx: &Ctx) -> Result<DeviceKernels> {
         ctx.param("uBias", 9, Role::Input),
         ctx.param("act", 11, Role::Output),
     ];
-    let d = GateUpDims { routed: false, experts: 1, cols: i, rows: t.clone(), x_rows: t.clone() };
+    let d = GateUpDims { routed: false, experts: 1, cols: i, rows: t.clone(), x_rows: t.clone(), scales };
     kernels.push(gate_up_epilogue(name, d, GateUpTail::StaticFloat { out }, params));
     let temps = vec![
         int8_rows(&format!("{name}.xg"), &t, h),
