@@ -204,11 +204,13 @@ fn moe_route_counting_sort() {
 fn moe_route_odd_slot_counts() {
     // Three groups: 3 slots (every output shorter than a 32-byte block),
     // 2049 and 4098 slots (a last tile of 1 and 2 slots, joined to the tile
-    // before it), 1001 slots with most experts empty.
+    // before it), 2001 slots with most experts empty.
     let mut rng = ChaCha8Rng::seed_from_u64(15);
     let g = 3usize;
-    let mut cases: Vec<(u64, Vec<i64>)> =
-        [1u64, 683, 1366].iter().map(|&t| (t, (0..t as usize * g).map(|_| rng.random_range(0..64i64)).collect())).collect();
+    let mut cases: Vec<(u64, Vec<i64>)> = [1u64, 683, 1366]
+        .iter()
+        .map(|&t| (t, (0..t as usize * g).map(|_| rng.random_range(0..64i64)).collect()))
+        .collect();
     cases.push((667, sparse_ids(&mut rng, 667 * g)));
     check_route(&mut rng, g, &cases);
 }

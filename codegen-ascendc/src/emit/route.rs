@@ -298,7 +298,8 @@ pub(crate) fn route(ctx: &Ctx) -> Result<DeviceKernels> {
         TilingField::u32("chunk", TExpr::c(CHUNK)),
     ]);
     let stage = TILE + JOIN;
-    let ub = r32(CHUNK * 8) + r32(CHUNK * 4) + r32((e + 1) * 8) + 2 * r32(e * 8) + 2 * r32(stage * 8) + r32(stage * 4) + 32;
+    let ub =
+        r32(CHUNK * 8) + r32(CHUNK * 4) + r32((e + 1) * 8) + 2 * r32(e * 8) + 2 * r32(stage * 8) + r32(stage * 4) + 32;
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![
         ctx.param("w", 0, Role::Input),
