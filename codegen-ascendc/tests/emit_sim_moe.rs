@@ -203,8 +203,8 @@ fn moe_route_counting_sort() {
 #[test]
 fn moe_route_odd_slot_counts() {
     // Three groups: 3 slots (every output shorter than a 32-byte block),
-    // 2049 and 4098 slots (a last tile of 1 and 2 slots, joined to the tile
-    // before it), 2001 slots with most experts empty.
+    // 2049 and 4098 slots (a last tile of 1 and 2 slots, shorter than a
+    // block), 2001 slots with most experts empty.
     let mut rng = ChaCha8Rng::seed_from_u64(15);
     let g = 3usize;
     let mut cases: Vec<(u64, Vec<i64>)> = [1u64, 683, 1366]

@@ -21,22 +21,19 @@ use super::{r32, Ctx, DeviceKernels, Role, TExpr, TilingField};
 use crate::target::{DevType, Target};
 use anyhow::{bail, Result};
 
-/// Slots (and rows) per tile: one tile is one block's unit of work.
+/// Slots (and rows) per tile: one tile is one block's unit of work. A
+/// multiple of 16, so every tile's outputs start on a 64-byte GM line.
 const TILE: u64 = 2048;
 /// Ids (and weights) per DMA chunk; divides [`TILE`], so a tile starts on a
 /// chunk boundary (where the counting pass takes its snapshot).
 const CHUNK: u64 = 1024;
-/// A last tile shorter than this joins the previous one, so every tile of a
-/// multi-tile routing holds at least one whole 32-byte block of each output
-/// (which the 310P stores need); the staging buffers hold `TILE + JOIN`.
-const JOIN: u64 = 8;
 
 const ROUTE: &str = r#"
 // Stable counting sort of the slots s = token * groups + g by expert:
 // offsets[e]..offsets[e+1] are expert e's sorted rows; row r holds token
 // rows[r] with weight rowWeight[r]; slotRow[s] is the row slot s went to.
-// Tile i owns slots [Begin(i), End(i)) of slotRow and the same rows of
-// rows/rowWeight; every block counts all the ids itself, block 0 writes
+// Tile i owns slots [i * tile, (i + 1) * tile) of slotRow and the same
+// rows of rows/rowWeight; every block counts all the ids itself, block 0 writes
 // offsets. Per slot only scalar UB accesses; GM moves by DMA.
 class {{CLASS}} {
 public:
@@ -60,9 +57,9 @@ public:
         pipe.InitBuffer(cntBuf, (experts + 1) * sizeof(int64_t));
         pipe.InitBuffer(curBuf, experts * sizeof(int64_t));
         pipe.InitBuffer(rowCurBuf, experts * sizeof(int64_t));
-        pipe.InitBuffer(srBuf, (tile + JOIN) * sizeof(int64_t));
-        pipe.InitBuffer(rowsBuf, (tile + JOIN) * sizeof(int64_t));
-        pipe.InitBuffer(rwBuf, (tile + JOIN) * sizeof(float));
+        pipe.InitBuffer(srBuf, tile * sizeof(int64_t));
+        pipe.InitBuffer(rowsBuf, tile * sizeof(int64_t));
+        pipe.InitBuffer(rwBuf, tile * sizeof(float));
         pipe.InitBuffer(tailBuf, 32);
         idL = idBuf.Get<int64_t>();
         cnt = cntBuf.Get<int64_t>();
@@ -71,21 +68,17 @@ public:
     __aicore__ inline void Process()
     {
         const bool writesOffsets = GetBlockIdx() == 0;
-        const uint32_t first = start < end ? Begin(start) : slots;
-        if (first >= slots && !writesOffsets) return;
-        Count(first);
+        if (start >= end && !writesOffsets) return;
+        Count(start < end ? start * tile : slots);
         if (writesOffsets) Store(offGm, 0, cnt, experts + 1);
         for (uint32_t i = start; i < end; i++) {
-            const uint32_t b = Begin(i), e = End(i);
-            if (b >= e) continue;
+            const uint32_t b = i * tile, e = MinU(b + tile, slots);
             SlotRows(b, e);
             Rows(b, e);
         }
     }
 
 private:
-    static constexpr uint32_t JOIN = {{JOIN}};
-
     template <HardEvent E>
     __aicore__ static inline void Sync()
     {
@@ -93,13 +86,6 @@ private:
         SetFlag<E>(id);
         WaitFlag<E>(id);
     }
-
-    __aicore__ inline uint32_t End(uint32_t i)
-    {
-        const uint64_t e = static_cast<uint64_t>(i + 1) * tile;
-        return e >= slots || slots - e < JOIN ? slots : static_cast<uint32_t>(e);
-    }
-    __aicore__ inline uint32_t Begin(uint32_t i) { return i == 0 ? 0 : End(i - 1); }
 
     // Gating always yields valid ids; clamping keeps memory safe anyway.
     __aicore__ inline uint32_t Expert(uint32_t i)
@@ -248,8 +234,9 @@ const LOAD_310P: &str = "        constexpr uint32_t per = 32 / sizeof(U);
 /// block, rolled back over bytes this core just wrote with the same values,
 /// so GM is written by DMA only (scalar stores go through the data cache and
 /// are written back per 64-byte line, overwriting another core's bytes).
-/// Only an output shorter than one block (one store, one block) is written
-/// element by element.
+/// Only a store shorter than one block is written element by element: that
+/// is the last tile (tiles start on 64-byte lines, so no other core writes
+/// its lines) or a whole output.
 const STORE_310P: &str = "        constexpr uint32_t per = 32 / sizeof(U);
         const uint32_t body = n / per * per;
         if (body > 0) DataCopy(g[off], y, body);
@@ -286,7 +273,7 @@ pub(crate) fn route(ctx: &Ctx) -> Result<DeviceKernels> {
         &entry,
         "MoE dispatch: stable counting sort of the slots by expert.",
         ROUTE,
-        &[("JOIN", JOIN.to_string()), ("LOAD", load.into()), ("STORE", store.into())],
+        &[("LOAD", load.into()), ("STORE", store.into())],
     );
     let tiles = slots.clone().ceil_div(TExpr::c(TILE));
     let mut fields = tiles_fields(&tiles);
@@ -297,9 +284,8 @@ pub(crate) fn route(ctx: &Ctx) -> Result<DeviceKernels> {
         TilingField::u32("tile", TExpr::c(TILE)),
         TilingField::u32("chunk", TExpr::c(CHUNK)),
     ]);
-    let stage = TILE + JOIN;
     let ub =
-        r32(CHUNK * 8) + r32(CHUNK * 4) + r32((e + 1) * 8) + 2 * r32(e * 8) + 2 * r32(stage * 8) + r32(stage * 4) + 32;
+        r32(CHUNK * 8) + r32(CHUNK * 4) + r32((e + 1) * 8) + 2 * r32(e * 8) + 2 * r32(TILE * 8) + r32(TILE * 4) + 32;
     let mut dk = vector_kernel(entry, src, fields, &tiles, ub);
     dk.params = vec![
         ctx.param("w", 0, Role::Input),
