@@ -139,44 +139,80 @@ fn gating_ids(rng: &mut ChaCha8Rng, tokens: usize, experts: usize, groups: usize
         .collect()
 }
 
-#[test]
-fn moe_route_counting_sort() {
-    let mut rng = ChaCha8Rng::seed_from_u64(12);
-    let (e, g) = (64usize, 8usize);
+/// Ids that leave most experts without rows: expert 0 takes about half the
+/// slots, a few others the rest.
+fn sparse_ids(rng: &mut ChaCha8Rng, slots: usize) -> Vec<i64> {
+    const WARM: [i64; 4] = [1, 2, 40, 63];
+    (0..slots).map(|_| if rng.random_bool(0.5) { 0 } else { WARM[rng.random_range(0..WARM.len())] }).collect()
+}
+
+/// Runs the route kernel for `groups` on each (tokens, ids) case and checks
+/// every output against [`route_ref`].
+fn check_route(rng: &mut ChaCha8Rng, groups: usize, cases: &[(u64, Vec<i64>)]) {
+    let e = 64usize;
+    let slots = Dim::tokens().scale(groups as i64);
     for (target, act) in targets() {
         let k = kernel(
             "panguc_k011_moe_route",
             KernelKind::MoeRoute,
             vec![
-                vec![Dim::tokens(), c(g)],
-                vec![Dim::tokens(), c(g)],
+                vec![Dim::tokens(), c(groups)],
+                vec![Dim::tokens(), c(groups)],
                 vec![c(e + 1)],
-                vec![slots()],
-                vec![slots()],
-                vec![slots()],
+                vec![slots.clone()],
+                vec![slots.clone()],
+                vec![slots.clone()],
             ],
         );
         let dk = emit(&k, &[F, I, I, I, F, I], target, act);
-        for t in TOKENS {
-            let n = t as usize * g;
-            let ids = gating_ids(&mut rng, t as usize, e, g);
+        for (t, ids) in cases {
+            let n = *t as usize * groups;
+            assert_eq!(ids.len(), n);
             let w: Vec<f32> = (0..n).map(|_| rng.random_range(0.0f32..1.0)).collect();
             let mut args = vec![
                 encode(F, &w),
-                encode_i64(&ids),
+                encode_i64(ids),
                 vec![0; (e + 1) * 8],
                 vec![0; n * 8],
                 vec![0; n * 4],
                 vec![0; n * 8],
             ];
-            run_kernels(&dk, target, &env(t, 0), &mut args).unwrap();
-            let (off, rows, rw, sr) = route_ref(&ids, &w, e, g);
-            assert_eq!(decode_i64(&args[2]), off, "offsets {target} T={t}");
-            assert_eq!(decode_i64(&args[3]), rows, "rows {target} T={t}");
-            assert_eq!(decode(F, &args[4]), rw, "row weights {target} T={t}");
-            assert_eq!(decode_i64(&args[5]), sr, "slot rows {target} T={t}");
+            run_kernels(&dk, target, &env(*t, 0), &mut args).unwrap();
+            let (off, rows, rw, sr) = route_ref(ids, &w, e, groups);
+            let what = format!("{target} G={groups} T={t}");
+            assert_eq!(decode_i64(&args[2]), off, "offsets {what}");
+            assert_eq!(decode_i64(&args[3]), rows, "rows {what}");
+            assert_eq!(decode(F, &args[4]), rw, "row weights {what}");
+            assert_eq!(decode_i64(&args[5]), sr, "slot rows {what}");
         }
     }
+}
+
+#[test]
+fn moe_route_counting_sort() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let (e, g) = (64usize, 8usize);
+    // 2100 tokens: 16800 slots, more tiles (2048 slots each) than the 8
+    // cores, so blocks own two tiles; 1000 tokens with most experts empty.
+    let mut cases: Vec<(u64, Vec<i64>)> =
+        TOKENS.iter().chain(&[2100]).map(|&t| (t, gating_ids(&mut rng, t as usize, e, g))).collect();
+    cases.push((1000, sparse_ids(&mut rng, 1000 * g)));
+    check_route(&mut rng, g, &cases);
+}
+
+#[test]
+fn moe_route_odd_slot_counts() {
+    // Three groups: 3 slots (every output shorter than a 32-byte block),
+    // 2049 and 4098 slots (a last tile of 1 and 2 slots, shorter than a
+    // block), 2001 slots with most experts empty.
+    let mut rng = ChaCha8Rng::seed_from_u64(15);
+    let g = 3usize;
+    let mut cases: Vec<(u64, Vec<i64>)> = [1u64, 683, 1366]
+        .iter()
+        .map(|&t| (t, (0..t as usize * g).map(|_| rng.random_range(0..64i64)).collect()))
+        .collect();
+    cases.push((667, sparse_ids(&mut rng, 667 * g)));
+    check_route(&mut rng, g, &cases);
 }
 
 fn expert_of_rows(off: &[i64]) -> Vec<usize> {

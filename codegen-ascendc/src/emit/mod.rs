@@ -19,6 +19,7 @@ mod moe;
 pub mod paged;
 pub mod quant;
 mod rope;
+mod route;
 mod vector;
 
 pub use expr::{Env, TExpr};
@@ -283,7 +284,7 @@ pub fn emit_kernel(k: &Kernel, dtypes: &[DevType], o: &EmitOptions) -> Result<De
             rope::qkv_rope_cache_write_quant(&ctx, *q_heads, *kv_heads)?
         }
         KernelKind::PagedAttention { scale } => paged::paged_attention(&ctx, *scale)?,
-        KernelKind::MoeRoute => moe::route(&ctx)?,
+        KernelKind::MoeRoute => route::route(&ctx)?,
         KernelKind::MoeGateUp => moe::gate_up(&ctx)?,
         KernelKind::MoeGroupedGateUp => moe::gate_up_sorted(&ctx)?,
         KernelKind::MoeDown => moe::down(&ctx)?,

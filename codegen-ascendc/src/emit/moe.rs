@@ -1,9 +1,7 @@
-//! Grouped-matmul MoE kernels: dispatch (`MoeRoute`), per-expert GEMMs
-//! (`MoeGateUp`, `MoeDown`) and the combine (`MoeCombine`).
+//! Grouped-matmul MoE kernels: per-expert GEMMs (`MoeGateUp`, `MoeDown`)
+//! and the combine (`MoeCombine`); the dispatch (`MoeRoute`) is in
+//! `route.rs`.
 //!
-//! - `MoeRoute` is a stable counting sort of the (token, group) slots by
-//!   expert; it is sequential by nature, so it runs on one vector core with
-//!   the per-expert counters in UB and scalar GM accesses.
 //! - `MoeGateUp`/`MoeDown` are a grouped cube GEMM (one block tile = one
 //!   (expert, 128-column) pair; the expert's rows come from `offsets` in GM
 //!   at run time) writing f32 to a GM workspace, then a vector epilogue
@@ -36,112 +34,6 @@ fn per_token(ctx: &Ctx, arg: usize, dim: usize) -> Result<u64> {
         bail!("{}: argument {arg} dim {dim} must be a multiple of tokens", ctx.k.name);
     }
     Ok(a1)
-}
-
-const ROUTE: &str = r#"
-// Stable counting sort of the slots s = token * groups + g by expert:
-// offsets[e]..offsets[e+1] are expert e's sorted rows; row r holds token
-// rows[r] with weight rowWeight[r]; slotRow[s] is the row slot s went to.
-// Sequential by nature: one block, counters in UB, scalar GM accesses.
-class {{CLASS}} {
-public:
-    __aicore__ inline {{CLASS}}() {}
-    __aicore__ inline void Init(GM_ADDR w, GM_ADDR ids, GM_ADDR offsets, GM_ADDR rows, GM_ADDR rowWeight, GM_ADDR slotRow, const {{TILING}}& t)
-    {
-        slots = t.slots;
-        groups = t.groups;
-        experts = t.experts;
-        wGm.SetGlobalBuffer((__gm__ float*)w, slots);
-        idGm.SetGlobalBuffer((__gm__ int64_t*)ids, slots);
-        offGm.SetGlobalBuffer((__gm__ int64_t*)offsets, experts + 1);
-        rowsGm.SetGlobalBuffer((__gm__ int64_t*)rows, slots);
-        rwGm.SetGlobalBuffer((__gm__ float*)rowWeight, slots);
-        srGm.SetGlobalBuffer((__gm__ int64_t*)slotRow, slots);
-        pipe.InitBuffer(cntBuf, (experts + 1) * sizeof(int64_t));
-    }
-    __aicore__ inline void Process()
-    {
-        if (GetBlockIdx() != 0) return;
-        LocalTensor<int64_t> cnt = cntBuf.Get<int64_t>();
-        for (uint32_t e = 0; e <= experts; e++) cnt.SetValue(e, 0);
-        for (uint32_t s = 0; s < slots; s++) {
-            const uint32_t e = Expert(s) + 1;
-            cnt.SetValue(e, cnt.GetValue(e) + 1);
-        }
-        for (uint32_t e = 0; e < experts; e++) cnt.SetValue(e + 1, cnt.GetValue(e + 1) + cnt.GetValue(e));
-        for (uint32_t e = 0; e <= experts; e++) offGm.SetValue(e, cnt.GetValue(e));
-        // cnt[e] is now expert e's next free row.
-        for (uint32_t s = 0; s < slots; s++) {
-            const uint32_t e = Expert(s);
-            const int64_t r = cnt.GetValue(e);
-            cnt.SetValue(e, r + 1);
-            rowsGm.SetValue(static_cast<uint64_t>(r), static_cast<int64_t>(s / groups));
-            rwGm.SetValue(static_cast<uint64_t>(r), wGm.GetValue(s));
-            srGm.SetValue(s, r);
-        }
-    }
-
-private:
-    // Gating always yields valid ids; clamping keeps memory safe anyway.
-    __aicore__ inline uint32_t Expert(uint32_t s)
-    {
-        int64_t e = idGm.GetValue(s);
-        if (e < 0) e = 0;
-        if (e >= static_cast<int64_t>(experts)) e = experts - 1;
-        return static_cast<uint32_t>(e);
-    }
-
-    TPipe pipe;
-    TBuf<TPosition::VECCALC> cntBuf;
-    GlobalTensor<float> wGm, rwGm;
-    GlobalTensor<int64_t> idGm, offGm, rowsGm, srGm;
-    uint32_t slots = 0, groups = 0, experts = 0;
-};
-
-extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR w, GM_ADDR ids, GM_ADDR offsets, GM_ADDR rows, GM_ADDR rowWeight, GM_ADDR slotRow, GM_ADDR workspace, GM_ADDR tiling)
-{
-    REGISTER_TILING_DEFAULT({{TILING}});
-    GET_TILING_DATA(t, tiling);
-    {{CLASS}} op;
-    op.Init(w, ids, offsets, rows, rowWeight, slotRow, t);
-    op.Process();
-}
-"#;
-
-/// `MoeRoute (weights[T, G] f32, ids[T, G] i64, offsets_out[E+1] i64,
-/// rows_out[T*G] i64, row_weight_out[T*G] f32, slot_row_out[T*G] i64)`.
-pub(crate) fn route(ctx: &Ctx) -> Result<DeviceKernels> {
-    let g = ctx.cdim(0, 1, "groups")?;
-    let e = ctx.cdim(2, 0, "experts + 1")?.saturating_sub(1);
-    if e == 0 {
-        bail!("{}: no experts", ctx.k.name);
-    }
-    let want = [DevType::F32, DevType::I64, DevType::I64, DevType::I64, DevType::F32, DevType::I64];
-    for (i, w) in want.iter().enumerate() {
-        if ctx.dt[i] != *w {
-            bail!("{}: routing argument {i} must be {w} on the device, found {}", ctx.k.name, ctx.dt[i]);
-        }
-    }
-    let slots = ctx.dim(3, 0)?;
-    let entry = ctx.entry("");
-    let src =
-        head(&entry, "MoE dispatch: stable counting sort of the slots by expert.") + &fill_kernel(ROUTE, &entry, &[]);
-    let fields = vec![
-        TilingField::u32("slots", slots),
-        TilingField::u32("groups", TExpr::c(g)),
-        TilingField::u32("experts", TExpr::c(e)),
-    ];
-    let one = TExpr::c(1);
-    let mut dk = vector_kernel(entry, src, fields, &one, r32((e + 1) * 8));
-    dk.params = vec![
-        ctx.param("w", 0, Role::Input),
-        ctx.param("ids", 1, Role::Input),
-        ctx.param("offsets", 2, Role::Output),
-        ctx.param("rows", 3, Role::Output),
-        ctx.param("rowWeight", 4, Role::Output),
-        ctx.param("slotRow", 5, Role::Output),
-    ];
-    Ok(DeviceKernels { kernels: vec![dk], temps: vec![], host: None })
 }
 
 const GROUPED: &str = r#"
