@@ -14,7 +14,8 @@
 //! - `QuantGateUpStatic`: the shared expert's gate, up and SwiGLU.
 
 use super::quant::{dot_i8, load_i32, load_scale, quantize_row_static, quantize_value};
-use super::quant_moe::{expert_of, need_i8, st, weighted_down_rows, DownRows};
+use super::quant_gemm::PanelDots;
+use super::quant_moe::{expert_of, need_dot_panels, need_i8, st, weighted_down_rows, DownRows};
 use crate::cg::{Cg, Ok_};
 use anyhow::{bail, Result};
 use inkwell::values::{FloatValue, IntValue, PointerValue};
@@ -48,9 +49,15 @@ fn static_dot<'c>(
     let wrow = cg.gep(w, cg.mul(c, cg.i64c(k as i64)));
     let vnni = cg.vnni;
     let acc = dot_i8(cg, x, wrow, k, vnni)?;
+    Ok(static_dequant(cg, acc, c, qbias, deq))
+}
+
+/// `f32(acc + quant_bias[c]) * deq_scale[c]`: the static dequant of an
+/// exact sum.
+fn static_dequant<'c>(cg: &Cg<'c>, acc: IntValue<'c>, c: IntValue<'c>, qbias: Arg<'c>, deq: Arg<'c>) -> FloatValue<'c> {
     let with_bias = cg.b.build_int_add(acc, load_i32(cg, qbias.0, c), "").ok_();
     let f = cg.b.build_signed_int_to_float(with_bias, cg.f32t(), "").ok_();
-    Ok(cg.fmul(f.into(), load_scale(cg, deq.0, c, deq.1).into()).into_float_value())
+    cg.fmul(f.into(), load_scale(cg, deq.0, c, deq.1).into()).into_float_value()
 }
 
 fn one_element(a: &ArgSpec) -> bool {
@@ -161,23 +168,24 @@ pub(crate) fn moe_down(cg: &mut Cg, k: &Kernel) -> Result<()> {
     if wd.shape.len() != 3 {
         bail!("moe_down_static takes an [E, H, I] down weight");
     }
+    need_dot_panels(wd, "the down weight")?;
     let (experts, h, i) = (
         st(&wd.shape[0], "expert count")?,
         st(&wd.shape[1], "hidden size")?,
         st(&wd.shape[2], "expert intermediate size")?,
     );
+    let dots = PanelDots::declare(cg, &k.name, i)?;
     cg.begin_kernel(&k.name);
     let rows = DownRows {
         offsets: cg.arg(1, DType::I64),
         experts,
         h,
-        i,
         a: cg.arg(0, a.dtype),
         routing_weight: arg(cg, k, 2),
         y: arg(cg, k, 6),
     };
     let (wp, qb, deq) = (cg.arg(3, wd.dtype), arg(cg, k, 4), arg(cg, k, 5));
-    weighted_down_rows(cg, rows, |_, _| (), |cg, (), arow, c| static_dot(cg, (arow, wp), c, i, qb, deq))?;
+    weighted_down_rows(cg, &dots, rows, |_, _| (), |cg, (), acc, c| static_dequant(cg, acc, c, qb, deq), wp)?;
     cg.finish_kernel();
     Ok(())
 }
