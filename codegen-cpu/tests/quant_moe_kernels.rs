@@ -89,6 +89,14 @@ fn routed_expert_kernels_match_the_reference_chain_bit_for_bit() {
 /// 4 whole panels of H and a partial one, K = 20).
 #[test]
 fn routed_expert_kernels_match_the_reference_at_block_edges() {
+    let (ids, experts) = block_edge_ids();
+    check_routed((ids.len(), 70, 20, experts, 1), &ids, 11);
+}
+
+/// One expert per token, experts receiving 0, 1, R - 1, R, R + 1 and
+/// 3R + 5 tokens (R the rows of one expert block), their tokens
+/// interleaved; and the expert count.
+fn block_edge_ids() -> (Vec<i64>, usize) {
     let r = panguc_codegen_cpu::EXPERT_BLOCK_ROWS;
     let counts = [0, 1, r - 1, r, r + 1, 3 * r + 5];
     let mut ids: Vec<i64> = vec![];
@@ -101,7 +109,7 @@ fn routed_expert_kernels_match_the_reference_at_block_edges() {
             }
         }
     }
-    check_routed((ids.len(), 70, 20, counts.len(), 1), &ids, 11);
+    (ids, counts.len())
 }
 
 /// The routed W8A8_DYNAMIC kernels after `moe_route` for `t` tokens, `ids`
@@ -430,11 +438,23 @@ fn static_quant_matmul_matches_quantize_then_the_static_int8_matmul_bit_for_bit(
 /// (expert 2 receives no row).
 #[test]
 fn routed_static_expert_kernels_match_the_dense_reference_bit_for_bit() {
-    let (t, h, i, e, k) = (5usize, 72usize, 6usize, 4usize, 2usize);
-    let s = t * k;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let x: Vec<f32> = (0..t * h).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+    let t = 5;
     let ids: Vec<i64> = (0..t).flat_map(|r| if r % 2 == 0 { [0, 3] } else { [1, 3] }).collect();
+    check_routed_static((t, 72, 6, 4, 2), &ids, 5);
+}
+
+/// The static experts at the block edges of the W8A8_DYNAMIC test.
+#[test]
+fn routed_static_expert_kernels_match_the_dense_reference_at_block_edges() {
+    let (ids, experts) = block_edge_ids();
+    check_routed_static((ids.len(), 70, 20, experts, 1), &ids, 12);
+}
+
+fn check_routed_static((t, h, i, e, k): (usize, usize, usize, usize, usize), ids: &[i64], seed: u64) {
+    let s = t * k;
+    assert_eq!(ids.len(), s);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let x: Vec<f32> = (0..t * h).map(|_| rng.random_range(-3.0f32..3.0)).collect();
     let weights: Vec<f32> = (0..s).map(|_| rng.random_range(0.1f32..1.0)).collect();
     let (wg, wu, wd) = (random_i8(&mut rng, e * i * h), random_i8(&mut rng, e * i * h), random_i8(&mut rng, e * h * i));
     // Per expert: input scales (gate and up differ), offsets, int32 biases
@@ -483,8 +503,11 @@ fn routed_static_expert_kernels_match_the_dense_reference_bit_for_bit() {
         spec(DType::I64, vec![Dim::c(e + 1)]),
         spec(DType::I64, vec![sdim.clone()]),
     ];
-    gu_args.extend(proj(i, h));
-    gu_args.extend(proj(i, h));
+    for _ in 0..2 {
+        let mut p = proj(i, h);
+        p[2] = panel_spec(&[e, i, h]);
+        gu_args.extend(p);
+    }
     gu_args.extend([vec_e(), vec_e(), spec(DType::I8, vec![sdim.clone(), Dim::c(i)])]);
     let gate_up = kernel("gate_up", KernelKind::MoeGateUpStatic, gu_args);
     let mut down_args = vec![
@@ -517,7 +540,7 @@ fn routed_static_expert_kernels_match_the_dense_reference_bit_for_bit() {
                 r[5].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize).collect();
             let mut g = vec![bytes_f32(&x), r[2].clone(), r[3].clone()];
             for (sc, off, w, qb, dq) in [(&gs, &go, &wg, &qbg, &dqg), (&us, &uo, &wu, &qbu, &dqu)] {
-                g.extend([bytes_f32(sc), bytes_f32(off), i8_bytes(w), i32_bytes(qb), bytes_f32(dq)]);
+                g.extend([bytes_f32(sc), bytes_f32(off), panel_bytes(w, &[e, i, h]), i32_bytes(qb), bytes_f32(dq)]);
             }
             g.extend([bytes_f32(&ds), bytes_f32(&dof), vec![0u8; s * i]]);
             run_tiles(get("gate_up").unwrap(), &mut g, &syms, s as u64, 0);
@@ -553,7 +576,13 @@ fn routed_static_expert_kernels_match_the_dense_reference_bit_for_bit() {
 /// SwiGLU, against `quantize -> quant_matmul` twice and `swiglu`.
 #[test]
 fn shared_static_gate_up_matches_the_reference_chain_bit_for_bit() {
-    let (t, h, i) = (4usize, 130usize, 10usize);
+    for t in [4, 2 * panguc_codegen_cpu::EXPERT_BLOCK_ROWS + 3] {
+        check_shared_static_gate_up(t);
+    }
+}
+
+fn check_shared_static_gate_up(t: usize) {
+    let (h, i) = (130usize, 10usize);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     let x: Vec<f32> = (0..t * h).map(|_| rng.random_range(-3.0f32..3.0)).collect();
     let (wg, wu) = (random_i8(&mut rng, i * h), random_i8(&mut rng, i * h));
@@ -575,13 +604,7 @@ fn shared_static_gate_up_matches_the_reference_chain_bit_for_bit() {
     let td = Dim::tokens();
     let one = || spec(DType::F32, vec![Dim::c(1)]);
     let weights = || {
-        vec![
-            one(),
-            one(),
-            spec(DType::I8, vec![Dim::c(i), Dim::c(h)]),
-            spec(DType::I32, vec![Dim::c(i)]),
-            spec(DType::F32, vec![Dim::c(i)]),
-        ]
+        vec![one(), one(), panel_spec(&[i, h]), spec(DType::I32, vec![Dim::c(i)]), spec(DType::F32, vec![Dim::c(i)])]
     };
     let mut args = vec![spec(DType::F32, vec![td.clone(), Dim::c(h)])];
     args.extend(weights());
@@ -595,7 +618,7 @@ fn shared_static_gate_up_matches_the_reference_chain_bit_for_bit() {
         with_jit(&p, &tier(tier_name), |get| {
             let mut b = vec![bytes_f32(&x)];
             for (sc, off, w, qb, dq) in [(gs, go, &wg, &qbg, &dqg), (us, uo, &wu, &qbu, &dqu)] {
-                b.extend([bytes_f32(&[sc]), bytes_f32(&[off]), i8_bytes(w), i32_bytes(qb), bytes_f32(dq)]);
+                b.extend([bytes_f32(&[sc]), bytes_f32(&[off]), panel_bytes(w, &[i, h]), i32_bytes(qb), bytes_f32(dq)]);
             }
             b.push(vec![0u8; t * i * 4]);
             run_tiles(get("shared").unwrap(), &mut b, &[t as i64, 0], t as u64, 0);

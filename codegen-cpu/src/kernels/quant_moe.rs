@@ -115,7 +115,7 @@ fn expert_panel<'c>(
 /// `epilogue(panel's first column, its column count, the sums tiles)`.
 /// Each weight has its own tile and column sums.
 #[allow(clippy::too_many_arguments)]
-fn panel_sweep<'c, const W: usize>(
+pub(super) fn panel_sweep<'c, const W: usize>(
     cg: &mut Cg<'c>,
     dots: &PanelDots<'c>,
     bufs: &[(PointerValue<'c>, PointerValue<'c>); W],
@@ -140,7 +140,7 @@ fn panel_sweep<'c, const W: usize>(
 
 /// Row `r`'s exact sums of a tile into the `<16 x i32>` stack slot
 /// `lanes`, as an i32 pointer for column-by-column epilogues.
-fn row_lanes<'c>(
+pub(super) fn row_lanes<'c>(
     cg: &Cg<'c>,
     dots: &PanelDots<'c>,
     bufs: (PointerValue<'c>, PointerValue<'c>),

@@ -415,7 +415,10 @@ impl Selector<'_> {
     /// The shared expert's static gate/up/SwiGLU at its `swiglu` node.
     pub(super) fn static_gate_up(&mut self, sw: usize) -> Result<()> {
         let a = self.static_gate_up.remove(&sw).ok_or_else(|| anyhow!("no fused static gate/up here"))?;
-        let mut args = a.iter().map(|v| self.rm(*v)).collect::<Result<Vec<_>>>()?;
+        // The gate and up weights (args 3 and 8) in int8 dot panels.
+        let mut args = (a.iter().enumerate())
+            .map(|(j, v)| if j == 3 || j == 8 { self.int8_weight(*v) } else { self.rm(*v) })
+            .collect::<Result<Vec<_>>>()?;
         args.push(self.act(self.g.nodes[sw].results[0]));
         self.launch(KernelKind::QuantGateUpStatic, args)
     }

@@ -175,7 +175,10 @@ impl Selector<'_> {
         let gate_shape = static_shape(&g.values[moe.gate_up[2]].ty, "expert gate weights")?;
         let (e, i) = (gate_shape[0], gate_shape[1]);
         let (wb, ib, xb) = (self.rm(moe.weights)?, self.rm(moe.ids)?, self.rm(moe.x)?);
-        let gate_up = moe.gate_up.iter().map(|v| self.rm(*v)).collect::<Result<Vec<_>>>()?;
+        // The gate and up weights (entries 2 and 7) in int8 dot panels.
+        let gate_up = (moe.gate_up.iter().enumerate())
+            .map(|(j, v)| if j == 2 || j == 7 { self.int8_weight(*v) } else { self.rm(*v) })
+            .collect::<Result<Vec<_>>>()?;
         // The down weight (first) in int8 dot panels, its bias and scale row-major.
         let down = (moe.down.iter().enumerate())
             .map(|(j, v)| if j == 0 { self.int8_weight(*v) } else { self.rm(*v) })
