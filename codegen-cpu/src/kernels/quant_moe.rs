@@ -24,12 +24,12 @@
 //! its bias and the residual add after it in the epilogue.
 //! Static W8A8's fused kernels are in `quant_static`.
 
-use super::quant::{dot_i8, load_scale, quantize_row};
+use super::quant::{dot_i8, load_scale, load_scale_vec, quantize_row};
 use super::quant_gemm::PanelDots;
 use crate::cg::{Cg, Ok_};
 use anyhow::{anyhow, bail, Result};
 use inkwell::types::BasicType;
-use inkwell::values::{FloatValue, IntValue, PointerValue};
+use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue, VectorValue};
 use inkwell::AddressSpace;
 use panguc_ir::kernel::{ArgSpec, Kernel, Layout, QUANT_MATMUL_COLS};
 use panguc_ir::{DType, Dim};
@@ -111,9 +111,10 @@ fn expert_panel<'c>(
 }
 
 /// For each panel of `n` output columns: the exact sums of the block's
-/// rows (`x`, `stride` apart) with each weight's panel of expert `e`, then
-/// `epilogue(panel's first column, its column count, the sums tiles)`.
-/// Each weight has its own tile and column sums.
+/// `rows` rows of each `(weight, input rows)` pair (input rows `K` bytes
+/// apart) with the weight's panel of expert `e`, into that pair's sums
+/// tile and column sums (`bufs`); then `epilogue(first column, column
+/// count)` of the panel.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn panel_sweep<'c, const W: usize>(
     cg: &mut Cg<'c>,
@@ -149,6 +150,95 @@ pub(super) fn row_lanes<'c>(
 ) -> PointerValue<'c> {
     cg.store_v(lanes, dots.row(cg, bufs, r));
     cg.b.build_pointer_cast(lanes, cg.i32t().ptr_type(AddressSpace::default()), "").ok_()
+}
+
+/// A row's columns `j..j + width` of a panel: the exact sums (`<16 x
+/// i32>`, or one i32 when `width` is 1) of each weight, and `j`'s offset
+/// in the panel.
+pub(super) struct Columns<'c> {
+    pub sums: Vec<BasicValueEnum<'c>>,
+    pub offset: IntValue<'c>,
+    pub width: u32,
+}
+
+/// Run `f` on a row's columns of a panel from its sums vectors: all 16 at
+/// once for a whole panel, else lane by lane for the `cols` columns. Per
+/// lane, vector float operations are the scalar ones, so either way each
+/// output gets the same bits.
+pub(super) fn panel_columns<'c>(
+    cg: &mut Cg<'c>,
+    sums: &[VectorValue<'c>],
+    cols: IntValue<'c>,
+    f: impl Fn(&mut Cg<'c>, Columns<'c>) -> Result<()>,
+) -> Result<()> {
+    let whole = cg.eq(cols, cg.i64c(NR as i64));
+    cg.if_else(
+        whole,
+        |cg| {
+            let sums = sums.iter().map(|v| (*v).into()).collect();
+            f(cg, Columns { sums, offset: cg.i64c(0), width: NR as u32 })
+        },
+        |cg| {
+            cg.for_range(cg.i64c(0), cols, 1, |cg, l| {
+                let sums = sums.iter().map(|v| cg.b.build_extract_element(*v, l, "").ok_()).collect();
+                f(cg, Columns { sums, offset: l, width: 1 })
+            })
+        },
+    )
+}
+
+/// `width` consecutive per-channel scales from element `c` as f32: a
+/// vector, or a scalar when `width` is 1.
+fn scales_at<'c>(
+    cg: &Cg<'c>,
+    (p, dtype): (PointerValue<'c>, DType),
+    c: IntValue<'c>,
+    width: u32,
+) -> BasicValueEnum<'c> {
+    if width == 1 {
+        return load_scale(cg, p, c, dtype).into();
+    }
+    load_scale_vec(cg, p, c, dtype, width).into()
+}
+
+/// Store `width` float values (a vector unless `width` is 1) at element `i`.
+fn store_at<'c>(
+    cg: &Cg<'c>,
+    (p, dtype): (PointerValue<'c>, DType),
+    i: IntValue<'c>,
+    v: BasicValueEnum<'c>,
+    width: u32,
+) {
+    if width == 1 {
+        cg.store_f(p, i, dtype, v.into_float_value());
+    } else {
+        cg.store_vec(p, i, dtype, v.into_vector_value());
+    }
+}
+
+/// `x` broadcast to `width` lanes (itself when `width` is 1).
+fn splat_to<'c>(cg: &Cg<'c>, x: FloatValue<'c>, width: u32) -> BasicValueEnum<'c> {
+    if width == 1 {
+        return x.into();
+    }
+    cg.splat(x, width).into()
+}
+
+/// [`dequant`] of `width` columns at once from weight row / channel `c`.
+fn dequant_cols<'c>(
+    cg: &Cg<'c>,
+    acc: BasicValueEnum<'c>,
+    c: IntValue<'c>,
+    scale: (PointerValue<'c>, DType),
+    x_scale: FloatValue<'c>,
+    width: u32,
+) -> BasicValueEnum<'c> {
+    let f: BasicValueEnum = match acc {
+        BasicValueEnum::VectorValue(v) => cg.b.build_signed_int_to_float(v, cg.vec_f32(width), "").ok_().into(),
+        other => cg.b.build_signed_int_to_float(other.into_int_value(), cg.f32t(), "").ok_().into(),
+    };
+    let ws = scales_at(cg, scale, c, width);
+    cg.fmul(cg.fmul(f, ws), splat_to(cg, x_scale, width))
 }
 
 /// The expert of sorted row `r`: how many experts' blocks end at or before
@@ -244,7 +334,6 @@ pub(crate) fn gate_up_quant(cg: &mut Cg, k: &Kernel, routed: bool) -> Result<()>
     let x_scales = stack_array(cg, cg.f32t(), BLOCK_ROWS, "x_scales");
     let x_rows = stack_array(cg, cg.ctx.i8_type(), BLOCK_ROWS * h, "x_rows");
     let bufs = [dots.buffers(cg, BLOCK_ROWS), dots.buffers(cg, BLOCK_ROWS)];
-    let lanes = [(); 2].map(|_| cg.alloca(cg.i32t().vec_type(NR as u32), "lanes"));
     let (ic, hc) = (cg.i64c(i as i64), cg.i64c(h as i64));
     cg.for_tiles(|cg, t| {
         row_block(cg, t, span, |cg, e, rows| {
@@ -272,18 +361,16 @@ pub(crate) fn gate_up_quant(cg: &mut Cg, k: &Kernel, routed: bool) -> Result<()>
             let weights = [(gw.0, x_block), (uw.0, x_block)];
             panel_sweep(cg, &dots, &bufs, weights, e, i, rows, |cg, j0, cols| {
                 cg.for_range(cg.i64c(0), rows, 1, |cg, r| {
-                    let gl = row_lanes(cg, &dots, bufs[0], r, lanes[0]);
-                    let ul = row_lanes(cg, &dots, bufs[1], r, lanes[1]);
+                    let sums = [dots.row(cg, bufs[0], r), dots.row(cg, bufs[1], r)];
                     let x_scale = cg.load_f(x_scales, r, DType::F32);
                     let arow = cg.add(cg.mul(r, ic), j0);
-                    cg.for_range(cg.i64c(0), cols, 1, |cg, l| {
-                        // Weight row / scale element of column j0 + l.
-                        let c = cg.add(cg.mul(e, ic), cg.add(j0, l));
-                        let g = dequant(cg, cg.load_i(gl, l), c, gs, x_scale);
-                        let u = dequant(cg, cg.load_i(ul, l), c, us, x_scale);
-                        let silu = cg.fmul(g.into(), cg.sigmoid(g.into()));
-                        let a = cg.fmul(silu, u.into()).into_float_value();
-                        cg.store_f(act, cg.add(arow, l), DType::F32, a);
+                    panel_columns(cg, &sums, cols, |cg, at| {
+                        // Weight row / scale element of the first column.
+                        let c = cg.add(cg.mul(e, ic), cg.add(j0, at.offset));
+                        let g = dequant_cols(cg, at.sums[0], c, gs, x_scale, at.width);
+                        let u = dequant_cols(cg, at.sums[1], c, us, x_scale, at.width);
+                        let a = cg.fmul(cg.fmul(g, cg.sigmoid(g)), u);
+                        store_at(cg, (act, DType::F32), cg.add(arow, at.offset), a, at.width);
                         Ok(())
                     })
                 })
@@ -314,20 +401,20 @@ pub(super) struct DownRows<'c> {
 
 /// One block of sorted rows per tile (see the module docs): `per_row`
 /// loads what a row's dequant needs (once per row and panel, not per
-/// column), `dequant` turns the exact sum of weight row `c` into the
-/// float; each result is scaled by the routing weight (the finalize's
-/// `weight * y`, commutative, so exact).
+/// column), `dequant(row's values, sums, first weight row c, width)` turns
+/// the exact sums of `width` weight rows from `c` into floats; each result
+/// is scaled by the routing weight (the finalize's `weight * y`,
+/// commutative, so exact).
 pub(super) fn weighted_down_rows<'c, R: Copy>(
     cg: &mut Cg<'c>,
     dots: &PanelDots<'c>,
     rows: DownRows<'c>,
     per_row: impl Fn(&mut Cg<'c>, IntValue<'c>) -> R,
-    dequant: impl Fn(&mut Cg<'c>, R, IntValue<'c>, IntValue<'c>) -> FloatValue<'c>,
+    dequant: impl Fn(&mut Cg<'c>, R, BasicValueEnum<'c>, IntValue<'c>, u32) -> BasicValueEnum<'c>,
     w: PointerValue<'c>,
 ) -> Result<()> {
     let (hc, ic) = (cg.i64c(rows.h as i64), cg.i64c(dots.k() as i64));
     let bufs = [dots.buffers(cg, BLOCK_ROWS)];
-    let lanes = cg.alloca(cg.i32t().vec_type(NR as u32), "lanes");
     let span = RowSpan::Routed { offsets: rows.offsets, experts: rows.experts };
     cg.for_tiles(|cg, t| {
         row_block(cg, t, span, |cg, e, n| {
@@ -335,15 +422,15 @@ pub(super) fn weighted_down_rows<'c, R: Copy>(
             panel_sweep(cg, dots, &bufs, [(w, a_block)], e, rows.h, n, |cg, j0, cols| {
                 cg.for_range(cg.i64c(0), n, 1, |cg, r| {
                     let row = cg.add(t, r);
-                    let sums = row_lanes(cg, dots, bufs[0], r, lanes);
+                    let sums = [dots.row(cg, bufs[0], r)];
                     let row_w = cg.load_f(rows.routing_weight.0, row, rows.routing_weight.1);
                     let pr = per_row(cg, row);
                     let obase = cg.add(cg.mul(row, hc), j0);
-                    cg.for_range(cg.i64c(0), cols, 1, |cg, l| {
-                        let c = cg.add(cg.mul(e, hc), cg.add(j0, l));
-                        let y = dequant(cg, pr, cg.load_i(sums, l), c);
-                        let v = cg.fmul(y.into(), row_w.into()).into_float_value();
-                        cg.store_f(rows.y.0, cg.add(obase, l), rows.y.1, v);
+                    panel_columns(cg, &sums, cols, |cg, at| {
+                        let c = cg.add(cg.mul(e, hc), cg.add(j0, at.offset));
+                        let y = dequant(cg, pr, at.sums[0], c, at.width);
+                        let v = cg.fmul(y, splat_to(cg, row_w, at.width));
+                        store_at(cg, rows.y, cg.add(obase, at.offset), v, at.width);
                         Ok(())
                     })
                 })
@@ -380,7 +467,7 @@ pub(crate) fn down_quant(cg: &mut Cg, k: &Kernel) -> Result<()> {
         &dots,
         rows,
         |cg, r| cg.load_f(asp, r, k.args[1].dtype),
-        |cg, a_scale, acc, c| dequant(cg, acc, c, ws, a_scale),
+        |cg, a_scale, acc, c, width| dequant_cols(cg, acc, c, ws, a_scale, width),
         wp,
     )?;
     cg.finish_kernel();

@@ -16,15 +16,15 @@
 //! - `QuantGateUpStatic`: the shared expert's gate, up and SwiGLU, over
 //!   blocks of rows the same way.
 
-use super::quant::{dot_i8, load_i32, load_scale, quantize_row_static, quantize_value};
+use super::quant::{dot_i8, load_i32, load_i32_vec, load_scale, load_scale_vec, quantize_row_static, quantize_value};
 use super::quant_gemm::PanelDots;
 use super::quant_moe::{
-    need_dot_panels, need_i8, panel_sweep, row_block, row_lanes, st, weighted_down_rows, DownRows, RowSpan, BLOCK_ROWS,
+    need_dot_panels, need_i8, panel_sweep, row_block, row_lanes, st, stack_array, weighted_down_rows, DownRows,
+    RowSpan, BLOCK_ROWS,
 };
 use crate::cg::{Cg, Ok_};
 use anyhow::{bail, Result};
-use inkwell::values::{FloatValue, IntValue, PointerValue};
-use inkwell::AddressSpace;
+use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 use panguc_ir::kernel::{ArgSpec, Kernel, QUANT_MATMUL_COLS};
 use panguc_ir::DType;
 
@@ -37,8 +37,7 @@ fn arg<'c>(cg: &Cg<'c>, k: &Kernel, i: usize) -> Arg<'c> {
 
 /// An i8 row of `len` (static) bytes on the stack.
 fn stack_row<'c>(cg: &mut Cg<'c>, len: usize, name: &str) -> PointerValue<'c> {
-    let p = cg.alloca(cg.ctx.i8_type().array_type(len as u32), name);
-    cg.b.build_pointer_cast(p, cg.ctx.i8_type().ptr_type(AddressSpace::default()), "").ok_()
+    stack_array(cg, cg.ctx.i8_type(), len, name)
 }
 
 /// `f32(xq . w[row c] + quant_bias[c]) * deq_scale[c]`: the static dequant
@@ -63,6 +62,24 @@ fn static_dequant<'c>(cg: &Cg<'c>, acc: IntValue<'c>, c: IntValue<'c>, qbias: Ar
     let with_bias = cg.b.build_int_add(acc, load_i32(cg, qbias.0, c), "").ok_();
     let f = cg.b.build_signed_int_to_float(with_bias, cg.f32t(), "").ok_();
     cg.fmul(f.into(), load_scale(cg, deq.0, c, deq.1).into()).into_float_value()
+}
+
+/// [`static_dequant`] of `width` columns from channel `c`: the sums as a
+/// `<width x i32>` vector, or one i32 when `width` is 1.
+fn static_dequant_cols<'c>(
+    cg: &Cg<'c>,
+    acc: BasicValueEnum<'c>,
+    c: IntValue<'c>,
+    qbias: Arg<'c>,
+    deq: Arg<'c>,
+    width: u32,
+) -> BasicValueEnum<'c> {
+    let BasicValueEnum::VectorValue(acc) = acc else {
+        return static_dequant(cg, acc.into_int_value(), c, qbias, deq).into();
+    };
+    let with_bias = cg.b.build_int_add(acc, load_i32_vec(cg, qbias.0, c, width), "").ok_();
+    let f = cg.b.build_signed_int_to_float(with_bias, cg.vec_f32(width), "").ok_();
+    cg.fmul(f.into(), load_scale_vec(cg, deq.0, c, deq.1, width).into())
 }
 
 fn one_element(a: &ArgSpec) -> bool {
@@ -244,7 +261,14 @@ pub(crate) fn moe_down(cg: &mut Cg, k: &Kernel) -> Result<()> {
         y: arg(cg, k, 6),
     };
     let (wp, qb, deq) = (cg.arg(3, wd.dtype), arg(cg, k, 4), arg(cg, k, 5));
-    weighted_down_rows(cg, &dots, rows, |_, _| (), |cg, (), acc, c| static_dequant(cg, acc, c, qb, deq), wp)?;
+    weighted_down_rows(
+        cg,
+        &dots,
+        rows,
+        |_, _| (),
+        |cg, (), acc, c, width| static_dequant_cols(cg, acc, c, qb, deq, width),
+        wp,
+    )?;
     cg.finish_kernel();
     Ok(())
 }
