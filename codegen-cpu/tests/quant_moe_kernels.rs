@@ -529,7 +529,7 @@ fn check_routed_static((t, h, i, e, k): (usize, usize, usize, usize, usize), ids
         with_jit(&p, &tier(tier_name), |get| {
             let mut r = vec![
                 bytes_f32(&weights),
-                bytes_i64(&ids),
+                bytes_i64(ids),
                 vec![0u8; (e + 1) * 8],
                 vec![0u8; s * 8],
                 vec![0u8; s * 4],
