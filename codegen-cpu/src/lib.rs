@@ -31,6 +31,10 @@ pub const KERNEL_ABI_VERSION: i32 = 1;
 /// Name of the exported ABI-version function.
 pub const ABI_SYMBOL: &str = "panguc_kernel_abi";
 
+/// Sorted rows of one expert per tile of the int8 expert kernels (the
+/// rows that share each weight panel load); tests aim at its edges.
+pub const EXPERT_BLOCK_ROWS: usize = kernels::EXPERT_BLOCK_ROWS;
+
 /// `void kernel(i8** args, const i64* syms, i64 begin, i64 end, i8* scratch)`.
 pub type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64, *mut u8);
 

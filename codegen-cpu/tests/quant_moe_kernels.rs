@@ -22,6 +22,18 @@ fn spec(dtype: DType, shape: Vec<Dim>) -> panguc_ir::kernel::ArgSpec {
     common::spec(dtype, shape, Layout::RowMajor)
 }
 
+/// The expert kernels' int8 weights: in the dense int8 matmul's dot panels.
+const DOT_PANELS: Layout = Layout::DotPanels { nr: 16, kg: 4 };
+
+fn panel_spec(shape: &[usize]) -> panguc_ir::kernel::ArgSpec {
+    common::spec(DType::I8, shape.iter().map(|d| Dim::c(*d)).collect(), DOT_PANELS)
+}
+
+/// `w` (int8 values of `shape`) packed in dot panels.
+fn panel_bytes(w: &[i64], shape: &[usize]) -> Vec<u8> {
+    DOT_PANELS.pack(&i8_bytes(w), shape, 1)
+}
+
 fn kernel(name: &str, kind: KernelKind, args: Vec<panguc_ir::kernel::ArgSpec>) -> Kernel {
     common::kernel(name, kind, args, Extent::constant(0))
 }
@@ -63,13 +75,55 @@ fn route_kernel(k: usize, e: usize) -> Kernel {
 /// of them all zeros: scale 0, quantized to zeros).
 #[test]
 fn routed_expert_kernels_match_the_reference_chain_bit_for_bit() {
-    let (t, h, i, e, k) = (5usize, 72usize, 6usize, 4usize, 2usize);
-    let s = t * k;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    let mut x: Vec<f32> = (0..t * h).map(|_| rng.random_range(-2.0f32..2.0)).collect();
-    x[2 * h..3 * h].iter_mut().for_each(|v| *v = 0.0);
+    let t = 5;
     // Expert 2 is never picked.
     let ids: Vec<i64> = (0..t).flat_map(|r| if r % 2 == 0 { [0, 3] } else { [1, 3] }).collect();
+    check_routed((t, 72, 6, 4, 2), &ids, 3);
+}
+
+/// Blocks of rows at their edges: experts receiving 0, 1, R - 1, R, R + 1
+/// and many (3R + 5) rows, R the rows of one expert block, k = 1 expert per
+/// token so the counts are exact, in an order that interleaves the
+/// experts' tokens. H = 70 ends on a partial 4-k group; I = 20 is a whole
+/// panel of 16 gate/up columns and a partial one (the down projection:
+/// 4 whole panels of H and a partial one, K = 20).
+#[test]
+fn routed_expert_kernels_match_the_reference_at_block_edges() {
+    let (ids, experts) = block_edge_ids();
+    check_routed((ids.len(), 70, 20, experts, 1), &ids, 11);
+}
+
+/// One expert per token, experts receiving 0, 1, R - 1, R, R + 1 and
+/// 3R + 5 tokens (R the rows of one expert block), their tokens
+/// interleaved; and the expert count.
+fn block_edge_ids() -> (Vec<i64>, usize) {
+    let r = panguc_codegen_cpu::EXPERT_BLOCK_ROWS;
+    let counts = [0, 1, r - 1, r, r + 1, 3 * r + 5];
+    let mut ids: Vec<i64> = vec![];
+    let mut left = counts;
+    while left.iter().any(|c| *c > 0) {
+        for (ex, c) in left.iter_mut().enumerate().rev() {
+            if *c > 0 {
+                ids.push(ex as i64);
+                *c -= 1;
+            }
+        }
+    }
+    (ids, counts.len())
+}
+
+/// The routed W8A8_DYNAMIC kernels after `moe_route` for `t` tokens, `ids`
+/// (`[T, k]`) of `e` experts, against the reference chain; token 2 (when
+/// there is one) is all zeros.
+fn check_routed((t, h, i, e, k): (usize, usize, usize, usize, usize), ids: &[i64], seed: u64) {
+    let s = t * k;
+    assert_eq!(ids.len(), s);
+    let ids = ids.to_vec();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut x: Vec<f32> = (0..t * h).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    if t > 2 {
+        x[2 * h..3 * h].iter_mut().for_each(|v| *v = 0.0);
+    }
     let weights: Vec<f32> = (0..s).map(|_| rng.random_range(0.1f32..1.0)).collect();
     let (wg, wu, wd) = (random_i8(&mut rng, e * i * h), random_i8(&mut rng, e * i * h), random_i8(&mut rng, e * h * i));
     let (sg, su, sd) = (scales(&mut rng, e * i), scales(&mut rng, e * i), scales(&mut rng, e * h));
@@ -110,9 +164,9 @@ fn routed_expert_kernels_match_the_reference_chain_bit_for_bit() {
             spec(DType::F32, vec![td.clone()]),
             spec(DType::I64, vec![Dim::c(e + 1)]),
             spec(DType::I64, vec![sdim.clone()]),
-            spec(DType::I8, vec![Dim::c(e), Dim::c(i), Dim::c(h)]),
+            panel_spec(&[e, i, h]),
             spec(DType::F32, vec![Dim::c(e), Dim::c(i)]),
-            spec(DType::I8, vec![Dim::c(e), Dim::c(i), Dim::c(h)]),
+            panel_spec(&[e, i, h]),
             spec(DType::F32, vec![Dim::c(e), Dim::c(i)]),
             spec(DType::I8, vec![sdim.clone(), Dim::c(i)]),
             spec(DType::F32, vec![sdim.clone()]),
@@ -126,7 +180,7 @@ fn routed_expert_kernels_match_the_reference_chain_bit_for_bit() {
             spec(DType::F32, vec![sdim.clone()]),
             spec(DType::I64, vec![Dim::c(e + 1)]),
             spec(DType::F32, vec![sdim.clone()]),
-            spec(DType::I8, vec![Dim::c(e), Dim::c(h), Dim::c(i)]),
+            panel_spec(&[e, h, i]),
             spec(DType::F32, vec![Dim::c(e), Dim::c(h)]),
             spec(DType::F32, vec![sdim.clone(), Dim::c(h)]),
         ],
@@ -153,9 +207,9 @@ fn routed_expert_kernels_match_the_reference_chain_bit_for_bit() {
                 bytes_f32(xq_tokens[1].as_f32()),
                 r[2].clone(),
                 r[3].clone(),
-                i8_bytes(&wg),
+                panel_bytes(&wg, &[e, i, h]),
                 bytes_f32(&sg),
-                i8_bytes(&wu),
+                panel_bytes(&wu, &[e, i, h]),
                 bytes_f32(&su),
                 vec![0u8; s * i],
                 vec![0u8; s * 4],
@@ -168,7 +222,7 @@ fn routed_expert_kernels_match_the_reference_chain_bit_for_bit() {
                 g[9].clone(),
                 r[2].clone(),
                 r[4].clone(),
-                i8_bytes(&wd),
+                panel_bytes(&wd, &[e, h, i]),
                 bytes_f32(&sd),
                 vec![0u8; s * h * 4],
             ];
@@ -180,9 +234,18 @@ fn routed_expert_kernels_match_the_reference_chain_bit_for_bit() {
 }
 
 /// The shared expert: one expert, every row, no routing; a zero row too.
+/// 4 rows (one partial block of rows) and 2R + 3 (two whole blocks and a
+/// partial one); I = 10 (a partial panel of columns), H = 130 (a partial
+/// 4-k group).
 #[test]
 fn shared_gate_up_quant_matches_the_reference_chain_bit_for_bit() {
-    let (t, h, i) = (4usize, 130usize, 10usize);
+    for t in [4, 2 * panguc_codegen_cpu::EXPERT_BLOCK_ROWS + 3] {
+        check_shared_gate_up(t);
+    }
+}
+
+fn check_shared_gate_up(t: usize) {
+    let (h, i) = (130usize, 10usize);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
     let mut x: Vec<f32> = (0..t * h).map(|_| rng.random_range(-2.0f32..2.0)).collect();
     x[h..2 * h].iter_mut().for_each(|v| *v = 0.0);
@@ -203,9 +266,9 @@ fn shared_gate_up_quant_matches_the_reference_chain_bit_for_bit() {
         vec![
             spec(DType::I8, vec![td.clone(), Dim::c(h)]),
             spec(DType::F32, vec![td.clone()]),
-            spec(DType::I8, vec![Dim::c(i), Dim::c(h)]),
+            panel_spec(&[i, h]),
             spec(DType::F32, vec![Dim::c(i)]),
-            spec(DType::I8, vec![Dim::c(i), Dim::c(h)]),
+            panel_spec(&[i, h]),
             spec(DType::F32, vec![Dim::c(i)]),
             spec(DType::I8, vec![td.clone(), Dim::c(i)]),
             spec(DType::F32, vec![td.clone()]),
@@ -217,16 +280,16 @@ fn shared_gate_up_quant_matches_the_reference_chain_bit_for_bit() {
             let mut b = vec![
                 i8_bytes(xq[0].as_i64()),
                 bytes_f32(xq[1].as_f32()),
-                i8_bytes(&wg),
+                panel_bytes(&wg, &[i, h]),
                 bytes_f32(&sg),
-                i8_bytes(&wu),
+                panel_bytes(&wu, &[i, h]),
                 bytes_f32(&su),
                 vec![0u8; t * i],
                 vec![0u8; t * 4],
             ];
             run_tiles(get("shared").unwrap(), &mut b, &[t as i64, 0], t as u64, 0);
-            assert_eq!(i8s(&b[6]), want[0].as_i64(), "{tier_name}: quantized activations");
-            assert_eq!(bits(&f32s(&b[7])), bits(want[1].as_f32()), "{tier_name}: activation scales");
+            assert_eq!(i8s(&b[6]), want[0].as_i64(), "{tier_name} t={t}: quantized activations");
+            assert_eq!(bits(&f32s(&b[7])), bits(want[1].as_f32()), "{tier_name} t={t}: activation scales");
         })
         .unwrap();
     }
@@ -375,11 +438,23 @@ fn static_quant_matmul_matches_quantize_then_the_static_int8_matmul_bit_for_bit(
 /// (expert 2 receives no row).
 #[test]
 fn routed_static_expert_kernels_match_the_dense_reference_bit_for_bit() {
-    let (t, h, i, e, k) = (5usize, 72usize, 6usize, 4usize, 2usize);
-    let s = t * k;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    let x: Vec<f32> = (0..t * h).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+    let t = 5;
     let ids: Vec<i64> = (0..t).flat_map(|r| if r % 2 == 0 { [0, 3] } else { [1, 3] }).collect();
+    check_routed_static((t, 72, 6, 4, 2), &ids, 5);
+}
+
+/// The static experts at the block edges of the W8A8_DYNAMIC test.
+#[test]
+fn routed_static_expert_kernels_match_the_dense_reference_at_block_edges() {
+    let (ids, experts) = block_edge_ids();
+    check_routed_static((ids.len(), 70, 20, experts, 1), &ids, 12);
+}
+
+fn check_routed_static((t, h, i, e, k): (usize, usize, usize, usize, usize), ids: &[i64], seed: u64) {
+    let s = t * k;
+    assert_eq!(ids.len(), s);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let x: Vec<f32> = (0..t * h).map(|_| rng.random_range(-3.0f32..3.0)).collect();
     let weights: Vec<f32> = (0..s).map(|_| rng.random_range(0.1f32..1.0)).collect();
     let (wg, wu, wd) = (random_i8(&mut rng, e * i * h), random_i8(&mut rng, e * i * h), random_i8(&mut rng, e * h * i));
     // Per expert: input scales (gate and up differ), offsets, int32 biases
@@ -428,8 +503,11 @@ fn routed_static_expert_kernels_match_the_dense_reference_bit_for_bit() {
         spec(DType::I64, vec![Dim::c(e + 1)]),
         spec(DType::I64, vec![sdim.clone()]),
     ];
-    gu_args.extend(proj(i, h));
-    gu_args.extend(proj(i, h));
+    for _ in 0..2 {
+        let mut p = proj(i, h);
+        p[2] = panel_spec(&[e, i, h]);
+        gu_args.extend(p);
+    }
     gu_args.extend([vec_e(), vec_e(), spec(DType::I8, vec![sdim.clone(), Dim::c(i)])]);
     let gate_up = kernel("gate_up", KernelKind::MoeGateUpStatic, gu_args);
     let mut down_args = vec![
@@ -437,7 +515,8 @@ fn routed_static_expert_kernels_match_the_dense_reference_bit_for_bit() {
         spec(DType::I64, vec![Dim::c(e + 1)]),
         spec(DType::F32, vec![sdim.clone()]),
     ];
-    down_args.extend(proj(h, i)[2..].iter().cloned());
+    down_args.push(panel_spec(&[e, h, i]));
+    down_args.extend(proj(h, i)[3..].iter().cloned());
     down_args.push(spec(DType::F32, vec![sdim, Dim::c(h)]));
     let down = kernel("down", KernelKind::MoeDownStatic, down_args);
     let b = panguc_ir::shape::bindings(t, 0);
@@ -450,7 +529,7 @@ fn routed_static_expert_kernels_match_the_dense_reference_bit_for_bit() {
         with_jit(&p, &tier(tier_name), |get| {
             let mut r = vec![
                 bytes_f32(&weights),
-                bytes_i64(&ids),
+                bytes_i64(ids),
                 vec![0u8; (e + 1) * 8],
                 vec![0u8; s * 8],
                 vec![0u8; s * 4],
@@ -461,7 +540,7 @@ fn routed_static_expert_kernels_match_the_dense_reference_bit_for_bit() {
                 r[5].chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize).collect();
             let mut g = vec![bytes_f32(&x), r[2].clone(), r[3].clone()];
             for (sc, off, w, qb, dq) in [(&gs, &go, &wg, &qbg, &dqg), (&us, &uo, &wu, &qbu, &dqu)] {
-                g.extend([bytes_f32(sc), bytes_f32(off), i8_bytes(w), i32_bytes(qb), bytes_f32(dq)]);
+                g.extend([bytes_f32(sc), bytes_f32(off), panel_bytes(w, &[e, i, h]), i32_bytes(qb), bytes_f32(dq)]);
             }
             g.extend([bytes_f32(&ds), bytes_f32(&dof), vec![0u8; s * i]]);
             run_tiles(get("gate_up").unwrap(), &mut g, &syms, s as u64, 0);
@@ -475,7 +554,7 @@ fn routed_static_expert_kernels_match_the_dense_reference_bit_for_bit() {
                 g[15].clone(),
                 r[2].clone(),
                 r[4].clone(),
-                i8_bytes(&wd),
+                panel_bytes(&wd, &[e, h, i]),
                 i32_bytes(&qbd),
                 bytes_f32(&dqd),
                 vec![0u8; s * h * 4],
@@ -497,7 +576,13 @@ fn routed_static_expert_kernels_match_the_dense_reference_bit_for_bit() {
 /// SwiGLU, against `quantize -> quant_matmul` twice and `swiglu`.
 #[test]
 fn shared_static_gate_up_matches_the_reference_chain_bit_for_bit() {
-    let (t, h, i) = (4usize, 130usize, 10usize);
+    for t in [4, 2 * panguc_codegen_cpu::EXPERT_BLOCK_ROWS + 3] {
+        check_shared_static_gate_up(t);
+    }
+}
+
+fn check_shared_static_gate_up(t: usize) {
+    let (h, i) = (130usize, 10usize);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     let x: Vec<f32> = (0..t * h).map(|_| rng.random_range(-3.0f32..3.0)).collect();
     let (wg, wu) = (random_i8(&mut rng, i * h), random_i8(&mut rng, i * h));
@@ -519,13 +604,7 @@ fn shared_static_gate_up_matches_the_reference_chain_bit_for_bit() {
     let td = Dim::tokens();
     let one = || spec(DType::F32, vec![Dim::c(1)]);
     let weights = || {
-        vec![
-            one(),
-            one(),
-            spec(DType::I8, vec![Dim::c(i), Dim::c(h)]),
-            spec(DType::I32, vec![Dim::c(i)]),
-            spec(DType::F32, vec![Dim::c(i)]),
-        ]
+        vec![one(), one(), panel_spec(&[i, h]), spec(DType::I32, vec![Dim::c(i)]), spec(DType::F32, vec![Dim::c(i)])]
     };
     let mut args = vec![spec(DType::F32, vec![td.clone(), Dim::c(h)])];
     args.extend(weights());
@@ -539,7 +618,7 @@ fn shared_static_gate_up_matches_the_reference_chain_bit_for_bit() {
         with_jit(&p, &tier(tier_name), |get| {
             let mut b = vec![bytes_f32(&x)];
             for (sc, off, w, qb, dq) in [(gs, go, &wg, &qbg, &dqg), (us, uo, &wu, &qbu, &dqu)] {
-                b.extend([bytes_f32(&[sc]), bytes_f32(&[off]), i8_bytes(w), i32_bytes(qb), bytes_f32(dq)]);
+                b.extend([bytes_f32(&[sc]), bytes_f32(&[off]), panel_bytes(w, &[i, h]), i32_bytes(qb), bytes_f32(dq)]);
             }
             b.push(vec![0u8; t * i * 4]);
             run_tiles(get("shared").unwrap(), &mut b, &[t as i64, 0], t as u64, 0);

@@ -14,8 +14,10 @@ mod quant_static;
 mod reduce;
 
 use crate::cg::Cg;
+
 use anyhow::{Context, Result};
 use panguc_ir::kernel::{Kernel, KernelKind};
+pub(crate) use quant_moe::BLOCK_ROWS as EXPERT_BLOCK_ROWS;
 
 pub(crate) fn emit(cg: &mut Cg, k: &Kernel) -> Result<()> {
     let r = match &k.kind {

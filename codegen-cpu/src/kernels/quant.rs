@@ -387,7 +387,13 @@ pub(crate) fn matmul_epilogue<'c>(
 }
 
 /// `n` scale operands from element `i` as f32 lanes (see [`load_scale`]).
-fn load_scale_vec<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, dtype: DType, n: u32) -> VectorValue<'c> {
+pub(crate) fn load_scale_vec<'c>(
+    cg: &Cg<'c>,
+    p: PointerValue<'c>,
+    i: IntValue<'c>,
+    dtype: DType,
+    n: u32,
+) -> VectorValue<'c> {
     if dtype.is_float() {
         return cg.load_vec(p, i, dtype, n);
     }
@@ -398,7 +404,7 @@ fn load_scale_vec<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, dtype: 
 
 /// `n` elements of an integer buffer from element `i` as i32 lanes (see
 /// [`load_i32`]).
-fn load_i32_vec<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, n: u32) -> VectorValue<'c> {
+pub(crate) fn load_i32_vec<'c>(cg: &Cg<'c>, p: PointerValue<'c>, i: IntValue<'c>, n: u32) -> VectorValue<'c> {
     let v = load_int_vec(cg, p, i, n);
     cg.b.build_int_cast_sign_flag(v, cg.i32t().vec_type(n), true, "").ok_()
 }

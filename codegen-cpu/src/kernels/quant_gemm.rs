@@ -269,72 +269,152 @@ fn splat_i32<'c>(cg: &Cg<'c>, x: IntValue<'c>, n: u32) -> VectorValue<'c> {
     cg.b.build_shuffle_vector(one, undef, i32x(cg, n).const_zero(), "").ok_()
 }
 
+/// The register-blocked int8 dot products of rows with one dot-product
+/// panel (16 weight rows), shared by the dense int8 matmul and the expert
+/// kernels: the micro-kernels are emitted once per kernel (before it),
+/// then a kernel computes, per panel, any number of rows' exact int32
+/// sums (row r's 16 columns at `tile[16 r..]`), each row's independent of
+/// the other rows it shares a call with.
+pub(crate) struct PanelDots<'c> {
+    helpers: Vec<FunctionValue<'c>>,
+    /// `vpdpbusd` on the VNNI tier (the column sums' correction).
+    dp: Option<FunctionValue<'c>>,
+    k: usize,
+    groups: usize,
+}
+
+impl<'c> PanelDots<'c> {
+    /// Emit the micro-kernels for contraction length `k`, named after the
+    /// kernel `name`; call before the kernel's `begin_kernel`.
+    pub fn declare(cg: &mut Cg<'c>, name: &str, k: usize) -> Result<Self> {
+        let helpers = (1..=max_rows(cg.vnni))
+            .map(|mr| microkernel(cg, &format!("{name}.mk{mr}"), k, mr))
+            .collect::<Result<_>>()?;
+        let dp = if cg.vnni { Some(intrinsic(cg, "llvm.x86.avx512.vpdpbusd.512")?) } else { None };
+        Ok(PanelDots { helpers, dp, k, groups: k.div_ceil(KG) })
+    }
+
+    /// The contraction length.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Rows per micro-kernel call.
+    pub fn max_rows(&self) -> usize {
+        self.helpers.len()
+    }
+
+    /// Bytes of one panel (16 weight rows, zero-padded groups).
+    pub fn panel_bytes(&self) -> usize {
+        self.groups * GROUP_BYTES
+    }
+
+    /// The stack buffers of a kernel computing up to `rows` rows per
+    /// call: the sums tile (`rows x 16` i32) and the column sums.
+    pub fn buffers(&self, cg: &Cg<'c>, rows: usize) -> (PointerValue<'c>, PointerValue<'c>) {
+        let tile = cg.alloca(cg.i32t().array_type((rows * NR) as u32), "tile");
+        let tile = cg.b.build_pointer_cast(tile, cg.i32t().ptr_type(AddressSpace::default()), "").ok_();
+        (tile, cg.alloca(i32x(cg, NR as u32), "csum"))
+    }
+
+    /// VNNI: `128 * sum_k w` per column of `panel` into `csum`, the
+    /// correction of the shifted rows (this pass streams the panel from
+    /// memory, with software prefetch; the rows then read it from cache).
+    /// Nothing on the other tiers.
+    pub fn column_sums(&self, cg: &mut Cg<'c>, panel: PointerValue<'c>, csum: PointerValue<'c>) -> Result<()> {
+        let Some(dp) = self.dp else { return Ok(()) };
+        let v16 = i32x(cg, NR as u32);
+        cg.store_v(csum, v16.const_zero());
+        let ones = VectorType::const_vector(&[cg.i32t().const_int(0x0101_0101, false); NR]);
+        cg.for_range(cg.i64c(0), cg.i64c(self.groups as i64), 1, |cg, g| {
+            let w = panel_group(cg, panel, g);
+            let s = call(cg, dp, &[cg.load_v(csum), ones.into(), w.into()]);
+            cg.store_v(csum, s);
+            Ok(())
+        })?;
+        let shifted = cg.b.build_left_shift(cg.load_v(csum).into_vector_value(), cg.splat_i32(7, NR as u32), "").ok_();
+        cg.store_v(csum, shifted);
+        Ok(())
+    }
+
+    /// The raw sums of `rows` rows (at most the tile's rows) from `x`, `stride`
+    /// bytes apart, with `panel`: micro-kernel calls of up to
+    /// [`PanelDots::max_rows`] rows each.
+    pub fn sums(
+        &self,
+        cg: &mut Cg<'c>,
+        (x, stride): (PointerValue<'c>, IntValue<'c>),
+        rows: IntValue<'c>,
+        panel: PointerValue<'c>,
+        tile: PointerValue<'c>,
+    ) -> Result<()> {
+        let mr = self.max_rows() as i64;
+        let calls = cg.div(cg.add(rows, cg.i64c(mr - 1)), cg.i64c(mr));
+        cg.for_range(cg.i64c(0), calls, 1, |cg, c| {
+            let row0 = cg.mul(c, cg.i64c(mr));
+            let n = cg.min(cg.i64c(mr), cg.sub(rows, row0));
+            let xc = cg.gep(x, cg.mul(row0, stride));
+            let out = cg.gep(tile, cg.mul(row0, cg.i64c(NR as i64)));
+            for (i, h) in self.helpers.iter().enumerate() {
+                cg.if_then(cg.eq(n, cg.i64c(i as i64 + 1)), |cg| {
+                    cg.b.build_call(*h, &[xc.into(), stride.into(), panel.into(), out.into()], "").ok_();
+                    Ok(())
+                })?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Row `r`'s exact 16 sums from the tile (corrected on VNNI).
+    pub fn row(
+        &self,
+        cg: &Cg<'c>,
+        (tile, csum): (PointerValue<'c>, PointerValue<'c>),
+        r: IntValue<'c>,
+    ) -> VectorValue<'c> {
+        let v16 = i32x(cg, NR as u32);
+        let vp = cg
+            .b
+            .build_pointer_cast(cg.gep(tile, cg.mul(r, cg.i64c(NR as i64))), v16.ptr_type(AddressSpace::default()), "")
+            .ok_();
+        let raw = cg.b.build_load(vp, "").ok_();
+        // The tile buffer is an i32 array: only element-aligned.
+        raw.as_instruction_value().expect("load").set_alignment(4).ok_();
+        let sums = raw.into_vector_value();
+        if self.dp.is_some() {
+            return cg.b.build_int_sub(sums, cg.load_v(csum).into_vector_value(), "").ok_();
+        }
+        sums
+    }
+}
+
 /// The int8 matmul kernel on dot-product panels (see the module docs).
 pub(crate) fn quant_matmul_panels(cg: &mut Cg, k: &panguc_ir::kernel::Kernel, q: &QuantMatMulArgs) -> Result<()> {
-    let kc = q.k;
-    let mr_max = max_rows(cg.vnni);
-    let helpers: Vec<FunctionValue> =
-        (1..=mr_max).map(|mr| microkernel(cg, &format!("{}.mk{mr}", k.name), kc, mr)).collect::<Result<_>>()?;
+    let dots = PanelDots::declare(cg, &k.name, q.k)?;
+    let mr_max = dots.max_rows();
     cg.begin_kernel(&k.name);
-    let groups = kc.div_ceil(KG);
-    let panel_bytes = cg.i64c((groups * GROUP_BYTES) as i64);
+    let panel_bytes = cg.i64c(dots.panel_bytes() as i64);
     let ops = q.pointers(cg);
-    let (m, kv, n) = (q.m(cg)?, cg.i64c(kc as i64), cg.i64c(q.n as i64));
+    let (m, kv, n) = (q.m(cg)?, cg.i64c(q.k as i64), cg.i64c(q.n as i64));
     let blocks = cg.i64c(q.n.div_ceil(NR) as i64);
-    let v16 = i32x(cg, NR as u32);
-    let tile = cg.alloca(cg.i32t().array_type((mr_max * NR) as u32), "tile");
-    let tile = cg.b.build_pointer_cast(tile, cg.i32t().ptr_type(AddressSpace::default()), "").ok_();
-    let csum = cg.alloca(v16, "csum");
-    let vnni = cg.vnni;
-    let dp = if vnni { Some(intrinsic(cg, "llvm.x86.avx512.vpdpbusd.512")?) } else { None };
+    let bufs = dots.buffers(cg, mr_max);
     cg.for_tiles(|cg, t| {
         let (batch, blk) = (cg.div(t, blocks), cg.rem(t, blocks));
         let panel = cg.gep(ops.w, cg.mul(t, panel_bytes));
         let j0 = cg.mul(blk, cg.i64c(NR as i64));
         let j1 = cg.min(cg.add(j0, cg.i64c(NR as i64)), n);
         let c0 = if q.w_batched { cg.add(cg.mul(batch, n), j0) } else { j0 };
-        if let Some(dp) = dp {
-            // 128 * sum_k w per column: the correction of the shifted rows.
-            cg.store_v(csum, v16.const_zero());
-            let ones = VectorType::const_vector(&[cg.i32t().const_int(0x0101_0101, false); NR]);
-            cg.for_range(cg.i64c(0), cg.i64c(groups as i64), 1, |cg, g| {
-                let w = panel_group(cg, panel, g);
-                let s = call(cg, dp, &[cg.load_v(csum), ones.into(), w.into()]);
-                cg.store_v(csum, s);
-                Ok(())
-            })?;
-            let shifted =
-                cg.b.build_left_shift(cg.load_v(csum).into_vector_value(), cg.splat_i32(7, NR as u32), "").ok_();
-            cg.store_v(csum, shifted);
-        }
+        dots.column_sums(cg, panel, bufs.1)?;
         let row_blocks = cg.div(cg.add(m, cg.i64c(mr_max as i64 - 1)), cg.i64c(mr_max as i64));
         cg.for_range(cg.i64c(0), row_blocks, 1, |cg, rb| {
             let row0 = cg.mul(rb, cg.i64c(mr_max as i64));
             let rows = cg.min(cg.i64c(mr_max as i64), cg.sub(m, row0));
             let x_row0 = if q.x_batched { cg.add(cg.mul(batch, m), row0) } else { row0 };
             let x = cg.gep(ops.x, cg.mul(x_row0, kv));
-            for (i, h) in helpers.iter().enumerate() {
-                cg.if_then(cg.eq(rows, cg.i64c(i as i64 + 1)), |cg| {
-                    cg.b.build_call(*h, &[x.into(), kv.into(), panel.into(), tile.into()], "").ok_();
-                    Ok(())
-                })?;
-            }
+            dots.sums(cg, (x, kv), rows, panel, bufs.0)?;
             cg.for_range(cg.i64c(0), rows, 1, |cg, r| {
                 let at = OutputRow::new(cg, q, batch, cg.add(row0, r), m).with_scale(cg, q, &ops);
-                let vp =
-                    cg.b.build_pointer_cast(
-                        cg.gep(tile, cg.mul(r, cg.i64c(NR as i64))),
-                        v16.ptr_type(AddressSpace::default()),
-                        "",
-                    )
-                    .ok_();
-                let raw = cg.b.build_load(vp, "").ok_();
-                // The tile buffer is an i32 array: only element-aligned.
-                raw.as_instruction_value().expect("load").set_alignment(4).ok_();
-                let mut sums = raw.into_vector_value();
-                if vnni {
-                    sums = cg.b.build_int_sub(sums, cg.load_v(csum).into_vector_value(), "").ok_();
-                }
+                let sums = dots.row(cg, bufs, r);
                 matmul_epilogue(cg, q, &ops, &at, (j0, j1, c0), sums)
             })
         })

@@ -864,13 +864,15 @@ impl<'a> Selector<'a> {
     fn quant_matmul_operands(&mut self, operands: &[usize]) -> Result<Vec<BufferId>> {
         let mut args = vec![];
         for (i, a) in operands.iter().enumerate() {
-            args.push(if i == 1 && self.konst[*a] {
-                self.weight(*a, Layout::DotPanels { nr: panguc_ir::kernel::QUANT_MATMUL_COLS as u32, kg: 4 })?
-            } else {
-                self.rm(*a)?
-            });
+            args.push(if i == 1 && self.konst[*a] { self.int8_weight(*a)? } else { self.rm(*a)? });
         }
         Ok(args)
+    }
+
+    /// An int8 weight packed in dot-product panels (16 columns x 4 k per
+    /// 64-byte load), as the CPU int8 matmul and expert kernels take it.
+    fn int8_weight(&mut self, v: usize) -> Result<BufferId> {
+        self.operand(v, Layout::DotPanels { nr: panguc_ir::kernel::QUANT_MATMUL_COLS as u32, kg: 4 })
     }
 
     /// Operands row-major, then one fresh buffer per result.

@@ -415,7 +415,10 @@ impl Selector<'_> {
     /// The shared expert's static gate/up/SwiGLU at its `swiglu` node.
     pub(super) fn static_gate_up(&mut self, sw: usize) -> Result<()> {
         let a = self.static_gate_up.remove(&sw).ok_or_else(|| anyhow!("no fused static gate/up here"))?;
-        let mut args = a.iter().map(|v| self.rm(*v)).collect::<Result<Vec<_>>>()?;
+        // The gate and up weights (args 3 and 8) in int8 dot panels.
+        let mut args = (a.iter().enumerate())
+            .map(|(j, v)| if j == 3 || j == 8 { self.int8_weight(*v) } else { self.rm(*v) })
+            .collect::<Result<Vec<_>>>()?;
         args.push(self.act(self.g.nodes[sw].results[0]));
         self.launch(KernelKind::QuantGateUpStatic, args)
     }
@@ -497,7 +500,11 @@ impl Selector<'_> {
     /// `dynamic_quant` node `dq`.
     pub(super) fn quant_gate_up(&mut self, dq: usize) -> Result<()> {
         let gu = self.quant_gate_up.remove(&dq).ok_or_else(|| anyhow!("no fused gate/up at this node"))?;
-        let mut args = gu.args.iter().map(|a| self.rm(*a)).collect::<Result<Vec<_>>>()?;
+        // Quantized rows and scales row-major; gate and up weights (args 2
+        // and 4) in int8 dot panels.
+        let mut args = (gu.args.iter().enumerate())
+            .map(|(j, a)| if j == 2 || j == 4 { self.int8_weight(*a) } else { self.rm(*a) })
+            .collect::<Result<Vec<_>>>()?;
         let results = self.g.nodes[dq].results.clone();
         args.extend(results.iter().map(|r| self.act(*r)));
         self.launch(KernelKind::QuantGateUpQuant, args)
@@ -540,7 +547,11 @@ impl Selector<'_> {
         let (e, i) = (gate_shape[0], gate_shape[1]);
         let (wb, ib) = (self.rm(moe.weights)?, self.rm(moe.ids)?);
         let (xq, x_scale) = self.quantized_rows(moe.x, &name)?;
-        let w = moe.w.iter().map(|v| self.rm(*v)).collect::<Result<Vec<_>>>()?;
+        // Gate, up and down weights (even entries) in int8 dot panels, their
+        // scales row-major.
+        let w = (moe.w.iter().enumerate())
+            .map(|(j, v)| if j % 2 == 0 { self.int8_weight(*v) } else { self.rm(*v) })
+            .collect::<Result<Vec<_>>>()?;
         let offsets = self.scratch(format!("{name}.offsets"), DType::I64, vec![Dim::c(e + 1)]);
         let rows = self.scratch(format!("{name}.rows"), DType::I64, vec![slots.clone()]);
         let row_w = self.scratch(format!("{name}.row_weight"), DType::F32, vec![slots.clone()]);

@@ -175,8 +175,14 @@ impl Selector<'_> {
         let gate_shape = static_shape(&g.values[moe.gate_up[2]].ty, "expert gate weights")?;
         let (e, i) = (gate_shape[0], gate_shape[1]);
         let (wb, ib, xb) = (self.rm(moe.weights)?, self.rm(moe.ids)?, self.rm(moe.x)?);
-        let gate_up = moe.gate_up.iter().map(|v| self.rm(*v)).collect::<Result<Vec<_>>>()?;
-        let down = moe.down.iter().map(|v| self.rm(*v)).collect::<Result<Vec<_>>>()?;
+        // The gate and up weights (entries 2 and 7) in int8 dot panels.
+        let gate_up = (moe.gate_up.iter().enumerate())
+            .map(|(j, v)| if j == 2 || j == 7 { self.int8_weight(*v) } else { self.rm(*v) })
+            .collect::<Result<Vec<_>>>()?;
+        // The down weight (first) in int8 dot panels, its bias and scale row-major.
+        let down = (moe.down.iter().enumerate())
+            .map(|(j, v)| if j == 0 { self.int8_weight(*v) } else { self.rm(*v) })
+            .collect::<Result<Vec<_>>>()?;
         let offsets = self.scratch(format!("{name}.offsets"), DType::I64, vec![Dim::c(e + 1)]);
         let rows = self.scratch(format!("{name}.rows"), DType::I64, vec![slots.clone()]);
         let row_w = self.scratch(format!("{name}.row_weight"), DType::F32, vec![slots.clone()]);
