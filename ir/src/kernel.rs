@@ -554,20 +554,26 @@ pub enum KernelKind {
     /// them) reads token row `rows[r]`; `g[n] = f32(xq . w_gate[e, n]) *
     /// gate_scale[e, n] * x_scale`, `u` likewise, `a = silu(g) * u`, and
     /// `a` is quantized per row into `q_out[r]`, `scale_out[r]`
-    /// (`DynamicQuant`). The int32 sums never leave the kernel. Tile: one
-    /// sorted row.
+    /// (`DynamicQuant`). The int32 sums never leave the kernel. Tiles: one per sorted row; the
+    /// tile at the first row of each block of up to 16 rows of one expert
+    /// computes the block (the others have no work), so each weight panel
+    /// is read once per block.
     MoeGateUpQuant,
     /// The shared expert's [`KernelKind::MoeGateUpQuant`] (one expert, no
     /// routing): `(xq i8[T, H], x_scale f32[T], w_gate i8[I, H],
     /// gate_scale[I], w_up i8[I, H], up_scale[I], q_out i8[T, I], scale_out
-    /// f32[T])`. Tile: one row.
+    /// f32[T])`. Tiles: one per row; the tile at
+    /// the first row of each block of 16 rows computes the block.
     QuantGateUpQuant,
     /// Routed W8A8_DYNAMIC experts, second half (`grouped_quant_matmul` of
     /// the down projection, scaled by the routing weight):
     /// `(aq i8[S, I], a_scale f32[S], offsets i64[E+1], row_weight f32[S],
     /// w_down i8[E, H, I], down_scale[E, H], ys f32[S, H])`:
     /// `ys[r, n] = f32(aq[r] . w_down[e, n]) * down_scale[e, n] * a_scale[r]
-    /// * row_weight[r]`. Tile: one sorted row.
+    /// * row_weight[r]`. Tiles: one per sorted row; the
+    /// tile at the first row of each block of up to 16 rows of one expert
+    /// computes the block (the others have no work), so each weight panel
+    /// is read once per block.
     MoeDownQuant,
     /// [`KernelKind::QuantMatMul`] (`per_token`) with the `DynamicQuant`
     /// of its input done inside: `(x f32[M, K], w i8[N, K], w_scale[N],
@@ -599,20 +605,27 @@ pub enum KernelKind {
     /// with each projection's per-tensor scale and offset (`Quantize`),
     /// `g[n] = f32(xg . w_gate[e, n] + gate_qbias[e, n]) * gate_deq[e, n]`,
     /// `u` likewise, `a = silu(g) * u`, and `q_out[r] = quantize(a,
-    /// down_scale[e], down_offset[e])`. Tile: one sorted row.
+    /// down_scale[e], down_offset[e])`. Tiles: one per sorted row; the
+    /// tile at the first row of each block of up to 16 rows of one expert
+    /// computes the block (the others have no work), so each weight panel
+    /// is read once per block.
     MoeGateUpStatic,
     /// The shared expert's gate, up and SwiGLU under static W8A8 (two
     /// [`KernelKind::StaticQuantMatMul`]s of one input, then `swiglu`):
     /// `(x f32[T, H], gate_scale[1], gate_offset[1], w_gate i8[I, H],
     /// gate_qbias[I], gate_deq[I], up_scale[1], up_offset[1], w_up i8[I, H],
     /// up_qbias[I], up_deq[I], act_out f32[T, I])`: `act = silu(g) * u`.
-    /// Tile: one row.
+    /// Tiles: one per row; the tile at
+    /// the first row of each block of 16 rows computes the block.
     QuantGateUpStatic,
     /// Routed static W8A8 experts, second half: `(aq i8[S, I], offsets
     /// i64[E+1], row_weight f32[S], w_down i8[E, H, I], down_qbias[E, H],
     /// down_deq[E, H], ys f32[S, H])`: `ys[r, n] =
     /// f32(aq[r] . w_down[e, n] + down_qbias[e, n]) * down_deq[e, n] *
-    /// row_weight[r]`. Tile: one sorted row.
+    /// row_weight[r]`. Tiles: one per sorted row; the
+    /// tile at the first row of each block of up to 16 rows of one expert
+    /// computes the block (the others have no work), so each weight panel
+    /// is read once per block.
     MoeDownStatic,
     /// `(in, out)` f32: a collective over the global ranks `group` with the
     /// semantics of `panguc_ir::multirank` (sum reduction; `axis` for the
