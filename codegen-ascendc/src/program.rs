@@ -1,10 +1,10 @@
 //! A whole kernel program for one Ascend target: device dtypes of every
 //! buffer, the device kernels of every program kernel, and the memory report.
 
-use crate::emit::{emit_kernel, upper_camel, DeviceKernel, DeviceKernels, EmitOptions};
+use crate::emit::{emit_kernel, upper_camel, ArgRef, DeviceKernel, DeviceKernels, EmitOptions, NzTile};
 use crate::target::{DevType, Target};
 use anyhow::{bail, Context, Result};
-use panguc_ir::kernel::{BufferKind, KernelKind, KernelProgram};
+use panguc_ir::kernel::{BufferId, BufferKind, KernelKind, KernelProgram};
 use panguc_ir::DType;
 use sha2::{Digest, Sha256};
 
@@ -75,6 +75,10 @@ pub struct AscendProgram {
     pub buffer_dtypes: Vec<DevType>,
     /// Device kernels of each program kernel (same index).
     pub kernels: Vec<DeviceKernels>,
+    /// Per program buffer: the L1 tile order a weight is stored in (every
+    /// device-kernel parameter bound to it reads it so), or `None` for
+    /// row-major (see [`weight_tiling`]).
+    pub buffer_nz: Vec<Option<NzTile>>,
     /// `(rank, devices)` for one rank of a partitioned program (its host
     /// program joins the HCCL communicators); `None` for one device.
     pub rank: Option<(usize, usize)>,
@@ -128,15 +132,7 @@ pub fn emit_program(p: &KernelProgram, target: Target, act: DevType) -> Result<A
     let opts = EmitOptions::new(target, act)?;
     let bdt = device_dtypes(p, act);
     let program = split_by_device_dtypes(p, &bdt);
-    let mut kernels: Vec<DeviceKernels> = Vec::with_capacity(program.kernels.len());
-    for (ki, k) in program.kernels.iter().enumerate() {
-        let Some(first) = program.launches.iter().find(|l| l.kernel == ki) else {
-            bail!("kernel `{}` is never launched", k.name)
-        };
-        let dts: Vec<DevType> = first.args.iter().map(|a| bdt[a.index()]).collect();
-        let dk = emit_kernel(k, &dts, &opts).with_context(|| format!("emitting AscendC for {target}"))?;
-        kernels.push(dk);
-    }
+    let (mut kernels, buffer_nz) = weight_tiling(&program, &bdt, opts)?;
     let id = package_id(target, act, &kernels);
     let op_prefix = format!("pg{id}");
     for dk in kernels.iter_mut().flat_map(|d| d.kernels.iter_mut()) {
@@ -147,11 +143,104 @@ pub fn emit_program(p: &KernelProgram, target: Target, act: DevType) -> Result<A
         act,
         buffer_dtypes: bdt,
         kernels,
+        buffer_nz,
         rank: None,
         vendor: format!("panguc_{id}"),
         op_prefix,
         program,
     })
+}
+
+/// Emit every kernel of `program` and decide each buffer's layout: a weight
+/// is stored pre-tiled ([`NzTile`]) only when every device-kernel parameter
+/// bound to it, in every launch, reads it in the same tile order (so a
+/// weight a vector kernel also reads, e.g. an embedding gather, or one two
+/// GEMMs tile differently, stays row-major). Kernels are first emitted
+/// allowing the tiled form for every argument bound to a weight in all its
+/// launches; a kernel argument whose tiled read loses in some buffer is
+/// then emitted row-major again, until nothing changes (each round only
+/// withdraws permissions, so this ends).
+fn weight_tiling(
+    program: &KernelProgram,
+    bdt: &[DevType],
+    opts: EmitOptions,
+) -> Result<(Vec<DeviceKernels>, Vec<Option<NzTile>>)> {
+    let is_weight = |b: BufferId| matches!(program.buffers[b.index()].kind, BufferKind::Weight { .. });
+    let mut launches: Vec<Vec<&Vec<BufferId>>> = vec![vec![]; program.kernels.len()];
+    for l in &program.launches {
+        launches[l.kernel].push(&l.args);
+    }
+    let mut masks = Vec::with_capacity(program.kernels.len());
+    for (ki, k) in program.kernels.iter().enumerate() {
+        if launches[ki].is_empty() {
+            bail!("kernel `{}` is never launched", k.name);
+        }
+        let args = k.args.len().min(64);
+        let mask = (0..args).filter(|&a| launches[ki].iter().all(|l| is_weight(l[a]))).fold(0u64, |m, a| m | 1 << a);
+        masks.push(mask);
+    }
+    let emit = |ki: usize, mask: u64| -> Result<DeviceKernels> {
+        let dts: Vec<DevType> = launches[ki][0].iter().map(|a| bdt[a.index()]).collect();
+        let o = EmitOptions { nz_args: mask, ..opts };
+        emit_kernel(&program.kernels[ki], &dts, &o).with_context(|| format!("emitting AscendC for {}", opts.target))
+    };
+    let mut kernels: Vec<DeviceKernels> = (0..masks.len()).map(|ki| emit(ki, masks[ki])).collect::<Result<_>>()?;
+    loop {
+        // What every parameter bound to each buffer wants (views of a
+        // weight read it row-major).
+        let mut wants: Vec<Vec<Option<NzTile>>> = vec![vec![]; program.buffers.len()];
+        for (ki, dks) in kernels.iter().enumerate() {
+            for args in &launches[ki] {
+                for prm in dks.kernels.iter().flat_map(|d| &d.params) {
+                    if let ArgRef::Orig(a) = prm.arg {
+                        let (root, _) = program.root_of(args[a]);
+                        wants[root.index()].push(if root == args[a] { prm.nz } else { None });
+                    }
+                }
+            }
+        }
+        let mut nz: Vec<Option<NzTile>> = wants
+            .iter()
+            .map(|w| match w.first() {
+                Some(Some(t)) if w.iter().all(|x| *x == Some(*t)) => Some(*t),
+                _ => None,
+            })
+            .collect();
+        // Buffers of one weight share its one device file: one layout.
+        let mut agreed: Vec<Option<Option<NzTile>>> = vec![None; program.weights.len()];
+        let mut split = vec![false; program.weights.len()];
+        for (i, b) in program.buffers.iter().enumerate() {
+            if let BufferKind::Weight { index } = b.kind {
+                split[index] |= *agreed[index].get_or_insert(nz[i]) != nz[i];
+            }
+        }
+        for (i, b) in program.buffers.iter().enumerate() {
+            if let BufferKind::Weight { index } = b.kind {
+                if split[index] {
+                    nz[i] = None;
+                }
+            }
+        }
+        let mut changed = false;
+        for (ki, dks) in kernels.iter_mut().enumerate() {
+            let mut mask = masks[ki];
+            for prm in dks.kernels.iter().flat_map(|d| &d.params) {
+                if let (ArgRef::Orig(a), Some(_)) = (&prm.arg, prm.nz) {
+                    if launches[ki].iter().any(|l| nz[l[*a].index()].is_none()) {
+                        mask &= !(1u64 << a);
+                    }
+                }
+            }
+            if mask != masks[ki] {
+                masks[ki] = mask;
+                *dks = emit(ki, mask)?;
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok((kernels, nz));
+        }
+    }
 }
 
 /// Entries are emitted as `panguc_kNNN_...` (op type `PangucKNNN...`).

@@ -179,7 +179,7 @@ fn write_device_weights(
         let Some(b) = buffer_of[wi] else { continue };
         let prepared = provider(w).with_context(|| format!("preparing weight `{}`", w.name))?;
         for (ap, _) in emitted {
-            let bytes = device_weight_bytes(w, &prepared, ap.buffer_dtypes[b])
+            let bytes = device_weight_bytes(w, &prepared, ap.buffer_dtypes[b], ap.buffer_nz[b])
                 .with_context(|| format!("converting weight `{}` for {}", w.name, ap.target))?;
             let path = staging.join("ascend").join(ap.target.name()).join("weights").join(format!("{}.bin", w.name));
             let mut f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
