@@ -83,9 +83,9 @@ pub(crate) fn copy_b(nz: bool, w_base: &str) -> String {
 /// How a template's comments describe the weight tile copy.
 pub(crate) fn w_layout(nz: bool) -> &'static str {
     if nz {
-        "stored pre-tiled in that order, one contiguous copy per K step"
+        "stored pre-tiled in its L1 tile order, one contiguous copy per K step"
     } else {
-        "row-major W rows copied with Nd2Nz"
+        "row-major, its rows copied with Nd2Nz"
     }
 }
 
@@ -222,8 +222,9 @@ using O = {{O}};
 {{CUBE_CONSTS}}
 
 // C[M, N] = A[M, K] * W[N, K]^T; one baseM x baseN output tile at a time,
-// K accumulated in L0C in baseK steps. W's L1 tile ({{W_LAYOUT}}) is
-// already in L0B's ZN order, so B needs no transpose.
+// K accumulated in L0C in baseK steps. W's L1 tile is already in L0B's ZN
+// order, so B needs no transpose.
+// W: {{W_LAYOUT}}.
 class {{CLASS}} {
 public:
     __aicore__ inline {{CLASS}}() {}

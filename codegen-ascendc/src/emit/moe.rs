@@ -151,8 +151,8 @@ using T = {{T}};
 // Grouped GEMM: for each expert e, C[r, :] = A[{{AROW}}, :] * W[e]^T for the
 // sorted rows r in offsets[e]..offsets[e+1] (known only on the device). One
 // (expert, baseN column block) per tile; the expert's rows in baseM steps,
-// K accumulated in L0C in baseK steps; {{ACC_NAME}} out. W[e]'s L1 tile:
-// {{W_LAYOUT}}.
+// K accumulated in L0C in baseK steps; {{ACC_NAME}} out.
+// W[e]: {{W_LAYOUT}}.
 class {{CLASS}} {
 public:
     __aicore__ inline {{CLASS}}() {}
