@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use panguc_ir::kernel::{BufferId, BufferKind, KernelKind, KernelProgram};
 use panguc_ir::DType;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 
 /// Device dtype of every buffer: integers are i64, except the i32 step
 /// metadata of a ragged batch (positions, block table, ...) and int32
@@ -207,16 +208,16 @@ fn weight_tiling(
             })
             .collect();
         // Buffers of one weight share its one device file: one layout.
-        let mut agreed: Vec<Option<Option<NzTile>>> = vec![None; program.weights.len()];
-        let mut split = vec![false; program.weights.len()];
+        let mut agreed: HashMap<usize, (Option<NzTile>, bool)> = HashMap::new();
         for (i, b) in program.buffers.iter().enumerate() {
             if let BufferKind::Weight { index } = b.kind {
-                split[index] |= *agreed[index].get_or_insert(nz[i]) != nz[i];
+                let (first, split) = agreed.entry(index).or_insert((nz[i], false));
+                *split |= *first != nz[i];
             }
         }
         for (i, b) in program.buffers.iter().enumerate() {
             if let BufferKind::Weight { index } = b.kind {
-                if split[index] {
+                if agreed[&index].1 {
                     nz[i] = None;
                 }
             }
@@ -314,7 +315,7 @@ pub fn weight_buffers(p: &KernelProgram, ap: &AscendProgram) -> Vec<(usize, usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use panguc_ir::kernel::{tile_extent, ArgSpec, Buffer, BufferId, BufferKind, Extent, Kernel, Launch, Layout};
+    use panguc_ir::kernel::{tile_extent, ArgSpec, Buffer, Extent, Kernel, Launch, Layout};
     use panguc_ir::Dim;
 
     /// An int8 program's buffers: the int8 rows stay bytes and the
@@ -354,5 +355,75 @@ mod tests {
             slots: 3,
         };
         assert_eq!(device_dtypes(&p, DevType::BF16), vec![DevType::BF16, DevType::I8, DevType::F32]);
+    }
+
+    /// A weight read only by GEMMs is stored pre-tiled; one a gather also
+    /// reads stays row-major, and so does every weight a shared GEMM kernel
+    /// reads (its one variant must suit all its launches).
+    #[test]
+    fn only_weights_every_reader_tiles_are_stored_tiled() {
+        let (h, n) = (64usize, 32usize);
+        let act = |slot| BufferKind::Activation { slot };
+        let bufs = [
+            ("x", DType::F32, vec![Dim::tokens(), Dim::c(h)], act(0)),
+            ("ids", DType::I64, vec![Dim::tokens()], BufferKind::Input { index: 0 }),
+            ("emb", DType::F32, vec![Dim::c(n), Dim::c(h)], BufferKind::Weight { index: 0 }),
+            ("w_own", DType::F32, vec![Dim::c(n), Dim::c(h)], BufferKind::Weight { index: 1 }),
+            ("w_shared", DType::F32, vec![Dim::c(n), Dim::c(h)], BufferKind::Weight { index: 2 }),
+            ("y", DType::F32, vec![Dim::tokens(), Dim::c(n)], act(1)),
+            ("g", DType::F32, vec![Dim::tokens(), Dim::c(h)], act(2)),
+        ];
+        let buffers: Vec<Buffer> = bufs
+            .iter()
+            .map(|(name, dtype, shape, kind)| Buffer {
+                name: name.to_string(),
+                dtype: *dtype,
+                shape: shape.clone(),
+                kind: kind.clone(),
+            })
+            .collect();
+        // The GEMM weight (argument 1) in the CPU packages' panels.
+        let kernel = |name: &str, kind: KernelKind, ids: &[usize]| {
+            let gemm = matches!(kind, KernelKind::Gemm { .. });
+            let layout =
+                |pos: usize| if gemm && pos == 1 { Layout::Panels { nr: 16, kn: false } } else { Layout::RowMajor };
+            let args: Vec<ArgSpec> = ids
+                .iter()
+                .enumerate()
+                .map(|(pos, &i)| ArgSpec { dtype: bufs[i].1, shape: bufs[i].2.clone(), layout: layout(pos) })
+                .collect();
+            let tiles = tile_extent(&kind, &args).unwrap();
+            Kernel { name: name.into(), kind, args, tiles, thread_scratch: Extent::constant(0) }
+        };
+        let gemm = KernelKind::Gemm { epilogue: panguc_ir::kernel::Epilogue::None };
+        let kernels = vec![
+            kernel("panguc_k000_gemm", gemm.clone(), &[0, 2, 5]),
+            kernel("panguc_k001_gemm", gemm, &[0, 3, 5]),
+            kernel("panguc_k002_gather", KernelKind::Gather, &[2, 1, 6]),
+        ];
+        let launch =
+            |kernel: usize, args: &[usize]| Launch { kernel, args: args.iter().map(|&i| BufferId(i as u32)).collect() };
+        let p = KernelProgram {
+            version: panguc_ir::kernel::KERNEL_PROGRAM_VERSION,
+            name: "t".into(),
+            symbols: vec![],
+            buffers,
+            weights: vec![],
+            kernels,
+            // Kernel 0 reads emb and w_shared; kernel 1 w_own alone.
+            launches: vec![launch(0, &[0, 2, 5]), launch(0, &[0, 4, 5]), launch(1, &[0, 3, 5]), launch(2, &[2, 1, 6])],
+            inputs: vec![],
+            outputs: vec![],
+            caches: vec![],
+            slots: 3,
+        };
+        let ap = emit_program(&p, Target::Ascend910B, DevType::F32).unwrap();
+        let tile = NzTile { base_n: 128, base_k: 64, c0: 8 };
+        assert_eq!(ap.buffer_nz[2..5], [None, Some(tile), None]);
+        // The emitted variants say the same, and only kernel 1 copies W in one piece.
+        let w_param = |k: usize| ap.kernels[k].kernels[0].params[1].clone();
+        assert_eq!((w_param(0).nz, w_param(1).nz), (None, Some(tile)));
+        assert!(!ap.kernels[0].kernels[0].source.contains("kPad"));
+        assert!(ap.kernels[1].kernels[0].source.contains("kPad"));
     }
 }

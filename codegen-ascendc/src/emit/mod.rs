@@ -224,7 +224,7 @@ impl EmitOptions {
         let ArgRef::Orig(i) = w.arg else { return None };
         let tile = NzTile { base_n: base.n, base_k: base.k, c0: 32 / t.size() };
         let fits = n.is_multiple_of(16) && k.is_multiple_of(tile.c0) && tile.stored_elems(n, k) == n * k;
-        (i < 64 && self.nz_args >> i & 1 == 1 && fits).then_some(tile)
+        (i < 64 && (self.nz_args >> i) & 1 == 1 && fits).then_some(tile)
     }
 }
 
