@@ -391,7 +391,7 @@ mod tests {
         let tile = nz_of("lm_head.weight@panels16").expect("lm_head stored pre-tiled");
         let lm = std::fs::read(dir.path().join("ascend/ascend910b/weights/lm_head.weight@panels16.bin")).unwrap();
         let rm = ckpt.tensor_bytes("lm_head.weight").unwrap();
-        assert_eq!(lm, panguc_codegen_ascendc::weights::tile_nz(&rm, &[v, h], 2, tile).unwrap());
+        assert_eq!(lm, panguc_codegen_ascendc::weights::tile_nz(rm, &[v, h], 2, tile).unwrap());
         assert_ne!(lm, rm);
         let embed = p.weights.iter().find(|w| w.name.contains("embed_tokens")).expect("embedding weight");
         assert_eq!(nz_of(&embed.name), None, "{}", embed.name);
