@@ -476,8 +476,9 @@ fn tiled_weights(p: &KernelProgram, ap: &AscendProgram) -> String {
         return ".".into();
     }
     format!(
-        ", except the weights below, which only cube GEMMs read: each is stored
-in the L1 order of the kernel's B tile (baseN x baseK): per matrix, per
+        ",
+except the weights below, which only cube GEMMs read: each is stored in
+the L1 order of the kernel's B tile (baseN x baseK): per matrix, per
 baseN-row tile, per baseK step, its K blocks of C0 columns, each block the
 tile's rows (padded to 16) by C0 elements, so a K step's tile is one
 contiguous copy. Same byte size as row-major.
