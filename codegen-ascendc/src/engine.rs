@@ -81,7 +81,7 @@ impl AscendSimEngine {
                 BufferKind::Weight { index } => {
                     let w = &program.weights[index];
                     let prepared = weights(w).with_context(|| format!("loading weight `{}`", w.name))?;
-                    store[i] = device_weight_bytes(w, &prepared, ap.buffer_dtypes[i])
+                    store[i] = device_weight_bytes(w, &prepared, ap.buffer_dtypes[i], ap.buffer_nz[i])
                         .with_context(|| format!("converting weight `{}` to the device layout", w.name))?;
                 }
                 BufferKind::KvCache { .. } => store[i] = vec![0u8; Self::extent(&program, &ap, i, &cache_env)?],

@@ -1,12 +1,13 @@
 //! A whole kernel program for one Ascend target: device dtypes of every
 //! buffer, the device kernels of every program kernel, and the memory report.
 
-use crate::emit::{emit_kernel, upper_camel, DeviceKernel, DeviceKernels, EmitOptions};
+use crate::emit::{emit_kernel, upper_camel, ArgRef, DeviceKernel, DeviceKernels, EmitOptions, NzTile};
 use crate::target::{DevType, Target};
 use anyhow::{bail, Context, Result};
-use panguc_ir::kernel::{BufferKind, KernelKind, KernelProgram};
+use panguc_ir::kernel::{BufferId, BufferKind, KernelKind, KernelProgram};
 use panguc_ir::DType;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 
 /// Device dtype of every buffer: integers are i64, except the i32 step
 /// metadata of a ragged batch (positions, block table, ...) and int32
@@ -75,6 +76,10 @@ pub struct AscendProgram {
     pub buffer_dtypes: Vec<DevType>,
     /// Device kernels of each program kernel (same index).
     pub kernels: Vec<DeviceKernels>,
+    /// Per program buffer: the L1 tile order a weight is stored in (every
+    /// device-kernel parameter bound to it reads it so), or `None` for
+    /// row-major (see [`weight_tiling`]).
+    pub buffer_nz: Vec<Option<NzTile>>,
     /// `(rank, devices)` for one rank of a partitioned program (its host
     /// program joins the HCCL communicators); `None` for one device.
     pub rank: Option<(usize, usize)>,
@@ -128,15 +133,7 @@ pub fn emit_program(p: &KernelProgram, target: Target, act: DevType) -> Result<A
     let opts = EmitOptions::new(target, act)?;
     let bdt = device_dtypes(p, act);
     let program = split_by_device_dtypes(p, &bdt);
-    let mut kernels: Vec<DeviceKernels> = Vec::with_capacity(program.kernels.len());
-    for (ki, k) in program.kernels.iter().enumerate() {
-        let Some(first) = program.launches.iter().find(|l| l.kernel == ki) else {
-            bail!("kernel `{}` is never launched", k.name)
-        };
-        let dts: Vec<DevType> = first.args.iter().map(|a| bdt[a.index()]).collect();
-        let dk = emit_kernel(k, &dts, &opts).with_context(|| format!("emitting AscendC for {target}"))?;
-        kernels.push(dk);
-    }
+    let (mut kernels, buffer_nz) = weight_tiling(&program, &bdt, opts)?;
     let id = package_id(target, act, &kernels);
     let op_prefix = format!("pg{id}");
     for dk in kernels.iter_mut().flat_map(|d| d.kernels.iter_mut()) {
@@ -147,11 +144,104 @@ pub fn emit_program(p: &KernelProgram, target: Target, act: DevType) -> Result<A
         act,
         buffer_dtypes: bdt,
         kernels,
+        buffer_nz,
         rank: None,
         vendor: format!("panguc_{id}"),
         op_prefix,
         program,
     })
+}
+
+/// Emit every kernel of `program` and decide each buffer's layout: a weight
+/// is stored pre-tiled ([`NzTile`]) only when every device-kernel parameter
+/// bound to it, in every launch, reads it in the same tile order (so a
+/// weight a vector kernel also reads, e.g. an embedding gather, or one two
+/// GEMMs tile differently, stays row-major). Kernels are first emitted
+/// allowing the tiled form for every argument bound to a weight in all its
+/// launches; a kernel argument whose tiled read loses in some buffer is
+/// then emitted row-major again, until nothing changes (each round only
+/// withdraws permissions, so this ends).
+fn weight_tiling(
+    program: &KernelProgram,
+    bdt: &[DevType],
+    opts: EmitOptions,
+) -> Result<(Vec<DeviceKernels>, Vec<Option<NzTile>>)> {
+    let is_weight = |b: BufferId| matches!(program.buffers[b.index()].kind, BufferKind::Weight { .. });
+    let mut launches: Vec<Vec<&Vec<BufferId>>> = vec![vec![]; program.kernels.len()];
+    for l in &program.launches {
+        launches[l.kernel].push(&l.args);
+    }
+    let mut masks = Vec::with_capacity(program.kernels.len());
+    for (ki, k) in program.kernels.iter().enumerate() {
+        if launches[ki].is_empty() {
+            bail!("kernel `{}` is never launched", k.name);
+        }
+        let args = k.args.len().min(64);
+        let mask = (0..args).filter(|&a| launches[ki].iter().all(|l| is_weight(l[a]))).fold(0u64, |m, a| m | 1 << a);
+        masks.push(mask);
+    }
+    let emit = |ki: usize, mask: u64| -> Result<DeviceKernels> {
+        let dts: Vec<DevType> = launches[ki][0].iter().map(|a| bdt[a.index()]).collect();
+        let o = EmitOptions { nz_args: mask, ..opts };
+        emit_kernel(&program.kernels[ki], &dts, &o).with_context(|| format!("emitting AscendC for {}", opts.target))
+    };
+    let mut kernels: Vec<DeviceKernels> = (0..masks.len()).map(|ki| emit(ki, masks[ki])).collect::<Result<_>>()?;
+    loop {
+        // What every parameter bound to each buffer wants (views of a
+        // weight read it row-major).
+        let mut wants: Vec<Vec<Option<NzTile>>> = vec![vec![]; program.buffers.len()];
+        for (ki, dks) in kernels.iter().enumerate() {
+            for args in &launches[ki] {
+                for prm in dks.kernels.iter().flat_map(|d| &d.params) {
+                    if let ArgRef::Orig(a) = prm.arg {
+                        let (root, _) = program.root_of(args[a]);
+                        wants[root.index()].push(if root == args[a] { prm.nz } else { None });
+                    }
+                }
+            }
+        }
+        let mut nz: Vec<Option<NzTile>> = wants
+            .iter()
+            .map(|w| match w.first() {
+                Some(Some(t)) if w.iter().all(|x| *x == Some(*t)) => Some(*t),
+                _ => None,
+            })
+            .collect();
+        // Buffers of one weight share its one device file: one layout.
+        let mut agreed: HashMap<usize, (Option<NzTile>, bool)> = HashMap::new();
+        for (i, b) in program.buffers.iter().enumerate() {
+            if let BufferKind::Weight { index } = b.kind {
+                let (first, split) = agreed.entry(index).or_insert((nz[i], false));
+                *split |= *first != nz[i];
+            }
+        }
+        for (i, b) in program.buffers.iter().enumerate() {
+            if let BufferKind::Weight { index } = b.kind {
+                if agreed[&index].1 {
+                    nz[i] = None;
+                }
+            }
+        }
+        let mut changed = false;
+        for (ki, dks) in kernels.iter_mut().enumerate() {
+            let mut mask = masks[ki];
+            for prm in dks.kernels.iter().flat_map(|d| &d.params) {
+                if let (ArgRef::Orig(a), Some(_)) = (&prm.arg, prm.nz) {
+                    if launches[ki].iter().any(|l| nz[l[*a].index()].is_none()) {
+                        mask &= !(1u64 << a);
+                    }
+                }
+            }
+            if mask != masks[ki] {
+                masks[ki] = mask;
+                *dks = emit(ki, mask)?;
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok((kernels, nz));
+        }
+    }
 }
 
 /// Entries are emitted as `panguc_kNNN_...` (op type `PangucKNNN...`).
@@ -225,7 +315,7 @@ pub fn weight_buffers(p: &KernelProgram, ap: &AscendProgram) -> Vec<(usize, usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use panguc_ir::kernel::{tile_extent, ArgSpec, Buffer, BufferId, BufferKind, Extent, Kernel, Launch, Layout};
+    use panguc_ir::kernel::{tile_extent, ArgSpec, Buffer, Extent, Kernel, Launch, Layout};
     use panguc_ir::Dim;
 
     /// An int8 program's buffers: the int8 rows stay bytes and the
@@ -265,5 +355,75 @@ mod tests {
             slots: 3,
         };
         assert_eq!(device_dtypes(&p, DevType::BF16), vec![DevType::BF16, DevType::I8, DevType::F32]);
+    }
+
+    /// A weight read only by GEMMs is stored pre-tiled; one a gather also
+    /// reads stays row-major, and so does every weight a shared GEMM kernel
+    /// reads (its one variant must suit all its launches).
+    #[test]
+    fn only_weights_every_reader_tiles_are_stored_tiled() {
+        let (h, n) = (64usize, 32usize);
+        let act = |slot| BufferKind::Activation { slot };
+        let bufs = [
+            ("x", DType::F32, vec![Dim::tokens(), Dim::c(h)], act(0)),
+            ("ids", DType::I64, vec![Dim::tokens()], BufferKind::Input { index: 0 }),
+            ("emb", DType::F32, vec![Dim::c(n), Dim::c(h)], BufferKind::Weight { index: 0 }),
+            ("w_own", DType::F32, vec![Dim::c(n), Dim::c(h)], BufferKind::Weight { index: 1 }),
+            ("w_shared", DType::F32, vec![Dim::c(n), Dim::c(h)], BufferKind::Weight { index: 2 }),
+            ("y", DType::F32, vec![Dim::tokens(), Dim::c(n)], act(1)),
+            ("g", DType::F32, vec![Dim::tokens(), Dim::c(h)], act(2)),
+        ];
+        let buffers: Vec<Buffer> = bufs
+            .iter()
+            .map(|(name, dtype, shape, kind)| Buffer {
+                name: name.to_string(),
+                dtype: *dtype,
+                shape: shape.clone(),
+                kind: kind.clone(),
+            })
+            .collect();
+        // The GEMM weight (argument 1) in the CPU packages' panels.
+        let kernel = |name: &str, kind: KernelKind, ids: &[usize]| {
+            let gemm = matches!(kind, KernelKind::Gemm { .. });
+            let layout =
+                |pos: usize| if gemm && pos == 1 { Layout::Panels { nr: 16, kn: false } } else { Layout::RowMajor };
+            let args: Vec<ArgSpec> = ids
+                .iter()
+                .enumerate()
+                .map(|(pos, &i)| ArgSpec { dtype: bufs[i].1, shape: bufs[i].2.clone(), layout: layout(pos) })
+                .collect();
+            let tiles = tile_extent(&kind, &args).unwrap();
+            Kernel { name: name.into(), kind, args, tiles, thread_scratch: Extent::constant(0) }
+        };
+        let gemm = KernelKind::Gemm { epilogue: panguc_ir::kernel::Epilogue::None };
+        let kernels = vec![
+            kernel("panguc_k000_gemm", gemm.clone(), &[0, 2, 5]),
+            kernel("panguc_k001_gemm", gemm, &[0, 3, 5]),
+            kernel("panguc_k002_gather", KernelKind::Gather, &[2, 1, 6]),
+        ];
+        let launch =
+            |kernel: usize, args: &[usize]| Launch { kernel, args: args.iter().map(|&i| BufferId(i as u32)).collect() };
+        let p = KernelProgram {
+            version: panguc_ir::kernel::KERNEL_PROGRAM_VERSION,
+            name: "t".into(),
+            symbols: vec![],
+            buffers,
+            weights: vec![],
+            kernels,
+            // Kernel 0 reads emb and w_shared; kernel 1 w_own alone.
+            launches: vec![launch(0, &[0, 2, 5]), launch(0, &[0, 4, 5]), launch(1, &[0, 3, 5]), launch(2, &[2, 1, 6])],
+            inputs: vec![],
+            outputs: vec![],
+            caches: vec![],
+            slots: 3,
+        };
+        let ap = emit_program(&p, Target::Ascend910B, DevType::F32).unwrap();
+        let tile = NzTile { base_n: 128, base_k: 64, c0: 8 };
+        assert_eq!(ap.buffer_nz[2..5], [None, Some(tile), None]);
+        // The emitted variants say the same, and only kernel 1 copies W in one piece.
+        let w_param = |k: usize| ap.kernels[k].kernels[0].params[1].clone();
+        assert_eq!((w_param(0).nz, w_param(1).nz), (None, Some(tile)));
+        assert!(!ap.kernels[0].kernels[0].source.contains("kPad"));
+        assert!(ap.kernels[1].kernels[0].source.contains("kPad"));
     }
 }

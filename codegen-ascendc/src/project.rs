@@ -434,8 +434,8 @@ g++ -std=c++17 -O2 host/panguc_host.cpp -o panguc_host \
 ```
 
 `weights/` must hold one raw little-endian file per prepared weight,
-`<weight name>.bin`, in the device layout: row-major, {act} (routing
-scales f32), matmul weights `[N, K]`.
+`<weight name>.bin`, in the device layout: {act} (routing scales f32),
+matmul weights `[N, K]`, row-major{tiled}
 
 ## Deviations to review on hardware
 
@@ -450,8 +450,42 @@ scales f32), matmul weights `[N, K]`.
         act = ap.act,
         vendor = ap.vendor,
         prefix_camel = crate::emit::upper_camel(&ap.op_prefix),
+        tiled = tiled_weights(p, ap),
         // The rank's host program joins HCCL communicators.
         hccl = if ap.rank.is_some() { " -lhccl" } else { "" },
+    )
+}
+
+/// The README's list of weights stored pre-tiled for the cube GEMMs (see
+/// [`crate::weights::NzTile`]), each with its tile, or an empty string.
+fn tiled_weights(p: &KernelProgram, ap: &AscendProgram) -> String {
+    let mut names: Vec<String> = p
+        .buffers
+        .iter()
+        .zip(&ap.buffer_nz)
+        .filter_map(|(b, nz)| match (&b.kind, nz) {
+            (BufferKind::Weight { index }, Some(t)) => {
+                Some(format!("`{}` ({} x {}, C0 {})", p.weights[*index].name, t.base_n, t.base_k, t.c0))
+            }
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        return ".".into();
+    }
+    format!(
+        ",
+except the weights below, which only cube GEMMs read: each is stored in
+the L1 order of the kernel's B tile (baseN x baseK): per matrix, per
+baseN-row tile, per baseK step, its K blocks of C0 columns, each block the
+tile's rows (padded to 16) by C0 elements, so a K step's tile is one
+contiguous copy. Same byte size as row-major.
+
+{}
+",
+        names.iter().map(|n| format!("- {n}")).collect::<Vec<_>>().join("\n")
     )
 }
 

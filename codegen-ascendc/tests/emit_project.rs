@@ -237,12 +237,23 @@ fn snapshot_one_kernel_of_each_kind() {
     for target in Target::ALL {
         for (k, dts) in kinds(64, 4, 2, 16, 64, 512, 32) {
             let dts = for_target(&dts, target);
-            let dk = emit_kernel(&k, &dts, &EmitOptions::new(target, target.default_act()).unwrap()).unwrap();
-            let mut text = String::new();
-            for d in &dk.kernels {
-                text += &format!("==== {}_tiling.h\n{}==== {}.cpp\n{}", d.entry, d.tiling_header(), d.entry, d.source);
+            let opts = EmitOptions::new(target, target.default_act()).unwrap();
+            let dk = emit_kernel(&k, &dts, &opts).unwrap();
+            let text = |dk: &panguc_codegen_ascendc::emit::DeviceKernels| {
+                let mut text = String::new();
+                for d in &dk.kernels {
+                    text +=
+                        &format!("==== {}_tiling.h\n{}==== {}.cpp\n{}", d.entry, d.tiling_header(), d.entry, d.source);
+                }
+                text
+            };
+            insta::assert_snapshot!(format!("{}_{}", target.name(), k.name), text(&dk));
+            // The cube GEMMs' variant reading pre-tiled weights (every
+            // argument allowed here; a program allows only weights).
+            let nz = emit_kernel(&k, &dts, &EmitOptions { nz_args: u64::MAX, ..opts }).unwrap();
+            if nz != dk {
+                insta::assert_snapshot!(format!("{}_{}_nz", target.name(), k.name), text(&nz));
             }
-            insta::assert_snapshot!(format!("{}_{}", target.name(), k.name), text);
         }
     }
 }

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{assert_close, c, emit, env, kernel, rand_vec, targets, tol, TOKENS};
+use common::{assert_close, c, device_layout, emit, emit_nz, env, kernel, rand_vec, targets, tol, TOKENS};
 use panguc_codegen_ascendc::data::{decode, decode_i64, encode, encode_i64, round_through, run_kernels, run_sim};
 use panguc_codegen_ascendc::sim::SimArg;
 use panguc_codegen_ascendc::target::DevType;
@@ -315,7 +315,10 @@ fn gemm_with_bias_swiglu_and_plain_epilogues() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let (kk, n) = (320, 288);
     for (target, act) in targets() {
-        for ep in [Epilogue::Bias, Epilogue::SwiGlu, Epilogue::None] {
+        // Weight row-major (Nd2Nz per K step) or pre-tiled (one copy).
+        for (ep, nz) in
+            [Epilogue::Bias, Epilogue::SwiGlu, Epilogue::None].into_iter().flat_map(|e| [(e, false), (e, true)])
+        {
             let n_out = if ep == Epilogue::SwiGlu { n / 2 } else { n };
             let mut shapes = vec![vec![Dim::tokens(), c(kk)], vec![c(n), c(kk)]];
             if ep == Epilogue::Bias {
@@ -323,15 +326,16 @@ fn gemm_with_bias_swiglu_and_plain_epilogues() {
             }
             shapes.push(vec![Dim::tokens(), c(n_out)]);
             let k = kernel("panguc_k050_gemm", KernelKind::Gemm { epilogue: ep }, shapes.clone());
-            let dk = emit(&k, &vec![act; shapes.len()], target, act);
+            let dk = emit_nz(&k, &vec![act; shapes.len()], target, act, u64::from(nz) << 1);
             let w = round_through(act, &rand_vec(&mut rng, n * kk));
+            let w_dev = device_layout(&dk, 1, &[n, kk], act.size() as usize, encode(act, &w), nz);
             let bias = round_through(act, &rand_vec(&mut rng, n));
             for t in [1u64, 33, 257] {
                 let tu = t as usize;
                 let a = round_through(act, &rand_vec(&mut rng, tu * kk));
                 // The device kernels in order (cube, then any epilogue), the
                 // f32 product passing through a temp GM buffer.
-                let mut args = vec![encode(act, &a), encode(act, &w)];
+                let mut args = vec![encode(act, &a), w_dev.clone()];
                 if ep == Epilogue::Bias {
                     args.push(encode(act, &bias));
                 }
@@ -356,7 +360,7 @@ fn gemm_with_bias_swiglu_and_plain_epilogues() {
                         })
                         .collect(),
                 };
-                assert_close(&result, &want, tol(act), 2.0, &format!("gemm {ep:?} {target} T={t}"));
+                assert_close(&result, &want, tol(act), 2.0, &format!("gemm {ep:?} nz={nz} {target} T={t}"));
             }
         }
     }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_close, c, emit, env, kernel, rand_vec, targets, tol, TOKENS};
+use common::{assert_close, c, device_layout, emit, emit_nz, env, kernel, rand_vec, targets, tol, TOKENS};
 use panguc_codegen_ascendc::data::{decode, decode_i64, encode, encode_i64, round_through, run_kernels};
 use panguc_codegen_ascendc::target::DevType;
 use panguc_ir::interp;
@@ -223,7 +223,8 @@ fn expert_of_rows(off: &[i64]) -> Vec<usize> {
 fn moe_gate_up_and_down_grouped_gemm() {
     let mut rng = ChaCha8Rng::seed_from_u64(13);
     let (e, g, h, inter) = (64usize, 8usize, 64usize, 32usize);
-    for (target, act) in targets() {
+    // Expert weights row-major (Nd2Nz per K step) or pre-tiled (one copy).
+    for ((target, act), nz) in targets().into_iter().flat_map(|t| [(t, false), (t, true)]) {
         let gu = kernel(
             "panguc_k012_moe_gate_up",
             KernelKind::MoeGateUp,
@@ -246,10 +247,13 @@ fn moe_gate_up_and_down_grouped_gemm() {
                 vec![slots(), c(h)],
             ],
         );
-        let dgu = emit(&gu, &[act, I, I, act, act], target, act);
-        let ddn = emit(&dn, &[act, I, F, act, act], target, act);
+        let dgu = emit_nz(&gu, &[act, I, I, act, act], target, act, u64::from(nz) << 3);
+        let ddn = emit_nz(&dn, &[act, I, F, act, act], target, act, u64::from(nz) << 3);
         let wgu = round_through(act, &rand_vec(&mut rng, e * 2 * inter * h));
         let wdn = round_through(act, &rand_vec(&mut rng, e * h * inter));
+        let sz = act.size() as usize;
+        let wgu_dev = device_layout(&dgu, 3, &[e, 2 * inter, h], sz, encode(act, &wgu), nz);
+        let wdn_dev = device_layout(&ddn, 3, &[e, h, inter], sz, encode(act, &wdn), nz);
         for t in TOKENS {
             let (tu, n) = (t as usize, t as usize * g);
             let ids = gating_ids(&mut rng, tu, e, g);
@@ -257,9 +261,8 @@ fn moe_gate_up_and_down_grouped_gemm() {
             let (off, rows, rw, _) = route_ref(&ids, &rwin, e, g);
             let experts = expert_of_rows(&off);
             let x = round_through(act, &rand_vec(&mut rng, tu * h));
-            let sz = act.size() as usize;
             let mut args =
-                vec![encode(act, &x), encode_i64(&off), encode_i64(&rows), encode(act, &wgu), vec![0; n * inter * sz]];
+                vec![encode(act, &x), encode_i64(&off), encode_i64(&rows), wgu_dev.clone(), vec![0; n * inter * sz]];
             run_kernels(&dgu, target, &env(t, 0), &mut args).unwrap();
             let got = decode(act, &args[4]);
             let mut want = vec![];
@@ -273,11 +276,11 @@ fn moe_gate_up_and_down_grouped_gemm() {
                 let p = p.as_f32();
                 want.extend((0..inter).map(|j| p[j] * panguc_ir::kernels::sigmoid(p[j]) * p[inter + j]));
             }
-            assert_close(&got, &want, tol(act), 2.0, &format!("moe_gate_up {target} T={t}"));
+            assert_close(&got, &want, tol(act), 2.0, &format!("moe_gate_up nz={nz} {target} T={t}"));
 
             let a = round_through(act, &rand_vec(&mut rng, n * inter));
             let mut args =
-                vec![encode(act, &a), encode_i64(&off), encode(F, &rw), encode(act, &wdn), vec![0; n * h * sz]];
+                vec![encode(act, &a), encode_i64(&off), encode(F, &rw), wdn_dev.clone(), vec![0; n * h * sz]];
             run_kernels(&ddn, target, &env(t, 0), &mut args).unwrap();
             let got = decode(act, &args[4]);
             let mut want = vec![];
@@ -288,7 +291,7 @@ fn moe_gate_up_and_down_grouped_gemm() {
                 let p = panguc_ir::kernels::matmul(&ar, &we, true).unwrap();
                 want.extend(p.as_f32().iter().map(|v| rw[r] * v));
             }
-            assert_close(&got, &want, tol(act), 2.0, &format!("moe_down {target} T={t}"));
+            assert_close(&got, &want, tol(act), 2.0, &format!("moe_down nz={nz} {target} T={t}"));
         }
     }
 }

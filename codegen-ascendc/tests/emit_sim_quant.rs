@@ -8,7 +8,7 @@
 #[allow(dead_code)] // each test file uses part of the shared helpers
 mod common;
 
-use common::{env, targets};
+use common::{device_layout, env, targets};
 use panguc_codegen_ascendc::data::{
     decode, decode_i32, decode_i8, encode, encode_i32, encode_i64, encode_i8, round_through, run_kernels, run_sim,
 };
@@ -53,8 +53,9 @@ const SHAPES: [(u64, u64, u64); 4] = [(1, 32, 64), (7, 48, 96), (33, 144, 320), 
 #[test]
 fn int8_cube_accumulates_exactly_in_int32() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    for (target, act) in targets() {
-        let o = opts(target, act);
+    // The weight row-major (Nd2Nz per K step) or pre-tiled (one copy).
+    for ((target, act), nz) in targets().into_iter().flat_map(|t| [(t, false), (t, true)]) {
+        let o = EmitOptions { nz_args: u64::from(nz) << 1, ..opts(target, act) };
         for (m, n, k) in SHAPES.into_iter().chain([(17, 16, 4096)]) {
             let spec = QuantMatMulSpec {
                 name: "panguc_k001_quant_matmul".into(),
@@ -74,13 +75,14 @@ fn int8_cube_accumulates_exactly_in_int32() {
             } else {
                 (rand_i8(&mut rng, mu * ku), rand_i8(&mut rng, nu * ku))
             };
-            let args = vec![SimArg::Input(encode_i8(&a)), SimArg::Input(encode_i8(&w)), SimArg::Output(mu * nu * 4)];
+            let w_dev = device_layout(&dks, 1, &[nu, ku], 1, encode_i8(&w), nz);
+            let args = vec![SimArg::Input(encode_i8(&a)), SimArg::Input(w_dev), SimArg::Output(mu * nu * 4)];
             let out = run_sim(&dks.kernels[0], target, &env(m, 0), args).unwrap();
             let got = decode_i32(&out[0]);
             for i in 0..mu {
                 for j in 0..nu {
                     let want: i64 = (0..ku).map(|kk| a[i * ku + kk] * w[j * ku + kk]).sum();
-                    assert_eq!(got[i * nu + j], want, "{target} M={m} N={n} K={k}: acc[{i}, {j}]");
+                    assert_eq!(got[i * nu + j], want, "{target} nz={nz} M={m} N={n} K={k}: acc[{i}, {j}]");
                 }
             }
         }

@@ -179,7 +179,7 @@ fn write_device_weights(
         let Some(b) = buffer_of[wi] else { continue };
         let prepared = provider(w).with_context(|| format!("preparing weight `{}`", w.name))?;
         for (ap, _) in emitted {
-            let bytes = device_weight_bytes(w, &prepared, ap.buffer_dtypes[b])
+            let bytes = device_weight_bytes(w, &prepared, ap.buffer_dtypes[b], ap.buffer_nz[b])
                 .with_context(|| format!("converting weight `{}` for {}", w.name, ap.target))?;
             let path = staging.join("ascend").join(ap.target.name()).join("weights").join(format!("{}.bin", w.name));
             let mut f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -376,9 +376,25 @@ mod tests {
                 }
             }
         }
-        // bf16 on 910B: the lm_head is the checkpoint's [V, H] tensor, byte for byte.
+        // bf16 on 910B: the lm_head, read only by its GEMM, is the
+        // checkpoint's [V, H] tensor pre-tiled for that GEMM's L1 tiles; the
+        // embedding table, which a gather reads, stays row-major.
+        let ap = emit_program(&p, Target::Ascend910B, DevType::BF16).unwrap();
+        let nz_of = |name: &str| {
+            let b = p
+                .buffers
+                .iter()
+                .position(|b| matches!(b.kind, BufferKind::Weight { index } if p.weights[index].name == name));
+            ap.buffer_nz[b.unwrap_or_else(|| panic!("no weight {name}"))]
+        };
+        let (v, h) = (ckpt.config().vocab_size, ckpt.config().hidden_size);
+        let tile = nz_of("lm_head.weight@panels16").expect("lm_head stored pre-tiled");
         let lm = std::fs::read(dir.path().join("ascend/ascend910b/weights/lm_head.weight@panels16.bin")).unwrap();
-        assert_eq!(lm, ckpt.tensor_bytes("lm_head.weight").unwrap());
+        let rm = ckpt.tensor_bytes("lm_head.weight").unwrap();
+        assert_eq!(lm, panguc_codegen_ascendc::weights::tile_nz(rm, &[v, h], 2, tile).unwrap());
+        assert_ne!(lm, rm);
+        let embed = p.weights.iter().find(|w| w.name.contains("embed_tokens")).expect("embedding weight");
+        assert_eq!(nz_of(&embed.name), None, "{}", embed.name);
     }
 
     /// The real 72B configuration (config only): every kernel is emitted for

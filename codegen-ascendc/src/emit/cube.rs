@@ -17,8 +17,8 @@
 
 use super::vector::{tiles_fields, vector_kernel, vector_source};
 use super::{
-    fill, fill_kernel, head, r32, ArgRef, CoreType, Ctx, DeviceKernel, DeviceKernels, MemUse, Param, Role, TExpr,
-    TempBuf, TilingField,
+    fill, fill_kernel, head, r32, ArgRef, CoreType, Ctx, DeviceKernel, DeviceKernels, EmitOptions, MemUse, Param, Role,
+    TExpr, TempBuf, TilingField,
 };
 use crate::target::{DevType, Target};
 use anyhow::{bail, Result};
@@ -54,6 +54,38 @@ impl BaseTile {
         let b = r32(self.n * self.k * t.size());
         let c = self.m * self.n * 4;
         MemUse { ub: if target == Target::Ascend310P { c } else { 0 }, l1: 2 * (a + b), l0a: a, l0b: b, l0c: c }
+    }
+}
+
+/// `CopyIn`'s copy of the weight's L1 B tile (row `n0`, column `k0`, of the
+/// matrix at element `wBase`), after A's copy with the `Nd2NzParams p`.
+/// Row-major: Nd2Nz, one DMA burst per weight row. Pre-tiled (`nz`, the
+/// order of [`crate::weights::tile_nz`]): the tile's image is contiguous,
+/// so one plain copy.
+pub(crate) fn copy_b(nz: bool, w_base: &str) -> String {
+    if nz {
+        format!(
+            "        // W is stored pre-tiled in L1 order: this step's image is contiguous.
+        const uint32_t kPad = (tl.k + C0 - 1) / C0 * C0;
+        DataCopy(b1, wGm[{w_base}n0 * kPad + CeilCube(nLen) * k0], CeilCube(nLen) * ((kLen + C0 - 1) / C0 * C0));
+"
+        )
+    } else {
+        format!(
+            "        p.nValue = nLen;
+        p.dstNzC0Stride = CeilCube(nLen);
+        DataCopy(b1, wGm[{w_base}n0 * tl.k + k0], p);
+"
+        )
+    }
+}
+
+/// How a template's comments describe the weight tile copy.
+pub(crate) fn w_layout(nz: bool) -> &'static str {
+    if nz {
+        "stored pre-tiled in its L1 tile order, one contiguous copy per K step"
+    } else {
+        "row-major, its rows copied with Nd2Nz"
     }
 }
 
@@ -190,8 +222,9 @@ using O = {{O}};
 {{CUBE_CONSTS}}
 
 // C[M, N] = A[M, K] * W[N, K]^T; one baseM x baseN output tile at a time,
-// K accumulated in L0C in baseK steps. W rows copied with Nd2Nz are already
-// in L0B's ZN order, so B needs no transpose.
+// K accumulated in L0C in baseK steps. W's L1 tile is already in L0B's ZN
+// order, so B needs no transpose.
+// W: {{W_LAYOUT}}.
 class {{CLASS}} {
 public:
     __aicore__ inline {{CLASS}}() {}
@@ -241,10 +274,7 @@ private:
         p.dstNzNStride = 1;
         p.dstNzMatrixStride = 0;
         DataCopy(a1, aGm[m0 * tl.k + k0], p);
-        p.nValue = nLen;
-        p.dstNzC0Stride = CeilCube(nLen);
-        DataCopy(b1, wGm[n0 * tl.k + k0], p);
-        qA1.EnQue(a1);
+{{COPY_B}}        qA1.EnQue(a1);
         qB1.EnQue(b1);
     }
 {{CUBE_STAGES}}
@@ -375,13 +405,15 @@ pub(crate) fn cube_device_kernel(
 /// The cube kernel (`a`, `w`, `c` parameters).
 pub(crate) fn cube_kernel(ctx: &Ctx, s: CubeSpec) -> Result<DeviceKernel> {
     need_fractal_dims(ctx, "matmul", s.n, s.k)?;
-    cube_kernel_for(&ctx.k.name, ctx.target(), s)
+    cube_kernel_for(&ctx.k.name, ctx.o, s)
 }
 
 /// [`cube_kernel`] without a program kernel (`name` in errors): f16/bf16/f32
 /// with f32 accumulation, or int8 x int8 with int32 accumulation written as
-/// int32 (`out` = i32; dequantisation is a vector epilogue).
-pub(crate) fn cube_kernel_for(name: &str, target: Target, s: CubeSpec) -> Result<DeviceKernel> {
+/// int32 (`out` = i32; dequantisation is a vector epilogue). The weight
+/// (`params[1]`) is read pre-tiled when `o` allows it ([`EmitOptions::nz_weight`]).
+pub(crate) fn cube_kernel_for(name: &str, o: &EmitOptions, mut s: CubeSpec) -> Result<DeviceKernel> {
+    let target = o.target;
     let quant = match (s.t, s.out) {
         (DevType::I8, DevType::I32) => "QuantMode_t::NoQuant",
         (DevType::I8, o) => bail!("{name}: an int8 matmul writes its int32 accumulators, not {o}"),
@@ -396,6 +428,9 @@ pub(crate) fn cube_kernel_for(name: &str, target: Target, s: CubeSpec) -> Result
     let int8 = s.t == DevType::I8;
     let acc = if int8 { "int32_t" } else { "float" };
     let base = BaseTile::for_type(s.t);
+    let Some(w) = s.params.get_mut(1) else { bail!("{name}: the cube kernel needs parameters (a, w, c)") };
+    w.nz = o.nz_weight(w, base, s.t, s.n, s.k);
+    let nz = w.nz.is_some();
     let what = if int8 { "int32 accumulation" } else { "f32 accumulation" };
     let src = head(&s.entry, &format!("Cube GEMM ({}): C = A * W^T, {what}.", s.what))
         + &fill_kernel(
@@ -408,6 +443,8 @@ pub(crate) fn cube_kernel_for(name: &str, target: Target, s: CubeSpec) -> Result
                 ("CUBE_CONSTS", CUBE_CONSTS.into()),
                 ("CUBE_BUFFERS", cube_buffers(acc)),
                 ("CUBE_STAGES", cube_stages(quant, acc)),
+                ("COPY_B", copy_b(nz, "")),
+                ("W_LAYOUT", w_layout(nz).into()),
             ],
         );
     let tiles = s.m.clone().ceil_div(TExpr::c(base.m)).times(TExpr::c(s.n.div_ceil(base.n)));
@@ -565,7 +602,7 @@ pub(crate) fn gemm(ctx: &Ctx, ep: Epilogue) -> Result<DeviceKernels> {
         shape: vec![m.clone(), TExpr::c(n_mm)],
         elems: m.clone().times(TExpr::c(n_mm)),
     };
-    let c_param = |role| Param { name: "c".into(), dtype: DevType::F32, role, arg: ArgRef::Temp(0) };
+    let c_param = |role| Param::new("c", DevType::F32, role, ArgRef::Temp(0));
     let cube = cube_kernel(
         ctx,
         CubeSpec {

@@ -328,7 +328,7 @@ pub(crate) fn collective(ctx: &Ctx, kind: CollectiveKind, group: &[usize], axis:
         }
     };
     let temp = |name: &str, elems: TExpr| TempBuf { name: name.into(), dtype: t, shape: vec![elems.clone()], elems };
-    let param = |name: &str, arg: ArgRef, role: Role| Param { name: name.into(), dtype: t, role, arg };
+    let param = |name: &str, arg: ArgRef, role: Role| Param::new(name, t, role, arg);
     // [outer][n][chunk] (chunks along the axis) -> [n][outer][chunk].
     let pack = |chunk: TExpr, total: TExpr| RowCopy {
         segs: TExpr::c(n),

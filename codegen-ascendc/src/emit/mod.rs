@@ -25,6 +25,7 @@ mod vector;
 pub use expr::{Env, TExpr};
 
 use crate::target::{DevType, Target};
+pub use crate::weights::NzTile;
 use anyhow::{bail, Result};
 use panguc_ir::kernel::{Kernel, KernelKind};
 use std::fmt::Write;
@@ -90,6 +91,17 @@ pub struct Param {
     pub dtype: DevType,
     pub role: Role,
     pub arg: ArgRef,
+    /// The kernel reads this weight pre-tiled in its L1 B tile order
+    /// ([`NzTile`]) rather than row-major; the program stores the buffer so
+    /// (`AscendProgram::buffer_nz`) and the package README says it.
+    pub nz: Option<NzTile>,
+}
+
+impl Param {
+    /// A row-major parameter.
+    pub fn new(name: &str, dtype: DevType, role: Role, arg: ArgRef) -> Param {
+        Param { name: name.to_string(), dtype, role, arg, nz: None }
+    }
 }
 
 /// Worst-case on-chip memory use of one kernel, bytes (each buffer rounded
@@ -189,12 +201,31 @@ pub struct EmitOptions {
     /// Activation dtype: bf16 or f16 on 910B, f16 on 310P; f32 on 910B for
     /// the end-to-end token check under the simulation.
     pub act: DevType,
+    /// Bit `i`: argument `i` of the kernel being emitted is a weight the
+    /// program may store pre-tiled, so a cube GEMM reading it as its B
+    /// operand copies each L1 tile with one contiguous DataCopy (see
+    /// [`EmitOptions::nz_weight`]); 0 (every weight row-major) by default.
+    pub nz_args: u64,
 }
 
 impl EmitOptions {
     pub fn new(target: Target, act: DevType) -> Result<Self> {
         target.check_act(act)?;
-        Ok(EmitOptions { target, act })
+        Ok(EmitOptions { target, act, nz_args: 0 })
+    }
+
+    /// The tile order in which a cube GEMM of base tile `base` over
+    /// elements `t` reads its weight parameter `w` (`[.., n, k]`), or
+    /// `None` to read it row-major with Nd2Nz. Tiled only when the
+    /// argument may be, and when the tiled matrix has exactly the
+    /// row-major size (N a multiple of 16, K of C0): the host program's
+    /// weight size checks and every size computed from the logical shape
+    /// then hold for both layouts.
+    pub(crate) fn nz_weight(&self, w: &Param, base: cube::BaseTile, t: DevType, n: u64, k: u64) -> Option<NzTile> {
+        let ArgRef::Orig(i) = w.arg else { return None };
+        let tile = NzTile { base_n: base.n, base_k: base.k, c0: 32 / t.size() };
+        let fits = n.is_multiple_of(16) && k.is_multiple_of(tile.c0) && tile.stored_elems(n, k) == n * k;
+        (i < 64 && (self.nz_args >> i) & 1 == 1 && fits).then_some(tile)
     }
 }
 
@@ -362,7 +393,7 @@ impl Ctx<'_> {
         format!("{}{suffix}", self.k.name)
     }
     pub fn param(&self, name: &str, arg: usize, role: Role) -> Param {
-        Param { name: name.to_string(), dtype: self.dt[arg], role, arg: ArgRef::Orig(arg) }
+        Param::new(name, self.dt[arg], role, ArgRef::Orig(arg))
     }
     pub fn target(&self) -> Target {
         self.o.target

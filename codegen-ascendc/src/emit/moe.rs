@@ -16,8 +16,8 @@
 //!   `residual + (routed + shared)`.
 
 use super::cube::{
-    cube_buffers, cube_device_kernel, cube_stages, epilogue_kernel, need_fractal_dims, BaseTile, EpilogueSpec,
-    CUBE_CONSTS,
+    copy_b, cube_buffers, cube_device_kernel, cube_stages, epilogue_kernel, need_fractal_dims, w_layout, BaseTile,
+    EpilogueSpec, CUBE_CONSTS,
 };
 use super::vector::{need_aligned, tiles_fields, vector_kernel, vector_source};
 use super::{fill_kernel, head, r32, ArgRef, Ctx, DeviceKernels, Env, Param, Role, TExpr, TempBuf, TilingField};
@@ -44,6 +44,7 @@ using T = {{T}};
 // sorted rows r in offsets[e]..offsets[e+1] (known only on the device). One
 // (expert, baseN column block) per tile; the expert's rows in baseM steps,
 // K accumulated in L0C in baseK steps; {{ACC_NAME}} out.
+// W[e]: {{W_LAYOUT}}.
 class {{CLASS}} {
 public:
     __aicore__ inline {{CLASS}}() {}
@@ -65,7 +66,7 @@ public:
             const uint32_t e = tile / nTiles;
             n0 = (tile % nTiles) * tl.baseN;
             nLen = MinU(tl.baseN, tl.n - n0);
-            wBase = e * tl.n * tl.k;
+            wBase = {{W_BASE}};
             const uint32_t rowEnd = static_cast<uint32_t>(offGm.GetValue(e + 1));
             for (m0 = static_cast<uint32_t>(offGm.GetValue(e)); m0 < rowEnd; m0 += tl.baseM) {
                 mLen = MinU(tl.baseM, rowEnd - m0);
@@ -95,10 +96,7 @@ private:
         p.dstNzC0Stride = CeilCube(mLen);
         p.dstNzNStride = 1;
         p.dstNzMatrixStride = 0;
-{{COPY_A}}        p.nValue = nLen;
-        p.dstNzC0Stride = CeilCube(nLen);
-        DataCopy(b1, wGm[wBase + n0 * tl.k + k0], p);
-        qA1.EnQue(a1);
+{{COPY_A}}{{COPY_B}}        qA1.EnQue(a1);
         qB1.EnQue(b1);
     }
 {{CUBE_STAGES}}
@@ -134,8 +132,9 @@ const COPY_A_DENSE: &str = "        p.nValue = mLen;
 
 /// Source of the grouped cube GEMM `(a, offsets, [rows,] w, c)`: f16/bf16
 /// with f32 accumulation and output, or int8 with int32 (the grouped int8
-/// GEMM of `quant.rs`). `gather`: A rows read through `rows[]`.
-pub(crate) fn grouped_cube_source(entry: &str, what: &str, t: DevType, gather: bool) -> String {
+/// GEMM of `quant.rs`). `gather`: A rows read through `rows[]`; `nz`: the
+/// expert weights stored pre-tiled ([`crate::weights::tile_nz`]).
+pub(crate) fn grouped_cube_source(entry: &str, what: &str, t: DevType, gather: bool, nz: bool) -> String {
     let (acc, acc_name) = if t == DevType::I8 { ("int32_t", "int32") } else { ("float", "f32") };
     let on = |c: bool, s: &str| if c { s.to_string() } else { String::new() };
     head(entry, &format!("Grouped cube GEMM ({what}): C = A * W[e]^T per expert, {acc_name} out."))
@@ -155,6 +154,13 @@ pub(crate) fn grouped_cube_source(entry: &str, what: &str, t: DevType, gather: b
                 ("ROWS_INIT", on(gather, "        rowsGm.SetGlobalBuffer((__gm__ int64_t*)rows, t.slots);\n")),
                 ("ROWS_MEMBER", on(gather, ", rowsGm")),
                 ("COPY_A", if gather { COPY_A_GATHER } else { COPY_A_DENSE }.into()),
+                ("COPY_B", copy_b(nz, "wBase + ")),
+                ("W_LAYOUT", w_layout(nz).into()),
+                // One expert's matrix: [n, k] row-major, or its tiles.
+                (
+                    "W_BASE",
+                    if nz { "e * CeilCube(tl.n) * ((tl.k + C0 - 1) / C0 * C0)" } else { "e * tl.n * tl.k" }.into(),
+                ),
             ],
         )
 }
@@ -224,15 +230,17 @@ fn grouped(ctx: &Ctx, kind: Grouped) -> Result<DeviceKernels> {
     let slots = ctx.dim(oi, 0)?;
     let a_rows = ctx.dim(0, 0)?;
     let entry = ctx.entry("_cube");
-    let src = grouped_cube_source(&entry, &format!("MoE {what}"), t, gather);
+    let mut w = ctx.param("w", wi, Role::Input);
+    w.nz = ctx.o.nz_weight(&w, base, t, n_w, k);
+    let src = grouped_cube_source(&entry, &format!("MoE {what}"), t, gather, w.nz.is_some());
     let fields = grouped_cube_fields(&base, e, slots.clone(), a_rows, n_w, k);
     let tiles = TExpr::c(e * n_w.div_ceil(base.n));
-    let c_param = |role| Param { name: "c".into(), dtype: DevType::F32, role, arg: ArgRef::Temp(0) };
+    let c_param = |role| Param::new("c", DevType::F32, role, ArgRef::Temp(0));
     let mut params = vec![ctx.param("a", 0, Role::Input), ctx.param("offsets", 1, Role::Input)];
     if gather {
         params.push(ctx.param("rows", 2, Role::Input));
     }
-    params.push(ctx.param("w", wi, Role::Input));
+    params.push(w);
     params.push(c_param(Role::Output));
     let cube = cube_device_kernel(entry, src, fields, &tiles, params, base.mem(t, target));
     let temp = TempBuf {

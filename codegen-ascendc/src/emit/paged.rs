@@ -403,7 +403,7 @@ fn paged_kernel(
     ];
     let fields = flash_fields(&tiles, (hq, hkv, d), sizes, &plan, scale);
     let mut dk = vector_kernel(entry, src, fields, &tiles, plan.ub);
-    let p = |n: &str, dtype: DevType, role: Role, i: usize| Param { name: n.into(), dtype, role, arg: ArgRef::Orig(i) };
+    let p = |n: &str, dtype: DevType, role: Role, i: usize| Param::new(n, dtype, role, ArgRef::Orig(i));
     dk.params = vec![
         p("q", t, Role::Input, 0),
         p("k", kv_t, Role::Input, 1),

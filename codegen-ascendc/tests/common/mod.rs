@@ -1,8 +1,9 @@
 //! Helpers shared by the simulation tests that emit kernels and compare
 //! them with the reference interpreter (`emit_sim.rs`, `emit_sim_moe.rs`).
 
-use panguc_codegen_ascendc::emit::{emit_kernel, DeviceKernels, EmitOptions, Env};
+use panguc_codegen_ascendc::emit::{emit_kernel, ArgRef, DeviceKernels, EmitOptions, Env};
 use panguc_codegen_ascendc::target::{DevType, Target};
+use panguc_codegen_ascendc::weights::tile_nz;
 use panguc_ir::kernel::{tile_extent, ArgSpec, Extent, Kernel, KernelKind, Layout};
 use panguc_ir::{DType, Dim};
 use rand::Rng;
@@ -57,5 +58,34 @@ pub fn assert_close(got: &[f32], want: &[f32], rel: f32, floor: f32, what: &str)
 }
 
 pub fn emit(k: &Kernel, dts: &[DevType], target: Target, act: DevType) -> DeviceKernels {
-    emit_kernel(k, dts, &EmitOptions::new(target, act).unwrap()).unwrap()
+    emit_nz(k, dts, target, act, 0)
+}
+
+/// [`emit`] allowing the kernel arguments of bit mask `nz_args` to be read
+/// pre-tiled (as `emit_program` does for weights only GEMMs read).
+pub fn emit_nz(k: &Kernel, dts: &[DevType], target: Target, act: DevType, nz_args: u64) -> DeviceKernels {
+    let o = EmitOptions { nz_args, ..EmitOptions::new(target, act).unwrap() };
+    emit_kernel(k, dts, &o).unwrap()
+}
+
+/// Row-major bytes of kernel argument `arg` (`[.., N, K]` of `elem`-byte
+/// elements) as the device kernels read them: pre-tiled if their
+/// parameters bound to it say so (they must all agree), else unchanged.
+/// `want_nz` checks that the tiled variant was (or was not) emitted.
+pub fn device_layout(
+    dks: &DeviceKernels,
+    arg: usize,
+    shape: &[usize],
+    elem: usize,
+    rm: Vec<u8>,
+    want_nz: bool,
+) -> Vec<u8> {
+    let tiles: Vec<_> =
+        dks.kernels.iter().flat_map(|d| &d.params).filter(|p| p.arg == ArgRef::Orig(arg)).map(|p| p.nz).collect();
+    assert!(!tiles.is_empty() && tiles.iter().all(|t| *t == tiles[0]), "argument {arg}: {tiles:?}");
+    assert_eq!(tiles[0].is_some(), want_nz, "argument {arg}: tiled variant emitted");
+    match tiles[0] {
+        Some(t) => tile_nz(&rm, shape, elem, t).unwrap(),
+        None => rm,
+    }
 }

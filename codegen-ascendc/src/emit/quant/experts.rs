@@ -33,7 +33,7 @@ const ROWS_PER_TILE: u64 = 16;
 
 /// A device-kernel parameter bound to temp `j`.
 pub(super) fn temp(name: &str, dtype: DevType, role: Role, j: usize) -> Param {
-    Param { name: name.into(), dtype, role, arg: ArgRef::Temp(j) }
+    Param::new(name, dtype, role, ArgRef::Temp(j))
 }
 
 /// Static shape of argument `arg`, which must have rank `want.len()`;
@@ -188,7 +188,7 @@ pub(super) fn dense_int8_cube(
     let name = &ctx.k.name;
     cube_kernel_for(
         name,
-        ctx.target(),
+        ctx.o,
         CubeSpec {
             entry: format!("{name}_{proj}"),
             what: "int8 x int8 to an int32 workspace",

@@ -38,7 +38,7 @@ pub fn quant_matmul_with(s: &QuantMatMulSpec, adds: EpilogueAdds, o: &EmitOption
     need_out(&s.name, o, s.out)?;
     let cube = cube_kernel_for(
         &s.name,
-        o.target,
+        o,
         CubeSpec {
             entry: format!("{}_cube", s.name),
             what: "int8 x int8 to an int32 workspace",
@@ -191,7 +191,7 @@ pub fn grouped_quant_matmul(s: &GroupedQuantMatMulSpec, o: &EmitOptions) -> Resu
         bail!("{}: expert counts must be i64 or i32 on the device, not {}", s.name, s.counts);
     }
     let offsets = offsets_kernel(&s.name, s.experts, s.rows.clone(), s.counts)?;
-    let off = |role| Param { name: "offsets".into(), dtype: DevType::I64, role, arg: ArgRef::Temp(1) };
+    let off = |role| Param::new("offsets", DevType::I64, role, ArgRef::Temp(1));
     let cube = grouped_int8_cube(
         &format!("{}_cube", s.name),
         GroupedDims { experts: s.experts, rows: s.rows.clone(), n: s.n, k: s.k },
@@ -246,9 +246,11 @@ pub(super) struct GroupedDims {
 /// The grouped int8 cube GEMM of `moe.rs` over rows already contiguous per
 /// expert (A fetched as row blocks, never one row per K step): parameters
 /// `[a i8[rows, K], offsets i64[E+1], w i8[E, N, K], acc i32[rows, N]]`.
-pub(super) fn grouped_int8_cube(entry: &str, d: GroupedDims, params: [Param; 4], o: &EmitOptions) -> DeviceKernel {
+/// The weight is read pre-tiled when `o` allows it ([`EmitOptions::nz_weight`]).
+pub(super) fn grouped_int8_cube(entry: &str, d: GroupedDims, mut params: [Param; 4], o: &EmitOptions) -> DeviceKernel {
     let base = BaseTile::for_type(DevType::I8);
-    let src = grouped_cube_source(entry, "routed experts, int8", DevType::I8, false);
+    params[2].nz = o.nz_weight(&params[2], base, DevType::I8, d.n, d.k);
+    let src = grouped_cube_source(entry, "routed experts, int8", DevType::I8, false, params[2].nz.is_some());
     let fields = grouped_cube_fields(&base, d.experts, d.rows.clone(), d.rows, d.n, d.k);
     let tiles = TExpr::c(d.experts * d.n.div_ceil(base.n));
     cube_device_kernel(entry.to_string(), src, fields, &tiles, params.into(), base.mem(DevType::I8, o.target))

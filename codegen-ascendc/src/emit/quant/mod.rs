@@ -108,11 +108,11 @@ pub(super) fn need_out(name: &str, o: &EmitOptions, out: DevType) -> Result<()> 
 }
 
 pub(super) fn orig(name: &str, dtype: DevType, role: Role, i: usize) -> Param {
-    Param { name: name.into(), dtype, role, arg: ArgRef::Orig(i) }
+    Param::new(name, dtype, role, ArgRef::Orig(i))
 }
 
 pub(super) fn acc_param(role: Role) -> Param {
-    Param { name: "acc".into(), dtype: DevType::I32, role, arg: ArgRef::Temp(0) }
+    Param::new("acc", DevType::I32, role, ArgRef::Temp(0))
 }
 
 pub(super) fn acc_temp(name: &str, rows: &TExpr, n: u64) -> TempBuf {
