@@ -67,8 +67,14 @@ public:
             n0 = (tile % nTiles) * tl.baseN;
             nLen = MinU(tl.baseN, tl.n - n0);
             wBase = {{W_BASE}};
-            const uint32_t rowEnd = static_cast<uint32_t>(offGm.GetValue(e + 1));
-            for (m0 = static_cast<uint32_t>(offGm.GetValue(e)); m0 < rowEnd; m0 += tl.baseM) {
+            // A block's tiles run expert by expert: read an expert's row
+            // range from GM (scalar accesses, slow) once, not per tile.
+            if (static_cast<int64_t>(e) != rangeOf) {
+                rowBegin = static_cast<uint32_t>(offGm.GetValue(e));
+                rowEnd = static_cast<uint32_t>(offGm.GetValue(e + 1));
+                rangeOf = e;
+            }
+            for (m0 = rowBegin; m0 < rowEnd; m0 += tl.baseM) {
                 mLen = MinU(tl.baseM, rowEnd - m0);
                 LocalTensor<{{ACC}}> c1 = qCO1.AllocTensor<{{ACC}}>();
                 for (uint32_t k0 = 0; k0 < tl.k; k0 += tl.baseK) {
@@ -105,6 +111,8 @@ private:
     GlobalTensor<{{ACC}}> cGm;
     {{TILING}} tl;
     uint32_t start = 0, end = 0, nTiles = 1, wBase = 0, m0 = 0, n0 = 0, mLen = 0, nLen = 0;
+    int64_t rangeOf = -1;
+    uint32_t rowBegin = 0, rowEnd = 0;
 };
 
 extern "C" __global__ __aicore__ void {{ENTRY}}(GM_ADDR a, GM_ADDR offsets, {{ROWS_PARAM}}GM_ADDR w, GM_ADDR c, GM_ADDR workspace, GM_ADDR tiling)
