@@ -569,8 +569,8 @@ pub enum KernelKind {
     /// the down projection, scaled by the routing weight):
     /// `(aq i8[S, I], a_scale f32[S], offsets i64[E+1], row_weight f32[S],
     /// w_down i8[E, H, I], down_scale[E, H], ys f32[S, H])`:
-    /// `ys[r, n] = f32(aq[r] . w_down[e, n]) * down_scale[e, n] * a_scale[r]
-    /// * row_weight[r]`. Tiles: one per sorted row; the
+    /// `ys[r, n] = f32(aq[r] . w_down[e, n]) * down_scale[e, n] *
+    /// a_scale[r] * row_weight[r]`. Tiles: one per sorted row; the
     /// tile at the first row of each block of up to 16 rows of one expert
     /// computes the block (the others have no work), so each weight panel
     /// is read once per block.
