@@ -318,6 +318,23 @@ mod tests {
     use panguc_ir::kernel::{tile_extent, ArgSpec, Buffer, Extent, Kernel, Launch, Layout};
     use panguc_ir::Dim;
 
+    /// A three-slot program of `kernels` launched as `launches`.
+    fn program(buffers: Vec<Buffer>, kernels: Vec<Kernel>, launches: Vec<Launch>) -> KernelProgram {
+        KernelProgram {
+            version: panguc_ir::kernel::KERNEL_PROGRAM_VERSION,
+            name: "t".into(),
+            symbols: vec![],
+            buffers,
+            weights: vec![],
+            kernels,
+            launches,
+            inputs: vec![],
+            outputs: vec![],
+            caches: vec![],
+            slots: 3,
+        }
+    }
+
     /// An int8 program's buffers: the int8 rows stay bytes and the
     /// per-token scales f32, whatever the activation dtype.
     #[test]
@@ -341,19 +358,7 @@ mod tests {
         let kind = KernelKind::DynamicQuant;
         let tiles = tile_extent(&kind, &args).unwrap();
         let k = Kernel { name: "k".into(), kind, args, tiles, thread_scratch: Extent::constant(0) };
-        let p = KernelProgram {
-            version: panguc_ir::kernel::KERNEL_PROGRAM_VERSION,
-            name: "t".into(),
-            symbols: vec![],
-            buffers,
-            weights: vec![],
-            kernels: vec![k],
-            launches: vec![Launch { kernel: 0, args: (0..3).map(BufferId).collect() }],
-            inputs: vec![],
-            outputs: vec![],
-            caches: vec![],
-            slots: 3,
-        };
+        let p = program(buffers, vec![k], vec![Launch { kernel: 0, args: (0..3).map(BufferId).collect() }]);
         assert_eq!(device_dtypes(&p, DevType::BF16), vec![DevType::BF16, DevType::I8, DevType::F32]);
     }
 
@@ -403,20 +408,9 @@ mod tests {
         ];
         let launch =
             |kernel: usize, args: &[usize]| Launch { kernel, args: args.iter().map(|&i| BufferId(i as u32)).collect() };
-        let p = KernelProgram {
-            version: panguc_ir::kernel::KERNEL_PROGRAM_VERSION,
-            name: "t".into(),
-            symbols: vec![],
-            buffers,
-            weights: vec![],
-            kernels,
-            // Kernel 0 reads emb and w_shared; kernel 1 w_own alone.
-            launches: vec![launch(0, &[0, 2, 5]), launch(0, &[0, 4, 5]), launch(1, &[0, 3, 5]), launch(2, &[2, 1, 6])],
-            inputs: vec![],
-            outputs: vec![],
-            caches: vec![],
-            slots: 3,
-        };
+        // Kernel 0 reads emb and w_shared; kernel 1 w_own alone.
+        let launches = vec![launch(0, &[0, 2, 5]), launch(0, &[0, 4, 5]), launch(1, &[0, 3, 5]), launch(2, &[2, 1, 6])];
+        let p = program(buffers, kernels, launches);
         let ap = emit_program(&p, Target::Ascend910B, DevType::F32).unwrap();
         let tile = NzTile { base_n: 128, base_k: 64, c0: 8 };
         assert_eq!(ap.buffer_nz[2..5], [None, Some(tile), None]);

@@ -287,9 +287,7 @@ fn dequant<'c>(
     scale: (PointerValue<'c>, DType),
     x_scale: FloatValue<'c>,
 ) -> FloatValue<'c> {
-    let f = cg.b.build_signed_int_to_float(acc, cg.f32t(), "").ok_();
-    let ws = load_scale(cg, scale.0, c, scale.1);
-    cg.fmul(cg.fmul(f.into(), ws.into()), x_scale.into()).into_float_value()
+    dequant_cols(cg, acc.into(), c, scale, x_scale, 1).into_float_value()
 }
 
 /// Where the gate/up kernels find things: argument indices of the weights
